@@ -1,0 +1,174 @@
+"""The provider framework: a provider is one folder under ``connectors/`` that declares how its
+payloads split into documents and registers one small mapper per raw kind.
+
+A mapper is a pure function ``document -> Terra record dict`` (or an iterable of them, or
+``Fragment``s). It raises ``MappingError`` for input it cannot map; the pipeline turns that into a
+dead letter that keeps the original bytes. Mappers never do I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas import MODEL_TYPES
+
+TERRA_USER_NAMESPACE = uuid.UUID("6f0d3f3e-4b8e-5c1a-9a57-0c4f3b9f4e21")
+
+
+class MappingError(ValueError):
+    """The payload cannot be mapped (missing or invalid field). Permanent: goes to dead letters."""
+
+
+class UnknownKind(MappingError):
+    """The provider sent a kind healthflow does not map (yet)."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One normalized record (or part of one) for a single user.
+
+    Several fragments with the same (user, type, natural key) in one batch merge into one event,
+    newest ``version_ms`` winning field by field: Garmin epochs fill in the day's Daily, a WHOOP
+    recovery completes its sleep.
+    """
+
+    type: str
+    data: dict[str, Any]
+    provider_user_id: str | None = None
+    version_ms: int | None = None
+
+
+def terra_user_id(provider: str, provider_user_id: str) -> str:
+    """Stable healthflow user id (a UUID, as Terra's) for one provider connection."""
+    return str(uuid.uuid5(TERRA_USER_NAMESPACE, f"{provider.lower()}:{provider_user_id}"))
+
+
+def natural_key(model_type: str, data: dict[str, Any]) -> str:
+    """The upsert key of a record within (user, type), as Terra defines it."""
+    metadata = data.get("metadata") or {}
+    if model_type in ("activity", "sleep"):
+        key = metadata.get("summary_id")
+        if not key:
+            raise MappingError(f"{model_type} record has no metadata.summary_id")
+        return str(key)
+    if model_type == "athlete":
+        return "profile"
+    start = metadata.get("start_time")
+    if not start or len(start) < 10:
+        raise MappingError(f"{model_type} record has no metadata.start_time")
+    return start[:10]
+
+
+Mapper = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    models: tuple[str, ...]
+    mapper: Mapper
+    doc: str
+
+
+@dataclass
+class Provider:
+    """Declarative description of one provider's raw format.
+
+    ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
+    or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
+    that is a single document is accepted too. ``user_field`` names the document field holding
+    the provider's user id (``None``: the id comes with the raw event, as for Oura).
+    """
+
+    slug: str
+    terra_name: str
+    envelope: str
+    user_field: str | None = None
+    doc: str = ""
+    kinds: dict[str, KindSpec] = field(default_factory=dict)
+
+    def kind(self, name: str, *models: str, doc: str = "") -> Callable[[Mapper], Mapper]:
+        """Register the mapper for raw kind ``name`` producing records of ``models``."""
+        unknown = set(models) - set(MODEL_TYPES)
+        if unknown:
+            raise ValueError(f"{self.slug}.{name}: unknown model types {sorted(unknown)}")
+
+        def register(fn: Mapper) -> Mapper:
+            self.kinds[name] = KindSpec(name, models, fn, doc or (fn.__doc__ or "").strip())
+            return fn
+
+        return register
+
+    def documents(self, payload: Any, kind: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Split a decoded payload into ``(kind, document)`` pairs."""
+        if self.envelope == "keyed":
+            if not isinstance(payload, dict):
+                raise MappingError(f"{self.slug} payload must be a JSON object keyed by summary type")
+            for key, docs in payload.items():
+                if kind and key != kind:
+                    raise MappingError(f"payload holds {key!r} but the raw event says kind {kind!r}")
+                if not isinstance(docs, list):
+                    raise MappingError(f"{self.slug} {key!r} must be a list of summaries")
+                for doc in docs:
+                    yield key, doc
+            return
+        if not kind:
+            raise MappingError(f"{self.slug} payloads do not name their kind; give one of: {', '.join(self.kinds)}")
+        docs = payload.get(self.envelope) if isinstance(payload, dict) and self.envelope in payload else [payload]
+        if not isinstance(docs, list):
+            raise MappingError(f"{self.slug} {self.envelope!r} must be a list")
+        for doc in docs:
+            yield kind, doc
+
+    def normalize(self, payload: Any, kind: str | None = None, user_id: str | None = None) -> Iterator[Fragment]:
+        """Map every document of a payload; raises MappingError on the first one that cannot be mapped."""
+        for doc_kind, doc in self.documents(payload, kind):
+            yield from self.normalize_document(doc_kind, doc, user_id)
+
+    def normalize_document(self, kind: str, doc: Any, user_id: str | None = None) -> list[Fragment]:
+        """Map one document; the user comes from ``user_field`` or, failing that, ``user_id``."""
+        spec = self.kinds.get(kind)
+        if spec is None:
+            raise UnknownKind(f"{self.slug} kind {kind!r} is not mapped; mapped kinds: {', '.join(self.kinds)}")
+        if not isinstance(doc, dict):
+            raise MappingError(f"{self.slug} {kind} document must be a JSON object, got {type(doc).__name__}")
+        doc_user = doc.get(self.user_field) if self.user_field else None
+        owner = str(doc_user) if doc_user is not None else user_id
+        if owner is None:
+            raise MappingError(f"{self.slug} {kind} document has no user id; pass the user with the raw event")
+        try:
+            produced = spec.mapper(doc)
+        except MappingError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
+        return [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
+                for item in _as_fragments(produced, spec)]
+
+
+def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
+    if produced is None:
+        return []
+    items = produced if isinstance(produced, list | tuple) or hasattr(produced, "__next__") else [produced]
+    out = []
+    for item in items:
+        if isinstance(item, Fragment):
+            out.append(item)
+        elif len(spec.models) == 1:
+            out.append(Fragment(spec.models[0], item))
+        else:
+            raise TypeError(f"{spec.name} maps to several models and must yield Fragment objects")
+    return out
+
+
+def compact(value: Any) -> Any:
+    """Drop ``None`` values, empty dicts and empty lists, recursively (absent == null in Terra)."""
+    if isinstance(value, dict):
+        out = {k: c for k, v in value.items() if (c := compact(v)) is not None and c != {} and c != []}
+        return out
+    if isinstance(value, list):
+        return [compact(v) for v in value if v is not None]
+    return value

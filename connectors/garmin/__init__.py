@@ -1,0 +1,407 @@
+"""Garmin Connect Health, Activity and Women's Health API push bodies.
+
+A push body is ``{"<summary type>": [summaries]}``; every summary carries ``userId``. Times are
+unix seconds UTC plus ``startTimeOffsetInSeconds`` (the device's display offset), which healthflow
+keeps as the UTC offset of every emitted timestamp. Day-scoped records use ``calendarDate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.garmin.activity_types import terra_activity_type
+from connectors.timeutil import day_bounds, format_ts, from_unix, offset_tz, unix_ts
+
+PROVIDER = Provider(
+    "garmin",
+    "GARMIN",
+    envelope="keyed",
+    user_field="userId",
+    doc="Garmin Connect push bodies (Health, Activity and Women's Health APIs)",
+)
+
+LOCAL = 1  # TimestampLocalization.LOCAL: timestamps carry the user's display offset
+UPLOAD_AUTOMATIC, UPLOAD_MANUAL = 1, 2
+SLEEP_UPLOAD = {  # Garmin sleep `validation` → Terra SleepUploadType
+    "MANUAL": 1, "DEVICE": 2, "AUTO_FINAL": 2, "AUTO_MANUAL": 2, "ENHANCED_FINAL": 2,
+    "AUTO_TENTATIVE": 3, "ENHANCED_TENTATIVE": 3, "OFF_WRIST": 4,
+}
+SLEEP_LEVEL = {"awake": 1, "light": 4, "deep": 5, "rem": 6}  # Terra SleepLevel
+STRESS_RATING = {"calm": 1, "balanced": 2, "stressful": 3, "very_stressful": 4}  # Terra StressLevel
+EPOCH_INTENSITY = {"SEDENTARY": 2, "ACTIVE": 4, "HIGHLY_ACTIVE": 5}  # Terra ActivityLevel
+MCT_PHASE = {  # Garmin currentPhaseType → Terra MenstruationInterval
+    "MENSTRUAL": 1, "FOLLICULAR": 2, "FERTILE_WINDOW": 3, "FERTILE": 3, "OVULATION": 4, "LUTEAL": 5,
+    "PMS": 6, "FIRST_TRIMESTER": 7, "SECOND_TRIMESTER": 8, "THIRD_TRIMESTER": 9,
+}
+
+
+def _require(doc: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if doc.get(n) is None]
+    if missing:
+        raise MappingError(f"missing required field(s): {', '.join(missing)}")
+
+
+def _offset(doc: dict[str, Any], name: str = "startTimeOffsetInSeconds") -> int:
+    return int(doc.get(name) or doc.get("offsetStartTimeInSeconds") or 0)
+
+
+def _local_day(doc: dict[str, Any], time_field: str = "startTimeInSeconds",
+               offset_field: str = "startTimeOffsetInSeconds") -> tuple[str, str]:
+    """Day window of a summary: its ``calendarDate`` if given, else the local date of its start."""
+    offset = _offset(doc, offset_field)
+    day = doc.get("calendarDate") or from_unix(doc[time_field], offset).date().isoformat()
+    return day_bounds(day, offset_tz(offset))
+
+
+def _offset_samples(doc: dict[str, Any], field: str, value_name: str, offset: int,
+                    skip_negative: bool = False) -> list[dict[str, Any]]:
+    """Garmin ``{"<seconds from start>": value}`` maps → time-ordered Terra samples."""
+    start = doc["startTimeInSeconds"]
+    samples = []
+    for key, value in sorted((doc.get(field) or {}).items(), key=lambda kv: int(kv[0])):
+        if value is None or (skip_negative and value < 0):
+            continue
+        samples.append({"timestamp": unix_ts(start + int(key), offset), value_name: value})
+    return samples
+
+
+def _day_metadata(doc: dict[str, Any], **kw: str) -> dict[str, Any]:
+    start, end = _local_day(doc, **kw)
+    return {"start_time": start, "end_time": end, "upload_type": UPLOAD_AUTOMATIC, "timestamp_localization": LOCAL}
+
+
+@PROVIDER.kind("dailies", "daily")
+def dailies(doc: dict[str, Any]) -> dict[str, Any]:
+    """Daily summary; re-sent through the day, each a superset of the last."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    hr_samples = _offset_samples(doc, "timeOffsetHeartRateSamples", "bpm", offset)
+    bpms = [s["bpm"] for s in hr_samples]
+    active, bmr = doc.get("activeKilocalories"), doc.get("bmrKilocalories")
+    stress_avg = doc.get("averageStressLevel")
+    return compact({
+        "metadata": _day_metadata(doc),
+        "distance_data": {
+            "steps": doc.get("steps"),
+            "distance_meters": doc.get("distanceInMeters"),
+            "floors_climbed": doc.get("floorsClimbed"),
+        },
+        "calories_data": {
+            "net_activity_calories": active,
+            "BMR_calories": bmr,
+            "total_burned_calories": active + bmr if active is not None and bmr is not None else None,
+        },
+        "active_durations_data": {
+            "activity_seconds": doc.get("activeTimeInSeconds"),
+            "moderate_intensity_seconds": doc.get("moderateIntensityDurationInSeconds"),
+            "vigorous_intensity_seconds": doc.get("vigorousIntensityDurationInSeconds"),
+        },
+        "heart_rate_data": {
+            "summary": {
+                # Garmin's averageHeartRateInBeatsPerMinute is a 7-day average: use the day's samples.
+                "avg_hr_bpm": round(sum(bpms) / len(bpms), 2) if bpms else None,
+                "min_hr_bpm": doc.get("minHeartRateInBeatsPerMinute"),
+                "max_hr_bpm": doc.get("maxHeartRateInBeatsPerMinute"),
+                "resting_hr_bpm": doc.get("restingHeartRateInBeatsPerMinute"),
+            },
+            "detailed": {"hr_samples": hr_samples},
+        },
+        "stress_data": {
+            "avg_stress_level": stress_avg if stress_avg is not None and stress_avg >= 0 else None,
+            "max_stress_level": doc.get("maxStressLevel"),
+            "stress_rating": STRESS_RATING.get((doc.get("stressQualifier") or "").removesuffix("_awake")),
+            "stress_duration_seconds": doc.get("stressDurationInSeconds"),
+            "rest_stress_duration_seconds": doc.get("restStressDurationInSeconds"),
+            "activity_stress_duration_seconds": doc.get("activityStressDurationInSeconds"),
+            "low_stress_duration_seconds": doc.get("lowStressDurationInSeconds"),
+            "medium_stress_duration_seconds": doc.get("mediumStressDurationInSeconds"),
+            "high_stress_duration_seconds": doc.get("highStressDurationInSeconds"),
+        },
+    })
+
+
+@PROVIDER.kind("epochs", "daily")
+def epochs(doc: dict[str, Any]) -> dict[str, Any]:
+    """A 15-minute epoch: MET and activity-level samples that merge into the day's Daily."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    at = unix_ts(doc["startTimeInSeconds"], offset)
+    intensity = EPOCH_INTENSITY.get(doc.get("intensity") or "")
+    return compact({
+        "metadata": _day_metadata(doc),
+        "MET_data": {"MET_samples": [{"timestamp": at, "level": doc.get("met")}] if doc.get("met") is not None else []},
+        "active_durations_data": {
+            "activity_levels_samples": [{"timestamp": at, "level": intensity}] if intensity is not None else [],
+        },
+    })
+
+
+def _sleep_end(doc: dict[str, Any]) -> int:
+    """Latest stage end, or start + asleep + awake + unmeasurable when the stage map ends earlier."""
+    ends = [seg["endTimeInSeconds"] for segs in (doc.get("sleepLevelsMap") or {}).values() for seg in segs]
+    totals = sum(doc.get(n) or 0 for n in ("durationInSeconds", "awakeDurationInSeconds", "unmeasurableSleepInSeconds",
+                                           "unmeasurableSleepDurationInSeconds"))
+    return max([doc["startTimeInSeconds"] + totals, *ends])
+
+
+@PROVIDER.kind("sleeps", "sleep")
+def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
+    """Night sleep with stage totals, hypnogram (sleepLevelsMap), respiration and SpO2."""
+    _require(doc, "summaryId", "startTimeInSeconds")
+    offset = _offset(doc)
+    start, end = doc["startTimeInSeconds"], _sleep_end(doc)
+    hypnogram = sorted(
+        ({"timestamp": unix_ts(seg["startTimeInSeconds"], offset), "level": SLEEP_LEVEL[level]}
+         for level, segs in (doc.get("sleepLevelsMap") or {}).items() if level in SLEEP_LEVEL for seg in segs),
+        key=lambda s: s["timestamp"],
+    )
+    deep, light, rem = (doc.get(n) for n in ("deepSleepDurationInSeconds", "lightSleepDurationInSeconds",
+                                              "remSleepInSeconds"))
+    breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset)
+    spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset)
+    rates = [s["breaths_per_min"] for s in breaths]
+    in_bed = end - start
+    return compact({
+        "metadata": {
+            "summary_id": str(doc["summaryId"]),
+            "start_time": unix_ts(start, offset),
+            "end_time": unix_ts(end, offset),
+            "upload_type": SLEEP_UPLOAD.get(doc.get("validation") or "", 0),
+            "is_nap": False,
+            "timestamp_localization": LOCAL,
+        },
+        "sleep_durations_data": {
+            "asleep": {
+                "duration_asleep_state_seconds": doc.get("durationInSeconds"),
+                "duration_deep_sleep_state_seconds": deep,
+                "duration_light_sleep_state_seconds": light,
+                "duration_REM_sleep_state_seconds": rem,
+            },
+            "awake": {"duration_awake_state_seconds": doc.get("awakeDurationInSeconds")},
+            "other": {
+                "duration_in_bed_seconds": in_bed,
+                "duration_unmeasurable_sleep_seconds": doc.get("unmeasurableSleepInSeconds",
+                                                               doc.get("unmeasurableSleepDurationInSeconds")),
+            },
+            # Terra's sleep_efficiency is a percentage (asleep ÷ in bed × 100).
+            "sleep_efficiency": round(100 * doc["durationInSeconds"] / in_bed, 2)
+            if doc.get("durationInSeconds") and in_bed > 0 else None,
+            "hypnogram_samples": hypnogram,
+        },
+        "respiration_data": {
+            "breaths_data": {
+                "start_time": breaths[0]["timestamp"] if breaths else None,
+                "end_time": breaths[-1]["timestamp"] if breaths else None,
+                "avg_breaths_per_min": round(sum(rates) / len(rates), 2) if rates else None,
+                "min_breaths_per_min": min(rates) if rates else None,
+                "max_breaths_per_min": max(rates) if rates else None,
+                "samples": breaths,
+            },
+            "oxygen_saturation_data": {
+                "start_time": spo2[0]["timestamp"] if spo2 else None,
+                "end_time": spo2[-1]["timestamp"] if spo2 else None,
+                "avg_saturation_percentage": round(sum(s["percentage"] for s in spo2) / len(spo2), 2) if spo2 else None,
+                "samples": [dict(s, type=0) for s in spo2],
+            },
+        },
+        "scores": {"sleep_score": (doc.get("overallSleepScore") or {}).get("value")},
+    })
+
+
+def _first(doc: dict[str, Any], *names: str) -> Any:
+    return next((doc[n] for n in names if doc.get(n) is not None), None)
+
+
+def _activity(doc: dict[str, Any], upload_type: int) -> dict[str, Any]:
+    _require(doc, "summaryId", "startTimeInSeconds", "durationInSeconds")
+    offset = _offset(doc)
+    start = doc["startTimeInSeconds"]
+    lat, lng = doc.get("startingLatitudeInDegree"), doc.get("startingLongitudeInDegree")
+    device = doc.get("deviceName")
+    return {
+        "metadata": {
+            "summary_id": str(doc["summaryId"]),
+            "start_time": unix_ts(start, offset),
+            "end_time": unix_ts(start + doc["durationInSeconds"], offset),
+            "type": terra_activity_type(doc.get("activityType")),
+            "upload_type": UPLOAD_MANUAL if doc.get("manual") else upload_type,
+            "name": doc.get("activityName"),
+            "timestamp_localization": LOCAL,
+        },
+        "distance_data": {"summary": {
+            "distance_meters": doc.get("distanceInMeters"),
+            "steps": doc.get("steps"),
+            "swimming": {"num_laps": doc.get("numberOfActiveLengths")},
+            "elevation": {"gain_actual_meters": doc.get("totalElevationGainInMeters"),
+                          "loss_actual_meters": doc.get("totalElevationLossInMeters")},
+        }},
+        # The Activity API's activeKilocalories include BMR (unlike dailies).
+        "calories_data": {"total_burned_calories": doc.get("activeKilocalories")},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": doc.get("averageHeartRateInBeatsPerMinute"),
+                                        "max_hr_bpm": doc.get("maxHeartRateInBeatsPerMinute")}},
+        "movement_data": {
+            "avg_speed_meters_per_second": doc.get("averageSpeedInMetersPerSecond"),
+            "max_speed_meters_per_second": doc.get("maxSpeedInMetersPerSecond"),
+            "avg_pace_minutes_per_kilometer": doc.get("averagePaceInMinutesPerKilometer"),
+            "max_pace_minutes_per_kilometer": doc.get("maxPaceInMinutesPerKilometer"),
+            "avg_cadence_rpm": _first(doc, "averageRunCadenceInStepsPerMinute", "averageBikeCadenceInRoundsPerMinute"),
+            "max_cadence_rpm": _first(doc, "maxRunCadenceInStepsPerMinute", "maxBikeCadenceInRoundsPerMinute"),
+        },
+        "position_data": {"start_pos_lat_lng_deg": [lat, lng] if lat is not None and lng is not None else None},
+        "device_data": {"name": device if device and device != "unknown" else None, "manufacturer": "Garmin"},
+    }
+
+
+@PROVIDER.kind("activities", "activity")
+def activities(doc: dict[str, Any]) -> dict[str, Any]:
+    """Completed activity summary."""
+    return compact(_activity(doc, UPLOAD_AUTOMATIC))
+
+
+@PROVIDER.kind("manuallyUpdatedActivities", "activity")
+def manually_updated_activities(doc: dict[str, Any]) -> dict[str, Any]:
+    """Activity edited on the web: replaces the earlier version (same summaryId)."""
+    return compact(_activity(doc, UPLOAD_MANUAL))
+
+
+@PROVIDER.kind("activityDetails", "activity")
+def activity_details(doc: dict[str, Any]) -> dict[str, Any]:
+    """Activity with its samples (HR, GPS, speed, power, cadence, elevation, distance) and laps."""
+    summary = dict(doc.get("summary") or {})
+    summary.setdefault("summaryId", str(doc.get("summaryId", "")).removesuffix("-detail") or None)
+    record = _activity(summary, UPLOAD_AUTOMATIC)
+    offset = _offset(summary)
+    samples = doc.get("samples") or []
+
+    def series(field: str, name: str) -> list[dict[str, Any]]:
+        return [{"timestamp": unix_ts(s["startTimeInSeconds"], offset), name: s[field],
+                 "timer_duration_seconds": s.get("timerDurationInSeconds")}
+                for s in samples if s.get(field) is not None]
+
+    record["heart_rate_data"]["detailed"] = {"hr_samples": series("heartRate", "bpm")}
+    record["movement_data"]["speed_samples"] = series("speedMetersPerSecond", "speed_meters_per_second")
+    record["movement_data"]["cadence_samples"] = series("bikeCadenceInRPM", "cadence_rpm") or series(
+        "stepsPerMinute", "cadence_rpm")
+    record["power_data"] = {"power_samples": series("powerInWatts", "watts")}
+    record["distance_data"]["detailed"] = {
+        "distance_samples": series("totalDistanceInMeters", "distance_meters"),
+        "elevation_samples": series("elevationInMeters", "elev_meters"),
+    }
+    record["position_data"]["position_samples"] = [
+        {"timestamp": unix_ts(s["startTimeInSeconds"], offset),
+         "coords_lat_lng_deg": [s["latitudeInDegree"], s["longitudeInDegree"]],
+         "timer_duration_seconds": s.get("timerDurationInSeconds")}
+        for s in samples if s.get("latitudeInDegree") is not None and s.get("longitudeInDegree") is not None
+    ]
+    watts = [s["watts"] for s in record["power_data"]["power_samples"]]
+    record["power_data"].update(avg_watts=round(sum(watts) / len(watts), 2) if watts else None,
+                                max_watts=max(watts) if watts else None)
+    record["lap_data"] = {"laps": [{"start_time": unix_ts(lap["startTimeInSeconds"], offset)}
+                                   for lap in doc.get("laps") or []]}
+    return compact(record)
+
+
+@PROVIDER.kind("bodyComps", "body")
+def body_comps(doc: dict[str, Any]) -> dict[str, Any]:
+    """Body composition measurement (Garmin sends grams; Terra wants kg for weight)."""
+    _require(doc, "measurementTimeInSeconds")
+    offset = _offset(doc, "measurementTimeOffsetInSeconds")
+    start, end = _local_day(doc, "measurementTimeInSeconds", "measurementTimeOffsetInSeconds")
+    grams = doc.get("weightInGrams")
+    return compact({
+        "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
+        "measurements_data": {"measurements": [{
+            "measurement_time": unix_ts(doc["measurementTimeInSeconds"], offset),
+            "weight_kg": grams / 1000 if grams is not None else None,
+            "bodyfat_percentage": doc.get("bodyFatInPercent"),
+            "BMI": doc.get("bodyMassIndex"),
+            "bone_mass_g": doc.get("boneMassInGrams"),
+            "muscle_mass_g": doc.get("muscleMassInGrams"),
+            "water_percentage": doc.get("bodyWaterInPercent"),
+        }]},
+    })
+
+
+@PROVIDER.kind("bloodPressures", "body")
+def blood_pressures(doc: dict[str, Any]) -> dict[str, Any]:
+    """One blood-pressure reading (mmHg) and its pulse."""
+    _require(doc, "measurementTimeInSeconds", "systolic", "diastolic")
+    offset = _offset(doc, "measurementTimeOffsetInSeconds")
+    start, end = _local_day(doc, "measurementTimeInSeconds", "measurementTimeOffsetInSeconds")
+    at = unix_ts(doc["measurementTimeInSeconds"], offset)
+    return compact({
+        "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
+        "blood_pressure_data": {"blood_pressure_samples": [
+            {"timestamp": at, "systolic_bp": doc["systolic"], "diastolic_bp": doc["diastolic"]}]},
+        "heart_data": {"heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": at, "bpm": doc.get("pulse")}]
+                                                        if doc.get("pulse") is not None else []}}},
+    })
+
+
+@PROVIDER.kind("stressDetails", "daily")
+def stress_details(doc: dict[str, Any]) -> dict[str, Any]:
+    """3-minute stress levels and Body Battery values for the day (negative codes are not data)."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    return compact({
+        "metadata": _day_metadata(doc),
+        "stress_data": {
+            "samples": _offset_samples(doc, "timeOffsetStressLevelValues", "level", offset, skip_negative=True),
+            "body_battery_samples": _offset_samples(doc, "timeOffsetBodyBatteryValues", "level", offset,
+                                                    skip_negative=True),
+        },
+    })
+
+
+@PROVIDER.kind("pulseox", "daily")
+def pulse_ox(doc: dict[str, Any]) -> dict[str, Any]:
+    """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries)."""
+    _require(doc, "startTimeInSeconds")
+    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc))]
+    return compact({
+        "metadata": _day_metadata(doc),
+        "oxygen_data": {"saturation_samples": samples},
+    })
+
+
+@PROVIDER.kind("userMetrics", "daily")
+def user_metrics(doc: dict[str, Any]) -> dict[str, Any]:
+    """VO2 max for a calendar day."""
+    _require(doc, "calendarDate")
+    start, end = day_bounds(doc["calendarDate"], offset_tz(0))
+    return compact({
+        "metadata": {"start_time": start[:26], "end_time": end[:26], "upload_type": UPLOAD_AUTOMATIC,
+                     "timestamp_localization": LOCAL},
+        "oxygen_data": {"vo2max_ml_per_min_per_kg": doc.get("vo2Max")},
+    })
+
+
+@PROVIDER.kind("mct", "menstruation")
+def menstrual_cycle(doc: dict[str, Any]) -> Fragment:
+    """Menstrual cycle state; every edit gets a new summaryId, so it is keyed on periodStartDate."""
+    _require(doc, "periodStartDate")
+    # Garmin gives the cycle's local date only: emit local midnight without an offset (localization 1).
+    start, end = (t[:26] for t in day_bounds(doc["periodStartDate"], offset_tz(0)))
+    updated = doc.get("lastUpdatedTimeInSeconds")
+    record = compact({
+        "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
+        "menstruation_data": {
+            "period_start_date": doc["periodStartDate"],
+            "period_length_days": doc.get("periodLength"),
+            # Terra's SDK (terra-python 1.1.0) types these two as strings.
+            "cycle_length_days": str(doc["cycleLength"]) if doc.get("cycleLength") is not None else None,
+            "predicted_cycle_length_days": doc.get("predictedCycleLength"),
+            "is_predicted_cycle": str(doc["isPredictedCycle"]).lower() if doc.get("isPredictedCycle") is not None
+            else None,
+            "day_in_cycle": doc.get("dayInCycle"),
+            "current_phase": MCT_PHASE.get((doc.get("currentPhaseType") or "").upper(), 0),
+            "length_of_current_phase_days": doc.get("lengthOfCurrentPhase"),
+            "days_until_next_phase": doc.get("daysUntilNextPhase"),
+            "last_updated_time": unix_ts(updated) if updated is not None else None,
+        },
+    })
+    return Fragment("menstruation", record, version_ms=int(updated * 1000) if updated is not None else None)
+
+
+__all__ = ["PROVIDER", "format_ts"]

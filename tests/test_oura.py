@@ -1,0 +1,266 @@
+"""Oura API v2 mappers: realistic payloads in tests/fixtures/oura, checked value by value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from terra.types.activity import Activity
+from terra.types.daily import Daily
+from terra.types.sleep import Sleep
+
+from connectors import get_provider
+from connectors.base import Fragment, MappingError, UnknownKind, natural_key
+from schemas.serde import validate_record
+
+FIXTURES = Path(__file__).parent / "fixtures" / "oura"
+TERRA_MODELS = {"activity": Activity, "daily": Daily, "sleep": Sleep}
+USER = "e4b8f9d2-3c6a-4f7e-9d1b-2a5c8e7f6a3b"
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def normalize(payload: Any, kind: str) -> list[Fragment]:
+    """Map a payload and check every record against the Avro schema and Terra's SDK models."""
+    fragments = list(get_provider("oura").normalize(payload, kind=kind, user_id=USER))
+    for fragment in fragments:
+        validate_record(fragment.type, fragment.data)
+        TERRA_MODELS[fragment.type].model_validate(fragment.data)
+        assert fragment.provider_user_id == USER
+    return fragments
+
+
+def test_long_sleep_keeps_local_offset_and_maps_durations() -> None:
+    long_sleep, _nap = normalize(load("sleep_page.json"), "sleep")
+    assert long_sleep.type == "sleep"
+    assert long_sleep.version_ms == 1710137564000  # meta.updated_at 2024-03-11T06:12:44Z
+    record = long_sleep.data
+    assert record["metadata"] == {
+        "summary_id": "6f1c2a70-0b8e-4a4e-9d55-3c1a0b9e2f41",
+        "start_time": "2024-03-10T23:12:00.000000+01:00",
+        "end_time": "2024-03-11T06:58:00.000000+01:00",
+        "upload_type": 2,  # SleepUploadType.AUTOMATIC
+        "is_nap": False,
+        "timestamp_localization": 1,
+    }
+    assert natural_key("sleep", record) == "6f1c2a70-0b8e-4a4e-9d55-3c1a0b9e2f41"
+    durations = record["sleep_durations_data"]
+    assert durations["asleep"] == {
+        "duration_asleep_state_seconds": 25800,
+        "duration_deep_sleep_state_seconds": 5400,
+        "duration_light_sleep_state_seconds": 14400,
+        "duration_REM_sleep_state_seconds": 6000,
+    }
+    assert durations["awake"] == {"duration_awake_state_seconds": 2160, "sleep_latency_seconds": 540}
+    assert durations["other"] == {"duration_in_bed_seconds": 27960}
+    assert durations["sleep_efficiency"] == 92  # percentage scale, as Terra's (0-100)
+    assert record["readiness_data"] == {"readiness": 81}
+    assert record["temperature_data"] == {"delta": -0.12}
+    assert record["respiration_data"]["breaths_data"]["avg_breaths_per_min"] == 14.875
+    assert record["heart_rate_data"]["summary"]["avg_hrv_rmssd"] == 58
+    assert "scores" not in record  # Oura scores the day: see daily_sleep
+
+
+def test_hypnogram_is_one_sample_per_five_minutes_with_terra_levels() -> None:
+    record = normalize(load("sleep_page.json"), "sleep")[0].data
+    phases = load("sleep_page.json")["data"][0]["sleep_phase_5_min"]
+    hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
+    assert len(hypnogram) == len(phases) == 94  # ceil(27960 s / 300 s)
+    assert hypnogram[0] == {"timestamp": "2024-03-10T23:12:00.000000+01:00", "level": 1}  # '4' awake
+    assert hypnogram[12] == {"timestamp": "2024-03-11T00:12:00.000000+01:00", "level": 5}  # '1' deep, after midnight
+    assert hypnogram[-1] == {"timestamp": "2024-03-11T06:57:00.000000+01:00", "level": 1}
+    terra_level = {"1": 5, "2": 4, "3": 6, "4": 1}
+    assert [s["level"] for s in hypnogram] == [terra_level[p] for p in phases]
+    # each stage's samples cover (about) Oura's stage total
+    assert sum(s["level"] == 5 for s in hypnogram) * 300 == 5400
+    assert sum(s["level"] == 6 for s in hypnogram) * 300 == 6000
+
+
+def test_sleep_heart_rate_samples_skip_null_items() -> None:
+    record = normalize(load("sleep_page.json"), "sleep")[0].data
+    source = load("sleep_page.json")["data"][0]
+    detailed = record["heart_rate_data"]["detailed"]
+    present = [i for i, v in enumerate(source["heart_rate"]["items"]) if v is not None]
+    assert len(detailed["hr_samples"]) == len(present) == 91  # 93 items, 2 null
+    assert detailed["hr_samples"][0] == {"timestamp": "2024-03-10T23:17:00.000000+01:00",
+                                         "bpm": source["heart_rate"]["items"][1]}
+    # item 40 is null: item 41 comes next, 41 intervals after the start
+    assert detailed["hr_samples"][39]["timestamp"] == "2024-03-11T02:37:00.000000+01:00"
+    assert detailed["hr_samples"][39]["bpm"] == source["heart_rate"]["items"][41]
+    assert len(detailed["hrv_samples_rmssd"]) == 91
+    assert detailed["hrv_samples_rmssd"][0]["hrv_rmssd"] == source["hrv"]["items"][1]
+    summary = record["heart_rate_data"]["summary"]
+    assert summary["min_hr_bpm"] == min(s["bpm"] for s in detailed["hr_samples"])
+    assert summary["avg_hr_bpm"] == source["average_heart_rate"]
+
+
+def test_nap_types_map_to_is_nap() -> None:
+    nap = normalize(load("sleep_page.json"), "sleep")[1].data
+    assert nap["metadata"]["is_nap"] is True
+    assert nap["metadata"]["start_time"] == "2024-03-11T14:05:30.000000+01:00"
+    assert [s["level"] for s in nap["sleep_durations_data"]["hypnogram_samples"]] == [1, 4, 4, 5, 4, 4, 1, 1]
+    assert nap["sleep_durations_data"]["asleep"]["duration_REM_sleep_state_seconds"] == 0  # zero kept, not dropped
+    assert "readiness_data" not in nap
+    late_nap = dict(load("sleep_page.json")["data"][1], type="late_nap")
+    assert normalize(late_nap, "sleep")[0].data["metadata"]["is_nap"] is True
+
+
+def test_sleep_update_version_2_supersedes_version_1() -> None:
+    (first,) = normalize(load("sleep_v1.json"), "sleep")
+    second = normalize(load("sleep_page.json"), "sleep")[0]
+    assert natural_key("sleep", first.data) == natural_key("sleep", second.data)
+    assert first.version_ms < second.version_ms
+    assert first.data["metadata"]["end_time"] == "2024-03-11T06:48:00.000000+01:00"
+    assert second.data["metadata"]["end_time"] == "2024-03-11T06:58:00.000000+01:00"
+    assert len(first.data["sleep_durations_data"]["hypnogram_samples"]) == 92
+    assert "readiness_data" not in first.data and second.data["readiness_data"] == {"readiness": 81}
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("deleted", "deleted"),
+    ("rest", "rejected"),
+    ("no_offset", "no UTC offset"),
+    ("bad_phase", "unknown code 'x' at position 4"),
+])
+def test_unmappable_sleeps_raise_mapping_error(case: str, reason: str) -> None:
+    with pytest.raises(MappingError, match=reason):
+        normalize(load("sleep_unmappable.json")[case], "sleep")
+
+
+def test_sleep_without_bedtime_or_with_unknown_type_is_rejected() -> None:
+    good = load("sleep_page.json")["data"][0]
+    with pytest.raises(MappingError, match="bedtime_end"):
+        normalize({k: v for k, v in good.items() if k != "bedtime_end"}, "sleep")
+    with pytest.raises(MappingError, match="unknown Oura sleep type 'siesta'"):
+        normalize(dict(good, type="siesta"), "sleep")
+    with pytest.raises(MappingError, match=r"heart_rate\.interval"):
+        normalize(dict(good, heart_rate={"interval": 0, "items": [55.0], "timestamp": good["bedtime_start"]}), "sleep")
+
+
+def test_daily_activity() -> None:
+    (fragment,) = normalize(load("daily_activity.json"), "daily_activity")
+    record = fragment.data
+    source = load("daily_activity.json")["data"][0]
+    assert fragment.type == "daily"
+    assert fragment.version_ms == 1710215921000  # 2024-03-12T03:58:41Z
+    assert record["metadata"] == {
+        "start_time": "2024-03-11T00:00:00.000000+01:00",  # local midnight of `day`, not Oura's 4 a.m.
+        "end_time": "2024-03-12T00:00:00.000000+01:00",
+        "upload_type": 1,
+        "timestamp_localization": 1,
+    }
+    assert natural_key("daily", record) == "2024-03-11"
+    assert record["distance_data"] == {"steps": 9412, "distance_meters": 8094}
+    assert record["calories_data"] == {"total_burned_calories": 2486, "net_activity_calories": 612,
+                                       "BMR_calories": 1874}
+    durations = record["active_durations_data"]
+    assert {k: v for k, v in durations.items() if k != "activity_levels_samples"} == {
+        "activity_seconds": 14100,  # 2700 high + 3000 medium + 8400 low
+        "vigorous_intensity_seconds": 2700,
+        "moderate_intensity_seconds": 3000,
+        "low_intensity_seconds": 8400,
+        "inactivity_seconds": 44100,
+        "rest_seconds": 24600,
+        "num_continuous_inactive_periods": 1,
+    }
+    levels = durations["activity_levels_samples"]
+    assert len(levels) == 288
+    assert levels[0] == {"timestamp": "2024-03-11T04:00:00.000000+01:00", "level": 1}
+    assert levels[-1] == {"timestamp": "2024-03-12T03:55:00.000000+01:00", "level": 0}  # '0' non-wear → UNKNOWN
+    assert [s["level"] for s in levels] == [int(c) for c in source["class_5_min"]]
+    met = record["MET_data"]
+    assert met["avg_level"] == source["average_met_minutes"]
+    assert met["num_high_intensity_minutes"] == 45
+    assert met["num_inactive_minutes"] == 735
+    worn_minutes = [i for i, v in enumerate(source["met"]["items"]) if v is not None]
+    assert len(met["MET_samples"]) == len(worn_minutes) == 1380  # 60 non-wear minutes skipped
+    assert met["MET_samples"][0] == {"timestamp": "2024-03-11T04:00:00.000000+01:00", "level": 0.9}
+    assert met["MET_samples"][-1]["timestamp"] == "2024-03-12T02:59:00.000000+01:00"
+    assert record["scores"] == {"activity": 84}
+
+
+def test_daily_scores_and_spo2_share_the_day_key() -> None:
+    (sleep_day,) = normalize(load("daily_sleep.json"), "daily_sleep")
+    (readiness_day,) = normalize(load("daily_readiness.json"), "daily_readiness")
+    (spo2_day,) = normalize(load("daily_spo2.json"), "daily_spo2")
+    assert sleep_day.data == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+01:00", "end_time": "2024-03-12T00:00:00.000000+01:00",
+                     "upload_type": 1, "timestamp_localization": 1},
+        "scores": {"sleep": 79},
+    }
+    assert readiness_day.data["scores"] == {"recovery": 81}
+    assert readiness_day.data["metadata"] == sleep_day.data["metadata"]
+    # daily_spo2 has no timestamp, hence no offset: the day's window is given in UTC
+    assert spo2_day.data == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+00:00", "end_time": "2024-03-12T00:00:00.000000+00:00",
+                     "upload_type": 1, "timestamp_localization": 0},
+        "oxygen_data": {"avg_saturation_percentage": 96.412},
+    }
+    keys = {natural_key("daily", f.data) for f in (sleep_day, readiness_day, spo2_day)}
+    assert keys == {"2024-03-11"}
+    assert all(f.version_ms for f in (sleep_day, readiness_day, spo2_day))
+
+
+def test_workouts() -> None:
+    cycling, pickleball = normalize(load("workout_page.json"), "workout")
+    assert cycling.type == "activity"
+    assert cycling.data == {
+        "metadata": {
+            "summary_id": "a1c3e5f7-0b2d-4f6a-8c0e-5f7b9d1a3c6e",
+            "start_time": "2024-03-09T10:02:00.000000-05:00",  # recorded while travelling: its own offset
+            "end_time": "2024-03-09T11:04:30.000000-05:00",
+            "type": 1,  # BIKING
+            "upload_type": 1,  # confirmed autodetection → AUTOMATIC
+            "name": "cycling",
+            "timestamp_localization": 1,
+        },
+        "calories_data": {"total_burned_calories": 412},  # 412.5 kcal → Terra's integer kcal (half to even)
+        "distance_data": {"summary": {"distance_meters": 15230}},
+    }
+    assert pickleball.data["metadata"]["type"] == 108  # not in the table → OTHER
+    assert pickleball.data["metadata"]["upload_type"] == 2  # manual
+    assert pickleball.data["metadata"]["name"] == "Pickleball with Sam"
+    assert "distance_data" not in pickleball.data
+    running = dict(load("workout_page.json")["data"][0], activity="Running")
+    assert normalize(running, "workout")[0].data["metadata"]["type"] == 8
+
+
+def test_heartrate_rows_become_samples_of_their_utc_day() -> None:
+    fragments = normalize(load("heartrate.json"), "heartrate")
+    assert len(fragments) == 6
+    days = [natural_key("daily", f.data) for f in fragments]
+    assert days == ["2024-03-10", "2024-03-10", "2024-03-11", "2024-03-11", "2024-03-11", "2024-03-11"]
+    first, midnight = fragments[0].data, fragments[2].data
+    assert first["metadata"] == {"start_time": "2024-03-10T00:00:00.000000+00:00",
+                                 "end_time": "2024-03-11T00:00:00.000000+00:00",
+                                 "upload_type": 1, "timestamp_localization": 0}
+    assert first["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-10T23:50:00.000000+00:00", "bpm": 56, "context": 2}]  # sleep → NOT_ACTIVE
+    assert midnight["heart_rate_data"]["detailed"]["hr_samples"][0]["timestamp"] == "2024-03-11T00:00:00.000000+00:00"
+    workout_row = fragments[5].data["heart_rate_data"]["detailed"]["hr_samples"][0]
+    assert workout_row == {"timestamp": "2024-03-11T17:42:10.000000+00:00", "bpm": 148, "context": 1}
+
+
+def test_heartrate_row_with_unix_time_only() -> None:
+    (fragment,) = normalize({"bpm": 61, "source": "awake", "timestamp_unix": 1710178930000}, "heartrate")
+    assert fragment.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T17:42:10.000000+00:00", "bpm": 61, "context": 0}]
+    with pytest.raises(MappingError, match="neither timestamp nor timestamp_unix"):
+        normalize({"bpm": 61, "source": "awake"}, "heartrate")
+
+
+def test_unknown_kind_and_bad_documents() -> None:
+    with pytest.raises(UnknownKind):
+        normalize({"data": [{"id": "x"}]}, "ring_battery_level")
+    with pytest.raises(MappingError, match="must be a JSON object"):
+        normalize({"data": ["not a document"]}, "workout")
+    with pytest.raises(MappingError, match="missing required field"):
+        normalize({"data": [{"day": "2024-03-11"}]}, "daily_sleep")
+    with pytest.raises(MappingError, match="day must be a YYYY-MM-DD date"):
+        normalize({"id": "x", "day": "11/03/2024"}, "daily_readiness")
+    with pytest.raises(MappingError, match="no user id"):
+        list(get_provider("oura").normalize(load("daily_sleep.json"), kind="daily_sleep"))

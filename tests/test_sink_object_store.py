@@ -1,0 +1,106 @@
+"""ObjectStoreSink on a local temp dir through Beam's FileSystems (same code path as s3:// and gs://)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sinks.object_store import ObjectStoreSink
+from transforms.errors import FatalError, PermanentError, RetryableError
+from transforms.events import NormalizedEvent
+
+MakeEvent = Callable[..., NormalizedEvent]
+
+
+def stored_objects(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative name -> bytes): catches stray temp files too."""
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def athlete_event(user: str) -> NormalizedEvent:
+    return NormalizedEvent.create(type="athlete", user={"user_id": user, "provider": "GARMIN"},
+                                  data={"first_name": "Ada", "age": 36}, natural_key="profile",
+                                  ordering_timestamp_ms=5, sequence="0")
+
+
+def test_objects_after_writing_twice_with_an_update(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    sink = ObjectStoreSink("store", str(tmp_path))
+    a1 = make_sink_event("u1", "2026-03-10")
+    a2 = make_sink_event("u1", "2026-03-11")
+    b1 = make_sink_event("u2", "2026-03-10")
+    profile = athlete_event("u2")
+    a1_updated = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=2_000)
+
+    first = sink.write([a1, a2, b1, profile])
+    second = sink.write([a1_updated, a2, b1, profile])
+
+    assert first.failures == second.failures == []
+    assert sorted(second.delivered) == sorted(e.event_id for e in (a1_updated, a2, b1, profile))
+    assert stored_objects(tmp_path) == {
+        "2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json": a1_updated.body(),
+        "2022-03-16/sleep/u1-2026-03-11T22:00:00.000000+00:00.json": a2.body(),
+        "2022-03-16/sleep/u2-2026-03-10T22:00:00.000000+00:00.json": b1.body(),
+        "2022-03-16/athlete/u2-profile.json": profile.body(),
+    }
+
+
+def test_newest_version_wins_inside_one_batch(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    sink = ObjectStoreSink("store", str(tmp_path))
+    old = make_sink_event("u1", "2026-03-10", version=1, ordering_timestamp_ms=1_000)
+    new = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=3_000)
+    stale = make_sink_event("u1", "2026-03-10", version=3, ordering_timestamp_ms=2_000)
+    tie = make_sink_event("u1", "2026-03-10", version=4, ordering_timestamp_ms=3_000)
+
+    result = sink.write([old, new, stale])
+    assert sorted(result.delivered) == sorted([old.event_id, new.event_id, stale.event_id])
+    assert list(stored_objects(tmp_path).values()) == [new.body()]
+
+    sink.write([new, tie])  # equal ordering timestamps: the later event wins
+    assert list(stored_objects(tmp_path).values()) == [tie.body()]
+
+
+def test_unnameable_events_are_permanent_and_nothing_escapes_root(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    root = tmp_path / "root"
+    sink = ObjectStoreSink("store", str(root))
+    no_start = NormalizedEvent.create(type="sleep", user={"user_id": "u1", "provider": "OURA"},
+                                      data={"metadata": {}}, natural_key="k", ordering_timestamp_ms=1, sequence="0")
+    traversal = make_sink_event("../../escape", "2026-03-10")
+    good = make_sink_event("u1", "2026-03-10")
+
+    result = sink.write([no_start, traversal, good])
+
+    assert result.delivered == [good.event_id]
+    errors = {f.event.event_id: f.error for f in result.failures}
+    assert set(errors) == {no_start.event_id, traversal.event_id}
+    assert all(isinstance(error, PermanentError) for error in errors.values())
+    assert "metadata.start_time" in str(errors[no_start.event_id])
+    assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()} == {
+        "root/2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json"}
+
+
+def test_io_error_is_retryable(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    not_a_directory = tmp_path / "plain-file"
+    not_a_directory.write_text("occupied")
+    sink = ObjectStoreSink("store", str(not_a_directory))
+    events = [make_sink_event("u1", "2026-03-10"), make_sink_event("u1", "2026-03-11")]
+
+    result = sink.write(events)
+
+    assert result.delivered == [] and len(result.failures) == 2
+    assert all(isinstance(f.error, RetryableError) for f in result.failures)
+
+
+def test_bad_root_is_fatal() -> None:
+    with pytest.raises(FatalError, match="root is empty"):
+        ObjectStoreSink("store", "")
+    with pytest.raises(FatalError, match="no Beam filesystem"):
+        ObjectStoreSink("store", "nosuchscheme://bucket/prefix")
+
+
+def test_sink_pickles(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    sink = pickle.loads(pickle.dumps(ObjectStoreSink("store", str(tmp_path))))
+
+    assert sink.write([make_sink_event()]).failures == []

@@ -1,0 +1,215 @@
+"""WHOOP API v2 mappers: realistic payloads in tests/fixtures/whoop, checked value by value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from terra.types.activity import Activity
+from terra.types.daily import Daily
+from terra.types.sleep import Sleep
+
+from connectors import get_provider
+from connectors.base import Fragment, MappingError, natural_key
+from schemas.serde import validate_record
+
+FIXTURES = Path(__file__).parent / "fixtures" / "whoop"
+TERRA_MODELS = {"activity": Activity, "daily": Daily, "sleep": Sleep}
+SLEEP_ID = "3f5e1c9a-7b2d-4e8f-a1c3-9d6b2e4f7a10"
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def normalize(payload: Any, kind: str) -> list[Fragment]:
+    """Map a payload and check every record against the Avro schema and Terra's SDK models."""
+    fragments = list(get_provider("whoop").normalize(payload, kind=kind))
+    for fragment in fragments:
+        validate_record(fragment.type, fragment.data)
+        TERRA_MODELS[fragment.type].model_validate(fragment.data)
+    return fragments
+
+
+def recovery_with_sleep() -> dict[str, Any]:
+    """The recovery as a collector delivers it: with its sleep (GET /v2/activity/sleep/{sleep_id}) attached."""
+    recovery = load("recovery.json")["records"][0]
+    return dict(recovery, sleep=load("sleep_page.json")["records"][0])
+
+
+def test_cycle_day_key_is_the_local_date_of_its_start() -> None:
+    central_europe, new_york = normalize(load("cycle_page.json"), "cycle")
+    assert central_europe.type == "daily"
+    assert central_europe.provider_user_id == "245199"
+    assert central_europe.version_ms == 1710193766202  # updated_at 2024-03-11T21:49:26.202Z
+    assert central_europe.data == {
+        "metadata": {"start_time": "2024-03-10T00:00:00.000000+01:00", "end_time": "2024-03-11T00:00:00.000000+01:00",
+                     "upload_type": 1, "timestamp_localization": 1},
+        "strain_data": {"strain_level": 12.8406},
+        "calories_data": {"total_burned_calories": 2218},  # 9280 kJ / 4.184
+        "heart_rate_data": {"summary": {"avg_hr_bpm": 71, "max_hr_bpm": 168}},
+    }
+    # starts 2024-03-11T03:40Z = 2024-03-10 22:40 in New York: the key is the local date, not the UTC one
+    assert new_york.provider_user_id == "10129"
+    assert natural_key("daily", new_york.data) == "2024-03-10"
+    assert new_york.data["metadata"]["start_time"] == "2024-03-10T00:00:00.000000-05:00"
+    assert new_york.data["calories_data"] == {"total_burned_calories": 1031}  # 4311.7 kJ, cycle still open
+
+
+def test_scored_sleep() -> None:
+    night, nap = normalize(load("sleep_page.json"), "sleep")
+    assert night.version_ms == 1710137692090  # 2024-03-11T06:14:52.090Z
+    assert night.data == {
+        "metadata": {
+            "summary_id": SLEEP_ID,
+            "start_time": "2024-03-10T23:12:00.000000+01:00",
+            "end_time": "2024-03-11T06:58:00.000000+01:00",
+            "upload_type": 2,  # SleepUploadType.AUTOMATIC
+            "is_nap": False,
+            "timestamp_localization": 1,
+        },
+        "sleep_durations_data": {
+            "asleep": {
+                "duration_asleep_state_seconds": 25680.0,
+                "duration_light_sleep_state_seconds": 14280.0,
+                "duration_deep_sleep_state_seconds": 5400.0,
+                "duration_REM_sleep_state_seconds": 6000.0,
+            },
+            "awake": {"duration_awake_state_seconds": 2160.0, "num_wakeup_events": 9},
+            "other": {"duration_in_bed_seconds": 27960.0, "duration_unmeasurable_sleep_seconds": 120.0},
+            "sleep_efficiency": 91.84549,
+        },
+        "respiration_data": {"breaths_data": {"start_time": "2024-03-10T23:12:00.000000+01:00",
+                                              "end_time": "2024-03-11T06:58:00.000000+01:00",
+                                              "avg_breaths_per_min": 14.94140625}},
+        "scores": {"sleep_score": 88.0},
+    }
+    assert nap.data["metadata"]["is_nap"] is True
+    assert nap.data["metadata"]["start_time"] == "2024-03-11T14:05:00.000000+01:00"
+    assert nap.data["sleep_durations_data"]["asleep"]["duration_REM_sleep_state_seconds"] == 0.0
+    assert "scores" not in nap.data  # no sleep_performance_percentage for naps
+
+
+def test_pending_sleep_maps_times_only_and_is_superseded_when_scored() -> None:
+    (pending,) = normalize(load("sleep_pending.json"), "sleep")
+    scored = normalize(load("sleep_page.json"), "sleep")[0]
+    assert pending.data == {"metadata": scored.data["metadata"]}
+    assert natural_key("sleep", pending.data) == natural_key("sleep", scored.data) == SLEEP_ID
+    assert pending.version_ms < scored.version_ms
+
+
+def test_unscorable_sleep_ignores_any_score() -> None:
+    doc = dict(load("sleep_page.json")["records"][0], score_state="UNSCORABLE")
+    (fragment,) = normalize(doc, "sleep")
+    assert set(fragment.data) == {"metadata"}
+
+
+def test_recovery_completes_its_sleep() -> None:
+    (fragment,) = normalize({"records": [recovery_with_sleep()]}, "recovery")
+    scored_sleep = normalize(load("sleep_page.json"), "sleep")[0]
+    assert fragment.type == "sleep"
+    assert natural_key("sleep", fragment.data) == SLEEP_ID
+    assert fragment.version_ms == 1710137721009  # the recovery's updated_at, newer than the sleep's
+    assert fragment.data["readiness_data"] == {"readiness": 67}
+    assert fragment.data["heart_rate_data"] == {"summary": {"resting_hr_bpm": 51.0, "avg_hrv_rmssd": 58.403}}
+    assert fragment.data["respiration_data"] == {
+        "breaths_data": scored_sleep.data["respiration_data"]["breaths_data"],
+        "oxygen_saturation_data": {"start_time": "2024-03-10T23:12:00.000000+01:00",
+                                   "end_time": "2024-03-11T06:58:00.000000+01:00",
+                                   "avg_saturation_percentage": 95.6875},
+    }
+    assert fragment.data["metadata"] == scored_sleep.data["metadata"]
+    assert fragment.data["sleep_durations_data"] == scored_sleep.data["sleep_durations_data"]
+
+
+def test_pending_recovery_carries_only_its_sleep() -> None:
+    doc = dict(recovery_with_sleep(), score_state="PENDING_SCORE")
+    del doc["score"]
+    (fragment,) = normalize(doc, "recovery")
+    assert "readiness_data" not in fragment.data
+    assert fragment.data["metadata"]["summary_id"] == SLEEP_ID
+
+
+def test_recovery_without_its_sleep_cannot_make_a_valid_sleep_record() -> None:
+    with pytest.raises(MappingError, match="has no 'sleep' document"):
+        normalize(load("recovery.json"), "recovery")
+    other_sleep = dict(recovery_with_sleep(), sleep=load("sleep_page.json")["records"][1])
+    with pytest.raises(MappingError, match="is not this recovery's sleep"):
+        normalize(other_sleep, "recovery")
+
+
+def test_scored_workout() -> None:
+    running, hike = normalize(load("workout_page.json"), "workout")
+    assert running.type == "activity"
+    assert running.version_ms == 1710177879768
+    assert running.data == {
+        "metadata": {
+            "summary_id": "ecfc6a15-4661-442f-a9a4-f160dd7afae8",
+            "start_time": "2024-03-11T17:30:00.000000+01:00",
+            "end_time": "2024-03-11T18:18:42.000000+01:00",
+            "type": 8,  # RUNNING
+            "upload_type": 1,
+            "name": "running",
+            "timestamp_localization": 1,
+        },
+        "calories_data": {"total_burned_calories": 576},  # 2410.7 kJ / 4.184 = 576.2 kcal
+        "energy_data": {"energy_kilojoules": 2410.7},
+        "strain_data": {"strain_level": 11.2847},
+        "heart_rate_data": {"summary": {
+            "avg_hr_bpm": 152,
+            "max_hr_bpm": 181,
+            "hr_zone_data": [
+                {"zone": 0, "duration_seconds": 31.0},
+                {"zone": 1, "duration_seconds": 182.0},
+                {"zone": 2, "duration_seconds": 604.0},
+                {"zone": 3, "duration_seconds": 1108.0},
+                {"zone": 4, "duration_seconds": 889.0},
+                {"zone": 5, "duration_seconds": 108.0},
+            ],
+        }},
+        "distance_data": {"summary": {"distance_meters": 8124, "elevation": {"gain_actual_meters": 46.2}}},
+    }
+    zones = running.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert sum(z["duration_seconds"] for z in zones) == 2922.0  # the workout's 48 min 42 s
+    # pending: times and sport only; hyphenated slug resolved
+    assert hike.data["metadata"]["type"] == 35  # HIKING
+    assert set(hike.data) == {"metadata"}
+
+
+def test_legacy_workout_zone_duration_and_unknown_sport() -> None:
+    (fragment,) = normalize(load("workout_legacy.json"), "workout")
+    assert fragment.provider_user_id == "10129"
+    metadata = fragment.data["metadata"]
+    assert metadata["summary_id"] == "1043"
+    assert metadata["type"] == 108  # unknown sport → OTHER
+    assert metadata["start_time"] == "2022-04-23T21:25:44.774000-05:00"  # previous local day in -05:00
+    zones = fragment.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert [z["zone"] for z in zones] == [0, 1, 2, 3, 4, 5]  # zone 0 and empty zones kept
+    assert zones[2]["duration_seconds"] == 1251.83
+    assert zones[4]["duration_seconds"] == 0.0
+    assert fragment.data["calories_data"] == {"total_burned_calories": 375}
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("bad_offset", "timezone_offset"),
+    ("unknown_score_state", "unknown score_state 'ARCHIVED'"),
+    ("end_before_start", "is before start"),
+])
+def test_unmappable_records_raise_mapping_error(case: str, reason: str) -> None:
+    with pytest.raises(MappingError, match=reason):
+        normalize(load("unmappable.json")[case], "sleep")
+
+
+def test_missing_fields_raise_mapping_error() -> None:
+    cycle = load("cycle_page.json")["records"][0]
+    with pytest.raises(MappingError, match="missing required field"):
+        normalize({k: v for k, v in cycle.items() if k != "start"}, "cycle")
+    with pytest.raises(MappingError, match="timezone_offset"):
+        normalize({k: v for k, v in cycle.items() if k != "timezone_offset"}, "cycle")
+    sleep = load("sleep_page.json")["records"][0]
+    with pytest.raises(MappingError, match=r"missing required field.*end"):
+        normalize({k: v for k, v in sleep.items() if k != "end"}, "sleep")
+    with pytest.raises(MappingError, match="no user id"):
+        normalize({k: v for k, v in sleep.items() if k != "user_id"}, "sleep")

@@ -1,0 +1,48 @@
+"""The error taxonomy: one small set of classes decides retry vs dead-letter vs fail.
+
+- ``RetryableError``: transient (network, timeouts, 5xx, 429, lock waits). Retried with backoff,
+  then dead-lettered when attempts run out.
+- ``PermanentError``: this input can never succeed as it is (malformed payload, schema mismatch,
+  4xx). Dead-lettered at once with its original bytes and the reason.
+- ``FatalError``: the pipeline itself is misconfigured (bad credentials, missing table rights,
+  bad destination config). Fails the run: retrying or dead-lettering every element would hide it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Route(Enum):
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    FAIL = "fail"
+
+
+class HealthflowError(Exception):
+    """Base of healthflow's own errors."""
+
+
+class RetryableError(HealthflowError):
+    """Transient failure; ``retry_after`` (seconds) is the earliest sensible retry when known."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(HealthflowError):
+    """This input will never succeed as it is: dead-letter it."""
+
+
+class FatalError(HealthflowError):
+    """Misconfiguration: stop the run and say what to fix."""
+
+
+def route(exc: BaseException) -> Route:
+    """Where a failure goes. Unknown exceptions are retried, then dead-lettered: never dropped."""
+    if isinstance(exc, FatalError):
+        return Route.FAIL
+    if isinstance(exc, PermanentError | ValueError | KeyError | TypeError | UnicodeError):
+        return Route.DEAD_LETTER
+    return Route.RETRY

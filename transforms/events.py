@@ -1,0 +1,66 @@
+"""The normalized event: one Terra-shaped record for one user, as delivered to destinations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from schemas import DATA_MODEL_VERSION
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic compact JSON (sorted keys): equal content gives equal bytes and ids."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class NormalizedEvent:
+    """A delivered event.
+
+    ``event_id`` is derived from (user, type, natural key, content): a redelivery of the same
+    record keeps its id (destinations dedupe on it), an update gets a new one. ``sequence``
+    orders one user's events; ``ordering_timestamp_ms`` tells destinations which version is newer.
+    """
+
+    event_id: str
+    type: str
+    user: dict[str, Any]
+    data: dict[str, Any]
+    natural_key: str
+    ordering_timestamp_ms: int
+    sequence: str
+    raw_idempotency_key: str | None = None
+    version: str = DATA_MODEL_VERSION
+
+    @property
+    def user_id(self) -> str:
+        return self.user["user_id"]
+
+    @property
+    def provider(self) -> str:
+        return self.user["provider"]
+
+    def envelope(self) -> dict[str, Any]:
+        """Terra's webhook body: ``{type, user, data: [record], version}`` (athlete: ``athlete``)."""
+        if self.type == "athlete":
+            return {"type": self.type, "user": self.user, "athlete": self.data, "version": self.version}
+        return {"type": self.type, "user": self.user, "data": [self.data], "version": self.version}
+
+    def body(self) -> bytes:
+        """The exact bytes sent to JSON destinations (and signed by webhooks)."""
+        return canonical_json(self.envelope())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> NormalizedEvent:
+        return cls(**value)
+
+    @classmethod
+    def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
+               ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None) -> NormalizedEvent:
+        digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key, data])).hexdigest()[:32]
+        return cls(f"evt_{digest}", type, user, data, natural_key, ordering_timestamp_ms, sequence, raw_idempotency_key)

@@ -1,0 +1,298 @@
+"""Raw messages → normalized events: decode → parse → normalize → validate → merge per user.
+
+Every stage routes what it cannot handle to the ``dead_letter`` output with the original bytes,
+the source coordinates and the reason; nothing is dropped. Fragments of one record (same user,
+type and natural key) arriving in the same batch merge into a single event, newest first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from connectors import get_provider
+from connectors.base import Fragment, MappingError, natural_key, terra_user_id
+from schemas.serde import SchemaMismatch, decode, validate_record
+from transforms.dead_letters import dead_letter
+from transforms.events import NormalizedEvent
+from transforms.record_state import open_state
+
+DEAD_LETTER = "dead_letter"
+METRICS = "healthflow"
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """Bytes as read from a source, with where they came from (topic/partition/offset, path/line).
+
+    ``encoding`` is ``avro`` (single-object RawEvent, the ingestion-topic format) or ``json``
+    (one JSON RawEvent per line: ``{"provider", "kind", "user_id", "received_at", "payload"}``).
+    """
+
+    data: bytes
+    source: dict[str, Any] = field(default_factory=dict)
+    encoding: str = "avro"
+
+    @property
+    def position(self) -> str:
+        """Sortable position within the source, used to order one user's events."""
+        if "partition" in self.source:
+            return f"{int(self.source['partition']):05d}-{int(self.source['offset']):012d}"
+        return f"{self.source.get('path', '')}:{int(self.source.get('line', 0)):09d}"
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    idempotency_key: str
+    provider: str
+    kind: str | None
+    user_id: str | None
+    received_at_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A validated fragment on its way to the per-user merge."""
+
+    type: str
+    natural_key: str
+    data: dict[str, Any]
+    version_ms: int
+    sequence: str
+    user: dict[str, Any]
+    raw_idempotency_key: str
+
+
+def decode_raw(message: RawMessage) -> RawEvent:
+    """Decode a raw message; raises SchemaMismatch (permanent) when it is not a RawEvent."""
+    if message.encoding == "avro":
+        value = decode("raw_event", message.data)
+        received = value["received_at"]
+        received_ms = int(received.timestamp() * 1000) if hasattr(received, "timestamp") else int(received)
+        return RawEvent(value["idempotency_key"], value["provider"], value["kind"], value["user_id"], received_ms,
+                        value["payload"])
+    try:
+        value = json.loads(message.data)
+        payload = value["payload"]
+        payload_bytes = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        return RawEvent(str(value.get("idempotency_key") or message.position), value["provider"], value.get("kind"),
+                        value.get("user_id"), int(value.get("received_at") or 0), payload_bytes)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SchemaMismatch(f"not a JSON raw event ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A dead letter produced while normalizing (see ``transforms.dead_letters``)."""
+
+    stage: str
+    record: dict[str, Any]
+
+
+def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
+    """Decode, parse, map and validate one raw message: a Keyed per record, a Failed per problem.
+
+    A payload holding several documents is handled document by document: one bad document is
+    dead-lettered (with the whole original message and its document index) without losing the rest.
+    """
+    try:
+        raw = decode_raw(message)
+    except SchemaMismatch as exc:
+        yield _failed("decode", exc, message)
+        return
+    try:
+        provider = get_provider(raw.provider)
+        documents = list(provider.documents(json.loads(raw.payload), raw.kind))
+    except (KeyError, ValueError) as exc:  # unknown provider, bad JSON, bad envelope
+        yield _failed("parse", exc, message, raw)
+        return
+    prefix = f"{raw.received_at_ms:013d}:{message.position}"
+    for index, (kind, doc) in enumerate(documents):
+        try:
+            fragments = provider.normalize_document(kind, doc, raw.user_id)
+        except MappingError as exc:
+            yield _failed("normalize", exc, message, raw, kind, index)
+            continue
+        try:
+            keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}")
+                     for n, f in enumerate(fragments)]
+        except (SchemaMismatch, MappingError) as exc:
+            yield _failed("validate", exc, message, raw, kind, index)
+            continue
+        yield from keyed
+
+
+def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str) -> Keyed:
+    data = validate_record(fragment.type, fragment.data)
+    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
+    return Keyed(fragment.type, natural_key(fragment.type, data), data,
+                 fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key)
+
+
+def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
+            kind: str | None = None, index: int | None = None) -> Failed:
+    source = dict(message.source)
+    if raw is not None:
+        source["idempotency_key"] = raw.idempotency_key
+    if index is not None:
+        source["document_index"] = index
+    return Failed(stage, dead_letter(
+        stage=stage, error=error, original=message.data, source=source,
+        provider=raw.provider if raw else None, kind=kind or (raw.kind if raw else None),
+        user_id=raw.user_id if raw else None))
+
+
+class NormalizeRaw(beam.DoFn):
+    """RawMessage → (terra user id, Keyed) per record, plus the ``dead_letter`` output."""
+
+    def __init__(self) -> None:
+        self.raw_in = Metrics.counter(METRICS, "raw_in")
+        self.fragments = Metrics.counter(METRICS, "fragments")
+
+    def process(self, message: RawMessage) -> Iterator[Any]:
+        self.raw_in.inc()
+        ok = failed = 0
+        for item in normalize_message(message):
+            if isinstance(item, Failed):
+                failed += 1
+                Metrics.counter(METRICS, f"dead_letter:{item.stage}").inc()
+                yield pvalue.TaggedOutput(DEAD_LETTER, item.record)
+            else:
+                ok += 1
+                self.fragments.inc()
+                yield item.user["user_id"], item
+        # Every raw message ends in exactly one outcome: the summary checks they add up.
+        outcome = "partial" if ok and failed else "ok" if ok else "dead" if failed else "empty"
+        Metrics.counter(METRICS, f"raw_{outcome}").inc()
+
+
+def deep_merge(older: Any, newer: Any) -> Any:
+    """Merge two versions of a record, ``newer`` winning field by field.
+
+    Sample lists (dicts with a ``timestamp`` or ``measurement_time``) merge by that time, newer
+    samples replacing older ones at the same time; other lists are replaced whole.
+    """
+    if isinstance(older, dict) and isinstance(newer, dict):
+        merged = dict(older)
+        for key, value in newer.items():
+            merged[key] = deep_merge(older[key], value) if key in older else value
+        return merged
+    if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
+        time_key = _time_key(newer[0] if newer else older[0])
+        by_time = {item[time_key]: item for item in older}
+        by_time.update((item[time_key], item) for item in newer)
+        return [by_time[t] for t in sorted(by_time)]
+    return newer
+
+
+def _time_key(item: dict[str, Any]) -> str:
+    return "timestamp" if "timestamp" in item else "measurement_time"
+
+
+def _sample_list(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time")) for i in items)
+
+
+Stored = dict[tuple[str, str], tuple[dict[str, Any], int]]  # (type, natural key) → (record, version_ms)
+
+
+def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored | None = None,
+                      ) -> list[NormalizedEvent]:
+    """One event per (type, natural key) of a user, in the user's stream order (by sequence).
+
+    Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
+    record, if any; a fragment older than the stored version only fills fields the stored record
+    lacks. Each event carries the whole merged record (destinations overwrite by key).
+    """
+    groups: dict[tuple[str, str], list[Keyed]] = {}
+    for fragment in fragments:
+        groups.setdefault((fragment.type, fragment.natural_key), []).append(fragment)
+    events = []
+    superseded = Metrics.counter(METRICS, "superseded")
+    for (model_type, key), versions in groups.items():
+        versions.sort(key=lambda f: (f.version_ms, f.sequence))
+        data, version = (stored or {}).get((model_type, key), ({}, 0))
+        for fragment in versions:
+            if fragment.version_ms >= version:
+                data, version = deep_merge(data, fragment.data), fragment.version_ms
+            else:
+                data = deep_merge(fragment.data, data)
+        superseded.inc(len(versions) - 1)
+        newest = versions[-1]
+        events.append(NormalizedEvent.create(
+            type=model_type, user=newest.user, data=data, natural_key=key, ordering_timestamp_ms=version,
+            sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key))
+    events.sort(key=lambda e: e.sequence)
+    for event in events:
+        Metrics.counter(METRICS, f"normalized:{event.provider.lower()}:{event.type}").inc()
+    return events
+
+
+class MergeWithState(beam.DoFn):
+    """(user, fragments) → (user, [events]) merged with, and saved to, the record state.
+
+    Users are buffered and flushed together (one state read and one write per flush). State is
+    saved before delivery: a run that dies after saving re-reads its input and re-emits the same
+    merged records, so delivery stays at least once.
+    """
+
+    def __init__(self, state_url: str, users_per_flush: int = 200) -> None:
+        self.state_url, self.users_per_flush = state_url, users_per_flush
+
+    def setup(self) -> None:
+        self.state = open_state(self.state_url)
+        self.state.open()
+
+    def teardown(self) -> None:
+        self.state.close()
+
+    def start_bundle(self) -> None:
+        self.pending: list[tuple[str, list[Keyed]]] = []
+
+    def process(self, element: tuple[str, Iterable[Keyed]]) -> Iterator[tuple[str, list[NormalizedEvent]]]:
+        user_id, fragments = element
+        self.pending.append((user_id, list(fragments)))
+        if len(self.pending) >= self.users_per_flush:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for output in self._flush():
+            yield GlobalWindows.windowed_value(output)
+
+    def _flush(self) -> Iterator[tuple[str, list[NormalizedEvent]]]:
+        pending, self.pending = self.pending, []
+        keys = sorted({(user, f.type, f.natural_key) for user, frags in pending for f in frags})
+        stored = self.state.load(keys) if keys else {}
+        merged: list[tuple[str, list[NormalizedEvent]]] = []
+        for user_id, fragments in pending:
+            mine = {(t, k): v for (u, t, k), v in stored.items() if u == user_id}
+            merged.append((user_id, merge_user_events(user_id, fragments, mine)))
+        self.state.save(((e.user_id, e.type, e.natural_key), e.data, e.ordering_timestamp_ms)
+                        for _, events in merged for e in events)
+        yield from merged
+
+
+class Normalize(beam.PTransform):
+    """PCollection[RawMessage] → (events: PCollection[(user_id, [NormalizedEvent…])], dead letters).
+
+    Events of one user come as one ordered list per batch; dead letters keep the raw bytes.
+    """
+
+    def __init__(self, state_url: str) -> None:
+        super().__init__()
+        self.state_url = state_url
+
+    def expand(self, messages):
+        keyed, dead = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_outputs(DEAD_LETTER, main="keyed")
+        events = (keyed
+                  | "GroupByUser" >> beam.GroupByKey()
+                  | "MergeWithState" >> beam.ParDo(MergeWithState(self.state_url)))
+        return events, dead
