@@ -270,11 +270,11 @@ class MergeWithState(beam.DoFn):
     def _flush(self) -> Iterator[tuple[str, list[NormalizedEvent]]]:
         pending, self.pending = self.pending, []
         keys = sorted({(user, f.type, f.natural_key) for user, frags in pending for f in frags})
-        stored = self.state.load(keys) if keys else {}
-        merged: list[tuple[str, list[NormalizedEvent]]] = []
-        for user_id, fragments in pending:
-            mine = {(t, k): v for (u, t, k), v in stored.items() if u == user_id}
-            merged.append((user_id, merge_user_events(user_id, fragments, mine)))
+        stored_by_user: dict[str, Stored] = {}
+        for (user, model_type, key), value in (self.state.load(keys) if keys else {}).items():
+            stored_by_user.setdefault(user, {})[(model_type, key)] = value
+        merged = [(user_id, merge_user_events(user_id, fragments, stored_by_user.get(user_id)))
+                  for user_id, fragments in pending]
         self.state.save(((e.user_id, e.type, e.natural_key), e.data, e.ordering_timestamp_ms)
                         for _, events in merged for e in events)
         yield from merged
