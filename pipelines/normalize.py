@@ -22,9 +22,9 @@ import apache_beam as beam
 from runners.launch import make_pipeline
 from sinks.base import Sink
 from sinks.dead_letters import WriteDeadLetter
-from transforms.deliver import DeliverAll, RetryPolicy
+from transforms.deliver import DeliverAll, RetryPolicy, Target
 from transforms.errors import FatalError
-from transforms.normalize import METRICS, Normalize
+from transforms.normalize import METRICS, Normalize, RawMessage
 from transforms.sources import NEXT_OFFSET, ReadKafkaBatch, ReadRawFiles, commit_offsets
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,18 @@ class FileSource:
 
 
 @dataclass
+class MessagesSource:
+    """Raw messages already in hand (dead-letter replay, tests)."""
+
+    messages: list[RawMessage]
+
+
+@dataclass
 class NormalizeJob:
-    source: KafkaSource | FileSource
-    sinks: Sequence[Sink]
+    """What to read, where to deliver (sinks with default settings, or fully configured Targets)."""
+
+    source: KafkaSource | FileSource | MessagesSource
+    sinks: Sequence[Sink | Target]
     dead_letter_root: str
     state_url: str = "sqlite:///.healthflow/state.db"
     batch_size: int = 200
@@ -54,7 +63,11 @@ class NormalizeJob:
 
     def __post_init__(self) -> None:
         if not self.sinks:
-            raise FatalError("no destinations configured: give at least one (webhook, SQL, object store)")
+            raise FatalError("no destinations configured: give at least one (webhook, SQL, object store, ...)")
+
+    @property
+    def targets(self) -> list[Target]:
+        return [s if isinstance(s, Target) else Target(s, self.retry, self.batch_size) for s in self.sinks]
 
 
 @dataclass
@@ -77,10 +90,12 @@ def build(pipeline: beam.Pipeline, job: NormalizeJob) -> None:
     if isinstance(job.source, KafkaSource):
         src = job.source
         raw = pipeline | "ReadKafka" >> ReadKafkaBatch(src.bootstrap, src.topic, src.group, src.limit_per_partition)
-    else:
+    elif isinstance(job.source, FileSource):
         raw = pipeline | "ReadFiles" >> ReadRawFiles(job.source.pattern)
+    else:
+        raw = pipeline | "Messages" >> beam.Create(job.source.messages)
     user_events, ingest_dead = raw | "Normalize" >> Normalize(job.state_url)
-    _, delivery_dead = user_events | "Deliver" >> DeliverAll(job.sinks, job.batch_size, job.retry)
+    _, delivery_dead = user_events | "Deliver" >> DeliverAll(job.targets)
     ((ingest_dead, *delivery_dead)
      | "AllDeadLetters" >> beam.Flatten()
      | "StoreDeadLetters" >> beam.ParDo(WriteDeadLetter(job.dead_letter_root)))

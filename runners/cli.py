@@ -3,7 +3,8 @@
     healthflow providers                      list providers and the raw kinds each accepts
     healthflow normalize --provider P FILE|-  show what a raw payload becomes (JSON lines)
     healthflow publish --bootstrap-servers B --provider P FILE|-   put a raw payload on the ingestion topic
-    healthflow run normalize [options] [beam options]               run the pipeline on any runner
+    healthflow run normalize --destinations FILE [options] [beam options]   run the pipeline on any runner
+    healthflow deadletters list|show|replay    inspect failures and deliver them again
     healthflow demo                            everything, embedded, on this machine
 """
 
@@ -14,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from transforms.errors import FatalError
@@ -71,23 +73,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sinks(args: argparse.Namespace) -> list:
-    from sinks.object_store import ObjectStoreSink
-    from sinks.sql import SqlSink
-    from sinks.webhook import WebhookSink
-
-    sinks = []
-    if args.webhook_url:
-        if not args.webhook_secret:
-            raise FatalError("--webhook-url needs --webhook-secret (a whsec_… Standard Webhooks secret)")
-        sinks.append(WebhookSink("webhook", args.webhook_url, args.webhook_secret))
-    if args.sql_url:
-        sinks.append(SqlSink("sql", args.sql_url))
-    if args.object_store:
-        sinks.append(ObjectStoreSink("object_store", args.object_store))
-    return sinks
-
-
 def cmd_run(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch, run_stream
 
@@ -99,7 +84,10 @@ def cmd_run(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         source = KafkaSource(args.bootstrap_servers, args.topic, args.group)
     else:
         raise FatalError("no source: give --input FILES or --bootstrap-servers HOST:PORT")
-    job = NormalizeJob(source, _sinks(args), args.dead_letters, state_url=args.state, batch_size=args.batch_size)
+    from sinks.config import load_destinations
+
+    targets = load_destinations(args.destinations).targets()
+    job = NormalizeJob(source, targets, args.dead_letters, state_url=args.state)
     if args.mode == "streaming":
         run_stream(job, beam_args, args.poll_interval, args.max_batches,
                    on_batch=lambda s: print(json.dumps({"seconds": round(s.seconds, 3), **s.counters})))
@@ -114,6 +102,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from runners.demo import run_demo
 
     return run_demo(users=args.users, days=args.days, workdir=Path(args.workdir))
+
+
+def _store_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
+    command.add_argument("--state", default="sqlite:///.healthflow/state.db",
+                         help="record state merging partial records across batches (sqlite:///… or postgresql://…)")
+
+
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    from pipelines.replay import replay_deliveries, replay_ingest
+    from sinks.dead_letters import read_dead_letters, to_json
+
+    if args.action == "list":
+        for record in read_dead_letters(args.dead_letters):
+            if args.stage and not record["stage"].startswith(args.stage):
+                continue
+            if args.destination and record["destination"] != args.destination:
+                continue
+            failed = datetime.fromtimestamp(record["failed_at"] / 1000, UTC).isoformat(timespec="seconds")
+            print(f"{record['dead_letter_id']}  {failed}  {record['stage']:<22} attempts={record['attempts']:<3} "
+                  f"{record['error_class']}: {record['error_message'][:100]}")
+        return 0
+    if args.action == "show":
+        found = [r for r in read_dead_letters(args.dead_letters) if r["dead_letter_id"].startswith(args.id)]
+        if len(found) != 1:
+            raise FatalError(f"{len(found)} dead letters match {args.id!r}; give a longer id")
+        print(to_json(found[0]).decode())
+        return 0
+    from sinks.config import load_destinations
+
+    targets = load_destinations(args.destinations).targets()
+    if args.ingest:
+        result = replay_ingest(args.dead_letters, targets, args.state)
+        summary = result.ingest.counters if result.ingest else {}
+        print(json.dumps({"replayed_raw": summary.get("raw_in", 0), **summary}, indent=1))
+        return 0
+    result = replay_deliveries(args.dead_letters, targets, args.destination, args.to)
+    for name in sorted(set(result.delivered) | set(result.failed_again)):
+        print(f"{name}: {result.delivered[name]} delivered, {result.failed_again[name]} failed again (kept)")
+    if not result.delivered and not result.failed_again:
+        print("nothing to replay")
+    return 1 if sum(result.failed_again.values()) else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,14 +176,25 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("batch", "streaming"), default="batch")
     run.add_argument("--max-batches", type=int, help="streaming: stop after this many micro-batches")
     run.add_argument("--poll-interval", type=float, default=2.0, help="streaming: seconds to wait when idle")
-    run.add_argument("--webhook-url")
-    run.add_argument("--webhook-secret", help="Standard Webhooks secret (whsec_…); env HEALTHFLOW_WEBHOOK_SECRET")
-    run.add_argument("--sql-url", help="sqlite:///path.db or postgresql://user@host:port/db")
-    run.add_argument("--object-store", help="root of the object-store destination (path, s3://, gs://)")
-    run.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
-    run.add_argument("--state", default="sqlite:///.healthflow/state.db",
-                     help="record state for merging partial records across batches (sqlite:///… or postgresql://…)")
-    run.add_argument("--batch-size", type=int, default=200)
+    run.add_argument("--destinations", required=True, help="destinations file (YAML or TOML), see README")
+    _store_options(run)
+
+    dead = sub.add_parser("deadletters", help="inspect and replay dead letters")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    listing = dead_sub.add_parser("list", help="one line per dead letter, oldest first")
+    listing.add_argument("--stage", help="only this stage (prefix match: deliver, deliver:webhook, parse, ...)")
+    listing.add_argument("--destination", help="only delivery dead letters of this destination")
+    show = dead_sub.add_parser("show", help="one dead letter in full")
+    show.add_argument("id", help="dead-letter id (dlq_…), or a unique prefix")
+    replay = dead_sub.add_parser("replay", help="deliver dead letters again once the cause is fixed")
+    replay.add_argument("--destinations", required=True, help="destinations file (YAML or TOML)")
+    scope = replay.add_mutually_exclusive_group()
+    scope.add_argument("--destination", help="only dead letters of this destination (default: every destination)")
+    scope.add_argument("--ingest", action="store_true",
+                       help="replay ingest dead letters (decode/parse/normalize/validate) through the pipeline")
+    replay.add_argument("--to", help="deliver to this destination instead of the one that failed")
+    for command in (listing, show, replay):
+        _store_options(command)
 
     demo = sub.add_parser("demo", help="generate, ingest, normalize and deliver on embedded components")
     demo.add_argument("--users", type=int, default=300)
@@ -163,19 +204,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     _quiet_beam()
     args, beam_args = parser().parse_known_args(argv)
     if args.command != "run" and beam_args:
         parser().error(f"unrecognized arguments: {' '.join(beam_args)}")
-    if args.command == "run" and not args.webhook_secret:
-        args.webhook_secret = os.environ.get("HEALTHFLOW_WEBHOOK_SECRET")
     try:
         if args.command == "run":
             return cmd_run(args, beam_args)
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
-                "demo": cmd_demo}[args.command](args)
+                "deadletters": cmd_deadletters, "demo": cmd_demo}[args.command](args)
     except FatalError as exc:
         print(f"healthflow: {exc}", file=sys.stderr)
         return 2

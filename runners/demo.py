@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import os
 import secrets
 import sqlite3
 import threading
@@ -23,13 +24,12 @@ from pipelines.normalize import KafkaSource, NormalizeJob, RunSummary, run_batch
 from runners.demo_data import Simulator
 from runners.embedded import EmbeddedBroker
 from runners.webhook_receiver import WebhookReceiver
+from sinks.config import load_destinations
 from sinks.dead_letters import read_dead_letters
-from sinks.object_store import ObjectStoreSink
-from sinks.sql import SqlSink
-from sinks.webhook import WebhookSink
 from transforms.publish import publish
 
 TOPIC = "healthflow.raw"
+DESTINATIONS_FILE = Path(__file__).with_name("demo_destinations.yaml")
 
 
 def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output")) -> int:
@@ -40,7 +40,7 @@ def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output"
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     console.rule("[bold]healthflow demo")
     console.print(f"{users} simulated users × {days} days (Garmin, Oura, WHOOP) → embedded broker → Beam → "
-                  f"webhook + SQLite + S3-layout folder, all under [cyan]{workdir}/[/]")
+                  f"the destinations in [cyan]{DESTINATIONS_FILE.name}[/]; output under [cyan]{workdir}/[/]")
 
     with EmbeddedBroker() as broker, WebhookReceiver(secret) as receiver:
         broker.create_topic(TOPIC, partitions=4)
@@ -50,16 +50,19 @@ def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output"
             published = publish(broker.bootstrap, TOPIC, _ticking(payloads, progress, task))
             published += publish(broker.bootstrap, TOPIC, [b"\x00not an avro raw event"])
             progress.advance(task)
-        sinks = [WebhookSink("webhook", receiver.url, secret), SqlSink("sqlite", f"sqlite:///{db_path}"),
-                 ObjectStoreSink("s3_layout", str(objects))]
-        job = NormalizeJob(KafkaSource(broker.bootstrap, TOPIC), sinks, str(dead_root),
+        os.environ.update(HEALTHFLOW_DEMO_WEBHOOK_URL=receiver.url, HEALTHFLOW_DEMO_WEBHOOK_SECRET=secret,
+                          HEALTHFLOW_DEMO_DIR=str(workdir.resolve()), HEALTHFLOW_DEMO_BOOTSTRAP=broker.bootstrap)
+        targets = load_destinations(DESTINATIONS_FILE).targets()
+        destinations = [t.name for t in targets]
+        job = NormalizeJob(KafkaSource(broker.bootstrap, TOPIC), targets, str(dead_root),
                            state_url=f"sqlite:///{workdir / 'state.db'}")
         summary = _run_with_live_counts(console, job, receiver)
         again = run_batch(job)  # offsets were committed after delivery: nothing is read twice
         webhook_stats = (receiver.unique, receiver.duplicates, receiver.rejected_signature)
 
-    _report(console, published, summary, again, webhook_stats, rows_before, _sql_rows(db_path), objects, dead_root)
-    return 0 if _unexplained(summary, [s.name for s in sinks]) == 0 else 1
+    _report(console, published, summary, again, webhook_stats, rows_before, _sql_rows(db_path), objects, dead_root,
+            destinations)
+    return 0 if _unexplained(summary, destinations) == 0 else 1
 
 
 def _progress(console: Console) -> Progress:
@@ -113,13 +116,14 @@ def _unexplained(summary: RunSummary, destinations: list[str]) -> int:
     missing = abs(summary.get("raw_in") - raw_outcomes)
     missing += abs(summary.get("fragments") - summary.get("superseded") - events)
     for name in destinations:
-        missing += abs(events - summary.get(f"delivered:{name}") - summary.get(f"delivery_dead_letter:{name}"))
+        missing += abs(events - summary.get(f"delivered:{name}") - summary.get(f"delivery_dead_letter:{name}")
+                       - summary.get(f"filtered:{name}"))
     return missing
 
 
 def _report(console: Console, published: int, summary: RunSummary, again: RunSummary,
             webhook_stats: tuple[int, int, int], rows_before: int | None, rows_after: int | None,
-            objects: Path, dead_root: Path) -> None:
+            objects: Path, dead_root: Path, destinations: list[str]) -> None:
     raw_in, seconds = summary.get("raw_in"), summary.seconds
     events = summary.with_prefix("normalized:")
     total_events = sum(events.values())
@@ -146,12 +150,13 @@ def _report(console: Console, published: int, summary: RunSummary, again: RunSum
     console.print(normalized)
 
     delivered = Table(title="delivered per destination")
-    for col in ("destination", "delivered", "retried", "dead-lettered", "check"):
+    for col in ("destination", "delivered", "filtered", "retried", "dead-lettered", "check"):
         delivered.add_column(col, justify="left" if col == "destination" else "right")
-    for name in ("webhook", "sqlite", "s3_layout"):
+    for name in destinations:
         ok, dead = summary.get(f"delivered:{name}"), summary.get(f"delivery_dead_letter:{name}")
-        delivered.add_row(name, f"{ok:,}", f"{summary.get(f'retried:{name}'):,}", f"{dead:,}",
-                          "ok" if ok + dead == total_events else "[red]MISMATCH")
+        skipped = summary.get(f"filtered:{name}")
+        delivered.add_row(name, f"{ok:,}", f"{skipped:,}", f"{summary.get(f'retried:{name}'):,}", f"{dead:,}",
+                          "ok" if ok + dead + skipped == total_events else "[red]MISMATCH")
     console.print(delivered)
     unique, duplicates, rejected = webhook_stats
     object_count = sum(1 for _ in objects.rglob("*.json"))
@@ -169,8 +174,9 @@ def _report(console: Console, published: int, summary: RunSummary, again: RunSum
         dead.add_row(stage, error, message, str(count))
     console.print(dead)
 
-    unexplained = _unexplained(summary, ["webhook", "sqlite", "s3_layout"])
+    unexplained = _unexplained(summary, destinations)
     console.print(f"[bold]throughput[/]: {raw_in / seconds:,.0f} raw events/s, {total_events / seconds:,.0f} "
-                  f"normalized events/s delivered to 3 destinations ({seconds:.1f} s end to end, Beam local runner)")
+                  f"normalized events/s delivered to {len(destinations)} destinations ({seconds:.1f} s end to end, "
+                  "Beam local runner)")
     console.print(f"[bold]unexplained losses: {unexplained}[/]" if unexplained == 0 else
                   f"[bold red]unexplained losses: {unexplained}[/]")

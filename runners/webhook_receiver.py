@@ -100,6 +100,11 @@ class WebhookReceiver:
         with self._lock:
             self._injections.extend(_Injection(status, retry_after) for _ in range(n))
 
+    def clear_failures(self) -> None:
+        """Forget every pending injected failure or stall (the endpoint is "fixed")."""
+        with self._lock:
+            self._injections.clear()
+
     def stall_next(self, n: int, delay_s: float, status: int = 200) -> None:
         """Delay the next ``n`` correctly signed requests by ``delay_s`` before answering ``status``."""
         with self._lock:

@@ -16,6 +16,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+SCRATCH_PREFIX = ".replay-"
+
 
 def to_json(record: dict[str, Any]) -> bytes:
     out = {k: v for k, v in record.items() if k != "original"}
@@ -37,6 +39,22 @@ def stage_folder(stage: str) -> str:
     return stage.replace(":", "/")
 
 
+def dead_letter_path(root: str, record: dict[str, Any]) -> str:
+    return f"{root.rstrip('/')}/{stage_folder(record['stage'])}/{record['dead_letter_id']}.json"
+
+
+def write_dead_letter(root: str, record: dict[str, Any]) -> str:
+    """Store (or overwrite, same id) one dead letter; returns its path."""
+    path = dead_letter_path(root, record)
+    with FileSystems.create(path) as handle:
+        handle.write(to_json(record))
+    return path
+
+
+def delete_dead_letter(root: str, record: dict[str, Any]) -> None:
+    FileSystems.delete([dead_letter_path(root, record)])
+
+
 class WriteDeadLetter(beam.DoFn):
     """Persist each dead letter; yields its path. An I/O error fails the bundle (Beam retries it)."""
 
@@ -44,15 +62,17 @@ class WriteDeadLetter(beam.DoFn):
         self.root = root.rstrip("/")
 
     def process(self, record: dict[str, Any]) -> Iterator[str]:
-        path = f"{self.root}/{stage_folder(record['stage'])}/{record['dead_letter_id']}.json"
-        with FileSystems.create(path) as handle:
-            handle.write(to_json(record))
-        yield path
+        yield write_dead_letter(self.root, record)
 
 
 def read_dead_letters(root: str) -> Iterator[dict[str, Any]]:
-    """Every dead letter under ``root`` (for inspection, summaries and replay)."""
-    pattern = f"{root.rstrip('/')}/**.json"
-    for match in FileSystems.match([pattern])[0].metadata_list:
+    """Every dead letter under ``root`` (for inspection, summaries and replay), oldest first."""
+    root = root.rstrip("/")
+    matches = FileSystems.match([f"{root}/**.json"])[0].metadata_list
+    records = []
+    for match in matches:
+        if f"/{SCRATCH_PREFIX}" in match.path[len(root):]:  # a replay in progress
+            continue
         with FileSystems.open(match.path) as handle:
-            yield from_json(handle.read())
+            records.append(from_json(handle.read()))
+    yield from sorted(records, key=lambda r: (r["failed_at"], r["dead_letter_id"]))

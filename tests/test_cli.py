@@ -71,25 +71,47 @@ def test_normalize_explains_what_is_wrong():
     assert bad_json.returncode == 1 and "[parse]" in bad_json.stderr
 
 
+def _destinations(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "destinations.yaml"
+    path.write_text(text)
+    return str(path)
+
+
 def test_run_fails_at_start_with_what_to_fix(tmp_path):
-    no_source = healthflow("run", "normalize", "--sql-url", f"sqlite:///{tmp_path}/x.db")
+    sqlite_only = _destinations(tmp_path, f"destinations:\n  - {{name: db, type: sqlite, url: 'sqlite:///{tmp_path}/x.db'}}\n")
+    no_source = healthflow("run", "normalize", "--destinations", sqlite_only)
     assert no_source.returncode == 2 and "no source" in no_source.stderr
     (tmp_path / "raw.jsonl").write_text("")
-    no_sink = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"))
-    assert no_sink.returncode == 2 and "no destinations" in no_sink.stderr
-    no_secret = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"), "--webhook-url",
-                           "http://127.0.0.1:9/hook")
-    assert no_secret.returncode == 2 and "--webhook-secret" in no_secret.stderr
+    missing_env = _destinations(tmp_path, "destinations:\n  - {name: hook, type: webhook, url: 'http://127.0.0.1:9/h',"
+                                          " secret: '${HEALTHFLOW_TEST_UNSET_SECRET}'}\n")
+    out = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"), "--destinations", missing_env)
+    assert out.returncode == 2 and "HEALTHFLOW_TEST_UNSET_SECRET is not set" in out.stderr
+    typo = _destinations(tmp_path, "destinations:\n  - {name: hook, type: webhok, url: 'http://127.0.0.1:9/h'}\n")
+    out = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"), "--destinations", typo)
+    assert out.returncode == 2 and "'webhok'" in out.stderr and "expected tags" in out.stderr
 
 
 def test_run_normalize_on_files_with_beam_options(tmp_path):
     raw = {"provider": "garmin", "received_at": 1710140000000, "payload": GARMIN_PUSH}
     (tmp_path / "raw.jsonl").write_text(json.dumps(raw) + "\nnot json\n")
-    out = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"), "--sql-url",
-                     f"sqlite:///{tmp_path}/out.db", "--object-store", str(tmp_path / "objects"), "--dead-letters",
-                     str(tmp_path / "dlq"), "--state", f"sqlite:///{tmp_path}/state.db", "--runner=DirectRunner")
+    destinations = _destinations(tmp_path, f"""destinations:
+  - name: sql
+    type: sqlite
+    url: sqlite:///{tmp_path}/out.db
+  - name: object_store
+    type: object_store
+    root: {tmp_path}/objects
+""")
+    out = healthflow("run", "normalize", "--input", str(tmp_path / "raw.jsonl"), "--destinations", destinations,
+                     "--dead-letters", str(tmp_path / "dlq"), "--state", f"sqlite:///{tmp_path}/state.db",
+                     "--runner=DirectRunner")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["raw_in"] == 2 and summary["delivered:sql"] == 1 and summary["delivered:object_store"] == 1
     assert summary["dead_letter:decode"] == 1
     assert len(list((tmp_path / "dlq" / "decode").glob("*.json"))) == 1
+    listed = healthflow("deadletters", "list", "--dead-letters", str(tmp_path / "dlq"))
+    assert listed.returncode == 0 and "decode" in listed.stdout and "SchemaMismatch" in listed.stdout
+    dead_id = listed.stdout.split()[0]
+    shown = json.loads(healthflow("deadletters", "show", dead_id[:12], "--dead-letters", str(tmp_path / "dlq")).stdout)
+    assert shown["original_text"] == "not json" and shown["source"]["line"] == "2"

@@ -9,6 +9,7 @@ failing destination never changes what the others receive.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -44,30 +45,131 @@ class RetryPolicy:
         return max(0.0, base)
 
 
-class DeliverToSink(beam.DoFn):
-    """Deliver users' ordered event lists to one sink, in batches of about ``batch_size`` events."""
+@dataclass(frozen=True)
+class Target:
+    """One destination as the pipeline delivers to it: the sink and its own delivery settings."""
 
-    def __init__(self, sink: Sink, batch_size: int = 200, retry: RetryPolicy | None = None) -> None:
-        self.sink = sink
-        self.batch_size = batch_size
-        self.retry = retry or RetryPolicy()
-        self.delivered = Metrics.counter(METRICS, f"delivered:{sink.name}")
-        self.dead = Metrics.counter(METRICS, f"delivery_dead_letter:{sink.name}")
-        self.retried = Metrics.counter(METRICS, f"retried:{sink.name}")
+    sink: Sink
+    retry: RetryPolicy = RetryPolicy()
+    batch_size: int = 200
+    event_types: frozenset[str] | None = None  # None: every type
+
+    @property
+    def name(self) -> str:
+        return self.sink.name
+
+
+@dataclass(frozen=True)
+class Delivered:
+    destination: str
+    event_id: str
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    record: dict[str, Any]
+
+
+class Delivery:
+    """Delivers ordered batches to one target with its retries; the same logic in and out of Beam.
+
+    ``deliver(events)`` yields a ``Delivered`` or a ``DeadLettered`` for every event (never
+    fewer), and raises the FatalError of a misconfigured destination.
+    """
+
+    def __init__(self, target: Target, on_retry: Any = None) -> None:
+        self.target = target
+        self.on_retry = on_retry or (lambda count: None)
+
+    def deliver(self, events: Sequence[NormalizedEvent]) -> Iterator[Delivered | DeadLettered]:
+        pending, attempt = list(events), 0
+        while pending:
+            attempt += 1
+            result = self._write(pending)
+            for event_id in result.delivered:
+                yield Delivered(self.target.name, event_id)
+            retry: list[DeliveryFailure] = []
+            for failure in result.failures:
+                verdict = route(failure.error)
+                if verdict is Route.FAIL:
+                    raise failure.error
+                if verdict is Route.RETRY and attempt < self.target.retry.max_attempts:
+                    retry.append(failure)
+                else:
+                    yield DeadLettered(self._dead_letter(failure, attempt))
+            if retry:
+                self.on_retry(len(retry))
+                hints = [getattr(f.error, "retry_after", None) for f in retry]
+                time.sleep(self.target.retry.delay(attempt, max((h for h in hints if h is not None), default=None)))
+            order = {id(e): i for i, e in enumerate(pending)}
+            pending = sorted((f.event for f in retry), key=lambda e: order.get(id(e), 0))
+
+    def _write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        sink = self.target.sink
+        try:
+            result = sink.write(events)
+        except FatalError:
+            raise
+        except Exception as exc:  # a sink bug or an unclassified client error: route it, never drop it
+            return SinkResult().fail_all(events, exc)
+        accounted = len(result.delivered) + len(result.failures)
+        if accounted != len(events):
+            raise FatalError(f"sink {sink.name} accounted for {accounted} of {len(events)} events")
+        return result
+
+    def _dead_letter(self, failure: DeliveryFailure, attempts: int) -> dict[str, Any]:
+        event = failure.event
+        return dead_letter(
+            stage=f"deliver:{self.target.name}", error=failure.error, original=event.body(), attempts=attempts,
+            source=event_source(event), provider=event.provider.lower(), kind=event.type, user_id=event.user_id,
+            destination=self.target.name, event_id=event.event_id)
+
+
+def event_source(event: NormalizedEvent) -> dict[str, Any]:
+    """What a delivery dead letter keeps besides the body, enough to rebuild the event for replay."""
+    return {"sequence": event.sequence, "natural_key": event.natural_key, "type": event.type,
+            "ordering_timestamp_ms": event.ordering_timestamp_ms, "idempotency_key": event.raw_idempotency_key}
+
+
+def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
+    """Rebuild the event a delivery dead letter holds (its body is the exact envelope sent)."""
+    envelope = json.loads(record["original"])
+    source = record["source"]
+    data = envelope["athlete"] if envelope["type"] == "athlete" else envelope["data"][0]
+    return NormalizedEvent(record["event_id"], envelope["type"], envelope["user"], data, source["natural_key"],
+                           int(source["ordering_timestamp_ms"]), source["sequence"], source.get("idempotency_key"),
+                           envelope.get("version", NormalizedEvent.version))
+
+
+class DeliverToSink(beam.DoFn):
+    """Deliver users' ordered event lists to one destination, in batches of about ``batch_size`` events."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        name = target.name
+        self.delivered = Metrics.counter(METRICS, f"delivered:{name}")
+        self.dead = Metrics.counter(METRICS, f"delivery_dead_letter:{name}")
+        self.retried = Metrics.counter(METRICS, f"retried:{name}")
+        self.filtered = Metrics.counter(METRICS, f"filtered:{name}")
 
     def setup(self) -> None:
-        self.sink.open()
+        self.target.sink.open()
+        self.delivery = Delivery(self.target, on_retry=self.retried.inc)
 
     def teardown(self) -> None:
-        self.sink.close()
+        self.target.sink.close()
 
     def start_bundle(self) -> None:
         self.buffer: list[NormalizedEvent] = []
 
     def process(self, element: tuple[str, list[NormalizedEvent]]) -> Iterator[Any]:
         _, events = element
+        if self.target.event_types is not None:
+            wanted = [e for e in events if e.type in self.target.event_types]
+            self.filtered.inc(len(events) - len(wanted))
+            events = wanted
         self.buffer.extend(events)
-        if len(self.buffer) >= self.batch_size:
+        if len(self.buffer) >= self.target.batch_size:
             yield from self._flush()
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -80,68 +182,30 @@ class DeliverToSink(beam.DoFn):
 
     def _flush(self) -> Iterator[Any]:
         pending, self.buffer = self.buffer, []
-        attempt = 0
-        while pending:
-            attempt += 1
-            result = self._write(pending)
-            for event_id in result.delivered:
+        for outcome in self.delivery.deliver(pending):
+            if isinstance(outcome, Delivered):
                 self.delivered.inc()
-                yield (self.sink.name, event_id)
-            retry: list[DeliveryFailure] = []
-            for failure in result.failures:
-                verdict = route(failure.error)
-                if verdict is Route.FAIL:
-                    raise failure.error
-                if verdict is Route.RETRY and attempt < self.retry.max_attempts:
-                    retry.append(failure)
-                else:
-                    self.dead.inc()
-                    yield pvalue.TaggedOutput(DEAD_LETTER, self._dead_letter(failure, attempt))
-            if retry:
-                self.retried.inc(len(retry))
-                hints = [getattr(f.error, "retry_after", None) for f in retry]
-                time.sleep(self.retry.delay(attempt, max((h for h in hints if h is not None), default=None)))
-            order = {id(e): i for i, e in enumerate(pending)}
-            pending = sorted((f.event for f in retry), key=lambda e: order.get(id(e), 0))
-
-    def _write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
-        try:
-            result = self.sink.write(events)
-        except FatalError:
-            raise
-        except Exception as exc:  # a sink bug or an unclassified client error: route it, never drop it
-            return SinkResult().fail_all(events, exc)
-        accounted = len(result.delivered) + len(result.failures)
-        if accounted != len(events):
-            raise FatalError(f"sink {self.sink.name} accounted for {accounted} of {len(events)} events")
-        return result
-
-    def _dead_letter(self, failure: DeliveryFailure, attempts: int) -> dict[str, Any]:
-        event = failure.event
-        return dead_letter(
-            stage=f"deliver:{self.sink.name}", error=failure.error, original=event.body(), attempts=attempts,
-            source={"sequence": event.sequence, "natural_key": event.natural_key, "type": event.type,
-                    "ordering_timestamp_ms": event.ordering_timestamp_ms,
-                    "idempotency_key": event.raw_idempotency_key},
-            provider=event.provider.lower(), kind=event.type, user_id=event.user_id, destination=self.sink.name,
-            event_id=event.event_id)
+                yield (outcome.destination, outcome.event_id)
+            else:
+                self.dead.inc()
+                yield pvalue.TaggedOutput(DEAD_LETTER, outcome.record)
 
 
 class DeliverAll(beam.PTransform):
-    """Fan the per-user event lists out to every sink; returns (receipts, dead letters) per sink."""
+    """Fan the per-user event lists out to every destination; returns (receipts, dead letters) per destination."""
 
-    def __init__(self, sinks: Sequence[Sink], batch_size: int = 200, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, targets: Sequence[Target]) -> None:
         super().__init__()
-        names = [s.name for s in sinks]
+        names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise FatalError(f"destination names must be unique, got {names}")
-        self.sinks, self.batch_size, self.retry = list(sinks), batch_size, retry
+        self.targets = list(targets)
 
     def expand(self, user_events):
         receipts, dead = [], []
-        for sink in self.sinks:
-            ok, bad = user_events | f"Deliver[{sink.name}]" >> beam.ParDo(
-                DeliverToSink(sink, self.batch_size, self.retry)).with_outputs(DEAD_LETTER, main="delivered")
+        for target in self.targets:
+            ok, bad = user_events | f"Deliver[{target.name}]" >> beam.ParDo(
+                DeliverToSink(target)).with_outputs(DEAD_LETTER, main="delivered")
             receipts.append(ok)
             dead.append(bad)
         return receipts, dead

@@ -139,7 +139,7 @@ def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str) ->
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
             kind: str | None = None, index: int | None = None) -> Failed:
-    source = dict(message.source)
+    source = dict(message.source, encoding=message.encoding)
     if raw is not None:
         source["idempotency_key"] = raw.idempotency_key
     if index is not None:

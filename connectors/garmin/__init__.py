@@ -71,6 +71,10 @@ def _day_metadata(doc: dict[str, Any], **kw: str) -> dict[str, Any]:
     return {"start_time": start, "end_time": end, "upload_type": UPLOAD_AUTOMATIC, "timestamp_localization": LOCAL}
 
 
+def _stress_level(value: Any) -> Any:
+    return value if value is not None and value >= 0 else None
+
+
 @PROVIDER.kind("dailies", "daily")
 def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     """Daily summary; re-sent through the day, each a superset of the last."""
@@ -79,7 +83,8 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     hr_samples = _offset_samples(doc, "timeOffsetHeartRateSamples", "bpm", offset)
     bpms = [s["bpm"] for s in hr_samples]
     active, bmr = doc.get("activeKilocalories"), doc.get("bmrKilocalories")
-    stress_avg = doc.get("averageStressLevel")
+    # Stress levels are 0-100; negative values are Garmin's "not enough data" codes, not levels.
+    stress_avg, stress_max = (_stress_level(doc.get(n)) for n in ("averageStressLevel", "maxStressLevel"))
     return compact({
         "metadata": _day_metadata(doc),
         "distance_data": {
@@ -108,8 +113,8 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
             "detailed": {"hr_samples": hr_samples},
         },
         "stress_data": {
-            "avg_stress_level": stress_avg if stress_avg is not None and stress_avg >= 0 else None,
-            "max_stress_level": doc.get("maxStressLevel"),
+            "avg_stress_level": stress_avg,
+            "max_stress_level": stress_max,
             "stress_rating": STRESS_RATING.get((doc.get("stressQualifier") or "").removesuffix("_awake")),
             "stress_duration_seconds": doc.get("stressDurationInSeconds"),
             "rest_stress_duration_seconds": doc.get("restStressDurationInSeconds"),
@@ -269,7 +274,8 @@ def manually_updated_activities(doc: dict[str, Any]) -> dict[str, Any]:
 def activity_details(doc: dict[str, Any]) -> dict[str, Any]:
     """Activity with its samples (HR, GPS, speed, power, cadence, elevation, distance) and laps."""
     summary = dict(doc.get("summary") or {})
-    summary.setdefault("summaryId", str(doc.get("summaryId", "")).removesuffix("-detail") or None)
+    # A null summaryId must stay missing (MappingError), not become the key "None".
+    summary.setdefault("summaryId", str(doc.get("summaryId") or "").removesuffix("-detail") or None)
     record = _activity(summary, UPLOAD_AUTOMATIC)
     offset = _offset(summary)
     samples = doc.get("samples") or []

@@ -1,0 +1,115 @@
+"""Dead-letter replay: put failed events back on their way once the cause is fixed.
+
+- Delivery dead letters (``deliver:<destination>``) hold the exact event body sent: replay rebuilds
+  the events and delivers them again to their destination (or another one), each user's events
+  in their original order, with the destination's own retry policy. A delivered event's dead
+  letter is removed; one that fails again is kept with its attempts added up and the new error.
+- Ingest dead letters (``decode``, ``parse``, ``normalize``, ``validate``) hold the original raw
+  bytes: replay runs them through the normalize pipeline again (after a mapper fix, say) and
+  delivers the results to the destinations. Their dead letters are removed once the run
+  succeeds; whatever still fails is dead-lettered anew by that run.
+
+Destinations are idempotent and events keep their ids, so replaying twice is harmless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.normalize import MessagesSource, NormalizeJob, RunSummary, run_batch
+from sinks.dead_letters import SCRATCH_PREFIX, delete_dead_letter, read_dead_letters, write_dead_letter
+from transforms.deliver import DeadLettered, Delivered, Delivery, Target, event_from_dead_letter
+from transforms.errors import FatalError
+from transforms.normalize import RawMessage
+
+INGEST_STAGES = ("decode", "parse", "normalize", "validate")
+
+
+@dataclass
+class ReplayResult:
+    delivered: Counter[str] = field(default_factory=Counter)
+    failed_again: Counter[str] = field(default_factory=Counter)
+    ingest: RunSummary | None = None
+
+
+def select(root: str, *, destination: str | None = None, ingest: bool = False) -> list[dict[str, Any]]:
+    """Dead letters to replay: delivery ones (optionally of one destination), or ingest ones."""
+    chosen = []
+    for record in read_dead_letters(root):
+        stage = record["stage"]
+        if (ingest and stage in INGEST_STAGES) or (
+                not ingest and stage.startswith("deliver:") and destination in (None, record["destination"])):
+            chosen.append(record)
+    return chosen
+
+
+def replay_deliveries(root: str, targets: Sequence[Target], destination: str | None = None,
+                      to: str | None = None) -> ReplayResult:
+    """Redeliver delivery dead letters (of ``destination``, or all) to their destination or to ``to``."""
+    by_name = {t.name: t for t in targets}
+    records = select(root, destination=destination)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(to or record["destination"], []).append(record)
+    missing = sorted(set(groups) - set(by_name))
+    if missing:
+        raise FatalError(f"dead letters name destination(s) {', '.join(missing)} that the destinations file lacks; "
+                         f"configured: {', '.join(by_name)}")
+    result = ReplayResult()
+    for name, group in groups.items():
+        target = by_name[name]
+        by_event = {r["event_id"]: r for r in group}
+        events = sorted((event_from_dead_letter(r) for r in group), key=lambda e: (e.user_id, e.sequence))
+        target.sink.open()
+        try:
+            for start in range(0, len(events), target.batch_size):
+                for outcome in Delivery(target).deliver(events[start:start + target.batch_size]):
+                    if isinstance(outcome, Delivered):
+                        delete_dead_letter(root, by_event[outcome.event_id])
+                        result.delivered[name] += 1
+                    else:
+                        _record_again(root, by_event[outcome.record["event_id"]], outcome)
+                        result.failed_again[name] += 1
+        finally:
+            target.sink.close()
+    return result
+
+
+def _record_again(root: str, old: dict[str, Any], outcome: DeadLettered) -> None:
+    new = dict(outcome.record, attempts=old["attempts"] + outcome.record["attempts"])
+    if new["dead_letter_id"] != old["dead_letter_id"]:  # replayed to another destination
+        delete_dead_letter(root, old)
+    write_dead_letter(root, new)
+
+
+def replay_ingest(root: str, targets: Sequence[Target], state_url: str) -> ReplayResult:
+    """Run ingest dead letters through the normalize pipeline again.
+
+    The run writes its own dead letters to a scratch root first; only after it succeeded are the
+    replayed records removed and the new ones moved in. A crash leaves the old records in place
+    (a later replay repeats the work, idempotently): nothing is lost.
+    """
+    records = select(root, ingest=True)
+    result = ReplayResult()
+    if not records:
+        return result
+    kept = ("topic", "partition", "offset", "path", "line")
+    messages = [RawMessage(r["original"], {k: v for k, v in r["source"].items() if k in kept},
+                           encoding=r["source"].get("encoding", "avro")) for r in records]
+    scratch = f"{root.rstrip('/')}/{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
+    try:
+        result.ingest = run_batch(NormalizeJob(MessagesSource(messages), targets, scratch, state_url=state_url))
+        for record in records:
+            delete_dead_letter(root, record)
+        for record in read_dead_letters(scratch):
+            write_dead_letter(root, record)
+    finally:
+        if FileSystems.exists(scratch):
+            FileSystems.delete([scratch])
+    return result

@@ -1,0 +1,256 @@
+"""Destinations file: which destinations a pipeline delivers to, validated before anything runs.
+
+YAML or TOML (by file extension), one entry per destination:
+
+    destinations:
+      - name: app-webhook
+        type: webhook
+        url: https://example.test/terra
+        secret: ${HEALTHFLOW_WEBHOOK_SECRET}      # ${VAR} is read from the environment
+        event_types: [sleep, daily]               # optional: only these event types
+      - name: warehouse
+        type: postgres
+        url: postgresql://healthflow:${PGPASSWORD}@db:5432/health
+
+Errors name the entry and field and say what to fix; a missing environment variable is an error,
+never an empty secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas import MODEL_TYPES
+from sinks.base import Sink
+from transforms.deliver import RetryPolicy, Target
+from transforms.errors import FatalError
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class RetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_attempts: int = Field(4, ge=1, le=20)
+    initial_delay_s: float = Field(0.2, ge=0)
+    max_delay_s: float = Field(5.0, ge=0)
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.initial_delay_s, self.max_delay_s)
+
+
+class _Destination(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME, description="unique, lower case: used in counters and dead letters")
+    event_types: list[str] | None = Field(None, description="deliver only these event types (default: all)")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    batch_size: int = Field(200, ge=1, le=10_000)
+
+    @field_validator("event_types")
+    @classmethod
+    def _known_types(cls, value: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(value or []) - set(MODEL_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {', '.join(MODEL_TYPES)}")
+        return value
+
+    def build(self) -> Sink:
+        raise NotImplementedError
+
+    def target(self) -> Target:
+        """The sink with this destination's own retry policy, batch size and type filter."""
+        try:
+            sink = self.build()
+        except FatalError as exc:
+            raise FatalError(f"destination {self.name!r}: {exc}") from exc
+        types = frozenset(self.event_types) if self.event_types is not None else None
+        return Target(sink, self.retry.policy(), self.batch_size, types)
+
+
+class WebhookDestination(_Destination):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    secret: str = Field(description="Standard Webhooks secret, whsec_…; signs both signature headers")
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+
+    def build(self) -> Sink:
+        from sinks.webhook import WebhookSink
+
+        return WebhookSink(self.name, self.url, self.secret, timeout_s=self.timeout_s,
+                           max_body_bytes=self.max_body_bytes)
+
+
+class SqlDestination(_Destination):
+    type: Literal["postgres", "mysql", "sqlite"]
+    url: str
+    table_prefix: str = Field("healthflow_", pattern=r"^[a-z_][a-z0-9_]{0,30}$")
+
+    @model_validator(mode="after")
+    def _scheme_matches(self) -> SqlDestination:
+        schemes = {"postgres": ("postgresql://", "postgres://"), "mysql": ("mysql://",), "sqlite": ("sqlite:///",)}
+        if not self.url.startswith(schemes[self.type]):
+            raise ValueError(f"a {self.type} url starts with {' or '.join(schemes[self.type])}")
+        return self
+
+    def build(self) -> Sink:
+        from sinks.sql import SqlSink
+
+        return SqlSink(self.name, self.url, table_prefix=self.table_prefix)
+
+
+class SupabaseDestination(_Destination):
+    """Supabase is PostgreSQL: Terra's table layout (terra_users, terra_data_payloads)."""
+
+    type: Literal["supabase"]
+    url: str = Field(pattern=r"^postgres(ql)?://")
+    db_schema: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+    def build(self) -> Sink:
+        from sinks.sql import SqlSink
+
+        return SqlSink(self.name, self.url, layout="terra", schema=self.db_schema)
+
+
+class ObjectStoreDestination(_Destination):
+    """Any Beam FileSystems root: a local path, gs://bucket/prefix, s3://bucket/prefix."""
+
+    type: Literal["object_store"]
+    root: str
+
+    def build(self) -> Sink:
+        from sinks.object_store import ObjectStoreSink
+
+        return ObjectStoreSink(self.name, self.root)
+
+
+class S3Destination(_Destination):
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    formats: list[Literal["json", "parquet"]] = Field(default_factory=lambda: ["json"], min_length=1)
+
+    def build(self) -> Sink:
+        from sinks.s3 import S3Sink
+
+        return S3Sink(self.name, self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url, region=self.region,
+                      formats=tuple(self.formats))
+
+
+class SqsDestination(_Destination):
+    type: Literal["sqs"]
+    queue_url: str
+    region: str | None = None
+    endpoint_url: str | None = None
+
+    def build(self) -> Sink:
+        from sinks.sqs import SqsSink
+
+        return SqsSink(self.name, self.queue_url, endpoint_url=self.endpoint_url, region=self.region)
+
+
+class KafkaDestination(_Destination):
+    type: Literal["kafka"]
+    bootstrap_servers: str
+    topic: str
+    value_format: Literal["json", "avro"] = "json"
+    producer_config: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self) -> Sink:
+        from sinks.kafka import KafkaSink
+
+        return KafkaSink(self.name, self.bootstrap_servers, self.topic, value_format=self.value_format,
+                         producer_config=self.producer_config or None)
+
+
+class PubSubDestination(_Destination):
+    type: Literal["pubsub"]
+    project: str
+    topic: str
+    emulator_host: str | None = None
+
+    def build(self) -> Sink:
+        from sinks.pubsub import PubSubSink
+
+        return PubSubSink(self.name, self.project, self.topic, emulator_host=self.emulator_host)
+
+
+Destination = Annotated[
+    WebhookDestination | SqlDestination | SupabaseDestination | ObjectStoreDestination | S3Destination
+    | SqsDestination | KafkaDestination | PubSubDestination,
+    Field(discriminator="type"),
+]
+
+
+class DestinationsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    destinations: list[Destination] = Field(min_length=1)
+
+    def targets(self, only: str | None = None) -> list[Target]:
+        """Build every destination (or just ``only``); FatalError names the one that failed."""
+        chosen = [d for d in self.destinations if only is None or d.name == only]
+        if not chosen:
+            names = ", ".join(d.name for d in self.destinations)
+            raise FatalError(f"no destination named {only!r}; configured: {names}")
+        return [d.target() for d in chosen]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DestinationsFile:
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+
+def _interpolate(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            env = os.environ.get(match.group(1))
+            if env is None:
+                raise FatalError(f"{where}: environment variable {match.group(1)} is not set")
+            return env
+
+        return ENV_REFERENCE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_destinations(raw: dict[str, Any], source: str = "destinations") -> DestinationsFile:
+    """Validate a decoded destinations document; FatalError lists every problem with its location."""
+    try:
+        return DestinationsFile.model_validate(_interpolate(raw, source))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = ".".join(str(p) for p in error["loc"] if not str(p).endswith("Destination"))
+            problems.append(f"  {location}: {error['msg']}")
+        raise FatalError(f"{source} is not valid:\n" + "\n".join(problems)) from exc
+
+
+def load_destinations(path: str | Path) -> DestinationsFile:
+    """Read and validate a YAML (.yaml/.yml) or TOML (.toml) destinations file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FatalError(f"cannot read destinations file {path}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise FatalError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise FatalError(f"{path}: expected a mapping with a 'destinations' list")
+    return parse_destinations(raw, str(path))

@@ -1,0 +1,336 @@
+"""S3 sink (boto3): Terra's cloud-storage layout, one JSON object per record, plus optional Parquet batches.
+
+JSON (format ``"json"``): object ``<prefix>/<version>/<type>/<user_id>-<start_time>.json`` (athlete: ``profile``),
+body = ``event.body()``, ``ContentType: application/json``, user metadata ``event-id`` and ``ordering-timestamp-ms``.
+Parquet (format ``"parquet"``): per ``write`` call one file per event type, named from its event ids
+(``sinks.parquet``).
+
+Guarantees:
+- Idempotent: names are deterministic; a redelivery rewrites the same object, never a second copy. An object that
+  already holds the same ``event-id`` is not rewritten.
+- Newest wins (``guard_stale=True``): before a PUT the object is HEADed; an event older than the stored object
+  (lower ``ordering_timestamp_ms`` than its metadata) does not overwrite it and is reported delivered (superseded).
+  Equal timestamps: the later write wins. Objects without our metadata count as older.
+  With ``conditional_writes=True`` (default) the PUT carries ``If-Match: <HEAD ETag>`` (or ``If-None-Match: *`` when
+  there was no object), so a writer that slipped in between HEAD and PUT makes the PUT fail (412) and the check is
+  redone: no race is left. With ``conditional_writes=False`` (stores without S3 conditional writes) a newer version
+  written between our HEAD and PUT can still be overwritten by an older event (last writer wins in that window).
+  HEAD needs ``s3:GetObject`` and ``s3:ListBucket`` (without it S3 answers 403 for missing keys); with
+  ``guard_stale=False`` only ``s3:PutObject`` is needed and the store is plain last-writer-wins.
+- Within a batch, events mapping to one object: only the newest is written, the others are reported delivered with it.
+- An event is delivered only when every configured format succeeded for it.
+- Failures: unreachable endpoint, timeouts, throttling, 5xx -> ``RetryableError`` (an unreachable endpoint stops the
+  batch: the rest is reported retryable without being tried); wrong credentials, access denied, missing bucket, wrong
+  region -> ``FatalError`` saying what to fix (stops the batch); other client errors and unusable names (no
+  ``metadata.start_time``, ``/`` or ``..`` in a name part) -> ``PermanentError`` for the events concerned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sinks.base import Sink, SinkResult
+from sinks.parquet import parquet_bytes, parquet_key
+from transforms.errors import FatalError, PermanentError, RetryableError
+from transforms.events import NormalizedEvent
+
+ATHLETE_START_TIME = "profile"
+FORMATS = frozenset({"json", "parquet"})
+META_EVENT_ID = "event-id"
+META_ORDERING = "ordering-timestamp-ms"
+CONFLICT_RETRIES = 5
+
+_RETRYABLE_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
+    "InternalError", "InternalFailure", "RequestTimeout", "RequestTimeoutException", "OperationAborted",
+    "ConditionalRequestConflict", "KmsThrottled", "503", "500", "429",
+})
+_FATAL_HINTS = {
+    "AccessDenied": "grant the sink's identity the needed permission (S3: s3:PutObject, plus s3:GetObject and "
+                    "s3:ListBucket unless guard_stale=False; SQS: sqs:SendMessage)",
+    "AccessDeniedException": "grant the sink's identity the needed permission",
+    "AllAccessDisabled": "access to the bucket is disabled; use another bucket",
+    "NoSuchBucket": "create the bucket or fix the bucket name",
+    "InvalidBucketName": "fix the bucket name",
+    "InvalidAccessKeyId": "the access key does not exist: fix AWS_ACCESS_KEY_ID / the configured credentials",
+    "InvalidClientTokenId": "the access key does not exist: fix the configured credentials",
+    "UnrecognizedClientException": "the credentials are not recognized: fix the configured credentials",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: fix AWS_SECRET_ACCESS_KEY",
+    "ExpiredToken": "the session token expired: refresh the credentials",
+    "ExpiredTokenException": "the session token expired: refresh the credentials",
+    "InvalidToken": "the session token is invalid: fix the credentials",
+    "AuthorizationHeaderMalformed": "the configured region does not match the bucket's region: fix region",
+    "PermanentRedirect": "the bucket is in another region or needs another endpoint: fix region/endpoint_url",
+    "RequestTimeTooSkewed": "the worker clock is off by more than 15 minutes: fix the clock (NTP)",
+    "NotImplemented": "the store does not implement this request (e.g. conditional writes): adjust the sink options",
+    "AWS.SimpleQueueService.NonExistentQueue": "the queue does not exist: create it or fix queue_url",
+    "QueueDoesNotExist": "the queue does not exist: create it or fix queue_url",
+    "InvalidSecurity": "the queue requires HTTPS: use an https endpoint",
+    "KmsAccessDenied": "grant kms:GenerateDataKey and kms:Decrypt on the queue's KMS key",
+    "KmsDisabled": "the queue's KMS key is disabled",
+    "KmsNotFound": "the queue's KMS key does not exist",
+    "KmsInvalidState": "the queue's KMS key is not usable",
+    "KmsOptInRequired": "the account is not subscribed to KMS",
+}
+
+
+class EndpointUnreachable(RetryableError):
+    """No connection to the service (connect error/timeout): retry later; the rest of the batch is not tried."""
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ``ClientError`` (``""`` for other exceptions)."""
+    response = getattr(exc, "response", None) or {}
+    return str((response.get("Error") or {}).get("Code") or "")
+
+
+def http_status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+
+
+def classify_aws_error(exc: BaseException, what: str) -> Exception:
+    """Map a boto3/botocore exception raised while doing ``what`` to Retryable/Permanent/FatalError."""
+    from botocore import exceptions as bex
+
+    if isinstance(exc, RetryableError | PermanentError | FatalError):
+        return exc
+    if isinstance(exc, bex.ClientError):
+        code, status = error_code(exc), http_status(exc)
+        message = (exc.response.get("Error") or {}).get("Message") or ""
+        detail = f"{what} failed: {code or status} (HTTP {status}) {message}".rstrip()
+        if code in _FATAL_HINTS:
+            return FatalError(f"{detail}; {_FATAL_HINTS[code]}")
+        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+            return RetryableError(detail)
+        if status == 403:
+            return FatalError(f"{detail}; access denied: check credentials and permissions")
+        return PermanentError(detail)
+    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError | bex.NoRegionError):
+        return FatalError(f"{what} failed: {exc}; configure AWS credentials and region for the workers")
+    if isinstance(exc, bex.ParamValidationError):
+        return PermanentError(f"{what} failed: invalid request: {exc}")
+    if isinstance(exc, bex.ConnectionError) and not isinstance(exc, bex.ReadTimeoutError):
+        return EndpointUnreachable(f"{what} failed: cannot reach the endpoint: {exc}")
+    return RetryableError(f"{what} failed: {exc}")  # read timeouts, closed connections, other botocore errors
+
+
+def make_client(service: str, endpoint_url: str | None, region: str | None, max_attempts: int,
+                connect_timeout_s: float, read_timeout_s: float) -> Any:
+    """A boto3 client with bounded botocore retries and timeouts (credentials from the default chain)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
+                    connect_timeout=connect_timeout_s, read_timeout=read_timeout_s)
+    return boto3.session.Session().client(service, endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def _safe_part(part: str, event: NormalizedEvent) -> str:
+    if not part or "/" in part or "\\" in part or part in (".", "..") or "\x00" in part:
+        raise PermanentError(f"unsafe object name part {part!r} for event {event.event_id}")
+    return part
+
+
+def object_key(prefix: str, event: NormalizedEvent) -> str:
+    """Terra's key ``<prefix>/<version>/<type>/<user_id>-<start_time>.json``; PermanentError when unusable."""
+    if event.type == "athlete":
+        start_time = ATHLETE_START_TIME
+    else:
+        start_time = (event.data.get("metadata") or {}).get("start_time")
+        if not isinstance(start_time, str) or not start_time:
+            raise PermanentError(f"{event.type} record has no metadata.start_time to name its object")
+    for part in (event.version, event.type, event.user_id, start_time):
+        _safe_part(part, event)
+    parts = [prefix.strip("/"), event.version, event.type, f"{event.user_id}-{start_time}.json"]
+    return "/".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    etag: str
+    event_id: str | None
+    ordering_timestamp_ms: int | None
+
+
+_SEVERITY = {FatalError: 3, PermanentError: 2}
+
+
+def _severity(exc: BaseException) -> int:
+    return next((rank for cls, rank in _SEVERITY.items() if isinstance(exc, cls)), 1)
+
+
+class S3Sink(Sink):
+    """Writes events to ``s3://<bucket>/<prefix>`` as JSON objects and/or Parquet batches (see module docstring)."""
+
+    ordered = True
+
+    def __init__(self, name: str, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None, formats: Sequence[str] = ("json",), guard_stale: bool = True,
+                 conditional_writes: bool = True, max_attempts: int = 3, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 30.0) -> None:
+        super().__init__(name)
+        if not bucket or "/" in bucket:
+            raise FatalError(f"s3 sink {name!r}: bucket must be a bucket name (no 's3://', no '/'), got {bucket!r}")
+        unknown = set(formats) - FORMATS
+        if not formats or unknown:
+            raise FatalError(f"s3 sink {name!r}: formats must be a non-empty subset of {sorted(FORMATS)}, "
+                             f"got {list(formats)}")
+        if max_attempts < 1:
+            raise FatalError(f"s3 sink {name!r}: max_attempts must be >= 1, got {max_attempts}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.formats = tuple(sorted(set(formats)))
+        self.guard_stale = guard_stale
+        self.conditional_writes = conditional_writes
+        self.max_attempts = max_attempts
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None  # clients never travel with the pickled config
+        return state
+
+    def open(self) -> None:
+        if self._client is None:
+            self._client = make_client("s3", self.endpoint_url, self.region, self.max_attempts,
+                                       self.connect_timeout_s, self.read_timeout_s)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        self.open()
+        errors: dict[int, BaseException] = {}
+
+        def fail(indices: Sequence[int], exc: BaseException) -> None:
+            for i in indices:
+                if i not in errors or _severity(exc) > _severity(errors[i]):
+                    errors[i] = exc
+
+        halted: BaseException | None = None
+        if "json" in self.formats:
+            halted = self._write_json(events, fail)
+        if "parquet" in self.formats:
+            if halted is None:
+                self._write_parquet(events, fail)
+            else:  # Parquet not tried: no event is complete
+                fail(range(len(events)), _not_tried(halted))
+        result = SinkResult()
+        for index, event in enumerate(events):
+            if index in errors:
+                result.fail_all([event], errors[index])
+            else:
+                result.delivered.append(event.event_id)
+        return result
+
+    # -- JSON objects -------------------------------------------------------------------------------------------------
+    def _write_json(self, events: Sequence[NormalizedEvent], fail: Any) -> BaseException | None:
+        """Writes one object per key; returns the error that stopped the batch (rest failed with it), if any."""
+        by_key: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            try:
+                by_key.setdefault(object_key(self.prefix, event), []).append(index)
+            except PermanentError as exc:
+                fail([index], exc)
+        groups = list(by_key.items())
+        for position, (key, indices) in enumerate(groups):
+            newest = max(reversed(indices), key=lambda i: events[i].ordering_timestamp_ms)  # later wins ties
+            try:
+                self.put_json(key, events[newest])
+            except (FatalError, EndpointUnreachable) as exc:
+                fail(indices, exc)
+                for _, rest in groups[position + 1:]:
+                    fail(rest, _not_tried(exc))
+                return exc
+            except (RetryableError, PermanentError) as exc:
+                fail(indices, exc)
+        return None
+
+    def put_json(self, key: str, event: NormalizedEvent) -> str:
+        """Write ``event`` at ``key`` unless the stored object is the same or newer.
+
+        Returns ``"written"``, ``"unchanged"`` (same event id stored) or ``"superseded"`` (newer version stored).
+        """
+        for _ in range(CONFLICT_RETRIES):
+            stored = self._head(key) if self.guard_stale else None
+            if stored is not None:
+                if stored.event_id == event.event_id:
+                    return "unchanged"
+                if stored.ordering_timestamp_ms is not None and stored.ordering_timestamp_ms > \
+                        event.ordering_timestamp_ms:
+                    return "superseded"
+            condition: dict[str, str] = {}
+            if self.guard_stale and self.conditional_writes:
+                condition = {"IfMatch": stored.etag} if stored is not None else {"IfNoneMatch": "*"}
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=event.body(), ContentType="application/json",
+                    Metadata={META_EVENT_ID: event.event_id, META_ORDERING: str(event.ordering_timestamp_ms)},
+                    **condition)
+            except Exception as exc:
+                if condition and (http_status(exc) in (409, 412) or error_code(exc) in (
+                        "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")):
+                    continue  # another writer changed the object since our HEAD: check again
+                raise classify_aws_error(exc, f"PUT s3://{self.bucket}/{key}") from exc
+            return "written"
+        raise RetryableError(f"PUT s3://{self.bucket}/{key}: object kept changing under concurrent writers "
+                             f"({CONFLICT_RETRIES} conditional attempts)")
+
+    def _head(self, key: str) -> _Stored | None:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            status = http_status(exc)
+            if status == 404 or error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None  # also a missing bucket: the PUT then reports NoSuchBucket
+            if status == 403:
+                raise FatalError(f"HEAD s3://{self.bucket}/{key} denied (403): grant s3:GetObject and s3:ListBucket "
+                                 "(needed to compare versions), or set guard_stale=False") from exc
+            raise classify_aws_error(exc, f"HEAD s3://{self.bucket}/{key}") from exc
+        metadata = head.get("Metadata") or {}
+        try:
+            ordering = int(metadata[META_ORDERING])
+        except (KeyError, ValueError):
+            ordering = None
+        return _Stored(etag=head.get("ETag", ""), event_id=metadata.get(META_EVENT_ID), ordering_timestamp_ms=ordering)
+
+    # -- Parquet batches ----------------------------------------------------------------------------------------------
+    def _write_parquet(self, events: Sequence[NormalizedEvent], fail: Any) -> None:
+        by_type: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            try:
+                by_type.setdefault(_safe_part(event.type, event), []).append(index)
+            except PermanentError as exc:
+                fail([index], exc)
+        groups = list(by_type.items())
+        for position, (event_type, indices) in enumerate(groups):
+            group = [events[i] for i in indices]
+            key = parquet_key(self.prefix, event_type, group)
+            try:
+                body = parquet_bytes(group)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                        ContentType="application/vnd.apache.parquet")
+            except Exception as exc:
+                error = classify_aws_error(exc, f"PUT s3://{self.bucket}/{key}")
+                fail(indices, error)
+                if isinstance(error, FatalError | EndpointUnreachable):
+                    for _, rest in groups[position + 1:]:
+                        fail(rest, _not_tried(error))
+                    return
+
+
+def _not_tried(cause: BaseException) -> BaseException:
+    """The error for the rest of a batch stopped by ``cause`` (same class, so it routes the same way)."""
+    if isinstance(cause, FatalError):
+        return cause
+    return EndpointUnreachable(f"not tried: endpoint unreachable earlier in this batch: {cause}")

@@ -1,0 +1,159 @@
+"""A real ``moto_server`` process on a free loopback port, for testing AWS sinks with unmodified boto3.
+
+Use from a test module (the import is sys.path-safe: plain ``pytest`` puts ``tests/`` on sys.path, ``python -m
+pytest`` puts the repo root there)::
+
+    try:
+        from tests.servers.moto import moto_endpoint  # noqa: F401 - pytest fixture
+    except ModuleNotFoundError:
+        from servers.moto import moto_endpoint  # noqa: F401 - pytest fixture
+
+    def test_something(moto_endpoint: str) -> None:
+        boto3.client("s3", endpoint_url=moto_endpoint, region_name=MOTO_REGION)
+
+``moto_endpoint`` is session-scoped, sets fake credentials (``testing``) and region ``us-east-1`` in the environment
+while it is active, and shares ONE server process across all modules that import it (reference counted), so tests
+must use unique bucket/queue names. Outside pytest use ``with moto_server() as endpoint: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MOTO_REGION = "us-east-1"
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": MOTO_REGION,
+    "AWS_REGION": MOTO_REGION,
+    # never read a developer's real profiles / config while testing
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+_UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+_LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the server retries on another port if it is taken meanwhile)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _moto_command(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("moto_server")
+    if script.exists():
+        return [str(script), "-H", _LOOPBACK, "-p", str(port)]
+    return [sys.executable, "-m", "moto.server", "-H", _LOOPBACK, "-p", str(port)]
+
+
+def _answers(endpoint: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with opener.open(f"{endpoint}/moto-api/", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[str]:
+    """Start ``moto_server`` on a free loopback port, yield its endpoint URL once it answers, then stop it."""
+    last_error = ""
+    for _ in range(attempts):
+        port = free_port()
+        endpoint = f"http://{_LOOPBACK}:{port}"
+        with tempfile.TemporaryFile() as log:
+            process = subprocess.Popen(_moto_command(port), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + startup_timeout_s
+                while process.poll() is None and time.monotonic() < deadline and not _answers(endpoint):
+                    time.sleep(0.1)
+                if process.poll() is None and _answers(endpoint):
+                    yield endpoint
+                    return
+                log.seek(0)
+                last_error = log.read()[-2000:].decode("utf-8", "replace")
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait(timeout=10)
+    raise RuntimeError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
+
+
+class _SharedServer:
+    """One moto server per process, started by the first user and stopped when the last one releases it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stack: contextlib.ExitStack | None = None
+        self.endpoint = ""
+
+    def acquire(self) -> str:
+        with self._lock:
+            if self._users == 0:
+                stack = contextlib.ExitStack()
+                self.endpoint = stack.enter_context(moto_server())
+                self._stack = stack
+            self._users += 1
+            return self.endpoint
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._stack is not None:
+                self._stack.close()
+                self._stack = None
+                self.endpoint = ""
+
+
+_SHARED = _SharedServer()
+
+
+@contextlib.contextmanager
+def fake_aws_environment() -> Iterator[None]:
+    """Fake credentials and region in ``os.environ`` (restored afterwards); loopback bypasses any proxy."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in FAKE_AWS_ENV.items():
+            patch.setenv(key, value)
+        for key in _UNSET_AWS_ENV:
+            patch.delenv(key, raising=False)
+        no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), _LOOPBACK, "localhost"]))
+        patch.setenv("NO_PROXY", no_proxy)
+        patch.setenv("no_proxy", no_proxy)
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Endpoint URL (``http://127.0.0.1:<port>``) of a shared moto server; fake AWS credentials while active."""
+    with fake_aws_environment():
+        endpoint = _SHARED.acquire()
+        try:
+            yield endpoint
+        finally:
+            _SHARED.release()

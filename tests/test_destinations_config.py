@@ -1,0 +1,94 @@
+"""The destinations file: validated up front, secrets from the environment, clear errors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from pipelines.normalize import FileSource, NormalizeJob, run_batch
+from sinks.config import load_destinations, parse_destinations
+from sinks.sql import SqlSink
+from sinks.webhook import WebhookSink
+from transforms.errors import FatalError
+
+
+def test_yaml_with_environment_secrets_builds_configured_targets(tmp_path, monkeypatch, webhook_secret):
+    monkeypatch.setenv("HOOK_SECRET", webhook_secret)
+    path = tmp_path / "destinations.yaml"
+    path.write_text(f"""
+destinations:
+  - name: app
+    type: webhook
+    url: http://127.0.0.1:9/terra
+    secret: ${{HOOK_SECRET}}
+    event_types: [sleep, daily]
+    retry: {{max_attempts: 7, initial_delay_s: 1, max_delay_s: 60}}
+  - name: warehouse
+    type: sqlite
+    url: sqlite:///{tmp_path}/w.db
+    batch_size: 50
+""")
+    app, warehouse = load_destinations(path).targets()
+    assert isinstance(app.sink, WebhookSink) and app.sink.url == "http://127.0.0.1:9/terra"
+    assert app.event_types == frozenset({"sleep", "daily"}) and app.retry.max_attempts == 7
+    assert isinstance(warehouse.sink, SqlSink) and warehouse.batch_size == 50 and warehouse.event_types is None
+
+
+def test_toml_is_accepted(tmp_path):
+    path = tmp_path / "destinations.toml"
+    path.write_text(f'[[destinations]]\nname = "lake"\ntype = "object_store"\nroot = "{tmp_path}/objects"\n')
+    (lake,) = load_destinations(path).targets()
+    assert lake.name == "lake"
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"destinations": []}, "at least 1 item"),
+    ({"destinations": [{"name": "x", "type": "carrier-pigeon"}]}, "does not match any of the expected tags"),
+    ({"destinations": [{"name": "x", "type": "postgres", "url": "mysql://db"}]}, "starts with postgresql://"),
+    ({"destinations": [{"name": "x", "type": "webhook", "url": "ftp://h", "secret": "s"}]}, "url"),
+    ({"destinations": [{"name": "x", "type": "sqlite", "url": "sqlite:///a", "event_types": ["slep"]}]},
+     "unknown event types ['slep']"),
+    ({"destinations": [{"name": "x", "type": "sqlite", "url": "sqlite:///a", "colour": "red"}]},
+     "Extra inputs are not permitted"),
+    ({"destinations": [{"name": "x", "type": "sqlite", "url": "sqlite:///a"},
+                       {"name": "x", "type": "sqlite", "url": "sqlite:///b"}]}, "repeated: x"),
+    ({"destinations": [{"name": "Bad Name", "type": "sqlite", "url": "sqlite:///a"}]}, "name"),
+])
+def test_invalid_files_say_what_to_fix(document, message):
+    with pytest.raises(FatalError) as error:
+        parse_destinations(document)
+    assert message in str(error.value)
+
+
+def test_missing_environment_variable_is_an_error_not_an_empty_secret(monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(FatalError, match="NOT_SET_ANYWHERE is not set"):
+        parse_destinations({"destinations": [{"name": "h", "type": "webhook", "url": "http://127.0.0.1:9/",
+                                              "secret": "${NOT_SET_ANYWHERE}"}]})
+
+
+def test_a_sink_that_refuses_its_settings_is_named(tmp_path):
+    config = parse_destinations({"destinations": [{"name": "hook", "type": "webhook", "url": "http://127.0.0.1:9/",
+                                                   "secret": "not-a-whsec-secret"}]})
+    with pytest.raises(FatalError, match="destination 'hook'"):
+        config.targets()
+
+
+def test_event_type_filter_delivers_only_the_chosen_types(tmp_path, simulated_payloads):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(json.dumps({"provider": p.provider, "kind": p.kind, "user_id": p.user_id,
+                                         "received_at": p.received_at_ms, "payload": p.payload.decode()})
+                             for p in simulated_payloads) + "\n")
+    targets = parse_destinations({"destinations": [
+        {"name": "sleep_only", "type": "sqlite", "url": f"sqlite:///{tmp_path}/s.db", "event_types": ["sleep"]},
+    ]}).targets()
+    summary = run_batch(NormalizeJob(FileSource(str(raw)), targets, str(tmp_path / "dlq"),
+                                     state_url=f"sqlite:///{tmp_path}/state.db"))
+    sleeps = summary.with_prefix("normalized:")
+    sleep_events = sum(v for k, v in sleeps.items() if k.endswith(":sleep"))
+    assert summary.get("delivered:sleep_only") == sleep_events > 0
+    assert summary.get("filtered:sleep_only") == sum(sleeps.values()) - sleep_events
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert {t for (t,) in conn.execute("SELECT DISTINCT type FROM healthflow_records")} == {"sleep"}

@@ -1,0 +1,560 @@
+"""Garmin push bodies (Health, Activity and Women's Health APIs): realistic payloads in tests/fixtures/garmin,
+checked value by value, then pushed through the pipeline's own normalize + per-user merge for update semantics.
+
+Users: A (``c0a5…``) shows a display offset of -18000 s (-05:00, Bogotá), B (``7e9b…``) one of +19800 s
+(+05:30, Bengaluru). Every fixture day is 2024-03-11 local.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from terra.core.serialization import convert_and_respect_annotation_metadata
+from terra.types.activity import Activity
+from terra.types.body import Body
+from terra.types.daily import Daily
+from terra.types.menstruation import Menstruation
+from terra.types.sleep import Sleep
+
+from connectors import get_provider
+from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
+from schemas.serde import validate_record
+from transforms.events import NormalizedEvent
+from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
+from transforms.publish import RawPayload
+
+FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
+TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "menstruation": Menstruation, "sleep": Sleep}
+GARMIN = get_provider("garmin")
+USER_A = "c0a5d2e8f7b14e39a6d21f8b3e4c5d70"  # -05:00
+USER_B = "7e9b13f4a2c84d6b91e05f3a8c2d4b16"  # +05:30
+RECEIVED_AT_MS = 1710200000000
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def sdk_validate(model_type: str, record: dict[str, Any]) -> None:
+    """Validate with Terra's SDK model; Fern aliases (``MET_data``) are mapped first, or they would be extras."""
+    model = TERRA_MODELS[model_type]
+    model.model_validate(convert_and_respect_annotation_metadata(object_=record, annotation=model, direction="read"))
+
+
+def normalize(payload: Any) -> list[Fragment]:
+    """Map a push body; every record must pass the Avro schema and Terra's SDK. Returns conformed records."""
+    fragments = []
+    for fragment in GARMIN.normalize(payload):
+        data = validate_record(fragment.type, fragment.data)
+        sdk_validate(fragment.type, data)
+        fragments.append(dataclasses.replace(fragment, data=data))
+    return fragments
+
+
+def only(payload: Any, user: str | None = None) -> dict[str, Any]:
+    """The single record a push body maps to (for ``user`` when given)."""
+    records = [f.data for f in normalize(payload) if user is None or f.provider_user_id == user]
+    assert len(records) == 1
+    return records[0]
+
+
+def pipeline(*bodies: Any) -> list[Keyed | Failed]:
+    """Run push bodies through the real normalize step, one raw message each, a minute apart."""
+    out: list[Keyed | Failed] = []
+    for index, body in enumerate(bodies):
+        payload = RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS + index * 60_000)
+        out.extend(normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": index})))
+    return out
+
+
+def merged(*bodies: Any) -> dict[tuple[str, str, str], NormalizedEvent]:
+    """Normalize and merge per user: ``(garmin user, type, natural key) → event``."""
+    items = pipeline(*bodies)
+    failed = [item.record["error_message"] for item in items if isinstance(item, Failed)]
+    assert not failed
+    by_user: dict[str, list[Keyed]] = {}
+    for item in items:
+        by_user.setdefault(item.user["user_id"], []).append(item)
+    garmin_user = {terra_user_id("garmin", u): u for u in (USER_A, USER_B)}
+    return {(garmin_user[e.user_id], e.type, e.natural_key): e
+            for user, keyed in by_user.items() for e in merge_user_events(user, keyed)}
+
+
+def day_push(user: str) -> dict[str, Any]:
+    """The complete (86400 s) daily of ``user`` from the evening push."""
+    return next(d for d in load("dailies_through_the_day.json")[2]["dailies"] if d["userId"] == user)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dailies, epochs, stressDetails
+# ----------------------------------------------------------------------------------------------------------------------
+def test_daily_units_offset_timestamps_and_calendar_date_key() -> None:
+    record = only({"dailies": [day_push(USER_A)]})
+    assert record["metadata"] == {
+        "start_time": "2024-03-11T00:00:00.000000-05:00",
+        "end_time": "2024-03-12T00:00:00.000000-05:00",
+        "upload_type": 1,  # AUTOMATIC
+        "timestamp_localization": 1,  # LOCAL: the display offset is kept
+    }
+    assert natural_key("daily", record) == "2024-03-11"
+    assert record["distance_data"] == {"steps": 11842, "distance_meters": 9120, "floors_climbed": 14}  # 9120.4 m
+    assert record["calories_data"] == {"net_activity_calories": 612, "BMR_calories": 1698,
+                                       "total_burned_calories": 2310}  # dailies' active kcal exclude BMR
+    assert record["active_durations_data"] == {"activity_seconds": 5460, "moderate_intensity_seconds": 1920,
+                                               "vigorous_intensity_seconds": 1140}
+    heart = record["heart_rate_data"]
+    # Garmin's averageHeartRateInBeatsPerMinute (66) is a 7-day average: the day's comes from its samples.
+    assert heart["summary"] == {"avg_hr_bpm": 85.75, "min_hr_bpm": 47, "max_hr_bpm": 163, "resting_hr_bpm": 51}
+    samples = heart["detailed"]["hr_samples"]
+    assert [s["bpm"] for s in samples] == [52, 51, 53, 88, 91, 142, 151, 58]
+    assert samples[0] == {"timestamp": "2024-03-11T00:00:15.000000-05:00", "bpm": 52}
+    assert samples[3] == {"timestamp": "2024-03-11T07:00:00.000000-05:00", "bpm": 88}  # key "25200"
+    assert samples[-1] == {"timestamp": "2024-03-11T23:59:45.000000-05:00", "bpm": 58}
+    assert record["stress_data"] == {
+        "avg_stress_level": 31, "max_stress_level": 88, "stress_rating": 2,  # balanced → LOW
+        "stress_duration_seconds": 20160, "rest_stress_duration_seconds": 27300,
+        "activity_stress_duration_seconds": 11220, "low_stress_duration_seconds": 12600,
+        "medium_stress_duration_seconds": 5940, "high_stress_duration_seconds": 1620,
+    }
+
+
+def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as_no_data() -> None:
+    doc = day_push(USER_B)
+    record = only({"dailies": [doc]})
+    # local midnight in Bengaluru is 2024-03-10T18:30Z: the key is the calendarDate, not the UTC date
+    assert record["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+05:30"
+    assert record["metadata"]["end_time"] == "2024-03-12T00:00:00.000000+05:30"
+    assert natural_key("daily", record) == "2024-03-11"
+    assert record["heart_rate_data"]["detailed"]["hr_samples"][0] == {
+        "timestamp": "2024-03-11T01:00:00.000000+05:30", "bpm": 61}
+    assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 62
+    assert record["distance_data"]["distance_meters"] == 3158  # 3157.5 m → Terra's integer metres
+    # averageStressLevel and maxStressLevel are -1 ("not enough data"), qualifier "unknown": no stress at all
+    assert "stress_data" not in record
+    # without calendarDate the day is the local date of the start, still not the UTC one
+    undated = {k: v for k, v in doc.items() if k != "calendarDate"}
+    assert natural_key("daily", only({"dailies": [undated]})) == "2024-03-11"
+    measured = dict(doc, averageStressLevel=12, maxStressLevel=-1, stressQualifier="calm_awake")
+    assert only({"dailies": [measured]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
+
+
+def test_epochs_become_met_and_activity_level_samples_of_the_day() -> None:
+    sedentary, running, walking = normalize(load("epochs.json"))
+    day = only({"dailies": [day_push(USER_A)]})
+    for epoch in (sedentary, running, walking):
+        assert epoch.type == "daily" and epoch.provider_user_id == USER_A
+        assert epoch.data["metadata"] == day["metadata"]  # same day key: merges into the day's Daily
+    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start
+    assert running.data == {
+        "metadata": day["metadata"],
+        "MET_data": {"MET_samples": [{"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 9.8}]},
+        "active_durations_data": {"activity_levels_samples": [
+            {"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 5}]},  # HIGHLY_ACTIVE → HIGH_INTENSITY
+    }
+    assert sedentary.data["MET_data"]["MET_samples"] == [{"timestamp": "2024-03-11T08:00:00.000000-05:00",
+                                                          "level": 1.0}]
+    assert sedentary.data["active_durations_data"]["activity_levels_samples"][0]["level"] == 2  # INACTIVE
+    assert walking.data["active_durations_data"]["activity_levels_samples"] == [
+        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "level": 4}]  # ACTIVE → MEDIUM_INTENSITY
+    assert walking.data["MET_data"]["MET_samples"][0]["level"] == 3.4
+
+
+def test_stress_details_skip_negative_codes() -> None:
+    record = only(load("stress_details.json"))
+    assert natural_key("daily", record) == "2024-03-11"
+    # -1 off wrist, -2 large motion, -3 not enough data, -4 recovering, -5 unidentified: no level
+    assert record["stress_data"]["samples"] == [
+        {"timestamp": "2024-03-11T00:00:00.000000-05:00", "level": 18},
+        {"timestamp": "2024-03-11T00:03:00.000000-05:00", "level": 21},
+        {"timestamp": "2024-03-11T00:12:00.000000-05:00", "level": 35},
+        {"timestamp": "2024-03-11T00:18:00.000000-05:00", "level": 42},
+        {"timestamp": "2024-03-11T00:27:00.000000-05:00", "level": 27},
+    ]
+    assert [s["level"] for s in record["stress_data"]["body_battery_samples"]] == [55, 55, 56, 56]
+    assert record["stress_data"]["body_battery_samples"][-1]["timestamp"] == "2024-03-11T00:09:00.000000-05:00"
+
+
+def test_pulse_ox_and_user_metrics() -> None:
+    spo2 = only({"pulseox": [{"userId": USER_B, "summaryId": "x1b7e0d3-65edfc28", "calendarDate": "2024-03-11",
+                              "startTimeInSeconds": 1710095400, "startTimeOffsetInSeconds": 19800,
+                              "durationInSeconds": 86400, "timeOffsetSpo2Values": {"60": 97, "0": 96},
+                              "onDemand": False}]})
+    assert spo2["oxygen_data"] == {"saturation_samples": [
+        {"timestamp": "2024-03-11T00:00:00.000000+05:30", "percentage": 96, "type": 0},
+        {"timestamp": "2024-03-11T00:01:00.000000+05:30", "percentage": 97, "type": 0}]}
+    vo2 = only({"userMetrics": [{"userId": USER_B, "summaryId": "x1b7e0d3-um", "calendarDate": "2024-03-11",
+                                 "vo2Max": 48.0, "enhanced": True, "fitnessAge": 31}]})
+    assert vo2["oxygen_data"] == {"vo2max_ml_per_min_per_kg": 48.0}
+    assert natural_key("daily", vo2) == "2024-03-11"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sleeps
+# ----------------------------------------------------------------------------------------------------------------------
+def test_final_sleep_times_durations_hypnogram_and_respiration() -> None:
+    record = only(load("sleeps_final.json"), USER_A)
+    assert record["metadata"] == {
+        "summary_id": "x2f41c9a-65ee8490",
+        "start_time": "2024-03-10T23:12:00.000000-05:00",  # the evening before calendarDate, local time
+        "end_time": "2024-03-11T06:58:00.000000-05:00",  # end of the last stage in sleepLevelsMap
+        "upload_type": 2,  # ENHANCED_FINAL → AUTOMATIC
+        "is_nap": False,
+        "timestamp_localization": 1,
+    }
+    assert natural_key("sleep", record) == "x2f41c9a-65ee8490"
+    durations = record["sleep_durations_data"]
+    assert durations["asleep"] == {
+        "duration_asleep_state_seconds": 26880,
+        "duration_deep_sleep_state_seconds": 7020,
+        "duration_light_sleep_state_seconds": 13920,
+        "duration_REM_sleep_state_seconds": 5940,
+    }
+    assert durations["awake"] == {"duration_awake_state_seconds": 1080}
+    assert durations["other"] == {"duration_in_bed_seconds": 27960, "duration_unmeasurable_sleep_seconds": 0}
+    assert durations["sleep_efficiency"] == 96.14  # 26880 / 27960, as a percentage
+    deep, light, rem, awake = 5, 4, 6, 1  # Terra SleepLevel
+    assert [(s["timestamp"][11:16], s["level"]) for s in durations["hypnogram_samples"]] == [
+        ("23:12", light), ("23:58", deep), ("01:13", light), ("02:43", rem), ("03:28", awake),
+        ("03:40", deep), ("04:22", light), ("05:58", rem), ("06:52", awake)]
+    assert durations["hypnogram_samples"][1] == {"timestamp": "2024-03-10T23:58:00.000000-05:00", "level": 5}
+    assert durations["hypnogram_samples"][2]["timestamp"] == "2024-03-11T01:13:00.000000-05:00"
+    breaths = record["respiration_data"]["breaths_data"]
+    assert {k: v for k, v in breaths.items() if k != "samples"} == {
+        "start_time": "2024-03-10T23:12:00.000000-05:00", "end_time": "2024-03-11T06:42:00.000000-05:00",
+        "avg_breaths_per_min": 13.58, "min_breaths_per_min": 12.5, "max_breaths_per_min": 15.0}
+    assert breaths["samples"][2] == {"timestamp": "2024-03-11T00:12:00.000000-05:00", "breaths_per_min": 13.0}
+    spo2 = record["respiration_data"]["oxygen_saturation_data"]
+    assert spo2["avg_saturation_percentage"] == 95.5
+    assert spo2["samples"][-1] == {"timestamp": "2024-03-11T05:12:00.000000-05:00", "percentage": 97, "type": 0}
+    assert record["scores"] == {"sleep_score": 84}
+
+
+def test_tentative_sleep_is_upload_type_tentative() -> None:
+    record = only(load("sleeps_tentative.json"))
+    assert record["metadata"]["upload_type"] == 3  # ENHANCED_TENTATIVE → TENTATIVE
+    assert record["metadata"]["end_time"] == "2024-03-11T06:52:00.000000-05:00"
+    assert 6 not in {s["level"] for s in record["sleep_durations_data"]["hypnogram_samples"]}  # no REM staged yet
+    assert "scores" not in record
+
+
+def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> None:
+    record = only(load("sleeps_final.json"), USER_B)
+    assert record["metadata"]["start_time"] == "2024-03-10T22:40:00.000000+05:30"
+    # 24300 asleep + 900 awake + 300 unmeasurable (the example's spelling): 22:40 + 7 h 05 min
+    assert record["metadata"]["end_time"] == "2024-03-11T05:45:00.000000+05:30"
+    assert record["metadata"]["upload_type"] == 2  # AUTO_FINAL
+    assert record["sleep_durations_data"]["other"] == {"duration_in_bed_seconds": 25500,
+                                                       "duration_unmeasurable_sleep_seconds": 300}
+    assert "hypnogram_samples" not in record["sleep_durations_data"]
+
+
+@pytest.mark.parametrize(("validation", "upload_type"), [
+    ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0)])
+def test_sleep_validation_to_upload_type(validation: str, upload_type: int) -> None:
+    doc = dict(load("sleeps_final.json")["sleeps"][0], validation=validation)
+    assert only({"sleeps": [doc]})["metadata"]["upload_type"] == upload_type
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# activities and activityDetails
+# ----------------------------------------------------------------------------------------------------------------------
+def test_activities() -> None:
+    run, glide = normalize(load("activities.json"))
+    assert run.type == "activity" and run.provider_user_id == USER_B
+    assert run.data == {
+        "metadata": {
+            "summary_id": "14562379901",
+            "start_time": "2024-03-11T06:30:00.000000+05:30",
+            "end_time": "2024-03-11T07:16:30.000000+05:30",  # + 2790 s
+            "type": 8,  # RUNNING
+            "upload_type": 1,  # AUTOMATIC
+            "name": "Bengaluru Running",
+            "timestamp_localization": 1,
+        },
+        "distance_data": {"summary": {"distance_meters": 8013, "steps": 7812,  # 8012.6 m
+                                      "elevation": {"gain_actual_meters": 42.0, "loss_actual_meters": 39.6}}},
+        "calories_data": {"total_burned_calories": 598},  # Activity API kcal include BMR
+        "heart_rate_data": {"summary": {"avg_hr_bpm": 152, "max_hr_bpm": 171}},
+        "movement_data": {
+            "avg_speed_meters_per_second": 2.872, "max_speed_meters_per_second": 3.91,
+            "avg_pace_minutes_per_kilometer": 5.803, "max_pace_minutes_per_kilometer": 4.263,
+            "avg_cadence_rpm": 168.0, "max_cadence_rpm": 184.0,
+        },
+        "position_data": {"start_pos_lat_lng_deg": [12.9716, 77.5946]},
+        "device_data": {"name": "Forerunner 965", "manufacturer": "Garmin"},
+    }
+    assert glide.data["metadata"]["type"] == 108  # PARAGLIDING is not in the table → OTHER
+    assert glide.data["metadata"]["upload_type"] == 2  # "manual": true → MANUAL
+    assert glide.data["metadata"]["end_time"] == "2024-03-11T15:30:00.000000+05:30"
+    assert glide.data["device_data"] == {"manufacturer": "Garmin"}  # deviceName "unknown" dropped
+
+
+@pytest.mark.parametrize(("garmin_type", "terra_type"), [
+    ("RUNNING", 8), ("running", 8), ("TRAIL_RUNNING", 149), ("LAP_SWIMMING", 83), ("YOGA", 100),
+    ("MOVE_IQ_SOMETHING", 108), (None, 108)])
+def test_activity_type_mapping(garmin_type: str | None, terra_type: int) -> None:
+    doc = dict(load("activities.json")["activities"][0], activityType=garmin_type)
+    assert only({"activities": [doc]})["metadata"]["type"] == terra_type
+
+
+def test_manually_updated_activity_is_manual_with_the_same_key() -> None:
+    doc = dict(load("activities.json")["activities"][0], manual=True, activityName="Bengaluru Tempo Run")
+    record = only({"manuallyUpdatedActivities": [doc]})
+    assert record["metadata"]["upload_type"] == 2
+    assert record["metadata"]["name"] == "Bengaluru Tempo Run"
+    assert natural_key("activity", record) == "14562379901"
+
+
+def test_activity_details_samples_laps_and_summary_id_of_the_activity() -> None:
+    record = only(load("activity_details.json"))
+    summary = only({"activities": [load("activities.json")["activities"][0]]})
+    assert record["metadata"] == summary["metadata"]  # summary_id "14562379901", not "...-detail"
+    assert natural_key("activity", record) == natural_key("activity", summary) == "14562379901"
+    # the first sample has no heart rate and no GPS fix yet: it yields speed/distance/elevation only
+    assert record["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T06:30:15.000000+05:30", "bpm": 118, "timer_duration_seconds": 15},
+        {"timestamp": "2024-03-11T06:30:30.000000+05:30", "bpm": 131, "timer_duration_seconds": 30},
+        {"timestamp": "2024-03-11T06:53:15.000000+05:30", "bpm": 158, "timer_duration_seconds": 1380},
+        {"timestamp": "2024-03-11T07:16:30.000000+05:30", "bpm": 166, "timer_duration_seconds": 2775},
+    ]
+    assert record["heart_rate_data"]["summary"] == {"avg_hr_bpm": 152, "max_hr_bpm": 171}
+    movement = record["movement_data"]
+    assert [s["speed_meters_per_second"] for s in movement["speed_samples"]] == [0.0, 2.61, 2.84, 3.02, 3.11]
+    assert [s["cadence_rpm"] for s in movement["cadence_samples"]] == [162.0, 168.0, 172.0, 176.0]  # stepsPerMinute
+    position = record["position_data"]
+    assert position["start_pos_lat_lng_deg"] == [12.9716, 77.5946]
+    assert len(position["position_samples"]) == 4
+    assert position["position_samples"][1] == {"timestamp": "2024-03-11T06:30:30.000000+05:30",
+                                               "coords_lat_lng_deg": [12.97195, 77.59491],
+                                               "timer_duration_seconds": 30}
+    detailed = record["distance_data"]["detailed"]
+    assert detailed["distance_samples"][-1] == {"timestamp": "2024-03-11T07:16:30.000000+05:30",
+                                                "distance_meters": 8012.6, "timer_duration_seconds": 2775}
+    assert [s["elev_meters"] for s in detailed["elevation_samples"]] == [920.4, 920.6, 921.0, 934.2, 923.1]
+    assert record["power_data"]["avg_watts"] == 247  # (231 + 248 + 262) / 3; the last sample has no power
+    assert record["power_data"]["max_watts"] == 262
+    assert len(record["power_data"]["power_samples"]) == 3
+    assert record["lap_data"] == {"laps": [{"start_time": "2024-03-11T06:30:00.000000+05:30"},
+                                           {"start_time": "2024-03-11T06:53:15.000000+05:30"}]}
+
+
+def test_activity_and_its_details_merge_into_one_event() -> None:
+    events = merged(load("activities.json"), load("activity_details.json"))
+    assert sorted(key for _, _, key in events) == ["14562379901", "14563011422"]
+    run = events[(USER_B, "activity", "14562379901")].data
+    summary = only({"activities": [load("activities.json")["activities"][0]]})
+    details = only(load("activity_details.json"))
+    assert run == details  # details repeat every summary field and add the samples
+    assert run["movement_data"]["avg_speed_meters_per_second"] == summary["movement_data"][
+        "avg_speed_meters_per_second"]
+    # details first, summary later: the summary does not wipe the samples
+    reverse = merged(load("activity_details.json"), load("activities.json"))[(USER_B, "activity", "14562379901")]
+    assert len(reverse.data["heart_rate_data"]["detailed"]["hr_samples"]) == 4
+    assert reverse.data["metadata"] == summary["metadata"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bodyComps, bloodPressures, mct
+# ----------------------------------------------------------------------------------------------------------------------
+def test_body_comps_grams_to_kg_on_the_local_day() -> None:
+    evening, manual = normalize(load("body_comps.json"))
+    # measured 21:30 in Bogotá = 02:30Z on the 12th: the day is the local one
+    assert evening.data == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000-05:00", "end_time": "2024-03-12T00:00:00.000000-05:00",
+                     "timestamp_localization": 1},
+        "measurements_data": {"measurements": [{
+            "measurement_time": "2024-03-11T21:30:00.000000-05:00",
+            "weight_kg": 72.35,  # 72350 g
+            "bodyfat_percentage": 18.4,
+            "BMI": 23.1,
+            "bone_mass_g": 3100,  # Terra keeps these in grams
+            "muscle_mass_g": 31200,
+            "water_percentage": 57.2,
+        }]},
+    }
+    assert natural_key("body", evening.data) == "2024-03-11"
+    assert manual.provider_user_id == USER_B
+    assert manual.data["measurements_data"] == {"measurements": [
+        {"measurement_time": "2024-03-11T07:45:00.000000+05:30", "weight_kg": 80.65}]}
+
+
+def test_blood_pressure_and_weight_merge_into_the_days_body() -> None:
+    reading = only(load("blood_pressures.json"))
+    assert reading["blood_pressure_data"] == {"blood_pressure_samples": [
+        {"timestamp": "2024-03-11T07:50:00.000000+05:30", "systolic_bp": 128, "diastolic_bp": 82}]}
+    assert reading["heart_data"] == {"heart_rate_data": {"detailed": {"hr_samples": [
+        {"timestamp": "2024-03-11T07:50:00.000000+05:30", "bpm": 71}]}}}
+    body = merged(load("body_comps.json"), load("blood_pressures.json"))[(USER_B, "body", "2024-03-11")].data
+    assert body["measurements_data"]["measurements"][0]["weight_kg"] == 80.65
+    assert body["blood_pressure_data"] == reading["blood_pressure_data"]
+    assert body["heart_data"] == reading["heart_data"]
+
+
+def test_mct_keyed_on_period_start_with_version_from_last_update() -> None:
+    (fragment,) = normalize(load("mct.json"))
+    assert fragment.type == "menstruation"
+    assert fragment.version_ms == 1709560800000  # lastUpdatedTimeInSeconds, not the arrival time
+    assert fragment.data == {
+        # Garmin gives a local date only: local midnight without an offset
+        "metadata": {"start_time": "2024-03-02T00:00:00.000000", "end_time": "2024-03-03T00:00:00.000000",
+                     "timestamp_localization": 1},
+        "menstruation_data": {
+            "period_start_date": "2024-03-02", "period_length_days": 5, "cycle_length_days": "29",
+            "predicted_cycle_length_days": 29, "is_predicted_cycle": "true", "day_in_cycle": 3,
+            "current_phase": 1,  # MENSTRUAL → PERIOD
+            "length_of_current_phase_days": 5, "days_until_next_phase": 3,
+            "last_updated_time": "2024-03-04T14:00:00.000000+00:00",
+        },
+    }
+    (update,) = normalize(load("mct_update.json"))
+    assert load("mct_update.json")["mct"][0]["summaryId"] != load("mct.json")["mct"][0]["summaryId"]
+    assert natural_key("menstruation", update.data) == natural_key("menstruation", fragment.data) == "2024-03-02"
+    assert update.data["menstruation_data"]["current_phase"] == 2  # FOLLICULAR
+    # delivered newest first: the older edit must not win
+    event = merged(load("mct_update.json"), load("mct.json"))[(USER_A, "menstruation", "2024-03-02")]
+    assert event.data == update.data
+    assert event.ordering_timestamp_ms == 1710140000000
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# update semantics through the merge
+# ----------------------------------------------------------------------------------------------------------------------
+def test_daily_resent_three_times_ends_as_the_last_one() -> None:
+    pushes = load("dailies_through_the_day.json")
+    last = only({"dailies": [day_push(USER_A)]})
+    first = only(pushes[0])
+    assert first != last and first["distance_data"]["steps"] == 3120
+    event = merged(*pushes)[(USER_A, "daily", "2024-03-11")]
+    assert event.data == last
+    # the same across batches: each push merged on top of the stored record
+    stored: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
+    user = terra_user_id("garmin", USER_A)
+    for index in range(3):
+        keyed = [k for k in pipeline(*pushes)[index:index + 1] if isinstance(k, Keyed)]
+        (event,) = merge_user_events(user, keyed, stored)
+        stored[("daily", event.natural_key)] = (event.data, event.ordering_timestamp_ms)
+    assert event.data == last
+
+
+def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
+    day = only({"dailies": [day_push(USER_A)]})
+    stress = only(load("stress_details.json"))
+    for order in (("dailies", "epochs", "stress"), ("epochs", "stress", "dailies")):
+        bodies = {"dailies": {"dailies": [day_push(USER_A)]}, "epochs": load("epochs.json"),
+                  "stress": load("stress_details.json")}
+        record = merged(*(bodies[name] for name in order))[(USER_A, "daily", "2024-03-11")].data
+        for key in ("metadata", "distance_data", "calories_data", "heart_rate_data"):
+            assert record[key] == day[key], (order, key)
+        assert record["stress_data"] == {**day["stress_data"], **stress["stress_data"]}
+        assert record["active_durations_data"]["activity_seconds"] == 5460
+        met = record["MET_data"]["MET_samples"]
+        levels = record["active_durations_data"]["activity_levels_samples"]
+        # one sample per 15-minute slice; of two epochs in one slice the later document wins (as delivered)
+        assert met == [{"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 9.8},
+                       {"timestamp": "2024-03-11T08:15:00.000000-05:00", "level": 3.4}]
+        assert [s["level"] for s in levels] == [5, 4]
+
+
+def test_tentative_then_final_sleep_ends_final() -> None:
+    final = only(load("sleeps_final.json"), USER_A)
+    event = merged(load("sleeps_tentative.json"), load("sleeps_final.json"))[(USER_A, "sleep", "x2f41c9a-65ee8490")]
+    record = event.data
+    assert record["metadata"] == final["metadata"]  # upload_type 2, end 06:58
+    assert record["sleep_durations_data"]["asleep"] == final["sleep_durations_data"]["asleep"]
+    assert record["sleep_durations_data"]["awake"] == final["sleep_durations_data"]["awake"]
+    assert record["sleep_durations_data"]["sleep_efficiency"] == 96.14
+    assert record["scores"] == {"sleep_score": 84}
+    merged_stages = {s["timestamp"]: s["level"] for s in record["sleep_durations_data"]["hypnogram_samples"]}
+    for sample in final["sleep_durations_data"]["hypnogram_samples"]:
+        assert merged_stages[sample["timestamp"]] == sample["level"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# malformed input
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "doc", "field"), [
+    ("dailies", lambda: day_push(USER_A), "startTimeInSeconds"),
+    ("epochs", lambda: load("epochs.json")["epochs"][0], "startTimeInSeconds"),
+    ("sleeps", lambda: load("sleeps_final.json")["sleeps"][0], "startTimeInSeconds"),
+    ("sleeps", lambda: load("sleeps_final.json")["sleeps"][0], "summaryId"),
+    ("stressDetails", lambda: load("stress_details.json")["stressDetails"][0], "startTimeInSeconds"),
+    ("activities", lambda: load("activities.json")["activities"][0], "startTimeInSeconds"),
+    ("activities", lambda: load("activities.json")["activities"][0], "durationInSeconds"),
+    ("bodyComps", lambda: load("body_comps.json")["bodyComps"][0], "measurementTimeInSeconds"),
+    ("bloodPressures", lambda: load("blood_pressures.json")["bloodPressures"][0], "systolic"),
+    ("mct", lambda: load("mct.json")["mct"][0], "periodStartDate"),
+])
+def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: str) -> None:
+    broken = {k: v for k, v in doc().items() if k != field}
+    with pytest.raises(MappingError, match=f"missing required field\\(s\\): {field}$"):
+        normalize({kind: [broken]})
+
+
+def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:
+    doc = load("activity_details.json")["activityDetails"][0]
+    with pytest.raises(MappingError, match="summaryId"):
+        normalize({"activityDetails": [dict(doc, summaryId=None)]})
+    with pytest.raises(MappingError, match="startTimeInSeconds"):
+        normalize({"activityDetails": [dict(doc, summary={})]})
+
+
+def test_malformed_payloads_and_documents() -> None:
+    with pytest.raises(UnknownKind, match="garmin kind 'moveIQActivities' is not mapped"):
+        normalize({"moveIQActivities": [{"userId": USER_A, "summaryId": "m1", "activityType": "WALKING"}]})
+    with pytest.raises(MappingError, match="dailies document must be a JSON object, got str"):
+        normalize({"dailies": ["x2f41c9a-65ee8fd0"]})
+    with pytest.raises(MappingError, match="payload must be a JSON object keyed by summary type"):
+        normalize([day_push(USER_A)])
+    with pytest.raises(MappingError, match="'dailies' must be a list of summaries"):
+        normalize({"dailies": day_push(USER_A)})
+    with pytest.raises(MappingError, match="no user id"):
+        normalize({"dailies": [{k: v for k, v in day_push(USER_A).items() if k != "userId"}]})
+    with pytest.raises(MappingError, match="garmin dailies: AttributeError"):  # a sample map that is a list
+        normalize({"dailies": [dict(day_push(USER_A), timeOffsetHeartRateSamples=[52, 51])]})
+
+
+def test_one_bad_document_dead_letters_only_that_document() -> None:
+    good_a, good_b = day_push(USER_A), day_push(USER_B)
+    no_start = {k: v for k, v in good_a.items() if k != "startTimeInSeconds"}
+    body = {"dailies": [good_a, no_start, "not a summary", good_b],
+            "moveIQActivities": [{"userId": USER_A, "summaryId": "m1"}]}
+    items = pipeline(body)
+    keyed = [i for i in items if isinstance(i, Keyed)]
+    failed = [i.record for i in items if isinstance(i, Failed)]
+    assert sorted(k.user["user_id"] for k in keyed) == sorted(terra_user_id("garmin", u) for u in (USER_A, USER_B))
+    assert [k.data for k in keyed] == [only({"dailies": [good_a]}), only({"dailies": [good_b]})]
+    assert [(f["stage"], f["kind"], f["source"]["document_index"], f["error_class"]) for f in failed] == [
+        ("normalize", "dailies", "1", "MappingError"),
+        ("normalize", "dailies", "2", "MappingError"),
+        ("normalize", "moveIQActivities", "4", "UnknownKind"),
+    ]
+    assert failed[0]["error_message"] == "missing required field(s): startTimeInSeconds"
+    assert failed[1]["error_message"] == "garmin dailies document must be a JSON object, got str"
+    assert "moveIQActivities" in failed[2]["error_message"]
+    original = RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS).encode()
+    for record in failed:
+        assert record["original"] == original  # the whole raw message, for replay
+        assert record["provider"] == "garmin"
+        assert {"partition": "0", "offset": "0"}.items() <= record["source"].items()
+        assert record["source"]["idempotency_key"] == keyed[0].raw_idempotency_key
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b'[{"userId": "c0a5d2e8f7b14e39a6d21f8b3e4c5d70"}]', "payload must be a JSON object keyed by summary type"),
+    (b'"dailies"', "payload must be a JSON object keyed by summary type"),
+    (b'{"dailies": {"userId": "c0a5"}}', "'dailies' must be a list of summaries"),
+    (b'{"dailies": [{"userId": ', "Expecting value"),
+])
+def test_unparseable_payload_is_one_dead_letter(payload: bytes, reason: str) -> None:
+    raw = RawPayload("garmin", payload, received_at_ms=RECEIVED_AT_MS).encode()
+    (item,) = normalize_message(RawMessage(raw, {"partition": 3, "offset": 41}))
+    assert isinstance(item, Failed)
+    assert item.stage == item.record["stage"] == "parse"
+    assert reason in item.record["error_message"]
+    assert "document_index" not in item.record["source"]
+    assert item.record["source"]["offset"] == "41"
+    assert item.record["original"] == raw

@@ -1,0 +1,205 @@
+"""S3Sink against a real moto_server process, with boto3 exactly as against AWS."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+from sinks.base import SinkResult
+from sinks.s3 import META_EVENT_ID, META_ORDERING, EndpointUnreachable, S3Sink, object_key
+from transforms.errors import FatalError, PermanentError, RetryableError
+from transforms.events import NormalizedEvent
+
+try:  # `python -m pytest` puts the repo root on sys.path, plain `pytest` puts tests/ there
+    from tests.servers.moto import MOTO_REGION, free_port, moto_endpoint
+except ModuleNotFoundError:
+    from servers.moto import MOTO_REGION, free_port, moto_endpoint  # noqa: F401 - pytest fixture
+
+PREFIX = "terra"
+
+
+@pytest.fixture
+def s3(moto_endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name=MOTO_REGION)
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"hf-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def make_sink(endpoint: str, bucket: str, **options: Any) -> S3Sink:
+    sink = S3Sink("s3-test", bucket, prefix=PREFIX, endpoint_url=endpoint, region=MOTO_REGION, **options)
+    sink.open()
+    return sink
+
+
+def keys(s3: Any, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def body(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def delivered_all(result: SinkResult, events: list[NormalizedEvent]) -> None:
+    assert not result.failures, result.failures
+    assert result.delivered == [e.event_id for e in events]
+
+
+def test_json_layout_is_idempotent_and_updates_in_place(moto_endpoint: str, s3: Any, bucket: str,
+                                                        make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    events = [make_sink_event("u1", "2026-03-12"), make_sink_event("u1", "2026-03-13"),
+              make_sink_event("u2", "2026-03-12", type="daily"), make_sink_event("u2", type="athlete")]
+    sink = make_sink(moto_endpoint, bucket)
+    delivered_all(sink.write(events), events)
+    delivered_all(sink.write(events), events)  # forced redelivery
+    update = make_sink_event("u1", "2026-03-12", version=2, ordering_timestamp_ms=2_000)
+    delivered_all(sink.write([update]), [update])
+
+    version = events[0].version
+    assert keys(s3, bucket) == sorted([
+        f"{PREFIX}/{version}/sleep/u1-2026-03-12T22:00:00.000000+00:00.json",
+        f"{PREFIX}/{version}/sleep/u1-2026-03-13T22:00:00.000000+00:00.json",
+        f"{PREFIX}/{version}/daily/u2-2026-03-12T22:00:00.000000+00:00.json",
+        f"{PREFIX}/{version}/athlete/u2-profile.json",
+    ])
+    for event in [update, *events[1:]]:
+        key = object_key(PREFIX, event)
+        assert body(s3, bucket, key) == event.body()
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["ContentType"] == "application/json"
+        assert head["Metadata"] == {META_EVENT_ID: event.event_id, META_ORDERING: str(event.ordering_timestamp_ms)}
+
+
+def test_stale_redelivery_does_not_overwrite_newer_object(moto_endpoint: str, s3: Any, bucket: str,
+                                                          make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    old = make_sink_event("u1", version=1, ordering_timestamp_ms=1_000)
+    new = make_sink_event("u1", version=2, ordering_timestamp_ms=2_000)
+    sink = make_sink(moto_endpoint, bucket)
+    delivered_all(sink.write([new]), [new])
+    delivered_all(sink.write([old]), [old])  # superseded: reported delivered, not written
+    assert body(s3, bucket, object_key(PREFIX, new)) == new.body()
+    assert sink.put_json(object_key(PREFIX, old), old) == "superseded"
+    assert sink.put_json(object_key(PREFIX, new), new) == "unchanged"
+
+    # within one batch the newest wins whatever the order
+    other = [make_sink_event("u2", version=3, ordering_timestamp_ms=3_000),
+             make_sink_event("u2", version=1, ordering_timestamp_ms=1_000)]
+    delivered_all(sink.write(other), other)
+    assert body(s3, bucket, object_key(PREFIX, other[0])) == other[0].body()
+
+
+@pytest.mark.parametrize("conditional_writes", [True, False])
+def test_conditional_write_closes_head_put_race(moto_endpoint: str, s3: Any, bucket: str, conditional_writes: bool,
+                                                make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    """A newer version written between the sink's HEAD and PUT: If-Match makes the stale PUT fail and re-check."""
+    old = make_sink_event("u1", version=1, ordering_timestamp_ms=1_000)
+    newer = make_sink_event("u1", version=2, ordering_timestamp_ms=2_000)
+    key = object_key(PREFIX, old)
+    sink = make_sink(moto_endpoint, bucket, conditional_writes=conditional_writes)
+    concurrent = make_sink(moto_endpoint, bucket)
+    raced: list[bool] = []
+
+    def race(**_: Any) -> None:
+        if not raced:
+            raced.append(True)
+            assert concurrent.put_json(key, newer) == "written"
+
+    heads: list[bool] = []
+    sink._client.meta.events.register("before-call.s3.PutObject", race)
+    sink._client.meta.events.register("before-call.s3.HeadObject", lambda **_: heads.append(True))
+    delivered_all(sink.write([old]), [old])
+    assert raced
+    assert len(heads) == (2 if conditional_writes else 1)  # the 412 made the sink check again
+    expected = newer if conditional_writes else old  # without conditional writes the documented race remains
+    assert body(s3, bucket, key) == expected.body()
+
+
+def test_parquet_names_are_deterministic_across_retries(moto_endpoint: str, s3: Any, bucket: str,
+                                                        make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    batch = [make_sink_event(f"u{u}", f"2026-03-1{d}", type=t) for u in range(3) for d in (2, 3)
+             for t in ("sleep", "daily")]
+    sink = make_sink(moto_endpoint, bucket, formats=("json", "parquet"))
+    delivered_all(sink.write(batch), batch)
+    first = keys(s3, bucket, f"{PREFIX}/parquet/")
+    delivered_all(sink.write(list(reversed(batch))), list(reversed(batch)))  # retried batch, other order
+    assert keys(s3, bucket, f"{PREFIX}/parquet/") == first
+    assert len(first) == 2
+    assert {k.split("/")[2] for k in first} == {"sleep", "daily"}
+    assert all(k.split("/")[3] == "date=2026-03-12" for k in first)
+    assert len(keys(s3, bucket, f"{PREFIX}/{batch[0].version}/")) == len(batch)
+
+    for key in first:
+        table = pq.read_table(io.BytesIO(body(s3, bucket, key)))
+        event_type = key.split("/")[2]
+        expected = {e.event_id: e for e in batch if e.type == event_type}
+        assert table.num_rows == len(expected) == 6
+        assert table.column_names == ["event_id", "user_id", "provider", "type", "natural_key", "start_time",
+                                      "end_time", "ordering_timestamp_ms", "record"]
+        for row in table.to_pylist():
+            event = expected[row["event_id"]]
+            assert (row["user_id"], row["provider"], row["type"]) == (event.user_id, event.provider, event.type)
+            assert row["start_time"] == event.data["metadata"]["start_time"]
+            assert row["ordering_timestamp_ms"] == event.ordering_timestamp_ms
+
+
+def test_missing_bucket_is_fatal(moto_endpoint: str, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    events = [make_sink_event("u1"), make_sink_event("u2")]
+    for formats in (("json",), ("parquet",)):
+        result = make_sink(moto_endpoint, f"missing-{uuid.uuid4().hex[:8]}", formats=formats).write(events)
+        assert result.delivered == []
+        assert [f.event.event_id for f in result.failures] == [e.event_id for e in events]
+        assert all(isinstance(f.error, FatalError) for f in result.failures)
+        assert "NoSuchBucket" in str(result.failures[0].error)
+
+
+def test_unusable_name_is_permanent_for_that_event_only(moto_endpoint: str, bucket: str,
+                                                        make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    good = make_sink_event("u1")
+    no_start = NormalizedEvent.create(type="sleep", user={"user_id": "u2", "provider": "OURA"}, data={"metadata": {}},
+                                      natural_key="x", ordering_timestamp_ms=1, sequence="0")
+    bad_user = make_sink_event("../etc")
+    result = make_sink(moto_endpoint, bucket).write([good, no_start, bad_user])
+    assert result.delivered == [good.event_id]
+    assert [f.event for f in result.failures] == [no_start, bad_user]
+    assert all(isinstance(f.error, PermanentError) for f in result.failures)
+
+
+def test_unreachable_endpoint_is_retryable_and_stops_the_batch(make_sink_event: Callable[..., NormalizedEvent],
+                                                               moto_endpoint: str) -> None:
+    events = [make_sink_event("u1"), make_sink_event("u2"), make_sink_event("u3")]
+    sink = make_sink(f"http://127.0.0.1:{free_port()}", "bucket", max_attempts=1, connect_timeout_s=1)
+    result = sink.write(events)
+    assert result.delivered == []
+    assert len(result.failures) == 3
+    assert all(isinstance(f.error, EndpointUnreachable | RetryableError) for f in result.failures)
+    assert "not tried" in str(result.failures[-1].error)
+
+
+def test_sink_pickles_without_its_client(moto_endpoint: str, bucket: str,
+                                         make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    sink = make_sink(moto_endpoint, bucket)
+    copy = pickle.loads(pickle.dumps(sink))
+    assert copy._client is None
+    event = make_sink_event()
+    delivered_all(copy.write([event]), [event])
+    copy.close()
+    sink.close()
+
+
+def test_bad_config_is_fatal() -> None:
+    with pytest.raises(FatalError):
+        S3Sink("s3", "s3://bucket")
+    with pytest.raises(FatalError):
+        S3Sink("s3", "bucket", formats=("csv",))

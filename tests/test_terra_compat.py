@@ -1,0 +1,261 @@
+"""Compatibility with Terra's official Python SDK (terra-python 1.1.0) as an external oracle.
+
+Every event the pipeline produces from the simulator (Garmin, Oura and WHOOP) must validate with the SDK model
+of its type and must use only keys that model declares. The SDK models accept any extra key
+(``extra="allow"``), so validation alone proves little: ``undeclared_keys`` walks ``model_fields``
+recursively, by wire name (Fern ``FieldMetadata`` aliases such as ``MET_data`` / ``TSS_data``).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pydantic
+import pytest
+from terra.core.serialization import FieldMetadata, convert_and_respect_annotation_metadata
+from terra.types.activity import Activity
+from terra.types.activity_event import ActivityEvent
+from terra.types.athlete import Athlete
+from terra.types.athlete_event import AthleteEvent
+from terra.types.body import Body
+from terra.types.body_event import BodyEvent
+from terra.types.daily import Daily
+from terra.types.daily_event import DailyEvent
+from terra.types.menstruation import Menstruation
+from terra.types.menstruation_event import MenstruationEvent
+from terra.types.nutrition import Nutrition
+from terra.types.nutrition_event import NutritionEvent
+from terra.types.sleep import Sleep
+from terra.types.sleep_event import SleepEvent
+
+from runners.demo_data import Simulator
+from schemas import DATA_MODEL_VERSION, MODEL_TYPES
+from transforms.events import NormalizedEvent
+from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
+
+SDK_MODELS: dict[str, type[pydantic.BaseModel]] = {
+    "activity": Activity, "sleep": Sleep, "daily": Daily, "body": Body, "menstruation": Menstruation,
+    "nutrition": Nutrition, "athlete": Athlete}
+SDK_EVENTS: dict[str, type[pydantic.BaseModel]] = {
+    "activity": ActivityEvent, "sleep": SleepEvent, "daily": DailyEvent, "body": BodyEvent,
+    "menstruation": MenstruationEvent, "nutrition": NutritionEvent, "athlete": AthleteEvent}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the strict checker
+# ----------------------------------------------------------------------------------------------------------------------
+def wire_fields(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """``wire name → annotation``: the Fern alias when the field has one (``MET_data``), else its name."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        alias = next((m.alias for m in info.metadata if isinstance(m, FieldMetadata)), None)
+        fields[alias or name] = info.annotation
+    return fields
+
+
+def nested_models(annotation: Any) -> list[type[pydantic.BaseModel]]:
+    """SDK models an annotation holds, through Optional / Union / List / Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return [annotation]
+    found: list[type[pydantic.BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += [m for m in nested_models(arg) if m not in found]
+    return found
+
+
+def is_mapping(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (dict, typing.Dict, typing.Mapping):  # noqa: UP006
+        return True
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        return any(is_mapping(arg) for arg in typing.get_args(annotation))
+    return annotation is typing.Any
+
+
+def undeclared_keys(value: dict[str, Any], model: type[pydantic.BaseModel], path: str) -> list[str]:
+    """Paths of every key in ``value`` (recursively) that the SDK ``model`` does not declare."""
+    fields = wire_fields(model)
+    problems: list[str] = []
+    for key, child in value.items():
+        if key not in fields:
+            problems.append(f"{path}.{key}")
+            continue
+        items = child if isinstance(child, list) else [child]
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                continue
+            where = f"{path}.{key}[{index}]" if isinstance(child, list) else f"{path}.{key}"
+            candidates = nested_models(fields[key])
+            if not candidates:
+                if not is_mapping(fields[key]):
+                    problems.append(f"{where}: an object where the SDK declares {fields[key]}")
+                continue
+            # a union of models: the record must fit one of them
+            problems += min((undeclared_keys(item, m, where) for m in candidates), key=len)
+    return problems
+
+
+def extras(parsed: Any, path: str) -> Iterator[str]:
+    """Second opinion from pydantic itself: keys that ended up in a parsed model's extras."""
+    if isinstance(parsed, pydantic.BaseModel):
+        for key in parsed.model_extra or {}:
+            yield f"{path}.{key}"
+        for name in type(parsed).model_fields:
+            yield from extras(getattr(parsed, name), f"{path}.{name}")
+    elif isinstance(parsed, list):
+        for index, item in enumerate(parsed):
+            yield from extras(item, f"{path}[{index}]")
+
+
+def sdk_parse(model: type[pydantic.BaseModel], value: dict[str, Any]) -> pydantic.BaseModel:
+    """Validate as the SDK reads a webhook body: wire aliases mapped to field names first."""
+    return model.model_validate(convert_and_respect_annotation_metadata(object_=value, annotation=model,
+                                                                        direction="read"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the events under test
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def events() -> list[NormalizedEvent]:
+    """Every normalized event of a 30-user, 3-day simulation, after the per-user merge."""
+    by_user: dict[str, list[Keyed]] = {}
+    for offset, payload in enumerate(Simulator(users=30, days=3).payloads()):
+        for item in normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": offset})):
+            if not isinstance(item, Failed):
+                by_user.setdefault(item.user["user_id"], []).append(item)
+    return [event for user, keyed in by_user.items() for event in merge_user_events(user, keyed)]
+
+
+def test_the_simulation_covers_every_provider_and_model_it_emits(events: list[NormalizedEvent]) -> None:
+    kinds = Counter((e.provider, e.type) for e in events)
+    assert set(kinds) == {
+        ("GARMIN", "daily"), ("GARMIN", "sleep"), ("GARMIN", "activity"), ("GARMIN", "body"),
+        ("GARMIN", "menstruation"), ("OURA", "daily"), ("OURA", "sleep"), ("OURA", "activity"),
+        ("WHOOP", "daily"), ("WHOOP", "sleep"), ("WHOOP", "activity")}
+    assert kinds[("GARMIN", "sleep")] == kinds[("OURA", "sleep")] == kinds[("WHOOP", "sleep")] == 30
+    assert {e.type for e in events} <= set(MODEL_TYPES)
+
+
+def test_every_record_validates_with_its_sdk_model(events: list[NormalizedEvent]) -> None:
+    leftovers = []
+    for event in events:
+        parsed = sdk_parse(SDK_MODELS[event.type], event.data)
+        leftovers += extras(parsed, f"{event.provider}.{event.type}")
+    assert leftovers == []
+
+
+def test_every_record_uses_only_keys_the_sdk_declares(events: list[NormalizedEvent]) -> None:
+    problems = Counter()
+    for event in events:
+        problems.update(undeclared_keys(event.data, SDK_MODELS[event.type], f"{event.provider}.{event.type}"))
+    assert dict(problems) == {}
+    met = [e for e in events if "MET_data" in e.data]
+    assert met, "the simulation should exercise the MET_data alias"
+    assert all(sdk_parse(Daily, e.data).met_data.met_samples for e in met if e.type == "daily")
+
+
+def test_every_webhook_envelope_validates_with_the_sdk_event_model(events: list[NormalizedEvent]) -> None:
+    problems = []
+    for event in events:
+        envelope = event.envelope()
+        assert json.loads(event.body()) == envelope
+        model = SDK_EVENTS[event.type]
+        parsed = sdk_parse(model, envelope)
+        assert parsed.type == event.type
+        assert parsed.version == DATA_MODEL_VERSION
+        assert parsed.user.user_id == event.user_id and parsed.user.provider == event.provider
+        assert len(parsed.data) == 1
+        problems += undeclared_keys(envelope, model, event.type)
+        problems += extras(parsed, event.type)
+    assert problems == []
+
+
+def test_athlete_envelope_carries_the_profile_under_athlete() -> None:
+    event = NormalizedEvent.create(type="athlete", user={"user_id": "u-1", "provider": "GARMIN"},
+                                   data={"first_name": "Ana", "age": 34, "country": "CO"}, natural_key="profile",
+                                   ordering_timestamp_ms=1, sequence="0")
+    envelope = event.envelope()
+    parsed = sdk_parse(AthleteEvent, envelope)
+    assert parsed.athlete.first_name == "Ana" and parsed.athlete.age == 34
+    assert undeclared_keys(envelope, AthleteEvent, "athlete") == []
+
+
+def test_strict_check_rejects_what_plain_sdk_validation_accepts() -> None:
+    wrong = {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+01:00", "end_time": "2024-03-12T00:00:00.000000+01:00",
+                     "upload_type": 1, "timezone": "Europe/Paris"},
+        "met_data": {"avg_level": 1.4},  # the Python attribute name, not Terra's wire name MET_data
+        "MET_data": {"MET_samples": [{"timestamp": "2024-03-11T08:00:00.000000+01:00", "level": 2.1},
+                                     {"timestamp": "2024-03-11T08:15:00.000000+01:00", "level": 3.4, "intensity": 4}]},
+        "heart_rate_data": {"summary": {"avg_hr": 61}},
+        "distance_data": {"steps": 100, "distance": 80.0},
+        "steps": 11842,
+    }
+    Daily.model_validate(wrong)  # accepted: the SDK models allow extra keys
+    assert undeclared_keys(wrong, Daily, "daily") == [
+        "daily.metadata.timezone",
+        "daily.met_data",
+        "daily.MET_data.MET_samples[1].intensity",
+        "daily.heart_rate_data.summary.avg_hr",
+        "daily.distance_data.distance",
+        "daily.steps",
+    ]
+    assert undeclared_keys({"distance_data": {"floors_climbed": {"count": 3}}}, Daily, "daily") == [
+        "daily.distance_data.floors_climbed: an object where the SDK declares typing.Optional[int]"]
+    assert undeclared_keys({k: v for k, v in wrong.items() if k == "MET_data"}, Daily, "daily") == [
+        "daily.MET_data.MET_samples[1].intensity"]
+    envelope = {"type": "sleep", "version": DATA_MODEL_VERSION, "user": {"user_id": "u", "provider": "OURA",
+                                                                         "userId": "u"},
+                "data": [{"metadata": {"start_time": "a", "end_time": "b", "upload_type": 2},
+                          "sleep_durations_data": {"hypnogram": []}}]}
+    SleepEvent.model_validate(envelope)
+    assert undeclared_keys(envelope, SleepEvent, "sleep") == [
+        "sleep.user.userId", "sleep.data[0].sleep_durations_data.hypnogram"]
+
+
+def test_enum_fields_are_integers(events: list[NormalizedEvent]) -> None:
+    """Terra's enums are integers on the wire; the SDK types them as float, so validation cannot tell."""
+    enum_paths = {  # path → allowed values
+        ("metadata", "type"): range(0, 155),
+        ("metadata", "upload_type"): range(0, 7),
+        ("metadata", "timestamp_localization"): range(0, 2),
+        ("sleep_durations_data", "hypnogram_samples", "*", "level"): range(0, 7),
+        ("active_durations_data", "activity_levels_samples", "*", "level"): range(0, 6),
+        ("stress_data", "stress_rating"): range(0, 5),
+        ("heart_rate_data", "detailed", "hr_samples", "*", "context"): range(0, 3),
+        ("respiration_data", "oxygen_saturation_data", "samples", "*", "type"): range(0, 2),
+        ("oxygen_data", "saturation_samples", "*", "type"): range(0, 2),
+        ("menstruation_data", "current_phase"): range(0, 10),
+    }
+    seen: Counter[tuple[str, ...]] = Counter()
+    wrong = []
+    for event in events:
+        for path, allowed in enum_paths.items():
+            for value in values_at(event.data, path):
+                seen[path] += 1
+                if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+                    wrong.append((event.provider, event.type, path, value))
+                if path[-1] == "upload_type" and event.type == "sleep" and value not in range(0, 5):
+                    wrong.append((event.provider, event.type, path, value))  # SleepUploadType
+    assert wrong == []
+    for path in [("metadata", "type"), ("metadata", "upload_type"), ("metadata", "timestamp_localization"),
+                 ("sleep_durations_data", "hypnogram_samples", "*", "level"),
+                 ("active_durations_data", "activity_levels_samples", "*", "level"),
+                 ("menstruation_data", "current_phase")]:
+        assert seen[path] > 0, path
+
+
+def values_at(value: Any, path: tuple[str, ...]) -> Iterator[Any]:
+    if not path:
+        yield value
+    elif path[0] == "*":
+        for item in value if isinstance(value, list) else []:
+            yield from values_at(item, path[1:])
+    elif isinstance(value, dict) and path[0] in value:
+        yield from values_at(value[path[0]], path[1:])
