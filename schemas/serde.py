@@ -7,6 +7,7 @@ fingerprint + body) so every message names the exact writer schema it was writte
 from __future__ import annotations
 
 import io
+import math
 import struct
 from functools import cache
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas import envelope_schema, model_schema
+from schemas import envelope_schema, model_fullname, model_schema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 
@@ -51,6 +52,19 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
         raise SchemaMismatch(f"truncated or corrupt {name} message: {exc}") from exc
 
 
+def encode_event(event: dict[str, Any]) -> bytes:
+    """Encode a normalized event (``NormalizedEvent.to_dict()`` shape, ``data`` = one record or a list).
+
+    Each record is tagged with its model's union branch: left to fastavro, a Daily holding only
+    fields a Sleep also has would be written as a Sleep.
+    """
+    records = event["data"] if isinstance(event["data"], list) else [event["data"]]
+    fields = {f["name"] for f in envelope_schema("normalized_event")["fields"]}
+    tagged = {k: v for k, v in event.items() if k in fields}
+    tagged["data"] = [(model_fullname(event["type"]), r) for r in records]
+    return encode("normalized_event", tagged)
+
+
 def validate_record(model_type: str, record: dict[str, Any]) -> dict[str, Any]:
     """Check a normalized record against its model schema and return it conformed.
 
@@ -84,13 +98,20 @@ def _record_names(model_type: str) -> dict[str, dict[str, Any]]:
     return names
 
 
+def _is_number(value: Any) -> bool:
+    """A finite number: NaN and infinities have no JSON form, so no destination could take them."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 _PRIMITIVES: dict[str, Any] = {
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31,
     "long": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63,
-    "double": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "double": lambda v: _is_number(v),
+    "float": lambda v: _is_number(v),
     "bytes": lambda v: isinstance(v, bytes),
     "null": lambda v: v is None,
 }
@@ -101,7 +122,7 @@ def _check(value: Any, schema: Any, path: str, names: dict[str, dict[str, Any]])
         if schema in names:
             schema = names[schema]
         else:
-            if schema in ("int", "long") and isinstance(value, float) and value == value:
+            if schema in ("int", "long") and isinstance(value, float) and math.isfinite(value):
                 value = round(value)
             if not _PRIMITIVES[schema](value):
                 raise SchemaMismatch(f"{path}: expected {schema}, got {type(value).__name__} {value!r:.60}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -110,7 +111,7 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
         return
     try:
         provider = get_provider(raw.provider)
-        documents = list(provider.documents(json.loads(raw.payload), raw.kind))
+        documents = list(provider.documents(json.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
     except (KeyError, ValueError) as exc:  # unknown provider, bad JSON, bad envelope
         yield _failed("parse", exc, message, raw)
         return
@@ -128,6 +129,10 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
         yield from keyed
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
 def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str) -> Keyed:
@@ -186,11 +191,20 @@ def deep_merge(older: Any, newer: Any) -> Any:
             merged[key] = deep_merge(older[key], value) if key in older else value
         return merged
     if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
-        time_key = _time_key(newer[0] if newer else older[0])
-        by_time = {item[time_key]: item for item in older}
-        by_time.update((item[time_key], item) for item in newer)
-        return [by_time[t] for t in sorted(by_time)]
+        # A newer sample list is authoritative for the span it covers: older samples inside that span
+        # go (a final hypnogram replaces the tentative one), older ones outside it stay (a new
+        # epoch adds to the day). Samples compare by instant, whatever offset they are written in.
+        time_key = _time_key(newer[0])
+        span = [_instant(item[time_key]) for item in newer]
+        first, last = min(span), max(span)
+        kept = [item for item in older if not first <= _instant(item[time_key]) <= last]
+        return sorted(kept + newer, key=lambda item: _instant(item[time_key]))
     return newer
+
+
+def _instant(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _time_key(item: dict[str, Any]) -> str:
@@ -199,6 +213,23 @@ def _time_key(item: dict[str, Any]) -> str:
 
 def _sample_list(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time")) for i in items)
+
+
+def _merge_day_aware(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+    """deep_merge, except that a day window in the user's local time is never replaced by the
+    same day written in UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
+    merged = deep_merge(older, newer)
+    old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
+    if old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
+            new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time"))):
+        for key in ("start_time", "end_time", "timestamp_localization"):
+            if key in old_meta:
+                merged["metadata"][key] = old_meta[key]
+    return merged
+
+
+def _has_offset(text: str | None) -> bool:
+    return bool(text) and len(text) > 26
 
 
 Stored = dict[tuple[str, str], tuple[dict[str, Any], int]]  # (type, natural key) → (record, version_ms)
@@ -222,9 +253,9 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
         data, version = (stored or {}).get((model_type, key), ({}, 0))
         for fragment in versions:
             if fragment.version_ms >= version:
-                data, version = deep_merge(data, fragment.data), fragment.version_ms
+                data, version = _merge_day_aware(data, fragment.data), fragment.version_ms
             else:
-                data = deep_merge(fragment.data, data)
+                data = _merge_day_aware(fragment.data, data)
         superseded.inc(len(versions) - 1)
         newest = versions[-1]
         events.append(NormalizedEvent.create(

@@ -1,0 +1,67 @@
+"""How versions and fragments of one record combine (transforms.normalize)."""
+
+from __future__ import annotations
+
+import json
+
+from transforms.normalize import Failed, Keyed, RawMessage, deep_merge, merge_user_events, normalize_message
+from transforms.publish import RawPayload
+
+
+def _sample(ts: str, level: int) -> dict:
+    return {"timestamp": ts, "level": level}
+
+
+def test_a_newer_sample_list_replaces_the_span_it_covers_and_keeps_the_rest():
+    tentative = [_sample("2026-11-01T23:00:00.000000+01:00", 4), _sample("2026-11-01T23:10:00.000000+01:00", 5),
+                 _sample("2026-11-02T06:00:00.000000+01:00", 1)]
+    final = [_sample("2026-11-01T23:00:00.000000+01:00", 4), _sample("2026-11-01T23:20:00.000000+01:00", 5),
+             _sample("2026-11-02T06:00:00.000000+01:00", 1)]
+    merged = deep_merge({"hypnogram_samples": tentative}, {"hypnogram_samples": final})["hypnogram_samples"]
+    assert merged == final  # the stale 23:10 sample is gone
+    epoch = [_sample("2026-11-02T09:00:00.000000+01:00", 3)]
+    assert deep_merge({"s": final}, {"s": epoch})["s"] == [*final, *epoch]  # outside the span: kept
+
+
+def test_samples_compare_by_instant_across_offsets():
+    local = [_sample("2026-11-02T01:00:00.000000+01:00", 1)]
+    utc = [_sample("2026-11-02T00:00:00.000000+00:00", 2)]  # the same instant
+    assert deep_merge({"s": local}, {"s": utc})["s"] == utc
+
+
+def _keyed(data: dict, version: int, sequence: str) -> Keyed:
+    return Keyed("daily", "2026-11-02", data, version, sequence, {"user_id": "u", "provider": "OURA"}, "k")
+
+
+def test_a_local_day_window_is_not_replaced_by_the_same_day_in_utc():
+    local = {"metadata": {"start_time": "2026-11-02T00:00:00.000000-05:00", "end_time":
+                          "2026-11-03T00:00:00.000000-05:00", "upload_type": 1, "timestamp_localization": 1},
+             "distance_data": {"steps": 100}}
+    utc = {"metadata": {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time":
+                        "2026-11-03T00:00:00.000000+00:00", "upload_type": 1, "timestamp_localization": 0},
+           "heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": "2026-11-02T12:00:00.000000+00:00",
+                                                            "bpm": 61}]}}}
+    (event,) = merge_user_events("u", [_keyed(local, 1, "1"), _keyed(utc, 2, "2")])
+    assert event.data["metadata"]["start_time"] == "2026-11-02T00:00:00.000000-05:00"
+    assert event.data["metadata"]["timestamp_localization"] == 1
+    assert event.data["distance_data"]["steps"] == 100 and event.data["heart_rate_data"]["detailed"]["hr_samples"]
+
+
+def test_a_stale_version_only_fills_gaps():
+    newer = {"metadata": {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "x", "upload_type": 1},
+             "distance_data": {"steps": 9000}}
+    older = {"metadata": {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "x", "upload_type": 1},
+             "distance_data": {"steps": 5000, "floors_climbed": 3}}
+    stored = {("daily", "2026-11-02"): (newer, 2000)}
+    (event,) = merge_user_events("u", [_keyed(older, 1000, "9")], stored)
+    assert event.data["distance_data"] == {"steps": 9000, "floors_climbed": 3}
+    assert event.ordering_timestamp_ms == 2000
+
+
+def test_non_finite_numbers_are_dead_lettered_not_passed_on():
+    body = b'{"dailies": [{"userId": "u", "startTimeInSeconds": 1793574000, "steps": NaN}]}'
+    (outcome,) = list(normalize_message(RawMessage(RawPayload("garmin", body).encode(), {"partition": 0,
+                                                                                          "offset": 1})))
+    assert isinstance(outcome, Failed) and outcome.stage == "parse"
+    assert "NaN" in outcome.record["error_message"] and outcome.record["original"].endswith(b"}")
+    assert json.loads(RawPayload("garmin", body).payload.replace(b"NaN", b"1"))  # only the NaN was the problem
