@@ -433,11 +433,13 @@ def test_daily_resent_three_times_ends_as_the_last_one() -> None:
     # the same across batches: each push merged on top of the stored record
     stored: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
     user = terra_user_id("garmin", USER_A)
-    for index in range(3):
-        keyed = [k for k in pipeline(*pushes)[index:index + 1] if isinstance(k, Keyed)]
-        (event,) = merge_user_events(user, keyed, stored)
+    versions = [k for k in pipeline(*pushes) if isinstance(k, Keyed) and k.user["user_id"] == user]
+    assert len(versions) == 3
+    for keyed in versions:
+        (event,) = merge_user_events(user, [keyed], stored)
         stored[("daily", event.natural_key)] = (event.data, event.ordering_timestamp_ms)
     assert event.data == last
+    assert event.ordering_timestamp_ms == RECEIVED_AT_MS + 2 * 60_000  # dailies carry no version: arrival time
 
 
 def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
