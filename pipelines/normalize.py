@@ -95,7 +95,7 @@ def build(pipeline: beam.Pipeline, job: NormalizeJob) -> None:
     else:
         raw = pipeline | "Messages" >> beam.Create(job.source.messages)
     user_events, ingest_dead = raw | "Normalize" >> Normalize(job.state_url)
-    _, delivery_dead = user_events | "Deliver" >> DeliverAll(job.targets)
+    _, delivery_dead = user_events | "Deliver" >> DeliverAll(job.targets, status_url=job.state_url)
     ((ingest_dead, *delivery_dead)
      | "AllDeadLetters" >> beam.Flatten()
      | "StoreDeadLetters" >> beam.ParDo(WriteDeadLetter(job.dead_letter_root)))
@@ -119,12 +119,20 @@ def run_batch(job: NormalizeJob, beam_args: Sequence[str] = ()) -> RunSummary:
 
 def run_stream(job: NormalizeJob, beam_args: Sequence[str] = (), poll_interval_s: float = 2.0,
                max_batches: int | None = None, on_batch: Callable[[RunSummary], None] | None = None) -> int:
-    """Micro-batch streaming from Kafka: run batches over new offsets until ``max_batches``."""
+    """Micro-batch streaming from Kafka: run batches over new offsets until ``max_batches``.
+
+    After each batch, delivery dead letters whose scheduled redelivery is due are delivered again
+    (each destination on its own schedule; disabled destinations are skipped).
+    """
+    from pipelines.replay import replay_deliveries
+
     if not isinstance(job.source, KafkaSource):
         raise FatalError("streaming mode reads the ingestion topic: give --bootstrap-servers")
     batches = 0
     while max_batches is None or batches < max_batches:
         summary = run_batch(job, beam_args)
+        redelivered = replay_deliveries(job.dead_letter_root, job.targets, due_only=True, status_url=job.state_url)
+        summary.counters.update({f"redelivered:{k}": v for k, v in redelivered.delivered.items()})
         batches += 1
         if on_batch:
             on_batch(summary)

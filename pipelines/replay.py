@@ -24,7 +24,15 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.normalize import MessagesSource, NormalizeJob, RunSummary, run_batch
 from sinks.dead_letters import SCRATCH_PREFIX, delete_dead_letter, read_dead_letters, write_dead_letter
-from transforms.deliver import DeadLettered, Delivered, Delivery, Target, event_from_dead_letter
+from transforms.deliver import (
+    DeadLettered,
+    Delivered,
+    Delivery,
+    Target,
+    delivery_dead_letter,
+    event_from_dead_letter,
+)
+from transforms.destination_status import DestinationStatus, now_ms
 from transforms.errors import FatalError
 from transforms.normalize import RawMessage
 
@@ -38,22 +46,34 @@ class ReplayResult:
     ingest: RunSummary | None = None
 
 
-def select(root: str, *, destination: str | None = None, ingest: bool = False) -> list[dict[str, Any]]:
-    """Dead letters to replay: delivery ones (optionally of one destination), or ingest ones."""
+def select(root: str, *, destination: str | None = None, ingest: bool = False,
+           due_at: int | None = None) -> list[dict[str, Any]]:
+    """Dead letters to replay: delivery ones (optionally of one destination, optionally only those
+    whose scheduled redelivery is due at ``due_at``), or ingest ones."""
     chosen = []
     for record in read_dead_letters(root):
         stage = record["stage"]
-        if (ingest and stage in INGEST_STAGES) or (
-                not ingest and stage.startswith("deliver:") and destination in (None, record["destination"])):
-            chosen.append(record)
+        if ingest:
+            if stage in INGEST_STAGES:
+                chosen.append(record)
+        elif stage.startswith("deliver:") and destination in (None, record["destination"]):
+            next_at = record.get("next_attempt_at")
+            if due_at is None or (next_at is not None and next_at <= due_at):
+                chosen.append(record)
     return chosen
 
 
 def replay_deliveries(root: str, targets: Sequence[Target], destination: str | None = None,
-                      to: str | None = None) -> ReplayResult:
-    """Redeliver delivery dead letters (of ``destination``, or all) to their destination or to ``to``."""
+                      to: str | None = None, due_only: bool = False, status_url: str | None = None) -> ReplayResult:
+    """Redeliver delivery dead letters (of ``destination``, or all) to their destination or to ``to``.
+
+    ``due_only``: scheduled redelivery — only dead letters whose ``next_attempt_at`` has come, and
+    never to a disabled destination (with ``status_url``); a failure moves the record to the next
+    round of its destination's schedule. A manual replay of a disabled destination is refused.
+    """
     by_name = {t.name: t for t in targets}
-    records = select(root, destination=destination)
+    records = select(root, destination=destination, due_at=now_ms() if due_only else None)
+    disabled = _disabled(status_url)
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(to or record["destination"], []).append(record)
@@ -63,6 +83,11 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
                          f"configured: {', '.join(by_name)}")
     result = ReplayResult()
     for name, group in groups.items():
+        if name in disabled:
+            if due_only:
+                continue
+            raise FatalError(f"destination {name!r} is disabled ({disabled[name]}); run "
+                             f"`healthflow destinations enable {name}` first")
         target = by_name[name]
         by_event = {r["event_id"]: r for r in group}
         events = sorted((event_from_dead_letter(r) for r in group), key=lambda e: (e.user_id, e.sequence))
@@ -74,15 +99,28 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
                         delete_dead_letter(root, by_event[outcome.event_id])
                         result.delivered[name] += 1
                     else:
-                        _record_again(root, by_event[outcome.record["event_id"]], outcome)
+                        _record_again(root, target, by_event[outcome.record["event_id"]], outcome)
                         result.failed_again[name] += 1
         finally:
             target.sink.close()
     return result
 
 
-def _record_again(root: str, old: dict[str, Any], outcome: DeadLettered) -> None:
-    new = dict(outcome.record, attempts=old["attempts"] + outcome.record["attempts"])
+def _disabled(status_url: str | None) -> dict[str, str]:
+    if not status_url:
+        return {}
+    status = DestinationStatus(status_url).open()
+    try:
+        return {s.name: s.reason or "disabled" for s in status.all() if s.disabled}
+    finally:
+        status.close()
+
+
+def _record_again(root: str, target: Target, old: dict[str, Any], outcome: DeadLettered) -> None:
+    """Keep a record that failed again: attempts add up, and it moves to its next redelivery round."""
+    event = event_from_dead_letter(old)
+    new = delivery_dead_letter(target, event, outcome.error, old["attempts"] + outcome.record["attempts"],
+                               redelivery_round=old.get("redelivery_round", 0) + 1)
     if new["dead_letter_id"] != old["dead_letter_id"]:  # replayed to another destination
         delete_dead_letter(root, old)
     write_dead_letter(root, new)

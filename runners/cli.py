@@ -138,12 +138,39 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         summary = result.ingest.counters if result.ingest else {}
         print(json.dumps({"replayed_raw": summary.get("raw_in", 0), **summary}, indent=1))
         return 0
-    result = replay_deliveries(args.dead_letters, targets, args.destination, args.to)
+    result = replay_deliveries(args.dead_letters, targets, args.destination, args.to, due_only=args.due,
+                               status_url=args.state)
     for name in sorted(set(result.delivered) | set(result.failed_again)):
         print(f"{name}: {result.delivered[name]} delivered, {result.failed_again[name]} failed again (kept)")
     if not result.delivered and not result.failed_again:
         print("nothing to replay")
     return 1 if sum(result.failed_again.values()) else 0
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    from transforms.destination_status import DestinationStatus
+
+    status = DestinationStatus(args.state).open()
+    try:
+        if args.action == "enable":
+            status.enable(args.name)
+            print(f"{args.name}: enabled; replay what it missed with "
+                  f"`healthflow deadletters replay --destination {args.name} --destinations FILE`")
+        elif args.action == "disable":
+            status.disable(args.name, args.reason)
+            print(f"{args.name}: disabled ({args.reason})")
+        else:
+            rows = status.all()
+            for row in rows:
+                since = (datetime.fromtimestamp(row.failing_since_ms / 1000, UTC).isoformat(timespec="seconds")
+                         if row.failing_since_ms else "-")
+                print(f"{row.name:<24} {'DISABLED' if row.disabled else 'active':<9} failing since {since:<26} "
+                      f"{row.reason or ''}")
+            if not rows:
+                print("every destination is active; none has failed")
+    finally:
+        status.close()
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,6 +220,19 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--ingest", action="store_true",
                        help="replay ingest dead letters (decode/parse/normalize/validate) through the pipeline")
     replay.add_argument("--to", help="deliver to this destination instead of the one that failed")
+    replay.add_argument("--due", action="store_true",
+                        help="only dead letters whose scheduled redelivery is due (what streaming mode does)")
+
+    dest = sub.add_parser("destinations", help="destination health: status, enable, disable")
+    dest_sub = dest.add_subparsers(dest="action", required=True)
+    dest_sub.add_parser("status", help="disabled destinations and failing streaks")
+    enable = dest_sub.add_parser("enable", help="deliver to a disabled destination again (then replay)")
+    enable.add_argument("name")
+    disable = dest_sub.add_parser("disable", help="stop delivering to a destination; its events are kept")
+    disable.add_argument("name")
+    disable.add_argument("--reason", default="disabled by an operator")
+    for command in (dest_sub.choices["status"], enable, disable):
+        _store_options(command)
     for command in (listing, show, replay):
         _store_options(command)
 
@@ -212,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, beam_args)
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
-                "deadletters": cmd_deadletters, "demo": cmd_demo}[args.command](args)
+                "deadletters": cmd_deadletters, "destinations": cmd_destinations,
+                "demo": cmd_demo}[args.command](args)
     except FatalError as exc:
         print(f"healthflow: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas import MODEL_TYPES
 from sinks.base import Sink
-from transforms.deliver import RetryPolicy, Target
+from transforms.deliver import SVIX_REDELIVERY_S, RetryPolicy, Target
+from transforms.destination_status import DEFAULT_DISABLE_AFTER_S
 from transforms.errors import FatalError
 
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -37,13 +38,19 @@ NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class RetryConfig(BaseModel):
+    """Quick retries in the pipeline, then scheduled redeliveries from the dead-letter store."""
+
     model_config = ConfigDict(extra="forbid")
     max_attempts: int = Field(4, ge=1, le=20)
     initial_delay_s: float = Field(0.2, ge=0)
     max_delay_s: float = Field(5.0, ge=0)
+    redelivery_schedule_s: list[float] = Field(default_factory=lambda: list(SVIX_REDELIVERY_S), max_length=50)
+    disable_after_s: float = Field(DEFAULT_DISABLE_AFTER_S, gt=0)
 
     def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.initial_delay_s, self.max_delay_s)
+        return RetryPolicy(self.max_attempts, self.initial_delay_s, self.max_delay_s,
+                           redelivery_schedule_s=tuple(self.redelivery_schedule_s),
+                           disable_after_s=self.disable_after_s)
 
 
 class _Destination(BaseModel):

@@ -27,7 +27,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,7 @@ class _Stored:
 
 
 _SEVERITY = {FatalError: 3, PermanentError: 2}
+_Fail = Callable[[Iterable[int], BaseException], None]  # records an error for batch positions (most severe wins)
 
 
 def _severity(exc: BaseException) -> int:
@@ -212,7 +213,7 @@ class S3Sink(Sink):
         self.open()
         errors: dict[int, BaseException] = {}
 
-        def fail(indices: Sequence[int], exc: BaseException) -> None:
+        def fail(indices: Iterable[int], exc: BaseException) -> None:
             for i in indices:
                 if i not in errors or _severity(exc) > _severity(errors[i]):
                     errors[i] = exc
@@ -234,7 +235,7 @@ class S3Sink(Sink):
         return result
 
     # -- JSON objects -------------------------------------------------------------------------------------------------
-    def _write_json(self, events: Sequence[NormalizedEvent], fail: Any) -> BaseException | None:
+    def _write_json(self, events: Sequence[NormalizedEvent], fail: _Fail) -> BaseException | None:
         """Writes one object per key; returns the error that stopped the batch (rest failed with it), if any."""
         by_key: dict[str, list[int]] = {}
         for index, event in enumerate(events):
@@ -305,7 +306,7 @@ class S3Sink(Sink):
         return _Stored(etag=head.get("ETag", ""), event_id=metadata.get(META_EVENT_ID), ordering_timestamp_ms=ordering)
 
     # -- Parquet batches ----------------------------------------------------------------------------------------------
-    def _write_parquet(self, events: Sequence[NormalizedEvent], fail: Any) -> None:
+    def _write_parquet(self, events: Sequence[NormalizedEvent], fail: _Fail) -> None:
         by_type: dict[str, list[int]] = {}
         for index, event in enumerate(events):
             try:

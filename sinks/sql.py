@@ -138,6 +138,9 @@ class _Dialect(ABC):
     def lock_for_ddl(self, connection: Any, lock_name: str) -> None:  # noqa: B027 - optional
         """Serialize concurrent CREATE TABLE IF NOT EXISTS from several workers (no-op where DDL is atomic)."""
 
+    def ensure_schema(self, connection: Any, schema: str) -> None:
+        raise NotImplementedError(f"{self.name} has no schema option")
+
     def key_type(self, column: str) -> str:
         """Column type of an indexed text column (MySQL cannot index TEXT without a length)."""
         return self.text_type
@@ -232,6 +235,12 @@ class _PostgresDialect(_Dialect):
 
     def lock_for_ddl(self, connection: Any, lock_name: str) -> None:
         connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [lock_name])
+
+    def ensure_schema(self, connection: Any, schema: str) -> None:
+        """Create it only when absent: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE right even when the
+        schema exists, which a role limited to an existing schema lacks."""
+        if connection.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None:
+            connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
 
     def classify(self, exc: BaseException, url: str) -> Exception:
         import psycopg
@@ -557,7 +566,7 @@ class SqlSink(Sink):
             dialect.begin(connection)  # MySQL commits implicitly at each CREATE TABLE: harmless (IF NOT EXISTS)
             dialect.lock_for_ddl(connection, self.records_table)
             if self.schema:
-                dialect.execute(connection, f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                dialect.ensure_schema(connection, self.schema)
             for statement in self._layout.create_tables(dialect):
                 dialect.execute(connection, statement)
             self._layout.migrate(dialect, connection)

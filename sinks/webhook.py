@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import requests
 
 from sinks.base import Sink, SinkResult
-from transforms.errors import FatalError, PermanentError, RetryableError
+from transforms.errors import EndpointGone, FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
 SECRET_PREFIX = "whsec_"
@@ -45,10 +45,6 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # Terra's chunk cap; larger bodies ar
 ERROR_BODY_PREFIX_BYTES = 500
 _DRAIN_LIMIT_BYTES = 64 * 1024  # read up to this much of a 2xx body so the connection can be reused
 _RETRYABLE_STATUSES = frozenset({408, 429})
-
-
-class EndpointGone(PermanentError):
-    """The endpoint answered 410 Gone: dead-letter, and the destination should be disabled."""
 
 
 def decode_secret(secret: str) -> bytes:

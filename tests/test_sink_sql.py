@@ -1,4 +1,5 @@
-"""SqlSink against real SQLite (tmp_path) and real Postgres (127.0.0.1:5432/test, must be up: never skipped)."""
+"""SqlSink against real SQLite (tmp_path), real Postgres (127.0.0.1:5432/test) and real MariaDB/MySQL
+(127.0.0.1:3306/test, root without password); the servers must be up: these tests are never skipped."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import psycopg
+import pymysql
 import pytest
 
-from sinks.sql import SqlSink
+from sinks.sql import SqlSink, SupabaseSink, terra_payload_id
 from transforms.errors import FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
 MakeEvent = Callable[..., NormalizedEvent]
 
 
@@ -37,6 +42,8 @@ class Database:
         if self.backend == "sqlite":
             with sqlite3.connect(str(self.path)) as connection:
                 return connection.execute(sql, params).fetchall()
+        if self.backend == "mysql":
+            return mysql_query(sql.replace("?", "%s"), params)
         with psycopg.connect(self.url, autocommit=True) as connection:
             cursor = connection.execute(sql.replace("?", "%s"), params)
             return cursor.fetchall() if cursor.description else []
@@ -52,14 +59,27 @@ class Database:
         return SqlSink("sql", self.url, table_prefix=self.prefix, **kwargs)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+def mysql_query(sql: str, params: tuple[Any, ...] = (), url: str = MYSQL_URL) -> list[tuple[Any, ...]]:
+    parsed = urlparse(url)
+    connection = pymysql.connect(host=parsed.hostname, port=parsed.port, user=parsed.username or "",
+                                 password=parsed.password or "", database=parsed.path.lstrip("/"), autocommit=True,
+                                 charset="utf8mb4")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params or None)
+            return list(cursor.fetchall())
+    finally:
+        connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     prefix = f"hf_test_{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
         path = tmp_path / "sink.db"
         yield Database("sqlite", f"sqlite:///{path}", prefix, path)
         return
-    db = Database("postgres", POSTGRES_URL, prefix)
+    db = Database(request.param, POSTGRES_URL if request.param == "postgres" else MYSQL_URL, prefix)
     yield db
     db.query("DROP TABLE IF EXISTS {p}records, {p}users")
 
@@ -180,14 +200,23 @@ def test_lock_timeout_is_retryable(database: Database, make_sink_event: MakeEven
     if database.backend == "sqlite":
         holder: Any = sqlite3.connect(str(database.path), isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
+    elif database.backend == "mysql":
+        holder = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", database="test")
+        holder.cursor().execute(f"LOCK TABLES {database.prefix}records WRITE")
     else:
         holder = psycopg.connect(database.url)
         holder.execute(f"LOCK TABLE {database.prefix}records IN EXCLUSIVE MODE")
     try:
         [failure] = sink.write([event]).failures
         assert isinstance(failure.error, RetryableError)
+        assert "lock" in str(failure.error).lower() or "busy" in str(failure.error).lower()
     finally:
-        holder.rollback() if database.backend == "postgres" else holder.execute("ROLLBACK")
+        if database.backend == "sqlite":
+            holder.execute("ROLLBACK")
+        elif database.backend == "mysql":
+            holder.cursor().execute("UNLOCK TABLES")
+        else:
+            holder.rollback()
         holder.close()
     assert sink.write([event]).delivered == [event.event_id]
     sink.close()
@@ -243,6 +272,9 @@ def test_sqlite_unopenable_path_is_fatal(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("url", "prefix", "message"), [
     ("mongodb://localhost/db", "healthflow_", "unsupported url scheme"),
     ("sqlite:///x.db", "bad-prefix; DROP", "table_prefix"),
+    ("sqlite:///x.db", "", "table_prefix"),
+    ("mysql://root@127.0.0.1:3306", "healthflow_", "names no database"),
+    ("mysql://root@127.0.0.1:3306/test?charset=latin1", "healthflow_", "unsupported option"),
 ])
 def test_bad_config_is_fatal(url: str, prefix: str, message: str) -> None:
     with pytest.raises(FatalError, match=message):
@@ -261,3 +293,377 @@ def test_default_table_names_and_pickling(tmp_path: Path, make_sink_event: MakeE
     assert tables == {"healthflow_users", "healthflow_records"}
     sink.close()
     copy.close()
+
+
+# ======================================================================================================================
+# MySQL / MariaDB specifics
+# ======================================================================================================================
+@pytest.fixture
+def mysql_db() -> Iterator[Database]:
+    db = Database("mysql", MYSQL_URL, f"hf_test_{uuid.uuid4().hex[:10]}_")
+    yield db
+    db.query("DROP TABLE IF EXISTS {p}records, {p}users")
+
+
+def test_mysql_guard_column_is_assigned_last() -> None:
+    """MySQL assigns ON DUPLICATE KEY UPDATE left to right: the guard column must come last (behaviour: below)."""
+    sink = SqlSink("sql", MYSQL_URL, table_prefix="hf_x_")
+    statement = sink._layout.upsert_records(sink._dialect)
+
+    assignments = statement.split(" ON DUPLICATE KEY UPDATE ", 1)[1]
+    assert assignments.rsplit(", ordering_timestamp_ms = ", 1)[1].startswith("IF(")
+    assert assignments.count("ordering_timestamp_ms = ") == 1
+
+
+def test_mysql_stale_then_newer_rewrites_every_column(mysql_db: Database, make_sink_event: MakeEvent) -> None:
+    """Had the guard column been overwritten first, a stale write would lower it and replace the payload."""
+    sink = mysql_db.sink()
+    key = ("u1", "sleep", "2026-03-10")
+    v5 = make_sink_event("u1", "2026-03-10", version=5, ordering_timestamp_ms=5_000, provider="OURA")
+    stale = make_sink_event("u1", "2026-03-10", version=4, ordering_timestamp_ms=4_999, provider="GARMIN")
+    v6 = make_sink_event("u1", "2026-03-10", version=6, ordering_timestamp_ms=6_000, provider="WHOOP")
+    try:
+        sink.write([v5])
+        sink.write([stale])
+        assert mysql_db.records()[key] | {"payload": None} == {
+            "event_id": v5.event_id, "ots": 5_000, "payload": None, "provider": "OURA",
+            "start_time": v5.data["metadata"]["start_time"], "end_time": v5.data["metadata"]["end_time"]}
+        sink.write([v6, stale])  # one multi-row INSERT: rows apply in order, each against the previous result
+        stored = mysql_db.records()[key]
+        assert (stored["event_id"], stored["ots"], stored["provider"], stored["payload"]) == (
+            v6.event_id, 6_000, "WHOOP", v6.data)
+    finally:
+        sink.close()
+
+
+def test_mysql_tables_are_utf8mb4_binary_keys(mysql_db: Database, make_sink_event: MakeEvent) -> None:
+    sink = mysql_db.sink()
+    long_key = "🏃" * 255  # 255 four-byte characters fit the key column
+    events = [make_sink_event("u1", "abc"), make_sink_event("u1", "ABC"), make_sink_event("u1", long_key),
+              make_sink_event("u1", long_key + "x")]  # 256 characters: rejected (strict mode), never truncated
+    try:
+        result = sink.write(events)
+
+        assert result.delivered == [e.event_id for e in events[:3]]
+        [failure] = result.failures
+        assert failure.event is events[3] and isinstance(failure.error, PermanentError)
+        assert "too long" in str(failure.error)
+        assert {k for _, _, k in mysql_db.records()} == {"abc", "ABC", long_key}  # binary collation: distinct keys
+        [(_, ddl)] = mysql_db.query("SHOW CREATE TABLE {p}records")
+        assert "utf8mb4_bin" in ddl and "InnoDB" in ddl
+    finally:
+        sink.close()
+
+
+def test_lost_mysql_connection_is_retryable_then_reopened(mysql_db: Database, make_sink_event: MakeEvent) -> None:
+    sink = mysql_db.sink()
+    try:
+        sink.open()
+        mysql_db.query(f"KILL {sink._connection.thread_id()}")
+        event = make_sink_event()
+
+        [failure] = sink.write([event]).failures
+
+        assert isinstance(failure.error, RetryableError)
+        assert sink.write([event]).delivered == [event.event_id]
+    finally:
+        sink.close()
+
+
+def test_mysql_down_is_retryable(make_sink_event: MakeEvent) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = SqlSink("sql", f"mysql://root@127.0.0.1:{port}/test")
+
+    [failure] = sink.write([make_sink_event()]).failures
+
+    assert isinstance(failure.error, RetryableError) and "2003" in str(failure.error)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("mysql://no_such_user_hf@127.0.0.1:3306/test", "check the user and password"),
+    ("mysql://root:wrong%40pw@127.0.0.1:3306/test", "check the user and password"),
+    ("mysql://root@127.0.0.1:3306/no_such_db_hf", "database does not exist"),
+])
+def test_mysql_misconfiguration_is_fatal(url: str, message: str, make_sink_event: MakeEvent) -> None:
+    sink = SqlSink("sql", url)
+
+    with pytest.raises(FatalError, match=message) as raised:
+        sink.open()
+    assert "wrong" not in str(raised.value)  # the password is redacted
+    [failure] = sink.write([make_sink_event()]).failures
+    assert isinstance(failure.error, FatalError)
+
+
+def test_mysql_missing_table_privilege_is_fatal(mysql_db: Database) -> None:
+    user = f"hf_ro_{uuid.uuid4().hex[:8]}"
+    mysql_db.query(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        mysql_db.query(f"GRANT SELECT ON test.* TO '{user}'@'%'")
+        sink = SqlSink("sql", f"mysql://{user}:pw@127.0.0.1:3306/test", table_prefix=mysql_db.prefix)
+
+        with pytest.raises(FatalError, match=r"lacks a table privilege \(GRANT CREATE"):
+            sink.open()
+    finally:
+        mysql_db.query(f"DROP USER '{user}'@'%'")
+
+
+# ======================================================================================================================
+# Terra / Supabase layout (PostgreSQL)
+# ======================================================================================================================
+@dataclass
+class TerraDatabase:
+    schema: str
+
+    def query(self, sql: str, params: tuple[Any, ...] = (), timezone_name: str = "UTC") -> list[tuple[Any, ...]]:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+            connection.execute(f"SET TimeZone = '{timezone_name}'")
+            cursor = connection.execute(sql.replace("{s}", self.schema), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def sink(self, **kwargs: Any) -> SqlSink:
+        return SqlSink("supabase", POSTGRES_URL, layout="terra", schema=self.schema, **kwargs)
+
+    def payloads(self) -> dict[str, tuple[Any, ...]]:
+        rows = self.query("SELECT payload_id, user_id, data_type, created_at, start_time, end_time, payload, "
+                          "ordering_timestamp_ms FROM {s}.terra_data_payloads")
+        return {row[0]: row[1:] for row in rows}
+
+
+@pytest.fixture
+def terra() -> Iterator[TerraDatabase]:
+    db = TerraDatabase(f"hf_terra_{uuid.uuid4().hex[:10]}")
+    yield db
+    db.query("DROP SCHEMA IF EXISTS {s} CASCADE")
+
+
+def _day_event(user: str, start_time: str, *, version: int = 1, ordering_timestamp_ms: int = 1_000,
+               type: str = "daily", **user_fields: Any) -> NormalizedEvent:
+    end = (datetime.fromisoformat(start_time) + timedelta(days=1)).isoformat(timespec="microseconds")
+    data = {"metadata": {"start_time": start_time, "end_time": end, "upload_type": 1, "timestamp_localization": 1},
+            "distance_data": {"steps": 1000 * version}}
+    return NormalizedEvent.create(type=type, user={"user_id": user, "provider": "GARMIN", **user_fields}, data=data,
+                                  natural_key=start_time[:10], ordering_timestamp_ms=ordering_timestamp_ms,
+                                  sequence="0")
+
+
+def test_terra_layout_creates_schema_and_terra_tables(terra: TerraDatabase) -> None:
+    sink = terra.sink()
+    sink.open()
+    sink.close()
+
+    columns = terra.query("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                          "WHERE table_schema = %s ORDER BY table_name, ordinal_position", (terra.schema,))
+    assert columns == [
+        ("terra_data_payloads", "payload_id", "text"), ("terra_data_payloads", "user_id", "text"),
+        ("terra_data_payloads", "data_type", "text"),
+        ("terra_data_payloads", "created_at", "timestamp with time zone"),
+        ("terra_data_payloads", "start_time", "timestamp with time zone"),
+        ("terra_data_payloads", "end_time", "timestamp with time zone"),
+        ("terra_data_payloads", "payload", "jsonb"), ("terra_data_payloads", "ordering_timestamp_ms", "bigint"),
+        ("terra_users", "user_id", "text"), ("terra_users", "reference_id", "text"),
+        ("terra_users", "created_at", "timestamp with time zone"), ("terra_users", "granted_scopes", "text"),
+        ("terra_users", "provider", "text"), ("terra_users", "state", "text")]
+    payloads_table = f"{terra.schema}.terra_data_payloads"
+    [(rules,)] = terra.query("SELECT confupdtype::text || confdeltype::text FROM pg_constraint "
+                             "WHERE contype = 'f' AND conrelid = %s::regclass", (payloads_table,))
+    assert rules == "cc"  # ON UPDATE CASCADE, ON DELETE CASCADE
+
+
+def test_terra_rows_as_specified(terra: TerraDatabase) -> None:
+    sink = terra.sink()
+    event = _day_event("u1", "2026-04-02T00:00:00.000000+01:00", reference_id="ref-1",
+                       scopes=["fitness.activity.read", "fitness.sleep.read"],
+                       created_at="2026-01-05T10:00:00.000000+00:00")
+    before = datetime.now(UTC)
+    try:
+        assert sink.write([event]).delivered == [event.event_id]
+    finally:
+        sink.close()
+
+    assert terra.query("SELECT user_id, reference_id, created_at, granted_scopes, provider, state "
+                       "FROM {s}.terra_users") == [
+        ("u1", "ref-1", datetime(2026, 1, 5, 10, tzinfo=UTC), "fitness.activity.read,fitness.sleep.read", "GARMIN",
+         "active")]
+    payload_id = terra_payload_id("u1", "daily", "2026-04-02")
+    assert payload_id != event.event_id and str(uuid.UUID(payload_id)) == payload_id
+    [(user_id, data_type, created_at, start, end, payload, ots)] = terra.payloads().values()
+    assert list(terra.payloads()) == [payload_id]
+    assert (user_id, data_type, payload, ots) == ("u1", "daily", event.data, 1_000)
+    assert before <= created_at <= datetime.now(UTC)
+    assert start == datetime(2026, 4, 1, 23, tzinfo=UTC)  # +01:00 honoured: the instant is stored
+    assert end == datetime(2026, 4, 2, 23, tzinfo=UTC)
+    assert start.utcoffset() == timedelta(0)
+
+
+def test_terra_offsetless_local_time_is_stored_as_utc_wall_clock(terra: TerraDatabase) -> None:
+    """Garmin day starts are local midnight without an offset: stored as that wall-clock time in UTC."""
+    sink = terra.sink()
+    event = _day_event("u1", "2026-04-02T00:00:00.000000")
+    try:
+        sink.write([event])
+    finally:
+        sink.close()
+
+    [(start,)] = terra.query("SELECT start_time FROM {s}.terra_data_payloads")
+    assert start == datetime(2026, 4, 2, tzinfo=UTC)
+    # whatever the reader's session time zone, AT TIME ZONE 'UTC' gives back the provider's string and date part
+    [(wall_clock, day)] = terra.query("SELECT to_char(start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS'), "
+                                      "(start_time AT TIME ZONE 'UTC')::date::text FROM {s}.terra_data_payloads",
+                                      timezone_name="Pacific/Kiritimati")
+    assert (wall_clock, day) == ("2026-04-02T00:00:00", "2026-04-02")
+
+
+def test_terra_redelivery_newer_stale_equal(terra: TerraDatabase) -> None:
+    sink = terra.sink()
+    day = "2026-03-10T00:00:00.000000+02:00"
+    v1 = _day_event("u1", day, version=1, ordering_timestamp_ms=1_000)
+    v2 = _day_event("u1", day, version=2, ordering_timestamp_ms=2_000)
+    stale = _day_event("u1", day, version=3, ordering_timestamp_ms=1_500)
+    others = [_day_event("u1", "2026-03-11T00:00:00.000000+02:00"), _day_event("u2", day),
+              _day_event("u1", day, type="body")]
+    try:
+        batch = [v1, *others]
+        assert sink.write(batch).delivered == sink.write(batch).delivered == [e.event_id for e in batch]
+        assert terra.query("SELECT COUNT(*) FROM {s}.terra_data_payloads") == [(4,)]
+        assert terra.query("SELECT COUNT(*) FROM {s}.terra_users") == [(2,)]
+
+        payload_id = terra_payload_id("u1", "daily", "2026-03-10")
+        sink.write([v2])
+        assert terra.payloads()[payload_id][5:] == (v2.data, 2_000)
+        assert sink.write([stale]).delivered == [stale.event_id]
+        assert terra.payloads()[payload_id][5:] == (v2.data, 2_000)
+        [(created_before,)] = terra.query("SELECT created_at FROM {s}.terra_data_payloads WHERE payload_id = %s",
+                                          (payload_id,))
+        assert sink.write([v2]).delivered == [v2.event_id]  # equal: rewritten with the same content
+        assert terra.payloads()[payload_id][5:] == (v2.data, 2_000)
+        assert terra.payloads()[payload_id][2] >= created_before
+        assert terra.query("SELECT COUNT(*) FROM {s}.terra_data_payloads") == [(4,)]
+    finally:
+        sink.close()
+
+
+def test_terra_users_keep_state_and_fill_reference_id(terra: TerraDatabase) -> None:
+    sink = terra.sink()
+    try:
+        sink.write([_day_event("u1", "2026-03-10")])
+        [(created_at,)] = terra.query("SELECT created_at FROM {s}.terra_users")
+        terra.query("UPDATE {s}.terra_users SET state = 'deauth'")  # an auth event's doing, not ours
+
+        sink.write([_day_event("u1", "2026-03-11", reference_id="ref-7", scopes="a,b")])
+
+        assert terra.query("SELECT reference_id, granted_scopes, state, created_at FROM {s}.terra_users") == [
+            ("ref-7", "a,b", "deauth", created_at)]
+        sink.write([_day_event("u1", "2026-03-12")])
+        assert terra.query("SELECT reference_id, granted_scopes FROM {s}.terra_users") == [("ref-7", "a,b")]
+        terra.query("DELETE FROM {s}.terra_users")  # ON DELETE CASCADE
+        assert terra.query("SELECT COUNT(*) FROM {s}.terra_data_payloads") == [(0,)]
+    finally:
+        sink.close()
+
+
+def test_terra_bad_rows_are_isolated(terra: TerraDatabase) -> None:
+    sink = terra.sink()
+    good = _day_event("u1", "2026-03-10")
+    bad_time = _day_event("u1", "2026-03-11")
+    bad_time.data["metadata"]["start_time"] = "yesterday-ish"
+    nul = NormalizedEvent.create(type="daily", user={"user_id": "u2", "provider": "OURA"},
+                                 data={"metadata": {"start_time": "2026-03-10"}, "note": "a\x00b"},
+                                 natural_key="2026-03-10", ordering_timestamp_ms=1, sequence="0")
+    overflow = _day_event("u3", "2026-03-10", ordering_timestamp_ms=2**63)
+    try:
+        result = sink.write([good, bad_time, nul, overflow])
+    finally:
+        sink.close()
+
+    assert result.delivered == [good.event_id]
+    errors = {f.event.event_id: f.error for f in result.failures}
+    assert set(errors) == {bad_time.event_id, nul.event_id, overflow.event_id}
+    assert all(isinstance(error, PermanentError) for error in errors.values())
+    assert "cannot map event" in str(errors[bad_time.event_id])
+    assert list(terra.payloads()) == [terra_payload_id("u1", "daily", "2026-03-10")]
+
+
+def test_terra_layout_adds_our_columns_to_terra_created_tables(terra: TerraDatabase) -> None:
+    terra.query("CREATE SCHEMA {s}")
+    terra.query("CREATE TABLE {s}.terra_users (user_id VARCHAR(36) PRIMARY KEY, reference_id TEXT DEFAULT NULL, "
+                "created_at TIMESTAMPTZ, granted_scopes TEXT, provider TEXT, state TEXT)")
+    terra.query("CREATE TABLE {s}.terra_data_payloads (payload_id TEXT PRIMARY KEY, user_id TEXT NOT NULL "
+                "REFERENCES {s}.terra_users ON DELETE CASCADE ON UPDATE CASCADE, data_type TEXT, "
+                "created_at TIMESTAMPTZ, start_time TIMESTAMPTZ, end_time TIMESTAMPTZ)")
+    payload_id = terra_payload_id("u1", "daily", "2026-03-10")
+    terra.query("INSERT INTO {s}.terra_users VALUES ('u1', NULL, now(), NULL, 'GARMIN', 'active')")
+    terra.query("INSERT INTO {s}.terra_data_payloads VALUES (%s, 'u1', 'daily', now(), NULL, NULL)", (payload_id,))
+    sink = terra.sink()
+    event = _day_event("u1", "2026-03-10")
+    try:
+        assert sink.write([event]).delivered == [event.event_id]
+    finally:
+        sink.close()
+
+    assert terra.payloads()[payload_id][5:] == (event.data, 1_000)  # a row without a guard value is overwritten
+
+
+def test_supabase_sink_without_schema_uses_search_path(make_sink_event: MakeEvent) -> None:
+    prefix = f"hf_test_{uuid.uuid4().hex[:10]}_"
+    sink = SupabaseSink("supabase", POSTGRES_URL, table_prefix=prefix)
+    copy = pickle.loads(pickle.dumps(sink))
+    try:
+        event = make_sink_event("u1", "2026-03-10")
+        assert copy.write([event]).delivered == [event.event_id]
+        assert (sink.users_table, sink.records_table) == (f"{prefix}terra_users", f"{prefix}terra_data_payloads")
+        db = Database("postgres", POSTGRES_URL, prefix)
+        assert db.query("SELECT payload_id, data_type, payload FROM public.{p}terra_data_payloads") == [
+            (terra_payload_id("u1", "sleep", "2026-03-10"), "sleep", event.data)]
+    finally:
+        copy.close()
+        Database("postgres", POSTGRES_URL, prefix).query("DROP TABLE IF EXISTS {p}terra_data_payloads, {p}terra_users")
+
+
+@pytest.mark.parametrize(("url", "kwargs", "message"), [
+    (MYSQL_URL, {"layout": "terra"}, "needs a postgresql:// url"),
+    ("sqlite:///x.db", {"layout": "terra"}, "needs a postgresql:// url"),
+    ("sqlite:///x.db", {"schema": "terra"}, "schema must match"),
+    (POSTGRES_URL, {"schema": "terra; DROP"}, "schema must match"),
+    (POSTGRES_URL, {"layout": "supabase"}, "layout must be one of"),
+])
+def test_bad_layout_config_is_fatal(url: str, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(FatalError, match=message):
+        SqlSink("sql", url, **kwargs)
+
+
+def test_terra_schema_option_with_the_terra_schema_name() -> None:
+    """Terra's Postgres destination uses a schema named ``terra``: created when absent (left as found)."""
+    [(existed,)] = TerraDatabase("terra").query("SELECT COUNT(*) FROM pg_namespace WHERE nspname = 'terra'")
+    prefix = f"hf_test_{uuid.uuid4().hex[:10]}_"
+    sink = SqlSink("supabase", POSTGRES_URL, table_prefix=prefix, layout="terra", schema="terra")
+    try:
+        sink.open()
+        assert sink.records_table == f"terra.{prefix}terra_data_payloads"
+        assert TerraDatabase("terra").query("SELECT to_regclass(%s) IS NOT NULL", (sink.records_table,)) == [(True,)]
+    finally:
+        sink.close()
+        db = TerraDatabase("terra")
+        db.query(f"DROP TABLE IF EXISTS terra.{prefix}terra_data_payloads, terra.{prefix}terra_users")
+        if not existed:
+            db.query("DROP SCHEMA IF EXISTS terra")
+
+
+def test_terra_schema_that_exists_needs_no_database_create_right(terra: TerraDatabase) -> None:
+    """A role limited to an existing schema (no CREATE on the database) can still use schema=..."""
+    role = f"hf_role_{uuid.uuid4().hex[:8]}"
+    terra.query("CREATE SCHEMA {s}")
+    terra.query(f"CREATE ROLE {role} LOGIN")
+    try:
+        terra.query(f"GRANT USAGE, CREATE ON SCHEMA {{s}} TO {role}")
+        sink = SqlSink("supabase", f"postgresql://{role}@127.0.0.1:5432/test", layout="terra", schema=terra.schema)
+        event = _day_event("u1", "2026-03-10")
+        try:
+            assert sink.write([event]).delivered == [event.event_id]
+        finally:
+            sink.close()
+    finally:
+        terra.query("DROP SCHEMA IF EXISTS {s} CASCADE")
+        terra.query(f"DROP OWNED BY {role}")
+        terra.query(f"DROP ROLE {role}")

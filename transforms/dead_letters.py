@@ -12,7 +12,8 @@ from transforms.errors import RetryableError
 def dead_letter(*, stage: str, error: BaseException, original: bytes, source: dict[str, Any] | None = None,
                 attempts: int = 1, provider: str | None = None, kind: str | None = None,
                 user_id: str | None = None, destination: str | None = None,
-                event_id: str | None = None) -> dict[str, Any]:
+                event_id: str | None = None, next_attempt_at: int | None = None,
+                redelivery_round: int = 0) -> dict[str, Any]:
     """A DeadLetter record (schemas/avro/envelopes/dead_letter.avsc) as a dict.
 
     The id is deterministic over (stage, destination, source, original bytes): the same failure of
@@ -40,4 +41,6 @@ def dead_letter(*, stage: str, error: BaseException, original: bytes, source: di
         "user_id": user_id,
         "destination": destination,
         "event_id": event_id,
+        "next_attempt_at": next_attempt_at,
+        "redelivery_round": redelivery_round,
     }

@@ -23,26 +23,44 @@ from apache_beam.transforms.window import GlobalWindows
 
 from sinks.base import DeliveryFailure, Sink, SinkResult
 from transforms.dead_letters import dead_letter
-from transforms.errors import FatalError, Route, route
+from transforms.destination_status import DEFAULT_DISABLE_AFTER_S, DestinationStatus, now_ms
+from transforms.errors import DestinationDisabled, EndpointGone, FatalError, RetryableError, Route, route
 from transforms.events import NormalizedEvent
 from transforms.normalize import DEAD_LETTER, METRICS
+
+SVIX_REDELIVERY_S = (300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)  # 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """In-pipeline retries for one destination (the dead-letter store and replay cover the rest)."""
+    """A destination's retries: quick ones inside the pipeline, then a schedule of redeliveries.
+
+    In the pipeline: ``max_attempts`` with capped exponential backoff and jitter, ``Retry-After``
+    honoured up to ``max_delay_s``. After that a transient failure becomes a dead letter with a
+    ``next_attempt_at`` from ``redelivery_schedule_s`` (Svix's: 5 min … 10 h, about 27 h in all;
+    never sooner than the destination's ``Retry-After``), which scheduled redelivery picks up. A
+    destination failing without a single success for ``disable_after_s`` is disabled.
+    """
 
     max_attempts: int = 4
     initial_delay_s: float = 0.2
     max_delay_s: float = 5.0
     jitter: float = 0.2
+    redelivery_schedule_s: tuple[float, ...] = SVIX_REDELIVERY_S
+    disable_after_s: float = DEFAULT_DISABLE_AFTER_S
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        base = min(self.max_delay_s, self.initial_delay_s * (2 ** (attempt - 1)))
-        base *= 1 + random.uniform(-self.jitter, self.jitter)
-        if retry_after is not None:  # clamp the server's wish to [delay, 2 × delay], capped
-            base = min(max(base, retry_after), 2 * base if base > 0 else retry_after, self.max_delay_s * 2)
-        return max(0.0, base)
+        base = self.initial_delay_s * (2 ** (attempt - 1)) * (1 + random.uniform(-self.jitter, self.jitter))
+        if retry_after is not None:
+            base = max(base, retry_after)
+        return max(0.0, min(base, self.max_delay_s))
+
+    def next_redelivery_ms(self, redelivery_round: int, retry_after: float | None, now: int) -> int | None:
+        """When redelivery round ``redelivery_round`` is due, or None once the schedule is spent."""
+        if redelivery_round >= len(self.redelivery_schedule_s):
+            return None
+        wait = self.redelivery_schedule_s[redelivery_round] * (1 + random.uniform(-self.jitter, self.jitter))
+        return now + int(max(wait, retry_after or 0.0) * 1000)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class Delivered:
 @dataclass(frozen=True)
 class DeadLettered:
     record: dict[str, Any]
+    error: BaseException
 
 
 class Delivery:
@@ -96,7 +115,7 @@ class Delivery:
                 if verdict is Route.RETRY and attempt < self.target.retry.max_attempts:
                     retry.append(failure)
                 else:
-                    yield DeadLettered(self._dead_letter(failure, attempt))
+                    yield DeadLettered(self._dead_letter(failure, attempt), failure.error)
             if retry:
                 self.on_retry(len(retry))
                 hints = [getattr(f.error, "retry_after", None) for f in retry]
@@ -118,11 +137,19 @@ class Delivery:
         return result
 
     def _dead_letter(self, failure: DeliveryFailure, attempts: int) -> dict[str, Any]:
-        event = failure.event
-        return dead_letter(
-            stage=f"deliver:{self.target.name}", error=failure.error, original=event.body(), attempts=attempts,
-            source=event_source(event), provider=event.provider.lower(), kind=event.type, user_id=event.user_id,
-            destination=self.target.name, event_id=event.event_id)
+        return delivery_dead_letter(self.target, failure.event, failure.error, attempts)
+
+
+def delivery_dead_letter(target: Target, event: NormalizedEvent, error: BaseException, attempts: int,
+                         redelivery_round: int = 0) -> dict[str, Any]:
+    """The dead letter of an event a destination did not take; transient causes get a redelivery time."""
+    next_at = None
+    if isinstance(error, RetryableError) or route(error) is Route.RETRY:
+        next_at = target.retry.next_redelivery_ms(redelivery_round, getattr(error, "retry_after", None), now_ms())
+    return dead_letter(
+        stage=f"deliver:{target.name}", error=error, original=event.body(), attempts=attempts,
+        source=event_source(event), provider=event.provider.lower(), kind=event.type, user_id=event.user_id,
+        destination=target.name, event_id=event.event_id, next_attempt_at=next_at, redelivery_round=redelivery_round)
 
 
 def event_source(event: NormalizedEvent) -> dict[str, Any]:
@@ -142,10 +169,18 @@ def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
 
 
 class DeliverToSink(beam.DoFn):
-    """Deliver users' ordered event lists to one destination, in batches of about ``batch_size`` events."""
+    """Deliver users' ordered event lists to one destination, in batches of about ``batch_size`` events.
 
-    def __init__(self, target: Target) -> None:
+    With a control-plane store (``status_url``), a disabled destination receives nothing: its
+    events become dead letters at once (``DestinationDisabled``), and the destination's failing
+    streak is recorded so that sustained failure (or a 410) disables it.
+    """
+
+    STATUS_TTL_S = 5.0
+
+    def __init__(self, target: Target, status_url: str | None = None) -> None:
         self.target = target
+        self.status_url = status_url
         name = target.name
         self.delivered = Metrics.counter(METRICS, f"delivered:{name}")
         self.dead = Metrics.counter(METRICS, f"delivery_dead_letter:{name}")
@@ -153,11 +188,23 @@ class DeliverToSink(beam.DoFn):
         self.filtered = Metrics.counter(METRICS, f"filtered:{name}")
 
     def setup(self) -> None:
+        self.status = DestinationStatus(self.status_url).open() if self.status_url else None
+        self._disabled_checked_at, self._disabled = 0.0, False
         self.target.sink.open()
         self.delivery = Delivery(self.target, on_retry=self.retried.inc)
 
     def teardown(self) -> None:
         self.target.sink.close()
+        if self.status:
+            self.status.close()
+
+    def _is_disabled(self) -> bool:
+        if self.status is None:
+            return False
+        if time.monotonic() - self._disabled_checked_at > self.STATUS_TTL_S:
+            self._disabled = self.status.get(self.target.name).disabled
+            self._disabled_checked_at = time.monotonic()
+        return self._disabled
 
     def start_bundle(self) -> None:
         self.buffer: list[NormalizedEvent] = []
@@ -182,30 +229,51 @@ class DeliverToSink(beam.DoFn):
 
     def _flush(self) -> Iterator[Any]:
         pending, self.buffer = self.buffer, []
+        if not pending:
+            return
+        if self._is_disabled():
+            error = DestinationDisabled(f"destination {self.target.name} is disabled; enable it, then replay")
+            for event in pending:
+                self.dead.inc()
+                yield pvalue.TaggedOutput(DEAD_LETTER, delivery_dead_letter(self.target, event, error, 0))
+            return
+        delivered, last_error = 0, None
         for outcome in self.delivery.deliver(pending):
             if isinstance(outcome, Delivered):
+                delivered += 1
                 self.delivered.inc()
                 yield (outcome.destination, outcome.event_id)
             else:
+                last_error = outcome.error
                 self.dead.inc()
                 yield pvalue.TaggedOutput(DEAD_LETTER, outcome.record)
+        self._note_health(delivered, last_error)
+
+    def _note_health(self, delivered: int, last_error: BaseException | None) -> None:
+        if self.status is None:
+            return
+        if delivered:
+            self.status.record_success(self.target.name)
+        elif last_error is not None and (isinstance(last_error, EndpointGone) or route(last_error) is Route.RETRY):
+            status = self.status.record_failure(self.target.name, last_error, self.target.retry.disable_after_s)
+            self._disabled, self._disabled_checked_at = status.disabled, time.monotonic()
 
 
 class DeliverAll(beam.PTransform):
     """Fan the per-user event lists out to every destination; returns (receipts, dead letters) per destination."""
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], status_url: str | None = None) -> None:
         super().__init__()
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise FatalError(f"destination names must be unique, got {names}")
-        self.targets = list(targets)
+        self.targets, self.status_url = list(targets), status_url
 
     def expand(self, user_events):
         receipts, dead = [], []
         for target in self.targets:
             ok, bad = user_events | f"Deliver[{target.name}]" >> beam.ParDo(
-                DeliverToSink(target)).with_outputs(DEAD_LETTER, main="delivered")
+                DeliverToSink(target, self.status_url)).with_outputs(DEAD_LETTER, main="delivered")
             receipts.append(ok)
             dead.append(bad)
         return receipts, dead

@@ -39,6 +39,14 @@ class FatalError(HealthflowError):
     """Misconfiguration: stop the run and say what to fix."""
 
 
+class EndpointGone(PermanentError):
+    """The destination said it is gone for good (HTTP 410): dead-letter, and disable the destination."""
+
+
+class DestinationDisabled(PermanentError):
+    """The destination is disabled; its events are kept as dead letters until it is enabled again."""
+
+
 def route(exc: BaseException) -> Route:
     """Where a failure goes. Unknown exceptions are retried, then dead-lettered: never dropped."""
     if isinstance(exc, FatalError):

@@ -4,7 +4,7 @@ Use from a test module (the import is sys.path-safe: plain ``pytest`` puts ``tes
 pytest`` puts the repo root there)::
 
     try:
-        from tests.servers.moto import moto_endpoint  # noqa: F401 - pytest fixture
+        from tests.servers.moto import moto_endpoint
     except ModuleNotFoundError:
         from servers.moto import moto_endpoint  # noqa: F401 - pytest fixture
 
