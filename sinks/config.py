@@ -81,18 +81,36 @@ class _Destination(BaseModel):
         return Target(sink, self.retry.policy(), self.batch_size, types)
 
 
+class LargePayloadConfig(BaseModel):
+    """An S3 bucket for bodies over the destination's size limit; the message then carries a URL."""
+
+    model_config = ConfigDict(extra="forbid")
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    expires_in: int = Field(600, gt=0, le=7 * 24 * 3600)
+
+    def build(self) -> Any:
+        from sinks.large_payloads import LargePayloadS3
+
+        return LargePayloadS3(self.bucket, self.prefix, self.endpoint_url, self.region, self.expires_in)
+
+
 class WebhookDestination(_Destination):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
     secret: str = Field(description="Standard Webhooks secret, whsec_…; signs both signature headers")
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    large_payload_s3: LargePayloadConfig | None = None
 
     def build(self) -> Sink:
         from sinks.webhook import WebhookSink
 
         return WebhookSink(self.name, self.url, self.secret, timeout_s=self.timeout_s,
-                           max_body_bytes=self.max_body_bytes)
+                           max_body_bytes=self.max_body_bytes,
+                           large_payload_s3=self.large_payload_s3.build() if self.large_payload_s3 else None)
 
 
 class SqlDestination(_Destination):
@@ -158,11 +176,13 @@ class SqsDestination(_Destination):
     queue_url: str
     region: str | None = None
     endpoint_url: str | None = None
+    large_payload_s3: LargePayloadConfig | None = None
 
     def build(self) -> Sink:
         from sinks.sqs import SqsSink
 
-        return SqsSink(self.name, self.queue_url, endpoint_url=self.endpoint_url, region=self.region)
+        return SqsSink(self.name, self.queue_url, endpoint_url=self.endpoint_url, region=self.region,
+                       large_payload_s3=self.large_payload_s3.build() if self.large_payload_s3 else None)
 
 
 class KafkaDestination(_Destination):

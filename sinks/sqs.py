@@ -26,7 +26,6 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -35,26 +34,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sinks.base import Sink, SinkResult
+from sinks.large_payloads import LargePayloadS3, PayloadStore
 from sinks.s3 import classify_aws_error, make_client
 from transforms.errors import FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
 MAX_BATCH_ENTRIES = 10
 SQS_MAX_MESSAGE_BYTES = 256 * 1024
-POINTER_EXPIRES_IN_S = 600
 _GROUP_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # SQS: 1-128 printable ASCII characters
 _REGION_IN_URL = re.compile(r"^sqs[.-]([a-z0-9-]+)\.amazonaws\.com")
-
-
-@dataclass(frozen=True)
-class LargePayloadS3:
-    """Where bodies too large for SQS go; the message then carries a presigned GET URL valid ``expires_in`` s."""
-
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str | None = None
-    expires_in: int = POINTER_EXPIRES_IN_S
 
 
 @dataclass
@@ -96,8 +84,6 @@ class SqsSink(Sink):
                 f"sqs sink {name!r}: {queue_url} is a standard queue; per-user ordering and deduplication need a FIFO "
                 "queue (name ending in '.fifo', MessageGroupId = user id, MessageDeduplicationId = event id). "
                 "Standard queues may reorder and duplicate messages: use a FIFO queue or pass fifo_required=False")
-        if large_payload_s3 is not None and (not large_payload_s3.bucket or "/" in large_payload_s3.bucket):
-            raise FatalError(f"sqs sink {name!r}: large_payload_s3.bucket must be a bucket name")
         if max_message_bytes <= 0 or max_attempts < 1:
             raise FatalError(f"sqs sink {name!r}: max_message_bytes and max_attempts must be positive")
         self.ordered = self.fifo
@@ -106,32 +92,32 @@ class SqsSink(Sink):
         match = _REGION_IN_URL.match(parsed.netloc)
         self.region = region or (match.group(1) if match else None)
         self.large_payload_s3 = large_payload_s3
+        self._payloads = PayloadStore(large_payload_s3, "sqs-payloads", max_attempts, connect_timeout_s,
+                                      read_timeout_s) if large_payload_s3 else None
         self.max_message_bytes = max_message_bytes
         self.max_attempts = max_attempts
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._sqs: Any = None
-        self._s3: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_sqs"] = state["_s3"] = None  # clients never travel with the pickled config
+        state["_sqs"] = None  # clients never travel with the pickled config
         return state
 
     def open(self) -> None:
         if self._sqs is None:
             self._sqs = make_client("sqs", self.endpoint_url, self.region, self.max_attempts,
                                     self.connect_timeout_s, self.read_timeout_s)
-        if self._s3 is None and self.large_payload_s3 is not None:
-            cfg = self.large_payload_s3
-            self._s3 = make_client("s3", cfg.endpoint_url, cfg.region or self.region, self.max_attempts,
-                                   self.connect_timeout_s, self.read_timeout_s)
+        if self._payloads is not None:
+            self._payloads.open(self.region)
 
     def close(self) -> None:
-        for client in (self._sqs, self._s3):
-            if client is not None:
-                client.close()
-        self._sqs = self._s3 = None
+        if self._sqs is not None:
+            self._sqs.close()
+        self._sqs = None
+        if self._payloads is not None:
+            self._payloads.close()
 
     # -- message building ---------------------------------------------------------------------------------------------
     def attributes(self, event: NormalizedEvent) -> dict[str, dict[str, str]]:
@@ -165,27 +151,12 @@ class SqsSink(Sink):
         return entry
 
     def payload_key(self, event: NormalizedEvent) -> str:
-        assert self.large_payload_s3 is not None
-        parts = [self.large_payload_s3.prefix.strip("/"), "sqs-payloads", event.version, event.type,
-                 f"{event.event_id}.json"]
-        return "/".join(p for p in parts if p)
+        assert self._payloads is not None
+        return self._payloads.key(event)
 
     def _upload_pointer(self, event: NormalizedEvent) -> str:
-        cfg = self.large_payload_s3
-        assert cfg is not None and self._s3 is not None
-        key = self.payload_key(event)
-        try:
-            self._s3.put_object(Bucket=cfg.bucket, Key=key, Body=event.body(), ContentType="application/json",
-                                Metadata={"event-id": event.event_id})
-            url = self._s3.generate_presigned_url("get_object", Params={"Bucket": cfg.bucket, "Key": key},
-                                                  ExpiresIn=cfg.expires_in)
-        except Exception as exc:
-            raise classify_aws_error(exc, f"uploading large payload to s3://{cfg.bucket}/{key}") from exc
-        pointer = {"status": "success", "type": "s3_payload", "url": url, "expires_in": cfg.expires_in,
-                   "user_id": event.user_id, "event_id": event.event_id, "payload_type": event.type}
-        if event.user.get("reference_id"):
-            pointer["reference_id"] = event.user["reference_id"]
-        return json.dumps(pointer, separators=(",", ":"))
+        assert self._payloads is not None
+        return self._payloads.pointer(event).decode()
 
     # -- sending ------------------------------------------------------------------------------------------------------
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:

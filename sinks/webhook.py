@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import requests
 
 from sinks.base import Sink, SinkResult
+from sinks.large_payloads import LargePayloadS3, PayloadStore
 from transforms.errors import EndpointGone, FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
@@ -111,7 +112,7 @@ class WebhookSink(Sink):
     ordered = True
 
     def __init__(self, name: str, url: str, signing_secret: str, timeout_s: float = 10.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, large_payload_s3: LargePayloadS3 | None = None) -> None:
         super().__init__(name)
         parsed = urlparse(url or "")
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -123,6 +124,8 @@ class WebhookSink(Sink):
         self.url = url
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        # Bodies over max_body_bytes go by reference (Terra's ping mode) when a bucket is configured.
+        self._payloads = PayloadStore(large_payload_s3, "webhook-payloads") if large_payload_s3 else None
         self._session: requests.Session | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -139,6 +142,8 @@ class WebhookSink(Sink):
         if self._session is not None:
             self._session.close()
             self._session = None
+        if self._payloads is not None:
+            self._payloads.close()
 
     def headers_for(self, event: NormalizedEvent, body: bytes, timestamp: int) -> dict[str, str]:
         """All delivery headers for one attempt of ``event`` signed at unix second ``timestamp``."""
@@ -182,7 +187,10 @@ class WebhookSink(Sink):
         assert self._session is not None
         body = event.body()
         if len(body) > self.max_body_bytes:
-            raise PermanentError(f"body of {len(body)} bytes exceeds max_body_bytes={self.max_body_bytes}")
+            if self._payloads is None:
+                raise PermanentError(f"body of {len(body)} bytes exceeds max_body_bytes={self.max_body_bytes}; "
+                                     "configure large_payload_s3 to send it by reference")
+            body = self._payloads.pointer(event)
         headers = self.headers_for(event, body, int(time.time()))
         try:
             response = self._session.post(self.url, data=body, headers=headers, timeout=self.timeout_s,

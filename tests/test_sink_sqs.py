@@ -13,8 +13,9 @@ import boto3
 import pytest
 import requests
 
+from sinks.large_payloads import LargePayloadS3
 from sinks.s3 import EndpointUnreachable
-from sinks.sqs import LargePayloadS3, SqsSink
+from sinks.sqs import SqsSink
 from transforms.errors import FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
