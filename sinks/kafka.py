@@ -3,7 +3,8 @@
 Guarantees:
 - At least once. An event is reported delivered only when its delivery report came back without error, i.e. the
   broker acknowledged it with ``acks=all``; ``write()`` produces the batch, ``flush()``es, and checks every report
-  before returning. An event without a report (flush timed out) is a ``RetryableError``.
+  before returning. An event without a report (flush timed out) is a ``RetryableError``; what is still queued is
+  purged so it cannot land after the retry, and the next write starts a fresh producer.
 - Idempotence: the producer is idempotent (``enable.idempotence=True``, ``acks=all``, at most 5 in flight), so the
   client's own retries never duplicate or reorder messages. A batch written again (a retry of the pipeline) produces
   the same key, value and ``event_id`` header again: consumers dedupe on the ``event_id`` header.
@@ -31,8 +32,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas import MODEL_TYPES, model_fullname
-from schemas.serde import encode, validate_record
+from schemas import MODEL_TYPES
+from schemas.serde import encode_event, validate_record
 from sinks.base import Sink, SinkResult
 from transforms.errors import FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
@@ -41,8 +42,6 @@ VALUE_FORMATS = ("json", "avro")
 DEFAULT_MESSAGE_TIMEOUT_MS = 30_000  # librdkafka's default is 300 s; a write should not block that long
 MAX_IN_FLIGHT = 5
 _FLUSH_MARGIN_S = 10.0
-_NORMALIZED_EVENT_FIELDS = ("event_id", "type", "version", "user", "natural_key", "ordering_timestamp_ms",
-                            "sequence", "raw_idempotency_key", "data")
 
 _FATAL_CODES = frozenset({
     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
@@ -177,10 +176,7 @@ class KafkaSink(Sink):
         if event.type not in MODEL_TYPES:
             raise PermanentError(f"event type {event.type!r} has no Avro model; known: {', '.join(MODEL_TYPES)}")
         try:
-            data = validate_record(event.type, event.data)
-            record = {k: v for k, v in event.to_dict().items() if k in _NORMALIZED_EVENT_FIELDS}
-            record["data"] = [(model_fullname(event.type), data)]  # tuple notation: the exact union branch
-            return encode("normalized_event", record)
+            return encode_event(dict(event.to_dict(), data=validate_record(event.type, event.data)))
         except (ValueError, TypeError, KeyError) as exc:  # SchemaMismatch is a ValueError
             raise PermanentError(f"event {event.event_id} does not fit the normalized_event schema: {exc}") from exc
 
@@ -204,14 +200,17 @@ class KafkaSink(Sink):
 
         for index, event in enumerate(events):
             try:
-                value = self.value_of(event)
+                key, value, headers = event.user_id.encode(), self.value_of(event), self.headers_of(event)
             except PermanentError as exc:
                 outcome[index] = exc
                 continue
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed event: cannot be sent
+                outcome[index] = PermanentError(f"event {event.event_id} cannot be encoded: {exc!r}")
+                continue
             while True:
                 try:
-                    producer.produce(self.topic, key=event.user_id.encode(), value=value,
-                                     headers=self.headers_of(event), on_delivery=partial(on_delivery, index))
+                    producer.produce(self.topic, key=key, value=value, headers=headers,
+                                     on_delivery=partial(on_delivery, index))
                     break
                 except BufferError:  # local queue full: serve delivery reports until there is room
                     if time.monotonic() >= deadline:
@@ -222,7 +221,11 @@ class KafkaSink(Sink):
                     outcome[index] = classify(exc.args[0], self._auth_failure)
                     break
             producer.poll(0)
-        producer.flush(max(0.0, deadline - time.monotonic()))
+        if producer.flush(max(0.0, deadline - time.monotonic())):
+            # Reports still missing: drop what is queued so it cannot land after a retry, and start afresh next time.
+            producer.purge(in_queue=True, in_flight=False)
+            producer.poll(0)
+            self._producer = None
 
         for index in range(len(events)):
             if index in outcome:
