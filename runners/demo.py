@@ -12,6 +12,7 @@ import collections
 import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,11 +30,12 @@ from sinks.dead_letters import read_dead_letters
 from transforms.publish import publish
 
 TOPIC = "healthflow.raw"
+NORMALIZED_TOPIC = "healthflow.normalized"
 DESTINATIONS_FILE = Path(__file__).with_name("demo_destinations.yaml")
 
 
 def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output")) -> int:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     workdir.mkdir(parents=True, exist_ok=True)
     db_path, objects, dead_root = workdir / "healthflow.db", workdir / "objects", workdir / "dead-letters"
     rows_before = _sql_rows(db_path)
@@ -44,6 +46,7 @@ def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output"
 
     with EmbeddedBroker() as broker, WebhookReceiver(secret) as receiver:
         broker.create_topic(TOPIC, partitions=4)
+        broker.create_topic(NORMALIZED_TOPIC, partitions=4)
         payloads = list(Simulator(users, days).payloads())
         with _progress(console) as progress:
             task = progress.add_task("publishing raw events", total=len(payloads) + 1)
@@ -58,11 +61,41 @@ def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output"
                            state_url=f"sqlite:///{workdir / 'state.db'}")
         summary = _run_with_live_counts(console, job, receiver)
         again = run_batch(job)  # offsets were committed after delivery: nothing is read twice
-        webhook_stats = (receiver.unique, receiver.duplicates, receiver.rejected_signature)
+        rows_after = _sql_rows(db_path)
+        checks = [
+            f"webhook: {receiver.unique:,} unique events received, both signatures verified (Terra and Standard "
+            f"Webhooks), {receiver.duplicates} duplicates, {receiver.rejected_signature} rejected",
+            f"sqlite: {rows_after:,} rows" + (f" (before this run: {rows_before:,}: a rerun adds none)"
+                                             if rows_before is not None else ""),
+            f"s3_layout: {sum(1 for _ in objects.rglob('*.json')):,} objects under {objects}",
+            f"kafka: {_count_topic(broker.bootstrap, NORMALIZED_TOPIC):,} messages on {NORMALIZED_TOPIC} "
+            "(key = user id)",
+        ]
 
-    _report(console, published, summary, again, webhook_stats, rows_before, _sql_rows(db_path), objects, dead_root,
-            destinations)
+    _report(console, published, summary, again, checks, dead_root, destinations)
     return 0 if _unexplained(summary, destinations) == 0 else 1
+
+
+def _count_topic(bootstrap: str, topic: str) -> int:
+    """Messages on ``topic``, read to the end of every partition."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "healthflow-demo-count",
+                         "enable.partition.eof": True, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        count, ended = 0, set()
+        deadline = time.monotonic() + 30
+        while len(ended) < len(partitions) and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.2):
+                if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(message.partition())
+                elif not message.error():
+                    count += 1
+        return count
+    finally:
+        consumer.close()
 
 
 def _progress(console: Console) -> Progress:
@@ -121,9 +154,8 @@ def _unexplained(summary: RunSummary, destinations: list[str]) -> int:
     return missing
 
 
-def _report(console: Console, published: int, summary: RunSummary, again: RunSummary,
-            webhook_stats: tuple[int, int, int], rows_before: int | None, rows_after: int | None,
-            objects: Path, dead_root: Path, destinations: list[str]) -> None:
+def _report(console: Console, published: int, summary: RunSummary, again: RunSummary, checks: list[str],
+            dead_root: Path, destinations: list[str]) -> None:
     raw_in, seconds = summary.get("raw_in"), summary.seconds
     events = summary.with_prefix("normalized:")
     total_events = sum(events.values())
@@ -158,12 +190,9 @@ def _report(console: Console, published: int, summary: RunSummary, again: RunSum
         delivered.add_row(name, f"{ok:,}", f"{skipped:,}", f"{summary.get(f'retried:{name}'):,}", f"{dead:,}",
                           "ok" if ok + dead + skipped == total_events else "[red]MISMATCH")
     console.print(delivered)
-    unique, duplicates, rejected = webhook_stats
-    object_count = sum(1 for _ in objects.rglob("*.json"))
-    console.print(f"webhook receiver: {unique:,} unique events verified (Terra + Standard Webhooks signatures), "
-                  f"{duplicates} duplicates, {rejected} rejected")
-    console.print(f"SQLite rows: {rows_after:,}" + (f" (before this run: {rows_before:,})" if rows_before is not None
-                                                     else "") + f"; S3-layout objects: {object_count:,}")
+    console.print("[bold]checked at the destinations:")
+    for line in checks:
+        console.print(f"  • {line}")
 
     reasons = collections.Counter(
         (d["stage"], d["error_class"], d["error_message"][:90]) for d in read_dead_letters(str(dead_root)))

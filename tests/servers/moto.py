@@ -20,20 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-MOTO_REGION = "us-east-1"
+from runners.embedded import MOTO_REGION, free_port, moto_server  # noqa: F401 - re-exported for tests
+
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -47,61 +40,6 @@ FAKE_AWS_ENV = {
 }
 _UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 _LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the server retries on another port if it is taken meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _moto_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("moto_server")
-    if script.exists():
-        return [str(script), "-H", _LOOPBACK, "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", _LOOPBACK, "-p", str(port)]
-
-
-def _answers(endpoint: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    try:
-        with opener.open(f"{endpoint}/moto-api/", timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer means the server is up
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[str]:
-    """Start ``moto_server`` on a free loopback port, yield its endpoint URL once it answers, then stop it."""
-    last_error = ""
-    for _ in range(attempts):
-        port = free_port()
-        endpoint = f"http://{_LOOPBACK}:{port}"
-        with tempfile.TemporaryFile() as log:
-            process = subprocess.Popen(_moto_command(port), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
-            try:
-                deadline = time.monotonic() + startup_timeout_s
-                while process.poll() is None and time.monotonic() < deadline and not _answers(endpoint):
-                    time.sleep(0.1)
-                if process.poll() is None and _answers(endpoint):
-                    yield endpoint
-                    return
-                log.seek(0)
-                last_error = log.read()[-2000:].decode("utf-8", "replace")
-            finally:
-                if process.poll() is None:
-                    process.terminate()
-                    try:
-                        process.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait(timeout=10)
-    raise RuntimeError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
 
 
 class _SharedServer:
