@@ -28,8 +28,18 @@ from transforms.events import NormalizedEvent
 ATHLETE_START_TIME = "profile"
 
 
-def object_path(root: str, event: NormalizedEvent) -> str:
-    """The deterministic object name of ``event`` under ``root``; PermanentError when a part is unusable."""
+def safe_part(part: str, event: NormalizedEvent) -> str:
+    """``part`` if it can be one segment of an object name; PermanentError otherwise."""
+    if not part or "/" in part or "\\" in part or part in (".", "..") or "\x00" in part:
+        raise PermanentError(f"unsafe object name part {part!r} for event {event.event_id}")
+    return part
+
+
+def terra_object_parts(event: NormalizedEvent) -> list[str]:
+    """Terra's object layout ``<version>/<type>/<user_id>-<start_time>.json`` as name segments.
+
+    Deterministic, so a redelivery overwrites the same object; PermanentError when a part is unusable.
+    """
     if event.type == "athlete":
         start_time = ATHLETE_START_TIME
     else:
@@ -37,9 +47,13 @@ def object_path(root: str, event: NormalizedEvent) -> str:
         if not isinstance(start_time, str) or not start_time:
             raise PermanentError(f"{event.type} record has no metadata.start_time to name its object")
     for part in (event.version, event.type, event.user_id, start_time):
-        if not part or "/" in part or "\\" in part or part in (".", "..") or "\x00" in part:
-            raise PermanentError(f"unsafe object name part {part!r} for event {event.event_id}")
-    return FileSystems.join(root, event.version, event.type, f"{event.user_id}-{start_time}.json")
+        safe_part(part, event)
+    return [event.version, event.type, f"{event.user_id}-{start_time}.json"]
+
+
+def object_path(root: str, event: NormalizedEvent) -> str:
+    """The object name of ``event`` under ``root`` (see terra_object_parts)."""
+    return FileSystems.join(root, *terra_object_parts(event))
 
 
 class ObjectStoreSink(Sink):

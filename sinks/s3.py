@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sinks.base import Sink, SinkResult
+from sinks.object_store import safe_part, terra_object_parts
 from sinks.parquet import parquet_bytes, parquet_key
 from transforms.errors import FatalError, PermanentError, RetryableError
 from transforms.events import NormalizedEvent
 
-ATHLETE_START_TIME = "profile"
 FORMATS = frozenset({"json", "parquet"})
 META_EVENT_ID = "event-id"
 META_ORDERING = "ordering-timestamp-ms"
@@ -129,24 +129,9 @@ def make_client(service: str, endpoint_url: str | None, region: str | None, max_
     return boto3.session.Session().client(service, endpoint_url=endpoint_url, region_name=region, config=config)
 
 
-def _safe_part(part: str, event: NormalizedEvent) -> str:
-    if not part or "/" in part or "\\" in part or part in (".", "..") or "\x00" in part:
-        raise PermanentError(f"unsafe object name part {part!r} for event {event.event_id}")
-    return part
-
-
 def object_key(prefix: str, event: NormalizedEvent) -> str:
     """Terra's key ``<prefix>/<version>/<type>/<user_id>-<start_time>.json``; PermanentError when unusable."""
-    if event.type == "athlete":
-        start_time = ATHLETE_START_TIME
-    else:
-        start_time = (event.data.get("metadata") or {}).get("start_time")
-        if not isinstance(start_time, str) or not start_time:
-            raise PermanentError(f"{event.type} record has no metadata.start_time to name its object")
-    for part in (event.version, event.type, event.user_id, start_time):
-        _safe_part(part, event)
-    parts = [prefix.strip("/"), event.version, event.type, f"{event.user_id}-{start_time}.json"]
-    return "/".join(p for p in parts if p)
+    return "/".join(p for p in [prefix.strip("/"), *terra_object_parts(event)] if p)
 
 
 @dataclass(frozen=True)
@@ -310,7 +295,7 @@ class S3Sink(Sink):
         by_type: dict[str, list[int]] = {}
         for index, event in enumerate(events):
             try:
-                by_type.setdefault(_safe_part(event.type, event), []).append(index)
+                by_type.setdefault(safe_part(event.type, event), []).append(index)
             except PermanentError as exc:
                 fail([index], exc)
         groups = list(by_type.items())
