@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "connectors*", "sinks*", "runners*"]),
-    package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"]},
+    package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"], "connectors": ["*/manifest.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "pyarrow>=25,<26",

@@ -1,7 +1,9 @@
 """Raw data in: providers (one folder each), and later suppliers, mobile ingest and auth.
 
 ``registry()`` discovers every provider folder: adding a provider means adding a folder whose
-``__init__.py`` defines ``PROVIDER`` (a ``connectors.base.Provider``).
+``__init__.py`` defines ``PROVIDER`` (a ``connectors.base.Provider``, with its mappers) next to a
+``manifest.yaml`` (``connectors.manifest.Manifest``: auth, API endpoints, pagination, rate
+limits, webhooks). Both are checked against each other when the registry loads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from functools import cache
 from pathlib import Path
 
 from connectors.base import Provider
+from connectors.manifest import Manifest, load_manifest
+from transforms.errors import FatalError
 
 
 @cache
@@ -22,8 +26,22 @@ def registry() -> dict[str, Provider]:
             continue
         provider = getattr(importlib.import_module(f"connectors.{module.name}"), "PROVIDER", None)
         if isinstance(provider, Provider):
+            provider.manifest = _checked_manifest(provider, Path(__file__).parent / module.name / "manifest.yaml")
             found[provider.slug] = provider
     return found
+
+
+def _checked_manifest(provider: Provider, path: Path) -> Manifest:
+    if not path.exists():
+        raise FatalError(f"provider {provider.slug} has no manifest: add {path}")
+    manifest = load_manifest(path)
+    if (manifest.provider, manifest.terra_name) != (provider.slug, provider.terra_name):
+        raise FatalError(f"{path}: provider/terra_name {manifest.provider}/{manifest.terra_name} do not match "
+                         f"the PROVIDER in code ({provider.slug}/{provider.terra_name})")
+    unmapped = sorted(set(manifest.api.endpoints if manifest.api else {}) - set(provider.kinds))
+    if unmapped:
+        raise FatalError(f"{path}: endpoints for kinds without a mapper: {', '.join(unmapped)}")
+    return manifest
 
 
 def get_provider(slug: str) -> Provider:

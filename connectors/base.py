@@ -89,6 +89,7 @@ class Provider:
     user_field: str | None = None
     doc: str = ""
     kinds: dict[str, KindSpec] = field(default_factory=dict)
+    manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
     def kind(self, name: str, *models: str, doc: str = "") -> Callable[[Mapper], Mapper]:
         """Register the mapper for raw kind ``name`` producing records of ``models``."""
@@ -143,7 +144,7 @@ class Provider:
             produced = spec.mapper(doc)
         except MappingError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
         return [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
                 for item in _as_fragments(produced, spec)]

@@ -49,8 +49,8 @@ def test_normalize_prints_terra_envelopes_as_json_lines():
 
 
 @pytest.mark.parametrize(("provider", "kind", "user", "fixture"), [
-    ("oura", "sleep", "oura-user-1", "oura/sleep_page.json"),
-    ("whoop", "sleep", None, "whoop/sleep_page.json"),
+    ("oura", "sleep", "oura-user-1", "oura/sleep.page.json"),
+    ("whoop", "sleep", None, "whoop/sleep.page.json"),
 ])
 def test_normalize_oura_and_whoop_documents(provider, kind, user, fixture):
     args = ["normalize", "--provider", provider, "--kind", kind, *(["--user", user] if user else []),
@@ -62,7 +62,7 @@ def test_normalize_oura_and_whoop_documents(provider, kind, user, fixture):
 
 
 def test_normalize_explains_what_is_wrong():
-    no_user = healthflow("normalize", "--provider", "oura", "--kind", "sleep", str(FIXTURES / "oura/sleep_page.json"))
+    no_user = healthflow("normalize", "--provider", "oura", "--kind", "sleep", str(FIXTURES / "oura/sleep.page.json"))
     assert no_user.returncode == 1
     assert "no user id" in no_user.stderr
     unknown = healthflow("normalize", "--provider", "nope", "-", stdin=b"{}")

@@ -86,7 +86,7 @@ def merged(*bodies: Any) -> dict[tuple[str, str, str], NormalizedEvent]:
 
 def day_push(user: str) -> dict[str, Any]:
     """The complete (86400 s) daily of ``user`` from the evening push."""
-    return next(d for d in load("dailies_through_the_day.json")[2]["dailies"] if d["userId"] == user)
+    return next(d for d in load("dailies.through_the_day.json")[2]["dailies"] if d["userId"] == user)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_epochs_become_met_and_activity_level_samples_of_the_day() -> None:
 
 
 def test_stress_details_skip_negative_codes() -> None:
-    record = only(load("stress_details.json"))
+    record = only(load("stressDetails.json"))
     assert natural_key("daily", record) == "2024-03-11"
     # -1 off wrist, -2 large motion, -3 not enough data, -4 recovering, -5 unidentified: no level
     assert record["stress_data"]["samples"] == [
@@ -196,7 +196,7 @@ def test_pulse_ox_and_user_metrics() -> None:
 # sleeps
 # ----------------------------------------------------------------------------------------------------------------------
 def test_final_sleep_times_durations_hypnogram_and_respiration() -> None:
-    record = only(load("sleeps_final.json"), USER_A)
+    record = only(load("sleeps.final.json"), USER_A)
     assert record["metadata"] == {
         "summary_id": "x2f41c9a-65ee8490",
         "start_time": "2024-03-10T23:12:00.000000-05:00",  # the evening before calendarDate, local time
@@ -234,7 +234,7 @@ def test_final_sleep_times_durations_hypnogram_and_respiration() -> None:
 
 
 def test_tentative_sleep_is_upload_type_tentative() -> None:
-    record = only(load("sleeps_tentative.json"))
+    record = only(load("sleeps.tentative.json"))
     assert record["metadata"]["upload_type"] == 3  # ENHANCED_TENTATIVE → TENTATIVE
     assert record["metadata"]["end_time"] == "2024-03-11T06:52:00.000000-05:00"
     assert 6 not in {s["level"] for s in record["sleep_durations_data"]["hypnogram_samples"]}  # no REM staged yet
@@ -242,7 +242,7 @@ def test_tentative_sleep_is_upload_type_tentative() -> None:
 
 
 def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> None:
-    record = only(load("sleeps_final.json"), USER_B)
+    record = only(load("sleeps.final.json"), USER_B)
     assert record["metadata"]["start_time"] == "2024-03-10T22:40:00.000000+05:30"
     # 24300 asleep + 900 awake + 300 unmeasurable (the example's spelling): 22:40 + 7 h 05 min
     assert record["metadata"]["end_time"] == "2024-03-11T05:45:00.000000+05:30"
@@ -255,7 +255,7 @@ def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> N
 @pytest.mark.parametrize(("validation", "upload_type"), [
     ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0)])
 def test_sleep_validation_to_upload_type(validation: str, upload_type: int) -> None:
-    doc = dict(load("sleeps_final.json")["sleeps"][0], validation=validation)
+    doc = dict(load("sleeps.final.json")["sleeps"][0], validation=validation)
     assert only({"sleeps": [doc]})["metadata"]["upload_type"] == upload_type
 
 
@@ -310,7 +310,7 @@ def test_manually_updated_activity_is_manual_with_the_same_key() -> None:
 
 
 def test_activity_details_samples_laps_and_summary_id_of_the_activity() -> None:
-    record = only(load("activity_details.json"))
+    record = only(load("activityDetails.json"))
     summary = only({"activities": [load("activities.json")["activities"][0]]})
     assert record["metadata"] == summary["metadata"]  # summary_id "14562379901", not "...-detail"
     assert natural_key("activity", record) == natural_key("activity", summary) == "14562379901"
@@ -343,16 +343,16 @@ def test_activity_details_samples_laps_and_summary_id_of_the_activity() -> None:
 
 
 def test_activity_and_its_details_merge_into_one_event() -> None:
-    events = merged(load("activities.json"), load("activity_details.json"))
+    events = merged(load("activities.json"), load("activityDetails.json"))
     assert sorted(key for _, _, key in events) == ["14562379901", "14563011422"]
     run = events[(USER_B, "activity", "14562379901")].data
     summary = only({"activities": [load("activities.json")["activities"][0]]})
-    details = only(load("activity_details.json"))
+    details = only(load("activityDetails.json"))
     assert run == details  # details repeat every summary field and add the samples
     assert run["movement_data"]["avg_speed_meters_per_second"] == summary["movement_data"][
         "avg_speed_meters_per_second"]
     # details first, summary later: the summary does not wipe the samples
-    reverse = merged(load("activity_details.json"), load("activities.json"))[(USER_B, "activity", "14562379901")]
+    reverse = merged(load("activityDetails.json"), load("activities.json"))[(USER_B, "activity", "14562379901")]
     assert len(reverse.data["heart_rate_data"]["detailed"]["hr_samples"]) == 4
     assert reverse.data["metadata"] == summary["metadata"]
 
@@ -361,7 +361,7 @@ def test_activity_and_its_details_merge_into_one_event() -> None:
 # bodyComps, bloodPressures, mct
 # ----------------------------------------------------------------------------------------------------------------------
 def test_body_comps_grams_to_kg_on_the_local_day() -> None:
-    evening, manual = normalize(load("body_comps.json"))
+    evening, manual = normalize(load("bodyComps.json"))
     # measured 21:30 in Bogotá = 02:30Z on the 12th: the day is the local one
     assert evening.data == {
         "metadata": {"start_time": "2024-03-11T00:00:00.000000-05:00", "end_time": "2024-03-12T00:00:00.000000-05:00",
@@ -383,12 +383,12 @@ def test_body_comps_grams_to_kg_on_the_local_day() -> None:
 
 
 def test_blood_pressure_and_weight_merge_into_the_days_body() -> None:
-    reading = only(load("blood_pressures.json"))
+    reading = only(load("bloodPressures.json"))
     assert reading["blood_pressure_data"] == {"blood_pressure_samples": [
         {"timestamp": "2024-03-11T07:50:00.000000+05:30", "systolic_bp": 128, "diastolic_bp": 82}]}
     assert reading["heart_data"] == {"heart_rate_data": {"detailed": {"hr_samples": [
         {"timestamp": "2024-03-11T07:50:00.000000+05:30", "bpm": 71}]}}}
-    body = merged(load("body_comps.json"), load("blood_pressures.json"))[(USER_B, "body", "2024-03-11")].data
+    body = merged(load("bodyComps.json"), load("bloodPressures.json"))[(USER_B, "body", "2024-03-11")].data
     assert body["measurements_data"]["measurements"][0]["weight_kg"] == 80.65
     assert body["blood_pressure_data"] == reading["blood_pressure_data"]
     assert body["heart_data"] == reading["heart_data"]
@@ -410,12 +410,12 @@ def test_mct_keyed_on_period_start_with_version_from_last_update() -> None:
             "last_updated_time": "2024-03-04T14:00:00.000000+00:00",
         },
     }
-    (update,) = normalize(load("mct_update.json"))
-    assert load("mct_update.json")["mct"][0]["summaryId"] != load("mct.json")["mct"][0]["summaryId"]
+    (update,) = normalize(load("mct.update.json"))
+    assert load("mct.update.json")["mct"][0]["summaryId"] != load("mct.json")["mct"][0]["summaryId"]
     assert natural_key("menstruation", update.data) == natural_key("menstruation", fragment.data) == "2024-03-02"
     assert update.data["menstruation_data"]["current_phase"] == 2  # FOLLICULAR
     # delivered newest first: the older edit must not win
-    event = merged(load("mct_update.json"), load("mct.json"))[(USER_A, "menstruation", "2024-03-02")]
+    event = merged(load("mct.update.json"), load("mct.json"))[(USER_A, "menstruation", "2024-03-02")]
     assert event.data == update.data
     assert event.ordering_timestamp_ms == 1710140000000
 
@@ -424,7 +424,7 @@ def test_mct_keyed_on_period_start_with_version_from_last_update() -> None:
 # update semantics through the merge
 # ----------------------------------------------------------------------------------------------------------------------
 def test_daily_resent_three_times_ends_as_the_last_one() -> None:
-    pushes = load("dailies_through_the_day.json")
+    pushes = load("dailies.through_the_day.json")
     last = only({"dailies": [day_push(USER_A)]})
     first = only(pushes[0])
     assert first != last and first["distance_data"]["steps"] == 3120
@@ -444,10 +444,10 @@ def test_daily_resent_three_times_ends_as_the_last_one() -> None:
 
 def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
     day = only({"dailies": [day_push(USER_A)]})
-    stress = only(load("stress_details.json"))
+    stress = only(load("stressDetails.json"))
     for order in (("dailies", "epochs", "stress"), ("epochs", "stress", "dailies")):
         bodies = {"dailies": {"dailies": [day_push(USER_A)]}, "epochs": load("epochs.json"),
-                  "stress": load("stress_details.json")}
+                  "stress": load("stressDetails.json")}
         record = merged(*(bodies[name] for name in order))[(USER_A, "daily", "2024-03-11")].data
         for key in ("metadata", "distance_data", "calories_data", "heart_rate_data"):
             assert record[key] == day[key], (order, key)
@@ -462,8 +462,8 @@ def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
 
 
 def test_tentative_then_final_sleep_ends_final() -> None:
-    final = only(load("sleeps_final.json"), USER_A)
-    event = merged(load("sleeps_tentative.json"), load("sleeps_final.json"))[(USER_A, "sleep", "x2f41c9a-65ee8490")]
+    final = only(load("sleeps.final.json"), USER_A)
+    event = merged(load("sleeps.tentative.json"), load("sleeps.final.json"))[(USER_A, "sleep", "x2f41c9a-65ee8490")]
     record = event.data
     assert record["metadata"] == final["metadata"]  # upload_type 2, end 06:58
     assert record["sleep_durations_data"]["asleep"] == final["sleep_durations_data"]["asleep"]
@@ -481,13 +481,13 @@ def test_tentative_then_final_sleep_ends_final() -> None:
 @pytest.mark.parametrize(("kind", "doc", "field"), [
     ("dailies", lambda: day_push(USER_A), "startTimeInSeconds"),
     ("epochs", lambda: load("epochs.json")["epochs"][0], "startTimeInSeconds"),
-    ("sleeps", lambda: load("sleeps_final.json")["sleeps"][0], "startTimeInSeconds"),
-    ("sleeps", lambda: load("sleeps_final.json")["sleeps"][0], "summaryId"),
-    ("stressDetails", lambda: load("stress_details.json")["stressDetails"][0], "startTimeInSeconds"),
+    ("sleeps", lambda: load("sleeps.final.json")["sleeps"][0], "startTimeInSeconds"),
+    ("sleeps", lambda: load("sleeps.final.json")["sleeps"][0], "summaryId"),
+    ("stressDetails", lambda: load("stressDetails.json")["stressDetails"][0], "startTimeInSeconds"),
     ("activities", lambda: load("activities.json")["activities"][0], "startTimeInSeconds"),
     ("activities", lambda: load("activities.json")["activities"][0], "durationInSeconds"),
-    ("bodyComps", lambda: load("body_comps.json")["bodyComps"][0], "measurementTimeInSeconds"),
-    ("bloodPressures", lambda: load("blood_pressures.json")["bloodPressures"][0], "systolic"),
+    ("bodyComps", lambda: load("bodyComps.json")["bodyComps"][0], "measurementTimeInSeconds"),
+    ("bloodPressures", lambda: load("bloodPressures.json")["bloodPressures"][0], "systolic"),
     ("mct", lambda: load("mct.json")["mct"][0], "periodStartDate"),
 ])
 def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: str) -> None:
@@ -497,7 +497,7 @@ def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: s
 
 
 def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:
-    doc = load("activity_details.json")["activityDetails"][0]
+    doc = load("activityDetails.json")["activityDetails"][0]
     with pytest.raises(MappingError, match="summaryId"):
         normalize({"activityDetails": [dict(doc, summaryId=None)]})
     with pytest.raises(MappingError, match="startTimeInSeconds"):

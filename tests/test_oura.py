@@ -35,7 +35,7 @@ def normalize(payload: Any, kind: str) -> list[Fragment]:
 
 
 def test_long_sleep_keeps_local_offset_and_maps_durations() -> None:
-    long_sleep, _nap = normalize(load("sleep_page.json"), "sleep")
+    long_sleep, _nap = normalize(load("sleep.page.json"), "sleep")
     assert long_sleep.type == "sleep"
     assert long_sleep.version_ms == 1710137564000  # meta.updated_at 2024-03-11T06:12:44Z
     record = long_sleep.data
@@ -66,8 +66,8 @@ def test_long_sleep_keeps_local_offset_and_maps_durations() -> None:
 
 
 def test_hypnogram_is_one_sample_per_five_minutes_with_terra_levels() -> None:
-    record = normalize(load("sleep_page.json"), "sleep")[0].data
-    phases = load("sleep_page.json")["data"][0]["sleep_phase_5_min"]
+    record = normalize(load("sleep.page.json"), "sleep")[0].data
+    phases = load("sleep.page.json")["data"][0]["sleep_phase_5_min"]
     hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
     assert len(hypnogram) == len(phases) == 94  # ceil(27960 s / 300 s)
     assert hypnogram[0] == {"timestamp": "2024-03-10T23:12:00.000000+01:00", "level": 1}  # '4' awake
@@ -81,8 +81,8 @@ def test_hypnogram_is_one_sample_per_five_minutes_with_terra_levels() -> None:
 
 
 def test_sleep_heart_rate_samples_skip_null_items() -> None:
-    record = normalize(load("sleep_page.json"), "sleep")[0].data
-    source = load("sleep_page.json")["data"][0]
+    record = normalize(load("sleep.page.json"), "sleep")[0].data
+    source = load("sleep.page.json")["data"][0]
     detailed = record["heart_rate_data"]["detailed"]
     present = [i for i, v in enumerate(source["heart_rate"]["items"]) if v is not None]
     assert len(detailed["hr_samples"]) == len(present) == 91  # 93 items, 2 null
@@ -99,19 +99,19 @@ def test_sleep_heart_rate_samples_skip_null_items() -> None:
 
 
 def test_nap_types_map_to_is_nap() -> None:
-    nap = normalize(load("sleep_page.json"), "sleep")[1].data
+    nap = normalize(load("sleep.page.json"), "sleep")[1].data
     assert nap["metadata"]["is_nap"] is True
     assert nap["metadata"]["start_time"] == "2024-03-11T14:05:30.000000+01:00"
     assert [s["level"] for s in nap["sleep_durations_data"]["hypnogram_samples"]] == [1, 4, 4, 5, 4, 4, 1, 1]
     assert nap["sleep_durations_data"]["asleep"]["duration_REM_sleep_state_seconds"] == 0  # zero kept, not dropped
     assert "readiness_data" not in nap
-    late_nap = dict(load("sleep_page.json")["data"][1], type="late_nap")
+    late_nap = dict(load("sleep.page.json")["data"][1], type="late_nap")
     assert normalize(late_nap, "sleep")[0].data["metadata"]["is_nap"] is True
 
 
 def test_sleep_update_version_2_supersedes_version_1() -> None:
-    (first,) = normalize(load("sleep_v1.json"), "sleep")
-    second = normalize(load("sleep_page.json"), "sleep")[0]
+    (first,) = normalize(load("sleep.v1.json"), "sleep")
+    second = normalize(load("sleep.page.json"), "sleep")[0]
     assert natural_key("sleep", first.data) == natural_key("sleep", second.data)
     assert first.version_ms < second.version_ms
     assert first.data["metadata"]["end_time"] == "2024-03-11T06:48:00.000000+01:00"
@@ -128,11 +128,11 @@ def test_sleep_update_version_2_supersedes_version_1() -> None:
 ])
 def test_unmappable_sleeps_raise_mapping_error(case: str, reason: str) -> None:
     with pytest.raises(MappingError, match=reason):
-        normalize(load("sleep_unmappable.json")[case], "sleep")
+        normalize(load("sleep.bad.json")[case], "sleep")
 
 
 def test_sleep_without_bedtime_or_with_unknown_type_is_rejected() -> None:
-    good = load("sleep_page.json")["data"][0]
+    good = load("sleep.page.json")["data"][0]
     with pytest.raises(MappingError, match="bedtime_end"):
         normalize({k: v for k, v in good.items() if k != "bedtime_end"}, "sleep")
     with pytest.raises(MappingError, match="unknown Oura sleep type 'siesta'"):
@@ -206,7 +206,7 @@ def test_daily_scores_and_spo2_share_the_day_key() -> None:
 
 
 def test_workouts() -> None:
-    cycling, pickleball = normalize(load("workout_page.json"), "workout")
+    cycling, pickleball = normalize(load("workout.page.json"), "workout")
     assert cycling.type == "activity"
     assert cycling.data == {
         "metadata": {
@@ -225,7 +225,7 @@ def test_workouts() -> None:
     assert pickleball.data["metadata"]["upload_type"] == 2  # manual
     assert pickleball.data["metadata"]["name"] == "Pickleball with Sam"
     assert "distance_data" not in pickleball.data
-    running = dict(load("workout_page.json")["data"][0], activity="Running")
+    running = dict(load("workout.page.json")["data"][0], activity="Running")
     assert normalize(running, "workout")[0].data["metadata"]["type"] == 8
 
 

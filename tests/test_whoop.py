@@ -35,12 +35,12 @@ def normalize(payload: Any, kind: str) -> list[Fragment]:
 
 def recovery_with_sleep() -> dict[str, Any]:
     """The recovery as a collector delivers it: with its sleep (GET /v2/activity/sleep/{sleep_id}) attached."""
-    recovery = load("recovery.json")["records"][0]
-    return dict(recovery, sleep=load("sleep_page.json")["records"][0])
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    return dict(recovery, sleep=load("sleep.page.json")["records"][0])
 
 
 def test_cycle_day_key_is_the_local_date_of_its_start() -> None:
-    central_europe, new_york = normalize(load("cycle_page.json"), "cycle")
+    central_europe, new_york = normalize(load("cycle.page.json"), "cycle")
     assert central_europe.type == "daily"
     assert central_europe.provider_user_id == "245199"
     assert central_europe.version_ms == 1710193766202  # updated_at 2024-03-11T21:49:26.202Z
@@ -59,7 +59,7 @@ def test_cycle_day_key_is_the_local_date_of_its_start() -> None:
 
 
 def test_scored_sleep() -> None:
-    night, nap = normalize(load("sleep_page.json"), "sleep")
+    night, nap = normalize(load("sleep.page.json"), "sleep")
     assert night.version_ms == 1710137692090  # 2024-03-11T06:14:52.090Z
     assert night.data == {
         "metadata": {
@@ -93,22 +93,22 @@ def test_scored_sleep() -> None:
 
 
 def test_pending_sleep_maps_times_only_and_is_superseded_when_scored() -> None:
-    (pending,) = normalize(load("sleep_pending.json"), "sleep")
-    scored = normalize(load("sleep_page.json"), "sleep")[0]
+    (pending,) = normalize(load("sleep.pending.json"), "sleep")
+    scored = normalize(load("sleep.page.json"), "sleep")[0]
     assert pending.data == {"metadata": scored.data["metadata"]}
     assert natural_key("sleep", pending.data) == natural_key("sleep", scored.data) == SLEEP_ID
     assert pending.version_ms < scored.version_ms
 
 
 def test_unscorable_sleep_ignores_any_score() -> None:
-    doc = dict(load("sleep_page.json")["records"][0], score_state="UNSCORABLE")
+    doc = dict(load("sleep.page.json")["records"][0], score_state="UNSCORABLE")
     (fragment,) = normalize(doc, "sleep")
     assert set(fragment.data) == {"metadata"}
 
 
 def test_recovery_completes_its_sleep() -> None:
     (fragment,) = normalize({"records": [recovery_with_sleep()]}, "recovery")
-    scored_sleep = normalize(load("sleep_page.json"), "sleep")[0]
+    scored_sleep = normalize(load("sleep.page.json"), "sleep")[0]
     assert fragment.type == "sleep"
     assert natural_key("sleep", fragment.data) == SLEEP_ID
     assert fragment.version_ms == 1710137721009  # the recovery's updated_at, newer than the sleep's
@@ -134,14 +134,14 @@ def test_pending_recovery_carries_only_its_sleep() -> None:
 
 def test_recovery_without_its_sleep_cannot_make_a_valid_sleep_record() -> None:
     with pytest.raises(MappingError, match="has no 'sleep' document"):
-        normalize(load("recovery.json"), "recovery")
-    other_sleep = dict(recovery_with_sleep(), sleep=load("sleep_page.json")["records"][1])
+        normalize(load("recovery.bad_no_sleep.json"), "recovery")
+    other_sleep = dict(recovery_with_sleep(), sleep=load("sleep.page.json")["records"][1])
     with pytest.raises(MappingError, match="is not this recovery's sleep"):
         normalize(other_sleep, "recovery")
 
 
 def test_scored_workout() -> None:
-    running, hike = normalize(load("workout_page.json"), "workout")
+    running, hike = normalize(load("workout.page.json"), "workout")
     assert running.type == "activity"
     assert running.version_ms == 1710177879768
     assert running.data == {
@@ -179,7 +179,7 @@ def test_scored_workout() -> None:
 
 
 def test_legacy_workout_zone_duration_and_unknown_sport() -> None:
-    (fragment,) = normalize(load("workout_legacy.json"), "workout")
+    (fragment,) = normalize(load("workout.legacy.json"), "workout")
     assert fragment.provider_user_id == "10129"
     metadata = fragment.data["metadata"]
     assert metadata["summary_id"] == "1043"
@@ -199,16 +199,16 @@ def test_legacy_workout_zone_duration_and_unknown_sport() -> None:
 ])
 def test_unmappable_records_raise_mapping_error(case: str, reason: str) -> None:
     with pytest.raises(MappingError, match=reason):
-        normalize(load("unmappable.json")[case], "sleep")
+        normalize(load("sleep.bad.json")[case], "sleep")
 
 
 def test_missing_fields_raise_mapping_error() -> None:
-    cycle = load("cycle_page.json")["records"][0]
+    cycle = load("cycle.page.json")["records"][0]
     with pytest.raises(MappingError, match="missing required field"):
         normalize({k: v for k, v in cycle.items() if k != "start"}, "cycle")
     with pytest.raises(MappingError, match="timezone_offset"):
         normalize({k: v for k, v in cycle.items() if k != "timezone_offset"}, "cycle")
-    sleep = load("sleep_page.json")["records"][0]
+    sleep = load("sleep.page.json")["records"][0]
     with pytest.raises(MappingError, match=r"missing required field.*end"):
         normalize({k: v for k, v in sleep.items() if k != "end"}, "sleep")
     with pytest.raises(MappingError, match="no user id"):

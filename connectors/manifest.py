@@ -1,0 +1,117 @@
+"""A provider's manifest: what can be declared instead of coded (``connectors/<slug>/manifest.yaml``).
+
+Auth (OAuth 2 / OAuth 1.0a / none), the pull API (base URL, one endpoint per raw kind with its time
+window and item field, pagination, rate limits), how the provider pushes (webhooks or push bodies,
+and how they are signed). Mappers stay in code (``__init__.py``); everything a connection, poller
+or webhook receiver needs to know about the provider's API lives here, validated when loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+from transforms.errors import FatalError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OAuth2(_Strict):
+    type: Literal["oauth2"]
+    authorize_url: HttpUrl
+    token_url: HttpUrl
+    scopes: list[str] = Field(default_factory=list)
+    scope_separator: str = " "
+    pkce: bool = False
+    client_auth: Literal["basic", "body"] = "body"
+    refresh_token_rotates: bool = True
+    revoke_url: HttpUrl | None = None
+
+
+class OAuth1(_Strict):
+    type: Literal["oauth1"]
+    request_token_url: HttpUrl
+    authorize_url: HttpUrl
+    access_token_url: HttpUrl
+
+
+class NoAuth(_Strict):
+    """Data arrives from a companion app or an SDK (HealthKit, Health Connect), not from an API."""
+
+    type: Literal["none"]
+
+
+class Window(_Strict):
+    start_param: str
+    end_param: str
+    format: Literal["date", "datetime", "unix"] = "date"
+    max_days: int = Field(30, ge=1)
+
+
+class Endpoint(_Strict):
+    path: str = Field(pattern=r"^/")
+    method: Literal["GET", "POST"] = "GET"
+    window: Window | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class Pagination(_Strict):
+    style: Literal["none", "token", "offset", "page"] = "none"
+    request_param: str | None = None
+    response_field: str | None = None
+    page_size_param: str | None = None
+    page_size: int | None = None
+
+
+class RateLimit(_Strict):
+    requests: int = Field(ge=1)
+    per_seconds: float = Field(gt=0)
+    scope: Literal["app", "user"] = "app"
+
+
+class Api(_Strict):
+    base_url: HttpUrl
+    endpoints: dict[str, Endpoint] = Field(default_factory=dict, description="raw kind → endpoint")
+    pagination: Pagination = Field(default_factory=Pagination)
+    rate_limits: list[RateLimit] = Field(default_factory=list)
+
+
+class Signature(_Strict):
+    header: str
+    algorithm: Literal["hmac-sha256", "hmac-sha1"] = "hmac-sha256"
+    encoding: Literal["hex", "hex-upper", "base64"] = "hex"
+    timestamp_header: str | None = None
+    message: Literal["body", "timestamp+body"] = "body"
+    key: Literal["client_secret", "client_secret&", "webhook_secret"] = "client_secret"
+
+
+class Webhooks(_Strict):
+    mode: Literal["push", "ping", "notification"] = Field(
+        description="push: the data itself; ping: a callback URL to fetch; notification: ids to fetch")
+    signature: Signature | None = None
+
+
+class Manifest(_Strict):
+    provider: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    terra_name: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
+    display_name: str
+    docs: HttpUrl | None = None
+    auth: OAuth2 | OAuth1 | NoAuth = Field(discriminator="type")
+    api: Api | None = None
+    webhooks: Webhooks | None = None
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; FatalError names the file and every problem."""
+    try:
+        return Manifest.model_validate(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FatalError(f"cannot read provider manifest {path}: {exc}") from exc
+    except ValidationError as exc:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise FatalError(f"provider manifest {path} is not valid:\n{problems}") from exc
