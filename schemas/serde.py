@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -72,30 +73,45 @@ def validate_record(model_type: str, record: dict[str, Any]) -> dict[str, Any]:
     ``distance_meters``): providers report some quantities with decimals that Terra's models carry
     as integers, and rounding here, in one place, keeps mappers simple. Anything else that does not
     fit — a wrong type, a missing required field, a field the schema does not define (Avro would
-    silently drop it) — raises SchemaMismatch naming the field path.
+    silently drop it), NaN or infinity — raises SchemaMismatch naming the field path.
     """
-    return _check(record, model_schema(model_type), model_type, _record_names(model_type))
+    try:
+        return _validator(model_type)(record)
+    except _Mismatch as exc:
+        raise SchemaMismatch(f"{model_type}{''.join(reversed(exc.path))}: {exc.reason}") from None
+
+
+class _Mismatch(Exception):
+    """Raised inside a compiled validator; the path is collected on the way out (errors are rare)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason, self.path = reason, []
+
+
+Check = Callable[[Any], Any]
 
 
 @cache
-def _record_names(model_type: str) -> dict[str, dict[str, Any]]:
-    """Every named record in a model schema by full name (parsed schemas refer back by name)."""
+def _validator(model_type: str) -> Check:
+    """The model schema compiled once into nested check functions (validation is on the hot path)."""
     names: dict[str, dict[str, Any]] = {}
+    _collect_records(model_schema(model_type), names)
+    compiled: dict[str, Check] = {}
+    return _compile(model_schema(model_type), names, compiled)
 
-    def collect(node: Any) -> None:
-        if isinstance(node, list):
-            for branch in node:
-                collect(branch)
-        elif isinstance(node, dict):
-            if node.get("type") == "record":
-                names[node["name"]] = node
-                for field in node["fields"]:
-                    collect(field["type"])
-            elif node.get("type") in ("array", "map"):
-                collect(node.get("items") or node.get("values"))
 
-    collect(model_schema(model_type))
-    return names
+def _collect_records(node: Any, names: dict[str, dict[str, Any]]) -> None:
+    if isinstance(node, list):
+        for branch in node:
+            _collect_records(branch, names)
+    elif isinstance(node, dict):
+        if node.get("type") == "record":
+            names[node["name"]] = node
+            for field in node["fields"]:
+                _collect_records(field["type"], names)
+        elif node.get("type") in ("array", "map"):
+            _collect_records(node.get("items") or node.get("values"), names)
 
 
 def _is_number(value: Any) -> bool:
@@ -105,79 +121,126 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
-_PRIMITIVES: dict[str, Any] = {
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31,
-    "long": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63,
-    "double": lambda v: _is_number(v),
-    "float": lambda v: _is_number(v),
-    "bytes": lambda v: isinstance(v, bytes),
-    "null": lambda v: v is None,
-}
+def _primitive(kind: str) -> Check:
+    accepts = {
+        "string": lambda v: isinstance(v, str),
+        "boolean": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31,
+        "long": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63,
+        "double": _is_number,
+        "float": _is_number,
+        "bytes": lambda v: isinstance(v, bytes),
+        "null": lambda v: v is None,
+    }[kind]
+    integer = kind in ("int", "long")
+
+    def check(value: Any) -> Any:
+        if integer and isinstance(value, float) and math.isfinite(value):
+            value = round(value)
+        if not accepts(value):
+            raise _Mismatch(f"expected {kind}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    return check
 
 
-def _check(value: Any, schema: Any, path: str, names: dict[str, dict[str, Any]]) -> Any:
+def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, Check]) -> Check:
     if isinstance(schema, str):
-        if schema in names:
-            schema = names[schema]
-        else:
-            if schema in ("int", "long") and isinstance(value, float) and math.isfinite(value):
-                value = round(value)
-            if not _PRIMITIVES[schema](value):
-                raise SchemaMismatch(f"{path}: expected {schema}, got {type(value).__name__} {value!r:.60}")
-            return value
+        if schema not in names:
+            return _primitive(schema)
+        if schema not in compiled:  # compile each named record once; later references share it
+            compiled[schema] = lambda value: compiled[schema](value)  # placeholder for recursive types
+            compiled[schema] = _compile(names[schema], names, compiled)
+        return compiled[schema]
     if isinstance(schema, list):
-        if value is None and "null" in schema:
-            return None
-        errors = []
-        for branch in schema:
-            if branch == "null":
-                continue
-            try:
-                return _check(value, branch, path, names)
-            except SchemaMismatch as exc:
-                errors.append(str(exc))
-        raise SchemaMismatch(errors[0] if len(errors) == 1 else f"{path}: no union branch fits: {errors}")
+        nullable = "null" in schema
+        branches = [_compile(b, names, compiled) for b in schema if b != "null"]
+        if len(branches) == 1:
+            (only,) = branches
+            return (lambda value: None if value is None else only(value)) if nullable else only
+
+        def union(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            reasons = []
+            for branch in branches:
+                try:
+                    return branch(value)
+                except _Mismatch as exc:
+                    reasons.append(exc.reason)
+            raise _Mismatch(f"no union branch fits: {reasons}")
+
+        return union
     kind = schema["type"]
     if kind == "record":
-        if not isinstance(value, dict):
-            raise SchemaMismatch(f"{path}: expected an object, got {type(value).__name__}")
-        fields = _fields(schema)
-        for key in value:
-            if key not in fields:
-                raise SchemaMismatch(f"{path}.{key}: field not defined by the schema")
-        out = {}
-        for name, (field_type, optional) in fields.items():
-            if name in value:
-                out[name] = _check(value[name], field_type, f"{path}.{name}", names)
-            elif not optional:
-                raise SchemaMismatch(f"{path}.{name}: required field missing")
-        return out
+        fields = [(f["name"], _compile(f["type"], names, compiled),
+                   "default" in f or (isinstance(f["type"], list) and "null" in f["type"])) for f in schema["fields"]]
+        known = {name for name, _, _ in fields}
+        if "name" in schema:
+            compiled[schema["name"]] = lambda value: record(value)
+
+        def record(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Mismatch(f"expected an object, got {type(value).__name__}")
+            for key in value:
+                if key not in known:
+                    error = _Mismatch("field not defined by the schema")
+                    error.path.append(f".{key}")
+                    raise error
+            out = {}
+            for name, check, optional in fields:
+                if name in value:
+                    try:
+                        out[name] = check(value[name])
+                    except _Mismatch as exc:
+                        exc.path.append(f".{name}")
+                        raise
+                elif not optional:
+                    error = _Mismatch("required field missing")
+                    error.path.append(f".{name}")
+                    raise error
+            return out
+
+        return record
     if kind == "array":
-        if not isinstance(value, list):
-            raise SchemaMismatch(f"{path}: expected a list, got {type(value).__name__}")
-        return [_check(item, schema["items"], f"{path}[{i}]", names) for i, item in enumerate(value)]
+        item_check = _compile(schema["items"], names, compiled)
+
+        def array(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise _Mismatch(f"expected a list, got {type(value).__name__}")
+            out = []
+            for index, item in enumerate(value):
+                try:
+                    out.append(item_check(item))
+                except _Mismatch as exc:
+                    exc.path.append(f"[{index}]")
+                    raise
+            return out
+
+        return array
     if kind == "map":
-        if not isinstance(value, dict):
-            raise SchemaMismatch(f"{path}: expected an object, got {type(value).__name__}")
-        return {k: _check(v, schema["values"], f"{path}.{k}", names) for k, v in value.items()}
+        value_check = _compile(schema["values"], names, compiled)
+
+        def mapping(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Mismatch(f"expected an object, got {type(value).__name__}")
+            out = {}
+            for key, item in value.items():
+                try:
+                    out[key] = value_check(item)
+                except _Mismatch as exc:
+                    exc.path.append(f".{key}")
+                    raise
+            return out
+
+        return mapping
     if kind == "enum":
-        if value not in schema["symbols"]:
-            raise SchemaMismatch(f"{path}: {value!r} is not one of {schema['symbols']}")
-        return value
-    return _check(value, kind, path, names)
+        symbols = schema["symbols"]
 
+        def enum(value: Any) -> Any:
+            if value not in symbols:
+                raise _Mismatch(f"{value!r} is not one of {symbols}")
+            return value
 
-_FIELD_CACHE: dict[int, dict[str, tuple[Any, bool]]] = {}
-
-
-def _fields(record_schema: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
-    """``name → (type, optional)`` of a parsed record schema, cached per schema object."""
-    key = id(record_schema)
-    cached = _FIELD_CACHE.get(key)
-    if cached is None:
-        cached = {f["name"]: (f["type"], "default" in f or (isinstance(f["type"], list) and "null" in f["type"]))
-                  for f in record_schema["fields"]}
-        _FIELD_CACHE[key] = cached
-    return cached
+        return enum
+    return _compile(kind, names, compiled)
