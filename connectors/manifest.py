@@ -47,14 +47,16 @@ class NoAuth(_Strict):
 
 
 class Window(_Strict):
-    start_param: str
-    end_param: str
+    """The time window of a request: query parameters, or ``{start}``/``{end}`` in the path."""
+
+    start_param: str | None = None
+    end_param: str | None = None
     format: Literal["date", "datetime", "unix"] = "date"
     max_days: int = Field(30, ge=1)
 
 
 class Endpoint(_Strict):
-    path: str = Field(pattern=r"^/")
+    path: str = Field(pattern=r"^/", description="may hold {start} and {end} placeholders")
     method: Literal["GET", "POST"] = "GET"
     window: Window | None = None
     params: dict[str, str] = Field(default_factory=dict)
