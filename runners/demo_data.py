@@ -275,7 +275,7 @@ class Simulator:
                          received_at_ms=self.received)
         yield RawPayload("oura", _j({"data": [{"id": "no-times", "day": "2026-11-01"}]}), kind="sleep",
                          user_id="oura-bad", received_at_ms=self.received)
-        yield RawPayload("fitbit", _j({"activities": []}), kind="activities", user_id="x", received_at_ms=self.received)
+        yield RawPayload("acme_band", _j({"steps": []}), kind="steps", user_id="x", received_at_ms=self.received)
 
 
 def day_index_is_first(day: date) -> bool:

@@ -65,3 +65,11 @@ def test_non_finite_numbers_are_dead_lettered_not_passed_on():
     assert isinstance(outcome, Failed) and outcome.stage == "parse"
     assert "NaN" in outcome.record["error_message"] and outcome.record["original"].endswith(b"}")
     assert json.loads(RawPayload("garmin", body).payload.replace(b"NaN", b"1"))  # only the NaN was the problem
+
+
+def test_samples_at_the_same_instant_merge_field_by_field():
+    weight = [{"measurement_time": "2026-11-02T07:00:00.000000+01:00", "weight_kg": 71.2}]
+    fat = [{"measurement_time": "2026-11-02T07:00:00.000000+01:00", "bodyfat_percentage": 18.5}]
+    merged = deep_merge({"measurements": weight}, {"measurements": fat})["measurements"]
+    assert merged == [{"measurement_time": "2026-11-02T07:00:00.000000+01:00", "weight_kg": 71.2,
+                       "bodyfat_percentage": 18.5}]

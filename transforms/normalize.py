@@ -192,13 +192,17 @@ def deep_merge(older: Any, newer: Any) -> Any:
         return merged
     if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
         # A newer sample list is authoritative for the span it covers: older samples inside that span
-        # go (a final hypnogram replaces the tentative one), older ones outside it stay (a new
-        # epoch adds to the day). Samples compare by instant, whatever offset they are written in.
+        # go (a final hypnogram replaces the tentative one), except that a sample at the same instant
+        # is merged field by field (a fat reading completes the weight taken at that moment); older
+        # samples outside the span stay (a new epoch adds to the day). Samples compare by instant,
+        # whatever offset they are written in.
         time_key = _time_key(newer[0])
         span = [_instant(item[time_key]) for item in newer]
         first, last = min(span), max(span)
+        older_at = {_instant(item[time_key]): item for item in older}
+        merged_newer = [deep_merge(older_at[at], item) if at in older_at else item for at, item in zip(span, newer)]
         kept = [item for item in older if not first <= _instant(item[time_key]) <= last]
-        return sorted(kept + newer, key=lambda item: _instant(item[time_key]))
+        return sorted(kept + merged_newer, key=lambda item: _instant(item[time_key]))
     return newer
 
 

@@ -1,0 +1,570 @@
+"""Polar AccessLink v3 responses (the non-transactional endpoints; physical info also in its legacy form).
+
+Raw kinds, one AccessLink response body per raw payload:
+
+- ``exercises``: one exercise, ``GET /v3/exercises/{id}?samples=true&zones=true&route=true`` (the URL an EXERCISE
+  webhook names) → Activity.
+- ``sleep``: ``GET /v3/users/sleep`` (``{"nights": [...]}``) or ``GET /v3/users/sleep/{date}`` (one night) → Sleep.
+- ``nightly-recharge``: ``GET /v3/users/nightly-recharge`` (``{"recharges": [...]}``) or one date → Daily (HRV), and
+  Sleep (recovery status, breathing, HRV) when the collector attached the night under ``sleep``.
+- ``activities``: one day, ``GET /v3/users/activities/{date}?steps=true&activity_zones=true`` → Daily.
+- ``continuous-heart-rate``: one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
+- ``physical-info``: ``GET /v3/users/physical-info`` (or a legacy transaction's physical-information) → Body.
+
+Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
+(``nights``, ``recharges``) and returns the exercise and activity lists as bare JSON arrays. ``envelope`` therefore
+names a field Polar never sends, so each mapper receives the whole response and unwraps its own list (one bad night
+dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an object): collectors send
+list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
+
+User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
+the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
+must carry it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a single
+document carrying it needs no raw-event user; the mappers replace that link with the id it ends in.
+
+Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
+offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
+(so keys after midnight fall on the next day). Daily activity, continuous heart rate and nightly recharge carry no
+offset: their day windows and samples are local wall-clock time without offset (``timestamp_localization`` 1); the
+pipeline keeps a day's offset once a record that knows it (a recharge with its sleep attached) arrived.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from typing import Any
+
+from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.polar.activity_types import terra_activity_type
+from connectors.timeutil import format_ts, parse_iso, to_ms
+
+WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: every mapper gets the whole response
+
+PROVIDER = Provider(
+    "polar",
+    "POLAR",
+    envelope=WHOLE_RESPONSE,
+    user_field="polar_user",  # a link: only lets single documents through without a raw-event user; see _owner
+    doc="Polar AccessLink v3 exercises, sleep, nightly recharge, daily activity, continuous HR and physical info",
+)
+
+UTC_TIME, LOCAL_TIME = 0, 1  # Terra TimestampLocalization
+UPLOAD_AUTOMATIC = 1  # Terra UploadType
+SLEEP_UPLOAD_AUTOMATIC = 2  # Terra SleepUploadType (MANUAL/AUTOMATIC are swapped relative to UploadType)
+# Polar hypnogram codes (0 WAKE, 1 REM, 2 N1, 3 N2, 4 N3, 5 UNKNOWN) → Terra SleepLevel (1 awake, 6 REM, 4 light,
+# 5 deep, 0 unknown): Polar's "light sleep" total is N1 + N2.
+SLEEP_LEVEL_BY_STAGE = {0: 1, 1: 6, 2: 4, 3: 4, 4: 5, 5: 0}
+ACTIVITY_LEVEL_BY_ZONE = {"SLEEP": 1, "SEDENTARY": 2, "LIGHT": 3, "MODERATE": 4, "VIGOROUS": 5}  # Terra ActivityLevel
+RECOVERY_LEVELS = range(1, 7)  # nightly_recharge_status 1 very poor … 6 very good = Terra RecoveryLevel 1 … 6
+EARLY_SAMPLES = timedelta(hours=1)  # "HH:MM" keys up to an hour before sleep_start_time stay on its date
+ISO_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?")
+USER_LINK = re.compile(r"/users/(\d+)/?$")
+# Exercise sample-type codes (AccessLink's table; the OpenAPI spec itself only shows "0" = heart rate):
+# code → (sample list, value name, factor to Terra's unit). 5-7, 9 and 11 (RR intervals) have no Terra sample.
+SAMPLE_TYPES: dict[str, tuple[str, str, float]] = {
+    "0": ("hr_samples", "bpm", 1),
+    "1": ("speed_samples", "speed_meters_per_second", 1 / 3.6),  # km/h
+    "2": ("cadence_samples", "cadence_rpm", 1),
+    "3": ("elevation_samples", "elev_meters", 1),
+    "4": ("power_samples", "watts", 1),
+    "8": ("running_cadence_samples", "cadence_rpm", 1),  # steps/min; used when there is no "2"
+    "10": ("distance_samples", "distance_meters", 1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _require(doc: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if doc.get(n) is None]
+    if missing:
+        raise MappingError(f"missing required field(s): {', '.join(missing)}")
+
+
+def _documents(payload: dict[str, Any], list_key: str | None = None) -> list[dict[str, Any]]:
+    """The documents of a response: its ``list_key`` list (a page) or the response itself (one document)."""
+    if list_key is None or list_key not in payload:
+        return [payload]
+    docs = payload[list_key]
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise MappingError(f"{list_key!r} must be a list of objects")
+    return docs
+
+
+def _owner(doc: dict[str, Any]) -> str | None:
+    """Polar user id from ``polar_user`` (``polar-user`` in legacy documents); None when absent."""
+    link = doc.get("polar_user", doc.get("polar-user"))
+    if link is None:
+        return None
+    match = USER_LINK.search(link) if isinstance(link, str) else None
+    if match is None:
+        raise MappingError(f"polar_user must be a link ending in /v3/users/<id>, got {link!r}")
+    return match.group(1)
+
+
+def _fragment(model: str, record: dict[str, Any], doc: dict[str, Any], version_ms: int | None = None) -> Fragment:
+    return Fragment(model, record, provider_user_id=_owner(doc), version_ms=version_ms)
+
+
+def _number(value: Any) -> int | float:
+    """JSON number with integral floats as ints (Polar writes ``8013.0`` and ``"98"`` alike)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _int(value: Any) -> int | None:
+    """Terra's long fields (calories, distance) reject fractions: round to the nearest integer."""
+    return None if value is None else round(value)
+
+
+def _duration(value: Any, name: str) -> int | float | None:
+    """ISO-8601 duration (``PT46M30S``, ``PT2H44M``, ``PT210.026S``, ``P1DT2H``) → seconds."""
+    if value is None:
+        return None
+    match = ISO_DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not any(match.groups()) or value.endswith("T"):
+        raise MappingError(f"{name} must be an ISO-8601 duration such as PT46M30S, got {value!r}")
+    days, hours, minutes, seconds = match.groups()
+    total = int(days or 0) * 86400 + int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+    return _number(round(total, 3))
+
+
+def _date(value: Any, name: str = "date") -> date:
+    """The ``YYYY-MM-DD`` date a field starts with (a date, or a local date-time)."""
+    try:
+        return date.fromisoformat(value[:10])
+    except (TypeError, ValueError) as exc:
+        raise MappingError(f"{name} must start with a YYYY-MM-DD date, got {value!r}") from exc
+
+
+def _timestamp(doc: dict[str, Any], name: str) -> datetime:
+    text = doc.get(name)
+    if not isinstance(text, str):
+        raise MappingError(f"{name} must be an ISO-8601 timestamp, got {text!r}")
+    try:
+        return parse_iso(text)
+    except ValueError as exc:
+        raise MappingError(f"{name}: {exc}") from exc
+
+
+def _wall_clock(text: Any, name: str) -> datetime:
+    """A local date-time as Polar writes it without offset (``2024-03-11T07:40:00``, ``2024-03-11T07:02``)."""
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise MappingError(f"{name} must be a local ISO-8601 date-time, got {text!r}") from exc
+
+
+def _text(moment: datetime) -> str:
+    """Terra timestamp text; a naive (offset-less local) time is written without offset."""
+    return moment.isoformat(timespec="microseconds")
+
+
+def _day_metadata(day: date, zone: timezone | None) -> dict[str, Any]:
+    """Local midnight to midnight of ``day``, with the user's offset when known (``zone``), else without."""
+    start = datetime.combine(day, time(), tzinfo=zone)
+    return {"start_time": _text(start), "end_time": _text(start + timedelta(days=1)), "upload_type": UPLOAD_AUTOMATIC,
+            "timestamp_localization": LOCAL_TIME}
+
+
+def _night_window(sleep_start: datetime) -> datetime:
+    """Where a night's ``"HH:MM"`` keys start: an hour before ``sleep_start_time`` (whole minute, its offset)."""
+    return sleep_start.replace(second=0, microsecond=0) - EARLY_SAMPLES
+
+
+def _clock_series(samples: Any, window_start: datetime, name: str) -> list[tuple[datetime, Any]]:
+    """``{"HH:MM": value}`` → time-ordered ``(moment, value)``: each key at its first occurrence from ``window_start``
+    (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none."""
+    if samples is None:
+        return []
+    if not isinstance(samples, dict):
+        raise MappingError(f"{name} must be an object keyed by \"HH:MM\", got {type(samples).__name__}")
+    series = []
+    for key, value in samples.items():
+        try:
+            clock = time.fromisoformat(key)
+        except ValueError as exc:
+            raise MappingError(f"{name} key {key!r} is not a \"HH:MM\" time") from exc
+        moment = datetime.combine(window_start.date(), clock, tzinfo=window_start.tzinfo)
+        if moment < window_start:
+            moment += timedelta(days=1)
+        series.append((moment, value))
+    return sorted(series, key=lambda item: item[0])
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``extra`` wins on conflicting leaves."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _stats(values: Iterable[float]) -> dict[str, Any]:
+    values = list(values)
+    if not values:
+        return {}
+    return {"avg": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# exercises → Activity
+# ----------------------------------------------------------------------------------------------------------------------
+def _exercise_start(doc: dict[str, Any]) -> datetime:
+    """``start_time`` (local, no offset) placed in the fixed offset ``start_time_utc_offset`` (minutes)."""
+    minutes = doc.get("start_time_utc_offset")
+    if isinstance(minutes, bool) or not isinstance(minutes, int) or not -16 * 60 <= minutes <= 16 * 60:
+        raise MappingError(f"start_time_utc_offset must be a whole number of minutes, got {minutes!r}")
+    zone = timezone(timedelta(minutes=minutes))
+    start = _wall_clock(doc.get("start_time"), "start_time")
+    return start.astimezone(zone) if start.tzinfo else start.replace(tzinfo=zone)
+
+
+def _exercise_samples(doc: dict[str, Any], start: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Sample series by Terra list name; sample ``i`` of a series is ``i × recording-rate`` seconds after the start."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for series in doc.get("samples") or []:
+        spec = SAMPLE_TYPES.get(str(series.get("sample-type")))
+        rate = series.get("recording-rate")
+        if spec is None or not rate:  # unmapped type, or RR data (no recording rate)
+            continue
+        list_name, value_name, factor = spec
+        samples = out.setdefault(list_name, [])
+        for index, item in enumerate(str(series.get("data") or "").split(",")):
+            item = item.strip()
+            if item in ("", "null"):
+                continue  # sensor offline
+            try:
+                value = float(item) * factor
+            except ValueError as exc:
+                raise MappingError(f"sample-type {series.get('sample-type')} value {item!r} is not a number") from exc
+            offset = index * rate
+            samples.append({"timestamp": format_ts(start + timedelta(seconds=offset)),
+                            value_name: _number(round(value, 4)), "timer_duration_seconds": offset})
+    running_cadence = out.pop("running_cadence_samples", [])
+    if not out.get("cadence_samples"):
+        out["cadence_samples"] = running_cadence
+    return out
+
+
+@PROVIDER.kind("exercises", "activity")
+def exercises(payload: dict[str, Any]) -> list[Fragment]:
+    """An exercise: sport, local start + UTC offset (minutes), ISO duration, distance, kcal, HR, zones, samples,
+    route."""
+    return [_fragment("activity", _exercise(doc), doc) for doc in _documents(payload)]
+
+
+def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
+    _require(doc, "id", "start_time", "duration")
+    start = _exercise_start(doc)
+    duration = _duration(doc["duration"], "duration")
+    end = start + timedelta(seconds=duration)
+    heart_rate = doc.get("heart_rate") or {}
+    zones = [{"zone": zone["index"], "name": f"{zone.get('lower-limit')}-{zone.get('upper-limit')} bpm",
+              "duration_seconds": _duration(zone.get("in-zone"), "heart_rate_zones[].in-zone")}
+             for zone in doc.get("heart_rate_zones") or []]
+    samples = _exercise_samples(doc, start)
+    watts = [s["watts"] for s in samples.get("power_samples", [])]
+    route = [{"timestamp": format_ts(start + timedelta(seconds=offset)),
+              "coords_lat_lng_deg": [point["latitude"], point["longitude"]], "timer_duration_seconds": offset}
+             for point in doc.get("route") or []
+             if (offset := _duration(point.get("time"), "route[].time")) is not None
+             and point.get("latitude") is not None and point.get("longitude") is not None]
+    return compact({
+        "metadata": {
+            "summary_id": str(doc["id"]),
+            "start_time": format_ts(start),
+            "end_time": format_ts(end),
+            "type": terra_activity_type(doc.get("sport"), doc.get("detailed_sport_info")),
+            "upload_type": UPLOAD_AUTOMATIC,
+            "name": doc.get("detailed_sport_info") or doc.get("sport"),
+            "timestamp_localization": LOCAL_TIME,
+        },
+        "distance_data": {
+            "summary": {"distance_meters": _int(doc.get("distance"))},
+            "detailed": {"distance_samples": samples.get("distance_samples"),
+                         "elevation_samples": samples.get("elevation_samples")},
+        },
+        "calories_data": {"total_burned_calories": _int(doc.get("calories"))},
+        "heart_rate_data": {
+            "summary": {"avg_hr_bpm": heart_rate.get("average"), "max_hr_bpm": heart_rate.get("maximum"),
+                        "hr_zone_data": zones},
+            "detailed": {"hr_samples": samples.get("hr_samples")},
+        },
+        "movement_data": {"speed_samples": samples.get("speed_samples"),
+                          "cadence_samples": samples.get("cadence_samples")},
+        "power_data": {"power_samples": samples.get("power_samples"),
+                       "avg_watts": round(sum(watts) / len(watts), 2) if watts else None,
+                       "max_watts": max(watts) if watts else None},
+        "position_data": {
+            "start_pos_lat_lng_deg": route[0]["coords_lat_lng_deg"] if route else None,
+            "end_pos_lat_lng_deg": route[-1]["coords_lat_lng_deg"] if route else None,
+            "position_samples": route,
+        },
+        "device_data": {"name": doc.get("device"), "manufacturer": "Polar"},
+    })
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sleep → Sleep
+# ----------------------------------------------------------------------------------------------------------------------
+@PROVIDER.kind("sleep", "sleep")
+def sleep(payload: dict[str, Any]) -> list[Fragment]:
+    """A night (Sleep Plus Stages): stage totals, interruptions, hypnogram, 5-minute heart rate, sleep score."""
+    return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload, "nights")]
+
+
+def _sleep_span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
+    _require(doc, "date", "sleep_start_time", "sleep_end_time")
+    start, end = _timestamp(doc, "sleep_start_time"), _timestamp(doc, "sleep_end_time")
+    if end <= start:
+        raise MappingError(f"sleep_end_time {doc['sleep_end_time']} is not after sleep_start_time "
+                           f"{doc['sleep_start_time']}")
+    return start, end
+
+
+def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
+    """A Polar night; its result ``date`` (one night per date) is the summary id."""
+    start, end = _sleep_span(doc)
+    window = _night_window(start)
+    hypnogram = []
+    for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram"):
+        if isinstance(code, bool) or code not in SLEEP_LEVEL_BY_STAGE:
+            raise MappingError(f"hypnogram at {at:%H:%M} has unknown Polar stage {code!r}; expected 0-5")
+        hypnogram.append({"timestamp": format_ts(at), "level": SLEEP_LEVEL_BY_STAGE[code]})
+    hr_samples = [{"timestamp": format_ts(at), "bpm": bpm}
+                  for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples")
+                  if bpm is not None]
+    hr = _stats(s["bpm"] for s in hr_samples)
+    light, deep, rem = doc.get("light_sleep"), doc.get("deep_sleep"), doc.get("rem_sleep")
+    asleep = light + deep + rem if None not in (light, deep, rem) else None
+    period = (end - start).total_seconds()  # falling asleep to waking up, as Polar defines the night
+    return compact({
+        "metadata": {
+            "summary_id": _date(doc["date"]).isoformat(),
+            "start_time": format_ts(start),
+            "end_time": format_ts(end),
+            "upload_type": SLEEP_UPLOAD_AUTOMATIC,
+            "is_nap": False,  # Polar reports one night per result date
+            "timestamp_localization": LOCAL_TIME,
+        },
+        "sleep_durations_data": {
+            "asleep": {
+                "duration_asleep_state_seconds": asleep,
+                "duration_light_sleep_state_seconds": light,  # N1 + N2
+                "duration_deep_sleep_state_seconds": deep,  # N3
+                "duration_REM_sleep_state_seconds": rem,
+            },
+            "awake": {
+                "duration_awake_state_seconds": doc.get("total_interruption_duration"),
+                "duration_short_interruption_seconds": doc.get("short_interruption_duration"),
+                "duration_long_interruption_seconds": doc.get("long_interruption_duration"),
+            },
+            "other": {
+                "duration_in_bed_seconds": period,
+                "duration_unmeasurable_sleep_seconds": doc.get("unrecognized_sleep_stage"),
+            },
+            "sleep_efficiency": round(100 * asleep / period, 2) if asleep is not None else None,  # percentage
+            "hypnogram_samples": hypnogram,
+        },
+        "heart_rate_data": {
+            "summary": {"avg_hr_bpm": hr.get("avg"), "min_hr_bpm": hr.get("min"), "max_hr_bpm": hr.get("max")},
+            "detailed": {"hr_samples": hr_samples},
+        },
+        "scores": {"sleep_score": doc.get("sleep_score")},
+    })
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nightly recharge → Daily (+ Sleep when the night is attached)
+# ----------------------------------------------------------------------------------------------------------------------
+@PROVIDER.kind("nightly-recharge", "daily", "sleep")
+def nightly_recharge(payload: dict[str, Any]) -> list[Fragment]:
+    """Nightly Recharge → the result date's Daily (average HRV and HRV samples).
+
+    Breathing rate and the recharge status have no Daily field: they complete the night's Sleep (recovery_level =
+    nightly_recharge_status, Polar's 1-6 scale being Terra's RecoveryLevel) when the collector attached that night
+    (``GET /v3/users/sleep/{date}``) under ``sleep``. Without it, the ``"HH:MM"`` keys are placed on the night before
+    ``date`` from noon on, without offset. ANS charge has no Terra field.
+    """
+    fragments = []
+    for doc in _documents(payload, "recharges"):
+        fragments += _recharge(doc)
+    return fragments
+
+
+def _recharge(doc: dict[str, Any]) -> list[Fragment]:
+    _require(doc, "date")
+    day = _date(doc["date"])
+    night = doc.get("sleep")
+    if night is not None:
+        if not isinstance(night, dict):
+            raise MappingError(f"attached sleep must be a Polar sleep object, got {type(night).__name__}")
+        if str(night.get("date")) != str(doc["date"]):
+            raise MappingError(f"attached sleep of {night.get('date')!r} is not this recharge's night {doc['date']!r}")
+        sleep_start, sleep_end = _sleep_span(night)
+        window, zone = _night_window(sleep_start), sleep_end.tzinfo
+    else:
+        window, zone = datetime.combine(day - timedelta(days=1), time(12)), None
+    hrv = [{"timestamp": _text(at), "hrv_rmssd": ms}
+           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples") if ms is not None]
+    breaths = [{"timestamp": _text(at), "breaths_per_min": rate}
+               for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples")
+               if rate is not None]
+    heart_rate = {"summary": {"avg_hrv_rmssd": doc.get("heart_rate_variability_avg")},
+                  "detailed": {"hrv_samples_rmssd": hrv}}
+    daily = compact({"metadata": _day_metadata(day, zone), "heart_rate_data": heart_rate})
+    fragments = [_fragment("daily", daily, doc)]
+    if night is not None:
+        rates = _stats(s["breaths_per_min"] for s in breaths)
+        status = doc.get("nightly_recharge_status")
+        recharge = compact({
+            "readiness_data": {"recovery_level": status if status in RECOVERY_LEVELS else None},
+            "heart_rate_data": heart_rate,
+            "respiration_data": {"breaths_data": {
+                "start_time": breaths[0]["timestamp"] if breaths else None,
+                "end_time": breaths[-1]["timestamp"] if breaths else None,
+                "avg_breaths_per_min": doc.get("breathing_rate_avg"),  # over ~4 h from 30 min after falling asleep
+                "min_breaths_per_min": rates.get("min"),
+                "max_breaths_per_min": rates.get("max"),
+                "samples": breaths,
+            }},
+        })
+        fragments.append(_fragment("sleep", _merge(_sleep_record(night), recharge), doc))
+    return fragments
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# daily activity and continuous heart rate → Daily
+# ----------------------------------------------------------------------------------------------------------------------
+def _step_samples(steps: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-interval step counts → Terra's cumulative step samples, each at the end of the segment it totals.
+
+    Polar drops consecutive samples that repeat the previous count: a gap longer than ``interval_ms`` after a sample
+    holds that count once per interval.
+    """
+    items = steps.get("samples") or []
+    if not items:
+        return []
+    interval_ms = steps.get("interval_ms")
+    if isinstance(interval_ms, bool) or not isinstance(interval_ms, int) or interval_ms <= 0:
+        raise MappingError(f"steps.interval_ms must be a positive number of milliseconds, got {interval_ms!r}")
+    interval = timedelta(milliseconds=interval_ms)
+    points = sorted((_wall_clock(s.get("timestamp"), "steps.samples[].timestamp"), s.get("steps") or 0) for s in items)
+    total, out = 0, []
+    for index, (at, count) in enumerate(points):
+        following = points[index + 1][0] if index + 1 < len(points) else at + interval
+        intervals = max(1, round((following - at) / interval))
+        total += count * intervals
+        out.append({"timestamp": _text(at + intervals * interval), "steps": total})
+    return out
+
+
+@PROVIDER.kind("activities", "daily")
+def activities(payload: dict[str, Any]) -> list[Fragment]:
+    """A day's activity: steps (+ samples), distance from steps, total/active kcal, active and inactive time, zones."""
+    return [_fragment("daily", _activity_day(doc), doc) for doc in _documents(payload)]
+
+
+def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
+    """The day is ``samples.date``, else the date of ``start_time`` (local; Polar's "UTC" label is unconfirmed and the
+    day ends at 23:59:59, so it is read as local)."""
+    samples = doc.get("samples") or {}
+    day_text = samples.get("date") or doc.get("start_time")
+    if day_text is None:
+        raise MappingError("activity has neither samples.date nor start_time: its day is unknown")
+    day = _date(day_text, "samples.date / start_time")
+    levels = [{"timestamp": _text(_wall_clock(s.get("timestamp"), "activity_zones.samples[].timestamp")),
+               "level": ACTIVITY_LEVEL_BY_ZONE.get(s.get("zone"), 0)}
+              for s in (samples.get("activity_zones") or {}).get("samples") or []]
+    total, active = doc.get("calories"), doc.get("active_calories")
+    return compact({
+        "metadata": _day_metadata(day, None),
+        "distance_data": {
+            "steps": doc.get("steps"),
+            "distance_meters": _int(doc.get("distance_from_steps")),
+            "detailed": {"step_samples": _step_samples(samples.get("steps") or {})},
+        },
+        "calories_data": {
+            "total_burned_calories": _int(total),  # includes BMR
+            "net_activity_calories": _int(active),
+            "BMR_calories": _int(total - active) if total is not None and active is not None else None,
+        },
+        "active_durations_data": {
+            "activity_seconds": _duration(doc.get("active_duration"), "active_duration"),
+            "inactivity_seconds": _duration(doc.get("inactive_duration"), "inactive_duration"),
+            "num_continuous_inactive_periods": doc.get("inactivity_alert_count"),
+            "activity_levels_samples": sorted(levels, key=lambda s: s["timestamp"]),
+        },
+    })
+
+
+@PROVIDER.kind("continuous-heart-rate", "daily")
+def continuous_heart_rate(payload: dict[str, Any]) -> list[Fragment]:
+    """A day's 5-minute heart rate outside exercises (``sample_time`` is device time on ``date``)."""
+    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload)]
+
+
+def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
+    _require(doc, "date")
+    day = _date(doc["date"])
+    samples = []
+    for item in doc.get("heart_rate_samples") or []:
+        try:
+            clock = time.fromisoformat(item["sample_time"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MappingError(f"heart_rate_samples[].sample_time must be HH:MM:SS, got {item.get('sample_time')!r}"
+                               ) from exc
+        if item.get("heart_rate") is not None:
+            samples.append({"timestamp": _text(datetime.combine(day, clock)), "bpm": item["heart_rate"]})
+    samples.sort(key=lambda s: s["timestamp"])
+    hr = _stats(s["bpm"] for s in samples)
+    return compact({
+        "metadata": _day_metadata(day, None),
+        "heart_rate_data": {
+            "summary": {"avg_hr_bpm": hr.get("avg"), "min_hr_bpm": hr.get("min"), "max_hr_bpm": hr.get("max")},
+            "detailed": {"hr_samples": samples},
+        },
+    })
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# physical info → Body
+# ----------------------------------------------------------------------------------------------------------------------
+def _field(doc: dict[str, Any], name: str) -> Any:
+    """A field in the current snake_case spelling or the legacy transaction's kebab-case one."""
+    return doc.get(name, doc.get(name.replace("_", "-")))
+
+
+@PROVIDER.kind("physical-info", "body")
+def physical_info(payload: dict[str, Any]) -> list[Fragment]:
+    """The user's physical information (weight kg, height cm, resting/max HR, VO2max) as of its last change.
+
+    Polar stamps it in UTC and gives no local offset, so the Body day is the UTC date of ``modified`` (``created`` in
+    legacy documents), timestamp_localization 0. A weight from ``SOURCE_DEFAULT`` is Polar's placeholder, not the
+    user's, and is left out.
+    """
+    return [_fragment("body", *_physical_info(doc)) for doc in _documents(payload)]
+
+
+def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
+    stamp = "modified" if doc.get("modified") is not None else "created"
+    _require(doc, stamp)
+    at = _timestamp(doc, stamp).astimezone(UTC)
+    weight = _field(doc, "weight") if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
+    height, vo2max = _field(doc, "height"), _field(doc, "vo2_max")
+    start = datetime.combine(at.date(), time(), tzinfo=UTC)
+    record = compact({
+        "metadata": {"start_time": format_ts(start), "end_time": format_ts(start + timedelta(days=1)),
+                     "timestamp_localization": UTC_TIME},
+        "measurements_data": {"measurements": [{"measurement_time": format_ts(at), "weight_kg": weight,
+                                                "height_cm": height}] if weight is not None or height is not None
+                              else []},
+        "heart_data": {"heart_rate_data": {"summary": {"resting_hr_bpm": _field(doc, "resting_heart_rate"),
+                                                       "user_max_hr_bpm": _field(doc, "maximum_heart_rate")}}},
+        "oxygen_data": {"vo2max_ml_per_min_per_kg": vo2max,
+                        "vo2_samples": [{"timestamp": format_ts(at), "vo2max_ml_per_min_per_kg": vo2max}]
+                        if vo2max is not None else []},
+    })
+    return record, doc, to_ms(at)
