@@ -79,8 +79,8 @@ class Provider:
 
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
     or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
-    that is a single document, or a bare JSON array of documents, is accepted too. ``user_field`` names the document field holding
-    the provider's user id (``None``: the id comes with the raw event, as for Oura).
+    that is a single document, or a bare JSON array of documents, is accepted too. ``user_field``
+    names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura).
     """
 
     slug: str
@@ -121,7 +121,8 @@ class Provider:
         if isinstance(payload, list):  # some APIs answer with a bare JSON array of documents
             docs = payload
         else:
-            docs = payload.get(self.envelope) if isinstance(payload, dict) and self.envelope in payload else [payload]
+            wrapped = isinstance(payload, dict) and self.envelope in payload
+            docs = payload[self.envelope] if wrapped else [payload]
         if not isinstance(docs, list):
             raise MappingError(f"{self.slug} {self.envelope!r} must be a list")
         for doc in docs:

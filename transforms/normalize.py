@@ -200,7 +200,8 @@ def deep_merge(older: Any, newer: Any) -> Any:
         span = [_instant(item[time_key]) for item in newer]
         first, last = min(span), max(span)
         older_at = {_instant(item[time_key]): item for item in older}
-        merged_newer = [deep_merge(older_at[at], item) if at in older_at else item for at, item in zip(span, newer)]
+        merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
+                        for at, item in zip(span, newer, strict=True)]
         kept = [item for item in older if not first <= _instant(item[time_key]) <= last]
         return sorted(kept + merged_newer, key=lambda item: _instant(item[time_key]))
     return newer
