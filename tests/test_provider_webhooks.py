@@ -1,0 +1,132 @@
+"""Provider webhooks over real HTTP (uvicorn on loopback) into a real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+
+import pytest
+import requests
+import uvicorn
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from fastapi import FastAPI
+
+from connectors.webhooks import router
+from runners.embedded import free_port
+from schemas.serde import decode
+from transforms.normalize import Failed, RawMessage, normalize_message
+from transforms.publish import publish
+
+
+def _read(broker, topic: str) -> list[dict]:
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "t", "enable.partition.eof": True})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        out, ended, deadline = [], set(), time.monotonic() + 20
+        while len(ended) < len(partitions) and time.monotonic() < deadline:
+            for message in consumer.consume(100, 0.2):
+                if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(message.partition())
+                elif not message.error():
+                    out.append(dict(decode("raw_event", message.value()), key=message.key(), raw=message.value()))
+        return out
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def server(broker, monkeypatch):
+    raw, notes = f"raw.{time.time_ns()}", f"notes.{time.time_ns()}"
+    broker.create_topic(raw, 2)
+    broker.create_topic(notes, 2)
+    monkeypatch.setenv("HEALTHFLOW_OURA_CLIENT_SECRET", "oura-secret")
+    monkeypatch.setenv("HEALTHFLOW_WHOOP_CLIENT_SECRET", "whoop-secret")
+    monkeypatch.setenv("HEALTHFLOW_OURA_VERIFICATION_TOKEN", "verify-me")
+    monkeypatch.delenv("HEALTHFLOW_POLAR_WEBHOOK_SECRET", raising=False)
+    app = FastAPI()
+    app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes))
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/v2/providers", raw, notes
+    http.should_exit = True
+    thread.join(5)
+
+
+def _garmin_daily(user: str, steps: int) -> dict:
+    return {"userId": user, "summaryId": f"x-{user}", "calendarDate": "2026-11-02", "startTimeInSeconds": 1793574000,
+            "startTimeOffsetInSeconds": 3600, "durationInSeconds": 86400, "steps": steps}
+
+
+def test_garmin_push_becomes_one_raw_event_per_user(server, broker):
+    base, raw, _ = server
+    body = {"dailies": [_garmin_daily("u1", 100), _garmin_daily("u2", 200)],
+            "sleeps": [{"userId": "u1", "summaryId": "s1", "startTimeInSeconds": 1793574000,
+                        "startTimeOffsetInSeconds": 3600, "durationInSeconds": 25000, "validation": "DEVICE"}]}
+    reply = requests.post(f"{base}/garmin/webhook", json=body, timeout=10)
+    assert reply.status_code == 200 and reply.json() == {"status": "accepted", "raw_events": 2}
+    events = {e["user_id"]: e for e in _read(broker, raw)}
+    assert set(events) == {"u1", "u2"} and events["u1"]["key"] == b"garmin:u1"
+    assert json.loads(events["u1"]["payload"]) == {"dailies": [body["dailies"][0]], "sleeps": body["sleeps"]}
+    records = [r for e in events.values() for r in normalize_message(RawMessage(e["raw"], {"partition": 0,
+                                                                                            "offset": 0}))]
+    assert not [r for r in records if isinstance(r, Failed)] and len(records) == 3
+
+
+def test_a_push_that_is_not_json_is_kept_for_the_dead_letters(server, broker):
+    base, raw, _ = server
+    reply = requests.post(f"{base}/garmin/webhook", data=b'{"dailies": [', timeout=10)
+    assert reply.status_code == 200
+    (event,) = _read(broker, raw)
+    assert event["payload"] == b'{"dailies": ['
+    (outcome,) = normalize_message(RawMessage(event["raw"], {"partition": 0, "offset": 0}))
+    assert isinstance(outcome, Failed) and outcome.stage == "parse"
+
+
+def _oura_headers(body: bytes, secret: str = "oura-secret", at: int | None = None) -> dict:
+    stamp = str(at or int(time.time()))
+    mac = hmac.new(secret.encode(), stamp.encode() + body, hashlib.sha256).hexdigest().upper()
+    return {"x-oura-signature": mac, "x-oura-timestamp": stamp, "content-type": "application/json"}
+
+
+def test_signed_notifications_are_verified_then_published(server, broker):
+    base, _, notes = server
+    body = json.dumps({"event_type": "update", "data_type": "sleep", "object_id": "abc",
+                       "event_time": "2026-11-02T06:13:02+00:00", "user_id": "oura-7"}).encode()
+    assert requests.post(f"{base}/oura/webhook", data=body, headers=_oura_headers(body), timeout=10).status_code == 200
+    forged = requests.post(f"{base}/oura/webhook", data=body, headers=_oura_headers(body, "wrong"), timeout=10)
+    assert forged.status_code == 401 and "does not match" in forged.json()["detail"]
+    stale = requests.post(f"{base}/oura/webhook", data=body, headers=_oura_headers(body, at=int(time.time()) - 3600),
+                          timeout=10)
+    assert stale.status_code == 401 and "from now" in stale.json()["detail"]
+
+    whoop_body = json.dumps({"user_id": 10129, "id": "f2e1", "type": "sleep.updated", "trace_id": "t"}).encode()
+    millis = str(int(time.time() * 1000))
+    mac = base64.b64encode(hmac.new(b"whoop-secret", millis.encode() + whoop_body, hashlib.sha256).digest()).decode()
+    whoop = requests.post(f"{base}/whoop/webhook", data=whoop_body, timeout=10,
+                          headers={"X-WHOOP-Signature": mac, "X-WHOOP-Signature-Timestamp": millis})
+    assert whoop.status_code == 200
+    published = _read(broker, notes)
+    assert sorted((e["provider"], e["kind"], e["user_id"]) for e in published) == [
+        ("oura", "notification", "oura-7"), ("whoop", "notification", "10129")]
+
+
+def test_subscription_check_and_refusals(server):
+    base, _, _ = server
+    ok = requests.get(f"{base}/oura/webhook", params={"verification_token": "verify-me", "challenge": "c-1"},
+                      timeout=10)
+    assert ok.status_code == 200 and ok.json() == {"challenge": "c-1"}
+    assert requests.get(f"{base}/oura/webhook", params={"verification_token": "nope", "challenge": "c"},
+                        timeout=10).status_code == 401
+    unknown = requests.post(f"{base}/acme/webhook", data=b"{}", timeout=10)
+    assert unknown.status_code == 404 and "unknown provider" in unknown.json()["detail"]
+    no_secret = requests.post(f"{base}/polar/webhook", data=b"{}", timeout=10)
+    assert no_secret.status_code == 503 and "HEALTHFLOW_POLAR_WEBHOOK_SECRET" in no_secret.json()["detail"]
