@@ -7,6 +7,7 @@ type and natural key) arriving in the same batch merge into a single event, newe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from schemas.serde import SchemaMismatch, decode, validate_record
 from transforms.dead_letters import dead_letter
 from transforms.events import NormalizedEvent
 from transforms.record_state import open_state
+from transforms.users import UserDirectory
 
 DEAD_LETTER = "dead_letter"
 METRICS = "healthflow"
@@ -70,6 +72,8 @@ class Keyed:
     sequence: str
     user: dict[str, Any]
     raw_idempotency_key: str
+    provider: str = ""  # slug, with provider_user_id: the account, for resolving its connection
+    provider_user_id: str = ""
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -139,7 +143,8 @@ def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str) ->
     data = validate_record(fragment.type, fragment.data)
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
     return Keyed(fragment.type, natural_key(fragment.type, data), data,
-                 fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key)
+                 fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
+                 raw.provider, str(fragment.provider_user_id))
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
@@ -286,9 +291,11 @@ class MergeWithState(beam.DoFn):
     def setup(self) -> None:
         self.state = open_state(self.state_url)
         self.state.open()
+        self.users = UserDirectory(self.state_url).open()
 
     def teardown(self) -> None:
         self.state.close()
+        self.users.close()
 
     def start_bundle(self) -> None:
         self.pending: list[tuple[str, list[Keyed]]] = []
@@ -303,8 +310,17 @@ class MergeWithState(beam.DoFn):
         for output in self._flush():
             yield GlobalWindows.windowed_value(output)
 
+    def _resolve(self, user_id: str, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
+        """Give an account's fragments the user of its connection, when it has one."""
+        first = fragments[0]
+        user = self.users.resolve(first.provider, first.provider_user_id, first.user["provider"])
+        if user is None:
+            return user_id, fragments
+        return user["user_id"], [dataclasses.replace(f, user=user) for f in fragments]
+
     def _flush(self) -> Iterator[tuple[str, list[NormalizedEvent]]]:
-        pending, self.pending = self.pending, []
+        pending = [self._resolve(user, fragments) for user, fragments in self.pending]
+        self.pending = []
         keys = sorted({(user, f.type, f.natural_key) for user, frags in pending for f in frags})
         stored_by_user: dict[str, Stored] = {}
         for (user, model_type, key), value in (self.state.load(keys) if keys else {}).items():
