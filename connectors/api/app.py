@@ -1,0 +1,316 @@
+"""The ``/v2`` API (Terra's shapes): connect widget, custom-UI authentication, OAuth callbacks, users.
+
+Developer calls carry ``dev-id`` and ``x-api-key`` headers (missing → 401, wrong → 403). Browser
+pages (the widget and the OAuth callback) carry no headers: a widget session id is a short-lived
+capability, and a callback is bound to its single-use ``state``. Errors answer
+``{"status": "error", "message": …}``; request validation errors answer 422 with the same fields
+plus FastAPI's ``detail``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, Depends, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from connectors.auth.control_plane import (
+    WIDGET_SESSION_TTL_S,
+    Connection,
+    ControlPlane,
+    UnknownProvider,
+    UnknownUser,
+    check_redirect_url,
+)
+from connectors.auth.oauth import ProviderNotConfigured
+from schemas import MODEL_TYPES
+from transforms.errors import FatalError, PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code, self.message = status_code, message
+
+
+# ---------------------------------------------------------------------- request and response models
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("auth_success_redirect_url", "auth_failure_redirect_url", check_fields=False)
+    @classmethod
+    def _absolute_url(cls, value: str | None, info: Any) -> str | None:
+        return check_redirect_url(value, info.field_name)
+
+
+class WidgetSessionRequest(_Request):
+    providers: str | None = Field(None, description="comma-separated providers (e.g. `GARMIN,OURA`); default: all",
+                                  max_length=2000)
+    language: str | None = Field(None, max_length=16)
+    reference_id: str | None = Field(None, max_length=256, description="your own id of the end user")
+    auth_success_redirect_url: str | None = Field(None, max_length=2000)
+    auth_failure_redirect_url: str | None = Field(None, max_length=2000)
+
+
+class WidgetSessionResponse(BaseModel):
+    status: Literal["success"] = "success"
+    session_id: str
+    url: str
+    expires_in: int = WIDGET_SESSION_TTL_S
+
+
+class AuthenticateUserRequest(_Request):
+    reference_id: str | None = Field(None, max_length=256)
+    auth_success_redirect_url: str | None = Field(None, max_length=2000)
+    auth_failure_redirect_url: str | None = Field(None, max_length=2000)
+    language: str | None = Field(None, max_length=16)
+
+
+class AuthenticateUserResponse(BaseModel):
+    status: Literal["success"] = "success"
+    user_id: str
+    auth_url: str
+
+
+class TerraUser(BaseModel):
+    user_id: str
+    provider: str
+    reference_id: str | None = None
+    scopes: str | None = None
+    created_at: str | None = None
+    last_webhook_update: str | None = None
+    active: bool
+
+
+class UserInfoResponse(BaseModel):
+    status: Literal["success"] = "success"
+    user: TerraUser
+    is_authenticated: bool
+
+
+class UserListResponse(BaseModel):
+    status: Literal["success"] = "success"
+    users: list[TerraUser]
+
+
+class DeauthResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str
+
+
+class Integration(BaseModel):
+    provider: str
+    name: str
+    setup: str
+    auth: str
+    enabled: bool
+    types: dict[str, bool]
+
+
+class IntegrationsResponse(BaseModel):
+    status: Literal["success"] = "success"
+    providers: list[Integration]
+
+
+class ErrorResponse(BaseModel):
+    status: Literal["error"] = "error"
+    message: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "dev-id or x-api-key header missing"},
+    403: {"model": ErrorResponse, "description": "wrong x-api-key for this dev-id"},
+}
+
+
+# ---------------------------------------------------------------------- developer authentication
+_dev_id_header = APIKeyHeader(name="dev-id", scheme_name="DevId", auto_error=False, description="your developer id")
+_api_key_header = APIKeyHeader(name="x-api-key", scheme_name="ApiKey", auto_error=False,
+                               description="your API key (secret)")
+
+
+def developer(request: Request, dev_id: Annotated[str | None, Security(_dev_id_header)],
+              api_key: Annotated[str | None, Security(_api_key_header)]) -> str:
+    """The caller's dev-id once its x-api-key checks out (401 when a header is missing, 403 when wrong)."""
+    if not dev_id or not api_key:
+        raise ApiError(401, "authentication required: send your developer id in the dev-id header and your "
+                            "API key in the x-api-key header")
+    if not request.app.state.control_plane.check_api_key(dev_id, api_key):
+        raise ApiError(403, f"x-api-key is not a valid API key for dev-id {dev_id!r} (check both headers; "
+                            "revoked keys are refused)")
+    return dev_id
+
+
+Dev = Annotated[str, Depends(developer)]
+
+
+# ---------------------------------------------------------------------- the app
+def create_app(control_plane: ControlPlane, *, title: str = "healthflow") -> FastAPI:
+    """The API around an opened ``ControlPlane``."""
+    cp = control_plane
+    app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
+                  redoc_url=None, description=__doc__)
+    app.state.control_plane = cp
+
+    @app.exception_handler(ApiError)
+    def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"status": "error", "message": exc.message}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"status": "error", "message": f"invalid request: {problems}",
+                             "detail": jsonable(exc.errors())}, 422)
+
+    @app.exception_handler(UnknownProvider)
+    def _unknown_provider(_: Request, exc: UnknownProvider) -> JSONResponse:
+        return JSONResponse({"status": "error", "message": exc.args[0]}, 400)
+
+    @app.exception_handler(UnknownUser)
+    def _unknown_user(_: Request, exc: UnknownUser) -> JSONResponse:
+        return JSONResponse({"status": "error", "message": exc.args[0]}, 404)
+
+    @app.exception_handler(ProviderNotConfigured)
+    def _not_configured(_: Request, exc: ProviderNotConfigured) -> JSONResponse:
+        log.error("%s", exc)
+        return JSONResponse({"status": "error", "message": f"provider not enabled on this server: {exc}"}, 400)
+
+    @app.exception_handler(PermanentError)
+    def _permanent(_: Request, exc: PermanentError) -> JSONResponse:
+        return JSONResponse({"status": "error", "message": str(exc)}, 400)
+
+    @app.exception_handler(RetryableError)
+    def _retryable(_: Request, exc: RetryableError) -> JSONResponse:
+        log.warning("temporary failure: %s", exc)
+        return JSONResponse({"status": "error", "message": "temporarily unavailable, try again"}, 503)
+
+    @app.exception_handler(FatalError)
+    def _fatal(_: Request, exc: FatalError) -> JSONResponse:
+        log.error("server misconfigured: %s", exc)
+        return JSONResponse({"status": "error", "message": "server misconfigured; see its log"}, 500)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ------------------------------------------------------------------ developer API
+    @app.post("/v2/auth/generateWidgetSession", response_model=WidgetSessionResponse, responses=_ERRORS,
+              tags=["authentication"], summary="A connect-widget session (open its url in a browser, 15 minutes)")
+    def generate_widget_session(dev_id: Dev, body: WidgetSessionRequest) -> WidgetSessionResponse:
+        providers = [p for p in (body.providers or "").split(",") if p.strip()] or None
+        session = cp.create_widget_session(dev_id, reference_id=body.reference_id, providers=providers,
+                                           language=body.language, success_url=body.auth_success_redirect_url,
+                                           failure_url=body.auth_failure_redirect_url)
+        return WidgetSessionResponse(session_id=session.session_id,
+                                     url=f"{cp.public_url}/widget/session/{session.session_id}")
+
+    @app.post("/v2/auth/authenticateUser", response_model=AuthenticateUserResponse, responses=_ERRORS,
+              tags=["authentication"], summary="Start connecting one provider (custom UI): open auth_url")
+    def authenticate_user(dev_id: Dev, resource: Annotated[str, Query(description="provider, e.g. OURA")],
+                          body: Annotated[AuthenticateUserRequest | None, Body()] = None) -> AuthenticateUserResponse:
+        body = body or AuthenticateUserRequest()
+        start = cp.start_auth(dev_id, resource, reference_id=body.reference_id,
+                              success_url=body.auth_success_redirect_url, failure_url=body.auth_failure_redirect_url)
+        return AuthenticateUserResponse(user_id=start.user_id, auth_url=start.auth_url)
+
+    @app.get("/v2/userInfo", response_model=UserInfoResponse | UserListResponse, responses=_ERRORS, tags=["users"],
+             summary="One connection by user_id, or every connection of a reference_id")
+    def user_info(dev_id: Dev, user_id: str | None = None,
+                  reference_id: str | None = None) -> UserInfoResponse | UserListResponse:
+        if bool(user_id) == bool(reference_id):
+            raise ApiError(400, "give exactly one of the query parameters user_id and reference_id")
+        if user_id:
+            connection = cp.connection(user_id, dev_id)
+            return UserInfoResponse(user=_user(connection), is_authenticated=connection.active)
+        return UserListResponse(users=[_user(c) for c in cp.connections(dev_id, reference_id or "")])
+
+    @app.delete("/v2/auth/deauthenticateUser", response_model=DeauthResponse, responses=_ERRORS,
+                tags=["authentication"], summary="Disconnect a user: revoke at the provider, delete tokens")
+    def deauthenticate_user(dev_id: Dev, user_id: Annotated[str, Query(min_length=1)]) -> DeauthResponse:
+        cp.deauthenticate(user_id, dev_id)
+        return DeauthResponse(message=f"user {user_id} deauthenticated")
+
+    @app.get("/v2/integrations", response_model=IntegrationsResponse, responses=_ERRORS, tags=["providers"],
+             summary="Providers, whether they are enabled here, and the data types each maps")
+    def integrations(_dev: Dev) -> IntegrationsResponse:
+        from connectors import registry
+
+        providers = registry()
+        out = []
+        for slug, manifest in sorted(cp.manifests.items()):
+            models = {m for spec in providers[slug].kinds.values() for m in spec.models} if slug in providers else set()
+            out.append(Integration(provider=manifest.terra_name, name=manifest.display_name,
+                                   setup=manifest.auth.type.upper(), auth=manifest.auth.type,
+                                   enabled=slug in cp.connectable(), types={m: m in models for m in MODEL_TYPES}))
+        return IntegrationsResponse(providers=out)
+
+    # ------------------------------------------------------------------ browser pages
+    @app.get("/widget/session/{session_id}", response_class=HTMLResponse, tags=["widget"],
+             summary="The connect widget: one link per provider")
+    def widget(session_id: str) -> HTMLResponse:
+        session = cp.widget_session(session_id)
+        if session is None or session.expired:
+            return _page("Session expired", "<p>This connection link has expired. Please start again from the "
+                                            "app that sent you here.</p>", 410 if session else 404)
+        items = "\n".join(
+            f'<li><a rel="nofollow" href="/widget/session/{html.escape(session_id)}/connect/{html.escape(slug)}">'
+            f"Connect {html.escape(cp.manifests[slug].display_name)}</a></li>" for slug in session.providers)
+        return _page("Connect a device", f"<p>Choose the service to connect.</p>\n<ul>\n{items}\n</ul>",
+                     lang=session.language)
+
+    @app.get("/widget/session/{session_id}/connect/{provider}", tags=["widget"], response_model=None,
+             summary="Start authentication from the widget (redirects to the provider)")
+    def widget_connect(session_id: str, provider: str) -> Response:
+        session = cp.widget_session(session_id)
+        if session is None or session.expired:
+            return _page("Session expired", "<p>This connection link has expired.</p>", 410)
+        slug = cp.provider_slug(provider)
+        if slug not in session.providers:
+            return _page("Not available", "<p>This service is not offered in this session.</p>", 404)
+        start = cp.start_auth(session.dev_id, slug, reference_id=session.reference_id,
+                              success_url=session.success_url, failure_url=session.failure_url,
+                              widget_session_id=session.session_id)
+        return RedirectResponse(start.auth_url, 302)
+
+    @app.get("/v2/auth/callback/{provider}", tags=["authentication"], response_class=HTMLResponse,
+             response_model=None, summary="OAuth redirect target: the provider sends the browser back here")
+    def callback(provider: str, request: Request) -> Response:
+        try:
+            outcome = cp.complete_auth(provider, dict(request.query_params))
+        except UnknownProvider:
+            return _page("Unknown provider", "<p>There is no such provider.</p>", 404)
+        if outcome.redirect_url:
+            return RedirectResponse(outcome.redirect_url, 302)
+        if outcome.ok:
+            return _page("Connected", "<p>Your device is connected. You can close this window.</p>")
+        return _page("Connection failed", f"<p>{html.escape(outcome.message)}</p>", 400)
+
+    return app
+
+
+def _user(connection: Connection) -> TerraUser:
+    return TerraUser(**connection.terra_user())
+
+
+def _page(title: str, body: str, status: int = 200, lang: str | None = None) -> HTMLResponse:
+    return HTMLResponse(
+        f'<!doctype html>\n<html lang="{html.escape(lang or "en")}"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f"</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n", status,
+        headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"})
+
+
+def jsonable(value: Any) -> Any:
+    """Validation error details made JSON-safe (pydantic may put exceptions in ``ctx``)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)

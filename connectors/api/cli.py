@@ -1,0 +1,63 @@
+"""``healthflow serve`` and ``healthflow developers``: argparse wiring for runners/cli.py.
+
+    from connectors.api.cli import COMMANDS, add_parsers
+    add_parsers(sub)              # in parser(), next to the other sub-commands
+    {..., **COMMANDS}[args.command](args)   # in main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_STATE = "sqlite:///.healthflow/state.db"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve the /v2 API: connect widget, OAuth callbacks, users (needs "
+                                         "HEALTHFLOW_SECRET_KEY and HEALTHFLOW_<PROVIDER>_CLIENT_ID/_SECRET)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--public-url", default=os.environ.get("HEALTHFLOW_PUBLIC_URL"),
+                       help="URL browsers reach this server at (OAuth redirect URIs are built from it; "
+                            "default http://HOST:PORT, or $HEALTHFLOW_PUBLIC_URL)")
+    serve.add_argument("--state", default=DEFAULT_STATE, help="control-plane store (sqlite:///… or postgresql://…)")
+    serve.add_argument("--bootstrap-servers", help="Kafka of the ingestion topic: also receive provider webhooks")
+
+    devs = sub.add_parser("developers", help="developer ids and API keys of the /v2 API")
+    devs_sub = devs.add_subparsers(dest="action", required=True)
+    create = devs_sub.add_parser("create", help="a new developer id and its first API key (shown once)")
+    create.add_argument("--name")
+    create.add_argument("--dev-id", help="choose the id instead of generating one")
+    key = devs_sub.add_parser("add-key", help="another API key for a developer (shown once)")
+    key.add_argument("dev_id")
+    revoke = devs_sub.add_parser("revoke-key", help="revoke an API key by its key id (hfk_<KEY ID>.…)")
+    revoke.add_argument("key_id")
+    for command in (create, key, revoke):
+        command.add_argument("--state", default=DEFAULT_STATE)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from connectors.api.server import serve
+
+    serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers)
+    return 0
+
+
+def cmd_developers(args: argparse.Namespace) -> int:
+    from connectors.auth.control_plane import ControlPlane
+
+    with ControlPlane(args.state) as control_plane:
+        if args.action == "create":
+            dev_id = control_plane.create_developer(args.dev_id, args.name)
+            print(f"dev-id:    {dev_id}\nx-api-key: {control_plane.create_api_key(dev_id)}\n"
+                  "(the key is shown only now; keep it secret)")
+        elif args.action == "add-key":
+            print(f"x-api-key: {control_plane.create_api_key(args.dev_id)}\n(the key is shown only now)")
+        else:
+            control_plane.revoke_api_key(args.key_id)
+            print(f"key {args.key_id} revoked")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "developers": cmd_developers}

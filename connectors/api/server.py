@@ -1,0 +1,93 @@
+"""Running the API: ``serve()`` (blocking, what ``healthflow serve`` calls) and ``BackgroundServer`` (a thread).
+
+Both bind 127.0.0.1 by default; put a TLS-terminating proxy in front and pass ``public_url`` (the
+address browsers use, which providers redirect back to) to expose it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+events_log = logging.getLogger("healthflow.auth.events")
+
+
+def log_event(event: dict[str, Any]) -> None:
+    """The default ``emit``: one JSON line per lifecycle event on the ``healthflow.auth.events`` logger."""
+    events_log.info("%s", json.dumps(event, separators=(",", ":"), sort_keys=True))
+
+
+def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *, host: str = "127.0.0.1",
+          public_url: str | None = None, secret_key: str | None = None,
+          emit: Callable[[dict[str, Any]], None] | None = None, log_level: str = "info",
+          bootstrap_servers: str | None = None) -> None:
+    """Serve the ``/v2`` API until interrupted (needs ``HEALTHFLOW_SECRET_KEY`` unless ``secret_key`` is given).
+
+    With ``bootstrap_servers``, provider webhooks (``/v2/providers/{provider}/webhook``) are received
+    too and published to the ingestion and notification topics there.
+    """
+    from connectors.api.app import create_app
+    from connectors.auth.control_plane import ControlPlane
+
+    control_plane = ControlPlane(store_url, secret_key, public_url=public_url or f"http://{host}:{port}",
+                                 emit=emit or log_event).open()
+    try:
+        control_plane.flush_events()
+        app = create_app(control_plane)
+        if bootstrap_servers:
+            from connectors.webhooks import router
+            from transforms.publish import publish
+
+            app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        control_plane.close()
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread on a socket bound at construction, so ``url`` is known before the app exists."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, app: Any, timeout_s: float = 10.0) -> BackgroundServer:
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name=f"api-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the API server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
