@@ -11,8 +11,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from connectors.timeutil import parse_iso
 from schemas import MODEL_TYPES
 
 TERRA_USER_NAMESPACE = uuid.UUID("6f0d3f3e-4b8e-5c1a-9a57-0c4f3b9f4e21")
@@ -167,6 +169,17 @@ def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
         else:
             raise TypeError(f"{spec.name} maps to several models and must yield Fragment objects")
     return out
+
+
+def timestamp_field(doc: dict[str, Any], name: str, path: str | None = None) -> datetime:
+    """An ISO-8601 field that must carry its UTC offset; MappingError naming the field otherwise."""
+    text, path = doc.get(name), path or name
+    if not isinstance(text, str):
+        raise MappingError(f"{path} must be an ISO-8601 timestamp, got {text!r}")
+    try:
+        return parse_iso(text)
+    except ValueError as exc:
+        raise MappingError(f"{path}: {exc}") from exc
 
 
 def compact(value: Any) -> Any:

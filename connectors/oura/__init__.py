@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
 from connectors.oura.activity_types import terra_activity_type
-from connectors.timeutil import day_bounds, format_ts, parse_iso, to_ms
+from connectors.timeutil import day_bounds, format_ts, to_ms
 
 PROVIDER = Provider(
     "oura",
@@ -45,15 +45,7 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
 
 
-def _timestamp(doc: dict[str, Any], name: str, path: str | None = None) -> datetime:
-    """An ISO-8601 field with its offset (Oura's LocalizedDateTime, or UTC); ``path`` names it in errors."""
-    text, path = doc.get(name), path or name
-    if not isinstance(text, str):
-        raise MappingError(f"{path} must be an ISO-8601 timestamp, got {text!r}")
-    try:
-        return parse_iso(text)
-    except ValueError as exc:
-        raise MappingError(f"{path}: {exc}") from exc
+_timestamp = timestamp_field  # Oura's LocalizedDateTime, or UTC
 
 
 def _zone_of(moment: datetime) -> timezone:

@@ -36,9 +36,9 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
 from connectors.polar.activity_types import terra_activity_type
-from connectors.timeutil import format_ts, parse_iso, to_ms
+from connectors.timeutil import format_ts, to_ms
 
 WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: every mapper gets the whole response
 
@@ -136,16 +136,6 @@ def _date(value: Any, name: str = "date") -> date:
         return date.fromisoformat(value[:10])
     except (TypeError, ValueError) as exc:
         raise MappingError(f"{name} must start with a YYYY-MM-DD date, got {value!r}") from exc
-
-
-def _timestamp(doc: dict[str, Any], name: str) -> datetime:
-    text = doc.get(name)
-    if not isinstance(text, str):
-        raise MappingError(f"{name} must be an ISO-8601 timestamp, got {text!r}")
-    try:
-        return parse_iso(text)
-    except ValueError as exc:
-        raise MappingError(f"{name}: {exc}") from exc
 
 
 def _wall_clock(text: Any, name: str) -> datetime:
@@ -317,7 +307,7 @@ def sleep(payload: dict[str, Any]) -> list[Fragment]:
 
 def _sleep_span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
     _require(doc, "date", "sleep_start_time", "sleep_end_time")
-    start, end = _timestamp(doc, "sleep_start_time"), _timestamp(doc, "sleep_end_time")
+    start, end = timestamp_field(doc, "sleep_start_time"), timestamp_field(doc, "sleep_end_time")
     if end <= start:
         raise MappingError(f"sleep_end_time {doc['sleep_end_time']} is not after sleep_start_time "
                            f"{doc['sleep_start_time']}")
@@ -551,7 +541,7 @@ def physical_info(payload: dict[str, Any]) -> list[Fragment]:
 def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
     stamp = "modified" if doc.get("modified") is not None else "created"
     _require(doc, stamp)
-    at = _timestamp(doc, stamp).astimezone(UTC)
+    at = timestamp_field(doc, stamp).astimezone(UTC)
     weight = _field(doc, "weight") if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
     height, vo2max = _field(doc, "height"), _field(doc, "vo2_max")
     start = datetime.combine(at.date(), time(), tzinfo=UTC)

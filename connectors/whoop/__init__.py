@@ -11,8 +11,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact
-from connectors.timeutil import day_bounds, format_ts, parse_iso, parse_offset, to_ms
+from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
+from connectors.timeutil import day_bounds, format_ts, parse_offset, to_ms
 from connectors.whoop.activity_types import terra_activity_type
 
 PROVIDER = Provider(
@@ -50,13 +50,7 @@ def _zone(doc: dict[str, Any]) -> timezone:
 
 
 def _instant(doc: dict[str, Any], name: str) -> datetime:
-    text = doc.get(name)
-    if not isinstance(text, str):
-        raise MappingError(f"{name} must be an ISO-8601 UTC timestamp, got {text!r}")
-    try:
-        return parse_iso(text)
-    except ValueError as exc:
-        raise MappingError(f"{name}: {exc}") from exc
+    return timestamp_field(doc, name)
 
 
 def _span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
