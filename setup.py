@@ -33,7 +33,8 @@ setup(
         "tzdata>=2025.1",
         "fastapi>=0.165,<0.2",
         "uvicorn>=0.54,<0.6",
-        "cryptography>=50,<51",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
+        "cryptography>=50,<51",
+        "redis>=8.1,<9",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
     ],
     extras_require={
         "test": [

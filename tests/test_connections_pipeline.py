@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -19,12 +20,12 @@ pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider")
 from servers.fake_provider import authorize, query_of  # noqa: E402
 
-FIXTURE = "tests/fixtures/whoop/sleep.page.json"
+FIXTURE = Path(__file__).parent / "fixtures" / "whoop" / "sleep.page.json"
 
 
 def test_data_of_a_connected_account_is_delivered_under_its_connection(tmp_path, fake_provider):
     state = f"sqlite:///{tmp_path}/state.db"
-    sleeps = json.load(open(FIXTURE))["records"]
+    sleeps = json.loads(FIXTURE.read_text())["records"]
     account = str(sleeps[0]["user_id"])
     fake_provider.register("whoop-client", "whoop-secret", "body")
     fake_provider.next_account = account
