@@ -122,7 +122,7 @@ def cursor_store(request, tmp_path):
     try:
         store = Store(POSTGRES_URL).open()
     except FatalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {exc}")
+        pytest.fail(f"PostgreSQL is not reachable (the machine runs it; .ci/ensure-services starts it): {exc}")
     table = f"poll_cursors_{secrets.token_hex(4)}"
     yield CursorStore(store, table=table)
     store.execute(f"DROP TABLE IF EXISTS {table}")

@@ -353,7 +353,7 @@ def store_url(request, tmp_path) -> str:
         return f"sqlite:///{tmp_path}/control.db"
     url = request.getfixturevalue("_pg_database")
     if url is None:
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (.ci/ensure-services starts it)")
     return url
 
 
