@@ -161,6 +161,7 @@ class KafkaSink(Sink):
     def close(self) -> None:
         if self._producer is not None:
             self._producer.flush(self.flush_timeout_s)
+            self._producer.close()
             self._producer = None
 
     def _on_client_error(self, error: KafkaError) -> None:

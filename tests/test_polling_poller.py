@@ -79,6 +79,7 @@ def make_poller(tmp_path, broker, topic, limiter_namespace):
     yield make
     for poller in made:
         poller.stop()
+        poller.publisher.close()
 
 
 def fast_limit(api: FakeProviderApi, requests_per_s: int = 10):
@@ -150,7 +151,8 @@ def test_cursor_moves_only_after_the_window_was_published(make_poller, broker, t
 
         # two days later the broker is unreachable: every page is fetched, none acknowledged, the cursor stays
         later = NOW + timedelta(days=2)
-        dead = KafkaPublisher(f"127.0.0.1:{free_port()}", topic, flush_timeout_s=1.5)
+        dead = KafkaPublisher(f"127.0.0.1:{free_port()}", topic, flush_timeout_s=1.5,
+                              config={"log_level": 0})  # its refused connections are the point: keep them quiet
         failing = make_poller(api.manifest, publisher=dead, clock=lambda: later)
         api.add("daily_readiness", readiness_days(date(2024, 3, 21), 2))
         first_try = len(api.served())

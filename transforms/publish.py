@@ -62,6 +62,7 @@ def publish(bootstrap: str, topic: str, payloads: Iterable[RawPayload | bytes], 
         producer.poll(0)
         count += 1
     remaining = producer.flush(30)
+    producer.close()
     if remaining or errors:
         raise KafkaException(f"{remaining} raw events not acknowledged; errors: {errors[:3]}")
     return count

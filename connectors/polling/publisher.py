@@ -86,7 +86,9 @@ class KafkaPublisher:
         return Batch(self, headers)
 
     def close(self) -> None:
+        """Flush what is queued, then release the producer (its threads and connections)."""
         self.producer.flush(self.flush_timeout_s)
+        self.producer.close()
 
     def __enter__(self) -> KafkaPublisher:
         return self
