@@ -33,6 +33,8 @@ from transforms.deliver import SVIX_REDELIVERY_S, RetryPolicy, Target
 from transforms.destination_status import DEFAULT_DISABLE_AFTER_S
 from transforms.errors import FatalError
 
+LIFECYCLE_TYPES = ("auth", "auth_cancelled", "deauth", "user_reauth", "access_revoked", "connection_error",
+                   "permission_change")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -63,9 +65,10 @@ class _Destination(BaseModel):
     @field_validator("event_types")
     @classmethod
     def _known_types(cls, value: list[str] | None) -> list[str] | None:
-        unknown = sorted(set(value or []) - set(MODEL_TYPES))
+        known = (*MODEL_TYPES, *LIFECYCLE_TYPES)
+        unknown = sorted(set(value or []) - set(known))
         if unknown:
-            raise ValueError(f"unknown event types {unknown}; known: {', '.join(MODEL_TYPES)}")
+            raise ValueError(f"unknown event types {unknown}; known: {', '.join(known)}")
         return value
 
     def build(self) -> Sink:

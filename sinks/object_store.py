@@ -17,6 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -40,7 +41,9 @@ def terra_object_parts(event: NormalizedEvent) -> list[str]:
 
     Deterministic, so a redelivery overwrites the same object; PermanentError when a part is unusable.
     """
-    if event.type == "athlete":
+    if event.is_lifecycle:  # Terra: <version>/<event type>/<user_id>-<timestamp>.json
+        start_time = datetime.fromtimestamp(event.ordering_timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    elif event.type == "athlete":
         start_time = ATHLETE_START_TIME
     else:
         start_time = (event.data.get("metadata") or {}).get("start_time")

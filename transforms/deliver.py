@@ -162,6 +162,8 @@ def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
     """Rebuild the event a delivery dead letter holds (its body is the exact envelope sent)."""
     envelope = json.loads(record["original"])
     source = record["source"]
+    if "data" not in envelope and "athlete" not in envelope:  # a lifecycle event: its body is the event
+        return NormalizedEvent.lifecycle(envelope, int(source["ordering_timestamp_ms"]))
     data = envelope["athlete"] if envelope["type"] == "athlete" else envelope["data"][0]
     return NormalizedEvent(record["event_id"], envelope["type"], envelope["user"], data, source["natural_key"],
                            int(source["ordering_timestamp_ms"]), source["sequence"], source.get("idempotency_key"),

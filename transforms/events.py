@@ -33,6 +33,11 @@ class NormalizedEvent:
     sequence: str
     raw_idempotency_key: str | None = None
     version: str = DATA_MODEL_VERSION
+    payload: dict[str, Any] | None = None  # a lifecycle event (auth, deauth, ...) is delivered as it is
+
+    @property
+    def is_lifecycle(self) -> bool:
+        return self.payload is not None
 
     @property
     def user_id(self) -> str:
@@ -43,7 +48,10 @@ class NormalizedEvent:
         return self.user["provider"]
 
     def envelope(self) -> dict[str, Any]:
-        """Terra's webhook body: ``{type, user, data: [record], version}`` (athlete: ``athlete``)."""
+        """Terra's webhook body: ``{type, user, data: [record], version}`` (athlete: ``athlete``);
+        a lifecycle event's own body."""
+        if self.payload is not None:
+            return self.payload
         if self.type == "athlete":
             return {"type": self.type, "user": self.user, "athlete": self.data, "version": self.version}
         return {"type": self.type, "user": self.user, "data": [self.data], "version": self.version}
@@ -58,6 +66,17 @@ class NormalizedEvent:
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> NormalizedEvent:
         return cls(**value)
+
+    @classmethod
+    def lifecycle(cls, event: dict[str, Any], at_ms: int) -> NormalizedEvent:
+        """A connection lifecycle event (``auth``, ``deauth``, ``user_reauth``, ``access_revoked``, ...).
+
+        Its id is derived from its content (a redelivery keeps it); it is keyed by its own id.
+        """
+        user = event.get("user") or event.get("new_user") or {"user_id": "", "provider": ""}
+        event_id = f"evt_{hashlib.sha256(canonical_json(event)).hexdigest()[:32]}"
+        return cls(event_id, str(event.get("type", "unknown")), dict(user), dict(event), event_id, at_ms,
+                   f"{at_ms:013d}", None, DATA_MODEL_VERSION, dict(event))
 
     @classmethod
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,

@@ -23,6 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "default http://HOST:PORT, or $HEALTHFLOW_PUBLIC_URL)")
     serve.add_argument("--state", default=DEFAULT_STATE, help="control-plane store (sqlite:///… or postgresql://…)")
     serve.add_argument("--bootstrap-servers", help="Kafka of the ingestion topic: also receive provider webhooks")
+    serve.add_argument("--destinations", help="destinations file: deliver lifecycle events (auth, deauth, …) there")
+    serve.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
 
     devs = sub.add_parser("developers", help="developer ids and API keys of the /v2 API")
     devs_sub = devs.add_subparsers(dest="action", required=True)
@@ -40,7 +42,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from connectors.api.server import serve
 
-    serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers)
+    emit = None
+    if args.destinations:
+        from sinks.config import load_destinations
+        from transforms.lifecycle import LifecycleDelivery
+
+        emit = LifecycleDelivery(load_destinations(args.destinations).targets(), args.dead_letters).emit
+    serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers,
+          emit=emit)
     return 0
 
 
