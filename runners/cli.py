@@ -104,6 +104,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(users=args.users, days=args.days, workdir=Path(args.workdir))
 
 
+def cmd_poll(args: argparse.Namespace) -> int:
+    import time
+
+    from connectors.auth.control_plane import ControlPlane
+    from connectors.polling import (
+        ConnectionPolling,
+        CursorStore,
+        KafkaPublisher,
+        LocalRateLimiter,
+        Poller,
+        RedisRateLimiter,
+    )
+
+    limiter = RedisRateLimiter(url=args.redis) if args.redis else LocalRateLimiter()
+    with ControlPlane(args.state) as control_plane, KafkaPublisher(args.bootstrap_servers, args.topic) as publisher:
+        polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(args.state), publisher=publisher,
+                                                          limiter=limiter))
+        if args.once:
+            report = polling.poll_once()
+            print(json.dumps({"polls": len(report.results), "published": sum(r.published for r in report.results),
+                              "refreshed": report.refreshed, "revoked": report.revoked}))
+            return 0
+        scheduler = polling.scheduler(args.interval)
+        scheduler.start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            scheduler.stop()
+    return 0
+
+
 def _store_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
     command.add_argument("--state", default="sqlite:///.healthflow/state.db",
@@ -236,6 +268,15 @@ def parser() -> argparse.ArgumentParser:
     for command in (listing, show, replay):
         _store_options(command)
 
+    poll = sub.add_parser("poll", help="poll every active connection's provider API onto the ingestion topic")
+    poll.add_argument("--bootstrap-servers", required=True)
+    poll.add_argument("--topic", default="healthflow.raw")
+    poll.add_argument("--redis", help="redis://host:port/db for rate limits shared by every poller (default: "
+                                      "in-process limits, one poller only)")
+    poll.add_argument("--interval", type=float, default=900.0, help="seconds between polls of a connection")
+    poll.add_argument("--once", action="store_true", help="poll everything once and exit")
+    poll.add_argument("--state", default="sqlite:///.healthflow/state.db", help="control-plane store")
+
     from connectors.api.cli import add_parsers as add_api_parsers
 
     add_api_parsers(sub)  # healthflow serve, healthflow developers …
@@ -258,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from connectors.api.cli import COMMANDS as API_COMMANDS
 
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
-                "deadletters": cmd_deadletters, "destinations": cmd_destinations, "demo": cmd_demo,
+                "deadletters": cmd_deadletters, "destinations": cmd_destinations, "demo": cmd_demo, "poll": cmd_poll,
                 **API_COMMANDS}[args.command](args)
     except FatalError as exc:
         print(f"healthflow: {exc}", file=sys.stderr)

@@ -527,6 +527,12 @@ class ControlPlane:
                                 "ORDER BY created_at_ms", [dev_id, reference_id])
         return [self._connection(row) for row in rows]
 
+    def active_connections(self) -> list[Connection]:
+        """Every active connection (what the poller polls)."""
+        rows = self.store.query(f"SELECT {_USER_COLUMNS} FROM {self.t_users} WHERE state = ? ORDER BY created_at_ms",
+                                [ACTIVE])
+        return [self._connection(row) for row in rows]
+
     def resolve_user(self, provider: str, provider_user_id: str) -> Connection | None:
         """The active connection of a provider account (for mapping provider pushes to ``user_id``)."""
         rows = self.store.query(f"SELECT {_USER_COLUMNS} FROM {self.t_users} WHERE provider = ? AND "

@@ -36,6 +36,7 @@ _EXPORTS = {
     "TokenRejected": "poller", "windows": "poller",
     "ResponseHook": "hooks", "FitbitHook": "hooks", "PolarHook": "hooks", "default_hooks": "hooks",
     "Scheduler": "scheduler",
+    "ConnectionPolling": "service", "PollReport": "service",
 }
 
 __all__ = sorted(_EXPORTS)

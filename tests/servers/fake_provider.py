@@ -264,14 +264,19 @@ class FakeProvider:
                 self._grants[grant_id].active = False
         return 200, {}, None
 
+    def is_live(self, access_token: str) -> bool:
+        """Whether this provider would accept ``access_token`` now (issued, unexpired, grant not revoked)."""
+        with self._lock:
+            found = self._access.get(access_token)
+            return found is not None and found[1] >= time.time() and self._grants[found[0]].active
+
     def _profile(self, _query: dict[str, str], _form: dict[str, str], headers: Any) -> tuple[int, dict, Any]:
         self.calls["profile"] += 1
         token = (headers.get("Authorization") or "").removeprefix("Bearer ")
+        if not self.is_live(token):
+            return 401, {}, {"error": "invalid_token"}
         with self._lock:
-            found = self._access.get(token)
-            if found is None or found[1] < time.time() or not self._grants[found[0]].active:
-                return 401, {}, {"error": "invalid_token"}
-            return 200, {}, {"user_id": self._grants[found[0]].account}
+            return 200, {}, {"user_id": self._grants[self._access[token][0]].account}
 
 
 def fake_manifests() -> dict[str, Any]:

@@ -76,6 +76,7 @@ class FakeProviderApi:
     retry_after_format: str = "seconds"  # or "http-date"
     list_key: str | None = None  # the list field of a page; default: the provider's envelope, else the kind
     documents: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    token_validator: Callable[[str], bool] | None = None  # e.g. FakeProvider.is_live: the OAuth server's tokens
 
     def __post_init__(self) -> None:
         self._manifest = (registry()[self.provider].manifest if isinstance(self.provider, str) else self.provider)
@@ -230,6 +231,8 @@ class FakeProviderApi:
         with self._lock:
             now = time.time()
             expires = self._tokens.get(token or "", 0.0) if token in self._tokens else 0.0
+            if self.token_validator is not None:
+                expires = None if self.token_validator(token or "") else 0.0
             if expires is not None and expires <= now:
                 return 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}, {"error": "invalid_token"}
             if self._throttle:
