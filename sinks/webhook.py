@@ -155,6 +155,7 @@ class WebhookSink(Sink):
             "terra-signature": terra_signature(self._terra_key, timestamp, body),
             "X-Terra-Trace-Id": event.event_id,
             "X-Terra-Ordering-Timestamp": str(event.ordering_timestamp_ms),
+            **({"terra-reference": event.reference} if event.reference else {}),
         }
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:

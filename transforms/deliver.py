@@ -155,7 +155,8 @@ def delivery_dead_letter(target: Target, event: NormalizedEvent, error: BaseExce
 def event_source(event: NormalizedEvent) -> dict[str, Any]:
     """What a delivery dead letter keeps besides the body, enough to rebuild the event for replay."""
     return {"sequence": event.sequence, "natural_key": event.natural_key, "type": event.type,
-            "ordering_timestamp_ms": event.ordering_timestamp_ms, "idempotency_key": event.raw_idempotency_key}
+            "ordering_timestamp_ms": event.ordering_timestamp_ms, "idempotency_key": event.raw_idempotency_key,
+            "reference": event.reference}
 
 
 def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
@@ -167,7 +168,7 @@ def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
     data = envelope["athlete"] if envelope["type"] == "athlete" else envelope["data"][0]
     return NormalizedEvent(record["event_id"], envelope["type"], envelope["user"], data, source["natural_key"],
                            int(source["ordering_timestamp_ms"]), source["sequence"], source.get("idempotency_key"),
-                           envelope.get("version", NormalizedEvent.version))
+                           envelope.get("version", NormalizedEvent.version), reference=source.get("reference"))
 
 
 class DeliverToSink(beam.DoFn):

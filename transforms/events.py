@@ -34,6 +34,7 @@ class NormalizedEvent:
     raw_idempotency_key: str | None = None
     version: str = DATA_MODEL_VERSION
     payload: dict[str, Any] | None = None  # a lifecycle event (auth, deauth, ...) is delivered as it is
+    reference: str | None = None  # the historical request (backfill) it answers: Terra's terra-reference
 
     @property
     def is_lifecycle(self) -> bool:
@@ -80,6 +81,8 @@ class NormalizedEvent:
 
     @classmethod
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
-               ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None) -> NormalizedEvent:
+               ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None,
+               reference: str | None = None) -> NormalizedEvent:
         digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key, data])).hexdigest()[:32]
-        return cls(f"evt_{digest}", type, user, data, natural_key, ordering_timestamp_ms, sequence, raw_idempotency_key)
+        return cls(f"evt_{digest}", type, user, data, natural_key, ordering_timestamp_ms, sequence, raw_idempotency_key,
+                   reference=reference)

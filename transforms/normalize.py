@@ -74,6 +74,7 @@ class Keyed:
     raw_idempotency_key: str
     provider: str = ""  # slug, with provider_user_id: the account, for resolving its connection
     provider_user_id: str = ""
+    reference: str | None = None  # the backfill request this came from (delivered as terra-reference)
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -127,8 +128,8 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
         try:
-            keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}")
-                     for n, f in enumerate(fragments)]
+            keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}",
+                            message.source.get("healthflow-reference")) for n, f in enumerate(fragments)]
         except (SchemaMismatch, MappingError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
@@ -139,12 +140,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
-def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str) -> Keyed:
+def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
     data = validate_record(fragment.type, fragment.data)
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
     return Keyed(fragment.type, natural_key(fragment.type, data), data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
-                 raw.provider, str(fragment.provider_user_id))
+                 raw.provider, str(fragment.provider_user_id), reference)
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
@@ -268,9 +269,11 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
                 data = _merge_day_aware(fragment.data, data)
         superseded.inc(len(versions) - 1)
         newest = versions[-1]
+        reference = next((f.reference for f in reversed(versions) if f.reference), None)
         events.append(NormalizedEvent.create(
             type=model_type, user=newest.user, data=data, natural_key=key, ordering_timestamp_ms=version,
-            sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key))
+            sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key,
+            reference=reference))
     events.sort(key=lambda e: e.sequence)
     for event in events:
         Metrics.counter(METRICS, f"normalized:{event.provider.lower()}:{event.type}").inc()

@@ -60,6 +60,11 @@ def commit_offsets(bootstrap: str, topic: str, group: str, next_offsets: dict[in
         consumer.close()
 
 
+def _healthflow_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    """The ``healthflow-*`` Kafka headers a raw event carries (backfill marker, request reference)."""
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in headers or () if k.startswith("healthflow-")}
+
+
 class ReadPartitionToEnd(beam.DoFn):
     """Read one partition from a start offset to its end (partition EOF), at most ``limit`` messages."""
 
@@ -92,7 +97,8 @@ class ReadPartitionToEnd(beam.DoFn):
                     read += 1
                     next_offset = message.offset() + 1
                     yield RawMessage(message.value() or b"", {"topic": self.topic, "partition": partition,
-                                                              "offset": message.offset()})
+                                                              "offset": message.offset(),
+                                                              **_healthflow_headers(message.headers())})
                 if eof:
                     break
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Security
@@ -152,8 +153,17 @@ Dev = Annotated[str, Depends(developer)]
 
 
 # ---------------------------------------------------------------------- the app
-def create_app(control_plane: ControlPlane, *, title: str = "healthflow") -> FastAPI:
-    """The API around an opened ``ControlPlane``."""
+class BackfillResponse(BaseModel):
+    status: str
+    type: str
+    reference: str
+    message: str
+    user: TerraUser
+
+
+def create_app(control_plane: ControlPlane, *, title: str = "healthflow", polling: Any = None) -> FastAPI:
+    """The API around an opened ``ControlPlane``; with ``polling`` (a ``ConnectionPolling``) it also
+    answers historical requests (``GET /v2/{type}``)."""
     cp = control_plane
     app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
                   redoc_url=None, description=__doc__)
@@ -251,6 +261,29 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow") -> Fas
                                    enabled=slug in cp.connectable(), types={m: m in models for m in MODEL_TYPES}))
         return IntegrationsResponse(providers=out)
 
+    @app.get("/v2/{data_type}", response_model=BackfillResponse, responses=_ERRORS, tags=["data"],
+             summary="Historical data for a user, sent to the destinations (to_webhook=true) with terra-reference")
+    def historical(dev_id: Dev, data_type: str, user_id: str, start_date: str, end_date: str | None = None,
+                   to_webhook: bool = True) -> BackfillResponse:
+        if data_type not in MODEL_TYPES:
+            raise ApiError(404, f"unknown data type {data_type!r}; one of: {', '.join(MODEL_TYPES)}")
+        if not to_webhook:
+            raise ApiError(400, "only to_webhook=true is supported: the data is delivered to your destinations")
+        if polling is None:
+            raise ApiError(503, "historical requests need the poller: start the API with --bootstrap-servers")
+        start, end = _date_param(start_date, "start_date"), _date_param(end_date, "end_date") if end_date else None
+        end = end or datetime.now(UTC)
+        if start >= end:
+            raise ApiError(400, "start_date must be before end_date")
+        connection = cp.connection(user_id, dev_id)
+        if not connection.active:
+            raise ApiError(400, f"user {user_id} is not connected (state {connection.state})")
+        reference, kinds = polling.backfill(user_id, data_type, start, end)
+        if not kinds:
+            raise ApiError(400, f"Data type requested not available from provider {connection.terra_name}")
+        return BackfillResponse(status="success", type=data_type, reference=reference,
+                                message="Data sent to webhook", user=_user(connection))
+
     # ------------------------------------------------------------------ browser pages
     @app.get("/widget/session/{session_id}", response_class=HTMLResponse, tags=["widget"],
              summary="The connect widget: one link per provider")
@@ -293,6 +326,16 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow") -> Fas
         return _page("Connection failed", f"<p>{html.escape(outcome.message)}</p>", 400)
 
     return app
+
+
+def _date_param(text: str, name: str) -> datetime:
+    """``YYYY-MM-DD`` (UTC midnight) or unix seconds, as Terra's data endpoints take them."""
+    try:
+        if text.isdigit():
+            return datetime.fromtimestamp(int(text), UTC)
+        return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(400, f"{name} must be YYYY-MM-DD or unix seconds, got {text!r}") from exc
 
 
 def _user(connection: Connection) -> TerraUser:

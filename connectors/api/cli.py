@@ -24,6 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--state", default=DEFAULT_STATE, help="control-plane store (sqlite:///… or postgresql://…)")
     serve.add_argument("--bootstrap-servers", help="Kafka of the ingestion topic: also receive provider webhooks")
     serve.add_argument("--destinations", help="destinations file: deliver lifecycle events (auth, deauth, …) there")
+    serve.add_argument("--redis", help="redis://host:port/db: rate limits shared with `healthflow poll`")
     serve.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
 
     devs = sub.add_parser("developers", help="developer ids and API keys of the /v2 API")
@@ -48,8 +49,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from transforms.lifecycle import LifecycleDelivery
 
         emit = LifecycleDelivery(load_destinations(args.destinations).targets(), args.dead_letters).emit
+    limiter = None
+    if args.redis:
+        from connectors.polling import RedisRateLimiter
+
+        limiter = RedisRateLimiter(url=args.redis)
     serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers,
-          emit=emit)
+          emit=emit, limiter=limiter)
     return 0
 
 

@@ -28,11 +28,13 @@ def log_event(event: dict[str, Any]) -> None:
 def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *, host: str = "127.0.0.1",
           public_url: str | None = None, secret_key: str | None = None,
           emit: Callable[[dict[str, Any]], None] | None = None, log_level: str = "info",
-          bootstrap_servers: str | None = None) -> None:
+          bootstrap_servers: str | None = None, limiter: Any = None) -> None:
     """Serve the ``/v2`` API until interrupted (needs ``HEALTHFLOW_SECRET_KEY`` unless ``secret_key`` is given).
 
     With ``bootstrap_servers``, provider webhooks (``/v2/providers/{provider}/webhook``) are received
-    too and published to the ingestion and notification topics there.
+    too and published to the ingestion and notification topics there, and historical requests
+    (``GET /v2/{type}``) are fetched at low priority (``limiter``: a shared RedisRateLimiter, or
+    in-process limits).
     """
     from connectors.api.app import create_app
     from connectors.auth.control_plane import ControlPlane
@@ -41,7 +43,14 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
                                  emit=emit or log_event).open()
     try:
         control_plane.flush_events()
-        app = create_app(control_plane)
+        polling = None
+        if bootstrap_servers:
+            from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
+
+            publisher = KafkaPublisher(bootstrap_servers, "healthflow.raw")
+            polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(store_url), publisher=publisher,
+                                                              limiter=limiter or LocalRateLimiter()))
+        app = create_app(control_plane, polling=polling)
         if bootstrap_servers:
             from connectors.webhooks import router
             from transforms.publish import publish

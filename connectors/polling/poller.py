@@ -46,7 +46,7 @@ import requests
 from connectors.manifest import Endpoint, Manifest
 from connectors.polling.cursors import LIVE_TRACK, CursorStore, backfill_track
 from connectors.polling.hooks import Request, ResponseHook, default_hooks
-from connectors.polling.publisher import BACKFILL_HEADER, KafkaPublisher
+from connectors.polling.publisher import BACKFILL_HEADER, REFERENCE_HEADER, KafkaPublisher
 from connectors.polling.ratelimit import (
     LIVE,
     LOW,
@@ -241,9 +241,10 @@ class Poller:
         return self._run(call, LIVE_TRACK, start, now, headers=())
 
     def backfill(self, connection: PollTarget, kind: str, start: datetime, end: datetime,
-                 access_token: AccessToken) -> PollResult:
+                 access_token: AccessToken, reference: str | None = None) -> PollResult:
         """Fetch and publish ``[start, end)`` (capped at now) at low priority, resuming a previous run of the same
-        range; raw events carry the ``healthflow-backfill: true`` Kafka header."""
+        range; raw events carry the ``healthflow-backfill: true`` Kafka header and, given a request
+        ``reference``, ``healthflow-reference`` (delivered as Terra's ``terra-reference``)."""
         start, end = _aware(start, "start"), _aware(end, "end")
         if start >= end:
             raise ValueError(f"backfill range is empty: {start} >= {end}")
@@ -253,8 +254,9 @@ class Poller:
         end = min(end, self.clock().astimezone(UTC))
         if reached is not None and reached >= end:
             return PollResult(connection.provider, connection.user_id, kind, track, 0, 0, 0, reached)
-        return self._run(call, track, max(start, reached) if reached else start, end,
-                         headers=((BACKFILL_HEADER, b"true"),), no_window_ok=False)
+        headers = ((BACKFILL_HEADER, b"true"), *(((REFERENCE_HEADER, reference.encode()),) if reference else ()))
+        return self._run(call, track, max(start, reached) if reached else start, end, headers=headers,
+                         no_window_ok=False)
 
     # ------------------------------------------------------------------------------------------------ internals
     def _call(self, connection: PollTarget, kind: str, access_token: AccessToken, priority: Priority) -> _Call:

@@ -17,6 +17,7 @@ from transforms.errors import RetryableError
 from transforms.publish import RawPayload
 
 BACKFILL_HEADER = "healthflow-backfill"  # value b"true" on raw events of a backfill; absent on live polls
+REFERENCE_HEADER = "healthflow-reference"  # the backfill request's reference, delivered as terra-reference
 
 
 class PublishFailed(RetryableError):

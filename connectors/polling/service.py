@@ -12,10 +12,13 @@ no longer polled.
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
-from connectors.polling.poller import Poller, PollResult, PollTarget, TokenRejected
+from connectors.polling.poller import PollConnection, Poller, PollResult, PollTarget, TokenRejected
 from connectors.polling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,35 @@ class ConnectionPolling:
                 log.warning("connection %s no longer polled: %s", connection.user_id, exc)
         else:
             log.warning("poll of %s %s failed: %s", connection.user_id, kind, error)
+
+    def backfill_kinds(self, provider: str, model_type: str) -> list[str]:
+        """The provider's pollable kinds that feed ``model_type`` (e.g. Oura sleep, daily_sleep for sleep)."""
+        from connectors import registry
+
+        mapped = registry()[provider].kinds
+        return [k for k in self.kinds(PollConnection("", provider)) if model_type in mapped[k].models]
+
+    def backfill(self, user_id: str, model_type: str, start: datetime, end: datetime) -> tuple[str, list[str]]:
+        """Start a historical request in the background; returns its reference and the kinds it reads.
+
+        Every kind is fetched in its endpoint's ``max_days`` windows at low priority (live polls
+        always go first), published with the reference, and delivered with ``terra-reference``.
+        """
+        connection = self.control_plane.connection(user_id)
+        kinds = self.backfill_kinds(connection.provider, model_type)
+        reference = str(uuid.uuid4())
+
+        def run() -> None:
+            for kind in kinds:
+                try:
+                    self.poller.backfill(connection, kind, start, end, lambda: self.access_token(connection),
+                                         reference=reference)
+                except Exception as exc:  # reported, and the cursor lets a repeated request resume
+                    log.warning("backfill %s of %s %s failed: %s", reference, user_id, kind, exc)
+
+        if kinds:
+            threading.Thread(target=run, name=f"backfill-{reference[:8]}", daemon=True).start()
+        return reference, kinds
 
     def scheduler(self, interval_s: float = 900.0) -> Scheduler:
         return Scheduler(self.poller, self.targets, self.access_token, interval_s=interval_s, kinds=self.kinds,

@@ -1,0 +1,96 @@
+"""Historical requests: GET /v2/{type} answers at once with a reference; the data is fetched at low
+priority in max_days windows and delivered with terra-reference = that reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from cryptography.fernet import Fernet
+
+from connectors import registry
+from connectors.api.app import create_app
+from connectors.api.server import BackgroundServer
+from connectors.auth import ControlPlane, MemoryCollector
+from connectors.auth.oauth import ProviderSettings
+from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
+from runners.webhook_receiver import WebhookReceiver
+from sinks.webhook import WebhookSink
+
+pytest_plugins = ("servers.fake_provider",)
+pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
+from servers.fake_provider import authorize, query_of  # noqa: E402
+from servers.fake_provider_api import FakeProviderApi  # noqa: E402
+
+READINESS = json.loads((Path(__file__).parent / "fixtures" / "oura" / "daily_readiness.json").read_text())["data"][0]
+NOW = datetime(2024, 3, 20, 12, 0, tzinfo=UTC)
+
+
+def readiness(day: date) -> dict:
+    doc = copy.deepcopy(READINESS)
+    doc.update(id=f"readiness-{day}", day=day.isoformat(), timestamp=f"{day}T00:00:00+01:00")
+    return doc
+
+
+def test_a_historical_request_is_chunked_and_delivered_with_its_reference(tmp_path, fake_provider, broker, topic,
+                                                                          webhook_secret):
+    state = f"sqlite:///{tmp_path}/state.db"
+    fake_provider.register("oura-client", "oura-secret", "body")
+    oura = registry()["oura"].manifest
+    auth = oura.auth.model_copy(update={"authorize_url": "https://oura.example/oauth/authorize",
+                                        "token_url": "https://oura.example/oauth/token"})
+    plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
+                         manifests={"oura": oura.model_copy(update={"auth": auth})}, emit=MemoryCollector(),
+                         settings={"oura": ProviderSettings("oura-client", "oura-secret",
+                                                            oauth_base=fake_provider.base_url)},
+                         profile_fetchers={}).open()
+    dev = plane.create_developer(name="lab")
+    key = plane.create_api_key(dev)
+    user = plane.start_auth(dev, "oura", reference_id="athlete-3")
+    assert plane.complete_auth("oura", query_of(authorize(user.auth_url))).ok
+
+    with FakeProviderApi("oura", page_size=5, token_validator=fake_provider.is_live) as api, \
+            WebhookReceiver(webhook_secret) as receiver:
+        days = [date(2024, 1, 1) + timedelta(days=i) for i in range(45)]
+        api.add("daily_readiness", [readiness(d) for d in days])
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, backoff_s=0.05)
+        server = BackgroundServer().start(create_app(plane, polling=ConnectionPolling(plane, poller)))
+        try:
+            http = requests.Session()
+            http.headers.update({"dev-id": dev, "x-api-key": key})
+            reply = http.get(f"{server.url}/v2/daily", timeout=10,
+                             params={"user_id": user.user_id, "start_date": "2024-01-01", "end_date": "2024-02-15"})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert (body["status"], body["type"], body["message"]) == ("success", "daily", "Data sent to webhook")
+            assert body["user"]["reference_id"] == "athlete-3"
+            unknown = http.get(f"{server.url}/v2/daily", params={"user_id": user.user_id, "start_date": "nope"},
+                               timeout=10)
+            assert unknown.status_code == 400 and "start_date" in unknown.json()["message"]
+            deadline = time.monotonic() + 30
+            while len({d["day"] for r in api.served("daily_readiness") for d in json.loads(r.reply)["data"]}) < 45:
+                assert time.monotonic() < deadline, "the backfill did not fetch every day"
+                time.sleep(0.1)
+        finally:
+            server.stop()
+        windows = {(r.params["start_date"], r.params["end_date"]) for r in api.served("daily_readiness")}
+        assert len(windows) == 2  # 45 days in the endpoint's 30-day windows
+
+        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "backfill"),
+                                         [WebhookSink("hook", receiver.url, webhook_secret)], str(tmp_path / "dlq"),
+                                         state_url=state))
+        assert summary.get("delivered:hook") == 45
+        references = {headers.get("terra-reference") for headers in receiver.headers.values()}
+        assert references == {body["reference"]}
+        publisher.close()
+    plane.close()
