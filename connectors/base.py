@@ -150,7 +150,7 @@ class Provider:
             produced = spec.mapper(doc)
         except MappingError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
         return [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
                 for item in _as_fragments(produced, spec)]

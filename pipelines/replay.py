@@ -14,6 +14,7 @@ Destinations are idempotent and events keep their ids, so replaying twice is har
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -89,17 +90,25 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
             raise FatalError(f"destination {name!r} is disabled ({disabled[name]}); run "
                              f"`healthflow destinations enable {name}` first")
         target = by_name[name]
-        by_event = {r["event_id"]: r for r in group}
-        events = sorted((event_from_dead_letter(r) for r in group), key=lambda e: (e.user_id, e.sequence))
-        target.sink.open()
+        # Several dead letters can hold the same event (the same content re-emitted while the destination
+        # was down): deliver it once, settle every one of them.
+        by_event: dict[str, list[dict[str, Any]]] = {}
+        for record in group:
+            by_event.setdefault(record["event_id"], []).append(record)
+        events = sorted((event_from_dead_letter(records[-1]) for records in by_event.values()),
+                        key=lambda e: (e.user_id, e.sequence))
+        with contextlib.suppress(Exception):  # unavailable right now: write() opens again and routes the error
+            target.sink.open()
         try:
             for start in range(0, len(events), target.batch_size):
                 for outcome in Delivery(target).deliver(events[start:start + target.batch_size]):
                     if isinstance(outcome, Delivered):
-                        delete_dead_letter(root, by_event[outcome.event_id])
+                        for record in by_event[outcome.event_id]:
+                            delete_dead_letter(root, record)
                         result.delivered[name] += 1
                     else:
-                        _record_again(root, target, by_event[outcome.record["event_id"]], outcome)
+                        for record in by_event[outcome.record["event_id"]]:
+                            _record_again(root, target, record, outcome)
                         result.failed_again[name] += 1
         finally:
             target.sink.close()
@@ -121,9 +130,9 @@ def _record_again(root: str, target: Target, old: dict[str, Any], outcome: DeadL
     event = event_from_dead_letter(old)
     new = delivery_dead_letter(target, event, outcome.error, old["attempts"] + outcome.record["attempts"],
                                redelivery_round=old.get("redelivery_round", 0) + 1)
+    write_dead_letter(root, new)  # first the new record, then the old one goes: a crash between keeps both
     if new["dead_letter_id"] != old["dead_letter_id"]:  # replayed to another destination
         delete_dead_letter(root, old)
-    write_dead_letter(root, new)
 
 
 def replay_ingest(root: str, targets: Sequence[Target], state_url: str) -> ReplayResult:
@@ -138,16 +147,23 @@ def replay_ingest(root: str, targets: Sequence[Target], state_url: str) -> Repla
     if not records:
         return result
     kept = ("topic", "partition", "offset", "path", "line")
-    messages = [RawMessage(r["original"], {k: v for k, v in r["source"].items() if k in kept},
+    messages = [RawMessage(r["original"], {k: v for k, v in r["source"].items()
+                                           if k in kept or k.startswith("healthflow-")},
                            encoding=r["source"].get("encoding", "avro")) for r in records]
-    scratch = f"{root.rstrip('/')}/{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
-    try:
-        result.ingest = run_batch(NormalizeJob(MessagesSource(messages), targets, scratch, state_url=state_url))
-        for record in records:
+    scratch = f"{root.rstrip('/')}/{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}/"
+    result.ingest = run_batch(NormalizeJob(MessagesSource(messages), targets, scratch, state_url=state_url))
+    # Move the run's new dead letters in first, then drop the replayed records they do not replace:
+    # a crash at any point leaves every failure on disk (at worst twice), never none.
+    renewed = set()
+    for record in read_dead_letters(scratch):
+        write_dead_letter(root, record)
+        renewed.add(record["dead_letter_id"])
+    for record in records:
+        if record["dead_letter_id"] not in renewed:
             delete_dead_letter(root, record)
-        for record in read_dead_letters(scratch):
-            write_dead_letter(root, record)
-    finally:
-        if FileSystems.exists(scratch):
-            FileSystems.delete([scratch])
+    scratch_files = [m.path for m in FileSystems.match([f"{scratch}**"])[0].metadata_list]
+    if scratch_files:  # object stores have no folders: delete the files themselves
+        FileSystems.delete(scratch_files)
+    with contextlib.suppress(OSError):  # a local scratch folder, now empty
+        FileSystems.delete([scratch.rstrip("/")])
     return result

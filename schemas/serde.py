@@ -49,7 +49,7 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
         raise SchemaMismatch(f"not a single-object-encoded {name} message (bad magic or schema fingerprint)")
     try:
         return fastavro.schemaless_reader(io.BytesIO(data[len(header):]), envelope_schema(name), None)
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
+    except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error, OverflowError) as exc:
         raise SchemaMismatch(f"truncated or corrupt {name} message: {exc}") from exc
 
 

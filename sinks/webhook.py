@@ -27,6 +27,7 @@ import binascii
 import email.utils
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC
@@ -79,22 +80,28 @@ def terra_signature(terra_key: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
+MAX_RETRY_AFTER_S = 7 * 24 * 3600.0  # a server asking for longer is capped, not obeyed forever
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None when absent or unparsable."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), capped at a week;
+    None when absent or unparsable (including ``inf`` and ``nan``)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, when.timestamp() - (time.time() if now is None else now)), MAX_RETRY_AFTER_S)
 
 
 class _HaltBatch(Exception):

@@ -55,7 +55,34 @@ def test_a_stale_version_only_fills_gaps():
     stored = {("daily", "2026-11-02"): (newer, 2000)}
     (event,) = merge_user_events("u", [_keyed(older, 1000, "9")], stored)
     assert event.data["distance_data"] == {"steps": 9000, "floors_climbed": 3}
-    assert event.ordering_timestamp_ms == 2000
+    # the filled-in record is richer than what destinations hold at 2000: it must not be taken for stale
+    assert event.ordering_timestamp_ms == 2001
+
+
+def test_stale_fragments_fold_oldest_first_under_the_stored_record():
+    base = {"metadata": {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "x", "upload_type": 1}}
+    stored = {("daily", "2026-11-02"): (base, 100)}
+    v50 = dict(base, distance_data={"floors_climbed": 1})
+    v60 = dict(base, distance_data={"floors_climbed": 2})
+    (event,) = merge_user_events("u", [_keyed(v60, 60, "2"), _keyed(v50, 50, "1")], stored)
+    assert event.data["distance_data"] == {"floors_climbed": 2}  # the newer of the two stale versions
+
+
+def test_same_version_with_new_content_moves_the_ordering_timestamp():
+    calories = {"metadata": {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "x", "upload_type": 1},
+                "calories_data": {"total_burned_calories": 2000}}
+    steps = dict(calories, distance_data={"steps": 10})
+    (first,) = merge_user_events("u", [_keyed(calories, 100, "1")])
+    (second,) = merge_user_events("u", [_keyed(steps, 100, "2")], {("daily", "2026-11-02"): (first.data, 100)})
+    assert second.ordering_timestamp_ms > first.ordering_timestamp_ms
+
+
+def test_raw_events_with_wrongly_typed_envelope_fields_are_dead_lettered():
+    for line in (b'{"provider": null, "payload": {}}', b'{"provider": "oura", "kind": ["sleep"], "payload": {}}',
+                 b'{"provider": "oura", "received_at": 1e999, "payload": {}}',
+                 b'{"provider": "oura", "kind": "sleep", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        outcomes = list(normalize_message(RawMessage(line, {"path": "x", "line": 1}, encoding="json")))
+        assert outcomes and all(isinstance(o, Failed) for o in outcomes), line[:60]
 
 
 def test_non_finite_numbers_are_dead_lettered_not_passed_on():

@@ -84,3 +84,22 @@ def test_ingest_replay_after_a_mapper_fix(tmp_path, simulated_payloads):
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM healthflow_records WHERE natural_key = 'm1'").fetchone()[0] == 1
     assert sum(1 for _ in read_dead_letters(dlq)) == len(remaining)
+
+
+def test_dead_letters_holding_the_same_event_are_settled_together(tmp_path, simulated_payloads, webhook_secret):
+    dlq = str(tmp_path / "dlq")
+    payload = next(p for p in simulated_payloads if p.provider == "whoop" and p.kind == "cycle")
+    with WebhookReceiver(webhook_secret) as receiver:
+        targets = [Target(WebhookSink("webhook", receiver.url, webhook_secret), FAST)]
+        receiver.fail_next(100, 503)
+        for name, received in (("a.jsonl", 1), ("b.jsonl", 2)):  # the provider re-sends the same record
+            (tmp_path / name).write_text(json.dumps({"provider": "whoop", "kind": "cycle", "received_at": received,
+                                                     "payload": payload.payload.decode()}) + "\n")
+            run_batch(NormalizeJob(FileSource(str(tmp_path / name)), targets, dlq,
+                                   state_url=f"sqlite:///{tmp_path / 'state.db'}"))
+        dead = select(dlq, destination="webhook")
+        assert len(dead) == 2 and len({r["event_id"] for r in dead}) == 1
+        receiver.clear_failures()
+        result = replay_deliveries(dlq, targets, destination="webhook")
+        assert result.delivered["webhook"] == 1 and select(dlq, destination="webhook") == []
+        assert receiver.unique == 1

@@ -278,3 +278,10 @@ def test_sink_pickles_without_its_session(sink: WebhookSink, make_sink_event: Ma
 
     assert copy.write([make_sink_event()]).failures == []
     copy.close()
+
+
+def test_an_infinite_retry_after_is_ignored_not_a_crash():
+    from sinks.webhook import MAX_RETRY_AFTER_S
+
+    assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
+    assert parse_retry_after("1e308") == MAX_RETRY_AFTER_S

@@ -10,6 +10,7 @@ failing destination never changes what the others receive.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,8 @@ class RetryPolicy:
         if redelivery_round >= len(self.redelivery_schedule_s):
             return None
         wait = self.redelivery_schedule_s[redelivery_round] * (1 + random.uniform(-self.jitter, self.jitter))
-        return now + int(max(wait, retry_after or 0.0) * 1000)
+        hint = retry_after if retry_after is not None and math.isfinite(retry_after) else 0.0
+        return now + int(max(wait, min(hint, 7 * 24 * 3600.0)) * 1000)
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,12 @@ class DeliverToSink(beam.DoFn):
     def setup(self) -> None:
         self.status = DestinationStatus(self.status_url).open() if self.status_url else None
         self._disabled_checked_at, self._disabled = 0.0, False
-        self.target.sink.open()
+        try:
+            self.target.sink.open()
+        except FatalError:
+            raise
+        except Exception:  # momentarily unavailable: write() opens again and the taxonomy routes its errors
+            pass
         self.delivery = Delivery(self.target, on_retry=self.retried.inc)
 
     def teardown(self) -> None:

@@ -62,9 +62,9 @@ class DestinationStatus:
             [status.name, int(status.disabled), status.failing_since_ms, status.reason, at_ms])
 
     def record_success(self, name: str) -> None:
-        current = self.get(name)
-        if current.failing_since_ms is not None and not current.disabled:
-            self._put(Status(name), now_ms())
+        """Clear the failing streak; never re-enables a destination another worker just disabled."""
+        self.store.execute(f"UPDATE {TABLE} SET failing_since_ms = NULL, reason = NULL, updated_at_ms = ? "
+                           "WHERE name = ? AND disabled = 0 AND failing_since_ms IS NOT NULL", [now_ms(), name])
 
     def record_failure(self, name: str, error: BaseException, disable_after_s: float,
                        at_ms: int | None = None) -> Status:

@@ -89,9 +89,12 @@ def decode_raw(message: RawMessage) -> RawEvent:
         value = json.loads(message.data)
         payload = value["payload"]
         payload_bytes = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        return RawEvent(str(value.get("idempotency_key") or message.position), value["provider"], value.get("kind"),
-                        value.get("user_id"), int(value.get("received_at") or 0), payload_bytes)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        provider, kind, user = value["provider"], value.get("kind"), value.get("user_id")
+        if not isinstance(provider, str) or not isinstance(kind, str | None) or not isinstance(user, str | int | None):
+            raise TypeError("provider must be a string, kind and user_id strings or null")
+        return RawEvent(str(value.get("idempotency_key") or message.position), provider, kind,
+                        None if user is None else str(user), int(value.get("received_at") or 0), payload_bytes)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise SchemaMismatch(f"not a JSON raw event ({type(exc).__name__}: {exc})") from exc
 
 
@@ -117,7 +120,7 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
     try:
         provider = get_provider(raw.provider)
         documents = list(provider.documents(json.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
-    except (KeyError, ValueError) as exc:  # unknown provider, bad JSON, bad envelope
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:  # unknown provider, bad JSON
         yield _failed("parse", exc, message, raw)
         return
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
@@ -130,7 +133,7 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
         try:
             keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}",
                             message.source.get("healthflow-reference")) for n, f in enumerate(fragments)]
-        except (SchemaMismatch, MappingError) as exc:
+        except (SchemaMismatch, MappingError, RecursionError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
         yield from keyed
@@ -145,7 +148,7 @@ def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, re
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
     return Keyed(fragment.type, natural_key(fragment.type, data), data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
-                 raw.provider, str(fragment.provider_user_id), reference)
+                 raw.provider.lower(), str(fragment.provider_user_id), reference)
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
@@ -252,7 +255,9 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
     record, if any; a fragment older than the stored version only fills fields the stored record
-    lacks. Each event carries the whole merged record (destinations overwrite by key).
+    lacks. Each event carries the whole merged record (destinations overwrite by key), and an
+    ordering timestamp that grows whenever the record's content does, so no destination guard ever
+    takes a richer record for a stale copy.
     """
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
@@ -262,11 +267,21 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
-        for fragment in versions:
-            if fragment.version_ms >= version:
-                data, version = _merge_day_aware(data, fragment.data), fragment.version_ms
-            else:
-                data = _merge_day_aware(fragment.data, data)
+        stale = [f for f in versions if f.version_ms < version]
+        if stale:  # older than the stored record: fold them oldest → newest, then the stored record on top
+            older: dict[str, Any] = {}
+            for fragment in stale:
+                older = _merge_day_aware(older, fragment.data)
+            filled = _merge_day_aware(older, data)
+            if filled != data:  # they added fields: the merged record is newer than what destinations hold
+                data, version = filled, version + 1
+        for fragment in versions[len(stale):]:
+            merged = _merge_day_aware(data, fragment.data)
+            if fragment.version_ms > version:
+                version = fragment.version_ms
+            elif merged != data:  # same version, new content: make sure it is not taken for a stale copy
+                version += 1
+            data = merged
         superseded.inc(len(versions) - 1)
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
