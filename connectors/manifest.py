@@ -96,6 +96,10 @@ class Webhooks(_Strict):
     mode: Literal["push", "ping", "notification"] = Field(
         description="push: the data itself; ping: a callback URL to fetch; notification: ids to fetch")
     signature: Signature | None = None
+    user_field: str | None = Field(None, description="notification field holding the provider's user id")
+    kind_field: str | None = Field(None, description="notification field saying what changed")
+    kinds: dict[str, list[str]] = Field(default_factory=dict,
+                                        description="value of kind_field → raw kinds to fetch (others are ignored)")
 
 
 class Manifest(_Strict):

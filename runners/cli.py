@@ -113,6 +113,7 @@ def cmd_poll(args: argparse.Namespace) -> int:
         CursorStore,
         KafkaPublisher,
         LocalRateLimiter,
+        NotificationFetcher,
         Poller,
         RedisRateLimiter,
     )
@@ -121,16 +122,21 @@ def cmd_poll(args: argparse.Namespace) -> int:
     with ControlPlane(args.state) as control_plane, KafkaPublisher(args.bootstrap_servers, args.topic) as publisher:
         polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(args.state), publisher=publisher,
                                                           limiter=limiter))
+        fetcher = NotificationFetcher(polling)
         if args.once:
             report = polling.poll_once()
+            fetched = fetcher.run_once(args.bootstrap_servers, args.notifications_topic)
             print(json.dumps({"polls": len(report.results), "published": sum(r.published for r in report.results),
-                              "refreshed": report.refreshed, "revoked": report.revoked}))
+                              "refreshed": report.refreshed, "revoked": report.revoked,
+                              "notifications_fetched": len(fetched.fetched.results),
+                              "notifications_unknown_account": fetched.unknown_accounts}))
             return 0
         scheduler = polling.scheduler(args.interval)
         scheduler.start()
         try:
-            while True:
-                time.sleep(3600)
+            while True:  # notify-only webhooks: fetch what they name every few seconds
+                fetcher.run_once(args.bootstrap_servers, args.notifications_topic)
+                time.sleep(5)
         except KeyboardInterrupt:
             scheduler.stop()
     return 0
@@ -275,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
                                       "in-process limits, one poller only)")
     poll.add_argument("--interval", type=float, default=900.0, help="seconds between polls of a connection")
     poll.add_argument("--once", action="store_true", help="poll everything once and exit")
+    poll.add_argument("--notifications-topic", default="healthflow.notifications",
+                      help="where `healthflow serve` queues notify-only webhooks (fetched as they arrive)")
     poll.add_argument("--state", default="sqlite:///.healthflow/state.db", help="control-plane store")
 
     from connectors.api.cli import add_parsers as add_api_parsers

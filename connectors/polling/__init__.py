@@ -37,6 +37,7 @@ _EXPORTS = {
     "ResponseHook": "hooks", "FitbitHook": "hooks", "PolarHook": "hooks", "default_hooks": "hooks",
     "Scheduler": "scheduler",
     "ConnectionPolling": "service", "PollReport": "service",
+    "NotificationFetcher": "notifications", "FetchReport": "notifications",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,83 @@
+"""Notify-only webhooks become data: a queued Oura notification is fetched for its connection."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from cryptography.fernet import Fernet
+
+from connectors import registry
+from connectors.auth import ControlPlane, MemoryCollector
+from connectors.auth.oauth import ProviderSettings
+from connectors.polling import (
+    ConnectionPolling,
+    CursorStore,
+    KafkaPublisher,
+    NotificationFetcher,
+    Poller,
+    RedisRateLimiter,
+)
+from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
+from sinks.sql import SqlSink
+from transforms.publish import RawPayload, publish
+
+pytest_plugins = ("servers.fake_provider",)
+pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
+from servers.fake_provider import authorize, query_of  # noqa: E402
+from servers.fake_provider_api import FakeProviderApi  # noqa: E402
+
+READINESS = json.loads((Path(__file__).parent / "fixtures" / "oura" / "daily_readiness.json").read_text())["data"][0]
+NOW = datetime(2024, 3, 20, 12, 0, tzinfo=UTC)
+
+
+def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake_provider, broker, topic):
+    state = f"sqlite:///{tmp_path}/state.db"
+    notes = f"{topic}.notes"
+    broker.create_topic(notes, partitions=1)
+    fake_provider.register("oura-client", "oura-secret", "body")
+    fake_provider.next_account = "oura-acct-5"
+    oura = registry()["oura"].manifest
+    auth = oura.auth.model_copy(update={"authorize_url": "https://oura.example/oauth/authorize",
+                                        "token_url": "https://oura.example/oauth/token"})
+    plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
+                         manifests={"oura": oura.model_copy(update={"auth": auth})}, emit=MemoryCollector(),
+                         settings={"oura": ProviderSettings("oura-client", "oura-secret",
+                                                            oauth_base=fake_provider.base_url)},
+                         profile_fetchers={}).open()
+    user = plane.start_auth("dev-1", "oura", reference_id="athlete-5")
+    assert plane.complete_auth("oura", query_of(authorize(user.auth_url))).ok
+
+    with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
+        doc = copy.deepcopy(READINESS)
+        doc.update(id="readiness-3-19", day="2024-03-19", timestamp="2024-03-19T00:00:00+01:00")
+        api.add("daily_readiness", [doc])
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, overlap=timedelta(0), backoff_s=0.05)
+        fetcher = NotificationFetcher(ConnectionPolling(plane, poller))
+        notification = {"event_type": "update", "data_type": "daily_readiness", "object_id": "readiness-3-19",
+                        "event_time": "2024-03-20T11:00:00+00:00", "user_id": "oura-acct-5"}
+        stranger = dict(notification, user_id="someone-else")
+        deleted_tag = dict(notification, data_type="tag")  # not a kind the manifest maps: nothing to fetch
+        publish(broker.bootstrap, notes, [RawPayload("oura", json.dumps(n).encode(), kind="notification",
+                                                     user_id=n["user_id"])
+                                          for n in (notification, stranger, deleted_tag)])
+
+        report = fetcher.run_once(broker.bootstrap, notes, group="fetch")
+        assert (report.unknown_accounts, report.ignored, report.unreadable) == (1, 1, 0)
+        assert [r.kind for r in report.fetched.results] == ["daily_readiness"]
+        assert {r.params["start_date"] for r in api.served("daily_readiness")} == {"2024-03-13"}
+        assert fetcher.run_once(broker.bootstrap, notes, group="fetch").fetched.results == []  # committed
+        publisher.close()
+
+    summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "fetched"),
+                                     [SqlSink("sql", f"sqlite:///{tmp_path}/out.db")], str(tmp_path / "dlq"),
+                                     state_url=state))
+    assert summary.get("delivered:sql") == 1 and date(2024, 3, 19)
+    plane.close()
