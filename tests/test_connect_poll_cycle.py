@@ -29,43 +29,61 @@ pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_a
 from servers.fake_provider import authorize, query_of  # noqa: E402
 from servers.fake_provider_api import FakeProviderApi  # noqa: E402
 
-READINESS = json.loads((Path(__file__).parent / "fixtures" / "oura" / "daily_readiness.json").read_text())["data"][0]
+FIXTURES = Path(__file__).parent / "fixtures"
+READINESS = json.loads((FIXTURES / "oura" / "daily_readiness.json").read_text())["data"][0]
+CYCLE = json.loads((FIXTURES / "whoop" / "cycle.page.json").read_text())["records"][0]
 NOW = datetime(2024, 3, 20, 12, 0, tzinfo=UTC)
 
 
-def readiness(day: date, score: int) -> dict:
+def readiness(day: date, index: int) -> dict:
     doc = copy.deepcopy(READINESS)
-    doc.update(id=f"readiness-{day}", day=day.isoformat(), score=score, timestamp=f"{day}T00:00:00+01:00")
+    doc.update(id=f"readiness-{day}", day=day.isoformat(), score=70 + index, timestamp=f"{day}T00:00:00+01:00")
     return doc
 
 
-def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, topic):
+def cycle(day: date, index: int) -> dict:
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=22)
+    stamp = start.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    end = (start + timedelta(hours=23)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return {**copy.deepcopy(CYCLE), "id": 7000 + index, "start": stamp, "end": end, "created_at": stamp,
+            "updated_at": end}
+
+
+# provider, raw kind polled, provider account id (WHOOP documents carry it), document factory
+PROVIDERS = [("oura", "daily_readiness", "oura-acct-9", readiness),
+             ("whoop", "cycle", str(CYCLE["user_id"]), cycle)]
+
+
+@pytest.mark.parametrize(("provider", "kind", "account", "document"), PROVIDERS, ids=[p[0] for p in PROVIDERS])
+def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, topic, provider, kind, account,
+                                             document):
     state = f"sqlite:///{tmp_path}/state.db"
-    fake_provider.register("oura-client", "oura-secret", "body")
-    fake_provider.next_account = "oura-acct-9"
-    oura = registry()["oura"].manifest
-    auth = oura.auth.model_copy(update={"authorize_url": "https://oura.example/oauth/authorize",
-                                        "token_url": "https://oura.example/oauth/token"})
+    fake_provider.register(f"{provider}-client", "secret", "body")
+    fake_provider.next_account = account
+    manifest = registry()[provider].manifest
+    auth = manifest.auth.model_copy(update={"authorize_url": f"https://{provider}.example/oauth/authorize",
+                                            "token_url": f"https://{provider}.example/oauth/token"})
     events = MemoryCollector()
     plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
-                         manifests={"oura": oura.model_copy(update={"auth": auth})}, emit=events,
-                         settings={"oura": ProviderSettings("oura-client", "oura-secret",
-                                                            oauth_base=fake_provider.base_url)},
+                         manifests={provider: manifest.model_copy(update={"auth": auth})}, emit=events,
+                         settings={provider: ProviderSettings(f"{provider}-client", "secret",
+                                                              oauth_base=fake_provider.base_url)},
                          profile_fetchers={}).open()
-    start = plane.start_auth("dev-1", "oura", reference_id="athlete-9")
-    assert plane.complete_auth("oura", query_of(authorize(start.auth_url))).ok
+    start = plane.start_auth("dev-1", provider, reference_id="athlete-9")
+    assert plane.complete_auth(provider, query_of(authorize(start.auth_url))).ok
 
     clock = [NOW]
-    with FakeProviderApi("oura", page_size=2, token_validator=fake_provider.is_live) as api:
-        api.add("daily_readiness", [readiness(date(2024, 3, 14) + timedelta(days=i), 70 + i) for i in range(5)])
+    with FakeProviderApi(provider, page_size=2, token_validator=fake_provider.is_live) as api:
+        api.add(kind, [document(date(2024, 3, 14) + timedelta(days=i), i) for i in range(5)])
         publisher = KafkaPublisher(broker.bootstrap, topic)
-        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={provider: api.manifest},
                         limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
                         clock=lambda: clock[0], overlap=timedelta(0), backoff_s=0.05)
-        polling = ConnectionPolling(plane, poller)
+        polling = ConnectionPolling(plane, poller, kinds=lambda _: [kind])
 
         first = polling.poll_once()
-        assert sum(r.published for r in first.results if r.kind == "daily_readiness") == 3  # 5 documents, 2 a page
+        pages = sum(r.published for r in first.results)
+        assert pages == (3 if provider == "oura" else 1)  # Oura: 2 a page here; WHOOP: the poller asks for 25
         summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
                                          [SqlSink("sql", f"sqlite:///{tmp_path}/out.db")], str(tmp_path / "dlq"),
                                          state_url=state))
@@ -78,7 +96,7 @@ def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, to
         # the access token expires at the provider: the next poll gets a 401, refreshes (rotating) and goes on
         fake_provider.expire_access_tokens()
         clock[0] = NOW + timedelta(days=1)
-        api.add("daily_readiness", [readiness(date(2024, 3, 21), 90)])
+        api.add(kind, [document(date(2024, 3, 20), 9)])  # lands in the next window (the cursor is at NOW)
         second = polling.poll_once()
         assert second.refreshed == [start.user_id]
         assert sum(r.published for r in second.results) == 1

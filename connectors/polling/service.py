@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,8 +33,11 @@ class PollReport:
 
 
 class ConnectionPolling:
-    def __init__(self, control_plane: ControlPlane, poller: Poller) -> None:
+    def __init__(self, control_plane: ControlPlane, poller: Poller,
+                 kinds: Callable[[PollTarget], list[str]] | None = None) -> None:
+        """``kinds`` chooses what to poll per connection (default: every pollable kind of its provider)."""
         self.control_plane, self.poller = control_plane, poller
+        self.kinds = kinds or self.pollable_kinds
 
     def targets(self) -> list[PollTarget]:
         return list(self.control_plane.active_connections())
@@ -41,7 +45,7 @@ class ConnectionPolling:
     def access_token(self, connection: PollTarget) -> str:
         return self.control_plane.access_token(connection.user_id)
 
-    def kinds(self, connection: PollTarget) -> list[str]:
+    def pollable_kinds(self, connection: PollTarget) -> list[str]:
         manifest = self.poller.manifest(connection.provider)
         if manifest.webhooks is not None and manifest.webhooks.mode == "push":
             return []  # pushed to us (Garmin): nothing to poll
@@ -86,7 +90,7 @@ class ConnectionPolling:
         from connectors import registry
 
         mapped = registry()[provider].kinds
-        return [k for k in self.kinds(PollConnection("", provider)) if model_type in mapped[k].models]
+        return [k for k in self.pollable_kinds(PollConnection("", provider)) if model_type in mapped[k].models]
 
     def backfill(self, user_id: str, model_type: str, start: datetime, end: datetime) -> tuple[str, list[str]]:
         """Start a historical request in the background; returns its reference and the kinds it reads.
