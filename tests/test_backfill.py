@@ -12,13 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from cryptography.fernet import Fernet
 
-from connectors import registry
 from connectors.api.app import create_app
 from connectors.api.server import BackgroundServer
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.oauth import ProviderSettings
 from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from runners.webhook_receiver import WebhookReceiver
@@ -26,7 +22,7 @@ from sinks.webhook import WebhookSink
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
-from servers.fake_provider import authorize, query_of  # noqa: E402
+from servers.fake_provider import connect_provider  # noqa: E402
 from servers.fake_provider_api import FakeProviderApi  # noqa: E402
 
 READINESS = json.loads((Path(__file__).parent / "fixtures" / "oura" / "daily_readiness.json").read_text())["data"][0]
@@ -42,19 +38,10 @@ def readiness(day: date) -> dict:
 def test_a_historical_request_is_chunked_and_delivered_with_its_reference(tmp_path, fake_provider, broker, topic,
                                                                           webhook_secret):
     state = f"sqlite:///{tmp_path}/state.db"
-    fake_provider.register("oura-client", "oura-secret", "body")
-    oura = registry()["oura"].manifest
-    auth = oura.auth.model_copy(update={"authorize_url": "https://oura.example/oauth/authorize",
-                                        "token_url": "https://oura.example/oauth/token"})
-    plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
-                         manifests={"oura": oura.model_copy(update={"auth": auth})}, emit=MemoryCollector(),
-                         settings={"oura": ProviderSettings("oura-client", "oura-secret",
-                                                            oauth_base=fake_provider.base_url)},
-                         profile_fetchers={}).open()
-    dev = plane.create_developer(name="lab")
+    plane, user = connect_provider(state, fake_provider, "oura", "oura-acct-3", dev_id="lab",
+                                   reference_id="athlete-3")
+    dev = plane.create_developer(dev_id="lab", name="lab")
     key = plane.create_api_key(dev)
-    user = plane.start_auth(dev, "oura", reference_id="athlete-3")
-    assert plane.complete_auth("oura", query_of(authorize(user.auth_url))).ok
 
     with FakeProviderApi("oura", page_size=5, token_validator=fake_provider.is_live) as api, \
             WebhookReceiver(webhook_secret) as receiver:

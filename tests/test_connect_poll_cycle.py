@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from cryptography.fernet import Fernet
 
-from connectors import registry
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.oauth import ProviderSettings
+from connectors.auth import MemoryCollector
 from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
-from servers.fake_provider import authorize, query_of  # noqa: E402
+from servers.fake_provider import connect_provider  # noqa: E402
 from servers.fake_provider_api import FakeProviderApi  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -58,19 +55,8 @@ PROVIDERS = [("oura", "daily_readiness", "oura-acct-9", readiness),
 def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, topic, provider, kind, account,
                                              document):
     state = f"sqlite:///{tmp_path}/state.db"
-    fake_provider.register(f"{provider}-client", "secret", "body")
-    fake_provider.next_account = account
-    manifest = registry()[provider].manifest
-    auth = manifest.auth.model_copy(update={"authorize_url": f"https://{provider}.example/oauth/authorize",
-                                            "token_url": f"https://{provider}.example/oauth/token"})
     events = MemoryCollector()
-    plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
-                         manifests={provider: manifest.model_copy(update={"auth": auth})}, emit=events,
-                         settings={provider: ProviderSettings(f"{provider}-client", "secret",
-                                                              oauth_base=fake_provider.base_url)},
-                         profile_fetchers={}).open()
-    start = plane.start_auth("dev-1", provider, reference_id="athlete-9")
-    assert plane.complete_auth(provider, query_of(authorize(start.auth_url))).ok
+    plane, start = connect_provider(state, fake_provider, provider, account, emit=events, reference_id="athlete-9")
 
     clock = [NOW]
     with FakeProviderApi(provider, page_size=2, token_validator=fake_provider.is_live) as api:

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from cryptography.fernet import Fernet
 
-from connectors import registry
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.oauth import ProviderSettings
 from connectors.polling import (
     ConnectionPolling,
     CursorStore,
@@ -28,7 +24,7 @@ from transforms.publish import RawPayload, publish
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
-from servers.fake_provider import authorize, query_of  # noqa: E402
+from servers.fake_provider import connect_provider  # noqa: E402
 from servers.fake_provider_api import FakeProviderApi  # noqa: E402
 
 READINESS = json.loads((Path(__file__).parent / "fixtures" / "oura" / "daily_readiness.json").read_text())["data"][0]
@@ -39,18 +35,7 @@ def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake
     state = f"sqlite:///{tmp_path}/state.db"
     notes = f"{topic}.notes"
     broker.create_topic(notes, partitions=1)
-    fake_provider.register("oura-client", "oura-secret", "body")
-    fake_provider.next_account = "oura-acct-5"
-    oura = registry()["oura"].manifest
-    auth = oura.auth.model_copy(update={"authorize_url": "https://oura.example/oauth/authorize",
-                                        "token_url": "https://oura.example/oauth/token"})
-    plane = ControlPlane(state, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
-                         manifests={"oura": oura.model_copy(update={"auth": auth})}, emit=MemoryCollector(),
-                         settings={"oura": ProviderSettings("oura-client", "oura-secret",
-                                                            oauth_base=fake_provider.base_url)},
-                         profile_fetchers={}).open()
-    user = plane.start_auth("dev-1", "oura", reference_id="athlete-5")
-    assert plane.complete_auth("oura", query_of(authorize(user.auth_url))).ok
+    plane, _ = connect_provider(state, fake_provider, "oura", "oura-acct-5", reference_id="athlete-5")
 
     with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
         doc = copy.deepcopy(READINESS)

@@ -366,3 +366,29 @@ def store_url(request, tmp_path) -> str:
 def table_prefix() -> str:
     """Unique table names per test (several tests share the PostgreSQL database)."""
     return f"hf_{secrets.token_hex(4)}_"
+
+
+def connect_provider(store_url: str, provider: FakeProvider, slug: str, account: str, *, emit: Any = None,
+                     dev_id: str = "dev-1", reference_id: str = "athlete-1") -> tuple[Any, Any]:
+    """A ControlPlane for the real provider ``slug`` whose OAuth is played by ``provider``, and one
+    connection of ``account`` made through the real OAuth client code: ``(control_plane, start)``."""
+    from cryptography.fernet import Fernet
+
+    from connectors import registry
+    from connectors.auth import ControlPlane, MemoryCollector
+    from connectors.auth.oauth import ProviderSettings
+
+    provider.register(f"{slug}-client", "secret", "body")
+    provider.next_account = account
+    manifest = registry()[slug].manifest
+    # the provider's real manifest, its OAuth paths as the fake serves them (its base URL replaces the host)
+    auth = manifest.auth.model_copy(update={"authorize_url": f"https://{slug}.example/oauth/authorize",
+                                            "token_url": f"https://{slug}.example/oauth/token"})
+    plane = ControlPlane(store_url, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
+                         manifests={slug: manifest.model_copy(update={"auth": auth})},
+                         emit=emit if emit is not None else MemoryCollector(),
+                         settings={slug: ProviderSettings(f"{slug}-client", "secret", oauth_base=provider.base_url)},
+                         profile_fetchers={}).open()
+    start = plane.start_auth(dev_id, slug, reference_id=reference_id)
+    assert plane.complete_auth(slug, query_of(authorize(start.auth_url))).ok
+    return plane, start
