@@ -44,23 +44,17 @@ def cmd_providers(_: argparse.Namespace) -> int:
 
 
 def cmd_normalize(args: argparse.Namespace) -> int:
-    from transforms.normalize import Failed, RawMessage, merge_user_events, normalize_message
+    from transforms.normalize import RawMessage, normalize_in_memory
     from transforms.publish import RawPayload
 
     raw = RawPayload(args.provider.lower(), _read_input(args.file), args.kind, args.user)
-    by_user: dict[str, list] = {}
-    failures = 0
-    for item in normalize_message(RawMessage(raw.encode(), {"path": args.file, "line": 1})):
-        if isinstance(item, Failed):
-            failures += 1
-            rec = item.record
-            where = f" (document {rec['source']['document_index']})" if "document_index" in rec["source"] else ""
-            print(f"error [{rec['stage']}]{where}: {rec['error_class']}: {rec['error_message']}", file=sys.stderr)
-        else:
-            by_user.setdefault(item.user["user_id"], []).append(item)
-    for user_id, fragments in by_user.items():
-        for event in merge_user_events(user_id, fragments):
-            print(json.dumps(event.envelope(), ensure_ascii=False))
+    events, failures = normalize_in_memory([RawMessage(raw.encode(), {"path": args.file, "line": 1})])
+    for failure in failures:
+        rec = failure.record
+        where = f" (document {rec['source']['document_index']})" if "document_index" in rec["source"] else ""
+        print(f"error [{rec['stage']}]{where}: {rec['error_class']}: {rec['error_message']}", file=sys.stderr)
+    for event in events:
+        print(json.dumps(event.envelope(), ensure_ascii=False))
     return 1 if failures else 0
 
 

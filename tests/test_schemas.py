@@ -31,7 +31,7 @@ from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, model_fullname, mode
 from schemas.serde import SchemaMismatch, decode, encode, validate_record
 from transforms.dead_letters import dead_letter
 from transforms.events import NormalizedEvent
-from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
+from transforms.normalize import RawMessage, normalize_in_memory
 from transforms.publish import RawPayload
 
 SDK_MODELS: dict[str, type[pydantic.BaseModel]] = {
@@ -81,12 +81,9 @@ def event_record(event: NormalizedEvent) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def events() -> list[NormalizedEvent]:
-    by_user: dict[str, list[Keyed]] = {}
-    for offset, payload in enumerate(Simulator(users=30, days=3).payloads()):
-        for item in normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": offset})):
-            if not isinstance(item, Failed):
-                by_user.setdefault(item.user["user_id"], []).append(item)
-    return [event for user, keyed in by_user.items() for event in merge_user_events(user, keyed)]
+    messages = (RawMessage(payload.encode(), {"partition": 0, "offset": offset})
+                for offset, payload in enumerate(Simulator(users=30, days=3).payloads()))
+    return normalize_in_memory(messages)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from terra_oracle import SDK_EVENTS, SDK_MODELS, extras, sdk_parse, undeclared_k
 from runners.demo_data import Simulator
 from schemas import DATA_MODEL_VERSION, MODEL_TYPES
 from transforms.events import NormalizedEvent
-from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
+from transforms.normalize import RawMessage, normalize_in_memory
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -31,12 +31,9 @@ from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, n
 @pytest.fixture(scope="module")
 def events() -> list[NormalizedEvent]:
     """Every normalized event of a 30-user, 3-day simulation, after the per-user merge."""
-    by_user: dict[str, list[Keyed]] = {}
-    for offset, payload in enumerate(Simulator(users=30, days=3).payloads()):
-        for item in normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": offset})):
-            if not isinstance(item, Failed):
-                by_user.setdefault(item.user["user_id"], []).append(item)
-    return [event for user, keyed in by_user.items() for event in merge_user_events(user, keyed)]
+    messages = (RawMessage(payload.encode(), {"partition": 0, "offset": offset})
+                for offset, payload in enumerate(Simulator(users=30, days=3).payloads()))
+    return normalize_in_memory(messages)[0]
 
 
 def test_the_simulation_covers_every_provider_and_model_it_emits(events: list[NormalizedEvent]) -> None:

@@ -295,6 +295,22 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     return events
 
 
+def normalize_in_memory(messages: Iterable[RawMessage]) -> tuple[list[NormalizedEvent], list[Failed]]:
+    """The normalize step without Beam or record state: events per user in order, and the failures.
+
+    For the ``normalize`` command, benchmarks and tests; the pipeline does the same with GroupByKey.
+    """
+    by_user: dict[str, list[Keyed]] = {}
+    failures: list[Failed] = []
+    for message in messages:
+        for item in normalize_message(message):
+            if isinstance(item, Failed):
+                failures.append(item)
+            else:
+                by_user.setdefault(item.user["user_id"], []).append(item)
+    return [e for user, keyed in by_user.items() for e in merge_user_events(user, keyed)], failures
+
+
 class MergeWithState(beam.DoFn):
     """(user, fragments) → (user, [events]) merged with, and saved to, the record state.
 
