@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
@@ -129,3 +131,45 @@ def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[
                         process.kill()
                         process.wait(timeout=10)
     raise FatalError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
+
+
+class LoopbackHTTPServer:
+    """An ``http.server`` on 127.0.0.1 serving in a daemon thread: the shared lifecycle of the webhook
+    receiver and the test fakes (start, stop, port, URL)."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], port: int = 0, name: str = "loopback-http") -> None:
+        self.handler, self.requested_port, self.name = handler, port, name
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LoopbackHTTPServer:
+        if self._server is None:
+            self._server = ThreadingHTTPServer(("127.0.0.1", self.requested_port), self.handler)
+            self._server.daemon_threads = True
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

@@ -16,12 +16,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from standardwebhooks import Webhook
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
+from runners.embedded import LoopbackHTTPServer
 from sinks.webhook import terra_signing_key
 
 
@@ -53,30 +54,19 @@ class WebhookReceiver:
         self._duplicates = 0
         self._rejected_signature = 0
         self._injected_failures = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: LoopbackHTTPServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> WebhookReceiver:
-        if self._server is not None:
-            return self
-        handler = type("_BoundHandler", (_Handler,), {"receiver": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="webhook-receiver", daemon=True)
-        self._thread.start()
+        if self._http is None:
+            handler = type("_BoundHandler", (_Handler,), {"receiver": self})
+            self._http = LoopbackHTTPServer(handler, self._requested_port, "webhook-receiver").start()
         return self
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        assert self._thread is not None
-        self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     def __enter__(self) -> WebhookReceiver:
         return self.start()
@@ -86,9 +76,9 @@ class WebhookReceiver:
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._http is None:
             raise RuntimeError("receiver not started")
-        return self._server.server_address[1]
+        return self._http.port
 
     @property
     def url(self) -> str:

@@ -27,11 +27,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
+
+from runners.embedded import LoopbackHTTPServer
 
 
 @dataclass
@@ -74,7 +76,7 @@ class FakeProvider:
         self._refresh: dict[str, tuple[str, bool]] = {}  # token -> (grant id, used)
         self._access: dict[str, tuple[str, float]] = {}  # token -> (grant id, expires at)
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._http: LoopbackHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, client_id: str, client_secret: str, client_auth: str = "body",
@@ -96,17 +98,13 @@ class FakeProvider:
             def do_POST(self) -> None:
                 provider._handle(self, "POST")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-provider",
-                         daemon=True).start()
+        self._http = LoopbackHTTPServer(Handler, 0, "fake-provider").start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     def __enter__(self) -> FakeProvider:
         return self.start()
@@ -116,8 +114,8 @@ class FakeProvider:
 
     @property
     def base_url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._http is not None, "start() first"
+        return self._http.base_url
 
     # ------------------------------------------------------------------ test controls
     def revoke_account(self, account: str) -> None:

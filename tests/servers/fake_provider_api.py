@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -50,6 +50,7 @@ import pytest
 from connectors import registry
 from connectors.manifest import Endpoint, Manifest
 from connectors.polling.ratelimit import http_date
+from runners.embedded import LoopbackHTTPServer
 
 DATE_FIELDS = ("day", "start", "timestamp", "dateTime", "date", "startTime", "startDate", "created_at")
 
@@ -97,7 +98,7 @@ class FakeProviderApi:
         self._routes: dict[str, Callable[[dict[str, str]], Any]] = {}
         self._patterns = [(kind, ep, _path_pattern(ep.path)) for kind, ep in self._manifest.api.endpoints.items()]
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._http: LoopbackHTTPServer | None = None
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> FakeProviderApi:
@@ -115,17 +116,13 @@ class FakeProviderApi:
             def do_POST(self) -> None:
                 api._handle(self, "POST")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         name=f"fake-{self.slug}-api", daemon=True).start()
+        self._http = LoopbackHTTPServer(Handler, 0, f"fake-{self.slug}-api").start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     def __enter__(self) -> FakeProviderApi:
         return self.start()
@@ -135,8 +132,8 @@ class FakeProviderApi:
 
     @property
     def base_url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._http is not None, "start() first"
+        return self._http.base_url
 
     @property
     def manifest(self) -> Manifest:
