@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,7 +56,7 @@ class RetryConfig(BaseModel):
                            disable_after_s=self.disable_after_s)
 
 
-class _Destination(BaseModel):
+class _Destination(BaseModel, ABC):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME, description="unique, lower case: used in counters and dead letters")
     event_types: list[str] | None = Field(None, description="deliver only these event types (default: all)")
@@ -71,8 +72,9 @@ class _Destination(BaseModel):
             raise ValueError(f"unknown event types {unknown}; known: {', '.join(known)}")
         return value
 
+    @abstractmethod
     def build(self) -> Sink:
-        raise NotImplementedError
+        """The destination's sink, built from this entry."""
 
     def target(self) -> Target:
         """The sink with this destination's own retry policy, batch size and type filter."""

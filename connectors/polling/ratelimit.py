@@ -22,6 +22,7 @@ import math
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,13 +115,14 @@ class RateLimiter(Protocol):
     def paused_for(self, provider: str, user: str | None = None) -> float: ...
 
 
-class _Blocking:
+class _Blocking(ABC):
     """``acquire`` on top of ``try_acquire``: sleep the announced wait, bounded by ``timeout``."""
 
     low_poll_s = 0.25  # backfill re-checks at least this often (its wait is only an estimate)
 
+    @abstractmethod
     def try_acquire(self, buckets: Sequence[Bucket], priority: Priority = LIVE, cost: int = 1) -> float:
-        raise NotImplementedError
+        """Take ``cost`` tokens from every bucket and return 0, or return the seconds to wait."""
 
     def acquire(self, buckets: Sequence[Bucket], priority: Priority = LIVE, cost: int = 1,
                 timeout: float | None = 60.0, cancel: threading.Event | None = None) -> float:
