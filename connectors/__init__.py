@@ -4,14 +4,21 @@
 ``__init__.py`` defines ``PROVIDER`` (a ``connectors.base.Provider``, with its mappers) next to a
 ``manifest.yaml`` (``connectors.manifest.Manifest``: auth, API endpoints, pagination, rate
 limits, webhooks). Both are checked against each other when the registry loads.
+
+What the manifest cannot say goes in the folder's optional ``client.py``: ``OAUTH`` (a
+``connectors.auth.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
+connect, deregistration at disconnect) and ``POLL_HOOK`` (a ``connectors.polling.hooks.ResponseHook``
+subclass adding request headers or the context a mapper needs to polled pages).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 from connectors.base import Provider
 from connectors.manifest import Manifest, load_manifest
@@ -50,3 +57,12 @@ def get_provider(slug: str) -> Provider:
         return providers[slug.lower()]
     except KeyError:
         raise KeyError(f"unknown provider {slug!r}; known: {', '.join(sorted(providers))}") from None
+
+
+@cache
+def provider_client(slug: str) -> ModuleType | None:
+    """``connectors/<slug>/client.py`` (API client code the manifest cannot express), or None."""
+    if importlib.util.find_spec(f"connectors.{slug}") is None or \
+            importlib.util.find_spec(f"connectors.{slug}.client") is None:
+        return None
+    return importlib.import_module(f"connectors.{slug}.client")

@@ -21,6 +21,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Profile(_Strict):
+    """The call that names the connected account when the token response does not."""
+
+    path: str = Field(pattern=r"^/", description="GET api.base_url + path with the new access token")
+    user_field: str = Field(description="dotted path of the account id in the JSON answer")
+
+
 class OAuth2(_Strict):
     type: Literal["oauth2"]
     authorize_url: HttpUrl
@@ -31,6 +38,9 @@ class OAuth2(_Strict):
     client_auth: Literal["basic", "body"] = "body"
     refresh_token_rotates: bool = True
     revoke_url: HttpUrl | None = None
+    token_params: dict[str, str] = Field(default_factory=dict,
+                                        description="extra form fields of every token request (Withings action)")
+    profile: Profile | None = None
 
 
 class OAuth1(_Strict):

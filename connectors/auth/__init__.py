@@ -24,7 +24,7 @@ _EXPORTS = {
     "ConnectionRevoked": "control_plane", "PENDING": "control_plane", "ACTIVE": "control_plane",
     "DEAUTH": "control_plane", "REVOKED": "control_plane",
     "ProviderOAuth": "oauth", "ProviderSettings": "oauth", "InvalidGrant": "oauth", "ProviderNotConfigured": "oauth",
-    "PROFILE_FETCHERS": "oauth",
+    "oauth_class": "oauth",
     "TokenCipher": "secrets", "SECRET_KEY_ENV": "secrets",
     "MemoryCollector": "events",
 }

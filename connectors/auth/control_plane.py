@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from connectors.auth import events as ev
-from connectors.auth.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, ProviderSettings
+from connectors.auth.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, ProviderSettings, oauth_class
 from connectors.auth.secrets import TokenCipher, hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
 from connectors.manifest import Manifest, OAuth2
 from transforms.errors import FatalError, HealthflowError, PermanentError
@@ -104,6 +104,12 @@ class Tokens:
     token_type: str
     expires_at_ms: int | None
     version: int
+
+    @property
+    def token(self) -> dict[str, Any]:
+        """The RFC 6749 token fields, as the OAuth client takes them."""
+        found = {"access_token": self.access_token, "token_type": self.token_type}
+        return found | ({"refresh_token": self.refresh_token} if self.refresh_token else {})
 
 
 @dataclass(frozen=True)
@@ -209,8 +215,8 @@ class ControlPlane:
         self.manifests: dict[str, Manifest] = dict(manifests)
         fetchers = dict(profile_fetchers or {})
         self._oauth = {
-            slug: ProviderOAuth(manifest, (settings or {}).get(slug) or ProviderSettings.from_env(slug, environ),
-                                fetchers.get(slug), http_timeout_s)
+            slug: oauth_class(slug)(manifest, (settings or {}).get(slug) or ProviderSettings.from_env(slug, environ),
+                                    fetchers.get(slug), http_timeout_s)
             for slug, manifest in self.manifests.items() if isinstance(manifest.auth, OAuth2)}
         p = table_prefix
         self.t_devs, self.t_keys, self.t_users = f"{p}developers", f"{p}api_keys", f"{p}users"
@@ -439,6 +445,7 @@ class ControlPlane:
             if not provider_user_id:
                 raise PermanentError(f"{slug}: cannot tell which provider account connected (no user id in the "
                                      "token response and no profile call)")
+            oauth.after_connect(token, provider_user_id)
         except HealthflowError as exc:
             log.warning("auth %s for %s failed: %s", flow.flow_id, slug, exc)
             return self._abandon(flow, "token_exchange_failed", f"the provider did not grant access: {exc}")
@@ -654,13 +661,11 @@ class ControlPlane:
         oauth = self._oauth.get(connection.provider)
         with self.store.transaction() as cur:
             tokens = self._read_tokens(cur, user_id, lock=True)
-            if tokens is not None and oauth is not None and oauth.revoke_url:
+            if tokens is not None and oauth is not None:
                 try:
-                    if tokens.refresh_token:
-                        oauth.revoke(tokens.refresh_token, "refresh_token")
-                    oauth.revoke(tokens.access_token, "access_token")
+                    oauth.disconnect(tokens.token, connection.provider_user_id)
                 except HealthflowError as exc:
-                    log.warning("could not revoke %s's tokens at %s: %s", user_id, connection.provider, exc)
+                    log.warning("could not revoke %s's grant at %s: %s", user_id, connection.provider, exc)
             cur.execute(f"DELETE FROM {self.t_tokens} WHERE user_id = ?", [user_id])
             cur.execute(f"UPDATE {self.t_users} SET state = ?, updated_at_ms = ? WHERE user_id = ?",
                         [DEAUTH, now_ms(), user_id])

@@ -84,12 +84,13 @@ def get_json(oauth: ProviderOAuth, token: dict[str, Any], path: str) -> Any:
     return response.json()
 
 
-# Providers whose token response does not name the user: one profile call after the exchange.
-PROFILE_FETCHERS: dict[str, ProfileFetcher] = {
-    "oura": lambda oauth, token: get_json(oauth, token, "/v2/usercollection/personal_info").get("id"),
-    "whoop": lambda oauth, token: get_json(oauth, token, "/v2/user/profile/basic").get("user_id"),
-    "garmin": lambda oauth, token: get_json(oauth, token, "/user/id").get("userId"),
-}
+def dotted(document: Any, path: str) -> Any:
+    """``document["a"]["b"]`` for ``"a.b"``; None when a step is missing."""
+    for part in path.split("."):
+        if not isinstance(document, dict):
+            return None
+        document = document.get(part)
+    return document
 
 
 def _override(url: str, base: str | None) -> str:
@@ -122,7 +123,13 @@ def _raise_for_status(slug: str, what: str, response: requests.Response) -> None
 
 
 class ProviderOAuth:
-    """Authorize URL, code exchange, refresh, revocation and user lookup for one OAuth 2 provider."""
+    """Authorize URL, code exchange, refresh, revocation and user lookup for one OAuth 2 provider.
+
+    What the manifest declares (endpoints, client auth, PKCE, ``token_params``, ``profile``) is handled
+    here. A provider whose OAuth needs code subclasses this in ``connectors/<slug>/client.py`` (``OAUTH``)
+    and overrides the hooks: ``token_response`` (a non-standard token answer), ``after_connect``
+    (registration at the provider) and ``disconnect`` (deregistration).
+    """
 
     def __init__(self, manifest: Manifest, settings: ProviderSettings, profile_fetcher: ProfileFetcher | None = None,
                  timeout_s: float = 15.0) -> None:
@@ -204,9 +211,11 @@ class ProviderOAuth:
         """The token response (oauthlib adds ``expires_at``, epoch seconds)."""
         client_id = self._require_client()
         session = OAuth2Session(client=WebApplicationClient(client_id), redirect_uri=redirect_uri, scope=self.scope)
-        session.register_compliance_hook("access_token_response", self._status_hook("token exchange"))
+        for hook in (self._status_hook("token exchange"), self.token_response):
+            session.register_compliance_hook("access_token_response", hook)
         kwargs: dict[str, Any] = self._client_auth() or {"include_client_id": True,
                                                          "client_secret": self.settings.client_secret}
+        kwargs.update(self.auth.token_params)
         if code_verifier:
             kwargs["code_verifier"] = code_verifier
         return self._call("token exchange", lambda: session.fetch_token(self.token_url, code=code,
@@ -216,11 +225,28 @@ class ProviderOAuth:
         """New tokens; the old refresh token is kept when the provider sends none back."""
         client_id = self._require_client()
         session = OAuth2Session(client=WebApplicationClient(client_id))
-        session.register_compliance_hook("refresh_token_response", self._status_hook("token refresh"))
+        for hook in (self._status_hook("token refresh"), self.token_response):
+            session.register_compliance_hook("refresh_token_response", hook)
         kwargs: dict[str, Any] = self._client_auth() or {"client_id": client_id,
                                                          "client_secret": self.settings.client_secret}
+        kwargs.update(self.auth.token_params)
         return self._call("token refresh", lambda: session.refresh_token(
             self.token_url, refresh_token=refresh_token, timeout=self.timeout_s, **kwargs))
+
+    def token_response(self, response: requests.Response) -> requests.Response:
+        """Hook: turn a non-standard token answer into an RFC 6749 one (default: unchanged)."""
+        return response
+
+    def after_connect(self, token: dict[str, Any], provider_user_id: str) -> None:
+        """Hook: called once the grant is known and before the connection is active; raise to refuse it."""
+
+    def disconnect(self, token: dict[str, Any], provider_user_id: str | None) -> None:
+        """Hook: end the grant at the provider (default: RFC 7009 revocation when there is a revoke URL)."""
+        if not self.revoke_url:
+            return
+        if token.get("refresh_token"):
+            self.revoke(token["refresh_token"], "refresh_token")
+        self.revoke(token["access_token"], "access_token")
 
     def revoke(self, token: str, hint: str) -> None:
         """RFC 7009 revocation; an unknown or already revoked token counts as revoked."""
@@ -243,8 +269,17 @@ class ProviderOAuth:
         for name in TOKEN_USER_ID_FIELDS:
             if token.get(name) not in (None, ""):
                 return str(token[name])
-        fetcher = self.profile_fetcher or PROFILE_FETCHERS.get(self.slug)
-        if fetcher is None:
+        if self.profile_fetcher is not None:
+            found = self.profile_fetcher(self, token)
+        elif self.auth.profile is not None:
+            found = dotted(get_json(self, token, self.auth.profile.path), self.auth.profile.user_field)
+        else:
             return None
-        found = fetcher(self, token)
         return None if found in (None, "") else str(found)
+
+
+def oauth_class(slug: str) -> type[ProviderOAuth]:
+    """``OAUTH`` of ``connectors/<slug>/client.py`` when the provider has one, else ``ProviderOAuth``."""
+    from connectors import provider_client
+
+    return getattr(provider_client(slug), "OAUTH", ProviderOAuth)

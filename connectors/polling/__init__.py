@@ -15,7 +15,7 @@
   raw event and advances the cursor only after the broker acknowledged the whole window.
 - ``cursors``: cursors in the control-plane store (``transforms.store``).
 - ``publisher``: one idempotent producer; per-window acknowledged batches with Kafka headers.
-- ``hooks``: per-provider request headers and response context (Fitbit ``_date``/``_units``/``_profile``).
+- ``hooks``: per-provider request headers and response context (``POLL_HOOK`` in ``connectors/<slug>/client.py``).
 - ``scheduler``: every active connection × kind every 15 minutes, with jitter.
 
 Exports are loaded lazily, so ``connectors.registry()`` can scan this package cheaply.
@@ -34,7 +34,7 @@ _EXPORTS = {
     "KafkaPublisher": "publisher", "PublishFailed": "publisher", "BACKFILL_HEADER": "publisher",
     "Poller": "poller", "PollConnection": "poller", "PollResult": "poller", "PollTarget": "poller",
     "TokenRejected": "poller", "windows": "poller",
-    "ResponseHook": "hooks", "FitbitHook": "hooks", "PolarHook": "hooks", "default_hooks": "hooks",
+    "ResponseHook": "hooks", "default_hooks": "hooks",
     "Scheduler": "scheduler",
     "ConnectionPolling": "service", "PollReport": "service",
     "NotificationFetcher": "notifications", "FetchReport": "notifications",
