@@ -367,25 +367,30 @@ def table_prefix() -> str:
 
 
 def connect_provider(store_url: str, provider: FakeProvider, slug: str, account: str, *, emit: Any = None,
-                     dev_id: str = "dev-1", reference_id: str = "athlete-1") -> tuple[Any, Any]:
+                     dev_id: str = "dev-1", reference_id: str = "athlete-1", api_base: str | None = None
+                     ) -> tuple[Any, Any]:
     """A ControlPlane for the real provider ``slug`` whose OAuth is played by ``provider``, and one
-    connection of ``account`` made through the real OAuth client code: ``(control_plane, start)``."""
+    connection of ``account`` made through the real OAuth client code: ``(control_plane, start)``.
+    ``api_base`` points the provider's API calls made by the OAuth client (profile, registration) at a fake."""
     from cryptography.fernet import Fernet
 
     from connectors import registry
     from connectors.auth import ControlPlane, MemoryCollector
     from connectors.auth.oauth import ProviderSettings
 
-    provider.register(f"{slug}-client", "secret", "body")
-    provider.next_account = account
     manifest = registry()[slug].manifest
+    provider.register(f"{slug}-client", "secret", manifest.auth.client_auth, require_pkce=manifest.auth.pkce)
+    provider.next_account = account
     # the provider's real manifest, its OAuth paths as the fake serves them (its base URL replaces the host)
-    auth = manifest.auth.model_copy(update={"authorize_url": f"https://{slug}.example/oauth/authorize",
-                                            "token_url": f"https://{slug}.example/oauth/token"})
+    urls = {"authorize_url": provider.authorize_path, "token_url": provider.token_path}
+    if manifest.auth.revoke_url:
+        urls["revoke_url"] = provider.revoke_path
+    auth = manifest.auth.model_copy(update={name: f"https://{slug}.example{path}" for name, path in urls.items()})
     plane = ControlPlane(store_url, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
                          manifests={slug: manifest.model_copy(update={"auth": auth})},
                          emit=emit if emit is not None else MemoryCollector(),
-                         settings={slug: ProviderSettings(f"{slug}-client", "secret", oauth_base=provider.base_url)},
+                         settings={slug: ProviderSettings(f"{slug}-client", "secret", oauth_base=provider.base_url,
+                                                         api_base=api_base)},
                          profile_fetchers={}).open()
     start = plane.start_auth(dev_id, slug, reference_id=reference_id)
     assert plane.complete_auth(slug, query_of(authorize(start.auth_url))).ok
