@@ -603,8 +603,9 @@ class ControlPlane:
         After the lock is held the tokens are read again: when their version differs from
         ``seen_version`` another worker refreshed meanwhile and its tokens are returned; without
         ``force`` tokens that are not expiring are returned as they are. A refresh the provider
-        rejects (``invalid_grant``) marks the connection revoked, emits ``access_revoked`` and
-        raises ``ConnectionRevoked``.
+        rejects (``invalid_grant``), or a forced refresh without a refresh token (the provider
+        issues one long-lived token, as Polar does, and rejected it), marks the connection revoked,
+        emits ``access_revoked`` and raises ``ConnectionRevoked``.
         """
         connection = self.connection(user_id)
         oauth = self._oauth[connection.provider]
@@ -618,17 +619,19 @@ class ControlPlane:
                 return current
             if not force and not self._expiring(current):
                 return current
-            if not current.refresh_token:
-                raise ConnectionInactive(f"user {user_id}: the access token expired and the provider gave no "
-                                         "refresh token; the user must connect again")
-            try:
-                token = oauth.refresh(current.refresh_token)
-            except InvalidGrant as exc:
-                revoked = str(exc)
-                pending.append(self._revoke_locally(cur, connection, f"the provider refused the token refresh "
-                                                                     f"({revoked}); the user must connect again"))
+            if not current.refresh_token:  # e.g. Polar: one long-lived token; rejected means the grant is gone
+                revoked = "the provider rejected the access token and issued no refresh token"
+                pending.append(self._revoke_locally(cur, connection, f"{revoked}; the user must connect again"))
             else:
-                return self._write_tokens(cur, user_id, token, current, version=current.version + 1, insert=False)
+                try:
+                    token = oauth.refresh(current.refresh_token)
+                except InvalidGrant as exc:
+                    revoked = str(exc)
+                    pending.append(self._revoke_locally(cur, connection, f"the provider refused the token refresh "
+                                                                         f"({revoked}); the user must connect again"))
+                else:
+                    return self._write_tokens(cur, user_id, token, current, version=current.version + 1,
+                                              insert=False)
         self._deliver(pending)
         raise ConnectionRevoked(f"user {user_id}: {revoked}")
 
