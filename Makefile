@@ -16,6 +16,7 @@ install: $(STAMP)
 
 services:
 	@bash .ci/ensure-services
+	@bash .ci/ensure-browser
 
 demo: install
 	$(BIN)/healthflow demo

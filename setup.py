@@ -44,6 +44,7 @@ setup(
             "moto[server]>=5.2,<6",
             "boto3>=1.44,<2",
             "ruff>=0.17,<0.18",
+            "playwright>=1.60,<2",  # drives Debian's Chromium (.ci/ensure-browser); no browser download
         ],
     },
     entry_points={"console_scripts": ["healthflow=runners.cli:main"]},

@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from connectors.api.widget import expired_page, page, widget_page
 from connectors.auth.control_plane import (
     WIDGET_SESSION_TTL_S,
     Connection,
@@ -290,23 +291,19 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow", pollin
     def widget(session_id: str) -> HTMLResponse:
         session = cp.widget_session(session_id)
         if session is None or session.expired:
-            return _page("Session expired", "<p>This connection link has expired. Please start again from the "
-                                            "app that sent you here.</p>", 410 if session else 404)
-        items = "\n".join(
-            f'<li><a rel="nofollow" href="/widget/session/{html.escape(session_id)}/connect/{html.escape(slug)}">'
-            f"Connect {html.escape(cp.manifests[slug].display_name)}</a></li>" for slug in session.providers)
-        return _page("Connect a device", f"<p>Choose the service to connect.</p>\n<ul>\n{items}\n</ul>",
-                     lang=session.language)
+            return expired_page(session.language if session else None, 410 if session else 404)
+        providers = [(slug, cp.manifests[slug].display_name) for slug in session.providers]
+        return widget_page(session.session_id, providers, session.language)
 
     @app.get("/widget/session/{session_id}/connect/{provider}", tags=["widget"], response_model=None,
              summary="Start authentication from the widget (redirects to the provider)")
     def widget_connect(session_id: str, provider: str) -> Response:
         session = cp.widget_session(session_id)
         if session is None or session.expired:
-            return _page("Session expired", "<p>This connection link has expired.</p>", 410)
+            return expired_page(session.language if session else None, 410 if session else 404)
         slug = cp.provider_slug(provider)
         if slug not in session.providers:
-            return _page("Not available", "<p>This service is not offered in this session.</p>", 404)
+            return page("Not available", "<p>This service is not offered in this session.</p>", 404)
         start = cp.start_auth(session.dev_id, slug, reference_id=session.reference_id,
                               success_url=session.success_url, failure_url=session.failure_url,
                               widget_session_id=session.session_id)
@@ -318,12 +315,12 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow", pollin
         try:
             outcome = cp.complete_auth(provider, dict(request.query_params))
         except UnknownProvider:
-            return _page("Unknown provider", "<p>There is no such provider.</p>", 404)
+            return page("Unknown provider", "<p>There is no such provider.</p>", 404)
         if outcome.redirect_url:
             return RedirectResponse(outcome.redirect_url, 302)
         if outcome.ok:
-            return _page("Connected", "<p>Your device is connected. You can close this window.</p>")
-        return _page("Connection failed", f"<p>{html.escape(outcome.message)}</p>", 400)
+            return page("Connected", "<p>Your device is connected. You can close this window.</p>")
+        return page("Connection failed", f"<p>{html.escape(outcome.message)}</p>", 400)
 
     return app
 
@@ -340,14 +337,6 @@ def _date_param(text: str, name: str) -> datetime:
 
 def _user(connection: Connection) -> TerraUser:
     return TerraUser(**connection.terra_user())
-
-
-def _page(title: str, body: str, status: int = 200, lang: str | None = None) -> HTMLResponse:
-    return HTMLResponse(
-        f'<!doctype html>\n<html lang="{html.escape(lang or "en")}"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
-        f"</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n", status,
-        headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"})
 
 
 def jsonable(value: Any) -> Any:
