@@ -38,6 +38,9 @@ class OAuth2(_Strict):
     client_auth: Literal["basic", "body"] = "body"
     refresh_token_rotates: bool = True
     revoke_url: HttpUrl | None = None
+    authorize_params: dict[str, str] = Field(default_factory=dict,
+                                            description="extra query parameters of the authorization URL "
+                                                        "(Google: access_type=offline)")
     token_params: dict[str, str] = Field(default_factory=dict,
                                         description="extra form fields of every token request (Withings action)")
     profile: Profile | None = None

@@ -125,8 +125,8 @@ def _raise_for_status(slug: str, what: str, response: requests.Response) -> None
 class ProviderOAuth:
     """Authorize URL, code exchange, refresh, revocation and user lookup for one OAuth 2 provider.
 
-    What the manifest declares (endpoints, client auth, PKCE, ``token_params``, ``profile``) is handled
-    here. A provider whose OAuth needs code subclasses this in ``connectors/<slug>/client.py`` (``OAUTH``)
+    What the manifest declares (endpoints, client auth, PKCE, ``authorize_params``, ``token_params``, ``profile``)
+    is handled here. A provider whose OAuth needs code subclasses this in ``connectors/<slug>/client.py`` (``OAUTH``)
     and overrides the hooks: ``token_response`` (a non-standard token answer), ``after_connect``
     (registration at the provider) and ``disconnect`` (deregistration).
     """
@@ -175,7 +175,7 @@ class ProviderOAuth:
         if code_verifier:
             extra = {"code_challenge": client.create_code_challenge(code_verifier, "S256"),
                      "code_challenge_method": "S256"}
-        url, _ = session.authorization_url(self.authorize_url, state=state, **extra)
+        url, _ = session.authorization_url(self.authorize_url, state=state, **extra, **self.auth.authorize_params)
         return url
 
     def _client_auth(self) -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""Google Health API mappers: exact Terra values from the documented data point shapes (fixtures), the request
+filters the manifest sends, and refusals that name the field."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from connectors import registry
+from connectors.base import MappingError
+from connectors.polling.poller import format_bound
+from connectors.timeutil import parse_iso
+
+FIXTURES = Path(__file__).parent / "fixtures" / "google_health"
+PROVIDER = registry()["google_health"]
+
+
+def page(kind: str) -> dict:
+    return json.loads((FIXTURES / f"{kind}.json").read_text())
+
+
+def records(kind: str, payload: dict | None = None) -> list:
+    return list(PROVIDER.normalize(payload or page(kind), kind, "hu-1"))
+
+
+def test_manifest_names_google_oauth_and_documented_limits():
+    manifest = PROVIDER.manifest
+    assert (manifest.terra_name, str(manifest.auth.token_url)) == ("GOOGLE_HEALTH", "https://oauth2.googleapis.com/token")
+    assert manifest.auth.pkce and not manifest.auth.refresh_token_rotates
+    assert (manifest.auth.profile.path, manifest.auth.profile.user_field) == ("/v4/users/me/identity", "healthUserId")
+    assert [(r.requests, r.per_seconds, r.scope) for r in manifest.api.rate_limits] == [(120000, 60, "app"),
+                                                                                         (300, 60, "user")]
+    assert manifest.api.endpoints["sleep"].params == {"pageSize": "25"}  # the documented maximum for sessions
+
+
+def test_window_becomes_one_filter_parameter():
+    endpoint = PROVIDER.manifest.api.endpoints["sleep"]
+    start, end = parse_iso("2026-03-14T00:00:00Z"), parse_iso("2026-03-15T00:00:00Z")
+    path = endpoint.path.replace("{start}", format_bound(start, "datetime", False)).replace(
+        "{end}", format_bound(end, "datetime", True))
+    url = requests.Request("GET", "https://health.googleapis.com" + path, params=endpoint.params).prepare().url
+    assert urlsplit(url).path == "/v4/users/me/dataTypes/sleep/dataPoints"
+    assert parse_qs(urlsplit(url).query) == {
+        "filter": ['sleep.interval.end_time >= "2026-03-14T00:00:00.000Z" AND '
+                   'sleep.interval.end_time < "2026-03-15T00:00:00.000Z"'], "pageSize": ["25"]}
+
+
+def test_exercise_maps_times_units_and_laps():
+    run, yoga = records("exercise")
+    data = run.data
+    assert data["metadata"] == {"summary_id": "2026443605080188808", "start_time": "2026-04-12T06:05:10.000000-07:00",
+                                "end_time": "2026-04-12T06:52:40.000000-07:00", "type": 8, "upload_type": 1,
+                                "name": "Morning run", "timestamp_localization": 1}
+    assert data["active_durations_data"] == {"activity_seconds": 2730}
+    assert data["calories_data"] == {"total_burned_calories": 512.4}
+    assert data["distance_data"]["summary"] == {"distance_meters": 8043.5, "steps": 7410,
+                                                "elevation": {"gain_actual_meters": 41.0}}
+    assert data["heart_rate_data"]["summary"]["avg_hr_bpm"] == 151
+    assert data["heart_rate_data"]["summary"]["hr_zone_data"] == [
+        {"zone": 1, "name": "LIGHT", "duration_seconds": 300}, {"zone": 2, "name": "MODERATE", "duration_seconds": 900},
+        {"zone": 3, "name": "VIGOROUS", "duration_seconds": 1380}, {"zone": 4, "name": "PEAK", "duration_seconds": 150}]
+    assert data["movement_data"] == {"avg_speed_meters_per_second": 2.946, "avg_pace_minutes_per_kilometer": 5.657}
+    assert data["lap_data"]["laps"][1] == {
+        "start_time": "2026-04-12T06:10:52.000000-07:00", "end_time": "2026-04-12T06:16:30.000000-07:00",
+        "distance_meters": 1000.0, "calories": 64.0, "avg_hr_bpm": 149, "avg_speed_meters_per_second": 2.959}
+    assert data["device_data"] == {"name": "Pixel Watch 4", "manufacturer": "Google"}
+    assert run.version_ms == 1776002477402  # updateTime 2026-04-12T14:01:17.402913Z, nanos trimmed
+    assert (yoga.data["metadata"]["type"], yoga.data["metadata"]["upload_type"]) == (100, 2)  # MANUAL recording
+
+
+def test_sleep_maps_stages_summary_and_nap():
+    night, nap = records("sleep")
+    assert night.data["metadata"] == {"summary_id": "a1b2c3d4-e5f6-7890-1234-567890abcdef",
+                                      "start_time": "2026-03-14T23:41:00.000000+01:00",
+                                      "end_time": "2026-03-15T07:12:00.000000+01:00", "upload_type": 2,
+                                      "is_nap": False, "timestamp_localization": 1}
+    durations = night.data["sleep_durations_data"]
+    assert durations["asleep"] == {
+        "duration_asleep_state_seconds": 25320, "duration_deep_sleep_state_seconds": 4320,
+        "duration_light_sleep_state_seconds": 14520, "duration_REM_sleep_state_seconds": 6480, "num_REM_events": 2}
+    assert durations["awake"] == {"duration_awake_state_seconds": 1740, "sleep_latency_seconds": 840,
+                                  "wake_up_latency_seconds": 600, "num_wakeup_events": 3, "num_out_of_bed_events": 1}
+    assert durations["other"] == {"duration_in_bed_seconds": 27060}
+    assert [(s["timestamp"][11:16], s["level"]) for s in durations["hypnogram_samples"]] == [
+        ("23:41", 1), ("23:55", 4), ("01:10", 5), ("02:22", 4), ("03:40", 6), ("04:31", 1), ("04:36", 4),
+        ("06:05", 6), ("07:02", 1)]
+    assert nap.data["metadata"]["is_nap"] is True
+    # classic stages: ASLEEP → SLEEPING (2), RESTLESS → AWAKE (1)
+    assert [s["level"] for s in nap.data["sleep_durations_data"]["hypnogram_samples"]] == [2, 1, 2]
+
+
+def test_steps_and_heart_rate_are_samples_of_the_local_day():
+    _, early, next_day = records("steps")
+    assert early.data["metadata"] == {"start_time": "2026-04-12T00:00:00.000000-07:00",
+                                      "end_time": "2026-04-13T00:00:00.000000-07:00", "upload_type": 1,
+                                      "timestamp_localization": 1}
+    assert early.data["distance_data"]["detailed"]["step_samples"] == [
+        {"timestamp": "2026-04-12T06:05:00.000000-07:00", "steps": 158, "timer_duration_seconds": 60.0}]
+    # 06:59Z on the 13th is still the 12th at -07:00
+    assert next_day.data["metadata"]["start_time"] == "2026-04-12T00:00:00.000000-07:00"
+    active, resting, unspecified = records("heart-rate")
+    assert active.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2026-04-12T06:40:05.000000-07:00", "bpm": 158, "context": 1}]
+    assert resting.data["heart_rate_data"]["detailed"]["hr_samples"][0]["context"] == 2
+    assert unspecified.data["heart_rate_data"]["detailed"]["hr_samples"][0] == {
+        "timestamp": "2026-04-11T23:30:00.250000-07:00", "bpm": 61, "context": 0}
+
+
+def test_daily_summaries_use_their_date_in_utc():
+    rhr = records("daily-resting-heart-rate")[0].data
+    assert rhr == {"metadata": {"start_time": "2026-04-12T00:00:00.000000+00:00",
+                                "end_time": "2026-04-13T00:00:00.000000+00:00", "upload_type": 1,
+                                "timestamp_localization": 0},
+                   "heart_rate_data": {"summary": {"resting_hr_bpm": 57}}}
+    assert records("daily-heart-rate-variability")[0].data["heart_rate_data"] == {"summary": {"avg_hrv_rmssd": 38.6}}
+    assert records("daily-oxygen-saturation")[0].data["oxygen_data"] == {"avg_saturation_percentage": 96.4}
+
+
+def test_body_measurements_convert_units():
+    morning, evening = records("weight")
+    assert morning.data["metadata"] == {"start_time": "2026-03-15T00:00:00.000000+01:00",
+                                        "end_time": "2026-03-16T00:00:00.000000+01:00", "timestamp_localization": 1}
+    assert morning.data["measurements_data"] == {"measurements": [
+        {"measurement_time": "2026-03-15T07:31:12.000000+01:00", "weight_kg": 72.35}]}
+    assert evening.data["measurements_data"]["measurements"][0] == {
+        "measurement_time": "2026-03-15T00:30:00.000000+01:00", "weight_kg": 72.8, "user_notes": "after dinner"}
+    assert records("body-fat")[0].data["measurements_data"]["measurements"] == [
+        {"measurement_time": "2026-03-15T07:31:12.000000+01:00", "bodyfat_percentage": 18.7}]
+    assert records("height")[0].data["measurements_data"]["measurements"] == [
+        {"measurement_time": "2026-01-02T09:00:00.000000-08:00", "height_cm": 178.1}]
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("exercise", lambda p: p["exercise"]["interval"].pop("startUtcOffset"), "exercise.interval.startUtcOffset"),
+    ("sleep", lambda p: p["sleep"]["stages"][0].update(type="DOZE"), "sleep.stages[0].type"),
+    ("steps", lambda p: p["steps"].update(count="lots"), "steps.count"),
+    ("weight", lambda p: p["weight"]["sampleTime"].update(utcOffset="+01:00"), "weight.sampleTime.utcOffset"),
+    ("daily-oxygen-saturation", lambda p: p["dailyOxygenSaturation"]["date"].update(month=13),
+     "dailyOxygenSaturation.date"),
+    ("heart-rate", lambda p: p.pop("heartRate"), "no 'heartRate' object"),
+])
+def test_refusals_name_the_field(kind, change, message):
+    point = copy.deepcopy(page(kind)["dataPoints"][0])
+    change(point)
+    with pytest.raises(MappingError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        records(kind, {"dataPoints": [point]})
