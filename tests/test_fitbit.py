@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -612,3 +612,50 @@ def test_unknown_kind_missing_user_and_batched_pages() -> None:
         normalize({"pages": [["not", "a", "response"]]}, "sleep")
     batch = {"pages": [load("weight.json"), load("weight.us_user.json")]}
     assert [natural_key("body", r) for r in records_of(batch, "weight")] == ["2024-03-11", "2024-03-12", "2024-03-10"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the poll hook (tests/test_cycle_fitbit.py polls through it end to end)
+# ----------------------------------------------------------------------------------------------------------------------
+def _hook_request(kind: str, answers: dict[str, Any], asked: list[str], user: str = "hf-1") -> Any:
+    from connectors.polling.hooks import Request
+    from connectors.polling.poller import PollConnection
+    from transforms.errors import PermanentError
+
+    def fetch(path: str, params: Any = None) -> Any:
+        asked.append(path)
+        answer = answers[path.split("/date/")[0]]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    answers.setdefault("/1/user/-/profile.json", {"user": BERLIN})
+    answers.setdefault("/1.2/user/-/sleep", PermanentError("HTTP 403: insufficient_scope sleep"))
+    endpoint = FITBIT.manifest.api.endpoints[kind]
+    return Request("fitbit", kind, endpoint, datetime(2024, 3, 11, tzinfo=UTC), datetime(2024, 3, 12, tzinfo=UTC),
+                   PollConnection(user, "fitbit", USER), fetch)
+
+
+def test_poll_hook_attaches_main_sleeps_once_and_does_without_them() -> None:
+    from connectors.fitbit.client import FitbitHook
+
+    spo2 = [{k: v for k, v in load("spo2.json").items() if k in ("dateTime", "value")}]
+    asked: list[str] = []
+    # no sleep scope: SpO2 still reaches its Daily, without _sleep, and nothing is cached
+    hook = FitbitHook()
+    (payload,) = hook.payloads(_hook_request("spo2", {}, asked), spo2)
+    assert "_sleep" not in payload and [f.type for f in normalize(payload, "spo2")] == ["daily"]
+    assert asked == ["/1/user/-/profile.json", "/1.2/user/-/sleep/date/2024-03-11/2024-03-11.json"]
+
+    sleeps = {"/1.2/user/-/sleep": {k: v for k, v in load("sleep.json").items() if k != "_profile"}}
+    asked.clear()
+    (payload,) = hook.payloads(_hook_request("spo2", sleeps, asked), spo2)
+    assert [log["logId"] for log in payload["_sleep"]] == [int(MAIN_SLEEP_ID)]  # the nap is not its sleep
+    assert [f.type for f in normalize(payload, "spo2")] == ["daily", "sleep"]
+    (again,) = hook.payloads(_hook_request("hrv", sleeps, asked), load("hrv.json")["hrv"])
+    assert again["_sleep"] == payload["_sleep"]
+    assert asked == ["/1.2/user/-/sleep/date/2024-03-11/2024-03-11.json"]  # profile and sleeps from the cache
+    expired = FitbitHook(sleep_ttl_s=0)
+    for kind in ("spo2", "br"):
+        expired.payloads(_hook_request(kind, sleeps, asked), load(f"{kind}.json")[kind] if kind == "br" else spo2)
+    assert asked.count("/1.2/user/-/sleep/date/2024-03-11/2024-03-11.json") == 3

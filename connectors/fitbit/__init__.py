@@ -52,7 +52,9 @@ Poller contract — fields the poller adds at the top level of each response (in
 - ``_sleep``: for ``spo2``, ``hrv`` and ``br``: the sleep response (or list of sleep logs) of the
   same dates. These metrics are measured during the main sleep of their ``dateTime`` (the date the
   sleep ended); with the sleep attached they also complete that Sleep (summary_id = its ``logId``).
-  Breathing rate has no place in Terra's Daily, so ``br`` requires it.
+  Breathing rate has no place in Terra's Daily, so ``br`` requires it. The poll hook
+  (``connectors.fitbit.client``) attaches the main sleep logs of the response's dates, trimmed to the
+  fields read here, and publishes nights without a main sleep apart, without ``_sleep``.
 
 Choices: sleep stages deep/light/rem/wake → SleepLevel 5/4/6/1; classic asleep → 2 (SLEEPING),
 restless and awake → 1 (AWAKE), because Fitbit counts restless minutes in ``minutesAwake``.
@@ -851,8 +853,10 @@ def weight(doc: dict[str, Any]) -> list[Fragment]:
 
 @PROVIDER.kind("fat", "body")
 def fat(doc: dict[str, Any]) -> list[Fragment]:
-    """Body-fat logs (%). Merged later with a weight measurement of the same instant, a fat-only sample would
-    replace it (samples merge whole): pollers should send a body date's weight and fat lists in one document."""
+    """Body-fat logs (%). Merged later, a fat sample completes the weight measurement of the same instant (samples
+    at one instant merge field by field); but a newer sample list replaces the older samples inside its time span,
+    so a weight log between two fat logs of its day, at neither's instant, is lost unless both lists come in one
+    document."""
     return _body(doc, "fat")
 
 
