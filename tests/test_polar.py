@@ -13,6 +13,8 @@ from terra_oracle import assert_terra_record
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key
+from connectors.polar.client import PolarHook
+from connectors.polling.hooks import Request
 from schemas.serde import validate_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
@@ -340,6 +342,32 @@ def test_nightly_recharge_with_its_night_completes_the_sleep() -> None:
     assert breaths["samples"][0] == {"timestamp": "2024-03-10T23:43:00.000000+01:00", "breaths_per_min": 13.6}
 
 
+def test_poll_hook_attaches_each_recharges_night_from_the_sleep_list() -> None:
+    """What the poller publishes for a recharge page maps to the night's complete Sleep, as the mapper needs."""
+    fetched: list[str] = []
+
+    def fetch(path: str, params: Any = None) -> Any:  # the poller's rate-limited GET; here, Polar's answer
+        fetched.append(path)
+        return {"nights": load("sleep.json")["nights"][:1]}  # only the night of 2024-03-11 is still listed
+
+    request = Request("polar", "nightly-recharge", None, None, None, None, fetch)
+    (page,) = PolarHook().payloads(request, load("nightly-recharge.json"))
+    assert fetched == ["/v3/users/sleep"]  # once per page
+    first, second = page["recharges"]
+    assert first["sleep"] == load("sleep.json")["nights"][0] and "sleep" not in second
+    daily, sleep, other_daily = normalize(page, "nightly-recharge")
+    assert (daily.type, sleep.type, other_daily.type) == ("daily", "sleep", "daily")
+    assert sleep.data["readiness_data"] == {"recovery_level": 4}
+    assert daily.data["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+01:00"  # the night's offset
+    assert PolarHook().payloads(request, {"recharges": []}) == [{"recharges": []}]  # nothing to attach: no request
+    assert PolarHook().payloads(request, load("nightly-recharge.with-sleep.json")) == [
+        load("nightly-recharge.with-sleep.json")]
+    assert fetched == ["/v3/users/sleep"]
+    exercise = load("exercises.json")
+    assert PolarHook().payloads(Request("polar", "exercises", None, None, None, None, fetch), [exercise, None]) == [
+        exercise]
+
+
 def test_nightly_recharge_rejects_another_nights_sleep() -> None:
     doc = dict(load("nightly-recharge.json")["recharges"][0], sleep=load("sleep.json")["nights"][1])
     with pytest.raises(MappingError, match="is not this recharge's night"):
@@ -406,6 +434,20 @@ def test_continuous_heart_rate() -> None:
     assert len(samples) == len(load("continuous-heart-rate.json")["heart_rate_samples"]) == 271
     assert samples[0] == {"timestamp": "2024-03-11T00:02:08.000000", "bpm": 56}
     assert record["heart_rate_data"]["summary"] == {"avg_hr_bpm": 68.3, "min_hr_bpm": 50, "max_hr_bpm": 81}
+
+
+def test_continuous_heart_rate_range_gives_one_daily_per_day() -> None:
+    """``GET /v3/users/continuous-heart-rate?from=&to=`` (what the poller reads) answers ``{"heart_rates": [...]}``."""
+    first, second = normalize(load("continuous-heart-rate.range.json"), "continuous-heart-rate")
+    assert first.data == normalize(load("continuous-heart-rate.json"), "continuous-heart-rate")[0].data
+    assert (first.provider_user_id, second.provider_user_id) == (USER, USER)
+    assert natural_key("daily", second.data) == "2024-03-12"
+    assert second.data["heart_rate_data"]["detailed"]["hr_samples"][2:4] == [
+        {"timestamp": "2024-03-12T07:45:12.000000", "bpm": 61}, {"timestamp": "2024-03-12T07:46:12.000000", "bpm": 74}]
+    assert second.data["heart_rate_data"]["summary"] == {"avg_hr_bpm": 62.8, "min_hr_bpm": 55, "max_hr_bpm": 74}
+    assert normalize({"heart_rates": []}, "continuous-heart-rate") == []  # a range without data
+    with pytest.raises(MappingError, match="'heart_rates' must be a list"):
+        normalize({"heart_rates": {"date": "2024-03-12"}}, "continuous-heart-rate")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,16 +6,18 @@ Raw kinds, one AccessLink response body per raw payload:
   webhook names) → Activity.
 - ``sleep``: ``GET /v3/users/sleep`` (``{"nights": [...]}``) or ``GET /v3/users/sleep/{date}`` (one night) → Sleep.
 - ``nightly-recharge``: ``GET /v3/users/nightly-recharge`` (``{"recharges": [...]}``) or one date → Daily (HRV), and
-  Sleep (recovery status, breathing, HRV) when the collector attached the night under ``sleep``.
+  Sleep (recovery status, breathing, HRV) when the night is attached under ``sleep`` (the poll hook,
+  ``connectors.polar.client.PolarHook``, attaches it from ``GET /v3/users/sleep``).
 - ``activities``: one day, ``GET /v3/users/activities/{date}?steps=true&activity_zones=true`` → Daily.
-- ``continuous-heart-rate``: one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
+- ``continuous-heart-rate``: ``GET /v3/users/continuous-heart-rate?from=&to=`` (``{"heart_rates": [...]}``, one
+  document per day) or one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
 - ``physical-info``: ``GET /v3/users/physical-info`` (or a legacy transaction's physical-information) → Body.
 
 Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
-(``nights``, ``recharges``) and returns the exercise and activity lists as bare JSON arrays. ``envelope`` therefore
-names a field Polar never sends, so each mapper receives the whole response and unwraps its own list (one bad night
-dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an object): collectors send
-list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
+(``nights``, ``recharges``, ``heart_rates``) and returns the exercise and activity lists as bare JSON arrays.
+``envelope`` therefore names a field Polar never sends, so each mapper receives the whole response and unwraps its own
+list (one bad night dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an
+object): collectors send list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
 
 User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
 the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
@@ -374,9 +376,10 @@ def nightly_recharge(payload: dict[str, Any]) -> list[Fragment]:
     """Nightly Recharge → the result date's Daily (average HRV and HRV samples).
 
     Breathing rate and the recharge status have no Daily field: they complete the night's Sleep (recovery_level =
-    nightly_recharge_status, Polar's 1-6 scale being Terra's RecoveryLevel) when the collector attached that night
-    (``GET /v3/users/sleep/{date}``) under ``sleep``. Without it, the ``"HH:MM"`` keys are placed on the night before
-    ``date`` from noon on, without offset. ANS charge has no Terra field.
+    nightly_recharge_status, Polar's 1-6 scale being Terra's RecoveryLevel) when that night is attached under
+    ``sleep`` (``PolarHook`` does, from ``GET /v3/users/sleep``; or ``GET /v3/users/sleep/{date}``). Without it,
+    the ``"HH:MM"`` keys are placed on the night before ``date`` from noon on, without offset. ANS charge has no
+    Terra field.
     """
     fragments = []
     for doc in _documents(payload, "recharges"):
@@ -492,8 +495,9 @@ def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
 
 @PROVIDER.kind("continuous-heart-rate", "daily")
 def continuous_heart_rate(payload: dict[str, Any]) -> list[Fragment]:
-    """A day's 5-minute heart rate outside exercises (``sample_time`` is device time on ``date``)."""
-    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload)]
+    """A day's 5-minute heart rate outside exercises (``sample_time`` is device time on ``date``); a range answer
+    holds one such day per ``heart_rates`` item."""
+    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload, "heart_rates")]
 
 
 def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
