@@ -84,7 +84,9 @@ def load_account(api: FakeFitbitApi) -> None:
     api.add_day("activity_summary", "2024-03-11", fixture("activity_summary.json"))
     api.add("sleep", fixture("sleep.json")["sleep"] + [night(date(2024, 3, 12), MAIN_12)])
     api.add("weight", fixture("weight.json")["weight"])
-    api.add("fat", fixture("fat.json")["fat"])
+    # a fat reading of its own between the day's two weigh-ins: merged as separate lists, one would lose the other
+    api.add("fat", fixture("fat.json")["fat"] + [{"date": "2024-03-11", "fat": 21.0, "logId": 1710154800000,
+                                                   "source": "Web", "time": "12:00:00"}])
     api.add_day("foods", "2024-03-11", fixture("foods.json"))
     api.add_day("water", "2024-03-11", {"summary": {"water": 1750.0}, "water": [
         {"amount": 500.0, "logId": 8841203311}, {"amount": 1250.0, "logId": 8841209874}]})
@@ -164,7 +166,6 @@ def test_every_manifest_kind_maps_from_what_the_poller_publishes(tmp_path, broke
         "activity_summary": days,
         "sleep": {("sleep", MAIN_11), ("sleep", NAP_11), ("sleep", MAIN_12)},
         "weight": {("body", "2024-03-11"), ("body", "2024-03-12")},
-        "fat": {("body", "2024-03-11"), ("body", "2024-03-12")},
         "foods": {("nutrition", d) for _, d in days},
         "water": {("nutrition", d) for _, d in days},
         "spo2": days | {("sleep", MAIN_11), ("sleep", MAIN_12)},  # 03-10: its Daily only
@@ -251,7 +252,8 @@ def test_connect_poll_notify_refresh_deauth(tmp_path, fake_provider, broker, top
         assert day["distance_data"]["steps"] == 12873 and day["oxygen_data"]["avg_saturation_percentage"] == 96.4
         assert records[("nutrition", "2024-03-11")]["summary"]["water_ml"] == 1750.0
         weights = records[("body", "2024-03-11")]["measurements_data"]["measurements"]
-        assert [(m["weight_kg"], m.get("bodyfat_percentage")) for m in weights] == [(72.4, 21.3), (71.9, None)]
+        assert [(m.get("weight_kg"), m.get("bodyfat_percentage")) for m in weights] == [
+            (72.4, 21.3), (None, 21.0), (71.9, None)]
 
         # a signed subscription notification, over HTTP into the API, queued, then fetched for this connection
         monkeypatch.setenv("HEALTHFLOW_FITBIT_CLIENT_SECRET", "secret")  # connect_provider's client secret

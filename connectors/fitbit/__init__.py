@@ -853,10 +853,8 @@ def weight(doc: dict[str, Any]) -> list[Fragment]:
 
 @PROVIDER.kind("fat", "body")
 def fat(doc: dict[str, Any]) -> list[Fragment]:
-    """Body-fat logs (%). Merged later, a fat sample completes the weight measurement of the same instant (samples
-    at one instant merge field by field); but a newer sample list replaces the older samples inside its time span,
-    so a weight log between two fat logs of its day, at neither's instant, is lost unless both lists come in one
-    document."""
+    """Body-fat logs (%). Polled, they come inside the weight page of their window (the poll hook fetches both), so a
+    day's Body holds every weight and fat reading; a fat list alone (e.g. a file import) maps the same way."""
     return _body(doc, "fat")
 
 

@@ -20,7 +20,8 @@ SLEEP_RANGE_DAYS = 100  # Fitbit's longest sleep date range
 
 
 class FitbitHook(ResponseHook):
-    """Adds ``_date``, ``_units``, ``_profile`` and, to ``spo2``/``hrv``/``br``, ``_sleep`` (see ``connectors.fitbit``).
+    """Adds ``_date``, ``_units``, ``_profile``, to ``spo2``/``hrv``/``br`` ``_sleep``, and to ``weight`` the window's
+    ``fat`` logs (see ``connectors.fitbit``).
 
     ``locale`` is the Accept-Language sent. Extra requests (profile, sleep logs) go through ``request.fetch``: the
     same rate limits, retries and 401 handling as the page itself.
@@ -35,6 +36,7 @@ class FitbitHook(ResponseHook):
 
     profile_path = "/1/user/-/profile.json"
     sleep_path = "/1.2/user/-/sleep/date/{start}/{end}.json"
+    fat_path = "/1/user/-/body/log/fat/date/{start}/{end}.json"
 
     def __init__(self, locale: str | None = None, profile: bool = True, profile_ttl_s: float = 6 * 3600,
                  sleep_ttl_s: float = 600) -> None:
@@ -63,6 +65,23 @@ class FitbitHook(ResponseHook):
         with self._lock:
             self._profiles[user] = (time.monotonic(), profile)
         return profile or None
+
+    # ------------------------------------------------------------------------------------------------ body fat
+    def _with_fat(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """The weight page with the same window's body-fat logs: one document per window, so the Body record of a day
+        is built from both lists at once (merged separately, the later list would own the day's span and drop
+        readings of the other taken at other instants). Without access to fat logs, weight goes alone."""
+        if request.start is None or request.end is None or not isinstance(body.get("weight"), list):
+            return body
+        path = self.fat_path.format(start=format_bound(request.start, "date", False),
+                                    end=format_bound(request.end, "date", True))
+        try:
+            response = request.fetch(path)
+        except PermanentError as exc:
+            log.warning("fitbit %s: no body-fat logs (%s); weight goes without them", request.connection.user_id, exc)
+            return body
+        fat = response.get("fat") if isinstance(response, dict) else None
+        return {**body, "fat": fat} if isinstance(fat, list) and fat else body
 
     # ------------------------------------------------------------------------------------------------ sleep
     def _remember(self, user: str, first: date, last: date, response: Any) -> None:
@@ -151,6 +170,8 @@ class FitbitHook(ResponseHook):
             extra["_profile"] = profile
         if request.kind in NIGHTLY:
             return self._nightly(request, body, extra)
+        if request.kind == "weight":
+            body = self._with_fat(request, body)
         return [{**body, **extra}]
 
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from connectors.manifest import Endpoint, Manifest
-from servers.fake_provider_api import FakeProviderApi
+from connectors.manifest import Endpoint, Manifest, Window
+from servers.fake_provider_api import FakeProviderApi, _path_pattern
 
 PROFILE_PATH = "/1/user/-/profile.json"
+# not polled on its own (the poll hook fetches it with each weight window), so not in the manifest
+FAT = Endpoint(path="/1/user/-/body/log/fat/date/{start}/{end}.json", window=Window(max_days=31))
 DATE_FIELD = {"sleep": "dateOfSleep", "spo2": "dateTime", "hrv": "dateTime", "br": "dateTime", "weight": "date",
               "fat": "date"}
 SINGLE_DAY = ("activity_summary", "foods", "water")
@@ -59,6 +61,7 @@ class FakeFitbitApi(FakeProviderApi):
         super().__post_init__()
         self.days: dict[str, dict[str, dict[str, Any]]] = {}
         self.route(PROFILE_PATH, lambda _params: {"user": copy.deepcopy(self.profile)})
+        self._patterns.append(("fat", FAT, _path_pattern(FAT.path)))
 
     def add_day(self, kind: str, day: str, response: dict[str, Any]) -> None:
         """``response`` is what Fitbit answers for ``kind`` on ``day`` (``YYYY-MM-DD``)."""
