@@ -2,7 +2,9 @@
 
 A hook sees every page the poller fetched (``Request``: provider, kind, endpoint, window, connection, and
 ``fetch`` for an extra request through the same rate limits and retries) and returns the payloads to publish
-(usually the page with fields added; a bare JSON array may be split or wrapped). A provider's hook class is
+(usually the page with fields added; a bare JSON array may be split or wrapped). ``status`` lets a provider that
+reports errors inside an HTTP 200 answer (Withings ``{"status": 401, ...}``) name the HTTP status they mean, so the
+poller refreshes, pauses, retries or fails exactly as for a real one. A provider's hook class is
 ``POLL_HOOK`` in its ``connectors/<slug>/client.py`` (one instance per poller); providers without one publish
 pages as they are.
 """
@@ -23,7 +25,7 @@ class Request:
     start: datetime | None  # the window, None for endpoints without one
     end: datetime | None
     connection: Any  # user_id, provider_user_id, provider
-    fetch: Callable[..., Any]  # fetch(path, params=None) -> decoded JSON, rate limited and retried
+    fetch: Callable[..., Any]  # fetch(path, params=None, method="GET") -> decoded JSON, rate limited and retried
 
     @property
     def single_day(self) -> bool:
@@ -31,10 +33,16 @@ class Request:
 
 
 class ResponseHook:
-    """The default: no extra headers, every page published as it is."""
+    """The default: no extra headers, HTTP statuses taken as they are, every page published as it is."""
 
     def headers(self, request: Request) -> dict[str, str]:
         return {}
+
+    def status(self, status: int, body: Any) -> int:
+        """The HTTP status the poller acts on for an answer with HTTP ``status`` and decoded JSON ``body`` (None when
+        the answer is empty, not JSON, or an HTTP error): 401 → ``TokenRejected``, 429 → pause and retry, 5xx/408 →
+        back off and retry, other 4xx → ``PermanentError``, 2xx → data. Called for every request, ``fetch`` too."""
+        return status
 
     def payloads(self, request: Request, body: Any) -> list[Any]:
         return [] if body is None else [body]

@@ -24,7 +24,8 @@ request parameter, i.e. Fitbit's activity list, not its date endpoints).
 HTTP: every request takes tokens from the shared rate limiter first. 429 pauses the provider (or, when all its
 limits are per user, the user) for ``Retry-After`` and retries the same page; 5xx, 408 and network errors are
 retried with exponential backoff; all bounded by ``max_attempts``. 401 raises ``TokenRejected``; other 4xx raise
-``PermanentError``.
+``PermanentError``. The status acted on is the provider hook's ``status(http_status, body)``: Withings answers
+HTTP 200 with its error code in the body, and its hook turns e.g. ``{"status": 401}`` into 401 and 601 into 429.
 
 Backfill (``backfill()``): the same path with its own cursor, ``LOW`` rate-limit priority, and the Kafka header
 ``healthflow-backfill: true`` on every raw event (the RawEvent schema and its idempotency key are unchanged).
@@ -32,6 +33,7 @@ Backfill (``backfill()``): the same path with its own cursor, ``LOW`` rate-limit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -313,8 +315,8 @@ class Poller:
             return False
 
     def _request_info(self, call: _Call, start: datetime | None, end: datetime | None) -> Request:
-        def fetch(path: str, params: Mapping[str, str] | None = None) -> Any:
-            return self._http(call, "GET", path, dict(params or {}))[1]
+        def fetch(path: str, params: Mapping[str, str] | None = None, method: str = "GET") -> Any:
+            return self._http(call, method, path, dict(params or {}))[1]
 
         return Request(call.manifest.provider, call.kind, call.endpoint, start, end, call.connection, fetch)
 
@@ -388,7 +390,7 @@ class Poller:
         assert call.manifest.api is not None
         provider, user = call.manifest.provider, call.connection.user_id
         url = str(call.manifest.api.base_url).rstrip("/") + path
-        last = "no attempt"
+        last, throttled = "no attempt", False  # the last failure, and whether it was a 429
         for attempt in range(1, self.max_attempts + 1):
             if self._stopping.is_set():
                 raise Cancelled("poller stopping")
@@ -399,37 +401,43 @@ class Poller:
                 response = self.session.request(method, url, headers=headers, timeout=self.request_timeout_s,
                                                 **({"params": params} if method == "GET" else {"data": params}))
             except requests.RequestException as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last, throttled = f"{type(exc).__name__}: {exc}", False
                 if attempt < self.max_attempts:
                     self._sleep(self._backoff(attempt))
                 continue
-            status = response.status_code
+            body: Any = None
+            decoded = False
+            if response.status_code < 400 and response.content.strip():
+                with contextlib.suppress(ValueError):  # not JSON: a PermanentError below unless the status says so
+                    body, decoded = response.json(), True
+            status = call.hook.status(response.status_code, body)
             where = f"{provider} {method} {path} (user {user}, kind {call.kind})"
+            shown = f"HTTP {status}" if status == response.status_code else \
+                f"HTTP {response.status_code} taken as {status}"
             if status == 429:
                 wait = parse_retry_after(response.headers.get("Retry-After"))
                 wait = self._backoff(attempt) if wait is None else wait
                 self.limiter.pause(provider, wait, user=call.pause_user)
-                last = f"HTTP 429, Retry-After {response.headers.get('Retry-After')!r}"
+                last, throttled = f"{shown}, Retry-After {response.headers.get('Retry-After')!r}", True
                 log.info("%s: 429, paused %s for %.1fs", where, provider if call.pause_user is None else user, wait)
                 continue  # the next acquire waits the pause out, for every worker
             if status == 401:
-                raise TokenRejected(f"{where}: HTTP 401, the provider rejected the access token; refresh it (or mark "
+                raise TokenRejected(f"{where}: {shown}, the provider rejected the access token; refresh it (or mark "
                                     f"the connection revoked if the refresh fails): {response.text[:200]}",
                                     provider=provider, user_id=user, kind=call.kind)
             if status >= 500 or status == 408:
-                last = f"HTTP {status}: {response.text[:200]}"
+                last, throttled = f"{shown}: {response.text[:200]}", False
                 if attempt < self.max_attempts:
                     self._sleep(self._backoff(attempt))
                 continue
             if status >= 400:
-                raise PermanentError(f"{where}: HTTP {status}: {response.text[:300]}")
+                raise PermanentError(f"{where}: {shown}: {response.text[:300]}")
             if not response.content.strip():
                 return b"", None
-            try:
-                return response.content, response.json()
-            except ValueError as exc:
-                raise PermanentError(f"{where}: HTTP {status} answer is not JSON: {response.text[:200]!r}") from exc
-        if last.startswith("HTTP 429"):
+            if not decoded:
+                raise PermanentError(f"{where}: {shown} answer is not JSON: {response.text[:200]!r}")
+            return response.content, body
+        if throttled:
             raise RateLimited(f"{provider} {path}: still rate limited after {self.max_attempts} attempts ({last})",
                               retry_after=self.limiter.paused_for(provider, call.pause_user) or None)
         raise RetryableError(f"{provider} {path}: gave up after {self.max_attempts} attempts; last: {last}")

@@ -7,7 +7,8 @@ Raw kinds, named after the service and action that produced the response:
 - ``sleep_get`` (``/v2/sleep?action=get``, high frequency): ``body.series`` segments → the hypnogram and HR, RR,
   HRV and snoring samples of one Sleep. The segments name neither their sleep nor a time zone, so the collector
   requests them for one summary's ``startdate``-``enddate`` and attaches that ``getsummary`` series entry under
-  ``summary`` (top level, beside ``status`` and ``body``); the result is that summary's record plus the samples.
+  ``summary`` (top level, beside ``status`` and ``body``; the poll hook in ``client.py`` does this); the result is
+  that summary's record plus the samples.
 - ``getworkouts`` (``/v2/measure?action=getworkouts``): ``body.series`` → Activity, ``id`` as summary id.
 - ``getactivity`` (``/v2/measure?action=getactivity``): ``body.activities`` → Daily, one record per ``date``.
 
