@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -131,6 +131,23 @@ def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[
                         process.kill()
                         process.wait(timeout=10)
     raise FatalError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
+
+
+def dispatching_handler(handle: Callable[[BaseHTTPRequestHandler, str], None],
+                        methods: tuple[str, ...] = ("GET", "POST"),
+                        protocol: str = "HTTP/1.1") -> type[BaseHTTPRequestHandler]:
+    """A request handler class that logs nothing and passes each request of ``methods`` to ``handle(request, method)``
+    (other methods get http.server's 501)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = protocol
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    for method in methods:
+        setattr(Handler, f"do_{method}", lambda request, method=method: handle(request, method))
+    return Handler
 
 
 class LoopbackHTTPServer:

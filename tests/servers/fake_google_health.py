@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from connectors import registry
 from connectors.manifest import Manifest
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackHTTPServer, dispatching_handler
 
 _LIST = re.compile(r"^/v4/users/me/dataTypes/(?P<type>[a-z0-9-]+)/dataPoints$")
 _CLAUSE = re.compile(r'^(?P<field>[a-z_]+(?:\.[a-z_]+)+) (?P<op>>=|<) "(?P<value>[^"]+)"$')
@@ -71,30 +71,22 @@ class FakeGoogleHealth:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> FakeGoogleHealth:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-                status, reply = api._answer(parts.path, params, token)
-                with api._lock:
-                    api.requests.append((parts.path, params, status))
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._http = LoopbackHTTPServer(Handler, 0, "fake-google-health").start()
+        self._http = LoopbackHTTPServer(dispatching_handler(self._serve, ("GET",)), 0, "fake-google-health").start()
         return self
+
+    def _serve(self, request: BaseHTTPRequestHandler, _method: str) -> None:
+        parts = urlsplit(request.path)
+        params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        status, reply = self._answer(parts.path, params, token)
+        with self._lock:
+            self.requests.append((parts.path, params, status))
+        data = json.dumps(reply).encode()
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
 
     def __exit__(self, *exc: object) -> None:
         if self._http is not None:

@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from connectors.manifest import Endpoint, Manifest
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackHTTPServer, dispatching_handler
 from servers.fake_provider import FakeProvider
 from servers.fake_provider_api import FakeProviderApi, Logged
 
@@ -105,28 +105,16 @@ class FakePolarApi(FakeProviderApi):
 
     # ------------------------------------------------------------------------------------------------ HTTP
     def start(self) -> FakePolarApi:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                api._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                if urlsplit(self.path).path == USERS_PATH:
-                    api._users(self, "POST")
-                else:
-                    api._handle(self, "POST")
-
-            def do_DELETE(self) -> None:
-                api._users(self, "DELETE")
-
-        self._http = LoopbackHTTPServer(Handler, 0, "fake-polar-api").start()
+        self._http = LoopbackHTTPServer(dispatching_handler(self._dispatch, ("GET", "POST", "DELETE")), 0,
+                                        "fake-polar-api").start()
         return self
+
+    def _dispatch(self, request: BaseHTTPRequestHandler, method: str) -> None:
+        """User registration and deregistration here, data endpoints as in ``FakeProviderApi``."""
+        if method == "DELETE" or urlsplit(request.path).path == USERS_PATH:
+            self._users(request, method)
+        else:
+            self._handle(request, method)
 
     def _answer(self, path: str, params: dict[str, str], token: str | None, kind: str | None,
                 endpoint: Endpoint | None, match: dict[str, str]) -> tuple[int, dict[str, str], Any]:

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackHTTPServer, dispatching_handler
 
 
 @dataclass
@@ -86,19 +86,8 @@ class FakeProvider:
         return client
 
     def start(self) -> FakeProvider:
-        provider = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                provider._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                provider._handle(self, "POST")
-
-        self._http = LoopbackHTTPServer(Handler, 0, "fake-provider").start()
+        self._http = LoopbackHTTPServer(dispatching_handler(self._handle, protocol="HTTP/1.0"), 0,
+                                        "fake-provider").start()
         return self
 
     def stop(self) -> None:

@@ -50,7 +50,7 @@ import pytest
 from connectors import registry
 from connectors.manifest import Endpoint, Manifest
 from connectors.polling.ratelimit import http_date
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackHTTPServer, dispatching_handler
 
 DATE_FIELDS = ("day", "start", "timestamp", "dateTime", "date", "startTime", "startDate", "created_at")
 
@@ -102,21 +102,7 @@ class FakeProviderApi:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> FakeProviderApi:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                api._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                api._handle(self, "POST")
-
-        self._http = LoopbackHTTPServer(Handler, 0, f"fake-{self.slug}-api").start()
+        self._http = LoopbackHTTPServer(dispatching_handler(self._handle), 0, f"fake-{self.slug}-api").start()
         return self
 
     def stop(self) -> None:
