@@ -560,3 +560,43 @@ def test_unparseable_payload_is_one_dead_letter(payload: bytes, reason: str) -> 
     assert "document_index" not in item.record["source"]
     assert item.record["source"]["offset"] == "41"
     assert item.record["original"] == raw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Garmin client: ending a link deletes the user registration (real HTTP against tests/servers/fake_garmin.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def _connected(garmin: Any, plane: Any, account: str) -> str:
+    from servers.fake_garmin import authorize_in_browser
+    from servers.fake_provider import query_of
+
+    garmin.oauth.next_account = account
+    start = plane.start_auth("dev-1", "garmin", reference_id=f"ref-{account}")
+    assert plane.complete_auth("garmin", query_of(authorize_in_browser(start.auth_url))).ok
+    return start.user_id
+
+
+def test_deauthentication_deletes_the_registration_and_a_registration_already_gone_counts_as_done(tmp_path) -> None:
+    from servers.fake_garmin import FakeGarmin
+
+    from connectors.auth import MemoryCollector
+
+    events = MemoryCollector()
+    with FakeGarmin() as garmin:
+        plane = garmin.control_plane(f"sqlite:///{tmp_path}/cp.db", public_url="http://127.0.0.1:9", emit=events)
+        kept, gone = _connected(garmin, plane, "acct-kept"), _connected(garmin, plane, "acct-gone")
+        assert plane.connection(kept).provider_user_id == "acct-kept"  # from GET /user/id: no id in the token answer
+
+        plane.deauthenticate(kept)
+        (delete,) = [c for c in garmin.calls if c.method == "DELETE"]
+        assert (delete.path, delete.status, delete.account) == ("/user/registration", 204, "acct-kept")
+        assert not garmin.oauth.is_live(delete.token)  # Garmin ended the grant
+        garmin.drain()
+        assert garmin.pushes[-1].body == {"deregistrations": [{"userId": "acct-kept"}]}
+
+        garmin.oauth.revoke_account("acct-gone")  # removed in Garmin Connect; we missed the deregistration push
+        plane.deauthenticate(gone)  # 401, the refresh is refused (invalid_grant): already gone, done
+        assert [c.status for c in garmin.calls if c.method == "DELETE"] == [204, 401]
+        assert garmin.oauth.calls["token:refresh_token"] == 1
+        assert plane.connection(gone).state == "deauth" and plane.tokens(gone) is None
+        plane.close()
+    assert [e["type"] for e in events.events] == ["auth", "auth", "deauth", "deauth"]

@@ -39,17 +39,13 @@ def _read(broker, topic: str) -> list[dict]:
         consumer.close()
 
 
-@pytest.fixture
-def server(broker, monkeypatch):
+def _serve(broker, control_plane=None):
     raw, notes = f"raw.{time.time_ns()}", f"notes.{time.time_ns()}"
     broker.create_topic(raw, 2)
     broker.create_topic(notes, 2)
-    monkeypatch.setenv("HEALTHFLOW_OURA_CLIENT_SECRET", "oura-secret")
-    monkeypatch.setenv("HEALTHFLOW_WHOOP_CLIENT_SECRET", "whoop-secret")
-    monkeypatch.setenv("HEALTHFLOW_OURA_VERIFICATION_TOKEN", "verify-me")
-    monkeypatch.delenv("HEALTHFLOW_POLAR_WEBHOOK_SECRET", raising=False)
     app = FastAPI()
-    app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes))
+    app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes,
+                              control_plane=control_plane))
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -59,6 +55,16 @@ def server(broker, monkeypatch):
     yield f"http://127.0.0.1:{port}/v2/providers", raw, notes
     http.should_exit = True
     thread.join(5)
+
+
+@pytest.fixture
+def server(broker, monkeypatch):
+    """The webhook router alone (no control plane)."""
+    monkeypatch.setenv("HEALTHFLOW_OURA_CLIENT_SECRET", "oura-secret")
+    monkeypatch.setenv("HEALTHFLOW_WHOOP_CLIENT_SECRET", "whoop-secret")
+    monkeypatch.setenv("HEALTHFLOW_OURA_VERIFICATION_TOKEN", "verify-me")
+    monkeypatch.delenv("HEALTHFLOW_POLAR_WEBHOOK_SECRET", raising=False)
+    yield from _serve(broker)
 
 
 def _garmin_daily(user: str, steps: int) -> dict:
@@ -79,6 +85,35 @@ def test_garmin_push_becomes_one_raw_event_per_user(server, broker):
     records = [r for e in events.values() for r in normalize_message(RawMessage(e["raw"], {"partition": 0,
                                                                                             "offset": 0}))]
     assert not [r for r in records if isinstance(r, Failed)] and len(records) == 3
+
+
+def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
+    from cryptography.fernet import Fernet
+
+    from connectors.auth import ControlPlane
+
+    with ControlPlane(f"sqlite:///{tmp_path}/cp.db", Fernet.generate_key().decode(), environ={}) as plane:
+        served = _serve(broker, plane)
+        base, raw, _ = next(served)
+        body = {"dailies": [_garmin_daily("u1", 100)],
+                "deregistrations": [{"userId": "u9", "userAccessToken": "secret-uat"}],
+                "userPermissionsChange": [{"userId": "u1", "permissions": ["HEALTH_EXPORT"],
+                                           "changeTimeInSeconds": 1793574000}]}
+        reply = requests.post(f"{base}/garmin/webhook", json=body, timeout=10)
+        assert reply.status_code == 200 and reply.json() == {"status": "accepted", "raw_events": 1, "lifecycle": 2}
+        (event,) = _read(broker, raw)
+        assert json.loads(event["payload"]) == {"dailies": body["dailies"]}  # no lifecycle list, no access token
+        only = requests.post(f"{base}/garmin/webhook", json={"deregistrations": [{"userId": "u9"}]}, timeout=10)
+        assert only.json() == {"status": "accepted", "raw_events": 0, "lifecycle": 1}
+        assert len(_read(broker, raw)) == 1
+        next(served, None)
+
+
+def test_garmin_lifecycle_without_a_control_plane_is_refused_for_a_retry(server, broker):
+    base, raw, _ = server
+    reply = requests.post(f"{base}/garmin/webhook", json={"deregistrations": [{"userId": "u9"}]}, timeout=10)
+    assert reply.status_code == 503 and "control plane" in reply.json()["detail"]
+    assert _read(broker, raw) == []
 
 
 def test_a_push_that_is_not_json_is_kept_for_the_dead_letters(server, broker):

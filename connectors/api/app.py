@@ -164,7 +164,10 @@ class BackfillResponse(BaseModel):
 
 def create_app(control_plane: ControlPlane, *, title: str = "healthflow", polling: Any = None) -> FastAPI:
     """The API around an opened ``ControlPlane``; with ``polling`` (a ``ConnectionPolling``) it also
-    answers historical requests (``GET /v2/{type}``)."""
+    answers historical requests (``GET /v2/{type}``). For a push provider (Garmin) a historical request
+    asks the provider to push that history; it arrives through the webhook router as normal data, without
+    ``terra-reference`` (nothing in it names the request). ``app.state.control_plane`` is what the webhook
+    router (``connectors.webhooks``) applies push lifecycle lists to."""
     cp = control_plane
     app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
                   redoc_url=None, description=__doc__)

@@ -6,23 +6,37 @@
 
 A 401 (``TokenRejected``) forces a token refresh and retries that poll once with the new token;
 a refresh the provider refuses marks the connection revoked (``access_revoked`` event) and it is
-no longer polled.
+no longer polled. Historical requests (``backfill``) refresh the same way.
+
+Push providers (``webhooks.mode: push``, Garmin) are never polled; their manifest endpoints are
+backfill *requests*: each window is asked for separately, the provider answers 202 with an empty
+body (nothing is published by the request itself) and later pushes the data to the webhook, where
+it is published like any other push. 409 (this window was already requested) is not an error. The
+pushed data carries nothing that ties it to the request, so it is delivered as normal data, without
+``terra-reference``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import TypeVar
 
 from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
-from connectors.polling.poller import PollConnection, Poller, PollResult, PollTarget, TokenRejected
+from connectors.polling.poller import Poller, PollResult, PollTarget, TokenRejected, windows
 from connectors.polling.scheduler import Scheduler
+from transforms.errors import PermanentError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# the poller's PermanentError names an HTTP 4xx status only in its message (a typed status would be sturdier)
+_DUPLICATE = re.compile(r": HTTP 409: ")
 
 
 @dataclass
@@ -45,9 +59,13 @@ class ConnectionPolling:
     def access_token(self, connection: PollTarget) -> str:
         return self.control_plane.access_token(connection.user_id)
 
+    def pushed(self, provider: str) -> bool:
+        """Whether the provider pushes its data (Garmin): never polled, its endpoints are backfill requests."""
+        hooks = self.poller.manifest(provider).webhooks
+        return hooks is not None and hooks.mode == "push"
+
     def pollable_kinds(self, connection: PollTarget) -> list[str]:
-        manifest = self.poller.manifest(connection.provider)
-        if manifest.webhooks is not None and manifest.webhooks.mode == "push":
+        if self.pushed(connection.provider):
             return []  # pushed to us (Garmin): nothing to poll
         return self.poller.kinds(connection.provider)
 
@@ -86,33 +104,71 @@ class ConnectionPolling:
             log.warning("poll of %s %s failed: %s", connection.user_id, kind, error)
 
     def backfill_kinds(self, provider: str, model_type: str) -> list[str]:
-        """The provider's pollable kinds that feed ``model_type`` (e.g. Oura sleep, daily_sleep for sleep)."""
+        """The provider's endpoint kinds that feed ``model_type`` (e.g. Oura sleep, daily_sleep for sleep;
+        Garmin's backfill endpoints for push providers)."""
         from connectors import registry
 
         mapped = registry()[provider].kinds
-        return [k for k in self.pollable_kinds(PollConnection("", provider)) if model_type in mapped[k].models]
+        return [k for k in self.poller.kinds(provider) if k in mapped and model_type in mapped[k].models]
 
     def backfill(self, user_id: str, model_type: str, start: datetime, end: datetime) -> tuple[str, list[str]]:
         """Start a historical request in the background; returns its reference and the kinds it reads.
 
-        Every kind is fetched in its endpoint's ``max_days`` windows at low priority (live polls
-        always go first), published with the reference, and delivered with ``terra-reference``.
+        Pull providers: every kind is fetched in its endpoint's ``max_days`` windows at low priority
+        (live polls always go first), published with the reference, and delivered with
+        ``terra-reference``. Push providers: every window (``max_days``, capped at now) is requested
+        once, at low priority; the data arrives later by push, as normal data (see the module
+        docstring). Either way a 401 refreshes the token and retries once; a window already done
+        (cursor) is not asked again, so a repeated request resumes where the last one stopped.
         """
         connection = self.control_plane.connection(user_id)
         kinds = self.backfill_kinds(connection.provider, model_type)
         reference = str(uuid.uuid4())
+        pushed = self.pushed(connection.provider)
 
         def run() -> None:
             for kind in kinds:
                 try:
-                    self.poller.backfill(connection, kind, start, end, lambda: self.access_token(connection),
-                                         reference=reference)
+                    if pushed:
+                        self._request_windows(connection, kind, start, end, reference)
+                    else:
+                        self._refreshing(connection, lambda kind=kind: self.poller.backfill(
+                            connection, kind, start, end, lambda: self.access_token(connection), reference=reference))
+                except (ConnectionRevoked, ConnectionInactive) as exc:
+                    log.warning("backfill %s of %s stopped: %s", reference, user_id, exc)
+                    return
                 except Exception as exc:  # reported, and the cursor lets a repeated request resume
                     log.warning("backfill %s of %s %s failed: %s", reference, user_id, kind, exc)
 
         if kinds:
             threading.Thread(target=run, name=f"backfill-{reference[:8]}", daemon=True).start()
         return reference, kinds
+
+    def _refreshing(self, connection: PollTarget, call: Callable[[], T]) -> T:
+        """``call()``; on a 401, refresh the token (serialized per connection) and call once more."""
+        try:
+            return call()
+        except TokenRejected:
+            self.control_plane.refresh(connection.user_id, force=True)
+        return call()
+
+    def _request_windows(self, connection: PollTarget, kind: str, start: datetime, end: datetime,
+                         reference: str) -> list[PollResult]:
+        """A push provider's backfill: one request per window; 409 (already requested) counts as done."""
+        manifest = self.poller.manifest(connection.provider)
+        assert manifest.api is not None
+        done = []
+        end = min(end.astimezone(UTC), self.poller.clock().astimezone(UTC))
+        for window_start, window_end in windows(manifest.api.endpoints[kind], start.astimezone(UTC), end):
+            try:
+                done.append(self._refreshing(connection, lambda s=window_start, e=window_end: self.poller.backfill(
+                    connection, kind, s, e, lambda: self.access_token(connection), reference=reference)))
+            except PermanentError as exc:
+                if not _DUPLICATE.search(str(exc)):
+                    raise
+                log.info("backfill %s: %s %s %s–%s was already requested (409)", reference, connection.user_id,
+                         kind, window_start, window_end)
+        return done
 
     def scheduler(self, interval_s: float = 900.0) -> Scheduler:
         return Scheduler(self.poller, self.targets, self.access_token, interval_s=interval_s, kinds=self.kinds,

@@ -5,7 +5,16 @@ Per the provider's manifest (``webhooks``):
 - ``push`` (Garmin): the body carries the data. It is split by user (one raw event per user, so a
   user's data stays in order on the ingestion topic) and published as is; a body that is not
   JSON is published whole, so the pipeline dead-letters it with its bytes (the provider gets 200 and
-  does not retry a payload that can never succeed).
+  does not retry a payload that can never succeed). Lifecycle lists a provider declares in its
+  ``client.py`` (``PUSH_LIFECYCLE``: list key → action; Garmin ``deregistrations`` and
+  ``userPermissionsChange``) are taken out first, applied to the control plane and never published:
+  ``deregistration`` revokes every active connection of the account (``ControlPlane.mark_revoked``:
+  tokens deleted, ``access_revoked`` event; an account without one, e.g. already deauthenticated, is
+  skipped); ``permissions_change`` is acknowledged and logged (the control plane cannot update a
+  connection's scopes yet). Without a control plane (``router(control_plane=…)`` or the app's
+  ``state.control_plane``) such a body is refused with 503, so the provider retries it later.
+  Data pushed for an account without an active connection is still published; the pipeline delivers it
+  under the account's derived user id (``transforms.users``), not under an ended connection.
 - ``notification`` / ``ping`` (Oura, WHOOP, Fitbit, Polar, Withings): the body only says what
   changed. It is published as a raw event of kind ``notification`` on the notifications topic, for
   the fetcher to pull the named document with the connection's token.
@@ -20,20 +29,25 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from connectors import registry
+from connectors import provider_client, registry
 from connectors.manifest import Signature
 from transforms.publish import RawPayload
 
+log = logging.getLogger(__name__)
+
 Publisher = Callable[[str, Sequence[RawPayload]], None]  # (topic, payloads)
 TIMESTAMP_TOLERANCE_S = 300
+LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
 
 
 class SignatureInvalid(ValueError):
@@ -87,6 +101,64 @@ def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawP
             for user, part in by_user.items()]
 
 
+def lifecycle_keys(provider: str) -> dict[str, str]:
+    """``PUSH_LIFECYCLE`` of the provider's ``client.py`` (push-body list key → action), else empty."""
+    declared = dict(getattr(provider_client(provider), "PUSH_LIFECYCLE", None) or {})
+    unknown = set(declared.values()) - set(LIFECYCLE_ACTIONS)
+    if unknown:
+        raise ValueError(f"{provider} PUSH_LIFECYCLE names unknown actions {sorted(unknown)}")
+    return declared
+
+
+def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str, list[Any]]]:
+    """Take the lifecycle lists (``keys``) out of a push body: ``(rest, {key: entries})``.
+
+    ``rest`` is the body unchanged when it holds none (or is not a JSON object), the remaining lists
+    re-serialized otherwise, and empty when nothing remains. A lifecycle key whose value is not a list
+    stays in ``rest``, so the pipeline dead-letters it with its bytes.
+    """
+    if not keys:
+        return body, {}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body, {}
+    if not isinstance(parsed, dict) or not any(isinstance(parsed.get(k), list) for k in keys):
+        return body, {}
+    lifecycle = {k: parsed.pop(k) for k in list(parsed) if k in keys and isinstance(parsed[k], list)}
+    return (json.dumps(parsed, separators=(",", ":")).encode() if parsed else b""), lifecycle
+
+
+def apply_lifecycle(control_plane: Any, provider: str, actions: Mapping[str, str], lists: Mapping[str, list[Any]],
+                    user_field: str) -> int:
+    """Apply lifecycle entries to the control plane; returns how many entries named an account.
+
+    ``deregistration``: every active connection of the account is marked revoked (``access_revoked``).
+    ``permissions_change``: logged only (the control plane has no way to update scopes yet).
+    Entries without an account id, and accounts without an active connection, are skipped.
+    """
+    done = 0
+    for key, entries in lists.items():
+        for entry in entries:
+            account = entry.get(user_field) if isinstance(entry, dict) else None
+            if account in (None, ""):
+                log.warning("%s %s entry without %s ignored", provider, key, user_field)
+                continue
+            done += 1
+            if actions[key] == "deregistration":
+                seen: set[str] = set()
+                while (connection := control_plane.resolve_user(provider, str(account))) is not None \
+                        and connection.user_id not in seen:
+                    seen.add(connection.user_id)
+                    control_plane.mark_revoked(connection.user_id, f"the user ended the {provider} link at the "
+                                                                   f"provider ({key}); the user must connect again")
+            else:
+                connection = control_plane.resolve_user(provider, str(account))
+                log.info("%s account %s (user %s) now shares %s; scopes not updated", provider, account,
+                         connection.user_id if connection else None, entry.get("permissions"))
+    return done
+
+
 def notification_user(document: Any) -> str | None:
     for field in ("user_id", "userid", "ownerId", "userId", "user"):
         if isinstance(document, dict) and document.get(field) not in (None, ""):
@@ -95,8 +167,12 @@ def notification_user(document: Any) -> str | None:
 
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
-           notifications_topic: str = "healthflow.notifications") -> APIRouter:
-    """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks."""
+           notifications_topic: str = "healthflow.notifications", control_plane: Any = None) -> APIRouter:
+    """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks.
+
+    ``control_plane`` (a ``ControlPlane``; default: the app's ``state.control_plane``, which
+    ``connectors.api.create_app`` sets) applies push lifecycle lists.
+    """
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
 
     def manifest_of(provider: str):
@@ -122,9 +198,21 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             except SignatureInvalid as exc:
                 raise HTTPException(401, f"signature check failed: {exc}") from exc
         if hooks.mode == "push":
-            payloads = split_push_by_user(found.slug, body, found.user_field or "userId")
-            publish(raw_topic, payloads)
-            return JSONResponse({"status": "accepted", "raw_events": len(payloads)})
+            user_field = found.user_field or "userId"
+            actions = lifecycle_keys(found.slug)
+            body, lifecycle = split_lifecycle(body, actions)
+            applied = None
+            if lifecycle:
+                plane = control_plane or getattr(request.app.state, "control_plane", None)
+                if plane is None:
+                    raise HTTPException(503, f"{found.slug} lifecycle notifications ({', '.join(lifecycle)}) need "
+                                             "the control plane; none is configured here")
+                applied = await run_in_threadpool(apply_lifecycle, plane, found.slug, actions, lifecycle, user_field)
+            payloads = split_push_by_user(found.slug, body, user_field) if body else []
+            if payloads:
+                publish(raw_topic, payloads)
+            answer: dict[str, Any] = {"status": "accepted", "raw_events": len(payloads)}
+            return JSONResponse(answer if applied is None else {**answer, "lifecycle": applied})
         try:
             user = notification_user(json.loads(body))
         except ValueError:

@@ -1,0 +1,290 @@
+"""A fake Garmin Connect Developer Program on loopback (real HTTP both ways), for the Garmin cycle tests.
+
+    with FakeGarmin(webhook_url=f"{api}/v2/providers/garmin/webhook") as garmin:
+        plane = garmin.control_plane(state_url, public_url=api, emit=events)   # the real garmin manifest, pointed here
+        garmin.sync(account, "dailies", [daily, ...])       # stored, and pushed to the webhook like Garmin does
+
+OAuth 2 (``oauth``, a ``FakeProvider``): authorize + PKCE token endpoint at Garmin's paths; like Garmin, the
+token answer names no user (the account comes from ``GET /user/id``). Wellness API under ``api_base``
+(``/wellness-api/rest``), every call with ``Authorization: Bearer <token>`` of a live grant, else 401:
+
+- ``GET /user/id`` → ``{"userId": …}``; ``GET /user/permissions`` → the account's permission list.
+- ``GET /backfill/<type>?summaryStartTimeInSeconds=&summaryEndTimeInSeconds=`` → 202 with an empty body, then
+  the stored summaries of that account and type starting in ``[start, end)`` are POSTed to the webhook as one
+  push body (nothing when there are none). The same range again → 409; more than ``BACKFILL_MAX_DAYS`` (30
+  for activity types, else 90) → 400; a missing, non-numeric or millisecond bound → 400 (``errorMessage``).
+- ``DELETE /user/registration`` → 204: every grant of the account ends (its tokens get 401 from then on) and a
+  final ``{"deregistrations": [{"userId": …}]}`` is pushed, as Garmin does.
+
+Pushes after a request go out in order from one worker thread, shortly after the answer (``drain()`` waits
+for them); ``sync``, ``push``, ``disconnect_in_connect`` and ``change_permissions`` push synchronously and
+return the webhook's status. ``calls`` logs every API request, ``pushes`` every push with its status.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+
+from runners.embedded import LoopbackHTTPServer
+from servers.fake_provider import FakeProvider, query_of
+
+API_PREFIX = "/wellness-api/rest"
+ACTIVITY_TYPES = frozenset({"activities", "activityDetails", "moveiq", "manuallyUpdatedActivities"})
+BACKFILL_MAX_DAYS = dict.fromkeys(ACTIVITY_TYPES, 30)  # others: 90
+PERMISSIONS = ("ACTIVITY_EXPORT", "HEALTH_EXPORT", "MCT_EXPORT", "WORKOUT_IMPORT", "COURSE_IMPORT")
+CLIENT_ID, CLIENT_SECRET = "garmin-client", "garmin-secret"
+
+
+@dataclass
+class GarminOAuthServer(FakeProvider):
+    """``FakeProvider`` as Garmin's OAuth 2 server: Garmin's paths, and no user id in the token answer."""
+
+    include_user_id: bool = False
+    authorize_path: str = "/oauth2Confirm"
+    token_path: str = "/di-oauth2-service/oauth/token"
+
+    def account_of(self, access_token: str) -> str | None:
+        """The account of a live access token (issued, unexpired, grant not ended), else None."""
+        if not self.is_live(access_token):
+            return None
+        with self._lock:
+            return self._grants[self._access[access_token][0]].account
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str  # below API_PREFIX
+    params: dict[str, str]
+    status: int
+    token: str | None
+    account: str | None
+
+
+@dataclass(frozen=True)
+class Push:
+    body: dict[str, Any]
+    status: int | None  # None: the webhook was unreachable
+
+
+@dataclass
+class FakeGarmin:
+    webhook_url: str | None = None
+    push_delay_s: float = 0.05
+    permissions: dict[str, list[str]] = field(default_factory=dict)  # account → granted (default: all)
+
+    def __post_init__(self) -> None:
+        self.oauth = GarminOAuthServer()
+        self.summaries: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (account, type) → summaries
+        self.calls: list[Call] = []
+        self.pushes: list[Push] = []
+        self._requested: set[tuple[str, str, int, int]] = set()
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._http: LoopbackHTTPServer | None = None
+        self._worker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> FakeGarmin:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_DELETE(self) -> None:
+                fake._handle(self, "DELETE")
+
+        self.oauth.start()
+        self.oauth.register(CLIENT_ID, CLIENT_SECRET, "body", require_pkce=True)
+        self._http = LoopbackHTTPServer(Handler, 0, "fake-garmin-api").start()
+        self._worker = threading.Thread(target=self._deliver, name="fake-garmin-push", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._outbox.put({})  # stop marker
+            self._worker.join(timeout=10)
+            self._worker = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+        self.oauth.stop()
+
+    def __enter__(self) -> FakeGarmin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def api_base(self) -> str:
+        assert self._http is not None, "start() first"
+        return self._http.base_url + API_PREFIX
+
+    @property
+    def manifest(self) -> Any:
+        """Garmin's real manifest with its API base URL pointing here (for the Poller's backfill requests)."""
+        from connectors import registry
+
+        manifest = registry()["garmin"].manifest
+        return manifest.model_copy(update={"api": manifest.api.model_copy(update={"base_url": self.api_base})})
+
+    def control_plane(self, store_url: str, *, public_url: str, emit: Any, table_prefix: str = "healthflow_cp_") -> Any:
+        """A ControlPlane with Garmin's real manifest and OAuth client code, its OAuth and API URLs pointing here."""
+        from cryptography.fernet import Fernet
+
+        from connectors import registry
+        from connectors.auth import ControlPlane
+        from connectors.auth.oauth import ProviderSettings
+
+        manifest = registry()["garmin"].manifest
+        auth = manifest.auth.model_copy(update={"authorize_url": f"https://connect.garmin.com{self.oauth.authorize_path}",
+                                                "token_url": f"https://diauth.garmin.com{self.oauth.token_path}"})
+        return ControlPlane(store_url, Fernet.generate_key().decode(), public_url=public_url, environ={}, emit=emit,
+                            manifests={"garmin": manifest.model_copy(update={"auth": auth})},
+                            settings={"garmin": ProviderSettings(CLIENT_ID, CLIENT_SECRET,
+                                                                 oauth_base=self.oauth.base_url,
+                                                                 api_base=self.api_base)},
+                            table_prefix=table_prefix).open()
+
+    # ------------------------------------------------------------------------------------------------ controls
+    def store(self, account: str, summary_type: str, summaries: list[dict[str, Any]]) -> None:
+        """Summaries Garmin holds for the account (e.g. from before it connected): only a backfill pushes them."""
+        with self._lock:
+            self.summaries.setdefault((account, summary_type), []).extend(summaries)
+
+    def sync(self, account: str, summary_type: str, summaries: list[dict[str, Any]]) -> int | None:
+        """The user's device synced: keep the summaries (for backfills) and push them now."""
+        self.store(account, summary_type, summaries)
+        return self.push({summary_type: summaries})
+
+    def push(self, body: dict[str, Any]) -> int | None:
+        """POST one push body to the webhook now; the webhook's HTTP status (None: unreachable or no webhook_url)."""
+        status: int | None = None
+        if self.webhook_url:
+            try:
+                status = requests.post(self.webhook_url, json=body, timeout=30).status_code
+            except requests.RequestException:
+                status = None
+        with self._lock:
+            self.pushes.append(Push(body, status))
+        return status
+
+    def disconnect_in_connect(self, account: str) -> int | None:
+        """The user removed the app in Garmin Connect: the grants end and a deregistration is pushed."""
+        self.oauth.revoke_account(account)
+        return self.push({"deregistrations": [{"userId": account}]})
+
+    def change_permissions(self, account: str, permissions: list[str]) -> int | None:
+        """The user changed what they share (their token stays valid): a permissions change is pushed."""
+        with self._lock:
+            self.permissions[account] = list(permissions)
+        return self.push({"userPermissionsChange": [{"userId": account, "summaryId": f"perm-{time.time_ns()}",
+                                                     "permissions": list(permissions),
+                                                     "changeTimeInSeconds": int(time.time())}]})
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every push queued by a request (backfill data, deregistration) was delivered."""
+        deadline = time.monotonic() + timeout_s
+        while self._outbox.unfinished_tasks:
+            assert time.monotonic() < deadline, "fake Garmin pushes still pending"
+            time.sleep(0.02)
+
+    def backfills(self, summary_type: str | None = None) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.path.startswith("/backfill/")
+                    and (summary_type is None or c.path == f"/backfill/{summary_type}")]
+
+    # ------------------------------------------------------------------------------------------------ HTTP
+    def _handle(self, request: BaseHTTPRequestHandler, method: str) -> None:
+        parts = urlsplit(request.path)
+        params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        auth = request.headers.get("Authorization") or ""
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        path = parts.path.removeprefix(API_PREFIX) if parts.path.startswith(API_PREFIX + "/") else None
+        account = self.oauth.account_of(token) if token else None
+        if path is None:
+            status, reply, after = 404, {"errorMessage": f"no such path {parts.path}"}, None
+        elif account is None:
+            status, reply, after = 401, {"errorMessage": "Unauthorized"}, None
+        else:
+            status, reply, after = self._answer(method, path, params, account)
+        with self._lock:
+            self.calls.append(Call(method, path or parts.path, params, status, token, account))
+        if after:  # queued before answering: once a call is logged, drain() waits for its push
+            self._outbox.put(after)
+        data = b"" if reply is None else json.dumps(reply).encode()
+        request.send_response(status)
+        if data:
+            request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    def _answer(self, method: str, path: str, params: dict[str, str],
+                account: str) -> tuple[int, Any, dict[str, Any] | None]:
+        """(status, JSON reply or None for no body, push body to send afterwards or None)."""
+        if (method, path) == ("GET", "/user/id"):
+            return 200, {"userId": account}, None
+        if (method, path) == ("GET", "/user/permissions"):
+            return 200, self.permissions.get(account, list(PERMISSIONS)), None
+        if (method, path) == ("DELETE", "/user/registration"):
+            self.oauth.revoke_account(account)
+            return 204, None, {"deregistrations": [{"userId": account}]}
+        if method == "GET" and path.startswith("/backfill/"):
+            return self._backfill(path.removeprefix("/backfill/"), params, account)
+        return 404, {"errorMessage": f"no such endpoint {method} {path}"}, None
+
+    def _backfill(self, summary_type: str, params: dict[str, str],
+                  account: str) -> tuple[int, Any, dict[str, Any] | None]:
+        start_text = params.get("summaryStartTimeInSeconds", "")
+        end_text = params.get("summaryEndTimeInSeconds", "")
+        if not start_text.isdigit() or not end_text.isdigit():
+            return 400, {"errorMessage": "summaryStartTimeInSeconds and summaryEndTimeInSeconds are required"}, None
+        start, end = int(start_text), int(end_text)
+        if max(start, end) > 10**11:
+            return 400, {"errorMessage": "timestamp appears to be in milliseconds"}, None
+        max_days = BACKFILL_MAX_DAYS.get(summary_type, 90)
+        if end <= start or end - start > max_days * 86400:
+            return 400, {"errorMessage": f"the time range must be positive and at most {max_days} days"}, None
+        key = (account, summary_type, start, end)
+        with self._lock:
+            if key in self._requested:
+                return 409, {"errorMessage": "Duplicate backfill request"}, None
+            self._requested.add(key)
+            found = [s for s in self.summaries.get((account, summary_type), [])
+                     if start <= int(s["startTimeInSeconds"]) < end]
+        return 202, None, ({summary_type: found} if found else None)
+
+    def _deliver(self) -> None:
+        while True:
+            body = self._outbox.get()
+            try:
+                if not body:
+                    return
+                time.sleep(self.push_delay_s)
+                self.push(body)
+            finally:
+                self._outbox.task_done()
+
+
+def authorize_in_browser(auth_url: str) -> str:
+    """Play the user at Garmin: open the authorize URL (PKCE S256 required), return where Garmin sends them back."""
+    response = requests.get(auth_url, allow_redirects=False, timeout=10)
+    assert response.status_code == 302, response.text
+    assert query_of(auth_url).get("code_challenge_method") == "S256"
+    return response.headers["Location"]
