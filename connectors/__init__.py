@@ -7,8 +7,10 @@ limits, webhooks). Both are checked against each other when the registry loads.
 
 What the manifest cannot say goes in the folder's optional ``client.py``: ``OAUTH`` (a
 ``connectors.auth.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
-connect, deregistration at disconnect) and ``POLL_HOOK`` (a ``connectors.polling.hooks.ResponseHook``
-subclass adding request headers or the context a mapper needs to polled pages).
+connect, deregistration at disconnect), ``POLL_HOOK`` (a ``connectors.polling.hooks.ResponseHook``
+subclass adding request headers or the context a mapper needs to polled pages, or reading statuses a
+provider sends inside HTTP 200 answers) and ``PUSH_LIFECYCLE`` (push-body lists that are account events,
+not data: Garmin ``deregistrations``, ``userPermissionsChange``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,15 @@ import requests
 from cryptography.fernet import Fernet
 
 from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.control_plane import ACTIVE, DEAUTH, REVOKED, ConnectionInactive, ConnectionRevoked, now_ms
+from connectors.auth.control_plane import (
+    ACTIVE,
+    DEAUTH,
+    REVOKED,
+    ConnectionInactive,
+    ConnectionRevoked,
+    UnknownUser,
+    now_ms,
+)
 from connectors.auth.oauth import ProviderOAuth, ProviderSettings, get_json
 from transforms.errors import FatalError
 
@@ -147,6 +155,39 @@ def test_rejected_refresh_marks_the_connection_revoked(plane, fake_provider):
     with pytest.raises(ConnectionInactive):
         plane.access_token(user_id)
     assert fake_provider.calls["token:refresh_token"] == 1
+
+
+def test_provider_revocation_notice_after_a_disconnect_changes_nothing(plane, fake_provider):
+    """A deregistration notice (e.g. Garmin's last push after our DELETE) for a disconnected user: no revoke, no
+    second event; for an active one: revoked with ``access_revoked``."""
+    gone = connect(plane)
+    fake_provider.next_account = "acct-2"
+    active = connect(plane, reference_id="ref-2")
+    plane.deauthenticate(gone)
+    assert plane.mark_revoked(gone).state == DEAUTH and plane.emit.of_type("access_revoked") == []
+    assert plane.mark_revoked(active).state == REVOKED and plane.mark_revoked(active).state == REVOKED
+    [event] = plane.emit.of_type("access_revoked")
+    assert event["user"]["user_id"] == active
+    with pytest.raises(UnknownUser):
+        plane.mark_revoked("nobody")
+
+
+def test_update_scopes_from_a_permissions_notice(plane):
+    user_id = connect(plane)
+    assert plane.update_scopes(user_id, ["ACTIVITY_EXPORT", "HEALTH_EXPORT"]).scopes == "ACTIVITY_EXPORT,HEALTH_EXPORT"
+    assert plane.update_scopes(user_id, []).scopes is None
+
+
+def test_rejected_token_without_refresh_token_revokes(plane):
+    """A provider that issues one long-lived token (Polar) rejected it: nothing to refresh, the grant is gone."""
+    user_id = connect(plane)
+    plane.store.execute(f"UPDATE {plane.t_tokens} SET secret = ? WHERE user_id = ?",
+                        [plane.cipher.encrypt(user_id, {"access_token": "only-token", "token_type": "Bearer"}),
+                         user_id])
+    with pytest.raises(ConnectionRevoked, match="no refresh token"):
+        plane.refresh(user_id, force=True)
+    assert plane.connection(user_id).state == REVOKED and plane.tokens(user_id) is None
+    assert len(plane.emit.of_type("access_revoked")) == 1
 
 
 def test_refresh_without_rotation_keeps_the_refresh_token(plane, fake_provider):

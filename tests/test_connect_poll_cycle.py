@@ -23,7 +23,7 @@ from sinks.sql import SqlSink
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api")
-from servers.fake_provider import connect_provider  # noqa: E402
+from servers.fake_provider import authorize, connect_provider, query_of  # noqa: E402
 from servers.fake_provider_api import FakeProviderApi  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -97,4 +97,28 @@ def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, to
         publisher.close()
     assert [e["type"] for e in events.events] == ["auth", "deauth"]
     assert plane.tokens(start.user_id) is None
+    plane.close()
+
+
+def test_one_failing_connection_does_not_stop_the_round(tmp_path, fake_provider, broker, topic):
+    """A connection whose poll fails (here: the provider answers 500 until attempts run out) is reported and left
+    for the next round; the other connections of the round are still polled."""
+    state = f"sqlite:///{tmp_path}/state.db"
+    plane, first = connect_provider(state, fake_provider, "oura", "oura-acct-1", reference_id="athlete-1")
+    fake_provider.next_account = "oura-acct-2"
+    second = plane.start_auth("dev-1", "oura", reference_id="athlete-2")
+    assert plane.complete_auth("oura", query_of(authorize(second.auth_url))).ok
+    with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
+        api.add("daily_readiness", [readiness(date(2024, 3, 18), 0)])
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, overlap=timedelta(0), backoff_s=0.01, max_attempts=2)
+        api.fail(2)  # the first connection polled gets two 500s: its attempts run out
+        report = ConnectionPolling(plane, poller, kinds=lambda _: ["daily_readiness"]).poll_once()
+        publisher.close()
+    assert len(report.failed) == 1 and report.failed[0][1] == "daily_readiness"
+    assert "RetryableError" in report.failed[0][2] and report.revoked == []
+    [done] = report.results
+    assert {done.user_id, report.failed[0][0]} == {first.user_id, second.user_id} and done.published == 1
     plane.close()

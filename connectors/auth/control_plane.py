@@ -643,13 +643,27 @@ class ControlPlane:
         return self._outbox(cur, ev.access_revoked(revoked.terra_user(), message))
 
     def mark_revoked(self, user_id: str, message: str = "access was revoked at the provider") -> Connection:
-        """The provider said the user withdrew access (e.g. a deregistration webhook)."""
-        connection = self.connection(user_id)
-        if connection.state != ACTIVE:
-            return connection
+        """The provider said the user withdrew access (e.g. a deregistration webhook). Only an active connection
+        is revoked, decided under its row lock: a concurrent disconnect stays a disconnect, without an extra event."""
         with self.store.transaction() as cur:
+            rows = cur.execute(f"SELECT {_USER_COLUMNS} FROM {self.t_users} WHERE user_id = ?{self._for_update}",
+                               [user_id]).fetchall()
+            if not rows:
+                raise UnknownUser(f"no user {user_id!r}")
+            connection = self._connection(rows[0])
+            if connection.state != ACTIVE:
+                return connection
             event = self._revoke_locally(cur, connection, message)
         self._deliver([event])
+        return self.connection(user_id)
+
+    def update_scopes(self, user_id: str, scopes: list[str] | str | None) -> Connection:
+        """The provider said what the user now shares (e.g. Garmin ``userPermissionsChange``): store it as the
+        connection's scopes (Terra's comma-separated string), as it would be after a new consent."""
+        self.connection(user_id)  # UnknownUser when there is none
+        parts = [str(s) for s in scopes] if isinstance(scopes, list) else re.split(r"[\s,]+", (scopes or "").strip())
+        self.store.execute(f"UPDATE {self.t_users} SET scopes = ?, updated_at_ms = ? WHERE user_id = ?",
+                           [",".join(p for p in parts if p) or None, now_ms(), user_id])
         return self.connection(user_id)
 
     def deauthenticate(self, user_id: str, dev_id: str | None = None) -> Connection:

@@ -24,8 +24,9 @@ request parameter, i.e. Fitbit's activity list, not its date endpoints).
 HTTP: every request takes tokens from the shared rate limiter first. 429 pauses the provider (or, when all its
 limits are per user, the user) for ``Retry-After`` and retries the same page; 5xx, 408 and network errors are
 retried with exponential backoff; all bounded by ``max_attempts``. 401 raises ``TokenRejected``; other 4xx raise
-``PermanentError``. The status acted on is the provider hook's ``status(http_status, body)``: Withings answers
-HTTP 200 with its error code in the body, and its hook turns e.g. ``{"status": 401}`` into 401 and 601 into 429.
+``ProviderRefused`` (a ``PermanentError`` with the ``status``). The status acted on is the provider hook's
+``status(http_status, body)``: Withings answers HTTP 200 with its error code in the body, and its hook turns e.g.
+``{"status": 401}`` into 401 and 601 into 429.
 
 Backfill (``backfill()``): the same path with its own cursor, ``LOW`` rate-limit priority, and the Kafka header
 ``healthflow-backfill: true`` on every raw event (the RawEvent schema and its idempotency key are unchanged).
@@ -89,6 +90,14 @@ class TokenRejected(HealthflowError):
     def __init__(self, message: str, *, provider: str, user_id: str, kind: str | None) -> None:
         super().__init__(message)
         self.provider, self.user_id, self.kind = provider, user_id, kind
+
+
+class ProviderRefused(PermanentError):
+    """The provider answered a 4xx other than 401 and 429 (``status``): asking again the same way cannot succeed."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -431,7 +440,7 @@ class Poller:
                     self._sleep(self._backoff(attempt))
                 continue
             if status >= 400:
-                raise PermanentError(f"{where}: {shown}: {response.text[:300]}")
+                raise ProviderRefused(f"{where}: {shown}: {response.text[:300]}", status=status)
             if not response.content.strip():
                 return b"", None
             if not decoded:

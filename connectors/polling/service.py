@@ -19,7 +19,6 @@ pushed data carries nothing that ties it to the request, so it is delivered as n
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -28,15 +27,14 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
-from connectors.polling.poller import Poller, PollResult, PollTarget, TokenRejected, windows
+from connectors.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
+from connectors.polling.ratelimit import Cancelled
 from connectors.polling.scheduler import Scheduler
-from transforms.errors import PermanentError
+from transforms.errors import FatalError, HealthflowError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# the poller's PermanentError names an HTTP 4xx status only in its message (a typed status would be sturdier)
-_DUPLICATE = re.compile(r": HTTP 409: ")
 
 
 @dataclass
@@ -44,6 +42,7 @@ class PollReport:
     results: list[PollResult] = field(default_factory=list)
     refreshed: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (user_id, kind, reason): retried next round
 
 
 class ConnectionPolling:
@@ -70,19 +69,30 @@ class ConnectionPolling:
         return self.poller.kinds(connection.provider)
 
     def poll(self, connection: PollTarget, kind: str, report: PollReport) -> None:
-        """One poll; on a 401, refresh the token (serialized per connection) and try once more."""
+        """One poll; on a 401, refresh the token (serialized per connection) and try once more.
+
+        Any other failure of this connection and kind (rate limited, provider down, a 4xx, a second 401, a refresh
+        that failed for now) is recorded in ``report.failed`` and the round goes on with the next one: its cursor
+        did not move, so the next round asks again. Only ``FatalError`` (our configuration) stops the round.
+        """
         try:
-            report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
-            return
-        except TokenRejected:
             try:
-                self.control_plane.refresh(connection.user_id, force=True)
-            except (ConnectionRevoked, ConnectionInactive) as exc:
-                log.warning("connection %s no longer polled: %s", connection.user_id, exc)
-                report.revoked.append(connection.user_id)
+                report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
                 return
-            report.refreshed.append(connection.user_id)
-        report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
+            except TokenRejected:
+                try:
+                    self.control_plane.refresh(connection.user_id, force=True)
+                except (ConnectionRevoked, ConnectionInactive) as exc:
+                    log.warning("connection %s no longer polled: %s", connection.user_id, exc)
+                    report.revoked.append(connection.user_id)
+                    return
+                report.refreshed.append(connection.user_id)
+            report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
+        except (FatalError, Cancelled):
+            raise
+        except HealthflowError as exc:
+            log.warning("poll of %s %s failed (retried next round): %s", connection.user_id, kind, exc)
+            report.failed.append((connection.user_id, kind, f"{type(exc).__name__}: {exc}"))
 
     def poll_once(self) -> PollReport:
         report = PollReport()
@@ -163,8 +173,8 @@ class ConnectionPolling:
             try:
                 done.append(self._refreshing(connection, lambda s=window_start, e=window_end: self.poller.backfill(
                     connection, kind, s, e, lambda: self.access_token(connection), reference=reference)))
-            except PermanentError as exc:
-                if not _DUPLICATE.search(str(exc)):
+            except ProviderRefused as exc:
+                if exc.status != 409:
                     raise
                 log.info("backfill %s: %s %s %s–%s was already requested (409)", reference, connection.user_id,
                          kind, window_start, window_end)
