@@ -109,10 +109,27 @@ class Webhooks(_Strict):
     mode: Literal["push", "ping", "notification"] = Field(
         description="push: the data itself; ping: a callback URL to fetch; notification: ids to fetch")
     signature: Signature | None = None
+    body: Literal["json", "form"] = Field("json", description="how a notification is encoded: a JSON object or "
+                                                               "array (Fitbit), or form fields (Withings)")
     user_field: str | None = Field(None, description="notification field holding the provider's user id")
     kind_field: str | None = Field(None, description="notification field saying what changed")
     kinds: dict[str, list[str]] = Field(default_factory=dict,
                                         description="value of kind_field → raw kinds to fetch (others are ignored)")
+    revoked: list[str | dict[str, str]] = Field(
+        default_factory=list, description="notifications saying the user withdrew access: a kind_field value "
+                                          "(Fitbit userRevokedAccess), or fields that must all match "
+                                          "(Withings {appli: '46', action: unlink})")
+    date_field: str | None = Field(None, description="notification field naming the one day that changed "
+                                                     "(Fitbit date): that day is fetched, not the live window")
+    start_field: str | None = Field(None, description="notification field where the changed span starts "
+                                                      "(Withings startdate; unix seconds, a date or a datetime)")
+    end_field: str | None = Field(None, description="notification field where the changed span ends (Withings "
+                                                    "enddate, inclusive)")
+    verify_param: str | None = Field(None, description="query parameter of the provider's subscriber check (Fitbit "
+                                                       "verify): 204 when it equals HEALTHFLOW_<PROVIDER>_"
+                                                       "VERIFICATION_CODE, 404 otherwise")
+    accept_status: Literal[200, 204] = Field(200, description="the answer to an accepted notification (Fitbit: 204, "
+                                                              "no body)")
 
 
 class Manifest(_Strict):

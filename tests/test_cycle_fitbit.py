@@ -268,17 +268,14 @@ def test_connect_poll_notify_refresh_deauth(tmp_path, fake_provider, broker, top
             url = f"{server.url}/v2/providers/fitbit/webhook"
             forged = requests.post(url, data=note, headers=signed(note, "not-the-secret"), timeout=10)
             assert forged.status_code == 401
-            assert requests.post(url, data=note, headers=signed(note, "secret"), timeout=10).status_code == 200
-            revoked = json.dumps([{"collectionType": "userRevokedAccess", "date": "2024-03-13", "ownerId": ACCOUNT,
-                                   "ownerType": "user", "subscriptionId": "hf-1"}]).encode()
-            assert requests.post(url, data=revoked, headers=signed(revoked, "secret"), timeout=10).status_code == 200
+            assert requests.post(url, data=note, headers=signed(note, "secret"), timeout=10).status_code == 204
         sleep_pages = len(api.served("sleep"))
         fetched = NotificationFetcher(polling).run_once(broker.bootstrap, notes, group="fetch")
         assert [r.kind for r in fetched.fetched.results] == ["sleep"] and fetched.fetched.results[0].published == 1
-        assert fetched.ignored == 1  # userRevokedAccess: nothing to fetch (the fetcher does not act on it yet)
+        assert fetched.ignored == 0 and fetched.revoked == []  # revocations: test_notification_lifecycle
         assert [r.path for r in api.served("sleep")[sleep_pages:]] == [
-            "/1.2/user/-/sleep/date/2024-03-12/2024-03-13.json"]  # from the sleep cursor, up to now
-        assert deliver(broker, topic, state, out, dlq) >= 1  # the new night (and the 03-12 one again)
+            "/1.2/user/-/sleep/date/2024-03-13/2024-03-13.json"]  # the date the notification names
+        assert deliver(broker, topic, state, out, dlq) >= 1  # the new night
         assert delivered(out)[("sleep", MAIN_13)]["metadata"]["end_time"] == "2024-03-13T06:58:00.000000+01:00"
 
         # the access token expires at Fitbit: 401, one refresh (the refresh token rotates), the poll goes on

@@ -184,7 +184,7 @@ def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, to
 
             # ---- user 2 narrows what they share, then removes the app in Garmin Connect
             assert garmin.change_permissions(ACCOUNT_2, ["HEALTH_EXPORT"]) == 200
-            assert plane.connection(user_2).active
+            assert plane.connection(user_2).active and plane.connection(user_2).scopes == "HEALTH_EXPORT"
             assert garmin.disconnect_in_connect(ACCOUNT_2) == 200
             info = http.get(f"{server.url}/v2/userInfo", params={"user_id": user_2}).json()
             assert info["is_authenticated"] is False and info["user"]["active"] is False

@@ -66,3 +66,30 @@ def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake
                                      state_url=state))
     assert summary.get("delivered:sql") == 1 and date(2024, 3, 19)
     plane.close()
+
+
+def test_a_notification_that_cannot_be_fetched_does_not_hold_up_the_queue(tmp_path, fake_provider, broker, topic):
+    """The provider keeps failing for the first notification: it is reported as failed, the next one is still
+    fetched, and the offsets move on (the live poll picks the data up later)."""
+    state = f"sqlite:///{tmp_path}/state.db"
+    notes = f"{topic}.notes"
+    broker.create_topic(notes, partitions=1)
+    plane, start = connect_provider(state, fake_provider, "oura", "oura-acct-6", reference_id="athlete-6")
+    with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
+        api.add("daily_readiness", [dict(copy.deepcopy(READINESS), id="r-3-19", day="2024-03-19")])
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, overlap=timedelta(0), backoff_s=0.01, max_attempts=2)
+        notes_sent = [{"event_type": "update", "data_type": kind, "user_id": "oura-acct-6"}
+                      for kind in ("sleep", "daily_readiness")]
+        publish(broker.bootstrap, notes, [RawPayload("oura", json.dumps(n).encode(), kind="notification",
+                                                     user_id=n["user_id"]) for n in notes_sent])
+        api.fail(2)  # the sleep fetch: both attempts answer 500
+        report = NotificationFetcher(ConnectionPolling(plane, poller)).run_once(broker.bootstrap, notes, group="f")
+        publisher.close()
+    assert [(user, kind) for user, kind, _ in report.fetched.failed] == [(start.user_id, "sleep")]
+    assert [(r.kind, r.published) for r in report.fetched.results] == [("daily_readiness", 1)]
+    assert NotificationFetcher(ConnectionPolling(plane, poller)).run_once(broker.bootstrap, notes,
+                                                                          group="f").fetched.failed == []  # committed
+    plane.close()

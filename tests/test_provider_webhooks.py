@@ -63,6 +63,8 @@ def server(broker, monkeypatch):
     monkeypatch.setenv("HEALTHFLOW_OURA_CLIENT_SECRET", "oura-secret")
     monkeypatch.setenv("HEALTHFLOW_WHOOP_CLIENT_SECRET", "whoop-secret")
     monkeypatch.setenv("HEALTHFLOW_OURA_VERIFICATION_TOKEN", "verify-me")
+    monkeypatch.setenv("HEALTHFLOW_FITBIT_CLIENT_SECRET", "fitbit-secret")
+    monkeypatch.setenv("HEALTHFLOW_FITBIT_VERIFICATION_CODE", "fitbit-code-1")
     monkeypatch.delenv("HEALTHFLOW_POLAR_WEBHOOK_SECRET", raising=False)
     yield from _serve(broker)
 
@@ -165,3 +167,56 @@ def test_subscription_check_and_refusals(server):
     assert unknown.status_code == 404 and "unknown provider" in unknown.json()["detail"]
     no_secret = requests.post(f"{base}/polar/webhook", data=b"{}", timeout=10)
     assert no_secret.status_code == 503 and "HEALTHFLOW_POLAR_WEBHOOK_SECRET" in no_secret.json()["detail"]
+
+
+def _fitbit_headers(body: bytes, secret: str = "fitbit-secret") -> dict:
+    mac = hmac.new(f"{secret}&".encode(), body, hashlib.sha1).digest()
+    return {"X-Fitbit-Signature": base64.b64encode(mac).decode(), "Content-Type": "application/json"}
+
+
+def test_fitbit_subscriber_verification(server, monkeypatch):
+    base, _, _ = server
+    right = requests.get(f"{base}/fitbit/webhook", params={"verify": "fitbit-code-1"}, timeout=10)
+    assert right.status_code == 204 and right.content == b""
+    assert requests.get(f"{base}/fitbit/webhook", timeout=10).status_code == 404
+    for wrong in ("not-the-code", "fitbit-code-1\u00e9", "fitbit-code-"):  # any characters: 404, never a 500
+        assert requests.get(f"{base}/fitbit/webhook", params={"verify": wrong}, timeout=10).status_code == 404
+    # Oura's challenge form is not Fitbit's check
+    assert requests.get(f"{base}/fitbit/webhook", params={"verification_token": "fitbit-code-1", "challenge": "c"},
+                        timeout=10).status_code == 404
+    monkeypatch.delenv("HEALTHFLOW_FITBIT_VERIFICATION_CODE")
+    unset = requests.get(f"{base}/fitbit/webhook", params={"verify": ""}, timeout=10)
+    assert unset.status_code == 404 and "HEALTHFLOW_FITBIT_VERIFICATION_CODE" in unset.json()["detail"]
+    # Withings checks its callback URL with HEAD before subscribing
+    assert requests.head(f"{base}/withings/webhook", timeout=10).status_code == 200
+    assert requests.head(f"{base}/acme/webhook", timeout=10).status_code == 404
+
+
+def test_fitbit_notifications_are_answered_204_and_split_per_owner(server, broker):
+    base, _, notes = server
+    one_owner = json.dumps([{"collectionType": "sleep", "date": "2024-03-10", "ownerId": "AAA111", "ownerType": "user",
+                             "subscriptionId": "s-a"},
+                            {"collectionType": "body", "date": "2024-03-10", "ownerId": "AAA111", "ownerType": "user",
+                             "subscriptionId": "s-a"}]).encode()
+    mixed = [{"collectionType": "sleep", "date": "2024-03-11", "ownerId": "AAA111", "subscriptionId": "s-a"},
+             {"collectionType": "activities", "date": "2024-03-11", "ownerId": "BBB222", "subscriptionId": "s-b"},
+             {"collectionType": "foods", "date": "2024-03-11", "ownerId": "AAA111", "subscriptionId": "s-a"}]
+    mixed_body = json.dumps(mixed).encode()
+    forged = requests.post(f"{base}/fitbit/webhook", data=one_owner, headers=_fitbit_headers(one_owner, "nope"),
+                           timeout=10)
+    assert forged.status_code == 401
+    for body in (one_owner, mixed_body):
+        reply = requests.post(f"{base}/fitbit/webhook", data=body, headers=_fitbit_headers(body), timeout=10)
+        assert reply.status_code == 204 and reply.content == b""
+    published = _read(broker, notes)
+    assert all((e["provider"], e["kind"]) == ("fitbit", "notification") for e in published)
+    by_owner: dict[str, list] = {}
+    for event in published:
+        by_owner.setdefault(event["user_id"], []).append(event)
+    assert sorted((user, len(events)) for user, events in by_owner.items()) == [("AAA111", 2), ("BBB222", 1)]
+    first, second = sorted(by_owner["AAA111"], key=lambda e: len(e["payload"]), reverse=True)
+    assert first["payload"] == one_owner  # one owner: the provider's bytes unchanged
+    assert json.loads(second["payload"]) == [mixed[0], mixed[2]]  # in the array's order
+    assert first["key"] == second["key"] == b"fitbit:AAA111"  # one partition per owner: their order is kept
+    (other,) = by_owner["BBB222"]
+    assert json.loads(other["payload"]) == [mixed[1]] and other["key"] == b"fitbit:BBB222"

@@ -1,24 +1,49 @@
-"""Notify-only webhooks (Oura, WHOOP, Fitbit) turned into data: fetch what a notification names.
+"""Notify-only webhooks (Oura, WHOOP, Fitbit, Withings) turned into data: fetch what a notification names.
 
-The webhook receiver queues verified notifications on ``healthflow.notifications``; this reads
-them, finds the connection of the notified account, and polls the kinds the manifest maps the
-notification to (``webhooks.kinds``) — an immediate live poll, under the same rate limits and
-cursors as scheduled polls, so the data lands on the ingestion topic like any poll. Offsets are
-committed after the fetches: a crash re-reads the notification (at least once). Notifications for
-unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
+The webhook receiver queues verified notifications on ``healthflow.notifications``; this reads them, finds the
+connection of the notified account (``webhooks.user_field``) and acts on what the manifest says the notification
+means (``webhooks.kind_field``):
+
+- ``webhooks.revoked`` (Fitbit ``userRevokedAccess`` / ``deleteUser``, Withings ``appli=46`` with ``action=unlink``
+  or ``delete``): the user withdrew access at the provider. Every active connection of the account is marked revoked
+  (``ControlPlane.mark_revoked``: tokens deleted, ``access_revoked`` event) and is no longer polled.
+- ``webhooks.kinds``: the raw kinds to fetch. When the notification names what changed in time
+  (``webhooks.date_field``: one day, Fitbit ``date``; ``start_field``/``end_field``: a span, Withings
+  ``startdate``/``enddate``), exactly that window is fetched, at live priority, even when it lies before the live
+  cursor (a backdated log); the live cursor is not moved. A calendar day is ``[day, day + 1)`` for date-windowed
+  endpoints, and widened by the world's UTC offsets (-12 h … +14 h) for endpoints windowed by time, since the day is
+  the user's. Without those fields (or for endpoints without a time window) it is an immediate live poll, as a
+  scheduled one. Either way under the same rate limits, and the data lands on the ingestion topic like any poll. A
+  401 refreshes the token and fetches once more; a refused refresh revokes the connection (as a poll does); any other
+  failure is counted in the report (``fetched.failed``) and does not hold up the queue.
+
+Offsets are committed after everything read was handled: a crash re-reads the notifications (at least once; a
+revocation applied twice is a no-op, a repeated fetch is recognisable by the raw events' idempotency keys).
+Notifications for unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from connectors import registry
+from connectors.manifest import Webhooks
 from connectors.polling.service import ConnectionPolling, PollReport
+from connectors.webhooks import parse_notification
 from schemas.serde import SchemaMismatch, decode
 from transforms.sources import ReadPartitionToEnd, commit_offsets, plan_partitions
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_TRACK = "notification"  # cursor track of notified windows: never the live cursor
+# a user's calendar day, as UTC: from UTC+14 (the day starts 14 h before UTC midnight) to UTC-12
+DAY_EARLIEST, DAY_LATEST = timedelta(hours=14), timedelta(hours=12)
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 @dataclass
@@ -27,12 +52,69 @@ class FetchReport:
     unknown_accounts: int = 0
     ignored: int = 0  # nothing to fetch for it (deletions, types the manifest does not map)
     unreadable: int = 0
+    revoked: list[str] = field(default_factory=list)  # connections (user ids) a revocation notice ended
 
 
-def notifications_of(body: bytes) -> Iterator[dict[str, Any]]:
-    """A notification body holds one notification (Oura, WHOOP) or a list of them (Fitbit)."""
-    parsed = json.loads(body)
+@dataclass(frozen=True)
+class Window:
+    """What a notification says changed: ``[start, end)``; ``day`` when it named a calendar day."""
+
+    start: datetime
+    end: datetime
+    day: bool = False
+
+
+def notifications_of(body: bytes, encoding: str = "json") -> Iterator[dict[str, Any]]:
+    """A notification body holds one notification (Oura, WHOOP, Withings form fields) or a list of them (Fitbit)."""
+    parsed = parse_notification(body, encoding)
     yield from (parsed if isinstance(parsed, list) else [parsed])
+
+
+def moment(value: Any) -> tuple[datetime, bool]:
+    """A notification's time field: unix seconds (or milliseconds), a date (``YYYY-MM-DD``: midnight UTC, and
+    ``True``) or an ISO datetime (UTC when it has no offset). ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
+        seconds = float(value)
+        return datetime.fromtimestamp(seconds / 1000 if seconds > 10**11 else seconds, UTC), False
+    if not isinstance(value, str):
+        raise ValueError(f"not a time: {value!r}")
+    text = value.strip()
+    if _DAY.match(text):
+        day = date.fromisoformat(text)
+        return datetime(day.year, day.month, day.day, tzinfo=UTC), True
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC), False
+
+
+def notified_window(note: dict[str, Any], hooks: Webhooks) -> Window | None:
+    """The window a notification names (``date_field``, or ``start_field``/``end_field``), else None."""
+    if hooks.date_field and note.get(hooks.date_field) not in (None, ""):
+        at, _ = moment(note[hooks.date_field])
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return Window(start, start + timedelta(days=1), day=True)
+    if hooks.start_field and note.get(hooks.start_field) not in (None, ""):
+        start, start_is_day = moment(note[hooks.start_field])
+        end, end_is_day = start, start_is_day
+        if hooks.end_field and note.get(hooks.end_field) not in (None, ""):
+            end, end_is_day = moment(note[hooks.end_field])
+        end = max(end, start)
+        # the end is inclusive: the whole last day, or the last second
+        return Window(start, end + (timedelta(days=1) if end_is_day else timedelta(seconds=1)),
+                      day=start_is_day and end_is_day)
+    return None
+
+
+def revocation(note: dict[str, Any], hooks: Webhooks) -> str | None:
+    """What in ``note`` says the user withdrew access (``webhooks.revoked``), else None."""
+    for spec in hooks.revoked:
+        if isinstance(spec, str):
+            if hooks.kind_field and note.get(hooks.kind_field) is not None and str(note[hooks.kind_field]) == spec:
+                return spec
+        elif spec and all(note.get(name) is not None and str(note[name]) == value for name, value in spec.items()):
+            return " ".join(f"{name}={value}" for name, value in spec.items())
+    return None
 
 
 class NotificationFetcher:
@@ -40,29 +122,68 @@ class NotificationFetcher:
         self.polling = polling
 
     def handle(self, provider: str, body: bytes, report: FetchReport | None = None) -> FetchReport:
-        """Fetch what one queued notification names."""
+        """Act on one queued notification body (revoke, or fetch what it names)."""
         report = report or FetchReport()
         hooks = registry()[provider].manifest.webhooks
         try:
-            notifications = list(notifications_of(body))
+            notifications = list(notifications_of(body, hooks.body if hooks else "json"))
         except ValueError:
             report.unreadable += 1
             return report
         for note in notifications:
-            if not isinstance(note, dict) or hooks is None or not hooks.user_field or not hooks.kind_field:
+            if not isinstance(note, dict) or hooks is None or not hooks.user_field:
                 report.ignored += 1
                 continue
-            kinds = hooks.kinds.get(str(note.get(hooks.kind_field)), [])
             account = note.get(hooks.user_field)
+            withdrawn = revocation(note, hooks)
+            if withdrawn is not None:
+                ended = self.revoke(provider, str(account), withdrawn) if account not in (None, "") else []
+                report.revoked.extend(ended)
+                report.unknown_accounts += 0 if ended else 1
+                continue
+            kinds = hooks.kinds.get(str(note.get(hooks.kind_field))) if hooks.kind_field else None
             connection = self.polling.control_plane.resolve_user(provider, str(account)) if account else None
             if not kinds:
                 report.ignored += 1
             elif connection is None:
                 report.unknown_accounts += 1
             else:
+                try:
+                    window = notified_window(note, hooks)
+                except (TypeError, ValueError) as exc:
+                    log.warning("%s notification names an unreadable time (%s): fetching from the live cursor",
+                                provider, exc)
+                    window = None
                 for kind in kinds:
-                    self.polling.poll(connection, kind, report.fetched)
+                    if connection.user_id in report.fetched.revoked:
+                        break
+                    self.fetch(connection, kind, window, report.fetched)
         return report
+
+    def revoke(self, provider: str, account: str, why: str) -> list[str]:
+        """Mark every active connection of the provider account revoked; returns their user ids."""
+        plane, ended = self.polling.control_plane, []
+        while (connection := plane.resolve_user(provider, account)) is not None and connection.user_id not in ended:
+            plane.mark_revoked(connection.user_id, f"the user withdrew access at {provider} ({why}); "
+                                                   "the user must connect again")
+            ended.append(connection.user_id)
+            log.info("%s account %s withdrew access (%s): connection %s revoked", provider, account, why,
+                     connection.user_id)
+        return ended
+
+    def fetch(self, connection: Any, kind: str, window: Window | None, report: PollReport) -> None:
+        """Fetch ``kind`` for ``window`` (or a live poll without one) through ``ConnectionPolling.attempt``: a 401
+        refreshes the token once, other failures are reported, not raised."""
+        poller = self.polling.poller
+        endpoint = poller.manifest(connection.provider).api.endpoints.get(kind) if window is not None else None
+        if window is None or endpoint is None or endpoint.window is None:
+            self.polling.poll(connection, kind, report)
+            return
+        start, end = window.start, window.end
+        if window.day and endpoint.window.format != "date":
+            start, end = start - DAY_EARLIEST, end + DAY_LATEST
+        self.polling.attempt(connection, kind, report, lambda: poller.fetch_window(
+            connection, kind, start, end, lambda: self.polling.access_token(connection), NOTIFICATION_TRACK))
 
     def run_once(self, bootstrap: str, topic: str = "healthflow.notifications",
                  group: str = "healthflow-fetch") -> FetchReport:

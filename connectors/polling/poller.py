@@ -269,6 +269,13 @@ class Poller:
         return self._run(call, track, max(start, reached) if reached else start, end, headers=headers,
                          no_window_ok=False)
 
+    def fetch_window(self, connection: PollTarget, kind: str, start: datetime, end: datetime,
+                     access_token: AccessToken, track: str) -> PollResult:
+        """Fetch and publish ``[start, end)`` at live priority, as a poll would (no backfill header), recording
+        progress on ``track`` only: the live cursor does not move (a provider notification naming past dates)."""
+        start, end = _aware(start, "start"), _aware(end, "end")
+        return self._run(self._call(connection, kind, access_token, LIVE), track, start, end, headers=())
+
     # ------------------------------------------------------------------------------------------------ internals
     def _call(self, connection: PollTarget, kind: str, access_token: AccessToken, priority: Priority) -> _Call:
         manifest = self.manifest(connection.provider)

@@ -69,15 +69,21 @@ class ConnectionPolling:
         return self.poller.kinds(connection.provider)
 
     def poll(self, connection: PollTarget, kind: str, report: PollReport) -> None:
-        """One poll; on a 401, refresh the token (serialized per connection) and try once more.
+        """One poll from the live cursor, through ``attempt``."""
+        self.attempt(connection, kind, report,
+                     lambda: self.poller.poll(connection, kind, lambda: self.access_token(connection)))
+
+    def attempt(self, connection: PollTarget, kind: str, report: PollReport, fetch: Callable[[], PollResult]) -> None:
+        """``fetch()`` (a poll, or a fetch of a notified window); on a 401, refresh the token (serialized per
+        connection) and try once more; a refused refresh puts the connection in ``report.revoked``.
 
         Any other failure of this connection and kind (rate limited, provider down, a 4xx, a second 401, a refresh
-        that failed for now) is recorded in ``report.failed`` and the round goes on with the next one: its cursor
-        did not move, so the next round asks again. Only ``FatalError`` (our configuration) stops the round.
+        that failed for now) is recorded in ``report.failed`` and the caller goes on with the next one: no cursor
+        moved past what failed, so the next round asks again. Only ``FatalError`` (our configuration) propagates.
         """
         try:
             try:
-                report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
+                report.results.append(fetch())
                 return
             except TokenRejected:
                 try:
@@ -87,11 +93,11 @@ class ConnectionPolling:
                     report.revoked.append(connection.user_id)
                     return
                 report.refreshed.append(connection.user_id)
-            report.results.append(self.poller.poll(connection, kind, lambda: self.access_token(connection)))
+            report.results.append(fetch())
         except (FatalError, Cancelled):
             raise
         except HealthflowError as exc:
-            log.warning("poll of %s %s failed (retried next round): %s", connection.user_id, kind, exc)
+            log.warning("fetch of %s %s failed (asked again next round): %s", connection.user_id, kind, exc)
             report.failed.append((connection.user_id, kind, f"{type(exc).__name__}: {exc}"))
 
     def poll_once(self) -> PollReport:

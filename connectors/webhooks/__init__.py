@@ -10,17 +10,26 @@ Per the provider's manifest (``webhooks``):
   ``userPermissionsChange``) are taken out first, applied to the control plane and never published:
   ``deregistration`` revokes every active connection of the account (``ControlPlane.mark_revoked``:
   tokens deleted, ``access_revoked`` event; an account without one, e.g. already deauthenticated, is
-  skipped); ``permissions_change`` is acknowledged and logged (the control plane cannot update a
-  connection's scopes yet). Without a control plane (``router(control_plane=…)`` or the app's
-  ``state.control_plane``) such a body is refused with 503, so the provider retries it later.
+  skipped); ``permissions_change`` sets the connection's scopes to the permissions the entry lists.
+  Without a control plane (``router(control_plane=…)`` or the app's ``state.control_plane``) such a
+  body is refused with 503, so the provider retries it later.
   Data pushed for an account without an active connection is still published; the pipeline delivers it
   under the account's derived user id (``transforms.users``), not under an ended connection.
 - ``notification`` / ``ping`` (Oura, WHOOP, Fitbit, Polar, Withings): the body only says what
   changed. It is published as a raw event of kind ``notification`` on the notifications topic, for
-  the fetcher to pull the named document with the connection's token.
+  the fetcher (``connectors.polling.notifications``) to pull the named data with the connection's token,
+  or to mark the connection revoked (``webhooks.revoked``). The raw event's ``user_id`` is the notified
+  account (``webhooks.user_field``), so one account's notifications stay in order; a list naming several
+  accounts (Fitbit sends arrays) is split into one raw event per account, in the list's order, and a list
+  naming one account is published unchanged. ``webhooks.body: form`` notifications (Withings) are form
+  fields. The answer is ``webhooks.accept_status``: 200 with a small JSON body, or 204 without one (Fitbit).
 
-A signature that does not verify is refused with 401 and published nowhere. Oura's subscription
-check (``GET`` with ``verification_token`` and ``challenge``) is answered here too.
+A signature that does not verify is refused with 401 and published nowhere. Subscription checks are
+answered on ``GET``: with ``webhooks.verify_param`` (Fitbit ``?verify=<code>``) 204 when the code is
+``HEALTHFLOW_<PROVIDER>_VERIFICATION_CODE`` and 404 otherwise (Fitbit checks both answers); else Oura's
+``verification_token`` and ``challenge`` (the challenge echoed when the token is
+``HEALTHFLOW_<PROVIDER>_VERIFICATION_TOKEN``, 401 otherwise). ``HEAD`` answers 200 for a provider that
+sends webhooks (Withings checks the callback URL with it before subscribing).
 """
 
 from __future__ import annotations
@@ -32,15 +41,16 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
-from connectors.manifest import Signature
+from connectors.manifest import Signature, Webhooks
 from transforms.publish import RawPayload
 
 log = logging.getLogger(__name__)
@@ -82,6 +92,11 @@ def verify_signature(signature: Signature, secret: str, headers: dict[str, str],
                 "base64": base64.b64encode(digest).decode()}[signature.encoding]
     if not hmac.compare_digest(expected.encode(), sent.strip().encode()):
         raise SignatureInvalid(f"{signature.header} does not match the body")
+
+
+def _same(expected: str, given: str | None) -> bool:
+    """Constant-time comparison of a configured secret with what a request sent (any characters)."""
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
 
 
 def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawPayload]:
@@ -134,7 +149,7 @@ def apply_lifecycle(control_plane: Any, provider: str, actions: Mapping[str, str
     """Apply lifecycle entries to the control plane; returns how many entries named an account.
 
     ``deregistration``: every active connection of the account is marked revoked (``access_revoked``).
-    ``permissions_change``: logged only (the control plane has no way to update scopes yet).
+    ``permissions_change``: the connection's scopes become the entry's ``permissions``.
     Entries without an account id, and accounts without an active connection, are skipped.
     """
     done = 0
@@ -152,18 +167,56 @@ def apply_lifecycle(control_plane: Any, provider: str, actions: Mapping[str, str
                     seen.add(connection.user_id)
                     control_plane.mark_revoked(connection.user_id, f"the user ended the {provider} link at the "
                                                                    f"provider ({key}); the user must connect again")
-            else:
-                connection = control_plane.resolve_user(provider, str(account))
-                log.info("%s account %s (user %s) now shares %s; scopes not updated", provider, account,
-                         connection.user_id if connection else None, entry.get("permissions"))
+            elif (connection := control_plane.resolve_user(provider, str(account))) is not None:
+                permissions = entry.get("permissions")
+                if isinstance(permissions, list):
+                    control_plane.update_scopes(connection.user_id, [str(p) for p in permissions])
+                log.info("%s account %s (user %s) now shares %s", provider, account, connection.user_id, permissions)
     return done
 
 
-def notification_user(document: Any) -> str | None:
-    for field in ("user_id", "userid", "ownerId", "userId", "user"):
-        if isinstance(document, dict) and document.get(field) not in (None, ""):
-            return str(document[field])
+def notification_user(document: Any, user_field: str | None = None) -> str | None:
+    """The account a notification names: ``user_field`` when the manifest declares one, else a usual field."""
+    for name in ((user_field,) if user_field else ("user_id", "userid", "ownerId", "userId", "user")):
+        if isinstance(document, dict) and document.get(name) not in (None, ""):
+            return str(document[name])
     return None
+
+
+def parse_notification(body: bytes, encoding: str = "json") -> Any:
+    """A notification body as sent: JSON (an object, or Fitbit's array), or form fields (Withings) as a dict of
+    their first values. ValueError when it is neither."""
+    if encoding == "form":
+        try:
+            text = body.decode()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"form body is not UTF-8: {exc}") from exc
+        fields = urllib.parse.parse_qs(text, keep_blank_values=True, strict_parsing=bool(text.strip()))
+        return {name: values[0] for name, values in fields.items()}
+    return json.loads(body)
+
+
+def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[RawPayload]:
+    """Raw events of one notification body, keyed by the account it names.
+
+    A body naming one account (or none: unreadable, or without the user field) is one raw event with the body
+    unchanged; a list naming several accounts becomes one raw event per account, its entries in the list's order.
+    """
+    def event(payload: bytes, user: str | None) -> RawPayload:
+        return RawPayload(provider, payload, kind="notification", user_id=user)
+
+    try:
+        parsed = parse_notification(body, hooks.body)
+    except ValueError:
+        return [event(body, None)]
+    if not isinstance(parsed, list):
+        return [event(body, notification_user(parsed, hooks.user_field))]
+    by_user: dict[str | None, list[Any]] = {}
+    for entry in parsed:
+        by_user.setdefault(notification_user(entry, hooks.user_field), []).append(entry)
+    if len(by_user) <= 1:
+        return [event(body, next(iter(by_user), None))]
+    return [event(json.dumps(entries, separators=(",", ":")).encode(), user) for user, entries in by_user.items()]
 
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
@@ -184,7 +237,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
         return found
 
     @api.post("/{provider}/webhook")
-    async def receive(provider: str, request: Request) -> JSONResponse:
+    async def receive(provider: str, request: Request) -> Response:
         found = manifest_of(provider)
         body = await request.body()
         hooks = found.manifest.webhooks
@@ -213,19 +266,33 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                 publish(raw_topic, payloads)
             answer: dict[str, Any] = {"status": "accepted", "raw_events": len(payloads)}
             return JSONResponse(answer if applied is None else {**answer, "lifecycle": applied})
-        try:
-            user = notification_user(json.loads(body))
-        except ValueError:
-            user = None
-        publish(notifications_topic, [RawPayload(found.slug, body, kind="notification", user_id=user)])
+        publish(notifications_topic, split_notifications(found.slug, body, hooks))
+        if hooks.accept_status == 204:
+            return Response(status_code=204)
         return JSONResponse({"status": "accepted"})
 
-    @api.get("/{provider}/webhook")
-    def verify_subscription(provider: str, verification_token: str = "", challenge: str = "") -> JSONResponse:
+    @api.get("/{provider}/webhook", response_model=None)
+    def verify_subscription(provider: str, request: Request, verification_token: str = "",
+                            challenge: str = "") -> Response:
         found = manifest_of(provider)
+        hooks = found.manifest.webhooks
+        if hooks.verify_param:
+            variable = f"HEALTHFLOW_{found.slug.upper()}_VERIFICATION_CODE"
+            expected = os.environ.get(variable)
+            if not expected:
+                log.warning("%s subscriber check refused: %s is not set", found.slug, variable)
+                raise HTTPException(404, f"{found.slug} subscriber verification needs {variable}")
+            if not _same(expected, request.query_params.get(hooks.verify_param)):
+                raise HTTPException(404, f"{hooks.verify_param} is not this subscriber's verification code")
+            return Response(status_code=204)
         expected = os.environ.get(f"HEALTHFLOW_{found.slug.upper()}_VERIFICATION_TOKEN")
-        if not expected or not hmac.compare_digest(expected, verification_token) or not challenge:
+        if not expected or not _same(expected, verification_token) or not challenge:
             raise HTTPException(401, "verification_token does not match (or no challenge given)")
         return JSONResponse({"challenge": challenge})
+
+    @api.head("/{provider}/webhook", response_model=None)
+    def reachable(provider: str) -> Response:
+        manifest_of(provider)
+        return Response(status_code=200)
 
     return api
