@@ -50,6 +50,10 @@ def _checked_manifest(provider: Provider, path: Path) -> Manifest:
     unmapped = sorted(set(manifest.api.endpoints if manifest.api else {}) - set(provider.kinds))
     if unmapped:
         raise FatalError(f"{path}: endpoints for kinds without a mapper: {', '.join(unmapped)}")
+    notified = {kind for kinds in (manifest.webhooks.kinds.values() if manifest.webhooks else ()) for kind in kinds}
+    unfetchable = sorted(notified - set(manifest.api.endpoints if manifest.api else {}))
+    if unfetchable:
+        raise FatalError(f"{path}: webhooks.kinds names kinds without an api endpoint: {', '.join(unfetchable)}")
     return manifest
 
 

@@ -21,10 +21,18 @@ from connectors import registry
 from connectors.auth import MemoryCollector
 from connectors.auth.oauth import ProviderSettings, oauth_class
 from connectors.polar.client import PolarOAuth
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from connectors.polling import (
+    ConnectionPolling,
+    CursorStore,
+    KafkaPublisher,
+    NotificationFetcher,
+    Poller,
+    RedisRateLimiter,
+)
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 from transforms.errors import PermanentError, RetryableError
+from transforms.publish import RawPayload, publish
 
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_polar")
 from servers.fake_polar import FakePolarApi, FakePolarAuth  # noqa: E402
@@ -136,6 +144,23 @@ def test_connect_register_poll_deliver_token_rejected_deauth(tmp_path, polar, br
     assert day["heart_rate_data"]["detailed"]["hrv_samples_rmssd"][0] == {
         "timestamp": "2024-03-10T23:45:00.000000+01:00", "hrv_rmssd": 44}
     assert len(day["heart_rate_data"]["detailed"]["hr_samples"]) == 271
+
+    # Polar's webhook says the athlete's night and heart rate of 03-12 changed: both are fetched for the connection
+    notes = f"{topic}.notes"
+    broker.create_topic(notes, partitions=1)
+    publish(broker.bootstrap, notes, [RawPayload("polar", json.dumps(note).encode(), kind="notification",
+                                                 user_id=str(note.get("user_id")))
+                                      for note in ({"event": "PING", "timestamp": "2024-03-13T07:00:00Z"},
+                                                   {"event": "SLEEP", "user_id": int(ATHLETE), "date": "2024-03-12",
+                                                    "timestamp": "2024-03-13T07:01:00Z"},
+                                                   {"event": "CONTINUOUS_HEART_RATE", "user_id": int(ATHLETE),
+                                                    "date": "2024-03-12", "timestamp": "2024-03-13T07:02:00Z"})])
+    fetched = NotificationFetcher(polling).run_once(broker.bootstrap, notes, group="fetch")
+    assert fetched.ignored == 1 and fetched.fetched.failed == []  # the PING
+    assert [(r.user_id, r.kind) for r in fetched.fetched.results] == [
+        (athlete.user_id, "sleep"), (athlete.user_id, "nightly-recharge"), (athlete.user_id, "continuous-heart-rate")]
+    assert [(r.params["from"], r.params["to"]) for r in api.data_requests(athlete_token)
+            if r.kind == "continuous-heart-rate"][-1] == ("2024-03-12", "2024-03-12")  # the day it named
 
     # the traveller disconnects: Polar deregisters them (DELETE /v3/users/{id}) and their token dies
     plane.deauthenticate(traveller.user_id)
