@@ -89,6 +89,18 @@ def test_garmin_push_becomes_one_raw_event_per_user(server, broker):
     assert not [r for r in records if isinstance(r, Failed)] and len(records) == 3
 
 
+def test_unsigned_providers_are_authenticated_by_the_url_token(server, broker, monkeypatch):
+    base, raw, _ = server
+    monkeypatch.setenv("HEALTHFLOW_GARMIN_WEBHOOK_TOKEN", "t0ken-in-the-url")
+    body = {"dailies": [_garmin_daily("u1", 100)]}
+    for url in (f"{base}/garmin/webhook", f"{base}/garmin/webhook?token=guess"):
+        refused = requests.post(url, json=body, timeout=10)
+        assert refused.status_code == 401 and "token" in refused.json()["detail"]
+    assert _read(broker, raw) == []
+    accepted = requests.post(f"{base}/garmin/webhook?token=t0ken-in-the-url", json=body, timeout=10)
+    assert accepted.status_code == 200 and len(_read(broker, raw)) == 1
+
+
 def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
     from cryptography.fernet import Fernet
 

@@ -223,6 +223,11 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
            notifications_topic: str = "healthflow.notifications", control_plane: Any = None) -> APIRouter:
     """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks.
 
+    Signed notifications are verified as the manifest says. Providers that sign nothing (Garmin pushes,
+    Withings notifications) are authenticated by a secret in the registered URL: with
+    ``HEALTHFLOW_<PROVIDER>_WEBHOOK_TOKEN`` set, a POST must carry ``?token=<that value>`` or gets 401
+    (set it in production: anyone who knows the URL could otherwise post data or a deregistration).
+
     ``control_plane`` (a ``ControlPlane``; default: the app's ``state.control_plane``, which
     ``connectors.api.create_app`` sets) applies push lifecycle lists.
     """
@@ -241,6 +246,10 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
         found = manifest_of(provider)
         body = await request.body()
         hooks = found.manifest.webhooks
+        url_token = os.environ.get(f"HEALTHFLOW_{found.slug.upper()}_WEBHOOK_TOKEN")
+        if url_token and not _same(url_token, request.query_params.get("token")):
+            # providers that sign nothing (Garmin, Withings): the secret is in the URL registered with them
+            raise HTTPException(401, "the token query parameter does not match this webhook's token")
         if hooks.signature is not None:
             variable = secret_variable(found.slug, hooks.signature)
             secret = os.environ.get(variable)
