@@ -46,7 +46,7 @@ from transforms.publish import publish
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_fitbit")
 from servers.fake_fitbit import FakeFitbitApi  # noqa: E402
-from servers.fake_provider import connect_provider  # noqa: E402
+from servers.fake_provider import assert_disconnected, connect_provider  # noqa: E402
 from servers.fake_provider_api import consume_raw  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fitbit"
@@ -295,9 +295,6 @@ def test_connect_poll_notify_refresh_deauth(tmp_path, fake_provider, broker, top
         plane.deauthenticate(start.user_id)
         assert fake_provider.calls["revoke"] == 2 and live_refresh in fake_provider.revoked_tokens
         assert fake_provider.live_refresh_tokens() == []
-        served = len(api.requests)
-        assert polling.poll_once().results == [] and len(api.requests) == served
+        assert_disconnected(plane, polling, api, start.user_id, events)
         publisher.close()
-    assert [e["type"] for e in events.events] == ["auth", "deauth"]
-    assert plane.tokens(start.user_id) is None
     plane.close()

@@ -384,3 +384,12 @@ def connect_provider(store_url: str, provider: FakeProvider, slug: str, account:
     start = plane.start_auth(dev_id, slug, reference_id=reference_id)
     assert plane.complete_auth(slug, query_of(authorize(start.auth_url))).ok
     return plane, start
+
+
+def assert_disconnected(plane: Any, polling: Any, api: Any, user_id: str, events: Any) -> None:
+    """After a deauth: a poll round reaches the provider's API with no request and polls nothing, the tokens are
+    gone, and the connection's lifecycle was exactly ``auth`` then ``deauth``."""
+    served = len(api.requests)
+    assert polling.poll_once().results == [] and len(api.requests) == served
+    assert plane.tokens(user_id) is None
+    assert [e["type"] for e in events.events] == ["auth", "deauth"]
