@@ -130,6 +130,11 @@ class Webhooks(_Strict):
                                                        "VERIFICATION_CODE, 404 otherwise")
     accept_status: Literal[200, 204] = Field(200, description="the answer to an accepted notification (Fitbit: 204, "
                                                               "no body)")
+    callback_field: str | None = Field(None, description="push mode: the entry field holding a callback URL (Garmin "
+                                                         "callbackURL). Entries with it are pings: queued as "
+                                                         "notifications, the URL fetched with the user's token (only "
+                                                         "on api.base_url's origin and path) and its answer published "
+                                                         "as a push body")
 
 
 class Manifest(_Strict):

@@ -232,3 +232,21 @@ def test_fitbit_notifications_are_answered_204_and_split_per_owner(server, broke
     assert first["key"] == second["key"] == b"fitbit:AAA111"  # one partition per owner: their order is kept
     (other,) = by_owner["BBB222"]
     assert json.loads(other["payload"]) == [mixed[1]] and other["key"] == b"fitbit:BBB222"
+
+
+def test_garmin_pings_are_taken_out_of_a_push_body_entry_by_entry():
+    from connectors.webhooks import queue_pings, split_pings
+
+    ping = {"userId": "u1", "callbackURL": "https://apis.garmin.com/wellness-api/rest/dailies?token=t"}
+    body = json.dumps({"dailies": [_garmin_daily("u1", 1), ping, "junk"], "sleeps": [{**ping, "userId": "u2"}],
+                       "epochs": [], "mct": {"not": "a list"}}).encode()
+    rest, pings = split_pings(body, "callbackURL")
+    assert json.loads(rest) == {"dailies": [_garmin_daily("u1", 1), "junk"], "epochs": [], "mct": {"not": "a list"}}
+    assert pings == {"dailies": [ping], "sleeps": [{**ping, "userId": "u2"}]}
+    assert [(p.kind, p.user_id, json.loads(p.payload)) for p in queue_pings("garmin", pings, "userId")] == [
+        ("notification", "u1", {"dailies": [ping]}), ("notification", "u2", {"sleeps": [{**ping, "userId": "u2"}]})]
+    only = json.dumps({"sleeps": [ping]}).encode()
+    assert split_pings(only, "callbackURL") == (b"", {"sleeps": [ping]})
+    for unchanged in (b"not json", b"[1, 2]", json.dumps({"dailies": [_garmin_daily("u1", 1)]}).encode()):
+        assert split_pings(unchanged, "callbackURL") == (unchanged, {})
+    assert split_pings(only, None) == (only, {})

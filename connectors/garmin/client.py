@@ -12,6 +12,11 @@ as data (see ``connectors.polling.service`` for windows and 409).
 Push bodies may carry lifecycle lists instead of data (``PUSH_LIFECYCLE``, applied by
 ``connectors.webhooks``): ``deregistrations`` (the user disconnected us in Garmin Connect, or we called
 the DELETE above) and ``userPermissionsChange`` (the user changed what they share; the token stays valid).
+
+Summary types configured for Ping carry ``callbackURL`` entries instead of data (``webhooks.callback_field`` in the
+manifest): the webhook queues them and ``connectors.polling.notifications`` GETs them (only on ``api.base_url``'s
+origin and path) with the user's token, publishing the answer as a push body. ``activityFiles`` pings (FIT/TCX/GPX,
+one download each) are not mapped, so they are not fetched.
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ means (``webhooks.kind_field``):
   401 refreshes the token and fetches once more; a refused refresh revokes the connection (as a poll does); any other
   failure is counted in the report (``fetched.failed``) and does not hold up the queue.
 
+Pings (``webhooks.callback_field``; Garmin queues ``{"<summaryType>": [{"userId", "callbackURL"}]}`` per account, see
+``connectors.webhooks``): each entry's callback URL is fetched with the account's connection token through
+``Poller.fetch_url`` (rate limits, retries; through ``ConnectionPolling.attempt``, so a 401 refreshes and fetches
+once more) and the answer, a JSON array of that summary type, is published on the ingestion topic in push shape
+(``{"<summaryType>": [...]}``, like a push body), so the pipeline maps it as pushed data. Only URLs on the
+provider's API are fetched (``Poller.api_url``): any other is counted (``foreign``) and logged, never requested,
+since a webhook body must not be able to send the user's token elsewhere. A callback answering 410 (already
+downloaded, or expired: Garmin keeps them 24 h) is counted (``gone``) and not asked again. Summary types the
+provider does not map (Garmin ``activityFiles``, FIT/TCX/GPX files: single download) are ignored, not fetched.
+
 Offsets are committed after everything read was handled: a crash re-reads the notifications (at least once; a
 revocation applied twice is a no-op, a repeated fetch is recognisable by the raw events' idempotency keys).
 Notifications for unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -33,6 +44,7 @@ from typing import Any
 
 from connectors import registry
 from connectors.manifest import Webhooks
+from connectors.polling.poller import PollResult, ProviderRefused
 from connectors.polling.service import ConnectionPolling, PollReport
 from connectors.webhooks import parse_notification
 from schemas.serde import SchemaMismatch, decode
@@ -53,6 +65,19 @@ class FetchReport:
     ignored: int = 0  # nothing to fetch for it (deletions, types the manifest does not map)
     unreadable: int = 0
     revoked: list[str] = field(default_factory=list)  # connections (user ids) a revocation notice ended
+    pings: int = 0  # ping entries read (callback URLs), whatever became of them
+    foreign: int = 0  # pings whose callback URL is not on the provider's API: never requested
+    gone: int = 0  # callbacks answering 410 (already downloaded, or expired): not asked again
+
+
+class CallbackGone(Exception):
+    """A callback URL answered 410: its data was already downloaded, or it expired."""
+
+
+def redacted(url: str) -> str:
+    """A URL for logs: without its query (Garmin's callback URLs carry a pull token there)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,8 @@ class NotificationFetcher:
         """Act on one queued notification body (revoke, or fetch what it names)."""
         report = report or FetchReport()
         hooks = registry()[provider].manifest.webhooks
+        if hooks is not None and hooks.callback_field:
+            return self.handle_pings(provider, body, hooks, report)
         try:
             notifications = list(notifications_of(body, hooks.body if hooks else "json"))
         except ValueError:
@@ -159,6 +186,62 @@ class NotificationFetcher:
                         break
                     self.fetch(connection, kind, window, report.fetched)
         return report
+
+    def handle_pings(self, provider: str, body: bytes, hooks: Webhooks, report: FetchReport) -> FetchReport:
+        """Fetch the callbacks of one queued ping body ``{"<summaryType>": [{<user>, <callback_field>}]}``."""
+        try:
+            parsed = parse_notification(body, hooks.body)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(isinstance(entries, list) for entries in parsed.values()):
+            report.unreadable += 1
+            return report
+        found = registry()[provider]
+        user_field = hooks.user_field or found.user_field or "userId"
+        for kind, entries in parsed.items():
+            for entry in entries:
+                report.pings += 1
+                url = entry.get(hooks.callback_field) if isinstance(entry, dict) else None
+                account = entry.get(user_field) if isinstance(entry, dict) else None
+                if not isinstance(url, str) or not url or account in (None, ""):
+                    report.unreadable += 1
+                    continue
+                if kind not in found.kinds:
+                    log.info("%s ping for %s %s ignored: the type is not mapped (not fetched)", provider, account, kind)
+                    report.ignored += 1
+                    continue
+                if not self.polling.poller.api_url(provider, url):
+                    log.warning("%s ping for %s %s names a callback off the %s API, not fetched: %s", provider,
+                                account, kind, provider, redacted(url))
+                    report.foreign += 1
+                    continue
+                connection = self.polling.control_plane.resolve_user(provider, str(account))
+                if connection is None:
+                    report.unknown_accounts += 1
+                elif connection.user_id not in report.fetched.revoked:
+                    self.fetch_callback(connection, kind, url, report)
+        return report
+
+    def fetch_callback(self, connection: Any, kind: str, url: str, report: FetchReport) -> None:
+        """GET a ping's callback for the connection and publish the answer as ``{kind: answer}``, through
+        ``ConnectionPolling.attempt`` (a 401 refreshes once; failures are reported); 410 counts as ``gone``."""
+        poller = self.polling.poller
+
+        def get() -> PollResult:
+            try:
+                return poller.fetch_url(connection, kind, url, lambda: self.polling.access_token(connection),
+                                        envelope=kind)
+            except ProviderRefused as exc:
+                if exc.status == 410:
+                    raise CallbackGone(str(exc)) from exc
+                raise
+
+        try:
+            self.polling.attempt(connection, kind, report.fetched, get)
+        except CallbackGone:
+            log.warning("%s %s callback for %s answered 410 (already downloaded or expired): %s",
+                        connection.provider, kind, connection.user_id, redacted(url))
+            report.gone += 1
 
     def revoke(self, provider: str, account: str, why: str) -> list[str]:
         """Mark every active connection of the provider account revoked; returns their user ids."""

@@ -28,6 +28,12 @@ retried with exponential backoff; all bounded by ``max_attempts``. 401 raises ``
 ``status(http_status, body)``: Withings answers HTTP 200 with its error code in the body, and its hook turns e.g.
 ``{"status": 401}`` into 401 and 601 into 429.
 
+Callbacks (``fetch_url()``): one GET of an absolute URL a provider handed out (Garmin's ping ``callbackURL``), under
+the same rate limits, retries and 401 handling, its answer published as one raw event. Only URLs on the API itself
+are fetched (``api_url``: the scheme, host, port and base path of ``api.base_url``, or of the operator's
+``HEALTHFLOW_<PROVIDER>_API_BASE``); any other raises ``ForeignURL`` before a request is made, so a webhook body cannot
+point the user's token at another server.
+
 Backfill (``backfill()``): the same path with its own cursor, ``LOW`` rate-limit priority, and the Kafka header
 ``healthflow-backfill: true`` on every raw event (the RawEvent schema and its idempotency key are unchanged).
 """
@@ -37,8 +43,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import posixpath
 import random
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -100,6 +109,10 @@ class ProviderRefused(PermanentError):
         self.status = status
 
 
+class ForeignURL(PermanentError):
+    """A URL to fetch for a connection is not on the provider's API: never requested (it would carry the token)."""
+
+
 @dataclass(frozen=True)
 class PollResult:
     provider: str
@@ -149,6 +162,29 @@ def format_bound(moment: datetime, fmt: str, is_end: bool) -> str:
     if fmt == "unix":
         return str(int(moment.timestamp()))
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _origin_and_path(url: str) -> tuple[str, str, int | None, str]:
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default, parts.path
+
+
+def same_api(url: str, base_url: str) -> bool:
+    """Whether ``url`` is on the API at ``base_url``: same scheme, host and port, no credentials, and a path below
+    the base path without dot segments (also percent-encoded) that could climb out of it."""
+    try:
+        scheme, host, port, path = _origin_and_path(url)
+        base_scheme, base_host, base_port, base_path = _origin_and_path(base_url)
+        userinfo = urllib.parse.urlsplit(url).username is not None
+    except ValueError:  # a malformed port
+        return False
+    if userinfo or not host or (scheme, host, port) != (base_scheme, base_host, base_port):
+        return False
+    if any(segment in (".", "..") for segment in urllib.parse.unquote(path).split("/")) or "\\" in path:
+        return False
+    prefix = posixpath.join(base_path.rstrip("/"), "")
+    return path.startswith(prefix) or path == base_path.rstrip("/")
 
 
 def windows(endpoint: Endpoint, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
@@ -276,15 +312,53 @@ class Poller:
         start, end = _aware(start, "start"), _aware(end, "end")
         return self._run(self._call(connection, kind, access_token, LIVE), track, start, end, headers=())
 
+    def api_url(self, provider: str, url: str) -> bool:
+        """Whether ``url`` is on the provider's API (``same_api`` with the manifest's ``api.base_url``, or the
+        ``HEALTHFLOW_<PROVIDER>_API_BASE`` override): the only URLs ``fetch_url`` requests."""
+        api = self.manifest(provider).api
+        bases = [str(api.base_url)] if api else []
+        override = os.environ.get(f"HEALTHFLOW_{provider.upper()}_API_BASE")
+        return any(same_api(url, base) for base in bases + ([override] if override else []))
+
+    def fetch_url(self, connection: PollTarget, kind: str, url: str, access_token: AccessToken, *,
+                  envelope: str | None = None) -> PollResult:
+        """GET ``url`` (absolute, query included, on the provider's API: else ``ForeignURL`` and no request) with the
+        connection's token at live priority, and publish the answer as one raw event of the connection's provider
+        user id. ``envelope`` wraps the answer as ``{envelope: answer}`` and the raw event then has no kind (the key
+        names it, as in a Garmin push body); without it the answer is published as is, of raw kind ``kind``. An
+        empty answer (or one without documents) publishes nothing. Rate limits, retries, 401 (``TokenRejected``) and
+        other 4xx (``ProviderRefused`` with the status, e.g. 410 for a callback already used or expired) are as for
+        a poll; no cursor is read or moved, and the provider's response hook only maps statuses."""
+        provider = connection.provider
+        if not self.api_url(provider, url):
+            parts = urllib.parse.urlsplit(url)
+            raise ForeignURL(f"{provider} {kind} (user {connection.user_id}): {parts.scheme}://{parts.netloc}"
+                             f"{parts.path} is not on the {provider} API; not fetched")
+        parts = urllib.parse.urlsplit(url)
+        call = self._call(connection, kind, access_token, LIVE, Endpoint(path=parts.path or "/"))
+        body_bytes, body = self._http(call, "GET", parts.path, {}, url=url)
+        payload = body if envelope is None else {envelope: body}
+        raw_kind = kind if envelope is None else None
+        published = 0
+        if body is not None and not (self.skip_empty_pages and self._empty(call, payload, raw_kind)):
+            raw = body_bytes if envelope is None else json.dumps(payload, separators=(",", ":")).encode()
+            batch = self.publisher.batch(())
+            batch.add(RawPayload(provider, raw, raw_kind, connection.provider_user_id,
+                                 int(self.clock().timestamp() * 1000)))
+            published = batch.wait()
+        return PollResult(provider, connection.user_id, kind, "callback", 0, 1, published, None)
+
     # ------------------------------------------------------------------------------------------------ internals
-    def _call(self, connection: PollTarget, kind: str, access_token: AccessToken, priority: Priority) -> _Call:
+    def _call(self, connection: PollTarget, kind: str, access_token: AccessToken, priority: Priority,
+              endpoint: Endpoint | None = None) -> _Call:
+        """What a poll's requests share; ``endpoint`` instead of the manifest's endpoint of ``kind`` (a callback)."""
         manifest = self.manifest(connection.provider)
-        if manifest.api is None or kind not in manifest.api.endpoints:
+        if manifest.api is None or (endpoint is None and kind not in manifest.api.endpoints):
             known = ", ".join(manifest.api.endpoints) if manifest.api else "none"
             raise FatalError(f"{connection.provider} has no endpoint for kind {kind!r} (endpoints: {known})")
         limits = manifest.api.rate_limits
         per_user_only = bool(limits) and all(limit.scope == "user" for limit in limits)
-        return _Call(connection, kind, manifest, manifest.api.endpoints[kind],
+        return _Call(connection, kind, manifest, endpoint or manifest.api.endpoints[kind],
                      self.hooks.get(connection.provider, ResponseHook()), access_token, priority,
                      buckets_for(manifest, connection.user_id, self.burst_fraction),
                      connection.user_id if per_user_only else None)
@@ -319,14 +393,14 @@ class Poller:
             log.debug("%s %s %s: window %s–%s published", call.manifest.provider, user, kind, window_start, cursor)
         return PollResult(call.manifest.provider, user, kind, track, done, pages, published, cursor)
 
-    def _empty(self, call: _Call, payload: Any) -> bool:
+    def _empty(self, call: _Call, payload: Any, kind: str | None = "") -> bool:
         from connectors import registry
 
         provider = registry().get(call.manifest.provider)
         if provider is None:
             return False
         try:
-            return next(iter(provider.documents(payload, call.kind)), None) is None
+            return next(iter(provider.documents(payload, call.kind if kind == "" else kind)), None) is None
         except Exception:  # unmappable: publish it, the pipeline dead-letters it with its bytes
             return False
 
@@ -401,11 +475,12 @@ class Poller:
         return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
 
     def _http(self, call: _Call, method: str, path: str, params: dict[str, str],
-              extra_headers: Mapping[str, str] | None = None) -> tuple[bytes, Any]:
-        """One page: rate limited, 429/5xx retried; ``(bytes, decoded JSON)``, ``(b"", None)`` for an empty body."""
+              extra_headers: Mapping[str, str] | None = None, url: str | None = None) -> tuple[bytes, Any]:
+        """One page: rate limited, 429/5xx retried; ``(bytes, decoded JSON)``, ``(b"", None)`` for an empty body.
+        ``url``: the absolute URL to request instead of ``api.base_url + path`` (``path`` is then only logged)."""
         assert call.manifest.api is not None
         provider, user = call.manifest.provider, call.connection.user_id
-        url = str(call.manifest.api.base_url).rstrip("/") + path
+        url = url or str(call.manifest.api.base_url).rstrip("/") + path
         last, throttled = "no attempt", False  # the last failure, and whether it was a 429
         for attempt in range(1, self.max_attempts + 1):
             if self._stopping.is_set():
@@ -417,7 +492,9 @@ class Poller:
                 response = self.session.request(method, url, headers=headers, timeout=self.request_timeout_s,
                                                 **({"params": params} if method == "GET" else {"data": params}))
             except requests.RequestException as exc:
-                last, throttled = f"{type(exc).__name__}: {exc}", False
+                query = urllib.parse.urlsplit(url).query
+                shown_exc = str(exc).replace(query, "<query>") if query else str(exc)  # a callback's token stays out
+                last, throttled = f"{type(exc).__name__}: {shown_exc}", False
                 if attempt < self.max_attempts:
                     self._sleep(self._backoff(attempt))
                 continue

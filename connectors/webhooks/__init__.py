@@ -15,6 +15,11 @@ Per the provider's manifest (``webhooks``):
   body is refused with 503, so the provider retries it later.
   Data pushed for an account without an active connection is still published; the pipeline delivers it
   under the account's derived user id (``transforms.users``), not under an ended connection.
+  Pings (``webhooks.callback_field``, Garmin ``callbackURL``: the partner is to GET that URL for the data) are
+  taken out of the push body too, entry by entry (a body may mix data, pings and lifecycle lists), and queued on
+  the notifications topic like notifications: one raw event of kind ``notification`` per account, keyed by the
+  account, holding ``{"<summaryType>": [ping entries]}`` in the body's order. Nothing is fetched while Garmin waits
+  for its 200 (30 s); the fetcher (``connectors.polling.notifications``) GETs the callbacks.
 - ``notification`` / ``ping`` (Oura, WHOOP, Fitbit, Polar, Withings): the body only says what
   changed. It is published as a raw event of kind ``notification`` on the notifications topic, for
   the fetcher (``connectors.polling.notifications``) to pull the named data with the connection's token,
@@ -144,6 +149,48 @@ def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str
     return (json.dumps(parsed, separators=(",", ":")).encode() if parsed else b""), lifecycle
 
 
+def split_pings(body: bytes, callback_field: str | None) -> tuple[bytes, dict[str, list[Any]]]:
+    """Take the ping entries (objects carrying ``callback_field``) out of a push body: ``(rest, {type: pings})``.
+
+    ``rest`` is the body unchanged when it holds none (or is not a JSON object of lists), the remaining entries
+    re-serialized otherwise (a list left empty is dropped), and empty when nothing remains.
+    """
+    if not callback_field:
+        return body, {}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body, {}
+    if not isinstance(parsed, dict):
+        return body, {}
+    pings: dict[str, list[Any]] = {}
+    rest: dict[str, Any] = {}
+    for kind, entries in parsed.items():
+        if not isinstance(entries, list):
+            rest[kind] = entries
+            continue
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get(callback_field) is not None:
+                pings.setdefault(kind, []).append(entry)
+            else:
+                rest.setdefault(kind, []).append(entry)
+        if not entries:
+            rest[kind] = entries
+    if not pings:
+        return body, {}
+    return (json.dumps(rest, separators=(",", ":")).encode() if rest else b""), pings
+
+
+def queue_pings(provider: str, pings: Mapping[str, list[Any]], user_field: str) -> list[RawPayload]:
+    """Ping entries as notification raw events: one per account (``user_field``), ``{type: [entries]}`` in order."""
+    by_user: dict[str, dict[str, list[Any]]] = {}
+    for kind, entries in pings.items():
+        for entry in entries:
+            by_user.setdefault(str(entry.get(user_field) or ""), {}).setdefault(kind, []).append(entry)
+    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), kind="notification",
+                       user_id=user or None) for user, part in by_user.items()]
+
+
 def apply_lifecycle(control_plane: Any, provider: str, actions: Mapping[str, str], lists: Mapping[str, list[Any]],
                     user_field: str) -> int:
     """Apply lifecycle entries to the control plane; returns how many entries named an account.
@@ -270,11 +317,19 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                     raise HTTPException(503, f"{found.slug} lifecycle notifications ({', '.join(lifecycle)}) need "
                                              "the control plane; none is configured here")
                 applied = await run_in_threadpool(apply_lifecycle, plane, found.slug, actions, lifecycle, user_field)
+            body, pings = split_pings(body, hooks.callback_field)
             payloads = split_push_by_user(found.slug, body, user_field) if body else []
             if payloads:
                 publish(raw_topic, payloads)
+            queued = queue_pings(found.slug, pings, user_field)
+            if queued:
+                publish(notifications_topic, queued)
             answer: dict[str, Any] = {"status": "accepted", "raw_events": len(payloads)}
-            return JSONResponse(answer if applied is None else {**answer, "lifecycle": applied})
+            if applied is not None:
+                answer["lifecycle"] = applied
+            if pings:
+                answer["pings"] = sum(len(entries) for entries in pings.values())
+            return JSONResponse(answer)
         publish(notifications_topic, split_notifications(found.slug, body, hooks))
         if hooks.accept_status == 204:
             return Response(status_code=204)

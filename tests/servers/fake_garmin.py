@@ -16,6 +16,14 @@ token answer names no user (the account comes from ``GET /user/id``). Wellness A
 - ``DELETE /user/registration`` → 204: every grant of the account ends (its tokens get 401 from then on) and a
   final ``{"deregistrations": [{"userId": …}]}`` is pushed, as Garmin does.
 
+Ping mode (``ping_types``: the summary types Garmin is configured to deliver by Ping, or ``ping`` directly):
+``sync`` then stores the summaries and POSTs ``{"<type>": [{"userId", "callbackURL"}]}`` instead of the data; the
+callback URL points here, ``GET /<type>?uploadStartTimeInSeconds=&uploadEndTimeInSeconds=&token=<pull token>``,
+and answers that upload's summaries as a JSON array, with the Bearer token of a live grant of the same account (else
+401, or 403 for another account), 400 when the upload window does not match the pull token, 410 once the callback
+expired (``expire_callbacks()``; Garmin keeps them ``callback_ttl_s`` = 24 h). Activity files (``ping_file``) are
+served once (FIT bytes): a second download → 410. ``callbacks()`` lists the callback requests.
+
 Pushes after a request go out in order from one worker thread, shortly after the answer (``drain()`` waits
 for them); ``sync``, ``push``, ``disconnect_in_connect`` and ``change_permissions`` push synchronously and
 return the webhook's status. ``calls`` logs every API request, ``pushes`` every push with its status.
@@ -77,13 +85,31 @@ class Push:
 
 
 @dataclass
+class Callback:
+    """One ping's pull: what the callback URL serves, until it expires (or, for a file, once)."""
+
+    account: str
+    summary_type: str
+    start: int  # the upload window named in the URL
+    end: int
+    data: list[dict[str, Any]] | bytes  # summaries (JSON array), or a file's bytes
+    expires_at: float
+    single: bool = False  # activity files: one download only
+    downloads: int = 0
+
+
+@dataclass
 class FakeGarmin:
     webhook_url: str | None = None
     push_delay_s: float = 0.05
     permissions: dict[str, list[str]] = field(default_factory=dict)  # account → granted (default: all)
+    ping_types: frozenset[str] = frozenset()  # summary types delivered by Ping (a callback URL), not Push
+    callback_ttl_s: float = 86400.0
 
     def __post_init__(self) -> None:
         self.oauth = GarminOAuthServer()
+        self.callback_tokens: dict[str, Callback] = {}  # pull token → its callback
+        self._upload_clock = int(time.time())  # upload windows: one second per ping, never overlapping
         self.summaries: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (account, type) → summaries
         self.calls: list[Call] = []
         self.pushes: list[Push] = []
@@ -168,9 +194,53 @@ class FakeGarmin:
             self.summaries.setdefault((account, summary_type), []).extend(summaries)
 
     def sync(self, account: str, summary_type: str, summaries: list[dict[str, Any]]) -> int | None:
-        """The user's device synced: keep the summaries (for backfills) and push them now."""
+        """The user's device synced: keep the summaries (for backfills) and push them now (or, for a type in
+        ``ping_types``, ping their callback URL)."""
+        if summary_type in self.ping_types:
+            return self.ping(account, summary_type, summaries)
         self.store(account, summary_type, summaries)
         return self.push({summary_type: summaries})
+
+    def ping(self, account: str, summary_type: str, summaries: list[dict[str, Any]]) -> int | None:
+        """Ping mode: keep the summaries, POST ``{type: [{userId, callbackURL}]}``; the webhook's status."""
+        self.store(account, summary_type, summaries)
+        return self.push({summary_type: [self.ping_entry(account, summary_type, summaries)]})
+
+    def ping_entry(self, account: str, summary_type: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+        """A new upload of ``summaries`` and the ping entry naming its callback URL (not sent: build bodies with it)."""
+        return {"userId": account, "callbackURL": self._callback(account, summary_type, list(summaries))}
+
+    def ping_file(self, account: str, activity_id: int, data: bytes) -> dict[str, Any]:
+        """An ``activityFiles`` ping entry: the callback serves ``data`` (a FIT file) once."""
+        url = self._callback(account, "activityFiles", data, single=True, path=f"/activityFile?id={activity_id}&")
+        return {"userId": account, "summaryId": str(activity_id), "activityId": activity_id, "fileType": "FIT",
+                "callbackURL": url}
+
+    def _callback(self, account: str, summary_type: str, data: list[dict[str, Any]] | bytes, single: bool = False,
+                  path: str | None = None) -> str:
+        token = f"pull-{time.time_ns():x}-{len(self.callback_tokens)}"
+        with self._lock:
+            start = self._upload_clock
+            self._upload_clock += 1
+            self.callback_tokens[token] = Callback(account, summary_type, start, start + 1, data,
+                                                   time.time() + self.callback_ttl_s, single)
+        if path is None:
+            return (f"{self.api_base}/{summary_type}?uploadStartTimeInSeconds={start}"
+                    f"&uploadEndTimeInSeconds={start + 1}&token={token}")
+        return f"{self.api_base}{path}token={token}"
+
+    def expire_callbacks(self) -> None:
+        """Every callback URL handed out so far has expired (Garmin keeps them 24 h): 410 from now on."""
+        with self._lock:
+            for callback in self.callback_tokens.values():
+                callback.expires_at = 0.0
+
+    def callbacks(self, summary_type: str | None = None) -> list[Call]:
+        """The requests of callback URLs (by pull token), in order."""
+        with self._lock:
+            return [c for c in self.calls if "token" in c.params and c.method == "GET"
+                    and (summary_type is None
+                         or c.path == ("/activityFile" if summary_type == "activityFiles" else f"/{summary_type}"))]
 
     def push(self, body: dict[str, Any]) -> int | None:
         """POST one push body to the webhook now; the webhook's HTTP status (None: unreachable or no webhook_url)."""
@@ -227,10 +297,11 @@ class FakeGarmin:
             self.calls.append(Call(method, path or parts.path, params, status, token, account))
         if after:  # queued before answering: once a call is logged, drain() waits for its push
             self._outbox.put(after)
-        data = b"" if reply is None else json.dumps(reply).encode()
+        binary = isinstance(reply, bytes)
+        data = reply if binary else b"" if reply is None else json.dumps(reply).encode()
         request.send_response(status)
         if data:
-            request.send_header("Content-Type", "application/json")
+            request.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
@@ -247,6 +318,8 @@ class FakeGarmin:
             return 204, None, {"deregistrations": [{"userId": account}]}
         if method == "GET" and path.startswith("/backfill/"):
             return self._backfill(path.removeprefix("/backfill/"), params, account)
+        if method == "GET" and "token" in params:
+            return self._pull(path, params, account)
         return 404, {"errorMessage": f"no such endpoint {method} {path}"}, None
 
     def _backfill(self, summary_type: str, params: dict[str, str],
@@ -269,6 +342,24 @@ class FakeGarmin:
             found = [s for s in self.summaries.get((account, summary_type), [])
                      if start <= int(s["startTimeInSeconds"]) < end]
         return 202, None, ({summary_type: found} if found else None)
+
+    def _pull(self, path: str, params: dict[str, str], account: str) -> tuple[int, Any, None]:
+        """A ping's callback: the upload's summaries (or file), for the same account, until it expires."""
+        with self._lock:
+            callback = self.callback_tokens.get(params["token"])
+            if callback is None:
+                return 404, {"errorMessage": "unknown token"}, None
+            if path != ("/activityFile" if callback.single else f"/{callback.summary_type}"):
+                return 404, {"errorMessage": f"the token is not for {path}"}, None
+            if callback.account != account:
+                return 403, {"errorMessage": "the token is for another user"}, None
+            if not callback.single and (params.get("uploadStartTimeInSeconds") != str(callback.start)
+                                        or params.get("uploadEndTimeInSeconds") != str(callback.end)):
+                return 400, {"errorMessage": "the upload window does not match the token"}, None
+            if time.time() >= callback.expires_at or (callback.single and callback.downloads):
+                return 410, {"errorMessage": "Gone"}, None
+            callback.downloads += 1
+            return 200, callback.data, None
 
     def _deliver(self) -> None:
         while True:
