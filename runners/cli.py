@@ -121,8 +121,12 @@ def cmd_poll(args: argparse.Namespace) -> int:
             report = polling.poll_once()
             fetched = fetcher.run_once(args.bootstrap_servers, args.notifications_topic)
             print(json.dumps({"polls": len(report.results), "published": sum(r.published for r in report.results),
-                              "refreshed": report.refreshed, "revoked": report.revoked,
+                              "refreshed": report.refreshed, "revoked": report.revoked, "failed": report.failed,
                               "notifications_fetched": len(fetched.fetched.results),
+                              "notifications_failed": fetched.fetched.failed,
+                              "notifications_queued_again": fetched.requeued + fetched.deferred,
+                              "notifications_revoked": fetched.revoked, "pings": fetched.pings,
+                              "pings_foreign_url": fetched.foreign, "callbacks_gone": fetched.gone,
                               "notifications_unknown_account": fetched.unknown_accounts}))
             return 0
         scheduler = polling.scheduler(args.interval)

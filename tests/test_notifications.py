@@ -68,9 +68,9 @@ def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake
     plane.close()
 
 
-def test_a_notification_that_cannot_be_fetched_does_not_hold_up_the_queue(tmp_path, fake_provider, broker, topic):
-    """The provider keeps failing for the first notification: it is reported as failed, the next one is still
-    fetched, and the offsets move on (the live poll picks the data up later)."""
+def test_a_notification_that_cannot_be_fetched_is_queued_again(tmp_path, fake_provider, broker, topic):
+    """The provider fails for the first notification: the next one is still fetched, the failed one is queued again
+    with a due time, waits while not due, and is fetched once due; nothing is dropped."""
     state = f"sqlite:///{tmp_path}/state.db"
     notes = f"{topic}.notes"
     broker.create_topic(notes, partitions=1)
@@ -81,15 +81,27 @@ def test_a_notification_that_cannot_be_fetched_does_not_hold_up_the_queue(tmp_pa
         poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
                         limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
                         clock=lambda: NOW, overlap=timedelta(0), backoff_s=0.01, max_attempts=2)
+        polling = ConnectionPolling(plane, poller)
         notes_sent = [{"event_type": "update", "data_type": kind, "user_id": "oura-acct-6"}
-                      for kind in ("sleep", "daily_readiness")]
+                      for kind in ("daily_readiness", "sleep")]
         publish(broker.bootstrap, notes, [RawPayload("oura", json.dumps(n).encode(), kind="notification",
                                                      user_id=n["user_id"]) for n in notes_sent])
-        api.fail(2)  # the sleep fetch: both attempts answer 500
-        report = NotificationFetcher(ConnectionPolling(plane, poller)).run_once(broker.bootstrap, notes, group="f")
+        api.fail(2)  # the readiness fetch: both attempts answer 500
+        clock = [datetime(2026, 11, 29, 9, 0, tzinfo=UTC)]
+        fetcher = NotificationFetcher(polling, retry_base_s=30, clock=lambda: clock[0])
+        first = fetcher.run_once(broker.bootstrap, notes, group="f")
+        assert [(user, kind) for user, kind, _ in first.fetched.failed] == [(start.user_id, "daily_readiness")]
+        assert [r.kind for r in first.fetched.results] == ["sleep"] and first.requeued == 1
+
+        clock[0] += timedelta(seconds=10)  # not due yet: kept, not fetched
+        waiting = fetcher.run_once(broker.bootstrap, notes, group="f")
+        assert (waiting.deferred, waiting.fetched.results, len(api.served("daily_readiness"))) == (1, [], 0)
+
+        clock[0] += timedelta(seconds=25)  # due (30 s after the failure): fetched, the provider answers again
+        due = fetcher.run_once(broker.bootstrap, notes, group="f")
+        assert (due.deferred, due.requeued) == (0, 0)
+        assert [(r.kind, r.published) for r in due.fetched.results] == [("daily_readiness", 1)]
+        done = fetcher.run_once(broker.bootstrap, notes, group="f")
+        assert (done.deferred, done.requeued, done.fetched.results) == (0, 0, [])
         publisher.close()
-    assert [(user, kind) for user, kind, _ in report.fetched.failed] == [(start.user_id, "sleep")]
-    assert [(r.kind, r.published) for r in report.fetched.results] == [("daily_readiness", 1)]
-    assert NotificationFetcher(ConnectionPolling(plane, poller)).run_once(broker.bootstrap, notes,
-                                                                          group="f").fetched.failed == []  # committed
     plane.close()

@@ -29,6 +29,11 @@ provider does not map (Garmin ``activityFiles``, FIT/TCX/GPX files: single downl
 
 Offsets are committed after everything read was handled: a crash re-reads the notifications (at least once; a
 revocation applied twice is a no-op, a repeated fetch is recognisable by the raw events' idempotency keys).
+A notification whose fetch failed for a transient reason (provider down, rate limited, network) is queued again on
+the same topic with ``healthflow-attempt`` / ``healthflow-due`` headers and fetched once due (backoff doubling from
+``retry_base_s`` up to ``retry_max_s``), so one failing account never holds up the queue and nothing is dropped (a
+Garmin ping, for one, is sent once). A fetch the provider refuses (a 4xx) is counted in ``fetched.failed`` and not
+repeated: asked the same way it cannot succeed (a pull provider's live poll reads the data again).
 Notifications for unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
 """
 
@@ -37,14 +42,17 @@ from __future__ import annotations
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from confluent_kafka import Producer
+
 from connectors import registry
 from connectors.manifest import Webhooks
 from connectors.polling.poller import PollResult, ProviderRefused
+from connectors.polling.publisher import PublishFailed
 from connectors.polling.service import ConnectionPolling, PollReport
 from connectors.webhooks import parse_notification
 from schemas.serde import SchemaMismatch, decode
@@ -52,6 +60,7 @@ from transforms.sources import ReadPartitionToEnd, commit_offsets, plan_partitio
 
 log = logging.getLogger(__name__)
 
+ATTEMPT_HEADER, DUE_HEADER = "healthflow-attempt", "healthflow-due"  # on notifications queued again
 NOTIFICATION_TRACK = "notification"  # cursor track of notified windows: never the live cursor
 # a user's calendar day, as UTC: from UTC+14 (the day starts 14 h before UTC midnight) to UTC-12
 DAY_EARLIEST, DAY_LATEST = timedelta(hours=14), timedelta(hours=12)
@@ -68,6 +77,8 @@ class FetchReport:
     pings: int = 0  # ping entries read (callback URLs), whatever became of them
     foreign: int = 0  # pings whose callback URL is not on the provider's API: never requested
     gone: int = 0  # callbacks answering 410 (already downloaded, or expired): not asked again
+    requeued: int = 0  # notifications whose fetch failed for a transient reason: queued again with a due time
+    deferred: int = 0  # notifications queued again that are not due yet: queued again as they are
 
 
 class CallbackGone(Exception):
@@ -143,8 +154,13 @@ def revocation(note: dict[str, Any], hooks: Webhooks) -> str | None:
 
 
 class NotificationFetcher:
-    def __init__(self, polling: ConnectionPolling) -> None:
-        self.polling = polling
+    """Acts on queued notifications; see the module docstring. A notification whose fetch failed for a transient
+    reason is queued again with ``healthflow-attempt`` and ``healthflow-due`` headers (``retry_base_s`` doubling per
+    attempt, at most ``retry_max_s``) and fetched again once due, never dropped."""
+
+    def __init__(self, polling: ConnectionPolling, retry_base_s: float = 30.0, retry_max_s: float = 3600.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.polling, self.retry_base_s, self.retry_max_s, self.clock = polling, retry_base_s, retry_max_s, clock
 
     def handle(self, provider: str, body: bytes, report: FetchReport | None = None) -> FetchReport:
         """Act on one queued notification body (revoke, or fetch what it names)."""
@@ -270,10 +286,13 @@ class NotificationFetcher:
 
     def run_once(self, bootstrap: str, topic: str = "healthflow.notifications",
                  group: str = "healthflow-fetch") -> FetchReport:
-        """Handle everything queued now, then commit the group's offsets (the pipeline's reader and
-        commit: each partition from the committed offset to its end)."""
+        """Handle everything queued now, queue again what failed for a transient reason (and what is not due yet),
+        then commit the group's offsets (the pipeline's reader and commit: each partition from the committed offset
+        to its end). A crash before the commit handles the notifications again: at least once."""
         report = FetchReport()
         next_offsets: dict[int, int] = {}
+        again: list[tuple[bytes, str, int, int]] = []  # (message, key, attempt, due in epoch ms)
+        now_ms = int(self.clock().timestamp() * 1000)
         for partition, start in plan_partitions(bootstrap, topic, group):
             for message in ReadPartitionToEnd(bootstrap, topic, group).process((partition, start)):
                 next_offsets[partition] = int(message.source["offset"]) + 1
@@ -282,6 +301,36 @@ class NotificationFetcher:
                 except SchemaMismatch:
                     report.unreadable += 1
                     continue
+                key = f"{raw['provider']}:{raw.get('user_id') or ''}"
+                attempt, due = (int(message.source.get(h) or 0) for h in (ATTEMPT_HEADER, DUE_HEADER))
+                if due > now_ms:
+                    again.append((message.data, key, attempt, due))
+                    report.deferred += 1
+                    continue
+                transient = report.fetched.retryable
                 self.handle(raw["provider"], raw["payload"], report)
+                if report.fetched.retryable > transient:
+                    delay_s = min(self.retry_max_s, self.retry_base_s * 2 ** attempt)
+                    again.append((message.data, key, attempt + 1, now_ms + int(delay_s * 1000)))
+                    report.requeued += 1
+        if again:
+            requeue(bootstrap, topic, again)
         commit_offsets(bootstrap, topic, group, next_offsets)
         return report
+
+
+def requeue(bootstrap: str, topic: str, messages: list[tuple[bytes, str, int, int]]) -> None:
+    """Queue notifications again with their attempt and due time; raises unless the broker took every one."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    errors: list[str] = []
+    try:
+        for value, key, attempt, due in messages:
+            producer.produce(topic, value=value, key=key, headers=[(ATTEMPT_HEADER, str(attempt).encode()),
+                                                                   (DUE_HEADER, str(due).encode())],
+                             on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)
+        remaining = producer.flush(30)
+    finally:
+        producer.close()
+    if remaining or errors:
+        raise PublishFailed(f"{remaining or len(errors)} of {len(messages)} notifications not queued again; "
+                            f"errors: {errors[:3]}")

@@ -30,7 +30,7 @@ from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked,
 from connectors.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
 from connectors.polling.ratelimit import Cancelled
 from connectors.polling.scheduler import Scheduler
-from transforms.errors import FatalError, HealthflowError
+from transforms.errors import FatalError, HealthflowError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class PollReport:
     refreshed: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (user_id, kind, reason): retried next round
+    retryable: int = 0  # how many of ``failed`` were transient (provider down, rate limited, network)
 
 
 class ConnectionPolling:
@@ -99,6 +100,7 @@ class ConnectionPolling:
         except HealthflowError as exc:
             log.warning("fetch of %s %s failed (asked again next round): %s", connection.user_id, kind, exc)
             report.failed.append((connection.user_id, kind, f"{type(exc).__name__}: {exc}"))
+            report.retryable += isinstance(exc, RetryableError)
 
     def poll_once(self) -> PollReport:
         report = PollReport()
