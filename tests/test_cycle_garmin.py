@@ -10,13 +10,11 @@ account's derived user id (``terra_user_id``), never under the ended connection.
 
 from __future__ import annotations
 
-import copy
 import itertools
-import json
 import logging
 import sqlite3
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +31,12 @@ from sinks.sql import SqlSink
 from transforms.publish import publish
 
 pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider")
-from servers.fake_garmin import FakeGarmin, authorize_in_browser  # noqa: E402
+from servers.fake_garmin import FakeGarmin, authorize_in_browser, summary  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
-TEMPLATE_DAY = date(2024, 3, 11)  # the local day of every fixture summary
-TEMPLATES = {
-    "dailies": json.loads((FIXTURES / "dailies.through_the_day.json").read_text())[2]["dailies"][0],
-    "sleeps": json.loads((FIXTURES / "sleeps.final.json").read_text())["sleeps"][0],
-    "activities": json.loads((FIXTURES / "activities.json").read_text())["activities"][0],
-}
 MODEL = {"dailies": "daily", "sleeps": "sleep", "activities": "activity"}
 ACCOUNT_1, ACCOUNT_2 = "d3315b1072421d0dd7c8f6b8e1de4df8", "4aacafe82427c251df9c9592d0c06768"
 
 
-def summary(kind: str, account: str, day: date) -> dict[str, Any]:
-    """The fixture summary of ``kind`` moved to ``account`` and ``day`` (every ``*TimeInSeconds`` shifted)."""
-    shift = (day - TEMPLATE_DAY).days * 86400
-
-    def moved(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {k: moved(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        return value + shift if key.endswith("TimeInSeconds") and isinstance(value, int) else value
-
-    doc = moved(copy.deepcopy(TEMPLATES[kind]))
-    doc.update(userId=account, summaryId=f"{account[:7]}-{doc['startTimeInSeconds']:x}")
-    if "calendarDate" in doc:
-        doc["calendarDate"] = day.isoformat()
-    if "activityId" in doc:
-        doc["activityId"] = doc["startTimeInSeconds"]
-    return doc
 
 
 def rows(path: Path) -> set[tuple[str, str | None, str, str]]:

@@ -10,13 +10,12 @@ Callback URLs off the Garmin API are never requested (the user's token would go 
 
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -38,39 +37,14 @@ from sinks.sql import SqlSink
 from transforms.publish import publish
 
 pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider")
-from servers.fake_garmin import FakeGarmin, authorize_in_browser  # noqa: E402
+from servers.fake_garmin import FakeGarmin, authorize_in_browser, summary  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
-TEMPLATE_DAY = date(2024, 3, 11)
-TEMPLATES = {
-    "dailies": json.loads((FIXTURES / "dailies.through_the_day.json").read_text())[2]["dailies"][0],
-    "sleeps": json.loads((FIXTURES / "sleeps.final.json").read_text())["sleeps"][0],
-    "activities": json.loads((FIXTURES / "activities.json").read_text())["activities"][0],
-}
 MODEL = {"dailies": "daily", "sleeps": "sleep", "activities": "activity"}
 ACCOUNT_1, ACCOUNT_2 = "d3315b1072421d0dd7c8f6b8e1de4df8", "4aacafe82427c251df9c9592d0c06768"
 TODAY = datetime.now(UTC).date()
 DAY_1, DAY_2, DAY_3 = (TODAY - timedelta(days=n) for n in (3, 2, 1))
 
 
-def summary(kind: str, account: str, day: date) -> dict[str, Any]:
-    """The fixture summary of ``kind`` moved to ``account`` and ``day`` (every ``*TimeInSeconds`` shifted)."""
-    shift = (day - TEMPLATE_DAY).days * 86400
-
-    def moved(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {k: moved(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        return value + shift if key.endswith("TimeInSeconds") and isinstance(value, int) else value
-
-    doc = moved(copy.deepcopy(TEMPLATES[kind]))
-    doc.update(userId=account, summaryId=f"{account[:7]}-{doc['startTimeInSeconds']:x}")
-    if "calendarDate" in doc:
-        doc["calendarDate"] = day.isoformat()
-    if "activityId" in doc:
-        doc["activityId"] = doc["startTimeInSeconds"]
-    return doc
 
 
 def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:

@@ -31,18 +31,21 @@ return the webhook's status. ``calls`` logs every API request, ``pushes`` every 
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackHTTPServer, dispatching_handler
 from servers.fake_provider import FakeProvider, query_of
 
 API_PREFIX = "/wellness-api/rest"
@@ -121,21 +124,10 @@ class FakeGarmin:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> FakeGarmin:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                fake._handle(self, "GET")
-
-            def do_DELETE(self) -> None:
-                fake._handle(self, "DELETE")
-
         self.oauth.start()
         self.oauth.register(CLIENT_ID, CLIENT_SECRET, "body", require_pkce=True)
-        self._http = LoopbackHTTPServer(Handler, 0, "fake-garmin-api").start()
+        handler = dispatching_handler(self._handle, ("GET", "DELETE"), protocol="HTTP/1.0")
+        self._http = LoopbackHTTPServer(handler, 0, "fake-garmin-api").start()
         self._worker = threading.Thread(target=self._deliver, name="fake-garmin-push", daemon=True)
         self._worker.start()
         return self
@@ -379,3 +371,35 @@ def authorize_in_browser(auth_url: str) -> str:
     assert response.status_code == 302, response.text
     assert query_of(auth_url).get("code_challenge_method") == "S256"
     return response.headers["Location"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Garmin summaries for tests: the fixtures moved to another account and day
+# ----------------------------------------------------------------------------------------------------------------------
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "garmin"
+TEMPLATE_DAY = date(2024, 3, 11)  # the local day of every fixture summary
+TEMPLATES = {
+    "dailies": json.loads((FIXTURES / "dailies.through_the_day.json").read_text())[2]["dailies"][0],
+    "sleeps": json.loads((FIXTURES / "sleeps.final.json").read_text())["sleeps"][0],
+    "activities": json.loads((FIXTURES / "activities.json").read_text())["activities"][0],
+}
+
+
+def summary(kind: str, account: str, day: date) -> dict[str, Any]:
+    """The fixture summary of ``kind`` moved to ``account`` and ``day`` (every ``*TimeInSeconds`` shifted)."""
+    shift = (day - TEMPLATE_DAY).days * 86400
+
+    def moved(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: moved(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value + shift if key.endswith("TimeInSeconds") and isinstance(value, int) else value
+
+    doc = moved(copy.deepcopy(TEMPLATES[kind]))
+    doc.update(userId=account, summaryId=f"{account[:7]}-{doc['startTimeInSeconds']:x}")
+    if "calendarDate" in doc:
+        doc["calendarDate"] = day.isoformat()
+    if "activityId" in doc:
+        doc["activityId"] = doc["startTimeInSeconds"]
+    return doc
