@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,6 @@ from typing import Any
 
 import pytest
 import requests
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from connectors.api import BackgroundServer, create_app
 from connectors.auth import MemoryCollector
@@ -32,12 +30,12 @@ from connectors.polling.poller import ForeignURL, PollConnection, Poller, same_a
 from connectors.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from runners.embedded import LoopbackHTTPServer
-from schemas.serde import decode
 from sinks.sql import SqlSink
 from transforms.publish import publish
 
-pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider")
+pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider", "servers.fake_provider_api")
 from servers.fake_garmin import FakeGarmin, authorize_in_browser, summary  # noqa: E402
+from servers.fake_provider_api import read_raw_events  # noqa: E402
 
 MODEL = {"dailies": "daily", "sleeps": "sleep", "activities": "activity"}
 ACCOUNT_1, ACCOUNT_2 = "d3315b1072421d0dd7c8f6b8e1de4df8", "4aacafe82427c251df9c9592d0c06768"
@@ -49,20 +47,7 @@ DAY_1, DAY_2, DAY_3 = (TODAY - timedelta(days=n) for n in (3, 2, 1))
 
 def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every raw event on ``topic`` (all partitions, from the start), with its Kafka key."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "ping-test", "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        out, ended, deadline = [], set(), time.monotonic() + 20
-        while len(ended) < len(partitions) and time.monotonic() < deadline:
-            for message in consumer.consume(100, 0.2):
-                if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
-                    ended.add(message.partition())
-                elif not message.error():
-                    out.append(dict(decode("raw_event", message.value()), key=message.key()))
-        return out
-    finally:
-        consumer.close()
+    return read_raw_events(bootstrap, topic)
 
 
 @dataclass

@@ -12,31 +12,19 @@ import time
 import pytest
 import requests
 import uvicorn
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from fastapi import FastAPI
 
 from connectors.webhooks import router
 from runners.embedded import free_port
-from schemas.serde import decode
 from transforms.normalize import Failed, RawMessage, normalize_message
 from transforms.publish import publish
 
+pytest.register_assert_rewrite("servers.fake_provider_api")
+from servers.fake_provider_api import read_raw_events  # noqa: E402
+
 
 def _read(broker, topic: str) -> list[dict]:
-    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "t", "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        out, ended, deadline = [], set(), time.monotonic() + 20
-        while len(ended) < len(partitions) and time.monotonic() < deadline:
-            for message in consumer.consume(100, 0.2):
-                if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
-                    ended.add(message.partition())
-                elif not message.error():
-                    out.append(dict(decode("raw_event", message.value()), key=message.key(), raw=message.value()))
-        return out
-    finally:
-        consumer.close()
+    return read_raw_events(broker.bootstrap, topic)
 
 
 def _serve(broker, control_plane=None):

@@ -374,8 +374,9 @@ def limiter_namespace(redis_client) -> Iterator[str]:
         redis_client.delete(*keys)
 
 
-def consume_raw(bootstrap: str, topic: str, timeout_s: float = 15.0) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
-    """Every message of ``topic`` (up to each partition's end): decoded raw events with their Kafka headers.
+def read_raw_events(bootstrap: str, topic: str, timeout_s: float = 15.0) -> list[dict[str, Any]]:
+    """Every message of ``topic`` (up to each partition's end, from the start): the decoded raw event with its Kafka
+    ``key``, ``headers`` and encoded bytes (``raw``).
 
     The end is the fetch's end-of-partition, not ``get_watermark_offsets``: Tansu's ListOffsets can lag behind a
     multi-record batch.
@@ -400,7 +401,14 @@ def consume_raw(bootstrap: str, topic: str, timeout_s: float = 15.0) -> list[tup
                 assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
                 ended.add(message.partition())
                 continue
-            out.append((decode("raw_event", message.value()), dict(message.headers() or [])))
+            out.append({**decode("raw_event", message.value()), "key": message.key(),
+                        "headers": dict(message.headers() or []), "raw": message.value()})
         return out
     finally:
         consumer.close()
+
+
+def consume_raw(bootstrap: str, topic: str, timeout_s: float = 15.0) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+    """``read_raw_events`` as (decoded raw event, Kafka headers) pairs."""
+    return [({k: v for k, v in event.items() if k not in ("key", "headers", "raw")}, event["headers"])
+            for event in read_raw_events(bootstrap, topic, timeout_s)]
