@@ -15,10 +15,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -186,6 +188,45 @@ class LoopbackHTTPServer:
         if self._server is None:
             raise RuntimeError(f"{self.name} is not started")
         return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class LoopbackService(ABC):
+    """``start``/``stop``, a context manager, ``port`` and ``base_url`` for an object that serves ``handler()`` on a
+    ``LoopbackHTTPServer`` named ``service_name`` on ``service_port`` (0: a free one). Starting twice is a no-op."""
+
+    _http: LoopbackHTTPServer | None = None
+    service_name = "loopback-http"
+    service_port = 0
+
+    @abstractmethod
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class serving this object."""
+
+    def start(self) -> Self:
+        if self._http is None:
+            self._http = LoopbackHTTPServer(self.handler(), self.service_port, self.service_name).start()
+        return self
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._http is None:
+            raise RuntimeError(f"{self.service_name} is not started")
+        return self._http.port
 
     @property
     def base_url(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
-from runners.embedded import LoopbackHTTPServer
+from runners.embedded import LoopbackService
 from sinks.webhook import terra_signing_key
 
 
@@ -33,7 +33,7 @@ class _Injection:
     delay_s: float = 0.0
 
 
-class WebhookReceiver:
+class WebhookReceiver(LoopbackService):
     """Loopback HTTP receiver verifying both signatures with ``secret`` (a ``whsec_`` secret).
 
     Counters: ``received`` (every POST), ``rejected_signature`` (401s), ``injected_failures``, ``unique`` (accepted
@@ -44,7 +44,7 @@ class WebhookReceiver:
         self.secret = secret
         self._standard = Webhook(secret)
         self._terra_key = terra_signing_key(secret)
-        self._requested_port = port
+        self.service_port = port
         self._lock = threading.Lock()
         self._injections: deque[_Injection] = deque()
         self._events: dict[str, dict[str, Any]] = {}
@@ -54,31 +54,12 @@ class WebhookReceiver:
         self._duplicates = 0
         self._rejected_signature = 0
         self._injected_failures = 0
-        self._http: LoopbackHTTPServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
-    def start(self) -> WebhookReceiver:
-        if self._http is None:
-            handler = type("_BoundHandler", (_Handler,), {"receiver": self})
-            self._http = LoopbackHTTPServer(handler, self._requested_port, "webhook-receiver").start()
-        return self
+    service_name = "webhook-receiver"
 
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-
-    def __enter__(self) -> WebhookReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._http is None:
-            raise RuntimeError("receiver not started")
-        return self._http.port
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("_BoundHandler", (_Handler,), {"receiver": self})
 
     @property
     def url(self) -> str:

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from runners.embedded import LoopbackHTTPServer, dispatching_handler
+from runners.embedded import LoopbackService, dispatching_handler
 from servers.fake_provider import FakeProvider, query_of
 
 API_PREFIX = "/wellness-api/rest"
@@ -102,7 +102,7 @@ class Callback:
 
 
 @dataclass
-class FakeGarmin:
+class FakeGarmin(LoopbackService):
     webhook_url: str | None = None
     push_delay_s: float = 0.05
     permissions: dict[str, list[str]] = field(default_factory=dict)  # account → granted (default: all)
@@ -119,15 +119,18 @@ class FakeGarmin:
         self._requested: set[tuple[str, str, int, int]] = set()
         self._lock = threading.Lock()
         self._outbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._http: LoopbackHTTPServer | None = None
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------------ lifecycle
+    service_name = "fake-garmin-api"
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return dispatching_handler(self._handle, ("GET", "DELETE"), protocol="HTTP/1.0")
+
     def start(self) -> FakeGarmin:
         self.oauth.start()
         self.oauth.register(CLIENT_ID, CLIENT_SECRET, "body", require_pkce=True)
-        handler = dispatching_handler(self._handle, ("GET", "DELETE"), protocol="HTTP/1.0")
-        self._http = LoopbackHTTPServer(handler, 0, "fake-garmin-api").start()
+        super().start()
         self._worker = threading.Thread(target=self._deliver, name="fake-garmin-push", daemon=True)
         self._worker.start()
         return self
@@ -137,21 +140,12 @@ class FakeGarmin:
             self._outbox.put({})  # stop marker
             self._worker.join(timeout=10)
             self._worker = None
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
+        super().stop()
         self.oauth.stop()
-
-    def __enter__(self) -> FakeGarmin:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def api_base(self) -> str:
-        assert self._http is not None, "start() first"
-        return self._http.base_url + API_PREFIX
+        return self.base_url + API_PREFIX
 
     @property
     def manifest(self) -> Any:

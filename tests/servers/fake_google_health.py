@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from connectors import registry
 from connectors.manifest import Manifest
-from runners.embedded import LoopbackHTTPServer, dispatching_handler
+from runners.embedded import LoopbackService, dispatching_handler
 
 _LIST = re.compile(r"^/v4/users/me/dataTypes/(?P<type>[a-z0-9-]+)/dataPoints$")
 _CLAUSE = re.compile(r'^(?P<field>[a-z_]+(?:\.[a-z_]+)+) (?P<op>>=|<) "(?P<value>[^"]+)"$')
@@ -50,7 +50,7 @@ def _civil(text: str) -> str:
 
 
 @dataclass
-class FakeGoogleHealth:
+class FakeGoogleHealth(LoopbackService):
     account: str = "health-user-1"
     max_page: int | None = None  # caps every page (forces pagination in tests)
     token_validator: Callable[[str], bool] = lambda token: token == "token-1"
@@ -59,7 +59,6 @@ class FakeGoogleHealth:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._http: LoopbackHTTPServer | None = None
 
     def add(self, data_type: str, points: Iterable[dict[str, Any]]) -> None:
         with self._lock:
@@ -70,9 +69,10 @@ class FakeGoogleHealth:
                 if status == 200 and path.endswith(f"/dataTypes/{data_type}/dataPoints")]
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> FakeGoogleHealth:
-        self._http = LoopbackHTTPServer(dispatching_handler(self._serve, ("GET",)), 0, "fake-google-health").start()
-        return self
+    service_name = "fake-google-health"
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return dispatching_handler(self._serve, ("GET",))
 
     def _serve(self, request: BaseHTTPRequestHandler, _method: str) -> None:
         parts = urlsplit(request.path)
@@ -87,16 +87,6 @@ class FakeGoogleHealth:
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-
-    @property
-    def base_url(self) -> str:
-        assert self._http is not None, "use as a context manager"
-        return self._http.base_url
 
     @property
     def manifest(self) -> Manifest:

@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from connectors.manifest import Endpoint, Manifest
-from runners.embedded import LoopbackHTTPServer, dispatching_handler
+from runners.embedded import dispatching_handler
 from servers.fake_provider import FakeProvider
 from servers.fake_provider_api import FakeProviderApi, Logged
 
@@ -104,10 +104,8 @@ class FakePolarApi(FakeProviderApi):
             return [r for r in self.requests if r.kind is not None and (token is None or r.token == token)]
 
     # ------------------------------------------------------------------------------------------------ HTTP
-    def start(self) -> FakePolarApi:
-        self._http = LoopbackHTTPServer(dispatching_handler(self._dispatch, ("GET", "POST", "DELETE")), 0,
-                                        "fake-polar-api").start()
-        return self
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return dispatching_handler(self._dispatch, ("GET", "POST", "DELETE"))
 
     def _dispatch(self, request: BaseHTTPRequestHandler, method: str) -> None:
         """User registration and deregistration here, data endpoints as in ``FakeProviderApi``."""

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
-from runners.embedded import LoopbackHTTPServer, dispatching_handler
+from runners.embedded import LoopbackService, dispatching_handler
 
 
 @dataclass
@@ -53,7 +53,7 @@ class _Grant:
 
 
 @dataclass
-class FakeProvider:
+class FakeProvider(LoopbackService):
     clients: dict[str, FakeClient] = field(default_factory=dict)
     expires_in: int = 3600
     rotate: bool = True
@@ -76,7 +76,6 @@ class FakeProvider:
         self._refresh: dict[str, tuple[str, bool]] = {}  # token -> (grant id, used)
         self._access: dict[str, tuple[str, float]] = {}  # token -> (grant id, expires at)
         self._lock = threading.Lock()
-        self._http: LoopbackHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, client_id: str, client_secret: str, client_auth: str = "body",
@@ -85,26 +84,10 @@ class FakeProvider:
         self.clients[client_id] = client
         return client
 
-    def start(self) -> FakeProvider:
-        self._http = LoopbackHTTPServer(dispatching_handler(self._handle, protocol="HTTP/1.0"), 0,
-                                        "fake-provider").start()
-        return self
+    service_name = "fake-provider"
 
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-
-    def __enter__(self) -> FakeProvider:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        assert self._http is not None, "start() first"
-        return self._http.base_url
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return dispatching_handler(self._handle, protocol="HTTP/1.0")
 
     # ------------------------------------------------------------------ test controls
     def revoke_account(self, account: str) -> None:

@@ -50,7 +50,7 @@ import pytest
 from connectors import registry
 from connectors.manifest import Endpoint, Manifest
 from connectors.polling.ratelimit import http_date
-from runners.embedded import LoopbackHTTPServer, dispatching_handler
+from runners.embedded import LoopbackService, dispatching_handler
 
 DATE_FIELDS = ("day", "start", "timestamp", "dateTime", "date", "startTime", "startDate", "created_at")
 
@@ -68,7 +68,7 @@ class Logged:
 
 
 @dataclass
-class FakeProviderApi:
+class FakeProviderApi(LoopbackService):
     provider: str | Manifest
     tokens: Iterable[str] = ("token-1",)
     page_size: int = 10  # when the request names no page size
@@ -98,28 +98,14 @@ class FakeProviderApi:
         self._routes: dict[str, Callable[[dict[str, str]], Any]] = {}
         self._patterns = [(kind, ep, _path_pattern(ep.path)) for kind, ep in self._manifest.api.endpoints.items()]
         self._lock = threading.Lock()
-        self._http: LoopbackHTTPServer | None = None
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> FakeProviderApi:
-        self._http = LoopbackHTTPServer(dispatching_handler(self._handle), 0, f"fake-{self.slug}-api").start()
-        return self
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-
-    def __enter__(self) -> FakeProviderApi:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return dispatching_handler(self._handle)
 
     @property
-    def base_url(self) -> str:
-        assert self._http is not None, "start() first"
-        return self._http.base_url
+    def service_name(self) -> str:
+        return f"fake-{self.slug}-api"
 
     @property
     def manifest(self) -> Manifest:
