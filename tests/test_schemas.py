@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import typing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,14 +16,7 @@ import fastavro
 import pydantic
 import pytest
 from fastavro.schema import to_parsing_canonical_form
-from terra.core.serialization import FieldMetadata
-from terra.types.activity import Activity
-from terra.types.athlete import Athlete
-from terra.types.body import Body
-from terra.types.daily import Daily
-from terra.types.menstruation import Menstruation
-from terra.types.nutrition import Nutrition
-from terra.types.sleep import Sleep
+from terra_oracle import SDK_MODELS, nested_models, wire_fields
 
 from runners.demo_data import Simulator
 from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, model_fullname, model_schema
@@ -34,9 +26,6 @@ from transforms.events import NormalizedEvent
 from transforms.normalize import RawMessage, normalize_in_memory
 from transforms.publish import RawPayload
 
-SDK_MODELS: dict[str, type[pydantic.BaseModel]] = {
-    "activity": Activity, "sleep": Sleep, "daily": Daily, "body": Body, "menstruation": Menstruation,
-    "nutrition": Nutrition, "athlete": Athlete}
 ENVELOPES = ("raw_event", "normalized_event", "dead_letter")
 # Envelope fields without a default: a reader of a newer schema cannot fill them in, so each one is a decision.
 REQUIRED_BY_DESIGN = {
@@ -104,20 +93,11 @@ def test_every_avsc_file_parses() -> None:
         assert to_parsing_canonical_form(envelope_schema(name))
 
 
-def wire_fields(model: type[pydantic.BaseModel]) -> dict[str, Any]:
-    fields = {}
-    for name, info in model.model_fields.items():
-        alias = next((m.alias for m in info.metadata if isinstance(m, FieldMetadata)), None)
-        fields[alias or name] = info.annotation
-    return fields
-
-
 def sdk_model_of(annotation: Any) -> type[pydantic.BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-        return annotation
-    found = {m for arg in typing.get_args(annotation) if (m := sdk_model_of(arg)) is not None}
+    """The one SDK model an annotation holds, if any."""
+    found = nested_models(annotation)
     assert len(found) <= 1, annotation
-    return found.pop() if found else None
+    return found[0] if found else None
 
 
 def record_branches(avro_type: Any) -> list[dict[str, Any]]:
@@ -177,7 +157,7 @@ def test_field_comparison_can_fail() -> None:
         {"name": "distance_data",
          "type": {"type": "record", "name": "D", "fields": [{"name": "stepz", "type": "long"}]}},
     ]}
-    problems = field_mismatches(schema, Daily, "daily", {})
+    problems = field_mismatches(schema, SDK_MODELS["daily"], "daily", {})
     assert "daily.met_data: not in the SDK" in problems
     assert "daily.MET_data: missing from the schema" in problems
     assert "daily.distance_data.stepz: not in the SDK" in problems
