@@ -33,9 +33,10 @@ from transforms.deliver import (
     delivery_dead_letter,
     event_from_dead_letter,
 )
-from transforms.destination_status import DestinationStatus, now_ms
+from transforms.destination_status import DestinationStatus
 from transforms.errors import FatalError
 from transforms.normalize import RawMessage
+from transforms.store import now_ms
 
 INGEST_STAGES = ("decode", "parse", "normalize", "validate")
 

@@ -8,11 +8,10 @@ clears the failing streak. Kept in the control-plane store, so every worker sees
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from transforms.errors import EndpointGone
-from transforms.store import Store
+from transforms.store import Store, now_ms
 
 TABLE = "healthflow_destination_status"
 DEFAULT_DISABLE_AFTER_S = 5 * 24 * 3600  # Svix disables after five days of continuous failure
@@ -24,10 +23,6 @@ class Status:
     disabled: bool = False
     failing_since_ms: int | None = None
     reason: str | None = None
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class DestinationStatus:

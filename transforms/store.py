@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transforms.errors import FatalError, RetryableError
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch, as the stores keep their timestamps."""
+    return int(time.time() * 1000)
 
 
 class Store:

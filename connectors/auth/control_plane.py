@@ -36,7 +36,7 @@ from connectors.auth.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, P
 from connectors.auth.secrets import TokenCipher, hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
 from connectors.manifest import Manifest, OAuth2
 from transforms.errors import FatalError, HealthflowError, PermanentError
-from transforms.store import Store
+from transforms.store import Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ _PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _REASON = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def iso(ms: int | None) -> str | None:
