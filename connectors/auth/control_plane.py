@@ -653,6 +653,14 @@ class ControlPlane:
         self._deliver([event])
         return self.connection(user_id)
 
+    def revoke_account(self, provider: str, provider_user_id: str, message: str) -> list[str]:
+        """The provider said the user withdrew access for this account (a deregistration or revocation notice):
+        every active connection of the account is revoked (``mark_revoked``); returns their user ids."""
+        rows = self.store.query(f"SELECT user_id FROM {self.t_users} WHERE provider = ? AND provider_user_id = ? "
+                                "AND state = ? ORDER BY created_at_ms DESC",
+                                [self.provider_slug(provider), provider_user_id, ACTIVE])
+        return [user_id for (user_id,) in rows if self.mark_revoked(user_id, message).state == REVOKED]
+
     def update_scopes(self, user_id: str, scopes: list[str] | str | None) -> Connection:
         """The provider said what the user now shares (e.g. Garmin ``userPermissionsChange``): store it as the
         connection's scopes (Terra's comma-separated string), as it would be after a new consent."""

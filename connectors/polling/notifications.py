@@ -6,7 +6,7 @@ means (``webhooks.kind_field``):
 
 - ``webhooks.revoked`` (Fitbit ``userRevokedAccess`` / ``deleteUser``, Withings ``appli=46`` with ``action=unlink``
   or ``delete``): the user withdrew access at the provider. Every active connection of the account is marked revoked
-  (``ControlPlane.mark_revoked``: tokens deleted, ``access_revoked`` event) and is no longer polled.
+  (``ControlPlane.revoke_account``: tokens deleted, ``access_revoked`` event) and is no longer polled.
 - ``webhooks.kinds``: the raw kinds to fetch. When the notification names what changed in time
   (``webhooks.date_field``: one day, Fitbit ``date``; ``start_field``/``end_field``: a span, Withings
   ``startdate``/``enddate``), exactly that window is fetched, at live priority, even when it lies before the live
@@ -261,13 +261,9 @@ class NotificationFetcher:
 
     def revoke(self, provider: str, account: str, why: str) -> list[str]:
         """Mark every active connection of the provider account revoked; returns their user ids."""
-        plane, ended = self.polling.control_plane, []
-        while (connection := plane.resolve_user(provider, account)) is not None and connection.user_id not in ended:
-            plane.mark_revoked(connection.user_id, f"the user withdrew access at {provider} ({why}); "
-                                                   "the user must connect again")
-            ended.append(connection.user_id)
-            log.info("%s account %s withdrew access (%s): connection %s revoked", provider, account, why,
-                     connection.user_id)
+        ended = self.polling.control_plane.revoke_account(
+            provider, account, f"the user withdrew access at {provider} ({why}); the user must connect again")
+        log.info("%s account %s withdrew access (%s): connections %s revoked", provider, account, why, ended)
         return ended
 
     def fetch(self, connection: Any, kind: str, window: Window | None, report: PollReport) -> None:

@@ -8,7 +8,7 @@ Per the provider's manifest (``webhooks``):
   does not retry a payload that can never succeed). Lifecycle lists a provider declares in its
   ``client.py`` (``PUSH_LIFECYCLE``: list key → action; Garmin ``deregistrations`` and
   ``userPermissionsChange``) are taken out first, applied to the control plane and never published:
-  ``deregistration`` revokes every active connection of the account (``ControlPlane.mark_revoked``:
+  ``deregistration`` revokes every active connection of the account (``ControlPlane.revoke_account``:
   tokens deleted, ``access_revoked`` event; an account without one, e.g. already deauthenticated, is
   skipped); ``permissions_change`` sets the connection's scopes to the permissions the entry lists.
   Without a control plane (``router(control_plane=…)`` or the app's ``state.control_plane``) such a
@@ -208,12 +208,8 @@ def apply_lifecycle(control_plane: Any, provider: str, actions: Mapping[str, str
                 continue
             done += 1
             if actions[key] == "deregistration":
-                seen: set[str] = set()
-                while (connection := control_plane.resolve_user(provider, str(account))) is not None \
-                        and connection.user_id not in seen:
-                    seen.add(connection.user_id)
-                    control_plane.mark_revoked(connection.user_id, f"the user ended the {provider} link at the "
-                                                                   f"provider ({key}); the user must connect again")
+                control_plane.revoke_account(provider, str(account), f"the user ended the {provider} link at the "
+                                                                     f"provider ({key}); the user must connect again")
             elif (connection := control_plane.resolve_user(provider, str(account))) is not None:
                 permissions = entry.get("permissions")
                 if isinstance(permissions, list):
