@@ -11,7 +11,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipelines*", "transforms*", "schemas*", "connectors*", "sinks*", "runners*"]),
+    packages=find_packages(include=["core*", "schemas*", "connectors*", "sinks*", "transforms*", "pipelines*",
+                                    "runners*"]),
     package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"], "connectors": ["*/manifest.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",

@@ -19,11 +19,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from connectors.publish import publish
+from core.events import NormalizedEvent
+from core.raw import RawMessage
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch
 from runners.cli import _quiet_beam
 from runners.demo_data import Simulator
 from runners.embedded import EmbeddedBroker, moto_server
 from runners.webhook_receiver import WebhookReceiver
+from schemas.serde import encode_raw
 from sinks.kafka import KafkaSink
 from sinks.object_store import ObjectStoreSink
 from sinks.pubsub import PubSubSink
@@ -32,15 +36,13 @@ from sinks.sql import SqlSink
 from sinks.sqs import SqsSink
 from sinks.webhook import WebhookSink
 from tests.servers.pubsub_server import PubSubTestServer
-from transforms.events import NormalizedEvent
-from transforms.normalize import RawMessage, normalize_in_memory
-from transforms.publish import publish
+from transforms.normalize import normalize_in_memory
 
 
 def mapper_loop(payloads) -> tuple[float, list[NormalizedEvent]]:
     """Seconds to decode, map, validate and merge every payload with no Beam and no I/O, and the events."""
     started = time.perf_counter()
-    events, _ = normalize_in_memory(RawMessage(payload.encode(), {"partition": 0, "offset": offset})
+    events, _ = normalize_in_memory(RawMessage(encode_raw(payload), {"partition": 0, "offset": offset})
                                     for offset, payload in enumerate(payloads))
     return time.perf_counter() - started, events
 

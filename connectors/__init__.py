@@ -24,7 +24,7 @@ from types import ModuleType
 
 from connectors.base import Provider
 from connectors.manifest import Manifest, load_manifest
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 
 @cache

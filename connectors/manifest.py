@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 
 class _Strict(BaseModel):

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 
+from core.errors import FatalError
+from core.raw import RawMessage
 from runners.launch import make_pipeline
 from sinks.base import Sink
 from sinks.dead_letters import WriteDeadLetter
 from transforms.deliver import DeliverAll, RetryPolicy, Target
-from transforms.errors import FatalError
-from transforms.normalize import METRICS, Normalize, RawMessage
+from transforms.normalize import METRICS, Normalize
 from transforms.sources import NEXT_OFFSET, ReadKafkaBatch, ReadRawFiles, commit_offsets
 
 log = logging.getLogger(__name__)

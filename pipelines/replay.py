@@ -23,8 +23,11 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from core.dead_letters import SCRATCH_PREFIX, delete_dead_letter, read_dead_letters, write_dead_letter
+from core.errors import FatalError
+from core.raw import RawMessage
+from core.store import now_ms
 from pipelines.normalize import MessagesSource, NormalizeJob, RunSummary, run_batch
-from sinks.dead_letters import SCRATCH_PREFIX, delete_dead_letter, read_dead_letters, write_dead_letter
 from transforms.deliver import (
     DeadLettered,
     Delivered,
@@ -34,9 +37,6 @@ from transforms.deliver import (
     event_from_dead_letter,
 )
 from transforms.destination_status import DestinationStatus
-from transforms.errors import FatalError
-from transforms.normalize import RawMessage
-from transforms.store import now_ms
 
 INGEST_STAGES = ("decode", "parse", "normalize", "validate")
 

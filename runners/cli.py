@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 PIPELINES = ("normalize",)
 
@@ -44,11 +44,12 @@ def cmd_providers(_: argparse.Namespace) -> int:
 
 
 def cmd_normalize(args: argparse.Namespace) -> int:
-    from transforms.normalize import RawMessage, normalize_in_memory
-    from transforms.publish import RawPayload
+    from core.raw import RawMessage, RawPayload
+    from schemas.serde import encode_raw
+    from transforms.normalize import normalize_in_memory
 
     raw = RawPayload(args.provider.lower(), _read_input(args.file), args.kind, args.user)
-    events, failures = normalize_in_memory([RawMessage(raw.encode(), {"path": args.file, "line": 1})])
+    events, failures = normalize_in_memory([RawMessage(encode_raw(raw), {"path": args.file, "line": 1})])
     for failure in failures:
         rec = failure.record
         where = f" (document {rec['source']['document_index']})" if "document_index" in rec["source"] else ""
@@ -59,7 +60,8 @@ def cmd_normalize(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from transforms.publish import RawPayload, publish
+    from connectors.publish import publish
+    from core.raw import RawPayload
 
     count = publish(args.bootstrap_servers, args.topic,
                     [RawPayload(args.provider.lower(), _read_input(args.file), args.kind, args.user)])
@@ -147,8 +149,8 @@ def _store_options(command: argparse.ArgumentParser) -> None:
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
+    from core.dead_letters import read_dead_letters, to_json
     from pipelines.replay import replay_deliveries, replay_ingest
-    from sinks.dead_letters import read_dead_letters, to_json
 
     if args.action == "list":
         for record in read_dead_letters(args.dead_letters):

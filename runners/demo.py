@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from connectors.publish import publish
+from core.dead_letters import read_dead_letters
 from pipelines.normalize import KafkaSource, NormalizeJob, RunSummary, run_batch
 from runners.demo_data import Simulator
 from runners.embedded import EmbeddedBroker
 from runners.webhook_receiver import WebhookReceiver
 from sinks.config import load_destinations
-from sinks.dead_letters import read_dead_letters
-from transforms.publish import publish
 
 TOPIC = "healthflow.raw"
 NORMALIZED_TOPIC = "healthflow.normalized"

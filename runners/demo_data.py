@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 
-from transforms.publish import RawPayload
+from core.raw import RawPayload
 
 START_DAY = date(2026, 11, 1)
 OFFSETS_MIN = [-480, -300, -240, 0, 60, 120, 330, 540, 600]

@@ -24,7 +24,7 @@ from typing import Self
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 
 def free_port() -> int:

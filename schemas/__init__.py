@@ -13,8 +13,9 @@ from typing import Any
 
 import fastavro
 
+from core.events import DATA_MODEL_VERSION as DATA_MODEL_VERSION
+
 AVRO_DIR = Path(__file__).parent / "avro"
-DATA_MODEL_VERSION = "2022-03-16"
 MODEL_TYPES = ("activity", "sleep", "daily", "body", "menstruation", "nutrition", "athlete")
 MODELS_NAMESPACE = "healthflow.models.v2022_03_16"
 

@@ -16,6 +16,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from core.raw import RawPayload
 from schemas import envelope_schema, model_fullname, model_schema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -37,6 +38,11 @@ def encode(name: str, record: dict[str, Any]) -> bytes:
     buf.write(SINGLE_OBJECT_MAGIC + _fingerprint(name))
     fastavro.schemaless_writer(buf, envelope_schema(name), record)
     return buf.getvalue()
+
+
+def encode_raw(payload: RawPayload) -> bytes:
+    """A provider payload as a ``raw_event`` message (what the ingestion topic carries)."""
+    return encode("raw_event", payload.record())
 
 
 def decode(name: str, data: bytes) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The sink contract: every destination writes batches and returns what it delivered and what failed.
 
 A sink never logs-and-drops: each event of a batch ends in ``SinkResult.delivered`` or in
-``SinkResult.failures`` with the exception that decides its route (see ``transforms.errors``).
+``SinkResult.failures`` with the exception that decides its route (see ``core.errors``).
 Sinks must be idempotent: writing the same event twice leaves one copy (upsert by natural key,
 deterministic object names, dedup ids). A sink is built from config only (picklable); it opens
 connections in ``open()`` on the worker and releases them in ``close()``.
@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transforms.events import NormalizedEvent
+from core.events import NormalizedEvent
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.errors import FatalError
 from schemas import MODEL_TYPES
 from sinks.base import Sink
 from transforms.deliver import SVIX_REDELIVERY_S, RetryPolicy, Target
 from transforms.destination_status import DEFAULT_DISABLE_AFTER_S
-from transforms.errors import FatalError
 
 LIFECYCLE_TYPES = ("auth", "auth_cancelled", "deauth", "user_reauth", "access_revoked", "connection_error",
                    "permission_change")

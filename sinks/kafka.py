@@ -32,11 +32,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
+from core.kafka import new_producer, produce, producer_config
 from schemas import MODEL_TYPES
 from schemas.serde import encode_event, validate_record
 from sinks.base import Sink, SinkResult
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 VALUE_FORMATS = ("json", "avro")
 DEFAULT_MESSAGE_TIMEOUT_MS = 30_000  # librdkafka's default is 300 s; a write should not block that long
@@ -63,14 +64,10 @@ def build_producer_config(bootstrap_servers: str, overrides: Mapping[str, Any] |
     Raises FatalError for overrides that would break idempotence or per-user ordering, and for non-scalar values
     (callbacks cannot travel with a picklable config).
     """
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
+    config = producer_config(bootstrap_servers, {
         "max.in.flight.requests.per.connection": MAX_IN_FLIGHT,
         "message.timeout.ms": DEFAULT_MESSAGE_TIMEOUT_MS,
-        "linger.ms": 5,
-    }
+    })
     for key, value in (overrides or {}).items():
         if not isinstance(value, str | int | float | bool):
             raise FatalError(f"kafka producer_config[{key!r}] must be a string, number or bool, got {type(value)}")
@@ -153,7 +150,7 @@ class KafkaSink(Sink):
     def open(self) -> None:
         if self._producer is None:
             try:
-                self._producer = Producer({**self.config, "error_cb": self._on_client_error})
+                self._producer = new_producer({**self.config, "error_cb": self._on_client_error})
             except (KafkaException, ValueError, TypeError) as exc:
                 raise FatalError(f"kafka sink {self.name!r}: invalid producer config: {exc}") from exc
             self._broken = None
@@ -208,20 +205,13 @@ class KafkaSink(Sink):
             except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed event: cannot be sent
                 outcome[index] = PermanentError(f"event {event.event_id} cannot be encoded: {exc!r}")
                 continue
-            while True:
-                try:
-                    producer.produce(self.topic, key=key, value=value, headers=headers,
-                                     on_delivery=partial(on_delivery, index))
-                    break
-                except BufferError:  # local queue full: serve delivery reports until there is room
-                    if time.monotonic() >= deadline:
-                        outcome[index] = RetryableError("kafka producer queue stayed full; not sent")
-                        break
-                    producer.poll(0.1)
-                except KafkaException as exc:
-                    outcome[index] = classify(exc.args[0], self._auth_failure)
-                    break
-            producer.poll(0)
+            try:  # a full local queue: delivery reports are served until there is room, or the deadline
+                if not produce(producer, self.topic, value, key=key, headers=headers,
+                               on_delivery=partial(on_delivery, index), deadline=deadline):
+                    outcome[index] = RetryableError("kafka producer queue stayed full; not sent")
+            except KafkaException as exc:
+                outcome[index] = classify(exc.args[0], self._auth_failure)
+                producer.poll(0)
         if producer.flush(max(0.0, deadline - time.monotonic())):
             # Reports still missing: drop what is queued so it cannot land after a retry, and start afresh next time.
             producer.purge(in_queue=True, in_flight=False)

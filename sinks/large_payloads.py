@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import FatalError
+from core.events import NormalizedEvent
 from sinks.s3 import classify_aws_error, make_client
-from transforms.errors import FatalError
-from transforms.events import NormalizedEvent
 
 POINTER_EXPIRES_IN_S = 600
 

@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 ATHLETE_START_TIME = "profile"
 

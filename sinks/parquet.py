@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms.events import NormalizedEvent, canonical_json
+from core.events import NormalizedEvent, canonical_json
 
 #: Columns; times are the record's ISO-8601 strings as delivered (Terra mixes offsets), ``record`` its canonical JSON.
 PARQUET_SCHEMA = pa.schema([

@@ -41,9 +41,9 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL})

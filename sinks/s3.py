@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
 from sinks.object_store import safe_part, terra_object_parts
 from sinks.parquet import parquet_bytes, parquet_key
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 FORMATS = frozenset({"json", "parquet"})
 META_EVENT_ID = "event-id"

@@ -66,9 +66,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent, canonical_json
 from sinks.base import Sink, SinkResult
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent, canonical_json
 
 DEFAULT_TABLE_PREFIX = "healthflow_"
 LAYOUTS = ("healthflow", "terra")

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
 from sinks.large_payloads import LargePayloadS3, PayloadStore
 from sinks.s3 import classify_aws_error, make_client
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 MAX_BATCH_ENTRIES = 10
 SQS_MAX_MESSAGE_BYTES = 256 * 1024

@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import hashlib
 import hmac
-import math
 import time
 from collections.abc import Sequence
-from datetime import UTC
 from typing import Any
 from urllib.parse import urlparse
 
 import requests
 
+from core.errors import EndpointGone, FatalError, PermanentError, RetryableError, parse_retry_after
+from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
 from sinks.large_payloads import LargePayloadS3, PayloadStore
-from transforms.errors import EndpointGone, FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24  # Standard Webhooks: random, >= 192 bits
@@ -78,30 +75,6 @@ def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: b
 def terra_signature(terra_key: str, timestamp: int, body: bytes) -> str:
     mac = hmac.new(terra_key.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
-
-
-MAX_RETRY_AFTER_S = 7 * 24 * 3600.0  # a server asking for longer is capped, not obeyed forever
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), capped at a week;
-    None when absent or unparsable (including ``inf`` and ``nan``)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max(0.0, when.timestamp() - (time.time() if now is None else now)), MAX_RETRY_AFTER_S)
 
 
 class _HaltBatch(Exception):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from transforms.events import NormalizedEvent
+from core.events import NormalizedEvent
 
 
 # ======================================================================================================================

@@ -19,7 +19,7 @@ from connectors.auth.control_plane import (
     now_ms,
 )
 from connectors.auth.oauth import ProviderOAuth, ProviderSettings, get_json
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 pytest_plugins = ("servers.fake_provider",)  # fixtures: fake_provider, store_url, table_prefix
 pytest.register_assert_rewrite("servers.fake_provider")

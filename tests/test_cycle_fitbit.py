@@ -37,11 +37,11 @@ from connectors.polling import (
     RedisRateLimiter,
 )
 from connectors.polling.poller import PollConnection
+from connectors.publish import publish
 from connectors.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from schemas.serde import validate_record
 from sinks.sql import SqlSink
-from transforms.publish import publish
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_fitbit")

@@ -25,10 +25,10 @@ from connectors.api import BackgroundServer, create_app
 from connectors.auth import MemoryCollector
 from connectors.base import terra_user_id
 from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
+from connectors.publish import publish
 from connectors.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
-from transforms.publish import publish
 
 pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider")
 from servers.fake_garmin import FakeGarmin, authorize_in_browser, summary  # noqa: E402

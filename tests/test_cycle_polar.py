@@ -29,10 +29,11 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
+from connectors.publish import publish
+from core.errors import PermanentError, RetryableError
+from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
-from transforms.errors import PermanentError, RetryableError
-from transforms.publish import RawPayload, publish
 
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_polar")
 from servers.fake_polar import FakePolarApi, FakePolarAuth  # noqa: E402

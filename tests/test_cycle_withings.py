@@ -30,9 +30,9 @@ from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, P
 from connectors.polling.cursors import LIVE_TRACK
 from connectors.polling.ratelimit import RateLimited
 from connectors.withings.client import WithingsOAuth
+from core.errors import FatalError, PermanentError, RetryableError
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
-from transforms.errors import FatalError, PermanentError, RetryableError
 
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_withings")
 from servers.fake_provider import assert_disconnected, authorize, connect_provider, query_of  # noqa: E402

@@ -35,14 +35,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
+from core.dead_letters import read_dead_letters
+from core.events import NormalizedEvent
 from pipelines.normalize import FileSource, NormalizeJob, RunSummary, run_batch
 from pipelines.replay import replay_deliveries, select
 from runners.embedded import MOTO_REGION, EmbeddedBroker
 from runners.webhook_receiver import WebhookReceiver
 from sinks.config import parse_destinations
-from sinks.dead_letters import read_dead_letters
 from transforms.deliver import Target
-from transforms.events import NormalizedEvent
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 from transforms.sources import read_lines
 

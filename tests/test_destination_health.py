@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from core.errors import RetryableError
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from pipelines.replay import replay_deliveries, select
 from runners.webhook_receiver import WebhookReceiver
@@ -12,7 +13,6 @@ from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
 from transforms.deliver import RetryPolicy, Target
 from transforms.destination_status import DestinationStatus
-from transforms.errors import RetryableError
 
 
 def _raw(tmp_path, payloads, name="raw.jsonl") -> str:

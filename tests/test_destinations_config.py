@@ -7,11 +7,11 @@ import sqlite3
 
 import pytest
 
+from core.errors import FatalError
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from sinks.config import load_destinations, parse_destinations
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.errors import FatalError
 
 
 def test_yaml_with_environment_secrets_builds_configured_targets(tmp_path, monkeypatch, webhook_secret):

@@ -24,10 +24,10 @@ from terra.types.sleep import Sleep
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
 from connectors.fitbit.activity_types import terra_activity_type
-from schemas.serde import validate_record
-from transforms.events import NormalizedEvent
-from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
-from transforms.publish import RawPayload
+from core.events import NormalizedEvent
+from core.raw import RawMessage, RawPayload
+from schemas.serde import encode_raw, validate_record
+from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fitbit"
 TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "nutrition": Nutrition, "sleep": Sleep}
@@ -71,7 +71,7 @@ def merged(*deliveries: tuple[str, Any]) -> dict[tuple[str, str], NormalizedEven
     for index, (kind, body) in enumerate(deliveries):
         payload = RawPayload("fitbit", json.dumps(body).encode(), kind=kind, user_id=USER,
                              received_at_ms=RECEIVED_AT_MS + index * 60_000)
-        items.extend(normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": index})))
+        items.extend(normalize_message(RawMessage(encode_raw(payload), {"partition": 0, "offset": index})))
     failed = [item.record["error_message"] for item in items if isinstance(item, Failed)]
     assert not failed
     assert {item.user["user_id"] for item in items} == {terra_user_id("fitbit", USER)}
@@ -620,7 +620,7 @@ def test_unknown_kind_missing_user_and_batched_pages() -> None:
 def _hook_request(kind: str, answers: dict[str, Any], asked: list[str], user: str = "hf-1") -> Any:
     from connectors.polling.hooks import Request
     from connectors.polling.poller import PollConnection
-    from transforms.errors import PermanentError
+    from core.errors import PermanentError
 
     def fetch(path: str, params: Any = None) -> Any:
         asked.append(path)

@@ -22,10 +22,10 @@ from terra.types.sleep import Sleep
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
-from schemas.serde import validate_record
-from transforms.events import NormalizedEvent
-from transforms.normalize import Failed, Keyed, RawMessage, merge_user_events, normalize_message
-from transforms.publish import RawPayload
+from core.events import NormalizedEvent
+from core.raw import RawMessage, RawPayload
+from schemas.serde import encode_raw, validate_record
+from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
 TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "menstruation": Menstruation, "sleep": Sleep}
@@ -67,7 +67,7 @@ def pipeline(*bodies: Any) -> list[Keyed | Failed]:
     out: list[Keyed | Failed] = []
     for index, body in enumerate(bodies):
         payload = RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS + index * 60_000)
-        out.extend(normalize_message(RawMessage(payload.encode(), {"partition": 0, "offset": index})))
+        out.extend(normalize_message(RawMessage(encode_raw(payload), {"partition": 0, "offset": index})))
     return out
 
 
@@ -537,7 +537,7 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     assert failed[0]["error_message"] == "missing required field(s): startTimeInSeconds"
     assert failed[1]["error_message"] == "garmin dailies document must be a JSON object, got str"
     assert "moveIQActivities" in failed[2]["error_message"]
-    original = RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS).encode()
+    original = encode_raw(RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS))
     for record in failed:
         assert record["original"] == original  # the whole raw message, for replay
         assert record["provider"] == "garmin"
@@ -552,7 +552,7 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     (b'{"dailies": [{"userId": ', "Expecting value"),
 ])
 def test_unparseable_payload_is_one_dead_letter(payload: bytes, reason: str) -> None:
-    raw = RawPayload("garmin", payload, received_at_ms=RECEIVED_AT_MS).encode()
+    raw = encode_raw(RawPayload("garmin", payload, received_at_ms=RECEIVED_AT_MS))
     (item,) = normalize_message(RawMessage(raw, {"partition": 3, "offset": 41}))
     assert isinstance(item, Failed)
     assert item.stage == item.record["stage"] == "parse"

@@ -27,11 +27,11 @@ from connectors.auth import MemoryCollector
 from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, NotificationFetcher
 from connectors.polling.notifications import FetchReport
 from connectors.polling.poller import ForeignURL, PollConnection, Poller, same_api
+from connectors.publish import publish
 from connectors.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from runners.embedded import LoopbackHTTPServer
 from sinks.sql import SqlSink
-from transforms.publish import publish
 
 pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider", "servers.fake_provider_api")
 from servers.fake_garmin import FakeGarmin, authorize_in_browser, summary  # noqa: E402

@@ -8,10 +8,10 @@ import uuid
 import boto3
 import requests
 
+from core.errors import PermanentError
 from runners.webhook_receiver import WebhookReceiver
 from sinks.large_payloads import LargePayloadS3
 from sinks.webhook import WebhookSink
-from transforms.errors import PermanentError
 
 
 def test_an_oversized_webhook_body_is_sent_as_a_signed_s3_pointer(moto_endpoint, webhook_secret, make_sink_event):

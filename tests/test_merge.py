@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from transforms.normalize import Failed, Keyed, RawMessage, deep_merge, merge_user_events, normalize_message
-from transforms.publish import RawPayload
+from core.raw import RawMessage, RawPayload
+from schemas.serde import encode_raw
+from transforms.normalize import Failed, Keyed, deep_merge, merge_user_events, normalize_message
 
 
 def _sample(ts: str, level: int) -> dict:
@@ -87,7 +88,7 @@ def test_raw_events_with_wrongly_typed_envelope_fields_are_dead_lettered():
 
 def test_non_finite_numbers_are_dead_lettered_not_passed_on():
     body = b'{"dailies": [{"userId": "u", "startTimeInSeconds": 1793574000, "steps": NaN}]}'
-    (outcome,) = list(normalize_message(RawMessage(RawPayload("garmin", body).encode(), {"partition": 0,
+    (outcome,) = list(normalize_message(RawMessage(encode_raw(RawPayload("garmin", body)), {"partition": 0,
                                                                                           "offset": 1})))
     assert isinstance(outcome, Failed) and outcome.stage == "parse"
     assert "NaN" in outcome.record["error_message"] and outcome.record["original"].endswith(b"}")

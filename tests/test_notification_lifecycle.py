@@ -35,10 +35,10 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
+from connectors.publish import publish
 from connectors.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
-from transforms.publish import publish
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_api", "servers.fake_fitbit",

@@ -13,23 +13,24 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from core.dead_letters import read_dead_letters
+from core.errors import FatalError
+from core.raw import RawMessage, RawPayload
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from runners.webhook_receiver import WebhookReceiver
 from schemas import MODEL_TYPES
-from sinks.dead_letters import read_dead_letters
+from schemas.serde import encode_raw
 from sinks.object_store import ObjectStoreSink
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
 from transforms.deliver import RetryPolicy
-from transforms.errors import FatalError
-from transforms.normalize import Normalize, RawMessage
-from transforms.publish import RawPayload
+from transforms.normalize import Normalize
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
 
 
 def _messages(payloads) -> list[RawMessage]:
-    return [RawMessage(p.encode() if isinstance(p, RawPayload) else p, {"partition": 0, "offset": i})
+    return [RawMessage(encode_raw(p) if isinstance(p, RawPayload) else p, {"partition": 0, "offset": i})
             for i, p in enumerate(payloads)]
 
 

@@ -25,8 +25,8 @@ from connectors.polling import (
     TokenRejected,
 )
 from connectors.polling.ratelimit import http_date
+from core.errors import PermanentError, RetryableError
 from runners.embedded import free_port
-from transforms.errors import PermanentError, RetryableError
 
 pytest.register_assert_rewrite("servers.fake_provider_api")
 from servers.fake_provider_api import FakeProviderApi, consume_raw  # noqa: E402

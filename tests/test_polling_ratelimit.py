@@ -22,8 +22,8 @@ from connectors.polling.ratelimit import (
     bucket_for_limit,
     buckets_for,
     http_date,
-    parse_retry_after,
 )
+from core.errors import parse_retry_after
 
 pytest_plugins = ("servers.fake_provider_api",)  # fixtures: redis_client, limiter_namespace
 

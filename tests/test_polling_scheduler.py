@@ -23,8 +23,8 @@ from connectors.polling import (
     Scheduler,
     TokenRejected,
 )
-from transforms.errors import FatalError
-from transforms.store import Store
+from core.errors import FatalError
+from core.store import Store
 
 pytest.register_assert_rewrite("servers.fake_provider_api")
 from servers.fake_provider_api import FakeProviderApi, consume_raw  # noqa: E402

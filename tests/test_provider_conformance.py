@@ -144,7 +144,7 @@ def test_hostile_input_is_mapped_or_refused_never_a_crash(slug: str, kind: str, 
 
 def test_a_broken_manifest_is_refused_with_its_problems(tmp_path: Path) -> None:
     from connectors.manifest import load_manifest
-    from transforms.errors import FatalError
+    from core.errors import FatalError
 
     path = tmp_path / "manifest.yaml"
     path.write_text("provider: Bad-Name\nterra_name: X\ndisplay_name: x\nauth: {type: oauth2, token_url: nope}\n")

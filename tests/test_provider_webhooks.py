@@ -14,10 +14,11 @@ import requests
 import uvicorn
 from fastapi import FastAPI
 
+from connectors.publish import publish
 from connectors.webhooks import router
+from core.raw import RawMessage
 from runners.embedded import free_port
-from transforms.normalize import Failed, RawMessage, normalize_message
-from transforms.publish import publish
+from transforms.normalize import Failed, normalize_message
 
 pytest.register_assert_rewrite("servers.fake_provider_api")
 from servers.fake_provider_api import read_raw_events  # noqa: E402

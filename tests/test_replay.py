@@ -6,10 +6,10 @@ import json
 import sqlite3
 
 from connectors import get_provider
+from core.dead_letters import read_dead_letters
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from pipelines.replay import replay_deliveries, replay_ingest, select
 from runners.webhook_receiver import WebhookReceiver
-from sinks.dead_letters import read_dead_letters
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
 from transforms.deliver import RetryPolicy, Target

@@ -18,13 +18,13 @@ import pytest
 from fastavro.schema import to_parsing_canonical_form
 from terra_oracle import SDK_MODELS, nested_models, wire_fields
 
+from core.dead_letters import dead_letter
+from core.events import NormalizedEvent
+from core.raw import RawMessage, RawPayload
 from runners.demo_data import Simulator
 from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, model_fullname, model_schema
-from schemas.serde import SchemaMismatch, decode, encode, validate_record
-from transforms.dead_letters import dead_letter
-from transforms.events import NormalizedEvent
-from transforms.normalize import RawMessage, normalize_in_memory
-from transforms.publish import RawPayload
+from schemas.serde import SchemaMismatch, decode, encode, encode_raw, validate_record
+from transforms.normalize import normalize_in_memory
 
 ENVELOPES = ("raw_event", "normalized_event", "dead_letter")
 # Envelope fields without a default: a reader of a newer schema cannot fill them in, so each one is a decision.
@@ -70,7 +70,7 @@ def event_record(event: NormalizedEvent) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def events() -> list[NormalizedEvent]:
-    messages = (RawMessage(payload.encode(), {"partition": 0, "offset": offset})
+    messages = (RawMessage(encode_raw(payload), {"partition": 0, "offset": offset})
                 for offset, payload in enumerate(Simulator(users=30, days=3).payloads()))
     return normalize_in_memory(messages)[0]
 
@@ -169,12 +169,12 @@ def test_field_comparison_can_fail() -> None:
 def test_raw_event_round_trip() -> None:
     payload = RawPayload("oura", b'{"data": [{"id": "x"}]}', kind="sleep", user_id="oura-7",
                          received_at_ms=1710137564123)
-    decoded = decode("raw_event", payload.encode())
+    decoded = decode("raw_event", encode_raw(payload))
     assert decoded["received_at"] == datetime(2024, 3, 11, 6, 12, 44, 123000, tzinfo=UTC)
     assert {k: v for k, v in decoded.items() if k != "received_at"} == {
         "idempotency_key": payload.idempotency_key(), "provider": "oura", "kind": "sleep", "user_id": "oura-7",
         "content_type": "application/json", "payload": b'{"data": [{"id": "x"}]}'}
-    garmin = decode("raw_event", RawPayload("garmin", b"{}", received_at_ms=1).encode())
+    garmin = decode("raw_event", encode_raw(RawPayload("garmin", b"{}", received_at_ms=1)))
     assert garmin["kind"] is None and garmin["user_id"] is None
 
 
@@ -203,7 +203,7 @@ def test_normalized_events_round_trip(events: list[NormalizedEvent]) -> None:
 
 
 def test_decode_rejects_garbage_and_other_schemas() -> None:
-    raw = RawPayload("garmin", b'{"dailies": []}', received_at_ms=1710137564000).encode()
+    raw = encode_raw(RawPayload("garmin", b'{"dailies": []}', received_at_ms=1710137564000))
     letter = encode("dead_letter", dead_letter(stage="parse", error=ValueError("bad"), original=raw))
     with pytest.raises(SchemaMismatch, match="bad magic or schema fingerprint"):
         decode("raw_event", b'{"dailies": []}')
@@ -286,7 +286,7 @@ def test_model_schema_reads_what_it_writes(model_type: str, events: list[Normali
 @pytest.mark.parametrize("name", ENVELOPES)
 def test_envelope_schema_reads_what_it_writes(name: str, events: list[NormalizedEvent]) -> None:
     message = {
-        "raw_event": lambda: RawPayload("whoop", b'{"records": []}', kind="sleep", received_at_ms=5).encode(),
+        "raw_event": lambda: encode_raw(RawPayload("whoop", b'{"records": []}', kind="sleep", received_at_ms=5)),
         "normalized_event": lambda: encode("normalized_event", event_record(events[0])),
         "dead_letter": lambda: encode("dead_letter", dead_letter(stage="parse", error=ValueError("x"), original=b"")),
     }[name]()

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from core.errors import FatalError, PermanentError, RetryableError, Route, route
+from core.events import NormalizedEvent
 from runners.embedded import EmbeddedBroker, free_port
 from schemas.serde import decode
 from sinks.base import SinkResult
 from sinks.kafka import KafkaSink, _result, build_producer_config, classify
-from transforms.errors import FatalError, PermanentError, RetryableError, Route, route
-from transforms.events import NormalizedEvent
 
 MakeEvent = Callable[..., NormalizedEvent]
 FAST = {"message.timeout.ms": 3000}

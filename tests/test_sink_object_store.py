@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.object_store import ObjectStoreSink
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 MakeEvent = Callable[..., NormalizedEvent]
 

@@ -14,10 +14,10 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
+from core.errors import FatalError, PermanentError, RetryableError, Route, route
+from core.events import NormalizedEvent
 from runners.embedded import free_port
 from sinks.pubsub import PubSubSink
-from transforms.errors import FatalError, PermanentError, RetryableError, Route, route
-from transforms.events import NormalizedEvent
 
 try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...
     from servers.pubsub_server import PubSubTestServer

@@ -12,10 +12,10 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.base import SinkResult
 from sinks.s3 import META_EVENT_ID, META_ORDERING, EndpointUnreachable, S3Sink, object_key
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 try:  # `python -m pytest` puts the repo root on sys.path, plain `pytest` puts tests/ there
     from tests.servers.moto import MOTO_REGION, free_port, moto_endpoint

@@ -19,9 +19,9 @@ import psycopg
 import pymysql
 import pytest
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.sql import SqlSink, SupabaseSink, terra_payload_id
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MYSQL_URL = "mysql://root@127.0.0.1:3306/test"

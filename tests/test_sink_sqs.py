@@ -13,11 +13,11 @@ import boto3
 import pytest
 import requests
 
+from core.errors import FatalError, PermanentError, RetryableError
+from core.events import NormalizedEvent
 from sinks.large_payloads import LargePayloadS3
 from sinks.s3 import EndpointUnreachable
 from sinks.sqs import SqsSink
-from transforms.errors import FatalError, PermanentError, RetryableError
-from transforms.events import NormalizedEvent
 
 try:  # `python -m pytest` puts the repo root on sys.path, plain `pytest` puts tests/ there
     from tests.servers.moto import MOTO_REGION, free_port, moto_endpoint

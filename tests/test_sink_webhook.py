@@ -15,11 +15,11 @@ import requests
 from standardwebhooks import Webhook
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
+from core.errors import FatalError, PermanentError, RetryableError, Route, parse_retry_after, route
+from core.events import NormalizedEvent
 from runners.webhook_receiver import WebhookReceiver
 from sinks.base import SinkResult
-from sinks.webhook import EndpointGone, WebhookSink, parse_retry_after, terra_signing_key
-from transforms.errors import FatalError, PermanentError, RetryableError, Route, route
-from transforms.events import NormalizedEvent
+from sinks.webhook import EndpointGone, WebhookSink, terra_signing_key
 
 MakeEvent = Callable[..., NormalizedEvent]
 
@@ -281,7 +281,7 @@ def test_sink_pickles_without_its_session(sink: WebhookSink, make_sink_event: Ma
 
 
 def test_an_infinite_retry_after_is_ignored_not_a_crash():
-    from sinks.webhook import MAX_RETRY_AFTER_S
+    from core.errors import MAX_RETRY_AFTER_S
 
     assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
     assert parse_retry_after("1e308") == MAX_RETRY_AFTER_S

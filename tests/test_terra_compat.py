@@ -19,10 +19,12 @@ from terra.types.daily import Daily
 from terra.types.sleep_event import SleepEvent
 from terra_oracle import SDK_EVENTS, SDK_MODELS, extras, sdk_parse, undeclared_keys
 
+from core.events import NormalizedEvent
+from core.raw import RawMessage
 from runners.demo_data import Simulator
 from schemas import DATA_MODEL_VERSION, MODEL_TYPES
-from transforms.events import NormalizedEvent
-from transforms.normalize import RawMessage, normalize_in_memory
+from schemas.serde import encode_raw
+from transforms.normalize import normalize_in_memory
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -31,7 +33,7 @@ from transforms.normalize import RawMessage, normalize_in_memory
 @pytest.fixture(scope="module")
 def events() -> list[NormalizedEvent]:
     """Every normalized event of a 30-user, 3-day simulation, after the per-user merge."""
-    messages = (RawMessage(payload.encode(), {"partition": 0, "offset": offset})
+    messages = (RawMessage(encode_raw(payload), {"partition": 0, "offset": offset})
                 for offset, payload in enumerate(Simulator(users=30, days=3).payloads()))
     return normalize_in_memory(messages)[0]
 

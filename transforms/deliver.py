@@ -22,13 +22,13 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from core.dead_letters import dead_letter
+from core.errors import DestinationDisabled, EndpointGone, FatalError, RetryableError, Route, route
+from core.events import NormalizedEvent
+from core.store import now_ms
 from sinks.base import DeliveryFailure, Sink, SinkResult
-from transforms.dead_letters import dead_letter
 from transforms.destination_status import DEFAULT_DISABLE_AFTER_S, DestinationStatus
-from transforms.errors import DestinationDisabled, EndpointGone, FatalError, RetryableError, Route, route
-from transforms.events import NormalizedEvent
 from transforms.normalize import DEAD_LETTER, METRICS
-from transforms.store import now_ms
 
 SVIX_REDELIVERY_S = (300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)  # 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
 

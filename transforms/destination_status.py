@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transforms.errors import EndpointGone
-from transforms.store import Store, now_ms
+from core.errors import EndpointGone
+from core.store import Store, now_ms
 
 TABLE = "healthflow_destination_status"
 DEFAULT_DISABLE_AFTER_S = 5 * 24 * 3600  # Svix disables after five days of continuous failure

@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sinks.dead_letters import write_dead_letter
+from core.dead_letters import write_dead_letter
+from core.events import NormalizedEvent
 from transforms.deliver import DeadLettered, Delivery, Target
-from transforms.events import NormalizedEvent
 
 
 class LifecycleDelivery:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,34 +21,15 @@ from apache_beam.transforms.window import GlobalWindows
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, natural_key, terra_user_id
+from core.dead_letters import dead_letter
+from core.events import NormalizedEvent
+from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, decode, validate_record
-from transforms.dead_letters import dead_letter
-from transforms.events import NormalizedEvent
 from transforms.record_state import open_state
 from transforms.users import UserDirectory
 
 DEAD_LETTER = "dead_letter"
 METRICS = "healthflow"
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    """Bytes as read from a source, with where they came from (topic/partition/offset, path/line).
-
-    ``encoding`` is ``avro`` (single-object RawEvent, the ingestion-topic format) or ``json``
-    (one JSON RawEvent per line: ``{"provider", "kind", "user_id", "received_at", "payload"}``).
-    """
-
-    data: bytes
-    source: dict[str, Any] = field(default_factory=dict)
-    encoding: str = "avro"
-
-    @property
-    def position(self) -> str:
-        """Sortable position within the source, used to order one user's events."""
-        if "partition" in self.source:
-            return f"{int(self.source['partition']):05d}-{int(self.source['offset']):012d}"
-        return f"{self.source.get('path', '')}:{int(self.source.get('line', 0)):09d}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +81,7 @@ def decode_raw(message: RawMessage) -> RawEvent:
 
 @dataclass(frozen=True)
 class Failed:
-    """A dead letter produced while normalizing (see ``transforms.dead_letters``)."""
+    """A dead letter produced while normalizing (see ``core.dead_letters``)."""
 
     stage: str
     record: dict[str, Any]

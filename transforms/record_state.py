@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transforms.store import Store
+from core.store import Store
 
 Key = tuple[str, str, str]  # (user_id, type, natural_key)
 TABLE = "healthflow_record_state"

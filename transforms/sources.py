@@ -15,8 +15,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
-from transforms.errors import FatalError
-from transforms.normalize import METRICS, RawMessage
+from core.errors import FatalError
+from core.raw import RawMessage
+from transforms.normalize import METRICS
 
 NEXT_OFFSET = "next_offset"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from transforms.store import Store
+from core.store import Store
 
 CACHE_TTL_S = 60.0
 

@@ -30,8 +30,8 @@ from connectors.auth.control_plane import (
     check_redirect_url,
 )
 from connectors.auth.oauth import ProviderNotConfigured
+from core.errors import FatalError, PermanentError, RetryableError
 from schemas import MODEL_TYPES
-from transforms.errors import FatalError, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
                                                               limiter=limiter or LocalRateLimiter()))
         app = create_app(control_plane, polling=polling)
         if bootstrap_servers:
+            from connectors.publish import publish
             from connectors.webhooks import router
-            from transforms.publish import publish
 
             app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
         uvicorn.run(app, host=host, port=port, log_level=log_level)

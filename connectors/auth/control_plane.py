@@ -1,6 +1,6 @@
 """The connection lifecycle: developers and API keys, widget sessions, OAuth flows, connections, tokens.
 
-Everything lives in the control-plane store (``transforms.store``: SQLite embedded, PostgreSQL
+Everything lives in the control-plane store (``core.store``: SQLite embedded, PostgreSQL
 shared by every worker), in tables named ``<prefix>developers``, ``api_keys``, ``users``,
 ``oauth_flows``, ``widget_sessions``, ``tokens`` and ``auth_events`` (the event outbox).
 
@@ -35,8 +35,8 @@ from connectors.auth import events as ev
 from connectors.auth.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, ProviderSettings, oauth_class
 from connectors.auth.secrets import TokenCipher, hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
 from connectors.manifest import Manifest, OAuth2
-from transforms.errors import FatalError, HealthflowError, PermanentError
-from transforms.store import Store, now_ms
+from core.errors import FatalError, HealthflowError, PermanentError
+from core.store import Store, now_ms
 
 log = logging.getLogger(__name__)
 

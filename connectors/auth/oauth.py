@@ -30,7 +30,7 @@ from requests.auth import HTTPBasicAuth
 from requests_oauthlib import OAuth2Session
 
 from connectors.manifest import Manifest, OAuth2
-from transforms.errors import FatalError, PermanentError, RetryableError
+from core.errors import FatalError, PermanentError, RetryableError, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ def check_transport(url: str, what: str) -> None:
 
 def _raise_for_status(slug: str, what: str, response: requests.Response) -> None:
     if response.status_code == 429 or response.status_code >= 500:
-        retry_after = response.headers.get("Retry-After")
         raise RetryableError(f"{slug} {what}: HTTP {response.status_code}",
-                             float(retry_after) if retry_after and retry_after.isdigit() else None)
+                             parse_retry_after(response.headers.get("Retry-After")))
     if response.status_code >= 400:
         raise PermanentError(f"{slug} {what}: HTTP {response.status_code}: {response.text[:300]}")
 

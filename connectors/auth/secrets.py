@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from transforms.errors import FatalError
+from core.errors import FatalError
 
 SECRET_KEY_ENV = "HEALTHFLOW_SECRET_KEY"
 GENERATE_HINT = ("generate one with: python -c 'from cryptography.fernet import Fernet; "

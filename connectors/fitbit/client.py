@@ -10,7 +10,7 @@ from typing import Any
 
 from connectors.polling.hooks import Request, ResponseHook
 from connectors.polling.poller import format_bound
-from transforms.errors import PermanentError
+from core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import requests
 
 from connectors.auth.oauth import ProviderOAuth
 from connectors.polling.hooks import Request, ResponseHook
-from transforms.errors import PermanentError, RetryableError
+from core.errors import PermanentError, RetryableError, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ def _raise_for_status(what: str, response: requests.Response) -> None:
     """healthflow's taxonomy: 429 and 5xx are retryable (with ``Retry-After`` when given), other 4xx permanent."""
     status = response.status_code
     if status == 429 or status >= 500:
-        retry_after = response.headers.get("Retry-After")
-        raise RetryableError(f"polar {what}: HTTP {status}",
-                             float(retry_after) if retry_after and retry_after.isdigit() else None)
+        raise RetryableError(f"polar {what}: HTTP {status}", parse_retry_after(response.headers.get("Retry-After")))
     if status >= 400:
         raise PermanentError(f"polar {what}: HTTP {status}: {response.text[:300]}")
 

@@ -13,7 +13,7 @@
   script per acquire) or in process; ``LIVE``/``LOW`` priority; 429 pauses shared by every worker.
 - ``poller``: windows from the cursor in ``max_days`` chunks, manifest pagination, retries; publishes each page as a
   raw event and advances the cursor only after the broker acknowledged the whole window.
-- ``cursors``: cursors in the control-plane store (``transforms.store``).
+- ``cursors``: cursors in the control-plane store (``core.store``).
 - ``publisher``: one idempotent producer; per-window acknowledged batches with Kafka headers.
 - ``hooks``: per-provider request headers and response context (``POLL_HOOK`` in ``connectors/<slug>/client.py``).
 - ``scheduler``: every active connection × kind every 15 minutes, with jitter.
@@ -29,7 +29,7 @@ from typing import Any
 _EXPORTS = {
     "Bucket": "ratelimit", "LocalRateLimiter": "ratelimit", "RedisRateLimiter": "ratelimit", "RateLimiter": "ratelimit",
     "RateLimited": "ratelimit", "Cancelled": "ratelimit", "Priority": "ratelimit", "LIVE": "ratelimit",
-    "LOW": "ratelimit", "buckets_for": "ratelimit", "parse_retry_after": "ratelimit",
+    "LOW": "ratelimit", "buckets_for": "ratelimit",
     "CursorStore": "cursors",
     "KafkaPublisher": "publisher", "PublishFailed": "publisher", "BACKFILL_HEADER": "publisher",
     "Poller": "poller", "PollConnection": "poller", "PollResult": "poller", "PollTarget": "poller",

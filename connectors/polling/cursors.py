@@ -11,8 +11,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from transforms.errors import FatalError
-from transforms.store import Store
+from core.errors import FatalError
+from core.store import Store
 
 DEFAULT_TABLE = "poll_cursors"
 LIVE_TRACK = "live"

@@ -47,14 +47,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from confluent_kafka import Producer
-
 from connectors import registry
 from connectors.manifest import Webhooks
 from connectors.polling.poller import PollResult, ProviderRefused
 from connectors.polling.publisher import PublishFailed
 from connectors.polling.service import ConnectionPolling, PollReport
 from connectors.webhooks import parse_notification
+from core.kafka import producer_config, send_all
 from schemas.serde import SchemaMismatch, decode
 from transforms.sources import ReadPartitionToEnd, commit_offsets, plan_partitions
 
@@ -317,16 +316,9 @@ class NotificationFetcher:
 
 def requeue(bootstrap: str, topic: str, messages: list[tuple[bytes, str, int, int]]) -> None:
     """Queue notifications again with their attempt and due time; raises unless the broker took every one."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
-    errors: list[str] = []
-    try:
-        for value, key, attempt, due in messages:
-            producer.produce(topic, value=value, key=key, headers=[(ATTEMPT_HEADER, str(attempt).encode()),
-                                                                   (DUE_HEADER, str(due).encode())],
-                             on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)
-        remaining = producer.flush(30)
-    finally:
-        producer.close()
-    if remaining or errors:
-        raise PublishFailed(f"{remaining or len(errors)} of {len(messages)} notifications not queued again; "
-                            f"errors: {errors[:3]}")
+    sent = send_all(producer_config(bootstrap), topic, (
+        (value, key, [(ATTEMPT_HEADER, str(attempt).encode()), (DUE_HEADER, str(due).encode())])
+        for value, key, attempt, due in messages))
+    if not sent.ok:
+        raise PublishFailed(f"{sent.remaining or len(sent.errors)} of {len(messages)} notifications not queued again; "
+                            f"errors: {sent.errors[:3]}")

@@ -67,10 +67,9 @@ from connectors.polling.ratelimit import (
     RateLimited,
     RateLimiter,
     buckets_for,
-    parse_retry_after,
 )
-from transforms.errors import FatalError, HealthflowError, PermanentError, RetryableError
-from transforms.publish import RawPayload
+from core.errors import FatalError, HealthflowError, PermanentError, RetryableError, parse_retry_after
+from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 

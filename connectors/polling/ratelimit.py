@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from transforms.errors import FatalError, RetryableError
+from core.errors import FatalError, RetryableError
 
 DEFAULT_NAMESPACE = "healthflow:ratelimit"
 
@@ -78,24 +78,6 @@ def buckets_for(manifest: Any, user: str | None = None, burst_fraction: float = 
     return [bucket_for_limit(manifest.provider, i, limit.requests, limit.per_seconds, limit.scope, user,
                              burst_fraction)
             for i, limit in enumerate(limits)]
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP-date; ``None`` when absent or unreadable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
 def http_date(seconds_from_now: float) -> str:

@@ -30,7 +30,7 @@ from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked,
 from connectors.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
 from connectors.polling.ratelimit import Cancelled
 from connectors.polling.scheduler import Scheduler
-from transforms.errors import FatalError, HealthflowError, RetryableError
+from core.errors import FatalError, HealthflowError, RetryableError
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
 from connectors.manifest import Signature, Webhooks
-from transforms.publish import RawPayload
+from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ import requests
 
 from connectors.auth.oauth import ProviderOAuth
 from connectors.polling.hooks import Request, ResponseHook
-from transforms.errors import PermanentError, RetryableError
+from core.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from schemas import DATA_MODEL_VERSION
+DATA_MODEL_VERSION = "2022-03-16"  # the Terra data models' version (schemas/avro/models), sent with every event
 
 
 def canonical_json(value: Any) -> bytes:

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import email.utils
+import math
+import time
+from datetime import UTC
 from enum import Enum
 
 
@@ -54,3 +58,27 @@ def route(exc: BaseException) -> Route:
     if isinstance(exc, PermanentError | ValueError | KeyError | TypeError | UnicodeError):
         return Route.DEAD_LETTER
     return Route.RETRY
+
+
+MAX_RETRY_AFTER_S = 7 * 24 * 3600.0  # a server asking for longer is capped, not obeyed forever
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), capped at a week;
+    None when absent or unparsable (including ``inf`` and ``nan``); never negative (a past date means now)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max(0.0, when.timestamp() - (time.time() if now is None else now)), MAX_RETRY_AFTER_S)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from transforms.errors import FatalError, RetryableError
+from core.errors import FatalError, RetryableError
 
 
 def now_ms() -> int:
