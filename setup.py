@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["core*", "schemas*", "connectors*", "sinks*", "transforms*", "pipelines*",
                                     "runners*"]),
-    package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"], "connectors": ["*/manifest.yaml"]},
+    package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"], "connectors": ["providers/*/manifest.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "pyarrow>=25,<26",

@@ -1,6 +1,6 @@
 """Raw data in: providers (one folder each), and later suppliers, mobile ingest and auth.
 
-``registry()`` discovers every provider folder: adding a provider means adding a folder whose
+``registry()`` discovers every provider folder under ``providers/``: adding a provider means adding a folder whose
 ``__init__.py`` defines ``PROVIDER`` (a ``connectors.base.Provider``, with its mappers) next to a
 ``manifest.yaml`` (``connectors.manifest.Manifest``: auth, API endpoints, pagination, rate
 limits, webhooks). Both are checked against each other when the registry loads.
@@ -26,16 +26,19 @@ from connectors.base import Provider
 from connectors.manifest import Manifest, load_manifest
 from core.errors import FatalError
 
+PROVIDERS = "connectors.providers"  # one package per provider
+PROVIDERS_DIR = Path(__file__).parent / "providers"
+
 
 @cache
 def registry() -> dict[str, Provider]:
     found: dict[str, Provider] = {}
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    for module in pkgutil.iter_modules([str(PROVIDERS_DIR)]):
         if not module.ispkg:
             continue
-        provider = getattr(importlib.import_module(f"connectors.{module.name}"), "PROVIDER", None)
+        provider = getattr(importlib.import_module(f"{PROVIDERS}.{module.name}"), "PROVIDER", None)
         if isinstance(provider, Provider):
-            provider.manifest = _checked_manifest(provider, Path(__file__).parent / module.name / "manifest.yaml")
+            provider.manifest = _checked_manifest(provider, PROVIDERS_DIR / module.name / "manifest.yaml")
             found[provider.slug] = provider
     return found
 
@@ -67,8 +70,8 @@ def get_provider(slug: str) -> Provider:
 
 @cache
 def provider_client(slug: str) -> ModuleType | None:
-    """``connectors/<slug>/client.py`` (API client code the manifest cannot express), or None."""
-    if importlib.util.find_spec(f"connectors.{slug}") is None or \
-            importlib.util.find_spec(f"connectors.{slug}.client") is None:
+    """``connectors/providers/<slug>/client.py`` (API client code the manifest cannot express), or None."""
+    if importlib.util.find_spec(f"{PROVIDERS}.{slug}") is None or \
+            importlib.util.find_spec(f"{PROVIDERS}.{slug}.client") is None:
         return None
-    return importlib.import_module(f"connectors.{slug}.client")
+    return importlib.import_module(f"{PROVIDERS}.{slug}.client")

@@ -1,4 +1,4 @@
-"""A provider's manifest: what can be declared instead of coded (``connectors/<slug>/manifest.yaml``).
+"""A provider's manifest: what can be declared instead of coded (``connectors/providers/<slug>/manifest.yaml``).
 
 Auth (OAuth 2 / OAuth 1.0a / none), the pull API (base URL, one endpoint per raw kind with its time
 window and item field, pagination, rate limits), how the provider pushes (webhooks or push bodies,

@@ -1,7 +1,7 @@
 """The whole life of a Google Health connection: connect → poll → normalize → deliver → refresh → deauth.
 
-The real OAuth client code (``connectors.google_health.client``: offline access) against the fake OAuth server,
-the account named by the real profile call (``/v4/users/me/identity``) and the data read from a fake Google
+The real OAuth client code (``connectors.providers.google_health.client``: offline access) against the fake OAuth
+server, the account named by the real profile call (``/v4/users/me/identity``) and the data read from a fake Google
 Health API (``servers.fake_google_health``: filter expressions, ``pageToken`` pagination) that accepts exactly the
 tokens the OAuth server issued and still considers live; Redis rate limits, the test broker, the Beam pipeline
 and a SQLite destination.

@@ -20,7 +20,6 @@ import redis
 from connectors import registry
 from connectors.auth import MemoryCollector
 from connectors.auth.oauth import ProviderSettings, oauth_class
-from connectors.polar.client import PolarOAuth
 from connectors.polling import (
     ConnectionPolling,
     CursorStore,
@@ -29,6 +28,7 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
+from connectors.providers.polar.client import PolarOAuth
 from connectors.publish import publish
 from core.errors import PermanentError, RetryableError
 from core.raw import RawPayload

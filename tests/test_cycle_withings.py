@@ -7,7 +7,7 @@ connect (``/v2/oauth2`` ``action=requesttoken``, tokens under ``body``) → poll
 token Withings refuses (status 503) revokes the connection, status 601 is a rate limit (paused and retried, on the
 data API and the token endpoint alike), any other status is a permanent error that leaves the cursor where it was.
 
-Real OAuth client code (``connectors.withings.client.WithingsOAuth``), the real poller with the Withings hook,
+Real OAuth client code (``connectors.providers.withings.client.WithingsOAuth``), the real poller with the Withings hook,
 Redis rate limits, the Tansu broker, the Beam pipeline and a SQLite destination.
 """
 
@@ -29,7 +29,7 @@ from connectors.auth.oauth import InvalidGrant, ProviderSettings
 from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from connectors.polling.cursors import LIVE_TRACK
 from connectors.polling.ratelimit import RateLimited
-from connectors.withings.client import WithingsOAuth
+from connectors.providers.withings.client import WithingsOAuth
 from core.errors import FatalError, PermanentError, RetryableError
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
@@ -324,6 +324,6 @@ def test_other_statuses_are_permanent(tmp_path, fake_withings, broker, topic, li
     (200, None, 200),
 ])
 def test_hook_status_mapping(http, body, acted_on):
-    from connectors.withings.client import WithingsHook
+    from connectors.providers.withings.client import WithingsHook
 
     assert WithingsHook().status(http, body) == acted_on

@@ -23,7 +23,7 @@ from terra.types.sleep import Sleep
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
-from connectors.fitbit.activity_types import terra_activity_type
+from connectors.providers.fitbit.activity_types import terra_activity_type
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
 from schemas.serde import encode_raw, validate_record
@@ -637,7 +637,7 @@ def _hook_request(kind: str, answers: dict[str, Any], asked: list[str], user: st
 
 
 def test_poll_hook_attaches_main_sleeps_once_and_does_without_them() -> None:
-    from connectors.fitbit.client import FitbitHook
+    from connectors.providers.fitbit.client import FitbitHook
 
     spo2 = [{k: v for k, v in load("spo2.json").items() if k in ("dateTime", "value")}]
     asked: list[str] = []

@@ -125,8 +125,8 @@ class ProviderOAuth:
     """Authorize URL, code exchange, refresh, revocation and user lookup for one OAuth 2 provider.
 
     What the manifest declares (endpoints, client auth, PKCE, ``authorize_params``, ``token_params``, ``profile``)
-    is handled here. A provider whose OAuth needs code subclasses this in ``connectors/<slug>/client.py`` (``OAUTH``)
-    and overrides the hooks: ``token_response`` (a non-standard token answer), ``after_connect``
+    is handled here. A provider whose OAuth needs code subclasses this in ``connectors/providers/<slug>/client.py``
+    (``OAUTH``) and overrides the hooks: ``token_response`` (a non-standard token answer), ``after_connect``
     (registration at the provider) and ``disconnect`` (deregistration).
     """
 
@@ -278,7 +278,7 @@ class ProviderOAuth:
 
 
 def oauth_class(slug: str) -> type[ProviderOAuth]:
-    """``OAUTH`` of ``connectors/<slug>/client.py`` when the provider has one, else ``ProviderOAuth``."""
+    """``OAUTH`` of ``connectors/providers/<slug>/client.py`` when the provider has one, else ``ProviderOAuth``."""
     from connectors import provider_client
 
     return getattr(provider_client(slug), "OAUTH", ProviderOAuth)

@@ -5,7 +5,7 @@ A hook sees every page the poller fetched (``Request``: provider, kind, endpoint
 (usually the page with fields added; a bare JSON array may be split or wrapped). ``status`` lets a provider that
 reports errors inside an HTTP 200 answer (Withings ``{"status": 401, ...}``) name the HTTP status they mean, so the
 poller refreshes, pauses, retries or fails exactly as for a real one. A provider's hook class is
-``POLL_HOOK`` in its ``connectors/<slug>/client.py`` (one instance per poller); providers without one publish
+``POLL_HOOK`` in its ``connectors/providers/<slug>/client.py`` (one instance per poller); providers without one publish
 pages as they are.
 """
 

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
-from connectors.oura.activity_types import terra_activity_type
+from connectors.providers.oura.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, to_ms
 
 PROVIDER = Provider(

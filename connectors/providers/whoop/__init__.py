@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
+from connectors.providers.whoop.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, parse_offset, to_ms
-from connectors.whoop.activity_types import terra_activity_type
 
 PROVIDER = Provider(
     "whoop",

@@ -32,8 +32,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.providers.withings.activity_types import terra_activity_type
 from connectors.timeutil import format_ts
-from connectors.withings.activity_types import terra_activity_type
 
 WHOLE_RESPONSE = "(whole response)"  # a field Withings never sends: every mapper gets the whole response
 

@@ -27,7 +27,7 @@ permanent). Pages without entries are not published. ``sleep_get`` pages get the
 ``/v2/sleep?action=get`` name neither their night nor its time zone, so for each ``getsummary`` series entry
 starting in the window the hook publishes
 ``{"status": 0, "body": {"series": <that night's segments>}, "summary": <the entry>}`` (the mapper's contract, see
-``connectors.withings``), taking the segments from the window's page when the night lies inside the window and
+``connectors.providers.withings``), taking the segments from the window's page when the night lies inside the window and
 otherwise from one ``action=get`` request over the night (≤ 24 h, Withings' limit per call).
 """
 

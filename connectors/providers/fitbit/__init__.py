@@ -53,7 +53,7 @@ Poller contract — fields the poller adds at the top level of each response (in
   same dates. These metrics are measured during the main sleep of their ``dateTime`` (the date the
   sleep ended); with the sleep attached they also complete that Sleep (summary_id = its ``logId``).
   Breathing rate has no place in Terra's Daily, so ``br`` requires it. The poll hook
-  (``connectors.fitbit.client``) attaches the main sleep logs of the response's dates, trimmed to the
+  (``connectors.providers.fitbit.client``) attaches the main sleep logs of the response's dates, trimmed to the
   fields read here, and publishes nights without a main sleep apart, without ``_sleep``.
 
 Choices: sleep stages deep/light/rem/wake → SleepLevel 5/4/6/1; classic asleep → 2 (SLEEPING),
@@ -80,7 +80,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.base import Fragment, MappingError, Provider, compact
-from connectors.fitbit.activity_types import terra_activity_type
+from connectors.providers.fitbit.activity_types import terra_activity_type
 from connectors.timeutil import format_ts, parse_iso, to_ms
 
 PROVIDER = Provider(

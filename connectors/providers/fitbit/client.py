@@ -21,7 +21,7 @@ SLEEP_RANGE_DAYS = 100  # Fitbit's longest sleep date range
 
 class FitbitHook(ResponseHook):
     """Adds ``_date``, ``_units``, ``_profile``, to ``spo2``/``hrv``/``br`` ``_sleep``, and to ``weight`` the window's
-    ``fat`` logs (see ``connectors.fitbit``).
+    ``fat`` logs (see ``connectors.providers.fitbit``).
 
     ``locale`` is the Accept-Language sent. Extra requests (profile, sleep logs) go through ``request.fetch``: the
     same rate limits, retries and 401 handling as the page itself.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact
-from connectors.garmin.activity_types import terra_activity_type
+from connectors.providers.garmin.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, from_unix, offset_tz, unix_ts
 
 PROVIDER = Provider(

@@ -7,7 +7,7 @@ Raw kinds, one AccessLink response body per raw payload:
 - ``sleep``: ``GET /v3/users/sleep`` (``{"nights": [...]}``) or ``GET /v3/users/sleep/{date}`` (one night) → Sleep.
 - ``nightly-recharge``: ``GET /v3/users/nightly-recharge`` (``{"recharges": [...]}``) or one date → Daily (HRV), and
   Sleep (recovery status, breathing, HRV) when the night is attached under ``sleep`` (the poll hook,
-  ``connectors.polar.client.PolarHook``, attaches it from ``GET /v3/users/sleep``).
+  ``connectors.providers.polar.client.PolarHook``, attaches it from ``GET /v3/users/sleep``).
 - ``activities``: one day, ``GET /v3/users/activities/{date}?steps=true&activity_zones=true`` → Daily.
 - ``continuous-heart-rate``: ``GET /v3/users/continuous-heart-rate?from=&to=`` (``{"heart_rates": [...]}``, one
   document per day) or one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
@@ -39,7 +39,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
-from connectors.polar.activity_types import terra_activity_type
+from connectors.providers.polar.activity_types import terra_activity_type
 from connectors.timeutil import format_ts, to_ms
 
 WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: every mapper gets the whole response
