@@ -1,4 +1,4 @@
-"""Raw data in: providers (one folder each), and later suppliers, mobile ingest and auth.
+"""Raw data in: the provider framework and the providers (one folder each), and later suppliers and mobile ingest.
 
 ``registry()`` discovers every provider folder under ``providers/``: adding a provider means adding a folder whose
 ``__init__.py`` defines ``PROVIDER`` (a ``connectors.base.Provider``, with its mappers) next to a
@@ -6,8 +6,8 @@
 limits, webhooks). Both are checked against each other when the registry loads.
 
 What the manifest cannot say goes in the folder's optional ``client.py``: ``OAUTH`` (a
-``connectors.auth.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
-connect, deregistration at disconnect), ``POLL_HOOK`` (a ``connectors.polling.hooks.ResponseHook``
+``connectors.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
+connect, deregistration at disconnect), ``POLL_HOOK`` (a ``connectors.hooks.ResponseHook``
 subclass adding request headers or the context a mapper needs to polled pages, or reading statuses a
 provider sends inside HTTP 200 answers) and ``PUSH_LIFECYCLE`` (push-body lists that are account events,
 not data: Garmin ``deregistrations``, ``userPermissionsChange``).

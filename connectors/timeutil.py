@@ -55,3 +55,13 @@ def day_bounds(day: str | date, tz: timezone) -> tuple[str, str]:
 
 def to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def format_bound(moment: datetime, fmt: str, is_end: bool) -> str:
+    """A window bound as the provider wants it; a ``date`` end is the last day the window touches (inclusive)."""
+    if fmt == "date":
+        day = (moment - timedelta(microseconds=1)).date() if is_end else moment.date()
+        return day.isoformat()
+    if fmt == "unix":
+        return str(int(moment.timestamp()))
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

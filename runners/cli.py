@@ -103,8 +103,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_poll(args: argparse.Namespace) -> int:
     import time
 
-    from connectors.auth.control_plane import ControlPlane
-    from connectors.polling import (
+    from controlplane.auth.control_plane import ControlPlane
+    from controlplane.polling import (
         ConnectionPolling,
         CursorStore,
         KafkaPublisher,
@@ -285,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
                       help="where `healthflow serve` queues notify-only webhooks (fetched as they arrive)")
     poll.add_argument("--state", default="sqlite:///.healthflow/state.db", help="control-plane store")
 
-    from connectors.api.cli import add_parsers as add_api_parsers
+    from controlplane.api.cli import add_parsers as add_api_parsers
 
     add_api_parsers(sub)  # healthflow serve, healthflow developers …
 
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, beam_args)
-        from connectors.api.cli import COMMANDS as API_COMMANDS
+        from controlplane.api.cli import COMMANDS as API_COMMANDS
 
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
                 "deadletters": cmd_deadletters, "destinations": cmd_destinations, "demo": cmd_demo, "poll": cmd_poll,

@@ -10,9 +10,9 @@ import requests
 from cryptography.fernet import Fernet
 
 from connectors import registry
-from connectors.api import BackgroundServer, create_app
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.control_plane import ACTIVE, DEAUTH
+from controlplane.api import BackgroundServer, create_app
+from controlplane.auth import ControlPlane, MemoryCollector
+from controlplane.auth.control_plane import ACTIVE, DEAUTH
 
 pytest_plugins = ("servers.fake_provider",)  # fixtures: fake_provider, store_url, table_prefix
 pytest.register_assert_rewrite("servers.fake_provider")

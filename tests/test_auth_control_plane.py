@@ -8,8 +8,9 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.control_plane import (
+from connectors.oauth import ProviderOAuth, ProviderSettings, get_json
+from controlplane.auth import ControlPlane, MemoryCollector
+from controlplane.auth.control_plane import (
     ACTIVE,
     DEAUTH,
     REVOKED,
@@ -18,7 +19,6 @@ from connectors.auth.control_plane import (
     UnknownUser,
     now_ms,
 )
-from connectors.auth.oauth import ProviderOAuth, ProviderSettings, get_json
 from core.errors import FatalError
 
 pytest_plugins = ("servers.fake_provider",)  # fixtures: fake_provider, store_url, table_prefix

@@ -13,9 +13,9 @@ import pytest
 import redis
 import requests
 
-from connectors.api.app import create_app
-from connectors.api.server import BackgroundServer
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from controlplane.api.app import create_app
+from controlplane.api.server import BackgroundServer
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from runners.webhook_receiver import WebhookReceiver
 from sinks.webhook import WebhookSink

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from connectors.auth import MemoryCollector
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from controlplane.auth import MemoryCollector
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 

@@ -10,9 +10,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from connectors import registry
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.oauth import ProviderSettings
 from connectors.base import terra_user_id
+from connectors.oauth import ProviderSettings
+from controlplane.auth import ControlPlane, MemoryCollector
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 

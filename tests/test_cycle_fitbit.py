@@ -24,11 +24,12 @@ import redis
 import requests
 
 from connectors import get_provider
-from connectors.api.app import create_app
-from connectors.api.server import BackgroundServer
-from connectors.auth import MemoryCollector
 from connectors.base import MappingError
-from connectors.polling import (
+from connectors.publish import publish
+from controlplane.api.app import create_app
+from controlplane.api.server import BackgroundServer
+from controlplane.auth import MemoryCollector
+from controlplane.polling import (
     ConnectionPolling,
     CursorStore,
     KafkaPublisher,
@@ -36,9 +37,8 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
-from connectors.polling.poller import PollConnection
-from connectors.publish import publish
-from connectors.webhooks import router
+from controlplane.polling.poller import PollConnection
+from controlplane.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from schemas.serde import validate_record
 from sinks.sql import SqlSink

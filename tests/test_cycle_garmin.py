@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import requests
 
-from connectors.api import BackgroundServer, create_app
-from connectors.auth import MemoryCollector
 from connectors.base import terra_user_id
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
 from connectors.publish import publish
-from connectors.webhooks import router
+from controlplane.api import BackgroundServer, create_app
+from controlplane.auth import MemoryCollector
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
+from controlplane.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 
@@ -106,7 +106,7 @@ def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, to
             pushed_before = len(garmin.pushes)
             window = {"user_id": user_1, "start_date": (today - timedelta(days=100)).isoformat(),
                       "end_date": (today - timedelta(days=5)).isoformat()}
-            caplog.set_level(logging.INFO, logger="connectors.polling.service")
+            caplog.set_level(logging.INFO, logger="controlplane.polling.service")
             for data_type, kind, windows in (("daily", "dailies", 2), ("activity", "activities", 4)):
                 reply = http.get(f"{server.url}/v2/{data_type}", params=window)
                 assert reply.status_code == 200, reply.text
@@ -139,7 +139,7 @@ def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, to
             wait_for(lambda: len(garmin.backfills("dailies")) == 5, "the repeated daily backfill")
             assert [c.status for c in garmin.backfills("dailies")[3:]] == [409, 202]  # the next window still asked
             time.sleep(0.2)
-            assert not [r for r in caplog.records if r.name == "connectors.polling.service"
+            assert not [r for r in caplog.records if r.name == "controlplane.polling.service"
                         and r.levelno >= logging.WARNING], caplog.text
             assert "already requested (409)" in caplog.text
 

@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 
-from connectors.auth import MemoryCollector
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from controlplane.auth import MemoryCollector
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 

@@ -18,9 +18,11 @@ import pytest
 import redis
 
 from connectors import registry
-from connectors.auth import MemoryCollector
-from connectors.auth.oauth import ProviderSettings, oauth_class
-from connectors.polling import (
+from connectors.oauth import ProviderSettings, oauth_class
+from connectors.providers.polar.client import PolarOAuth
+from connectors.publish import publish
+from controlplane.auth import MemoryCollector
+from controlplane.polling import (
     ConnectionPolling,
     CursorStore,
     KafkaPublisher,
@@ -28,8 +30,6 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
-from connectors.providers.polar.client import PolarOAuth
-from connectors.publish import publish
 from core.errors import PermanentError, RetryableError
 from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch

@@ -24,12 +24,12 @@ import pytest
 import redis
 
 from connectors import registry
-from connectors.auth import MemoryCollector
-from connectors.auth.oauth import InvalidGrant, ProviderSettings
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
-from connectors.polling.cursors import LIVE_TRACK
-from connectors.polling.ratelimit import RateLimited
+from connectors.oauth import InvalidGrant, ProviderSettings
 from connectors.providers.withings.client import WithingsOAuth
+from controlplane.auth import MemoryCollector
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
+from controlplane.polling.cursors import LIVE_TRACK
+from controlplane.polling.ratelimit import RateLimited
 from core.errors import FatalError, PermanentError, RetryableError
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink

@@ -618,8 +618,8 @@ def test_unknown_kind_missing_user_and_batched_pages() -> None:
 # the poll hook (tests/test_cycle_fitbit.py polls through it end to end)
 # ----------------------------------------------------------------------------------------------------------------------
 def _hook_request(kind: str, answers: dict[str, Any], asked: list[str], user: str = "hf-1") -> Any:
-    from connectors.polling.hooks import Request
-    from connectors.polling.poller import PollConnection
+    from connectors.hooks import Request
+    from controlplane.polling.poller import PollConnection
     from core.errors import PermanentError
 
     def fetch(path: str, params: Any = None) -> Any:

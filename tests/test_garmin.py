@@ -578,7 +578,7 @@ def _connected(garmin: Any, plane: Any, account: str) -> str:
 def test_deauthentication_deletes_the_registration_and_a_registration_already_gone_counts_as_done(tmp_path) -> None:
     from servers.fake_garmin import FakeGarmin
 
-    from connectors.auth import MemoryCollector
+    from controlplane.auth import MemoryCollector
 
     events = MemoryCollector()
     with FakeGarmin() as garmin:

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import requests
 
-from connectors.api import BackgroundServer, create_app
-from connectors.auth import MemoryCollector
-from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, NotificationFetcher
-from connectors.polling.notifications import FetchReport
-from connectors.polling.poller import ForeignURL, PollConnection, Poller, same_api
 from connectors.publish import publish
-from connectors.webhooks import router
+from controlplane.api import BackgroundServer, create_app
+from controlplane.auth import MemoryCollector
+from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, NotificationFetcher
+from controlplane.polling.notifications import FetchReport
+from controlplane.polling.poller import ForeignURL, PollConnection, Poller, same_api
+from controlplane.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from runners.embedded import LoopbackHTTPServer
 from sinks.sql import SqlSink

@@ -13,8 +13,7 @@ import requests
 
 from connectors import registry
 from connectors.base import MappingError
-from connectors.polling.poller import format_bound
-from connectors.timeutil import parse_iso
+from connectors.timeutil import format_bound, parse_iso
 
 FIXTURES = Path(__file__).parent / "fixtures" / "google_health"
 PROVIDER = registry()["google_health"]

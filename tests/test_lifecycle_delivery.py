@@ -9,7 +9,7 @@ import pytest
 from cryptography.fernet import Fernet
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
-from connectors.auth import ControlPlane
+from controlplane.auth import ControlPlane
 from pipelines.replay import replay_deliveries, select
 from runners.webhook_receiver import WebhookReceiver
 from sinks.config import parse_destinations

@@ -25,9 +25,10 @@ import redis
 import requests
 from fastapi import FastAPI
 
-from connectors.api.server import BackgroundServer
-from connectors.auth import MemoryCollector
-from connectors.polling import (
+from connectors.publish import publish
+from controlplane.api.server import BackgroundServer
+from controlplane.auth import MemoryCollector
+from controlplane.polling import (
     ConnectionPolling,
     CursorStore,
     KafkaPublisher,
@@ -35,8 +36,7 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
-from connectors.publish import publish
-from connectors.webhooks import router
+from controlplane.webhooks import router
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from connectors.polling import (
+from connectors.publish import publish
+from controlplane.polling import (
     ConnectionPolling,
     CursorStore,
     KafkaPublisher,
@@ -18,7 +19,6 @@ from connectors.polling import (
     Poller,
     RedisRateLimiter,
 )
-from connectors.publish import publish
 from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink

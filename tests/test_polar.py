@@ -13,7 +13,7 @@ from terra_oracle import assert_terra_record
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key
-from connectors.polling.hooks import Request
+from connectors.hooks import Request
 from connectors.providers.polar.client import PolarHook
 from schemas.serde import validate_record
 

@@ -14,7 +14,7 @@ import requests
 
 from connectors import registry
 from connectors.manifest import Pagination, RateLimit
-from connectors.polling import (
+from controlplane.polling import (
     BACKFILL_HEADER,
     CursorStore,
     KafkaPublisher,
@@ -24,7 +24,7 @@ from connectors.polling import (
     RedisRateLimiter,
     TokenRejected,
 )
-from connectors.polling.ratelimit import http_date
+from controlplane.polling.ratelimit import http_date
 from core.errors import PermanentError, RetryableError
 from runners.embedded import free_port
 

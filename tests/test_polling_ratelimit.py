@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from connectors import registry
-from connectors.polling.ratelimit import (
+from controlplane.polling.ratelimit import (
     LIVE,
     LOW,
     Cancelled,
@@ -98,7 +98,7 @@ def test_buckets_are_shared_across_processes(redis_client, limiter_namespace):
     """Another Python process takes from the same Redis bucket: together they stay within the limit."""
     script = textwrap.dedent(f"""
         import time, redis
-        from connectors.polling.ratelimit import RedisRateLimiter, bucket_for_limit
+        from controlplane.polling.ratelimit import RedisRateLimiter, bucket_for_limit
         limiter = RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace={limiter_namespace!r})
         bucket = [bucket_for_limit("acme", 0, 10, 1.0, "app", None)]
         stop = time.time() + 2.0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from connectors.polling import (
+from controlplane.polling import (
     CursorStore,
     KafkaPublisher,
     LocalRateLimiter,

@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from connectors.publish import publish
-from connectors.webhooks import router
+from controlplane.webhooks import router
 from core.raw import RawMessage
 from runners.embedded import free_port
 from transforms.normalize import Failed, normalize_message
@@ -93,7 +93,7 @@ def test_unsigned_providers_are_authenticated_by_the_url_token(server, broker, m
 def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
     from cryptography.fernet import Fernet
 
-    from connectors.auth import ControlPlane
+    from controlplane.auth import ControlPlane
 
     with ControlPlane(f"sqlite:///{tmp_path}/cp.db", Fernet.generate_key().decode(), environ={}) as plane:
         served = _serve(broker, plane)
@@ -224,7 +224,7 @@ def test_fitbit_notifications_are_answered_204_and_split_per_owner(server, broke
 
 
 def test_garmin_pings_are_taken_out_of_a_push_body_entry_by_entry():
-    from connectors.webhooks import queue_pings, split_pings
+    from controlplane.webhooks import queue_pings, split_pings
 
     ping = {"userId": "u1", "callbackURL": "https://apis.garmin.com/wellness-api/rest/dailies?token=t"}
     body = json.dumps({"dailies": [_garmin_daily("u1", 1), ping, "junk"], "sleeps": [{**ping, "userId": "u2"}],

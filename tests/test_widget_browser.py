@@ -22,9 +22,9 @@ import requests
 from cryptography.fernet import Fernet
 
 from connectors import registry
-from connectors.api import BackgroundServer, create_app
-from connectors.auth import ControlPlane, MemoryCollector
-from connectors.auth.control_plane import ACTIVE
+from controlplane.api import BackgroundServer, create_app
+from controlplane.auth import ControlPlane, MemoryCollector
+from controlplane.auth.control_plane import ACTIVE
 from runners.embedded import LoopbackHTTPServer
 
 pytest_plugins = ("servers.fake_provider",)

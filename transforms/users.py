@@ -1,6 +1,6 @@
 """Who a provider account belongs to: provider user id → the connection's Terra user.
 
-Connections are made through the auth API (``connectors/auth``), which gives each one its own
+Connections are made through the auth API (``controlplane/auth``), which gives each one its own
 ``user_id`` and the developer's ``reference_id``. The pipeline looks connections up here, in the
 control-plane store, so delivered events carry that user. Data for an account with no active
 connection (a push racing its ``auth`` event, or data loaded from files) keeps a stable user id

@@ -160,8 +160,8 @@ class FakeGarmin(LoopbackService):
         from cryptography.fernet import Fernet
 
         from connectors import registry
-        from connectors.auth import ControlPlane
-        from connectors.auth.oauth import ProviderSettings
+        from connectors.oauth import ProviderSettings
+        from controlplane.auth import ControlPlane
 
         manifest = registry()["garmin"].manifest
         auth = manifest.auth.model_copy(update={"authorize_url": f"https://connect.garmin.com{self.oauth.authorize_path}",

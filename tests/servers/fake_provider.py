@@ -268,7 +268,7 @@ def fake_manifests() -> dict[str, Any]:
 
 def fake_settings(provider: FakeProvider) -> dict[str, Any]:
     """Registers both fake clients on ``provider`` and returns ``ProviderSettings`` by slug."""
-    from connectors.auth.oauth import ProviderSettings
+    from connectors.oauth import ProviderSettings
 
     provider.register("body-client", "body-secret", "body")
     provider.register("pkce-client", "pkce-secret", "basic", require_pkce=True)
@@ -347,8 +347,8 @@ def connect_provider(store_url: str, provider: FakeProvider, slug: str, account:
     from cryptography.fernet import Fernet
 
     from connectors import registry
-    from connectors.auth import ControlPlane, MemoryCollector
-    from connectors.auth.oauth import ProviderSettings
+    from connectors.oauth import ProviderSettings
+    from controlplane.auth import ControlPlane, MemoryCollector
 
     manifest = registry()[slug].manifest
     provider.register(f"{slug}-client", "secret", manifest.auth.client_auth, require_pkce=manifest.auth.pkce)

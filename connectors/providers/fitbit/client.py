@@ -8,8 +8,8 @@ import time
 from datetime import date, timedelta
 from typing import Any
 
-from connectors.polling.hooks import Request, ResponseHook
-from connectors.polling.poller import format_bound
+from connectors.hooks import Request, ResponseHook
+from connectors.timeutil import format_bound
 from core.errors import PermanentError
 
 log = logging.getLogger(__name__)

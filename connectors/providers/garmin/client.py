@@ -7,14 +7,14 @@ notification as if the user had withdrawn access in Garmin Connect.
 
 The manifest's endpoints are Garmin's backfill requests (``GET /backfill/<type>``): Garmin answers 202
 with no body and pushes the data later; ``POLL_HOOK`` makes sure no answer of theirs is ever published
-as data (see ``connectors.polling.service`` for windows and 409).
+as data (see ``controlplane.polling.service`` for windows and 409).
 
 Push bodies may carry lifecycle lists instead of data (``PUSH_LIFECYCLE``, applied by
-``connectors.webhooks``): ``deregistrations`` (the user disconnected us in Garmin Connect, or we called
+``controlplane.webhooks``): ``deregistrations`` (the user disconnected us in Garmin Connect, or we called
 the DELETE above) and ``userPermissionsChange`` (the user changed what they share; the token stays valid).
 
 Summary types configured for Ping carry ``callbackURL`` entries instead of data (``webhooks.callback_field`` in the
-manifest): the webhook queues them and ``connectors.polling.notifications`` GETs them (only on ``api.base_url``'s
+manifest): the webhook queues them and ``controlplane.polling.notifications`` GETs them (only on ``api.base_url``'s
 origin and path) with the user's token, publishing the answer as a push body. ``activityFiles`` pings (FIT/TCX/GPX,
 one download each) are not mapped, so they are not fetched.
 """
@@ -26,14 +26,14 @@ from typing import Any
 
 import requests
 
-from connectors.auth.oauth import InvalidGrant, ProviderOAuth
-from connectors.polling.hooks import Request, ResponseHook
+from connectors.hooks import Request, ResponseHook
+from connectors.oauth import InvalidGrant, ProviderOAuth
 from core.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
 REGISTRATION_PATH = "/user/registration"
-# push-body list → lifecycle action (connectors.webhooks.LIFECYCLE_ACTIONS); these lists are never published as data
+# push-body list → lifecycle action (controlplane.webhooks.LIFECYCLE_ACTIONS); these lists are never published as data
 PUSH_LIFECYCLE = {"deregistrations": "deregistration", "userPermissionsChange": "permissions_change"}
 
 

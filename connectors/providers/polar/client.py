@@ -13,8 +13,8 @@ from typing import Any
 
 import requests
 
-from connectors.auth.oauth import ProviderOAuth
-from connectors.polling.hooks import Request, ResponseHook
+from connectors.hooks import Request, ResponseHook
+from connectors.oauth import ProviderOAuth
 from core.errors import PermanentError, RetryableError, parse_retry_after
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from connectors.auth.oauth import ProviderOAuth
-from connectors.polling.hooks import Request, ResponseHook
+from connectors.hooks import Request, ResponseHook
+from connectors.oauth import ProviderOAuth
 from core.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)

@@ -55,11 +55,12 @@ from typing import Any, Protocol
 
 import requests
 
+from connectors.hooks import Request, ResponseHook, default_hooks
 from connectors.manifest import Endpoint, Manifest
-from connectors.polling.cursors import LIVE_TRACK, CursorStore, backfill_track
-from connectors.polling.hooks import Request, ResponseHook, default_hooks
-from connectors.polling.publisher import BACKFILL_HEADER, REFERENCE_HEADER, KafkaPublisher
-from connectors.polling.ratelimit import (
+from connectors.timeutil import format_bound
+from controlplane.polling.cursors import LIVE_TRACK, CursorStore, backfill_track
+from controlplane.polling.publisher import BACKFILL_HEADER, REFERENCE_HEADER, KafkaPublisher
+from controlplane.polling.ratelimit import (
     LIVE,
     LOW,
     Cancelled,
@@ -77,7 +78,7 @@ AccessToken = Callable[[], str]
 
 
 class PollTarget(Protocol):
-    """What the poller needs of a connection (``connectors.auth.Connection`` has it)."""
+    """What the poller needs of a connection (``controlplane.auth.Connection`` has it)."""
 
     user_id: str
     provider: str
@@ -151,16 +152,6 @@ def _aware(moment: datetime, name: str) -> datetime:
 
 def _midnight(moment: datetime) -> datetime:
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def format_bound(moment: datetime, fmt: str, is_end: bool) -> str:
-    """A window bound as the provider wants it; a ``date`` end is the last day the window touches (inclusive)."""
-    if fmt == "date":
-        day = (moment - timedelta(microseconds=1)).date() if is_end else moment.date()
-        return day.isoformat()
-    if fmt == "unix":
-        return str(int(moment.timestamp()))
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _origin_and_path(url: str) -> tuple[str, str, int | None, str]:

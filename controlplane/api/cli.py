@@ -1,6 +1,6 @@
 """``healthflow serve`` and ``healthflow developers``: argparse wiring for runners/cli.py.
 
-    from connectors.api.cli import COMMANDS, add_parsers
+    from controlplane.api.cli import COMMANDS, add_parsers
     add_parsers(sub)              # in parser(), next to the other sub-commands
     {..., **COMMANDS}[args.command](args)   # in main()
 """
@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from connectors.api.server import serve
+    from controlplane.api.server import serve
 
     emit = None
     if args.destinations:
@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         emit = LifecycleDelivery(load_destinations(args.destinations).targets(), args.dead_letters).emit
     limiter = None
     if args.redis:
-        from connectors.polling import RedisRateLimiter
+        from controlplane.polling import RedisRateLimiter
 
         limiter = RedisRateLimiter(url=args.redis)
     serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers,
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_developers(args: argparse.Namespace) -> int:
-    from connectors.auth.control_plane import ControlPlane
+    from controlplane.auth.control_plane import ControlPlane
 
     with ControlPlane(args.state) as control_plane:
         if args.action == "create":

@@ -1,6 +1,6 @@
 """Connecting users to providers: developers and API keys, OAuth 2 flows, tokens, lifecycle events.
 
-    from connectors.auth import ControlPlane, MemoryCollector
+    from controlplane.auth import ControlPlane, MemoryCollector
 
     events = MemoryCollector()
     with ControlPlane("sqlite:///.healthflow/state.db", public_url="https://hf.example", emit=events) as cp:
@@ -9,7 +9,9 @@
         # browser → start.auth_url → provider → /v2/auth/callback/oura → cp.complete_auth("oura", query)
         token = cp.access_token(start.user_id)   # refreshed under a per-connection lock when expiring
 
-Exports are loaded lazily, so ``connectors.registry()`` can scan this package cheaply.
+The OAuth 2 client of each provider (``ProviderOAuth``) is part of the provider framework: ``connectors.oauth``.
+
+Exports are loaded lazily, so importing the package is cheap.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ _EXPORTS = {
     "UnknownUser": "control_plane", "UnknownProvider": "control_plane", "ConnectionInactive": "control_plane",
     "ConnectionRevoked": "control_plane", "PENDING": "control_plane", "ACTIVE": "control_plane",
     "DEAUTH": "control_plane", "REVOKED": "control_plane",
-    "ProviderOAuth": "oauth", "ProviderSettings": "oauth", "InvalidGrant": "oauth", "ProviderNotConfigured": "oauth",
-    "oauth_class": "oauth",
     "TokenCipher": "secrets", "SECRET_KEY_ENV": "secrets",
     "MemoryCollector": "events",
 }

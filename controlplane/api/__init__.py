@@ -1,6 +1,6 @@
 """The ``/v2`` HTTP API (FastAPI): ``create_app(control_plane)``, ``serve(port, store_url)``, ``BackgroundServer``.
 
-Exports are loaded lazily, so ``connectors.registry()`` can scan this package without importing FastAPI.
+Exports are loaded lazily, so importing the package does not import FastAPI.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pulling provider APIs: a shared rate limiter, a window/pagination poller, backfills and a scheduler.
 
-    from connectors.polling import (CursorStore, KafkaPublisher, Poller, PollConnection, RedisRateLimiter,
-                                    Scheduler)
+    from controlplane.polling import (CursorStore, KafkaPublisher, Poller, PollConnection, RedisRateLimiter,
+                                      Scheduler)
 
     poller = Poller(cursors=CursorStore(store_url), publisher=KafkaPublisher(bootstrap, raw_topic),
                     limiter=RedisRateLimiter(url="redis://127.0.0.1:6379/0"))   # LocalRateLimiter() without Redis
@@ -15,11 +15,11 @@
   raw event and advances the cursor only after the broker acknowledged the whole window.
 - ``cursors``: cursors in the control-plane store (``core.store``).
 - ``publisher``: one idempotent producer; per-window acknowledged batches with Kafka headers.
-- ``hooks``: per-provider request headers and response context (``POLL_HOOK`` in
-  ``connectors/providers/<slug>/client.py``).
+- ``connectors.hooks`` (the provider framework): per-provider request headers and response context (``POLL_HOOK``
+  in ``connectors/providers/<slug>/client.py``).
 - ``scheduler``: every active connection × kind every 15 minutes, with jitter.
 
-Exports are loaded lazily, so ``connectors.registry()`` can scan this package cheaply.
+Exports are loaded lazily, so importing the package is cheap.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ _EXPORTS = {
     "KafkaPublisher": "publisher", "PublishFailed": "publisher", "BACKFILL_HEADER": "publisher",
     "Poller": "poller", "PollConnection": "poller", "PollResult": "poller", "PollTarget": "poller",
     "TokenRejected": "poller", "windows": "poller",
-    "ResponseHook": "hooks", "default_hooks": "hooks",
     "Scheduler": "scheduler",
     "ConnectionPolling": "service", "PollReport": "service",
     "NotificationFetcher": "notifications", "FetchReport": "notifications",

@@ -20,8 +20,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from connectors.api.widget import expired_page, page, widget_page
-from connectors.auth.control_plane import (
+from connectors.oauth import ProviderNotConfigured
+from controlplane.api.widget import expired_page, page, widget_page
+from controlplane.auth.control_plane import (
     WIDGET_SESSION_TTL_S,
     Connection,
     ControlPlane,
@@ -29,7 +30,6 @@ from connectors.auth.control_plane import (
     UnknownUser,
     check_redirect_url,
 )
-from connectors.auth.oauth import ProviderNotConfigured
 from core.errors import FatalError, PermanentError, RetryableError
 from schemas import MODEL_TYPES
 
@@ -167,7 +167,7 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow", pollin
     answers historical requests (``GET /v2/{type}``). For a push provider (Garmin) a historical request
     asks the provider to push that history; it arrives through the webhook router as normal data, without
     ``terra-reference`` (nothing in it names the request). ``app.state.control_plane`` is what the webhook
-    router (``connectors.webhooks``) applies push lifecycle lists to."""
+    router (``controlplane.webhooks``) applies push lifecycle lists to."""
     cp = control_plane
     app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
                   redoc_url=None, description=__doc__)

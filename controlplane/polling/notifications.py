@@ -18,7 +18,7 @@ means (``webhooks.kind_field``):
   failure is counted in the report (``fetched.failed``) and does not hold up the queue.
 
 Pings (``webhooks.callback_field``; Garmin queues ``{"<summaryType>": [{"userId", "callbackURL"}]}`` per account, see
-``connectors.webhooks``): each entry's callback URL is fetched with the account's connection token through
+``controlplane.webhooks``): each entry's callback URL is fetched with the account's connection token through
 ``Poller.fetch_url`` (rate limits, retries; through ``ConnectionPolling.attempt``, so a 401 refreshes and fetches
 once more) and the answer, a JSON array of that summary type, is published on the ingestion topic in push shape
 (``{"<summaryType>": [...]}``, like a push body), so the pipeline maps it as pushed data. Only URLs on the
@@ -49,10 +49,10 @@ from typing import Any
 
 from connectors import registry
 from connectors.manifest import Webhooks
-from connectors.polling.poller import PollResult, ProviderRefused
-from connectors.polling.publisher import PublishFailed
-from connectors.polling.service import ConnectionPolling, PollReport
-from connectors.webhooks import parse_notification
+from controlplane.polling.poller import PollResult, ProviderRefused
+from controlplane.polling.publisher import PublishFailed
+from controlplane.polling.service import ConnectionPolling, PollReport
+from controlplane.webhooks import parse_notification
 from core.kafka import producer_config, send_all
 from schemas.serde import SchemaMismatch, decode
 from transforms.sources import ReadPartitionToEnd, commit_offsets, plan_partitions

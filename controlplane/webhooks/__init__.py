@@ -19,10 +19,10 @@ Per the provider's manifest (``webhooks``):
   taken out of the push body too, entry by entry (a body may mix data, pings and lifecycle lists), and queued on
   the notifications topic like notifications: one raw event of kind ``notification`` per account, keyed by the
   account, holding ``{"<summaryType>": [ping entries]}`` in the body's order. Nothing is fetched while Garmin waits
-  for its 200 (30 s); the fetcher (``connectors.polling.notifications``) GETs the callbacks.
+  for its 200 (30 s); the fetcher (``controlplane.polling.notifications``) GETs the callbacks.
 - ``notification`` / ``ping`` (Oura, WHOOP, Fitbit, Polar, Withings): the body only says what
   changed. It is published as a raw event of kind ``notification`` on the notifications topic, for
-  the fetcher (``connectors.polling.notifications``) to pull the named data with the connection's token,
+  the fetcher (``controlplane.polling.notifications``) to pull the named data with the connection's token,
   or to mark the connection revoked (``webhooks.revoked``). The raw event's ``user_id`` is the notified
   account (``webhooks.user_field``), so one account's notifications stay in order; a list naming several
   accounts (Fitbit sends arrays) is split into one raw event per account, in the list's order, and a list
@@ -272,7 +272,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
     (set it in production: anyone who knows the URL could otherwise post data or a deregistration).
 
     ``control_plane`` (a ``ControlPlane``; default: the app's ``state.control_plane``, which
-    ``connectors.api.create_app`` sets) applies push lifecycle lists.
+    ``controlplane.api.create_app`` sets) applies push lifecycle lists.
     """
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
 

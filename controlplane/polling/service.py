@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from connectors.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
-from connectors.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
-from connectors.polling.ratelimit import Cancelled
-from connectors.polling.scheduler import Scheduler
+from controlplane.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
+from controlplane.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
+from controlplane.polling.ratelimit import Cancelled
+from controlplane.polling.scheduler import Scheduler
 from core.errors import FatalError, HealthflowError, RetryableError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from connectors.polling.poller import Poller, PollResult, PollTarget, TokenRejected
+from controlplane.polling.poller import Poller, PollResult, PollTarget, TokenRejected
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
     (``GET /v2/{type}``) are fetched at low priority (``limiter``: a shared RedisRateLimiter, or
     in-process limits).
     """
-    from connectors.api.app import create_app
-    from connectors.auth.control_plane import ControlPlane
+    from controlplane.api.app import create_app
+    from controlplane.auth.control_plane import ControlPlane
 
     control_plane = ControlPlane(store_url, secret_key, public_url=public_url or f"http://{host}:{port}",
                                  emit=emit or log_event).open()
@@ -45,7 +45,7 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
         control_plane.flush_events()
         polling = None
         if bootstrap_servers:
-            from connectors.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
+            from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
 
             publisher = KafkaPublisher(bootstrap_servers, "healthflow.raw")
             polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(store_url), publisher=publisher,
@@ -53,7 +53,7 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
         app = create_app(control_plane, polling=polling)
         if bootstrap_servers:
             from connectors.publish import publish
-            from connectors.webhooks import router
+            from controlplane.webhooks import router
 
             app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
         uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -31,10 +31,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from connectors.auth import events as ev
-from connectors.auth.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, ProviderSettings, oauth_class
-from connectors.auth.secrets import TokenCipher, hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
 from connectors.manifest import Manifest, OAuth2
+from connectors.oauth import InvalidGrant, ProfileFetcher, ProviderOAuth, ProviderSettings, oauth_class
+from controlplane.auth import events as ev
+from controlplane.auth.secrets import TokenCipher, hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
 from core.errors import FatalError, HealthflowError, PermanentError
 from core.store import Store, now_ms
 
