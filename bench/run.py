@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -22,11 +26,11 @@ from rich.table import Table
 from connectors.publish import publish
 from core.events import NormalizedEvent
 from core.raw import RawMessage
+from pipelines import quiet_beam
+from pipelines.demo_data import Simulator
+from pipelines.embedded import EmbeddedBroker, moto_server
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch
-from runners.cli import _quiet_beam
-from runners.demo_data import Simulator
-from runners.embedded import EmbeddedBroker, moto_server
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from schemas.serde import encode_raw
 from sinks.kafka import KafkaSink
 from sinks.object_store import ObjectStoreSink
@@ -35,7 +39,6 @@ from sinks.s3 import S3Sink
 from sinks.sql import SqlSink
 from sinks.sqs import SqsSink
 from sinks.webhook import WebhookSink
-from tests.servers.pubsub_server import PubSubTestServer
 from transforms.normalize import normalize_in_memory
 
 
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--days", type=int, default=4)
     args = parser.parse_args()
-    _quiet_beam()
+    quiet_beam()
     console = Console(width=150)
     payloads = list(Simulator(args.users, args.days).payloads())
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -84,9 +87,8 @@ def main() -> None:
             rows.append(("pipeline: Kafka → webhook + SQLite + S3 layout", summary.get("raw_in"), summary.seconds,
                          f"{base_rate / (summary.get('raw_in') / summary.seconds):.2f}x"))
 
-            with moto_server() as aws, PubSubTestServer() as pubsub:
+            with moto_server() as aws, pubsub_server("projects/bench/topics/events") as pubsub_host:
                 bucket, queue_url = _aws_resources(aws)
-                pubsub.create_topic("projects/bench/topics/events")
                 broker.create_topic("bench.normalized", partitions=4)
                 for sink in (WebhookSink("webhook", receiver.url, secret),
                              SqlSink("sqlite", f"sqlite:///{work / 'direct.db'}"),
@@ -94,7 +96,7 @@ def main() -> None:
                              SqlSink("mariadb", "mysql://root@127.0.0.1:3306/test", table_prefix="hf_bench_"),
                              ObjectStoreSink("object_store", str(work / "direct-objects")),
                              KafkaSink("kafka", broker.bootstrap, "bench.normalized"),
-                             PubSubSink("pubsub", "bench", "events", emulator_host=pubsub.host)):
+                             PubSubSink("pubsub", "bench", "events", emulator_host=pubsub_host)):
                     rows.append(_measure_sink(console, sink, delivered))
                 # moto's Python server is far slower than S3/SQS: these rows measure the emulator, on fewer events
                 for sink in (S3Sink("s3 (moto)", bucket, endpoint_url=aws, formats=("json", "parquet")),
@@ -114,6 +116,7 @@ def main() -> None:
 
 
 MOTO_EVENTS = 400
+ROOT = Path(__file__).resolve().parent.parent  # the repository: tests/ is not installed
 
 
 def _measure_sink(console: Console, sink, events) -> tuple[str, int, float, str]:
@@ -130,6 +133,28 @@ def _measure_sink(console: Console, sink, events) -> tuple[str, int, float, str]
     finally:
         sink.close()
     return (f"destination {sink.name} (write path)", len(events), elapsed, f"{failures} failed" if failures else "")
+
+
+@contextlib.contextmanager
+def pubsub_server(*topics: str) -> Iterator[str]:
+    """The Pub/Sub test server (``tests/servers/pubsub_server.py``) in a process of its own, with ``topics``;
+    yields its ``PUBSUB_EMULATOR_HOST``. Closing its stdin ends it."""
+    command = [sys.executable, "-m", "tests.servers.pubsub_server", *(a for t in topics for a in ("--topic", t))]
+    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line.startswith("PUBSUB_EMULATOR_HOST="):
+            raise RuntimeError(f"the Pub/Sub test server did not start (exit code {process.poll()})")
+        yield line.split("=", 1)[1]
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def _aws_resources(endpoint: str) -> tuple[str, str]:

@@ -21,10 +21,11 @@ import apache_beam as beam
 
 from core.errors import FatalError
 from core.raw import RawMessage
-from runners.launch import make_pipeline
+from pipelines.launch import make_pipeline
 from sinks.base import Sink
 from sinks.dead_letters import WriteDeadLetter
-from transforms.deliver import DeliverAll, RetryPolicy, Target
+from sinks.policy import RetryPolicy, Target
+from transforms.deliver import DeliverAll
 from transforms.normalize import METRICS, Normalize
 from transforms.sources import NEXT_OFFSET, ReadKafkaBatch, ReadRawFiles, commit_offsets
 

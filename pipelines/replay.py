@@ -28,15 +28,15 @@ from core.errors import FatalError
 from core.raw import RawMessage
 from core.store import now_ms
 from pipelines.normalize import MessagesSource, NormalizeJob, RunSummary, run_batch
+from sinks.policy import Target
+from sinks.status import DestinationStatus
 from transforms.deliver import (
     DeadLettered,
     Delivered,
     Delivery,
-    Target,
     delivery_dead_letter,
     event_from_dead_letter,
 )
-from transforms.destination_status import DestinationStatus
 
 INGEST_STAGES = ("decode", "parse", "normalize", "validate")
 

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from core.errors import FatalError
+from pipelines import quiet_beam
 
 PIPELINES = ("normalize",)
-
-
-def _quiet_beam() -> None:
-    # Beam warns about optional cloud clients (GCS, BigQuery) on import; they are not used locally.
-    for name in ("apache_beam.io.filesystems", "root", "apache_beam.io.gcp.bigquery"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _read_input(path: str) -> bytes:
@@ -186,7 +180,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:
-    from transforms.destination_status import DestinationStatus
+    from sinks.status import DestinationStatus
 
     status = DestinationStatus(args.state).open()
     try:
@@ -297,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_beam()
+    quiet_beam()
     args, beam_args = parser().parse_known_args(argv)
     if args.command != "run" and beam_args:
         parser().error(f"unrecognized arguments: {' '.join(beam_args)}")

@@ -23,10 +23,10 @@ from rich.table import Table
 
 from connectors.publish import publish
 from core.dead_letters import read_dead_letters
+from pipelines.demo_data import Simulator
+from pipelines.embedded import EmbeddedBroker
 from pipelines.normalize import KafkaSource, NormalizeJob, RunSummary, run_batch
-from runners.demo_data import Simulator
-from runners.embedded import EmbeddedBroker
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.config import load_destinations
 
 TOPIC = "healthflow.raw"

@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import FatalError
 from schemas import MODEL_TYPES
 from sinks.base import Sink
-from transforms.deliver import SVIX_REDELIVERY_S, RetryPolicy, Target
-from transforms.destination_status import DEFAULT_DISABLE_AFTER_S
+from sinks.policy import SVIX_REDELIVERY_S, RetryPolicy, Target
+from sinks.status import DEFAULT_DISABLE_AFTER_S
 
 LIFECYCLE_TYPES = ("auth", "auth_cancelled", "deauth", "user_reauth", "access_revoked", "connection_error",
                    "permission_change")

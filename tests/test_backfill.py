@@ -17,7 +17,7 @@ from controlplane.api.app import create_app
 from controlplane.api.server import BackgroundServer
 from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, Poller, RedisRateLimiter
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.webhook import WebhookSink
 
 pytest_plugins = ("servers.fake_provider",)

@@ -37,12 +37,12 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 
 from core.dead_letters import read_dead_letters
 from core.events import NormalizedEvent
+from pipelines.embedded import MOTO_REGION, EmbeddedBroker
 from pipelines.normalize import FileSource, NormalizeJob, RunSummary, run_batch
 from pipelines.replay import replay_deliveries, select
-from runners.embedded import MOTO_REGION, EmbeddedBroker
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.config import parse_destinations
-from transforms.deliver import Target
+from sinks.policy import Target
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 from transforms.sources import read_lines
 

@@ -8,11 +8,11 @@ import time
 from core.errors import RetryableError
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from pipelines.replay import replay_deliveries, select
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
+from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
+from sinks.status import DestinationStatus
 from sinks.webhook import WebhookSink
-from transforms.deliver import RetryPolicy, Target
-from transforms.destination_status import DestinationStatus
 
 
 def _raw(tmp_path, payloads, name="raw.jsonl") -> str:

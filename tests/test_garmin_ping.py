@@ -29,8 +29,8 @@ from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher,
 from controlplane.polling.notifications import FetchReport
 from controlplane.polling.poller import ForeignURL, PollConnection, Poller, same_api
 from controlplane.webhooks import router
+from pipelines.embedded import LoopbackHTTPServer
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
-from runners.embedded import LoopbackHTTPServer
 from sinks.sql import SqlSink
 
 pytest.register_assert_rewrite("servers.fake_garmin", "servers.fake_provider", "servers.fake_provider_api")

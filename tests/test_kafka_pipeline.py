@@ -10,8 +10,8 @@ from confluent_kafka import Consumer, TopicPartition
 from connectors.publish import publish
 from core.errors import FatalError
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch, run_stream
+from sinks.policy import RetryPolicy
 from sinks.sql import SqlSink
-from transforms.deliver import RetryPolicy
 
 FAST_RETRY = RetryPolicy(max_attempts=2, initial_delay_s=0.01, max_delay_s=0.02)
 

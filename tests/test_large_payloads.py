@@ -9,7 +9,7 @@ import boto3
 import requests
 
 from core.errors import PermanentError
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.large_payloads import LargePayloadS3
 from sinks.webhook import WebhookSink
 

@@ -11,7 +11,7 @@ from terra.utils.verify_signature import verify_terra_webhook_signature
 
 from controlplane.auth import ControlPlane
 from pipelines.replay import replay_deliveries, select
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.config import parse_destinations
 from transforms.lifecycle import LifecycleDelivery
 

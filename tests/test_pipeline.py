@@ -17,13 +17,13 @@ from core.dead_letters import read_dead_letters
 from core.errors import FatalError
 from core.raw import RawMessage, RawPayload
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from schemas import MODEL_TYPES
 from schemas.serde import encode_raw
 from sinks.object_store import ObjectStoreSink
+from sinks.policy import RetryPolicy
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.deliver import RetryPolicy
 from transforms.normalize import Normalize
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)

@@ -26,7 +26,7 @@ from controlplane.polling import (
 )
 from controlplane.polling.ratelimit import http_date
 from core.errors import PermanentError, RetryableError
-from runners.embedded import free_port
+from pipelines.embedded import free_port
 
 pytest.register_assert_rewrite("servers.fake_provider_api")
 from servers.fake_provider_api import FakeProviderApi, consume_raw  # noqa: E402

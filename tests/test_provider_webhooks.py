@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from connectors.publish import publish
 from controlplane.webhooks import router
 from core.raw import RawMessage
-from runners.embedded import free_port
+from pipelines.embedded import free_port
 from transforms.normalize import Failed, normalize_message
 
 pytest.register_assert_rewrite("servers.fake_provider_api")

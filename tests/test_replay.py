@@ -9,10 +9,10 @@ from connectors import get_provider
 from core.dead_letters import read_dead_letters
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from pipelines.replay import replay_deliveries, replay_ingest, select
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
+from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.deliver import RetryPolicy, Target
 
 FAST = RetryPolicy(max_attempts=2, initial_delay_s=0.01, max_delay_s=0.02)
 

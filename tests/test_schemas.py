@@ -21,7 +21,7 @@ from terra_oracle import SDK_MODELS, nested_models, wire_fields
 from core.dead_letters import dead_letter
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
-from runners.demo_data import Simulator
+from pipelines.demo_data import Simulator
 from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, model_fullname, model_schema
 from schemas.serde import SchemaMismatch, decode, encode, encode_raw, validate_record
 from transforms.normalize import normalize_in_memory

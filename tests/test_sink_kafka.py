@@ -13,7 +13,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from core.errors import FatalError, PermanentError, RetryableError, Route, route
 from core.events import NormalizedEvent
-from runners.embedded import EmbeddedBroker, free_port
+from pipelines.embedded import EmbeddedBroker, free_port
 from schemas.serde import decode
 from sinks.base import SinkResult
 from sinks.kafka import KafkaSink, _result, build_producer_config, classify

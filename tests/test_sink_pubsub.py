@@ -16,7 +16,7 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 
 from core.errors import FatalError, PermanentError, RetryableError, Route, route
 from core.events import NormalizedEvent
-from runners.embedded import free_port
+from pipelines.embedded import free_port
 from sinks.pubsub import PubSubSink
 
 try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...

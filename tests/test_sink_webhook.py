@@ -17,7 +17,7 @@ from terra.utils.verify_signature import verify_terra_webhook_signature
 
 from core.errors import FatalError, PermanentError, RetryableError, Route, parse_retry_after, route
 from core.events import NormalizedEvent
-from runners.webhook_receiver import WebhookReceiver
+from pipelines.webhook_receiver import WebhookReceiver
 from sinks.base import SinkResult
 from sinks.webhook import EndpointGone, WebhookSink, terra_signing_key
 

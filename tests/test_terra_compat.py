@@ -21,7 +21,7 @@ from terra_oracle import SDK_EVENTS, SDK_MODELS, extras, sdk_parse, undeclared_k
 
 from core.events import NormalizedEvent
 from core.raw import RawMessage
-from runners.demo_data import Simulator
+from pipelines.demo_data import Simulator
 from schemas import DATA_MODEL_VERSION, MODEL_TYPES
 from schemas.serde import encode_raw
 from transforms.normalize import normalize_in_memory

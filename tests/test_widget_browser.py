@@ -25,7 +25,7 @@ from connectors import registry
 from controlplane.api import BackgroundServer, create_app
 from controlplane.auth import ControlPlane, MemoryCollector
 from controlplane.auth.control_plane import ACTIVE
-from runners.embedded import LoopbackHTTPServer
+from pipelines.embedded import LoopbackHTTPServer
 
 pytest_plugins = ("servers.fake_provider",)
 pytest.register_assert_rewrite("servers.fake_provider")

@@ -16,7 +16,8 @@ from typing import Any
 
 from core.dead_letters import write_dead_letter
 from core.events import NormalizedEvent
-from transforms.deliver import DeadLettered, Delivery, Target
+from sinks.policy import Target
+from transforms.deliver import DeadLettered, Delivery
 
 
 class LifecycleDelivery:

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from runners.embedded import LoopbackService, dispatching_handler
+from pipelines.embedded import LoopbackService, dispatching_handler
 from servers.fake_provider import FakeProvider, query_of
 
 API_PREFIX = "/wellness-api/rest"

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from connectors import registry
 from connectors.manifest import Manifest
-from runners.embedded import LoopbackService, dispatching_handler
+from pipelines.embedded import LoopbackService, dispatching_handler
 
 _LIST = re.compile(r"^/v4/users/me/dataTypes/(?P<type>[a-z0-9-]+)/dataPoints$")
 _CLAUSE = re.compile(r'^(?P<field>[a-z_]+(?:\.[a-z_]+)+) (?P<op>>=|<) "(?P<value>[^"]+)"$')

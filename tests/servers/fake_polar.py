@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from connectors.manifest import Endpoint, Manifest
-from runners.embedded import dispatching_handler
+from pipelines.embedded import dispatching_handler
 from servers.fake_provider import FakeProvider
 from servers.fake_provider_api import FakeProviderApi, Logged
 

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
-from runners.embedded import LoopbackService, dispatching_handler
+from pipelines.embedded import LoopbackService, dispatching_handler
 
 
 @dataclass

@@ -50,7 +50,7 @@ import pytest
 from connectors import registry
 from connectors.manifest import Endpoint, Manifest
 from controlplane.polling.ratelimit import http_date
-from runners.embedded import LoopbackService, dispatching_handler
+from pipelines.embedded import LoopbackService, dispatching_handler
 
 DATE_FIELDS = ("day", "start", "timestamp", "dateTime", "date", "startTime", "startDate", "created_at")
 

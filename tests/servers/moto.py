@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runners.embedded import MOTO_REGION, free_port, moto_server  # noqa: F401 - re-exported for tests
+from pipelines.embedded import MOTO_REGION, free_port, moto_server  # noqa: F401 - re-exported for tests
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

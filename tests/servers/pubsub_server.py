@@ -20,11 +20,18 @@ Usage::
     with PubSubTestServer() as server:            # 127.0.0.1:<free port>
         server.create_topic("projects/p/topics/t")
         PubSubSink("ps", "p", "t", emulator_host=server.host)   # or PUBSUB_EMULATOR_HOST=server.host
+
+In a process of its own (``make bench``)::
+
+    python -m tests.servers.pubsub_server --topic projects/p/topics/t   # prints PUBSUB_EMULATOR_HOST=127.0.0.1:<port>
+                                                                         # once listening; serves until stdin closes
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -264,3 +271,19 @@ def _copy(message: Any) -> Any:
     clone = type(message)()
     clone.CopyFrom(message)
     return clone
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until stdin closes (the parent ends it by closing the pipe, or by exiting)."""
+    parser = argparse.ArgumentParser(description="A Pub/Sub test server on 127.0.0.1 (a free port).")
+    parser.add_argument("--topic", action="append", default=[], help="create this topic, projects/P/topics/T")
+    args = parser.parse_args(argv)
+    with PubSubTestServer() as server:
+        for topic in args.topic:
+            server.create_topic(topic)
+        print(f"PUBSUB_EMULATOR_HOST={server.host}", flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

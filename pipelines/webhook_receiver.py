@@ -22,7 +22,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
-from runners.embedded import LoopbackService
+from pipelines.embedded import LoopbackService
 from sinks.webhook import terra_signing_key
 
 
