@@ -26,9 +26,10 @@ test: install services lint
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .healthflow demo-output .pytest_cache
+	rm -rf $(VENV) .healthflow demo-output .pytest_cache .import_linter_cache

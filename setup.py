@@ -45,6 +45,7 @@ setup(
             "moto[server]>=5.2,<6",
             "boto3>=1.44,<2",
             "ruff>=0.17,<0.18",
+            "import-linter>=2.17,<3",  # make lint: the layers contract in pyproject.toml
             "playwright>=1.60,<2",  # drives Debian's Chromium (.ci/ensure-browser); no browser download
         ],
     },
