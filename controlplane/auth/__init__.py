@@ -20,11 +20,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ControlPlane": "control_plane", "Connection": "control_plane", "Tokens": "control_plane",
-    "WidgetSession": "control_plane", "AuthStart": "control_plane", "AuthOutcome": "control_plane",
-    "UnknownUser": "control_plane", "UnknownProvider": "control_plane", "ConnectionInactive": "control_plane",
-    "ConnectionRevoked": "control_plane", "PENDING": "control_plane", "ACTIVE": "control_plane",
-    "DEAUTH": "control_plane", "REVOKED": "control_plane",
+    "ControlPlane": "control_plane", "Connection": "model", "Tokens": "model",
+    "WidgetSession": "model", "AuthStart": "model", "AuthOutcome": "model",
+    "UnknownUser": "model", "UnknownProvider": "model", "ConnectionInactive": "model",
+    "ConnectionRevoked": "model", "PENDING": "model", "ACTIVE": "model",
+    "DEAUTH": "model", "REVOKED": "model",
     "TokenCipher": "secrets", "SECRET_KEY_ENV": "secrets",
     "MemoryCollector": "events",
 }
