@@ -33,6 +33,24 @@ class RawPayload:
 
 
 @dataclass(frozen=True)
+class AckToken:
+    """How a message's source acknowledges it, once everything it became has ended.
+
+    ``stream`` is what is acknowledged in order (a Kafka ``topic:partition``) or at all (a Pub/Sub
+    subscription); ``position`` the offset or ack id. For offsets, ``previous`` is the position
+    read just before on the same stream (no message lies between them), and ``first`` marks the
+    first message a reader read on the stream since it started.
+    """
+
+    kind: str  # "offset" (Kafka) or "ack_id" (Pub/Sub)
+    stream: str
+    position: Any
+    previous: int | None = None
+    first: bool = False
+    reader: str = ""  # which reader read it: a message read again by a new reader is tracked as its own copy
+
+
+@dataclass(frozen=True)
 class RawMessage:
     """Bytes as read from a source, with where they came from (topic/partition/offset, path/line).
 
@@ -43,10 +61,13 @@ class RawMessage:
     data: bytes
     source: dict[str, Any] = field(default_factory=dict)
     encoding: str = "avro"
+    ack: AckToken | None = None  # None: nothing to acknowledge (files, messages in hand)
 
     @property
     def position(self) -> str:
         """Sortable position within the source, used to order one user's events."""
         if "partition" in self.source:
             return f"{int(self.source['partition']):05d}-{int(self.source['offset']):012d}"
+        if "publish_time_ms" in self.source:
+            return f"{int(self.source['publish_time_ms']):015d}-{self.source.get('message_id', '')}"
         return f"{self.source.get('path', '')}:{int(self.source.get('line', 0)):09d}"

@@ -1,20 +1,22 @@
-"""The control-plane store: one small SQL interface, SQLite embedded, PostgreSQL in production.
+"""The control-plane store: one small SQL interface, SQLite embedded, PostgreSQL (or MySQL/MariaDB) in production.
 
-Record state, destination status (and later users, tokens, contracts) live here. SQL is written
-once with ``?`` placeholders and portable types; the dialect differences stay in this file.
+Record state, destination status, users, tokens and poll cursors live here. SQL is written once with ``?``
+placeholders and portable types; the dialect differences live in ``core.sql``, shared with the SQL destination.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from core.errors import FatalError, RetryableError
+from core.errors import FatalError, HealthflowError, RetryableError
+from core.secrets import redact
+from core.sql import SqlDialect, dialect_for
+
+DDL_LOCK = "healthflow-ddl"
 
 
 def now_ms() -> int:
@@ -23,40 +25,33 @@ def now_ms() -> int:
 
 
 class Store:
-    """A connection to ``sqlite:///path`` or ``postgresql://user@host:port/db``."""
+    """A connection to ``sqlite:///path``, ``postgresql://user@host:port/db`` or ``mysql://user@host:port/db``;
+    ``${VAR}`` references in the URL are resolved at ``open()``."""
 
     def __init__(self, url: str) -> None:
-        if url.startswith("sqlite:///"):
-            self.dialect = "sqlite"
-        elif url.startswith(("postgresql://", "postgres://")):
-            self.dialect = "postgres"
-        else:
-            raise FatalError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+        self.sql_dialect: SqlDialect = dialect_for(url, "store")
+        self.sql_dialect.check_url(url)
         self.url = url
         self.conn: Any = None
 
     @property
+    def dialect(self) -> str:
+        """The dialect's name: ``sqlite``, ``postgres`` or ``mysql``."""
+        return self.sql_dialect.name
+
+    @property
     def json_type(self) -> str:
-        return "JSONB" if self.dialect == "postgres" else "TEXT"
+        return self.sql_dialect.json_type
 
     def open(self) -> Store:
         if self.conn is not None:
             return self
-        if self.dialect == "sqlite":
-            path = self.url.removeprefix("sqlite:///")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-                self.conn.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.Error as exc:
-                raise FatalError(f"cannot open store {path}: {exc}") from exc
-        else:
-            import psycopg
-
-            try:
-                self.conn = psycopg.connect(self.url, autocommit=True)
-            except psycopg.OperationalError as exc:
-                raise FatalError(f"cannot open store {self.url}: {str(exc).strip()}") from exc
+        try:
+            self.conn = self.sql_dialect.connect(self.url, "store", embedded=True)
+        except HealthflowError as exc:
+            if exc.__cause__ is None:  # not the database's answer (an unset ${VAR}): as it is
+                raise
+            raise FatalError(f"cannot open store {redact(self.url)}: {str(exc.__cause__).strip()}") from exc
         return self
 
     def close(self) -> None:
@@ -64,28 +59,31 @@ class Store:
             self.conn.close()
             self.conn = None
 
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgres" else sql
-
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        """A cursor inside one transaction; transient failures surface as RetryableError."""
+    def transaction(self) -> Iterator[_Cursor]:
+        """A cursor inside one transaction; the database's transient failures surface as RetryableError and its
+        misconfigurations (missing table, privilege, credentials) as FatalError; other errors are raised as they are
+        (the data of a row: the caller isolates it)."""
         assert self.conn is not None, "open() first"
-        transient = _transient_errors(self.dialect)
+        dialect = self.sql_dialect
         try:
-            if self.dialect == "sqlite":
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield _Cursor(self, self.conn.cursor())
-                    self.conn.execute("COMMIT")
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
-            else:
-                with self.conn.transaction(), self.conn.cursor() as cursor:
-                    yield _Cursor(self, cursor)
-        except transient as exc:
-            raise RetryableError(f"store {self.dialect}: {exc}") from exc
+            with dialect.transaction(self.conn) as cursor:
+                yield _Cursor(dialect, cursor)
+        except dialect.driver_errors as exc:
+            error = dialect.classify(exc, self.url)
+            if isinstance(error, RetryableError):
+                raise RetryableError(f"store {dialect.name}: {exc}") from exc
+            if isinstance(error, FatalError):
+                raise FatalError(f"store: {error}") from exc
+            raise
+
+    def create_tables(self, *statements: str) -> None:
+        """Run ``CREATE ... IF NOT EXISTS`` statements in one transaction, safe when several workers start at once
+        (they take turns under the dialect's DDL lock where IF NOT EXISTS is not atomic)."""
+        with self.transaction() as cursor:
+            self.sql_dialect.lock_for_ddl(self.conn, DDL_LOCK)
+            for statement in statements:
+                cursor.execute(statement)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.transaction() as cursor:
@@ -100,23 +98,17 @@ class Store:
 
 
 class _Cursor:
-    def __init__(self, store: Store, cursor: Any) -> None:
-        self.store, self.cursor = store, cursor
+    """A driver cursor taking statements written with ``?`` placeholders."""
+
+    def __init__(self, dialect: SqlDialect, cursor: Any) -> None:
+        self.dialect, self.cursor = dialect, cursor
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
-        self.cursor.execute(self.store._sql(sql), params)
+        self.cursor.execute(self.dialect.placeholders(sql), params)
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self.cursor.executemany(self.store._sql(sql), rows)
+        self.cursor.executemany(self.dialect.placeholders(sql), rows)
 
     def fetchall(self) -> list[tuple[Any, ...]]:
-        return self.cursor.fetchall()
-
-
-def _transient_errors(dialect: str) -> tuple[type[BaseException], ...]:
-    if dialect == "sqlite":
-        return (sqlite3.OperationalError,)
-    import psycopg
-
-    return (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+        return list(self.cursor.fetchall())

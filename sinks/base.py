@@ -38,6 +38,10 @@ class Sink(ABC):
     #: True when the sink applies a user's events in the order given to ``write``.
     ordered: bool = True
 
+    def local_only(self) -> str | None:
+        """Why this destination exists on one machine only (a file path), or None when every worker reaches it."""
+        return None
+
     def __init__(self, name: str) -> None:
         self.name = name
 

@@ -18,8 +18,6 @@ never an empty secret.
 
 from __future__ import annotations
 
-import os
-import re
 import tomllib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -29,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import FatalError
+from core.secrets import missing, resolve
 from schemas import MODEL_TYPES
 from sinks.base import Sink
 from sinks.policy import SVIX_REDELIVERY_S, RetryPolicy, Target
@@ -36,7 +35,6 @@ from sinks.status import DEFAULT_DISABLE_AFTER_S
 
 LIFECYCLE_TYPES = ("auth", "auth_cancelled", "deauth", "user_reauth", "access_revoked", "connection_error",
                    "permission_change")
-ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -126,7 +124,7 @@ class SqlDestination(_Destination):
     @model_validator(mode="after")
     def _scheme_matches(self) -> SqlDestination:
         schemes = {"postgres": ("postgresql://", "postgres://"), "mysql": ("mysql://",), "sqlite": ("sqlite:///",)}
-        if not self.url.startswith(schemes[self.type]):
+        if not resolve(self.url).startswith(schemes[self.type]):  # the value a ${VAR} names must fit too
             raise ValueError(f"a {self.type} url starts with {' or '.join(schemes[self.type])}")
         return self
 
@@ -140,7 +138,13 @@ class SupabaseDestination(_Destination):
     """Supabase is PostgreSQL: Terra's table layout (terra_users, terra_data_payloads)."""
 
     type: Literal["supabase"]
-    url: str = Field(pattern=r"^postgres(ql)?://")
+    url: str
+
+    @model_validator(mode="after")
+    def _is_postgres(self) -> SupabaseDestination:
+        if not resolve(self.url).startswith(("postgresql://", "postgres://")):  # the value a ${VAR} names too
+            raise ValueError("a supabase url starts with postgresql:// or postgres://")
+        return self
     db_schema: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
     def build(self) -> Sink:
@@ -246,13 +250,7 @@ class DestinationsFile(BaseModel):
 
 def _interpolate(value: Any, where: str) -> Any:
     if isinstance(value, str):
-        def replace(match: re.Match[str]) -> str:
-            env = os.environ.get(match.group(1))
-            if env is None:
-                raise FatalError(f"{where}: environment variable {match.group(1)} is not set")
-            return env
-
-        return ENV_REFERENCE.sub(replace, value)
+        return resolve(value, where)
     if isinstance(value, dict):
         return {k: _interpolate(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):
@@ -260,10 +258,45 @@ def _interpolate(value: Any, where: str) -> Any:
     return value
 
 
+# Fields that hold secrets keep their ${VAR} references: sinks resolve them where they run (never pickled).
+SECRET_FIELDS = {"webhook": ("secret",), "postgres": ("url",), "mysql": ("url",), "supabase": ("url",),
+                 "kafka": ("producer_config",)}
+
+
+def _interpolate_document(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    document = {k: v for k, v in raw.items() if k != "destinations"}
+    entries = raw.get("destinations")
+    if not isinstance(entries, list):
+        return _interpolate(raw, source)
+    resolved = []
+    for index, entry in enumerate(entries):
+        where = f"{source}.destinations[{index}]"
+        if not isinstance(entry, dict):
+            resolved.append(entry)
+            continue
+        kept = SECRET_FIELDS.get(str(entry.get("type")), ())
+        out = {}
+        for key, value in entry.items():
+            if key in kept:
+                texts = value.values() if isinstance(value, dict) else [value]
+                absent = [name for text in texts if isinstance(text, str) for name in missing(text)]
+                if absent:
+                    raise FatalError(f"{where}.{key}: environment variable {absent[0]} is not set")
+                out[key] = value
+            else:
+                out[key] = _interpolate(value, f"{where}.{key}")
+        resolved.append(out)
+    return {**_interpolate(document, source), "destinations": resolved}
+
+
 def parse_destinations(raw: dict[str, Any], source: str = "destinations") -> DestinationsFile:
-    """Validate a decoded destinations document; FatalError lists every problem with its location."""
+    """Validate a decoded destinations document; FatalError lists every problem with its location.
+
+    ``${VAR}`` is read from the environment; in secret fields (a webhook's ``secret``, a database ``url``)
+    the reference is kept and resolved by the sink where it runs, so no secret is pickled into a job.
+    """
     try:
-        return DestinationsFile.model_validate(_interpolate(raw, source))
+        return DestinationsFile.model_validate(_interpolate_document(raw, source))
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

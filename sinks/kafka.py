@@ -35,6 +35,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
 from core.kafka import new_producer, produce, producer_config
+from core.secrets import resolve
 from schemas import MODEL_TYPES
 from schemas.serde import encode_event, validate_record
 from sinks.base import Sink, SinkResult
@@ -149,8 +150,10 @@ class KafkaSink(Sink):
 
     def open(self) -> None:
         if self._producer is None:
+            config = {key: resolve(value, f"kafka sink {self.name!r} producer_config[{key!r}]")
+                      if isinstance(value, str) else value for key, value in self.config.items()}
             try:
-                self._producer = new_producer({**self.config, "error_cb": self._on_client_error})
+                self._producer = new_producer({**config, "error_cb": self._on_client_error})
             except (KafkaException, ValueError, TypeError) as exc:
                 raise FatalError(f"kafka sink {self.name!r}: invalid producer config: {exc}") from exc
             self._broken = None

@@ -74,6 +74,9 @@ class ObjectStoreSink(Sink):
             raise FatalError(f"object store sink {name!r}: no Beam filesystem for {root!r}: {exc}") from None
         self.root = root
 
+    def local_only(self) -> str | None:
+        return None if "://" in self.root else f"root {self.root} is a local folder (give s3:// or gs://)"
+
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         result = SinkResult()
         by_path: dict[str, list[NormalizedEvent]] = {}

@@ -48,29 +48,29 @@ Guarantees:
   bad data -> the batch is retried row by row and only the offending events get ``PermanentError``; bad credentials,
   missing database, missing rights -> ``FatalError`` saying what to fix.
 
-Database differences live in ``_Dialect`` subclasses (connect, statement execution, column types, upsert syntax,
-error classification); table shapes and row mapping live in the two ``_Layout`` classes.
+Database differences (connect, transactions, column types, DDL lock, error classification, password redaction) live
+in ``core.sql``'s dialects, shared with the control-plane store; this module keeps the tables: the two ``_Layout``
+classes (table shapes, row mapping) and the two upsert syntaxes (``_Upsert``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import re
-import sqlite3
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent, canonical_json
+from core.secrets import missing, redact, resolve
+from core.sql import SqlDialect, close_quietly, dialect_for, url_scheme
 from sinks.base import Sink, SinkResult
 
 DEFAULT_TABLE_PREFIX = "healthflow_"
+CONNECT_TIMEOUT_S = 10
 LAYOUTS = ("healthflow", "terra")
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 _SCHEMA_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -79,6 +79,7 @@ USER_COLUMNS = ("user_id", "provider", "reference_id", "created_at")
 RECORD_COLUMNS = ("user_id", "type", "natural_key", "provider", "event_id", "start_time", "end_time",
                   "ordering_timestamp_ms", "payload", "updated_at")
 RECORD_KEY = ("user_id", "type", "natural_key")
+KEY_LENGTHS = {"user_id": 255, "type": 64, "natural_key": 255}  # characters, where a key column cannot be TEXT
 GUARD_COLUMN = "ordering_timestamp_ms"
 
 TERRA_USER_COLUMNS = ("user_id", "reference_id", "created_at", "granted_scopes", "provider", "state")
@@ -96,54 +97,14 @@ def terra_payload_id(user_id: str, data_type: str, natural_key: str) -> str:
 _Row = tuple[NormalizedEvent, tuple[Any, ...], tuple[Any, ...]]  # (event, users row, records row)
 
 
-class _DataError(Exception):
-    """Internal: the batch failed because of some row's data; retry row by row to find it."""
-
-
 # ======================================================================================================================
-# Dialects: what differs between databases
+# Upserts: the two syntaxes (the rest of what differs between databases is core.sql's dialects)
 # ======================================================================================================================
-class _Dialect(ABC):
-    """Everything that differs between databases. Statements use ``placeholder`` for parameters."""
+class _Upsert:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET ... WHERE guard`` (SQLite, PostgreSQL)."""
 
-    name: str
-    placeholder: str
-    text_type = "TEXT"
-    json_type = "TEXT"
-    json_param = "{}"  # how a JSON text parameter is written in SQL, e.g. "CAST({} AS JSONB)"
-    table_options = ""  # appended to CREATE TABLE
-    supports_schema = False
-
-    def __init__(self, lock_timeout_s: float) -> None:
-        self.lock_timeout_s = lock_timeout_s
-
-    def check_url(self, url: str) -> None:  # noqa: B027 - optional
-        """Raise ``FatalError`` for a URL that can never work (called by the constructor)."""
-
-    @abstractmethod
-    def connect(self, url: str) -> Any:
-        """An open DB-API connection in autocommit mode (transactions are explicit)."""
-
-    @abstractmethod
-    def begin(self, connection: Any) -> None:
-        """Start a write transaction."""
-
-    @abstractmethod
-    def classify(self, exc: BaseException, url: str) -> Exception:
-        """The taxonomy error for a driver error; ``_DataError`` when the data of some row caused it."""
-
-    def execute(self, connection: Any, sql: str, params: Sequence[Any] = ()) -> None:
-        connection.execute(sql, params)
-
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:  # noqa: B027 - optional
-        """Serialize concurrent CREATE TABLE IF NOT EXISTS from several workers (no-op where DDL is atomic)."""
-
-    def ensure_schema(self, connection: Any, schema: str) -> None:
-        raise NotImplementedError(f"{self.name} has no schema option")
-
-    def key_type(self, column: str) -> str:
-        """Column type of an indexed text column (MySQL cannot index TEXT without a length)."""
-        return self.text_type
+    def __init__(self, dialect: SqlDialect) -> None:
+        self.dialect = dialect
 
     def new(self, column: str) -> str:
         """The incoming value of ``column`` inside the upsert's update clause."""
@@ -166,182 +127,14 @@ class _Dialect(ABC):
         return f"({self.old(guard)} IS NULL OR {self.new(guard)} >= {self.old(guard)})"
 
     def _insert(self, table: str, columns: Sequence[str], json_columns: Sequence[str], alias: str = "") -> str:
-        values = ", ".join(self.json_param.format(self.placeholder) if c in json_columns else self.placeholder
-                           for c in columns)
+        placeholder, json_param = self.dialect.placeholder, self.dialect.json_param
+        values = ", ".join(json_param.format(placeholder) if c in json_columns else placeholder for c in columns)
         return f"INSERT INTO {table}{alias} ({', '.join(columns)}) VALUES ({values})"
 
 
-class _SqliteDialect(_Dialect):
-    name = "sqlite"
-    placeholder = "?"
-
-    def connect(self, url: str) -> Any:
-        path = _sqlite_path(url)
-        try:
-            return sqlite3.connect(path, timeout=self.lock_timeout_s, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self.classify(exc, url) from exc
-
-    def begin(self, connection: Any) -> None:
-        connection.execute("BEGIN IMMEDIATE")  # take the write lock now; waits up to lock_timeout_s
-
-    def classify(self, exc: BaseException, url: str) -> Exception:
-        message = str(exc).lower()
-        if isinstance(exc, sqlite3.OperationalError):
-            if "locked" in message or "busy" in message:
-                return RetryableError(f"sqlite database busy: {exc}")
-            if any(s in message for s in ("unable to open", "readonly", "no such table", "no such column",
-                                          "not authorized", "permission")):
-                return FatalError(f"sqlite {_sqlite_path(url)!r}: {exc}; check the path exists, is writable, "
-                                  f"and the tables were not altered")
-            return RetryableError(f"sqlite error: {exc}")
-        if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError
-                      | OverflowError | ValueError | TypeError):
-            return _DataError(f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in message:
-            return FatalError(f"{_sqlite_path(url)!r} is not a SQLite database: {exc}")
-        return RetryableError(f"sqlite error: {type(exc).__name__}: {exc}")
-
-
-class _PostgresDialect(_Dialect):
-    name = "postgresql"
-    placeholder = "%s"
-    json_type = "JSONB"
-    json_param = "CAST({} AS JSONB)"
-    supports_schema = True
-    connect_timeout_s = 10
-    _FATAL_STATES = {"42501": "the role lacks a privilege (grant CREATE/INSERT/UPDATE/SELECT)",
-                     "3D000": "the database does not exist", "3F000": "the schema does not exist",
-                     "42P01": "a table is missing", "42703": "a column is missing (tables altered?)"}
-    _CONNECT_FATAL = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied",
-                      "password")
-
-    def connect(self, url: str) -> Any:
-        import psycopg
-
-        try:
-            connection = psycopg.connect(url, autocommit=True, connect_timeout=self.connect_timeout_s)
-        except psycopg.Error as exc:
-            raise self.classify(exc, url) from exc
-        try:
-            connection.execute(f"SET lock_timeout = {int(self.lock_timeout_s * 1000)}")
-        except psycopg.Error as exc:
-            _close_quietly(connection)
-            raise self.classify(exc, url) from exc
-        return connection
-
-    def begin(self, connection: Any) -> None:
-        connection.execute("BEGIN")
-
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:
-        connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [lock_name])
-
-    def ensure_schema(self, connection: Any, schema: str) -> None:
-        """Create it only when absent: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE right even when the
-        schema exists, which a role limited to an existing schema lacks."""
-        if connection.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None:
-            connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-
-    def classify(self, exc: BaseException, url: str) -> Exception:
-        import psycopg
-
-        where = _redact(url)
-        state = getattr(exc, "sqlstate", None) or ""
-        if state.startswith("28") or state in self._FATAL_STATES:
-            reason = self._FATAL_STATES.get(state, "authentication failed (check user/password/pg_hba.conf)")
-            return FatalError(f"postgres {where}: {reason}: {exc}")
-        if state[:2] in ("08", "40", "53", "57", "58") or state == "55P03":
-            return RetryableError(f"postgres {where} transient error {state}: {exc}")
-        if state[:2] in ("22", "23") or isinstance(exc, psycopg.DataError | psycopg.IntegrityError
-                                                   | OverflowError | ValueError | TypeError):
-            return _DataError(f"{type(exc).__name__} {state}: {exc}")
-        if isinstance(exc, psycopg.OperationalError):  # no sqlstate: failed to connect or connection lost
-            if any(s in str(exc) for s in self._CONNECT_FATAL):
-                return FatalError(f"postgres {where}: cannot connect: {exc}; fix the URL, role, password or database")
-            return RetryableError(f"postgres {where} unavailable: {exc}")
-        if isinstance(exc, psycopg.ProgrammingError):
-            return FatalError(f"postgres {where}: statement rejected ({state}): {exc}")
-        return RetryableError(f"postgres {where}: {type(exc).__name__} {state}: {exc}")
-
-
-class _MysqlDialect(_Dialect):
-    """MySQL 5.7+/8 and MariaDB 10.2+ through PyMySQL: ``ON DUPLICATE KEY UPDATE`` with ``VALUES()`` (understood by
-    both; MySQL 8.0.20+ deprecates it in favour of a row alias that MariaDB lacks)."""
-
-    name = "mysql"
-    placeholder = "%s"  # plain placeholders only: PyMySQL then sends an executemany as one multi-row INSERT
-    json_type = "JSON"  # MySQL validates natively; MariaDB: LONGTEXT CHECK (JSON_VALID(...))
-    table_options = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
-    connect_timeout_s = 10
-    key_lengths = {"user_id": 255, "type": 64, "natural_key": 255}
-    # Strict: an over-long key or out-of-range number is an error (isolated as permanent), never silently truncated.
-    sql_mode = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
-    url_options = ("unix_socket", "ssl_ca")
-    _RETRYABLE = {1040: "too many connections", 1053: "server shutting down", 1205: "lock wait timeout",
-                  1213: "deadlock", 1317: "query interrupted", 1927: "connection killed", 2002: "cannot connect",
-                  2003: "cannot connect", 2006: "server has gone away", 2013: "lost connection",
-                  2055: "lost connection", 4031: "disconnected by the server"}
-    _FATAL = {1044: "the user has no rights on this database (GRANT CREATE, SELECT, INSERT, UPDATE ON db.*)",
-              1045: "access denied: check the user and password in the URL",
-              1046: "no database selected: put it in the URL path (mysql://user@host:port/db)",
-              1049: "the database does not exist: create it (CREATE DATABASE) or fix the URL path",
-              1054: "a column is missing (tables altered?)",
-              1071: "index too long: use the DYNAMIC row format (MySQL >= 5.7.9, MariaDB >= 10.2.2)",
-              1130: "this host may not connect: grant the user access from this address",
-              1142: "the user lacks a table privilege (GRANT CREATE, SELECT, INSERT, UPDATE ON db.*)",
-              1143: "the user lacks a column privilege (GRANT SELECT, INSERT, UPDATE ON db.*)",
-              1146: "a table is missing (dropped while running?)", 1227: "the user lacks a privilege",
-              1286: "the InnoDB storage engine is not available", 1698: "access denied: check the user and password",
-              2059: "the server's authentication plugin is not supported by PyMySQL"}
-    # Row data rejected: out of range, too long, bad value/charset, NULL, invalid JSON (MySQL 3140, MariaDB 4025).
-    _DATA = {1048, 1062, 1264, 1265, 1292, 1300, 1366, 1367, 1406, 1452, 3140, 3141, 3146, 4025}
-
-    def check_url(self, url: str) -> None:
-        self._connect_args(url)
-
-    def connect(self, url: str) -> Any:
-        import pymysql
-
-        try:
-            connection = pymysql.connect(**self._connect_args(url), charset="utf8mb4", autocommit=True,
-                                         connect_timeout=self.connect_timeout_s)
-        except pymysql.Error as exc:
-            raise self.classify(exc, url) from exc
-        lock_wait_s = max(1, math.ceil(self.lock_timeout_s))  # both variables take whole seconds
-        try:
-            self.execute(connection, f"SET SESSION sql_mode = '{self.sql_mode}', "
-                                     f"innodb_lock_wait_timeout = {lock_wait_s}, lock_wait_timeout = {lock_wait_s}")
-        except pymysql.Error as exc:
-            _close_quietly(connection)
-            raise self.classify(exc, url) from exc
-        return connection
-
-    def _connect_args(self, url: str) -> dict[str, Any]:
-        parsed = urlparse(url)
-        database = unquote(parsed.path.lstrip("/"))
-        if not database:
-            raise FatalError(f"mysql url {_redact(url)!r} names no database; use mysql://user:password@host:port/db")
-        options = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(options) - set(self.url_options)
-        if unknown:
-            raise FatalError(f"mysql url {_redact(url)!r}: unsupported option(s) {sorted(unknown)}; "
-                             f"supported: {', '.join(self.url_options)}")
-        args: dict[str, Any] = {"host": parsed.hostname or "localhost", "port": parsed.port or 3306,
-                                "user": unquote(parsed.username or ""), "password": unquote(parsed.password or ""),
-                                "database": database, "unix_socket": options.get("unix_socket")}
-        if "ssl_ca" in options:
-            args["ssl"] = {"ca": options["ssl_ca"]}
-        return args
-
-    def begin(self, connection: Any) -> None:
-        self.execute(connection, "START TRANSACTION")
-
-    def execute(self, connection: Any, sql: str, params: Sequence[Any] = ()) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, tuple(params) or None)  # None: no %-interpolation of the statement
-
-    def key_type(self, column: str) -> str:
-        return f"VARCHAR({self.key_lengths[column]})"
+class _OnDuplicateKeyUpsert(_Upsert):
+    """MySQL/MariaDB: ``ON DUPLICATE KEY UPDATE`` with ``VALUES()`` (understood by both; MySQL 8.0.20+ deprecates it
+    in favour of a row alias that MariaDB lacks)."""
 
     def new(self, column: str) -> str:
         return f"VALUES({column})"
@@ -361,32 +154,12 @@ class _MysqlDialect(_Dialect):
         sets = ", ".join(f"{column} = {expression}" for column, expression in assignments)
         return f"{self._insert(table, columns, json_columns)} ON DUPLICATE KEY UPDATE {sets}"
 
-    def classify(self, exc: BaseException, url: str) -> Exception:
-        import pymysql
 
-        where = _redact(url)
-        code = exc.args[0] if isinstance(exc, pymysql.Error) and exc.args and isinstance(exc.args[0], int) else None
-        if code in self._FATAL:
-            return FatalError(f"mysql {where}: {self._FATAL[code]}: {exc}")
-        if code in self._RETRYABLE:
-            return RetryableError(f"mysql {where} transient error ({self._RETRYABLE[code]}): {exc}")
-        if code in self._DATA or isinstance(exc, pymysql.DataError | pymysql.IntegrityError | OverflowError
-                                            | ValueError | TypeError | UnicodeError):
-            return _DataError(f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, pymysql.InterfaceError):  # used after the connection broke: reconnect
-            return RetryableError(f"mysql {where} connection unusable: {exc!r}")
-        if isinstance(exc, pymysql.ProgrammingError | pymysql.NotSupportedError):
-            return FatalError(f"mysql {where}: statement rejected: {exc}")
-        return RetryableError(f"mysql {where}: {type(exc).__name__}: {exc}")
+_UPSERTS: dict[str, type[_Upsert]] = {"on conflict": _Upsert, "on duplicate key": _OnDuplicateKeyUpsert}
 
 
-_DIALECTS: dict[str, type[_Dialect]] = {
-    "sqlite": _SqliteDialect,
-    "postgresql": _PostgresDialect,
-    "postgres": _PostgresDialect,
-    "mysql": _MysqlDialect,
-    "mariadb": _MysqlDialect,
-}
+def _upsert(dialect: SqlDialect) -> _Upsert:
+    return _UPSERTS[dialect.upsert_syntax](dialect)
 
 
 # ======================================================================================================================
@@ -400,25 +173,29 @@ class _Layout(ABC):
         self.records_table = records_table
 
     @abstractmethod
-    def create_tables(self, dialect: _Dialect) -> list[str]:
+    def create_tables(self, dialect: SqlDialect) -> list[str]:
         """CREATE TABLE IF NOT EXISTS statements, users first."""
 
-    def migrate(self, dialect: _Dialect, connection: Any) -> None:  # noqa: B027 - optional
+    def migrate(self, dialect: SqlDialect, connection: Any) -> None:  # noqa: B027 - optional
         """Bring tables created by someone else up to what ``upsert_records`` needs (inside the DDL transaction)."""
 
     @abstractmethod
-    def upsert_users(self, dialect: _Dialect) -> str: ...
+    def upsert_users(self, dialect: SqlDialect) -> str: ...
 
     @abstractmethod
-    def upsert_records(self, dialect: _Dialect) -> str: ...
+    def upsert_records(self, dialect: SqlDialect) -> str: ...
 
     @abstractmethod
     def rows_for(self, event: NormalizedEvent) -> tuple[tuple[Any, ...], tuple[Any, ...]]: ...
 
 
 class _HealthflowLayout(_Layout):
-    def create_tables(self, dialect: _Dialect) -> list[str]:
-        t, k, options = dialect.text_type, dialect.key_type, dialect.table_options
+    def create_tables(self, dialect: SqlDialect) -> list[str]:
+        t, options = dialect.text_type, dialect.table_options
+
+        def k(column: str) -> str:
+            return dialect.key_type(KEY_LENGTHS[column])
+
         return [
             f"CREATE TABLE IF NOT EXISTS {self.users_table} (user_id {k('user_id')} PRIMARY KEY, provider {t}, "
             f"reference_id {t}, created_at {t} NOT NULL){options}",
@@ -428,17 +205,19 @@ class _HealthflowLayout(_Layout):
             f"updated_at {t} NOT NULL, PRIMARY KEY (user_id, type, natural_key)){options}",
         ]
 
-    def upsert_users(self, dialect: _Dialect) -> str:
+    def upsert_users(self, dialect: SqlDialect) -> str:
         """Insert users once; later events only fill a missing reference_id and refresh provider."""
-        return dialect.upsert(self.users_table, USER_COLUMNS, ("user_id",), [
-            ("provider", dialect.new("provider")),
-            ("reference_id", f"COALESCE({dialect.new('reference_id')}, {dialect.old('reference_id')})"),
+        upsert = _upsert(dialect)
+        return upsert.upsert(self.users_table, USER_COLUMNS, ("user_id",), [
+            ("provider", upsert.new("provider")),
+            ("reference_id", f"COALESCE({upsert.new('reference_id')}, {upsert.old('reference_id')})"),
         ])
 
-    def upsert_records(self, dialect: _Dialect) -> str:
+    def upsert_records(self, dialect: SqlDialect) -> str:
         """Insert or replace by natural key, only when the incoming ordering timestamp is >= the stored one."""
-        updates = [(c, dialect.new(c)) for c in RECORD_COLUMNS if c not in RECORD_KEY]
-        return dialect.upsert(self.records_table, RECORD_COLUMNS, RECORD_KEY, updates, guard=GUARD_COLUMN,
+        upsert = _upsert(dialect)
+        updates = [(c, upsert.new(c)) for c in RECORD_COLUMNS if c not in RECORD_KEY]
+        return upsert.upsert(self.records_table, RECORD_COLUMNS, RECORD_KEY, updates, guard=GUARD_COLUMN,
                               json_columns=("payload",))
 
     def rows_for(self, event: NormalizedEvent) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -456,7 +235,7 @@ class _TerraLayout(_Layout):
 
     extra_columns = (("payload", "JSONB"), ("ordering_timestamp_ms", "BIGINT"))
 
-    def create_tables(self, dialect: _Dialect) -> list[str]:
+    def create_tables(self, dialect: SqlDialect) -> list[str]:
         return [
             f"CREATE TABLE IF NOT EXISTS {self.users_table} (user_id TEXT PRIMARY KEY, reference_id TEXT, "
             f"created_at TIMESTAMPTZ, granted_scopes TEXT, provider TEXT, state TEXT)",
@@ -466,7 +245,7 @@ class _TerraLayout(_Layout):
             f"ordering_timestamp_ms BIGINT)",
         ]
 
-    def migrate(self, dialect: _Dialect, connection: Any) -> None:
+    def migrate(self, dialect: SqlDialect, connection: Any) -> None:
         """A table Terra (or an older deployment) created lacks our two extra columns: add them. Checked first so
         that the usual case takes no ACCESS EXCLUSIVE lock."""
         present = {name for (name,) in connection.execute(
@@ -476,20 +255,22 @@ class _TerraLayout(_Layout):
             if column not in present:
                 connection.execute(f"ALTER TABLE {self.records_table} ADD COLUMN IF NOT EXISTS {column} {column_type}")
 
-    def upsert_users(self, dialect: _Dialect) -> str:
+    def upsert_users(self, dialect: SqlDialect) -> str:
         """Insert with state 'active'; later events refresh provider, fill reference_id / granted_scopes, and leave
         state (owned by auth events) and created_at alone."""
-        new, old = dialect.new, dialect.old
-        return dialect.upsert(self.users_table, TERRA_USER_COLUMNS, ("user_id",), [
+        upsert = _upsert(dialect)
+        new, old = upsert.new, upsert.old
+        return upsert.upsert(self.users_table, TERRA_USER_COLUMNS, ("user_id",), [
             ("provider", new("provider")),
             ("reference_id", f"COALESCE({new('reference_id')}, {old('reference_id')})"),
             ("granted_scopes", f"COALESCE({new('granted_scopes')}, {old('granted_scopes')})"),
             ("state", f"COALESCE({old('state')}, {new('state')})"),
         ])
 
-    def upsert_records(self, dialect: _Dialect) -> str:
-        updates = [(c, dialect.new(c)) for c in ("created_at", "start_time", "end_time", "payload", GUARD_COLUMN)]
-        return dialect.upsert(self.records_table, TERRA_PAYLOAD_COLUMNS, ("payload_id",), updates,
+    def upsert_records(self, dialect: SqlDialect) -> str:
+        upsert = _upsert(dialect)
+        updates = [(c, upsert.new(c)) for c in ("created_at", "start_time", "end_time", "payload", GUARD_COLUMN)]
+        return upsert.upsert(self.records_table, TERRA_PAYLOAD_COLUMNS, ("payload_id",), updates,
                               guard=GUARD_COLUMN, json_columns=("payload",))
 
     def rows_for(self, event: NormalizedEvent) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -521,10 +302,10 @@ class SqlSink(Sink):
     def __init__(self, name: str, url: str, table_prefix: str | None = None, lock_timeout_s: float = 10.0, *,
                  layout: str = "healthflow", schema: str | None = None) -> None:
         super().__init__(name)
-        scheme = urlparse(url or "").scheme.split("+")[0]
-        if scheme not in _DIALECTS:
-            raise FatalError(f"sql sink {name!r}: unsupported url scheme {scheme!r} in {_redact(url)!r}; use "
-                             f"sqlite:///path.db, postgresql://user@host:port/db or mysql://user@host:port/db")
+        known = resolve(url, f"sql sink {name!r}") if not missing(url) else url  # checks see what ${VAR} names
+        scheme = url_scheme(known)
+        dialect = dialect_for(url, f"sql sink {name!r}", lock_timeout_s=lock_timeout_s,
+                              connect_timeout_s=CONNECT_TIMEOUT_S)
         if layout not in LAYOUTS:
             raise FatalError(f"sql sink {name!r}: layout must be one of {LAYOUTS}, got {layout!r}")
         if table_prefix is None:
@@ -532,13 +313,12 @@ class SqlSink(Sink):
         if not _PREFIX_PATTERN.match(table_prefix) and not (table_prefix == "" and layout == "terra"):
             raise FatalError(f"sql sink {name!r}: table_prefix must match {_PREFIX_PATTERN.pattern}, "
                              f"got {table_prefix!r}")
-        dialect = _DIALECTS[scheme](lock_timeout_s)
-        if layout == "terra" and dialect.name != "postgresql":
+        if layout == "terra" and dialect.name != "postgres":
             raise FatalError(f"sql sink {name!r}: layout 'terra' (Supabase) needs a postgresql:// url, got {scheme!r}")
         if schema is not None and not (dialect.supports_schema and _SCHEMA_PATTERN.match(schema)):
             raise FatalError(f"sql sink {name!r}: schema must match {_SCHEMA_PATTERN.pattern} and needs a "
                              f"postgresql:// url; got {schema!r} for {scheme!r}")
-        dialect.check_url(url)
+        dialect.check_url(known)
         self.url = url
         self.layout = layout
         self.schema = schema
@@ -551,6 +331,10 @@ class SqlSink(Sink):
         self._dialect = dialect
         self._connection: Any = None
 
+    def local_only(self) -> str | None:
+        local = self._dialect.name == "sqlite"
+        return f"{redact(self.url)} is a file on one machine (give postgresql:// or mysql://)" if local else None
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_connection"] = None
@@ -561,7 +345,7 @@ class SqlSink(Sink):
         if self._connection is not None:
             return
         dialect = self._dialect
-        connection = dialect.connect(self.url)
+        connection = dialect.connect(self.url, f"destination {self.name}")
         try:
             dialect.begin(connection)  # MySQL commits implicitly at each CREATE TABLE: harmless (IF NOT EXISTS)
             dialect.lock_for_ddl(connection, self.records_table)
@@ -570,16 +354,17 @@ class SqlSink(Sink):
             for statement in self._layout.create_tables(dialect):
                 dialect.execute(connection, statement)
             self._layout.migrate(dialect, connection)
-            dialect.execute(connection, "COMMIT")
+            dialect.commit(connection)
         except Exception as exc:
-            _close_quietly(connection)
+            close_quietly(connection)
             error = dialect.classify(exc, self.url)
-            raise (FatalError(f"creating tables failed: {error}") if isinstance(error, _DataError) else error) from exc
+            raise (FatalError(f"creating tables failed: {error}") if isinstance(error, PermanentError) else error
+                   ) from exc
         self._connection = connection
 
     def close(self) -> None:
         if self._connection is not None:
-            _close_quietly(self._connection)
+            close_quietly(self._connection)
             self._connection = None
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
@@ -597,7 +382,7 @@ class SqlSink(Sink):
             self._write_rows(rows)
         except (RetryableError, FatalError) as exc:
             return result.fail_all([event for event, _, _ in rows], exc)
-        except _DataError:
+        except PermanentError:  # some row's data: find which
             return self._write_one_by_one(rows, result)
         result.delivered.extend(event.event_id for event, _, _ in rows)
         return result
@@ -609,7 +394,7 @@ class SqlSink(Sink):
             try:
                 self.open()
                 self._write_rows([row])
-            except _DataError as exc:
+            except PermanentError as exc:
                 result.fail_all([event], PermanentError(f"rejected by {self._dialect.name}: {exc}"))
             except (RetryableError, FatalError) as exc:
                 result.fail_all([event], exc)
@@ -618,14 +403,15 @@ class SqlSink(Sink):
         return result
 
     def _write_rows(self, rows: list[_Row]) -> None:
-        """One transaction: users then records; raises a taxonomy error or ``_DataError`` after rolling back."""
+        """One transaction: users then records; raises a taxonomy error after rolling back
+        (``PermanentError``: the data of some row)."""
         connection, dialect = self._connection, self._dialect
         try:
             dialect.begin(connection)
             cursor = connection.cursor()
             cursor.executemany(self._layout.upsert_users(dialect), [user for _, user, _ in rows])
             cursor.executemany(self._layout.upsert_records(dialect), [record for _, _, record in rows])
-            dialect.execute(connection, "COMMIT")
+            dialect.commit(connection)
         except Exception as exc:
             error = dialect.classify(exc, self.url)
             if not self._rollback():
@@ -635,7 +421,7 @@ class SqlSink(Sink):
     def _rollback(self) -> bool:
         """Roll back the failed transaction; False when the connection is no longer usable."""
         try:
-            self._dialect.execute(self._connection, "ROLLBACK")
+            self._dialect.rollback(self._connection)
             return True
         except Exception:  # connection lost, or no transaction was open (then reconnecting is harmless)
             return False
@@ -673,23 +459,6 @@ def _timestamptz(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def _sqlite_path(url: str) -> str:
-    """SQLAlchemy convention: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite:///:memory:``."""
-    path = urlparse(url).path
-    return path[1:] if path.startswith("/") else path
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url or "")
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
-
-
 def _utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-
-def _close_quietly(connection: Any) -> None:
-    with contextlib.suppress(Exception):  # closing a broken connection must not mask the original error
-        connection.close()

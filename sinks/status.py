@@ -31,8 +31,8 @@ class DestinationStatus:
 
     def open(self) -> DestinationStatus:
         self.store.open()
-        self.store.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, disabled INTEGER NOT NULL, "
-                           "failing_since_ms BIGINT, reason TEXT, updated_at_ms BIGINT NOT NULL)")
+        self.store.create_tables(f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, disabled INTEGER NOT "
+                                 "NULL, failing_since_ms BIGINT, reason TEXT, updated_at_ms BIGINT NOT NULL)")
         return self
 
     def close(self) -> None:

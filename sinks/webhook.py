@@ -35,6 +35,7 @@ import requests
 
 from core.errors import EndpointGone, FatalError, PermanentError, RetryableError, parse_retry_after
 from core.events import NormalizedEvent
+from core.secrets import missing, resolve
 from sinks.base import Sink, SinkResult
 from sinks.large_payloads import LargePayloadS3, PayloadStore
 
@@ -97,8 +98,11 @@ class WebhookSink(Sink):
         parsed = urlparse(url or "")
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise FatalError(f"webhook sink {name!r}: url must be an absolute http(s) URL, got {url!r}")
-        self._key = decode_secret(signing_secret)
-        self._terra_key = terra_signing_key(signing_secret)
+        self.signing_secret = signing_secret  # a ${VAR} reference stays one: resolved on the worker, in open()
+        if not missing(signing_secret):
+            decode_secret(resolve(signing_secret))  # a malformed secret fails at start
+        self._key: bytes | None = None
+        self._terra_key: str | None = None
         if timeout_s <= 0:
             raise FatalError(f"webhook sink {name!r}: timeout_s must be > 0, got {timeout_s}")
         self.url = url
@@ -111,9 +115,13 @@ class WebhookSink(Sink):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_session"] = None  # connections never travel with the pickled config
+        state["_key"] = state["_terra_key"] = None  # nor do secrets: open() resolves them where it runs
         return state
 
     def open(self) -> None:
+        if self._key is None:
+            secret = resolve(self.signing_secret, f"webhook destination {self.name!r} secret")
+            self._key, self._terra_key = decode_secret(secret), terra_signing_key(secret)
         if self._session is None:
             self._session = requests.Session()
             self._session.headers["user-agent"] = "healthflow-webhooks/1"
@@ -127,6 +135,9 @@ class WebhookSink(Sink):
 
     def headers_for(self, event: NormalizedEvent, body: bytes, timestamp: int) -> dict[str, str]:
         """All delivery headers for one attempt of ``event`` signed at unix second ``timestamp``."""
+        if self._key is None or self._terra_key is None:
+            self.open()
+        assert self._key is not None and self._terra_key is not None
         return {
             "content-type": "application/json",
             "webhook-id": event.event_id,

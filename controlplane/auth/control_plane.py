@@ -129,8 +129,7 @@ class ControlPlane:
     def open(self) -> ControlPlane:
         ddl = [*self.developers.ddl(), *self.connections_repo.ddl(), *self.auth_flows.ddl(),
                *self.widget_sessions.ddl(), *self.token_store.ddl(), *self.outbox.ddl(self.store.json_type)]
-        for statement in ddl:
-            self.store.execute(statement)
+        self.store.create_tables(*ddl)
         return self
 
     def close(self) -> None:

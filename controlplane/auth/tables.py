@@ -46,7 +46,7 @@ class Tables:
 
     @property
     def for_update(self) -> str:
-        return " FOR UPDATE" if self.store.dialect == "postgres" else ""
+        return self.store.sql_dialect.for_update
 
     def all(self) -> tuple[str, ...]:
         return (self.devs, self.keys, self.users, self.flows, self.sessions, self.tokens, self.events)

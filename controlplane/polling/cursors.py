@@ -32,7 +32,7 @@ class CursorStore:
         self.table = table
         self._lock = threading.Lock()
         with self._lock:
-            self.store.execute(
+            self.store.create_tables(
                 f"CREATE TABLE IF NOT EXISTS {table} (user_id TEXT NOT NULL, kind TEXT NOT NULL, track TEXT NOT NULL, "
                 "window_end_ms BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL, PRIMARY KEY (user_id, kind, track))")
 
