@@ -1,30 +1,89 @@
-"""Runner launch config: turn Beam arguments into a Pipeline, the same code on every runner.
+"""Runner launch config: turn Beam arguments into a Pipeline, the same graph on every runner.
 
-Locally (no ``--runner`` or ``--runner=DirectRunner``) batch pipelines run on Beam's FnApiRunner
-directly. Beam 2.77's DirectRunner would first try to download the Prism runner, which fails
-without internet; FnApiRunner is what it falls back to for batch anyway. Any other runner
-(``DataflowRunner``, ``FlinkRunner``, ``SparkRunner``, ``PrismRunner``...) is passed to Beam as given.
+Locally (no ``--runner``, or ``DirectRunner``):
+- batch runs on Beam's FnApiRunner directly (Beam 2.77's DirectRunner would first try to download
+  the Prism runner, which fails without internet; FnApiRunner is what it falls back to anyway);
+  ``--direct_num_workers=N --direct_running_mode=multi_processing`` runs it on N processes;
+- streaming runs on the bundle-based streaming runner, which executes keyed state and
+  processing-time timers, with ``ReadStream`` executed as a polled root read
+  (``transforms.streams``), since that runner cannot run unbounded splittable DoFns.
+Any other runner (``DataflowRunner``, ``FlinkRunner``, ``SparkRunner``, ``PrismRunner``...) is
+passed to Beam as given, with the portable expansion of every transform.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, TestOptions
+from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
 
-LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
-
-
-def pipeline_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
-    return PipelineOptions(list(beam_args))
+LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 
 
-def make_pipeline(beam_args: Sequence[str] = ()) -> beam.Pipeline:
-    options = pipeline_options(beam_args)
-    standard = options.view_as(StandardOptions)
-    if standard.runner in LOCAL_RUNNERS and not standard.streaming:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+def pipeline_options(beam_args: Sequence[str] = (), streaming: bool = False) -> PipelineOptions:
+    options = PipelineOptions(list(beam_args))
+    if streaming:
+        options.view_as(StandardOptions).streaming = True
+    return options
 
-        return beam.Pipeline(runner=FnApiRunner(), options=options)
-    return beam.Pipeline(options=options)
+
+def is_local(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """``--dry_run=true``: the runner translates the job and submits nothing (nothing runs, nothing to read)."""
+    return str(options.view_as(TestOptions).dry_run).lower() in ("true", "1", "yes")
+
+
+class LocalStreamingRunner(BundleBasedDirectRunner):
+    """Beam's bundle-based streaming runner, taught to execute ``ReadStream`` (see the module doc).
+
+    A step that runs one bundle at a time (every stateful step) takes waiting bundles oldest first, so
+    each user's messages pass it in the order they were read (Beam's runner takes the newest first).
+    Beam runs the whole graph on one worker thread: a destination that waits (a slow endpoint, a long
+    timeout) holds up the local job, though not its retries, which wait on timers. Dataflow and Flink run
+    steps in parallel.
+    """
+
+    executes_local_stream_reads = True
+
+    def run_pipeline(self, pipeline: beam.Pipeline, options: PipelineOptions):  # type: ignore[override]
+        from apache_beam.runners.direct import executor
+
+        from transforms.streams import register_local_stream_read
+
+        register_local_stream_read()
+        executor._SerialEvaluationState._update_currently_evaluating = _first_in_first_out
+        return super().run_pipeline(pipeline, options)
+
+
+def _first_in_first_out(steps: Any, new_work: Any, completed_work: Any) -> None:
+    """Beam's serial step queue, taken in the order bundles arrived (Beam's own takes the newest first)."""
+    with steps._lock:
+        if new_work:
+            steps.serial_queue.append(new_work)
+        if completed_work:
+            steps.currently_evaluating = None
+        if steps.serial_queue and not steps.currently_evaluating:
+            steps.currently_evaluating = steps.serial_queue.popleft()
+            super(type(steps), steps).schedule(steps.currently_evaluating)
+
+
+def make_pipeline(beam_args: Sequence[str] = (), streaming: bool = False) -> beam.Pipeline:
+    options = pipeline_options(beam_args, streaming)
+    if not is_local(options):
+        return beam.Pipeline(options=options)
+    if options.view_as(StandardOptions).streaming:
+        if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+            from core.errors import FatalError
+
+            raise FatalError("the local streaming runner runs in one process: drop --direct_running_mode, or "
+                             "run the streaming job on Dataflow or Flink")
+        return beam.Pipeline(runner=LocalStreamingRunner(), options=options)
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return beam.Pipeline(runner=FnApiRunner(), options=options)

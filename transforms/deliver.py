@@ -9,26 +9,36 @@ failing destination never changes what the others receive.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.metrics import Metrics
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from core.dead_letters import dead_letter
 from core.errors import DestinationDisabled, EndpointGone, FatalError, RetryableError, Route, route
 from core.events import NormalizedEvent
 from core.store import now_ms
-from sinks.base import DeliveryFailure, SinkResult
+from sinks.base import DeliveryFailure, Sink, SinkResult
 from sinks.policy import Target
 from sinks.status import DestinationStatus
-from transforms.normalize import DEAD_LETTER, METRICS
+from transforms.acks import Acks, join_acks, split_acks
+from transforms.normalize import UserEvents
+from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
+from transforms.reuse import acquire, private_copy, release
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Delivered:
@@ -42,39 +52,60 @@ class DeadLettered:
     error: BaseException
 
 
-class Delivery:
-    """Delivers ordered batches to one target with its retries; the same logic in and out of Beam.
+@dataclass
+class Attempt:
+    """One write of a batch: what was delivered, what is dead, what to retry (in order) and when."""
 
-    ``deliver(events)`` yields a ``Delivered`` or a ``DeadLettered`` for every event (never
-    fewer), and raises the FatalError of a misconfigured destination.
+    delivered: list[Delivered]
+    dead: list[DeadLettered]
+    retry: list[NormalizedEvent]
+    retry_after: float | None = None
+
+
+class Delivery:
+    """Delivers ordered batches to one target with its retry policy; the same logic in and out of Beam.
+
+    ``attempt(events, n)`` is one write, routed by the error taxonomy: retryable failures are
+    returned for another attempt while ``n`` is below the policy's ``max_attempts``, then
+    dead-lettered with their scheduled redelivery; permanent ones are dead-lettered at once; a
+    FatalError (a misconfigured destination) is raised.
     """
 
     def __init__(self, target: Target, on_retry: Any = None) -> None:
         self.target = target
         self.on_retry = on_retry or (lambda count: None)
 
+    def attempt(self, events: Sequence[NormalizedEvent], attempt: int) -> Attempt:
+        result = self._write(events)
+        outcome = Attempt([Delivered(self.target.name, event_id) for event_id in result.delivered], [], [])
+        retry: list[DeliveryFailure] = []
+        for failure in result.failures:
+            verdict = route(failure.error)
+            if verdict is Route.FAIL:
+                raise failure.error
+            if verdict is Route.RETRY and attempt < self.target.retry.max_attempts:
+                retry.append(failure)
+            else:
+                outcome.dead.append(DeadLettered(self._dead_letter(failure, attempt), failure.error))
+        if retry:
+            self.on_retry(len(retry))
+            hints = [h for h in (getattr(f.error, "retry_after", None) for f in retry) if h is not None]
+            outcome.retry_after = max(hints, default=None)
+            order = {id(e): i for i, e in enumerate(events)}
+            outcome.retry = sorted((f.event for f in retry), key=lambda e: order.get(id(e), 0))
+        return outcome
+
     def deliver(self, events: Sequence[NormalizedEvent]) -> Iterator[Delivered | DeadLettered]:
+        """Every event delivered or dead-lettered, waiting between attempts (bounded runs, replay)."""
         pending, attempt = list(events), 0
         while pending:
             attempt += 1
-            result = self._write(pending)
-            for event_id in result.delivered:
-                yield Delivered(self.target.name, event_id)
-            retry: list[DeliveryFailure] = []
-            for failure in result.failures:
-                verdict = route(failure.error)
-                if verdict is Route.FAIL:
-                    raise failure.error
-                if verdict is Route.RETRY and attempt < self.target.retry.max_attempts:
-                    retry.append(failure)
-                else:
-                    yield DeadLettered(self._dead_letter(failure, attempt), failure.error)
-            if retry:
-                self.on_retry(len(retry))
-                hints = [getattr(f.error, "retry_after", None) for f in retry]
-                time.sleep(self.target.retry.delay(attempt, max((h for h in hints if h is not None), default=None)))
-            order = {id(e): i for i, e in enumerate(pending)}
-            pending = sorted((f.event for f in retry), key=lambda e: order.get(id(e), 0))
+            outcome = self.attempt(pending, attempt)
+            yield from outcome.delivered
+            yield from outcome.dead
+            if outcome.retry:
+                time.sleep(self.target.retry.delay(attempt, outcome.retry_after))
+            pending = outcome.retry
 
     def _write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         sink = self.target.sink
@@ -124,104 +155,241 @@ def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
                            envelope.get("version", NormalizedEvent.version), reference=source.get("reference"))
 
 
-class DeliverToSink(beam.DoFn):
-    """Deliver users' ordered event lists to one destination, in batches of about ``batch_size`` events.
+def _opened(sink: Sink) -> Sink:
+    try:
+        sink.open()
+    except FatalError:
+        raise
+    except Exception:  # momentarily unavailable: write() opens again and the taxonomy routes its errors
+        pass
+    return sink
 
-    With a control-plane store (``status_url``), a disabled destination receives nothing: its
-    events become dead letters at once (``DestinationDisabled``), and the destination's failing
-    streak is recorded so that sustained failure (or a 410) disables it.
+
+class _DestinationFn(beam.DoFn):
+    """What both delivery DoFns share: the sink's lifecycle, the destination's health, its tallies.
+
+    Input: ``(user_id, UserEvents)``; this destination's share of the acks is ``index`` of
+    ``fan_out`` (every destination reads the same element). With a control-plane store
+    (``status_url``), a disabled destination receives nothing: its events become dead letters at
+    once (``DestinationDisabled``), and a failing streak is recorded so that sustained failure (or
+    a 410) disables it.
     """
 
     STATUS_TTL_S = 5.0
 
-    def __init__(self, target: Target, status_url: str | None = None) -> None:
-        self.target = target
-        self.status_url = status_url
-        name = target.name
-        self.delivered = Metrics.counter(METRICS, f"delivered:{name}")
-        self.dead = Metrics.counter(METRICS, f"delivery_dead_letter:{name}")
-        self.retried = Metrics.counter(METRICS, f"retried:{name}")
-        self.filtered = Metrics.counter(METRICS, f"filtered:{name}")
+    def __init__(self, target: Target, status_url: str | None = None, index: int = 0, fan_out: int = 1) -> None:
+        self.target, self.status_url, self.index, self.fan_out = target, status_url, index, fan_out
 
     def setup(self) -> None:
-        self.status = DestinationStatus(self.status_url).open() if self.status_url else None
+        url = self.status_url
+        self.status = acquire("destination-status", url, lambda: DestinationStatus(url)) if url else None
         self._disabled_checked_at, self._disabled = 0.0, False
-        try:
-            self.target.sink.open()
-        except FatalError:
-            raise
-        except Exception:  # momentarily unavailable: write() opens again and the taxonomy routes its errors
-            pass
-        self.delivery = Delivery(self.target, on_retry=self.retried.inc)
+        self.sink = acquire("sink", self.target.sink, lambda: _opened(private_copy(self.target.sink)))
+        self.delivery = Delivery(dataclasses.replace(self.target, sink=self.sink),
+                                 on_retry=lambda n: self.tally.add(f"retried:{self.target.name}", n))
 
     def teardown(self) -> None:
-        self.target.sink.close()
-        if self.status:
-            self.status.close()
+        release("sink", self.target.sink, self.sink)
+        if self.status is not None:
+            release("destination-status", self.status_url, self.status)
+
+    def start_bundle(self) -> None:
+        self.tally = Tally()
+
+    def _wanted(self, user_events: UserEvents) -> tuple[list[NormalizedEvent], Acks]:
+        events = list(user_events.events)
+        if self.target.event_types is not None:
+            events = [e for e in events if e.type in self.target.event_types]
+            self.tally.add(f"filtered:{self.target.name}", len(user_events.events) - len(events))
+        return events, split_acks(user_events.acks, self.fan_out)[self.index]
 
     def _is_disabled(self) -> bool:
         if self.status is None:
             return False
         if time.monotonic() - self._disabled_checked_at > self.STATUS_TTL_S:
-            self._disabled = self.status.get(self.target.name).disabled
+            try:
+                self._disabled = self._status().get(self.target.name).disabled
+            except (RetryableError, FatalError) as exc:  # the status store is away: deliver, and look again later
+                self._status_failed(exc)
             self._disabled_checked_at = time.monotonic()
         return self._disabled
 
-    def start_bundle(self) -> None:
-        self.buffer: list[NormalizedEvent] = []
+    def _status(self) -> DestinationStatus:
+        assert self.status is not None
+        if self.status.store.conn is None:
+            self.status.open()
+        return self.status
 
-    def process(self, element: tuple[str, list[NormalizedEvent]]) -> Iterator[Any]:
-        _, events = element
-        if self.target.event_types is not None:
-            wanted = [e for e in events if e.type in self.target.event_types]
-            self.filtered.inc(len(events) - len(wanted))
-            events = wanted
+    def _status_failed(self, exc: BaseException) -> None:
+        """Destination health is advice: a status store that failed is reconnected next time, never fatal."""
+        log.warning("destination status of %s unavailable (%s); delivering meanwhile", self.target.name, exc)
+        if self.status is not None:
+            self.status.close()
+
+    def _disabled_dead_letters(self, events: Sequence[NormalizedEvent]) -> list[dict[str, Any]]:
+        error = DestinationDisabled(f"destination {self.target.name} is disabled; enable it, then replay")
+        return [delivery_dead_letter(self.target, event, error, 0) for event in events]
+
+    def _outcomes(self, outcomes: Sequence[Delivered | DeadLettered]) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Receipts to emit and dead letters to store; notes the destination's health."""
+        receipts, dead, last_error = [], [], None
+        for outcome in outcomes:
+            if isinstance(outcome, Delivered):
+                receipts.append((outcome.destination, outcome.event_id))
+            else:
+                dead.append(outcome.record)
+                last_error = outcome.error
+        self.tally.add(f"delivered:{self.target.name}", len(receipts))
+        self._note_health(len(receipts), last_error)
+        return receipts, dead
+
+    def _settled(self, dead: list[dict[str, Any]], acks: Acks) -> Iterator[Any]:
+        """Dead letters of finished work; its acks end with the last one (stored first) or now."""
+        self.tally.add(f"delivery_dead_letter:{self.target.name}", len(dead))
+        for number, record in enumerate(dead, start=1):
+            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(record, acks if number == len(dead) else ()))
+        if not dead and acks:
+            yield pvalue.TaggedOutput(ENDED, acks)
+
+    def _note_health(self, delivered: int, last_error: BaseException | None) -> None:
+        if self.status is None:
+            return
+        try:
+            if delivered:
+                self._status().record_success(self.target.name)
+            elif last_error is not None and (isinstance(last_error, EndpointGone) or route(last_error) is Route.RETRY):
+                status = self._status().record_failure(self.target.name, last_error,
+                                                       self.target.retry.disable_after_s)
+                self._disabled, self._disabled_checked_at = status.disabled, time.monotonic()
+        except (RetryableError, FatalError) as exc:
+            self._status_failed(exc)
+
+
+class DeliverToSink(_DestinationFn):
+    """Bounded input: deliver in batches of about ``batch_size`` events across users, retrying in place.
+
+    A bounded run owns its bundle until it is done, so waiting between attempts holds nothing else
+    back; each user's events stay in order inside a batch.
+    """
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self.buffer: list[NormalizedEvent] = []
+        self.acks: list[Acks] = []
+
+    def process(self, element: tuple[str, UserEvents]) -> Iterator[Any]:
+        events, acks = self._wanted(element[1])
         self.buffer.extend(events)
+        self.acks.append(acks)
         if len(self.buffer) >= self.target.batch_size:
             yield from self._flush()
 
     def finish_bundle(self) -> Iterator[Any]:
-        # Outputs from finish_bundle must carry their window; delivery runs in the global window.
-        for output in self._flush():
+        # Outputs from finish_bundle must carry their window: bounded delivery runs in the global window.
+        for output in [*self._flush(), *self.tally.flush()]:
             if isinstance(output, pvalue.TaggedOutput):
-                yield pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                value = output.value
+                yield pvalue.TaggedOutput(output.tag, value if isinstance(value, WindowedValue)
+                                          else GlobalWindows.windowed_value(value))
             else:
                 yield GlobalWindows.windowed_value(output)
 
     def _flush(self) -> Iterator[Any]:
         pending, self.buffer = self.buffer, []
+        acks, self.acks = join_acks(self.acks), []
         if not pending:
+            yield from self._settled([], acks)
             return
         if self._is_disabled():
-            error = DestinationDisabled(f"destination {self.target.name} is disabled; enable it, then replay")
-            for event in pending:
-                self.dead.inc()
-                yield pvalue.TaggedOutput(DEAD_LETTER, delivery_dead_letter(self.target, event, error, 0))
+            yield from self._settled(self._disabled_dead_letters(pending), acks)
             return
-        delivered, last_error = 0, None
-        for outcome in self.delivery.deliver(pending):
-            if isinstance(outcome, Delivered):
-                delivered += 1
-                self.delivered.inc()
-                yield (outcome.destination, outcome.event_id)
-            else:
-                last_error = outcome.error
-                self.dead.inc()
-                yield pvalue.TaggedOutput(DEAD_LETTER, outcome.record)
-        self._note_health(delivered, last_error)
+        receipts, dead = self._outcomes(list(self.delivery.deliver(pending)))
+        yield from receipts
+        yield from self._settled(dead, acks)
 
-    def _note_health(self, delivered: int, last_error: BaseException | None) -> None:
-        if self.status is None:
+
+@dataclass
+class _Held:
+    """A user's batch waiting at one destination: its events still to deliver, dead letters so far."""
+
+    events: list[NormalizedEvent]
+    acks: Acks
+    attempts: int = 0
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Backlog:
+    items: list[_Held]
+    due: float  # epoch seconds of the next attempt
+
+
+class DeliverInOrder(_DestinationFn):
+    """Unbounded input: deliver each user's events as they come, retrying on timers, never out of order.
+
+    Keyed by user. A retryable failure keeps the batch (and every later batch of that user) in
+    keyed state and sets a processing-time timer for the policy's backoff (``Retry-After``
+    honoured); other users and other destinations go on meanwhile. When attempts run out, the
+    events are dead-lettered with their scheduled redelivery and the user's later events proceed.
+    """
+
+    BACKLOG = userstate.ReadModifyWriteStateSpec("backlog", PickleCoder())
+    RETRY = userstate.TimerSpec("retry", TimeDomain.REAL_TIME)
+
+    def process(self, element: tuple[str, UserEvents], backlog=beam.DoFn.StateParam(BACKLOG),
+                retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
+        events, acks = self._wanted(element[1])
+        waiting: _Backlog | None = backlog.read()
+        if waiting is not None:
+            waiting.items.append(_Held(events, acks))
+            self.tally.add(f"held:{self.target.name}", len(events))
+            backlog.write(waiting)
             return
-        if delivered:
-            self.status.record_success(self.target.name)
-        elif last_error is not None and (isinstance(last_error, EndpointGone) or route(last_error) is Route.RETRY):
-            status = self.status.record_failure(self.target.name, last_error, self.target.retry.disable_after_s)
-            self._disabled, self._disabled_checked_at = status.disabled, time.monotonic()
+        yield from self._drain([_Held(events, acks)], backlog, retry)
+
+    @userstate.on_timer(RETRY)
+    def on_retry(self, backlog=beam.DoFn.StateParam(BACKLOG), retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
+        waiting: _Backlog | None = backlog.read()
+        if waiting is None:
+            return
+        if time.time() < waiting.due - 0.002:  # a runner may fire a timer early, or an old one again
+            retry.set(Timestamp.of(waiting.due))
+            return
+        yield from self._drain(waiting.items, backlog, retry)
+
+    def _drain(self, items: list[_Held], backlog: Any, retry: Any) -> Iterator[Any]:
+        while items:
+            item = items[0]
+            if item.events and self._is_disabled():
+                item.dead.extend(self._disabled_dead_letters(item.events))
+                item.events = []
+            if item.events:
+                item.attempts += 1
+                outcome = self.delivery.attempt(item.events, item.attempts)
+                receipts, dead = self._outcomes([*outcome.delivered, *outcome.dead])
+                yield from receipts
+                item.dead.extend(dead)
+                item.events = outcome.retry
+                if item.events:
+                    due = time.time() + self.target.retry.delay(item.attempts, outcome.retry_after)
+                    backlog.write(_Backlog(items, due))
+                    retry.set(Timestamp.of(due))
+                    return
+            yield from self._settled(item.dead, item.acks)
+            items.pop(0)
+        backlog.clear()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self.tally.flush()
 
 
 class DeliverAll(beam.PTransform):
-    """Fan the per-user event lists out to every destination; returns (receipts, dead letters) per destination."""
+    """Fan ``(user_id, UserEvents)`` out to every destination, each on its own.
+
+    Returns (receipts, dead letters, ended acks, tallies), each a list with one PCollection per
+    destination. Bounded input is delivered in batches across users (``DeliverToSink``), unbounded
+    input per user in order with timer-driven retries (``DeliverInOrder``).
+    """
 
     def __init__(self, targets: Sequence[Target], status_url: str | None = None) -> None:
         super().__init__()
@@ -231,10 +399,14 @@ class DeliverAll(beam.PTransform):
         self.targets, self.status_url = list(targets), status_url
 
     def expand(self, user_events):
-        receipts, dead = [], []
-        for target in self.targets:
-            ok, bad = user_events | f"Deliver[{target.name}]" >> beam.ParDo(
-                DeliverToSink(target, self.status_url)).with_outputs(DEAD_LETTER, main="delivered")
-            receipts.append(ok)
-            dead.append(bad)
-        return receipts, dead
+        kind = DeliverToSink if user_events.is_bounded else DeliverInOrder
+        receipts, dead, ended, tallies = [], [], [], []
+        for index, target in enumerate(self.targets):
+            out = user_events | f"Deliver[{target.name}]" >> beam.ParDo(
+                kind(target, self.status_url, index, len(self.targets))).with_outputs(
+                DEAD_LETTER, ENDED, TALLY, main="delivered")
+            receipts.append(out.delivered)
+            dead.append(out[DEAD_LETTER])
+            ended.append(out[ENDED])
+            tallies.append(out[TALLY])
+        return receipts, dead, ended, tallies

@@ -7,8 +7,11 @@ type and natural key) arriving in the same batch merge into a single event, newe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,20 +19,24 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
+from apache_beam.coders import BooleanCoder
+from apache_beam.transforms import userstate
+from apache_beam.utils.windowed_value import WindowedValue
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, natural_key, terra_user_id
 from core.dead_letters import dead_letter
+from core.errors import FatalError, RetryableError
 from core.events import NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, decode, validate_record
+from transforms.acks import Acks, join_acks, root_acks, split_acks
+from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.record_state import open_state
+from transforms.reuse import acquire, release
 from transforms.users import UserDirectory
 
-DEAD_LETTER = "dead_letter"
-METRICS = "healthflow"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def decode_raw(message: RawMessage) -> RawEvent:
 
 @dataclass(frozen=True)
 class Failed:
-    """A dead letter produced while normalizing (see ``core.dead_letters``)."""
+    """A dead letter produced while normalizing (see ``transforms.dead_letters``)."""
 
     stage: str
     record: dict[str, Any]
@@ -145,28 +152,60 @@ def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent
         user_id=raw.user_id if raw else None))
 
 
-class NormalizeRaw(beam.DoFn):
-    """RawMessage → (terra user id, Keyed) per record, plus the ``dead_letter`` output."""
+@dataclass(frozen=True)
+class UserFragments:
+    """One raw message's records for one user, with the message (for dead letters) and its acks."""
 
-    def __init__(self) -> None:
-        self.raw_in = Metrics.counter(METRICS, "raw_in")
-        self.fragments = Metrics.counter(METRICS, "fragments")
+    fragments: tuple[Keyed, ...]
+    message: RawMessage
+    acks: Acks = ()
+
+
+@dataclass(frozen=True)
+class UserEvents:
+    """A user's merged events in their order, with the acks of the messages they came from."""
+
+    events: tuple[NormalizedEvent, ...]
+    acks: Acks = ()
+
+
+class NormalizeRaw(beam.DoFn):
+    """RawMessage → (user key, UserFragments) per user, plus ``dead_letter`` and ``ended`` outputs.
+
+    Nothing a payload holds can stop the pipeline: whatever a stage raises (a hostile time zone, a
+    timestamp out of range, a mapper bug) dead-letters the message with its bytes and the reason.
+    """
+
+    def start_bundle(self) -> None:
+        self.tally = Tally()
 
     def process(self, message: RawMessage) -> Iterator[Any]:
-        self.raw_in.inc()
-        ok = failed = 0
-        for item in normalize_message(message):
-            if isinstance(item, Failed):
-                failed += 1
-                Metrics.counter(METRICS, f"dead_letter:{item.stage}").inc()
-                yield pvalue.TaggedOutput(DEAD_LETTER, item.record)
-            else:
-                ok += 1
-                self.fragments.inc()
-                yield item.user["user_id"], item
+        self.tally.add("raw_in")
+        try:
+            items = list(normalize_message(message))
+        except Exception as exc:
+            items = [_failed("normalize", exc, message)]
+        failed = [item for item in items if isinstance(item, Failed)]
+        by_user: dict[str, list[Keyed]] = {}
+        for item in items:
+            if isinstance(item, Keyed):
+                by_user.setdefault(item.user["user_id"], []).append(item)
+        acks = root_acks(message.ack)
+        shares = split_acks(acks, len(failed) + len(by_user))
+        for item, share in zip(failed, shares, strict=False):
+            self.tally.add(f"dead_letter:{item.stage}")
+            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share))
+        for (user, keyed), share in zip(by_user.items(), shares[len(failed):], strict=True):
+            self.tally.add("fragments", len(keyed))
+            yield user, UserFragments(tuple(keyed), message, share)
+        if not items and acks:
+            yield pvalue.TaggedOutput(ENDED, acks)
         # Every raw message ends in exactly one outcome: the summary checks they add up.
-        outcome = "partial" if ok and failed else "ok" if ok else "dead" if failed else "empty"
-        Metrics.counter(METRICS, f"raw_{outcome}").inc()
+        ok = sum(len(k) for k in by_user.values())
+        self.tally.add("raw_" + ("partial" if ok and failed else "ok" if ok else "dead" if failed else "empty"))
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self.tally.flush()
 
 
 def deep_merge(older: Any, newer: Any) -> Any:
@@ -244,7 +283,6 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     for fragment in fragments:
         groups.setdefault((fragment.type, fragment.natural_key), []).append(fragment)
     events = []
-    superseded = Metrics.counter(METRICS, "superseded")
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
@@ -263,7 +301,6 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
             elif merged != data:  # same version, new content: make sure it is not taken for a stale copy
                 version += 1
             data = merged
-        superseded.inc(len(versions) - 1)
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         events.append(NormalizedEvent.create(
@@ -271,8 +308,6 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
             sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key,
             reference=reference))
     events.sort(key=lambda e: e.sequence)
-    for event in events:
-        Metrics.counter(METRICS, f"normalized:{event.provider.lower()}:{event.type}").inc()
     return events
 
 
@@ -292,65 +327,183 @@ def normalize_in_memory(messages: Iterable[RawMessage]) -> tuple[list[Normalized
     return [e for user, keyed in by_user.items() for e in merge_user_events(user, keyed)], failures
 
 
-class MergeWithState(beam.DoFn):
-    """(user, fragments) → (user, [events]) merged with, and saved to, the record state.
+def _opened_store(state: Any) -> Any:
+    state.open()
+    return state
+
+
+class MergePerUser(beam.DoFn):
+    """(user key, [UserFragments…]) → (user id, UserEvents) merged with, and saved to, the record state.
 
     Users are buffered and flushed together (one state read and one write per flush). State is
     saved before delivery: a run that dies after saving re-reads its input and re-emits the same
-    merged records, so delivery stays at least once.
+    merged records, so delivery stays at least once. A user whose merge or save fails for a reason
+    of its own is dead-lettered (stage ``merge``/``state``) and the others go on; a store that is
+    unavailable is waited for (``STORE_PATIENCE_S``), never taken for bad data.
     """
+
+    STORE_PATIENCE_S = 300.0
 
     def __init__(self, state_url: str, users_per_flush: int = 200) -> None:
         self.state_url, self.users_per_flush = state_url, users_per_flush
 
     def setup(self) -> None:
-        self.state = open_state(self.state_url)
-        self.state.open()
-        self.users = UserDirectory(self.state_url).open()
+        self.state = acquire("record-state", self.state_url, lambda: self._patiently(
+            lambda: _opened_store(open_state(self.state_url))))
+        self.users = acquire("user-directory", self.state_url, lambda: self._patiently(
+            lambda: UserDirectory(self.state_url).open()))
 
     def teardown(self) -> None:
-        self.state.close()
-        self.users.close()
+        release("record-state", self.state_url, self.state)
+        release("user-directory", self.state_url, self.users)
+
+    def _reconnect(self) -> None:
+        for store in (self.state, self.users):
+            store.close()
+            with contextlib.suppress(RetryableError, FatalError):
+                store.open()
 
     def start_bundle(self) -> None:
-        self.pending: list[tuple[str, list[Keyed]]] = []
+        self.pending: list[tuple[str, list[UserFragments], Any, Any]] = []
+        self.tally = Tally()
 
-    def process(self, element: tuple[str, Iterable[Keyed]]) -> Iterator[tuple[str, list[NormalizedEvent]]]:
-        user_id, fragments = element
-        self.pending.append((user_id, list(fragments)))
+    def process(self, element: tuple[str, Iterable[UserFragments]], window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
+        user_key, parts = element
+        self.pending.append((user_key, list(parts), window, timestamp))
         if len(self.pending) >= self.users_per_flush:
             yield from self._flush()
 
     def finish_bundle(self) -> Iterator[Any]:
-        for output in self._flush():
-            yield GlobalWindows.windowed_value(output)
+        yield from self._flush()
+        yield from self.tally.flush()
 
-    def _resolve(self, user_id: str, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
+    def _patiently(self, action: Any) -> Any:
+        """Run ``action``, waiting out a store that is unavailable (reconnecting) for up to STORE_PATIENCE_S."""
+        deadline, delay = time.monotonic() + self.STORE_PATIENCE_S, 0.2
+        while True:
+            try:
+                return action()
+            except (RetryableError, FatalError) as exc:
+                if time.monotonic() >= deadline or (isinstance(exc, FatalError) and "cannot open" not in str(exc)):
+                    raise
+                log.warning("record state unavailable, retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if hasattr(self, "users"):  # connected before: reconnect
+                    self._reconnect()
+
+    def _resolve(self, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
         """Give an account's fragments the user of its connection, when it has one."""
         first = fragments[0]
-        user = self.users.resolve(first.provider, first.provider_user_id, first.user["provider"])
+        user = self._patiently(lambda: self.users.resolve(first.provider, first.provider_user_id,
+                                                          first.user["provider"]))
         if user is None:
-            return user_id, fragments
+            return first.user["user_id"], fragments
         return user["user_id"], [dataclasses.replace(f, user=user) for f in fragments]
 
-    def _flush(self) -> Iterator[tuple[str, list[NormalizedEvent]]]:
-        pending = [self._resolve(user, fragments) for user, fragments in self.pending]
-        self.pending = []
-        keys = sorted({(user, f.type, f.natural_key) for user, frags in pending for f in frags})
+    def _flush(self) -> Iterator[Any]:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        grouped: dict[tuple[str, Any], tuple[list[UserFragments], Any]] = {}
+        for user_key, parts, window, timestamp in pending:  # one merge per user and window, in arrival order
+            found = grouped.setdefault((user_key, window), ([], timestamp))
+            found[0].extend(parts)
+            if timestamp > found[1]:
+                grouped[(user_key, window)] = (found[0], timestamp)
+        failed: list[tuple[str, BaseException, list[UserFragments], Any, Any]] = []
+        users = []
+        for (_, window), (parts, timestamp) in grouped.items():
+            try:
+                users.append((self._resolve([f for part in parts for f in part.fragments]), parts, window, timestamp))
+            except (RetryableError, FatalError):
+                raise
+            except Exception as exc:  # this account cannot be looked up (a value the store refuses): its own failure
+                failed.append(("resolve", exc, parts, window, timestamp))
+        loaded, unloadable = self._isolating(users, lambda batch: self._load(
+            sorted({(user, f.type, f.natural_key) for (user, frags), *_ in batch for f in frags})))
+        failed.extend(("state", exc, parts, window, timestamp) for exc, (_, parts, window, timestamp) in unloadable)
         stored_by_user: dict[str, Stored] = {}
-        for (user, model_type, key), value in (self.state.load(keys) if keys else {}).items():
-            stored_by_user.setdefault(user, {})[(model_type, key)] = value
-        merged = [(user_id, merge_user_events(user_id, fragments, stored_by_user.get(user_id)))
-                  for user_id, fragments in pending]
+        for found in loaded:
+            for (user, model_type, key), value in found.items():
+                stored_by_user.setdefault(user, {})[(model_type, key)] = value
+        merged = []
+        for (user_id, fragments), parts, window, timestamp in users:
+            if any(parts is item[1] for _, item in unloadable):
+                continue
+            try:
+                events = merge_user_events(user_id, fragments, stored_by_user.get(user_id))
+            except Exception as exc:  # this user's records cannot merge: theirs alone fail
+                failed.append(("merge", exc, parts, window, timestamp))
+                continue
+            merged.append((user_id, events, parts, window, timestamp))
+        _, unsaved = self._isolating(merged, lambda batch: self._save([events for _, events, *_ in batch]))
+        failed.extend(("state", exc, parts, window, timestamp) for exc, (_, _, parts, window, timestamp) in unsaved)
+        merged = [item for item in merged if not any(item is bad for _, bad in unsaved)]
+        for user_id, events, parts, window, timestamp in merged:
+            self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))
+            for event in events:
+                self.tally.add(f"normalized:{event.provider.lower()}:{event.type}")
+            acks = join_acks(p.acks for p in parts)
+            yield WindowedValue((user_id, UserEvents(tuple(events), acks)), timestamp, [window])
+        for stage, exc, parts, window, timestamp in failed:
+            if len(parts) > 1:  # find the message at fault: this user's messages again, one at a time, in order
+                for part in parts:
+                    self.pending = [(f"alone:{id(part)}", [part], window, timestamp)]
+                    yield from self._flush()
+                continue
+            for part in parts:
+                self.tally.add(f"dead_letter:{stage}")
+                record = _failed(stage, exc, part.message).record
+                yield pvalue.TaggedOutput(DEAD_LETTER, WindowedValue(DeadLetterOut(record, part.acks), timestamp,
+                                                                      [window]))
+
+    def _isolating(self, items: list[Any], action: Any) -> tuple[list[Any], list[tuple[BaseException, Any]]]:
+        """``action(items)`` (waiting out an unavailable store); when it fails for a reason of the data, ``action``
+        item by item, so one user's bad value fails that user alone. Returns (results, [(error, item)])."""
+        if not items:
+            return [], []
+        try:
+            return [self._patiently(lambda: action(items))], []
+        except (RetryableError, FatalError):
+            raise
+        except Exception:  # some item's data: find which
+            results, failures = [], []
+            for item in items:
+                try:
+                    results.append(self._patiently(lambda item=item: action([item])))
+                except (RetryableError, FatalError):
+                    raise
+                except Exception as exc:
+                    failures.append((exc, item))
+            return results, failures
+
+    def _load(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], tuple[dict[str, Any], int]]:
+        return self.state.load(keys) if keys else {}
+
+    def _save(self, merged: list[list[NormalizedEvent]]) -> None:
         self.state.save(((e.user_id, e.type, e.natural_key), e.data, e.ordering_timestamp_ms)
-                        for _, events in merged for e in events)
-        yield from merged
+                        for events in merged for e in events)
+
+
+class MergePerUserStateful(MergePerUser):
+    """``MergePerUser`` for unbounded input: keyed state makes the runner merge one user at a time."""
+
+    SERIAL = userstate.ReadModifyWriteStateSpec("serial", BooleanCoder())
+
+    def process(self, element: tuple[str, UserFragments], window=beam.DoFn.WindowParam,  # type: ignore[override]
+                timestamp=beam.DoFn.TimestampParam, serial=beam.DoFn.StateParam(SERIAL)) -> Iterator[Any]:
+        user_key, part = element
+        return super().process((user_key, [part]), window, timestamp)
 
 
 class Normalize(beam.PTransform):
-    """PCollection[RawMessage] → (events: PCollection[(user_id, [NormalizedEvent…])], dead letters).
+    """PCollection[RawMessage] → (PCollection[(user_id, UserEvents)], dead letters, ended acks, tallies).
 
-    Events of one user come as one ordered list per batch; dead letters keep the raw bytes.
+    Bounded input merges each user's records of the whole run at once (GroupByKey); unbounded
+    input merges as records arrive, one user at a time (keyed state), with no window or trigger to
+    wait for. Dead letters keep the raw bytes.
     """
 
     def __init__(self, state_url: str) -> None:
@@ -358,8 +511,16 @@ class Normalize(beam.PTransform):
         self.state_url = state_url
 
     def expand(self, messages):
-        keyed, dead = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_outputs(DEAD_LETTER, main="keyed")
-        events = (keyed
-                  | "GroupByUser" >> beam.GroupByKey()
-                  | "MergeWithState" >> beam.ParDo(MergeWithState(self.state_url)))
-        return events, dead
+        keyed, dead, ended, raw_tallies = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_outputs(
+            DEAD_LETTER, ENDED, TALLY, main="keyed")
+        if keyed.is_bounded:
+            merged = (keyed
+                      | "GroupByUser" >> beam.GroupByKey()
+                      | "MergePerUser" >> beam.ParDo(MergePerUser(self.state_url)).with_outputs(
+                          DEAD_LETTER, TALLY, main="events"))
+        else:
+            merged = keyed | "MergePerUser" >> beam.ParDo(MergePerUserStateful(self.state_url)).with_outputs(
+                DEAD_LETTER, TALLY, main="events")
+        dead_letters = (dead, merged[DEAD_LETTER]) | "IngestDeadLetters" >> beam.Flatten()
+        tallies = (raw_tallies, merged[TALLY]) | "IngestTallies" >> beam.Flatten()
+        return merged.events, dead_letters, ended, tallies

@@ -31,9 +31,9 @@ class RecordState:
 
     def open(self) -> None:
         self.store.open()
-        self.store.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (user_id TEXT NOT NULL, type TEXT NOT NULL, "
-                           f"natural_key TEXT NOT NULL, version_ms BIGINT NOT NULL, data {self.store.json_type} "
-                           "NOT NULL, PRIMARY KEY (user_id, type, natural_key))")
+        self.store.create_tables(f"CREATE TABLE IF NOT EXISTS {TABLE} (user_id TEXT NOT NULL, type TEXT NOT NULL, "
+                                 f"natural_key TEXT NOT NULL, version_ms BIGINT NOT NULL, data "
+                                 f"{self.store.json_type} NOT NULL, PRIMARY KEY (user_id, type, natural_key))")
 
     def close(self) -> None:
         self.store.close()

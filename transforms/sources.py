@@ -1,35 +1,43 @@
-"""Raw sources: the ingestion topic (Kafka, read with confluent-kafka, no JVM) and files.
+"""Bounded raw sources: the ingestion topic up to its end (Kafka, confluent-kafka, no JVM) and files.
 
-Kafka batch reads take, per partition, everything from the consumer group's committed offset to
-the end of the partition at read time. Offsets are committed by the runner only after the whole
-pipeline (every sink) has succeeded: a failed run re-reads the same messages (at least once).
+Nothing here touches Kafka or lists files while the graph is built: partitions and their start
+offsets, and the files matching a pattern, are read when the job runs, on a worker.
+
+A batch Kafka read takes, per partition, everything from the consumer group's committed offset to
+the end of the partition at read time. Each message carries an ``AckToken``: the group's offset
+moves past a message only once everything it became was delivered or dead-lettered
+(``transforms.acks``), so a failed or killed run re-reads what had not ended (at least once).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from core.errors import FatalError
-from core.raw import RawMessage
-from transforms.normalize import METRICS
+from core.raw import AckToken, RawMessage
+from transforms.acks import Acknowledger
 
-NEXT_OFFSET = "next_offset"
+log = logging.getLogger(__name__)
 
 
-def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
+def kafka_consumer(bootstrap: str, group: str, **extra: Any) -> Any:
+    """A consumer that reads by assignment and never commits on its own."""
+    from confluent_kafka import Consumer
+
     return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                      "auto.offset.reset": "earliest", **extra})
 
 
 def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 10.0) -> list[tuple[int, int]]:
     """``(partition, start offset)`` for every partition: the group's committed offset, else the start."""
-    consumer = _consumer(bootstrap, group)
+    from confluent_kafka import OFFSET_INVALID, KafkaException, TopicPartition
+
+    consumer = kafka_consumer(bootstrap, group)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         info = metadata.topics.get(topic)
@@ -50,20 +58,63 @@ def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 1
         consumer.close()
 
 
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """The group's committed next offset per partition (partitions it never committed are left out)."""
+    from confluent_kafka import TopicPartition
+
+    consumer = kafka_consumer(bootstrap, group)
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+    finally:
+        consumer.close()
+
+
 def commit_offsets(bootstrap: str, topic: str, group: str, next_offsets: dict[int, int]) -> None:
-    """Commit the group's position (synchronously); call only after every sink accepted the data."""
+    """Commit the group's position (synchronously)."""
+    from confluent_kafka import TopicPartition
+
     if not next_offsets:
         return
-    consumer = _consumer(bootstrap, group)
+    consumer = kafka_consumer(bootstrap, group)
     try:
         consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in next_offsets.items()], asynchronous=False)
     finally:
         consumer.close()
 
 
-def _healthflow_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    """The ``healthflow-*`` Kafka headers a raw event carries (backfill marker, request reference)."""
+def healthflow_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    """The ``healthflow-*`` headers a raw event carries (backfill marker, request reference)."""
     return {k: (v or b"").decode("utf-8", "replace") for k, v in headers or () if k.startswith("healthflow-")}
+
+
+class KafkaOffsets(Acknowledger):
+    """Commits a group's offsets (the group reads by assignment, so any client may commit for it)."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+        self.consumer: Any = None
+
+    def open(self) -> None:
+        if self.consumer is None:
+            self.consumer = kafka_consumer(self.bootstrap, self.group)
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+
+    def commit(self, positions: dict[str, int]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        self.open()
+        offsets = [TopicPartition(stream.rsplit(":", 1)[0], int(stream.rsplit(":", 1)[1]), position)
+                   for stream, position in positions.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # a later commit covers this one; until then a restart re-reads more
+            log.warning("offset commit to %s failed (a later one covers it): %s", self.bootstrap, exc)
 
 
 class ReadPartitionToEnd(beam.DoFn):
@@ -75,9 +126,11 @@ class ReadPartitionToEnd(beam.DoFn):
         self.poll_timeout_s, self.idle_polls = poll_timeout_s, idle_polls
 
     def process(self, element: tuple[int, int]) -> Iterator[RawMessage]:
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
         partition, start = element
-        consumer = _consumer(self.bootstrap, f"{self.group}.reader", **{"enable.partition.eof": True})
-        next_offset, read, idle = start, 0, 0
+        consumer = kafka_consumer(self.bootstrap, f"{self.group}.reader", **{"enable.partition.eof": True})
+        previous, read, idle = start - 1, 0, 0
         try:
             consumer.assign([TopicPartition(self.topic, partition, start)])
             while self.limit is None or read < self.limit:
@@ -95,29 +148,39 @@ class ReadPartitionToEnd(beam.DoFn):
                             eof = True
                             break
                         raise KafkaException(error)
-                    read += 1
-                    next_offset = message.offset() + 1
+                    offset = message.offset()
                     yield RawMessage(message.value() or b"", {"topic": self.topic, "partition": partition,
-                                                              "offset": message.offset(),
-                                                              **_healthflow_headers(message.headers())})
+                                                              "offset": offset,
+                                                              **healthflow_headers(message.headers())},
+                                     ack=AckToken("offset", f"{self.topic}:{partition}", offset, previous,
+                                                  first=read == 0))
+                    read += 1
+                    previous = offset
                 if eof:
                     break
         finally:
             consumer.close()
-        Metrics.distribution(METRICS, f"{NEXT_OFFSET}:{self.topic}:{partition}").update(next_offset)
+
+
+class _PlanPartitions(beam.DoFn):
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+
+    def process(self, _: Any) -> Iterator[tuple[int, int]]:
+        yield from plan_partitions(self.bootstrap, self.topic, self.group)
 
 
 class ReadKafkaBatch(beam.PTransform):
-    """Everything new on ``topic`` for consumer group ``group``, as RawMessages."""
+    """Everything new on ``topic`` for consumer group ``group``, as RawMessages (planned at run time)."""
 
     def __init__(self, bootstrap: str, topic: str, group: str, limit_per_partition: int | None = None) -> None:
         super().__init__()
         self.bootstrap, self.topic, self.group, self.limit = bootstrap, topic, group, limit_per_partition
 
     def expand(self, pbegin):
-        plan = plan_partitions(self.bootstrap, self.topic, self.group)
         return (pbegin
-                | "Partitions" >> beam.Create(plan)
+                | "Impulse" >> beam.Impulse()
+                | "Partitions" >> beam.ParDo(_PlanPartitions(self.bootstrap, self.topic, self.group))
                 | "SpreadPartitions" >> beam.Reshuffle()
                 | "ReadPartition" >> beam.ParDo(ReadPartitionToEnd(self.bootstrap, self.topic, self.group,
                                                                    self.limit)))
@@ -131,15 +194,23 @@ def read_lines(path: str) -> Iterator[RawMessage]:
                 yield RawMessage(line.rstrip(b"\r\n"), {"path": path, "line": number}, encoding="json")
 
 
+def match_files(pattern: str) -> Iterator[str]:
+    """The files matching ``pattern``, sorted; no match at all is a configuration error."""
+    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not paths:
+        raise FatalError(f"no input files match {pattern!r}")
+    yield from paths
+
+
 class ReadRawFiles(beam.PTransform):
-    """Raw events from JSON-lines files matching ``pattern`` (local, s3://, gs://)."""
+    """Raw events from JSON-lines files matching ``pattern`` (local, s3://, gs://), listed at run time."""
 
     def __init__(self, pattern: str) -> None:
         super().__init__()
         self.pattern = pattern
 
     def expand(self, pbegin):
-        paths = sorted(m.path for m in FileSystems.match([self.pattern])[0].metadata_list)
-        if not paths:
-            raise FatalError(f"no input files match {self.pattern!r}")
-        return pbegin | "Files" >> beam.Create(paths) | "ReadLines" >> beam.FlatMap(read_lines)
+        return (pbegin
+                | "Pattern" >> beam.Create([self.pattern])
+                | "Match" >> beam.FlatMap(match_files)
+                | "ReadLines" >> beam.FlatMap(read_lines))

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.store import Store
 
-CACHE_TTL_S = 60.0
+CACHE_TTL_S = 5.0  # a connection made or revoked in the API is seen by every worker within this
 
 
 class UserDirectory:
