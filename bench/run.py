@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.latency import measure
+from bench.processes import pubsub_server
 from connectors.publish import publish
 from core.events import NormalizedEvent
 from core.raw import RawMessage
@@ -50,6 +48,14 @@ def mapper_loop(payloads) -> tuple[float, list[NormalizedEvent]]:
     return time.perf_counter() - started, events
 
 
+def json_floor(payloads) -> float:
+    """Seconds to json-parse and json-dump every payload: the least any normalizer must spend, for scale."""
+    started = time.perf_counter()
+    for payload in payloads:
+        json.dumps(json.loads(payload.payload))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=300)
@@ -63,6 +69,9 @@ def main() -> None:
 
     seconds, delivered = mapper_loop(payloads)
     base_rate = len(payloads) / seconds
+    floor = json_floor(payloads)
+    rows.append(("floor: json parse + dump of each payload", len(payloads), floor,
+                 f"{floor / seconds:.2f}x (the mapper loop is {seconds / floor:.0f}x this)"))
     rows.append(("bare mapper loop (no Beam, no I/O)", len(payloads), seconds, "1.00x"))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,6 +123,23 @@ def main() -> None:
             table.add_row(what, "-", "-", "-", ratio)
     console.print(table)
 
+    latency = Table(title=f"streaming: publish → webhook (receiver in its own process), one long-running job, "
+                          f"{LATENCY_RATE:.0f} events/s for {LATENCY_SECONDS:.0f} s after {LATENCY_WARMUP:.0f} s "
+                          "of warm-up")
+    for col in ("ingestion topic", "events", "received", "p50 ms", "p99 ms", "max ms"):
+        latency.add_column(col, justify="left" if col == "ingestion topic" else "right")
+    for kind in ("pubsub", "kafka"):
+        try:
+            figures = measure(kind, secret, LATENCY_RATE, LATENCY_SECONDS, LATENCY_WARMUP)
+            latency.add_row(kind, f"{figures.sent:,}", f"{figures.received:,}", f"{figures.p50_ms:.0f}",
+                            f"{figures.p99_ms:.0f}", f"{figures.max_ms:.0f}")
+        except Exception as exc:  # a bench reports what it could not measure, and goes on
+            latency.add_row(kind, "-", "-", "-", "-", f"not measured: {exc}"[:60])
+    console.print(latency)
+
+
+LATENCY_RATE, LATENCY_SECONDS, LATENCY_WARMUP = 50.0, 20.0, 3.0
+
 
 MOTO_EVENTS = 400
 ROOT = Path(__file__).resolve().parent.parent  # the repository: tests/ is not installed
@@ -133,28 +159,6 @@ def _measure_sink(console: Console, sink, events) -> tuple[str, int, float, str]
     finally:
         sink.close()
     return (f"destination {sink.name} (write path)", len(events), elapsed, f"{failures} failed" if failures else "")
-
-
-@contextlib.contextmanager
-def pubsub_server(*topics: str) -> Iterator[str]:
-    """The Pub/Sub test server (``tests/servers/pubsub_server.py``) in a process of its own, with ``topics``;
-    yields its ``PUBSUB_EMULATOR_HOST``. Closing its stdin ends it."""
-    command = [sys.executable, "-m", "tests.servers.pubsub_server", *(a for t in topics for a in ("--topic", t))]
-    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        if not line.startswith("PUBSUB_EMULATOR_HOST="):
-            raise RuntimeError(f"the Pub/Sub test server did not start (exit code {process.poll()})")
-        yield line.split("=", 1)[1]
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _aws_resources(endpoint: str) -> tuple[str, str]:

@@ -280,3 +280,12 @@ class Simulator:
 
 def day_index_is_first(day: date) -> bool:
     return day == START_DAY
+
+
+def garmin_daily(user: str, day: str = "2024-03-11", steps: int = 1234) -> RawPayload:
+    """One Garmin daily summary push for ``user`` (a small, valid raw event for streaming checks)."""
+    start = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
+    return RawPayload("garmin", _j({"dailies": [{"userId": user, "summaryId": f"{user}-{day}", "calendarDate": day,
+                                                 "startTimeInSeconds": start, "startTimeOffsetInSeconds": 0,
+                                                 "durationInSeconds": 86400, "steps": steps,
+                                                 "activeKilocalories": 321}]}), "dailies")

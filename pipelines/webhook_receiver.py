@@ -50,6 +50,7 @@ class WebhookReceiver(LoopbackService):
         self._events: dict[str, dict[str, Any]] = {}
         self._headers: dict[str, dict[str, str]] = {}
         self._order_by_user: dict[str, list[str]] = {}
+        self._first_arrival: dict[str, float] = {}  # user id → when its first event was accepted (epoch s)
         self._received = 0
         self._duplicates = 0
         self._rejected_signature = 0
@@ -119,6 +120,12 @@ class WebhookReceiver(LoopbackService):
         with self._lock:
             return {k: dict(v) for k, v in self._headers.items()}
 
+    @property
+    def arrivals(self) -> dict[str, float]:
+        """When each user's first event was accepted (epoch seconds; also served as JSON on GET /arrivals)."""
+        with self._lock:
+            return dict(self._first_arrival)
+
     def order_for(self, user_id: str) -> list[str]:
         """Event ids accepted for ``user_id``, in order of first receipt."""
         with self._lock:
@@ -158,6 +165,7 @@ class WebhookReceiver(LoopbackService):
                 self._headers[event_id] = headers
                 user_id = (event.get("user") or {}).get("user_id", "")
                 self._order_by_user.setdefault(user_id, []).append(event_id)
+                self._first_arrival.setdefault(user_id, time.time())
         return 200, {}, b"ok"
 
 
@@ -180,5 +188,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(reply)
 
+    def do_GET(self) -> None:  # http.server dispatches on this name
+        if not self.path.endswith("/arrivals"):
+            self.send_error(404)
+            return
+        reply = json.dumps(self.receiver.arrivals).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's per-request stderr logging."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve in a process of its own until stdin closes or the process is ended; prints ``{"url": ...}`` first."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="A webhook receiver on 127.0.0.1 (a free port).")
+    parser.add_argument("--secret", required=True, help="the destination's whsec_ secret")
+    args = parser.parse_args(argv)
+    with WebhookReceiver(args.secret) as receiver:
+        print(json.dumps({"url": receiver.url}), flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -64,28 +65,77 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
-    from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch, run_stream
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    if args.input and args.bootstrap_servers:
-        raise FatalError("give either --input (files) or --bootstrap-servers (Kafka), not both")
-    if args.input:
-        source: KafkaSource | FileSource = FileSource(args.input)
-    elif args.bootstrap_servers:
-        source = KafkaSource(args.bootstrap_servers, args.topic, args.group)
-    else:
-        raise FatalError("no source: give --input FILES or --bootstrap-servers HOST:PORT")
+    from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, run_batch
     from sinks.config import load_destinations
 
-    targets = load_destinations(args.destinations).targets()
-    job = NormalizeJob(source, targets, args.dead_letters, state_url=args.state)
-    if args.mode == "streaming":
-        run_stream(job, beam_args, args.poll_interval, args.max_batches,
-                   on_batch=lambda s: print(json.dumps({"seconds": round(s.seconds, 3), **s.counters})))
+    streaming = args.mode == "streaming" or PipelineOptions(list(beam_args)).view_as(StandardOptions).streaming
+    given = [flag for flag, value in (("--input", args.input), ("--bootstrap-servers", args.bootstrap_servers),
+                                      ("--subscription", args.subscription)) if value]
+    if len(given) > 1:
+        raise FatalError(f"give one source, not {' and '.join(given)}")
+    if args.input:
+        if streaming:
+            raise FatalError("files are read in batch: drop --streaming, or stream from --bootstrap-servers or "
+                             "--subscription")
+        source: KafkaSource | FileSource | PubSubSource = FileSource(args.input)
+    elif args.bootstrap_servers:
+        source = KafkaSource(args.bootstrap_servers, args.topic, args.group)
+    elif args.subscription:
+        source = PubSubSource(args.subscription)
     else:
+        raise FatalError("no source: give --input FILES, --bootstrap-servers HOST:PORT (Kafka) or "
+                         "--subscription projects/P/subscriptions/S (Pub/Sub)")
+    targets = load_destinations(args.destinations).targets()
+    job = NormalizeJob(source, targets, _shared_path(args.dead_letters), state_url=args.state)
+    if not streaming:
         summary = run_batch(job, beam_args)
+        if summary.dry_run:
+            print("healthflow: the job was translated (--dry_run): nothing was submitted", file=sys.stderr)
+            return 0
         print(json.dumps({"seconds": round(summary.seconds, 3), **summary.counters,
                           "committed_offsets": summary.committed_offsets}, indent=1))
+        return 0
+    return _run_streaming(job, beam_args, args.redeliver_every, args.duration)
+
+
+def _run_streaming(job, beam_args: Sequence[str], redeliver_every_s: float, duration_s: float | None) -> int:
+    """Run the streaming job until interrupted (Ctrl-C, SIGTERM) or for ``duration_s``."""
+    import signal
+    import threading
+
+    from pipelines.streaming import run_streaming
+
+    running = run_streaming(job, [*beam_args, "--streaming"], redeliver_every_s=redeliver_every_s or None)
+    if running.dry_run:
+        print("healthflow: the streaming job was translated (--dry_run): nothing was submitted", file=sys.stderr)
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"healthflow: streaming from {job.source} — stop with Ctrl-C", file=sys.stderr, flush=True)
+    failure: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            running.wait()
+        except BaseException as exc:  # the job failed: report it after stopping
+            failure.append(exc)
+        finally:
+            stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="healthflow-job").start()
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait(duration_s)
+    running.stop()
+    if failure:
+        raise failure[0]
     return 0
+
+
+def _shared_path(path: str) -> str:
+    """A local folder as an absolute path (workers in other processes see the same one); URLs as given."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -232,9 +282,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap-servers", help="Kafka bootstrap servers of the ingestion topic")
     run.add_argument("--topic", default="healthflow.raw")
     run.add_argument("--group", default="healthflow-normalize", help="consumer group whose offsets are committed")
-    run.add_argument("--mode", choices=("batch", "streaming"), default="batch")
-    run.add_argument("--max-batches", type=int, help="streaming: stop after this many micro-batches")
-    run.add_argument("--poll-interval", type=float, default=2.0, help="streaming: seconds to wait when idle")
+    run.add_argument("--subscription", help="Pub/Sub subscription of the ingestion topic, projects/P/subscriptions/S "
+                                            "(streaming; the client follows PUBSUB_EMULATOR_HOST)")
+    run.add_argument("--mode", choices=("batch", "streaming"), default="batch",
+                     help="streaming: one long-running job (the same as Beam's --streaming)")
+    run.add_argument("--redeliver-every", type=float, default=60.0,
+                     help="streaming: seconds between scheduled redeliveries of due dead letters (0: never)")
+    run.add_argument("--duration", type=float, help="streaming: stop after this many seconds (default: run until "
+                                                     "interrupted)")
     run.add_argument("--destinations", required=True, help="destinations file (YAML or TOML), see README")
     _store_options(run)
 

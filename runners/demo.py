@@ -23,7 +23,7 @@ from rich.table import Table
 
 from connectors.publish import publish
 from core.dead_letters import read_dead_letters
-from pipelines.demo_data import Simulator
+from pipelines.demo_data import Simulator, garmin_daily
 from pipelines.embedded import EmbeddedBroker
 from pipelines.normalize import KafkaSource, NormalizeJob, RunSummary, run_batch
 from pipelines.webhook_receiver import WebhookReceiver
@@ -71,9 +71,51 @@ def run_demo(users: int = 300, days: int = 4, workdir: Path = Path("demo-output"
             f"kafka: {_count_topic(broker.bootstrap, NORMALIZED_TOPIC):,} messages on {NORMALIZED_TOPIC} "
             "(key = user id)",
         ]
+        _report(console, published, summary, again, checks, dead_root, destinations)
+        console.print(_stream(console, job, broker.bootstrap, receiver))
 
-    _report(console, published, summary, again, checks, dead_root, destinations)
     return 0 if _unexplained(summary, destinations) == 0 else 1
+
+
+STREAMED_USERS = 40
+
+
+def _stream(console: Console, job: NormalizeJob, bootstrap: str, receiver: WebhookReceiver) -> str:
+    """The same job as one long-running streaming pipeline: new raw events one by one, each timed to the webhook."""
+    from connectors.base import terra_user_id
+    from core.kafka import new_producer, produce, producer_config
+    from pipelines.streaming import run_streaming
+    from schemas.serde import encode_raw
+
+    console.print(f"[bold]streaming:[/] the same job as one long-running pipeline; once it runs, {STREAMED_USERS} new "
+                  "raw events, published one by one, 50 ms apart")
+    running = run_streaming(job, redeliver_every_s=None)
+    sent: dict[str, float] = {}
+    try:
+        kafka = new_producer(producer_config(bootstrap, {"linger.ms": 0}))
+        produce(kafka, TOPIC, encode_raw(garmin_daily("streamed-warm-up")), key="garmin:streamed-warm-up")
+        kafka.flush(10)
+        warm_up = terra_user_id("garmin", "streamed-warm-up")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and warm_up not in receiver.arrivals:  # the job has started
+            time.sleep(0.05)
+        for index in range(STREAMED_USERS):
+            user = f"streamed-{index}"
+            sent[terra_user_id("garmin", user)] = time.time()
+            produce(kafka, TOPIC, encode_raw(garmin_daily(user)), key=f"garmin:{user}")
+            time.sleep(0.05)
+        kafka.flush(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(user in receiver.arrivals for user in sent):
+            time.sleep(0.1)
+    finally:
+        running.stop()
+    arrivals = receiver.arrivals
+    latencies = sorted((arrivals[user] - at) * 1000 for user, at in sent.items() if user in arrivals)
+    if not latencies:
+        return "streaming: nothing arrived at the webhook within 30 s"
+    return (f"streaming: {len(latencies)}/{len(sent)} events at the webhook, publish → webhook p50 "
+            f"{latencies[len(latencies) // 2]:.0f} ms, max {latencies[-1]:.0f} ms")
 
 
 def _count_topic(bootstrap: str, topic: str) -> int:

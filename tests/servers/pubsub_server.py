@@ -5,7 +5,7 @@ are registered as generic gRPC handlers for ``google.pubsub.v1.Publisher`` and `
 (de)serialising with the protobuf classes behind ``google.pubsub_v1.types`` (exactly what the real client sends).
 
 Implemented: Publisher ``CreateTopic``, ``GetTopic``, ``Publish``; Subscriber ``CreateSubscription``,
-``GetSubscription``, ``Pull``, ``Acknowledge``. Anything else answers UNIMPLEMENTED.
+``GetSubscription``, ``Pull``, ``Acknowledge``, ``ModifyAckDeadline``. Anything else answers UNIMPLEMENTED.
 
 Semantics (close enough to Pub/Sub for sink tests):
 - ``Publish`` to a missing topic -> NOT_FOUND; each message gets a unique ``message_id`` and ``publish_time``; every
@@ -54,6 +54,7 @@ _GetSubscriptionRequest = pubsub_types.GetSubscriptionRequest.pb()
 _PullRequest = pubsub_types.PullRequest.pb()
 _PullResponse = pubsub_types.PullResponse.pb()
 _AcknowledgeRequest = pubsub_types.AcknowledgeRequest.pb()
+_ModifyAckDeadlineRequest = pubsub_types.ModifyAckDeadlineRequest.pb()
 
 
 @dataclass
@@ -108,6 +109,7 @@ class PubSubTestServer:
                 "GetSubscription": _unary(self._get_subscription, _GetSubscriptionRequest),
                 "Pull": _unary(self._pull, _PullRequest),
                 "Acknowledge": _unary(self._acknowledge, _AcknowledgeRequest),
+                "ModifyAckDeadline": _unary(self._modify_ack_deadline, _ModifyAckDeadlineRequest),
             }),
         ))
         self.port = server.add_insecure_port("127.0.0.1:0")
@@ -157,6 +159,17 @@ class PubSubTestServer:
     def clear_failures(self) -> None:
         with self._cond:
             self._rules.clear()
+
+    def outstanding(self, subscription: str) -> int:
+        """Messages of ``subscription`` not acknowledged yet (waiting or leased)."""
+        with self._cond:
+            state = self._subscriptions[subscription]
+            return len(state.pending) + len(state.leases)
+
+    def leased(self, subscription: str) -> int:
+        """Messages of ``subscription`` pulled and not acknowledged (in flight at a subscriber)."""
+        with self._cond:
+            return len(self._subscriptions[subscription].leases)
 
     def messages(self, topic: str) -> list[Any]:
         """Copies of every PubsubMessage stored for ``topic``, in publish order."""
@@ -252,6 +265,17 @@ class PubSubTestServer:
                 received.message.CopyFrom(message)
             return response
 
+    def _modify_ack_deadline(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._cond:
+            state = self._subscriptions.get(request.subscription)
+            if state is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"Resource not found (resource={request.subscription}).")
+            now = time.monotonic()
+            for ack_id in request.ack_ids:
+                if ack_id in state.leases:  # 0 s hands the message back at once, like Pub/Sub
+                    state.leases[ack_id] = (state.leases[ack_id][0], now + request.ack_deadline_seconds)
+            return empty_pb2.Empty()
+
     def _acknowledge(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._cond:
             state = self._subscriptions.get(request.subscription)
@@ -277,10 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     """Serve until stdin closes (the parent ends it by closing the pipe, or by exiting)."""
     parser = argparse.ArgumentParser(description="A Pub/Sub test server on 127.0.0.1 (a free port).")
     parser.add_argument("--topic", action="append", default=[], help="create this topic, projects/P/topics/T")
+    parser.add_argument("--subscription", action="append", default=[],
+                        help="create this subscription of the first topic, projects/P/subscriptions/S")
     args = parser.parse_args(argv)
-    with PubSubTestServer() as server:
+    with PubSubTestServer(pull_wait_s=0.2) as server:
         for topic in args.topic:
             server.create_topic(topic)
+        for subscription in args.subscription:
+            server.create_subscription(subscription, args.topic[0], ack_deadline_seconds=60)
         print(f"PUBSUB_EMULATOR_HOST={server.host}", flush=True)
         sys.stdin.read()
 
