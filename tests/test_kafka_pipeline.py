@@ -9,7 +9,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from connectors.publish import publish
 from core.errors import FatalError
-from pipelines.normalize import KafkaSource, NormalizeJob, run_batch, run_stream
+from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.policy import RetryPolicy
 from sinks.sql import SqlSink
 
@@ -56,21 +56,6 @@ def test_a_failed_run_commits_nothing_and_the_next_run_rereads(broker, topic, tm
     retry = run_batch(_job(broker, topic, tmp_path))
     assert retry.get("raw_in") == published
     assert retry.get("delivered:sql") == _rows(tmp_path) > 0
-
-
-def test_streaming_micro_batches_pick_up_new_messages(broker, topic, tmp_path, simulated_payloads):
-    half = len(simulated_payloads) // 2
-    publish(broker.bootstrap, topic, simulated_payloads[:half])
-    seen: list[int] = []
-
-    def after_batch(summary) -> None:
-        seen.append(summary.get("raw_in"))
-        if len(seen) == 1:
-            publish(broker.bootstrap, topic, simulated_payloads[half:])
-
-    batches = run_stream(_job(broker, topic, tmp_path), poll_interval_s=0.05, max_batches=3, on_batch=after_batch)
-    assert batches == 3
-    assert seen == [half, len(simulated_payloads) - half, 0]
 
 
 def test_a_missing_topic_is_a_configuration_error(broker, tmp_path):

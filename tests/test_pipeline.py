@@ -58,13 +58,15 @@ def _garmin_epoch(user: str, at: int) -> RawPayload:
 def test_normalize_transform_merges_per_user_and_dead_letters_with_original_bytes(tmp_path, simulated_payloads):
     messages = [*_messages(simulated_payloads), RawMessage(b"\x00garbage", {"partition": 0, "offset": 99999})]
     with BeamTestPipeline(runner=FnApiRunner()) as pipeline:
-        events, dead = (pipeline | beam.Create(messages)
-                        | Normalize(f"sqlite:///{tmp_path / 'state.db'}"))
-        keys = events | "Keys" >> beam.FlatMap(lambda ue: [(e.user_id, e.type, e.natural_key) for e in ue[1]])
+        events, dead_out, _, _ = (pipeline | beam.Create(messages)
+                                  | Normalize(f"sqlite:///{tmp_path / 'state.db'}"))
+        dead = dead_out | "Records" >> beam.Map(lambda d: d.record)
+        keys = events | "Keys" >> beam.FlatMap(lambda ue: [(e.user_id, e.type, e.natural_key) for e in ue[1].events])
         duplicated = (keys | "CountKeys" >> beam.combiners.Count.PerElement()
                       | beam.Filter(lambda kv: kv[1] > 1) | beam.combiners.Count.Globally())
         assert_that(duplicated, equal_to([0]), label="one event per (user, type, natural key)")
-        ordered = events | beam.Map(lambda ue: [e.sequence for e in ue[1]] == sorted(e.sequence for e in ue[1]))
+        ordered = events | beam.Map(lambda ue: [e.sequence for e in ue[1].events]
+                                    == sorted(e.sequence for e in ue[1].events))
         assert_that(ordered | "CountOrdered" >> beam.combiners.Count.PerElement(),
                     lambda counts: _expect([c for c in counts if c[0] is False] == []), label="per-user order")
         stages = dead | beam.Map(lambda d: (d["stage"], d["original"]))

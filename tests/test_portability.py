@@ -1,0 +1,168 @@
+"""Portable by construction: the graphs translate for Dataflow, every DoFn pickles without a secret in it,
+nothing is contacted while a graph is built, process-local settings are refused on remote runners, and the
+multi-process local runner gives exactly what one process gives (on a fresh PostgreSQL, several times)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg
+import pytest
+from apache_beam.internal import pickler
+from apache_beam.internal.cloudpickle import cloudpickle
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from core.errors import FatalError
+from pipelines.launch import make_pipeline
+from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, build, run_batch
+from sinks.config import parse_destinations
+
+DATAFLOW = ["--runner=DataflowRunner", "--dry_run=true", "--project=healthflow-test", "--region=us-central1",
+            "--temp_location=gs://healthflow-test/tmp"]
+PG_PASSWORD = "pg-Secret-never-pickled-41"
+KAFKA_PASSWORD = "kafka-Secret-never-pickled-73"
+WEBHOOK_SECRET = "whsec_bm90LXBpY2tsZWQtbm90LXBpY2tsZWQtbm90LXBpY2tsZWQ="
+UNREACHABLE_KAFKA = "127.0.0.1:1"  # nothing listens: building a graph must not try
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    monkeypatch.setenv("HF_TEST_PG_PASSWORD", PG_PASSWORD)
+    monkeypatch.setenv("HF_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("HF_TEST_KAFKA_PASSWORD", KAFKA_PASSWORD)
+
+
+def remote_job(source) -> NormalizeJob:
+    targets = parse_destinations({"destinations": [
+        {"name": "hook", "type": "webhook", "url": "https://example.invalid/hook",
+         "secret": "${HF_TEST_WEBHOOK_SECRET}"},
+        {"name": "pg", "type": "postgres", "url": "postgresql://healthflow:${HF_TEST_PG_PASSWORD}@db.internal:5432/hf"},
+        {"name": "k", "type": "kafka", "bootstrap_servers": "kafka.internal:9092", "topic": "normalized",
+         "producer_config": {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "sasl.username": "app",
+                             "sasl.password": "${HF_TEST_KAFKA_PASSWORD}"}},
+    ]}).targets()
+    return NormalizeJob(source, targets, "gs://healthflow-test/dead-letters",
+                        state_url="postgresql://healthflow:${HF_TEST_PG_PASSWORD}@db.internal:5432/hf")
+
+
+SOURCES = {
+    "pubsub-streaming": (PubSubSource("projects/healthflow-test/subscriptions/normalize"), True),
+    "kafka-streaming": (KafkaSource(UNREACHABLE_KAFKA, "healthflow.raw"), True),
+    "kafka-batch": (KafkaSource(UNREACHABLE_KAFKA, "healthflow.raw"), False),
+    "files-batch": (FileSource("gs://healthflow-test/raw/*.jsonl"), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_dataflow_dry_run_translates_the_graph(name, secret_env):
+    source, streaming = SOURCES[name]
+    pipeline = make_pipeline(DATAFLOW, streaming=streaming)
+    build(pipeline, remote_job(source), streaming=streaming)
+    pipeline.run()  # translates the whole graph for Dataflow; dry_run submits nothing
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_every_dofn_round_trips_the_pickler_and_carries_no_secret(name, secret_env):
+    source, streaming = SOURCES[name]
+    pipeline = make_pipeline(DATAFLOW, streaming=streaming)
+    build(pipeline, remote_job(source), streaming=streaming)
+    proto = pipeline.to_runner_api()
+    dofns = 0
+    for transform in proto.components.transforms.values():
+        if transform.spec.urn != "beam:transform:pardo:v1":
+            continue
+        payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+        if not payload.do_fn.payload:
+            continue
+        fn = pickler.loads(payload.do_fn.payload)
+        raw = cloudpickle.dumps(fn)
+        assert PG_PASSWORD.encode() not in raw and KAFKA_PASSWORD.encode() not in raw, transform.unique_name
+        assert WEBHOOK_SECRET.encode() not in raw and WEBHOOK_SECRET[6:].encode() not in raw, transform.unique_name
+        dofns += 1
+    assert dofns > 5
+
+
+def test_remote_runners_refuse_process_local_settings(tmp_path):
+    job = NormalizeJob(FileSource("gs://healthflow-test/raw/*.jsonl"),
+                       parse_destinations({"destinations": [
+                           {"name": "s", "type": "sqlite", "url": f"sqlite:///{tmp_path}/x.db"},
+                           {"name": "folder", "type": "object_store", "root": str(tmp_path / "objects")}]}).targets(),
+                       "dead-letters", state_url="sqlite:///state.db")
+    with pytest.raises(FatalError) as refused:
+        run_batch(job, DATAFLOW)
+    message = str(refused.value)
+    assert "--state" in message and "--dead-letters" in message
+    assert "destination s:" in message and "destination folder:" in message
+
+
+def test_pubsub_is_read_on_dataflow_only(secret_env):
+    job = remote_job(PubSubSource("projects/healthflow-test/subscriptions/normalize"))
+    with pytest.raises(FatalError, match="cannot read Pub/Sub"):
+        run_batch(job, ["--runner=FlinkRunner", "--streaming"])
+
+
+def test_a_database_url_given_whole_as_a_reference_is_accepted(monkeypatch):
+    monkeypatch.setenv("HF_TEST_DATABASE_URL", "postgresql://app:pw@db.internal:5432/hf")
+    (target,) = parse_destinations({"destinations": [
+        {"name": "pg", "type": "postgres", "url": "${HF_TEST_DATABASE_URL}"}]}).targets()
+    assert target.sink.url == "${HF_TEST_DATABASE_URL}"  # resolved where the sink connects
+    monkeypatch.setenv("HF_TEST_DATABASE_URL", "mysql://app@db.internal/hf")
+    with pytest.raises(FatalError, match="a postgres url starts with"):
+        parse_destinations({"destinations": [{"name": "pg", "type": "postgres", "url": "${HF_TEST_DATABASE_URL}"}]})
+
+
+def fresh_database() -> str:
+    name = f"hf_mp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return name
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def run_on_fresh_postgres(tmp_path, raw_file, beam_args) -> dict:
+    name = fresh_database()
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    try:
+        targets = parse_destinations({"destinations": [{"name": "pg", "type": "postgres", "url": url}]}).targets()
+        summary = run_batch(NormalizeJob(FileSource(str(raw_file)), targets, str(tmp_path / f"dlq-{name}"),
+                                         state_url=url), beam_args)
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT user_id, type, natural_key, event_id, payload FROM healthflow_records"
+                                ).fetchall()
+        return {"rows": {(u, t, k): (e, json.dumps(p, sort_keys=True)) for u, t, k, e, p in rows},
+                "delivered": summary.get("delivered:pg"), "dead": summary.get("dead_letter:decode")}
+    finally:
+        drop_database(name)
+
+
+def test_multi_process_runner_matches_one_process_on_fresh_postgres(tmp_path, simulated_payloads):
+    from test_streaming import write_jsonl
+
+    raw_file = tmp_path / "raw.jsonl"
+    write_jsonl(raw_file, simulated_payloads)
+    single = run_on_fresh_postgres(tmp_path, raw_file, [])
+    assert single["rows"] and single["delivered"] == len(single["rows"])
+    for _ in range(3):  # concurrent CREATE TABLE in two workers used to fail one run in two
+        multi = run_on_fresh_postgres(tmp_path, raw_file, ["--direct_num_workers=2",
+                                                           "--direct_running_mode=multi_processing"])
+        assert multi == single
+
+
+@pytest.mark.parametrize("source", [["--input", "gs://healthflow-test/raw/*.jsonl"],
+                                    ["--streaming", "--subscription", "projects/healthflow-test/subscriptions/s"]])
+def test_the_cli_translates_for_dataflow_without_submitting(source, secret_env, tmp_path, capsys):
+    from runners.cli import main
+
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text("destinations:\n  - {name: pg, type: postgres, "
+                            "url: 'postgresql://app:${HF_TEST_PG_PASSWORD}@db.internal:5432/hf'}\n")
+    code = main(["run", "normalize", *source, "--destinations", str(destinations),
+                 "--state", "postgresql://app:${HF_TEST_PG_PASSWORD}@db.internal:5432/hf",
+                 "--dead-letters", "gs://healthflow-test/dead-letters", *DATAFLOW])
+    assert code == 0
+    assert "translated (--dry_run)" in capsys.readouterr().err

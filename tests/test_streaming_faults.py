@@ -1,0 +1,155 @@
+"""kill -9 of the streaming job mid-stream, then a restart: nothing lost, no duplicate rows at the upsert destination.
+
+The job runs as `healthflow run normalize --streaming` in its own process against the gRPC Pub/Sub test
+server and PostgreSQL (a fresh database). Messages are acknowledged only after delivery, so whatever the
+killed process had in flight is delivered again by Pub/Sub once its ack deadline passes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from test_streaming import PROJECT, batch_reference, publish_pubsub, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_postgres():
+    name = f"hf_kill_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def postgres_rows(url: str) -> dict[tuple[str, str, str], tuple[str, str]]:
+    import json
+
+    with psycopg.connect(url) as conn:
+        exists = conn.execute("SELECT to_regclass('healthflow_records')").fetchone()[0]
+        if exists is None:
+            return {}
+        rows = conn.execute("SELECT user_id, type, natural_key, event_id, payload FROM healthflow_records").fetchall()
+    return {(u, t, k): (e, json.dumps(p, sort_keys=True)) for u, t, k, e, p in rows}
+
+
+def as_comparable(rows: dict) -> dict:
+    import json
+
+    return {key: (event_id, json.dumps(json.loads(payload), sort_keys=True))
+            for key, (event_id, payload) in rows.items()}
+
+
+def start_job(subscription: str, destinations: Path, tmp_path: Path, host: str,
+              secret: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": host, "HF_KILL_WEBHOOK_SECRET": secret}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--subscription", subscription,
+         "--destinations", str(destinations), "--state", f"sqlite:///{tmp_path / 'state.db'}",
+         "--dead-letters", str(tmp_path / "dlq"), "--redeliver-every", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "ab"))
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, simulated_payloads, fresh_postgres, monkeypatch,
+                                                      webhook_secret):
+    from servers.pubsub_server import PubSubTestServer
+
+    from pipelines.webhook_receiver import WebhookReceiver
+
+    expected = as_comparable(batch_reference(tmp_path, simulated_payloads))
+    destinations = tmp_path / "destinations.yaml"
+    with PubSubTestServer(pull_wait_s=0.2) as pubsub, WebhookReceiver(webhook_secret) as receiver:
+        destinations.write_text(
+            "destinations:\n"
+            f"  - {{name: pg, type: postgres, url: '{fresh_postgres}'}}\n"
+            f"  - {{name: hook, type: webhook, url: '{receiver.url}', secret: '${{HF_KILL_WEBHOOK_SECRET}}'}}\n")
+        name = uuid.uuid4().hex[:8]
+        subscription = f"{PROJECT}/subscriptions/normalize-{name}"
+        pubsub.create_topic(f"{PROJECT}/topics/raw-{name}")
+        pubsub.create_subscription(subscription, f"{PROJECT}/topics/raw-{name}", ack_deadline_seconds=3)
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub.host)
+        half = len(simulated_payloads) // 2
+        job = start_job(subscription, destinations, tmp_path, pubsub.host, webhook_secret)
+        try:
+            publish_pubsub(pubsub.host, subscription, simulated_payloads[:half], pace_s=0.01)
+            wait_for(lambda: len(postgres_rows(fresh_postgres)) > 10, what="the first rows", timeout_s=90)
+            receiver.stall_next(3, 3.0)  # the webhook holds the next events: their messages are in flight
+            publish_pubsub(pubsub.host, subscription, simulated_payloads[half:half + 20], pace_s=0.005)
+            wait_for(lambda: pubsub.leased(subscription) > 0, what="messages in flight")
+            job.send_signal(signal.SIGKILL)  # mid-stream: messages in flight, none acknowledged early
+            job.wait(10)
+            assert pubsub.leased(subscription) > 0
+            publish_pubsub(pubsub.host, subscription, simulated_payloads[half + 20:])
+            job = start_job(subscription, destinations, tmp_path, pubsub.host, webhook_secret)
+            wait_for(lambda: as_comparable(postgres_rows(fresh_postgres)) == expected, timeout_s=150,
+                     what="every record after the restart")
+            wait_for(lambda: pubsub.outstanding(subscription) == 0, what="every message acknowledged")
+            final_ids = {event_id for event_id, _ in expected.values()}
+            wait_for(lambda: final_ids <= set(receiver.events), what="every record's final event at the webhook")
+        finally:
+            job.send_signal(signal.SIGKILL)
+            job.wait(10)
+        with psycopg.connect(fresh_postgres) as conn:
+            (rows, distinct), = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT (user_id, type, natural_key)) FROM healthflow_records").fetchall()
+        assert rows == distinct == len(expected)
+
+
+def test_kill_9_of_the_kafka_stream_then_restart_loses_nothing(tmp_path, simulated_payloads, fresh_postgres, broker,
+                                                               topic, webhook_secret):
+    from connectors.publish import publish
+    from pipelines.webhook_receiver import WebhookReceiver
+    from transforms.sources import committed_offsets
+
+    expected = as_comparable(batch_reference(tmp_path, simulated_payloads))
+    destinations = tmp_path / "destinations.yaml"
+
+    def start() -> subprocess.Popen[bytes]:
+        env = {**os.environ, "HF_KILL_WEBHOOK_SECRET": webhook_secret}
+        return subprocess.Popen(
+            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
+             broker.bootstrap, "--topic", topic, "--group", "killed", "--destinations", str(destinations),
+             "--state", f"sqlite:///{tmp_path / 'state.db'}", "--dead-letters", str(tmp_path / "dlq"),
+             "--redeliver-every", "0"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "ab"))
+
+    def committed() -> int:
+        return sum(committed_offsets(broker.bootstrap, topic, "killed").values())
+
+    with WebhookReceiver(webhook_secret) as receiver:
+        destinations.write_text(
+            "destinations:\n"
+            f"  - {{name: pg, type: postgres, url: '{fresh_postgres}'}}\n"
+            f"  - {{name: hook, type: webhook, url: '{receiver.url}', secret: '${{HF_KILL_WEBHOOK_SECRET}}'}}\n")
+        half = len(simulated_payloads) // 2
+        job = start()
+        try:
+            first = publish(broker.bootstrap, topic, simulated_payloads[:half])
+            wait_for(lambda: committed() == first, what="the first half committed", timeout_s=90)
+            receiver.stall_next(3, 3.0)  # the webhook holds the next events: their offsets cannot be committed
+            second = publish(broker.bootstrap, topic, simulated_payloads[half:half + 20])
+            wait_for(lambda: receiver.received > 0 and len(postgres_rows(fresh_postgres)) > 0, what="deliveries")
+            job.send_signal(signal.SIGKILL)  # mid-stream
+            job.wait(10)
+            assert committed() < first + second  # what was in flight was not committed
+            rest = publish(broker.bootstrap, topic, simulated_payloads[half + 20:])
+            job = start()
+            wait_for(lambda: as_comparable(postgres_rows(fresh_postgres)) == expected, timeout_s=150,
+                     what="every record after the restart")
+            wait_for(lambda: committed() == first + second + rest, what="every offset committed")
+            final_ids = {event_id for event_id, _ in expected.values()}
+            wait_for(lambda: final_ids <= set(receiver.events), what="every record's final event at the webhook")
+        finally:
+            job.send_signal(signal.SIGKILL)
+            job.wait(10)
