@@ -4,6 +4,13 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+GCP = [
+    "google-apitools>=0.5.31,<0.5.32",
+    "google-cloud-storage>=2.18.2,<4",
+    "google-cloud-dataflow-client>=0.13.0,<0.14.0",
+    "google-auth-httplib2>=0.1.0,<0.3.0",
+]
+
 setup(
     name="healthflow",
     version="0.1.0",
@@ -38,7 +45,9 @@ setup(
         "redis>=8.1,<9",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
     ],
     extras_require={
-        "test": [
+        # What Beam's DataflowRunner needs besides apache-beam itself (not the whole apache-beam[gcp] extra).
+        "gcp": GCP,
+        "test": [*GCP,
             "pytest>=9,<10",
             "pytest-timeout>=2.4,<3",
             "terra-python==1.1.0",
