@@ -1,12 +1,14 @@
 """Fan-out delivery: each destination gets its own branch, its own retries and its own dead letters.
 
-Input is ``(user_id, [NormalizedEvent…])`` in the user's order. A destination writes batches of
-whole users (so one user's events keep their order inside a batch); retryable failures are retried
-with capped exponential backoff (honouring ``retry_after``), then dead-lettered with the event and
-the last error; permanent failures are dead-lettered at once; a FatalError fails the run. A slow or
-failing destination never changes what the others receive.
+Input is ``(user_id, UserEvents)``: a user's events in order, with the acks of the messages they came
+from (every destination takes its share of them). Failures are routed by the error taxonomy:
+retryable ones are retried with capped exponential backoff (honouring ``retry_after``), then
+dead-lettered with their scheduled redelivery; permanent ones are dead-lettered at once; a
+FatalError fails the run. Bounded input is delivered in batches across users, retrying inside the
+bundle (``DeliverToSink``); unbounded input per user, in order, retrying on processing-time timers
+while that user's later events wait (``DeliverInOrder``). A destination's acks end only once its
+events are delivered or their dead letters stored.
 """
-
 from __future__ import annotations
 
 import dataclasses

@@ -1,10 +1,11 @@
 """Raw messages → normalized events: decode → parse → normalize → validate → merge per user.
 
 Every stage routes what it cannot handle to the ``dead_letter`` output with the original bytes,
-the source coordinates and the reason; nothing is dropped. Fragments of one record (same user,
-type and natural key) arriving in the same batch merge into a single event, newest first.
+the source coordinates and the reason; nothing is dropped, and nothing one message holds stops the
+pipeline. Fragments of one record (same user, type and natural key) merge into a single event,
+newest first, on top of the record state: across the whole run for bounded input, as they arrive
+(one user at a time, in keyed state) for unbounded input.
 """
-
 from __future__ import annotations
 
 import contextlib
