@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pipelines.launch import is_dry_run, make_pipeline
 from pipelines.normalize import NormalizeJob, build, check_portable
 from pipelines.replay import replay_deliveries
+from transforms import reuse
 from transforms.streams import close_local_readers
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class StreamingJob:
             except Exception as exc:  # already ended
                 log.debug("cancel: %s", exc)
         close_local_readers(self.pipeline)
+        reuse.close_all()  # idle connections only: a job still running keeps the ones it uses
 
     def wait(self) -> None:
         """Block until the job ends (it fails, or it is stopped)."""
