@@ -8,8 +8,8 @@ destination's own write path; ratios are taken within this run, so machine noise
 from __future__ import annotations
 
 import argparse
-import contextlib
 import base64
+import contextlib
 import json
 import os
 import secrets
