@@ -150,7 +150,7 @@ class Acknowledge(beam.PTransform):
     def expand(self, ended):
         return (ended
                 | "ByStream" >> beam.FlatMap(_by_stream)
-                | "Track" >> beam.ParDo(_TrackAcks(self.acknowledger)))
+                | "Track" >> beam.ParDo(_TrackAcks(self.acknowledger)).with_input_types(tuple[str, Any]))
 
 
 def _by_stream(acks: Acks) -> Iterator[tuple[str, Acks]]:

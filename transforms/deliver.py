@@ -404,8 +404,8 @@ class DeliverAll(beam.PTransform):
         kind = DeliverToSink if user_events.is_bounded else DeliverInOrder
         receipts, dead, ended, tallies = [], [], [], []
         for index, target in enumerate(self.targets):
-            out = user_events | f"Deliver[{target.name}]" >> beam.ParDo(
-                kind(target, self.status_url, index, len(self.targets))).with_outputs(
+            deliver = beam.ParDo(kind(target, self.status_url, index, len(self.targets)))
+            out = user_events | f"Deliver[{target.name}]" >> deliver.with_input_types(tuple[str, Any]).with_outputs(
                 DEAD_LETTER, ENDED, TALLY, main="delivered")
             receipts.append(out.delivered)
             dead.append(out[DEAD_LETTER])

@@ -520,7 +520,8 @@ class Normalize(beam.PTransform):
                       | "MergePerUser" >> beam.ParDo(MergePerUser(self.state_url)).with_outputs(
                           DEAD_LETTER, TALLY, main="events"))
         else:
-            merged = keyed | "MergePerUser" >> beam.ParDo(MergePerUserStateful(self.state_url)).with_outputs(
+            merged = keyed | "MergePerUser" >> beam.ParDo(MergePerUserStateful(self.state_url)).with_input_types(
+                tuple[str, Any]).with_outputs(
                 DEAD_LETTER, TALLY, main="events")
         dead_letters = (dead, merged[DEAD_LETTER]) | "IngestDeadLetters" >> beam.Flatten()
         tallies = (raw_tallies, merged[TALLY]) | "IngestTallies" >> beam.Flatten()
