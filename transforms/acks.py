@@ -149,7 +149,7 @@ class Acknowledge(beam.PTransform):
 
     def expand(self, ended):
         return (ended
-                | "ByStream" >> beam.FlatMap(_by_stream)
+                | "ByStream" >> beam.FlatMap(_by_stream).with_output_types(tuple[str, Any])
                 | "Track" >> beam.ParDo(_TrackAcks(self.acknowledger)).with_input_types(tuple[str, Any]))
 
 

@@ -512,8 +512,8 @@ class Normalize(beam.PTransform):
         self.state_url = state_url
 
     def expand(self, messages):
-        keyed, dead, ended, raw_tallies = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_outputs(
-            DEAD_LETTER, ENDED, TALLY, main="keyed")
+        keyed, dead, ended, raw_tallies = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_output_types(
+            tuple[str, Any]).with_outputs(DEAD_LETTER, ENDED, TALLY, main="keyed")
         if keyed.is_bounded:
             merged = (keyed
                       | "GroupByUser" >> beam.GroupByKey()
@@ -521,7 +521,7 @@ class Normalize(beam.PTransform):
                           DEAD_LETTER, TALLY, main="events"))
         else:
             merged = keyed | "MergePerUser" >> beam.ParDo(MergePerUserStateful(self.state_url)).with_input_types(
-                tuple[str, Any]).with_outputs(
+                tuple[str, Any]).with_output_types(tuple[str, Any]).with_outputs(
                 DEAD_LETTER, TALLY, main="events")
         dead_letters = (dead, merged[DEAD_LETTER]) | "IngestDeadLetters" >> beam.Flatten()
         tallies = (raw_tallies, merged[TALLY]) | "IngestTallies" >> beam.Flatten()
