@@ -24,7 +24,7 @@ from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, build_from, run_batch
 from pipelines.streaming import run_streaming
 from schemas.serde import encode_raw
-from sinks.policy import RetryPolicy
+from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
 from transforms.sources import committed_offsets
@@ -228,3 +228,27 @@ def test_messages_held_longer_than_the_ack_deadline_are_not_delivered_again(pubs
             job.stop()
         assert receiver.duplicates == 0  # leases were extended while the events waited
 
+
+
+def test_a_failing_destination_does_not_delay_another(pubsub, subscription, tmp_path, webhook_secret):
+    from pipelines.demo_data import garmin_daily
+    from pipelines.webhook_receiver import WebhookReceiver
+
+    patient = RetryPolicy(max_attempts=4, initial_delay_s=1.5, max_delay_s=3.0, jitter=0.0)
+    with WebhookReceiver(webhook_secret) as receiver:
+        sinks = [Target(WebhookSink("hook", receiver.url, webhook_secret), patient),
+                 Target(SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}"), patient)]
+        job = run_streaming(normalize_job(PubSubSource(subscription), tmp_path, sinks=sinks), redeliver_every_s=None)
+        try:
+            publish_pubsub(pubsub.host, subscription, [garmin_daily("warm-up")])
+            wait_for(lambda: receiver.unique == 1 and len(sql_rows(tmp_path / "out.db")) == 1, what="warm-up")
+            receiver.fail_next(2, 503)  # the webhook refuses twice: retried after 1.5 s, then 3 s, on timers
+            started = time.monotonic()
+            publish_pubsub(pubsub.host, subscription, [garmin_daily("refused")])
+            wait_for(lambda: len(sql_rows(tmp_path / "out.db")) == 2, what="the SQL row", timeout_s=10)
+            sql_after = time.monotonic() - started
+            wait_for(lambda: receiver.unique == 2, what="the webhook event, third attempt", timeout_s=20)
+            webhook_after = time.monotonic() - started
+        finally:
+            job.stop()
+    assert sql_after < 1.5 < 4.5 <= webhook_after  # SQL did not wait for the webhook's retries
