@@ -162,7 +162,9 @@ class ReadPartitionToEnd(beam.DoFn):
             consumer.close()
 
 
-class _PlanPartitions(beam.DoFn):
+class PlanPartitions(beam.DoFn):
+    """Impulse → (partition, start offset) for every partition, read when the job runs (never while building)."""
+
     def __init__(self, bootstrap: str, topic: str, group: str) -> None:
         self.bootstrap, self.topic, self.group = bootstrap, topic, group
 
@@ -180,7 +182,7 @@ class ReadKafkaBatch(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "Impulse" >> beam.Impulse()
-                | "Partitions" >> beam.ParDo(_PlanPartitions(self.bootstrap, self.topic, self.group))
+                | "Partitions" >> beam.ParDo(PlanPartitions(self.bootstrap, self.topic, self.group))
                 | "SpreadPartitions" >> beam.Reshuffle()
                 | "ReadPartition" >> beam.ParDo(ReadPartitionToEnd(self.bootstrap, self.topic, self.group,
                                                                    self.limit)))

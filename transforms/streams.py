@@ -34,7 +34,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from core.errors import FatalError
 from core.raw import AckToken, RawMessage
 from transforms.acks import Acknowledger
-from transforms.sources import KafkaOffsets, healthflow_headers, kafka_consumer, plan_partitions
+from transforms.sources import KafkaOffsets, PlanPartitions, healthflow_headers, kafka_consumer, plan_partitions
 
 POLL_MAX_MESSAGES = 500
 
@@ -85,7 +85,7 @@ class KafkaStream(StreamSource):
     def portable_read(self, pbegin: Any) -> Any:
         return (pbegin
                 | "Impulse" >> beam.Impulse()
-                | "Partitions" >> beam.ParDo(_PlanPartitions(self.bootstrap, self.topic, self.group))
+                | "Partitions" >> beam.ParDo(PlanPartitions(self.bootstrap, self.topic, self.group))
                 | "ReadPartitions" >> beam.ParDo(_ReadPartition(self)))
 
     def message(self, record: Any, previous: int, first: bool, reader: str = "") -> RawMessage:
@@ -112,8 +112,8 @@ class _KafkaReader(StreamReader):
         from confluent_kafka import KafkaException
 
         out = []
-        first = self.consumer.poll(timeout_s)  # returns as soon as one message is there; the rest without waiting
-        records = [first, *self.consumer.consume(max_messages - 1, 0)] if first is not None else []
+        head = self.consumer.poll(timeout_s)  # returns as soon as one message is there; the rest without waiting
+        records = [head, *self.consumer.consume(max_messages - 1, 0)] if head is not None else []
         for record in records:
             if record.error() is not None:
                 if record.error().fatal():
@@ -129,16 +129,6 @@ class _KafkaReader(StreamReader):
 
     def close(self) -> None:
         self.consumer.close()
-
-
-class _PlanPartitions(beam.DoFn):
-    """Impulse → (partition, start offset) for every partition, read when the job starts."""
-
-    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
-        self.bootstrap, self.topic, self.group = bootstrap, topic, group
-
-    def process(self, _: Any) -> Iterator[tuple[int, int]]:
-        yield from plan_partitions(self.bootstrap, self.topic, self.group)
 
 
 class _FromOffset(RestrictionProvider):
