@@ -135,6 +135,18 @@ def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[
     raise FatalError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
 
 
+def send_reply(request: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str,
+               headers: dict[str, str] | None = None) -> None:
+    """Answer ``request`` with ``status``, ``headers`` and ``body`` (with its content type and length)."""
+    request.send_response(status)
+    for name, value in (headers or {}).items():
+        request.send_header(name, value)
+    request.send_header("content-type", content_type)
+    request.send_header("content-length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
 def dispatching_handler(handle: Callable[[BaseHTTPRequestHandler, str], None],
                         methods: tuple[str, ...] = ("GET", "POST"),
                         protocol: str = "HTTP/1.1") -> type[BaseHTTPRequestHandler]:

@@ -22,7 +22,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from terra.utils.verify_signature import verify_terra_webhook_signature
 
-from pipelines.embedded import LoopbackService
+from pipelines.embedded import LoopbackService, send_reply
 from sinks.webhook import terra_signing_key
 
 
@@ -180,24 +180,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, extra, reply = self.receiver._handle(body, headers)
-        self.send_response(status)
-        for key, value in extra.items():
-            self.send_header(key, value)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        send_reply(self, status, reply, "text/plain", extra)
 
     def do_GET(self) -> None:  # http.server dispatches on this name
         if not self.path.endswith("/arrivals"):
             self.send_error(404)
             return
-        reply = json.dumps(self.receiver.arrivals).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        send_reply(self, 200, json.dumps(self.receiver.arrivals).encode(), "application/json")
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's per-request stderr logging."""

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
-from pipelines.embedded import LoopbackService, dispatching_handler
+from pipelines.embedded import LoopbackService, dispatching_handler, send_reply
 
 
 @dataclass
@@ -120,14 +120,7 @@ class FakeProvider(LoopbackService):
             status, headers, body = 404, {}, {"error": "not_found"}
         else:
             status, headers, body = handler(query, form, request.headers)
-        payload = json.dumps(body).encode() if body is not None else b""
-        request.send_response(status)
-        for name, value in headers.items():
-            request.send_header(name, value)
-        request.send_header("Content-Type", "application/json")
-        request.send_header("Content-Length", str(len(payload)))
-        request.end_headers()
-        request.wfile.write(payload)
+        send_reply(request, status, json.dumps(body).encode() if body is not None else b"", "application/json", headers)
 
     def _authorize(self, query: dict[str, str], _form: dict[str, str], _headers: Any) -> tuple[int, dict, Any]:
         with self._lock:
