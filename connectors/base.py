@@ -8,6 +8,7 @@ dead letter that keeps the original bytes. Mappers never do I/O.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Fragment:
     version_ms: int | None = None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def terra_user_id(provider: str, provider_user_id: str) -> str:
     """Stable healthflow user id (a UUID, as Terra's) for one provider connection."""
     return str(uuid.uuid5(TERRA_USER_NAMESPACE, f"{provider.lower()}:{provider_user_id}"))
@@ -183,10 +185,21 @@ def timestamp_field(doc: dict[str, Any], name: str, path: str | None = None) -> 
 
 
 def compact(value: Any) -> Any:
-    """Drop ``None`` values, empty dicts and empty lists, recursively (absent == null in Terra)."""
+    """Drop ``None`` values, empty dicts and empty lists, recursively (absent == null in Terra).
+
+    List items that are ``None`` go; a list item that compacts to ``{}`` or ``[]`` stays.
+    """
     if isinstance(value, dict):
-        out = {k: c for k, v in value.items() if (c := compact(v)) is not None and c != {} and c != []}
+        out = {}
+        for key, item in value.items():
+            if item is None:
+                continue
+            if isinstance(item, dict | list):
+                item = compact(item)
+                if not item:
+                    continue
+            out[key] = item
         return out
     if isinstance(value, list):
-        return [compact(v) for v in value if v is not None]
+        return [compact(item) if isinstance(item, dict | list) else item for item in value if item is not None]
     return value

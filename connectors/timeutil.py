@@ -3,12 +3,18 @@ microseconds and an explicit UTC offset (``2024-03-11T06:58:00.000000+01:00``; U
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, date, datetime, timedelta, timezone
 
 
 def offset_tz(offset_seconds: int | float | None) -> timezone:
     """A fixed-offset zone; ``None`` means UTC."""
-    return timezone(timedelta(seconds=int(offset_seconds or 0)))
+    return _zone(int(offset_seconds or 0))
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(offset_seconds: int) -> timezone:
+    return timezone(timedelta(seconds=offset_seconds))
 
 
 def parse_offset(text: str | None) -> timezone:

@@ -127,7 +127,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _primitive(kind: str) -> Check:
+def _primitive(kind: str, nullable: bool = False) -> Check:
+    """The check of one primitive type (``None`` passes when ``nullable``); exact types take the fast path."""
     accepts = {
         "string": lambda v: isinstance(v, str),
         "boolean": lambda v: isinstance(v, bool),
@@ -138,9 +139,16 @@ def _primitive(kind: str) -> Check:
         "bytes": lambda v: isinstance(v, bytes),
         "null": lambda v: v is None,
     }[kind]
+    fast = {"string": str, "boolean": bool, "bytes": bytes}.get(kind)
     integer = kind in ("int", "long")
+    number = kind in ("double", "float")
 
     def check(value: Any) -> Any:
+        kind_of = type(value)
+        if kind_of is fast or (value is None and nullable):
+            return value
+        if number and (kind_of is int or (kind_of is float and math.isfinite(value))):
+            return value
         if integer and isinstance(value, float) and math.isfinite(value):
             value = round(value)
         if not accepts(value):
@@ -150,26 +158,29 @@ def _primitive(kind: str) -> Check:
     return check
 
 
-def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, Check]) -> Check:
+def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, Check],
+             nullable: bool = False) -> Check:
+    """The check of ``schema``; with ``nullable`` (a ``["null", X]`` union) ``None`` passes too."""
     if isinstance(schema, str):
         if schema not in names:
-            return _primitive(schema)
+            return _primitive(schema, nullable)
         if schema not in compiled:  # compile each named record once; later references share it
             compiled[schema] = lambda value: compiled[schema](value)  # placeholder for recursive types
             compiled[schema] = _compile(names[schema], names, compiled)
-        return compiled[schema]
+        named = compiled[schema]
+        return (lambda value: None if value is None else named(value)) if nullable else named
     if isinstance(schema, list):
-        nullable = "null" in schema
-        branches = [_compile(b, names, compiled) for b in schema if b != "null"]
+        nullable = nullable or "null" in schema
+        branches = [b for b in schema if b != "null"]
         if len(branches) == 1:
-            (only,) = branches
-            return (lambda value: None if value is None else only(value)) if nullable else only
+            return _compile(branches[0], names, compiled, nullable)
+        checks = [_compile(b, names, compiled) for b in branches]
 
         def union(value: Any) -> Any:
             if value is None and nullable:
                 return None
             reasons = []
-            for branch in branches:
+            for branch in checks:
                 try:
                     return branch(value)
                 except _Mismatch as exc:
@@ -179,55 +190,33 @@ def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, 
         return union
     kind = schema["type"]
     if kind == "record":
-        fields = [(f["name"], _compile(f["type"], names, compiled),
-                   "default" in f or (isinstance(f["type"], list) and "null" in f["type"])) for f in schema["fields"]]
-        known = {name for name, _, _ in fields}
-        if "name" in schema:
-            compiled[schema["name"]] = lambda value: record(value)
-
-        def record(value: Any) -> Any:
-            if not isinstance(value, dict):
-                raise _Mismatch(f"expected an object, got {type(value).__name__}")
-            for key in value:
-                if key not in known:
-                    error = _Mismatch("field not defined by the schema")
-                    error.path.append(f".{key}")
-                    raise error
-            out = {}
-            for name, check, optional in fields:
-                if name in value:
-                    try:
-                        out[name] = check(value[name])
-                    except _Mismatch as exc:
-                        exc.path.append(f".{name}")
-                        raise
-                elif not optional:
-                    error = _Mismatch("required field missing")
-                    error.path.append(f".{name}")
-                    raise error
-            return out
-
-        return record
+        return _record(schema, names, compiled, nullable)
     if kind == "array":
         item_check = _compile(schema["items"], names, compiled)
 
         def array(value: Any) -> Any:
+            if value is None and nullable:
+                return None
             if not isinstance(value, list):
                 raise _Mismatch(f"expected a list, got {type(value).__name__}")
-            out = []
-            for index, item in enumerate(value):
-                try:
-                    out.append(item_check(item))
-                except _Mismatch as exc:
-                    exc.path.append(f"[{index}]")
-                    raise
-            return out
+            try:
+                return [item_check(item) for item in value]
+            except _Mismatch as exc:  # name the item: check them again one by one (errors are rare)
+                for index, item in enumerate(value):
+                    try:
+                        item_check(item)
+                    except _Mismatch:
+                        exc.path.append(f"[{index}]")
+                        break
+                raise
 
         return array
     if kind == "map":
         value_check = _compile(schema["values"], names, compiled)
 
         def mapping(value: Any) -> Any:
+            if value is None and nullable:
+                return None
             if not isinstance(value, dict):
                 raise _Mismatch(f"expected an object, got {type(value).__name__}")
             out = {}
@@ -241,12 +230,54 @@ def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, 
 
         return mapping
     if kind == "enum":
-        symbols = schema["symbols"]
+        symbols = frozenset(schema["symbols"])
+        listed = schema["symbols"]
 
         def enum(value: Any) -> Any:
-            if value not in symbols:
-                raise _Mismatch(f"{value!r} is not one of {symbols}")
+            if value is None and nullable:
+                return None
+            if not isinstance(value, str) or value not in symbols:
+                raise _Mismatch(f"{value!r} is not one of {listed}")
             return value
 
         return enum
-    return _compile(kind, names, compiled)
+    return _compile(kind, names, compiled, nullable)
+
+
+def _record(schema: dict[str, Any], names: dict[str, dict[str, Any]], compiled: dict[str, Check],
+            nullable: bool) -> Check:
+    """A record's check: every present field checked, required fields present, no undefined field."""
+    checks: dict[str, Check] = {}
+    required = []
+    for field in schema["fields"]:
+        checks[field["name"]] = _compile(field["type"], names, compiled)
+        if "default" not in field and not (isinstance(field["type"], list) and "null" in field["type"]):
+            required.append(field["name"])
+
+    def record(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, dict):
+            raise _Mismatch(f"expected an object, got {type(value).__name__}")
+        out = {}
+        for key, item in value.items():
+            check = checks.get(key)
+            if check is None:
+                error = _Mismatch("field not defined by the schema")
+                error.path.append(f".{key}")
+                raise error
+            try:
+                out[key] = check(item)
+            except _Mismatch as exc:
+                exc.path.append(f".{key}")
+                raise
+        for name in required:
+            if name not in value:
+                error = _Mismatch("required field missing")
+                error.path.append(f".{name}")
+                raise error
+        return out
+
+    if "name" in schema and not nullable:
+        compiled[schema["name"]] = record
+    return record

@@ -101,3 +101,43 @@ def test_samples_at_the_same_instant_merge_field_by_field():
     merged = deep_merge({"measurements": weight}, {"measurements": fat})["measurements"]
     assert merged == [{"measurement_time": "2026-11-02T07:00:00.000000+01:00", "weight_kg": 71.2,
                        "bodyfat_percentage": 18.5}]
+
+
+def _reference_sample_merge(older, newer):
+    """The sample-list rule as first written (quadratic when folded): the oracle for the linear merge."""
+    from datetime import UTC, datetime
+
+    def instant(text):
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    key = "timestamp" if "timestamp" in newer[0] else "measurement_time"
+    span = [instant(item[key]) for item in newer]
+    first, last = min(span), max(span)
+    older_at = {instant(item[key]): item for item in older}
+    merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
+                    for at, item in zip(span, newer, strict=True)]
+    kept = [item for item in older if not first <= instant(item[key]) <= last]
+    return sorted(kept + merged_newer, key=lambda item: instant(item[key]))
+
+
+def test_sample_lists_merge_as_the_reference_rule_in_and_out_of_order():
+    import random
+
+    rng = random.Random(3)
+    offsets = ["+00:00", "+02:00", "-05:30", ""]
+    for _ in range(400):
+        def samples(count, ordered):
+            minutes = sorted(rng.sample(range(40), count)) if ordered else [rng.randrange(40) for _ in range(count)]
+            return [{"timestamp": f"2026-11-02T{10 + m // 60:02d}:{m % 60:02d}:00{rng.choice(offsets)}",
+                     "bpm": rng.randrange(50, 150), **({"extra": n} if rng.random() < 0.3 else {})}
+                    for n, m in enumerate(minutes)]
+        older = samples(rng.randrange(1, 15), rng.random() < 0.7)
+        newer = samples(rng.randrange(1, 6), rng.random() < 0.7)
+        assert deep_merge(older, newer) == _reference_sample_merge(older, newer)
+        folded = reference = []
+        for _ in range(5):
+            part = samples(rng.randrange(1, 6), True)
+            folded = deep_merge(folded, part) if folded else part
+            reference = _reference_sample_merge(reference, part) if reference else part
+        assert folded == reference

@@ -8,10 +8,14 @@ newest first, on top of the record state: across the whole run for bounded input
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import logging
+import operator
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -218,25 +222,52 @@ def deep_merge(older: Any, newer: Any) -> Any:
     if isinstance(older, dict) and isinstance(newer, dict):
         merged = dict(older)
         for key, value in newer.items():
-            merged[key] = deep_merge(older[key], value) if key in older else value
+            if key in older and isinstance(value, dict | list):
+                merged[key] = deep_merge(older[key], value)
+            else:
+                merged[key] = value
         return merged
     if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
-        # A newer sample list is authoritative for the span it covers: older samples inside that span
-        # go (a final hypnogram replaces the tentative one), except that a sample at the same instant
-        # is merged field by field (a fat reading completes the weight taken at that moment); older
-        # samples outside the span stay (a new epoch adds to the day). Samples compare by instant,
-        # whatever offset they are written in.
-        time_key = _time_key(newer[0])
-        span = [_instant(item[time_key]) for item in newer]
-        first, last = min(span), max(span)
-        older_at = {_instant(item[time_key]): item for item in older}
-        merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
-                        for at, item in zip(span, newer, strict=True)]
-        kept = [item for item in older if not first <= _instant(item[time_key]) <= last]
-        return sorted(kept + merged_newer, key=lambda item: _instant(item[time_key]))
+        return _merge_samples(older, newer)
     return newer
 
 
+def _merge_samples(older: list[dict[str, Any]], newer: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A newer sample list is authoritative for the span it covers: older samples inside that span go
+    (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged
+    field by field (a fat reading completes the weight taken at that moment); older samples outside the
+    span stay (a new epoch adds to the day). Samples compare by instant, whatever offset they are
+    written in; the result is in time order (ties keep their order, older samples first).
+
+    Linear in the samples when ``older`` is in time order (what a merge returns), so folding many
+    fragments of one day's series is not quadratic.
+    """
+    time_key = _time_key(newer[0])
+    span = [_instant(item[time_key]) for item in newer]
+    first, last = min(span), max(span)
+    older_times = [_instant(item[time_key]) for item in older]
+    if _in_order(older_times):  # the older samples inside the span are one slice
+        low, high = bisect.bisect_left(older_times, first), bisect.bisect_right(older_times, last)
+        kept_before, kept_after = older[:low], older[high:]
+        older_at = dict(zip(older_times[low:high], older[low:high], strict=True))
+    else:
+        kept = sorted(((at, n, item) for n, (at, item) in enumerate(zip(older_times, older, strict=True))
+                       if not first <= at <= last), key=lambda entry: (entry[0], entry[1]))
+        kept_before = [item for at, _, item in kept if at < first]
+        kept_after = [item for at, _, item in kept if at > last]
+        older_at = dict(zip(older_times, older, strict=True))
+    merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
+                    for at, item in zip(span, newer, strict=True)]
+    if not _in_order(span):
+        merged_newer = [merged_newer[n] for n in sorted(range(len(span)), key=span.__getitem__)]
+    return kept_before + merged_newer + kept_after
+
+
+def _in_order(times: list[datetime]) -> bool:
+    return all(map(operator.le, times, itertools.islice(times, 1, None)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _instant(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -247,7 +278,12 @@ def _time_key(item: dict[str, Any]) -> str:
 
 
 def _sample_list(items: list[Any]) -> bool:
-    return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time")) for i in items)
+    if not items:
+        return False
+    for item in items:
+        if not isinstance(item, dict) or not (item.get("timestamp") or item.get("measurement_time")):
+            return False
+    return True
 
 
 def _merge_day_aware(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
