@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -36,6 +37,16 @@ class NormalizedEvent:
     payload: dict[str, Any] | None = None  # a lifecycle event (auth, deauth, ...) is delivered as it is
     reference: str | None = None  # the historical request (backfill) it answers: Terra's terra-reference
 
+    @functools.cached_property
+    def data_json(self) -> bytes:
+        """``canonical_json(data)``, encoded once per event: the id, the body and the destinations share it."""
+        return canonical_json(self.data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("data_json", None)  # derived: recomputed where needed rather than shipped twice
+        return state
+
     @property
     def is_lifecycle(self) -> bool:
         return self.payload is not None
@@ -58,8 +69,14 @@ class NormalizedEvent:
         return {"type": self.type, "user": self.user, "data": [self.data], "version": self.version}
 
     def body(self) -> bytes:
-        """The exact bytes sent to JSON destinations (and signed by webhooks)."""
-        return canonical_json(self.envelope())
+        """The exact bytes sent to JSON destinations (and signed by webhooks): ``canonical_json(envelope())``,
+        assembled around ``data_json`` (keys in sorted order, as canonical JSON writes them)."""
+        if self.payload is not None:
+            return canonical_json(self.payload)
+        data = b"[" + self.data_json + b"]" if self.type != "athlete" else self.data_json
+        return b"".join((b'{"athlete":' if self.type == "athlete" else b'{"data":', data,
+                         b',"type":', canonical_json(self.type), b',"user":', canonical_json(self.user),
+                         b',"version":', canonical_json(self.version), b"}"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +100,9 @@ class NormalizedEvent:
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
                ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None,
                reference: str | None = None) -> NormalizedEvent:
-        digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key, data])).hexdigest()[:32]
-        return cls(f"evt_{digest}", type, user, data, natural_key, ordering_timestamp_ms, sequence, raw_idempotency_key,
-                   reference=reference)
+        data_json = canonical_json(data)  # the id covers canonical_json([user_id, type, natural_key, data])
+        digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key])[:-1] + b"," + data_json + b"]")
+        event = cls(f"evt_{digest.hexdigest()[:32]}", type, user, data, natural_key, ordering_timestamp_ms, sequence,
+                    raw_idempotency_key, reference=reference)
+        event.__dict__["data_json"] = data_json
+        return event

@@ -520,7 +520,7 @@ class MergePerUser(beam.DoFn):
         return self.state.load(keys) if keys else {}
 
     def _save(self, merged: list[list[NormalizedEvent]]) -> None:
-        self.state.save(((e.user_id, e.type, e.natural_key), e.data, e.ordering_timestamp_ms)
+        self.state.save(((e.user_id, e.type, e.natural_key), e.data_json, e.ordering_timestamp_ms)
                         for events in merged for e in events)
 
 

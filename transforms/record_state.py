@@ -12,7 +12,6 @@ all I/O is batched: one read and one write per group of users.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -52,9 +51,9 @@ class RecordState:
                     found[(user_id, kind, key)] = (self.store.load_json(data), version)
         return found
 
-    def save(self, rows: Iterable[tuple[Key, dict[str, Any], int]]) -> None:
-        """Store merged records (overwriting), atomically for the whole call."""
-        values = [(*key, version, json.dumps(data, separators=(",", ":"))) for key, data, version in rows]
+    def save(self, rows: Iterable[tuple[Key, bytes, int]]) -> None:
+        """Store merged records, given as their JSON bytes (overwriting), atomically for the whole call."""
+        values = [(*key, version, data.decode()) for key, data, version in rows]
         if not values:
             return
         with self.store.transaction() as cursor:
