@@ -247,12 +247,13 @@ def _compile(schema: Any, names: dict[str, dict[str, Any]], compiled: dict[str, 
 def _record(schema: dict[str, Any], names: dict[str, dict[str, Any]], compiled: dict[str, Check],
             nullable: bool) -> Check:
     """A record's check: every present field checked, required fields present, no undefined field."""
-    checks: dict[str, Check] = {}
+    fields: dict[str, tuple[frozenset[type], Check]] = {}  # name → (types passed as they are, check)
     required = []
     for field in schema["fields"]:
-        checks[field["name"]] = _compile(field["type"], names, compiled)
+        fields[field["name"]] = (_unchanged_types(field["type"]), _compile(field["type"], names, compiled))
         if "default" not in field and not (isinstance(field["type"], list) and "null" in field["type"]):
             required.append(field["name"])
+    nothing: tuple[frozenset[type], None] = (frozenset(), None)
 
     def record(value: Any) -> Any:
         if value is None and nullable:
@@ -261,7 +262,10 @@ def _record(schema: dict[str, Any], names: dict[str, dict[str, Any]], compiled: 
             raise _Mismatch(f"expected an object, got {type(value).__name__}")
         out = {}
         for key, item in value.items():
-            check = checks.get(key)
+            unchanged, check = fields.get(key, nothing)
+            if type(item) in unchanged:
+                out[key] = item
+                continue
             if check is None:
                 error = _Mismatch("field not defined by the schema")
                 error.path.append(f".{key}")
@@ -281,3 +285,13 @@ def _record(schema: dict[str, Any], names: dict[str, dict[str, Any]], compiled: 
     if "name" in schema and not nullable:
         compiled[schema["name"]] = record
     return record
+
+
+def _unchanged_types(schema: Any) -> frozenset[type]:
+    """Python types a value of ``schema`` can have to pass unchecked and unchanged (the hot path's shortcut)."""
+    branches = schema if isinstance(schema, list) else [schema]
+    types: set[type] = set()
+    for branch in branches:
+        types |= {"null": {type(None)}, "string": {str}, "boolean": {bool}, "double": {int}, "float": {int}}.get(
+            branch, set()) if isinstance(branch, str) else set()
+    return frozenset(types)
