@@ -84,7 +84,11 @@ class Provider:
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
     or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
     that is a single document, or a bare JSON array of documents, is accepted too. ``user_field``
-    names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura).
+    names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura);
+    ``owner``, when the id must be extracted (Polar's user link), is the function that does it.
+
+    A document belongs to one user (``owner_of``): every record a mapper makes of it is that user's. The
+    pipeline relies on it to send a document to its user's merge before mapping it.
     """
 
     slug: str
@@ -92,6 +96,7 @@ class Provider:
     envelope: str
     user_field: str | None = None
     doc: str = ""
+    owner: Callable[[dict[str, Any]], str | None] | None = None
     kinds: dict[str, KindSpec] = field(default_factory=dict)
     manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
@@ -137,25 +142,37 @@ class Provider:
         for doc_kind, doc in self.documents(payload, kind):
             yield from self.normalize_document(doc_kind, doc, user_id)
 
-    def normalize_document(self, kind: str, doc: Any, user_id: str | None = None) -> list[Fragment]:
-        """Map one document; the user comes from ``user_field`` or, failing that, ``user_id``."""
+    def owner_of(self, kind: str, doc: Any, user_id: str | None = None) -> str:
+        """The provider user id a document belongs to (``owner``/``user_field``, else ``user_id``); MappingError
+        for a kind that is not mapped, a document that is not an object, or no user at all."""
         spec = self.kinds.get(kind)
         if spec is None:
             raise UnknownKind(f"{self.slug} kind {kind!r} is not mapped; mapped kinds: {', '.join(self.kinds)}")
         if not isinstance(doc, dict):
             raise MappingError(f"{self.slug} {kind} document must be a JSON object, got {type(doc).__name__}")
-        doc_user = doc.get(self.user_field) if self.user_field else None
+        doc_user = self.owner(doc) if self.owner else doc.get(self.user_field) if self.user_field else None
         owner = str(doc_user) if doc_user is not None else user_id
         if owner is None:
             raise MappingError(f"{self.slug} {kind} document has no user id; pass the user with the raw event")
+        return owner
+
+    def normalize_document(self, kind: str, doc: Any, user_id: str | None = None) -> list[Fragment]:
+        """Map one document of ``owner_of(kind, doc, user_id)``; every fragment is that user's."""
+        owner = self.owner_of(kind, doc, user_id)
+        spec = self.kinds[kind]
         try:
             produced = spec.mapper(doc)
         except MappingError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
-        return [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
-                for item in _as_fragments(produced, spec)]
+        fragments = [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
+                     for item in _as_fragments(produced, spec)]
+        for fragment in fragments:
+            if str(fragment.provider_user_id) != owner:
+                raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
+                                   f" from a document of user {owner!r}")
+        return fragments
 
 
 def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:

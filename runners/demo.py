@@ -186,7 +186,7 @@ def _sql_rows(db_path: Path) -> int | None:
 
 
 def _unexplained(summary: RunSummary, destinations: list[str]) -> int:
-    raw_outcomes = sum(summary.get(f"raw_{o}") for o in ("ok", "partial", "dead", "empty"))
+    raw_outcomes = sum(summary.get(f"raw_{o}") for o in ("ok", "partial", "dead", "empty", "split"))
     events = sum(summary.with_prefix("normalized:").values())
     missing = abs(summary.get("raw_in") - raw_outcomes)
     missing += abs(summary.get("fragments") - summary.get("superseded") - events)
@@ -209,6 +209,7 @@ def _report(console: Console, published: int, summary: RunSummary, again: RunSum
                          ("fully normalized", summary.get("raw_ok")),
                          ("partly dead-lettered", summary.get("raw_partial")),
                          ("dead-lettered", summary.get("raw_dead")), ("empty (no documents)", summary.get("raw_empty")),
+                         ("split among several users", summary.get("raw_split")),
                          ("read again by a second run (offsets committed)", again.get("raw_in"))]:
         ingest.add_row(label, f"{value:,}")
     console.print(ingest)

@@ -1,10 +1,15 @@
-"""Raw messages → normalized events: decode → parse → normalize → validate → merge per user.
+"""Raw messages → normalized events: decode → parse → split by user → map → validate → merge per user.
 
 Every stage routes what it cannot handle to the ``dead_letter`` output with the original bytes,
 the source coordinates and the reason; nothing is dropped, and nothing one message holds stops the
 pipeline. Fragments of one record (same user, type and natural key) merge into a single event,
 newest first, on top of the record state: across the whole run for bounded input, as they arrive
 (one user at a time, in keyed state) for unbounded input.
+
+A message is only parsed and split by user before the shuffle; each user's documents are mapped
+where they merge. What crosses the shuffle is the raw bytes as read, about a third of the records
+they become, so the shuffle costs little, and mapping spreads over workers by user whatever the
+input's shape (one file, one partition).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from apache_beam.transforms import userstate
 from apache_beam.utils.windowed_value import WindowedValue
 
 from connectors import get_provider
-from connectors.base import Fragment, MappingError, natural_key, terra_user_id
+from connectors.base import Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError
 from core.events import NormalizedEvent
@@ -105,19 +110,56 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
     A payload holding several documents is handled document by document: one bad document is
     dead-lettered (with the whole original message and its document index) without losing the rest.
     """
+    read = read_documents(message)
+    if isinstance(read, Failed):
+        yield read
+        return
+    raw, provider, documents = read
+    yield from map_documents(message, raw, provider, documents, range(len(documents)))
+
+
+Documents = tuple[RawEvent, Provider, list[tuple[str, Any]]]
+
+
+def read_documents(message: RawMessage) -> Documents | Failed:
+    """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be."""
     try:
         raw = decode_raw(message)
     except SchemaMismatch as exc:
-        yield _failed("decode", exc, message)
-        return
+        return _failed("decode", exc, message)
     try:
         provider = get_provider(raw.provider)
         documents = list(provider.documents(json.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:  # unknown provider, bad JSON
-        yield _failed("parse", exc, message, raw)
-        return
-    prefix = f"{raw.received_at_ms:013d}:{message.position}"
+        return _failed("parse", exc, message, raw)
+    return raw, provider, documents
+
+
+def documents_by_user(message: RawMessage) -> tuple[dict[str, list[int]], list[Failed]]:
+    """A message's document indexes per healthflow user id (each document is one user's), and the documents
+    (or the whole message) that cannot be attributed to anyone."""
+    read = read_documents(message)
+    if isinstance(read, Failed):
+        return {}, [read]
+    raw, provider, documents = read
+    by_user: dict[str, list[int]] = {}
+    failed = []
     for index, (kind, doc) in enumerate(documents):
+        try:
+            owner = provider.owner_of(kind, doc, raw.user_id)
+        except MappingError as exc:
+            failed.append(_failed("normalize", exc, message, raw, kind, index))
+            continue
+        by_user.setdefault(terra_user_id(raw.provider, owner), []).append(index)
+    return by_user, failed
+
+
+def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
+                  indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
+    """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be."""
+    prefix = f"{raw.received_at_ms:013d}:{message.position}"
+    for index in indexes:
+        kind, doc = documents[index]
         try:
             fragments = provider.normalize_document(kind, doc, raw.user_id)
         except MappingError as exc:
@@ -158,6 +200,21 @@ def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent
 
 
 @dataclass(frozen=True)
+class UserDocuments:
+    """One raw message's documents of one user (indexes into its documents), on the way to that user's merge.
+
+    ``failed_before`` counts the message's documents already dead-lettered; ``only_part`` says whether this is the
+    message's only part (then its outcome is tallied where it is mapped).
+    """
+
+    message: RawMessage
+    documents: tuple[int, ...]
+    acks: Acks = ()
+    failed_before: int = 0
+    only_part: bool = True
+
+
+@dataclass(frozen=True)
 class UserFragments:
     """One raw message's records for one user, with the message (for dead letters) and its acks."""
 
@@ -174,11 +231,12 @@ class UserEvents:
     acks: Acks = ()
 
 
-class NormalizeRaw(beam.DoFn):
-    """RawMessage → (user key, UserFragments) per user, plus ``dead_letter`` and ``ended`` outputs.
+class SplitByUser(beam.DoFn):
+    """RawMessage → (user key, UserDocuments) per user, plus ``dead_letter`` and ``ended`` outputs.
 
-    Nothing a payload holds can stop the pipeline: whatever a stage raises (a hostile time zone, a
-    timestamp out of range, a mapper bug) dead-letters the message with its bytes and the reason.
+    Only decodes, parses and attributes documents to users; mapping happens after the shuffle
+    (``MergePerUser``). Nothing a payload holds can stop the pipeline: whatever a stage raises
+    dead-letters the message with its bytes and the reason.
     """
 
     def start_bundle(self) -> None:
@@ -187,27 +245,24 @@ class NormalizeRaw(beam.DoFn):
     def process(self, message: RawMessage) -> Iterator[Any]:
         self.tally.add("raw_in")
         try:
-            items = list(normalize_message(message))
+            by_user, failed = documents_by_user(message)
         except Exception as exc:
-            items = [_failed("normalize", exc, message)]
-        failed = [item for item in items if isinstance(item, Failed)]
-        by_user: dict[str, list[Keyed]] = {}
-        for item in items:
-            if isinstance(item, Keyed):
-                by_user.setdefault(item.user["user_id"], []).append(item)
+            by_user, failed = {}, [_failed("normalize", exc, message)]
         acks = root_acks(message.ack)
         shares = split_acks(acks, len(failed) + len(by_user))
         for item, share in zip(failed, shares, strict=False):
             self.tally.add(f"dead_letter:{item.stage}")
             yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share))
-        for (user, keyed), share in zip(by_user.items(), shares[len(failed):], strict=True):
-            self.tally.add("fragments", len(keyed))
-            yield user, UserFragments(tuple(keyed), message, share)
-        if not items and acks:
+        for (user, indexes), share in zip(by_user.items(), shares[len(failed):], strict=True):
+            yield user, UserDocuments(message, tuple(indexes), share, len(failed), len(by_user) == 1)
+        if not by_user and not failed and acks:
             yield pvalue.TaggedOutput(ENDED, acks)
-        # Every raw message ends in exactly one outcome: the summary checks they add up.
-        ok = sum(len(k) for k in by_user.values())
-        self.tally.add("raw_" + ("partial" if ok and failed else "ok" if ok else "dead" if failed else "empty"))
+        # Every raw message ends in exactly one outcome (the summary checks they add up): here when it has no
+        # user part or several ("split"), where its one part is mapped otherwise.
+        if not by_user:
+            self.tally.add("raw_dead" if failed else "raw_empty")
+        elif len(by_user) > 1:
+            self.tally.add("raw_split")
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self.tally.flush()
@@ -370,7 +425,8 @@ def _opened_store(state: Any) -> Any:
 
 
 class MergePerUser(beam.DoFn):
-    """(user key, [UserFragments…]) → (user id, UserEvents) merged with, and saved to, the record state.
+    """(user key, [UserDocuments…]) → (user id, UserEvents): each user's documents mapped and validated (what
+    cannot be is dead-lettered, stage ``normalize``/``validate``), then merged with, and saved to, the record state.
 
     Users are buffered and flushed together (one state read and one write per flush). State is
     saved before delivery: a run that dies after saving re-reads its input and re-emits the same
@@ -404,12 +460,43 @@ class MergePerUser(beam.DoFn):
         self.pending: list[tuple[str, list[UserFragments], Any, Any]] = []
         self.tally = Tally()
 
-    def process(self, element: tuple[str, Iterable[UserFragments]], window=beam.DoFn.WindowParam,
+    def process(self, element: tuple[str, Iterable[UserDocuments]], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         user_key, parts = element
-        self.pending.append((user_key, list(parts), window, timestamp))
+        mapped = []
+        for part in parts:
+            fragments, outputs = self._map(part)
+            yield from outputs
+            if fragments is not None:
+                mapped.append(fragments)
+        if mapped:
+            self.pending.append((user_key, mapped, window, timestamp))
         if len(self.pending) >= self.users_per_flush:
             yield from self._flush()
+
+    def _map(self, part: UserDocuments) -> tuple[UserFragments | None, list[Any]]:
+        """Map and validate one part's documents: its fragments (None when none) and its dead letters or end."""
+        message = part.message
+        try:
+            read = read_documents(message)
+            items = [read] if isinstance(read, Failed) else list(map_documents(message, *read, part.documents))
+        except Exception as exc:
+            items = [_failed("normalize", exc, message)]
+        failed = [item for item in items if isinstance(item, Failed)]
+        keyed = tuple(item for item in items if isinstance(item, Keyed))
+        shares = split_acks(part.acks, len(failed) + (1 if keyed else 0))
+        outputs: list[Any] = []
+        for item, share in zip(failed, shares, strict=False):
+            self.tally.add(f"dead_letter:{item.stage}")
+            outputs.append(pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share)))
+        if not keyed and not failed and part.acks:
+            outputs.append(pvalue.TaggedOutput(ENDED, part.acks))
+        if part.only_part:
+            some_failed = failed or part.failed_before
+            self.tally.add("raw_" + ("partial" if keyed and some_failed else "ok" if keyed
+                                     else "dead" if some_failed else "empty"))
+        self.tally.add("fragments", len(keyed))
+        return (UserFragments(keyed, message, shares[-1]) if keyed else None), outputs
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._flush()
@@ -529,7 +616,7 @@ class MergePerUserStateful(MergePerUser):
 
     SERIAL = userstate.ReadModifyWriteStateSpec("serial", BooleanCoder())
 
-    def process(self, element: tuple[str, UserFragments], window=beam.DoFn.WindowParam,  # type: ignore[override]
+    def process(self, element: tuple[str, UserDocuments], window=beam.DoFn.WindowParam,  # type: ignore[override]
                 timestamp=beam.DoFn.TimestampParam, serial=beam.DoFn.StateParam(SERIAL)) -> Iterator[Any]:
         user_key, part = element
         return super().process((user_key, [part]), window, timestamp)
@@ -548,17 +635,18 @@ class Normalize(beam.PTransform):
         self.state_url = state_url
 
     def expand(self, messages):
-        keyed, dead, ended, raw_tallies = messages | "NormalizeRaw" >> beam.ParDo(NormalizeRaw()).with_output_types(
+        keyed, dead, ended, raw_tallies = messages | "SplitByUser" >> beam.ParDo(SplitByUser()).with_output_types(
             tuple[str, Any]).with_outputs(DEAD_LETTER, ENDED, TALLY, main="keyed")
         if keyed.is_bounded:
             merged = (keyed
                       | "GroupByUser" >> beam.GroupByKey()
                       | "MergePerUser" >> beam.ParDo(MergePerUser(self.state_url)).with_outputs(
-                          DEAD_LETTER, TALLY, main="events"))
+                          DEAD_LETTER, ENDED, TALLY, main="events"))
         else:
             merged = keyed | "MergePerUser" >> beam.ParDo(MergePerUserStateful(self.state_url)).with_input_types(
                 tuple[str, Any]).with_output_types(tuple[str, Any]).with_outputs(
-                DEAD_LETTER, TALLY, main="events")
+                DEAD_LETTER, ENDED, TALLY, main="events")
         dead_letters = (dead, merged[DEAD_LETTER]) | "IngestDeadLetters" >> beam.Flatten()
+        ended = (ended, merged[ENDED]) | "IngestEnded" >> beam.Flatten()
         tallies = (raw_tallies, merged[TALLY]) | "IngestTallies" >> beam.Flatten()
         return merged.events, dead_letters, ended, tallies

@@ -215,4 +215,5 @@ class ReadRawFiles(beam.PTransform):
         return (pbegin
                 | "Pattern" >> beam.Create([self.pattern])
                 | "Match" >> beam.FlatMap(match_files)
-                | "ReadLines" >> beam.FlatMap(read_lines))
+                | "ReadLines" >> beam.FlatMap(read_lines)
+                | "Spread" >> beam.Reshuffle())
