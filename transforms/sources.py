@@ -215,5 +215,4 @@ class ReadRawFiles(beam.PTransform):
         return (pbegin
                 | "Pattern" >> beam.Create([self.pattern])
                 | "Match" >> beam.FlatMap(match_files)
-                | "ReadLines" >> beam.FlatMap(read_lines)
-                | "Spread" >> beam.Reshuffle())
+                | "ReadLines" >> beam.FlatMap(read_lines))
