@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
+import gzip
+import json
 import os
 import pickle
+import random
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,6 +25,7 @@ from terra.utils.verify_signature import verify_terra_webhook_signature
 
 from core.errors import FatalError, PermanentError, RetryableError, Route, parse_retry_after, route
 from core.events import NormalizedEvent
+from pipelines.embedded import LoopbackHTTPServer, send_reply
 from pipelines.webhook_receiver import WebhookReceiver
 from sinks.base import SinkResult
 from sinks.webhook import EndpointGone, WebhookSink, terra_signing_key
@@ -285,3 +294,242 @@ def test_an_infinite_retry_after_is_ignored_not_a_crash():
 
     assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
     assert parse_retry_after("1e308") == MAX_RETRY_AFTER_S
+
+
+# ======================================================================================================================
+# The keep-alive client, against loopback endpoints that record what arrives
+# ======================================================================================================================
+Reply = tuple[int, dict[str, str], bytes]
+HANG_UP = (0, {}, b"")  # close the connection without answering
+
+
+class Endpoint:
+    """A loopback HTTP/1.1 endpoint: answers each POST with ``respond(endpoint, user_id, event_id)`` (200 "ok" by
+    default) and records what arrived: request heads and bodies, each user's event ids in order of arrival, TCP
+    connections accepted, the most requests in flight at once (overall and per user)."""
+
+    def __init__(self, respond: Callable[[Endpoint, str, str], Reply] | None = None,
+                 idle_timeout_s: float = 30.0) -> None:
+        self.respond = respond or (lambda endpoint, user, event_id: (200, {}, b"ok"))
+        self.lock = threading.Lock()
+        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+        self.bodies: list[bytes] = []
+        self.arrivals: list[str] = []  # event ids in order of arrival
+        self.order: dict[str, list[str]] = {}
+        self.connections = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.in_flight_by_user: dict[str, int] = {}
+        self.most_in_flight_per_user = 0
+        self.unfinished_replies = 0  # replies the client hung up on before reading them
+        self._server = LoopbackHTTPServer(self._handler(idle_timeout_s), name="test-endpoint")
+
+    def __enter__(self) -> Endpoint:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+    @property
+    def url(self) -> str:
+        return f"{self._server.base_url}/hook"
+
+    def _handler(self, idle_timeout_s: float) -> type[BaseHTTPRequestHandler]:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            timeout = idle_timeout_s
+
+            def setup(self) -> None:
+                super().setup()
+                with endpoint.lock:
+                    endpoint.connections += 1
+
+            def do_POST(self) -> None:  # http.server dispatches on this name
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                envelope = json.loads(body)
+                user, event_id = envelope["user"]["user_id"], self.headers["webhook-id"]
+                with endpoint.lock:
+                    endpoint.heads.append((self.requestline, list(self.headers.items())))
+                    endpoint.bodies.append(body)
+                    endpoint.arrivals.append(event_id)
+                    endpoint.order.setdefault(user, []).append(event_id)
+                    endpoint.in_flight += 1
+                    endpoint.most_in_flight = max(endpoint.most_in_flight, endpoint.in_flight)
+                    endpoint.in_flight_by_user[user] = endpoint.in_flight_by_user.get(user, 0) + 1
+                    endpoint.most_in_flight_per_user = max(endpoint.most_in_flight_per_user,
+                                                           endpoint.in_flight_by_user[user])
+                try:
+                    status, headers, reply = endpoint.respond(endpoint, user, event_id)
+                finally:
+                    with endpoint.lock:
+                        endpoint.in_flight -= 1
+                        endpoint.in_flight_by_user[user] -= 1
+                if (status, headers, reply) == HANG_UP:
+                    self.close_connection = True
+                    return
+                try:
+                    send_reply(self, status, reply, "text/plain", headers)
+                    self.wfile.flush()
+                except OSError:
+                    with endpoint.lock:
+                        endpoint.unfinished_replies += 1
+                    self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+def interleaved(make_sink_event: MakeEvent, users: int, per_user: int, seed: int = 7) -> list[NormalizedEvent]:
+    """``per_user`` events for each of ``users`` users, shuffled so users interleave (each user's own order is the
+    order in the list)."""
+    events = [make_sink_event(f"user-{u}", f"2026-03-{d + 1:02d}") for u in range(users) for d in range(per_user)]
+    random.Random(seed).shuffle(events)
+    return events
+
+
+def test_what_is_sent_is_what_a_requests_session_sent(monkeypatch: pytest.MonkeyPatch, secret: str,
+                                                      make_sink_event: MakeEvent) -> None:
+    """Request line, header names, values and order, and body: byte for byte what the sink sent with requests,
+    including URL credentials, a cookie the endpoint set, a terra-reference, and a proxy from the environment."""
+    def set_cookie_once(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        return 200, ({"Set-Cookie": "lb=abc; Path=/"} if len(endpoint.arrivals) % 2 == 1 else {}), b"ok"
+
+    with Endpoint(set_cookie_once) as endpoint:
+        port = endpoint.url.split(":")[2].split("/")[0]
+        events = [make_sink_event("u1"), dataclasses.replace(make_sink_event("u1", "2026-03-13"), reference="bf-1")]
+        for url, proxy in [(f"http://alice:s%40cret@127.0.0.1:{port}/hook?x=1#part", None),
+                           ("http://hooks.example.test:8080/terra", f"http://pu:pp@127.0.0.1:{port}")]:
+            for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            if proxy:
+                monkeypatch.setenv("HTTP_PROXY", proxy)
+            start = len(endpoint.heads)
+            sink = WebhookSink("hook", url, secret)
+            assert sink.write(events).delivered == [e.event_id for e in events]
+            sink.close()
+            with requests.Session() as session:
+                session.headers["user-agent"] = "healthflow-webhooks/1"
+                for event, (_, sent) in zip(events, endpoint.heads[start:], strict=True):
+                    timestamp = int(dict(sent)["webhook-timestamp"])
+                    session.post(url, data=event.body(), headers=sink.headers_for(event, event.body(), timestamp),
+                                 timeout=5, allow_redirects=False)
+            heads = endpoint.heads[start:]
+            assert heads[:2] == heads[2:]
+            names = [name for name, _ in heads[1][1]]
+            assert names == ["Host", "user-agent", "Accept-Encoding", "Accept", "Connection", "content-type",
+                             "webhook-id", "webhook-timestamp", "webhook-signature", "terra-signature",
+                             "X-Terra-Trace-Id", "X-Terra-Ordering-Timestamp", "terra-reference", "Cookie",
+                             "Content-Length", "Authorization" if not proxy else "Proxy-Authorization"]
+            assert endpoint.bodies[start:] == [e.body() for e in events] * 2
+        assert endpoint.heads[-1][0].startswith("POST http://hooks.example.test:8080/terra ")
+
+
+def test_connections_are_kept_and_reused_across_events_and_batches(secret: str, make_sink_event: MakeEvent) -> None:
+    with Endpoint() as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret)
+        for batch in range(3):
+            events = interleaved(make_sink_event, users=10, per_user=6, seed=batch)
+            assert len(sink.write(events).delivered) == len(events)
+        sink.close()
+        assert endpoint.connections == 1 and len(endpoint.arrivals) == 180
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_not_reported(secret: str,
+                                                                       make_sink_event: MakeEvent) -> None:
+    with Endpoint(idle_timeout_s=0.1) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret)
+        assert sink.write([make_sink_event("u1"), make_sink_event("u2")]).failures == []
+        time.sleep(0.5)  # the endpoint closes the idle connections
+
+        result = sink.write([make_sink_event("u1", "2026-03-13"), make_sink_event("u2", "2026-03-13")])
+
+        assert result.failures == [] and len(result.delivered) == 2
+        sink.close()
+
+
+def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event: MakeEvent) -> None:
+    huge = b"x" * (32 * 1024 * 1024)
+
+    def replies(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        if user == "big-ok":
+            return 200, {}, huge
+        if user == "big-error":
+            return 400, {}, b"E" * 600 + huge
+        if user == "gzip-error":
+            return 422, {"Content-Encoding": "gzip"}, gzip.compress(b"field 'x' is invalid; " * 50)
+        return 200, {}, b"ok"
+
+    with Endpoint(replies) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret)
+        events = [make_sink_event(user) for user in ("big-ok", "big-error", "gzip-error", "after")]
+
+        result = sink.write(events)
+
+        sink.close()
+        time.sleep(0.2)
+        unfinished, url = endpoint.unfinished_replies, endpoint.url
+    assert result.delivered == [events[0].event_id, events[3].event_id]
+    errors = errors_by_id(result)
+    assert str(errors[events[1].event_id]) == f"HTTP 400 from {url}: {'E' * 500!r}"
+    assert "field 'x' is invalid; field 'x'" in str(errors[events[2].event_id])
+    assert unfinished == 2  # the client closed both huge replies instead of reading them
+
+
+def test_https_is_verified_against_the_configured_ca_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            secret: str, make_sink_event: MakeEvent) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    with Endpoint() as endpoint:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server = endpoint._server._server
+        assert server is not None
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        url = endpoint.url.replace("http://", "https://")
+        untrusted = WebhookSink("hook", url, secret)
+
+        [failure] = untrusted.write([make_sink_event()]).failures
+
+        assert isinstance(failure.error, RetryableError) and "cannot reach" in str(failure.error)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(failure.error)
+        untrusted.close()
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        trusted = WebhookSink("hook", url, secret)
+
+        assert trusted.write([make_sink_event("u1"), make_sink_event("u2")]).failures == []
+
+        trusted.close()
+    assert len(endpoint.arrivals) == 2
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
