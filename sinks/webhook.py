@@ -8,19 +8,29 @@ Guarantees:
   ``~/.netrc`` has credentials, or the endpoint set cookies) ``Authorization`` and ``Cookie``. Proxies
   (``HTTP(S)_PROXY``, ``NO_PROXY``) and the CA bundle (certifi, or ``REQUESTS_CA_BUNDLE``) are resolved as
   ``requests`` resolves them, once per ``open()``.
-- Connections: one keep-alive ``http.client`` connection, reused across events and batches (replaced when the server
-  closed it while idle); redirects are never followed; ``timeout_s`` bounds connecting and each wait for the server;
-  at most 64 KiB of a 2xx body and 500 bytes of any other body are read (a connection with more left unread is
-  closed, not reused).
-- Per-user order: events are sent one at a time in the given order; once an event of a user fails, that user's later
-  events in the batch are not sent and are reported ``RetryableError("blocked behind earlier failure ...")``.
-- Endpoint-level failures stop the whole batch (nothing more is sent): 410 (``EndpointGone``, dead-lettered),
-  429 (retryable, same ``retry_after`` for all) and connection errors (retryable).
+- Connections: up to ``lanes`` keep-alive ``http.client`` connections, reused across events and batches (replaced when
+  the server closed one while idle); redirects are never followed; ``timeout_s`` bounds connecting and each wait for
+  the server; at most 64 KiB of a 2xx body and 500 bytes of any other body are read (a connection with more left
+  unread is closed, not reused).
+- Per-user order: a user's events are sent one after another in the given order, each only after the previous one was
+  answered; once an event of a user fails, that user's later events in the batch are not sent and are reported
+  ``RetryableError("blocked behind earlier failure ...")``.
+- Concurrency: different users' events go out at the same time on up to ``lanes`` connections (default 8), each lane
+  taking the earliest event whose user has nothing in flight. A batch starts with one request at a time until one is
+  delivered, so an endpoint that is down, gone or throttling sees one request per batch. ``lanes=1`` sends the batch
+  one event at a time in the given order.
+- Endpoint-level failures stop the batch: once one is answered nothing more is sent (requests already in flight on
+  other lanes complete and are reported as answered): 410 (``EndpointGone``, dead-lettered), 429 (retryable, same
+  ``retry_after`` for all) and connection errors (retryable). Events not reached when the batch stops (including
+  those a failure of their user would have held back) get the batch-wide error of the first such failure.
+- Every event is reported exactly once, delivered or failed, both lists in the given order. An unexpected exception
+  in any lane stops the batch too and is raised by ``write`` once the other lanes are idle (as before: the caller
+  fails the whole batch with it).
 - Classification: 2xx delivered; 408, 429, 5xx, timeouts, connection errors -> ``RetryableError`` (``retry_after``
   from ``Retry-After`` seconds or HTTP-date); 410 -> ``EndpointGone``; 3xx (never followed) and other 4xx ->
   ``PermanentError`` with the status and the first 500 bytes of the response body; a body over ``max_body_bytes`` ->
   ``PermanentError`` without sending, or sent by reference when ``large_payload_s3`` is configured.
-- Pickling carries configuration only: no connection or resolved secret (``open()`` makes them where it runs).
+- Pickling carries configuration only: no connection, thread or resolved secret (``open()`` makes them where it runs).
 
 Signatures, from one Standard Webhooks secret ``whsec_<base64 of the key bytes>``:
 - ``webhook-signature: v1,<base64 HMAC-SHA256(key bytes, f"{webhook-id}.{t}." + body)>``
@@ -36,13 +46,17 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import heapq
 import hmac
 import http.client
 import os
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from typing import Any
 from urllib.parse import urlparse, urlsplit
 
@@ -65,6 +79,8 @@ SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24  # Standard Webhooks: random, >= 192 bits
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # Terra's chunk cap; larger bodies are dead-lettered, not sent
 ERROR_BODY_PREFIX_BYTES = 500
+DEFAULT_LANES = 8
+MAX_LANES = 64
 USER_AGENT = "healthflow-webhooks/1"
 _DRAIN_LIMIT_BYTES = 64 * 1024  # read up to this much of a 2xx body so the connection can be reused
 _RETRYABLE_STATUSES = frozenset({408, 429})
@@ -108,6 +124,13 @@ class _HaltBatch(Exception):
         super().__init__(str(error))
         self.error = error
         self.rest = rest
+
+
+class _Crash:
+    """Internal: an unclassified exception raised while sending one event; ``write`` raises it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _Unreachable(Exception):
@@ -285,7 +308,8 @@ class WebhookSink(Sink):
     ordered = True
 
     def __init__(self, name: str, url: str, signing_secret: str, timeout_s: float = 10.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, large_payload_s3: LargePayloadS3 | None = None) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, large_payload_s3: LargePayloadS3 | None = None,
+                 lanes: int = DEFAULT_LANES) -> None:
         super().__init__(name)
         parsed = urlparse(url or "")
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -301,16 +325,21 @@ class WebhookSink(Sink):
         self._terra_key: str | None = None
         if timeout_s <= 0:
             raise FatalError(f"webhook sink {name!r}: timeout_s must be > 0, got {timeout_s}")
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_LANES:
+            raise FatalError(f"webhook sink {name!r}: lanes must be a whole number from 1 to {MAX_LANES}, "
+                             f"got {lanes!r}")
         self.url = url
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        self.lanes = lanes
         # Bodies over max_body_bytes go by reference (Terra's ping mode) when a bucket is configured.
         self._payloads = PayloadStore(large_payload_s3, "webhook-payloads") if large_payload_s3 else None
         self._transport: _Transport | None = None
+        self._threads: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_transport"] = None  # connections never travel with the pickled config
+        state["_transport"] = state["_threads"] = None  # connections and threads never travel with the config
         state["_key"] = state["_terra_key"] = None  # nor do secrets: open() resolves them where it runs
         return state
 
@@ -319,9 +348,14 @@ class WebhookSink(Sink):
             secret = resolve(self.signing_secret, f"webhook destination {self.name!r} secret")
             self._key, self._terra_key = decode_secret(secret), terra_signing_key(secret)
         if self._transport is None:
-            self._transport = _Transport(self.url, self.timeout_s, connections=1)
+            self._transport = _Transport(self.url, self.timeout_s, self.lanes)
+        if self._threads is None and self.lanes > 1:
+            self._threads = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix=f"webhook-{self.name}")
 
     def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -346,28 +380,17 @@ class WebhookSink(Sink):
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         self.open()
-        result = SinkResult()
-        failed_users: dict[str, tuple[str, Exception]] = {}
-        for index, event in enumerate(events):
-            blocker = failed_users.get(event.user_id)
-            if blocker is not None:
-                blocked_id, cause = blocker
-                retry_after = cause.retry_after if isinstance(cause, RetryableError) else None
-                result.fail_all([event], RetryableError(
-                    f"blocked behind earlier failure of {blocked_id} for user {event.user_id}: {cause}", retry_after))
-                continue
-            try:
-                self._send(event)
-            except _HaltBatch as halt:
-                result.fail_all([event], halt.error)
-                result.fail_all(events[index + 1:], halt.rest)
-                return result
-            except (RetryableError, PermanentError) as exc:
-                result.fail_all([event], exc)
-                failed_users[event.user_id] = (event.event_id, exc)
-            else:
-                result.delivered.append(event.event_id)
-        return result
+        return _Batch(self, events).run()
+
+    def _attempt(self, event: NormalizedEvent) -> BaseException | _HaltBatch | _Crash | None:
+        """Send ``event`` once: None when delivered, else its classified error (never raises)."""
+        try:
+            self._send(event)
+        except (_HaltBatch, RetryableError, PermanentError) as exc:
+            return exc
+        except BaseException as exc:  # handed to write(), which raises it once the other lanes are idle
+            return _Crash(exc)
+        return None
 
     def _send(self, event: NormalizedEvent) -> None:
         """One attempt; returns on 2xx, raises the classified error otherwise."""
@@ -423,3 +446,121 @@ class WebhookSink(Sink):
     def _unreachable(self, exc: _Unreachable) -> _HaltBatch:
         return _HaltBatch(RetryableError(f"cannot reach {self.url}: {exc}"),
                           RetryableError(f"not sent: {self.url} unreachable earlier in this batch"))
+
+
+_PENDING = object()  # an outcome not known yet
+_DELIVERED = object()
+
+
+class _Batch:
+    """One ``write``: hands the batch's events to lanes in per-user order and collects one outcome per event.
+
+    Shared state is guarded by ``_changed``'s lock. Each user has at most one event in ``_ready`` (a heap of batch
+    indices), the earliest of that user not yet taken; the user's later ones wait in ``_queued``. A lane takes the
+    smallest ready index while fewer than ``_limit`` requests are in flight; when the event is answered, the user's
+    next event becomes ready. ``_limit`` is 1 until an event is delivered, then the number of lanes.
+    """
+
+    def __init__(self, sink: WebhookSink, events: Sequence[NormalizedEvent]) -> None:
+        self._sink = sink
+        self._events = events
+        self._outcomes: list[object] = [_PENDING] * len(events)
+        self._queued: dict[str, deque[int]] = {}
+        for index, event in enumerate(events):
+            self._queued.setdefault(event.user_id, deque()).append(index)
+        self._ready = [queue.popleft() for queue in self._queued.values()]  # ascending: already a heap
+        self._failed: dict[str, tuple[str, Exception]] = {}
+        self._lanes = max(1, min(sink.lanes, len(self._queued)))  # no more lanes than users
+        self._limit = 1
+        self._in_flight = 0
+        self._halt: _HaltBatch | None = None
+        self._crash: BaseException | None = None
+        self._changed = threading.Condition(threading.Lock())
+
+    def run(self) -> SinkResult:
+        threads = self._sink._threads
+        helpers = [threads.submit(self._lane) for _ in range(self._lanes - 1)] if threads is not None else []
+        try:
+            self._lane()
+        finally:
+            wait_all(helpers)
+        for helper in helpers:
+            helper.result()  # a fault of the scheduler itself
+        if self._crash is not None:
+            raise self._crash
+        result = SinkResult()
+        for event, outcome in zip(self._events, self._outcomes, strict=True):
+            if outcome is _DELIVERED:
+                result.delivered.append(event.event_id)
+            elif outcome is _PENDING:  # never taken: the endpoint failed first
+                assert self._halt is not None
+                result.fail_all([event], self._halt.rest)
+            else:
+                assert isinstance(outcome, BaseException)
+                result.fail_all([event], outcome)
+        return result
+
+    def _lane(self) -> None:
+        """Send events until none is left to send (or the batch stops); the calling thread is one lane."""
+        try:
+            index = self._next(None, None)
+            while index is not None:
+                outcome = self._sink._attempt(self._events[index])
+                index = self._next(index, outcome)
+        except BaseException as exc:  # this thread is interrupted: stop the others too
+            with self._changed:
+                self._crash = self._crash or exc
+                self._changed.notify_all()
+            raise
+
+    def _next(self, done: int | None, outcome: BaseException | _HaltBatch | _Crash | None) -> int | None:
+        """Record the outcome of event ``done`` (if any), then take the next event to send, or None when the batch
+        is finished or stopped. Events behind an earlier failure of their user are marked blocked on the way."""
+        with self._changed:
+            if done is not None:
+                self._settle(done, outcome)
+            while self._halt is None and self._crash is None:
+                if self._ready and self._in_flight < self._limit:
+                    index = heapq.heappop(self._ready)
+                    event = self._events[index]
+                    blocker = self._failed.get(event.user_id)
+                    if blocker is None:
+                        self._in_flight += 1
+                        if self._ready and self._in_flight < self._limit:
+                            self._changed.notify()  # more to send: wake one idle lane (it wakes the next)
+                        return index
+                    blocked_id, cause = blocker
+                    retry_after = cause.retry_after if isinstance(cause, RetryableError) else None
+                    self._outcomes[index] = RetryableError(
+                        f"blocked behind earlier failure of {blocked_id} for user {event.user_id}: {cause}",
+                        retry_after)
+                    self._release_next(event.user_id)
+                elif not self._ready and not self._in_flight:
+                    break
+                else:
+                    self._changed.wait()
+            self._changed.notify_all()  # finished or stopped: every idle lane returns
+            return None
+
+    def _settle(self, index: int, outcome: BaseException | _HaltBatch | _Crash | None) -> None:
+        event = self._events[index]
+        self._in_flight -= 1
+        if outcome is None:
+            self._outcomes[index] = _DELIVERED
+            self._limit = self._lanes
+            self._release_next(event.user_id)
+        elif isinstance(outcome, _HaltBatch):
+            self._outcomes[index] = outcome.error
+            self._halt = self._halt or outcome
+        elif isinstance(outcome, _Crash):
+            self._crash = self._crash or outcome.exc
+        else:
+            assert isinstance(outcome, RetryableError | PermanentError)
+            self._outcomes[index] = outcome
+            self._failed[event.user_id] = (event.event_id, outcome)
+            self._release_next(event.user_id)
+
+    def _release_next(self, user_id: str) -> None:
+        queue = self._queued[user_id]
+        if queue:
+            heapq.heappush(self._ready, queue.popleft())

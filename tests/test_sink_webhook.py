@@ -28,7 +28,7 @@ from core.events import NormalizedEvent
 from pipelines.embedded import LoopbackHTTPServer, send_reply
 from pipelines.webhook_receiver import WebhookReceiver
 from sinks.base import SinkResult
-from sinks.webhook import EndpointGone, WebhookSink, terra_signing_key
+from sinks.webhook import MAX_LANES, EndpointGone, WebhookSink, terra_signing_key
 
 MakeEvent = Callable[..., NormalizedEvent]
 
@@ -297,7 +297,7 @@ def test_an_infinite_retry_after_is_ignored_not_a_crash():
 
 
 # ======================================================================================================================
-# The keep-alive client, against loopback endpoints that record what arrives
+# The keep-alive client and its lanes, against loopback endpoints that record what arrives
 # ======================================================================================================================
 Reply = tuple[int, dict[str, str], bytes]
 HANG_UP = (0, {}, b"")  # close the connection without answering
@@ -393,6 +393,12 @@ def interleaved(make_sink_event: MakeEvent, users: int, per_user: int, seed: int
     return events
 
 
+def assert_reported_once(result: SinkResult, events: list[NormalizedEvent]) -> None:
+    reported = result.delivered + [f.event.event_id for f in result.failures]
+    assert sorted(reported) == sorted(e.event_id for e in events)
+    assert len(set(reported)) == len(reported)
+
+
 def test_what_is_sent_is_what_a_requests_session_sent(monkeypatch: pytest.MonkeyPatch, secret: str,
                                                       make_sink_event: MakeEvent) -> None:
     """Request line, header names, values and order, and body: byte for byte what the sink sent with requests,
@@ -410,7 +416,7 @@ def test_what_is_sent_is_what_a_requests_session_sent(monkeypatch: pytest.Monkey
             if proxy:
                 monkeypatch.setenv("HTTP_PROXY", proxy)
             start = len(endpoint.heads)
-            sink = WebhookSink("hook", url, secret)
+            sink = WebhookSink("hook", url, secret, lanes=1)
             assert sink.write(events).delivered == [e.event_id for e in events]
             sink.close()
             with requests.Session() as session:
@@ -432,18 +438,21 @@ def test_what_is_sent_is_what_a_requests_session_sent(monkeypatch: pytest.Monkey
 
 def test_connections_are_kept_and_reused_across_events_and_batches(secret: str, make_sink_event: MakeEvent) -> None:
     with Endpoint() as endpoint:
-        sink = WebhookSink("hook", endpoint.url, secret)
-        for batch in range(3):
-            events = interleaved(make_sink_event, users=10, per_user=6, seed=batch)
-            assert len(sink.write(events).delivered) == len(events)
-        sink.close()
-        assert endpoint.connections == 1 and len(endpoint.arrivals) == 180
+        for lanes in (1, 4):
+            before = endpoint.connections
+            sink = WebhookSink("hook", endpoint.url, secret, lanes=lanes)
+            for batch in range(3):
+                events = interleaved(make_sink_event, users=10, per_user=6, seed=batch)
+                assert len(sink.write(events).delivered) == len(events)
+            sink.close()
+            assert 1 <= endpoint.connections - before <= lanes  # 180 events
+        assert len(endpoint.arrivals) == 360
 
 
 def test_an_idle_connection_the_server_closed_is_replaced_not_reported(secret: str,
                                                                        make_sink_event: MakeEvent) -> None:
     with Endpoint(idle_timeout_s=0.1) as endpoint:
-        sink = WebhookSink("hook", endpoint.url, secret)
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=2)
         assert sink.write([make_sink_event("u1"), make_sink_event("u2")]).failures == []
         time.sleep(0.5)  # the endpoint closes the idle connections
 
@@ -451,6 +460,132 @@ def test_an_idle_connection_the_server_closed_is_replaced_not_reported(secret: s
 
         assert result.failures == [] and len(result.delivered) == 2
         sink.close()
+
+
+def test_per_user_order_is_kept_while_users_go_out_concurrently(secret: str, make_sink_event: MakeEvent) -> None:
+    delays = random.Random(3)
+
+    def jitter(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        time.sleep(delays.random() * 0.004)
+        return 200, {}, b"ok"
+
+    events = interleaved(make_sink_event, users=12, per_user=10)
+    with Endpoint(jitter) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=6)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert result.delivered == [e.event_id for e in events] and result.failures == []
+    for user in {e.user_id for e in events}:
+        assert endpoint.order[user] == [e.event_id for e in events if e.user_id == user]
+    assert endpoint.most_in_flight_per_user == 1
+    assert 1 < endpoint.most_in_flight <= 6
+    assert len(endpoint.arrivals) == len(events)  # each sent once
+
+
+def test_different_users_are_sent_at_the_same_time(secret: str, make_sink_event: MakeEvent) -> None:
+    """After the first delivery, four users' events must be in flight together or the endpoint answers 500."""
+    together = threading.Barrier(4, timeout=5)
+
+    def wait_for_four(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        if user == "first":
+            return 200, {}, b"ok"
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return 500, {}, b"alone"
+        return 200, {}, b"ok"
+
+    events = [make_sink_event("first")] + [make_sink_event(f"u{n}") for n in range(4)]
+    with Endpoint(wait_for_four) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=4)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert result.failures == [] and result.delivered == [e.event_id for e in events]
+    assert endpoint.most_in_flight == 4
+
+
+def test_an_empty_batch_sends_nothing(secret: str) -> None:
+    with Endpoint() as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret)
+
+        assert sink.write([]) == SinkResult()
+
+        sink.close()
+    assert endpoint.connections == 0
+
+
+def test_one_lane_sends_one_event_at_a_time_in_the_given_order(secret: str, make_sink_event: MakeEvent) -> None:
+    events = interleaved(make_sink_event, users=5, per_user=4)
+    with Endpoint() as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=1)
+
+        assert sink.write(events).delivered == [e.event_id for e in events]
+
+        sink.close()
+    assert endpoint.arrivals == [e.event_id for e in events] and endpoint.most_in_flight == 1
+
+
+def test_a_batch_starts_with_one_request_until_one_is_delivered(secret: str, make_sink_event: MakeEvent) -> None:
+    def first_two_fail(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        time.sleep(0.01)
+        return (503, {}, b"warming up") if len(endpoint.arrivals) <= 2 else (200, {}, b"ok")
+
+    events = [make_sink_event(f"u{n}") for n in range(8)]
+    with Endpoint(first_two_fail) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=4)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert endpoint.arrivals[:3] == [e.event_id for e in events[:3]]
+    assert [f.event.event_id for f in result.failures] == [e.event_id for e in events[:2]]
+    assert result.delivered == [e.event_id for e in events[2:]]
+    assert endpoint.most_in_flight > 1
+
+
+@pytest.mark.parametrize("halt", ["429", "410", "hang up"])
+def test_an_endpoint_failure_mid_batch_stops_every_lane(halt: str, secret: str, make_sink_event: MakeEvent) -> None:
+    """From the 25th request on the endpoint fails; lanes stop taking events, every event is reported once, and
+    those never sent carry the batch-wide error."""
+    def fail_from_25th(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        arrived_before = endpoint.arrivals.index(event_id)
+        time.sleep(0.005)
+        if arrived_before < 24:
+            return 200, {}, b"ok"
+        return {"429": (429, {"Retry-After": "7"}, b"slow down"), "410": (410, {}, b"gone"), "hang up": HANG_UP}[halt]
+
+    events = interleaved(make_sink_event, users=20, per_user=6)
+    lanes = 4
+    with Endpoint(fail_from_25th) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=lanes)
+
+        result = sink.write(events)
+
+        sink.close()
+        arrived = list(endpoint.arrivals)
+    assert_reported_once(result, events)
+    delivered, failed = set(result.delivered), errors_by_id(result)
+    assert delivered == set(arrived[:24])
+    answered_failures = arrived[24:]  # the first failure, and requests other lanes had already started
+    assert 1 <= len(answered_failures) <= lanes
+    first_error = {"429": "throttled: HTTP 429", "410": "endpoint gone: HTTP 410", "hang up": "cannot reach"}[halt]
+    assert all(first_error in str(failed[event_id]) for event_id in answered_failures)
+    not_sent = set(failed) - set(answered_failures)
+    assert len(not_sent) == len(events) - len(arrived) > 0
+    for event_id in not_sent:
+        error = failed[event_id]
+        assert "not sent" in str(error) or "blocked behind" in str(error)
+        if halt == "410":
+            assert isinstance(error, EndpointGone)
+        else:
+            assert isinstance(error, RetryableError) and (error.retry_after == 7) is (halt == "429")
+    for user in {e.user_id for e in events}:  # nothing of a user was delivered after one of its events failed
+        outcomes = [e.event_id in delivered for e in events if e.user_id == user]
+        assert outcomes == sorted(outcomes, reverse=True)
 
 
 def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event: MakeEvent) -> None:
@@ -466,7 +601,7 @@ def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event:
         return 200, {}, b"ok"
 
     with Endpoint(replies) as endpoint:
-        sink = WebhookSink("hook", endpoint.url, secret)
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=1)
         events = [make_sink_event(user) for user in ("big-ok", "big-error", "gzip-error", "after")]
 
         result = sink.write(events)
@@ -479,6 +614,12 @@ def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event:
     assert str(errors[events[1].event_id]) == f"HTTP 400 from {url}: {'E' * 500!r}"
     assert "field 'x' is invalid; field 'x'" in str(errors[events[2].event_id])
     assert unfinished == 2  # the client closed both huge replies instead of reading them
+
+
+@pytest.mark.parametrize("lanes", [0, MAX_LANES + 1, 2.5, True, "8", None])
+def test_lanes_must_be_a_whole_number_in_range(lanes: object, secret: str) -> None:
+    with pytest.raises(FatalError, match="lanes must be a whole number from 1 to 64"):
+        WebhookSink("hook", "https://example.test/hook", secret, lanes=lanes)  # type: ignore[arg-type]
 
 
 def test_https_is_verified_against_the_configured_ca_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
