@@ -531,7 +531,7 @@ def test_one_lane_sends_one_event_at_a_time_in_the_given_order(secret: str, make
 
 def test_a_batch_starts_with_one_request_until_one_is_delivered(secret: str, make_sink_event: MakeEvent) -> None:
     def first_two_fail(endpoint: Endpoint, user: str, event_id: str) -> Reply:
-        time.sleep(0.01)
+        time.sleep(0.05)
         return (503, {}, b"warming up") if len(endpoint.arrivals) <= 2 else (200, {}, b"ok")
 
     events = [make_sink_event(f"u{n}") for n in range(8)]
@@ -607,7 +607,9 @@ def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event:
         result = sink.write(events)
 
         sink.close()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while endpoint.unfinished_replies < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         unfinished, url = endpoint.unfinished_replies, endpoint.url
     assert result.delivered == [events[0].event_id, events[3].event_id]
     errors = errors_by_id(result)
