@@ -172,8 +172,8 @@ class _Transport:
         if proxy:
             proxy_parts = urlsplit(prepend_scheme_if_needed(proxy, "http"))
             if proxy_parts.scheme != "http" or not proxy_parts.hostname:
-                raise FatalError(f"webhook to {url}: proxy {proxy_parts.scheme}://{proxy_parts.hostname} (from the "
-                                 "environment) is not supported; use an http:// proxy or exclude it with NO_PROXY")
+                raise FatalError(f"proxy {proxy_parts.scheme}://{proxy_parts.hostname} (from the environment) is not "
+                                 "supported; use an http:// proxy, or NO_PROXY to reach the endpoint directly")
             self.proxy = (proxy_parts.hostname, proxy_parts.port or 80)
         self.context = _tls_context(settings["verify"]) if self.https else None
         headers = dict(self.template.headers)  # the Session's defaults, then Authorization (URL or netrc)
@@ -348,7 +348,10 @@ class WebhookSink(Sink):
             secret = resolve(self.signing_secret, f"webhook destination {self.name!r} secret")
             self._key, self._terra_key = decode_secret(secret), terra_signing_key(secret)
         if self._transport is None:
-            self._transport = _Transport(self.url, self.timeout_s, self.lanes)
+            try:
+                self._transport = _Transport(self.url, self.timeout_s, self.lanes)
+            except FatalError as exc:
+                raise FatalError(f"webhook sink {self.name!r}: {exc}") from None
         if self._threads is None and self.lanes > 1:
             self._threads = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix=f"webhook-{self.name}")
 

@@ -624,6 +624,18 @@ def test_lanes_must_be_a_whole_number_in_range(lanes: object, secret: str) -> No
         WebhookSink("hook", "https://example.test/hook", secret, lanes=lanes)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1080", "https://proxy.example.test:3128"])
+def test_a_proxy_it_cannot_use_is_a_fatal_error_at_open(proxy: str, monkeypatch: pytest.MonkeyPatch,
+                                                        secret: str) -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", proxy)
+    sink = WebhookSink("hook", "https://hooks.example.test/terra", secret)
+
+    with pytest.raises(FatalError, match=r"webhook sink 'hook': proxy .* is not supported"):
+        sink.open()
+
+
 def test_https_is_verified_against_the_configured_ca_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                             secret: str, make_sink_event: MakeEvent) -> None:
     cert, key = self_signed_certificate(tmp_path)
