@@ -30,6 +30,7 @@ setup(
         "google-cloud-pubsub>=2.44,<3",
         "pydantic>=2.14,<3",
         "requests>=2.32,<3",
+        "urllib3>=2,<3",
         "requests-oauthlib>=2,<3",
         "psycopg[binary]>=3.3,<4",
         "pymysql>=1.2,<2",

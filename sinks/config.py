@@ -107,13 +107,16 @@ class WebhookDestination(_Destination):
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     large_payload_s3: LargePayloadConfig | None = None
+    lanes: int = Field(8, ge=1, le=64,  # sinks.webhook's DEFAULT_LANES and MAX_LANES
+                       description="connections used at once; one user's events still go one at a time, in order")
 
     def build(self) -> Sink:
         from sinks.webhook import WebhookSink
 
         return WebhookSink(self.name, self.url, self.secret, timeout_s=self.timeout_s,
                            max_body_bytes=self.max_body_bytes,
-                           large_payload_s3=self.large_payload_s3.build() if self.large_payload_s3 else None)
+                           large_payload_s3=self.large_payload_s3.build() if self.large_payload_s3 else None,
+                           lanes=self.lanes)
 
 
 class SqlDestination(_Destination):

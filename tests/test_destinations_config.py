@@ -62,6 +62,18 @@ def test_invalid_files_say_what_to_fix(document, message):
     assert message in str(error.value)
 
 
+def test_webhook_lanes_default_to_the_sinks_and_are_bounded(webhook_secret):
+    from sinks.webhook import DEFAULT_LANES, MAX_LANES
+
+    entry = {"name": "h", "type": "webhook", "url": "http://127.0.0.1:9/", "secret": webhook_secret}
+    (default,) = parse_destinations({"destinations": [entry]}).targets()
+    (four,) = parse_destinations({"destinations": [{**entry, "lanes": 4}]}).targets()
+    assert (default.sink.lanes, four.sink.lanes) == (DEFAULT_LANES, 4)
+    for bad in (0, MAX_LANES + 1, "many"):
+        with pytest.raises(FatalError, match=r"destinations\.0\.webhook\.lanes: Input should be"):
+            parse_destinations({"destinations": [{**entry, "lanes": bad}]})
+
+
 def test_missing_environment_variable_is_an_error_not_an_empty_secret(monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     with pytest.raises(FatalError, match="NOT_SET_ANYWHERE is not set"):

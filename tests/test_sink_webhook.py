@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
+import gzip
+import json
 import os
 import pickle
+import random
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,9 +25,10 @@ from terra.utils.verify_signature import verify_terra_webhook_signature
 
 from core.errors import FatalError, PermanentError, RetryableError, Route, parse_retry_after, route
 from core.events import NormalizedEvent
+from pipelines.embedded import LoopbackHTTPServer, send_reply
 from pipelines.webhook_receiver import WebhookReceiver
 from sinks.base import SinkResult
-from sinks.webhook import EndpointGone, WebhookSink, terra_signing_key
+from sinks.webhook import MAX_LANES, EndpointGone, WebhookSink, terra_signing_key
 
 MakeEvent = Callable[..., NormalizedEvent]
 
@@ -285,3 +294,397 @@ def test_an_infinite_retry_after_is_ignored_not_a_crash():
 
     assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
     assert parse_retry_after("1e308") == MAX_RETRY_AFTER_S
+
+
+# ======================================================================================================================
+# The keep-alive client and its lanes, against loopback endpoints that record what arrives
+# ======================================================================================================================
+Reply = tuple[int, dict[str, str], bytes]
+HANG_UP = (0, {}, b"")  # close the connection without answering
+
+
+class Endpoint:
+    """A loopback HTTP/1.1 endpoint: answers each POST with ``respond(endpoint, user_id, event_id)`` (200 "ok" by
+    default) and records what arrived: request heads and bodies, each user's event ids in order of arrival, TCP
+    connections accepted, the most requests in flight at once (overall and per user)."""
+
+    def __init__(self, respond: Callable[[Endpoint, str, str], Reply] | None = None,
+                 idle_timeout_s: float = 30.0) -> None:
+        self.respond = respond or (lambda endpoint, user, event_id: (200, {}, b"ok"))
+        self.lock = threading.Lock()
+        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+        self.bodies: list[bytes] = []
+        self.arrivals: list[str] = []  # event ids in order of arrival
+        self.order: dict[str, list[str]] = {}
+        self.connections = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.in_flight_by_user: dict[str, int] = {}
+        self.most_in_flight_per_user = 0
+        self.unfinished_replies = 0  # replies the client hung up on before reading them
+        self._server = LoopbackHTTPServer(self._handler(idle_timeout_s), name="test-endpoint")
+
+    def __enter__(self) -> Endpoint:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+    @property
+    def url(self) -> str:
+        return f"{self._server.base_url}/hook"
+
+    def _handler(self, idle_timeout_s: float) -> type[BaseHTTPRequestHandler]:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            timeout = idle_timeout_s
+
+            def setup(self) -> None:
+                super().setup()
+                with endpoint.lock:
+                    endpoint.connections += 1
+
+            def do_POST(self) -> None:  # http.server dispatches on this name
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                envelope = json.loads(body)
+                user, event_id = envelope["user"]["user_id"], self.headers["webhook-id"]
+                with endpoint.lock:
+                    endpoint.heads.append((self.requestline, list(self.headers.items())))
+                    endpoint.bodies.append(body)
+                    endpoint.arrivals.append(event_id)
+                    endpoint.order.setdefault(user, []).append(event_id)
+                    endpoint.in_flight += 1
+                    endpoint.most_in_flight = max(endpoint.most_in_flight, endpoint.in_flight)
+                    endpoint.in_flight_by_user[user] = endpoint.in_flight_by_user.get(user, 0) + 1
+                    endpoint.most_in_flight_per_user = max(endpoint.most_in_flight_per_user,
+                                                           endpoint.in_flight_by_user[user])
+                try:
+                    status, headers, reply = endpoint.respond(endpoint, user, event_id)
+                finally:
+                    with endpoint.lock:
+                        endpoint.in_flight -= 1
+                        endpoint.in_flight_by_user[user] -= 1
+                if (status, headers, reply) == HANG_UP:
+                    self.close_connection = True
+                    return
+                try:
+                    send_reply(self, status, reply, "text/plain", headers)
+                    self.wfile.flush()
+                except OSError:
+                    with endpoint.lock:
+                        endpoint.unfinished_replies += 1
+                    self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+def interleaved(make_sink_event: MakeEvent, users: int, per_user: int, seed: int = 7) -> list[NormalizedEvent]:
+    """``per_user`` events for each of ``users`` users, shuffled so users interleave (each user's own order is the
+    order in the list)."""
+    events = [make_sink_event(f"user-{u}", f"2026-03-{d + 1:02d}") for u in range(users) for d in range(per_user)]
+    random.Random(seed).shuffle(events)
+    return events
+
+
+def assert_reported_once(result: SinkResult, events: list[NormalizedEvent]) -> None:
+    reported = result.delivered + [f.event.event_id for f in result.failures]
+    assert sorted(reported) == sorted(e.event_id for e in events)
+    assert len(set(reported)) == len(reported)
+
+
+def test_what_is_sent_is_what_a_requests_session_sent(monkeypatch: pytest.MonkeyPatch, secret: str,
+                                                      make_sink_event: MakeEvent) -> None:
+    """Request line, header names, values and order, and body: byte for byte what the sink sent with requests,
+    including URL credentials, a cookie the endpoint set, a terra-reference, and a proxy from the environment."""
+    def set_cookie_once(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        return 200, ({"Set-Cookie": "lb=abc; Path=/"} if len(endpoint.arrivals) % 2 == 1 else {}), b"ok"
+
+    with Endpoint(set_cookie_once) as endpoint:
+        port = endpoint.url.split(":")[2].split("/")[0]
+        events = [make_sink_event("u1"), dataclasses.replace(make_sink_event("u1", "2026-03-13"), reference="bf-1")]
+        for url, proxy in [(f"http://alice:s%40cret@127.0.0.1:{port}/hook?x=1#part", None),
+                           ("http://hooks.example.test:8080/terra", f"http://pu:pp@127.0.0.1:{port}")]:
+            for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            if proxy:
+                monkeypatch.setenv("HTTP_PROXY", proxy)
+            start = len(endpoint.heads)
+            sink = WebhookSink("hook", url, secret, lanes=1)
+            assert sink.write(events).delivered == [e.event_id for e in events]
+            sink.close()
+            with requests.Session() as session:
+                session.headers["user-agent"] = "healthflow-webhooks/1"
+                for event, (_, sent) in zip(events, endpoint.heads[start:], strict=True):
+                    timestamp = int(dict(sent)["webhook-timestamp"])
+                    session.post(url, data=event.body(), headers=sink.headers_for(event, event.body(), timestamp),
+                                 timeout=5, allow_redirects=False)
+            heads = endpoint.heads[start:]
+            assert heads[:2] == heads[2:]
+            names = [name for name, _ in heads[1][1]]
+            assert names == ["Host", "user-agent", "Accept-Encoding", "Accept", "Connection", "content-type",
+                             "webhook-id", "webhook-timestamp", "webhook-signature", "terra-signature",
+                             "X-Terra-Trace-Id", "X-Terra-Ordering-Timestamp", "terra-reference", "Cookie",
+                             "Content-Length", "Authorization" if not proxy else "Proxy-Authorization"]
+            assert endpoint.bodies[start:] == [e.body() for e in events] * 2
+        assert endpoint.heads[-1][0].startswith("POST http://hooks.example.test:8080/terra ")
+
+
+def test_connections_are_kept_and_reused_across_events_and_batches(secret: str, make_sink_event: MakeEvent) -> None:
+    with Endpoint() as endpoint:
+        for lanes in (1, 4):
+            before = endpoint.connections
+            sink = WebhookSink("hook", endpoint.url, secret, lanes=lanes)
+            for batch in range(3):
+                events = interleaved(make_sink_event, users=10, per_user=6, seed=batch)
+                assert len(sink.write(events).delivered) == len(events)
+            sink.close()
+            assert 1 <= endpoint.connections - before <= lanes  # 180 events
+        assert len(endpoint.arrivals) == 360
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_not_reported(secret: str,
+                                                                       make_sink_event: MakeEvent) -> None:
+    with Endpoint(idle_timeout_s=0.1) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=2)
+        assert sink.write([make_sink_event("u1"), make_sink_event("u2")]).failures == []
+        time.sleep(0.5)  # the endpoint closes the idle connections
+
+        result = sink.write([make_sink_event("u1", "2026-03-13"), make_sink_event("u2", "2026-03-13")])
+
+        assert result.failures == [] and len(result.delivered) == 2
+        sink.close()
+
+
+def test_per_user_order_is_kept_while_users_go_out_concurrently(secret: str, make_sink_event: MakeEvent) -> None:
+    delays = random.Random(3)
+
+    def jitter(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        time.sleep(delays.random() * 0.004)
+        return 200, {}, b"ok"
+
+    events = interleaved(make_sink_event, users=12, per_user=10)
+    with Endpoint(jitter) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=6)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert result.delivered == [e.event_id for e in events] and result.failures == []
+    for user in {e.user_id for e in events}:
+        assert endpoint.order[user] == [e.event_id for e in events if e.user_id == user]
+    assert endpoint.most_in_flight_per_user == 1
+    assert 1 < endpoint.most_in_flight <= 6
+    assert len(endpoint.arrivals) == len(events)  # each sent once
+
+
+def test_different_users_are_sent_at_the_same_time(secret: str, make_sink_event: MakeEvent) -> None:
+    """After the first delivery, four users' events must be in flight together or the endpoint answers 500."""
+    together = threading.Barrier(4, timeout=5)
+
+    def wait_for_four(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        if user == "first":
+            return 200, {}, b"ok"
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return 500, {}, b"alone"
+        return 200, {}, b"ok"
+
+    events = [make_sink_event("first")] + [make_sink_event(f"u{n}") for n in range(4)]
+    with Endpoint(wait_for_four) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=4)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert result.failures == [] and result.delivered == [e.event_id for e in events]
+    assert endpoint.most_in_flight == 4
+
+
+def test_an_empty_batch_sends_nothing(secret: str) -> None:
+    with Endpoint() as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret)
+
+        assert sink.write([]) == SinkResult()
+
+        sink.close()
+    assert endpoint.connections == 0
+
+
+def test_one_lane_sends_one_event_at_a_time_in_the_given_order(secret: str, make_sink_event: MakeEvent) -> None:
+    events = interleaved(make_sink_event, users=5, per_user=4)
+    with Endpoint() as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=1)
+
+        assert sink.write(events).delivered == [e.event_id for e in events]
+
+        sink.close()
+    assert endpoint.arrivals == [e.event_id for e in events] and endpoint.most_in_flight == 1
+
+
+def test_a_batch_starts_with_one_request_until_one_is_delivered(secret: str, make_sink_event: MakeEvent) -> None:
+    def first_two_fail(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        time.sleep(0.05)
+        return (503, {}, b"warming up") if len(endpoint.arrivals) <= 2 else (200, {}, b"ok")
+
+    events = [make_sink_event(f"u{n}") for n in range(8)]
+    with Endpoint(first_two_fail) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=4)
+
+        result = sink.write(events)
+
+        sink.close()
+    assert endpoint.arrivals[:3] == [e.event_id for e in events[:3]]
+    assert [f.event.event_id for f in result.failures] == [e.event_id for e in events[:2]]
+    assert result.delivered == [e.event_id for e in events[2:]]
+    assert endpoint.most_in_flight > 1
+
+
+@pytest.mark.parametrize("halt", ["429", "410", "hang up"])
+def test_an_endpoint_failure_mid_batch_stops_every_lane(halt: str, secret: str, make_sink_event: MakeEvent) -> None:
+    """From the 25th request on the endpoint fails; lanes stop taking events, every event is reported once, and
+    those never sent carry the batch-wide error."""
+    def fail_from_25th(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        arrived_before = endpoint.arrivals.index(event_id)
+        time.sleep(0.005)
+        if arrived_before < 24:
+            return 200, {}, b"ok"
+        return {"429": (429, {"Retry-After": "7"}, b"slow down"), "410": (410, {}, b"gone"), "hang up": HANG_UP}[halt]
+
+    events = interleaved(make_sink_event, users=20, per_user=6)
+    lanes = 4
+    with Endpoint(fail_from_25th) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=lanes)
+
+        result = sink.write(events)
+
+        sink.close()
+        arrived = list(endpoint.arrivals)
+    assert_reported_once(result, events)
+    delivered, failed = set(result.delivered), errors_by_id(result)
+    assert delivered == set(arrived[:24])
+    answered_failures = arrived[24:]  # the first failure, and requests other lanes had already started
+    assert 1 <= len(answered_failures) <= lanes
+    first_error = {"429": "throttled: HTTP 429", "410": "endpoint gone: HTTP 410", "hang up": "cannot reach"}[halt]
+    assert all(first_error in str(failed[event_id]) for event_id in answered_failures)
+    not_sent = set(failed) - set(answered_failures)
+    assert len(not_sent) == len(events) - len(arrived) > 0
+    for event_id in not_sent:
+        error = failed[event_id]
+        assert "not sent" in str(error) or "blocked behind" in str(error)
+        if halt == "410":
+            assert isinstance(error, EndpointGone)
+        else:
+            assert isinstance(error, RetryableError) and (error.retry_after == 7) is (halt == "429")
+    for user in {e.user_id for e in events}:  # nothing of a user was delivered after one of its events failed
+        outcomes = [e.event_id in delivered for e in events if e.user_id == user]
+        assert outcomes == sorted(outcomes, reverse=True)
+
+
+def test_reading_a_response_is_bounded_and_decoded(secret: str, make_sink_event: MakeEvent) -> None:
+    huge = b"x" * (32 * 1024 * 1024)
+
+    def replies(endpoint: Endpoint, user: str, event_id: str) -> Reply:
+        if user == "big-ok":
+            return 200, {}, huge
+        if user == "big-error":
+            return 400, {}, b"E" * 600 + huge
+        if user == "gzip-error":
+            return 422, {"Content-Encoding": "gzip"}, gzip.compress(b"field 'x' is invalid; " * 50)
+        return 200, {}, b"ok"
+
+    with Endpoint(replies) as endpoint:
+        sink = WebhookSink("hook", endpoint.url, secret, lanes=1)
+        events = [make_sink_event(user) for user in ("big-ok", "big-error", "gzip-error", "after")]
+
+        result = sink.write(events)
+
+        sink.close()
+        deadline = time.monotonic() + 10
+        while endpoint.unfinished_replies < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        unfinished, url = endpoint.unfinished_replies, endpoint.url
+    assert result.delivered == [events[0].event_id, events[3].event_id]
+    errors = errors_by_id(result)
+    assert str(errors[events[1].event_id]) == f"HTTP 400 from {url}: {'E' * 500!r}"
+    assert "field 'x' is invalid; field 'x'" in str(errors[events[2].event_id])
+    assert unfinished == 2  # the client closed both huge replies instead of reading them
+
+
+@pytest.mark.parametrize("lanes", [0, MAX_LANES + 1, 2.5, True, "8", None])
+def test_lanes_must_be_a_whole_number_in_range(lanes: object, secret: str) -> None:
+    with pytest.raises(FatalError, match="lanes must be a whole number from 1 to 64"):
+        WebhookSink("hook", "https://example.test/hook", secret, lanes=lanes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1080", "https://proxy.example.test:3128"])
+def test_a_proxy_it_cannot_use_is_a_fatal_error_at_open(proxy: str, monkeypatch: pytest.MonkeyPatch,
+                                                        secret: str) -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", proxy)
+    sink = WebhookSink("hook", "https://hooks.example.test/terra", secret)
+
+    with pytest.raises(FatalError, match=r"webhook sink 'hook': proxy .* is not supported"):
+        sink.open()
+
+
+def test_https_is_verified_against_the_configured_ca_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            secret: str, make_sink_event: MakeEvent) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    with Endpoint() as endpoint:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server = endpoint._server._server
+        assert server is not None
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        url = endpoint.url.replace("http://", "https://")
+        untrusted = WebhookSink("hook", url, secret)
+
+        [failure] = untrusted.write([make_sink_event()]).failures
+
+        assert isinstance(failure.error, RetryableError) and "cannot reach" in str(failure.error)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(failure.error)
+        untrusted.close()
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        trusted = WebhookSink("hook", url, secret)
+
+        assert trusted.write([make_sink_event("u1"), make_sink_event("u2")]).failures == []
+
+        trusted.close()
+    assert len(endpoint.arrivals) == 2
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
