@@ -176,6 +176,28 @@ def test_bad_rows_are_isolated_as_permanent(sink: SqlSink, database: Database, m
     assert set(database.records()) == {("u1", "sleep", "2026-03-10"), ("u2", "sleep", "2026-03-11")}
 
 
+def test_unencodable_payloads_are_permanent_and_the_rest_delivered(tmp_path: Path,
+                                                                   make_sink_event: MakeEvent) -> None:
+    database = Database("sqlite", f"sqlite:///{tmp_path / 'sink.db'}", "hf_", tmp_path / "sink.db")
+    sink = database.sink()
+    good = make_sink_event("u1", "2026-03-10")
+    cycle = make_sink_event("u1", "2026-03-11")
+    cycle.data["self"] = cycle.data  # the payload encoder does not look for cycles: the recursion limit stops it
+    deep = make_sink_event("u1", "2026-03-12")
+    nested: dict[str, Any] = deep.data
+    for _ in range(100_000):
+        nested["next"] = nested = {}
+
+    result = sink.write([good, cycle, deep])
+    sink.close()
+
+    assert result.delivered == [good.event_id]
+    errors = {f.event.event_id: f.error for f in result.failures}
+    assert set(errors) == {cycle.event_id, deep.event_id}
+    assert all(isinstance(e, PermanentError) and "cannot map event" in str(e) for e in errors.values())
+    assert set(database.records()) == {("u1", "sleep", "2026-03-10")}
+
+
 def test_postgres_rejected_text_is_isolated(tmp_path: Path, make_sink_event: MakeEvent) -> None:
     database = Database("postgres", POSTGRES_URL, f"hf_test_{uuid.uuid4().hex[:10]}_")
     sink = database.sink()
