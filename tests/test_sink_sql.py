@@ -18,9 +18,11 @@ from urllib.parse import urlparse
 import psycopg
 import pymysql
 import pytest
+from pymysql.constants.SERVER_STATUS import SERVER_STATUS_NO_BACKSLASH_ESCAPES
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
+from core.sql import mysql_escape
 from sinks.sql import SqlSink, SupabaseSink, terra_payload_id
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -373,6 +375,36 @@ def test_mysql_tables_are_utf8mb4_binary_keys(mysql_db: Database, make_sink_even
         assert {k for _, _, k in mysql_db.records()} == {"abc", "ABC", long_key}  # binary collation: distinct keys
         [(_, ddl)] = mysql_db.query("SHOW CREATE TABLE {p}records")
         assert "utf8mb4_bin" in ddl and "InnoDB" in ddl
+    finally:
+        sink.close()
+
+
+def test_mysql_escape_is_pymysqls() -> None:
+    """core.sql quotes strings itself (faster); the text must be PyMySQL's, character for character."""
+    samples = ["".join(map(chr, range(128))), "naïve ✓ 🏃 \\' \\\" \\\\ \\0", "\\\\0\\n\x00\x1a", "", "plain"]
+    samples += [chr(c) + chr(d) for c in range(128) for d in (0, 10, 39, 92, 0x1A)]
+
+    assert [mysql_escape(s) for s in samples] == [pymysql.converters.escape_string(s) for s in samples]
+
+
+@pytest.mark.parametrize("no_backslash_escapes", [False, True])
+def test_mysql_awkward_text_round_trips(mysql_db: Database, make_sink_event: MakeEvent,
+                                        no_backslash_escapes: bool) -> None:
+    sink = mysql_db.sink()
+    awkward = "".join(map(chr, range(128))) + " naïve ✓ 🏃 \\' \\\\ end"  # raw in provider, JSON-escaped in payload
+    event = make_sink_event("u'1\\", "2026-03-10", provider=awkward, note=awkward)
+    try:
+        sink.open()
+        if no_backslash_escapes:  # PyMySQL's own quoting ('' for ') then applies
+            sink._dialect.execute(sink._connection,
+                                  "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        assert bool(sink._connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES) == no_backslash_escapes
+
+        assert sink.write([event]).delivered == [event.event_id]
+
+        stored = mysql_db.records()[("u'1\\", "sleep", "2026-03-10")]
+        assert (stored["provider"], stored["payload"]) == (awkward, event.data)
+        assert mysql_db.query("SELECT provider FROM {p}users") == [(awkward,)]
     finally:
         sink.close()
 
