@@ -163,6 +163,30 @@ def test_reference_id_is_kept_once_known(sink: SqlSink, database: Database) -> N
     assert database.query("SELECT user_id, provider, reference_id FROM {p}users") == [("u1", "OURA", "ref-9")]
 
 
+def test_users_rows_of_one_batch_apply_in_order(sink: SqlSink, database: Database,
+                                                make_sink_event: MakeEvent) -> None:
+    """A user's rows that repeat the previous one are not sent; one that goes back to an earlier value is."""
+    days = [f"2026-03-{day:02d}" for day in range(10, 16)]
+    providers = ["OURA", "OURA", "WHOOP", "WHOOP", "OURA", "OURA"]
+    events = [make_sink_event("u1", day, provider=provider) for day, provider in zip(days, providers, strict=True)]
+    events.append(make_sink_event("u2", days[0], provider="WHOOP"))
+
+    result = sink.write(events)
+
+    assert result.delivered == [e.event_id for e in events] and result.failures == []
+    assert sorted(database.query("SELECT user_id, provider FROM {p}users")) == [("u1", "OURA"), ("u2", "WHOOP")]
+    kept = sink._layout.distinct_users([sink._layout.rows_for(e)[0] for e in events])
+    assert [(user_id, provider) for user_id, provider, *_ in kept] == [
+        ("u1", "OURA"), ("u1", "WHOOP"), ("u1", "OURA"), ("u2", "WHOOP")]
+
+
+def test_distinct_users_compares_types_too() -> None:
+    layout = SqlSink("sql", "sqlite:///x.db")._layout
+    rows = [("u1", "OURA", 1, "t1"), ("u1", "OURA", 1, "t2"), ("u1", "OURA", True, "t3"), ("u1", "OURA", 1.0, "t4")]
+
+    assert layout.distinct_users(rows) == [rows[0], rows[2], rows[3]]  # created_at (insert only) is not compared
+
+
 def test_bad_rows_are_isolated_as_permanent(sink: SqlSink, database: Database, make_sink_event: MakeEvent) -> None:
     good1 = make_sink_event("u1", "2026-03-10")
     overflow = make_sink_event("u1", "2026-03-11", ordering_timestamp_ms=2**64)  # no 64-bit column holds it
