@@ -25,6 +25,7 @@ Passwords never appear in a message (``core.secrets.redact``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sqlite3
 from abc import ABC, abstractmethod
@@ -308,10 +309,8 @@ class MysqlDialect(SqlDialect):
         self._connect_args(url)
 
     def _open(self, url: str, embedded: bool) -> Any:
-        import pymysql
-
         timeout = {} if self.connect_timeout_s is None else {"connect_timeout": self.connect_timeout_s}
-        return pymysql.connect(**self._connect_args(url), charset="utf8mb4", autocommit=True, **timeout)
+        return _mysql_connection_class()(**self._connect_args(url), charset="utf8mb4", autocommit=True, **timeout)
 
     def _configure(self, connection: Any, embedded: bool) -> None:
         settings = f"sql_mode = '{self.sql_mode}'"
@@ -364,6 +363,30 @@ class MysqlDialect(SqlDialect):
         if isinstance(exc, pymysql.ProgrammingError | pymysql.NotSupportedError):
             return FatalError(f"mysql {where}: statement rejected: {exc}")
         return RetryableError(f"mysql {where}: {type(exc).__name__}: {exc}")
+
+
+def mysql_escape(text: str) -> str:
+    """``pymysql.converters.escape_string(text)`` (the same characters, the same escapes), several times faster on
+    long strings: PyMySQL's ``str.translate`` with multi-character replacements looks every character up in Python,
+    each ``str.replace`` is one C scan. The backslash goes first, so the ones added after are not doubled."""
+    return (text.replace("\\", "\\\\").replace("\0", "\\0").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\032", "\\Z").replace('"', '\\"').replace("'", "\\'"))
+
+
+@functools.cache
+def _mysql_connection_class() -> type:
+    """PyMySQL's connection quoting ``str`` parameters with ``mysql_escape``: a JSON payload of some kilobytes
+    otherwise costs more to escape than to encode. The SQL sent is the same text."""
+    import pymysql
+    from pymysql.constants.SERVER_STATUS import SERVER_STATUS_NO_BACKSLASH_ESCAPES
+
+    class Connection(pymysql.connections.Connection):
+        def escape(self, obj: Any, mapping: Any = None) -> str:
+            if isinstance(obj, str) and not self.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+                return f"'{mysql_escape(obj)}'"
+            return super().escape(obj, mapping)  # other types, and the NO_BACKSLASH_ESCAPES quoting
+
+    return Connection
 
 
 DIALECTS: dict[str, type[SqlDialect]] = {

@@ -2,7 +2,9 @@
 
 Object name: ``<root>/<version>/<type>/<user_id>-<start_time>.json`` (``start_time`` = the record's
 ``metadata.start_time``; athlete records use ``profile``). Content = ``event.body()``. Works for local paths,
-``s3://`` and ``gs://`` roots alike (the cloud filesystems need their Beam extras installed).
+``s3://`` and ``gs://`` roots alike (the cloud filesystems need their Beam extras installed). A local root (the paths
+Beam gives its ``LocalFileSystem``) is written with plain file calls, as that filesystem writes, without its folder
+check before each object: the folder is made when opening the file finds it missing.
 
 Guarantees:
 - Idempotent: the name is deterministic, so a redelivery overwrites the same object (never a second copy).
@@ -16,11 +18,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
@@ -54,9 +59,9 @@ def terra_object_parts(event: NormalizedEvent) -> list[str]:
     return [event.version, event.type, f"{event.user_id}-{start_time}.json"]
 
 
-def object_path(root: str, event: NormalizedEvent) -> str:
-    """The object name of ``event`` under ``root`` (see terra_object_parts)."""
-    return FileSystems.join(root, *terra_object_parts(event))
+def object_path(root: str, event: NormalizedEvent, filesystem: FileSystem | None = None) -> str:
+    """The object name of ``event`` under ``root`` (see terra_object_parts); ``filesystem``: root's, when known."""
+    return (filesystem or FileSystems).join(root, *terra_object_parts(event))
 
 
 class ObjectStoreSink(Sink):
@@ -69,20 +74,29 @@ class ObjectStoreSink(Sink):
         if not root:
             raise FatalError(f"object store sink {name!r}: root is empty; give a directory, s3:// or gs:// URL")
         try:
-            FileSystems.get_filesystem(root)
+            filesystem = FileSystems.get_filesystem(root)
         except ValueError as exc:
             raise FatalError(f"object store sink {name!r}: no Beam filesystem for {root!r}: {exc}") from None
         self.root = root
+        self._local = type(filesystem) is LocalFileSystem  # exactly Beam's, not a subclass with a scheme
+        self._filesystem: FileSystem | None = None  # root's, looked up once on the worker (with its pipeline options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_filesystem"] = None
+        return state
 
     def local_only(self) -> str | None:
         return None if "://" in self.root else f"root {self.root} is a local folder (give s3:// or gs://)"
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         result = SinkResult()
+        if self._filesystem is None:
+            self._filesystem = FileSystems.get_filesystem(self.root)
         by_path: dict[str, list[NormalizedEvent]] = {}
         for event in events:
             try:
-                by_path.setdefault(object_path(self.root, event), []).append(event)
+                by_path.setdefault(object_path(self.root, event, self._filesystem), []).append(event)
             except PermanentError as exc:
                 result.fail_all([event], exc)
         for path, same_object in by_path.items():
@@ -97,10 +111,32 @@ class ObjectStoreSink(Sink):
 
     def _put(self, path: str, body: bytes) -> None:
         try:
-            with FileSystems.create(path, mime_type="application/json",
-                                    compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                handle.write(body)
+            if self._local:
+                _write_file(path, body)
+            else:
+                with self._filesystem.create(path, mime_type="application/json",
+                                             compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                    handle.write(body)
         except PermissionError as exc:
             raise FatalError(f"no permission to write {path}: {exc}; grant create/overwrite on the root") from exc
         except OSError as exc:  # includes Beam's BeamIOError
             raise RetryableError(f"writing {path} failed: {exc}") from exc
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+
+
+def _write_file(path: str, body: bytes) -> None:
+    """``body`` as the file ``path``, created or truncated under that name (as ``LocalFileSystem.create`` and a
+    write do), its folder made only when missing, and no buffered file object around the descriptor."""
+    try:
+        descriptor = os.open(path, _WRITE_FLAGS, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        descriptor = os.open(path, _WRITE_FLAGS, 0o666)
+    try:
+        remaining = memoryview(body)
+        while remaining:
+            remaining = remaining[os.write(descriptor, remaining):]
+    finally:
+        os.close(descriptor)

@@ -36,7 +36,8 @@ Layouts (tables created on open if absent):
   only; default: the connection's search_path, ``public`` on Supabase).
 
 Guarantees:
-- A batch is written in one transaction (executemany); a row is replaced only when the incoming
+- A batch is written in one transaction (executemany, in the batch's order; a users row equal to its user's previous
+  one in the batch is left out, since it would change nothing); a row is replaced only when the incoming
   ``ordering_timestamp_ms >= stored``: a stale redelivery never overwrites newer data, an equal one is idempotent.
   MySQL has no ``WHERE`` on ``ON DUPLICATE KEY UPDATE``: each column becomes ``IF(guard, VALUES(c), c)`` and, since
   MySQL assigns left to right and later expressions see earlier assignments, ``ordering_timestamp_ms`` is assigned
@@ -56,6 +57,7 @@ classes (table shapes, row mapping) and the two upsert syntaxes (``_Upsert``).
 from __future__ import annotations
 
 import json
+import operator
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -165,12 +167,24 @@ def _upsert(dialect: SqlDialect) -> _Upsert:
 # ======================================================================================================================
 # Layouts: which tables, and how an event maps to their rows
 # ======================================================================================================================
+_USER_UPDATES = {  # how a users column changes when the user exists; each is idempotent (twice = once)
+    "new": "{new}",
+    "new if set": "COALESCE({new}, {old})",
+    "old if set": "COALESCE({old}, {new})",
+}
+
+
 class _Layout(ABC):
     """The two tables written and the mapping of an event to (users row, records row)."""
+
+    user_columns: tuple[str, ...]  # user_id first
+    user_updates: tuple[tuple[str, str], ...]  # (column, how: a key of _USER_UPDATES); other columns: insert only
 
     def __init__(self, users_table: str, records_table: str) -> None:
         self.users_table = users_table
         self.records_table = records_table
+        updated = {"user_id", *(column for column, _ in self.user_updates)}
+        self._user_changes = operator.itemgetter(*(i for i, c in enumerate(self.user_columns) if c in updated))
 
     @abstractmethod
     def create_tables(self, dialect: SqlDialect) -> list[str]:
@@ -179,8 +193,27 @@ class _Layout(ABC):
     def migrate(self, dialect: SqlDialect, connection: Any) -> None:  # noqa: B027 - optional
         """Bring tables created by someone else up to what ``upsert_records`` needs (inside the DDL transaction)."""
 
-    @abstractmethod
-    def upsert_users(self, dialect: SqlDialect) -> str: ...
+    def upsert_users(self, dialect: SqlDialect) -> str:
+        """Insert the user, or apply ``user_updates``."""
+        upsert = _upsert(dialect)
+        return upsert.upsert(self.users_table, self.user_columns, ("user_id",), [
+            (column, _USER_UPDATES[how].format(new=upsert.new(column), old=upsert.old(column)))
+            for column, how in self.user_updates])
+
+    def distinct_users(self, users: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """``users`` (in order) without the rows that cannot change anything: one equal (same values, same types)
+        in its key and updated columns to the last row kept for its user. The updates are idempotent and the other
+        columns are written only by the insert, which that earlier row did; a batch's events mostly repeat their
+        user's row."""
+        kept: list[tuple[Any, ...]] = []
+        last: dict[Any, tuple[Any, ...]] = {}
+        for row in users:
+            values = self._user_changes(row)
+            seen = (values, tuple(map(type, values)))
+            if last.get(values[0]) != seen:
+                last[values[0]] = seen
+                kept.append(row)
+        return kept
 
     @abstractmethod
     def upsert_records(self, dialect: SqlDialect) -> str: ...
@@ -190,6 +223,9 @@ class _Layout(ABC):
 
 
 class _HealthflowLayout(_Layout):
+    user_columns = USER_COLUMNS
+    user_updates = (("provider", "new"), ("reference_id", "new if set"))  # reference_id: filled once known
+
     def create_tables(self, dialect: SqlDialect) -> list[str]:
         t, options = dialect.text_type, dialect.table_options
 
@@ -204,14 +240,6 @@ class _HealthflowLayout(_Layout):
             f"end_time {t}, ordering_timestamp_ms BIGINT NOT NULL, payload {dialect.json_type} NOT NULL, "
             f"updated_at {t} NOT NULL, PRIMARY KEY (user_id, type, natural_key)){options}",
         ]
-
-    def upsert_users(self, dialect: SqlDialect) -> str:
-        """Insert users once; later events only fill a missing reference_id and refresh provider."""
-        upsert = _upsert(dialect)
-        return upsert.upsert(self.users_table, USER_COLUMNS, ("user_id",), [
-            ("provider", upsert.new("provider")),
-            ("reference_id", f"COALESCE({upsert.new('reference_id')}, {upsert.old('reference_id')})"),
-        ])
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         """Insert or replace by natural key, only when the incoming ordering timestamp is >= the stored one."""
@@ -234,6 +262,11 @@ class _TerraLayout(_Layout):
     """Terra's Supabase tables plus ``payload`` / ``ordering_timestamp_ms`` (see the module docstring)."""
 
     extra_columns = (("payload", "JSONB"), ("ordering_timestamp_ms", "BIGINT"))
+    user_columns = TERRA_USER_COLUMNS
+    # inserted with state 'active'; later events refresh provider, fill reference_id / granted_scopes, and leave
+    # state (owned by auth events) and created_at alone
+    user_updates = (("provider", "new"), ("reference_id", "new if set"), ("granted_scopes", "new if set"),
+                    ("state", "old if set"))
 
     def create_tables(self, dialect: SqlDialect) -> list[str]:
         return [
@@ -254,18 +287,6 @@ class _TerraLayout(_Layout):
         for column, column_type in self.extra_columns:
             if column not in present:
                 connection.execute(f"ALTER TABLE {self.records_table} ADD COLUMN IF NOT EXISTS {column} {column_type}")
-
-    def upsert_users(self, dialect: SqlDialect) -> str:
-        """Insert with state 'active'; later events refresh provider, fill reference_id / granted_scopes, and leave
-        state (owned by auth events) and created_at alone."""
-        upsert = _upsert(dialect)
-        new, old = upsert.new, upsert.old
-        return upsert.upsert(self.users_table, TERRA_USER_COLUMNS, ("user_id",), [
-            ("provider", new("provider")),
-            ("reference_id", f"COALESCE({new('reference_id')}, {old('reference_id')})"),
-            ("granted_scopes", f"COALESCE({new('granted_scopes')}, {old('granted_scopes')})"),
-            ("state", f"COALESCE({old('state')}, {new('state')})"),
-        ])
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         upsert = _upsert(dialect)
@@ -329,6 +350,7 @@ class SqlSink(Sink):
         layout_class = _HealthflowLayout if layout == "healthflow" else _TerraLayout
         self._layout: _Layout = layout_class(self.users_table, self.records_table)
         self._dialect = dialect
+        self._upserts = (self._layout.upsert_users(dialect), self._layout.upsert_records(dialect))
         self._connection: Any = None
 
     def local_only(self) -> str | None:
@@ -373,7 +395,7 @@ class SqlSink(Sink):
         for event in events:
             try:
                 rows.append((event, *self._layout.rows_for(event)))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 result.fail_all([event], PermanentError(f"cannot map event to a row: {type(exc).__name__}: {exc}"))
         if not rows:
             return result
@@ -406,11 +428,12 @@ class SqlSink(Sink):
         """One transaction: users then records; raises a taxonomy error after rolling back
         (``PermanentError``: the data of some row)."""
         connection, dialect = self._connection, self._dialect
+        upsert_users, upsert_records = self._upserts
         try:
             dialect.begin(connection)
             cursor = connection.cursor()
-            cursor.executemany(self._layout.upsert_users(dialect), [user for _, user, _ in rows])
-            cursor.executemany(self._layout.upsert_records(dialect), [record for _, _, record in rows])
+            cursor.executemany(upsert_users, self._layout.distinct_users([user for _, user, _ in rows]))
+            cursor.executemany(upsert_records, [record for _, _, record in rows])
             dialect.commit(connection)
         except Exception as exc:
             error = dialect.classify(exc, self.url)
@@ -438,8 +461,15 @@ class SupabaseSink(SqlSink):
 # ======================================================================================================================
 # Helpers
 # ======================================================================================================================
+# One encoder for every payload (json.dumps with options builds one per call), without the circular-reference check
+# (about an eighth of the encoding time): data decoded from JSON has no cycles, and one (or too deep nesting) still
+# fails, as a RecursionError that write() reports as an unmappable event.
+_PAYLOAD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                                    check_circular=False)
+
+
 def _payload_json(event: NormalizedEvent) -> str:
-    return json.dumps(event.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _PAYLOAD_ENCODER.encode(event.data)
 
 
 def _ordering_timestamp(event: NormalizedEvent) -> int:

@@ -1,18 +1,45 @@
-"""ObjectStoreSink on a local temp dir through Beam's FileSystems (same code path as s3:// and gs://)."""
+"""ObjectStoreSink on a local temp dir: as a local root (plain file calls) and, through Beam's FileSystem for a URL
+scheme (the code path of s3:// and gs://), as ``hftest://`` (Beam's local filesystem under a scheme of its own)."""
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pytest
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
 from sinks.object_store import ObjectStoreSink
 
 MakeEvent = Callable[..., NormalizedEvent]
+
+
+class SchemeFileSystem(LocalFileSystem):
+    """``hftest:///abs/path``: Beam finds it among FileSystem subclasses, like its S3 and GCS filesystems."""
+
+    created: list[str] = []
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "hftest"
+
+    def join(self, basepath: str, *paths: str) -> str:
+        return "/".join([basepath.rstrip("/"), *paths])
+
+    def create(self, path: str, *args: Any, **kwargs: Any) -> BinaryIO:
+        self.created.append(path)
+        return super().create(path.removeprefix("hftest://"), *args, **kwargs)
+
+
+@pytest.fixture(params=["local", "scheme"])
+def as_root(request: pytest.FixtureRequest) -> Callable[[Path], str]:
+    """The sink's root for a local folder: the folder itself, or its hftest:// URL."""
+    SchemeFileSystem.created.clear()
+    return str if request.param == "local" else lambda folder: f"hftest://{folder}"
 
 
 def stored_objects(root: Path) -> dict[str, bytes]:
@@ -26,8 +53,9 @@ def athlete_event(user: str) -> NormalizedEvent:
                                   ordering_timestamp_ms=5, sequence="0")
 
 
-def test_objects_after_writing_twice_with_an_update(tmp_path: Path, make_sink_event: MakeEvent) -> None:
-    sink = ObjectStoreSink("store", str(tmp_path))
+def test_objects_after_writing_twice_with_an_update(tmp_path: Path, make_sink_event: MakeEvent,
+                                                     as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
     a1 = make_sink_event("u1", "2026-03-10")
     a2 = make_sink_event("u1", "2026-03-11")
     b1 = make_sink_event("u2", "2026-03-10")
@@ -47,8 +75,9 @@ def test_objects_after_writing_twice_with_an_update(tmp_path: Path, make_sink_ev
     }
 
 
-def test_newest_version_wins_inside_one_batch(tmp_path: Path, make_sink_event: MakeEvent) -> None:
-    sink = ObjectStoreSink("store", str(tmp_path))
+def test_newest_version_wins_inside_one_batch(tmp_path: Path, make_sink_event: MakeEvent,
+                                              as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
     old = make_sink_event("u1", "2026-03-10", version=1, ordering_timestamp_ms=1_000)
     new = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=3_000)
     stale = make_sink_event("u1", "2026-03-10", version=3, ordering_timestamp_ms=2_000)
@@ -62,9 +91,10 @@ def test_newest_version_wins_inside_one_batch(tmp_path: Path, make_sink_event: M
     assert list(stored_objects(tmp_path).values()) == [tie.body()]
 
 
-def test_unnameable_events_are_permanent_and_nothing_escapes_root(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+def test_unnameable_events_are_permanent_and_nothing_escapes_root(tmp_path: Path, make_sink_event: MakeEvent,
+                                                                  as_root: Callable[[Path], str]) -> None:
     root = tmp_path / "root"
-    sink = ObjectStoreSink("store", str(root))
+    sink = ObjectStoreSink("store", as_root(root))
     no_start = NormalizedEvent.create(type="sleep", user={"user_id": "u1", "provider": "OURA"},
                                       data={"metadata": {}}, natural_key="k", ordering_timestamp_ms=1, sequence="0")
     traversal = make_sink_event("../../escape", "2026-03-10")
@@ -81,10 +111,10 @@ def test_unnameable_events_are_permanent_and_nothing_escapes_root(tmp_path: Path
         "root/2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json"}
 
 
-def test_io_error_is_retryable(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+def test_io_error_is_retryable(tmp_path: Path, make_sink_event: MakeEvent, as_root: Callable[[Path], str]) -> None:
     not_a_directory = tmp_path / "plain-file"
     not_a_directory.write_text("occupied")
-    sink = ObjectStoreSink("store", str(not_a_directory))
+    sink = ObjectStoreSink("store", as_root(not_a_directory))
     events = [make_sink_event("u1", "2026-03-10"), make_sink_event("u1", "2026-03-11")]
 
     result = sink.write(events)
@@ -100,7 +130,37 @@ def test_bad_root_is_fatal() -> None:
         ObjectStoreSink("store", "nosuchscheme://bucket/prefix")
 
 
-def test_sink_pickles(tmp_path: Path, make_sink_event: MakeEvent) -> None:
-    sink = pickle.loads(pickle.dumps(ObjectStoreSink("store", str(tmp_path))))
+def test_sink_pickles(tmp_path: Path, make_sink_event: MakeEvent, as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    assert sink.write([make_sink_event("u1", "2026-03-10")]).failures == []  # its filesystem is looked up: not pickled
+    copy = pickle.loads(pickle.dumps(sink))
 
-    assert sink.write([make_sink_event()]).failures == []
+    assert copy.write([make_sink_event("u1", "2026-03-11")]).failures == []
+    assert len(stored_objects(tmp_path)) == 2
+
+
+def test_only_scheme_roots_go_through_beams_create(tmp_path: Path, make_sink_event: MakeEvent,
+                                                   as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+
+    assert sink.write([make_sink_event("u1", "2026-03-10")]).failures == []
+
+    expected = [] if as_root is str else [f"hftest://{tmp_path}/2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json"]
+    assert SchemeFileSystem.created == expected
+
+
+def test_local_folders_are_made_when_missing(tmp_path: Path, make_sink_event: MakeEvent) -> None:
+    """The folder is not checked before each object: one removed between batches is made again."""
+    root = tmp_path / "not" / "yet"
+    sink = ObjectStoreSink("store", str(root))
+    event = make_sink_event("u1", "2026-03-10")
+
+    assert sink.write([event]).delivered == [event.event_id]
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    assert sink.write([event]).delivered == [event.event_id]
+
+    assert stored_objects(root) == {"2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json": event.body()}
+

@@ -18,9 +18,11 @@ from urllib.parse import urlparse
 import psycopg
 import pymysql
 import pytest
+from pymysql.constants.SERVER_STATUS import SERVER_STATUS_NO_BACKSLASH_ESCAPES
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
+from core.sql import mysql_escape
 from sinks.sql import SqlSink, SupabaseSink, terra_payload_id
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -161,6 +163,30 @@ def test_reference_id_is_kept_once_known(sink: SqlSink, database: Database) -> N
     assert database.query("SELECT user_id, provider, reference_id FROM {p}users") == [("u1", "OURA", "ref-9")]
 
 
+def test_users_rows_of_one_batch_apply_in_order(sink: SqlSink, database: Database,
+                                                make_sink_event: MakeEvent) -> None:
+    """A user's rows that repeat the previous one are not sent; one that goes back to an earlier value is."""
+    days = [f"2026-03-{day:02d}" for day in range(10, 16)]
+    providers = ["OURA", "OURA", "WHOOP", "WHOOP", "OURA", "OURA"]
+    events = [make_sink_event("u1", day, provider=provider) for day, provider in zip(days, providers, strict=True)]
+    events.append(make_sink_event("u2", days[0], provider="WHOOP"))
+
+    result = sink.write(events)
+
+    assert result.delivered == [e.event_id for e in events] and result.failures == []
+    assert sorted(database.query("SELECT user_id, provider FROM {p}users")) == [("u1", "OURA"), ("u2", "WHOOP")]
+    kept = sink._layout.distinct_users([sink._layout.rows_for(e)[0] for e in events])
+    assert [(user_id, provider) for user_id, provider, *_ in kept] == [
+        ("u1", "OURA"), ("u1", "WHOOP"), ("u1", "OURA"), ("u2", "WHOOP")]
+
+
+def test_distinct_users_compares_types_too() -> None:
+    layout = SqlSink("sql", "sqlite:///x.db")._layout
+    rows = [("u1", "OURA", 1, "t1"), ("u1", "OURA", 1, "t2"), ("u1", "OURA", True, "t3"), ("u1", "OURA", 1.0, "t4")]
+
+    assert layout.distinct_users(rows) == [rows[0], rows[2], rows[3]]  # created_at (insert only) is not compared
+
+
 def test_bad_rows_are_isolated_as_permanent(sink: SqlSink, database: Database, make_sink_event: MakeEvent) -> None:
     good1 = make_sink_event("u1", "2026-03-10")
     overflow = make_sink_event("u1", "2026-03-11", ordering_timestamp_ms=2**64)  # no 64-bit column holds it
@@ -174,6 +200,28 @@ def test_bad_rows_are_isolated_as_permanent(sink: SqlSink, database: Database, m
     assert set(errors) == {overflow.event_id, not_json.event_id}
     assert all(isinstance(error, PermanentError) for error in errors.values())
     assert set(database.records()) == {("u1", "sleep", "2026-03-10"), ("u2", "sleep", "2026-03-11")}
+
+
+def test_unencodable_payloads_are_permanent_and_the_rest_delivered(tmp_path: Path,
+                                                                   make_sink_event: MakeEvent) -> None:
+    database = Database("sqlite", f"sqlite:///{tmp_path / 'sink.db'}", "hf_", tmp_path / "sink.db")
+    sink = database.sink()
+    good = make_sink_event("u1", "2026-03-10")
+    cycle = make_sink_event("u1", "2026-03-11")
+    cycle.data["self"] = cycle.data  # the payload encoder does not look for cycles: the recursion limit stops it
+    deep = make_sink_event("u1", "2026-03-12")
+    nested: dict[str, Any] = deep.data
+    for _ in range(100_000):
+        nested["next"] = nested = {}
+
+    result = sink.write([good, cycle, deep])
+    sink.close()
+
+    assert result.delivered == [good.event_id]
+    errors = {f.event.event_id: f.error for f in result.failures}
+    assert set(errors) == {cycle.event_id, deep.event_id}
+    assert all(isinstance(e, PermanentError) and "cannot map event" in str(e) for e in errors.values())
+    assert set(database.records()) == {("u1", "sleep", "2026-03-10")}
 
 
 def test_postgres_rejected_text_is_isolated(tmp_path: Path, make_sink_event: MakeEvent) -> None:
@@ -351,6 +399,36 @@ def test_mysql_tables_are_utf8mb4_binary_keys(mysql_db: Database, make_sink_even
         assert {k for _, _, k in mysql_db.records()} == {"abc", "ABC", long_key}  # binary collation: distinct keys
         [(_, ddl)] = mysql_db.query("SHOW CREATE TABLE {p}records")
         assert "utf8mb4_bin" in ddl and "InnoDB" in ddl
+    finally:
+        sink.close()
+
+
+def test_mysql_escape_is_pymysqls() -> None:
+    """core.sql quotes strings itself (faster); the text must be PyMySQL's, character for character."""
+    samples = ["".join(map(chr, range(128))), "naïve ✓ 🏃 \\' \\\" \\\\ \\0", "\\\\0\\n\x00\x1a", "", "plain"]
+    samples += [chr(c) + chr(d) for c in range(128) for d in (0, 10, 39, 92, 0x1A)]
+
+    assert [mysql_escape(s) for s in samples] == [pymysql.converters.escape_string(s) for s in samples]
+
+
+@pytest.mark.parametrize("no_backslash_escapes", [False, True])
+def test_mysql_awkward_text_round_trips(mysql_db: Database, make_sink_event: MakeEvent,
+                                        no_backslash_escapes: bool) -> None:
+    sink = mysql_db.sink()
+    awkward = "".join(map(chr, range(128))) + " naïve ✓ 🏃 \\' \\\\ end"  # raw in provider, JSON-escaped in payload
+    event = make_sink_event("u'1\\", "2026-03-10", provider=awkward, note=awkward)
+    try:
+        sink.open()
+        if no_backslash_escapes:  # PyMySQL's own quoting ('' for ') then applies
+            sink._dialect.execute(sink._connection,
+                                  "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        assert bool(sink._connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES) == no_backslash_escapes
+
+        assert sink.write([event]).delivered == [event.event_id]
+
+        stored = mysql_db.records()[("u'1\\", "sleep", "2026-03-10")]
+        assert (stored["provider"], stored["payload"]) == (awkward, event.data)
+        assert mysql_db.query("SELECT provider FROM {p}users") == [(awkward,)]
     finally:
         sink.close()
 
