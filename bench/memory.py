@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,42 +25,56 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (0 once it is gone)."""
-    parents: dict[int, int] = {}
-    resident: dict[int, int] = {}
+def _stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after ``pid (comm)``: state, ppid, ... (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ... rss is the 22nd
-        parents[int(entry.name)] = int(fields[1])
-        resident[int(entry.name)] = int(fields[21]) * PAGE
+        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     tree, frontier = {pid}, [pid]
     while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(resident.get(p, 0) for p in tree)
+        below = [child for child in children.get(frontier.pop(), ()) if child not in tree]
+        tree.update(below)
+        frontier.extend(below)
+    return tree
+
+
+def resident(pids: set[int]) -> int:
+    """Resident bytes of ``pids`` summed (the rss field of /proc/PID/stat; ended processes count 0)."""
+    return sum(int(fields[21]) * PAGE for pid in pids if (fields := _stat(pid)) is not None)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (0 once it is gone)."""
+    return resident(descendants(pid))
 
 
 class RssSampler:
-    """Samples ``tree_rss(pid)`` every ``interval_s`` on a thread; ``peak`` is the largest sample (bytes)."""
+    """Samples the resident bytes of ``pid``'s process tree every ``interval_s`` on a thread; ``peak`` is the
+    largest sample. The tree is re-listed every ``rescan_s`` (a scan of /proc), its members read every sample."""
 
-    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
-        self.pid, self.interval_s = pid, interval_s
+    def __init__(self, pid: int, interval_s: float = 0.05, rescan_s: float = 0.5) -> None:
+        self.pid, self.interval_s, self.rescan_s = pid, interval_s, rescan_s
         self.peak, self.last, self.samples = 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"rss {pid}")
 
     def _run(self) -> None:
+        tree, rescan_at = {self.pid}, 0.0
         while True:
-            self.last = tree_rss(self.pid)
+            if time.monotonic() >= rescan_at:
+                tree, rescan_at = descendants(self.pid), time.monotonic() + self.rescan_s
+            self.last = resident(tree)
             self.peak, self.samples = max(self.peak, self.last), self.samples + 1
             if self._stop.wait(self.interval_s):
                 return

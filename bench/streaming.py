@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.processes import counting_pubsub_server, webhook_receiver
+from core.dead_letters import read_dead_letters
 from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, PubSubSource, Source
 from pipelines.streaming import run_streaming
@@ -44,6 +45,7 @@ class Drain:
     ended: int  # messages ended by the end (== messages unless it timed out)
     rate: float  # raw events/s after the first ended message (start-up excluded)
     rate_with_startup: float  # raw events/s from job start
+    dead_letters: int = 0  # what the job dead-lettered (the batch runs dead-letter the simulator's 5 malformed)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -61,9 +63,11 @@ def drain(source: str, payloads: Sequence[RawPayload], secret: str, timeout_s: f
         job = run_streaming(job_spec, redeliver_every_s=None)
         launch_s = time.perf_counter() - started
         try:
-            return _watch(source, len(payloads), ended, started, launch_s, timeout_s)
+            figures = _watch(source, len(payloads), ended, started, launch_s, timeout_s)
         finally:
             job.stop()
+        figures.dead_letters = sum(1 for _ in read_dead_letters(str(work / "dlq")))
+        return figures
 
 
 def _watch(source: str, total: int, ended: Callable[[], int], started: float, launch_s: float,
