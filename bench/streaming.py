@@ -42,7 +42,7 @@ class Drain:
     startup_s: float
     total_s: float
     first_ended: int  # messages ended when the first ended message was seen
-    ended: int  # messages ended by the end (== messages unless it timed out)
+    ended: int  # messages ended at the end (all of them: a drain that times out raises)
     rate: float  # raw events/s after the first ended message (start-up excluded)
     rate_with_startup: float  # raw events/s from job start
     dead_letters: int = 0  # what the job dead-lettered (the batch runs dead-letter the simulator's 5 malformed)
