@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.events import NormalizedEvent, canonical_json
+from core.events import NormalizedEvent
 
 #: Columns; times are the record's ISO-8601 strings as delivered (Terra mixes offsets), ``record`` its canonical JSON.
 PARQUET_SCHEMA = pa.schema([
@@ -74,7 +74,7 @@ def events_to_table(events: Sequence[NormalizedEvent]) -> pa.Table:
         "start_time": [_metadata_time(e, "start_time") for e in rows],
         "end_time": [_metadata_time(e, "end_time") for e in rows],
         "ordering_timestamp_ms": [e.ordering_timestamp_ms for e in rows],
-        "record": [canonical_json(e.data).decode() for e in rows],
+        "record": [e.data_json.decode() for e in rows],
     }, schema=PARQUET_SCHEMA)
 
 

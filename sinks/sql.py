@@ -469,7 +469,12 @@ _PAYLOAD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensur
 
 
 def _payload_json(event: NormalizedEvent) -> str:
-    return _PAYLOAD_ENCODER.encode(event.data)
+    """The record's canonical JSON, the text its id and body were made of (encoded once per event); a record that
+    may hold NaN or an infinity is encoded again strictly, which refuses them (they have no JSON form)."""
+    text = event.data_json.decode()
+    if "NaN" in text or "Infinity" in text:
+        return _PAYLOAD_ENCODER.encode(event.data)
+    return text
 
 
 def _ordering_timestamp(event: NormalizedEvent) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import socket
@@ -207,12 +208,14 @@ def test_unencodable_payloads_are_permanent_and_the_rest_delivered(tmp_path: Pat
     database = Database("sqlite", f"sqlite:///{tmp_path / 'sink.db'}", "hf_", tmp_path / "sink.db")
     sink = database.sink()
     good = make_sink_event("u1", "2026-03-10")
-    cycle = make_sink_event("u1", "2026-03-11")
-    cycle.data["self"] = cycle.data  # the payload encoder does not look for cycles: the recursion limit stops it
-    deep = make_sink_event("u1", "2026-03-12")
-    nested: dict[str, Any] = deep.data
+    cycle_data = dict(make_sink_event("u1", "2026-03-11").data)
+    cycle_data["self"] = cycle_data
+    cycle = dataclasses.replace(make_sink_event("u1", "2026-03-11"), data=cycle_data)
+    deep_data = dict(make_sink_event("u1", "2026-03-12").data)
+    nested: dict[str, Any] = deep_data
     for _ in range(100_000):
         nested["next"] = nested = {}
+    deep = dataclasses.replace(make_sink_event("u1", "2026-03-12"), data=deep_data)
 
     result = sink.write([good, cycle, deep])
     sink.close()
