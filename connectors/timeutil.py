@@ -42,7 +42,27 @@ def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -
 
 
 def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> str:
-    return format_ts(from_unix(seconds, offset_seconds))
+    """``format_ts(from_unix(seconds, offset_seconds))``; whole seconds (most samples) are written without building
+    a datetime, from the local day's text and the offset's (both cached)."""
+    if type(seconds) is not int:
+        return format_ts(from_unix(seconds, offset_seconds))
+    offset = int(offset_seconds or 0)
+    days, rest = divmod(seconds + offset, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    return f"{_day_text(days)}T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}.000000{_offset_text(offset)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_text(days_since_epoch: int) -> str:
+    return date.fromordinal(_EPOCH_ORDINAL + days_since_epoch).isoformat()
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_text(offset_seconds: int) -> str:
+    return format_ts(datetime(2000, 1, 1, tzinfo=_zone(offset_seconds)))[26:]
+
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 def parse_iso(text: str) -> datetime:

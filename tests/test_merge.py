@@ -141,3 +141,4 @@ def test_sample_lists_merge_as_the_reference_rule_in_and_out_of_order():
             folded = deep_merge(folded, part) if folded else part
             reference = _reference_sample_merge(reference, part) if reference else part
         assert folded == reference
+
