@@ -84,11 +84,12 @@ class Provider:
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
     or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
     that is a single document, or a bare JSON array of documents, is accepted too. ``user_field``
-    names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura);
-    ``owner``, when the id must be extracted (Polar's user link), is the function that does it.
+    names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura).
 
-    A document belongs to one user (``owner_of``): every record a mapper makes of it is that user's. The
-    pipeline relies on it to send a document to its user's merge before mapping it.
+    A document belongs to one user (``owner_of``): every record a mapper makes of it is that user's, and the
+    pipeline sends the document to that user's merge before mapping it. A provider whose records name their own
+    user (``records_name_their_user``: Polar's page documents link to theirs) has its messages mapped before the
+    shuffle instead.
     """
 
     slug: str
@@ -96,7 +97,7 @@ class Provider:
     envelope: str
     user_field: str | None = None
     doc: str = ""
-    owner: Callable[[dict[str, Any]], str | None] | None = None
+    records_name_their_user: bool = False
     kinds: dict[str, KindSpec] = field(default_factory=dict)
     manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
@@ -143,21 +144,22 @@ class Provider:
             yield from self.normalize_document(doc_kind, doc, user_id)
 
     def owner_of(self, kind: str, doc: Any, user_id: str | None = None) -> str:
-        """The provider user id a document belongs to (``owner``/``user_field``, else ``user_id``); MappingError
-        for a kind that is not mapped, a document that is not an object, or no user at all."""
+        """The provider user id a document belongs to (``user_field``, else ``user_id``); MappingError for a kind
+        that is not mapped, a document that is not an object, or no user at all."""
         spec = self.kinds.get(kind)
         if spec is None:
             raise UnknownKind(f"{self.slug} kind {kind!r} is not mapped; mapped kinds: {', '.join(self.kinds)}")
         if not isinstance(doc, dict):
             raise MappingError(f"{self.slug} {kind} document must be a JSON object, got {type(doc).__name__}")
-        doc_user = self.owner(doc) if self.owner else doc.get(self.user_field) if self.user_field else None
+        doc_user = doc.get(self.user_field) if self.user_field else None
         owner = str(doc_user) if doc_user is not None else user_id
         if owner is None:
             raise MappingError(f"{self.slug} {kind} document has no user id; pass the user with the raw event")
         return owner
 
     def normalize_document(self, kind: str, doc: Any, user_id: str | None = None) -> list[Fragment]:
-        """Map one document of ``owner_of(kind, doc, user_id)``; every fragment is that user's."""
+        """Map one document of ``owner_of(kind, doc, user_id)``; every fragment is that user's (or, with
+        ``records_name_their_user``, the user it names)."""
         owner = self.owner_of(kind, doc, user_id)
         spec = self.kinds[kind]
         try:
@@ -169,7 +171,7 @@ class Provider:
         fragments = [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
                      for item in _as_fragments(produced, spec)]
         for fragment in fragments:
-            if str(fragment.provider_user_id) != owner:
+            if not self.records_name_their_user and str(fragment.provider_user_id) != owner:
                 raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
                                    f" from a document of user {owner!r}")
         return fragments

@@ -44,7 +44,7 @@ def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -
 def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> str:
     """``format_ts(from_unix(seconds, offset_seconds))``; whole seconds (most samples) are written without building
     a datetime, from the local day's text and the offset's (both cached)."""
-    if type(seconds) is not int:
+    if type(seconds) is not int or not _FAST_RANGE[0] <= seconds <= _FAST_RANGE[1]:  # datetime refuses out of range
         return format_ts(from_unix(seconds, offset_seconds))
     offset = int(offset_seconds or 0)
     days, rest = divmod(seconds + offset, 86_400)
@@ -63,6 +63,7 @@ def _offset_text(offset_seconds: int) -> str:
 
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_FAST_RANGE = (-62_135_510_400, 253_402_214_400)  # 0001-01-02 to 9999-12-31 UTC: within datetime's range
 
 
 def parse_iso(text: str) -> datetime:

@@ -207,6 +207,9 @@ class _Transport:
         except OSError as exc:  # including a timeout while sending
             connection.close()
             raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:  # a header that cannot be encoded, ...: the connection is in no state to reuse
+            connection.close()
+            raise
         try:
             return connection, connection.getresponse()
         except TimeoutError as exc:
@@ -215,6 +218,9 @@ class _Transport:
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            connection.close()
+            raise
 
     def keep_cookies(self, response: http.client.HTTPResponse) -> None:
         """Store the cookies ``response`` sets, to send them back on later requests."""
@@ -352,6 +358,8 @@ class WebhookSink(Sink):
                 self._transport = _Transport(self.url, self.timeout_s, self.lanes)
             except FatalError as exc:
                 raise FatalError(f"webhook sink {self.name!r}: {exc}") from None
+        if self._payloads is not None:
+            self._payloads.open()  # here, not lazily in a lane: lanes would race to create the client
         if self._threads is None and self.lanes > 1:
             self._threads = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix=f"webhook-{self.name}")
 

@@ -13,10 +13,11 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from connectors.base import terra_user_id
 from core.dead_letters import read_dead_letters
 from core.errors import FatalError
 from core.raw import RawMessage, RawPayload
-from pipelines.normalize import FileSource, NormalizeJob, run_batch
+from pipelines.normalize import FileSource, MessagesSource, NormalizeJob, run_batch
 from pipelines.webhook_receiver import WebhookReceiver
 from schemas import MODEL_TYPES
 from schemas.serde import encode_raw
@@ -24,7 +25,7 @@ from sinks.object_store import ObjectStoreSink
 from sinks.policy import RetryPolicy
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.normalize import Normalize
+from transforms.normalize import Normalize, normalize_in_memory
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
 
@@ -161,3 +162,31 @@ def test_a_destination_recovering_within_its_retries_loses_nothing(tmp_path, sim
 def test_a_job_without_destinations_fails_at_start(tmp_path):
     with pytest.raises(FatalError, match="no destinations"):
         NormalizeJob(FileSource(str(tmp_path / "*.jsonl")), [], str(tmp_path))
+
+
+def test_messages_of_several_users_are_mapped_once_and_every_record_reaches_its_user(tmp_path):
+    """A Garmin push of several users, and a Polar page whose nights link to different users than the raw
+    event's, give the same events through the pipeline as mapping each message whole (tests/golden covers the
+    one-user messages); each such message is tallied raw_split, every other raw outcome adds up."""
+    polar_page = json.loads((Path(__file__).parent / "fixtures" / "polar" / "sleep.json").read_text())
+    night, other = polar_page["nights"]
+    polar_page["nights"] = [night, {k: v for k, v in other.items() if k != "polar_user"}]  # links to 45395466; none
+    garmin_push = {"dailies": [{"userId": f"user-{n}", "summaryId": f"d{n}", "calendarDate": "2026-11-02",
+                                "startTimeInSeconds": 1793574000, "startTimeOffsetInSeconds": 3600,
+                                "durationInSeconds": 86400, "steps": 1000 * n} for n in range(3)]
+                   + [{"summaryId": "no-user", "calendarDate": "2026-11-02"}]}  # no user: its own dead letter
+    payloads = [RawPayload("garmin", json.dumps(garmin_push).encode(), received_at_ms=1793600000000),
+                RawPayload("polar", json.dumps(polar_page).encode(), kind="sleep", user_id="222",
+                           received_at_ms=1793600000001)]
+    expected, failed = normalize_in_memory(_messages(payloads))
+    assert {e.user_id for e in expected} >= {terra_user_id("polar", "45395466"), terra_user_id("polar", "222")}
+    assert len({e.user_id for e in expected}) == 5 and len(failed) == 1
+
+    summary = run_batch(NormalizeJob(MessagesSource(_messages(payloads)),
+                                     [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")], str(tmp_path / "dlq"),
+                                     state_url=f"sqlite:///{tmp_path / 'state.db'}", retry=FAST_RETRY))
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
+    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    assert summary.get("raw_in") == 2 and summary.get("raw_split") == 2 and summary.get("dead_letter:normalize") == 1
+    assert [d["stage"] for d in read_dead_letters(str(tmp_path / "dlq"))] == ["normalize"]

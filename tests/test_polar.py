@@ -287,18 +287,9 @@ def test_unmappable_nights() -> None:
         normalize({"nights": night}, "sleep")
 
 
-def test_a_page_needs_the_raw_event_user_unless_it_names_one_and_polar_user_must_be_a_user_link() -> None:
-    page = load("sleep.json")
-    unnamed = dict(page, nights=[{k: v for k, v in night.items() if k != "polar_user"} for night in page["nights"]])
+def test_a_page_needs_the_raw_event_user_and_polar_user_must_be_a_user_link() -> None:
     with pytest.raises(MappingError, match="no user id"):
-        normalize(unnamed, "sleep", user_id=None)
-    named = normalize(dict(page, nights=[dict(n, polar_user=f"https://www.polaraccesslink.com/v3/users/{TRAVELLER}")
-                                         for n in page["nights"]]), "sleep", user_id=None)
-    assert {f.provider_user_id for f in named} == {TRAVELLER}
-    mixed = [dict(n, polar_user=f"https://www.polaraccesslink.com/v3/users/{owner}")
-             for n, owner in zip(page["nights"], [TRAVELLER, "1"], strict=False)]
-    with pytest.raises(MappingError, match="several users"):
-        normalize(dict(page, nights=mixed), "sleep", user_id=None)
+        normalize(load("sleep.json"), "sleep", user_id=None)
     (fragment,) = normalize(load("sleep.new-york.json"), "sleep", user_id=None)  # the document names its user
     assert fragment.provider_user_id == TRAVELLER
     with pytest.raises(MappingError, match="polar_user"):

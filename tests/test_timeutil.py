@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from connectors.timeutil import format_ts, from_unix, unix_ts
 
 
@@ -14,3 +16,11 @@ def test_unix_timestamps_are_written_as_through_a_datetime():
         offset = rng.choice([None, 0, 3600, -18000, 19800, 20700, -34200, rng.randrange(-86_399, 86_400)])
         assert unix_ts(seconds, offset) == format_ts(from_unix(seconds, offset)), (seconds, offset)
     assert unix_ts(1.5, 3600) == format_ts(from_unix(1.5, 3600))
+
+
+def test_instants_datetime_cannot_hold_are_refused_as_before():
+    for seconds, offset in ((253402300800, -3600), (-62135596801, 7200), (10**13, 0)):
+        with pytest.raises((ValueError, OverflowError, OSError)):
+            format_ts(from_unix(seconds, offset))
+        with pytest.raises((ValueError, OverflowError, OSError)):
+            unix_ts(seconds, offset)

@@ -137,23 +137,37 @@ def read_documents(message: RawMessage) -> Documents | Failed:
     return raw, provider, documents
 
 
-def documents_by_user(message: RawMessage) -> tuple[dict[str, list[int]], list[Failed]]:
-    """A message's document indexes per healthflow user id (each document is one user's), and the documents
-    (or the whole message) that cannot be attributed to anyone."""
+def split_by_user(message: RawMessage) -> tuple[dict[str, list[int] | list[Keyed]], list[Failed]]:
+    """A message's documents per healthflow user id, and what cannot be attributed to anyone (or the whole message).
+
+    Per user: the indexes of its documents, to be mapped where that user merges; or, for a message whose
+    documents belong to several users or whose records name their own user (``Provider.records_name_their_user``),
+    its records, mapped here once (so a message of many users is parsed once, not once per user).
+    """
     read = read_documents(message)
     if isinstance(read, Failed):
         return {}, [read]
     raw, provider, documents = read
     by_user: dict[str, list[int]] = {}
     failed = []
-    for index, (kind, doc) in enumerate(documents):
-        try:
-            owner = provider.owner_of(kind, doc, raw.user_id)
-        except MappingError as exc:
-            failed.append(_failed("normalize", exc, message, raw, kind, index))
-            continue
-        by_user.setdefault(terra_user_id(raw.provider, owner), []).append(index)
-    return by_user, failed
+    if not provider.records_name_their_user:
+        for index, (kind, doc) in enumerate(documents):
+            try:
+                owner = provider.owner_of(kind, doc, raw.user_id)
+            except MappingError as exc:
+                failed.append(_failed("normalize", exc, message, raw, kind, index))
+                continue
+            by_user.setdefault(terra_user_id(raw.provider, owner), []).append(index)
+        if len(by_user) <= 1:
+            return dict(by_user), failed
+    records: dict[str, list[Keyed]] = {}
+    failed = []
+    for item in map_documents(message, raw, provider, documents, range(len(documents))):
+        if isinstance(item, Failed):
+            failed.append(item)
+        else:
+            records.setdefault(item.user["user_id"], []).append(item)
+    return dict(records), failed
 
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
@@ -203,7 +217,8 @@ def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent
 
 @dataclass(frozen=True)
 class UserDocuments:
-    """One raw message's documents of one user (indexes into its documents), on the way to that user's merge.
+    """One raw message's documents of one user (indexes into its documents), on the way to that user's merge;
+    or that user's ``records`` when the message was mapped before the shuffle (``split_by_user``).
 
     ``failed_before`` counts the message's documents already dead-lettered; ``only_part`` says whether this is the
     message's only part (then its outcome is tallied where it is mapped).
@@ -214,6 +229,7 @@ class UserDocuments:
     acks: Acks = ()
     failed_before: int = 0
     only_part: bool = True
+    records: tuple[Keyed, ...] | None = None
 
 
 
@@ -222,13 +238,13 @@ def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
     about a fifth of their size). A runner holding shuffled data in memory (Beam's local runner holds all of it,
     decoded, and copies it twice) then holds little."""
     fields = [(p.message.data, p.message.source, p.message.encoding, p.message.ack, p.documents, p.acks,
-               p.failed_before, p.only_part) for p in parts]
+               p.failed_before, p.only_part, p.records) for p in parts]
     return zlib.compress(pickle.dumps(fields, pickle.HIGHEST_PROTOCOL), 1)
 
 
 def unpack_parts(packed: bytes) -> list[UserDocuments]:
-    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part)
-            for data, source, encoding, ack, documents, acks, failed_before, only_part
+    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part, records)
+            for data, source, encoding, ack, documents, acks, failed_before, only_part, records
             in pickle.loads(zlib.decompress(packed))]
 
 
@@ -270,7 +286,7 @@ class SplitByUser(beam.DoFn):
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         self.tally.add("raw_in")
         try:
-            by_user, failed = documents_by_user(message)
+            by_user, failed = split_by_user(message)
         except Exception as exc:
             by_user, failed = {}, [_failed("normalize", exc, message)]
         acks = root_acks(message.ack)
@@ -278,9 +294,11 @@ class SplitByUser(beam.DoFn):
         for item, share in zip(failed, shares, strict=False):
             self.tally.add(f"dead_letter:{item.stage}")
             yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share))
-        for (user, indexes), share in zip(by_user.items(), shares[len(failed):], strict=True):
+        for (user, found), share in zip(by_user.items(), shares[len(failed):], strict=True):
             parts, latest = self.parts.setdefault((user, window), ([], timestamp))
-            parts.append(UserDocuments(message, tuple(indexes), share, len(failed), len(by_user) == 1))
+            mapped = bool(found) and isinstance(found[0], Keyed)
+            parts.append(UserDocuments(message, () if mapped else tuple(found), share, len(failed), len(by_user) == 1,
+                                       tuple(found) if mapped else None))
             self.parts[(user, window)] = (parts, max(latest, timestamp))
         self.buffered += 1
         if self.buffered >= self.messages_per_pack:
@@ -514,8 +532,11 @@ class MergePerUser(beam.DoFn):
         """Map and validate one part's documents: its fragments (None when none) and its dead letters or end."""
         message = part.message
         try:
-            read = read_documents(message)
-            items = [read] if isinstance(read, Failed) else list(map_documents(message, *read, part.documents))
+            if part.records is not None:  # mapped before the shuffle
+                items: list[Keyed | Failed] = list(part.records)
+            else:
+                read = read_documents(message)
+                items = [read] if isinstance(read, Failed) else list(map_documents(message, *read, part.documents))
         except Exception as exc:
             items = [_failed("normalize", exc, message)]
         failed = [item for item in items if isinstance(item, Failed)]

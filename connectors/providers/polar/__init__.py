@@ -19,10 +19,10 @@ Envelope: the framework takes one list field name per provider, but Polar names 
 list (one bad night dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an
 object): collectors send list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
 
-User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) of the response or of the
-documents of its page, else the raw event's user id (daily activity and physical info name no user, so their raw
-events must carry it). Polar user ids are the webhooks' ``user_id``. A response is one user's (``owner``): a page
-whose documents name different users is dead-lettered.
+User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
+the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
+must carry it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a single
+document carrying it needs no raw-event user; the mappers replace that link with the id it ends in.
 
 Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
 offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
@@ -48,8 +48,8 @@ PROVIDER = Provider(
     "polar",
     "POLAR",
     envelope=WHOLE_RESPONSE,
-    user_field="polar_user",  # a link: only lets single documents through without a raw-event user
-    owner=lambda response: _response_owner(response),  # the user id at the end of the documents' links
+    user_field="polar_user",  # a link: only lets single documents through without a raw-event user; see _owner
+    records_name_their_user=True,  # a page's documents link to their user, who may not be the page's
     doc="Polar AccessLink v3 exercises, sleep, nightly recharge, daily activity, continuous HR and physical info",
 )
 
@@ -105,15 +105,6 @@ def _owner(doc: dict[str, Any]) -> str | None:
     if match is None:
         raise MappingError(f"polar_user must be a link ending in /v3/users/<id>, got {link!r}")
     return match.group(1)
-
-
-def _response_owner(response: dict[str, Any]) -> str | None:
-    """The one user whose documents a response holds (by their ``polar_user`` links); None when none names one."""
-    docs = [response, *(d for v in response.values() if isinstance(v, list) for d in v if isinstance(d, dict))]
-    owners = {owner for doc in docs if (owner := _owner(doc)) is not None}
-    if len(owners) > 1:
-        raise MappingError(f"a Polar response holds documents of several users: {sorted(owners)}")
-    return owners.pop() if owners else None
 
 
 def _fragment(model: str, record: dict[str, Any], doc: dict[str, Any], version_ms: int | None = None) -> Fragment:
