@@ -139,15 +139,13 @@ def _primitive(kind: str, nullable: bool = False) -> Check:
         "bytes": lambda v: isinstance(v, bytes),
         "null": lambda v: v is None,
     }[kind]
-    fast = {"string": str, "boolean": bool, "bytes": bytes}.get(kind)
+    unchanged = _UNCHANGED.get(kind, frozenset()) | ({type(None)} if nullable else set())
     integer = kind in ("int", "long")
     number = kind in ("double", "float")
 
     def check(value: Any) -> Any:
         kind_of = type(value)
-        if kind_of is fast or (value is None and nullable):
-            return value
-        if number and (kind_of is int or (kind_of is float and math.isfinite(value))):
+        if kind_of in unchanged or (number and kind_of is float and math.isfinite(value)):
             return value
         if integer and isinstance(value, float) and math.isfinite(value):
             value = round(value)
@@ -287,11 +285,13 @@ def _record(schema: dict[str, Any], names: dict[str, dict[str, Any]], compiled: 
     return record
 
 
+# Python types a value of a primitive type passes as it is (a float in a number field still needs isfinite)
+_UNCHANGED: dict[str, frozenset[type]] = {
+    "null": frozenset({type(None)}), "string": frozenset({str}), "boolean": frozenset({bool}),
+    "bytes": frozenset({bytes}), "double": frozenset({int}), "float": frozenset({int})}
+
+
 def _unchanged_types(schema: Any) -> frozenset[type]:
     """Python types a value of ``schema`` can have to pass unchecked and unchanged (the hot path's shortcut)."""
     branches = schema if isinstance(schema, list) else [schema]
-    types: set[type] = set()
-    for branch in branches:
-        types |= {"null": {type(None)}, "string": {str}, "boolean": {bool}, "double": {int}, "float": {int}}.get(
-            branch, set()) if isinstance(branch, str) else set()
-    return frozenset(types)
+    return frozenset().union(*(_UNCHANGED.get(b, frozenset()) for b in branches if isinstance(b, str)))
