@@ -138,8 +138,9 @@ def read_documents(message: RawMessage) -> Documents | Failed:
     return raw, provider, documents
 
 
-def split_by_user(message: RawMessage) -> tuple[dict[str, list[int] | list[Keyed]], list[Failed]]:
-    """A message's documents per healthflow user id, and what cannot be attributed to anyone (or the whole message).
+def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Failed], bool]:
+    """A message's documents per healthflow user id, what cannot be attributed to anyone (or the whole message),
+    and whether the message was mapped here.
 
     Per user: the indexes of its documents, to be mapped where that user merges; or, for a message whose
     documents belong to several users or whose records name their own user (``Provider.records_name_their_user``),
@@ -147,7 +148,7 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[int] | list[Keyed
     """
     read = read_documents(message)
     if isinstance(read, Failed):
-        return {}, [read]
+        return {}, [read], False
     raw, provider, documents = read
     by_user: dict[str, list[int]] = {}
     failed = []
@@ -160,15 +161,15 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[int] | list[Keyed
                 continue
             by_user.setdefault(terra_user_id(raw.provider, owner), []).append(index)
         if len(by_user) <= 1:
-            return dict(by_user), failed
-    records: dict[str, list[Keyed]] = {}
+            return by_user, failed, False
+    records: dict[str, list[Any]] = {}
     failed = []
     for item in map_documents(message, raw, provider, documents, range(len(documents))):
         if isinstance(item, Failed):
             failed.append(item)
         else:
             records.setdefault(item.user["user_id"], []).append(item)
-    return dict(records), failed
+    return records, failed, True
 
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
@@ -233,7 +234,6 @@ class UserDocuments:
     records: tuple[Keyed, ...] | None = None
 
 
-
 def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
     """What crosses the shuffle: one user's parts, compressed together (a user's messages look alike, so this is
     about a fifth of their size). A runner holding shuffled data in memory (Beam's local runner holds all of it,
@@ -287,17 +287,14 @@ class SplitByUser(beam.DoFn):
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         self.tally.add("raw_in")
         try:
-            by_user, failed = split_by_user(message)
+            by_user, failed, mapped = split_by_user(message)
         except Exception as exc:
-            by_user, failed = {}, [_failed("normalize", exc, message)]
+            by_user, failed, mapped = {}, [_failed("normalize", exc, message)], False
         acks = root_acks(message.ack)
         shares = split_acks(acks, len(failed) + len(by_user))
-        for item, share in zip(failed, shares, strict=False):
-            self.tally.add(f"dead_letter:{item.stage}")
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share))
+        yield from _dead_letters(failed, shares, self.tally)
         for (user, found), share in zip(by_user.items(), shares[len(failed):], strict=True):
             parts, latest = self.parts.setdefault((user, window), ([], timestamp))
-            mapped = bool(found) and isinstance(found[0], Keyed)
             parts.append(UserDocuments(message, () if mapped else tuple(found), share, len(failed), len(by_user) == 1,
                                        tuple(found) if mapped else None))
             self.parts[(user, window)] = (parts, max(latest, timestamp))
@@ -309,7 +306,7 @@ class SplitByUser(beam.DoFn):
         # Every raw message ends in exactly one outcome (the summary checks they add up): here when it has no
         # user part or several ("split"), where its one part is mapped otherwise.
         if not by_user:
-            self.tally.add("raw_dead" if failed else "raw_empty")
+            self.tally.add(_raw_outcome(False, bool(failed)))
         elif len(by_user) > 1:
             self.tally.add("raw_split")
 
@@ -321,6 +318,18 @@ class SplitByUser(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._packed()
         yield from self.tally.flush()
+
+
+def _dead_letters(failed: list[Failed], shares: list[Acks], tally: Tally) -> Iterator[pvalue.TaggedOutput]:
+    """Each failure as a dead letter carrying its share of the message's acks (the first ``len(failed)`` shares)."""
+    for item, share in zip(failed, shares, strict=False):
+        tally.add(f"dead_letter:{item.stage}")
+        yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share))
+
+
+def _raw_outcome(records: bool, failures: bool) -> str:
+    """The one outcome a raw message ends in: ``raw_ok``, ``raw_partial``, ``raw_dead`` or ``raw_empty``."""
+    return "raw_" + ("partial" if records and failures else "ok" if records else "dead" if failures else "empty")
 
 
 def deep_merge(older: Any, newer: Any) -> Any:
@@ -543,16 +552,11 @@ class MergePerUser(beam.DoFn):
         failed = [item for item in items if isinstance(item, Failed)]
         keyed = tuple(item for item in items if isinstance(item, Keyed))
         shares = split_acks(part.acks, len(failed) + (1 if keyed else 0))
-        outputs: list[Any] = []
-        for item, share in zip(failed, shares, strict=False):
-            self.tally.add(f"dead_letter:{item.stage}")
-            outputs.append(pvalue.TaggedOutput(DEAD_LETTER, DeadLetterOut(item.record, share)))
+        outputs: list[Any] = list(_dead_letters(failed, shares, self.tally))
         if not keyed and not failed and part.acks:
             outputs.append(pvalue.TaggedOutput(ENDED, part.acks))
         if part.only_part:
-            some_failed = failed or part.failed_before
-            self.tally.add("raw_" + ("partial" if keyed and some_failed else "ok" if keyed
-                                     else "dead" if some_failed else "empty"))
+            self.tally.add(_raw_outcome(bool(keyed), bool(failed or part.failed_before)))
         self.tally.add("fragments", len(keyed))
         return (UserFragments(keyed, message, shares[-1]) if keyed else None), outputs
 
