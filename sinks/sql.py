@@ -461,9 +461,9 @@ class SupabaseSink(SqlSink):
 # ======================================================================================================================
 # Helpers
 # ======================================================================================================================
-# One encoder for every payload (json.dumps with options builds one per call), without the circular-reference check
-# (about an eighth of the encoding time): data decoded from JSON has no cycles, and one (or too deep nesting) still
-# fails, as a RecursionError that write() reports as an unmappable event.
+# The strict encoder for a payload that may hold NaN or an infinity (json.dumps with options builds one per call);
+# without the circular-reference check, a cycle (or too deep nesting) fails as a RecursionError that write() reports
+# as an unmappable event.
 _PAYLOAD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                                     check_circular=False)
 
