@@ -4,7 +4,8 @@ Developer calls carry ``dev-id`` and ``x-api-key`` headers (missing → 401, wro
 pages (the widget and the OAuth callback) carry no headers: a widget session id is a short-lived
 capability, and a callback is bound to its single-use ``state``. Errors answer
 ``{"status": "error", "message": …}``; request validation errors answer 422 with the same fields
-plus FastAPI's ``detail``.
+plus FastAPI's ``detail``. Request bodies are capped (``controlplane.limits``): more than 64 KiB → 413 before more is
+read, JSON nested more than 64 levels → 400; the provider webhooks (``/v2/providers/``) cap theirs per provider.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from controlplane.auth.control_plane import (
     UnknownUser,
     check_redirect_url,
 )
+from controlplane.limits import API_MAX_BODY_BYTES, MAX_JSON_DEPTH, RequestLimits
 from core.errors import FatalError, PermanentError, RetryableError
 from schemas import MODEL_TYPES
 
@@ -162,16 +164,20 @@ class BackfillResponse(BaseModel):
     user: TerraUser
 
 
-def create_app(control_plane: ControlPlane, *, title: str = "healthflow", polling: Any = None) -> FastAPI:
+def create_app(control_plane: ControlPlane, *, title: str = "healthflow", polling: Any = None,
+               max_body_bytes: int = API_MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH) -> FastAPI:
     """The API around an opened ``ControlPlane``; with ``polling`` (a ``ConnectionPolling``) it also
     answers historical requests (``GET /v2/{type}``). For a push provider (Garmin) a historical request
     asks the provider to push that history; it arrives through the webhook router as normal data, without
     ``terra-reference`` (nothing in it names the request). ``app.state.control_plane`` is what the webhook
-    router (``controlplane.webhooks``) applies push lifecycle lists to."""
+    router (``controlplane.webhooks``) applies push lifecycle lists to. ``max_body_bytes`` and ``max_json_depth``
+    cap every request body but the provider webhooks'."""
     cp = control_plane
     app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
                   redoc_url=None, description=__doc__)
     app.state.control_plane = cp
+    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
+                       exempt_prefixes=("/v2/providers/",))
 
     @app.exception_handler(ApiError)
     def _api_error(_: Request, exc: ApiError) -> JSONResponse:
