@@ -103,12 +103,28 @@ class Signature(_Strict):
     timestamp_header: str | None = None
     message: Literal["body", "timestamp+body"] = "body"
     key: Literal["client_secret", "client_secret&", "webhook_secret"] = "client_secret"
+    tolerance_s: int = Field(300, ge=1, le=3600, description="timestamp+body: how far timestamp_header may be from "
+                                                             "now (either way) for the notification to be accepted")
+
+
+class Replay(_Strict):
+    """How a replayed notification is recognized: acknowledged, not published again."""
+
+    id_fields: list[str] = Field(default_factory=list,
+                                 description="notification fields that together name the event (WHOOP trace_id); "
+                                             "without them, or when the body lacks one, the id is a SHA-256 of the "
+                                             "signed message (timestamp and body)")
+    window_s: int = Field(600, ge=1, description="how long an accepted id is remembered; a timestamped scheme keeps "
+                                                 "it at least twice its tolerance, so a replay is refused at any time")
 
 
 class Webhooks(_Strict):
     mode: Literal["push", "ping", "notification"] = Field(
         description="push: the data itself; ping: a callback URL to fetch; notification: ids to fetch")
     signature: Signature | None = None
+    replay: Replay | None = Field(None, description="how replays are recognized; signed schemes default to a hash "
+                                                    "of the signed message remembered for 600 s")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="the largest body accepted (413 above it)")
     body: Literal["json", "form"] = Field("json", description="how a notification is encoded: a JSON object or "
                                                                "array (Fitbit), or form fields (Withings)")
     user_field: str | None = Field(None, description="notification field holding the provider's user id")

@@ -34,7 +34,8 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
     With ``bootstrap_servers``, provider webhooks (``/v2/providers/{provider}/webhook``) are received
     too and published to the ingestion and notification topics there, and historical requests
     (``GET /v2/{type}``) are fetched at low priority (``limiter``: a shared RedisRateLimiter, or
-    in-process limits).
+    in-process limits). A provider whose webhooks cannot be authenticated (no URL token for one that signs
+    nothing, no key for one that signs) is named in a warning at start; its requests are refused until it is set.
     """
     from controlplane.api.app import create_app
     from controlplane.auth.control_plane import ControlPlane
@@ -53,8 +54,10 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
         app = create_app(control_plane, polling=polling)
         if bootstrap_servers:
             from connectors.publish import publish
-            from controlplane.webhooks import router
+            from controlplane.webhooks import router, unauthenticated_webhooks
 
+            for problem in unauthenticated_webhooks():
+                log.warning("%s", problem)
             app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

@@ -29,7 +29,25 @@ Per the provider's manifest (``webhooks``):
   naming one account is published unchanged. ``webhooks.body: form`` notifications (Withings) are form
   fields. The answer is ``webhooks.accept_status``: 200 with a small JSON body, or 204 without one (Fitbit).
 
-A signature that does not verify is refused with 401 and published nowhere. Subscription checks are
+Every POST is authenticated before its body is read or parsed, and nothing is parsed before its signature checks
+out. Providers that sign (``webhooks.signature``: WHOOP, Oura, Fitbit, Polar) need their key
+(``HEALTHFLOW_<PROVIDER>_CLIENT_SECRET`` or ``_WEBHOOK_SECRET``, else 503 naming it); the HMAC is checked on the raw
+bytes, and a signature that does not verify (or a timestamp more than ``signature.tolerance_s`` from now) is refused
+with 401 and published nowhere. Providers that sign nothing (Garmin, Withings) need the secret of their registered
+URL: ``HEALTHFLOW_<PROVIDER>_WEBHOOK_TOKEN``, sent as ``?token=`` (compared in constant time; 401 when it does not
+match, 503 naming the variable while it is unset, so the provider retries until it is set). When set for a signed
+provider, the token is required too.
+
+Limits (``controlplane.limits``): a body larger than ``webhooks.max_body_bytes`` (1 MiB; Garmin 32 MiB) gets 413
+before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 after the signature check.
+
+Replays: a signed notification (or one whose manifest declares ``webhooks.replay``) is claimed in the control-plane
+store (``seen.SeenNotifications``, shared by every API process) by its event id (``replay.id_fields``, WHOOP
+``trace_id``) or else a SHA-256 of the signed message; one already accepted within ``replay.window_s`` (at least twice
+the timestamp tolerance) is acknowledged as accepted and not published again. A notification that could not be queued
+gives its claim back, so the provider's retry goes through.
+
+Subscription checks are
 answered on ``GET``: with ``webhooks.verify_param`` (Fitbit ``?verify=<code>``) 204 when the code is
 ``HEALTHFLOW_<PROVIDER>_VERIFICATION_CODE`` and 404 otherwise (Fitbit checks both answers); else Oura's
 ``verification_token`` and ``challenge`` (the challenge echoed when the token is
@@ -45,6 +63,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -55,13 +74,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
-from connectors.manifest import Signature, Webhooks
+from connectors.manifest import Replay, Signature, Webhooks
+from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
+from controlplane.webhooks.seen import SeenNotifications
 from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 
 Publisher = Callable[[str, Sequence[RawPayload]], None]  # (topic, payloads)
-TIMESTAMP_TOLERANCE_S = 300
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
 
 
@@ -76,6 +96,29 @@ def secret_variable(provider: str, signature: Signature) -> str:
     return f"HEALTHFLOW_{provider.upper()}_{name}"
 
 
+def url_token_variable(provider: str) -> str:
+    """Where the secret of a provider's registered webhook URL (``?token=``) comes from."""
+    return f"HEALTHFLOW_{provider.upper()}_WEBHOOK_TOKEN"
+
+
+def unauthenticated_webhooks(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What a webhook receiver lacks to authenticate each provider, one sentence per provider (empty when nothing):
+    ``healthflow serve`` logs them at start; their requests are refused with 503 until it is set."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    for slug, provider in sorted(registry().items()):
+        hooks = provider.manifest.webhooks
+        if hooks is None:
+            continue
+        if hooks.signature is None and not environ.get(url_token_variable(slug)):
+            problems.append(f"{slug} webhooks sign nothing and {url_token_variable(slug)} is not set: they are "
+                            f"refused until it is (register the URL with ?token=<its value>)")
+        elif hooks.signature is not None and not environ.get(secret_variable(slug, hooks.signature)):
+            problems.append(f"{slug} webhooks are signed and {secret_variable(slug, hooks.signature)} is not set: "
+                            "they are refused until it is")
+    return problems
+
+
 def verify_signature(signature: Signature, secret: str, headers: dict[str, str], body: bytes,
                      now: float | None = None) -> None:
     """Check a provider's HMAC over the raw body (and timestamp); SignatureInvalid says why not."""
@@ -88,8 +131,8 @@ def verify_signature(signature: Signature, secret: str, headers: dict[str, str],
         if not stamp or not stamp.strip().isdigit():
             raise SignatureInvalid(f"missing or malformed {signature.timestamp_header} header")
         seconds = int(stamp) / 1000 if int(stamp) > 10**11 else int(stamp)  # WHOOP sends ms, Oura s
-        if abs((now or time.time()) - seconds) > TIMESTAMP_TOLERANCE_S:
-            raise SignatureInvalid(f"{signature.timestamp_header} is more than {TIMESTAMP_TOLERANCE_S}s from now")
+        if abs((now or time.time()) - seconds) > signature.tolerance_s:
+            raise SignatureInvalid(f"{signature.timestamp_header} is more than {signature.tolerance_s}s from now")
         message = stamp.strip().encode() + body
     key = (secret + "&" if signature.key == "client_secret&" else secret).encode()
     digest = hmac.new(key, message, hashlib.sha1 if signature.algorithm == "hmac-sha1" else hashlib.sha256).digest()
@@ -97,6 +140,35 @@ def verify_signature(signature: Signature, secret: str, headers: dict[str, str],
                 "base64": base64.b64encode(digest).decode()}[signature.encoding]
     if not hmac.compare_digest(expected.encode(), sent.strip().encode()):
         raise SignatureInvalid(f"{signature.header} does not match the body")
+
+
+def replay_id(hooks: Webhooks, headers: Mapping[str, str], body: bytes) -> str:
+    """The id a replay of this (verified) notification would have: its event id when the manifest names one
+    (``replay.id_fields``) and the body carries it, else a SHA-256 of the signed message (timestamp and body)."""
+    fields = (hooks.replay or Replay()).id_fields
+    if fields:
+        try:
+            document = parse_notification(body, hooks.body)
+        except ValueError:
+            document = None
+        if isinstance(document, dict) and all(document.get(f) not in (None, "") for f in fields):
+            named = json.dumps([str(document[f]) for f in fields], separators=(",", ":")).encode()
+            return "id:" + hashlib.sha256(named).hexdigest()
+    signature = hooks.signature
+    message = body
+    if signature is not None and signature.message == "timestamp+body":
+        message = headers.get((signature.timestamp_header or "").lower(), "").strip().encode() + body
+    return "sha256:" + hashlib.sha256(message).hexdigest()
+
+
+def replay_window_s(hooks: Webhooks) -> int:
+    """How long an accepted notification's id is remembered: ``replay.window_s``, and for a timestamped scheme at
+    least twice its tolerance (a timestamp stays acceptable that long), so a replay is never accepted."""
+    window = (hooks.replay or Replay()).window_s
+    signature = hooks.signature
+    if signature is not None and signature.message == "timestamp+body":
+        window = max(window, 2 * signature.tolerance_s)
+    return window
 
 
 def _same(expected: str, given: str | None) -> bool:
@@ -263,18 +335,18 @@ def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[Raw
 
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
-           notifications_topic: str = "healthflow.notifications", control_plane: Any = None) -> APIRouter:
+           notifications_topic: str = "healthflow.notifications", control_plane: Any = None,
+           seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH) -> APIRouter:
     """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks.
 
-    Signed notifications are verified as the manifest says. Providers that sign nothing (Garmin pushes,
-    Withings notifications) are authenticated by a secret in the registered URL: with
-    ``HEALTHFLOW_<PROVIDER>_WEBHOOK_TOKEN`` set, a POST must carry ``?token=<that value>`` or gets 401
-    (set it in production: anyone who knows the URL could otherwise post data or a deregistration).
-
-    ``control_plane`` (a ``ControlPlane``; default: the app's ``state.control_plane``, which
-    ``controlplane.api.create_app`` sets) applies push lifecycle lists.
+    Authentication, limits and replays as the module docstring says. ``control_plane`` (a ``ControlPlane``; default:
+    the app's ``state.control_plane``, which ``controlplane.api.create_app`` sets) applies push lifecycle lists, and
+    its store keeps the ids of accepted notifications unless ``seen`` is given; with neither, signed notifications
+    are refused with 503 (replays could not be recognized).
     """
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
+    opened: list[SeenNotifications] = [seen] if seen is not None else []
+    opening = threading.Lock()
 
     def manifest_of(provider: str):
         found = registry().get(provider.lower())
@@ -284,52 +356,97 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             raise HTTPException(404, f"{provider} does not send webhooks")
         return found
 
+    def seen_store(request: Request) -> SeenNotifications:
+        with opening:
+            if not opened:
+                plane = control_plane or getattr(request.app.state, "control_plane", None)
+                if plane is None:
+                    raise HTTPException(503, "webhook replay protection needs the control-plane store; none is "
+                                             "configured here")
+                opened.append(SeenNotifications(plane.store_url))
+            return opened[0]
+
+    def authenticate(slug: str, hooks: Webhooks, request: Request) -> str | None:
+        """Checks what can be checked before the body is read; the signing key when the provider signs."""
+        token_variable = url_token_variable(slug)
+        url_token = os.environ.get(token_variable)
+        if hooks.signature is None and not url_token:
+            log.warning("%s webhook refused: it signs nothing and %s is not set", slug, token_variable)
+            raise HTTPException(503, f"{slug} webhooks sign nothing, so this route needs a URL token: set "
+                                     f"{token_variable} and register the webhook URL with ?token=<its value>")
+        if url_token and not _same(url_token, request.query_params.get("token")):
+            raise HTTPException(401, "the token query parameter does not match this webhook's token")
+        if hooks.signature is None:
+            return None
+        variable = secret_variable(slug, hooks.signature)
+        secret = os.environ.get(variable)
+        if not secret:
+            raise HTTPException(503, f"{slug} webhooks are signed; set {variable} to verify them")
+        return secret
+
+    def answer(hooks: Webhooks, fields: dict[str, Any]) -> Response:
+        if hooks.mode != "push" and hooks.accept_status == 204:
+            return Response(status_code=204)
+        return JSONResponse({"status": "accepted", **fields})
+
     @api.post("/{provider}/webhook")
     async def receive(provider: str, request: Request) -> Response:
         found = manifest_of(provider)
-        body = await request.body()
-        hooks = found.manifest.webhooks
-        url_token = os.environ.get(f"HEALTHFLOW_{found.slug.upper()}_WEBHOOK_TOKEN")
-        if url_token and not _same(url_token, request.query_params.get("token")):
-            # providers that sign nothing (Garmin, Withings): the secret is in the URL registered with them
-            raise HTTPException(401, "the token query parameter does not match this webhook's token")
-        if hooks.signature is not None:
-            variable = secret_variable(found.slug, hooks.signature)
-            secret = os.environ.get(variable)
-            if not secret:
-                raise HTTPException(503, f"{found.slug} webhooks are signed; set {variable} to verify them")
-            try:
-                verify_signature(hooks.signature, secret, {k.lower(): v for k, v in request.headers.items()}, body)
+        slug, hooks = found.slug, found.manifest.webhooks
+        secret = authenticate(slug, hooks, request)
+        store = None
+        if hooks.signature is not None or hooks.replay is not None:
+            store = await run_in_threadpool(seen_store, request)
+        body = await read_body(request, hooks.max_body_bytes)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if hooks.signature is not None and secret is not None:
+            try:  # on the raw bytes, before anything reads them
+                verify_signature(hooks.signature, secret, headers, body)
             except SignatureInvalid as exc:
                 raise HTTPException(401, f"signature check failed: {exc}") from exc
+        if hooks.body == "json":
+            check_json_depth(body, max_json_depth)
+        claim = None
+        if store is not None:
+            seen_id = replay_id(hooks, headers, body)
+            claim = await run_in_threadpool(store.claim, slug, seen_id, replay_window_s(hooks))
+            if claim is None:
+                log.info("%s webhook %s already accepted: acknowledged, not published again", slug, seen_id)
+                return answer(hooks, {"duplicate": True})
+        try:
+            return await _accept(slug, found, hooks, body, request)
+        except BaseException:
+            if store is not None and claim is not None:
+                await run_in_threadpool(store.release, slug, seen_id, claim)
+            raise
+
+    async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request) -> Response:
         if hooks.mode == "push":
             user_field = found.user_field or "userId"
-            actions = lifecycle_keys(found.slug)
+            actions = lifecycle_keys(slug)
             body, lifecycle = split_lifecycle(body, actions)
             applied = None
             if lifecycle:
                 plane = control_plane or getattr(request.app.state, "control_plane", None)
                 if plane is None:
-                    raise HTTPException(503, f"{found.slug} lifecycle notifications ({', '.join(lifecycle)}) need "
+                    raise HTTPException(503, f"{slug} lifecycle notifications ({', '.join(lifecycle)}) need "
                                              "the control plane; none is configured here")
-                applied = await run_in_threadpool(apply_lifecycle, plane, found.slug, actions, lifecycle, user_field)
+                applied = await run_in_threadpool(apply_lifecycle, plane, slug, actions, lifecycle, user_field)
             body, pings = split_pings(body, hooks.callback_field)
-            payloads = split_push_by_user(found.slug, body, user_field) if body else []
+            payloads = split_push_by_user(slug, body, user_field) if body else []
             if payloads:
                 publish(raw_topic, payloads)
-            queued = queue_pings(found.slug, pings, user_field)
+            queued = queue_pings(slug, pings, user_field)
             if queued:
                 publish(notifications_topic, queued)
-            answer: dict[str, Any] = {"status": "accepted", "raw_events": len(payloads)}
+            fields: dict[str, Any] = {"raw_events": len(payloads)}
             if applied is not None:
-                answer["lifecycle"] = applied
+                fields["lifecycle"] = applied
             if pings:
-                answer["pings"] = sum(len(entries) for entries in pings.values())
-            return JSONResponse(answer)
-        publish(notifications_topic, split_notifications(found.slug, body, hooks))
-        if hooks.accept_status == 204:
-            return Response(status_code=204)
-        return JSONResponse({"status": "accepted"})
+                fields["pings"] = sum(len(entries) for entries in pings.values())
+            return answer(hooks, fields)
+        publish(notifications_topic, split_notifications(slug, body, hooks))
+        return answer(hooks, {})
 
     @api.get("/{provider}/webhook", response_model=None)
     def verify_subscription(provider: str, request: Request, verification_token: str = "",
