@@ -52,7 +52,8 @@ def wait_for(condition: Any, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, topic, caplog):
+def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, topic, caplog, monkeypatch):
+    monkeypatch.setenv("HEALTHFLOW_GARMIN_WEBHOOK_TOKEN", "garmin-url-t0ken")  # Garmin signs nothing: the URL's secret
     state, out = f"sqlite:///{tmp_path}/state.db", tmp_path / "out.db"
     events = MemoryCollector()
     server = BackgroundServer()
@@ -62,7 +63,7 @@ def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, to
         return run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "garmin-cycle"),
                                       [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"), state_url=state))
 
-    with FakeGarmin(webhook_url=f"{server.url}/v2/providers/garmin/webhook") as garmin:
+    with FakeGarmin(webhook_url=f"{server.url}/v2/providers/garmin/webhook?token=garmin-url-t0ken") as garmin:
         plane = garmin.control_plane(state, public_url=server.url, emit=events)
         dev = plane.create_developer(dev_id="lab", name="lab")
         http = requests.Session()

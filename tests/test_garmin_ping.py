@@ -81,13 +81,13 @@ class Env:
 @pytest.fixture
 def env(tmp_path, broker, topic, monkeypatch) -> Iterator[Env]:
     """Two connected Garmin users (ACCOUNT_1 → athlete-1, ACCOUNT_2 → athlete-2); dailies and sleeps by Ping."""
-    for name in ("API_BASE", "WEBHOOK_TOKEN"):
-        monkeypatch.delenv(f"HEALTHFLOW_GARMIN_{name}", raising=False)
+    monkeypatch.delenv("HEALTHFLOW_GARMIN_API_BASE", raising=False)
+    monkeypatch.setenv("HEALTHFLOW_GARMIN_WEBHOOK_TOKEN", "garmin-url-t0ken")  # Garmin signs nothing: the URL's secret
     state, out = f"sqlite:///{tmp_path}/state.db", tmp_path / "out.db"
     notes = f"{topic}.notes"
     broker.create_topic(notes, partitions=2)
     server = BackgroundServer()
-    with FakeGarmin(webhook_url=f"{server.url}/v2/providers/garmin/webhook",
+    with FakeGarmin(webhook_url=f"{server.url}/v2/providers/garmin/webhook?token=garmin-url-t0ken",
                     ping_types=frozenset({"dailies", "sleeps"})) as garmin:
         plane = garmin.control_plane(state, public_url=server.url, emit=MemoryCollector())
         publisher = KafkaPublisher(broker.bootstrap, topic)

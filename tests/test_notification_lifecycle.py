@@ -37,6 +37,7 @@ from controlplane.polling import (
     RedisRateLimiter,
 )
 from controlplane.webhooks import router
+from controlplane.webhooks.seen import SeenNotifications
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 
@@ -64,6 +65,9 @@ def night(ends: date, log_id: int) -> dict[str, Any]:
     return {**json.loads(text), "logId": log_id}
 
 
+WITHINGS_URL_TOKEN = "withings-url-t0ken"
+
+
 def fitbit_signed(body: bytes, secret: str = "secret") -> dict[str, str]:
     mac = hmac.new(f"{secret}&".encode(), body, hashlib.sha1).digest()
     return {"X-Fitbit-Signature": base64.b64encode(mac).decode(), "Content-Type": "application/json"}
@@ -75,13 +79,15 @@ def fitbit_note(collection: str, owner: str = ACCOUNT, day: str | None = "2024-0
 
 
 @pytest.fixture
-def webhook(broker, topic, monkeypatch) -> Iterator[tuple[str, str]]:
+def webhook(broker, topic, monkeypatch, tmp_path) -> Iterator[tuple[str, str]]:
     """The webhook router over HTTP, queueing notifications on ``<topic>.notes``: ``(base URL, notes topic)``."""
     monkeypatch.setenv("HEALTHFLOW_FITBIT_CLIENT_SECRET", "secret")  # connect_provider's client secret
+    monkeypatch.setenv("HEALTHFLOW_WITHINGS_WEBHOOK_TOKEN", WITHINGS_URL_TOKEN)  # Withings signs nothing
     notes = f"{topic}.notes"
     broker.create_topic(notes, partitions=2)
     app = FastAPI()
-    app.include_router(router(lambda target, payloads: publish(broker.bootstrap, target, payloads), topic, notes))
+    app.include_router(router(lambda target, payloads: publish(broker.bootstrap, target, payloads), topic, notes,
+                              seen=SeenNotifications(f"sqlite:///{tmp_path}/seen.db")))
     with BackgroundServer() as server:
         server.start(app)
         yield f"{server.url}/v2/providers", notes
@@ -219,7 +225,8 @@ def test_withings_form_notifications_fetch_their_span_and_unlink_revokes(tmp_pat
             fetcher = NotificationFetcher(ConnectionPolling(plane, poller))
 
             def notify(**fields: Any) -> None:
-                reply = requests.post(f"{base}/withings/webhook", data=urllib.parse.urlencode(fields), timeout=10,
+                reply = requests.post(f"{base}/withings/webhook?token={WITHINGS_URL_TOKEN}", timeout=10,
+                                      data=urllib.parse.urlencode(fields),
                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
                 assert reply.status_code == 200 and reply.json() == {"status": "accepted"}
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from connectors.publish import publish
 from controlplane.webhooks import router
+from controlplane.webhooks.seen import SeenNotifications
 from core.raw import RawMessage
 from pipelines.embedded import free_port
 from transforms.normalize import Failed, normalize_message
@@ -28,13 +29,13 @@ def _read(broker, topic: str) -> list[dict]:
     return read_raw_events(broker.bootstrap, topic)
 
 
-def _serve(broker, control_plane=None):
+def _serve(broker, control_plane=None, seen=None, app=None):
     raw, notes = f"raw.{time.time_ns()}", f"notes.{time.time_ns()}"
     broker.create_topic(raw, 2)
     broker.create_topic(notes, 2)
-    app = FastAPI()
+    app = app or FastAPI()
     app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes,
-                              control_plane=control_plane))
+                              control_plane=control_plane, seen=seen))
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -46,16 +47,20 @@ def _serve(broker, control_plane=None):
     thread.join(5)
 
 
+GARMIN_TOKEN = "garmin-url-t0ken"
+
+
 @pytest.fixture
-def server(broker, monkeypatch):
-    """The webhook router alone (no control plane)."""
+def server(broker, monkeypatch, tmp_path):
+    """The webhook router alone (no control plane; accepted notification ids in a SQLite store)."""
     monkeypatch.setenv("HEALTHFLOW_OURA_CLIENT_SECRET", "oura-secret")
     monkeypatch.setenv("HEALTHFLOW_WHOOP_CLIENT_SECRET", "whoop-secret")
     monkeypatch.setenv("HEALTHFLOW_OURA_VERIFICATION_TOKEN", "verify-me")
     monkeypatch.setenv("HEALTHFLOW_FITBIT_CLIENT_SECRET", "fitbit-secret")
     monkeypatch.setenv("HEALTHFLOW_FITBIT_VERIFICATION_CODE", "fitbit-code-1")
     monkeypatch.delenv("HEALTHFLOW_POLAR_WEBHOOK_SECRET", raising=False)
-    yield from _serve(broker)
+    monkeypatch.setenv("HEALTHFLOW_GARMIN_WEBHOOK_TOKEN", GARMIN_TOKEN)
+    yield from _serve(broker, seen=SeenNotifications(f"sqlite:///{tmp_path}/seen.db"))
 
 
 def _garmin_daily(user: str, steps: int) -> dict:
@@ -68,7 +73,7 @@ def test_garmin_push_becomes_one_raw_event_per_user(server, broker):
     body = {"dailies": [_garmin_daily("u1", 100), _garmin_daily("u2", 200)],
             "sleeps": [{"userId": "u1", "summaryId": "s1", "startTimeInSeconds": 1793574000,
                         "startTimeOffsetInSeconds": 3600, "durationInSeconds": 25000, "validation": "DEVICE"}]}
-    reply = requests.post(f"{base}/garmin/webhook", json=body, timeout=10)
+    reply = requests.post(f"{base}/garmin/webhook?token={GARMIN_TOKEN}", json=body, timeout=10)
     assert reply.status_code == 200 and reply.json() == {"status": "accepted", "raw_events": 2}
     events = {e["user_id"]: e for e in _read(broker, raw)}
     assert set(events) == {"u1", "u2"} and events["u1"]["key"] == b"garmin:u1"
@@ -90,11 +95,12 @@ def test_unsigned_providers_are_authenticated_by_the_url_token(server, broker, m
     assert accepted.status_code == 200 and len(_read(broker, raw)) == 1
 
 
-def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
+def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path, monkeypatch):
     from cryptography.fernet import Fernet
 
     from controlplane.auth import ControlPlane
 
+    monkeypatch.setenv("HEALTHFLOW_GARMIN_WEBHOOK_TOKEN", GARMIN_TOKEN)
     with ControlPlane(f"sqlite:///{tmp_path}/cp.db", Fernet.generate_key().decode(), environ={}) as plane:
         served = _serve(broker, plane)
         base, raw, _ = next(served)
@@ -102,11 +108,12 @@ def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
                 "deregistrations": [{"userId": "u9", "userAccessToken": "secret-uat"}],
                 "userPermissionsChange": [{"userId": "u1", "permissions": ["HEALTH_EXPORT"],
                                            "changeTimeInSeconds": 1793574000}]}
-        reply = requests.post(f"{base}/garmin/webhook", json=body, timeout=10)
+        reply = requests.post(f"{base}/garmin/webhook?token={GARMIN_TOKEN}", json=body, timeout=10)
         assert reply.status_code == 200 and reply.json() == {"status": "accepted", "raw_events": 1, "lifecycle": 2}
         (event,) = _read(broker, raw)
         assert json.loads(event["payload"]) == {"dailies": body["dailies"]}  # no lifecycle list, no access token
-        only = requests.post(f"{base}/garmin/webhook", json={"deregistrations": [{"userId": "u9"}]}, timeout=10)
+        only = requests.post(f"{base}/garmin/webhook?token={GARMIN_TOKEN}",
+                             json={"deregistrations": [{"userId": "u9"}]}, timeout=10)
         assert only.json() == {"status": "accepted", "raw_events": 0, "lifecycle": 1}
         assert len(_read(broker, raw)) == 1
         next(served, None)
@@ -114,14 +121,15 @@ def test_garmin_lifecycle_lists_are_applied_not_published(broker, tmp_path):
 
 def test_garmin_lifecycle_without_a_control_plane_is_refused_for_a_retry(server, broker):
     base, raw, _ = server
-    reply = requests.post(f"{base}/garmin/webhook", json={"deregistrations": [{"userId": "u9"}]}, timeout=10)
+    reply = requests.post(f"{base}/garmin/webhook?token={GARMIN_TOKEN}", json={"deregistrations": [{"userId": "u9"}]},
+                          timeout=10)
     assert reply.status_code == 503 and "control plane" in reply.json()["detail"]
     assert _read(broker, raw) == []
 
 
 def test_a_push_that_is_not_json_is_kept_for_the_dead_letters(server, broker):
     base, raw, _ = server
-    reply = requests.post(f"{base}/garmin/webhook", data=b'{"dailies": [', timeout=10)
+    reply = requests.post(f"{base}/garmin/webhook?token={GARMIN_TOKEN}", data=b'{"dailies": [', timeout=10)
     assert reply.status_code == 200
     (event,) = _read(broker, raw)
     assert event["payload"] == b'{"dailies": ['
