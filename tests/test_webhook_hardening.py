@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 
@@ -359,13 +358,11 @@ def test_a_notification_that_could_not_be_queued_is_accepted_when_retried(broker
     assert len(read_raw_events(broker.bootstrap, notes)) == 1
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+@pytest.mark.parametrize("database", ["sqlite", "postgres", "mysql"])
 def test_concurrent_claims_of_one_notification_admit_exactly_one(tmp_path, database):
-    if database == "sqlite":
-        url, drop = f"sqlite:///{tmp_path}/seen.db", None
-    else:
-        url = "postgresql://postgres@127.0.0.1:5432/postgres"
-        drop = f"hf_seen_{time.time_ns()}"
+    url, drop = {"sqlite": (f"sqlite:///{tmp_path}/seen.db", None),
+                 "postgres": ("postgresql://postgres@127.0.0.1:5432/postgres", f"hf_seen_{time.time_ns()}"),
+                 "mysql": ("mysql://root@127.0.0.1:3306/test", f"hf_seen_{time.time_ns()}")}[database]
     table = drop or "healthflow_webhook_seen"
     stores = [SeenNotifications(url, table) for _ in range(4)]  # four "processes", each its own connection
     try:
@@ -384,5 +381,8 @@ def test_concurrent_claims_of_one_notification_admit_exactly_one(tmp_path, datab
         for store in stores:
             store.close()
         if drop:
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(f"DROP TABLE IF EXISTS {drop}")
+            from core.store import Store
+
+            cleanup = Store(url).open()
+            cleanup.execute(f"DROP TABLE IF EXISTS {drop}")
+            cleanup.close()
