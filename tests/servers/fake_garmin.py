@@ -1,6 +1,6 @@
 """A fake Garmin Connect Developer Program on loopback (real HTTP both ways), for the Garmin cycle tests.
 
-    with FakeGarmin(webhook_url=f"{api}/v2/providers/garmin/webhook") as garmin:
+    with FakeGarmin(webhook_url=f"{api}/v2/providers/garmin/webhook?token={HEALTHFLOW_GARMIN_WEBHOOK_TOKEN}") as garmin:
         plane = garmin.control_plane(state_url, public_url=api, emit=events)   # the real garmin manifest, pointed here
         garmin.sync(account, "dailies", [daily, ...])       # stored, and pushed to the webhook like Garmin does
 
