@@ -347,6 +347,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
     opened: list[SeenNotifications] = [seen] if seen is not None else []
     opening = threading.Lock()
+    warned: set[str] = set()
 
     def manifest_of(provider: str):
         found = registry().get(provider.lower())
@@ -371,7 +372,9 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
         token_variable = url_token_variable(slug)
         url_token = os.environ.get(token_variable)
         if hooks.signature is None and not url_token:
-            log.warning("%s webhook refused: it signs nothing and %s is not set", slug, token_variable)
+            if slug not in warned:  # once per provider: refused requests cannot flood the log
+                warned.add(slug)
+                log.warning("%s webhooks refused: they sign nothing and %s is not set", slug, token_variable)
             raise HTTPException(503, f"{slug} webhooks sign nothing, so this route needs a URL token: set "
                                      f"{token_variable} and register the webhook URL with ?token=<its value>")
         if url_token and not _same(url_token, request.query_params.get("token")):
