@@ -402,7 +402,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             store = await run_in_threadpool(seen_store, request)
         body = await read_body(request, hooks.max_body_bytes)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        if hooks.signature is not None and secret is not None:
+        if secret is not None:
             try:  # on the raw bytes, before anything reads them
                 verify_signature(hooks.signature, secret, headers, body)
             except SignatureInvalid as exc:
