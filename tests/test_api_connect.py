@@ -193,3 +193,24 @@ def test_validation_errors_are_useful(api):
             "/v2/auth/deauthenticateUser", "/v2/integrations", "/v2/auth/callback/{provider}"} <= set(spec["paths"])
     assert {s["name"] for s in spec["components"]["securitySchemes"].values()} == {"dev-id", "x-api-key"}
     assert urlsplit(api.url).hostname == "127.0.0.1"
+
+
+def test_a_revoked_key_is_refused_at_once_by_every_instance(api, store_url, table_prefix, fake_provider):
+    """Two control planes on one database (as two `healthflow serve` processes): revoking a key in one makes the
+    other refuse it at its next request, although it had just verified (and remembered) that key."""
+    manifests = {**{slug: p.manifest for slug, p in registry().items()}, **fake_manifests()}
+    with BackgroundServer() as server:
+        other = ControlPlane(store_url, Fernet.generate_key().decode(), public_url=server.url,
+                             manifests=manifests, settings=fake_settings(fake_provider), environ={},
+                             table_prefix=table_prefix).open()
+        try:
+            server.start(create_app(other))
+            url = f"{server.url}/v2/integrations"
+            assert [api.http.get(url).status_code for _ in range(3)] == [200, 200, 200]
+            [key] = api.plane.api_keys(api.dev_id)
+            api.plane.revoke_api_key(key["key_id"])  # in the first instance
+            refused = api.http.get(url)
+            assert refused.status_code == 403 and "revoked keys are refused" in refused.json()["message"]
+            assert api.http.get(f"{api.url}/v2/integrations").status_code == 403
+        finally:
+            other.close()

@@ -87,21 +87,19 @@ class ControlPlane:
                  emit: Emit | None = None, manifests: Mapping[str, Manifest] | None = None,
                  settings: Mapping[str, ProviderSettings] | None = None, environ: Mapping[str, str] | None = None,
                  table_prefix: str = "healthflow_cp_", refresh_skew_s: float = 300.0, state_ttl_s: float = 900.0,
-                 profile_fetchers: Mapping[str, ProfileFetcher] | None = None, http_timeout_s: float = 15.0,
-                 api_key_cache_s: float = 60.0) -> None:
+                 profile_fetchers: Mapping[str, ProfileFetcher] | None = None, http_timeout_s: float = 15.0) -> None:
         check_prefix(table_prefix)
         self.cipher = TokenCipher(secret_key, environ)
         self.tables = Tables(store_url, table_prefix)  # validates the URL now
         self.store_url, self.public_url = store_url, public_url.rstrip("/")
         self.refresh_skew_s, self.state_ttl_s = refresh_skew_s, state_ttl_s
-        self.api_key_cache_s = api_key_cache_s
         self.providers = Providers(manifests, settings, environ, profile_fetchers, http_timeout_s)
         self.manifests: dict[str, Manifest] = self.providers.manifests
         t = self.tables
         self.t_devs, self.t_keys, self.t_users = t.devs, t.keys, t.users
         self.t_flows, self.t_sessions, self.t_tokens, self.t_events = t.flows, t.sessions, t.tokens, t.events
 
-        self.developers = Developers(t, api_key_cache_s)
+        self.developers = Developers(t)
         self.connections_repo = Connections(t, self.manifests)
         self.token_store = TokenStore(t, self.cipher)
         self.widget_sessions = WidgetSessions(t, self.providers)
@@ -164,7 +162,8 @@ class ControlPlane:
         self.developers.revoke_api_key(key_id)
 
     def check_api_key(self, dev_id: str, api_key: str) -> bool:
-        """True when ``api_key`` is a live key of ``dev_id`` (constant-time; verified keys are cached briefly)."""
+        """True when ``api_key`` is a live key of ``dev_id`` (constant-time; a revoked key is refused at once, by every
+        process). Unthrottled: the API checks keys through ``guard.ApiKeyGuard``."""
         return self.developers.check_api_key(dev_id, api_key)
 
     # ------------------------------------------------------------------ providers

@@ -1,24 +1,45 @@
 """Developers and their API keys (tables ``developers`` and ``api_keys``): only a salted scrypt hash of a key is
-stored; verified keys are cached briefly."""
+stored.
+
+Checking a key reads its row on every call (one primary-key lookup), so a key revoked by any process is refused by
+every process at its next request. scrypt runs only for a key not yet verified against that row: a verified key is
+remembered by a keyed digest of ``(dev-id, key)`` next to the stored hash it matched, in a bounded per-process memo
+that a changed or revoked row invalidates (``LiveKey.remembered``)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import threading
-import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from controlplane.auth.model import UnknownUser, iso
-from controlplane.auth.secrets import hash_api_key, new_api_key, parse_api_key, sha256_hex, verify_api_key
+from controlplane.auth.secrets import hash_api_key, new_api_key, parse_api_key, verify_api_key
 from controlplane.auth.tables import Tables
 from core.store import now_ms
 
 
+@dataclass(frozen=True)
+class LiveKey:
+    """The stored row of a live (not revoked) key, and whether this process already verified the presented
+    plaintext against exactly this hash (then no scrypt is needed)."""
+
+    key_id: str
+    salt: str
+    digest: str
+    remembered: bool
+
+
 class Developers:
-    def __init__(self, tables: Tables, api_key_cache_s: float = 60.0) -> None:
-        self.tables, self.api_key_cache_s = tables, api_key_cache_s
+    def __init__(self, tables: Tables, verified_memo_size: int = 4096) -> None:
+        self.tables, self.verified_memo_size = tables, verified_memo_size
         self._lock = threading.Lock()
-        self._key_cache: dict[str, float] = {}
+        self._memo_key = secrets.token_bytes(32)
+        self._verified: OrderedDict[bytes, str] = OrderedDict()  # digest of (dev-id, key) → stored hash it matched
 
     def ddl(self) -> list[str]:
         return [
@@ -53,23 +74,57 @@ class Developers:
         return [{"key_id": k, "created_at": iso(c), "revoked_at": iso(r)} for k, c, r in rows]
 
     def revoke_api_key(self, key_id: str) -> None:
+        """Revoke a key: every process refuses it from its next request on (each check reads the row)."""
         self.tables.store.execute(f"UPDATE {self.tables.keys} SET revoked_at_ms = ? WHERE key_id = ?",
                                   [now_ms(), key_id])
+
+    # ------------------------------------------------------------------ checking a key
+    def live_key(self, dev_id: str, api_key: str) -> LiveKey | None:
+        """The live key row ``api_key`` names for ``dev_id`` (one primary-key lookup; none for a malformed key),
+        or None: an unknown, revoked or other developer's key. Needs no scrypt either way."""
+        key_id = parse_api_key(api_key)
+        if not key_id:
+            return None
+        rows = self.tables.store.query(f"SELECT salt, hash FROM {self.tables.keys} WHERE key_id = ? AND dev_id = ? "
+                                       "AND revoked_at_ms IS NULL", [key_id, dev_id])
+        if not rows:
+            return None
+        salt, digest = rows[0]
+        memo = self._memo(dev_id, api_key)
         with self._lock:
-            self._key_cache.clear()
+            remembered = self._verified.get(memo)
+            if remembered is not None:
+                self._verified.move_to_end(memo)
+        return LiveKey(key_id, salt, digest, remembered is not None and hmac.compare_digest(remembered, digest))
+
+    def remembers(self, dev_id: str, api_key: str) -> bool:
+        """Whether this process verified ``api_key`` for ``dev_id`` before (no I/O; ``live_key`` still decides)."""
+        with self._lock:
+            return self._memo(dev_id, api_key) in self._verified
+
+    def verify(self, dev_id: str, api_key: str, key: LiveKey) -> bool:
+        """scrypt ``api_key`` against ``key`` (constant-time compare); a match is remembered."""
+        if not verify_api_key(api_key, key.salt, key.digest):
+            return False
+        with self._lock:
+            self._verified[self._memo(dev_id, api_key)] = key.digest
+            while len(self._verified) > self.verified_memo_size:
+                self._verified.popitem(last=False)
+        return True
+
+    @staticmethod
+    def dummy_verify(api_key: str) -> None:
+        """The same scrypt work as ``verify`` against no key, so a missing key takes as long as a wrong one."""
+        verify_api_key(api_key, None, None)
 
     def check_api_key(self, dev_id: str, api_key: str) -> bool:
-        """True when ``api_key`` is a live key of ``dev_id`` (constant-time; verified keys are cached briefly)."""
-        cache_key = sha256_hex(f"{dev_id}\0{api_key}")
-        with self._lock:
-            if self._key_cache.get(cache_key, 0.0) > time.monotonic():
-                return True
-        key_id = parse_api_key(api_key)
-        rows = self.tables.store.query(f"SELECT salt, hash FROM {self.tables.keys} WHERE key_id = ? AND dev_id = ? "
-                                       "AND revoked_at_ms IS NULL", [key_id or "", dev_id]) if key_id else []
-        salt, digest = rows[0] if rows else (None, None)
-        ok = verify_api_key(api_key, salt, digest)
-        if ok and self.api_key_cache_s > 0:
-            with self._lock:
-                self._key_cache[cache_key] = time.monotonic() + self.api_key_cache_s
-        return ok
+        """True when ``api_key`` is a live key of ``dev_id`` (constant-time). Unthrottled: the API checks keys
+        through ``guard.ApiKeyGuard``."""
+        key = self.live_key(dev_id, api_key)
+        if key is None:
+            self.dummy_verify(api_key)
+            return False
+        return key.remembered or self.verify(dev_id, api_key, key)
+
+    def _memo(self, dev_id: str, api_key: str) -> bytes:
+        return hmac.new(self._memo_key, f"{dev_id}\0{api_key}".encode(), hashlib.sha256).digest()
