@@ -120,15 +120,12 @@ def test_authenticate_user_flow_and_callback_failures(api):
     assert replayed.status_code == 302 and query_of(replayed.headers["Location"])["reason"] == "state_reused"
     assert api.plane.connection(started["user_id"]).state == ACTIVE
 
-    tampered = start(api, reference_id="ref-2")  # state mismatch: right flow, wrong secret
-    back = browse(tampered["auth_url"]).headers["Location"]
-    state = query_of(back)["state"]
-    forged = back.replace(state, state.split(".")[0] + ".forged")
-    failed = browse(forged)
-    assert failed.headers["Location"].startswith(FAILED_URL)
+    wrong_provider = start(api, reference_id="ref-2")  # the right state sent back to another provider's callback
+    back = browse(wrong_provider["auth_url"]).headers["Location"]
+    failed = browse(back.replace("/callback/fakebody?", "/callback/fakepkce?"))
     assert query_of(failed.headers["Location"])["reason"] == "state_mismatch"
-    assert api.http.get(f"{api.url}/v2/userInfo", params={"user_id": tampered["user_id"]}).status_code == 404
-    assert query_of(browse(back).headers["Location"])["reason"] == "state_reused"  # the flow is burnt
+    assert api.http.get(f"{api.url}/v2/userInfo", params={"user_id": wrong_provider["user_id"]}).status_code == 404
+    assert query_of(browse(back).headers["Location"])["reason"] == "state_reused"  # the flow is over
 
     late = start(api, reference_id="ref-3")  # expired state
     back = browse(late["auth_url"]).headers["Location"]
@@ -149,6 +146,23 @@ def test_authenticate_user_flow_and_callback_failures(api):
     assert [e["reference_id"] for e in cancelled] == ["ref-1", "ref-2", "ref-2", "ref-3", "ref-4"]
     assert all(e["status"] == "error" and e["provider"] == "FAKEBODY" for e in cancelled)
     assert len(api.events.of_type("auth")) == 1
+
+
+def test_a_wrong_state_secret_cannot_burn_a_login(api):
+    """Knowing a flow id (it is in lifecycle events) is not enough to cancel someone's login: a callback with the
+    right flow id and a wrong secret is refused like an unknown state, without the developer's redirect, and
+    changes nothing; the user's own callback still connects."""
+    started = start(api, reference_id="ref-9")
+    back = browse(started["auth_url"]).headers["Location"]
+    state = query_of(back)["state"]
+    for forged_secret in ("forged", "", state.split(".")[1][:-1] + "x"):
+        forged = browse(back.replace(state, f"{state.split('.')[0]}.{forged_secret}"))
+        assert forged.status_code == 400 and "start the connection again" in forged.text
+        assert "Location" not in forged.headers and "ref-9" not in forged.text
+    assert api.plane.connection(started["user_id"]).state == "pending"
+    assert api.events.of_type("auth_cancelled") == []
+    done = browse(back)
+    assert done.headers["Location"].startswith(OK_URL) and api.plane.connection(started["user_id"]).state == ACTIVE
 
 
 def test_deauthenticate_user(api):

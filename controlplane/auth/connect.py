@@ -65,17 +65,27 @@ class Connect:
         return AuthStart(user_id, auth_url, flow_id)
 
     def complete_auth(self, provider: str, params: Mapping[str, str]) -> AuthOutcome:
-        """Handle the provider's redirect back (``code``/``state`` or ``error``)."""
+        """Handle the provider's redirect back (``code``/``state`` or ``error``).
+
+        Only the state's secret (issued in the authorize URL, stored as a hash) can end an authorization: a state
+        naming an existing flow with a wrong secret is answered like an unknown one (``invalid_state``, no redirect
+        that would reveal the developer's URLs) and changes nothing, so knowing a flow id (it is in lifecycle
+        events) does not let anyone cancel someone else's login. A wrong secret cannot be guessed (256 bits), so
+        wrong tries are logged rather than counted toward expiring the flow, which would let them burn it again.
+        """
         slug = self.providers.provider_slug(provider)
         flow_id, _, secret = (params.get("state") or "").partition(".")
         at = now_ms()
         pending: list[dict[str, Any]] = []
         with self.tables.store.transaction() as cur:
             flow = self.flows.lock(cur, flow_id)
-            if flow is None:
+            if flow is None or not hmac.compare_digest(sha256_hex(secret), flow.state_hash):
+                if flow is not None:  # someone knows the flow id but not its secret: they change nothing
+                    log.warning("auth %s: callback with a wrong state secret refused; the authorization stays "
+                                "open", flow.flow_id)
                 return AuthOutcome(False, None, reason="invalid_state",
                                    message="unknown or malformed state: start the connection again")
-            reason, message = self._check_callback(flow, slug, secret, params, at)
+            reason, message = self._check_callback(flow, slug, params, at)
             if flow.used_at_ms is None:
                 self.flows.mark_used(cur, flow.flow_id, at)
             if reason:
@@ -99,11 +109,11 @@ class Connect:
             return self._abandon(flow, "token_exchange_failed", f"the provider did not grant access: {exc}")
         return self._activate(flow, token, provider_user_id)
 
-    def _check_callback(self, flow: Flow, slug: str, secret: str, params: Mapping[str, str],
-                        at: int) -> tuple[str | None, str]:
+    def _check_callback(self, flow: Flow, slug: str, params: Mapping[str, str], at: int) -> tuple[str | None, str]:
+        """Why a callback carrying the flow's right secret fails, or None."""
         if flow.used_at_ms is not None:
             return "state_reused", "this authorization was already completed or abandoned; start again"
-        if not hmac.compare_digest(sha256_hex(secret), flow.state_hash) or flow.provider != slug:
+        if flow.provider != slug:
             return "state_mismatch", "the state sent back does not match the one issued"
         if at > flow.expires_at_ms:
             return "state_expired", "the authorization took too long; start again"
