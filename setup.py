@@ -44,6 +44,7 @@ setup(
         "uvicorn>=0.54,<1",
         "cryptography>=50,<51",
         "redis>=8.1,<9",  # IANA zones for zoneinfo even where the host has none (Withings, Fitbit)
+        "limits>=5.8,<6",  # failed API-key checks counted per client and dev-id (memory or Redis)
     ],
     extras_require={
         # What Beam's DataflowRunner needs besides apache-beam itself (not the whole apache-beam[gcp] extra).

@@ -1,6 +1,7 @@
 """The ``/v2`` API (Terra's shapes): connect widget, custom-UI authentication, OAuth callbacks, users.
 
-Developer calls carry ``dev-id`` and ``x-api-key`` headers (missing → 401, wrong → 403). Browser
+Developer calls carry ``dev-id`` and ``x-api-key`` headers (missing → 401, wrong → 403; too many wrong
+keys from one client or for one dev-id → 429 with Retry-After, see ``controlplane.auth.guard``). Browser
 pages (the widget and the OAuth callback) carry no headers: a widget session id is a short-lived
 capability, and a callback is bound to its single-use ``state``. Errors answer
 ``{"status": "error", "message": …}``; request validation errors answer 422 with the same fields
@@ -11,7 +12,9 @@ read, JSON nested more than 64 levels → 400; the provider webhooks (``/v2/prov
 from __future__ import annotations
 
 import html
+import ipaddress
 import logging
+import math
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -31,17 +34,19 @@ from controlplane.auth.control_plane import (
     UnknownUser,
     check_redirect_url,
 )
+from controlplane.auth.guard import ApiKeyGuard, AuthBusy, Throttled
 from controlplane.limits import API_MAX_BODY_BYTES, MAX_JSON_DEPTH, RequestLimits
 from core.errors import FatalError, PermanentError, RetryableError
+from core.workqueue import QueueFull
 from schemas import MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status_code, self.message = status_code, message
+        self.status_code, self.message, self.retry_after = status_code, message, retry_after
 
 
 # ---------------------------------------------------------------------- request and response models
@@ -131,6 +136,8 @@ class ErrorResponse(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "dev-id or x-api-key header missing"},
     403: {"model": ErrorResponse, "description": "wrong x-api-key for this dev-id"},
+    429: {"model": ErrorResponse, "description": "too many wrong keys from this client or for this dev-id "
+                                                 "(see Retry-After)"},
 }
 
 
@@ -140,16 +147,37 @@ _api_key_header = APIKeyHeader(name="x-api-key", scheme_name="ApiKey", auto_erro
                                description="your API key (secret)")
 
 
-def developer(request: Request, dev_id: Annotated[str | None, Security(_dev_id_header)],
-              api_key: Annotated[str | None, Security(_api_key_header)]) -> str:
-    """The caller's dev-id once its x-api-key checks out (401 when a header is missing, 403 when wrong)."""
+async def developer(request: Request, dev_id: Annotated[str | None, Security(_dev_id_header)],
+                    api_key: Annotated[str | None, Security(_api_key_header)]) -> str:
+    """The caller's dev-id once its x-api-key checks out (401 when a header is missing, 403 when wrong, 429 or 503
+    with Retry-After when throttled or busy)."""
     if not dev_id or not api_key:
         raise ApiError(401, "authentication required: send your developer id in the dev-id header and your "
                             "API key in the x-api-key header")
-    if not request.app.state.control_plane.check_api_key(dev_id, api_key):
+    try:
+        ok = await request.app.state.api_key_guard.authenticate(dev_id, api_key, client_address(request))
+    except Throttled as exc:
+        raise ApiError(429, str(exc), exc.retry_after) from exc
+    except AuthBusy as exc:
+        raise ApiError(503, str(exc), exc.retry_after) from exc
+    if not ok:
         raise ApiError(403, f"x-api-key is not a valid API key for dev-id {dev_id!r} (check both headers; "
                             "revoked keys are refused)")
     return dev_id
+
+
+def client_address(request: Request) -> str:
+    """Who to count failures against: the client's IP address, an IPv6 one by its /64 (one host's usual share).
+    Behind a proxy this is the proxy unless uvicorn trusts it for X-Forwarded-For (``FORWARDED_ALLOW_IPS``)."""
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        return str(mapped) if mapped else str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 Dev = Annotated[str, Depends(developer)]
@@ -165,23 +193,27 @@ class BackfillResponse(BaseModel):
 
 
 def create_app(control_plane: ControlPlane, *, title: str = "healthflow", polling: Any = None,
-               max_body_bytes: int = API_MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH) -> FastAPI:
+               max_body_bytes: int = API_MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH,
+               api_key_guard: ApiKeyGuard | None = None) -> FastAPI:
     """The API around an opened ``ControlPlane``; with ``polling`` (a ``ConnectionPolling``) it also
     answers historical requests (``GET /v2/{type}``). For a push provider (Garmin) a historical request
     asks the provider to push that history; it arrives through the webhook router as normal data, without
     ``terra-reference`` (nothing in it names the request). ``app.state.control_plane`` is what the webhook
     router (``controlplane.webhooks``) applies push lifecycle lists to. ``max_body_bytes`` and ``max_json_depth``
-    cap every request body but the provider webhooks'."""
+    cap every request body but the provider webhooks'. ``api_key_guard`` checks developer keys (default: an
+    in-process ``ApiKeyGuard``)."""
     cp = control_plane
     app = FastAPI(title=f"{title} API", version="2", openapi_url="/v2/openapi.json", docs_url="/v2/docs",
                   redoc_url=None, description=__doc__)
     app.state.control_plane = cp
+    app.state.api_key_guard = api_key_guard or ApiKeyGuard(cp.developers)
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                        exempt_prefixes=("/v2/providers/",))
 
     @app.exception_handler(ApiError)
     def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"status": "error", "message": exc.message}, exc.status_code)
+        headers = {"Retry-After": str(math.ceil(exc.retry_after))} if exc.retry_after is not None else None
+        return JSONResponse({"status": "error", "message": exc.message}, exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -272,7 +304,10 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow", pollin
         return IntegrationsResponse(providers=out)
 
     @app.get("/v2/{data_type}", response_model=BackfillResponse, responses=_ERRORS, tags=["data"],
-             summary="Historical data for a user, sent to the destinations (to_webhook=true) with terra-reference")
+             summary="Historical data for a user, sent to the destinations (to_webhook=true) with terra-reference",
+             description="One request covers at most 365 days (the default of `healthflow serve "
+                         "--history-max-days`; longer ranges answer 400: split them). Requests are queued for a "
+                         "few workers: when the queue is full the answer is 503 with Retry-After.")
     def historical(dev_id: Dev, data_type: str, user_id: str, start_date: str, end_date: str | None = None,
                    to_webhook: bool = True) -> BackfillResponse:
         if data_type not in MODEL_TYPES:
@@ -288,7 +323,10 @@ def create_app(control_plane: ControlPlane, *, title: str = "healthflow", pollin
         connection = cp.connection(user_id, dev_id)
         if not connection.active:
             raise ApiError(400, f"user {user_id} is not connected (state {connection.state})")
-        reference, kinds = polling.backfill(user_id, data_type, start, end)
+        try:
+            reference, kinds = polling.backfill(user_id, data_type, start, end)
+        except QueueFull as exc:
+            raise ApiError(503, f"too many historical requests in progress: {exc}", exc.retry_after) from exc
         if not kinds:
             raise ApiError(400, f"Data type requested not available from provider {connection.terra_name}")
         return BackfillResponse(status="success", type=data_type, reference=reference,
