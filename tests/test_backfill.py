@@ -81,3 +81,65 @@ def test_a_historical_request_is_chunked_and_delivered_with_its_reference(tmp_pa
         assert references == {body["reference"]}
         publisher.close()
     plane.close()
+
+
+def wait_idle(polling: ConnectionPolling, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while polling.backfills_in_flight:
+        assert time.monotonic() < deadline, "the queued historical requests did not finish"
+        time.sleep(0.05)
+
+
+def test_historical_requests_are_capped_and_queued_on_a_few_workers(tmp_path, fake_provider, broker, topic):
+    """A range beyond the cap answers 400 saying what to do; requests run on a fixed set of workers with a bounded
+    queue, and one more than that answers 503 with Retry-After at once instead of starting a thread."""
+    import threading
+
+    state = f"sqlite:///{tmp_path}/state.db"
+    plane, user = connect_provider(state, fake_provider, "oura", "oura-acct-4", dev_id="lab")
+    key = plane.create_api_key(plane.create_developer(dev_id="lab"))
+    release = threading.Event()
+
+    def slow(start, end, params):  # every fetch waits until the test lets it go
+        release.wait(30)
+        return {"data": [], "next_token": None}
+
+    with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
+        api.respond("daily_readiness", slow)
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, backoff_s=0.05)
+        polling = ConnectionPolling(plane, poller, max_backfill_days=365, backfill_workers=1, backfill_queue=1)
+        server = BackgroundServer().start(create_app(plane, polling=polling))
+        http = requests.Session()
+        http.headers.update({"dev-id": "lab", "x-api-key": key})
+
+        def ask(start_date: str, end_date: str | None = "2024-03-01") -> requests.Response:
+            params = {"user_id": user.user_id, "start_date": start_date}
+            return http.get(f"{server.url}/v2/daily", params={**params, "end_date": end_date} if end_date else params,
+                            timeout=10)
+
+        try:
+            too_long = ask("2023-03-01")  # 366 days
+            assert too_long.status_code == 400
+            assert "at most 365 days" in too_long.json()["message"] and "split" in too_long.json()["message"]
+            assert ask("1970-01-01", None).status_code == 400  # no end date: up to now
+            earlier = {t for t in threading.enumerate() if t.name.startswith("backfill")}  # other tests' workers
+            assert ask("2023-03-02").status_code == 200  # 365 days: running
+            assert ask("2024-02-01").status_code == 200  # waiting
+            full = ask("2024-02-15")
+            assert full.status_code == 503 and full.headers["Retry-After"] == "30"
+            assert "too many historical requests" in full.json()["message"]
+            workers = {t for t in threading.enumerate() if t.name.startswith("backfill")} - earlier
+            assert len(workers) == 1  # not a thread per request
+            release.set()
+            wait_idle(polling)
+            assert ask("2024-02-15").status_code == 200  # room again
+            wait_idle(polling)
+        finally:
+            release.set()
+            server.stop()
+            polling.close()
+            publisher.close()
+    plane.close()

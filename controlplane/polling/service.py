@@ -6,7 +6,9 @@
 
 A 401 (``TokenRejected``) forces a token refresh and retries that poll once with the new token;
 a refresh the provider refuses marks the connection revoked (``access_revoked`` event) and it is
-no longer polled. Historical requests (``backfill``) refresh the same way.
+no longer polled. Historical requests (``backfill``) refresh the same way; each covers at most
+``max_backfill_days`` and runs on a bounded work queue (``backfill_workers`` threads, at most ``backfill_queue``
+requests waiting; beyond that ``backfill`` raises ``QueueFull`` at once).
 
 Push providers (``webhooks.mode: push``, Garmin) are never polled; their manifest endpoints are
 backfill *requests*: each window is asked for separately, the provider answers 202 with an empty
@@ -19,18 +21,18 @@ pushed data carries nothing that ties it to the request, so it is delivered as n
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from controlplane.auth.control_plane import ConnectionInactive, ConnectionRevoked, ControlPlane
 from controlplane.polling.poller import Poller, PollResult, PollTarget, ProviderRefused, TokenRejected, windows
 from controlplane.polling.ratelimit import Cancelled
 from controlplane.polling.scheduler import Scheduler
-from core.errors import FatalError, HealthflowError, RetryableError
+from core.errors import FatalError, HealthflowError, PermanentError, RetryableError
+from core.workqueue import BoundedExecutor
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,26 @@ class PollReport:
     retryable: int = 0  # how many of ``failed`` were transient (provider down, rate limited, network)
 
 
+MAX_BACKFILL_DAYS = 365  # what one historical request may cover (peers allow up to 365 days)
+
+
+class BackfillTooLong(PermanentError):
+    """A historical request covers more days than allowed."""
+
+
 class ConnectionPolling:
     def __init__(self, control_plane: ControlPlane, poller: Poller,
-                 kinds: Callable[[PollTarget], list[str]] | None = None) -> None:
-        """``kinds`` chooses what to poll per connection (default: every pollable kind of its provider)."""
+                 kinds: Callable[[PollTarget], list[str]] | None = None, *,
+                 max_backfill_days: int = MAX_BACKFILL_DAYS, backfill_workers: int = 2,
+                 backfill_queue: int = 32) -> None:
+        """``kinds`` chooses what to poll per connection (default: every pollable kind of its provider);
+        ``max_backfill_days``, ``backfill_workers`` and ``backfill_queue`` bound historical requests."""
         self.control_plane, self.poller = control_plane, poller
         self.kinds = kinds or self.pollable_kinds
+        if max_backfill_days < 1:
+            raise FatalError(f"max_backfill_days must be at least 1, got {max_backfill_days}")
+        self.max_backfill_days = max_backfill_days
+        self._backfills = BoundedExecutor("backfill", backfill_workers, backfill_queue, retry_after_s=30)
 
     def targets(self) -> list[PollTarget]:
         return list(self.control_plane.active_connections())
@@ -130,7 +146,8 @@ class ConnectionPolling:
         return [k for k in self.poller.kinds(provider) if k in mapped and model_type in mapped[k].models]
 
     def backfill(self, user_id: str, model_type: str, start: datetime, end: datetime) -> tuple[str, list[str]]:
-        """Start a historical request in the background; returns its reference and the kinds it reads.
+        """Queue a historical request; returns its reference and the kinds it reads. Raises ``BackfillTooLong``
+        beyond ``max_backfill_days`` and ``QueueFull`` (with ``retry_after``) when the work queue is full.
 
         Pull providers: every kind is fetched in its endpoint's ``max_days`` windows at low priority
         (live polls always go first), published with the reference, and delivered with
@@ -139,6 +156,10 @@ class ConnectionPolling:
         docstring). Either way a 401 refreshes the token and retries once; a window already done
         (cursor) is not asked again, so a repeated request resumes where the last one stopped.
         """
+        if end - start > timedelta(days=self.max_backfill_days):
+            raise BackfillTooLong(f"a historical request covers at most {self.max_backfill_days} days and "
+                                  f"{start.date()} to {end.date()} is {(end - start).days} days: split it into "
+                                  "several requests")
         connection = self.control_plane.connection(user_id)
         kinds = self.backfill_kinds(connection.provider, model_type)
         reference = str(uuid.uuid4())
@@ -159,8 +180,17 @@ class ConnectionPolling:
                     log.warning("backfill %s of %s %s failed: %s", reference, user_id, kind, exc)
 
         if kinds:
-            threading.Thread(target=run, name=f"backfill-{reference[:8]}", daemon=True).start()
+            self._backfills.submit(run)
         return reference, kinds
+
+    @property
+    def backfills_in_flight(self) -> int:
+        """Historical requests running or waiting."""
+        return self._backfills.in_flight
+
+    def close(self) -> None:
+        """Stop taking historical requests; queued ones are dropped (a repeated request resumes from its cursor)."""
+        self._backfills.close()
 
     def _refreshing(self, connection: PollTarget, call: Callable[[], T]) -> T:
         """``call()``; on a 401, refresh the token (serialized per connection) and call once more."""
