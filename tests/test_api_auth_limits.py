@@ -203,3 +203,61 @@ def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_wo
         assert from_address(url, "127.0.0.9", right)[0] == 404  # remembered keys are never throttled
     guard.close()
     plane.close()
+
+
+def add_leftovers(plane: ControlPlane, tag: str, *, expired: bool = True) -> None:
+    """A widget session and a pending connection as a login abandoned long ago leaves them (or fresh ones)."""
+    at = 0 if expired else int(time.time() * 1000)
+    with plane.store.transaction() as cur:
+        cur.execute(f"INSERT INTO {plane.t_sessions} (session_id, dev_id, providers, created_at_ms, expires_at_ms) "
+                    "VALUES (?, ?, ?, ?, ?)", [f"session-{tag}", "dev-1", "oura", at, at + 900_000])
+        plane.connections_repo.insert_pending(cur, f"user-{tag}", "dev-1", "oura", None, None, at)
+
+
+def leftovers(plane: ControlPlane) -> tuple[list[str], list[str]]:
+    sessions = [r[0] for r in plane.store.query(f"SELECT session_id FROM {plane.t_sessions} ORDER BY 1")]
+    users = [r[0] for r in plane.store.query(f"SELECT user_id FROM {plane.t_users} ORDER BY 1")]
+    return sessions, users
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_serve_purges_expired_sessions_and_abandoned_logins_at_start_and_on_a_schedule(tmp_path):
+    state = f"sqlite:///{tmp_path}/state.db"
+    with ControlPlane(state, SECRET, manifests={}) as plane:
+        add_leftovers(plane, "old-1")
+        add_leftovers(plane, "old-2")
+        add_leftovers(plane, "fresh", expired=False)
+        with serve(state, "--purge-interval", "0.5"):
+            wait_for(lambda: leftovers(plane) == (["session-fresh"], ["user-fresh"]))  # purged at start
+            add_leftovers(plane, "old-3")
+            wait_for(lambda: leftovers(plane) == (["session-fresh"], ["user-fresh"]))  # and again on schedule
+
+
+def test_a_failing_purge_is_tried_again_and_bad_intervals_fail_at_start(tmp_path):
+    from controlplane.auth.housekeeping import Housekeeping
+    from core.errors import FatalError
+
+    with ControlPlane(f"sqlite:///{tmp_path}/state.db", SECRET, manifests={}) as plane:
+        plane.drop_tables()  # the store cannot purge for now
+        with Housekeeping(plane, interval_s=0.1).start() as housekeeping:
+            wait_for(lambda: housekeeping.runs >= 2)
+            plane.open()
+            add_leftovers(plane, "old")
+            wait_for(lambda: leftovers(plane) == ([], []))
+    for interval in (0, -1, float("nan")):
+        try:
+            Housekeeping(plane, interval_s=interval)
+        except FatalError as exc:
+            assert "positive number of seconds" in str(exc)
+        else:
+            raise AssertionError(f"interval {interval} accepted")
+    assert subprocess.run([sys.executable, "-m", "runners.cli", "serve", "--purge-interval", "0", "--state",
+                           f"sqlite:///{tmp_path}/other.db"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HEALTHFLOW_SECRET_KEY": SECRET}).stderr.strip() == \
+        "healthflow: --purge-interval must be a positive number of seconds, got 0.0"

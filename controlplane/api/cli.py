@@ -14,6 +14,8 @@ DEFAULT_STATE = "sqlite:///.healthflow/state.db"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from controlplane.api.serve_limits import ServeLimits
+
     serve = sub.add_parser("serve", help="serve the /v2 API: connect widget, OAuth callbacks, users (needs "
                                          "HEALTHFLOW_SECRET_KEY and HEALTHFLOW_<PROVIDER>_CLIENT_ID/_SECRET)")
     serve.add_argument("--port", type=int, default=8080)
@@ -26,6 +28,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--destinations", help="destinations file: deliver lifecycle events (auth, deauth, …) there")
     serve.add_argument("--redis", help="redis://host:port/db: rate limits shared with `healthflow poll`")
     serve.add_argument("--dead-letters", default=".healthflow/dead-letters", help="dead-letter store root")
+    defaults = ServeLimits()
+    serve.add_argument("--auth-failures-per-client", default=defaults.auth_failures_per_client,
+                       help="failed API-key checks allowed per client address before 429 (default %(default)s; "
+                            "counted in --redis when given, so shared by every API process)")
+    serve.add_argument("--auth-failures-per-dev-id", default=defaults.auth_failures_per_dev_id,
+                       help="failed API-key checks allowed per dev-id before 429 (default %(default)s)")
+    serve.add_argument("--purge-interval", type=float, default=defaults.purge_interval_s, metavar="SECONDS",
+                       help="purge expired widget sessions and authorizations at start and then this often "
+                            "(default %(default)g)")
+    serve.add_argument("--history-max-days", type=int, default=defaults.history_max_days,
+                       help="days one historical request (GET /v2/{type}) may cover (default %(default)s)")
+    serve.add_argument("--backfill-workers", type=int, default=defaults.backfill_workers,
+                       help="historical requests fetched at once (default %(default)s)")
+    serve.add_argument("--backfill-queue", type=int, default=defaults.backfill_queue,
+                       help="historical requests waiting at most; more answer 503 (default %(default)s)")
 
     devs = sub.add_parser("developers", help="developer ids and API keys of the /v2 API")
     devs_sub = devs.add_subparsers(dest="action", required=True)
@@ -41,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from controlplane.api.serve_limits import ServeLimits
     from controlplane.api.server import serve
 
     emit = None
@@ -54,8 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from controlplane.polling import RedisRateLimiter
 
         limiter = RedisRateLimiter(url=args.redis)
+    limits = ServeLimits(args.auth_failures_per_client, args.auth_failures_per_dev_id, args.redis or "memory://",
+                         args.purge_interval, args.history_max_days, args.backfill_workers, args.backfill_queue)
     serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers,
-          emit=emit, limiter=limiter)
+          emit=emit, limiter=limiter, limits=limits)
     return 0
 
 

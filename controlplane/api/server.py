@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from controlplane.api.serve_limits import ServeLimits
+
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("healthflow.auth.events")
 
@@ -28,7 +30,7 @@ def log_event(event: dict[str, Any]) -> None:
 def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *, host: str = "127.0.0.1",
           public_url: str | None = None, secret_key: str | None = None,
           emit: Callable[[dict[str, Any]], None] | None = None, log_level: str = "info",
-          bootstrap_servers: str | None = None, limiter: Any = None) -> None:
+          bootstrap_servers: str | None = None, limiter: Any = None, limits: ServeLimits | None = None) -> None:
     """Serve the ``/v2`` API until interrupted (needs ``HEALTHFLOW_SECRET_KEY`` unless ``secret_key`` is given).
 
     With ``bootstrap_servers``, provider webhooks (``/v2/providers/{provider}/webhook``) are received
@@ -36,22 +38,35 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
     (``GET /v2/{type}``) are fetched at low priority (``limiter``: a shared RedisRateLimiter, or
     in-process limits). A provider whose webhooks cannot be authenticated (no URL token for one that signs
     nothing, no key for one that signs) is named in a warning at start; its requests are refused until it is set.
+    Expired widget sessions, authorizations and never-completed connections are purged at start and every
+    ``limits.purge_interval_s``.
     """
     from controlplane.api.app import create_app
     from controlplane.auth.control_plane import ControlPlane
+    from controlplane.auth.guard import ApiKeyGuard, FailureThrottle
+    from controlplane.auth.housekeeping import Housekeeping
 
+    limits = limits or ServeLimits()
+    throttle = FailureThrottle(limits.auth_failures_per_client, limits.auth_failures_per_dev_id,
+                               limits.throttle_storage)
     control_plane = ControlPlane(store_url, secret_key, public_url=public_url or f"http://{host}:{port}",
                                  emit=emit or log_event).open()
+    guard = ApiKeyGuard(control_plane.developers, throttle)
+    housekeeping = Housekeeping(control_plane, limits.purge_interval_s)
+    polling = None
     try:
         control_plane.flush_events()
-        polling = None
+        housekeeping.start()
         if bootstrap_servers:
             from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
 
             publisher = KafkaPublisher(bootstrap_servers, "healthflow.raw")
             polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(store_url), publisher=publisher,
-                                                              limiter=limiter or LocalRateLimiter()))
-        app = create_app(control_plane, polling=polling)
+                                                              limiter=limiter or LocalRateLimiter()),
+                                        max_backfill_days=limits.history_max_days,
+                                        backfill_workers=limits.backfill_workers,
+                                        backfill_queue=limits.backfill_queue)
+        app = create_app(control_plane, polling=polling, api_key_guard=guard)
         if bootstrap_servers:
             from connectors.publish import publish
             from controlplane.webhooks import router, unauthenticated_webhooks
@@ -61,6 +76,10 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
             app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
+        housekeeping.stop()
+        if polling is not None:
+            polling.close()
+        guard.close()
         control_plane.close()
 
 
