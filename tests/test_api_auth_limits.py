@@ -158,7 +158,7 @@ def test_a_wrong_key_flood_is_throttled_and_valid_requests_keep_answering(tmp_pa
     assert all(int(h["retry-after"]) >= 1 for status, h, _ in answers if status in (429, 503))
     assert statuses[403] <= 4 * 20 + 16  # each client's 20 failures a minute (+ racing in-flight checks)
     assert per_request_cpu < scrypt_cpu / 4  # most wrong keys cost no scrypt
-    assert flooded <= 8 * idle, f"valid p50 went from {idle:.4f} s to {flooded:.4f} s under the flood"
+    assert flooded <= 5 * idle, f"valid p50 went from {idle:.4f} s to {flooded:.4f} s under the flood"
 
 
 def from_address(url: str, source: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -261,3 +261,26 @@ def test_a_failing_purge_is_tried_again_and_bad_intervals_fail_at_start(tmp_path
                            f"sqlite:///{tmp_path}/other.db"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HEALTHFLOW_SECRET_KEY": SECRET}).stderr.strip() == \
         "healthflow: --purge-interval must be a positive number of seconds, got 0.0"
+
+
+def test_failure_counts_are_shared_through_redis_and_an_unreachable_redis_fails_open(caplog):
+    """Two API processes with --redis count one client's failures together; without Redis they are not refused."""
+    from controlplane.auth.guard import FailureThrottle, Throttled
+
+    first, second = (FailureThrottle("3/minute", "3/minute", "redis://127.0.0.1:6379/0") for _ in range(2))
+    client, dev_id = f"198.51.100.{secrets.randbelow(250)}-{secrets.token_hex(4)}", f"dev-{secrets.token_hex(4)}"
+    first.failed(client)
+    second.failed(client, dev_id)
+    first.failed(client)
+    second.check("192.0.2.1", dev_id)  # another client, one dev-id failure: fine
+    try:
+        second.check(client, dev_id)
+    except Throttled as exc:
+        assert 1 <= exc.retry_after <= 60 and "client" in str(exc)
+    else:
+        raise AssertionError("three failures through two processes were not throttled")
+
+    down = FailureThrottle("1/minute", "1/minute", "redis://127.0.0.1:1/0")
+    down.failed(client, dev_id)
+    down.check(client, dev_id)  # not refused: the hash gate still bounds the work
+    assert "API-key throttle unavailable" in caplog.text

@@ -5,7 +5,9 @@
 - A key this process verified before costs one primary-key lookup (its row decides: a key revoked anywhere is refused
   at once) and is never throttled, so a developer whose keys work is not locked out by someone else's failures.
 - Otherwise failures decide first (``FailureThrottle``): a client address, or a dev-id, with too many failed checks
-  in the window is answered ``Throttled`` (HTTP 429 with Retry-After) without touching the store or running scrypt.
+  in the window is answered ``Throttled`` (HTTP 429 with Retry-After) without touching the store or running scrypt,
+  after ``throttled_delay_s``: waiting holds a connection but no CPU, so a client flooding with wrong keys slows
+  itself down instead of crowding out valid requests.
 - A malformed, unknown, revoked or other developer's key is refused after that lookup, without scrypt of its own; it
   runs a dummy scrypt only while the hash workers are idle, so it takes as long as a wrong key unless the server is
   under load. It counts as a failure of the client only (an outsider cannot lock out a dev-id with made-up keys).
@@ -113,14 +115,18 @@ class ApiKeyGuard:
     """Checks API keys for the API; see the module docstring."""
 
     def __init__(self, developers: Developers, throttle: FailureThrottle | None = None,
-                 gate: HashGate | None = None) -> None:
-        self.developers = developers
+                 gate: HashGate | None = None, throttled_delay_s: float = 0.25) -> None:
+        self.developers, self.throttled_delay_s = developers, throttled_delay_s
         self.throttle = throttle or FailureThrottle()
         self.gate = gate or HashGate()
 
     async def authenticate(self, dev_id: str, api_key: str, client: str) -> bool:
         """True when ``api_key`` is a live key of ``dev_id``; raises ``Throttled`` or ``AuthBusy``."""
-        key = await anyio.to_thread.run_sync(self._lookup, dev_id, api_key, client)
+        try:
+            key = await anyio.to_thread.run_sync(self._lookup, dev_id, api_key, client)
+        except Throttled:
+            await asyncio.sleep(self.throttled_delay_s)  # holds a connection, not a CPU: a flood slows itself
+            raise
         if key is None:
             await self.gate.run(partial(Developers.dummy_verify, api_key), required=False)
             return False
