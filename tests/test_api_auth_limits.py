@@ -144,6 +144,8 @@ def test_a_wrong_key_flood_is_throttled_and_valid_requests_keep_answering(tmp_pa
         for thread in threads:
             thread.join(60)
         server_cpu = cpu_seconds(process.pid) - cpu_before
+        peak_rss = next(line.split()[1] for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                        if line.startswith("VmHWM:"))
 
     started = time.process_time()
     hash_api_key(key)
@@ -152,7 +154,8 @@ def test_a_wrong_key_flood_is_throttled_and_valid_requests_keep_answering(tmp_pa
     per_request_cpu = server_cpu / len(answers)
     print(f"\nvalid p50 idle {idle * 1000:.1f} ms, under a flood of {len(answers)} wrong-key requests "
           f"({dict(statuses)}) {flooded * 1000:.1f} ms (x{flooded / idle:.1f}); server CPU {server_cpu:.2f} s, "
-          f"{per_request_cpu * 1000:.2f} ms per flood request; one scrypt {scrypt_cpu * 1000:.1f} ms CPU")
+          f"{per_request_cpu * 1000:.2f} ms per flood request; one scrypt {scrypt_cpu * 1000:.1f} ms CPU; server peak "
+          f"RSS {int(peak_rss) // 1024} MiB")
     assert set(statuses) <= {403, 429, 503}
     assert statuses[429] > len(answers) / 2
     assert all(int(h["retry-after"]) >= 1 for status, h, _ in answers if status in (429, 503))
