@@ -125,9 +125,9 @@ if __name__ == "__main__":
     import secrets
     import sys
 
-    from pipelines import quiet_beam
+    from core.logs import configure_logging
 
-    quiet_beam()
+    configure_logging()
     key = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     for kind in sys.argv[1:] or ["pubsub", "kafka"]:
         print(measure(kind, key, seconds=float(os.environ.get("LATENCY_SECONDS", "10"))))

@@ -138,13 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beam-arg", action="append", default=[], help="a Beam argument for run_batch (repeat)")
     args = parser.parse_args(argv)
 
-    from pipelines import quiet_beam
+    from core.logs import configure_logging
     from pipelines.demo_data import Simulator
     from pipelines.normalize import FileSource, NormalizeJob, run_batch
     from sinks.object_store import ObjectStoreSink
     from sinks.sql import SqlSink
 
-    quiet_beam()
+    configure_logging()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         raw = work / "raw.jsonl"

@@ -41,8 +41,8 @@ from bench.processes import pubsub_server, webhook_receiver
 from bench.streaming import drain
 from connectors.publish import publish
 from core.events import NormalizedEvent
+from core.logs import configure_logging
 from core.raw import RawMessage, RawPayload
-from pipelines import quiet_beam
 from pipelines.demo_data import Simulator
 from pipelines.embedded import EmbeddedBroker, moto_server
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, run_batch
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compare", metavar="OLD.json", help="print new/old against an earlier run's JSON")
     args = parser.parse_args(argv)
     users = args.users or (QUICK_USERS if args.quick else 300)
-    quiet_beam()
+    configure_logging()
     console = Console(width=150)
     doc = results.new_document(users, args.days, args.quick)
     payloads = list(Simulator(users, args.days).payloads())

@@ -144,10 +144,10 @@ if __name__ == "__main__":
     import secrets
     import sys
 
-    from pipelines import quiet_beam
+    from core.logs import configure_logging
     from pipelines.demo_data import Simulator
 
-    quiet_beam()
+    configure_logging()
     key = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     data = list(Simulator(int(os.environ.get("BENCH_USERS", "300")), 4).payloads())
     for kind in sys.argv[1:] or ["kafka", "pubsub"]:

@@ -6,6 +6,10 @@
     healthflow run normalize --destinations FILE [options] [beam options]   run the pipeline on any runner
     healthflow deadletters list|show|replay    inspect failures and deliver them again
     healthflow demo                            everything, embedded, on this machine
+
+Logging (any command, before or after its name): --log-level LEVEL (or $HEALTHFLOW_LOG_LEVEL; WARNING by default,
+INFO for `serve` and `poll`) and --log-format text|json (or $HEALTHFLOW_LOG_FORMAT), to standard error, secrets
+redacted.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from core.errors import FatalError
-from pipelines import quiet_beam
+from core.logs import FORMAT_VARIABLE, FORMATS, LEVEL_VARIABLE, LEVELS, configure_logging
 
 PIPELINES = ("normalize",)
 
@@ -255,9 +260,24 @@ def cmd_destinations(args: argparse.Namespace) -> int:
     return 0
 
 
+LONG_RUNNING = ("serve", "poll")  # services: their INFO lines (requests, lifecycle events, polls) are the log
+
+
+def logging_options(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """``--log-level`` and ``--log-format`` (on ``parser``, or on a parser of their own)."""
+    parser = parser or argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--log-level", type=str.upper, choices=LEVELS,
+                        help=f"least severe level shown (default: ${LEVEL_VARIABLE}, else WARNING; INFO for "
+                             f"{' and '.join(LONG_RUNNING)})")
+    parser.add_argument("--log-format", type=str.lower, choices=FORMATS,
+                        help=f"text, or json: one JSON object per line (default: ${FORMAT_VARIABLE}, else text)")
+    return parser
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="healthflow", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    logging_options(top)
     sub = top.add_subparsers(dest="command", required=True)
 
     sub.add_parser("providers", help="list providers and the raw kinds each accepts")
@@ -345,8 +365,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def setup_logging(argv: Sequence[str]) -> list[str]:
+    """Configure logging from ``--log-level``/``--log-format`` wherever they are in ``argv``; the rest of it."""
+    given, rest = logging_options().parse_known_args(argv)
+    command = next((word for word in rest if not word.startswith("-")), "")
+    level = given.log_level or os.environ.get(LEVEL_VARIABLE) or ("INFO" if command in LONG_RUNNING else "WARNING")
+    try:
+        configure_logging(level, given.log_format)
+    except ValueError as exc:  # a bad $HEALTHFLOW_LOG_LEVEL or $HEALTHFLOW_LOG_FORMAT
+        raise FatalError(str(exc)) from None
+    return rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_beam()
+    try:
+        argv = setup_logging(sys.argv[1:] if argv is None else argv)
+    except FatalError as exc:
+        print(f"healthflow: {exc}", file=sys.stderr)
+        return 2
     args, beam_args = parser().parse_known_args(argv)
     if args.command != "run" and beam_args:
         parser().error(f"unrecognized arguments: {' '.join(beam_args)}")

@@ -17,6 +17,8 @@ from typing import Any
 import uvicorn
 
 from controlplane.api.serve_limits import ServeLimits
+from core.logs import configure_logging
+from core.logs import configured as logging_configured
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("healthflow.auth.events")
@@ -29,7 +31,7 @@ def log_event(event: dict[str, Any]) -> None:
 
 def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *, host: str = "127.0.0.1",
           public_url: str | None = None, secret_key: str | None = None,
-          emit: Callable[[dict[str, Any]], None] | None = None, log_level: str = "info",
+          emit: Callable[[dict[str, Any]], None] | None = None,
           bootstrap_servers: str | None = None, limiter: Any = None, limits: ServeLimits | None = None) -> None:
     """Serve the ``/v2`` API until interrupted (needs ``HEALTHFLOW_SECRET_KEY`` unless ``secret_key`` is given).
 
@@ -40,12 +42,17 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
     nothing, no key for one that signs) is named in a warning at start; its requests are refused until it is set.
     Expired widget sessions, authorizations and never-completed connections are purged at start and every
     ``limits.purge_interval_s``.
+
+    Logs go through ``core.logs`` (uvicorn's access and error logs included, so secrets in URLs are redacted);
+    when nothing configured it yet, INFO and above are shown as text.
     """
     from controlplane.api.app import create_app
     from controlplane.auth.control_plane import ControlPlane
     from controlplane.auth.guard import ApiKeyGuard, FailureThrottle
     from controlplane.auth.housekeeping import Housekeeping
 
+    if not logging_configured():
+        configure_logging("INFO")
     limits = limits or ServeLimits()
     throttle = FailureThrottle(limits.auth_failures_per_client, limits.auth_failures_per_dev_id,
                                limits.throttle_storage)
@@ -74,7 +81,7 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
             for problem in unauthenticated_webhooks():
                 log.warning("%s", problem)
             app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_config=None)  # our handler: levels, format, redaction
     finally:
         housekeeping.stop()
         if polling is not None:

@@ -332,11 +332,12 @@ def table_prefix() -> str:
 
 
 def connect_provider(store_url: str, provider: FakeProvider, slug: str, account: str, *, emit: Any = None,
-                     dev_id: str = "dev-1", reference_id: str = "athlete-1", api_base: str | None = None
-                     ) -> tuple[Any, Any]:
+                     dev_id: str = "dev-1", reference_id: str = "athlete-1", api_base: str | None = None,
+                     secret_key: str | None = None) -> tuple[Any, Any]:
     """A ControlPlane for the real provider ``slug`` whose OAuth is played by ``provider``, and one
     connection of ``account`` made through the real OAuth client code: ``(control_plane, start)``.
-    ``api_base`` points the provider's API calls made by the OAuth client (profile, registration) at a fake."""
+    ``api_base`` points the provider's API calls made by the OAuth client (profile, registration) at a fake;
+    ``secret_key`` is the Fernet key tokens are encrypted with (default: a new one)."""
     from cryptography.fernet import Fernet
 
     from connectors import registry
@@ -351,7 +352,8 @@ def connect_provider(store_url: str, provider: FakeProvider, slug: str, account:
     if manifest.auth.revoke_url:
         urls["revoke_url"] = provider.revoke_path
     auth = manifest.auth.model_copy(update={name: f"https://{slug}.example{path}" for name, path in urls.items()})
-    plane = ControlPlane(store_url, Fernet.generate_key().decode(), public_url="http://127.0.0.1:9", environ={},
+    plane = ControlPlane(store_url, secret_key or Fernet.generate_key().decode(), public_url="http://127.0.0.1:9",
+                         environ={},
                          manifests={slug: manifest.model_copy(update={"auth": auth})},
                          emit=emit if emit is not None else MemoryCollector(),
                          settings={slug: ProviderSettings(f"{slug}-client", "secret", oauth_base=provider.base_url,
