@@ -3,16 +3,23 @@
 Configuration keeps the reference (``postgresql://app:${PG_PASSWORD}@db:5432/hf``, ``${WEBHOOK_SECRET}``),
 never the value, so nothing that is pickled into a job graph or written to a log holds a secret: a
 worker resolves the reference in its ``setup()``/``open()`` from its own environment.
+
+A secret written literally (a password in a URL, a webhook secret in a destinations file) is *held*: put in this
+process's environment under a generated ``HEALTHFLOW_HELD_SECRET_…`` name and replaced by its reference, so it is
+never pickled either. Local workers (threads, or processes started from this one) inherit it; workers on other
+machines do not, so a job using a held secret is refused on a remote runner (``held_in`` says where they came from).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 
 from core.errors import FatalError
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]+)(@)")
 
 
 def missing(template: str) -> list[str]:
@@ -34,4 +41,48 @@ def resolve(template: str, where: str = "configuration") -> str:
 
 def redact(text: str) -> str:
     """A URL or message with any ``user:password@`` password replaced by ``***``."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
+    return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
+HELD_PREFIX = "HEALTHFLOW_HELD_SECRET_"
+_held: dict[str, list[str]] = {}  # generated variable name -> where the literal secret was written
+_held_names: dict[str, str] = {}  # literal value -> its variable name (one name per value)
+
+
+def hold(value: str, where: str) -> str:
+    """Move the literal secret ``value`` into this process's environment; its ``${NAME}`` reference.
+
+    ``where`` (e.g. ``destinations.yaml.destinations[0].secret``) is remembered for ``held_in``."""
+    name = _held_names.get(value)
+    if name is None:
+        name = _held_names[value] = HELD_PREFIX + secrets.token_hex(6).upper()
+        os.environ[name] = value
+    if where not in _held.setdefault(name, []):
+        _held[name].append(where)
+    return "${" + name + "}"
+
+
+def hold_literal(value: str, where: str) -> str:
+    """``value`` unchanged when it is written with ``${VAR}`` references (or empty); otherwise held whole."""
+    return value if not value or REFERENCE.search(value) else hold(value, where)
+
+
+def hold_url_password(url: str, where: str) -> str:
+    """``url`` with a literal ``user:password@`` password held (a ``${VAR}`` password, or none, stays as given)."""
+    match = _URL_PASSWORD.search(url)
+    if match is None or REFERENCE.search(match.group(2)):
+        return url
+    return url[:match.start(2)] + hold(match.group(2), where) + url[match.end(2):]
+
+
+def held_in(*values: object) -> list[str]:
+    """Where the held secrets referenced in ``values`` (strings, or dicts and lists of them) were written."""
+    found: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            found += [where for name in REFERENCE.findall(value) for where in _held.get(name, ())]
+        elif isinstance(value, dict):
+            found += held_in(*value.values())
+        elif isinstance(value, list | tuple):
+            found += held_in(*value)
+    return list(dict.fromkeys(found))

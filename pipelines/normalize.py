@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from core.errors import FatalError
 from core.raw import RawMessage
+from core.secrets import held_in, hold_url_password
 from pipelines.launch import is_dry_run, is_local, make_pipeline
 from sinks.base import Sink
 from sinks.policy import RetryPolicy, Target
@@ -89,6 +90,7 @@ class NormalizeJob:
     def __post_init__(self) -> None:
         if not self.sinks:
             raise FatalError("no destinations configured: give at least one (webhook, SQL, object store, ...)")
+        self.state_url = hold_url_password(self.state_url, "--state")  # a literal password is never pickled
 
     @property
     def targets(self) -> list[Target]:
@@ -136,6 +138,10 @@ def check_portable(job: NormalizeJob, options: PipelineOptions) -> None:
         reason = target.sink.local_only()
         if reason:
             problems.append(f"destination {target.name}: {reason}")
+    held = held_in(job.state_url, *(value for target in job.targets for value in vars(target.sink).values()))
+    if held:
+        problems.append(f"secrets written literally ({', '.join(held)}) are only in this process's environment: "
+                        "write them as ${VAR} and set VAR on the workers")
     runner = str(options.view_as(StandardOptions).runner or "")
     if isinstance(job.source, PubSubSource) and "Dataflow" not in runner:
         problems.append(f"{runner} cannot read Pub/Sub from Python (Beam's ReadFromPubSub is native to Dataflow): "

@@ -18,6 +18,8 @@ never an empty secret.
 
 from __future__ import annotations
 
+import logging
+import re
 import tomllib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -27,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import FatalError
-from core.secrets import missing, resolve
+from core.secrets import hold_literal, hold_url_password, missing, resolve
 from schemas import MODEL_TYPES
 from sinks.base import Sink
 from sinks.policy import SVIX_REDELIVERY_S, RetryPolicy, Target
@@ -261,9 +263,30 @@ def _interpolate(value: Any, where: str) -> Any:
     return value
 
 
+log = logging.getLogger(__name__)
+
 # Fields that hold secrets keep their ${VAR} references: sinks resolve them where they run (never pickled).
 SECRET_FIELDS = {"webhook": ("secret",), "postgres": ("url",), "mysql": ("url",), "supabase": ("url",),
                  "kafka": ("producer_config",)}
+SECRET_PRODUCER_KEYS = re.compile(r"password|secret|token|sasl\.jaas\.config", re.IGNORECASE)
+
+
+def _held(value: Any, key: str, where: str) -> Any:
+    """A secret field's value with any secret written literally held out of the job graph (``core.secrets``),
+    and a warning saying how to write it instead."""
+    if key == "url" and isinstance(value, str):
+        kept = hold_url_password(value, where)
+    elif key == "secret" and isinstance(value, str):
+        kept = hold_literal(value, where)
+    elif key == "producer_config" and isinstance(value, dict):
+        kept = {k: hold_literal(v, f"{where}.{k}") if isinstance(v, str) and SECRET_PRODUCER_KEYS.search(k) else v
+                for k, v in value.items()}
+    else:
+        return value
+    if kept != value:
+        log.warning("%s: a secret is written in the file; it is kept out of the job graph, in this process's "
+                    "environment (local runners only). Write it as ${VAR} and set VAR where the job runs.", where)
+    return kept
 
 
 def _interpolate_document(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -285,7 +308,7 @@ def _interpolate_document(raw: dict[str, Any], source: str) -> dict[str, Any]:
                 absent = [name for text in texts if isinstance(text, str) for name in missing(text)]
                 if absent:
                     raise FatalError(f"{where}.{key}: environment variable {absent[0]} is not set")
-                out[key] = value
+                out[key] = _held(value, key, f"{where}.{key}")
             else:
                 out[key] = _interpolate(value, f"{where}.{key}")
         resolved.append(out)
@@ -296,7 +319,9 @@ def parse_destinations(raw: dict[str, Any], source: str = "destinations") -> Des
     """Validate a decoded destinations document; FatalError lists every problem with its location.
 
     ``${VAR}`` is read from the environment; in secret fields (a webhook's ``secret``, a database ``url``)
-    the reference is kept and resolved by the sink where it runs, so no secret is pickled into a job.
+    the reference is kept and resolved by the sink where it runs, so no secret is pickled into a job. A secret
+    written literally there is held in this process's environment instead (``core.secrets.hold``), with a
+    warning: never pickled, and refused on runners whose workers are other machines.
     """
     try:
         return DestinationsFile.model_validate(_interpolate_document(raw, source))

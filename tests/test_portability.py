@@ -83,6 +83,83 @@ def test_every_dofn_round_trips_the_pickler_and_carries_no_secret(name, secret_e
     assert dofns > 5
 
 
+LITERAL_PG = "pg-Literal-never-pickled-58"
+LITERAL_KAFKA = "kafka-Literal-never-pickled-16"
+LITERAL_WEBHOOK = "whsec_bGl0ZXJhbC1ub3QtcGlja2xlZC1saXRlcmFsLW5vdC1waWNrbGVk"
+
+
+def literal_job(source, pg_host: str = "db.internal:5432/hf", webhook_url: str = "https://example.invalid/hook"
+                ) -> NormalizeJob:
+    """``remote_job`` with every secret written literally, as a destinations file and ``--state`` may."""
+    url = f"postgresql://postgres:{LITERAL_PG}@{pg_host}"
+    targets = parse_destinations({"destinations": [
+        {"name": "hook", "type": "webhook", "url": webhook_url, "secret": LITERAL_WEBHOOK},
+        {"name": "pg", "type": "postgres", "url": url},
+        {"name": "k", "type": "kafka", "bootstrap_servers": "kafka.internal:9092", "topic": "normalized",
+         "producer_config": {"security.protocol": "SASL_SSL", "sasl.username": "app", "sasl.password": LITERAL_KAFKA}},
+    ]}, "destinations.yaml").targets()
+    return NormalizeJob(source, targets, "gs://healthflow-test/dead-letters", state_url=url)
+
+
+def graph_contents(pipeline) -> list[tuple[str, bytes]]:
+    """Every byte of the job graph a runner receives: the serialized proto, each transform's payload, and each
+    DoFn unpickled and pickled again uncompressed (Beam bz2-compresses what it pickles)."""
+    proto = pipeline.to_runner_api()
+    contents = [("proto", proto.SerializeToString())]
+    for transform in proto.components.transforms.values():
+        contents.append((transform.unique_name, transform.spec.payload))
+        if transform.spec.urn == "beam:transform:pardo:v1":
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+            if payload.do_fn.payload:
+                contents.append((transform.unique_name, cloudpickle.dumps(pickler.loads(payload.do_fn.payload))))
+    return contents
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_secrets_written_literally_are_not_in_the_job_graph_either(name, secret_env):
+    source, streaming = SOURCES[name]
+    pipeline = make_pipeline(DATAFLOW, streaming=streaming)
+    build(pipeline, literal_job(source), streaming=streaming)
+    contents = graph_contents(pipeline)
+    assert len(contents) > 20
+    for where, raw in contents:
+        for secret in (LITERAL_PG, LITERAL_KAFKA, LITERAL_WEBHOOK, LITERAL_WEBHOOK[6:]):
+            assert secret.encode() not in raw, f"{secret} is in {where}"
+
+
+def test_remote_runners_refuse_secrets_written_literally(caplog):
+    with caplog.at_level("WARNING", logger="sinks.config"):
+        job = literal_job(FileSource("gs://healthflow-test/raw/*.jsonl"))
+    assert "destinations.yaml.destinations[0].secret: a secret is written in the file" in caplog.text
+    with pytest.raises(FatalError) as refused:
+        run_batch(job, DATAFLOW)
+    message = str(refused.value)
+    for where in ("--state", "destinations.yaml.destinations[0].secret", "destinations.yaml.destinations[1].url",
+                  "destinations.yaml.destinations[2].producer_config.sasl.password"):
+        assert where in message
+    assert "write them as ${VAR}" in message
+
+
+def test_secrets_written_literally_still_work_on_the_local_runner(tmp_path, simulated_payloads):
+    from test_streaming import write_jsonl
+
+    from pipelines.webhook_receiver import WebhookReceiver
+
+    raw_file = tmp_path / "raw.jsonl"
+    write_jsonl(raw_file, simulated_payloads[:20])
+    name = fresh_database()  # trust authentication: any password is accepted, it only has to reach the worker
+    try:
+        with WebhookReceiver(LITERAL_WEBHOOK) as receiver:
+            job = literal_job(FileSource(str(raw_file)), pg_host=f"127.0.0.1:5432/{name}", webhook_url=receiver.url)
+            job.sinks = job.sinks[:2]
+            job.dead_letter_root = str(tmp_path / "dead-letters")
+            summary = run_batch(job, [])
+            assert summary.get("delivered:hook") == summary.get("delivered:pg") > 0
+            assert receiver.unique == summary.get("delivered:hook")  # each signature verified with the secret
+    finally:
+        drop_database(name)
+
+
 def test_remote_runners_refuse_process_local_settings(tmp_path):
     job = NormalizeJob(FileSource("gs://healthflow-test/raw/*.jsonl"),
                        parse_destinations({"destinations": [
