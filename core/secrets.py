@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
+from pathlib import Path
 
 from core.errors import FatalError
 
@@ -86,3 +88,20 @@ def held_in(*values: object) -> list[str]:
         elif isinstance(value, list | tuple):
             found += held_in(*value)
     return list(dict.fromkeys(found))
+
+
+PRIVATE_MODE = 0o600
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_file(path: str | Path, companions: tuple[str, ...] = SQLITE_COMPANIONS) -> None:
+    """Make ``path`` a file only its owner can read and write (0600): created so when missing (its folder too,
+    0700), tightened to it when it exists with group or other access, and the same for existing companions
+    (SQLite's ``-wal``/``-shm``/``-journal``, which SQLite creates with the database file's mode)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_MODE))  # created 0600 (a umask only removes bits)
+    for each in (path, *(path.with_name(path.name + suffix) for suffix in companions)):
+        if each.exists() and stat.S_IMODE(each.stat().st_mode) & 0o077:
+            each.chmod(PRIVATE_MODE)

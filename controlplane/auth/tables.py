@@ -7,6 +7,8 @@ import re
 import threading
 
 from core.errors import FatalError
+from core.secrets import missing, private_file, resolve
+from core.sql import sqlite_path
 from core.store import Store
 
 _PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
@@ -25,6 +27,7 @@ class Tables:
     def __init__(self, store_url: str, table_prefix: str) -> None:
         Store(store_url)  # validates the URL now
         self.store_url = store_url
+        self._private_sqlite_file()
         p = check_prefix(table_prefix)
         self.devs, self.keys, self.users = f"{p}developers", f"{p}api_keys", f"{p}users"
         self.flows, self.sessions = f"{p}oauth_flows", f"{p}widget_sessions"
@@ -32,6 +35,13 @@ class Tables:
         self._local = threading.local()
         self._stores: list[Store] = []
         self._lock = threading.Lock()
+
+    def _private_sqlite_file(self) -> None:
+        """A SQLite store holds encrypted tokens and API-key hashes: its file is created (or tightened to) 0600."""
+        if self.store_url.startswith("sqlite:") and not missing(self.store_url):
+            path = sqlite_path(resolve(self.store_url))
+            if path and path != ":memory:":
+                private_file(path)
 
     @property
     def store(self) -> Store:
