@@ -289,7 +289,7 @@ LONG_RUNNING = ("serve", "poll", "broker")  # services: their INFO lines (reques
 
 def logging_options(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """``--log-level`` and ``--log-format`` (on ``parser``, or on a parser of their own)."""
-    parser = parser or argparse.ArgumentParser(add_help=False)
+    parser = parser or argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--log-level", type=str.upper, choices=LEVELS,
                         help=f"least severe level shown (default: ${LEVEL_VARIABLE}, else WARNING; INFO for "
                              f"{' and '.join(LONG_RUNNING)})")
