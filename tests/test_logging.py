@@ -21,6 +21,7 @@ from core.logs import redact
 from pipelines.embedded import free_port
 
 pytest_plugins = ("servers.fake_provider",)
+pytest.register_assert_rewrite("servers.fake_provider")
 from servers.fake_provider import connect_provider  # noqa: E402
 
 EXE = shutil.which("healthflow") or str(Path(sys.executable).with_name("healthflow"))
