@@ -1,20 +1,21 @@
 """Publishing polled pages to the ingestion topic, with Kafka headers, in acknowledged batches.
 
 ``connectors.publish.publish`` opens a producer per call and takes no headers; the poller publishes a window's pages
-through one long-lived idempotent producer (``core.kafka``) and needs the backfill marker header, so it has this small
-publisher (same encoding — ``schemas.serde.encode_raw`` — and the same message key ``provider:user_id``).
+through one long-lived idempotent producer (``core.kafka.SharedProducer``, which the API shares with its webhooks) and
+needs the backfill marker header, so it has this small publisher (same encoding and message key as every raw event:
+``connectors.publish.raw_message``). It runs on the poller's threads (and the API's historical-request threads), never
+on an event loop: a batch waits for its own acknowledgements, at most ``flush_timeout_s``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from connectors.publish import raw_message
 from core.errors import RetryableError
-from core.kafka import DeliveryReports, new_producer, produce, producer_config
+from core.kafka import DeliveryReports, SharedProducer, producer_config
 from core.raw import RawPayload
-from schemas.serde import encode_raw
 
 BACKFILL_HEADER = "healthflow-backfill"  # value b"true" on raw events of a backfill; absent on live polls
 REFERENCE_HEADER = "healthflow-reference"  # the backfill request's reference, delivered as terra-reference
@@ -33,48 +34,42 @@ class Batch:
         self.reports = DeliveryReports()
 
     def add(self, payload: RawPayload) -> None:
-        key = f"{payload.provider}:{payload.user_id or ''}"
-        produce(self.publisher.producer, self.publisher.topic, encode_raw(payload), key=key,
-                headers=self.headers or None, on_delivery=self.reports)
+        value, key = raw_message(payload)
+        self.publisher.producer.produce(self.publisher.topic, value, key=key, headers=self.headers or None,
+                                        on_delivery=self.reports)
         self.sent += 1
 
     def wait(self) -> int:
-        """Flush; return how many messages were acknowledged (all of them), or raise PublishFailed."""
-        remaining = self.publisher.producer.flush(self.publisher.flush_timeout_s)
+        """Wait for this batch's reports; return how many messages were acknowledged (all of them), or raise
+        PublishFailed."""
+        self.reports.wait(self.sent, self.publisher.flush_timeout_s)
         acked, errors = self.reports.snapshot()
         if errors or acked != self.sent:
             raise PublishFailed(f"{self.sent - acked} of {self.sent} raw events not acknowledged by "
-                                f"{self.publisher.bootstrap} ({remaining} still queued); errors: {errors[:3]}")
+                                f"{self.publisher.bootstrap} ({self.sent - acked - len(errors)} without a report "
+                                f"after {self.publisher.flush_timeout_s:g}s); errors: {errors[:3]}")
         return acked
 
 
 class KafkaPublisher:
-    """One idempotent producer (``acks=all``) for a topic; thread-safe, each caller acknowledges its own batch."""
+    """Publishes to a topic through one idempotent producer (``acks=all``); thread-safe, each caller acknowledges its
+    own batch. ``producer`` is a shared one (the API's); without it the publisher has its own, created on first use,
+    replaced after a fatal error (``SharedProducer``) and released by ``close()``."""
 
     def __init__(self, bootstrap: str, topic: str, *, flush_timeout_s: float = 30.0,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, producer: SharedProducer | None = None) -> None:
         self.bootstrap, self.topic, self.flush_timeout_s = bootstrap, topic, flush_timeout_s
-        self.config = producer_config(bootstrap, {"message.timeout.ms": int(flush_timeout_s * 1000), **(config or {}),
-                                                  "error_cb": self._error})
-        self._fatal = threading.Event()
-        self._lock = threading.Lock()
-        self.producer = new_producer(self.config)
-
-    def _error(self, err: Any) -> None:
-        if err.fatal():  # an idempotent producer can fail for good (e.g. a sequence gap): use a new one
-            self._fatal.set()
+        self._owned = producer is None
+        self.producer = producer or SharedProducer(producer_config(
+            bootstrap, {"message.timeout.ms": int(flush_timeout_s * 1000), **(config or {})}))
 
     def batch(self, headers: Sequence[tuple[str, bytes]] = ()) -> Batch:
-        with self._lock:
-            if self._fatal.is_set():
-                self._fatal.clear()
-                self.producer = new_producer(self.config)
         return Batch(self, headers)
 
     def close(self) -> None:
-        """Flush what is queued, then release the producer (its threads and connections)."""
-        self.producer.flush(self.flush_timeout_s)
-        self.producer.close()
+        """Deliver what is queued, then release the producer when it is this publisher's own."""
+        if self._owned:
+            self.producer.close(self.flush_timeout_s)
 
     def __enter__(self) -> KafkaPublisher:
         return self
