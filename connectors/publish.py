@@ -1,30 +1,132 @@
-"""Publishing raw events to the ingestion topic (what connectors and suppliers do)."""
+"""Publishing raw events to the ingestion topic (what connectors, suppliers and the API do).
+
+- ``publish``: one call, one producer of its own, flushed (the CLI, scripts).
+- ``RawEventPublisher``: for a server's event loop. Awaiting it never blocks the loop: the message is produced
+  into the process's long-lived ``SharedProducer`` and the caller awaits the broker's acknowledgement (``acks=all``,
+  idempotent), resolved from the delivery report, for at most ``timeout_s``. ``PublishUnavailable`` (a
+  ``RetryableError`` with ``retry_after``) says it was not acknowledged: the broker is down or slow, or the bounded
+  local buffer is full. A server answers it with 503 and ``Retry-After``, so the sender tries again later.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from confluent_kafka import KafkaException
 
-from core.kafka import Message, producer_config, send_all
+from core.errors import FatalError, RetryableError
+from core.kafka import Message, SharedProducer, producer_config, send_all
 from core.raw import RawPayload
 from schemas.serde import encode_raw
 
+PUBLISH_TIMEOUT_S = 5.0  # the longest an API request waits for the broker's acknowledgement
+RETRY_AFTER_S = 10  # what a 503 for an unacknowledged publish asks the sender to wait
+BUFFER_MESSAGES = 10_000  # the API producer's local buffer: full means 503 at once, not an unbounded queue
+BUFFER_KBYTES = 64 * 1024
+
+
+def raw_message(item: RawPayload | bytes,
+                key_of: Callable[[RawPayload], str] | None = None) -> tuple[bytes, str | None]:
+    """A raw event's value and key: keyed by provider and user when known, so one user's payloads stay in order."""
+    if isinstance(item, RawPayload):
+        return encode_raw(item), (key_of(item) if key_of else f"{item.provider}:{item.user_id or ''}")
+    return item, None
+
 
 def publish(bootstrap: str, topic: str, payloads: Iterable[RawPayload | bytes], key_of=None) -> int:
-    """Produce raw events with an idempotent producer; raises if any delivery report failed.
-
-    Messages are keyed by provider and user when known, so one user's payloads stay in order.
-    """
+    """Produce raw events with an idempotent producer; raises if any delivery report failed."""
 
     def messages() -> Iterator[Message]:
         for item in payloads:
-            if isinstance(item, RawPayload):
-                yield encode_raw(item), (key_of(item) if key_of else f"{item.provider}:{item.user_id or ''}"), None
-            else:
-                yield item, None, None
+            yield *raw_message(item, key_of), None
 
     sent = send_all(producer_config(bootstrap), topic, messages())
     if not sent.ok:
         raise KafkaException(f"{sent.remaining} raw events not acknowledged; errors: {sent.errors[:3]}")
     return sent.count
+
+
+class PublishUnavailable(RetryableError):
+    """Raw events were not acknowledged by the broker in time (or the local buffer is full): none may be taken as
+    queued. Some may still have been written, so a retry can duplicate them (at least once)."""
+
+
+def raw_event_producer(bootstrap: str, *, timeout_s: float = PUBLISH_TIMEOUT_S, buffer_messages: int = BUFFER_MESSAGES,
+                       buffer_kbytes: int = BUFFER_KBYTES) -> SharedProducer:
+    """The long-lived producer of a server (created on first use): idempotent, ``acks=all``, a bounded buffer, and
+    messages given up after ``timeout_s`` (so a failed publish is reported, not kept queued behind an outage)."""
+    if not timeout_s > 0:
+        raise FatalError(f"the publish timeout must be a positive number of seconds, not {timeout_s!r}")
+    return SharedProducer(producer_config(bootstrap, {
+        "message.timeout.ms": int(timeout_s * 1000), "queue.buffering.max.messages": buffer_messages,
+        "queue.buffering.max.kbytes": buffer_kbytes}))
+
+
+class _Acknowledgements:
+    """An ``on_delivery`` callback resolving ``future`` (on its event loop) with the errors once ``expected``
+    reports came."""
+
+    def __init__(self, expected: int, future: asyncio.Future[list[str]]) -> None:
+        self.expected, self.future, self.errors = expected, future, []
+        self._lock = threading.Lock()
+
+    def __call__(self, err: Any, _msg: Any) -> None:
+        with self._lock:
+            self.expected -= 1
+            if err is not None:
+                self.errors.append(str(err))
+            if self.expected:
+                return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self.future.get_loop().call_soon_threadsafe(self._resolve, list(self.errors))
+
+    def _resolve(self, errors: list[str]) -> None:
+        if not self.future.done():
+            self.future.set_result(errors)
+
+
+class RawEventPublisher:
+    """``await publisher(topic, payloads)``: the number published once the broker acknowledged every one; else
+    ``PublishUnavailable`` within ``timeout_s`` (at once when the local buffer is full). Never blocks the event loop.
+
+    ``producer`` is shared (e.g. with the poller's publisher); without one, a ``raw_event_producer(bootstrap)`` of its
+    own is used and ``close()`` releases it.
+    """
+
+    def __init__(self, bootstrap: str | None = None, *, producer: SharedProducer | None = None,
+                 timeout_s: float = PUBLISH_TIMEOUT_S, retry_after_s: int = RETRY_AFTER_S) -> None:
+        if producer is None and bootstrap is None:
+            raise ValueError("give bootstrap servers or a producer")
+        self._owned = producer is None
+        self.producer = producer or raw_event_producer(str(bootstrap), timeout_s=timeout_s)
+        self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
+
+    async def __call__(self, topic: str, payloads: Sequence[RawPayload]) -> int:
+        if not payloads:
+            return 0
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        acknowledgements = _Acknowledgements(len(payloads), future)
+        for produced, payload in enumerate(payloads):
+            value, key = raw_message(payload)
+            if not self.producer.produce(topic, value, key=key, on_delivery=acknowledgements, deadline=0.0):
+                raise PublishUnavailable(f"the publish buffer is full ({produced} of {len(payloads)} raw events "
+                                         f"produced, none acknowledged yet)", self.retry_after_s)
+        try:
+            # the producer gives a message up after timeout_s and reports it; the margin covers that report
+            errors = await asyncio.wait_for(future, self.timeout_s + 1.0)
+        except TimeoutError:
+            raise PublishUnavailable(f"the broker did not acknowledge {len(payloads)} raw events within "
+                                     f"{self.timeout_s:g}s", self.retry_after_s) from None
+        if errors:
+            raise PublishUnavailable(f"{len(errors)} of {len(payloads)} raw events not acknowledged by the broker: "
+                                     f"{errors[:3]}", self.retry_after_s)
+        return len(payloads)
+
+    def close(self) -> None:
+        """Release the producer when it is this publisher's own (a shared one is closed by its owner)."""
+        if self._owned:
+            self.producer.close()

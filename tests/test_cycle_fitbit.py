@@ -25,7 +25,7 @@ import requests
 
 from connectors import get_provider
 from connectors.base import MappingError
-from connectors.publish import publish
+from connectors.publish import RawEventPublisher
 from controlplane.api.app import create_app
 from controlplane.api.server import BackgroundServer
 from controlplane.auth import MemoryCollector
@@ -262,7 +262,7 @@ def test_connect_poll_notify_refresh_deauth(tmp_path, fake_provider, broker, top
         note = json.dumps([{"collectionType": "sleep", "date": "2024-03-13", "ownerId": ACCOUNT, "ownerType": "user",
                             "subscriptionId": "hf-1"}]).encode()
         app = create_app(plane)
-        app.include_router(router(lambda target, payloads: publish(broker.bootstrap, target, payloads), topic, notes))
+        app.include_router(router(RawEventPublisher(broker.bootstrap), topic, notes))
         with BackgroundServer() as server:
             server.start(app)
             url = f"{server.url}/v2/providers/fitbit/webhook"

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from connectors.base import terra_user_id
-from connectors.publish import publish
+from connectors.publish import RawEventPublisher
 from controlplane.api import BackgroundServer, create_app
 from controlplane.auth import MemoryCollector
 from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
@@ -72,7 +72,7 @@ def test_garmin_connect_push_backfill_deauth_deregistration(tmp_path, broker, to
         poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"garmin": garmin.manifest},
                         limiter=LocalRateLimiter(), backoff_s=0.05)
         app = create_app(plane, polling=ConnectionPolling(plane, poller))
-        app.include_router(router(lambda name, payloads: publish(broker.bootstrap, name, payloads), raw_topic=topic))
+        app.include_router(router(RawEventPublisher(broker.bootstrap), raw_topic=topic))
         server.start(app)
         try:
             # ---- connect two users through the API, the browser and Garmin's OAuth 2 (PKCE), then GET /user/id

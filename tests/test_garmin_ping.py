@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from connectors.publish import publish
+from connectors.publish import RawEventPublisher
 from controlplane.api import BackgroundServer, create_app
 from controlplane.auth import MemoryCollector
 from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, NotificationFetcher
@@ -95,7 +95,7 @@ def env(tmp_path, broker, topic, monkeypatch) -> Iterator[Env]:
                         limiter=LocalRateLimiter(), backoff_s=0.05)
         polling = ConnectionPolling(plane, poller)
         app = create_app(plane, polling=polling)
-        app.include_router(router(lambda name, payloads: publish(broker.bootstrap, name, payloads), raw_topic=topic,
+        app.include_router(router(RawEventPublisher(broker.bootstrap), raw_topic=topic,
                                   notifications_topic=notes))
         server.start(app)
         try:

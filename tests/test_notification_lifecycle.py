@@ -25,7 +25,7 @@ import redis
 import requests
 from fastapi import FastAPI
 
-from connectors.publish import publish
+from connectors.publish import RawEventPublisher
 from controlplane.api.server import BackgroundServer
 from controlplane.auth import MemoryCollector
 from controlplane.polling import (
@@ -86,7 +86,7 @@ def webhook(broker, topic, monkeypatch, tmp_path) -> Iterator[tuple[str, str]]:
     notes = f"{topic}.notes"
     broker.create_topic(notes, partitions=2)
     app = FastAPI()
-    app.include_router(router(lambda target, payloads: publish(broker.bootstrap, target, payloads), topic, notes,
+    app.include_router(router(RawEventPublisher(broker.bootstrap), topic, notes,
                               seen=SeenNotifications(f"sqlite:///{tmp_path}/seen.db")))
     with BackgroundServer() as server:
         server.start(app)

@@ -14,7 +14,7 @@ import requests
 import uvicorn
 from fastapi import FastAPI
 
-from connectors.publish import publish
+from connectors.publish import RawEventPublisher
 from controlplane.webhooks import router
 from controlplane.webhooks.seen import SeenNotifications
 from core.raw import RawMessage
@@ -34,8 +34,8 @@ def _serve(broker, control_plane=None, seen=None, app=None):
     broker.create_topic(raw, 2)
     broker.create_topic(notes, 2)
     app = app or FastAPI()
-    app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes,
-                              control_plane=control_plane, seen=seen))
+    publisher = RawEventPublisher(broker.bootstrap)
+    app.include_router(router(publisher, raw, notes, control_plane=control_plane, seen=seen))
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -45,6 +45,7 @@ def _serve(broker, control_plane=None, seen=None, app=None):
     yield f"http://127.0.0.1:{port}/v2/providers", raw, notes
     http.should_exit = True
     thread.join(5)
+    publisher.close()
 
 
 GARMIN_TOKEN = "garmin-url-t0ken"

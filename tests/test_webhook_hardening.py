@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from connectors.publish import publish
+from connectors.publish import PublishUnavailable, RawEventPublisher
 from controlplane.api import BackgroundServer, create_app
 from controlplane.auth import MemoryCollector
 from controlplane.limits import json_depth
@@ -100,7 +100,7 @@ def api(tmp_path, broker, monkeypatch) -> Iterator[Api]:
         start = plane.start_auth("dev-1", "garmin", reference_id="athlete-1")
         assert plane.complete_auth("garmin", query_of(authorize_in_browser(start.auth_url))).ok
         app = create_app(plane)
-        app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), raw, notes))
+        app.include_router(router(RawEventPublisher(broker.bootstrap), raw, notes))
         server.start(app)
         try:
             yield Api(server.url, plane, garmin, raw, notes, broker)
@@ -320,7 +320,7 @@ def test_replays_are_recognized_across_processes_sharing_the_store(broker, tmp_p
     statuses = []
     for _ in range(2):
         app = FastAPI()
-        app.include_router(router(lambda topic, payloads: publish(broker.bootstrap, topic, payloads), "raw", notes,
+        app.include_router(router(RawEventPublisher(broker.bootstrap), "raw", notes,
                                   seen=SeenNotifications(f"sqlite:///{tmp_path}/state.db")))
         with BackgroundServer() as server:
             server.start(app)
@@ -339,10 +339,12 @@ def test_a_notification_that_could_not_be_queued_is_accepted_when_retried(broker
     broker_down = threading.Event()
     broker_down.set()
 
-    def flaky_publish(topic: str, payloads: Any) -> None:
+    publisher = RawEventPublisher(broker.bootstrap)
+
+    async def flaky_publish(topic: str, payloads: Any) -> None:
         if broker_down.is_set():
-            raise ConnectionError("broker unreachable")
-        publish(broker.bootstrap, topic, payloads)
+            raise PublishUnavailable("broker unreachable", 10)
+        await publisher(topic, payloads)
 
     app = FastAPI()
     app.include_router(router(flaky_publish, "raw", notes, seen=SeenNotifications(f"sqlite:///{tmp_path}/s.db")))
@@ -351,7 +353,7 @@ def test_a_notification_that_could_not_be_queued_is_accepted_when_retried(broker
         server.start(app)
         url = f"{server.url}/v2/providers/fitbit/webhook"
         failed = requests.post(url, data=body, headers=_fitbit_headers(body), timeout=10)
-        assert failed.status_code == 500  # no 2xx: Fitbit sends it again
+        assert failed.status_code == 503 and failed.headers["Retry-After"] == "10"  # no 2xx: Fitbit sends it again
         broker_down.clear()
         assert requests.post(url, data=body, headers=_fitbit_headers(body), timeout=10).status_code == 204
         assert requests.post(url, data=body, headers=_fitbit_headers(body), timeout=10).status_code == 204

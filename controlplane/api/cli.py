@@ -43,6 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="historical requests fetched at once (default %(default)s)")
     serve.add_argument("--backfill-queue", type=int, default=defaults.backfill_queue,
                        help="historical requests waiting at most; more answer 503 (default %(default)s)")
+    serve.add_argument("--publish-timeout", type=float, default=defaults.publish_timeout_s, metavar="SECONDS",
+                       help="how long a webhook waits for the broker's acknowledgement before 503 with Retry-After "
+                            "(default %(default)g)")
 
     devs = sub.add_parser("developers", help="developer ids and API keys of the /v2 API")
     devs_sub = devs.add_subparsers(dest="action", required=True)
@@ -73,7 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         limiter = RedisRateLimiter(url=args.redis)
     limits = ServeLimits(args.auth_failures_per_client, args.auth_failures_per_dev_id, args.redis or "memory://",
-                         args.purge_interval, args.history_max_days, args.backfill_workers, args.backfill_queue)
+                         args.purge_interval, args.history_max_days, args.backfill_workers, args.backfill_queue,
+                         publish_timeout_s=args.publish_timeout)
     serve(args.port, args.state, host=args.host, public_url=args.public_url, bootstrap_servers=args.bootstrap_servers,
           emit=emit, limiter=limiter, limits=limits)
     return 0

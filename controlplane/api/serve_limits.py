@@ -12,7 +12,8 @@ from core.errors import FatalError
 class ServeLimits:
     """What ``serve`` bounds: failed API-key checks (``limits`` strings, counted in ``throttle_storage``:
     ``memory://`` or a ``redis://`` URL shared by every API process), how often expired sessions and
-    authorizations are purged, and historical requests (days per request, workers, queued requests)."""
+    authorizations are purged, historical requests (days per request, workers, queued requests), and how long a
+    webhook waits for the broker's acknowledgement before 503."""
 
     auth_failures_per_client: str = "20/minute"
     auth_failures_per_dev_id: str = "20/minute"
@@ -21,6 +22,7 @@ class ServeLimits:
     history_max_days: int = 365
     backfill_workers: int = 2
     backfill_queue: int = 32
+    publish_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         problems = [f"{flag} must be {rule}, got {value!r}" for flag, value, ok, rule in (
@@ -28,6 +30,7 @@ class ServeLimits:
             ("--history-max-days", self.history_max_days, self.history_max_days >= 1, "at least 1"),
             ("--backfill-workers", self.backfill_workers, self.backfill_workers >= 1, "at least 1"),
             ("--backfill-queue", self.backfill_queue, self.backfill_queue >= 0, "0 or more"),
+            ("--publish-timeout", self.publish_timeout_s, self.publish_timeout_s > 0, "a positive number of seconds"),
         ) if not ok]
         if problems:
             raise FatalError("; ".join(problems))

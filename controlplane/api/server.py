@@ -40,6 +40,9 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
     (``GET /v2/{type}``) are fetched at low priority (``limiter``: a shared RedisRateLimiter, or
     in-process limits). A provider whose webhooks cannot be authenticated (no URL token for one that signs
     nothing, no key for one that signs) is named in a warning at start; its requests are refused until it is set.
+    Webhooks and historical requests publish through one long-lived producer, created on first use and closed when
+    the server stops; a webhook is answered only once the broker acknowledged it, awaited without blocking the event
+    loop for at most ``limits.publish_timeout_s``, else 503 with ``Retry-After`` while every other endpoint answers.
     Expired widget sessions, authorizations and never-completed connections are purged at start and every
     ``limits.purge_interval_s``.
 
@@ -60,14 +63,16 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
                                  emit=emit or log_event).open()
     guard = ApiKeyGuard(control_plane.developers, throttle)
     housekeeping = Housekeeping(control_plane, limits.purge_interval_s)
-    polling = None
+    polling = producer = None
     try:
         control_plane.flush_events()
         housekeeping.start()
         if bootstrap_servers:
+            from connectors.publish import raw_event_producer
             from controlplane.polling import ConnectionPolling, CursorStore, KafkaPublisher, LocalRateLimiter, Poller
 
-            publisher = KafkaPublisher(bootstrap_servers, "healthflow.raw")
+            producer = raw_event_producer(bootstrap_servers, timeout_s=limits.publish_timeout_s)
+            publisher = KafkaPublisher(bootstrap_servers, "healthflow.raw", producer=producer)
             polling = ConnectionPolling(control_plane, Poller(cursors=CursorStore(store_url), publisher=publisher,
                                                               limiter=limiter or LocalRateLimiter()),
                                         max_backfill_days=limits.history_max_days,
@@ -75,17 +80,19 @@ def serve(port: int = 8080, store_url: str = "sqlite:///.healthflow/state.db", *
                                         backfill_queue=limits.backfill_queue)
         app = create_app(control_plane, polling=polling, api_key_guard=guard)
         if bootstrap_servers:
-            from connectors.publish import publish
+            from connectors.publish import RawEventPublisher
             from controlplane.webhooks import router, unauthenticated_webhooks
 
             for problem in unauthenticated_webhooks():
                 log.warning("%s", problem)
-            app.include_router(router(lambda topic, payloads: publish(bootstrap_servers, topic, payloads)))
+            app.include_router(router(RawEventPublisher(producer=producer, timeout_s=limits.publish_timeout_s)))
         uvicorn.run(app, host=host, port=port, log_config=None)  # our handler: levels, format, redaction
     finally:
         housekeeping.stop()
         if polling is not None:
             polling.close()
+        if producer is not None:
+            producer.close(limits.publish_timeout_s)
         guard.close()
         control_plane.close()
 

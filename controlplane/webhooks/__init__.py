@@ -62,11 +62,12 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -77,11 +78,14 @@ from connectors import provider_client, registry
 from connectors.manifest import Replay, Signature, Webhooks
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
 from controlplane.webhooks.seen import SeenNotifications
+from core.errors import RetryableError
 from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 
-Publisher = Callable[[str, Sequence[RawPayload]], None]  # (topic, payloads)
+# (topic, payloads), awaited until the broker acknowledged them (e.g. connectors.publish.RawEventPublisher); a
+# RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After
+Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
 
 
@@ -392,6 +396,17 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             return Response(status_code=204)
         return JSONResponse({"status": "accepted", **fields})
 
+    async def queue(topic: str, payloads: Sequence[RawPayload]) -> None:
+        """Publish without blocking the event loop; a webhook is accepted only once the broker acknowledged it
+        (a 503 releases its replay claim, so the provider's retry is accepted)."""
+        try:
+            await publish(topic, payloads)
+        except RetryableError as exc:
+            log.warning("webhook not queued on %s (answered 503): %s", topic, exc)
+            retry_after = str(math.ceil(exc.retry_after or 10))
+            raise HTTPException(503, "the webhook could not be queued now; retry later",
+                                headers={"Retry-After": retry_after}) from exc
+
     @api.post("/{provider}/webhook")
     async def receive(provider: str, request: Request) -> Response:
         found = manifest_of(provider)
@@ -438,17 +453,17 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             body, pings = split_pings(body, hooks.callback_field)
             payloads = split_push_by_user(slug, body, user_field) if body else []
             if payloads:
-                publish(raw_topic, payloads)
+                await queue(raw_topic, payloads)
             queued = queue_pings(slug, pings, user_field)
             if queued:
-                publish(notifications_topic, queued)
+                await queue(notifications_topic, queued)
             fields: dict[str, Any] = {"raw_events": len(payloads)}
             if applied is not None:
                 fields["lifecycle"] = applied
             if pings:
                 fields["pings"] = sum(len(entries) for entries in pings.values())
             return answer(hooks, fields)
-        publish(notifications_topic, split_notifications(slug, body, hooks))
+        await queue(notifications_topic, split_notifications(slug, body, hooks))
         return answer(hooks, {})
 
     @api.get("/{provider}/webhook", response_model=None)
