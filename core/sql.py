@@ -16,7 +16,8 @@ JSON, indexed key), ``FOR UPDATE``, its upsert syntax, how concurrent ``CREATE .
 (``lock_for_ddl``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
 
 - ``RetryableError``: connection refused or lost, lock/busy timeouts, serialization failures, deadlocks;
-- ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated);
+- ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated, a value over a
+  limit of the database such as PostgreSQL's index row size);
 - ``FatalError``: bad credentials, missing database, table, column or privilege, with what to fix.
 
 Passwords never appear in a message (``core.secrets.redact``).
@@ -255,7 +256,7 @@ class PostgresDialect(SqlDialect):
             return FatalError(f"postgres {where}: {reason}: {exc}")
         if state[:2] in ("08", "40", "53", "57", "58") or state == "55P03":
             return RetryableError(f"postgres {where} transient error {state}: {exc}")
-        if state[:2] in ("22", "23") or isinstance(exc, psycopg.DataError | psycopg.IntegrityError
+        if state[:2] in ("22", "23", "54") or isinstance(exc, psycopg.DataError | psycopg.IntegrityError
                                                    | OverflowError | ValueError | TypeError):
             return PermanentError(f"{type(exc).__name__} {state}: {exc}")
         if isinstance(exc, psycopg.OperationalError):  # no sqlstate: failed to connect or connection lost

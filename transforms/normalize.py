@@ -44,6 +44,15 @@ from core.events import NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
+from transforms.bounds import (
+    MAX_ID_CHARS,
+    MAX_STRING_CHARS,
+    OutOfBounds,
+    check_document,
+    check_epoch_ms,
+    check_text,
+    may_be_out_of_bounds,
+)
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.record_state import open_state
 from transforms.reuse import acquire, release
@@ -128,7 +137,8 @@ def read_documents(message: RawMessage) -> Documents | Failed:
     """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be."""
     try:
         raw = decode_raw(message)
-    except SchemaMismatch as exc:
+        _check_raw(raw)
+    except (SchemaMismatch, OutOfBounds) as exc:
         return _failed("decode", exc, message)
     try:
         provider = get_provider(raw.provider)
@@ -153,9 +163,17 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Faile
     by_user: dict[str, list[int]] = {}
     failed = []
     if not provider.records_name_their_user:
+        suspect = may_be_out_of_bounds(raw.payload)
         for index, (kind, doc) in enumerate(documents):
             try:
+                if suspect:
+                    check_document(doc)
+            except OutOfBounds as exc:
+                failed.append(_failed("validate", exc, message, raw, kind, index))
+                continue
+            try:
                 owner = provider.owner_of(kind, doc, raw.user_id)
+                check_text("provider user id", owner)
             except MappingError as exc:
                 failed.append(_failed("normalize", exc, message, raw, kind, index))
                 continue
@@ -176,11 +194,18 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
                   indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
+    suspect = may_be_out_of_bounds(raw.payload)
     for index in indexes:
         kind, doc = documents[index]
         try:
+            if suspect:
+                check_document(doc)
+        except OutOfBounds as exc:
+            yield _failed("validate", exc, message, raw, kind, index)
+            continue
+        try:
             fragments = provider.normalize_document(kind, doc, raw.user_id)
-        except MappingError as exc:
+        except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
         try:
@@ -192,14 +217,24 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
         yield from keyed
 
 
+def _check_raw(raw: RawEvent) -> None:
+    """The raw event's own fields within bounds (``transforms.bounds``)."""
+    check_epoch_ms("received_at", raw.received_at_ms)
+    for name in ("provider", "kind", "user_id", "idempotency_key"):
+        check_text(name, getattr(raw, name), MAX_STRING_CHARS if name == "idempotency_key" else MAX_ID_CHARS)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
 def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
     data = validate_record(fragment.type, fragment.data)
+    check_text("provider user id", str(fragment.provider_user_id))
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
-    return Keyed(fragment.type, natural_key(fragment.type, data), data,
+    key = natural_key(fragment.type, data)
+    check_text(f"{fragment.type} natural key", key)
+    return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference)
 
