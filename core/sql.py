@@ -217,7 +217,8 @@ class PostgresDialect(SqlDialect):
                      "3D000": "the database does not exist", "3F000": "the schema does not exist",
                      "42P01": "a table is missing", "42703": "a column is missing (tables altered?)"}
     _CONNECT_FATAL = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied",
-                      "password")
+                      "password", "could not translate host name", "failed to resolve host",
+                      "invalid connection option", "invalid integer value")  # other failures to connect: outages
 
     @property
     def driver_errors(self) -> tuple[type[BaseException], ...]:

@@ -15,7 +15,6 @@ file, one partition). A message of several users is mapped once, before the shuf
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -531,10 +530,11 @@ class MergePerUser(beam.DoFn):
     saved before delivery: a run that dies after saving re-reads its input and re-emits the same
     merged records, so delivery stays at least once. A user whose merge or save fails for a reason
     of its own is dead-lettered (stage ``merge``/``state``) and the others go on; a store that is
-    unavailable is waited for (``STORE_PATIENCE_S``), never taken for bad data.
+    unavailable is waited for (``STORE_PATIENCE_S``), never taken for bad data: a failure of the store itself
+    (RetryableError, FatalError) is never dead-lettered.
     """
 
-    STORE_PATIENCE_S = 300.0
+    STORE_PATIENCE_S: float | None = 300.0  # bounded input: a run fails (and commits nothing) after this long
 
     def __init__(self, state_url: str, users_per_flush: int = 200) -> None:
         self.state_url, self.users_per_flush = state_url, users_per_flush
@@ -548,12 +548,6 @@ class MergePerUser(beam.DoFn):
     def teardown(self) -> None:
         release("record-state", self.state_url, self.state)
         release("user-directory", self.state_url, self.users)
-
-    def _reconnect(self) -> None:
-        for store in (self.state, self.users):
-            store.close()
-            with contextlib.suppress(RetryableError, FatalError):
-                store.open()
 
     def start_bundle(self) -> None:
         self.pending: list[tuple[str, list[UserFragments], Any, Any]] = []
@@ -600,19 +594,19 @@ class MergePerUser(beam.DoFn):
         yield from self.tally.flush()
 
     def _patiently(self, action: Any) -> Any:
-        """Run ``action``, waiting out a store that is unavailable (reconnecting) for up to STORE_PATIENCE_S."""
-        deadline, delay = time.monotonic() + self.STORE_PATIENCE_S, 0.2
+        """Run ``action``, waiting out a store that is unavailable (RetryableError: the store reconnects by itself) with
+        backoff, for up to STORE_PATIENCE_S (None: for as long as it takes). FatalError is raised at once."""
+        patience = self.STORE_PATIENCE_S
+        deadline, delay = None if patience is None else time.monotonic() + patience, 0.2
         while True:
             try:
                 return action()
-            except (RetryableError, FatalError) as exc:
-                if time.monotonic() >= deadline or (isinstance(exc, FatalError) and "cannot open" not in str(exc)):
+            except RetryableError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise
                 log.warning("record state unavailable, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                if hasattr(self, "users"):  # connected before: reconnect
-                    self._reconnect()
 
     def _resolve(self, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
         """Give an account's fragments the user of its connection, when it has one."""
@@ -709,7 +703,10 @@ class MergePerUser(beam.DoFn):
 
 
 class MergePerUserStateful(MergePerUser):
-    """``MergePerUser`` for unbounded input: keyed state makes the runner merge one user at a time."""
+    """``MergePerUser`` for unbounded input: keyed state makes the runner merge one user at a time. A streaming job
+    waits out a store outage for as long as it lasts, then resumes where it was."""
+
+    STORE_PATIENCE_S = None
 
     SERIAL = userstate.ReadModifyWriteStateSpec("serial", BooleanCoder())
 
