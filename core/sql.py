@@ -295,7 +295,8 @@ class MysqlDialect(SqlDialect):
               1130: "this host may not connect: grant the user access from this address",
               1142: "the user lacks a table privilege (GRANT CREATE, SELECT, INSERT, UPDATE ON db.*)",
               1143: "the user lacks a column privilege (GRANT SELECT, INSERT, UPDATE ON db.*)",
-              1146: "a table is missing (dropped while running?)", 1227: "the user lacks a privilege",
+              1146: "a table is missing (dropped while running?)",
+              1170: "a key column is TEXT (a bug: key columns must use key_type)", 1227: "the user lacks a privilege",
               1286: "the InnoDB storage engine is not available", 1698: "access denied: check the user and password",
               2059: "the server's authentication plugin is not supported by PyMySQL"}
     # Row data rejected: out of range, too long, bad value/charset, NULL, invalid JSON (MySQL 3140, MariaDB 4025).

@@ -217,3 +217,42 @@ def test_a_database_that_is_down_is_an_outage_and_a_wrong_url_a_misconfiguration
         Store(private_postgres.url("no_such_database")).open()
     with pytest.raises(FatalError, match="resolve host"):
         Store("postgresql://postgres@no-such-host.invalid:5432/x").open()
+
+
+def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads):
+    """The broker is away when the job starts, then restarted mid-stream: the job waits (never exits) and delivers
+    what is published once it is back. (The embedded broker keeps topics in memory: the topic is created again.)"""
+    from connectors.publish import publish
+    from pipelines.embedded import EmbeddedBroker, free_port
+
+    out = tmp_path / "out.db"
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(f"destinations:\n  - {{name: sql, type: sqlite, url: 'sqlite:///{out}'}}\n")
+    broker = EmbeddedBroker(port=free_port())
+    half = len(simulated_payloads) // 2
+    with open(tmp_path / "job.log", "ab") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
+             broker.bootstrap, "--topic", "raw", "--group", "outage", "--destinations", str(destinations),
+             "--state", f"sqlite:///{tmp_path / 'state.db'}", "--dead-letters", str(tmp_path / "dlq"),
+             "--redeliver-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        time.sleep(50)  # longer than the local runner retries a failing bundle (4 attempts of a 10 s metadata wait)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        broker.start()
+        broker.create_topic("raw", partitions=3)
+        publish(broker.bootstrap, "raw", simulated_payloads[:half])
+        wait_for(lambda: len(sql_rows(out)) > 0, what="the first records", timeout_s=90)
+        broker.stop()
+        time.sleep(35)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        broker.start()
+        broker.create_topic("raw", partitions=3)
+        before = len(sql_rows(out))
+        publish(broker.bootstrap, "raw", simulated_payloads[half:])
+        wait_for(lambda: len(sql_rows(out)) > before, what="records published after the restart", timeout_s=90)
+        assert job.poll() is None
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        broker.stop()

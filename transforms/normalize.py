@@ -22,7 +22,6 @@ import json
 import logging
 import operator
 import pickle
-import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
-from core.errors import FatalError, RetryableError
+from core.errors import FatalError, RetryableError, wait_out
 from core.events import NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, decode, validate_record
@@ -594,19 +593,9 @@ class MergePerUser(beam.DoFn):
         yield from self.tally.flush()
 
     def _patiently(self, action: Any) -> Any:
-        """Run ``action``, waiting out a store that is unavailable (RetryableError: the store reconnects by itself) with
-        backoff, for up to STORE_PATIENCE_S (None: for as long as it takes). FatalError is raised at once."""
-        patience = self.STORE_PATIENCE_S
-        deadline, delay = None if patience is None else time.monotonic() + patience, 0.2
-        while True:
-            try:
-                return action()
-            except RetryableError as exc:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                log.warning("record state unavailable, retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Run ``action``, waiting out a store that is unavailable (the store reconnects by itself) for up to
+        STORE_PATIENCE_S (None: as long as it takes); FatalError is raised at once."""
+        return wait_out(action, "record state", self.STORE_PATIENCE_S, log=log)
 
     def _resolve(self, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
         """Give an account's fragments the user of its connection, when it has one."""
