@@ -13,7 +13,7 @@ A dialect knows how to connect (``${VAR}`` references in the URL are resolved th
 see ``core.secrets``; connections are in autocommit mode and transactions explicit: ``begin``/``commit``/``rollback``
 or ``transaction``), its parameter placeholder (``?`` or ``%s``; ``placeholders`` rewrites ``?``), column types (text,
 JSON, indexed key), ``FOR UPDATE``, its upsert syntax, how concurrent ``CREATE ... IF NOT EXISTS`` are serialized
-(``lock_for_ddl``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
+(``ddl_lock``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
 
 - ``RetryableError``: connection refused or lost, lock/busy timeouts, serialization failures, deadlocks;
 - ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated, a value over a
@@ -141,9 +141,12 @@ class SqlDialect(ABC):
                 self.rollback(connection)
             raise
 
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:  # noqa: B027 - optional
-        """Inside a transaction: serialize concurrent ``CREATE ... IF NOT EXISTS`` of several workers until it ends
-        (no-op where DDL is atomic or writers are serialized anyway)."""
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
+        """Around ``CREATE ... IF NOT EXISTS`` (and migrations) inside a transaction: several workers creating the same
+        tables at once take turns (nothing to do where DDL is atomic or writers are serialized anyway, as SQLite's
+        ``BEGIN IMMEDIATE``)."""
+        yield
 
     def ensure_schema(self, connection: Any, schema: str) -> None:
         raise NotImplementedError(f"{self.name} has no schema option")
@@ -236,10 +239,12 @@ class PostgresDialect(SqlDialect):
         if self.lock_timeout_s is not None:
             connection.execute(f"SET lock_timeout = {int(self.lock_timeout_s * 1000)}")
 
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
         """PostgreSQL's IF NOT EXISTS is not atomic: concurrent creators collide in its catalog, so they take turns
-        under a transaction-level advisory lock."""
+        under a transaction-level advisory lock (released when the transaction ends)."""
         connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [lock_name])
+        yield
 
     def ensure_schema(self, connection: Any, schema: str) -> None:
         """Create it only when absent: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE right even when the
@@ -348,6 +353,24 @@ class MysqlDialect(SqlDialect):
 
     def key_type(self, max_length: int) -> str:
         return f"VARCHAR({max_length})"
+
+    DDL_LOCK_WAIT_S = 60
+
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
+        """Each CREATE/ALTER commits on its own in MySQL, so a transaction cannot hold them together: concurrent
+        creators take turns under a named session lock (``GET_LOCK``), released when the block ends."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(%s, %s)", (lock_name[:64], self.DDL_LOCK_WAIT_S))
+            (granted,) = cursor.fetchone()
+        if granted != 1:
+            raise RetryableError(f"mysql: another worker held the DDL lock {lock_name!r} for "
+                                 f"{self.DDL_LOCK_WAIT_S} s")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception), connection.cursor() as cursor:
+                cursor.execute("SELECT RELEASE_LOCK(%s)", (lock_name[:64],))
 
     def classify(self, exc: BaseException, url: str) -> Exception:
         import pymysql

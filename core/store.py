@@ -95,8 +95,7 @@ class Store:
     def create_tables(self, *statements: str) -> None:
         """Run ``CREATE ... IF NOT EXISTS`` statements in one transaction, safe when several workers start at once
         (they take turns under the dialect's DDL lock where IF NOT EXISTS is not atomic)."""
-        with self.transaction() as cursor:
-            self.sql_dialect.lock_for_ddl(self.conn, DDL_LOCK)
+        with self.transaction() as cursor, self.sql_dialect.ddl_lock(self.conn, DDL_LOCK):
             for statement in statements:
                 cursor.execute(statement)
 
