@@ -201,3 +201,20 @@ def test_a_failing_state_save_fails_that_record_alone(tmp_path, state_database):
     (dead,) = read_dead_letters(str(tmp_path / "dlq"))
     assert dead["stage"] == "state" and "2024-03-12" in dead["original"].decode()
     assert summary.get("dead_letter:state") == 1
+
+
+def test_each_user_part_of_a_failing_message_is_a_dead_letter_of_its_own(tmp_path, state_database):
+    """One message holding two users' records that the state store both refuses: two dead letters, as counted."""
+    with psycopg.connect(state_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE healthflow_record_state (user_id TEXT NOT NULL, type TEXT NOT NULL, natural_key "
+                     "TEXT NOT NULL, version_ms BIGINT NOT NULL, data JSONB NOT NULL, PRIMARY KEY (user_id, type, "
+                     "natural_key), CHECK (natural_key <> '2024-03-12'))")
+    dailies = [json.loads(garmin_daily(user, "2024-03-12").payload)["dailies"][0] for user in ("pa", "pb")]
+    (tmp_path / "raw.jsonl").write_text(json.dumps({"provider": "garmin", "kind": "dailies",
+                                                    "payload": json.dumps({"dailies": dailies})}) + "\n")
+    summary = run_batch(NormalizeJob(FileSource(str(tmp_path / "raw.jsonl")),
+                                     [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")], str(tmp_path / "dlq"),
+                                     state_url=state_database))
+    dead = list(read_dead_letters(str(tmp_path / "dlq")))
+    assert summary.get("dead_letter:state") == len(dead) == 2
+    assert {d["stage"] for d in dead} == {"state"}

@@ -238,12 +238,16 @@ def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, re
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
-            kind: str | None = None, index: int | None = None) -> Failed:
+            kind: str | None = None, index: int | None = None, user: str | None = None) -> Failed:
+    """``user``: the healthflow user whose part of the message failed, when the message holds several users' records
+    (each part is then a dead letter of its own, not one overwriting the other)."""
     source = dict(message.source, encoding=message.encoding)
     if raw is not None:
         source["idempotency_key"] = raw.idempotency_key
     if index is not None:
         source["document_index"] = index
+    if user is not None:
+        source["user"] = user
     return Failed(stage, dead_letter(
         stage=stage, error=error, original=message.data, source=source,
         provider=raw.provider if raw else None, kind=kind or (raw.kind if raw else None),
@@ -659,7 +663,7 @@ class MergePerUser(beam.DoFn):
                 continue
             for part in parts:
                 self.tally.add(f"dead_letter:{stage}")
-                record = _failed(stage, exc, part.message).record
+                record = _failed(stage, exc, part.message, user=part.fragments[0].user["user_id"]).record
                 yield pvalue.TaggedOutput(DEAD_LETTER, WindowedValue(DeadLetterOut(record, part.acks), timestamp,
                                                                       [window]))
 
