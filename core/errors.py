@@ -11,10 +11,15 @@
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC
 from enum import Enum
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Route(Enum):
@@ -82,3 +87,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return min(max(0.0, when.timestamp() - (time.time() if now is None else now)), MAX_RETRY_AFTER_S)
+
+
+def wait_out(action: Callable[[], T], what: str, patience_s: float | None = 300.0, first_delay_s: float = 0.2,
+             max_delay_s: float = 5.0, log: logging.Logger | None = None) -> T:
+    """``action()``, retried with exponential backoff while it raises RetryableError (an outage of ``what``), for up to
+    ``patience_s`` seconds (None: for as long as it lasts; then the last error is raised). Other errors, FatalError
+    included, are raised at once. Each wait is logged as a warning naming ``what``."""
+    deadline = None if patience_s is None else time.monotonic() + patience_s
+    delay = first_delay_s
+    while True:
+        try:
+            return action()
+        except RetryableError as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            (log or logging.getLogger(__name__)).warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)

@@ -13,10 +13,11 @@ A dialect knows how to connect (``${VAR}`` references in the URL are resolved th
 see ``core.secrets``; connections are in autocommit mode and transactions explicit: ``begin``/``commit``/``rollback``
 or ``transaction``), its parameter placeholder (``?`` or ``%s``; ``placeholders`` rewrites ``?``), column types (text,
 JSON, indexed key), ``FOR UPDATE``, its upsert syntax, how concurrent ``CREATE ... IF NOT EXISTS`` are serialized
-(``lock_for_ddl``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
+(``ddl_lock``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
 
 - ``RetryableError``: connection refused or lost, lock/busy timeouts, serialization failures, deadlocks;
-- ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated);
+- ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated, a value over a
+  limit of the database such as PostgreSQL's index row size);
 - ``FatalError``: bad credentials, missing database, table, column or privilege, with what to fix.
 
 Passwords never appear in a message (``core.secrets.redact``).
@@ -140,9 +141,12 @@ class SqlDialect(ABC):
                 self.rollback(connection)
             raise
 
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:  # noqa: B027 - optional
-        """Inside a transaction: serialize concurrent ``CREATE ... IF NOT EXISTS`` of several workers until it ends
-        (no-op where DDL is atomic or writers are serialized anyway)."""
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
+        """Around ``CREATE ... IF NOT EXISTS`` (and migrations) inside a transaction: several workers creating the same
+        tables at once take turns (nothing to do where DDL is atomic or writers are serialized anyway, as SQLite's
+        ``BEGIN IMMEDIATE``)."""
+        yield
 
     def ensure_schema(self, connection: Any, schema: str) -> None:
         raise NotImplementedError(f"{self.name} has no schema option")
@@ -216,7 +220,8 @@ class PostgresDialect(SqlDialect):
                      "3D000": "the database does not exist", "3F000": "the schema does not exist",
                      "42P01": "a table is missing", "42703": "a column is missing (tables altered?)"}
     _CONNECT_FATAL = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied",
-                      "password")
+                      "password", "could not translate host name", "failed to resolve host",
+                      "invalid connection option", "invalid integer value")  # other failures to connect: outages
 
     @property
     def driver_errors(self) -> tuple[type[BaseException], ...]:
@@ -234,10 +239,12 @@ class PostgresDialect(SqlDialect):
         if self.lock_timeout_s is not None:
             connection.execute(f"SET lock_timeout = {int(self.lock_timeout_s * 1000)}")
 
-    def lock_for_ddl(self, connection: Any, lock_name: str) -> None:
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
         """PostgreSQL's IF NOT EXISTS is not atomic: concurrent creators collide in its catalog, so they take turns
-        under a transaction-level advisory lock."""
+        under a transaction-level advisory lock (released when the transaction ends)."""
         connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [lock_name])
+        yield
 
     def ensure_schema(self, connection: Any, schema: str) -> None:
         """Create it only when absent: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE right even when the
@@ -255,7 +262,7 @@ class PostgresDialect(SqlDialect):
             return FatalError(f"postgres {where}: {reason}: {exc}")
         if state[:2] in ("08", "40", "53", "57", "58") or state == "55P03":
             return RetryableError(f"postgres {where} transient error {state}: {exc}")
-        if state[:2] in ("22", "23") or isinstance(exc, psycopg.DataError | psycopg.IntegrityError
+        if state[:2] in ("22", "23", "54") or isinstance(exc, psycopg.DataError | psycopg.IntegrityError
                                                    | OverflowError | ValueError | TypeError):
             return PermanentError(f"{type(exc).__name__} {state}: {exc}")
         if isinstance(exc, psycopg.OperationalError):  # no sqlstate: failed to connect or connection lost
@@ -293,7 +300,8 @@ class MysqlDialect(SqlDialect):
               1130: "this host may not connect: grant the user access from this address",
               1142: "the user lacks a table privilege (GRANT CREATE, SELECT, INSERT, UPDATE ON db.*)",
               1143: "the user lacks a column privilege (GRANT SELECT, INSERT, UPDATE ON db.*)",
-              1146: "a table is missing (dropped while running?)", 1227: "the user lacks a privilege",
+              1146: "a table is missing (dropped while running?)",
+              1170: "a key column is TEXT (a bug: key columns must use key_type)", 1227: "the user lacks a privilege",
               1286: "the InnoDB storage engine is not available", 1698: "access denied: check the user and password",
               2059: "the server's authentication plugin is not supported by PyMySQL"}
     # Row data rejected: out of range, too long, bad value/charset, NULL, invalid JSON (MySQL 3140, MariaDB 4025).
@@ -345,6 +353,24 @@ class MysqlDialect(SqlDialect):
 
     def key_type(self, max_length: int) -> str:
         return f"VARCHAR({max_length})"
+
+    DDL_LOCK_WAIT_S = 60
+
+    @contextmanager
+    def ddl_lock(self, connection: Any, lock_name: str) -> Iterator[None]:
+        """Each CREATE/ALTER commits on its own in MySQL, so a transaction cannot hold them together: concurrent
+        creators take turns under a named session lock (``GET_LOCK``), released when the block ends."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(%s, %s)", (lock_name[:64], self.DDL_LOCK_WAIT_S))
+            (granted,) = cursor.fetchone()
+        if granted != 1:
+            raise RetryableError(f"mysql: another worker held the DDL lock {lock_name!r} for "
+                                 f"{self.DDL_LOCK_WAIT_S} s")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception), connection.cursor() as cursor:
+                cursor.execute("SELECT RELEASE_LOCK(%s)", (lock_name[:64],))
 
     def classify(self, exc: BaseException, url: str) -> Exception:
         import pymysql

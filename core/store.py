@@ -14,7 +14,7 @@ from typing import Any
 
 from core.errors import FatalError, HealthflowError, RetryableError
 from core.secrets import redact
-from core.sql import SqlDialect, dialect_for
+from core.sql import SqlDialect, close_quietly, dialect_for
 
 DDL_LOCK = "healthflow-ddl"
 
@@ -44,6 +44,9 @@ class Store:
         return self.sql_dialect.json_type
 
     def open(self) -> Store:
+        """Connect. A database that is unreachable for now (refused, starting, shutting down) raises RetryableError:
+        an outage, to be waited out; one that answers no to this URL (credentials, unknown database or host) raises
+        FatalError saying what to fix."""
         if self.conn is not None:
             return self
         try:
@@ -51,7 +54,10 @@ class Store:
         except HealthflowError as exc:
             if exc.__cause__ is None:  # not the database's answer (an unset ${VAR}): as it is
                 raise
-            raise FatalError(f"cannot open store {redact(self.url)}: {str(exc.__cause__).strip()}") from exc
+            reason = f"store {redact(self.url)}: {str(exc.__cause__).strip()}"
+            if isinstance(exc, RetryableError):
+                raise RetryableError(f"store unavailable: {reason}") from exc
+            raise FatalError(f"cannot open {reason}") from exc
         return self
 
     def close(self) -> None:
@@ -59,12 +65,20 @@ class Store:
             self.conn.close()
             self.conn = None
 
+    def close_quietly(self) -> None:
+        """Drop the connection, whatever state it is in."""
+        if self.conn is not None:
+            close_quietly(self.conn)
+            self.conn = None
+
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
         """A cursor inside one transaction; the database's transient failures surface as RetryableError and its
         misconfigurations (missing table, privilege, credentials) as FatalError; other errors are raised as they are
-        (the data of a row: the caller isolates it)."""
-        assert self.conn is not None, "open() first"
+        (the data of a row: the caller isolates it). After a transient failure the connection is dropped, and the next
+        transaction connects again (RetryableError while the database is still away)."""
+        if self.conn is None:
+            self.open()
         dialect = self.sql_dialect
         try:
             with dialect.transaction(self.conn) as cursor:
@@ -72,6 +86,7 @@ class Store:
         except dialect.driver_errors as exc:
             error = dialect.classify(exc, self.url)
             if isinstance(error, RetryableError):
+                self.close_quietly()  # perhaps broken: connect afresh next time
                 raise RetryableError(f"store {dialect.name}: {exc}") from exc
             if isinstance(error, FatalError):
                 raise FatalError(f"store: {error}") from exc
@@ -80,8 +95,7 @@ class Store:
     def create_tables(self, *statements: str) -> None:
         """Run ``CREATE ... IF NOT EXISTS`` statements in one transaction, safe when several workers start at once
         (they take turns under the dialect's DDL lock where IF NOT EXISTS is not atomic)."""
-        with self.transaction() as cursor:
-            self.sql_dialect.lock_for_ddl(self.conn, DDL_LOCK)
+        with self.transaction() as cursor, self.sql_dialect.ddl_lock(self.conn, DDL_LOCK):
             for statement in statements:
                 cursor.execute(statement)
 

@@ -370,13 +370,13 @@ class SqlSink(Sink):
         connection = dialect.connect(self.url, f"destination {self.name}")
         try:
             dialect.begin(connection)  # MySQL commits implicitly at each CREATE TABLE: harmless (IF NOT EXISTS)
-            dialect.lock_for_ddl(connection, self.records_table)
-            if self.schema:
-                dialect.ensure_schema(connection, self.schema)
-            for statement in self._layout.create_tables(dialect):
-                dialect.execute(connection, statement)
-            self._layout.migrate(dialect, connection)
-            dialect.commit(connection)
+            with dialect.ddl_lock(connection, self.records_table):
+                if self.schema:
+                    dialect.ensure_schema(connection, self.schema)
+                for statement in self._layout.create_tables(dialect):
+                    dialect.execute(connection, statement)
+                self._layout.migrate(dialect, connection)
+                dialect.commit(connection)
         except Exception as exc:
             close_quietly(connection)
             error = dialect.classify(exc, self.url)

@@ -81,3 +81,8 @@ def simulated_payloads():
 # AWS (moto_server process) for any test module: `def test_x(moto_endpoint): ...`
 # ======================================================================================================================
 from servers.moto import moto_endpoint  # noqa: E402, F401 - pytest fixture, one server process per session
+
+# ======================================================================================================================
+# Outages: a private PostgreSQL cluster a test may stop and start: `def test_x(private_postgres): ...`
+# ======================================================================================================================
+from servers.postgres import private_postgres  # noqa: E402, F401 - pytest fixture

@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from test_streaming import PROJECT, batch_reference, publish_pubsub, wait_for
+from test_streaming import PROJECT, batch_reference, publish_pubsub, sql_rows, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -153,3 +154,105 @@ def test_kill_9_of_the_kafka_stream_then_restart_loses_nothing(tmp_path, simulat
         finally:
             job.send_signal(signal.SIGKILL)
             job.wait(10)
+
+
+def test_the_streaming_job_rides_out_a_state_database_outage(tmp_path, simulated_payloads, broker, topic,
+                                                             private_postgres, webhook_secret):
+    """The record state's PostgreSQL is down when the job starts, then again for a while mid-stream: the job waits
+    (never exits), and once the database is back every record is delivered and every offset committed."""
+    from connectors.publish import publish
+    from transforms.sources import committed_offsets
+
+    expected = as_comparable(batch_reference(tmp_path, simulated_payloads))
+    destinations = tmp_path / "destinations.yaml"
+    out = tmp_path / "out.db"
+    destinations.write_text(f"destinations:\n  - {{name: sql, type: sqlite, url: 'sqlite:///{out}'}}\n")
+    private_postgres.stop()  # down before the job starts: a restart during an outage must wait, not exit
+
+    def committed() -> int:
+        return sum(committed_offsets(broker.bootstrap, topic, "outage").values())
+
+    with open(tmp_path / "job.log", "ab") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
+             broker.bootstrap, "--topic", topic, "--group", "outage", "--destinations", str(destinations),
+             "--state", private_postgres.url(), "--dead-letters", str(tmp_path / "dlq"), "--redeliver-every", "0"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        half = len(simulated_payloads) // 2
+        first = publish(broker.bootstrap, topic, simulated_payloads[:half])
+        time.sleep(8)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        private_postgres.start()
+        wait_for(lambda: committed() == first, what="the first half committed", timeout_s=90)
+        private_postgres.stop()  # mid-stream
+        rest = publish(broker.bootstrap, topic, simulated_payloads[half:])
+        time.sleep(15)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        private_postgres.start()
+        wait_for(lambda: committed() == first + rest, what="every offset committed after the outage", timeout_s=120)
+        wait_for(lambda: as_comparable(sql_rows(out)) == expected, what="every record delivered", timeout_s=30)
+        assert job.poll() is None
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+
+
+def test_a_database_that_is_down_is_an_outage_and_a_wrong_url_a_misconfiguration(private_postgres):
+    from core.errors import FatalError, RetryableError
+    from core.store import Store
+
+    store = Store(private_postgres.url())
+    store.open()
+    private_postgres.stop()
+    with pytest.raises(RetryableError):  # the connection it had is gone: transient, and dropped
+        store.query("SELECT 1")
+    with pytest.raises(RetryableError, match="store unavailable"):  # reconnecting while down: still transient
+        store.query("SELECT 1")
+    with pytest.raises(RetryableError, match="store unavailable"):
+        Store(private_postgres.url()).open()
+    private_postgres.start()
+    assert store.query("SELECT 1") == [(1,)]  # back: the store reconnects by itself
+    with pytest.raises(FatalError, match="does not exist"):
+        Store(private_postgres.url("no_such_database")).open()
+    with pytest.raises(FatalError, match="resolve host"):
+        Store("postgresql://postgres@no-such-host.invalid:5432/x").open()
+
+
+def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads):
+    """The broker is away when the job starts, then restarted mid-stream: the job waits (never exits) and delivers
+    what is published once it is back. (The embedded broker keeps topics in memory: the topic is created again.)"""
+    from connectors.publish import publish
+    from pipelines.embedded import EmbeddedBroker, free_port
+
+    out = tmp_path / "out.db"
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(f"destinations:\n  - {{name: sql, type: sqlite, url: 'sqlite:///{out}'}}\n")
+    broker = EmbeddedBroker(port=free_port())
+    half = len(simulated_payloads) // 2
+    with open(tmp_path / "job.log", "ab") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
+             broker.bootstrap, "--topic", "raw", "--group", "outage", "--destinations", str(destinations),
+             "--state", f"sqlite:///{tmp_path / 'state.db'}", "--dead-letters", str(tmp_path / "dlq"),
+             "--redeliver-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        time.sleep(50)  # longer than the local runner retries a failing bundle (4 attempts of a 10 s metadata wait)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        broker.start()
+        broker.create_topic("raw", partitions=3)
+        publish(broker.bootstrap, "raw", simulated_payloads[:half])
+        wait_for(lambda: len(sql_rows(out)) > 0, what="the first records", timeout_s=90)
+        broker.stop()
+        time.sleep(35)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
+        broker.start()
+        broker.create_topic("raw", partitions=3)
+        before = len(sql_rows(out))
+        publish(broker.bootstrap, "raw", simulated_payloads[half:])
+        wait_for(lambda: len(sql_rows(out)) > before, what="records published after the restart", timeout_s=90)
+        assert job.poll() is None
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        broker.stop()

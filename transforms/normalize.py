@@ -15,7 +15,6 @@ file, one partition). A message of several users is mapped once, before the shuf
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -23,7 +22,6 @@ import json
 import logging
 import operator
 import pickle
-import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,11 +37,20 @@ from apache_beam.utils.windowed_value import WindowedValue
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
-from core.errors import FatalError, RetryableError
+from core.errors import FatalError, RetryableError, wait_out
 from core.events import NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
+from transforms.bounds import (
+    MAX_ID_CHARS,
+    MAX_STRING_CHARS,
+    OutOfBounds,
+    check_document,
+    check_epoch_ms,
+    check_text,
+    may_be_out_of_bounds,
+)
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.record_state import open_state
 from transforms.reuse import acquire, release
@@ -128,7 +135,8 @@ def read_documents(message: RawMessage) -> Documents | Failed:
     """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be."""
     try:
         raw = decode_raw(message)
-    except SchemaMismatch as exc:
+        _check_raw(raw)
+    except (SchemaMismatch, OutOfBounds) as exc:
         return _failed("decode", exc, message)
     try:
         provider = get_provider(raw.provider)
@@ -153,9 +161,17 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Faile
     by_user: dict[str, list[int]] = {}
     failed = []
     if not provider.records_name_their_user:
+        suspect = may_be_out_of_bounds(raw.payload)
         for index, (kind, doc) in enumerate(documents):
             try:
+                if suspect:
+                    check_document(doc)
+            except OutOfBounds as exc:
+                failed.append(_failed("validate", exc, message, raw, kind, index))
+                continue
+            try:
                 owner = provider.owner_of(kind, doc, raw.user_id)
+                check_text("provider user id", owner)
             except MappingError as exc:
                 failed.append(_failed("normalize", exc, message, raw, kind, index))
                 continue
@@ -176,11 +192,18 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
                   indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
+    suspect = may_be_out_of_bounds(raw.payload)
     for index in indexes:
         kind, doc = documents[index]
         try:
+            if suspect:
+                check_document(doc)
+        except OutOfBounds as exc:
+            yield _failed("validate", exc, message, raw, kind, index)
+            continue
+        try:
             fragments = provider.normalize_document(kind, doc, raw.user_id)
-        except MappingError as exc:
+        except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
         try:
@@ -192,25 +215,39 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
         yield from keyed
 
 
+def _check_raw(raw: RawEvent) -> None:
+    """The raw event's own fields within bounds (``transforms.bounds``)."""
+    check_epoch_ms("received_at", raw.received_at_ms)
+    for name in ("provider", "kind", "user_id", "idempotency_key"):
+        check_text(name, getattr(raw, name), MAX_STRING_CHARS if name == "idempotency_key" else MAX_ID_CHARS)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
 def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
     data = validate_record(fragment.type, fragment.data)
+    check_text("provider user id", str(fragment.provider_user_id))
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
-    return Keyed(fragment.type, natural_key(fragment.type, data), data,
+    key = natural_key(fragment.type, data)
+    check_text(f"{fragment.type} natural key", key)
+    return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference)
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
-            kind: str | None = None, index: int | None = None) -> Failed:
+            kind: str | None = None, index: int | None = None, user: str | None = None) -> Failed:
+    """``user``: the healthflow user whose part of the message failed, when the message holds several users' records
+    (each part is then a dead letter of its own, not one overwriting the other)."""
     source = dict(message.source, encoding=message.encoding)
     if raw is not None:
         source["idempotency_key"] = raw.idempotency_key
     if index is not None:
         source["document_index"] = index
+    if user is not None:
+        source["user"] = user
     return Failed(stage, dead_letter(
         stage=stage, error=error, original=message.data, source=source,
         provider=raw.provider if raw else None, kind=kind or (raw.kind if raw else None),
@@ -496,10 +533,11 @@ class MergePerUser(beam.DoFn):
     saved before delivery: a run that dies after saving re-reads its input and re-emits the same
     merged records, so delivery stays at least once. A user whose merge or save fails for a reason
     of its own is dead-lettered (stage ``merge``/``state``) and the others go on; a store that is
-    unavailable is waited for (``STORE_PATIENCE_S``), never taken for bad data.
+    unavailable is waited for (``STORE_PATIENCE_S``), never taken for bad data: a failure of the store itself
+    (RetryableError, FatalError) is never dead-lettered.
     """
 
-    STORE_PATIENCE_S = 300.0
+    STORE_PATIENCE_S: float | None = 300.0  # bounded input: a run fails (and commits nothing) after this long
 
     def __init__(self, state_url: str, users_per_flush: int = 200) -> None:
         self.state_url, self.users_per_flush = state_url, users_per_flush
@@ -513,12 +551,6 @@ class MergePerUser(beam.DoFn):
     def teardown(self) -> None:
         release("record-state", self.state_url, self.state)
         release("user-directory", self.state_url, self.users)
-
-    def _reconnect(self) -> None:
-        for store in (self.state, self.users):
-            store.close()
-            with contextlib.suppress(RetryableError, FatalError):
-                store.open()
 
     def start_bundle(self) -> None:
         self.pending: list[tuple[str, list[UserFragments], Any, Any]] = []
@@ -565,19 +597,9 @@ class MergePerUser(beam.DoFn):
         yield from self.tally.flush()
 
     def _patiently(self, action: Any) -> Any:
-        """Run ``action``, waiting out a store that is unavailable (reconnecting) for up to STORE_PATIENCE_S."""
-        deadline, delay = time.monotonic() + self.STORE_PATIENCE_S, 0.2
-        while True:
-            try:
-                return action()
-            except (RetryableError, FatalError) as exc:
-                if time.monotonic() >= deadline or (isinstance(exc, FatalError) and "cannot open" not in str(exc)):
-                    raise
-                log.warning("record state unavailable, retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                if hasattr(self, "users"):  # connected before: reconnect
-                    self._reconnect()
+        """Run ``action``, waiting out a store that is unavailable (the store reconnects by itself) for up to
+        STORE_PATIENCE_S (None: as long as it takes); FatalError is raised at once."""
+        return wait_out(action, "record state", self.STORE_PATIENCE_S, log=log)
 
     def _resolve(self, fragments: list[Keyed]) -> tuple[str, list[Keyed]]:
         """Give an account's fragments the user of its connection, when it has one."""
@@ -641,7 +663,7 @@ class MergePerUser(beam.DoFn):
                 continue
             for part in parts:
                 self.tally.add(f"dead_letter:{stage}")
-                record = _failed(stage, exc, part.message).record
+                record = _failed(stage, exc, part.message, user=part.fragments[0].user["user_id"]).record
                 yield pvalue.TaggedOutput(DEAD_LETTER, WindowedValue(DeadLetterOut(record, part.acks), timestamp,
                                                                       [window]))
 
@@ -674,7 +696,10 @@ class MergePerUser(beam.DoFn):
 
 
 class MergePerUserStateful(MergePerUser):
-    """``MergePerUser`` for unbounded input: keyed state makes the runner merge one user at a time."""
+    """``MergePerUser`` for unbounded input: keyed state makes the runner merge one user at a time. A streaming job
+    waits out a store outage for as long as it lasts, then resumes where it was."""
+
+    STORE_PATIENCE_S = None
 
     SERIAL = userstate.ReadModifyWriteStateSpec("serial", BooleanCoder())
 

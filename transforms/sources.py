@@ -18,11 +18,14 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from core.errors import FatalError
+from core.errors import FatalError, RetryableError, wait_out
 from core.raw import AckToken, RawMessage
 from transforms.acks import Acknowledger
 
 log = logging.getLogger(__name__)
+
+
+KAFKA_PATIENCE_S = 300.0  # how long a batch run waits for a broker that is away before it fails (committing nothing)
 
 
 def kafka_consumer(bootstrap: str, group: str, **extra: Any) -> Any:
@@ -34,8 +37,11 @@ def kafka_consumer(bootstrap: str, group: str, **extra: Any) -> Any:
 
 
 def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 10.0) -> list[tuple[int, int]]:
-    """``(partition, start offset)`` for every partition: the group's committed offset, else the start."""
-    from confluent_kafka import OFFSET_INVALID, KafkaException, TopicPartition
+    """``(partition, start offset)`` for every partition: the group's committed offset, else the start. Raises
+    RetryableError while the broker cannot be reached, FatalError for a missing topic or a refused client."""
+    from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+
+    from sinks.kafka import classify as classify_kafka_error
 
     consumer = kafka_consumer(bootstrap, group)
     try:
@@ -52,8 +58,11 @@ def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 1
                 start = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=timeout_s)[0]
             plan.append((tp.partition, start))
         return plan
-    except KafkaException as exc:
-        raise FatalError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    except KafkaException as exc:  # away for now (RetryableError), or refusing this client (FatalError)
+        error = classify_kafka_error(exc.args[0]) if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if isinstance(error, FatalError):
+            raise FatalError(f"Kafka at {bootstrap}: {error}") from exc
+        raise RetryableError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     finally:
         consumer.close()
 
@@ -169,7 +178,8 @@ class PlanPartitions(beam.DoFn):
         self.bootstrap, self.topic, self.group = bootstrap, topic, group
 
     def process(self, _: Any) -> Iterator[tuple[int, int]]:
-        yield from plan_partitions(self.bootstrap, self.topic, self.group)
+        yield from wait_out(lambda: plan_partitions(self.bootstrap, self.topic, self.group), f"Kafka {self.bootstrap}",
+                            KAFKA_PATIENCE_S, log=log)
 
 
 class ReadKafkaBatch(beam.PTransform):

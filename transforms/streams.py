@@ -31,7 +31,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from core.errors import FatalError
+from core.errors import FatalError, wait_out
 from core.raw import AckToken, RawMessage
 from transforms.acks import Acknowledger
 from transforms.sources import KafkaOffsets, PlanPartitions, healthflow_headers, kafka_consumer, plan_partitions
@@ -100,7 +100,8 @@ class _KafkaReader(StreamReader):
         from confluent_kafka import TopicPartition
 
         self.source = source
-        plan = plan_partitions(source.bootstrap, source.topic, source.group)
+        plan = wait_out(lambda: plan_partitions(source.bootstrap, source.topic, source.group),
+                        f"Kafka {source.bootstrap}", None, log=log)  # a stream waits for its broker however long
         self.consumer = kafka_consumer(source.bootstrap, source.group, **{
             "fetch.wait.max.ms": source.fetch_wait_ms, "fetch.min.bytes": 1})
         self.consumer.assign([TopicPartition(source.topic, p, start) for p, start in plan])
@@ -112,8 +113,13 @@ class _KafkaReader(StreamReader):
         from confluent_kafka import KafkaException
 
         out = []
-        head = self.consumer.poll(timeout_s)  # returns as soon as one message is there; the rest without waiting
-        records = [head, *self.consumer.consume(max_messages - 1, 0)] if head is not None else []
+        try:
+            head = self.consumer.poll(timeout_s)  # returns as soon as one message is there; the rest without waiting
+            records = [head, *self.consumer.consume(max_messages - 1, 0)] if head is not None else []
+        except KafkaException as exc:  # the client reconnects by itself: poll again later
+            log.warning("Kafka %s: %s (retrying)", self.source.bootstrap, exc)
+            time.sleep(min(timeout_s, 1.0))
+            return []
         for record in records:
             if record.error() is not None:
                 if record.error().fatal():

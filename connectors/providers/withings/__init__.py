@@ -155,6 +155,9 @@ def _zone_durations(data: dict[str, Any]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------------------
 # getmeas → Body
 # ----------------------------------------------------------------------------------------------------------------------
+MAX_UNIT_EXPONENT = 30  # Withings units are powers of ten around -3..3: beyond ±30 a value is not a measurement
+
+
 def _value(measure: dict[str, Any], shift: int = 0) -> int | float:
     """``value × 10^(unit + shift)``, rounded to the decimals the exponent implies (no float noise)."""
     value, unit = measure.get("value"), measure.get("unit")
@@ -162,6 +165,8 @@ def _value(measure: dict[str, Any], shift: int = 0) -> int | float:
         if isinstance(number, bool) or not isinstance(number, int):
             raise MappingError(f"measure {name} must be an integer, got {number!r}")
     exponent = unit + shift
+    if not -MAX_UNIT_EXPONENT <= exponent <= MAX_UNIT_EXPONENT:  # 10**huge would compute for ever
+        raise MappingError(f"measure unit {unit} is out of range (a power of ten within ±{MAX_UNIT_EXPONENT})")
     return value * 10**exponent if exponent >= 0 else round(value * 10.0**exponent, -exponent)
 
 
