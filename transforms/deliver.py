@@ -110,17 +110,29 @@ class Delivery:
             pending = outcome.retry
 
     def _write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        """One write of ``events``; a batch the sink refuses as a whole for its content (an exception the taxonomy
+        dead-letters) is written again event by event, in order, so only the events it cannot take fail."""
         sink = self.target.sink
         try:
             result = sink.write(events)
         except FatalError:
             raise
         except Exception as exc:  # a sink bug or an unclassified client error: route it, never drop it
+            if len(events) > 1 and route(exc) is Route.DEAD_LETTER:
+                return self._write_one_by_one(events)
             return SinkResult().fail_all(events, exc)
         accounted = len(result.delivered) + len(result.failures)
         if accounted != len(events):
             raise FatalError(f"sink {sink.name} accounted for {accounted} of {len(events)} events")
         return result
+
+    def _write_one_by_one(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        combined = SinkResult()
+        for event in events:
+            result = self._write([event])
+            combined.delivered.extend(result.delivered)
+            combined.failures.extend(result.failures)
+        return combined
 
     def _dead_letter(self, failure: DeliveryFailure, attempts: int) -> dict[str, Any]:
         return delivery_dead_letter(self.target, failure.event, failure.error, attempts)
