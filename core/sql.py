@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from core.errors import FatalError, PermanentError, RetryableError
-from core.secrets import missing, redact, resolve
+from core.secrets import PRIVATE_MODE, missing, redact, resolve
 
 URL_FORMS = "sqlite:///path.db, postgresql://user@host:port/db or mysql://user@host:port/db"
 
@@ -181,6 +182,10 @@ class SqliteDialect(SqlDialect):
         path = sqlite_path(url)
         if embedded:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
+            # health data and record state: a database this process creates is its owner's alone (0600)
+            with contextlib.suppress(FileExistsError, FileNotFoundError):  # a racing worker made it; no folder:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))  # sqlite says so
         timeout = self.default_busy_timeout_s if self.lock_timeout_s is None else self.lock_timeout_s
         return sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
 

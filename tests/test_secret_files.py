@@ -48,3 +48,24 @@ def test_a_store_found_readable_by_others_is_tightened(tmp_path):
     finally:
         os.umask(old_umask)
     assert mode(state) == 0o600
+
+
+def test_a_pipeline_run_creates_its_record_state_and_sqlite_destination_0600(tmp_path):
+    """Record state and a SQLite destination hold health data: a database the pipeline creates is 0600."""
+    from bench.memory import raw_line
+    from pipelines.demo_data import Simulator
+    from pipelines.normalize import FileSource, NormalizeJob, run_batch
+    from sinks.sql import SqlSink
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(raw_line(payload) + "\n" for payload in Simulator(2, 1).payloads()))
+    state, out = tmp_path / "state.db", tmp_path / "out.db"
+    old_umask = os.umask(0o022)
+    try:
+        summary = run_batch(NormalizeJob(FileSource(str(raw)), [SqlSink("sql", f"sqlite:///{out}")],
+                                         str(tmp_path / "dlq"), state_url=f"sqlite:///{state}"))
+    finally:
+        os.umask(old_umask)
+    assert summary.get("delivered:sql") > 0
+    assert mode(state) == 0o600
+    assert mode(out) == 0o600
