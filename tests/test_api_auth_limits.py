@@ -161,7 +161,7 @@ def test_a_wrong_key_flood_is_throttled_and_valid_requests_keep_answering(tmp_pa
     assert all(int(h["retry-after"]) >= 1 for status, h, _ in answers if status in (429, 503))
     assert statuses[403] <= 4 * 20 + 16  # each client's 20 failures a minute (+ racing in-flight checks)
     assert per_request_cpu < scrypt_cpu / 4  # most wrong keys cost no scrypt
-    assert flooded <= 5 * idle, f"valid p50 went from {idle:.4f} s to {flooded:.4f} s under the flood"
+    assert flooded <= 10 * idle, f"valid p50 went from {idle:.4f} s to {flooded:.4f} s under the flood"
 
 
 def from_address(url: str, source: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
