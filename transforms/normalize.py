@@ -25,7 +25,7 @@ import operator
 import pickle
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -333,53 +333,123 @@ def _raw_outcome(records: bool, failures: bool) -> str:
 
 
 def deep_merge(older: Any, newer: Any) -> Any:
-    """Merge two versions of a record, ``newer`` winning field by field.
+    """Merge two versions of a record, ``newer`` winning field by field (see ``RecordMerge``); neither is changed."""
+    holder = {"": older}
+    RecordMerge().fold(holder, {"": newer})
+    return holder[""]
 
-    Sample lists (dicts with a ``timestamp`` or ``measurement_time``) merge by that time, newer
-    samples replacing older ones at the same time; other lists are replaced whole.
+
+class RecordMerge:
+    """Folds versions of one record into one, ``newer`` winning field by field, in place.
+
+    Nothing it is given changes: a dict or list it was given is copied the first time something must change in it;
+    the copy is then its own and changes in place. So folding n fragments into a record costs what the fragments
+    hold, not n copies of the record; and whether a fold changed the record is known as it goes, with no deep
+    compare of before and after.
+
+    Sample lists (lists of dicts with a ``timestamp`` or ``measurement_time``) merge by that time; other lists are
+    replaced whole. A newer sample list is authoritative for the span it covers: older samples inside that span go
+    (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged field by
+    field (a fat reading completes the weight taken at that moment); older samples outside the span stay (a new
+    epoch adds to the day). Samples compare by instant, whatever offset they are written in; a merged list is in
+    time order (ties keep their order, older samples first). A sample list of its own keeps its samples' instants,
+    so adding a fragment's samples to a day's is a bisect, not a re-parse of the whole list.
     """
-    if isinstance(older, dict) and isinstance(newer, dict):
-        merged = dict(older)
+
+    def __init__(self) -> None:
+        self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
+        self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
+
+    def record(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A record of its own to fold into, starting as ``data``."""
+        return self._own(data)
+
+    def fold(self, target: dict[str, Any], newer: dict[str, Any], keep: Container[str] = ()) -> bool:
+        """Merge ``newer`` into ``target`` (a record of its own), except the keys in ``keep``; whether it changed."""
+        changed = False
         for key, value in newer.items():
-            if key in older and isinstance(value, dict | list):
-                merged[key] = deep_merge(older[key], value)
+            if key in keep:
+                continue
+            if key not in target:
+                target[key] = value
+                changed = True
+                continue
+            old = target[key]
+            if isinstance(value, dict) and isinstance(old, dict):
+                target[key] = owned = self._own(old)
+                changed = self.fold(owned, value) or changed
+            elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
+                    id(old) in self._instants or _sample_list(old)):  # ours are sample lists
+                changed = self._fold_samples(target, key, old, value) or changed
             else:
-                merged[key] = value
-        return merged
-    if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
-        return _merge_samples(older, newer)
-    return newer
+                target[key] = value
+                changed = changed or old != value
+        return changed
+
+    def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
+        """``fold``, except that a day window in the user's local time is never replaced by the same day written in
+        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
+        old_meta, new_meta = record.get("metadata") or {}, newer.get("metadata") or {}
+        if not (old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
+                new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time")))):
+            return self.fold(record, newer)
+        kept = tuple(key for key in ("start_time", "end_time", "timestamp_localization") if key in old_meta)
+        if not isinstance(newer.get("metadata"), dict):
+            changed = self.fold(record, newer)
+            for key in kept:  # a record whose metadata is not an object: fails here, as it always has
+                record["metadata"][key] = old_meta[key]
+            return changed
+        changed = self.fold(record, newer, keep=("metadata",))
+        record["metadata"] = metadata = self._own(record["metadata"])
+        return self.fold(metadata, newer["metadata"], keep=kept) or changed
+
+    def _own(self, value: Any) -> Any:
+        if id(value) in self._owned:
+            return value
+        copy = dict(value) if isinstance(value, dict) else list(value)
+        self._owned[id(copy)] = copy
+        return copy
+
+    def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
+        time_key = _time_key(newer[0])
+        span = [_instant(item[time_key]) for item in newer]
+        known = self._instants.get(id(old))
+        reordered = False
+        if known is not None and known[0] == time_key:  # in time order: it is one of ours
+            samples, instants = old, known[1]
+        else:
+            instants = [_instant(item[time_key]) for item in old]
+            samples = self._own(old)
+            reordered = not _in_order(instants)
+        if reordered:  # a list that is not in time order yet (a mapper's): in order, ties as they were
+            order = sorted(range(len(instants)), key=instants.__getitem__)
+            samples[:] = [samples[n] for n in order]
+            instants = [instants[n] for n in order]
+        low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
+        older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
+        merged = [_merged_sample(older_at[at], item) if at in older_at else item
+                  for at, item in zip(span, newer, strict=True)]
+        if not _in_order(span):
+            order = sorted(range(len(span)), key=span.__getitem__)
+            merged, span = [merged[n] for n in order], [span[n] for n in order]
+        # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
+        changed = reordered or samples[low:high] != merged
+        samples[low:high], instants[low:high] = merged, span
+        self._instants[id(samples)] = (time_key, instants)
+        parent[key] = samples
+        return changed
 
 
-def _merge_samples(older: list[dict[str, Any]], newer: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A newer sample list is authoritative for the span it covers: older samples inside that span go
-    (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged
-    field by field (a fat reading completes the weight taken at that moment); older samples outside the
-    span stay (a new epoch adds to the day). Samples compare by instant, whatever offset they are
-    written in; the result is in time order (ties keep their order, older samples first).
-
-    Linear in the samples when ``older`` is in time order (what a merge returns), so folding many
-    fragments of one day's series is not quadratic.
-    """
-    time_key = _time_key(newer[0])
-    span = [_instant(item[time_key]) for item in newer]
-    first, last = min(span), max(span)
-    older_times = [_instant(item[time_key]) for item in older]
-    if _in_order(older_times):  # the older samples inside the span are one slice
-        low, high = bisect.bisect_left(older_times, first), bisect.bisect_right(older_times, last)
-        kept_before, kept_after = older[:low], older[high:]
-        older_at = dict(zip(older_times[low:high], older[low:high], strict=True))
-    else:
-        kept = sorted(((at, n, item) for n, (at, item) in enumerate(zip(older_times, older, strict=True))
-                       if not first <= at <= last), key=lambda entry: (entry[0], entry[1]))
-        kept_before = [item for at, _, item in kept if at < first]
-        kept_after = [item for at, _, item in kept if at > last]
-        older_at = dict(zip(older_times, older, strict=True))
-    merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
-                    for at, item in zip(span, newer, strict=True)]
-    if not _in_order(span):
-        merged_newer = [merged_newer[n] for n in sorted(range(len(span)), key=span.__getitem__)]
-    return kept_before + merged_newer + kept_after
+def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
+    """``deep_merge`` of two samples at the same instant, without its machinery for the usual flat samples."""
+    if not isinstance(older, dict):
+        return deep_merge(older, newer)
+    merged = dict(older)
+    for key, value in newer.items():
+        if key in older and isinstance(value, dict | list):
+            return deep_merge(older, newer)
+        merged[key] = value
+    return merged
 
 
 def _in_order(times: list[datetime]) -> bool:
@@ -405,19 +475,6 @@ def _sample_list(items: list[Any]) -> bool:
     return True
 
 
-def _merge_day_aware(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
-    """deep_merge, except that a day window in the user's local time is never replaced by the
-    same day written in UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
-    merged = deep_merge(older, newer)
-    old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
-    if old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
-            new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time"))):
-        for key in ("start_time", "end_time", "timestamp_localization"):
-            if key in old_meta:
-                merged["metadata"][key] = old_meta[key]
-    return merged
-
-
 def _has_offset(text: str | None) -> bool:
     return bool(text) and len(text) > 26
 
@@ -433,7 +490,7 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     record, if any; a fragment older than the stored version only fills fields the stored record
     lacks. Each event carries the whole merged record (destinations overwrite by key), and an
     ordering timestamp that grows whenever the record's content does, so no destination guard ever
-    takes a richer record for a stale copy.
+    takes a richer record for a stale copy. Neither the fragments nor the stored records change.
     """
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
@@ -442,25 +499,26 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
+        merge = RecordMerge()
+        record = merge.record(data)
         stale = [f for f in versions if f.version_ms < version]
         if stale:  # older than the stored record: fold them oldest → newest, then the stored record on top
-            older: dict[str, Any] = {}
+            filled = merge.record({})
             for fragment in stale:
-                older = _merge_day_aware(older, fragment.data)
-            filled = _merge_day_aware(older, data)
+                merge.fold_record(filled, fragment.data)
+            merge.fold_record(filled, data)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
-                data, version = filled, version + 1
+                record, version = filled, version + 1
         for fragment in versions[len(stale):]:
-            merged = _merge_day_aware(data, fragment.data)
+            changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:
                 version = fragment.version_ms
-            elif merged != data:  # same version, new content: make sure it is not taken for a stale copy
+            elif changed:  # same version, new content: make sure it is not taken for a stale copy
                 version += 1
-            data = merged
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         events.append(NormalizedEvent.create(
-            type=model_type, user=newest.user, data=data, natural_key=key, ordering_timestamp_ms=version,
+            type=model_type, user=newest.user, data=record, natural_key=key, ordering_timestamp_ms=version,
             sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key,
             reference=reference))
     events.sort(key=lambda e: e.sequence)
