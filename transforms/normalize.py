@@ -42,7 +42,7 @@ from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError
 from core.events import NormalizedEvent
 from core.raw import RawMessage
-from schemas.serde import SchemaMismatch, decode, validate_record
+from schemas.serde import SchemaMismatch, conform_record, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.record_state import open_state
@@ -179,13 +179,14 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
     for index in indexes:
         kind, doc = documents[index]
         try:
-            fragments = provider.normalize_document(kind, doc, raw.user_id)
+            fragments = provider.normalize_document(kind, doc, raw.user_id, compacted=False)  # _keyed does
         except MappingError as exc:
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
         try:
-            keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}",
-                            message.source.get("healthflow-reference")) for n, f in enumerate(fragments)]
+            reference = message.source.get("healthflow-reference")
+            keyed = [_keyed(raw, provider, f, f"{prefix}:{index:05d}:{n:03d}", reference)
+                     for n, f in enumerate(fragments)]
         except (SchemaMismatch, MappingError, RecursionError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
@@ -196,9 +197,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
-def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
-    data = validate_record(fragment.type, fragment.data)
-    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
+def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
+    """A mapped record validated (and compacted, for a ``compacts`` provider: ``normalize_document(compacted=False)``
+    left that to this one pass) and keyed."""
+    data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
+    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     return Keyed(fragment.type, natural_key(fragment.type, data), data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference)
