@@ -7,13 +7,12 @@ and ``meta {updated_at, version}``; ``meta.updated_at`` becomes the fragment ver
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, timestamp_field
 from connectors.providers.oura.activity_types import terra_activity_type
-from connectors.timeutil import day_bounds, format_ts, to_ms
+from connectors.timeutil import day_bounds, format_ts, series_ts, to_ms
 
 PROVIDER = Provider(
     "oura",
@@ -89,20 +88,20 @@ def _daily_metadata(doc: dict[str, Any]) -> dict[str, Any]:
     return _day_metadata(_day(doc), _zone_of(_timestamp(doc, "timestamp")), LOCAL_TIME)
 
 
-def _samples(doc: dict[str, Any], name: str) -> Iterator[tuple[datetime, float]]:
-    """``(time, value)`` of a PublicSample ``{interval, items, timestamp}``; null items are gaps and skipped."""
+def _samples(doc: dict[str, Any], name: str) -> list[tuple[str, float]]:
+    """``(timestamp, value)`` of a PublicSample ``{interval, items, timestamp}``; null items are gaps and skipped."""
     sample = doc.get(name)
     if sample is None:
-        return
+        return []
     if not isinstance(sample, dict) or not isinstance(sample.get("items"), list):
         raise MappingError(f"{name} must be a PublicSample object {{interval, items, timestamp}}")
     interval = sample.get("interval")
     if not isinstance(interval, int | float) or interval <= 0:
         raise MappingError(f"{name}.interval must be a positive number of seconds, got {interval!r}")
     start = _timestamp(sample, "timestamp", f"{name}.timestamp")
-    for index, value in enumerate(sample["items"]):
-        if value is not None:
-            yield start + timedelta(seconds=index * interval), value
+    present = [(index, value) for index, value in enumerate(sample["items"]) if value is not None]
+    times = series_ts(start, interval, [index for index, _ in present])
+    return [(at, value) for at, (_, value) in zip(times, present, strict=True)]
 
 
 def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str, int]) -> list[tuple[str, int]]:
@@ -111,13 +110,14 @@ def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str,
         return []
     if not isinstance(codes, str):
         raise MappingError(f"{name} must be a string of codes, got {type(codes).__name__}")
-    series = []
+    levels = []
     for index, code in enumerate(codes):
         if code not in table:
+            series_ts(start, FIVE_MINUTES, range(index))  # a time before it that overflows fails first, as always
             raise MappingError(f"{name} has unknown code {code!r} at position {index}; "
                                f"expected one of {''.join(table)}")
-        series.append((format_ts(start + timedelta(seconds=index * FIVE_MINUTES)), table[code]))
-    return series
+        levels.append(table[code])
+    return list(zip(series_ts(start, FIVE_MINUTES, range(len(levels))), levels, strict=True))
 
 
 @PROVIDER.kind("sleep", "sleep")
@@ -167,8 +167,8 @@ def sleep(doc: dict[str, Any]) -> Fragment:
                 "avg_hrv_rmssd": doc.get("average_hrv"),
             },
             "detailed": {
-                "hr_samples": [{"timestamp": format_ts(at), "bpm": v} for at, v in _samples(doc, "heart_rate")],
-                "hrv_samples_rmssd": [{"timestamp": format_ts(at), "hrv_rmssd": v} for at, v in _samples(doc, "hrv")],
+                "hr_samples": [{"timestamp": at, "bpm": v} for at, v in _samples(doc, "heart_rate")],
+                "hrv_samples_rmssd": [{"timestamp": at, "hrv_rmssd": v} for at, v in _samples(doc, "hrv")],
             },
         },
         "respiration_data": {"breaths_data": {
@@ -227,7 +227,7 @@ def daily_activity(doc: dict[str, Any]) -> Fragment:
             "num_moderate_intensity_minutes": minutes(medium),
             "num_low_intensity_minutes": minutes(low),
             "num_inactive_minutes": minutes(sedentary),
-            "MET_samples": [{"timestamp": format_ts(at), "level": v} for at, v in _samples(doc, "met")],
+            "MET_samples": [{"timestamp": at, "level": v} for at, v in _samples(doc, "met")],
         },
         "scores": {"activity": doc.get("score")},
     }
