@@ -53,10 +53,15 @@ def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -
 
 def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> str:
     """``format_ts(from_unix(seconds, offset_seconds))``; whole seconds (most samples) are written without building
-    a datetime, from the local day's text and the offset's (both cached)."""
+    a datetime, from cached texts of the local day, the time of day and the offset, and remembered: re-sent
+    summaries (Garmin's dailies through the day) repeat their samples' times."""
     if type(seconds) is not int or not _FAST_RANGE[0] <= seconds <= _FAST_RANGE[1]:  # datetime refuses out of range
         return format_ts(from_unix(seconds, offset_seconds))
-    offset = int(offset_seconds or 0)
+    return _unix_text(seconds, int(offset_seconds or 0))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _unix_text(seconds: int, offset: int) -> str:
     days, rest = divmod(seconds + offset, 86_400)
     return _day_text(days) + _clock_text(rest) + _offset_text(offset)
 
