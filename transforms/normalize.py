@@ -377,20 +377,22 @@ class RecordMerge:
         for key, value in newer.items():
             if key in keep:
                 continue
-            if key not in target:
+            old = target.get(key, _ABSENT)
+            if old is _ABSENT:
                 target[key] = value
                 changed = True
                 continue
-            old = target[key]
-            if isinstance(value, dict) and isinstance(old, dict):
-                target[key] = owned = self._own(old)
-                changed = self.fold(owned, value) or changed
+            if isinstance(value, dict):
+                if isinstance(old, dict):
+                    target[key] = owned = self._own(old)
+                    changed = self.fold(owned, value) or changed
+                    continue
             elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
                     id(old) in self._instants or _sample_list(old)):  # ours are sample lists
                 changed = self._fold_samples(target, key, old, value) or changed
-            else:
-                target[key] = value
-                changed = changed or old != value
+                continue
+            target[key] = value
+            changed = changed or old != value
         return changed
 
     def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
@@ -432,11 +434,15 @@ class RecordMerge:
             order = sorted(range(len(instants)), key=instants.__getitem__)
             samples[:] = [samples[n] for n in order]
             instants = [instants[n] for n in order]
-        low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
-        older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
-        merged = [_merged_sample(older_at[at], item) if at in older_at else item
-                  for at, item in zip(span, newer, strict=True)]
-        if not _in_order(span):
+        if len(span) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
+            low, high = bisect.bisect_left(instants, span[0]), bisect.bisect_right(instants, span[0])
+            merged = [_merged_sample(samples[high - 1], newer[0]) if high > low else newer[0]]
+        else:
+            low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
+            older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
+            merged = [_merged_sample(older_at[at], item) if at in older_at else item
+                      for at, item in zip(span, newer, strict=True)]
+        if len(span) > 1 and not _in_order(span):
             order = sorted(range(len(span)), key=span.__getitem__)
             merged, span = [merged[n] for n in order], [span[n] for n in order]
         # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
@@ -445,6 +451,9 @@ class RecordMerge:
         self._instants[id(samples)] = (time_key, instants)
         parent[key] = samples
         return changed
+
+
+_ABSENT = object()
 
 
 def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
