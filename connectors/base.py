@@ -179,9 +179,10 @@ class Provider:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
         compacting = self.compacts and compacted
-        fragments = [Fragment(item.type, compact(item.data) if compacting else item.data,
+        fragments = [item if item.provider_user_id and not compacting else  # a frozen Fragment as it is
+                     Fragment(item.type, compact(item.data) if compacting else item.data,
                               item.provider_user_id or owner, item.version_ms)
-                     for item in _as_fragments(produced, spec)]
+                     for item in _as_fragments(produced, spec, owner)]
         for fragment in fragments:
             if not self.records_name_their_user and str(fragment.provider_user_id) != owner:
                 raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
@@ -189,7 +190,8 @@ class Provider:
         return fragments
 
 
-def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
+def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment]:
+    """What a mapper produced as Fragments; a record (a dict) is ``owner``'s."""
     if produced is None:
         return []
     items = produced if isinstance(produced, list | tuple) or hasattr(produced, "__next__") else [produced]
@@ -198,7 +200,7 @@ def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
         if isinstance(item, Fragment):
             out.append(item)
         elif len(spec.models) == 1:
-            out.append(Fragment(spec.models[0], item))
+            out.append(Fragment(spec.models[0], item, owner))
         else:
             raise TypeError(f"{spec.name} maps to several models and must yield Fragment objects")
     return out
