@@ -17,6 +17,7 @@ from typing import Any
 
 from connectors.timeutil import parse_iso
 from schemas import MODEL_TYPES
+from schemas.serde import compact as compact  # mappers import it from here
 
 TERRA_USER_NAMESPACE = uuid.UUID("6f0d3f3e-4b8e-5c1a-9a57-0c4f3b9f4e21")
 
@@ -90,6 +91,10 @@ class Provider:
     pipeline sends the document to that user's merge before mapping it. A provider whose records name their own
     user (``records_name_their_user``: Polar's page documents link to theirs) has its messages mapped before the
     shuffle instead.
+
+    With ``compacts``, the framework compacts every record the mappers make (``compact``: absent == null), so a
+    mapper returns its record as built, ``None`` and empty parts included; without it (a mapper that adds an empty
+    object Terra requires after compacting: Fitbit's meals), records are taken as the mapper returns them.
     """
 
     slug: str
@@ -98,6 +103,7 @@ class Provider:
     user_field: str | None = None
     doc: str = ""
     records_name_their_user: bool = False
+    compacts: bool = False
     kinds: dict[str, KindSpec] = field(default_factory=dict)
     manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
@@ -157,9 +163,13 @@ class Provider:
             raise MappingError(f"{self.slug} {kind} document has no user id; pass the user with the raw event")
         return owner
 
-    def normalize_document(self, kind: str, doc: Any, user_id: str | None = None) -> list[Fragment]:
+    def normalize_document(self, kind: str, doc: Any, user_id: str | None = None,
+                           compacted: bool = True) -> list[Fragment]:
         """Map one document of ``owner_of(kind, doc, user_id)``; every fragment is that user's (or, with
-        ``records_name_their_user``, the user it names)."""
+        ``records_name_their_user``, the user it names).
+
+        A ``compacts`` provider's records are compacted here, unless ``compacted=False``: then they are as the
+        mappers made them, for a caller that compacts them as it validates them (``schemas.serde.conform_record``)."""
         owner = self.owner_of(kind, doc, user_id)
         spec = self.kinds[kind]
         try:
@@ -168,8 +178,11 @@ class Provider:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
-        fragments = [Fragment(item.type, item.data, item.provider_user_id or owner, item.version_ms)
-                     for item in _as_fragments(produced, spec)]
+        compacting = self.compacts and compacted
+        fragments = [item if item.provider_user_id and not compacting else  # a frozen Fragment as it is
+                     Fragment(item.type, compact(item.data) if compacting else item.data,
+                              item.provider_user_id or owner, item.version_ms)
+                     for item in _as_fragments(produced, spec, owner)]
         for fragment in fragments:
             if not self.records_name_their_user and str(fragment.provider_user_id) != owner:
                 raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
@@ -177,7 +190,8 @@ class Provider:
         return fragments
 
 
-def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
+def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment]:
+    """What a mapper produced as Fragments; a record (a dict) is ``owner``'s."""
     if produced is None:
         return []
     items = produced if isinstance(produced, list | tuple) or hasattr(produced, "__next__") else [produced]
@@ -186,7 +200,7 @@ def _as_fragments(produced: Any, spec: KindSpec) -> Iterable[Fragment]:
         if isinstance(item, Fragment):
             out.append(item)
         elif len(spec.models) == 1:
-            out.append(Fragment(spec.models[0], item))
+            out.append(Fragment(spec.models[0], item, owner))
         else:
             raise TypeError(f"{spec.name} maps to several models and must yield Fragment objects")
     return out
@@ -201,24 +215,3 @@ def timestamp_field(doc: dict[str, Any], name: str, path: str | None = None) -> 
         return parse_iso(text)
     except ValueError as exc:
         raise MappingError(f"{path}: {exc}") from exc
-
-
-def compact(value: Any) -> Any:
-    """Drop ``None`` values, empty dicts and empty lists, recursively (absent == null in Terra).
-
-    List items that are ``None`` go; a list item that compacts to ``{}`` or ``[]`` stays.
-    """
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if item is None:
-                continue
-            if isinstance(item, dict | list):
-                item = compact(item)
-                if not item:
-                    continue
-            out[key] = item
-        return out
-    if isinstance(value, list):
-        return [compact(item) if isinstance(item, dict | list) else item for item in value if item is not None]
-    return value

@@ -4,6 +4,7 @@ microseconds and an explicit UTC offset (``2024-03-11T06:58:00.000000+01:00``; U
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta, timezone
 
 
@@ -29,11 +30,20 @@ def parse_offset(text: str | None) -> timezone:
 
 
 def format_ts(moment: datetime) -> str:
-    """Terra timestamp text; naive datetimes are rejected so no time is ever silently shifted."""
-    if moment.tzinfo is None:
+    """Terra timestamp text; naive datetimes are rejected so no time is ever silently shifted.
+
+    ``moment.isoformat(timespec="microseconds")``; a whole second in a fixed offset (what mappers make) is written from
+    cached texts of its day, its time of day and its offset."""
+    zone = moment.tzinfo
+    if zone is None:
         raise ValueError("naive datetime: an offset is required")
-    text = moment.isoformat(timespec="microseconds")
-    return text
+    if type(zone) is timezone and not moment.microsecond:
+        offset = zone.utcoffset(None)
+        if not offset.microseconds:
+            return (_day_text(moment.toordinal() - _EPOCH_ORDINAL) + _clock_text(
+                moment.hour * 3600 + moment.minute * 60 + moment.second) + _offset_text(
+                offset.days * 86_400 + offset.seconds))
+    return moment.isoformat(timespec="microseconds")
 
 
 def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -> datetime:
@@ -43,13 +53,34 @@ def from_unix(seconds: int | float, offset_seconds: int | float | None = None) -
 
 def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> str:
     """``format_ts(from_unix(seconds, offset_seconds))``; whole seconds (most samples) are written without building
-    a datetime, from the local day's text and the offset's (both cached)."""
+    a datetime, from cached texts of the local day, the time of day and the offset, and remembered: re-sent
+    summaries (Garmin's dailies through the day) repeat their samples' times."""
     if type(seconds) is not int or not _FAST_RANGE[0] <= seconds <= _FAST_RANGE[1]:  # datetime refuses out of range
         return format_ts(from_unix(seconds, offset_seconds))
-    offset = int(offset_seconds or 0)
+    return _unix_text(seconds, int(offset_seconds or 0))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _unix_text(seconds: int, offset: int) -> str:
     days, rest = divmod(seconds + offset, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    return f"{_day_text(days)}T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}.000000{_offset_text(offset)}"
+    return _day_text(days) + _clock_text(rest) + _offset_text(offset)
+
+
+def series_ts(start: datetime, interval: int | float, indexes: Iterable[int]) -> list[str]:
+    """``format_ts(start + timedelta(seconds=index * interval))`` for each index: the sample times of a regular series
+    (Oura's 5-minute samples). Whole seconds in a fixed offset are written as ``unix_ts`` writes them."""
+    indexes = list(indexes)
+    zone = start.tzinfo
+    whole = type(interval) is int or (type(interval) is float and interval.is_integer())
+    if indexes and whole and type(zone) is timezone and not start.microsecond:
+        offset = zone.utcoffset(None)
+        offset_seconds, step = offset.days * 86_400 + offset.seconds, int(interval)
+        first = ((start.toordinal() - _EPOCH_ORDINAL) * 86_400 + start.hour * 3_600 + start.minute * 60 + start.second
+                 - offset_seconds)
+        ends = (first + min(indexes) * step, first + max(indexes) * step)
+        if not offset.microseconds and _FAST_RANGE[0] <= min(ends) and max(ends) <= _FAST_RANGE[1]:
+            return [unix_ts(first + index * step, offset_seconds) for index in indexes]
+    return [format_ts(start + timedelta(seconds=index * interval)) for index in indexes]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -57,9 +88,15 @@ def _day_text(days_since_epoch: int) -> str:
     return date.fromordinal(_EPOCH_ORDINAL + days_since_epoch).isoformat()
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _clock_text(second_of_day: int) -> str:
+    hours, rest = divmod(second_of_day, 3_600)
+    return f"T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}.000000"
+
+
 @functools.lru_cache(maxsize=256)
 def _offset_text(offset_seconds: int) -> str:
-    return format_ts(datetime(2000, 1, 1, tzinfo=_zone(offset_seconds)))[26:]
+    return datetime(2000, 1, 1, tzinfo=_zone(offset_seconds)).isoformat(timespec="microseconds")[26:]
 
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -76,7 +113,12 @@ def parse_iso(text: str) -> datetime:
 
 def day_bounds(day: str | date, tz: timezone) -> tuple[str, str]:
     """Local midnight to the next local midnight of ``day`` in ``tz`` (Terra's day-scoped window)."""
-    start = datetime.combine(date.fromisoformat(str(day)), datetime.min.time(), tzinfo=tz)
+    return _day_bounds(str(day), tz)
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_bounds(day: str, tz: timezone) -> tuple[str, str]:  # remembered: a user's records name the same few days
+    start = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=tz)
     return format_ts(start), format_ts(start + timedelta(days=1))
 
 

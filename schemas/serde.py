@@ -87,6 +87,168 @@ def validate_record(model_type: str, record: dict[str, Any]) -> dict[str, Any]:
         raise SchemaMismatch(f"{model_type}{''.join(reversed(exc.path))}: {exc.reason}") from None
 
 
+def conform_record(model_type: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``validate_record(model_type, compact(record))`` in one pass: what a mapper made, compacted and conformed.
+
+    The pass is code generated from the model schema (``_conformer``); it takes the usual record as it comes and
+    hands anything else (a wrong type, a missing field, a dict subclass, a union) to ``validate_record`` on the
+    compacted record, which gives the same result or the same SchemaMismatch as always.
+    """
+    try:
+        return _conformer(model_type)(record)
+    except _Unsure:
+        return validate_record(model_type, compact(record))
+
+
+def compact(value: Any) -> Any:
+    """Drop ``None`` values, empty dicts and empty lists, recursively (absent == null in Terra).
+
+    List items that are ``None`` go; a list item that compacts to ``{}`` or ``[]`` stays.
+    """
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if item is None:
+                continue
+            if isinstance(item, dict | list):
+                item = compact(item)
+                if not item:
+                    continue
+            out[key] = item
+        return out
+    if isinstance(value, list):
+        return [compact(item) if isinstance(item, dict | list) else item for item in value if item is not None]
+    return value
+
+
+class _Unsure(Exception):
+    """Raised by a generated conformer for anything but the usual record: ``validate_record`` decides."""
+
+
+@cache
+def _conformer(model_type: str) -> Check:
+    """The model schema as one generated Python function per record type: compacts and conforms as it checks.
+
+    Each function walks a record's items once, dispatching on the field name, with the primitive checks inline;
+    it accepts only what it is sure of (exact types, finite numbers, integers in range, required fields present)
+    and raises _Unsure for anything else.
+    """
+    names: dict[str, dict[str, Any]] = {}
+    _collect_records(model_schema(model_type), names)
+    source = _ConformerSource(names)
+    entry = source.record(model_schema(model_type))
+    namespace: dict[str, Any] = {"_Unsure": _Unsure, "_isfinite": math.isfinite, **source.checks}
+    exec(compile("\n".join(source.lines), f"<conformer of {model_type}>", "exec"), namespace)
+    conform = namespace[entry]
+
+    def conformer(record: Any) -> Any:
+        if type(record) is not dict:
+            raise _Unsure
+        return conform(record, True)
+
+    return conformer
+
+
+class _ConformerSource:
+    """The source of a model's conformer functions (see ``_conformer``)."""
+
+    _RANGES = {"int": (-(2**31), 2**31), "long": (-(2**63), 2**63)}
+
+    def __init__(self, names: dict[str, dict[str, Any]]) -> None:
+        self.names, self.lines = names, []
+        self.functions: dict[str, str] = {}  # record name → its function's name
+        self.checks: dict[str, Check] = {}  # what the generated code calls for a field it does not inline
+        self.variables = 0
+
+    def record(self, schema: dict[str, Any]) -> str:
+        """The function conforming records of ``schema`` (generated once per record name):
+        ``f(value: dict, keep_empty: bool) -> dict``; an empty result is dropped by the caller unless
+        ``keep_empty`` (a list item or the record itself), which then needs its required fields."""
+        name = schema.get("name") or f"anonymous{len(self.functions)}"
+        if name in self.functions:
+            return self.functions[name]
+        function = self.functions[name] = f"_conform_{len(self.functions)}"
+        body: list[str] = []
+        required = []
+        for number, field in enumerate(schema["fields"]):
+            body.append(f"        {'if' if number == 0 else 'elif'} key == {field['name']!r}:")
+            self._check(field["type"], "item", 3, body, drop_empty=True)
+            if "default" not in field and not (isinstance(field["type"], list) and "null" in field["type"]):
+                required.append(field["name"])
+        lines = [f"def {function}(value, keep_empty):", "    out = {}", "    for key, item in value.items():",
+                 "        if item is None:", "            continue"]
+        lines += [*body, "        else:", "            raise _Unsure"] if body else ["        raise _Unsure"]
+        lines += ["        out[key] = item"]
+        if required:
+            missing = " or ".join(f"{name!r} not in out" for name in required)
+            lines += [f"    if (out or keep_empty) and ({missing}):", "        raise _Unsure"]
+        lines += ["    return out", ""]
+        self.lines += lines
+        return function
+
+    def _check(self, schema: Any, var: str, depth: int, out: list[str], drop_empty: bool) -> None:
+        """Lines checking (and conforming) the non-None value in ``var``; ``drop_empty``: ``continue`` (drop it) when
+        it compacts to nothing (a field's value), else keep it (a list item)."""
+        pad = "    " * depth
+        if isinstance(schema, list):
+            branches = [b for b in schema if b != "null"]
+            if len(branches) == 1:
+                return self._check(branches[0], var, depth, out, drop_empty)
+            return self._by_reference(schema, var, pad, out)
+        if isinstance(schema, str) and schema in self.names:
+            schema = self.names[schema]
+        kind = schema if isinstance(schema, str) else schema["type"]
+        if kind == "record":
+            function = self.record(schema)
+            out += [f"{pad}if type({var}) is not dict:", f"{pad}    raise _Unsure",
+                    f"{pad}{var} = {function}({var}, {not drop_empty})"]
+            if drop_empty:
+                out += [f"{pad}if not {var}:", f"{pad}    continue"]
+        elif kind == "array":
+            self.variables += 1
+            items, item = f"items{self.variables}", f"item{self.variables}"
+            out += [f"{pad}if type({var}) is not list:", f"{pad}    raise _Unsure", f"{pad}{items} = []",
+                    f"{pad}for {item} in {var}:", f"{pad}    if {item} is None:", f"{pad}        continue"]
+            self._check(schema["items"], item, depth + 1, out, drop_empty=False)
+            out += [f"{pad}    {items}.append({item})"]
+            if drop_empty:
+                out += [f"{pad}if not {items}:", f"{pad}    continue"]
+            out += [f"{pad}{var} = {items}"]
+        elif kind in ("string", "boolean", "bytes"):
+            python = {"string": "str", "boolean": "bool", "bytes": "bytes"}[kind]
+            out += [f"{pad}if type({var}) is not {python}:", f"{pad}    raise _Unsure"]
+        elif kind in ("double", "float"):
+            out += [f"{pad}if type({var}) is float:", f"{pad}    if not _isfinite({var}):",
+                    f"{pad}        raise _Unsure", f"{pad}elif type({var}) is not int:", f"{pad}    raise _Unsure"]
+        elif kind in self._RANGES:
+            low, high = self._RANGES[kind]
+            out += [f"{pad}if type({var}) is float and _isfinite({var}):", f"{pad}    {var} = round({var})",
+                    f"{pad}if type({var}) is not int or not {low} <= {var} < {high}:", f"{pad}    raise _Unsure"]
+        else:  # enum, map, null, a type this does not know: the reference check
+            self._by_reference(schema, var, pad, out)
+        return None
+
+    def _by_reference(self, schema: Any, var: str, pad: str, out: list[str]) -> None:
+        """A field the generated code leaves to the compiled checks (a union of several types: Garmin's cycle phase)."""
+        check = f"_check_{len(self.checks)}"
+        self.checks[check] = _reference_check(schema, self.names)
+        out += [f"{pad}if type({var}) is dict or type({var}) is list:", f"{pad}    raise _Unsure",
+                f"{pad}{var} = {check}({var})"]
+
+
+def _reference_check(schema: Any, names: dict[str, dict[str, Any]]) -> Check:
+    """The compiled check of ``schema``, raising _Unsure instead of a mismatch."""
+    check = _compile(schema, names, {})
+
+    def sure(value: Any) -> Any:
+        try:
+            return check(value)
+        except _Mismatch:
+            raise _Unsure from None
+
+    return sure
+
+
 class _Mismatch(Exception):
     """Raised inside a compiled validator; the path is collected on the way out (errors are rare)."""
 

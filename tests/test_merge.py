@@ -142,3 +142,144 @@ def test_sample_lists_merge_as_the_reference_rule_in_and_out_of_order():
             reference = _reference_sample_merge(reference, part) if reference else part
         assert folded == reference
 
+
+
+def test_folding_a_days_samples_parses_each_sample_time_once():
+    """Merging is linear in the samples: a day's record folded from n one-sample fragments (Oura heart-rate rows)
+    parses n sample times, not the whole accumulated list again for every fragment (n²/2)."""
+    from transforms.normalize import _instant
+
+    day = {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "2026-11-03T00:00:00.000000+00:00",
+           "upload_type": 1, "timestamp_localization": 0}
+    rows = [_keyed({"metadata": day, "heart_rate_data": {"detailed": {"hr_samples": [
+        {"timestamp": f"2026-11-02T{n // 60:02d}:{n % 60:02d}:00.000000+00:00", "bpm": 60 + n % 7}]}}},
+        1000 + n, f"{n:05d}") for n in range(600)]
+    _instant.cache_clear()
+    (event,) = merge_user_events("u", rows)
+    assert len(event.data["heart_rate_data"]["detailed"]["hr_samples"]) == 600
+    parsed = _instant.cache_info()
+    assert parsed.hits + parsed.misses <= 2 * len(rows), parsed
+
+
+def _reference_merge_user_events(fragments, stored=None):
+    """The per-record fold as first written (a copy of the record for every fragment, a deep compare after each):
+    the oracle for the in-place merge. Returns {(type, key): (canonical data bytes, ordering timestamp)}."""
+    from datetime import UTC, datetime
+
+    from core.events import canonical_json
+
+    def instant(text):
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    def sample_list(items):
+        return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time"))
+                                   for i in items)
+
+    def merge(older, newer):
+        if isinstance(older, dict) and isinstance(newer, dict):
+            merged = dict(older)
+            for key, value in newer.items():
+                merged[key] = merge(older[key], value) if key in older and isinstance(value, dict | list) else value
+            return merged
+        if isinstance(older, list) and isinstance(newer, list) and sample_list(older) and sample_list(newer):
+            return _reference_sample_merge_with(merge, instant, older, newer)
+        return newer
+
+    def has_offset(text):
+        return bool(text) and len(text) > 26
+
+    def day_aware(older, newer):
+        merged = merge(older, newer)
+        old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
+        if old_meta.get("timestamp_localization") == 1 and has_offset(old_meta.get("start_time")) and (
+                new_meta.get("timestamp_localization") != 1 or not has_offset(new_meta.get("start_time"))):
+            for key in ("start_time", "end_time", "timestamp_localization"):
+                if key in old_meta:
+                    merged["metadata"][key] = old_meta[key]
+        return merged
+
+    groups = {}
+    for fragment in fragments:
+        groups.setdefault((fragment.type, fragment.natural_key), []).append(fragment)
+    out = {}
+    for group, versions in groups.items():
+        versions = sorted(versions, key=lambda f: (f.version_ms, f.sequence))
+        data, version = (stored or {}).get(group, ({}, 0))
+        stale = [f for f in versions if f.version_ms < version]
+        if stale:
+            older = {}
+            for fragment in stale:
+                older = day_aware(older, fragment.data)
+            filled = day_aware(older, data)
+            if filled != data:
+                data, version = filled, version + 1
+        for fragment in versions[len(stale):]:
+            merged = day_aware(data, fragment.data)
+            if fragment.version_ms > version:
+                version = fragment.version_ms
+            elif merged != data:
+                version += 1
+            data = merged
+        out[group] = (canonical_json(data), version)
+    return out
+
+
+def _reference_sample_merge_with(merge, instant, older, newer):
+    key = "timestamp" if "timestamp" in newer[0] else "measurement_time"
+    span = [instant(item[key]) for item in newer]
+    first, last = min(span), max(span)
+    older_at = {instant(item[key]): item for item in older}
+    merged_newer = [merge(older_at[at], item) if at in older_at else item for at, item in zip(span, newer, strict=True)]
+    kept = [item for item in older if not first <= instant(item[key]) <= last]
+    return sorted(kept + merged_newer, key=lambda item: instant(item[key]))
+
+
+def test_the_in_place_merge_gives_what_copying_every_version_gave_and_changes_no_input():
+    """Records, ordering timestamps and the bytes delivered are those of the fold that copied the record for every
+    fragment and compared before and after (the oracle above), on random versions: local and UTC day windows,
+    stale versions under a stored record, equal versions, samples at the same instant, out of order, 1 vs 1.0."""
+    import copy
+    import random
+
+    from core.events import canonical_json
+
+    rng = random.Random(9)
+    windows = [("2026-11-02T00:00:00.000000-05:00", 1), ("2026-11-02T00:00:00.000000+00:00", 0),
+               ("2026-11-02T00:00:00.000000", 1), ("2026-11-02T00:00:00.000000+01:00", 1)]
+
+    def samples(name, count):
+        minutes = [rng.randrange(30) for _ in range(count)]
+        if rng.random() < 0.7:
+            minutes.sort()
+        return [{name: f"2026-11-02T10:{m:02d}:00{rng.choice(['+00:00', '+01:00', ''])}",
+                 "bpm": rng.choice([60, 60.0, 61, 72.5]), **({"extra": {"n": m}} if rng.random() < 0.2 else {})}
+                for m in minutes]
+
+    def record():
+        start, localization = rng.choice(windows)
+        data = {"metadata": {"start_time": start, "end_time": start.replace("-02T", "-03T"),
+                             "timestamp_localization": localization, **({"upload_type": 1} if rng.random() < 0.5
+                                                                        else {})}}
+        if rng.random() < 0.8:
+            data["heart_rate_data"] = {"detailed": {"hr_samples": samples("timestamp", rng.randrange(1, 6))},
+                                       **({"summary": {"avg_hr_bpm": rng.choice([60, 60.0])}} if rng.random() < 0.5
+                                          else {})}
+        if rng.random() < 0.3:
+            data["measurements_data"] = {"measurements": samples("measurement_time", rng.randrange(1, 3))}
+        if rng.random() < 0.3:
+            data["distance_data"] = {"steps": rng.choice([100, 100.0, 200]), "detailed": {"floors": [1, 2]}}
+        return data
+
+    for _ in range(300):
+        fragments = [Keyed("daily", rng.choice(["2026-11-02", "2026-11-03"]), record(), rng.choice([10, 20, 30]),
+                           f"{n:03d}", {"user_id": "u", "provider": "OURA"}, "k") for n in range(rng.randrange(1, 9))]
+        stored = {("daily", "2026-11-02"): (record(), rng.choice([0, 15, 25]))} if rng.random() < 0.5 else None
+        before = copy.deepcopy((fragments, stored))
+        expected = _reference_merge_user_events(fragments, stored)
+        events = merge_user_events("u", fragments, stored)
+        assert {(e.type, e.natural_key): (e.data_json, e.ordering_timestamp_ms) for e in events} == expected
+        assert {(e.type, e.natural_key): canonical_json(e.data) for e in events} == {k: v[0] for k, v in
+                                                                                      expected.items()}
+        assert canonical_json([[f.data for f in fragments], stored and list(stored.values())]) == canonical_json(
+            [[f.data for f in before[0]], before[1] and list(before[1].values())]), "an input changed"

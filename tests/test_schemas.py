@@ -263,6 +263,103 @@ def test_validate_record_rounds_floats_in_integer_fields_only() -> None:
         validate_record("daily", {"metadata": DAY, "distance_data": {"steps": float("nan")}})
 
 
+
+def _outcome(check: Any, model_type: str, record: Any) -> tuple[str, str]:
+    """What a check gives: the record (with the exact type of every value) or the mismatch's message."""
+    try:
+        conformed = check(model_type, record)
+    except SchemaMismatch as exc:
+        return "refused", str(exc)
+
+    def typed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: typed(item) for key, item in value.items()}, type(value).__name__
+        if isinstance(value, list):
+            return [typed(item) for item in value]
+        return repr(value), type(value).__name__
+
+    return "conformed", repr(typed(conformed))
+
+
+def test_conform_record_is_validate_record_of_the_compacted_record() -> None:
+    """The one-pass compact-and-validate gives exactly what compacting then validating gives: the same record, value
+    types and key order included, or the same mismatch (dead letters keep their reason), on mapper output as built
+    (None and empty parts included) and on hostile variants of it."""
+    import random
+    from collections import OrderedDict
+
+    from connectors import get_provider
+    from schemas.serde import compact, conform_record
+
+    def strict(model_type: str, record: Any) -> Any:
+        return validate_record(model_type, compact(record))
+
+    records = [(model_type, record) for model_type, record in MINIMAL.items()]
+    contributors = [{"contributor_name": "hrv", "contributor_score": 3}, {}, {"contributor_name": None}, None]
+    records += [("daily", {}), ("daily", {"metadata": {"start_time": None}}),
+                ("daily", {**MINIMAL["daily"], "data_enrichment": {"cardiovascular_contributors": contributors}}),
+                ("daily", {**MINIMAL["daily"], "data_enrichment": {"cardiovascular_contributors": contributors[:1],
+                                                                   "immune_contributors": [None, None]}})]
+    for payload in Simulator(6, 1).payloads():
+        try:
+            provider = get_provider(payload.provider)
+            documents = list(provider.documents(json.loads(payload.payload), payload.kind))
+        except (KeyError, ValueError):  # the simulator's unknown provider and malformed payloads
+            continue
+        for kind, doc in documents:
+            try:
+                fragments = provider.normalize_document(kind, doc, payload.user_id, compacted=False)
+            except ValueError:
+                continue
+            records += [(f.type, f.data) for f in fragments]
+    hostile = [None, {}, [], [None], [{}], {"x": None}, "text", -1, 2**70, 1e308, float("nan"), float("inf"), 3.6,
+               True, {"unknown": 1}, [1, None], OrderedDict(a=None), ("t",), b"bytes"]
+    rng = random.Random(11)
+
+    def mutated(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, dict) and value and depth < 6:
+            copy = dict(value)
+            key = rng.choice(sorted(copy))
+            copy[key] = rng.choice(hostile) if rng.random() < 0.3 else mutated(copy[key], depth + 1)
+            if rng.random() < 0.1:
+                copy[rng.choice(["metadata", "extra", "timestamp"])] = rng.choice(hostile)
+            return copy
+        if isinstance(value, list) and value and depth < 6:
+            index = rng.randrange(len(value))
+            return [*value[:index], rng.choice(hostile) if rng.random() < 0.3 else mutated(value[index], depth + 1),
+                    *value[index + 1:]]
+        return rng.choice(hostile)
+
+    refused = 0
+    for model_type, record in records:
+        assert _outcome(conform_record, model_type, record) == _outcome(strict, model_type, record)
+        for _ in range(25):
+            variant = mutated(record)
+            expected = _outcome(strict, model_type, variant)
+            assert _outcome(conform_record, model_type, variant) == expected, variant
+            refused += expected[0] == "refused"
+    assert 300 < refused < 25 * len(records) - 300  # the variants exercise both outcomes
+
+
+def test_a_compacting_providers_record_that_does_not_validate_is_dead_lettered_with_its_reason() -> None:
+    """Garmin and Oura records are compacted as they are validated; what fails is dead-lettered at the validate
+    stage with the same reason as when the mapper compacted them, the original bytes kept."""
+    from transforms.normalize import Failed, normalize_message
+
+    garmin = RawPayload("garmin", json.dumps({"dailies": [{
+        "userId": "u1", "startTimeInSeconds": 1793574000, "steps": "many", "distanceInMeters": None}]}).encode())
+    oura = RawPayload("oura", json.dumps({"data": [{"bpm": "fast", "source": "rest",
+                                                    "timestamp": "2026-11-02T10:00:00+00:00"}]}).encode(),
+                      kind="heartrate", user_id="o1")
+    bpm = "daily.heart_rate_data.detailed.hr_samples[0].bpm"
+    for payload, reason in ((garmin, "daily.distance_data.steps: expected long, got str 'many'"),
+                            (oura, f"{bpm}: expected double, got str 'fast'")):
+        message = RawMessage(encode_raw(payload), {"partition": 0, "offset": 1})
+        (outcome,) = normalize_message(message)
+        assert isinstance(outcome, Failed) and outcome.stage == "validate"
+        assert (outcome.record["error_class"], outcome.record["error_message"]) == ("SchemaMismatch", reason)
+        assert outcome.record["original"] == message.data
+
 # ----------------------------------------------------------------------------------------------------------------------
 # compatibility gate
 # ----------------------------------------------------------------------------------------------------------------------

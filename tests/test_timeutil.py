@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import random
+from datetime import UTC, date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from connectors.timeutil import format_ts, from_unix, unix_ts
+from connectors.timeutil import day_bounds, format_ts, from_unix, series_ts, unix_ts
+
+
+def iso(moment: datetime) -> str:
+    """What every timestamp text must be: datetime's own ISO form (the oracle of the fast paths)."""
+    return moment.isoformat(timespec="microseconds")
 
 
 def test_unix_timestamps_are_written_as_through_a_datetime():
@@ -14,8 +21,8 @@ def test_unix_timestamps_are_written_as_through_a_datetime():
     for _ in range(20_000):
         seconds = rng.choice([rng.randrange(-10**10, 10**10), rng.randrange(1_700_000_000, 1_800_000_000)])
         offset = rng.choice([None, 0, 3600, -18000, 19800, 20700, -34200, rng.randrange(-86_399, 86_400)])
-        assert unix_ts(seconds, offset) == format_ts(from_unix(seconds, offset)), (seconds, offset)
-    assert unix_ts(1.5, 3600) == format_ts(from_unix(1.5, 3600))
+        assert unix_ts(seconds, offset) == iso(from_unix(seconds, offset)), (seconds, offset)
+    assert unix_ts(1.5, 3600) == iso(from_unix(1.5, 3600))
 
 
 def test_instants_datetime_cannot_hold_are_refused_as_before():
@@ -24,3 +31,49 @@ def test_instants_datetime_cannot_hold_are_refused_as_before():
             format_ts(from_unix(seconds, offset))
         with pytest.raises((ValueError, OverflowError, OSError)):
             unix_ts(seconds, offset)
+
+
+def test_timestamps_are_written_as_datetime_writes_them():
+    rng = random.Random(8)
+    zones = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-9, minutes=-30)),
+             timezone(timedelta(seconds=-3601)), timezone(timedelta(seconds=20, microseconds=5)),
+             timezone(timedelta(hours=23, minutes=59)), ZoneInfo("Europe/Berlin")]
+    for _ in range(20_000):
+        moment = datetime.min.replace(tzinfo=rng.choice(zones)) + timedelta(
+            days=rng.choice([rng.randrange(1, 3_652_058), rng.randrange(738_000, 740_000)]),
+            seconds=rng.randrange(86_400), microseconds=rng.choice([0, 0, 1, rng.randrange(1_000_000)]))
+        assert format_ts(moment) == iso(moment), moment
+    with pytest.raises(ValueError, match="naive"):
+        format_ts(datetime(2024, 3, 11, 6, 58))
+
+
+def test_series_times_are_the_start_plus_each_step_as_datetime_writes_it():
+    """Oura's sample times: whole-second steps from a whole second in a fixed offset take the unix-seconds path;
+    fractions, zones with rules and times datetime cannot hold go (and fail) as through datetime."""
+    rng = random.Random(4)
+    starts = [datetime(2026, 10, 31, 23, 57, tzinfo=timezone(timedelta(hours=-5))),
+              datetime(2024, 3, 10, 1, 0, tzinfo=ZoneInfo("America/New_York")),  # the night clocks go forward
+              datetime(2024, 3, 11, 6, 58, 0, 250, tzinfo=UTC), datetime(9999, 12, 31, 22, tzinfo=UTC),
+              datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(minutes=-90)))]
+    for _ in range(3_000):
+        start = rng.choice(starts)
+        interval = rng.choice([300, 300.0, 60, 0.5, 299.999, 1, True, 86_400 * 400, 10**30])
+        indexes = sorted(rng.sample(range(120), rng.randrange(0, 30)))
+        try:
+            expected: object = [iso(start + timedelta(seconds=index * interval)) for index in indexes]
+        except OverflowError as exc:
+            expected = repr(exc)
+        try:
+            found: object = series_ts(start, interval, indexes)
+        except OverflowError as exc:
+            found = repr(exc)
+        assert found == expected, (start, interval, indexes)
+
+
+def test_day_bounds_are_remembered_and_refuse_what_is_not_a_day_as_before():
+    zone = timezone(timedelta(hours=-5))
+    assert day_bounds("2026-11-01", zone) == day_bounds(date(2026, 11, 1), zone) == (
+        "2026-11-01T00:00:00.000000-05:00", "2026-11-02T00:00:00.000000-05:00")
+    for day in (["2026-11-01"], {"day": 1}, "2026-13-01", None):
+        with pytest.raises(ValueError, match=r"Invalid isoformat string|month must be"):
+            day_bounds(day, zone)

@@ -15,15 +15,17 @@ file, one partition). A message of several users is mapped once, before the shuf
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
 import operator
 import pickle
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +42,7 @@ from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
 from core.events import NormalizedEvent
 from core.raw import RawMessage
-from schemas.serde import SchemaMismatch, decode, validate_record
+from schemas.serde import SchemaMismatch, conform_record, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
 from transforms.bounds import (
     MAX_ID_CHARS,
@@ -202,13 +204,14 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
             yield _failed("validate", exc, message, raw, kind, index)
             continue
         try:
-            fragments = provider.normalize_document(kind, doc, raw.user_id)
+            fragments = provider.normalize_document(kind, doc, raw.user_id, compacted=False)  # _keyed does
         except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
         try:
-            keyed = [_keyed(raw, provider.terra_name, f, f"{prefix}:{index:05d}:{n:03d}",
-                            message.source.get("healthflow-reference")) for n, f in enumerate(fragments)]
+            reference = message.source.get("healthflow-reference")
+            keyed = [_keyed(raw, provider, f, f"{prefix}:{index:05d}:{n:03d}", reference)
+                     for n, f in enumerate(fragments)]
         except (SchemaMismatch, MappingError, RecursionError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
@@ -226,10 +229,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
-def _keyed(raw: RawEvent, terra_name: str, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
-    data = validate_record(fragment.type, fragment.data)
+def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
+    """A mapped record validated (and compacted, for a ``compacts`` provider: ``normalize_document(compacted=False)``
+    left that to this one pass) and keyed; an id a store cannot hold is OutOfBounds."""
+    data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
     check_text("provider user id", str(fragment.provider_user_id))
-    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": terra_name}
+    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     key = natural_key(fragment.type, data)
     check_text(f"{fragment.type} natural key", key)
     return Keyed(fragment.type, key, data,
@@ -315,6 +320,9 @@ class SplitByUser(beam.DoFn):
     def __init__(self, messages_per_pack: int = 256) -> None:
         self.messages_per_pack = messages_per_pack
 
+    def setup(self) -> None:
+        tune_gc_for_mapping()
+
     def start_bundle(self) -> None:
         self.tally = Tally()
         self.parts: dict[tuple[str, Any], tuple[list[UserDocuments], Any]] = {}
@@ -370,53 +378,132 @@ def _raw_outcome(records: bool, failures: bool) -> str:
 
 
 def deep_merge(older: Any, newer: Any) -> Any:
-    """Merge two versions of a record, ``newer`` winning field by field.
+    """Merge two versions of a record, ``newer`` winning field by field (see ``RecordMerge``); neither is changed."""
+    holder = {"": older}
+    RecordMerge().fold(holder, {"": newer})
+    return holder[""]
 
-    Sample lists (dicts with a ``timestamp`` or ``measurement_time``) merge by that time, newer
-    samples replacing older ones at the same time; other lists are replaced whole.
+
+class RecordMerge:
+    """Folds versions of one record into one, ``newer`` winning field by field, in place.
+
+    Nothing it is given changes: a dict or list it was given is copied the first time something must change in it;
+    the copy is then its own and changes in place. So folding n fragments into a record costs what the fragments
+    hold, not n copies of the record; and whether a fold changed the record is known as it goes, with no deep
+    compare of before and after.
+
+    Sample lists (lists of dicts with a ``timestamp`` or ``measurement_time``) merge by that time; other lists are
+    replaced whole. A newer sample list is authoritative for the span it covers: older samples inside that span go
+    (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged field by
+    field (a fat reading completes the weight taken at that moment); older samples outside the span stay (a new
+    epoch adds to the day). Samples compare by instant, whatever offset they are written in; a merged list is in
+    time order (ties keep their order, older samples first). A sample list of its own keeps its samples' instants,
+    so adding a fragment's samples to a day's is a bisect, not a re-parse of the whole list.
     """
-    if isinstance(older, dict) and isinstance(newer, dict):
-        merged = dict(older)
+
+    def __init__(self) -> None:
+        self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
+        self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
+
+    def record(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A record of its own to fold into, starting as ``data``."""
+        return self._own(data)
+
+    def fold(self, target: dict[str, Any], newer: dict[str, Any], keep: Container[str] = ()) -> bool:
+        """Merge ``newer`` into ``target`` (a record of its own), except the keys in ``keep``; whether it changed."""
+        changed = False
         for key, value in newer.items():
-            if key in older and isinstance(value, dict | list):
-                merged[key] = deep_merge(older[key], value)
-            else:
-                merged[key] = value
-        return merged
-    if isinstance(older, list) and isinstance(newer, list) and _sample_list(older) and _sample_list(newer):
-        return _merge_samples(older, newer)
-    return newer
+            if key in keep:
+                continue
+            old = target.get(key, _ABSENT)
+            if old is _ABSENT:
+                target[key] = value
+                changed = True
+                continue
+            if isinstance(value, dict):
+                if isinstance(old, dict):
+                    target[key] = owned = self._own(old)
+                    changed = self.fold(owned, value) or changed
+                    continue
+            elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
+                    id(old) in self._instants or _sample_list(old)):  # ours are sample lists
+                changed = self._fold_samples(target, key, old, value) or changed
+                continue
+            target[key] = value
+            changed = changed or old != value
+        return changed
+
+    def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
+        """``fold``, except that a day window in the user's local time is never replaced by the same day written in
+        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
+        old_meta, new_meta = record.get("metadata") or {}, newer.get("metadata") or {}
+        if not (old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
+                new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time")))):
+            return self.fold(record, newer)
+        kept = tuple(key for key in ("start_time", "end_time", "timestamp_localization") if key in old_meta)
+        if not isinstance(newer.get("metadata"), dict):
+            changed = self.fold(record, newer)
+            for key in kept:  # a record whose metadata is not an object: fails here, as it always has
+                record["metadata"][key] = old_meta[key]
+            return changed
+        changed = self.fold(record, newer, keep=("metadata",))
+        record["metadata"] = metadata = self._own(record["metadata"])
+        return self.fold(metadata, newer["metadata"], keep=kept) or changed
+
+    def _own(self, value: Any) -> Any:
+        if id(value) in self._owned:
+            return value
+        copy = dict(value) if isinstance(value, dict) else list(value)
+        self._owned[id(copy)] = copy
+        return copy
+
+    def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
+        time_key = _time_key(newer[0])
+        span = [_instant(item[time_key]) for item in newer]
+        known = self._instants.get(id(old))
+        reordered = False
+        if known is not None and known[0] == time_key:  # in time order: it is one of ours
+            samples, instants = old, known[1]
+        else:
+            instants = [_instant(item[time_key]) for item in old]
+            samples = self._own(old)
+            reordered = not _in_order(instants)
+        if reordered:  # a list that is not in time order yet (a mapper's): in order, ties as they were
+            order = sorted(range(len(instants)), key=instants.__getitem__)
+            samples[:] = [samples[n] for n in order]
+            instants = [instants[n] for n in order]
+        if len(span) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
+            low, high = bisect.bisect_left(instants, span[0]), bisect.bisect_right(instants, span[0])
+            merged = [_merged_sample(samples[high - 1], newer[0]) if high > low else newer[0]]
+        else:
+            low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
+            older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
+            merged = [_merged_sample(older_at[at], item) if at in older_at else item
+                      for at, item in zip(span, newer, strict=True)]
+        if len(span) > 1 and not _in_order(span):
+            order = sorted(range(len(span)), key=span.__getitem__)
+            merged, span = [merged[n] for n in order], [span[n] for n in order]
+        # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
+        changed = reordered or samples[low:high] != merged
+        samples[low:high], instants[low:high] = merged, span
+        self._instants[id(samples)] = (time_key, instants)
+        parent[key] = samples
+        return changed
 
 
-def _merge_samples(older: list[dict[str, Any]], newer: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A newer sample list is authoritative for the span it covers: older samples inside that span go
-    (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged
-    field by field (a fat reading completes the weight taken at that moment); older samples outside the
-    span stay (a new epoch adds to the day). Samples compare by instant, whatever offset they are
-    written in; the result is in time order (ties keep their order, older samples first).
+_ABSENT = object()
 
-    Linear in the samples when ``older`` is in time order (what a merge returns), so folding many
-    fragments of one day's series is not quadratic.
-    """
-    time_key = _time_key(newer[0])
-    span = [_instant(item[time_key]) for item in newer]
-    first, last = min(span), max(span)
-    older_times = [_instant(item[time_key]) for item in older]
-    if _in_order(older_times):  # the older samples inside the span are one slice
-        low, high = bisect.bisect_left(older_times, first), bisect.bisect_right(older_times, last)
-        kept_before, kept_after = older[:low], older[high:]
-        older_at = dict(zip(older_times[low:high], older[low:high], strict=True))
-    else:
-        kept = sorted(((at, n, item) for n, (at, item) in enumerate(zip(older_times, older, strict=True))
-                       if not first <= at <= last), key=lambda entry: (entry[0], entry[1]))
-        kept_before = [item for at, _, item in kept if at < first]
-        kept_after = [item for at, _, item in kept if at > last]
-        older_at = dict(zip(older_times, older, strict=True))
-    merged_newer = [deep_merge(older_at[at], item) if at in older_at else item
-                    for at, item in zip(span, newer, strict=True)]
-    if not _in_order(span):
-        merged_newer = [merged_newer[n] for n in sorted(range(len(span)), key=span.__getitem__)]
-    return kept_before + merged_newer + kept_after
+
+def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
+    """``deep_merge`` of two samples at the same instant, without its machinery for the usual flat samples."""
+    if not isinstance(older, dict):
+        return deep_merge(older, newer)
+    merged = dict(older)
+    for key, value in newer.items():
+        if key in older and isinstance(value, dict | list):
+            return deep_merge(older, newer)
+        merged[key] = value
+    return merged
 
 
 def _in_order(times: list[datetime]) -> bool:
@@ -442,19 +529,6 @@ def _sample_list(items: list[Any]) -> bool:
     return True
 
 
-def _merge_day_aware(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
-    """deep_merge, except that a day window in the user's local time is never replaced by the
-    same day written in UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
-    merged = deep_merge(older, newer)
-    old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
-    if old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
-            new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time"))):
-        for key in ("start_time", "end_time", "timestamp_localization"):
-            if key in old_meta:
-                merged["metadata"][key] = old_meta[key]
-    return merged
-
-
 def _has_offset(text: str | None) -> bool:
     return bool(text) and len(text) > 26
 
@@ -470,7 +544,7 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     record, if any; a fragment older than the stored version only fills fields the stored record
     lacks. Each event carries the whole merged record (destinations overwrite by key), and an
     ordering timestamp that grows whenever the record's content does, so no destination guard ever
-    takes a richer record for a stale copy.
+    takes a richer record for a stale copy. Neither the fragments nor the stored records change.
     """
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
@@ -479,25 +553,26 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
+        merge = RecordMerge()
+        record = merge.record(data)
         stale = [f for f in versions if f.version_ms < version]
         if stale:  # older than the stored record: fold them oldest → newest, then the stored record on top
-            older: dict[str, Any] = {}
+            filled = merge.record({})
             for fragment in stale:
-                older = _merge_day_aware(older, fragment.data)
-            filled = _merge_day_aware(older, data)
+                merge.fold_record(filled, fragment.data)
+            merge.fold_record(filled, data)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
-                data, version = filled, version + 1
+                record, version = filled, version + 1
         for fragment in versions[len(stale):]:
-            merged = _merge_day_aware(data, fragment.data)
+            changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:
                 version = fragment.version_ms
-            elif merged != data:  # same version, new content: make sure it is not taken for a stale copy
+            elif changed:  # same version, new content: make sure it is not taken for a stale copy
                 version += 1
-            data = merged
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         events.append(NormalizedEvent.create(
-            type=model_type, user=newest.user, data=data, natural_key=key, ordering_timestamp_ms=version,
+            type=model_type, user=newest.user, data=record, natural_key=key, ordering_timestamp_ms=version,
             sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key,
             reference=reference))
     events.sort(key=lambda e: e.sequence)
@@ -511,13 +586,44 @@ def normalize_in_memory(messages: Iterable[RawMessage]) -> tuple[list[Normalized
     """
     by_user: dict[str, list[Keyed]] = {}
     failures: list[Failed] = []
-    for message in messages:
-        for item in normalize_message(message):
-            if isinstance(item, Failed):
-                failures.append(item)
-            else:
-                by_user.setdefault(item.user["user_id"], []).append(item)
-    return [e for user, keyed in by_user.items() for e in merge_user_events(user, keyed)], failures
+    with _mapping_gc():
+        for message in messages:
+            for item in normalize_message(message):
+                if isinstance(item, Failed):
+                    failures.append(item)
+                else:
+                    by_user.setdefault(item.user["user_id"], []).append(item)
+        return [e for user, keyed in by_user.items() for e in merge_user_events(user, keyed)], failures
+
+
+MAPPING_GC_THRESHOLD = 50_000  # allocations between young-generation collections while mapping (CPython's: 700)
+
+
+def tune_gc_for_mapping() -> None:
+    """Fit the garbage collector to a process that maps records (a worker: the mapping DoFns' ``setup``); once.
+
+    Mapping makes millions of small dicts and lists that die young, freed by reference counting when dropped;
+    cycles are rare. CPython collects its young generation every 700 net allocations, scanning objects that die
+    anyway: ~15 % of the mapper loop's CPU. Every 50,000 it is ~1 %, and cyclic garbage still goes (a few MB
+    later). ``gc.freeze()`` first sets what is loaded by then (modules, schemas, generated validators) aside, so
+    the full collections that still run scan only the work's objects. Peak RSS stays as it was (bench/memory.py).
+    """
+    young, middle, old = gc.get_threshold()
+    if young < MAPPING_GC_THRESHOLD:
+        gc.freeze()
+        gc.set_threshold(MAPPING_GC_THRESHOLD, middle, old)
+
+
+@contextlib.contextmanager
+def _mapping_gc() -> Iterator[None]:
+    """``tune_gc_for_mapping``'s threshold while an in-memory run lasts, then the caller's (without ``gc.freeze``:
+    a function call must not keep its caller's garbage for good)."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(MAPPING_GC_THRESHOLD, thresholds[0]), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def _opened_store(state: Any) -> Any:
@@ -543,6 +649,7 @@ class MergePerUser(beam.DoFn):
         self.state_url, self.users_per_flush = state_url, users_per_flush
 
     def setup(self) -> None:
+        tune_gc_for_mapping()
         self.state = acquire("record-state", self.state_url, lambda: self._patiently(
             lambda: _opened_store(open_state(self.state_url))))
         self.users = acquire("user-directory", self.state_url, lambda: self._patiently(

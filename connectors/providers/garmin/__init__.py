@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.base import Fragment, MappingError, Provider
 from connectors.providers.garmin.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, from_unix, offset_tz, unix_ts
 
@@ -19,6 +19,7 @@ PROVIDER = Provider(
     envelope="keyed",
     user_field="userId",
     doc="Garmin Connect push bodies (Health, Activity and Women's Health APIs)",
+    compacts=True,  # mappers return records as built; the framework drops None and empty parts
 )
 
 LOCAL = 1  # TimestampLocalization.LOCAL: timestamps carry the user's display offset
@@ -85,7 +86,7 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     active, bmr = doc.get("activeKilocalories"), doc.get("bmrKilocalories")
     # Stress levels are 0-100; negative values are Garmin's "not enough data" codes, not levels.
     stress_avg, stress_max = (_stress_level(doc.get(n)) for n in ("averageStressLevel", "maxStressLevel"))
-    return compact({
+    return {
         "metadata": _day_metadata(doc),
         "distance_data": {
             "steps": doc.get("steps"),
@@ -123,7 +124,7 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
             "medium_stress_duration_seconds": doc.get("mediumStressDurationInSeconds"),
             "high_stress_duration_seconds": doc.get("highStressDurationInSeconds"),
         },
-    })
+    }
 
 
 @PROVIDER.kind("epochs", "daily")
@@ -133,13 +134,13 @@ def epochs(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc)
     at = unix_ts(doc["startTimeInSeconds"], offset)
     intensity = EPOCH_INTENSITY.get(doc.get("intensity") or "")
-    return compact({
+    return {
         "metadata": _day_metadata(doc),
         "MET_data": {"MET_samples": [{"timestamp": at, "level": doc.get("met")}] if doc.get("met") is not None else []},
         "active_durations_data": {
             "activity_levels_samples": [{"timestamp": at, "level": intensity}] if intensity is not None else [],
         },
-    })
+    }
 
 
 def _sleep_end(doc: dict[str, Any]) -> int:
@@ -167,7 +168,7 @@ def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
     spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset)
     rates = [s["breaths_per_min"] for s in breaths]
     in_bed = end - start
-    return compact({
+    return {
         "metadata": {
             "summary_id": str(doc["summaryId"]),
             "start_time": unix_ts(start, offset),
@@ -211,7 +212,7 @@ def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
             },
         },
         "scores": {"sleep_score": (doc.get("overallSleepScore") or {}).get("value")},
-    })
+    }
 
 
 def _first(doc: dict[str, Any], *names: str) -> Any:
@@ -261,13 +262,13 @@ def _activity(doc: dict[str, Any], upload_type: int) -> dict[str, Any]:
 @PROVIDER.kind("activities", "activity")
 def activities(doc: dict[str, Any]) -> dict[str, Any]:
     """Completed activity summary."""
-    return compact(_activity(doc, UPLOAD_AUTOMATIC))
+    return _activity(doc, UPLOAD_AUTOMATIC)
 
 
 @PROVIDER.kind("manuallyUpdatedActivities", "activity")
 def manually_updated_activities(doc: dict[str, Any]) -> dict[str, Any]:
     """Activity edited on the web: replaces the earlier version (same summaryId)."""
-    return compact(_activity(doc, UPLOAD_MANUAL))
+    return _activity(doc, UPLOAD_MANUAL)
 
 
 @PROVIDER.kind("activityDetails", "activity")
@@ -305,7 +306,7 @@ def activity_details(doc: dict[str, Any]) -> dict[str, Any]:
                                 max_watts=max(watts) if watts else None)
     record["lap_data"] = {"laps": [{"start_time": unix_ts(lap["startTimeInSeconds"], offset)}
                                    for lap in doc.get("laps") or []]}
-    return compact(record)
+    return record
 
 
 @PROVIDER.kind("bodyComps", "body")
@@ -315,7 +316,7 @@ def body_comps(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc, "measurementTimeOffsetInSeconds")
     start, end = _local_day(doc, "measurementTimeInSeconds", "measurementTimeOffsetInSeconds")
     grams = doc.get("weightInGrams")
-    return compact({
+    return {
         "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
         "measurements_data": {"measurements": [{
             "measurement_time": unix_ts(doc["measurementTimeInSeconds"], offset),
@@ -326,7 +327,7 @@ def body_comps(doc: dict[str, Any]) -> dict[str, Any]:
             "muscle_mass_g": doc.get("muscleMassInGrams"),
             "water_percentage": doc.get("bodyWaterInPercent"),
         }]},
-    })
+    }
 
 
 @PROVIDER.kind("bloodPressures", "body")
@@ -336,13 +337,13 @@ def blood_pressures(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc, "measurementTimeOffsetInSeconds")
     start, end = _local_day(doc, "measurementTimeInSeconds", "measurementTimeOffsetInSeconds")
     at = unix_ts(doc["measurementTimeInSeconds"], offset)
-    return compact({
+    return {
         "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
         "blood_pressure_data": {"blood_pressure_samples": [
             {"timestamp": at, "systolic_bp": doc["systolic"], "diastolic_bp": doc["diastolic"]}]},
         "heart_data": {"heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": at, "bpm": doc.get("pulse")}]
                                                         if doc.get("pulse") is not None else []}}},
-    })
+    }
 
 
 @PROVIDER.kind("stressDetails", "daily")
@@ -350,14 +351,14 @@ def stress_details(doc: dict[str, Any]) -> dict[str, Any]:
     """3-minute stress levels and Body Battery values for the day (negative codes are not data)."""
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
-    return compact({
+    return {
         "metadata": _day_metadata(doc),
         "stress_data": {
             "samples": _offset_samples(doc, "timeOffsetStressLevelValues", "level", offset, skip_negative=True),
             "body_battery_samples": _offset_samples(doc, "timeOffsetBodyBatteryValues", "level", offset,
                                                     skip_negative=True),
         },
-    })
+    }
 
 
 @PROVIDER.kind("pulseox", "daily")
@@ -365,10 +366,10 @@ def pulse_ox(doc: dict[str, Any]) -> dict[str, Any]:
     """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries)."""
     _require(doc, "startTimeInSeconds")
     samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc))]
-    return compact({
+    return {
         "metadata": _day_metadata(doc),
         "oxygen_data": {"saturation_samples": samples},
-    })
+    }
 
 
 @PROVIDER.kind("userMetrics", "daily")
@@ -376,11 +377,11 @@ def user_metrics(doc: dict[str, Any]) -> dict[str, Any]:
     """VO2 max for a calendar day."""
     _require(doc, "calendarDate")
     start, end = day_bounds(doc["calendarDate"], offset_tz(0))
-    return compact({
+    return {
         "metadata": {"start_time": start[:26], "end_time": end[:26], "upload_type": UPLOAD_AUTOMATIC,
                      "timestamp_localization": LOCAL},
         "oxygen_data": {"vo2max_ml_per_min_per_kg": doc.get("vo2Max")},
-    })
+    }
 
 
 @PROVIDER.kind("mct", "menstruation")
@@ -390,7 +391,7 @@ def menstrual_cycle(doc: dict[str, Any]) -> Fragment:
     # Garmin gives the cycle's local date only: emit local midnight without an offset (localization 1).
     start, end = (t[:26] for t in day_bounds(doc["periodStartDate"], offset_tz(0)))
     updated = doc.get("lastUpdatedTimeInSeconds")
-    record = compact({
+    record = {
         "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
         "menstruation_data": {
             "period_start_date": doc["periodStartDate"],
@@ -406,7 +407,7 @@ def menstrual_cycle(doc: dict[str, Any]) -> Fragment:
             "days_until_next_phase": doc.get("daysUntilNextPhase"),
             "last_updated_time": unix_ts(updated) if updated is not None else None,
         },
-    })
+    }
     return Fragment("menstruation", record, version_ms=int(updated * 1000) if updated is not None else None)
 
 

@@ -7,13 +7,12 @@ and ``meta {updated_at, version}``; ``meta.updated_at`` becomes the fragment ver
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
+from connectors.base import Fragment, MappingError, Provider, timestamp_field
 from connectors.providers.oura.activity_types import terra_activity_type
-from connectors.timeutil import day_bounds, format_ts, to_ms
+from connectors.timeutil import day_bounds, format_ts, series_ts, to_ms
 
 PROVIDER = Provider(
     "oura",
@@ -21,6 +20,7 @@ PROVIDER = Provider(
     envelope="data",
     user_field=None,
     doc="Oura API v2 usercollection documents (user id comes with the raw event)",
+    compacts=True,  # mappers return records as built; the framework drops None and empty parts
 )
 
 UTC_TIME, LOCAL_TIME = 0, 1  # Terra TimestampLocalization
@@ -88,20 +88,20 @@ def _daily_metadata(doc: dict[str, Any]) -> dict[str, Any]:
     return _day_metadata(_day(doc), _zone_of(_timestamp(doc, "timestamp")), LOCAL_TIME)
 
 
-def _samples(doc: dict[str, Any], name: str) -> Iterator[tuple[datetime, float]]:
-    """``(time, value)`` of a PublicSample ``{interval, items, timestamp}``; null items are gaps and skipped."""
+def _samples(doc: dict[str, Any], name: str) -> list[tuple[str, float]]:
+    """``(timestamp, value)`` of a PublicSample ``{interval, items, timestamp}``; null items are gaps and skipped."""
     sample = doc.get(name)
     if sample is None:
-        return
+        return []
     if not isinstance(sample, dict) or not isinstance(sample.get("items"), list):
         raise MappingError(f"{name} must be a PublicSample object {{interval, items, timestamp}}")
     interval = sample.get("interval")
     if not isinstance(interval, int | float) or interval <= 0:
         raise MappingError(f"{name}.interval must be a positive number of seconds, got {interval!r}")
     start = _timestamp(sample, "timestamp", f"{name}.timestamp")
-    for index, value in enumerate(sample["items"]):
-        if value is not None:
-            yield start + timedelta(seconds=index * interval), value
+    present = [(index, value) for index, value in enumerate(sample["items"]) if value is not None]
+    times = series_ts(start, interval, [index for index, _ in present])
+    return [(at, value) for at, (_, value) in zip(times, present, strict=True)]
 
 
 def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str, int]) -> list[tuple[str, int]]:
@@ -110,13 +110,14 @@ def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str,
         return []
     if not isinstance(codes, str):
         raise MappingError(f"{name} must be a string of codes, got {type(codes).__name__}")
-    series = []
+    levels = []
     for index, code in enumerate(codes):
         if code not in table:
+            series_ts(start, FIVE_MINUTES, range(index))  # a time before it that overflows fails first, as always
             raise MappingError(f"{name} has unknown code {code!r} at position {index}; "
                                f"expected one of {''.join(table)}")
-        series.append((format_ts(start + timedelta(seconds=index * FIVE_MINUTES)), table[code]))
-    return series
+        levels.append(table[code])
+    return list(zip(series_ts(start, FIVE_MINUTES, range(len(levels))), levels, strict=True))
 
 
 @PROVIDER.kind("sleep", "sleep")
@@ -135,7 +136,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
     hypnogram = _five_minute_series(doc.get("sleep_phase_5_min"), "sleep_phase_5_min", start, SLEEP_LEVEL_BY_PHASE)
     readiness = doc.get("readiness") or {}
     breaths = doc.get("average_breath")
-    record = compact({
+    record = {
         "metadata": {
             "summary_id": str(doc["id"]),
             "start_time": format_ts(start),
@@ -166,8 +167,8 @@ def sleep(doc: dict[str, Any]) -> Fragment:
                 "avg_hrv_rmssd": doc.get("average_hrv"),
             },
             "detailed": {
-                "hr_samples": [{"timestamp": format_ts(at), "bpm": v} for at, v in _samples(doc, "heart_rate")],
-                "hrv_samples_rmssd": [{"timestamp": format_ts(at), "hrv_rmssd": v} for at, v in _samples(doc, "hrv")],
+                "hr_samples": [{"timestamp": at, "bpm": v} for at, v in _samples(doc, "heart_rate")],
+                "hrv_samples_rmssd": [{"timestamp": at, "hrv_rmssd": v} for at, v in _samples(doc, "hrv")],
             },
         },
         "respiration_data": {"breaths_data": {
@@ -177,7 +178,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
         }} if breaths is not None else None,
         "readiness_data": {"readiness": _int(readiness.get("score"))},
         "temperature_data": {"delta": readiness.get("temperature_deviation")},
-    })
+    }
     return Fragment("sleep", record, version_ms=_version_ms(doc))
 
 
@@ -198,7 +199,7 @@ def daily_activity(doc: dict[str, Any]) -> Fragment:
     def minutes(seconds: int | None) -> float | None:
         return None if seconds is None else seconds / 60
 
-    record = compact({
+    record = {
         "metadata": _day_metadata(_day(doc), _zone_of(activity_day_start), LOCAL_TIME),
         "distance_data": {
             "steps": _int(doc.get("steps")),
@@ -226,10 +227,10 @@ def daily_activity(doc: dict[str, Any]) -> Fragment:
             "num_moderate_intensity_minutes": minutes(medium),
             "num_low_intensity_minutes": minutes(low),
             "num_inactive_minutes": minutes(sedentary),
-            "MET_samples": [{"timestamp": format_ts(at), "level": v} for at, v in _samples(doc, "met")],
+            "MET_samples": [{"timestamp": at, "level": v} for at, v in _samples(doc, "met")],
         },
         "scores": {"activity": doc.get("score")},
-    })
+    }
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
@@ -241,7 +242,7 @@ def daily_sleep(doc: dict[str, Any]) -> Fragment:
     sleep id: the score belongs to the day's Daily, merged with daily_activity by date.
     """
     _require(doc, "id", "day")
-    record = compact({"metadata": _daily_metadata(doc), "scores": {"sleep": doc.get("score")}})
+    record = {"metadata": _daily_metadata(doc), "scores": {"sleep": doc.get("score")}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
@@ -249,7 +250,7 @@ def daily_sleep(doc: dict[str, Any]) -> Fragment:
 def daily_readiness(doc: dict[str, Any]) -> Fragment:
     """The day's readiness score → Daily ``scores.recovery``."""
     _require(doc, "id", "day")
-    record = compact({"metadata": _daily_metadata(doc), "scores": {"recovery": doc.get("score")}})
+    record = {"metadata": _daily_metadata(doc), "scores": {"recovery": doc.get("score")}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
@@ -258,7 +259,7 @@ def daily_spo2(doc: dict[str, Any]) -> Fragment:
     """The night's average SpO2 (%) → Daily ``oxygen_data``; the document has no timestamp, see _daily_metadata."""
     _require(doc, "id", "day")
     average = (doc.get("spo2_percentage") or {}).get("average")
-    record = compact({"metadata": _daily_metadata(doc), "oxygen_data": {"avg_saturation_percentage": average}})
+    record = {"metadata": _daily_metadata(doc), "oxygen_data": {"avg_saturation_percentage": average}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
@@ -269,7 +270,7 @@ def workout(doc: dict[str, Any]) -> Fragment:
     start, end = _timestamp(doc, "start_datetime"), _timestamp(doc, "end_datetime")
     if end < start:
         raise MappingError(f"end_datetime {doc['end_datetime']} is before start_datetime {doc['start_datetime']}")
-    record = compact({
+    record = {
         "metadata": {
             "summary_id": str(doc["id"]),
             "start_time": format_ts(start),
@@ -281,7 +282,7 @@ def workout(doc: dict[str, Any]) -> Fragment:
         },
         "calories_data": {"total_burned_calories": _int(doc.get("calories"))},
         "distance_data": {"summary": {"distance_meters": _int(doc.get("distance"))}},
-    })
+    }
     return Fragment("activity", record, version_ms=_version_ms(doc))
 
 
@@ -301,8 +302,8 @@ def heartrate(doc: dict[str, Any]) -> Fragment:
     else:
         raise MappingError("heartrate row has neither timestamp nor timestamp_unix")
     sample = {"timestamp": format_ts(at), "bpm": doc["bpm"], "context": HR_CONTEXT_BY_SOURCE.get(doc.get("source"), 0)}
-    record = compact({
+    record = {
         "metadata": _day_metadata(at.date(), UTC, UTC_TIME),
         "heart_rate_data": {"detailed": {"hr_samples": [sample]}},
-    })
+    }
     return Fragment("daily", record)
