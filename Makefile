@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench services clean
+.PHONY: install demo test lint bench reliability services clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# every fault at full size; it starts its own broker, PostgreSQL cluster (the machine's initdb/pg_ctl), servers
+# (RELIABILITY_ARGS: --quick, --only kill-batch,webhook-down, --webhook-down-s 300, --json FILE, ...)
+reliability: install
+	$(BIN)/python -m reliability.run $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .healthflow demo-output .pytest_cache .import_linter_cache

@@ -19,7 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["core*", "schemas*", "connectors*", "sinks*", "transforms*", "pipelines*",
-                                    "controlplane*", "runners*"]),
+                                    "controlplane*", "runners*", "reliability*"]),
     package_data={"schemas": ["avro/*/*.avsc"], "runners": ["*.yaml"], "connectors": ["providers/*/manifest.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
