@@ -9,12 +9,13 @@ destination must end holding exactly those ids, a webhook must have received eac
 from __future__ import annotations
 
 import inspect
+import itertools
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +68,8 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(users=3, days=1, webhook_down_s=8.0, broker_down_s=3.0, database_down_s=5.0,
-                   recover_timeout_s=60.0, hostile_events=300, hostile_requests=300, batch_timeout_s=60.0,
-                   hostile_timeout_s=25.0, request_timeout_s=10.0)
+                   recover_timeout_s=45.0, hostile_events=300, hostile_requests=300, batch_timeout_s=60.0,
+                   hostile_timeout_s=20.0, request_timeout_s=10.0)
 
 
 @dataclass
@@ -82,15 +83,14 @@ class Context:
     postgres: PrivatePostgres
     payloads: list[RawPayload]
     reference: Rows
-    _counter: int = field(default=0)
+    _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
     def expected_ids(self) -> set[str]:
         return {event_id for event_id, _ in self.reference.values()}
 
     def folder(self, name: str) -> Path:
-        self._counter += 1
-        path = self.workdir / f"{self._counter:02d}-{name}"
+        path = self.workdir / f"{next(self._counter):02d}-{name}"  # unique across threads (faults run side by side)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -369,11 +369,13 @@ def _publish_into(bootstrap: str, topic: str, payloads: Sequence[RawPayload], ou
 
 # -- 5. the database restarted -------------------------------------------------------------------------------------
 def database_restart(ctx: Context) -> list[Row]:
-    """The private PostgreSQL cluster (record state and destination) stops for ``database_down_s``, then restarts."""
+    """A PostgreSQL cluster of its own (record state and destination) stops for ``database_down_s``, then restarts.
+
+    Its own cluster, so the faults running beside it keep their database."""
     topic = ctx.topic()
-    database = ctx.postgres.database()
     half = len(ctx.payloads) // 2
-    with WebhookReceiver(ctx.secret) as receiver:
+    with PrivatePostgres() as postgres, WebhookReceiver(ctx.secret) as receiver:
+        database = postgres.database()
         s = setup(ctx, "database-restart", receiver, database=database, state=database)
         command = normalize_command(kafka_source(ctx.broker.bootstrap, topic, "database-restart"), s.destinations,
                                     s.paths, streaming=True, redeliver_every_s=1.0)
@@ -381,12 +383,12 @@ def database_restart(ctx: Context) -> list[Row]:
         try:
             publish(ctx.broker.bootstrap, topic, ctx.payloads[:half])
             reached(lambda: receiver.unique > 0 or job.poll() is not None, ctx.settings.recover_timeout_s)
-            ctx.postgres.stop()
+            postgres.stop()
             try:
                 publish(ctx.broker.bootstrap, topic, ctx.payloads[half:])
                 time.sleep(ctx.settings.database_down_s)
             finally:
-                ctx.postgres.start()
+                postgres.start()
             back = time.monotonic()
             recover = _finish(ctx, s, job, back)
             rows = s.books(ctx, "database restarted", f"state + destination down {ctx.settings.database_down_s:.0f} s")

@@ -7,21 +7,29 @@ killed process had in flight is delivered again by Pub/Sub once its ack deadline
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from test_streaming import PROJECT, batch_reference, publish_pubsub, sql_rows, wait_for
+from test_streaming import PROJECT, batch_reference, publish_pubsub, sql_rows
+
+from reliability.mechanics import (
+    JobPaths,
+    as_comparable,
+    destinations_file,
+    kafka_source,
+    normalize_command,
+    postgres_rows,
+    wait_for,
+    webhook_entry,
+)
+from reliability.mechanics import start_job as start_job_process
 
 pytestmark = pytest.mark.timeout(240)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -34,32 +42,11 @@ def fresh_postgres():
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def postgres_rows(url: str) -> dict[tuple[str, str, str], tuple[str, str]]:
-    import json
-
-    with psycopg.connect(url) as conn:
-        exists = conn.execute("SELECT to_regclass('healthflow_records')").fetchone()[0]
-        if exists is None:
-            return {}
-        rows = conn.execute("SELECT user_id, type, natural_key, event_id, payload FROM healthflow_records").fetchall()
-    return {(u, t, k): (e, json.dumps(p, sort_keys=True)) for u, t, k, e, p in rows}
-
-
-def as_comparable(rows: dict) -> dict:
-    import json
-
-    return {key: (event_id, json.dumps(json.loads(payload), sort_keys=True))
-            for key, (event_id, payload) in rows.items()}
-
-
-def start_job(subscription: str, destinations: Path, tmp_path: Path, host: str,
-              secret: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": host, "HF_KILL_WEBHOOK_SECRET": secret}
-    return subprocess.Popen(
-        [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--subscription", subscription,
-         "--destinations", str(destinations), "--state", f"sqlite:///{tmp_path / 'state.db'}",
-         "--dead-letters", str(tmp_path / "dlq"), "--redeliver-every", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "ab"))
+def start_job(source: list[str], destinations: Path, tmp_path: Path, secret: str = "",
+              env: dict[str, str] | None = None, state: str | None = None) -> subprocess.Popen[bytes]:
+    """``healthflow run normalize --streaming`` from ``source`` in its own process (the harness's mechanics)."""
+    paths = JobPaths(state or f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "dlq", tmp_path / "job.log")
+    return start_job_process(normalize_command(source, destinations, paths, streaming=True), paths.log, secret, env)
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, simulated_payloads, fresh_postgres, monkeypatch,
@@ -71,17 +58,16 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, simulated_payloa
     expected = as_comparable(batch_reference(tmp_path, simulated_payloads))
     destinations = tmp_path / "destinations.yaml"
     with PubSubTestServer(pull_wait_s=0.2) as pubsub, WebhookReceiver(webhook_secret) as receiver:
-        destinations.write_text(
-            "destinations:\n"
-            f"  - {{name: pg, type: postgres, url: '{fresh_postgres}'}}\n"
-            f"  - {{name: hook, type: webhook, url: '{receiver.url}', secret: '${{HF_KILL_WEBHOOK_SECRET}}'}}\n")
+        destinations_file(destinations, f"{{name: pg, type: postgres, url: '{fresh_postgres}'}}",
+                          webhook_entry("hook", receiver.url))
         name = uuid.uuid4().hex[:8]
         subscription = f"{PROJECT}/subscriptions/normalize-{name}"
         pubsub.create_topic(f"{PROJECT}/topics/raw-{name}")
         pubsub.create_subscription(subscription, f"{PROJECT}/topics/raw-{name}", ack_deadline_seconds=3)
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub.host)
         half = len(simulated_payloads) // 2
-        job = start_job(subscription, destinations, tmp_path, pubsub.host, webhook_secret)
+        job = start_job(["--subscription", subscription], destinations, tmp_path, webhook_secret,
+                        {"PUBSUB_EMULATOR_HOST": pubsub.host})
         try:
             publish_pubsub(pubsub.host, subscription, simulated_payloads[:half], pace_s=0.01)
             wait_for(lambda: len(postgres_rows(fresh_postgres)) > 10, what="the first rows", timeout_s=90)
@@ -92,7 +78,8 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, simulated_payloa
             job.wait(10)
             assert pubsub.leased(subscription) > 0
             publish_pubsub(pubsub.host, subscription, simulated_payloads[half + 20:])
-            job = start_job(subscription, destinations, tmp_path, pubsub.host, webhook_secret)
+            job = start_job(["--subscription", subscription], destinations, tmp_path, webhook_secret,
+                            {"PUBSUB_EMULATOR_HOST": pubsub.host})
             wait_for(lambda: as_comparable(postgres_rows(fresh_postgres)) == expected, timeout_s=150,
                      what="every record after the restart")
             wait_for(lambda: pubsub.outstanding(subscription) == 0, what="every message acknowledged")
@@ -117,22 +104,14 @@ def test_kill_9_of_the_kafka_stream_then_restart_loses_nothing(tmp_path, simulat
     destinations = tmp_path / "destinations.yaml"
 
     def start() -> subprocess.Popen[bytes]:
-        env = {**os.environ, "HF_KILL_WEBHOOK_SECRET": webhook_secret}
-        return subprocess.Popen(
-            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
-             broker.bootstrap, "--topic", topic, "--group", "killed", "--destinations", str(destinations),
-             "--state", f"sqlite:///{tmp_path / 'state.db'}", "--dead-letters", str(tmp_path / "dlq"),
-             "--redeliver-every", "0"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.log", "ab"))
+        return start_job(kafka_source(broker.bootstrap, topic, "killed"), destinations, tmp_path, webhook_secret)
 
     def committed() -> int:
         return sum(committed_offsets(broker.bootstrap, topic, "killed").values())
 
     with WebhookReceiver(webhook_secret) as receiver:
-        destinations.write_text(
-            "destinations:\n"
-            f"  - {{name: pg, type: postgres, url: '{fresh_postgres}'}}\n"
-            f"  - {{name: hook, type: webhook, url: '{receiver.url}', secret: '${{HF_KILL_WEBHOOK_SECRET}}'}}\n")
+        destinations_file(destinations, f"{{name: pg, type: postgres, url: '{fresh_postgres}'}}",
+                          webhook_entry("hook", receiver.url))
         half = len(simulated_payloads) // 2
         job = start()
         try:
@@ -172,12 +151,8 @@ def test_the_streaming_job_rides_out_a_state_database_outage(tmp_path, simulated
     def committed() -> int:
         return sum(committed_offsets(broker.bootstrap, topic, "outage").values())
 
-    with open(tmp_path / "job.log", "ab") as log:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
-             broker.bootstrap, "--topic", topic, "--group", "outage", "--destinations", str(destinations),
-             "--state", private_postgres.url(), "--dead-letters", str(tmp_path / "dlq"), "--redeliver-every", "0"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    job = start_job(kafka_source(broker.bootstrap, topic, "outage"), destinations, tmp_path,
+                    state=private_postgres.url())
     try:
         half = len(simulated_payloads) // 2
         first = publish(broker.bootstrap, topic, simulated_payloads[:half])
@@ -230,12 +205,7 @@ def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads
     destinations.write_text(f"destinations:\n  - {{name: sql, type: sqlite, url: 'sqlite:///{out}'}}\n")
     broker = EmbeddedBroker(port=free_port())
     half = len(simulated_payloads) // 2
-    with open(tmp_path / "job.log", "ab") as log:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "runners.cli", "run", "normalize", "--streaming", "--bootstrap-servers",
-             broker.bootstrap, "--topic", "raw", "--group", "outage", "--destinations", str(destinations),
-             "--state", f"sqlite:///{tmp_path / 'state.db'}", "--dead-letters", str(tmp_path / "dlq"),
-             "--redeliver-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    job = start_job(kafka_source(broker.bootstrap, "raw", "outage"), destinations, tmp_path)
     try:
         time.sleep(50)  # longer than the local runner retries a failing bundle (4 attempts of a 10 s metadata wait)
         assert job.poll() is None, (tmp_path / "job.log").read_text()[-2000:]
