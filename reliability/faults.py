@@ -312,19 +312,17 @@ def webhook_errors(ctx: Context) -> list[Row]:
 
 
 # -- 4. the broker restarted ----------------------------------------------------------------------------------------
-def durable_broker_options(endpoint: str | None) -> dict[str, object] | None:
-    """Keyword arguments for a durable ``EmbeddedBroker`` if this checkout has the option, else None."""
-    parameters = inspect.signature(EmbeddedBroker).parameters
-    if "durable" in parameters:
-        return {"durable": True}
-    if "storage" in parameters and endpoint:
-        return {"storage": "s3://tansu/", "s3_endpoint": endpoint} if "s3_endpoint" in parameters else None
+def durable_broker_options(folder: Path) -> dict[str, object] | None:
+    """``EmbeddedBroker`` keyword arguments for storage kept in ``folder`` when this checkout has that option
+    (``storage=DIR``), else None (memory storage: what it held is gone after a restart)."""
+    if "storage" in inspect.signature(EmbeddedBroker).parameters:
+        return {"storage": folder}
     return None
 
 
 def broker_restart(ctx: Context) -> list[Row]:
     """The job's broker stops for ``broker_down_s`` while events are being published, then comes back."""
-    options = durable_broker_options(None)
+    options = durable_broker_options(ctx.folder("broker-storage"))
     storage = "durable storage" if options is not None else "memory storage (no durable option in this checkout)"
     broker = EmbeddedBroker(**(options or {})).start()
     job = None
