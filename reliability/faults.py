@@ -345,13 +345,17 @@ def broker_restart(ctx: Context) -> list[Row]:
             broker.start()
             back = time.monotonic()
             sender.join(ctx.settings.recover_timeout_s)
+            gave_up = published[0] if published and isinstance(published[0], BaseException) else None
+            if gave_up is not None:  # not acknowledged: the producer's caller sends again (at least once)
+                publish(broker.bootstrap, topic, ctx.payloads[half:])
             recover = _finish(ctx, s, job, back)
             rows = s.books(ctx, "broker restarted", f"{ctx.settings.broker_down_s:.0f} s down, {storage}")
             for row in rows:
                 row.recover_s = recover
                 _crash(row, job, s.paths.log)
-                if published and isinstance(published[0], BaseException):
-                    row.note(f"publish while down failed: {type(published[0]).__name__}: {published[0]}"[:200])
+                if gave_up is not None:
+                    row.note(f"publish while down gave up ({type(gave_up).__name__}: {gave_up}"[:160]
+                             + "); sent again after the restart")
             return rows
     finally:
         kill(job)
