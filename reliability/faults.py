@@ -27,6 +27,7 @@ from reliability.books import Row, balance
 from reliability.mechanics import (
     JobPaths,
     Rows,
+    create_database,
     delivery_dead_letters,
     destinations_file,
     kafka_source,
@@ -43,7 +44,7 @@ from reliability.mechanics import (
     write_jsonl,
 )
 from reliability.outage import Outage
-from tests.servers.private_postgres import PrivatePostgres
+from tests.servers.postgres import PrivatePostgres
 
 FAST_WEBHOOK_RETRY = ("{max_attempts: 2, initial_delay_s: 0.2, max_delay_s: 1, disable_after_s: 3600, "
                       "redelivery_schedule_s: [1, 1, 2, 2, 2, 3, 3, 3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]}")
@@ -139,7 +140,7 @@ def setup(ctx: Context, name: str, receiver: WebhookReceiver, database: str | No
           webhook_timeout_s: float = 5.0, webhook_retry: str = FAST_WEBHOOK_RETRY, webhook_url: str | None = None,
           ) -> Setup:
     folder = ctx.folder(name)
-    database = database or ctx.postgres.database()
+    database = database or create_database(ctx.postgres.url())
     destinations = destinations_file(folder / "destinations.yaml", f"{{name: pg, type: postgres, url: '{database}'}}",
                                      webhook_entry("hook", webhook_url or receiver.url, webhook_timeout_s,
                                                    webhook_retry))
@@ -377,7 +378,7 @@ def database_restart(ctx: Context) -> list[Row]:
     topic = ctx.topic()
     half = len(ctx.payloads) // 2
     with PrivatePostgres() as postgres, WebhookReceiver(ctx.secret) as receiver:
-        database = postgres.database()
+        database = create_database(postgres.url())
         s = setup(ctx, "database-restart", receiver, database=database, state=database)
         command = normalize_command(kafka_source(ctx.broker.bootstrap, topic, "database-restart"), s.destinations,
                                     s.paths, streaming=True, redeliver_every_s=1.0)

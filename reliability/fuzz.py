@@ -29,6 +29,7 @@ from reliability.faults import Context
 from reliability.mechanics import (
     ROOT,
     JobPaths,
+    create_database,
     destinations_file,
     ingest_dead_letters,
     last_error,
@@ -256,7 +257,7 @@ def _books(ctx: Context, fault: str, injected: str, hostile_sources: dict[Any, i
 
 def _job(ctx: Context, name: str) -> tuple[Path, str, Path, JobPaths]:
     folder = ctx.folder(name)
-    database = ctx.postgres.database()
+    database = create_database(ctx.postgres.url())
     destinations = destinations_file(folder / "destinations.yaml", f"{{name: pg, type: postgres, url: '{database}'}}")
     return folder, database, destinations, JobPaths(database, folder / "dlq", folder / "job.log")
 

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,16 @@ def new_webhook_secret() -> str:
 
 
 # -- destinations ----------------------------------------------------------------------------------------------------
+def create_database(admin_url: str) -> str:
+    """A fresh database on the server of ``admin_url`` (``postgresql://USER@HOST:PORT/postgres``); its URL."""
+    import psycopg
+
+    name = f"hf_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{admin_url.rsplit('/', 1)[0]}/{name}"
+
+
 def postgres_rows(url: str) -> Rows:
     """Every row of ``healthflow_records`` at a PostgreSQL destination ({} when the table does not exist yet)."""
     import psycopg

@@ -22,7 +22,7 @@ from pipelines.embedded import EmbeddedBroker
 from reliability import faults, fuzz
 from reliability.books import Row, render
 from reliability.mechanics import new_webhook_secret, reference_rows
-from tests.servers.private_postgres import PrivatePostgres
+from tests.servers.postgres import PrivatePostgres
 
 FAULTS: dict[str, Callable[[faults.Context], list[Row]]] = {
     "kill-batch": faults.kill_batch,
