@@ -239,7 +239,8 @@ def webhook_down(ctx: Context) -> list[Row]:
     topic = ctx.topic()
     down_s = ctx.settings.webhook_down_s
     with WebhookReceiver(ctx.secret) as receiver, Outage(receiver.port) as gate:
-        s = setup(ctx, "webhook-down", receiver, webhook_timeout_s=2.0, webhook_url=f"{gate.url}/webhook")
+        s = setup(ctx, "webhook-down", receiver, webhook_timeout_s=2.0, webhook_url=f"{gate.url}/webhook",
+                  webhook_retry=redelivery_covering(down_s))
         command = normalize_command(kafka_source(ctx.broker.bootstrap, topic, "webhook-down"), s.destinations,
                                     s.paths, streaming=True, redeliver_every_s=1.0)
         job = start_job(command, s.paths.log, ctx.secret)
@@ -262,6 +263,9 @@ def webhook_down(ctx: Context) -> list[Row]:
             postgres, webhook = s.books(ctx, "webhook down, then back", f"connection refused for {down_s:.0f} s")
             webhook.recover_s = recover
             webhook.note(f"{missing_while_down} events waited for it")
+            if recover is None:
+                webhook.on_time = False
+                webhook.note(f"backlog not drained {ctx.settings.recover_timeout_s:.0f} s after it was back")
             postgres.recover_s = postgres_lag
             if postgres_lag is None:
                 postgres.on_time = False
@@ -271,6 +275,13 @@ def webhook_down(ctx: Context) -> list[Row]:
             return [_crash(postgres, job, s.paths.log), _crash(webhook, job, s.paths.log)]
         finally:
             kill(job)
+
+
+def redelivery_covering(outage_s: float, rounds: int = 50) -> str:
+    """A webhook retry policy whose scheduled redeliveries (every few seconds) outlast an outage of ``outage_s``."""
+    step = max(1.0, round((outage_s + 60.0) / rounds, 1))
+    return ("{max_attempts: 2, initial_delay_s: 0.2, max_delay_s: 1, disable_after_s: 3600, "
+            f"redelivery_schedule_s: [{', '.join([str(step)] * rounds)}]}}")
 
 
 # -- 3. 500s, 429 with Retry-After, timeouts and 410 from a webhook -------------------------------------------------
