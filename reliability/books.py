@@ -14,8 +14,9 @@ class Row:
     """One line of the table: what was injected, what went in and where each event ended up.
 
     ``lost`` is what is neither at the destination nor in its dead letters; ``duplicates`` counts extra rows at an
-    upsert destination (a webhook's redeliveries are at-least-once and reported, not counted); ``crashed`` names a
-    process that ended on its own or a request answered 5xx; ``hung`` counts what did not answer in time.
+    upsert destination (a webhook's redeliveries are at-least-once and reported, not counted); ``crashed`` counts a
+    process that ended on its own or a request answered 5xx; ``hung`` counts what did not answer in time; ``kept``
+    is false when the fault's own promise broke (the notes say which).
     """
 
     fault: str
@@ -29,12 +30,12 @@ class Row:
     crashed: int = 0
     hung: int = 0
     recover_s: float | None = None
-    on_time: bool = True  # a destination the fault did not touch kept its pace
+    kept: bool = True  # the fault's own promise: others on time, the backlog drained, the controls unchanged
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicates == 0 and self.crashed == 0 and self.hung == 0 and self.on_time
+        return self.lost == 0 and self.duplicates == 0 and self.crashed == 0 and self.hung == 0 and self.kept
 
     def note(self, text: str) -> Row:
         self.notes.append(text)

@@ -264,11 +264,11 @@ def webhook_down(ctx: Context) -> list[Row]:
             webhook.recover_s = recover
             webhook.note(f"{missing_while_down} events waited for it")
             if recover is None:
-                webhook.on_time = False
+                webhook.kept = False
                 webhook.note(f"backlog not drained {ctx.settings.recover_timeout_s:.0f} s after it was back")
             postgres.recover_s = postgres_lag
             if postgres_lag is None:
-                postgres.on_time = False
+                postgres.kept = False
                 postgres.note(f"not complete {on_time_s:.0f} s after publish while the webhook was down: it waited")
             else:
                 postgres.note(f"complete {postgres_lag:.1f} s after publish, webhook still down")

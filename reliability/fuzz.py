@@ -13,9 +13,10 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,10 +222,14 @@ def hostile_events(ctx: Context) -> list[Row]:
     return [_through_files(ctx, hostile), _through_broker(ctx, hostile)]
 
 
-def _books(ctx: Context, fault: str, injected: str, hostile_sources: dict[Any, int], code: int | None,
-           summary: dict[str, Any], dlq: Path, log: Path, database: str, source_of, refused: int = 0) -> Row:
+def _books(ctx: Context, through: str, injected: str, hostile_sources: set[str], code: int | None,
+           summary: dict[str, Any], dlq: Path, log: Path, database: str, source_of: Callable[[dict], str | None],
+           refused: int = 0) -> Row:
+    """The books of one hostile run: each hostile record (by its source line or offset) dead-lettered with a reason,
+    else accepted as data (``delivered``: mapped, or empty), else lost; a run that fails or hangs accounts for none
+    it did not dead-letter. ``refused``: records the broker would not take (counted as refused with a reason)."""
     total = len(ctx.payloads) + len(hostile_sources) - refused
-    row = Row(fault, "postgres", injected, events_in=len(hostile_sources))
+    row = Row("hostile raw events", through, injected, events_in=len(hostile_sources))
     dead = {source_of(d.get("source") or {}) for d in ingest_dead_letters(dlq)}
     without_reason = [d for d in ingest_dead_letters(dlq) if not (d.get("stage") and d.get("error_message"))]
     row.dead_lettered = len(set(hostile_sources) & dead) + refused
@@ -246,8 +251,8 @@ def _books(ctx: Context, fault: str, injected: str, hostile_sources: dict[Any, i
     rows = safe(lambda: postgres_rows(database))
     differing = sum(1 for key, value in ctx.reference.items() if rows.get(key) != value)
     if differing:
+        row.kept = False
         row.note(f"{differing}/{len(ctx.reference)} control records differ from the clean run")
-        row.lost += differing
     else:
         row.note(f"controls identical to the clean run ({len(ctx.reference)} records)")
     if refused:
@@ -271,13 +276,12 @@ def _through_files(ctx: Context, hostile: list[Hostile]) -> Row:
         for record in hostile:
             handle.write(record.line + b"\n")
     first = len(ctx.payloads) + 1
-    sources = {str(first + index): index for index in range(len(hostile))}
+    sources = {str(first + index) for index in range(len(hostile))}
     started = time.monotonic()
     code, summary = run_to_end(normalize_command(["--input", str(raw)], destinations, paths, streaming=False),
                                paths.log, ctx.secret, ctx.settings.hostile_timeout_s)
-    row = _books(ctx, "hostile raw events", "postgres", {s: 1 for s in sources}, code, summary, paths.dead_letters,
-                 paths.log, database, lambda source: source.get("line"))
-    row.destination, row.injected = "files", f"{len(hostile)} hostile lines + {len(ctx.payloads)} controls"
+    row = _books(ctx, "files", f"{len(hostile)} hostile lines + {len(ctx.payloads)} controls", sources, code,
+                 summary, paths.dead_letters, paths.log, database, lambda source: source.get("line"))
     row.recover_s = time.monotonic() - started
     return row
 
@@ -311,11 +315,10 @@ def _through_broker(ctx: Context, hostile: list[Hostile]) -> Row:
     code, summary = run_to_end(normalize_command(["--bootstrap-servers", ctx.broker.bootstrap, "--topic", topic,
                                                   "--group", "hostile"], destinations, paths, streaming=False),
                                paths.log, ctx.secret, ctx.settings.hostile_timeout_s)
-    sources = {str(offset): 1 for offset in hostile_offsets}
-    sources.update({f"refused-{i}": 1 for i in range(refused)})
-    row = _books(ctx, "hostile raw events", "postgres", sources, code, summary, paths.dead_letters, paths.log,
-                 database, lambda source: source.get("offset"), refused=refused)
-    row.destination, row.injected = "broker", f"{len(hostile)} hostile messages + {len(ctx.payloads)} controls"
+    sources = {str(offset) for offset in hostile_offsets} | {f"refused-{i}" for i in range(refused)}
+    row = _books(ctx, "broker", f"{len(hostile)} hostile messages + {len(ctx.payloads)} controls", sources, code,
+                 summary, paths.dead_letters, paths.log, database, lambda source: source.get("offset"),
+                 refused=refused)
     row.recover_s = time.monotonic() - started
     return row
 
@@ -433,7 +436,7 @@ def hostile_requests(ctx: Context) -> list[Row]:
         row.events_in = len(batch)
         outcomes: dict[str, list[str]] = {"crash": [], "hang": [], "no reason": [], "unauthenticated write": []}
         accepted = refused = 0
-        session_local = __import__("threading").local()
+        session_local = threading.local()
 
         def send(request: Request) -> tuple[Request, int | str, bytes]:
             session = getattr(session_local, "session", None)
