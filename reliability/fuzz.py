@@ -46,6 +46,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SEED = 20_261_205
 DEEP = 10_000
 HUGE_STRING = 5 * 1024 * 1024
+WEBHOOK_TOKEN = "fuzz-url-token"
 OUTCOMES = ("raw_ok", "raw_partial", "raw_dead", "raw_empty", "raw_split")
 
 
@@ -348,6 +349,7 @@ def _serve(ctx: Context, folder: Path) -> tuple[subprocess.Popen[bytes], str, di
         env[f"HEALTHFLOW_{provider}_CLIENT_ID"] = "fuzz-client"
         env[f"HEALTHFLOW_{provider}_CLIENT_SECRET"] = "fuzz-secret"
         env[f"HEALTHFLOW_{provider}_WEBHOOK_SECRET"] = "fuzz-webhook-secret"  # signed providers verify (else 503)
+        env[f"HEALTHFLOW_{provider}_WEBHOOK_TOKEN"] = WEBHOOK_TOKEN  # providers that sign nothing: the URL token
     created = subprocess.run([sys.executable, "-m", "runners.cli", "developers", "create", "--state", state],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120).stdout
     fields = dict(line.split(":", 1) for line in created.splitlines() if ":" in line and not line.startswith("("))
@@ -406,6 +408,8 @@ def _hostile_requests(spec: dict[str, Any], auth: dict[str, str], size: int, see
             budget_huge -= 1
         if method in ("GET", "HEAD", "DELETE") and rng.random() < 0.7:
             body_shape, body = "no body", None
+        if auth_shape == "valid auth" and path.endswith("/webhook"):
+            query = "&".join(filter(None, [query, f"token={WEBHOOK_TOKEN}"]))
         requests.append(Request(method, path + (f"?{query}" if query else ""),
                                 {**headers, "content-type": content_type}, body,
                                 f"{auth_shape}, {body_shape}", method in ("POST", "PUT", "PATCH", "DELETE")))
@@ -413,8 +417,9 @@ def _hostile_requests(spec: dict[str, Any], auth: dict[str, str], size: int, see
 
 
 def hostile_requests(ctx: Context) -> list[Row]:
-    """``hostile_requests`` requests on every route of the OpenAPI spec (and the provider webhooks): no 5xx, no
-    timeout, every refusal with a reason, the server still answering after."""
+    """``hostile_requests`` requests on every route of the OpenAPI spec (and the provider webhooks): no 5xx (but a
+    503 saying why), no timeout, every refusal with a reason, no write accepted without its credentials, the server
+    still answering after."""
     import requests as http
 
     folder = ctx.folder("hostile-requests")
@@ -459,9 +464,9 @@ def hostile_requests(ctx: Context) -> list[Row]:
                 label = f"{request.method} {request.path.split('?')[0][:60]} ({request.shape})"
                 if status == "timeout":
                     outcomes["hang"].append(label)
-                elif isinstance(status, str) or status >= 500:
+                elif isinstance(status, str) or (status >= 500 and not (status == 503 and body.strip())):
                     outcomes["crash"].append(f"{label} → {status} {body[:80]!r}")
-                elif status >= 400:
+                elif status >= 400:  # 4xx, or 503 with its reason (a route not configured, a broker away)
                     refused += 1
                     if not body.strip() and request.method != "HEAD":  # HEAD answers carry no body
                         outcomes["no reason"].append(f"{label} → {status}")

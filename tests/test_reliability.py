@@ -2,15 +2,13 @@
 
 One context for the module (the embedded broker, a private PostgreSQL cluster, the clean reference run); each test
 runs one fault through ``reliability.run`` and requires every row to hold: nothing lost, nothing duplicated at the
-upsert destination, no crash, no hang, the other destinations on time. Faults that fail on main today are marked
-``xfail(strict=True)`` with the finding of issue 10 they expose, so they flip to failures (remove the mark) when
-the fix merges.
+upsert destination, no crash, no hang, the fault's own promise kept (others on time, the backlog drained, the
+controls unchanged).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -69,28 +67,18 @@ def test_webhook_500_429_timeout_410_every_event_delivered_or_dead_lettered(ctx,
     check("webhook-answers", ctx, beside)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: poison pills (a Withings measure with unit 1e30 hangs the whole "
-                                       "run in value * 10**unit: nothing is committed, the controls never arrive)")
 def test_hostile_raw_events_are_dead_lettered_and_controls_unchanged(ctx, beside):
     check("hostile-events", ctx, beside)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: anonymous writes (Garmin/Withings webhooks accept unauthenticated "
-                                       "requests), depth-10,000 JSON and 5 MB bodies on webhook routes → 500, NaN "
-                                       "in a body → 500 (the 422 echoing it cannot be encoded)")
 def test_hostile_api_requests_are_refused_with_a_reason(ctx, beside):
     check("hostile-requests", ctx, beside)
 
 
-@pytest.mark.xfail(faults.durable_broker_options(Path("unused")) is None, strict=True,
-                   reason="issue 10: the embedded broker loses data on restart (memory storage: no durable option "
-                          "in this checkout); it holds with EmbeddedBroker(storage=DIR)")
 def test_broker_restart_loses_nothing(ctx, beside):
     check("broker-restart", ctx, beside)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: transient outages end streaming (PostgreSQL, state and "
-                                       "destination, down 5 s: the job keeps running but delivers nothing more)")
 def test_database_restart_loses_nothing(ctx, beside):
     check("database-restart", ctx, beside)
 
