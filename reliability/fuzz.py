@@ -335,7 +335,7 @@ class Request:
     write: bool  # a route that changes something
 
 
-def _serve(ctx: Context, folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def serve_api(ctx: Context, folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     """``healthflow serve`` on a free port with a developer; (process, base URL, the developer's headers)."""
     import os
 
@@ -423,7 +423,7 @@ def hostile_requests(ctx: Context) -> list[Row]:
     import requests as http
 
     folder = ctx.folder("hostile-requests")
-    process, base, auth = _serve(ctx, folder)
+    process, base, auth = serve_api(ctx, folder)
     row = Row("hostile API requests", "healthflow serve", "")
     try:
         deadline = time.monotonic() + 60
@@ -443,8 +443,8 @@ def hostile_requests(ctx: Context) -> list[Row]:
         accepted = refused = 0
         session_local = threading.local()
 
-        def send(request: Request) -> tuple[Request, int | str, bytes]:
-            session = getattr(session_local, "session", None)
+        def send(request: Request, fresh: bool = False) -> tuple[Request, int | str, bytes]:
+            session = None if fresh else getattr(session_local, "session", None)
             if session is None:
                 session = session_local.session = http.Session()
                 session.trust_env = False
@@ -456,6 +456,8 @@ def hostile_requests(ctx: Context) -> list[Row]:
             except http.Timeout:
                 return request, "timeout", b""
             except http.RequestException as exc:
+                if not fresh:  # the server may close a kept-alive connection (after a 413): once more on a new one
+                    return send(request, fresh=True)
                 return request, f"connection: {type(exc).__name__}", b""
 
         started = time.monotonic()
@@ -474,7 +476,7 @@ def hostile_requests(ctx: Context) -> list[Row]:
                     accepted += 1
                     if request.write and not request.shape.startswith("valid auth") and "/webhook" in request.path:
                         outcomes["unauthenticated write"].append(f"{label} → {status}")
-        healthy = _answers(base, http)
+        healthy = answers(base, http)
         row.recover_s = time.monotonic() - started
         row.delivered, row.dead_lettered = accepted, refused
         row.crashed = len(outcomes["crash"]) + (0 if healthy and process.poll() is None else 1)
@@ -496,7 +498,7 @@ def hostile_requests(ctx: Context) -> list[Row]:
             process.wait(10)
 
 
-def _answers(base: str, http: Any) -> bool:
+def answers(base: str, http: Any) -> bool:
     try:
         return http.get(f"{base}/healthz", timeout=5).status_code == 200
     except http.RequestException:
