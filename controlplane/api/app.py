@@ -387,9 +387,12 @@ def _user(connection: Connection) -> TerraUser:
 
 
 def jsonable(value: Any) -> Any:
-    """Validation error details made JSON-safe (pydantic may put exceptions in ``ctx``)."""
+    """Validation error details made JSON-safe (pydantic may put exceptions in ``ctx``; a body's NaN or Infinity,
+    which JSON cannot hold, is echoed as its text)."""
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
