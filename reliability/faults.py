@@ -236,19 +236,33 @@ def kill_stream(ctx: Context) -> list[Row]:
 # -- 2. a webhook destination down, then back ---------------------------------------------------------------------
 def webhook_down(ctx: Context) -> list[Row]:
     """The webhook refuses connections for ``webhook_down_s``: PostgreSQL keeps its pace, the backlog drains after."""
+    return _webhook_outage(ctx, slow=False)
+
+
+def webhook_slow(ctx: Context) -> list[Row]:
+    """The webhook answers every request in 1.5 s against a 1 s timeout for ``webhook_down_s`` (the probe's slow
+    destination): PostgreSQL keeps its pace, the backlog drains once the webhook answers in time again."""
+    return _webhook_outage(ctx, slow=True)
+
+
+def _webhook_outage(ctx: Context, slow: bool) -> list[Row]:
     topic = ctx.topic()
     down_s = ctx.settings.webhook_down_s
+    name = "webhook-slow" if slow else "webhook-down"
     with WebhookReceiver(ctx.secret) as receiver, Outage(receiver.port) as gate:
-        s = setup(ctx, "webhook-down", receiver, webhook_timeout_s=2.0, webhook_url=f"{gate.url}/webhook",
+        s = setup(ctx, name, receiver, webhook_timeout_s=1.0 if slow else 2.0, webhook_url=f"{gate.url}/webhook",
                   webhook_retry=redelivery_covering(down_s))
-        command = normalize_command(kafka_source(ctx.broker.bootstrap, topic, "webhook-down"), s.destinations,
+        command = normalize_command(kafka_source(ctx.broker.bootstrap, topic, name), s.destinations,
                                     s.paths, streaming=True, redeliver_every_s=1.0)
         job = start_job(command, s.paths.log, ctx.secret)
         try:
             warm = len(ctx.payloads) // 4
             publish(ctx.broker.bootstrap, topic, ctx.payloads[:warm])
             reached(lambda: receiver.unique > 0 or job.poll() is not None, ctx.settings.recover_timeout_s)
-            gate.down()
+            if slow:
+                receiver.stall_next(1_000_000, 1.5)  # every request, until cleared
+            else:
+                gate.down()
             went_down = time.monotonic()
             publish(ctx.broker.bootstrap, topic, ctx.payloads[warm:])
             on_time_s = min(down_s, ctx.settings.on_time_s)
@@ -257,10 +271,16 @@ def webhook_down(ctx: Context) -> list[Row]:
                 postgres_lag = None
             missing_while_down = len(ctx.expected_ids - set(receiver.events))
             time.sleep(max(0.0, down_s - (time.monotonic() - went_down)))
-            gate.up()
+            if slow:
+                receiver.clear_failures()
+            else:
+                gate.up()
             back = time.monotonic()
             recover = _finish(ctx, s, job, back)
-            postgres, webhook = s.books(ctx, "webhook down, then back", f"connection refused for {down_s:.0f} s")
+            fault = "webhook slow, then fast" if slow else "webhook down, then back"
+            injected = (f"1.5 s answers vs 1 s timeout for {down_s:.0f} s" if slow
+                        else f"connection refused for {down_s:.0f} s")
+            postgres, webhook = s.books(ctx, fault, injected)
             webhook.recover_s = recover
             webhook.note(f"{missing_while_down} events waited for it")
             if recover is None:
@@ -269,9 +289,9 @@ def webhook_down(ctx: Context) -> list[Row]:
             postgres.recover_s = postgres_lag
             if postgres_lag is None:
                 postgres.kept = False
-                postgres.note(f"not complete {on_time_s:.0f} s after publish while the webhook was down: it waited")
+                postgres.note(f"not complete {on_time_s:.0f} s after publish while the webhook was out: it waited")
             else:
-                postgres.note(f"complete {postgres_lag:.1f} s after publish, webhook still down")
+                postgres.note(f"complete {postgres_lag:.1f} s after publish, webhook still out")
             return [_crash(postgres, job, s.paths.log), _crash(webhook, job, s.paths.log)]
         finally:
             kill(job)

@@ -28,6 +28,7 @@ FAULTS: dict[str, Callable[[faults.Context], list[Row]]] = {
     "kill-batch": faults.kill_batch,
     "kill-stream": faults.kill_stream,
     "webhook-down": faults.webhook_down,
+    "webhook-slow": faults.webhook_slow,
     "webhook-answers": faults.webhook_errors,
     "broker-restart": faults.broker_restart,
     "database-restart": faults.database_restart,

@@ -65,6 +65,10 @@ def test_webhook_down_then_back_others_on_time_backlog_drains(ctx, beside):
     check("webhook-down", ctx, beside)
 
 
+def test_a_slow_webhook_does_not_hold_back_the_others_and_its_backlog_drains(ctx, beside):
+    check("webhook-slow", ctx, beside)
+
+
 def test_webhook_500_429_timeout_410_every_event_delivered_or_dead_lettered(ctx, beside):
     check("webhook-answers", ctx, beside)
 
