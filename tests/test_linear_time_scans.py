@@ -16,6 +16,7 @@ from cryptography.fernet import Fernet
 from controlplane.api import BackgroundServer, create_app
 from controlplane.auth import ControlPlane
 from controlplane.limits import API_MAX_BODY_BYTES, json_depth
+from core.logs import redact
 
 BODY = API_MAX_BODY_BYTES  # the largest body the API reads before authentication
 MAX_RATIO = 40  # linear scans measured at 1-8x the benign body; the quadratic ones at 64 KiB, ~30,000x
@@ -86,3 +87,36 @@ def test_healthz_answers_while_hostile_bodies_are_posted_anonymously(tmp_path):
     plane.close()
     assert len(answers) == len(HOSTILE_BODIES) and all(400 <= status < 500 for status in answers), answers
     assert slowest < 1.0, f"/healthz took {slowest:.2f} s while hostile bodies were scanned"
+
+
+LOG_LINE = 16 * 1024  # an access-log line of a long request target
+
+
+def _line(unit: str, prefix: str = "") -> str:
+    return (prefix + unit * (LOG_LINE // len(unit) + 1))[:LOG_LINE]
+
+
+HOSTILE_LOG_LINES = {  # a shape for each redaction pattern: repeated starts, and starts that never complete
+    "URL passwords without an @": _line("a://b:", "GET /x?"),
+    "bare scheme separators": _line("://:"),
+    "colons after a user": _line(":", "a://b"),
+    "query secrets": _line(";token=a"),
+    "quoted form fields": _line("'code="),
+    "form fields at line starts": _line("\ncode="),
+    "a header name and no value": _line(" ", "authorization:"),
+    "quoted header names": _line("'cookie'"),
+    "header values with spaces": _line(" a", "cookie: a"),
+    "widget session paths": _line("/widget/session/"),
+    "pydantic inputs": _line(", input_type", "input_value="),
+    "JSON secret fields without a value": _line('"password":'),
+    "a JSON secret of escaped quotes": _line('\\"', '"access_token": "'),
+    "dict secret fields": _line("'secret':'"),
+}
+BENIGN_LOG_LINE = _line("a=1&b=two&", "GET /v2/data?")
+
+
+def test_log_redaction_is_linear_for_hostile_messages():
+    benign = cpu_seconds(lambda: redact(BENIGN_LOG_LINE))
+    for shape, line in HOSTILE_LOG_LINES.items():
+        ratio = cpu_seconds(lambda line=line: redact(line), repeats=3) / benign
+        assert ratio < MAX_RATIO, f"{shape}: {ratio:.0f}x the CPU time of a benign log line of the same size"
