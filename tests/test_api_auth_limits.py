@@ -174,7 +174,7 @@ def from_address(url: str, source: str, headers: dict[str, str]) -> tuple[int, d
         conn.close()
 
 
-def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_working_keys(tmp_path):
+def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_working_keys_or_clean_clients(tmp_path):
     from controlplane.api import BackgroundServer, create_app
     from controlplane.auth.guard import ApiKeyGuard, FailureThrottle
 
@@ -197,13 +197,20 @@ def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_wo
         assert from_address(url, "127.0.0.3", {"dev-id": dev_id, "x-api-key": second_key})[0] == 429  # not checked
         # made-up keys from many clients do not lock the dev-id out ...
         assert from_address(url, "127.0.0.4", {"dev-id": dev_id, "x-api-key": second_key})[0] == 404
-        # ... wrong secrets for its real keys do: 3 of them from any clients and its next new check waits
+        # ... and wrong secrets for its real keys (a dev-id and key id are all an outsider needs) lock out no one
+        # but the clients that failed: 3 of them from any clients use up the dev-id's budget ...
         wrong_secret = {"dev-id": dev_id, "x-api-key": f"{key.split('.')[0]}.{secrets.token_urlsafe(32)}"}
         assert [from_address(url, f"127.0.0.{5 + i}", wrong_secret)[0] for i in range(3)] == [403, 403, 403]
-        third_key = plane.create_api_key(dev_id)
-        status, headers, body = from_address(url, "127.0.0.9", {"dev-id": dev_id, "x-api-key": third_key})
+        third_key, fourth_key = plane.create_api_key(dev_id), plane.create_api_key(dev_id)
+        # ... a client that failed in the window is refused for the dev-id's failures, even with a live new key ...
+        status, headers, body = from_address(url, "127.0.0.5", {"dev-id": dev_id, "x-api-key": third_key})
         assert status == 429 and b"for this dev-id" in body and int(headers["retry-after"]) >= 1
-        assert from_address(url, "127.0.0.9", right)[0] == 404  # remembered keys are never throttled
+        # ... while a client with no failures of its own still gets its new key checked (on the hash gate)
+        assert from_address(url, "127.0.0.9", {"dev-id": dev_id, "x-api-key": third_key})[0] == 404
+        assert from_address(url, "127.0.0.10", {"dev-id": dev_id, "x-api-key": fourth_key})[0] == 404
+        assert from_address(url, "127.0.0.10", wrong_secret)[0] == 403  # its own first failure, then ...
+        assert from_address(url, "127.0.0.10", wrong_secret)[0] == 429  # ... the dev-id's budget applies to it
+        assert from_address(url, "127.0.0.5", right)[0] == 404  # remembered keys are never throttled
     guard.close()
     plane.close()
 

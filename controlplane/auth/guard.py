@@ -4,10 +4,12 @@
 
 - A key this process verified before costs one primary-key lookup (its row decides: a key revoked anywhere is refused
   at once) and is never throttled, so a developer whose keys work is not locked out by someone else's failures.
-- Otherwise failures decide first (``FailureThrottle``): a client address, or a dev-id, with too many failed checks
-  in the window is answered ``Throttled`` (HTTP 429 with Retry-After) without touching the store or running scrypt,
-  after ``throttled_delay_s``: waiting holds a connection but no CPU, so a client flooding with wrong keys slows
-  itself down instead of crowding out valid requests.
+- Otherwise failures decide first (``FailureThrottle``): a client address with too many failed checks in the window,
+  or a client that failed in the window asking for a dev-id with too many failed checks, is answered ``Throttled``
+  (HTTP 429 with Retry-After) without touching the store or running scrypt, after ``throttled_delay_s``: waiting
+  holds a connection but no CPU, so a client flooding with wrong keys slows itself down instead of crowding out
+  valid requests. A client with no failures of its own is never refused for the dev-id's, so knowing a dev-id and a
+  key id is not enough to lock a developer's new or not-yet-verified keys out.
 - A malformed, unknown, revoked or other developer's key is refused after that lookup, without scrypt of its own; it
   runs a dummy scrypt only while the hash workers are idle, so it takes as long as a wrong key unless the server is
   under load. It counts as a failure of the client only (an outsider cannot lock out a dev-id with made-up keys).
@@ -68,17 +70,26 @@ class FailureThrottle:
                              "redis://host:port/db)") from exc
 
     def check(self, client: str, dev_id: str) -> None:
-        """Raise ``Throttled`` when ``client`` or ``dev_id`` used up its failures."""
-        for item, scope, who in ((self.per_client, "client", client), (self.per_developer, "dev-id", dev_id)):
-            try:
-                if self._limiter.test(item, scope, who):
-                    continue
-                reset = self._limiter.get_window_stats(item, scope, who).reset_time
-            except Exception as exc:  # the shared storage is unreachable: fail open, the gate still bounds scrypt
-                log.warning("API-key throttle unavailable, not throttling: %s", exc)
-                return
-            wait = max(1, math.ceil(reset - time.time()))
-            raise Throttled(f"too many failed API-key checks for this {scope}: retry in {wait} s", retry_after=wait)
+        """Raise ``Throttled`` when ``client`` used up its failures, or when ``dev_id`` did and ``client`` has failed
+        in the window too. A client with no recent failures of its own is never refused for the dev-id's: whoever
+        knows a dev-id cannot lock its developer's other clients out (their checks still queue for the hash gate)."""
+        try:
+            client_stats = self._limiter.get_window_stats(self.per_client, "client", client)
+            if client_stats.remaining <= 0:
+                self._refuse("client", client_stats.reset_time)
+            if client_stats.remaining < self.per_client.amount:
+                developer_stats = self._limiter.get_window_stats(self.per_developer, "dev-id", dev_id)
+                if developer_stats.remaining <= 0:
+                    self._refuse("dev-id", developer_stats.reset_time)
+        except Throttled:
+            raise
+        except Exception as exc:  # the shared storage is unreachable: fail open, the gate still bounds scrypt
+            log.warning("API-key throttle unavailable, not throttling: %s", exc)
+
+    @staticmethod
+    def _refuse(scope: str, reset_time: float) -> None:
+        wait = max(1, math.ceil(reset_time - time.time()))
+        raise Throttled(f"too many failed API-key checks for this {scope}: retry in {wait} s", retry_after=wait)
 
     def failed(self, client: str, dev_id: str | None = None) -> None:
         """Count one failure for ``client`` (and ``dev_id`` when given)."""
