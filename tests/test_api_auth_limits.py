@@ -294,3 +294,42 @@ def test_failure_counts_are_shared_through_redis_and_an_unreachable_redis_fails_
     down.failed(client, dev_id)
     down.check(client, dev_id)  # not refused: the hash gate still bounds the work
     assert "API-key throttle unavailable" in caplog.text
+
+
+@contextmanager
+def unanswering_redis(accepts: bool) -> Iterator[str]:
+    """A redis:// URL of a loopback socket that never answers: connections are accepted by the kernel and never
+    read (``accepts``), or its accept queue is full, so connecting hangs."""
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8 if accepts else 0)
+        filler = None if accepts else socket.create_connection(blackhole.getsockname(), timeout=1)
+        try:
+            yield f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
+        finally:
+            if filler is not None:
+                filler.close()
+
+
+def timed(call, *args) -> float:
+    """Seconds ``call(*args)`` took (on a daemon thread: a call that hangs fails the test instead of hanging it)."""
+    done = threading.Event()
+    started = time.monotonic()
+    threading.Thread(target=lambda: (call(*args), done.set()), daemon=True).start()
+    assert done.wait(5), f"{call.__name__} did not return within 5 s"
+    return time.monotonic() - started
+
+
+def test_an_unanswering_redis_fails_open_within_a_second_and_is_left_alone_for_a_while(caplog):
+    from controlplane.auth.guard import FailureThrottle
+
+    for accepts in (True, False):
+        with unanswering_redis(accepts) as url:
+            throttle = FailureThrottle("1/minute", "1/minute", url, backoff_s=0.5)
+            client, dev_id = "192.0.2.7", "dev-1"
+            assert timed(throttle.check, client, dev_id) < 1.0  # the first check waits for the timeout ...
+            assert timed(throttle.failed, client, dev_id) < 0.05  # ... then the storage is left alone
+            assert timed(throttle.check, client, dev_id) < 0.05
+            time.sleep(0.6)
+            assert timed(throttle.check, client, dev_id) < 1.0  # tried again after the backoff, failing open again
+    assert caplog.text.count("API-key throttle unavailable") == 4, caplog.text
