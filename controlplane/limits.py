@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse
 API_MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
 
-# a JSON string (escapes included): its brackets are text, not nesting
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string (escapes included): its brackets are text, not nesting. The closing quote is optional so that an
+# unterminated string ends the text (as it does for ``json.loads``) in one pass: requiring it made every quote of an
+# unterminated escape-filled string a new scan to the end (quadratic: 32 KB took 4.5 s on the event loop).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _NESTING_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
 
@@ -58,7 +60,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def json_depth(body: bytes) -> int:
-    """How deep the arrays and objects of a JSON text nest (0 for a scalar), without parsing it."""
+    """How deep the arrays and objects of a JSON text nest (0 for a scalar), without parsing it, in time linear in
+    the length of ``body`` whatever it holds (brackets after an unterminated string are its text, not nesting)."""
     brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS).translate(_NESTING_STEPS)
     return max(accumulate(memoryview(brackets).cast("b")), default=0)
 

@@ -6,8 +6,10 @@
 - quiets Apache Beam's own records below ERROR (its import-time and runner chatter), whatever logger they
   use, and only those: healthflow's and other libraries' warnings stay visible;
 - passes every record through ``RedactingFilter``: query values of secret parameters (``token``, ``code``,
-  ``state``, ``secret``, ``api_key``, …), API-key headers, URL passwords, widget session ids in paths and
-  the input values pydantic quotes in its errors (which may be health data) become ``***``;
+  ``state``, ``secret``, ``api_key``, …, and a form body's first field), JSON fields holding secrets
+  (``"access_token": "…"``, ``"client_secret"``, ``"password"``, …), API-key headers, URL passwords, widget
+  session ids in paths and the input values pydantic quotes in its errors (which may be health data) become
+  ``***``, in time linear in the message's length; the filter never raises into the code that logs;
 - writes plain text or, with ``fmt="json"``, one JSON object per line (``ts``, ``level``, ``logger``,
   ``message``, and ``exc_info`` when there is one).
 
@@ -34,7 +36,14 @@ REDACTED = "***"
 SECRET_PARAMETERS = ("token", "code", "state", "secret", "api_key", "apikey", "x-api-key", "key", "password",
                      "access_token", "refresh_token", "id_token", "client_secret", "verify", "verification_token",
                      "challenge", "oauth_token", "oauth_verifier", "signature", "sig")
-_QUERY_SECRET = re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")=)[^&\s\"'#]*")
+# A query string's parameter, or a form body's first field (at the start of a line or of a quoted string).
+_QUERY_SECRET = re.compile(r"(?im)((?:^|[?&;]|(?<=['\"]))(?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS)
+                           + r")=)[^&\s\"'#]*")
+# JSON (or Python dict) fields whose string values are secrets: ``"access_token": "…"``, ``'password': '…'``.
+SECRET_FIELDS = ("access_token", "refresh_token", "id_token", "client_secret", "password", "secret", "api_key",
+                 "apikey", "x-api-key", "token", "oauth_token", "oauth_token_secret", "verification_token")
+_FIELD_SECRET = re.compile(r"(?i)([\"'](?:" + "|".join(re.escape(f) for f in SECRET_FIELDS) + r")[\"']\s*:\s*)"
+                           r"(\"[^\"\\]*(?:\\.[^\"\\]*)*\"?|'[^'\\]*(?:\\.[^'\\]*)*'?)")
 # Headers carrying credentials, written as ``name: value``, ``name=value`` or ``'name': 'value'``.
 _HEADER_SECRET = re.compile(r"(?i)(['\"]?\b(?:x-api-key|authorization|cookie|set-cookie|proxy-authorization)['\"]?"
                             r"\s*[:=]\s*['\"]?)[^'\"\s,}]+(?:\s+[^'\"\s,}]+)?")
@@ -45,8 +54,10 @@ _PYDANTIC_INPUT = re.compile(r"(input_value=).*?(?=, input_type=|\]$|$)", re.MUL
 
 
 def redact(text: str) -> str:
-    """``text`` with every secret this module knows of replaced by ``***`` (see the module doc)."""
+    """``text`` with every secret this module knows of replaced by ``***`` (see the module doc), in time linear in
+    its length: every pattern either always matches once it starts or stops at a delimiter before the next start."""
     text = _QUERY_SECRET.sub(r"\1" + REDACTED, text)
+    text = _FIELD_SECRET.sub(lambda found: found[1] + found[2][0] + REDACTED + found[2][0], text)
     text = _HEADER_SECRET.sub(r"\1" + REDACTED, text)
     text = redact_url_password(text)
     text = _PATH_SECRET.sub(r"\1" + REDACTED, text)
@@ -54,18 +65,35 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites each record's message (and formatted exception) with ``redact``; drops nothing."""
+    """Rewrites each record's message, formatted exception and stack with ``redact``; drops nothing and never
+    raises: a message its arguments cannot be formatted into (``log.info("%d", "x")``) goes out as its redacted
+    format string with the arguments dropped and the formatting error named."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message or record.args:
-            record.msg, record.args = cleaned, None
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # a bad format, or an argument whose str() raises
+            dropped = f"[log arguments dropped: {type(exc).__name__}: {_printable(exc)}]"
+            record.msg, record.args = redact(f"{_printable(record.msg)} {dropped}"), None
+        else:
+            cleaned = redact(message)
+            if cleaned != message or record.args:
+                record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+def _printable(value: object) -> str:
+    """``str(value)``, or a placeholder naming its type when that raises."""
+    try:
+        return str(value)
+    except Exception as exc:
+        return f"<{type(value).__name__} not printable: {type(exc).__name__}>"
 
 
 class QuietBeam(logging.Filter):

@@ -21,7 +21,10 @@ from pathlib import Path
 from core.errors import FatalError
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]+)(@)")
+# ``scheme://user:password@``: the password stops where a URL's userinfo must (``/``, ``?``, ``#``, as libpq and
+# urllib parse it), so a scan from one ``://`` never runs past the next and redaction is linear in the text's length
+# (``[^@\s]+`` scanned to the end from every ``://``: 2,600 of them in one request line took 0.5 s per log record).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s/?#]+)(@)")
 
 
 def missing(template: str) -> list[str]:
@@ -42,7 +45,7 @@ def resolve(template: str, where: str = "configuration") -> str:
 
 
 def redact(text: str) -> str:
-    """A URL or message with any ``user:password@`` password replaced by ``***``."""
+    """A URL or message with any ``user:password@`` password replaced by ``***`` (time linear in its length)."""
     return _URL_PASSWORD.sub(r"\1***\3", text)
 
 

@@ -174,7 +174,7 @@ def from_address(url: str, source: str, headers: dict[str, str]) -> tuple[int, d
         conn.close()
 
 
-def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_working_keys(tmp_path):
+def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_working_keys_or_clean_clients(tmp_path):
     from controlplane.api import BackgroundServer, create_app
     from controlplane.auth.guard import ApiKeyGuard, FailureThrottle
 
@@ -197,13 +197,20 @@ def test_failures_are_throttled_per_client_and_per_dev_id_without_locking_out_wo
         assert from_address(url, "127.0.0.3", {"dev-id": dev_id, "x-api-key": second_key})[0] == 429  # not checked
         # made-up keys from many clients do not lock the dev-id out ...
         assert from_address(url, "127.0.0.4", {"dev-id": dev_id, "x-api-key": second_key})[0] == 404
-        # ... wrong secrets for its real keys do: 3 of them from any clients and its next new check waits
+        # ... and wrong secrets for its real keys (a dev-id and key id are all an outsider needs) lock out no one
+        # but the clients that failed: 3 of them from any clients use up the dev-id's budget ...
         wrong_secret = {"dev-id": dev_id, "x-api-key": f"{key.split('.')[0]}.{secrets.token_urlsafe(32)}"}
         assert [from_address(url, f"127.0.0.{5 + i}", wrong_secret)[0] for i in range(3)] == [403, 403, 403]
-        third_key = plane.create_api_key(dev_id)
-        status, headers, body = from_address(url, "127.0.0.9", {"dev-id": dev_id, "x-api-key": third_key})
+        third_key, fourth_key = plane.create_api_key(dev_id), plane.create_api_key(dev_id)
+        # ... a client that failed in the window is refused for the dev-id's failures, even with a live new key ...
+        status, headers, body = from_address(url, "127.0.0.5", {"dev-id": dev_id, "x-api-key": third_key})
         assert status == 429 and b"for this dev-id" in body and int(headers["retry-after"]) >= 1
-        assert from_address(url, "127.0.0.9", right)[0] == 404  # remembered keys are never throttled
+        # ... while a client with no failures of its own still gets its new key checked (on the hash gate)
+        assert from_address(url, "127.0.0.9", {"dev-id": dev_id, "x-api-key": third_key})[0] == 404
+        assert from_address(url, "127.0.0.10", {"dev-id": dev_id, "x-api-key": fourth_key})[0] == 404
+        assert from_address(url, "127.0.0.10", wrong_secret)[0] == 403  # its own first failure, then ...
+        assert from_address(url, "127.0.0.10", wrong_secret)[0] == 429  # ... the dev-id's budget applies to it
+        assert from_address(url, "127.0.0.5", right)[0] == 404  # remembered keys are never throttled
     guard.close()
     plane.close()
 
@@ -287,3 +294,42 @@ def test_failure_counts_are_shared_through_redis_and_an_unreachable_redis_fails_
     down.failed(client, dev_id)
     down.check(client, dev_id)  # not refused: the hash gate still bounds the work
     assert "API-key throttle unavailable" in caplog.text
+
+
+@contextmanager
+def unanswering_redis(accepts: bool) -> Iterator[str]:
+    """A redis:// URL of a loopback socket that never answers: connections are accepted by the kernel and never
+    read (``accepts``), or its accept queue is full, so connecting hangs."""
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8 if accepts else 0)
+        filler = None if accepts else socket.create_connection(blackhole.getsockname(), timeout=1)
+        try:
+            yield f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
+        finally:
+            if filler is not None:
+                filler.close()
+
+
+def timed(call, *args) -> float:
+    """Seconds ``call(*args)`` took (on a daemon thread: a call that hangs fails the test instead of hanging it)."""
+    done = threading.Event()
+    started = time.monotonic()
+    threading.Thread(target=lambda: (call(*args), done.set()), daemon=True).start()
+    assert done.wait(5), f"{call.__name__} did not return within 5 s"
+    return time.monotonic() - started
+
+
+def test_an_unanswering_redis_fails_open_within_a_second_and_is_left_alone_for_a_while(caplog):
+    from controlplane.auth.guard import FailureThrottle
+
+    for accepts in (True, False):
+        with unanswering_redis(accepts) as url:
+            throttle = FailureThrottle("1/minute", "1/minute", url, backoff_s=0.5)
+            client, dev_id = "192.0.2.7", "dev-1"
+            assert timed(throttle.check, client, dev_id) < 1.0  # the first check waits for the timeout ...
+            assert timed(throttle.failed, client, dev_id) < 0.05  # ... then the storage is left alone
+            assert timed(throttle.check, client, dev_id) < 0.05
+            time.sleep(0.6)
+            assert timed(throttle.check, client, dev_id) < 1.0  # tried again after the backoff, failing open again
+    assert caplog.text.count("API-key throttle unavailable") == 4, caplog.text

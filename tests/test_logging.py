@@ -4,20 +4,23 @@ API server's access and application logs."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
 from cryptography.fernet import Fernet
 
-from core.logs import redact
+from core.logs import configure_logging, redact
 from pipelines.embedded import free_port
 
 pytest_plugins = ("servers.fake_provider",)
@@ -156,3 +159,65 @@ def test_redaction_rules():
                   "input_type=str]") == ("1 validation error\n  Input should be a valid integer [type=int_parsing, "
                                          "input_value=***, input_type=str]")
     assert redact("GET /widget/session/abc/connect/oura") == "GET /widget/session/***/connect/oura"
+
+
+def test_redaction_rules_for_json_fields_form_bodies_and_userinfo():
+    assert redact('{"access_token": "at-1\\"x", "expires_in": 3600, "refresh_token":"rt-2"}') == \
+        '{"access_token": "***", "expires_in": 3600, "refresh_token":"***"}'
+    assert redact("{'client_secret': 'cs-3', 'password': 'pw-4', 'user': 'u'}") == \
+        "{'client_secret': '***', 'password': '***', 'user': 'u'}"
+    assert redact("code=c0de&state=st4te&grant_type=authorization_code") == \
+        "code=***&state=***&grant_type=authorization_code"
+    assert redact("token request body b'code=c0de&redirect_uri=x'") == "token request body b'code=***&redirect_uri=x'"
+    assert redact('{"code": "invalid_grant", "state": "failed"}') == '{"code": "invalid_grant", "state": "failed"}'
+    assert redact("job state=RUNNING") == "job state=RUNNING"  # only a line's or a quoted string's first field
+    assert redact("GET https://api.example:8443/v1?email=a@b.example") == \
+        "GET https://api.example:8443/v1?email=a@b.example"  # a port and path are not a password
+
+
+def _logged_through_the_filter(log: Callable[[logging.Logger], None]) -> str:
+    """What healthflow's handler writes for the records ``log`` emits (its own filters, a real stream)."""
+    stream = io.StringIO()
+    handler = configure_logging("DEBUG", "text")
+    logging.getLogger().removeHandler(handler)  # on a logger of its own: pytest's capture handlers stay out of it
+    handler.setStream(stream)
+    logger = logging.getLogger("healthflow.test.redacting")
+    logger.propagate, logger.level = False, logging.DEBUG
+    logger.addHandler(handler)
+    try:
+        log(logger)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_the_redacting_filter_never_raises_into_the_caller():
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    def log(logger: logging.Logger) -> None:
+        logger.info("count %d for /x?token=%s", "x", "s3cr3t-token")  # a bad format: TypeError in getMessage
+        logger.info("value %s", Unprintable())
+        logger.info("still logging after them")
+
+    written = _logged_through_the_filter(log)
+    assert "count %d for /x?token=*** [log arguments dropped: TypeError" in written, written
+    assert "value %s [log arguments dropped: RuntimeError: no]" in written
+    assert "still logging after them" in written and "s3cr3t-token" not in written
+    assert "--- Logging error ---" not in written
+
+
+def test_stack_info_and_exceptions_are_redacted():
+    def log(logger: logging.Logger) -> None:
+        token = "?token=st4ck-secret"  # noqa: F841 - shown in the stack's source line below
+        logger.warning("with stack ?token=m3ssage-secret", stack_info=True)
+        try:
+            raise ValueError('{"refresh_token": "exc-secret"}')
+        except ValueError:
+            logger.exception("failed")
+
+    written = _logged_through_the_filter(log)
+    assert "Stack (most recent call last)" in written and "token=***" in written and '"refresh_token": "***"' in written
+    for secret in ("st4ck-secret", "m3ssage-secret", "exc-secret"):
+        assert secret not in written, written

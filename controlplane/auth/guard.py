@@ -4,10 +4,12 @@
 
 - A key this process verified before costs one primary-key lookup (its row decides: a key revoked anywhere is refused
   at once) and is never throttled, so a developer whose keys work is not locked out by someone else's failures.
-- Otherwise failures decide first (``FailureThrottle``): a client address, or a dev-id, with too many failed checks
-  in the window is answered ``Throttled`` (HTTP 429 with Retry-After) without touching the store or running scrypt,
-  after ``throttled_delay_s``: waiting holds a connection but no CPU, so a client flooding with wrong keys slows
-  itself down instead of crowding out valid requests.
+- Otherwise failures decide first (``FailureThrottle``): a client address with too many failed checks in the window,
+  or a client that failed in the window asking for a dev-id with too many failed checks, is answered ``Throttled``
+  (HTTP 429 with Retry-After) without touching the store or running scrypt, after ``throttled_delay_s``: waiting
+  holds a connection but no CPU, so a client flooding with wrong keys slows itself down instead of crowding out
+  valid requests. A client with no failures of its own is never refused for the dev-id's, so knowing a dev-id and a
+  key id is not enough to lock a developer's new or not-yet-verified keys out.
 - A malformed, unknown, revoked or other developer's key is refused after that lookup, without scrypt of its own; it
   runs a dummy scrypt only while the hash workers are idle, so it takes as long as a wrong key unless the server is
   under load. It counts as a failure of the client only (an outsider cannot lock out a dev-id with made-up keys).
@@ -22,15 +24,18 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from controlplane.auth.developers import Developers, LiveKey
 from core.errors import FatalError, RetryableError
@@ -54,31 +59,49 @@ class FailureThrottle:
 
     ``per_client`` / ``per_developer`` are ``limits`` strings such as ``"20/minute"``. ``storage_uri`` is
     ``memory://`` (this process) or ``redis://host:port/db`` (shared by every API process). When the storage cannot
-    be reached the throttle lets checks through (and logs it): the hash gate still bounds the work.
+    be reached the throttle lets checks through (and logs it): the hash gate still bounds the work. A Redis storage
+    fails fast: each command gives up after ``storage_timeout_s`` (connecting or answering, no retries), and after a
+    failure the storage is left alone for ``backoff_s`` (doubling on each further failure up to ``max_backoff_s``),
+    so an unreachable Redis costs one key check a timeout, not every check.
     """
 
     def __init__(self, per_client: str = "20/minute", per_developer: str = "20/minute",
-                 storage_uri: str = "memory://") -> None:
+                 storage_uri: str = "memory://", storage_timeout_s: float = 0.5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0) -> None:
         try:
             self.per_client, self.per_developer = parse(per_client), parse(per_developer)
-            options = {"key_prefix": "healthflow:auth"} if storage_uri.startswith(("redis", "rediss")) else {}
+            options: dict[str, Any] = {}
+            if storage_uri.startswith(("redis", "rediss")):
+                options = {"key_prefix": "healthflow:auth", "socket_connect_timeout": storage_timeout_s,
+                           "socket_timeout": storage_timeout_s, "retry": Retry(NoBackoff(), 0)}
             self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
         except Exception as exc:  # a bad limit string or storage URI
             raise FatalError(f"API-key throttle: {exc} (limits look like '20/minute'; storage is memory:// or "
                              "redis://host:port/db)") from exc
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._next_backoff_s, self._unavailable_until = backoff_s, 0.0
+        self._lock = threading.Lock()
 
     def check(self, client: str, dev_id: str) -> None:
-        """Raise ``Throttled`` when ``client`` or ``dev_id`` used up its failures."""
-        for item, scope, who in ((self.per_client, "client", client), (self.per_developer, "dev-id", dev_id)):
-            try:
-                if self._limiter.test(item, scope, who):
-                    continue
-                reset = self._limiter.get_window_stats(item, scope, who).reset_time
-            except Exception as exc:  # the shared storage is unreachable: fail open, the gate still bounds scrypt
-                log.warning("API-key throttle unavailable, not throttling: %s", exc)
-                return
-            wait = max(1, math.ceil(reset - time.time()))
-            raise Throttled(f"too many failed API-key checks for this {scope}: retry in {wait} s", retry_after=wait)
+        """Raise ``Throttled`` when ``client`` used up its failures, or when ``dev_id`` did and ``client`` has failed
+        in the window too. A client with no recent failures of its own is never refused for the dev-id's: whoever
+        knows a dev-id cannot lock its developer's other clients out (their checks still queue for the hash gate)."""
+        if not self._available():
+            return
+        try:
+            client_stats = self._limiter.get_window_stats(self.per_client, "client", client)
+            if client_stats.remaining <= 0:
+                self._refuse("client", client_stats.reset_time)
+            if client_stats.remaining < self.per_client.amount:
+                developer_stats = self._limiter.get_window_stats(self.per_developer, "dev-id", dev_id)
+                if developer_stats.remaining <= 0:
+                    self._refuse("dev-id", developer_stats.reset_time)
+        except Throttled:
+            raise
+        except Exception as exc:  # the shared storage is unreachable: fail open, the gate still bounds scrypt
+            self._unavailable("not throttling", exc)
+        else:
+            self._reachable()
 
     def failed(self, client: str, dev_id: str | None = None) -> None:
         """Count one failure for ``client`` (and ``dev_id`` when given)."""
@@ -86,10 +109,33 @@ class FailureThrottle:
         if dev_id is not None:
             hits.append((self.per_developer, "dev-id", dev_id))
         for item, scope, who in hits:
+            if not self._available():
+                return
             try:
                 self._limiter.hit(item, scope, who)
             except Exception as exc:
-                log.warning("API-key throttle unavailable, failure not counted: %s", exc)
+                self._unavailable("failure not counted", exc)
+            else:
+                self._reachable()
+
+    @staticmethod
+    def _refuse(scope: str, reset_time: float) -> None:
+        wait = max(1, math.ceil(reset_time - time.time()))
+        raise Throttled(f"too many failed API-key checks for this {scope}: retry in {wait} s", retry_after=wait)
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._unavailable_until
+
+    def _unavailable(self, consequence: str, exc: Exception) -> None:
+        with self._lock:
+            wait, self._next_backoff_s = self._next_backoff_s, min(self._next_backoff_s * 2, self.max_backoff_s)
+            self._unavailable_until = time.monotonic() + wait
+        log.warning("API-key throttle unavailable, %s (not asked again for %.0f s): %s", consequence, wait, exc)
+
+    def _reachable(self) -> None:
+        if self._next_backoff_s != self.backoff_s:
+            with self._lock:
+                self._next_backoff_s = self.backoff_s
 
 
 class HashGate:
