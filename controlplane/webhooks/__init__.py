@@ -43,9 +43,12 @@ before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 af
 
 Replays: a signed notification (or one whose manifest declares ``webhooks.replay``) is claimed in the control-plane
 store (``seen.SeenNotifications``, shared by every API process) by its event id (``replay.id_fields``, WHOOP
-``trace_id``) or else a SHA-256 of the signed message; one already accepted within ``replay.window_s`` (at least twice
-the timestamp tolerance) is acknowledged as accepted and not published again. A notification that could not be queued
-gives its claim back, so the provider's retry goes through.
+``trace_id``) or else a SHA-256 of the signed message. The claim is pending while the notification is queued and
+accepted once the broker acknowledged it: a copy arriving meanwhile gets 503 with Retry-After (the first may still
+fail), a copy of one accepted within ``replay.window_s`` (at least twice the timestamp tolerance) is acknowledged as
+accepted and not published again. A notification that could not be queued gives its claim back (also when its
+request is cancelled), so the provider's retry goes through; a pending claim never given back (a crash, the store
+failing) counts as abandoned after ``pending_s``.
 
 Subscription checks are
 answered on ``GET``: with ``webhooks.verify_param`` (Fitbit ``?verify=<code>``) 204 when the code is
@@ -70,12 +73,14 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
 from connectors.manifest import Replay, Signature, Webhooks
+from connectors.publish import PUBLISH_TIMEOUT_S
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
 from controlplane.webhooks.seen import SeenNotifications
 from core.errors import RetryableError
@@ -87,6 +92,7 @@ log = logging.getLogger(__name__)
 # RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After
 Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
+PENDING_MARGIN_S = 4.0  # a publish fails within its timeout + 1 s; the rest covers the claim's own store round trips
 
 
 class SignatureInvalid(ValueError):
@@ -340,14 +346,19 @@ def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[Raw
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
            notifications_topic: str = "healthflow.notifications", control_plane: Any = None,
-           seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH) -> APIRouter:
+           seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH,
+           pending_s: float | None = None) -> APIRouter:
     """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks.
 
     Authentication, limits and replays as the module docstring says. ``control_plane`` (a ``ControlPlane``; default:
     the app's ``state.control_plane``, which ``controlplane.api.create_app`` sets) applies push lifecycle lists, and
     its store keeps the ids of accepted notifications unless ``seen`` is given; with neither, signed notifications
-    are refused with 503 (replays could not be recognized).
+    are refused with 503 (replays could not be recognized). ``pending_s``: how long a notification's claim stays
+    pending while it is queued before it counts as abandoned (default: the publisher's ``timeout_s``, else
+    ``PUBLISH_TIMEOUT_S``, plus the margin its failure report takes, ``PENDING_MARGIN_S``).
     """
+    if pending_s is None:
+        pending_s = float(getattr(publish, "timeout_s", PUBLISH_TIMEOUT_S)) + PENDING_MARGIN_S
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
     opened: list[SeenNotifications] = [seen] if seen is not None else []
     opening = threading.Lock()
@@ -424,19 +435,37 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                 raise HTTPException(401, f"signature check failed: {exc}") from exc
         if hooks.body == "json":
             check_json_depth(body, max_json_depth)
-        claim = None
+        claim = seen_id = None
         if store is not None:
             seen_id = replay_id(hooks, headers, body)
-            claim = await run_in_threadpool(store.claim, slug, seen_id, replay_window_s(hooks))
-            if claim is None:
+            found_claim = await run_in_threadpool(store.claim, slug, seen_id, pending_s)
+            if found_claim.pending:  # the first copy is still being queued: it may yet fail, so no 2xx for this one
+                log.info("%s webhook %s arrived while its first copy is being queued: answered 503", slug, seen_id)
+                raise HTTPException(503, "this notification is being queued by an earlier request; retry later",
+                                    headers={"Retry-After": str(math.ceil(found_claim.retry_after_s))})
+            if found_claim.replay:
                 log.info("%s webhook %s already accepted: acknowledged, not published again", slug, seen_id)
                 return answer(hooks, {"duplicate": True})
+            claim = found_claim.token
         try:
-            return await _accept(slug, found, hooks, body, request)
+            response = await _accept(slug, found, hooks, body, request)
         except BaseException:
-            if store is not None and claim is not None:
-                await run_in_threadpool(store.release, slug, seen_id, claim)
+            if claim is not None:
+                await _settle(store.release, slug, seen_id, claim)
             raise
+        if claim is not None:
+            await _settle(store.accept, slug, seen_id, claim, replay_window_s(hooks))
+        return response
+
+    async def _settle(action: Callable[..., None], *args: Any) -> None:
+        """Accept or release a claim, even when the request is being cancelled (shielded). If the store fails, the
+        claim stays pending and counts as abandoned after ``pending_s``: a retry is then accepted (at least once)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_in_threadpool(action, *args)
+            except Exception:  # logged; the claim lapses on its own
+                log.exception("webhook replay claim not updated (%s); it lapses after %gs", action.__name__,
+                              pending_s)
 
     async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request) -> Response:
         if hooks.mode == "push":
