@@ -39,7 +39,9 @@ match, 503 naming the variable while it is unset, so the provider retries until 
 provider, the token is required too.
 
 Limits (``controlplane.limits``): a body larger than ``webhooks.max_body_bytes`` (1 MiB; Garmin 32 MiB) gets 413
-before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 after the signature check.
+before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 after the signature check. A raw event
+larger than the publisher takes (``connectors.publish.PayloadTooLarge``: one user's part of a push above the producer's
+``message.max.bytes``, 33 MiB) gets 413, decided before anything of the body is published.
 
 Replays: a signed notification (or one whose manifest declares ``webhooks.replay``) is claimed in the control-plane
 store (``seen.SeenNotifications``, shared by every API process) by its event id (``replay.id_fields``, WHOOP
@@ -80,7 +82,7 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
 from connectors.manifest import Replay, Signature, Webhooks
-from connectors.publish import PUBLISH_TIMEOUT_S
+from connectors.publish import PUBLISH_TIMEOUT_S, PayloadTooLarge
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
 from controlplane.webhooks.seen import SeenNotifications
 from core.errors import RetryableError
@@ -409,9 +411,12 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
 
     async def queue(topic: str, payloads: Sequence[RawPayload]) -> None:
         """Publish without blocking the event loop; a webhook is accepted only once the broker acknowledged it
-        (a 503 releases its replay claim, so the provider's retry is accepted)."""
+        (a 503 releases its replay claim, so the provider's retry is accepted; a part too large to publish is 413)."""
         try:
             await publish(topic, payloads)
+        except PayloadTooLarge as exc:
+            log.warning("webhook refused with 413: %s", exc)
+            raise HTTPException(413, f"the webhook body cannot be queued: {exc}") from exc
         except RetryableError as exc:
             log.warning("webhook not queued on %s (answered 503): %s", topic, exc)
             retry_after = str(math.ceil(exc.retry_after or 10))
