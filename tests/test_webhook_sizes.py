@@ -129,13 +129,14 @@ def test_healthz_stays_fast_while_a_large_push_is_parsed_and_split(broker, serve
     publisher = RawEventPublisher(broker.bootstrap)
     try:
         url, _raw = serve(publisher)
-        body = json.dumps({"epochs": [e for u in range(400) for e in _epochs(f"u-{u}", 60)]}).encode()  # ~8 MB
+        body = json.dumps({"epochs": [e for u in range(1000) for e in _epochs(f"u-{u}", 60)]}).encode()
+        assert len(body) > 20 * 1024 * 1024  # ~1.4 s of CPU to scan and split: it stalled every request on main
         base = url.split("/v2/")[0]
         with HealthProbe(base) as probe:
             time.sleep(0.2)
             reply = requests.post(url, data=body, timeout=120)
             time.sleep(0.2)
-        assert reply.status_code == 200 and reply.json()["raw_events"] == 400, reply.text
+        assert reply.status_code == 200 and reply.json()["raw_events"] == 1000, reply.text
     finally:
         publisher.close()
     assert len(probe.latencies) >= 5

@@ -94,6 +94,7 @@ log = logging.getLogger(__name__)
 # RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After
 Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
+INLINE_PARSE_BYTES = 64 * 1024  # bodies above this are scanned and split on the threadpool, not the event loop
 PENDING_MARGIN_S = 4.0  # a publish fails within its timeout + 1 s; the rest covers the claim's own store round trips
 
 
@@ -188,6 +189,39 @@ def _same(expected: str, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
 
 
+def _by_user(provider: str, parsed: dict[str, list[Any]], user_field: str) -> list[RawPayload]:
+    by_user: dict[str, dict[str, list[Any]]] = {}
+    for kind, documents in parsed.items():
+        for document in documents:
+            user = str(document.get(user_field, "")) if isinstance(document, dict) else ""
+            by_user.setdefault(user, {}).setdefault(kind, []).append(document)
+    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), user_id=user or None)
+            for user, part in by_user.items()]
+
+
+def _take_lifecycle(parsed: dict[str, Any], keys: Collection[str]) -> dict[str, list[Any]]:
+    """Remove and return the lifecycle lists of a parsed push body."""
+    return {k: parsed.pop(k) for k in list(parsed) if k in keys and isinstance(parsed[k], list)}
+
+
+def _take_pings(parsed: dict[str, Any], callback_field: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``(rest, pings)`` of a parsed push body: a list left empty by its pings is dropped."""
+    pings: dict[str, list[Any]] = {}
+    rest: dict[str, Any] = {}
+    for kind, entries in parsed.items():
+        if not isinstance(entries, list):
+            rest[kind] = entries
+            continue
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get(callback_field) is not None:
+                pings.setdefault(kind, []).append(entry)
+            else:
+                rest.setdefault(kind, []).append(entry)
+        if not entries:
+            rest[kind] = entries
+    return rest, pings
+
+
 def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawPayload]:
     """One raw event per user of a push body ``{kind: [documents]}``; unparseable bodies go whole."""
     try:
@@ -196,13 +230,7 @@ def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawP
         return [RawPayload(provider, body)]
     if not isinstance(parsed, dict) or not all(isinstance(v, list) for v in parsed.values()):
         return [RawPayload(provider, body)]
-    by_user: dict[str, dict[str, list[Any]]] = {}
-    for kind, documents in parsed.items():
-        for document in documents:
-            user = str(document.get(user_field, "")) if isinstance(document, dict) else ""
-            by_user.setdefault(user, {}).setdefault(kind, []).append(document)
-    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), user_id=user or None)
-            for user, part in by_user.items()]
+    return _by_user(provider, parsed, user_field)
 
 
 def lifecycle_keys(provider: str) -> dict[str, str]:
@@ -229,7 +257,7 @@ def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str
         return body, {}
     if not isinstance(parsed, dict) or not any(isinstance(parsed.get(k), list) for k in keys):
         return body, {}
-    lifecycle = {k: parsed.pop(k) for k in list(parsed) if k in keys and isinstance(parsed[k], list)}
+    lifecycle = _take_lifecycle(parsed, keys)
     return (json.dumps(parsed, separators=(",", ":")).encode() if parsed else b""), lifecycle
 
 
@@ -247,22 +275,34 @@ def split_pings(body: bytes, callback_field: str | None) -> tuple[bytes, dict[st
         return body, {}
     if not isinstance(parsed, dict):
         return body, {}
-    pings: dict[str, list[Any]] = {}
-    rest: dict[str, Any] = {}
-    for kind, entries in parsed.items():
-        if not isinstance(entries, list):
-            rest[kind] = entries
-            continue
-        for entry in entries:
-            if isinstance(entry, dict) and entry.get(callback_field) is not None:
-                pings.setdefault(kind, []).append(entry)
-            else:
-                rest.setdefault(kind, []).append(entry)
-        if not entries:
-            rest[kind] = entries
+    rest, pings = _take_pings(parsed, callback_field)
     if not pings:
         return body, {}
     return (json.dumps(rest, separators=(",", ":")).encode() if rest else b""), pings
+
+
+def split_push(provider: str, body: bytes, lifecycle: Collection[str], callback_field: str | None,
+               user_field: str) -> tuple[dict[str, list[Any]], list[RawPayload], dict[str, list[Any]]]:
+    """A push body taken apart in one parse: ``(lifecycle lists, raw events per user, pings)``, as
+    ``split_lifecycle``, then ``split_pings``, then ``split_push_by_user`` on what remains would."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return {}, [RawPayload(provider, body)], {}
+    if not isinstance(parsed, dict):
+        return {}, [RawPayload(provider, body)], {}
+    lists = _take_lifecycle(parsed, lifecycle) if lifecycle else {}
+    pings: dict[str, list[Any]] = {}
+    if callback_field:
+        rest, pings = _take_pings(parsed, callback_field)
+        if pings:
+            parsed = rest
+    if not parsed:
+        return lists, [], pings
+    if not all(isinstance(v, list) for v in parsed.values()):  # published whole, for the pipeline to dead-letter
+        whole = json.dumps(parsed, separators=(",", ":")).encode() if lists or pings else body
+        return lists, [RawPayload(provider, whole)], pings
+    return lists, _by_user(provider, parsed, user_field), pings
 
 
 def queue_pings(provider: str, pings: Mapping[str, list[Any]], user_field: str) -> list[RawPayload]:
@@ -439,7 +479,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             except SignatureInvalid as exc:
                 raise HTTPException(401, f"signature check failed: {exc}") from exc
         if hooks.body == "json":
-            check_json_depth(body, max_json_depth)
+            await off_loop(len(body), check_json_depth, body, max_json_depth)
         claim = seen_id = None
         if store is not None:
             seen_id = replay_id(hooks, headers, body)
@@ -472,11 +512,19 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                 log.exception("webhook replay claim not updated (%s); it lapses after %gs", action.__name__,
                               pending_s)
 
+    async def off_loop(size: int, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` on the threadpool when the body is larger than ``INLINE_PARSE_BYTES`` (a 20 MiB Garmin push
+        takes over a second to scan and split: the event loop keeps answering meanwhile), inline otherwise."""
+        if size <= INLINE_PARSE_BYTES:
+            return work(*args)
+        return await run_in_threadpool(work, *args)
+
     async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request) -> Response:
         if hooks.mode == "push":
             user_field = found.user_field or "userId"
             actions = lifecycle_keys(slug)
-            body, lifecycle = split_lifecycle(body, actions)
+            lifecycle, payloads, pings = await off_loop(len(body), split_push, slug, body, actions,
+                                                        hooks.callback_field, user_field)
             applied = None
             if lifecycle:
                 plane = control_plane or getattr(request.app.state, "control_plane", None)
@@ -484,8 +532,6 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                     raise HTTPException(503, f"{slug} lifecycle notifications ({', '.join(lifecycle)}) need "
                                              "the control plane; none is configured here")
                 applied = await run_in_threadpool(apply_lifecycle, plane, slug, actions, lifecycle, user_field)
-            body, pings = split_pings(body, hooks.callback_field)
-            payloads = split_push_by_user(slug, body, user_field) if body else []
             if payloads:
                 await queue(raw_topic, payloads)
             queued = queue_pings(slug, pings, user_field)
