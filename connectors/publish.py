@@ -25,7 +25,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from core.errors import FatalError, PermanentError, RetryableError
-from core.kafka import Message, SharedProducer, producer_config, send_all
+from core.kafka import Headers, Message, SharedProducer, producer_config, send_all
 from core.raw import RawPayload
 from schemas.serde import encode_raw
 
@@ -129,7 +129,8 @@ class RawEventPublisher:
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.max_message_bytes = int(self.producer.config.get("message.max.bytes", 1_000_000))
 
-    async def __call__(self, topic: str, payloads: Sequence[RawPayload]) -> int:
+    async def __call__(self, topic: str, payloads: Sequence[RawPayload], headers: Headers | None = None) -> int:
+        """``headers`` go with every raw event (e.g. the replay claim of the webhook they came from)."""
         if not payloads:
             return 0
         messages = [raw_message(payload) for payload in payloads]
@@ -142,7 +143,8 @@ class RawEventPublisher:
         acknowledgements = _Acknowledgements(len(payloads), future)
         for produced, (value, key) in enumerate(messages):
             try:
-                queued = self.producer.produce(topic, value, key=key, on_delivery=acknowledgements, deadline=0.0)
+                queued = self.producer.produce(topic, value, key=key, headers=headers, on_delivery=acknowledgements,
+                                               deadline=0.0)
             except KafkaException as exc:  # refused by the client itself (e.g. it is shutting down)
                 error = exc.args[0] if exc.args else exc
                 if _too_large(error):

@@ -49,8 +49,8 @@ class SwitchablePublisher:
         self.timeout_s = timeout_s
         self.broker_up = threading.Event()
 
-    async def __call__(self, topic: str, payloads: Any) -> int:
-        return await (self.up if self.broker_up.is_set() else self.down)(topic, payloads)
+    async def __call__(self, topic: str, payloads: Any, **options: Any) -> int:
+        return await (self.up if self.broker_up.is_set() else self.down)(topic, payloads, **options)
 
     def close(self) -> None:
         self.down.close()

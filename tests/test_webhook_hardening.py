@@ -341,10 +341,10 @@ def test_a_notification_that_could_not_be_queued_is_accepted_when_retried(broker
 
     publisher = RawEventPublisher(broker.bootstrap)
 
-    async def flaky_publish(topic: str, payloads: Any) -> None:
+    async def flaky_publish(topic: str, payloads: Any, **options: Any) -> None:
         if broker_down.is_set():
             raise PublishUnavailable("broker unreachable", 10)
-        await publisher(topic, payloads)
+        await publisher(topic, payloads, **options)
 
     app = FastAPI()
     app.include_router(router(flaky_publish, "raw", notes, seen=SeenNotifications(f"sqlite:///{tmp_path}/s.db")))

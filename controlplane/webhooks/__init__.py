@@ -48,7 +48,10 @@ store (``seen.SeenNotifications``, shared by every API process) by its event id 
 ``trace_id``) or else a SHA-256 of the signed message. The claim is pending while the notification is queued and
 accepted once the broker acknowledged it: a copy arriving meanwhile gets 503 with Retry-After (the first may still
 fail), a copy of one accepted within ``replay.window_s`` (at least twice the timestamp tolerance) is acknowledged as
-accepted and not published again. A notification that could not be queued gives its claim back (also when its
+accepted and not published again. A claim by content hash in a scheme without a timestamp (Fitbit, Polar: an
+identical body later may be another sync of the same day) only stands until the notification is fetched: its raw
+events carry the claim (``seen.CLAIM_HEADER``) and the fetcher forgets it once it fetched.
+A notification that could not be queued gives its claim back (also when its
 request is cancelled), so the provider's retry goes through; a pending claim never given back (a crash, the store
 failing) counts as abandoned after ``pending_s``.
 
@@ -84,14 +87,15 @@ from connectors import provider_client, registry
 from connectors.manifest import Replay, Signature, Webhooks
 from connectors.publish import PUBLISH_TIMEOUT_S, PayloadTooLarge
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
-from controlplane.webhooks.seen import SeenNotifications
+from controlplane.webhooks.seen import CLAIM_HEADER, SeenNotifications
 from core.errors import RetryableError
 from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 
 # (topic, payloads), awaited until the broker acknowledged them (e.g. connectors.publish.RawEventPublisher); a
-# RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After
+# RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After. A notification
+# claimed by its content is published with headers=[(CLAIM_HEADER, claim id)], so the publisher must take that keyword
 Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
 INLINE_PARSE_BYTES = 64 * 1024  # bodies above this are scanned and split on the threadpool, not the event loop
@@ -172,6 +176,14 @@ def replay_id(hooks: Webhooks, headers: Mapping[str, str], body: bytes) -> str:
     if signature is not None and signature.message == "timestamp+body":
         message = headers.get((signature.timestamp_header or "").lower(), "").strip().encode() + body
     return "sha256:" + hashlib.sha256(message).hexdigest()
+
+
+def released_after_fetch(hooks: Webhooks, seen_id: str) -> bool:
+    """Whether a claim only stands until the notification is fetched: claimed by the content hash of a scheme
+    without a timestamp (Fitbit, Polar), an identical notification later can name newer data (another sync of the
+    same day), so the fetcher forgets the claim once it fetched (``seen.CLAIM_HEADER``)."""
+    signature = hooks.signature
+    return seen_id.startswith("sha256:") and (signature is None or signature.message != "timestamp+body")
 
 
 def replay_window_s(hooks: Webhooks) -> int:
@@ -449,11 +461,11 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             return Response(status_code=204)
         return JSONResponse({"status": "accepted", **fields})
 
-    async def queue(topic: str, payloads: Sequence[RawPayload]) -> None:
+    async def queue(topic: str, payloads: Sequence[RawPayload], headers: list[tuple[str, bytes]] | None = None) -> None:
         """Publish without blocking the event loop; a webhook is accepted only once the broker acknowledged it
         (a 503 releases its replay claim, so the provider's retry is accepted; a part too large to publish is 413)."""
         try:
-            await publish(topic, payloads)
+            await (publish(topic, payloads, headers=headers) if headers else publish(topic, payloads))
         except PayloadTooLarge as exc:
             log.warning("webhook refused with 413: %s", exc)
             raise HTTPException(413, f"the webhook body cannot be queued: {exc}") from exc
@@ -492,8 +504,9 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                 log.info("%s webhook %s already accepted: acknowledged, not published again", slug, seen_id)
                 return answer(hooks, {"duplicate": True})
             claim = found_claim.token
+        claim_headers = [(CLAIM_HEADER, seen_id.encode())] if claim and released_after_fetch(hooks, seen_id) else None
         try:
-            response = await _accept(slug, found, hooks, body, request)
+            response = await _accept(slug, found, hooks, body, request, claim_headers)
         except BaseException:
             if claim is not None:
                 await _settle(store.release, slug, seen_id, claim)
@@ -519,7 +532,8 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             return work(*args)
         return await run_in_threadpool(work, *args)
 
-    async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request) -> Response:
+    async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request,
+                      claim_headers: list[tuple[str, bytes]] | None = None) -> Response:
         if hooks.mode == "push":
             user_field = found.user_field or "userId"
             actions = lifecycle_keys(slug)
@@ -543,7 +557,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             if pings:
                 fields["pings"] = sum(len(entries) for entries in pings.values())
             return answer(hooks, fields)
-        await queue(notifications_topic, split_notifications(slug, body, hooks))
+        await queue(notifications_topic, split_notifications(slug, body, hooks), claim_headers)
         return answer(hooks, {})
 
     @api.get("/{provider}/webhook", response_model=None)

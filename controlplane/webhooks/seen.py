@@ -31,6 +31,9 @@ from core.store import Store, now_ms
 
 DEFAULT_TABLE = "healthflow_webhook_seen"
 PURGE_EVERY_S = 60.0
+# on the raw events of a notification claimed by its content (no event id or timestamp: Fitbit, Polar): the fetcher
+# forgets the claim once it fetched, so a later identical notification (another sync of the same day) is fetched too
+CLAIM_HEADER = "healthflow-replay-claim"
 PENDING, ACCEPTED = "p", "a"  # the claim column: phase letter + the holder's token (31 characters of 32)
 
 
