@@ -142,3 +142,23 @@ def test_healthz_stays_fast_while_a_large_push_is_parsed_and_split(broker, serve
     assert len(probe.latencies) >= 5
     assert max(probe.latencies) < 1.0, (f"/healthz max {max(probe.latencies):.3f}s, "
                                         f"p50 {statistics.median(probe.latencies):.3f}s")
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[1, 2]", b"{}", b'{"dailies": "not a list"}',
+    json.dumps({"dailies": [_daily("u-1"), _daily("u-2"), "junk"]}).encode(),
+    json.dumps({"deregistrations": [{"userId": "u-1"}], "dailies": [_daily("u-2")]}).encode(),
+    json.dumps({"deregistrations": [{"userId": "u-1"}]}).encode(),
+    json.dumps({"sleeps": [{"userId": "u-1", "callbackURL": "https://x/1"}], "dailies": [_daily("u-1")]}).encode(),
+    json.dumps({"sleeps": [{"userId": "u-1", "callbackURL": "https://x/1"}], "epochs": [], "x": 3}).encode(),
+    json.dumps({"userPermissionsChange": [{"userId": "u-3", "permissions": []}],
+                "sleeps": [{"userId": "u-1", "callbackURL": "https://x/1"}, {"userId": "u-2", "sleepId": 1}]}).encode(),
+])
+def test_splitting_a_push_in_one_parse_matches_the_step_by_step_split(body):
+    from controlplane.webhooks import lifecycle_keys, split_lifecycle, split_pings, split_push, split_push_by_user
+
+    keys = lifecycle_keys("garmin")
+    rest, lists = split_lifecycle(body, keys)
+    rest, pings = split_pings(rest, "callbackURL")
+    assert split_push("garmin", body, keys, "callbackURL", "userId") == (
+        lists, split_push_by_user("garmin", rest, "userId") if rest else [], pings)
