@@ -12,6 +12,7 @@ deliver (see ``REPLACE_ON``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
+
+log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
 Message = tuple[bytes, "str | bytes | None", "Headers | None"]  # value, key, headers
@@ -177,14 +180,21 @@ class SharedProducer:
             time.sleep(0.05)
 
     def _serve(self) -> None:
+        """Serve delivery reports until closed. Nothing ends it early: an exception from a caller's callback, a poll
+        or a replacement is logged and serving goes on (a dead reporting thread would leave every later publish
+        waiting for reports that never come)."""
         while not self._closed.is_set():
             with self._lock:
                 producer = self._producer
             if producer is None:
                 return
-            producer.poll(self.poll_interval_s)
-            if self._replace.is_set() and time.monotonic() - self._last_replace >= self.min_replace_interval_s:
-                self._swap()
+            try:
+                producer.poll(self.poll_interval_s)
+                if self._replace.is_set() and time.monotonic() - self._last_replace >= self.min_replace_interval_s:
+                    self._swap()
+            except Exception:  # logged; the loop goes on (the pause keeps a repeating failure from spinning)
+                log.exception("kafka delivery-report thread: an error while serving reports; still serving")
+                self._closed.wait(self.poll_interval_s)
 
     def _swap(self) -> None:
         with self._lock:

@@ -240,3 +240,30 @@ def test_the_pollers_publisher_recovers_after_a_broker_restart():
     finally:
         publisher.close()
         broker.stop()
+
+
+def test_the_reporting_thread_survives_a_delivery_callback_that_raises(broker, caplog):
+    """A callback raising on the reporting thread (confluent-kafka re-raises it from poll) is logged; later publishes
+    still get their reports, instead of every webhook waiting out its timeout forever."""
+    from core.kafka import DeliveryReports, SharedProducer, producer_config
+
+    topic = f"reports.{time.time_ns()}"
+    broker.create_topic(topic, 1)
+    raised = threading.Event()
+
+    def broken_callback(err: Any, msg: Any) -> None:
+        raised.set()
+        raise RuntimeError("a caller's callback failed")
+
+    producer = SharedProducer(producer_config(broker.bootstrap, {"message.timeout.ms": 5000}))
+    try:
+        assert producer.produce(topic, b"first", on_delivery=broken_callback)
+        assert raised.wait(10)
+        reports = DeliveryReports()
+        for n in range(3):
+            assert producer.produce(topic, f"later-{n}".encode(), on_delivery=reports)
+        assert reports.wait(3, 10), "the reporting thread died: later publishes get no delivery report"
+        assert reports.snapshot() == (3, [])
+    finally:
+        producer.close()
+    assert "still serving" in caplog.text

@@ -46,6 +46,7 @@ pytest.register_assert_rewrite("servers.fake_provider", "servers.fake_provider_a
                                "servers.fake_withings")
 from servers.fake_fitbit import FakeFitbitApi  # noqa: E402
 from servers.fake_provider import connect_provider  # noqa: E402
+from servers.fake_provider_api import read_raw_events  # noqa: E402
 from servers.fake_withings import FakeWithings, FakeWithingsApi  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -200,6 +201,45 @@ def test_a_notification_fetches_the_date_it_names(tmp_path, fake_provider, broke
     sleeps = {key for user, kind, key, _ in rows if kind == "sleep" and user == start.user_id}
     assert {"45000000005", "45000000011", "45000000012"} <= sleeps  # the old night arrived downstream
     assert ("daily", "2024-03-05") in {(kind, payload["metadata"]["start_time"][:10]) for _, kind, _, payload in rows}
+    plane.close()
+
+
+def test_an_identical_notification_after_the_fetch_is_fetched_again_but_not_while_the_first_is_queued(
+        tmp_path, fake_provider, broker, topic, monkeypatch):
+    """Fitbit notifications carry no id or timestamp: a second sync of the same day is byte-identical. Taken for a
+    replay only while the first is not fetched yet; after the fetch it is fetched again (the day's newer data)."""
+    monkeypatch.setenv("HEALTHFLOW_FITBIT_CLIENT_SECRET", "secret")
+    state = f"sqlite:///{tmp_path}/state.db"
+    notes = f"{topic}.notes"
+    broker.create_topic(notes, partitions=2)
+    plane, _start = connect_provider(state, fake_provider, "fitbit", ACCOUNT)
+    app = FastAPI()  # the API keeps its replay claims in the control plane's store, where the fetcher finds them
+    app.include_router(router(RawEventPublisher(broker.bootstrap), topic, notes, seen=SeenNotifications(state)))
+    body = json.dumps([fitbit_note("sleep", day="2024-03-12")]).encode()
+    with BackgroundServer() as server, FakeFitbitApi(token_validator=fake_provider.is_live) as api:
+        server.start(app)
+
+        def notify() -> int:
+            return requests.post(f"{server.url}/v2/providers/fitbit/webhook", data=body, headers=fitbit_signed(body),
+                                 timeout=10).status_code
+
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"fitbit": api.manifest},
+                        limiter=limiter(topic), clock=lambda: NOW, backoff_s=0.05)
+        fetcher = NotificationFetcher(ConnectionPolling(plane, poller, kinds=lambda _: ["sleep"]))
+        api.add("sleep", [night(date(2024, 3, 12), 45000000012)])
+        assert notify() == 204
+        assert [r.kind for r in fetcher.run_once(broker.bootstrap, notes, group="fetch").fetched.results] == ["sleep"]
+
+        api.add("sleep", [night(date(2024, 3, 12), 45000000013)])  # synced again: the same notification
+        assert notify() == 204
+        assert notify() == 204  # a replay while it is queued: acknowledged, queued once
+        asked = len(api.served("sleep"))
+        again = fetcher.run_once(broker.bootstrap, notes, group="fetch")
+        assert [r.kind for r in again.fetched.results] == ["sleep"], "the second sync's notification was dropped"
+        assert len(api.served("sleep")) == asked + 1  # fetched once, not once per copy
+        publisher.close()
+    assert len(read_raw_events(broker.bootstrap, notes)) == 2
     plane.close()
 
 

@@ -341,10 +341,10 @@ def test_a_notification_that_could_not_be_queued_is_accepted_when_retried(broker
 
     publisher = RawEventPublisher(broker.bootstrap)
 
-    async def flaky_publish(topic: str, payloads: Any) -> None:
+    async def flaky_publish(topic: str, payloads: Any, **options: Any) -> None:
         if broker_down.is_set():
             raise PublishUnavailable("broker unreachable", 10)
-        await publisher(topic, payloads)
+        await publisher(topic, payloads, **options)
 
     app = FastAPI()
     app.include_router(router(flaky_publish, "raw", notes, seen=SeenNotifications(f"sqlite:///{tmp_path}/s.db")))
@@ -370,15 +370,22 @@ def test_concurrent_claims_of_one_notification_admit_exactly_one(tmp_path, datab
     try:
         with ThreadPoolExecutor(16) as pool:
             claims = list(pool.map(lambda i: stores[i % 4].claim("fitbit", "sha256:abc", 60), range(32)))
-        winners = [c for c in claims if c is not None]
-        assert len(winners) == 1
-        assert stores[1].claim("fitbit", "sha256:other", 60) is not None  # another id: its own claim
+        winners = [c.token for c in claims if c.token is not None]
+        assert len(winners) == 1 and all(c.pending for c in claims if c.token is None)
+        assert stores[1].claim("fitbit", "sha256:other", 60).token is not None  # another id: its own claim
         stores[2].release("fitbit", "sha256:abc", "not-the-claim")  # only the claim's holder gives it back
-        assert stores[3].claim("fitbit", "sha256:abc", 60) is None
+        assert stores[3].claim("fitbit", "sha256:abc", 60).pending
         stores[0].release("fitbit", "sha256:abc", winners[0])
-        assert stores[3].claim("fitbit", "sha256:abc", 0.05) is not None
-        time.sleep(0.1)  # expired: claimed again as new
-        assert stores[0].claim("fitbit", "sha256:abc", 60) is not None
+        again = stores[3].claim("fitbit", "sha256:abc", 0.05)
+        assert again.token is not None
+        time.sleep(0.1)  # a pending claim not given back in time is abandoned: claimed again as new
+        taken_over = stores[0].claim("fitbit", "sha256:abc", 60)
+        assert taken_over.token is not None
+        stores[0].accept("fitbit", "sha256:abc", taken_over.token, 60)
+        assert stores[1].claim("fitbit", "sha256:abc", 60).replay  # accepted: a copy is a replay
+        stores[3].accept("fitbit", "sha256:abc", again.token, 60)  # the abandoned holder cannot accept any more
+        stores[1].forget("fitbit", "sha256:abc")
+        assert stores[2].claim("fitbit", "sha256:abc", 60).token is not None
     finally:
         for store in stores:
             store.close()

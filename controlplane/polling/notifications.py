@@ -35,6 +35,12 @@ the same topic with ``healthflow-attempt`` / ``healthflow-due`` headers and fetc
 Garmin ping, for one, is sent once). A fetch the provider refuses (a 4xx) is counted in ``fetched.failed`` and not
 repeated: asked the same way it cannot succeed (a pull provider's live poll reads the data again).
 Notifications for unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
+
+A notification the receiver claimed by its content (Fitbit, Polar: the ``healthflow-replay-claim`` header, see
+``controlplane.webhooks``) has its claim forgotten in the control-plane store once it was handled (fetched, or
+failed for good; not while it waits for a retry): an identical notification arriving later (another sync of the same
+day) is queued and fetched again instead of being taken for a replay. A provider's replay after the fetch therefore
+costs one idempotent re-fetch (the same raw events again, under the rate limits), never missed data.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from controlplane.polling.poller import PollResult, ProviderRefused
 from controlplane.polling.publisher import PublishFailed
 from controlplane.polling.service import ConnectionPolling, PollReport
 from controlplane.webhooks import parse_notification
+from controlplane.webhooks.seen import CLAIM_HEADER, SeenNotifications
 from core.kafka import producer_config, send_all
 from schemas.serde import SchemaMismatch, decode
 from transforms.sources import ReadPartitionToEnd, commit_offsets, plan_partitions
@@ -158,8 +165,22 @@ class NotificationFetcher:
     attempt, at most ``retry_max_s``) and fetched again once due, never dropped."""
 
     def __init__(self, polling: ConnectionPolling, retry_base_s: float = 30.0, retry_max_s: float = 3600.0,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), seen: SeenNotifications | None = None
+                 ) -> None:
+        """``seen``: where the receiver keeps its replay claims (default: the control plane's store)."""
         self.polling, self.retry_base_s, self.retry_max_s, self.clock = polling, retry_base_s, retry_max_s, clock
+        self._seen = seen
+
+    def forget_claim(self, provider: str, seen_id: str) -> None:
+        """The notification was handled: an identical one later is fetched again. A store failure is logged; the
+        claim then lapses at the end of its replay window."""
+        try:
+            if self._seen is None:
+                self._seen = SeenNotifications(self.polling.control_plane.store_url)
+            self._seen.forget(provider, seen_id)
+        except Exception:  # logged; never holds up the queue
+            log.exception("%s notification claim %s not forgotten; it lapses with its replay window", provider,
+                          seen_id)
 
     def handle(self, provider: str, body: bytes, report: FetchReport | None = None) -> FetchReport:
         """Act on one queued notification body (revoke, or fetch what it names)."""
@@ -286,7 +307,7 @@ class NotificationFetcher:
         to its end). A crash before the commit handles the notifications again: at least once."""
         report = FetchReport()
         next_offsets: dict[int, int] = {}
-        again: list[tuple[bytes, str, int, int]] = []  # (message, key, attempt, due in epoch ms)
+        again: list[tuple[bytes, str, int, int, str | None]] = []  # (message, key, attempt, due in epoch ms, claim)
         now_ms = int(self.clock().timestamp() * 1000)
         for partition, start in plan_partitions(bootstrap, topic, group):
             for message in ReadPartitionToEnd(bootstrap, topic, group).process((partition, start)):
@@ -298,27 +319,32 @@ class NotificationFetcher:
                     continue
                 key = f"{raw['provider']}:{raw.get('user_id') or ''}"
                 attempt, due = (int(message.source.get(h) or 0) for h in (ATTEMPT_HEADER, DUE_HEADER))
+                claim = message.source.get(CLAIM_HEADER) or None
                 if due > now_ms:
-                    again.append((message.data, key, attempt, due))
+                    again.append((message.data, key, attempt, due, claim))
                     report.deferred += 1
                     continue
                 transient = report.fetched.retryable
                 self.handle(raw["provider"], raw["payload"], report)
                 if report.fetched.retryable > transient:
                     delay_s = min(self.retry_max_s, self.retry_base_s * 2 ** attempt)
-                    again.append((message.data, key, attempt + 1, now_ms + int(delay_s * 1000)))
+                    again.append((message.data, key, attempt + 1, now_ms + int(delay_s * 1000), claim))
                     report.requeued += 1
+                elif claim:
+                    self.forget_claim(raw["provider"], claim)
         if again:
             requeue(bootstrap, topic, again)
         commit_offsets(bootstrap, topic, group, next_offsets)
         return report
 
 
-def requeue(bootstrap: str, topic: str, messages: list[tuple[bytes, str, int, int]]) -> None:
-    """Queue notifications again with their attempt and due time; raises unless the broker took every one."""
+def requeue(bootstrap: str, topic: str, messages: list[tuple[bytes, str, int, int, str | None]]) -> None:
+    """Queue notifications again with their attempt, due time and replay claim; raises unless the broker took every
+    one."""
     sent = send_all(producer_config(bootstrap), topic, (
-        (value, key, [(ATTEMPT_HEADER, str(attempt).encode()), (DUE_HEADER, str(due).encode())])
-        for value, key, attempt, due in messages))
+        (value, key, [(ATTEMPT_HEADER, str(attempt).encode()), (DUE_HEADER, str(due).encode()),
+                      *([(CLAIM_HEADER, claim.encode())] if claim else [])])
+        for value, key, attempt, due, claim in messages))
     if not sent.ok:
         raise PublishFailed(f"{sent.remaining or len(sent.errors)} of {len(messages)} notifications not queued again; "
                             f"errors: {sent.errors[:3]}")

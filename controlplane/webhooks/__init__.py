@@ -39,13 +39,21 @@ match, 503 naming the variable while it is unset, so the provider retries until 
 provider, the token is required too.
 
 Limits (``controlplane.limits``): a body larger than ``webhooks.max_body_bytes`` (1 MiB; Garmin 32 MiB) gets 413
-before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 after the signature check.
+before more is read; JSON nested deeper than ``max_json_depth`` (64) gets 400 after the signature check. A raw event
+larger than the publisher takes (``connectors.publish.PayloadTooLarge``: one user's part of a push above the producer's
+``message.max.bytes``, 33 MiB) gets 413, decided before anything of the body is published.
 
 Replays: a signed notification (or one whose manifest declares ``webhooks.replay``) is claimed in the control-plane
 store (``seen.SeenNotifications``, shared by every API process) by its event id (``replay.id_fields``, WHOOP
-``trace_id``) or else a SHA-256 of the signed message; one already accepted within ``replay.window_s`` (at least twice
-the timestamp tolerance) is acknowledged as accepted and not published again. A notification that could not be queued
-gives its claim back, so the provider's retry goes through.
+``trace_id``) or else a SHA-256 of the signed message. The claim is pending while the notification is queued and
+accepted once the broker acknowledged it: a copy arriving meanwhile gets 503 with Retry-After (the first may still
+fail), a copy of one accepted within ``replay.window_s`` (at least twice the timestamp tolerance) is acknowledged as
+accepted and not published again. A claim by content hash in a scheme without a timestamp (Fitbit, Polar: an
+identical body later may be another sync of the same day) only stands until the notification is fetched: its raw
+events carry the claim (``seen.CLAIM_HEADER``) and the fetcher forgets it once it fetched.
+A notification that could not be queued gives its claim back (also when its
+request is cancelled), so the provider's retry goes through; a pending claim never given back (a crash, the store
+failing) counts as abandoned after ``pending_s``.
 
 Subscription checks are
 answered on ``GET``: with ``webhooks.verify_param`` (Fitbit ``?verify=<code>``) 204 when the code is
@@ -70,23 +78,28 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from connectors import provider_client, registry
 from connectors.manifest import Replay, Signature, Webhooks
+from connectors.publish import PUBLISH_TIMEOUT_S, PayloadTooLarge
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
-from controlplane.webhooks.seen import SeenNotifications
+from controlplane.webhooks.seen import CLAIM_HEADER, SeenNotifications
 from core.errors import RetryableError
 from core.raw import RawPayload
 
 log = logging.getLogger(__name__)
 
 # (topic, payloads), awaited until the broker acknowledged them (e.g. connectors.publish.RawEventPublisher); a
-# RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After
+# RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After. A notification
+# claimed by its content is published with headers=[(CLAIM_HEADER, claim id)], so the publisher must take that keyword
 Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
 LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
+INLINE_PARSE_BYTES = 64 * 1024  # bodies above this are scanned and split on the threadpool, not the event loop
+PENDING_MARGIN_S = 4.0  # a publish fails within its timeout + 1 s; the rest covers the claim's own store round trips
 
 
 class SignatureInvalid(ValueError):
@@ -165,6 +178,14 @@ def replay_id(hooks: Webhooks, headers: Mapping[str, str], body: bytes) -> str:
     return "sha256:" + hashlib.sha256(message).hexdigest()
 
 
+def released_after_fetch(hooks: Webhooks, seen_id: str) -> bool:
+    """Whether a claim only stands until the notification is fetched: claimed by the content hash of a scheme
+    without a timestamp (Fitbit, Polar), an identical notification later can name newer data (another sync of the
+    same day), so the fetcher forgets the claim once it fetched (``seen.CLAIM_HEADER``)."""
+    signature = hooks.signature
+    return seen_id.startswith("sha256:") and (signature is None or signature.message != "timestamp+body")
+
+
 def replay_window_s(hooks: Webhooks) -> int:
     """How long an accepted notification's id is remembered: ``replay.window_s``, and for a timestamped scheme at
     least twice its tolerance (a timestamp stays acceptable that long), so a replay is never accepted."""
@@ -180,6 +201,39 @@ def _same(expected: str, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
 
 
+def _by_user(provider: str, parsed: dict[str, list[Any]], user_field: str) -> list[RawPayload]:
+    by_user: dict[str, dict[str, list[Any]]] = {}
+    for kind, documents in parsed.items():
+        for document in documents:
+            user = str(document.get(user_field, "")) if isinstance(document, dict) else ""
+            by_user.setdefault(user, {}).setdefault(kind, []).append(document)
+    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), user_id=user or None)
+            for user, part in by_user.items()]
+
+
+def _take_lifecycle(parsed: dict[str, Any], keys: Collection[str]) -> dict[str, list[Any]]:
+    """Remove and return the lifecycle lists of a parsed push body."""
+    return {k: parsed.pop(k) for k in list(parsed) if k in keys and isinstance(parsed[k], list)}
+
+
+def _take_pings(parsed: dict[str, Any], callback_field: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``(rest, pings)`` of a parsed push body: a list left empty by its pings is dropped."""
+    pings: dict[str, list[Any]] = {}
+    rest: dict[str, Any] = {}
+    for kind, entries in parsed.items():
+        if not isinstance(entries, list):
+            rest[kind] = entries
+            continue
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get(callback_field) is not None:
+                pings.setdefault(kind, []).append(entry)
+            else:
+                rest.setdefault(kind, []).append(entry)
+        if not entries:
+            rest[kind] = entries
+    return rest, pings
+
+
 def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawPayload]:
     """One raw event per user of a push body ``{kind: [documents]}``; unparseable bodies go whole."""
     try:
@@ -188,13 +242,7 @@ def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawP
         return [RawPayload(provider, body)]
     if not isinstance(parsed, dict) or not all(isinstance(v, list) for v in parsed.values()):
         return [RawPayload(provider, body)]
-    by_user: dict[str, dict[str, list[Any]]] = {}
-    for kind, documents in parsed.items():
-        for document in documents:
-            user = str(document.get(user_field, "")) if isinstance(document, dict) else ""
-            by_user.setdefault(user, {}).setdefault(kind, []).append(document)
-    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), user_id=user or None)
-            for user, part in by_user.items()]
+    return _by_user(provider, parsed, user_field)
 
 
 def lifecycle_keys(provider: str) -> dict[str, str]:
@@ -221,7 +269,7 @@ def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str
         return body, {}
     if not isinstance(parsed, dict) or not any(isinstance(parsed.get(k), list) for k in keys):
         return body, {}
-    lifecycle = {k: parsed.pop(k) for k in list(parsed) if k in keys and isinstance(parsed[k], list)}
+    lifecycle = _take_lifecycle(parsed, keys)
     return (json.dumps(parsed, separators=(",", ":")).encode() if parsed else b""), lifecycle
 
 
@@ -239,22 +287,34 @@ def split_pings(body: bytes, callback_field: str | None) -> tuple[bytes, dict[st
         return body, {}
     if not isinstance(parsed, dict):
         return body, {}
-    pings: dict[str, list[Any]] = {}
-    rest: dict[str, Any] = {}
-    for kind, entries in parsed.items():
-        if not isinstance(entries, list):
-            rest[kind] = entries
-            continue
-        for entry in entries:
-            if isinstance(entry, dict) and entry.get(callback_field) is not None:
-                pings.setdefault(kind, []).append(entry)
-            else:
-                rest.setdefault(kind, []).append(entry)
-        if not entries:
-            rest[kind] = entries
+    rest, pings = _take_pings(parsed, callback_field)
     if not pings:
         return body, {}
     return (json.dumps(rest, separators=(",", ":")).encode() if rest else b""), pings
+
+
+def split_push(provider: str, body: bytes, lifecycle: Collection[str], callback_field: str | None,
+               user_field: str) -> tuple[dict[str, list[Any]], list[RawPayload], dict[str, list[Any]]]:
+    """A push body taken apart in one parse: ``(lifecycle lists, raw events per user, pings)``, as
+    ``split_lifecycle``, then ``split_pings``, then ``split_push_by_user`` on what remains would."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return {}, [RawPayload(provider, body)], {}
+    if not isinstance(parsed, dict):
+        return {}, [RawPayload(provider, body)], {}
+    lists = _take_lifecycle(parsed, lifecycle) if lifecycle else {}
+    pings: dict[str, list[Any]] = {}
+    if callback_field:
+        rest, pings = _take_pings(parsed, callback_field)
+        if pings:
+            parsed = rest
+    if not parsed:
+        return lists, [], pings
+    if not all(isinstance(v, list) for v in parsed.values()):  # published whole, for the pipeline to dead-letter
+        whole = json.dumps(parsed, separators=(",", ":")).encode() if lists or pings else body
+        return lists, [RawPayload(provider, whole)], pings
+    return lists, _by_user(provider, parsed, user_field), pings
 
 
 def queue_pings(provider: str, pings: Mapping[str, list[Any]], user_field: str) -> list[RawPayload]:
@@ -340,14 +400,19 @@ def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[Raw
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
            notifications_topic: str = "healthflow.notifications", control_plane: Any = None,
-           seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH) -> APIRouter:
+           seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH,
+           pending_s: float | None = None) -> APIRouter:
     """Routes ``/v2/providers/{provider}/webhook``: POST receives, GET answers subscription checks.
 
     Authentication, limits and replays as the module docstring says. ``control_plane`` (a ``ControlPlane``; default:
     the app's ``state.control_plane``, which ``controlplane.api.create_app`` sets) applies push lifecycle lists, and
     its store keeps the ids of accepted notifications unless ``seen`` is given; with neither, signed notifications
-    are refused with 503 (replays could not be recognized).
+    are refused with 503 (replays could not be recognized). ``pending_s``: how long a notification's claim stays
+    pending while it is queued before it counts as abandoned (default: the publisher's ``timeout_s``, else
+    ``PUBLISH_TIMEOUT_S``, plus the margin its failure report takes, ``PENDING_MARGIN_S``).
     """
+    if pending_s is None:
+        pending_s = float(getattr(publish, "timeout_s", PUBLISH_TIMEOUT_S)) + PENDING_MARGIN_S
     api = APIRouter(prefix="/v2/providers", tags=["provider webhooks"])
     opened: list[SeenNotifications] = [seen] if seen is not None else []
     opening = threading.Lock()
@@ -396,11 +461,14 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             return Response(status_code=204)
         return JSONResponse({"status": "accepted", **fields})
 
-    async def queue(topic: str, payloads: Sequence[RawPayload]) -> None:
+    async def queue(topic: str, payloads: Sequence[RawPayload], headers: list[tuple[str, bytes]] | None = None) -> None:
         """Publish without blocking the event loop; a webhook is accepted only once the broker acknowledged it
-        (a 503 releases its replay claim, so the provider's retry is accepted)."""
+        (a 503 releases its replay claim, so the provider's retry is accepted; a part too large to publish is 413)."""
         try:
-            await publish(topic, payloads)
+            await (publish(topic, payloads, headers=headers) if headers else publish(topic, payloads))
+        except PayloadTooLarge as exc:
+            log.warning("webhook refused with 413: %s", exc)
+            raise HTTPException(413, f"the webhook body cannot be queued: {exc}") from exc
         except RetryableError as exc:
             log.warning("webhook not queued on %s (answered 503): %s", topic, exc)
             retry_after = str(math.ceil(exc.retry_after or 10))
@@ -423,26 +491,54 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             except SignatureInvalid as exc:
                 raise HTTPException(401, f"signature check failed: {exc}") from exc
         if hooks.body == "json":
-            check_json_depth(body, max_json_depth)
-        claim = None
+            await off_loop(len(body), check_json_depth, body, max_json_depth)
+        claim = seen_id = None
         if store is not None:
             seen_id = replay_id(hooks, headers, body)
-            claim = await run_in_threadpool(store.claim, slug, seen_id, replay_window_s(hooks))
-            if claim is None:
+            found_claim = await run_in_threadpool(store.claim, slug, seen_id, pending_s)
+            if found_claim.pending:  # the first copy is still being queued: it may yet fail, so no 2xx for this one
+                log.info("%s webhook %s arrived while its first copy is being queued: answered 503", slug, seen_id)
+                raise HTTPException(503, "this notification is being queued by an earlier request; retry later",
+                                    headers={"Retry-After": str(math.ceil(found_claim.retry_after_s))})
+            if found_claim.replay:
                 log.info("%s webhook %s already accepted: acknowledged, not published again", slug, seen_id)
                 return answer(hooks, {"duplicate": True})
+            claim = found_claim.token
+        claim_headers = [(CLAIM_HEADER, seen_id.encode())] if claim and released_after_fetch(hooks, seen_id) else None
         try:
-            return await _accept(slug, found, hooks, body, request)
+            response = await _accept(slug, found, hooks, body, request, claim_headers)
         except BaseException:
-            if store is not None and claim is not None:
-                await run_in_threadpool(store.release, slug, seen_id, claim)
+            if claim is not None:
+                await _settle(store.release, slug, seen_id, claim)
             raise
+        if claim is not None:
+            await _settle(store.accept, slug, seen_id, claim, replay_window_s(hooks))
+        return response
 
-    async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request) -> Response:
+    async def _settle(action: Callable[..., None], *args: Any) -> None:
+        """Accept or release a claim, even when the request is being cancelled (shielded). If the store fails, the
+        claim stays pending and counts as abandoned after ``pending_s``: a retry is then accepted (at least once)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_in_threadpool(action, *args)
+            except Exception:  # logged; the claim lapses on its own
+                log.exception("webhook replay claim not updated (%s); it lapses after %gs", action.__name__,
+                              pending_s)
+
+    async def off_loop(size: int, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` on the threadpool when the body is larger than ``INLINE_PARSE_BYTES`` (a 20 MiB Garmin push
+        takes over a second to scan and split: the event loop keeps answering meanwhile), inline otherwise."""
+        if size <= INLINE_PARSE_BYTES:
+            return work(*args)
+        return await run_in_threadpool(work, *args)
+
+    async def _accept(slug: str, found: Any, hooks: Webhooks, body: bytes, request: Request,
+                      claim_headers: list[tuple[str, bytes]] | None = None) -> Response:
         if hooks.mode == "push":
             user_field = found.user_field or "userId"
             actions = lifecycle_keys(slug)
-            body, lifecycle = split_lifecycle(body, actions)
+            lifecycle, payloads, pings = await off_loop(len(body), split_push, slug, body, actions,
+                                                        hooks.callback_field, user_field)
             applied = None
             if lifecycle:
                 plane = control_plane or getattr(request.app.state, "control_plane", None)
@@ -450,8 +546,6 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
                     raise HTTPException(503, f"{slug} lifecycle notifications ({', '.join(lifecycle)}) need "
                                              "the control plane; none is configured here")
                 applied = await run_in_threadpool(apply_lifecycle, plane, slug, actions, lifecycle, user_field)
-            body, pings = split_pings(body, hooks.callback_field)
-            payloads = split_push_by_user(slug, body, user_field) if body else []
             if payloads:
                 await queue(raw_topic, payloads)
             queued = queue_pings(slug, pings, user_field)
@@ -463,7 +557,7 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             if pings:
                 fields["pings"] = sum(len(entries) for entries in pings.values())
             return answer(hooks, fields)
-        await queue(notifications_topic, split_notifications(slug, body, hooks))
+        await queue(notifications_topic, split_notifications(slug, body, hooks), claim_headers)
         return answer(hooks, {})
 
     @api.get("/{provider}/webhook", response_model=None)
