@@ -219,6 +219,53 @@ def test_a_database_that_is_down_is_an_outage_and_a_wrong_url_a_misconfiguration
         Store("postgresql://postgres@no-such-host.invalid:5432/x").open()
 
 
+@pytest.mark.parametrize("scheme, port, database", [("postgresql", 5432, "postgres"), ("mysql", 3306, "mysql")])
+def test_a_host_name_that_stops_resolving_once_connected_is_an_outage(scheme, port, database, monkeypatch):
+    """docker compose: while a database's container restarts, its name does not resolve. A name that never resolved
+    is a typo (fail at start); once the URL has connected in this process, it is an outage to wait out."""
+    from core.errors import FatalError, RetryableError
+    from core.store import Store
+
+    variable = f"HF_TEST_DB_HOST_{uuid.uuid4().hex[:8].upper()}"  # a URL no other test has connected with
+    url = f"{scheme}://{'postgres' if scheme == 'postgresql' else 'root'}@${{{variable}}}:{port}/{database}"
+    restarting = f"restarting-{uuid.uuid4().hex[:8]}.invalid"
+    monkeypatch.setenv(variable, restarting)
+    with pytest.raises(FatalError, match=r"cannot open store.*not known"):  # never connected: a misconfiguration
+        Store(url).open()
+    monkeypatch.setenv(variable, "127.0.0.1")
+    store = Store(url).open()
+    assert store.query("SELECT 1") == [(1,)]
+    store.close()
+    monkeypatch.setenv(variable, restarting)  # the container restarts: its name is gone for a moment
+    with pytest.raises(RetryableError, match=r"store unavailable.*not known"):
+        store.open()
+    with pytest.raises(RetryableError):  # any Store of that URL in this process
+        Store(url).open()
+    monkeypatch.setenv(variable, "127.0.0.1")
+    assert store.query("SELECT 1") == [(1,)]
+
+
+def test_a_resolver_saying_try_again_is_an_outage_even_before_the_first_connection():
+    """EAI_AGAIN (``Temporary failure in name resolution``) is the resolver's own outage, never the URL's fault."""
+    import pymysql
+
+    from core.errors import RetryableError
+    from core.sql import dialect_for
+
+    never_connected = f"db-{uuid.uuid4().hex[:8]}"
+    postgres = dialect_for(f"postgresql://app@{never_connected}/hf")
+    failure = psycopg.OperationalError(f"failed to resolve host '{never_connected}': [Errno -3] Temporary failure "
+                                       f"in name resolution")
+    assert isinstance(postgres.classify(failure, f"postgresql://app@{never_connected}/hf"), RetryableError)
+    libpq = psycopg.OperationalError(f'could not translate host name "{never_connected}" to address: Temporary '
+                                     f'failure in name resolution')
+    assert isinstance(postgres.classify(libpq, f"postgresql://app@{never_connected}/hf"), RetryableError)
+    mysql = dialect_for(f"mysql://app@{never_connected}/hf")
+    failure = pymysql.err.OperationalError(2003, f"Can't connect to MySQL server on '{never_connected}' ([Errno -3] "
+                                                 f"Temporary failure in name resolution)")
+    assert isinstance(mysql.classify(failure, f"mysql://app@{never_connected}/hf"), RetryableError)
+
+
 def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads):
     """The broker is away when the job starts, then restarted mid-stream: the job waits (never exits) and delivers
     what is published once it is back. (The embedded broker keeps topics in memory: the topic is created again.)"""
