@@ -23,18 +23,13 @@ import os
 import re
 from datetime import UTC, datetime
 
-from core.secrets import redact as redact_url_password
+from core.secrets import redact as redact_url_secrets
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 LEVEL_VARIABLE, FORMAT_VARIABLE = "HEALTHFLOW_LOG_LEVEL", "HEALTHFLOW_LOG_FORMAT"
 REDACTED = "***"
 
-# Query parameters whose values are secrets: webhook URL tokens, OAuth codes and states, verification codes.
-SECRET_PARAMETERS = ("token", "code", "state", "secret", "api_key", "apikey", "x-api-key", "key", "password",
-                     "access_token", "refresh_token", "id_token", "client_secret", "verify", "verification_token",
-                     "challenge", "oauth_token", "oauth_verifier", "signature", "sig")
-_QUERY_SECRET = re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")=)[^&\s\"'#]*")
 # Headers carrying credentials, written as ``name: value``, ``name=value`` or ``'name': 'value'``.
 _HEADER_SECRET = re.compile(r"(?i)(['\"]?\b(?:x-api-key|authorization|cookie|set-cookie|proxy-authorization)['\"]?"
                             r"\s*[:=]\s*['\"]?)[^'\"\s,}]+(?:\s+[^'\"\s,}]+)?")
@@ -46,9 +41,8 @@ _PYDANTIC_INPUT = re.compile(r"(input_value=).*?(?=, input_type=|\]$|$)", re.MUL
 
 def redact(text: str) -> str:
     """``text`` with every secret this module knows of replaced by ``***`` (see the module doc)."""
-    text = _QUERY_SECRET.sub(r"\1" + REDACTED, text)
     text = _HEADER_SECRET.sub(r"\1" + REDACTED, text)
-    text = redact_url_password(text)
+    text = redact_url_secrets(text)  # user:password@ and secret query parameters (core.secrets.SECRET_PARAMETERS)
     text = _PATH_SECRET.sub(r"\1" + REDACTED, text)
     return _PYDANTIC_INPUT.sub(r"\1" + REDACTED, text)
 

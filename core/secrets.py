@@ -22,6 +22,12 @@ from core.errors import FatalError
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]+)(@)")
+# Query parameters whose values are secrets: libpq's password/sslpassword, webhook URL tokens, OAuth codes and states,
+# verification codes. Held like a URL's password; redacted in messages and logs (``core.logs``).
+SECRET_PARAMETERS = ("token", "code", "state", "secret", "api_key", "apikey", "x-api-key", "key", "password",
+                     "sslpassword", "access_token", "refresh_token", "id_token", "client_secret", "verify",
+                     "verification_token", "challenge", "oauth_token", "oauth_verifier", "signature", "sig")
+QUERY_SECRET = re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")=)([^&\s\"'#]*)")
 
 
 def missing(template: str) -> list[str]:
@@ -42,7 +48,9 @@ def resolve(template: str, where: str = "configuration") -> str:
 
 
 def redact(text: str) -> str:
-    """A URL or message with any ``user:password@`` password replaced by ``***``."""
+    """A URL or message with any ``user:password@`` password, and the value of any secret query parameter
+    (``?password=``, ``&token=``, see ``SECRET_PARAMETERS``), replaced by ``***``."""
+    text = QUERY_SECRET.sub(r"\1***", text)
     return _URL_PASSWORD.sub(r"\1***\3", text)
 
 
@@ -70,11 +78,23 @@ def hold_literal(value: str, where: str) -> str:
 
 
 def hold_url_password(url: str, where: str) -> str:
-    """``url`` with a literal ``user:password@`` password held (a ``${VAR}`` password, or none, stays as given)."""
+    """``url`` with a literal ``user:password@`` password and the literal values of its secret query parameters
+    (``?password=``, ``&token=``...) held; ``${VAR}`` values, or none, stay as given."""
+    url = _hold_query_secrets(url, where)
     match = _URL_PASSWORD.search(url)
     if match is None or REFERENCE.search(match.group(2)):
         return url
     return url[:match.start(2)] + hold(match.group(2), where) + url[match.end(2):]
+
+
+def _hold_query_secrets(url: str, where: str) -> str:
+    """``url`` with the literal value of each secret query parameter (``SECRET_PARAMETERS``) held."""
+
+    def held(match: re.Match[str]) -> str:
+        value = match.group(2)
+        return match.group(0) if not value or REFERENCE.search(value) else match.group(1) + hold(value, where)
+
+    return QUERY_SECRET.sub(held, url)
 
 
 def held_in(*values: object) -> list[str]:
