@@ -12,6 +12,7 @@ machines do not, so a job using a held secret is refused on a remote runner (``h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -111,7 +112,21 @@ def held_in(*values: object) -> list[str]:
 
 
 PRIVATE_MODE = 0o600
+PRIVATE_FOLDER_MODE = 0o700
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_folder(folder: str | Path) -> None:
+    """Create ``folder`` and each missing parent only their owner may enter (0700); existing folders stay as they
+    are (a folder another worker creates at the same moment is fine)."""
+    missing_folders = []
+    folder = Path(folder)
+    while not folder.exists():
+        missing_folders.append(folder)
+        folder = folder.parent
+    for each in reversed(missing_folders):
+        with contextlib.suppress(FileExistsError):
+            each.mkdir(mode=PRIVATE_FOLDER_MODE)
 
 
 def private_file(path: str | Path, companions: tuple[str, ...] = SQLITE_COMPANIONS) -> None:
@@ -120,7 +135,7 @@ def private_file(path: str | Path, companions: tuple[str, ...] = SQLITE_COMPANIO
     (SQLite's ``-wal``/``-shm``/``-journal``, which SQLite creates with the database file's mode)."""
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_MODE))  # created 0600 (a umask only removes bits)
     for each in (path, *(path.with_name(path.name + suffix) for suffix in companions)):
         if each.exists() and stat.S_IMODE(each.stat().st_mode) & 0o077:

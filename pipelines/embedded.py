@@ -34,6 +34,7 @@ from typing import Self
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.errors import FatalError
+from core.secrets import private_file
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,8 @@ def persistent_s3(folder: str | Path) -> Iterator[str]:
     aside and renamed over it, so a crash leaves the old or the new one whole), which keeps it as small as the
     data. Only S3 is kept."""
     folder = Path(folder)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     recording = folder / RECORDING
+    private_file(recording, companions=())  # 0600 in 0700 folders before moto appends to it (as the umask would say)
     with moto_server(env={"MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording),
                           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}) as endpoint:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -229,6 +230,7 @@ def _compact_recording(endpoint: str, recording: Path) -> None:
         s3.create_bucket(Bucket=TANSU_BUCKET)
         lines.append(put(TANSU_BUCKET, b""))
     aside = recording.with_name(recording.name + ".new")
+    private_file(aside, companions=())  # the broker's messages: health data, its owner's alone (0600)
     with open(aside, "w") as handle:
         handle.write("".join(line + "\n" for line in lines))
         handle.flush()

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -129,3 +130,16 @@ def test_healthflow_broker_command_keeps_its_data_in_the_storage_folder(tmp_path
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) == 0
+
+
+def test_the_broker_storage_is_its_owners_alone(tmp_path):
+    """The recording holds every message (health data): 0600, in folders created 0700, before and after a restart."""
+    storage = tmp_path / "new" / "broker"
+    for _ in range(2):
+        with EmbeddedBroker(storage=storage) as broker:
+            broker.create_topic(TOPIC, PARTITIONS, exist_ok=True)
+            assert produce(broker.bootstrap, [b"private"]) == [b"private"]
+            recording = storage / "s3-requests.jsonl"
+            assert recording.stat().st_size and stat.S_IMODE(recording.stat().st_mode) == 0o600
+        assert stat.S_IMODE(recording.stat().st_mode) == 0o600
+    assert stat.S_IMODE(storage.stat().st_mode) == stat.S_IMODE(storage.parent.stat().st_mode) == 0o700

@@ -248,3 +248,25 @@ def test_an_encoded_surrogate_sends_the_payload_to_the_check():
     assert not may_be_out_of_bounds(b'{"id": "plain \xc3\xa9t\xc3\xa9"}')
     assert may_be_out_of_bounds('{"id": "x\ud800y"}'.encode("utf-8", "surrogatepass"))
     assert may_be_out_of_bounds('{"id": 1}'.encode("utf-16-le"))
+
+
+def test_local_dead_letters_are_their_owners_alone(tmp_path):
+    """Dead letters hold raw payloads (health data): created 0600, in folders created 0700, whatever the umask."""
+    import os
+    import stat
+
+    hostile = hostile_lines(huge=10)
+    (tmp_path / "raw.jsonl").write_bytes(b"\n".join(_hostile_file(tmp_path, hostile)) + b"\n")
+    root = tmp_path / "new" / "dlq"
+    previous = os.umask(0o022)
+    try:
+        run_batch(NormalizeJob(FileSource(str(tmp_path / "raw.jsonl")),
+                               [SqlSink("sql", f"sqlite:///{tmp_path / 'o.db'}")], str(root),
+                               state_url=f"sqlite:///{tmp_path / 'state.db'}"))
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "new").rglob("*") if p.is_file()]
+    assert len(files) == len(hostile)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+    folders = [p for p in (tmp_path / "new").rglob("*") if p.is_dir()] + [tmp_path / "new"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}
