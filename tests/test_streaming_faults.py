@@ -303,3 +303,59 @@ def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads
         job.send_signal(signal.SIGKILL)
         job.wait(10)
         broker.stop()
+
+
+def test_a_topic_the_broker_cannot_serve_for_now_is_an_outage_and_a_missing_one_a_misconfiguration():
+    """LEADER_NOT_AVAILABLE while a broker restarts (and any error the client marks retriable) is waited out; a topic
+    that does not exist, or that this client may not read, fails at start with what to fix."""
+    from confluent_kafka import KafkaError
+
+    from core.errors import FatalError, RetryableError
+    from pipelines.embedded import EmbeddedBroker
+    from transforms.sources import plan_partitions, topic_metadata_error
+
+    for transient in (KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+                      KafkaError.REPLICA_NOT_AVAILABLE):
+        assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(transient)), RetryableError)
+    assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(KafkaError.TOPIC_EXCEPTION, retriable=True)),
+                      RetryableError)
+    assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)),
+                      FatalError)
+    with EmbeddedBroker() as broker, pytest.raises(FatalError, match=r"'no-such-topic' not found.*create it"):
+        plan_partitions(broker.bootstrap, "no-such-topic", "g")  # the real broker's answer for a missing topic
+
+
+def test_a_batch_kafka_read_waits_out_a_broker_restart(tmp_path):
+    """The broker goes away after the partitions are planned, while they are read, and is back (durable storage)
+    after longer than the reader's idle window: the read waits and ends with every message, none twice."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    from pipelines.embedded import EmbeddedBroker, free_port
+    from transforms.sources import ReadPartitionToEnd, plan_partitions
+
+    port, storage = free_port(), tmp_path / "broker"
+    broker = EmbeddedBroker(port=port, storage=storage).start()
+    again = EmbeddedBroker(port=port, storage=storage)
+    back = threading.Timer(5.0, again.start)  # back after 5 s: longer than the 2 s idle window below
+    try:
+        broker.create_topic("raw", 2)
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})
+        values = [f"event-{n}".encode() for n in range(40)]
+        for number, value in enumerate(values):
+            producer.produce("raw", value, partition=number % 2)
+        assert producer.flush(20) == 0
+        plan = plan_partitions(broker.bootstrap, "raw", "restart")
+        broker.stop()
+        back.start()
+        reader = ReadPartitionToEnd(broker.bootstrap, "raw", "restart", idle_polls=20)  # 20 polls of 0.1 s
+        started = time.monotonic()
+        read = [message.data for element in plan for message in reader.process(element)]
+        assert time.monotonic() - started > 4.0  # it did wait for the broker
+        assert sorted(read) == sorted(values)
+    finally:
+        broker.stop()
+        back.cancel()
+        back.join()
+        again.stop()
