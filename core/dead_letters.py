@@ -19,6 +19,7 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 
 from core.errors import RetryableError
+from core.secrets import private_file
 
 SCRATCH_PREFIX = ".replay-"
 
@@ -85,8 +86,11 @@ def dead_letter_path(root: str, record: dict[str, Any]) -> str:
 
 
 def write_dead_letter(root: str, record: dict[str, Any]) -> str:
-    """Store (or overwrite, same id) one dead letter; returns its path."""
+    """Store (or overwrite, same id) one dead letter; returns its path. It holds raw health data: a local one is
+    created 0600, in folders created 0700 (``core.secrets.private_file``)."""
     path = dead_letter_path(root, record)
+    if FileSystems.get_scheme(path) is None:  # a local path (object stores have their own access control)
+        private_file(path, companions=())
     with FileSystems.create(path) as handle:
         handle.write(to_json(record))
     return path

@@ -60,8 +60,8 @@ def route(exc: BaseException) -> Route:
     """Where a failure goes. Unknown exceptions are retried, then dead-lettered: never dropped."""
     if isinstance(exc, FatalError):
         return Route.FAIL
-    if isinstance(exc, PermanentError | ValueError | KeyError | TypeError | UnicodeError):
-        return Route.DEAD_LETTER
+    if isinstance(exc, PermanentError | ValueError | KeyError | TypeError | UnicodeError | ArithmeticError):
+        return Route.DEAD_LETTER  # ArithmeticError: a value no computation can hold (OverflowError), never transient
     return Route.RETRY
 
 

@@ -25,17 +25,14 @@ import os
 import re
 from datetime import UTC, datetime
 
-from core.secrets import redact as redact_url_password
+from core.secrets import SECRET_PARAMETERS
+from core.secrets import redact as redact_url_secrets
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 LEVEL_VARIABLE, FORMAT_VARIABLE = "HEALTHFLOW_LOG_LEVEL", "HEALTHFLOW_LOG_FORMAT"
 REDACTED = "***"
 
-# Query parameters whose values are secrets: webhook URL tokens, OAuth codes and states, verification codes.
-SECRET_PARAMETERS = ("token", "code", "state", "secret", "api_key", "apikey", "x-api-key", "key", "password",
-                     "access_token", "refresh_token", "id_token", "client_secret", "verify", "verification_token",
-                     "challenge", "oauth_token", "oauth_verifier", "signature", "sig")
 # A query string's parameter, or a form body's first field (at the start of a line or of a quoted string).
 _QUERY_SECRET = re.compile(r"(?im)((?:^|[?&;]|(?<=['\"]))(?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS)
                            + r")=)[^&\s\"'#]*")
@@ -59,7 +56,7 @@ def redact(text: str) -> str:
     text = _QUERY_SECRET.sub(r"\1" + REDACTED, text)
     text = _FIELD_SECRET.sub(lambda found: found[1] + found[2][0] + REDACTED + found[2][0], text)
     text = _HEADER_SECRET.sub(r"\1" + REDACTED, text)
-    text = redact_url_password(text)
+    text = redact_url_secrets(text)  # user:password@ and secret query parameters (core.secrets.SECRET_PARAMETERS)
     text = _PATH_SECRET.sub(r"\1" + REDACTED, text)
     return _PYDANTIC_INPUT.sub(r"\1" + REDACTED, text)
 

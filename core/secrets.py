@@ -12,6 +12,7 @@ machines do not, so a job using a held secret is refused on a remote runner (``h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -25,6 +26,12 @@ REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # urllib parse it), so a scan from one ``://`` never runs past the next and redaction is linear in the text's length
 # (``[^@\s]+`` scanned to the end from every ``://``: 2,600 of them in one request line took 0.5 s per log record).
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s/?#]+)(@)")
+# Query parameters whose values are secrets: libpq's password/sslpassword, webhook URL tokens, OAuth codes and states,
+# verification codes. Held like a URL's password; redacted in messages and logs (``core.logs``).
+SECRET_PARAMETERS = ("token", "code", "state", "secret", "api_key", "apikey", "x-api-key", "key", "password",
+                     "sslpassword", "access_token", "refresh_token", "id_token", "client_secret", "verify",
+                     "verification_token", "challenge", "oauth_token", "oauth_verifier", "signature", "sig")
+QUERY_SECRET = re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")=)([^&\s\"'#]*)")
 
 
 def missing(template: str) -> list[str]:
@@ -45,7 +52,9 @@ def resolve(template: str, where: str = "configuration") -> str:
 
 
 def redact(text: str) -> str:
-    """A URL or message with any ``user:password@`` password replaced by ``***`` (time linear in its length)."""
+    """A URL or message with any ``user:password@`` password, and the value of any secret query parameter
+    (``?password=``, ``&token=``, see ``SECRET_PARAMETERS``), replaced by ``***`` (time linear in its length)."""
+    text = QUERY_SECRET.sub(r"\1***", text)
     return _URL_PASSWORD.sub(r"\1***\3", text)
 
 
@@ -73,11 +82,23 @@ def hold_literal(value: str, where: str) -> str:
 
 
 def hold_url_password(url: str, where: str) -> str:
-    """``url`` with a literal ``user:password@`` password held (a ``${VAR}`` password, or none, stays as given)."""
+    """``url`` with a literal ``user:password@`` password and the literal values of its secret query parameters
+    (``?password=``, ``&token=``...) held; ``${VAR}`` values, or none, stay as given."""
+    url = _hold_query_secrets(url, where)
     match = _URL_PASSWORD.search(url)
     if match is None or REFERENCE.search(match.group(2)):
         return url
     return url[:match.start(2)] + hold(match.group(2), where) + url[match.end(2):]
+
+
+def _hold_query_secrets(url: str, where: str) -> str:
+    """``url`` with the literal value of each secret query parameter (``SECRET_PARAMETERS``) held."""
+
+    def held(match: re.Match[str]) -> str:
+        value = match.group(2)
+        return match.group(0) if not value or REFERENCE.search(value) else match.group(1) + hold(value, where)
+
+    return QUERY_SECRET.sub(held, url)
 
 
 def held_in(*values: object) -> list[str]:
@@ -94,7 +115,21 @@ def held_in(*values: object) -> list[str]:
 
 
 PRIVATE_MODE = 0o600
+PRIVATE_FOLDER_MODE = 0o700
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_folder(folder: str | Path) -> None:
+    """Create ``folder`` and each missing parent only their owner may enter (0700); existing folders stay as they
+    are (a folder another worker creates at the same moment is fine)."""
+    missing_folders = []
+    folder = Path(folder)
+    while not folder.exists():
+        missing_folders.append(folder)
+        folder = folder.parent
+    for each in reversed(missing_folders):
+        with contextlib.suppress(FileExistsError):
+            each.mkdir(mode=PRIVATE_FOLDER_MODE)
 
 
 def private_file(path: str | Path, companions: tuple[str, ...] = SQLITE_COMPANIONS) -> None:
@@ -103,7 +138,7 @@ def private_file(path: str | Path, companions: tuple[str, ...] = SQLITE_COMPANIO
     (SQLite's ``-wal``/``-shm``/``-journal``, which SQLite creates with the database file's mode)."""
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_MODE))  # created 0600 (a umask only removes bits)
     for each in (path, *(path.with_name(path.name + suffix) for suffix in companions)):
         if each.exists() and stat.S_IMODE(each.stat().st_mode) & 0o077:

@@ -15,10 +15,13 @@ or ``transaction``), its parameter placeholder (``?`` or ``%s``; ``placeholders`
 JSON, indexed key), ``FOR UPDATE``, its upsert syntax, how concurrent ``CREATE ... IF NOT EXISTS`` are serialized
 (``ddl_lock``), and how a driver error maps onto the taxonomy of ``core.errors`` (``classify``):
 
-- ``RetryableError``: connection refused or lost, lock/busy timeouts, serialization failures, deadlocks;
+- ``RetryableError``: connection refused or lost, lock/busy timeouts, serialization failures, deadlocks, a host name
+  that does not resolve once its URL has connected in this process (a database restarting under docker compose stops
+  resolving for a moment) or whose resolver says to try again (``EAI_AGAIN``);
 - ``PermanentError``: the data of some row (out of range, too long, bad value, constraint violated, a value over a
   limit of the database such as PostgreSQL's index row size);
-- ``FatalError``: bad credentials, missing database, table, column or privilege, with what to fix.
+- ``FatalError``: bad credentials, missing database, table, column or privilege, a host name that does not resolve
+  on its URL's first connection in this process, with what to fix.
 
 Passwords never appear in a message (``core.secrets.redact``).
 """
@@ -41,6 +44,26 @@ from core.errors import FatalError, PermanentError, RetryableError
 from core.secrets import PRIVATE_MODE, missing, redact, resolve
 
 URL_FORMS = "sqlite:///path.db, postgresql://user@host:port/db or mysql://user@host:port/db"
+
+_connected_urls: set[str] = set()  # URLs (as configured, ${VAR} unresolved) that have connected in this process
+_NAME_NOT_RESOLVED = ("could not translate host name", "failed to resolve host", "Name or service not known",
+                      "nodename nor servname", "No address associated with hostname", "Unknown MySQL server host",
+                      "Temporary failure in name resolution")
+_RESOLVER_SAYS_RETRY = "Temporary failure in name resolution"  # EAI_AGAIN: the resolver itself is away
+
+
+def host_not_resolved(exc: BaseException, database: str, where: str, url: str) -> Exception | None:
+    """The taxonomy error for a failure to resolve the database's host name, None when ``exc`` is something else.
+
+    A name that never resolved is a typo in the URL: FatalError on its first connection in this process. Once the
+    URL has connected, the name going away is an outage (the database's container restarting): RetryableError, as is
+    a resolver answering "try again" (``EAI_AGAIN``) at any time."""
+    message = str(exc)
+    if not any(marker in message for marker in _NAME_NOT_RESOLVED):
+        return None
+    if _RESOLVER_SAYS_RETRY in message or url in _connected_urls:
+        return RetryableError(f"{database} {where} unavailable: its host name does not resolve for now: {exc}")
+    return FatalError(f"{database} {where}: cannot resolve the host name: {exc}; fix the host in the URL")
 
 
 def url_scheme(url: str) -> str:
@@ -102,6 +125,7 @@ class SqlDialect(ABC):
         except self.driver_errors as exc:
             close_quietly(connection)
             raise self.classify(exc, url) from exc
+        _connected_urls.add(url)
         return connection
 
     @abstractmethod
@@ -225,8 +249,7 @@ class PostgresDialect(SqlDialect):
                      "3D000": "the database does not exist", "3F000": "the schema does not exist",
                      "42P01": "a table is missing", "42703": "a column is missing (tables altered?)"}
     _CONNECT_FATAL = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied",
-                      "password", "could not translate host name", "failed to resolve host",
-                      "invalid connection option", "invalid integer value")  # other failures to connect: outages
+                      "password", "invalid connection option", "invalid integer value")  # others: outages
 
     @property
     def driver_errors(self) -> tuple[type[BaseException], ...]:
@@ -271,6 +294,8 @@ class PostgresDialect(SqlDialect):
                                                    | OverflowError | ValueError | TypeError):
             return PermanentError(f"{type(exc).__name__} {state}: {exc}")
         if isinstance(exc, psycopg.OperationalError):  # no sqlstate: failed to connect or connection lost
+            if (unresolved := host_not_resolved(exc, "postgres", where, url)) is not None:
+                return unresolved
             if any(s in str(exc) for s in self._CONNECT_FATAL):
                 return FatalError(f"postgres {where}: cannot connect: {exc}; fix the URL, role, password or database")
             return RetryableError(f"postgres {where} unavailable: {exc}")
@@ -382,6 +407,8 @@ class MysqlDialect(SqlDialect):
 
         where = redact(url)
         code = exc.args[0] if isinstance(exc, pymysql.Error) and exc.args and isinstance(exc.args[0], int) else None
+        if code in (2003, 2005) and (unresolved := host_not_resolved(exc, "mysql", where, url)) is not None:
+            return unresolved
         if code in self._FATAL:
             return FatalError(f"mysql {where}: {self._FATAL[code]}: {exc}")
         if code in self._RETRYABLE:

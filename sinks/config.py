@@ -104,7 +104,8 @@ class LargePayloadConfig(BaseModel):
 
 class WebhookDestination(_Destination):
     type: Literal["webhook"]
-    url: str = Field(pattern=r"^https?://")
+    url: str = Field(pattern=r"^(https?://|\$\{)", description="a secret in it (user:password@, ?token=) is kept "
+                     "out of the job graph: ${VAR} references are resolved where the sink runs")
     secret: str = Field(description="Standard Webhooks secret, whsec_…; signs both signature headers")
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
@@ -266,9 +267,9 @@ def _interpolate(value: Any, where: str) -> Any:
 log = logging.getLogger(__name__)
 
 # Fields that hold secrets keep their ${VAR} references: sinks resolve them where they run (never pickled).
-SECRET_FIELDS = {"webhook": ("secret",), "postgres": ("url",), "mysql": ("url",), "supabase": ("url",),
+SECRET_FIELDS = {"webhook": ("secret", "url"), "postgres": ("url",), "mysql": ("url",), "supabase": ("url",),
                  "kafka": ("producer_config",)}
-SECRET_PRODUCER_KEYS = re.compile(r"password|secret|token|sasl\.jaas\.config", re.IGNORECASE)
+SECRET_PRODUCER_KEYS = re.compile(r"password|secret|token|sasl\.jaas\.config|ssl\.key\.pem", re.IGNORECASE)
 
 
 def _held(value: Any, key: str, where: str) -> Any:

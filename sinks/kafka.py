@@ -171,15 +171,17 @@ class KafkaSink(Sink):
             self._broken = error
 
     def value_of(self, event: NormalizedEvent) -> bytes:
-        """The message value; PermanentError when the event does not fit the Avro schema."""
-        if self.value_format == "json":
-            return event.body()
-        if event.type not in MODEL_TYPES:
-            raise PermanentError(f"event type {event.type!r} has no Avro model; known: {', '.join(MODEL_TYPES)}")
+        """The message value; PermanentError when the event does not fit the Avro schema or cannot be encoded (a
+        number no double holds: OverflowError), so it is dead-lettered alone."""
         try:
+            if self.value_format == "json":
+                return event.body()
+            if event.type not in MODEL_TYPES:
+                raise PermanentError(f"event type {event.type!r} has no Avro model; known: {', '.join(MODEL_TYPES)}")
             return encode_event(dict(event.to_dict(), data=validate_record(event.type, event.data)))
-        except (ValueError, TypeError, KeyError) as exc:  # SchemaMismatch is a ValueError
-            raise PermanentError(f"event {event.event_id} does not fit the normalized_event schema: {exc}") from exc
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # SchemaMismatch is a ValueError
+            raise PermanentError(f"event {event.event_id} does not fit the normalized_event schema: "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def headers_of(event: NormalizedEvent) -> list[tuple[str, bytes]]:

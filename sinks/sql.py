@@ -311,6 +311,11 @@ class _TerraLayout(_Layout):
 # ======================================================================================================================
 # The sink
 # ======================================================================================================================
+# One name for every SQL destination's CREATE SCHEMA/TABLE in a database: destinations with different table prefixes
+# may share a schema (PostgreSQL advisory locks are per database; MySQL's GET_LOCK names per server, still correct).
+DDL_LOCK = "healthflow-sql-destination-ddl"
+
+
 class SqlSink(Sink):
     """Upserts records by (user_id, type, natural_key) with a newest-wins guard; see the module docstring.
 
@@ -370,7 +375,7 @@ class SqlSink(Sink):
         connection = dialect.connect(self.url, f"destination {self.name}")
         try:
             dialect.begin(connection)  # MySQL commits implicitly at each CREATE TABLE: harmless (IF NOT EXISTS)
-            with dialect.ddl_lock(connection, self.records_table):
+            with dialect.ddl_lock(connection, DDL_LOCK):
                 if self.schema:
                     dialect.ensure_schema(connection, self.schema)
                 for statement in self._layout.create_tables(dialect):

@@ -71,7 +71,7 @@ from urllib3.util.wait import wait_for_read
 
 from core.errors import EndpointGone, FatalError, PermanentError, RetryableError, parse_retry_after
 from core.events import NormalizedEvent
-from core.secrets import missing, resolve
+from core.secrets import missing, redact, resolve
 from sinks.base import Sink, SinkResult
 from sinks.large_payloads import LargePayloadS3, PayloadStore
 
@@ -317,13 +317,14 @@ class WebhookSink(Sink):
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, large_payload_s3: LargePayloadS3 | None = None,
                  lanes: int = DEFAULT_LANES) -> None:
         super().__init__(name)
-        parsed = urlparse(url or "")
+        known = resolve(url, f"webhook sink {name!r} url") if url and not missing(url) else url  # ${VAR}: checked
+        parsed = urlparse(known or "")  # here, kept as references (open() resolves them where it runs)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise FatalError(f"webhook sink {name!r}: url must be an absolute http(s) URL, got {url!r}")
+            raise FatalError(f"webhook sink {name!r}: url must be an absolute http(s) URL, got {redact(url)!r}")
         try:
-            requests.Request("POST", url).prepare()
+            requests.Request("POST", known).prepare()
         except requests.RequestException as exc:
-            raise FatalError(f"webhook sink {name!r}: url {url!r} cannot be requested: {exc}") from None
+            raise FatalError(f"webhook sink {name!r}: url {redact(url)!r} cannot be requested: {exc}") from None
         self.signing_secret = signing_secret  # a ${VAR} reference stays one: resolved on the worker, in open()
         if not missing(signing_secret):
             decode_secret(resolve(signing_secret))  # a malformed secret fails at start
@@ -355,7 +356,8 @@ class WebhookSink(Sink):
             self._key, self._terra_key = decode_secret(secret), terra_signing_key(secret)
         if self._transport is None:
             try:
-                self._transport = _Transport(self.url, self.timeout_s, self.lanes)
+                url = resolve(self.url, f"webhook destination {self.name!r} url")
+                self._transport = _Transport(url, self.timeout_s, self.lanes)
             except FatalError as exc:
                 raise FatalError(f"webhook sink {self.name!r}: {exc}") from None
         if self._payloads is not None:

@@ -15,10 +15,16 @@ pytestmark = pytest.mark.timeout(240)
 WORKERS, ROUNDS = 3, 3
 
 
-def _open_at_once(what: str, url: str, barrier, results) -> None:
+def _open_at_once(what: str, url: str, barrier, results, worker: int = 0) -> None:
     try:
         barrier.wait(30)
-        if what == "record state":
+        if what == "SQL destinations sharing a new schema":  # each its own tables, the schema created once
+            from sinks.sql import SqlSink
+
+            sink = SqlSink(f"sql{worker}", url, table_prefix=f"w{worker}_", schema="shared")
+            sink.open()
+            sink.close()
+        elif what == "record state":
             from transforms.record_state import open_state
 
             state = open_state(url)
@@ -70,14 +76,15 @@ def _admin(dialect: str, statement: str) -> None:
 
 @pytest.mark.parametrize(("what", "dialect"), [
     ("record state", "sqlite"), ("record state", "postgres"),
-    ("SQL destination", "sqlite"), ("SQL destination", "postgres"), ("SQL destination", "mysql")])
+    ("SQL destination", "sqlite"), ("SQL destination", "postgres"), ("SQL destination", "mysql"),
+    ("SQL destinations sharing a new schema", "postgres")])
 def test_workers_creating_the_same_tables_at_once_all_open(what, dialect, fresh_database):
     context = multiprocessing.get_context("spawn")
     errors = []
     for _ in range(ROUNDS):
         url = fresh_database(dialect)
         barrier, results = context.Barrier(WORKERS), context.Queue()
-        workers = [context.Process(target=_open_at_once, args=(what, url, barrier, results)) for _ in range(WORKERS)]
+        workers = [context.Process(target=_open_at_once, args=(what, url, barrier, results, n)) for n in range(WORKERS)]
         for worker in workers:
             worker.start()
         errors += [error for error in (results.get(timeout=120) for _ in workers) if error]

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -129,3 +130,49 @@ def test_healthflow_broker_command_keeps_its_data_in_the_storage_folder(tmp_path
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) == 0
+
+
+def test_the_broker_storage_is_its_owners_alone(tmp_path):
+    """The recording holds every message (health data): 0600, in folders created 0700, before and after a restart."""
+    storage = tmp_path / "new" / "broker"
+    for _ in range(2):
+        with EmbeddedBroker(storage=storage) as broker:
+            broker.create_topic(TOPIC, PARTITIONS, exist_ok=True)
+            assert produce(broker.bootstrap, [b"private"]) == [b"private"]
+            recording = storage / "s3-requests.jsonl"
+            assert recording.stat().st_size and stat.S_IMODE(recording.stat().st_mode) == 0o600
+        assert stat.S_IMODE(recording.stat().st_mode) == 0o600
+    assert stat.S_IMODE(storage.stat().st_mode) == stat.S_IMODE(storage.parent.stat().st_mode) == 0o700
+
+
+def _children() -> set[int]:
+    """This process's child processes still running (not zombies)."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.add(int(status.parent.name))
+    return found
+
+
+def test_a_port_another_process_listens_on_is_refused_and_nothing_is_left_running(tmp_path):
+    """A connection to a port someone else holds does not reach this broker: start() says so, naming the port, and
+    leaves no broker or storage server running."""
+    import socket
+
+    import pytest
+
+    from core.errors import FatalError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = _children()
+        with pytest.raises(FatalError, match=f"port {port}"):
+            EmbeddedBroker(port=port, storage=tmp_path / "broker").start()
+        time.sleep(0.5)
+        assert _children() - before == set()

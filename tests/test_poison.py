@@ -218,3 +218,55 @@ def test_each_user_part_of_a_failing_message_is_a_dead_letter_of_its_own(tmp_pat
     dead = list(read_dead_letters(str(tmp_path / "dlq")))
     assert summary.get("dead_letter:state") == len(dead) == 2
     assert {d["stage"] for d in dead} == {"state"}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_a_payload_in_another_encoding_json_accepts_is_checked_too(tmp_path, encoding):
+    """``json.loads(bytes)`` reads UTF-16/32 (and a BOM): the byte scan reading UTF-8 must not wave such a payload
+    through. Payloads arrive as bytes in Avro raw events (broker, Pub/Sub, the API; JSON-lines files carry them as
+    JSON strings, always UTF-8)."""
+    from core.raw import RawMessage
+    from pipelines.normalize import MessagesSource
+    from schemas.serde import encode_raw
+
+    doc = _fixture("oura/heartrate.json")
+    doc["data"][0]["bpm"] = 10**400  # past a double: an overflow wherever it is encoded as one
+    hostile = RawPayload("oura", json.dumps(doc).encode(encoding), "heartrate", "oura-enc", 1_710_000_000_000)
+    message = RawMessage(encode_raw(hostile), {"partition": 0, "offset": 1})
+    summary = run_batch(NormalizeJob(MessagesSource([message]), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
+                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}"))
+    [dead] = list(read_dead_letters(str(tmp_path / "dlq")))
+    assert dead["stage"] == "validate", dead["error_message"][:200]
+    assert dead["error_message"].startswith("bpm: integer of 401 digits")
+    assert dead["original"] == message.data
+    assert summary.get("delivered:sql") == 2  # the other readings go on: the fixture's two days of heart rate
+
+
+def test_an_encoded_surrogate_sends_the_payload_to_the_check():
+    from transforms.bounds import may_be_out_of_bounds
+
+    assert not may_be_out_of_bounds(b'{"id": "plain \xc3\xa9t\xc3\xa9"}')
+    assert may_be_out_of_bounds('{"id": "x\ud800y"}'.encode("utf-8", "surrogatepass"))
+    assert may_be_out_of_bounds('{"id": 1}'.encode("utf-16-le"))
+
+
+def test_local_dead_letters_are_their_owners_alone(tmp_path):
+    """Dead letters hold raw payloads (health data): created 0600, in folders created 0700, whatever the umask."""
+    import os
+    import stat
+
+    hostile = hostile_lines(huge=10)
+    (tmp_path / "raw.jsonl").write_bytes(b"\n".join(_hostile_file(tmp_path, hostile)) + b"\n")
+    root = tmp_path / "new" / "dlq"
+    previous = os.umask(0o022)
+    try:
+        run_batch(NormalizeJob(FileSource(str(tmp_path / "raw.jsonl")),
+                               [SqlSink("sql", f"sqlite:///{tmp_path / 'o.db'}")], str(root),
+                               state_url=f"sqlite:///{tmp_path / 'state.db'}"))
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "new").rglob("*") if p.is_file()]
+    assert len(files) == len(hostile)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+    folders = [p for p in (tmp_path / "new").rglob("*") if p.is_dir()] + [tmp_path / "new"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}

@@ -127,6 +127,70 @@ def test_secrets_written_literally_are_not_in_the_job_graph_either(name, secret_
             assert secret.encode() not in raw, f"{secret} is in {where}"
 
 
+QUERY_PG = "pg-Query-never-pickled-29"
+HOOK_PASSWORD = "hook-Userinfo-never-pickled-84"
+HOOK_TOKEN = "hook-Token-never-pickled-35"
+KEY_PEM = "-----BEGIN PRIVATE KEY-----\nkey-Pem-never-pickled-62\n-----END PRIVATE KEY-----"
+
+
+def url_secrets_job(source, pg_host: str = "db.internal:5432/hf",
+                    webhook_url: str = "https://example.invalid/hook") -> NormalizeJob:
+    """Secrets written literally elsewhere in a URL: libpq's ``?password=``, a webhook URL's userinfo and query
+    token; and a Kafka client's private key (``ssl.key.pem``)."""
+    url = f"postgresql://postgres@{pg_host}?password={QUERY_PG}&sslmode=disable"
+    hook = webhook_url.replace("://", f"://hook:{HOOK_PASSWORD}@", 1) + f"?token={HOOK_TOKEN}"
+    targets = parse_destinations({"destinations": [
+        {"name": "hook", "type": "webhook", "url": hook, "secret": LITERAL_WEBHOOK},
+        {"name": "pg", "type": "postgres", "url": url},
+        {"name": "k", "type": "kafka", "bootstrap_servers": "kafka.internal:9092", "topic": "normalized",
+         "producer_config": {"security.protocol": "SSL", "ssl.key.pem": KEY_PEM}},
+    ]}, "destinations.yaml").targets()
+    return NormalizeJob(source, targets, "gs://healthflow-test/dead-letters", state_url=url)
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_secrets_in_url_queries_userinfo_and_key_pems_are_not_in_the_job_graph(name, secret_env):
+    source, streaming = SOURCES[name]
+    pipeline = make_pipeline(DATAFLOW, streaming=streaming)
+    build(pipeline, url_secrets_job(source), streaming=streaming)
+    for where, raw in graph_contents(pipeline):
+        for secret in (QUERY_PG, HOOK_PASSWORD, HOOK_TOKEN, "key-Pem-never-pickled-62"):
+            assert secret.encode() not in raw, f"{secret} is in {where}"
+
+
+def test_a_query_password_is_redacted_in_messages_and_refused_on_remote_runners():
+    from core.secrets import redact
+
+    assert QUERY_PG not in redact(f"cannot open store postgresql://app@db/hf?password={QUERY_PG}&sslmode=require")
+    assert "sslmode=require" in redact("postgresql://app@db/hf?password=x&sslmode=require")
+    with pytest.raises(FatalError) as refused:
+        run_batch(url_secrets_job(FileSource("gs://healthflow-test/raw/*.jsonl")), DATAFLOW)
+    for where in ("--state", "destinations.yaml.destinations[0].url", "destinations.yaml.destinations[1].url",
+                  "destinations.yaml.destinations[2].producer_config.ssl.key.pem"):
+        assert where in str(refused.value)
+
+
+def test_url_secrets_written_literally_still_work_on_the_local_runner(tmp_path, simulated_payloads):
+    from test_streaming import write_jsonl
+
+    from pipelines.webhook_receiver import WebhookReceiver
+
+    raw_file = tmp_path / "raw.jsonl"
+    write_jsonl(raw_file, simulated_payloads[:20])
+    name = fresh_database()  # trust authentication: any password is accepted, it only has to reach the worker
+    try:
+        with WebhookReceiver(LITERAL_WEBHOOK) as receiver:
+            job = url_secrets_job(FileSource(str(raw_file)), pg_host=f"127.0.0.1:5432/{name}",
+                                  webhook_url=receiver.url)
+            job.sinks = job.sinks[:2]
+            job.dead_letter_root = str(tmp_path / "dead-letters")
+            summary = run_batch(job, [])
+            assert summary.get("delivered:hook") == summary.get("delivered:pg") > 0
+            assert receiver.unique == summary.get("delivered:hook")
+    finally:
+        drop_database(name)
+
+
 def test_remote_runners_refuse_secrets_written_literally(caplog):
     with caplog.at_level("WARNING", logger="sinks.config"):
         job = literal_job(FileSource("gs://healthflow-test/raw/*.jsonl"))

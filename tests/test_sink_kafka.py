@@ -223,3 +223,24 @@ def test_pickles_without_the_producer(sink: KafkaSink, make_sink_event: MakeEven
         assert clone.write([make_sink_event("u9")]).failures == []
     finally:
         clone.close()
+
+
+def test_a_number_no_double_holds_is_dead_lettered_alone(broker: EmbeddedBroker, topic: str,
+                                                          make_sink_event: MakeEvent) -> None:
+    """An integer of 400 digits in a double field overflows the Avro encoder: that event alone is dead-lettered."""
+    sink = KafkaSink("kafka-avro", broker.bootstrap, topic, value_format="avro", producer_config=FAST)
+    huge = make_sink_event("u1", "2026-03-10", heart_rate_data={"summary": {"avg_hr_bpm": 10**400}})
+    good = make_sink_event("u1", "2026-03-11")
+    try:
+        result = sink.write([huge, good])
+    finally:
+        sink.close()
+    assert result.delivered == [good.event_id]
+    [failure] = result.failures
+    assert failure.event is huge and isinstance(failure.error, PermanentError) and "Overflow" in str(failure.error)
+    assert route(failure.error) is Route.DEAD_LETTER
+
+
+def test_an_overflow_is_dead_lettered_not_retried() -> None:
+    assert route(OverflowError("int too large to convert to float")) is Route.DEAD_LETTER
+    assert route(ZeroDivisionError("division by zero")) is Route.DEAD_LETTER

@@ -194,6 +194,53 @@ def test_a_database_that_is_down_is_an_outage_and_a_wrong_url_a_misconfiguration
         Store("postgresql://postgres@no-such-host.invalid:5432/x").open()
 
 
+@pytest.mark.parametrize("scheme, port, database", [("postgresql", 5432, "postgres"), ("mysql", 3306, "mysql")])
+def test_a_host_name_that_stops_resolving_once_connected_is_an_outage(scheme, port, database, monkeypatch):
+    """docker compose: while a database's container restarts, its name does not resolve. A name that never resolved
+    is a typo (fail at start); once the URL has connected in this process, it is an outage to wait out."""
+    from core.errors import FatalError, RetryableError
+    from core.store import Store
+
+    variable = f"HF_TEST_DB_HOST_{uuid.uuid4().hex[:8].upper()}"  # a URL no other test has connected with
+    url = f"{scheme}://{'postgres' if scheme == 'postgresql' else 'root'}@${{{variable}}}:{port}/{database}"
+    restarting = f"restarting-{uuid.uuid4().hex[:8]}.invalid"
+    monkeypatch.setenv(variable, restarting)
+    with pytest.raises(FatalError, match=r"cannot open store.*not known"):  # never connected: a misconfiguration
+        Store(url).open()
+    monkeypatch.setenv(variable, "127.0.0.1")
+    store = Store(url).open()
+    assert store.query("SELECT 1") == [(1,)]
+    store.close()
+    monkeypatch.setenv(variable, restarting)  # the container restarts: its name is gone for a moment
+    with pytest.raises(RetryableError, match=r"store unavailable.*not known"):
+        store.open()
+    with pytest.raises(RetryableError):  # any Store of that URL in this process
+        Store(url).open()
+    monkeypatch.setenv(variable, "127.0.0.1")
+    assert store.query("SELECT 1") == [(1,)]
+
+
+def test_a_resolver_saying_try_again_is_an_outage_even_before_the_first_connection():
+    """EAI_AGAIN (``Temporary failure in name resolution``) is the resolver's own outage, never the URL's fault."""
+    import pymysql
+
+    from core.errors import RetryableError
+    from core.sql import dialect_for
+
+    never_connected = f"db-{uuid.uuid4().hex[:8]}"
+    postgres = dialect_for(f"postgresql://app@{never_connected}/hf")
+    failure = psycopg.OperationalError(f"failed to resolve host '{never_connected}': [Errno -3] Temporary failure "
+                                       f"in name resolution")
+    assert isinstance(postgres.classify(failure, f"postgresql://app@{never_connected}/hf"), RetryableError)
+    libpq = psycopg.OperationalError(f'could not translate host name "{never_connected}" to address: Temporary '
+                                     f'failure in name resolution')
+    assert isinstance(postgres.classify(libpq, f"postgresql://app@{never_connected}/hf"), RetryableError)
+    mysql = dialect_for(f"mysql://app@{never_connected}/hf")
+    failure = pymysql.err.OperationalError(2003, f"Can't connect to MySQL server on '{never_connected}' ([Errno -3] "
+                                                 f"Temporary failure in name resolution)")
+    assert isinstance(mysql.classify(failure, f"mysql://app@{never_connected}/hf"), RetryableError)
+
+
 def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads):
     """The broker is away when the job starts, then restarted mid-stream: the job waits (never exits) and delivers
     what is published once it is back. (The embedded broker keeps topics in memory: the topic is created again.)"""
@@ -226,3 +273,59 @@ def test_the_kafka_stream_rides_out_a_broker_outage(tmp_path, simulated_payloads
         job.send_signal(signal.SIGKILL)
         job.wait(10)
         broker.stop()
+
+
+def test_a_topic_the_broker_cannot_serve_for_now_is_an_outage_and_a_missing_one_a_misconfiguration():
+    """LEADER_NOT_AVAILABLE while a broker restarts (and any error the client marks retriable) is waited out; a topic
+    that does not exist, or that this client may not read, fails at start with what to fix."""
+    from confluent_kafka import KafkaError
+
+    from core.errors import FatalError, RetryableError
+    from pipelines.embedded import EmbeddedBroker
+    from transforms.sources import plan_partitions, topic_metadata_error
+
+    for transient in (KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+                      KafkaError.REPLICA_NOT_AVAILABLE):
+        assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(transient)), RetryableError)
+    assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(KafkaError.TOPIC_EXCEPTION, retriable=True)),
+                      RetryableError)
+    assert isinstance(topic_metadata_error("b:9092", "raw", KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)),
+                      FatalError)
+    with EmbeddedBroker() as broker, pytest.raises(FatalError, match=r"'no-such-topic' not found.*create it"):
+        plan_partitions(broker.bootstrap, "no-such-topic", "g")  # the real broker's answer for a missing topic
+
+
+def test_a_batch_kafka_read_waits_out_a_broker_restart(tmp_path):
+    """The broker goes away after the partitions are planned, while they are read, and is back (durable storage)
+    after longer than the reader's idle window: the read waits and ends with every message, none twice."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    from pipelines.embedded import EmbeddedBroker, free_port
+    from transforms.sources import ReadPartitionToEnd, plan_partitions
+
+    port, storage = free_port(), tmp_path / "broker"
+    broker = EmbeddedBroker(port=port, storage=storage).start()
+    again = EmbeddedBroker(port=port, storage=storage)
+    back = threading.Timer(5.0, again.start)  # back after 5 s: longer than the 2 s idle window below
+    try:
+        broker.create_topic("raw", 2)
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})
+        values = [f"event-{n}".encode() for n in range(40)]
+        for number, value in enumerate(values):
+            producer.produce("raw", value, partition=number % 2)
+        assert producer.flush(20) == 0
+        plan = plan_partitions(broker.bootstrap, "raw", "restart")
+        broker.stop()
+        back.start()
+        reader = ReadPartitionToEnd(broker.bootstrap, "raw", "restart", idle_polls=20)  # 20 polls of 0.1 s
+        started = time.monotonic()
+        read = [message.data for element in plan for message in reader.process(element)]
+        assert time.monotonic() - started > 4.0  # it did wait for the broker
+        assert sorted(read) == sorted(values)
+    finally:
+        broker.stop()
+        back.cancel()
+        back.join()
+        again.stop()

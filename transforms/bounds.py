@@ -10,7 +10,9 @@ a person can act on, never retried.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 from connectors.base import MappingError
@@ -28,6 +30,7 @@ _SCREEN = bytes.maketrans(b"123456789E", b"000000000e")
 _SCREEN_DELETE = b" \t\r\n+-"
 _LONG_NUMBER = b"0" * 19
 _SUSPECTS = (b":" + _LONG_NUMBER, b"[" + _LONG_NUMBER, b"," + _LONG_NUMBER, b"0e000")
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # UTF-8 of U+D800..DFFF, which json.loads(bytes) lets through
 
 
 class OutOfBounds(MappingError):
@@ -36,8 +39,11 @@ class OutOfBounds(MappingError):
 
 def may_be_out_of_bounds(payload: bytes) -> bool:
     """False when no value of the JSON text ``payload`` can be out of bounds (one C-speed scan of the bytes), so its
-    documents need no ``check_document``; True when they must be checked."""
+    documents need no ``check_document``; True when they must be checked. The scan reads UTF-8: text in another
+    encoding ``json.loads`` accepts (UTF-16, UTF-32, a BOM) or holding encoded surrogates is always checked."""
     if len(payload) > MAX_STRING_CHARS or b"\\u0000" in payload or b"\\ud" in payload or b"\\uD" in payload:
+        return True
+    if json.detect_encoding(payload) != "utf-8" or (b"\xed" in payload and _ENCODED_SURROGATE.search(payload)):
         return True
     screened = payload.translate(_SCREEN, _SCREEN_DELETE)
     return any(suspect in screened for suspect in _SUSPECTS)

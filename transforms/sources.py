@@ -48,7 +48,7 @@ def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 1
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         info = metadata.topics.get(topic)
         if info is None or info.error is not None:
-            raise FatalError(f"topic {topic!r} not found on {bootstrap}: {info.error if info else 'missing'}")
+            raise topic_metadata_error(bootstrap, topic, info.error if info else None)
         partitions = [TopicPartition(topic, p) for p in sorted(info.partitions)]
         committed = consumer.committed(partitions, timeout=timeout_s)
         plan = []
@@ -65,6 +65,19 @@ def plan_partitions(bootstrap: str, topic: str, group: str, timeout_s: float = 1
         raise RetryableError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     finally:
         consumer.close()
+
+
+def topic_metadata_error(bootstrap: str, topic: str, error: Any) -> Exception:
+    """The taxonomy error for a topic the broker's metadata does not give (``error``: its ``KafkaError``, None when
+    absent): RetryableError for a transient one (``LEADER_NOT_AVAILABLE`` while a broker restarts, any the client
+    marks retriable), FatalError for a missing topic or one this client may not read, with what to fix."""
+    from sinks.kafka import classify as classify_kafka_error
+
+    if error is not None and (error.retriable() or isinstance(classify_kafka_error(error), RetryableError)):
+        return RetryableError(f"topic {topic!r} on {bootstrap} is not available for now: {error.str()}")
+    reason = error.str() if error is not None else "missing"
+    return FatalError(f"topic {topic!r} not found on {bootstrap} ({reason}): create it, fix the topic name or grant "
+                      f"this client access to it")
 
 
 def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
@@ -127,29 +140,39 @@ class KafkaOffsets(Acknowledger):
 
 
 class ReadPartitionToEnd(beam.DoFn):
-    """Read one partition from a start offset to its end (partition EOF), at most ``limit`` messages."""
+    """Read one partition from a start offset to its end (partition EOF), at most ``limit`` messages.
+
+    A broker that goes away mid-read is an outage: after ``idle_polls`` polls with neither data nor the end of the
+    partition, the read waits it out (``core.errors.wait_out``, warnings in the log) for up to ``patience_s``, then
+    raises RetryableError (the run fails and commits nothing past what was delivered)."""
 
     def __init__(self, bootstrap: str, topic: str, group: str, limit: int | None = None,
-                 poll_timeout_s: float = 0.1, idle_polls: int = 300) -> None:
+                 poll_timeout_s: float = 0.1, idle_polls: int = 300, patience_s: float = KAFKA_PATIENCE_S) -> None:
         self.bootstrap, self.topic, self.group, self.limit = bootstrap, topic, group, limit
-        self.poll_timeout_s, self.idle_polls = poll_timeout_s, idle_polls
+        self.poll_timeout_s, self.idle_polls, self.patience_s = poll_timeout_s, idle_polls, patience_s
 
     def process(self, element: tuple[int, int]) -> Iterator[RawMessage]:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         partition, start = element
         consumer = kafka_consumer(self.bootstrap, f"{self.group}.reader", **{"enable.partition.eof": True})
-        previous, read, idle = start - 1, 0, 0
+        previous, read = start - 1, 0
+
+        def next_batch() -> list[Any]:
+            """Messages (or the end of the partition); RetryableError after ``idle_polls`` polls of nothing."""
+            wanted = min(500, self.limit - read) if self.limit else 500
+            for _ in range(self.idle_polls):
+                batch = consumer.consume(wanted, self.poll_timeout_s)
+                if batch:
+                    return batch
+            raise RetryableError(f"no data and no end of partition from {self.topic}[{partition}] for "
+                                 f"{self.idle_polls * self.poll_timeout_s:.0f} s")
+
         try:
             consumer.assign([TopicPartition(self.topic, partition, start)])
             while self.limit is None or read < self.limit:
-                batch = consumer.consume(min(500, self.limit - read) if self.limit else 500, self.poll_timeout_s)
-                if not batch:
-                    idle += 1
-                    if idle >= self.idle_polls:
-                        raise KafkaException(f"no data and no end-of-partition from {self.topic}[{partition}]")
-                    continue
-                idle, eof = 0, False
+                batch = wait_out(next_batch, f"Kafka {self.bootstrap}", self.patience_s, log=log)
+                eof = False
                 for message in batch:
                     error = message.error()
                     if error is not None:
