@@ -95,18 +95,15 @@ def test_the_books_count_a_missing_event_as_lost():
     assert not row.ok
 
 
-GARMIN_TOO_LARGE = pytest.mark.xfail(strict=True, reason="an authenticated 5 MB Garmin push → 500 (the broker refuses "
-                                                          "the message, KafkaException MSG_SIZE_TOO_LARGE escapes)")
-
-
-@pytest.mark.parametrize("route, body, query", [
-    ("/v2/auth/generateWidgetSession", b'{"reference_id": NaN}', ""),
-    ("/v2/auth/authenticateUser", b'{"reference_id": NaN}', "?resource=OURA"),
-    pytest.param("/v2/providers/garmin/webhook",
-                 json.dumps({"dailies": [{"userId": "u", "x": "y" * 5_000_000}]}).encode(),
-                 f"?token={fuzz.WEBHOOK_TOKEN}", marks=GARMIN_TOO_LARGE),
+@pytest.mark.parametrize("route, body, query, answered", [
+    ("/v2/auth/generateWidgetSession", b'{"reference_id": NaN}', "", range(400, 500)),
+    ("/v2/auth/authenticateUser", b'{"reference_id": NaN}', "?resource=OURA", range(400, 500)),
+    # within Garmin's 32 MiB cap and what the API's producer sends: queued (it was a 500 on main: the producer's
+    # 1 MB default refused it and KafkaException MSG_SIZE_TOO_LARGE escaped)
+    ("/v2/providers/garmin/webhook", json.dumps({"dailies": [{"userId": "u", "x": "y" * 5_000_000}]}).encode(),
+     f"?token={fuzz.WEBHOOK_TOKEN}", range(200, 300)),
 ], ids=["NaN to generateWidgetSession", "NaN to authenticateUser", "5 MB Garmin push with its token"])
-def test_hostile_requests_found_on_main_are_refused_with_a_reason(ctx, route, body, query):
+def test_hostile_requests_found_on_main_are_answered_with_a_reason(ctx, route, body, query, answered):
     import requests
 
     process, base, auth = fuzz.serve_api(ctx, ctx.folder("api-findings"))
@@ -114,7 +111,7 @@ def test_hostile_requests_found_on_main_are_refused_with_a_reason(ctx, route, bo
         wait_for(lambda: fuzz.answers(base, requests), timeout_s=60, what="healthflow serve")
         answer = requests.post(base + route + query, data=body, timeout=30,
                                headers={**auth, "content-type": "application/json"})
-        assert 400 <= answer.status_code < 500 and answer.content, (answer.status_code, answer.content[:200])
+        assert answer.status_code in answered and answer.content, (answer.status_code, answer.content[:200])
     finally:
         process.terminate()
         process.wait(10)
