@@ -107,14 +107,20 @@ class EmbeddedBroker:
 
     def _check_port_free(self) -> None:
         """FatalError naming the port when another process listens on it (a connection there would not reach this
-        broker). SO_REUSEADDR: a port a previous broker left in TIME_WAIT is free."""
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", self.port))
-            except OSError as exc:
-                raise FatalError(f"embedded broker: port {self.port} on 127.0.0.1 is in use by another process "
-                                 f"({exc.strerror}); give a free port or stop that process") from None
+        broker). SO_REUSEADDR: a port a previous broker left in TIME_WAIT is free; a broker stopped a moment ago may
+        hold it a little longer while its connections close, so the port is tried for ``PORT_RELEASE_S``."""
+        deadline = time.monotonic() + PORT_RELEASE_S
+        while True:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", self.port))
+                    return
+                except OSError as exc:
+                    if time.monotonic() >= deadline:
+                        raise FatalError(f"embedded broker: port {self.port} on 127.0.0.1 is in use by another "
+                                         f"process ({exc.strerror}); give a free port or stop that process") from None
+            time.sleep(0.1)
 
     def create_topic(self, name: str, partitions: int = 4, exist_ok: bool = False) -> None:
         from confluent_kafka import KafkaError, KafkaException
@@ -149,6 +155,7 @@ class EmbeddedBroker:
 
 
 MOTO_REGION = "us-east-1"
+PORT_RELEASE_S = 5.0  # how long a port is tried before it counts as another process's
 
 
 def _moto_command(port: int) -> list[str]:
