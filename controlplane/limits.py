@@ -9,6 +9,8 @@ request of the API except the paths it leaves to their own limits (the provider 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Sequence
 from itertools import accumulate
@@ -61,7 +63,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 def json_depth(body: bytes) -> int:
     """How deep the arrays and objects of a JSON text nest (0 for a scalar), without parsing it, in time linear in
-    the length of ``body`` whatever it holds (brackets after an unterminated string are its text, not nesting)."""
+    the length of ``body`` whatever it holds (brackets after an unterminated string are its text, not nesting).
+    UTF-16 and UTF-32 texts, which ``json.loads`` reads too, are scanned as the text they encode."""
+    encoding = json.detect_encoding(body)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        with contextlib.suppress(UnicodeError):  # undecodable: json.loads cannot read it either
+            body = body.decode(encoding).encode("utf-8", "surrogatepass")
     brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS).translate(_NESTING_STEPS)
     return max(accumulate(memoryview(brackets).cast("b")), default=0)
 

@@ -63,6 +63,15 @@ def test_json_depth_is_unchanged_for_json_and_ends_at_an_unterminated_string():
     assert json_depth(b'[[{"a": "\\') == 3 and json_depth(b'"') == 0
 
 
+def test_json_depth_reads_utf16_and_utf32_as_json_loads_does():
+    """json.loads reads UTF-16 and UTF-32 too: a byte of a character (U+0122 is ``22 01`` in UTF-16LE) must not pass
+    for a quote that hides the nesting after it."""
+    text = '["\u0122",' + "[" * 500 + "]" * 500 + "]"
+    for encoding in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "utf-32-le", "utf-32-be"):
+        body = text.encode(encoding)
+        assert json.loads(body) and json_depth(body) == 501, encoding
+
+
 def test_healthz_answers_while_hostile_bodies_are_posted_anonymously(tmp_path):
     plane = ControlPlane(f"sqlite:///{tmp_path}/state.db", Fernet.generate_key().decode(), manifests={}).open()
     answers: list[int] = []
