@@ -200,9 +200,9 @@ class SharedProducer:
         with self._lock:
             if self._closed.is_set() or self._producer is None:
                 return
+            self._last_replace = time.monotonic()  # set first: a replacement that raises is tried again only later
             old, self._producer = self._producer, new_producer(self.config)
             self._replace.clear()
-            self._last_replace = time.monotonic()
             self.replaced += 1
         # it cannot deliver: what it holds is reported as failed (the callers answer for it, e.g. with a 503 the
         # provider retries; an in-flight message may still have been written, so at least once), then it is released

@@ -130,3 +130,18 @@ def test_a_claim_that_cannot_be_given_back_lapses_after_the_pending_timeout(brok
         time.sleep(max(0.0, started + 3.2 - time.monotonic()))
         assert requests.post(url, data=BODY, headers=HEADERS, timeout=30).status_code == 204
     assert len(read_raw_events(broker.bootstrap, notes)) == 1
+
+
+def test_a_claim_the_fetcher_forgets_before_the_api_accepts_it_stays_forgotten(tmp_path):
+    """The fetcher can fetch (and forget) a notification before the API marks its claim accepted: the late accept
+    must not bring the claim back, or the next identical notification (another sync of that day) would be dropped."""
+    seen = SeenNotifications(f"sqlite:///{tmp_path}/seen.db")
+    try:
+        first = seen.claim("fitbit", "day-sync", pending_s=10.0)
+        assert first.token is not None
+        seen.forget("fitbit", "day-sync")  # fetched while the claim is still pending
+        seen.accept("fitbit", "day-sync", first.token, window_s=600.0)  # the API's late accept
+        again = seen.claim("fitbit", "day-sync", pending_s=10.0)
+        assert again.token is not None and not again.replay
+    finally:
+        seen.close()

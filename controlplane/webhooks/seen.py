@@ -111,10 +111,11 @@ class SeenNotifications:
                                [provider, seen_id, PENDING + token])
 
     def forget(self, provider: str, seen_id: str) -> None:
-        """Drop ``seen_id``'s accepted claim: the next identical notification is accepted as new."""
+        """Drop ``seen_id``'s claim, in either phase: the next identical notification is accepted as new. (The fetcher
+        forgets what it fetched; the API may not have marked that claim accepted yet, and a late ``accept`` finds no
+        row and does nothing, so it cannot bring the claim back.)"""
         with self._lock:
-            self.store.execute(f"DELETE FROM {self.table} WHERE provider = ? AND seen_id = ? AND claim LIKE ?",
-                               [provider, seen_id, ACCEPTED + "%"])
+            self.store.execute(f"DELETE FROM {self.table} WHERE provider = ? AND seen_id = ?", [provider, seen_id])
 
     def close(self) -> None:
         with self._lock:
