@@ -35,6 +35,7 @@ BUFFER_MESSAGES = 10_000  # the API producer's local buffer: full means 503 at o
 BUFFER_KBYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024  # the largest raw event the API produces: a 32 MiB body and its envelope
 TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+MESSAGE_OVERHEAD_BYTES = 1024  # a record batch's framing beside the value, key and headers (generous)
 
 
 def raw_message(item: RawPayload | bytes,
@@ -134,11 +135,14 @@ class RawEventPublisher:
         if not payloads:
             return 0
         messages = [raw_message(payload) for payload in payloads]
-        for payload, (value, _key) in zip(payloads, messages, strict=True):
-            if len(value) > self.max_message_bytes:  # before anything is produced: a retry duplicates nothing
+        for payload, (value, key) in zip(payloads, messages, strict=True):
+            size = len(value) + len(key or "") + sum(len(k) + len(v or b"") for k, v in headers or ())
+            if size + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:  # checked before anything is produced, so a
+                # retry duplicates nothing (the producer counts the key, headers and a record's overhead too)
                 raise PayloadTooLarge(f"the {payload.provider} raw event for user {payload.user_id or '(none)'} is "
-                                      f"{len(value):,} bytes; at most {self.max_message_bytes:,} are published "
-                                      f"(nothing of these {len(payloads)} raw events was)")
+                                      f"{size:,} bytes with its key and headers; the producer takes messages of "
+                                      f"at most {self.max_message_bytes:,} bytes with their framing (nothing of "
+                                      f"these {len(payloads)} raw events was published)")
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         acknowledgements = _Acknowledgements(len(payloads), future)
         for produced, (value, key) in enumerate(messages):

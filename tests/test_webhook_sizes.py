@@ -162,3 +162,21 @@ def test_splitting_a_push_in_one_parse_matches_the_step_by_step_split(body):
     rest, pings = split_pings(rest, "callbackURL")
     assert split_push("garmin", body, keys, "callbackURL", "userId") == (
         lists, split_push_by_user("garmin", rest, "userId") if rest else [], pings)
+
+
+def test_a_non_ascii_part_is_published_at_its_own_size_not_escaped_threefold(broker, serve):
+    """A part of 870 KB of non-ASCII text (activity names, notes) is under a 1,000,000-byte producer as UTF-8; written
+    with ``\\u`` escapes it would be 1.2 MB and refused. It is published, and reads back as the same documents."""
+    producer = SharedProducer(producer_config(broker.bootstrap, {"message.max.bytes": 1_000_000,
+                                                                 "message.timeout.ms": 5000}))
+    epochs = _epochs("u-3", 1)
+    epochs[0]["activityName"] = "Café au lait — ünterwegs " * 30_000  # 870 KB as UTF-8, 1.2 MB as \\u escapes
+    try:
+        url, raw = serve(RawEventPublisher(producer=producer))
+        body = {"dailies": [_daily("u-1")], "epochs": epochs}  # two users: the push is split and re-serialized
+        reply = requests.post(url, data=json.dumps(body, ensure_ascii=False).encode(), timeout=60)
+        assert reply.status_code == 200, reply.text
+    finally:
+        producer.close()
+    published = {event["user_id"]: json.loads(event["payload"]) for event in read_raw_events(broker.bootstrap, raw)}
+    assert published == {"u-1": {"dailies": [_daily("u-1")]}, "u-3": {"epochs": epochs}}

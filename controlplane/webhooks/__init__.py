@@ -207,8 +207,16 @@ def _by_user(provider: str, parsed: dict[str, list[Any]], user_field: str) -> li
         for document in documents:
             user = str(document.get(user_field, "")) if isinstance(document, dict) else ""
             by_user.setdefault(user, {}).setdefault(kind, []).append(document)
-    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), user_id=user or None)
-            for user, part in by_user.items()]
+    return [RawPayload(provider, _compact_json(part), user_id=user or None) for user, part in by_user.items()]
+
+
+def _compact_json(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON (non-ASCII text as is: ``\\u`` escapes would make it up to three times larger
+    than what the provider sent); with ASCII escapes when it holds a lone surrogate, which UTF-8 cannot encode."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _take_lifecycle(parsed: dict[str, Any], keys: Collection[str]) -> dict[str, list[Any]]:
@@ -270,7 +278,7 @@ def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str
     if not isinstance(parsed, dict) or not any(isinstance(parsed.get(k), list) for k in keys):
         return body, {}
     lifecycle = _take_lifecycle(parsed, keys)
-    return (json.dumps(parsed, separators=(",", ":")).encode() if parsed else b""), lifecycle
+    return (_compact_json(parsed) if parsed else b""), lifecycle
 
 
 def split_pings(body: bytes, callback_field: str | None) -> tuple[bytes, dict[str, list[Any]]]:
@@ -290,7 +298,7 @@ def split_pings(body: bytes, callback_field: str | None) -> tuple[bytes, dict[st
     rest, pings = _take_pings(parsed, callback_field)
     if not pings:
         return body, {}
-    return (json.dumps(rest, separators=(",", ":")).encode() if rest else b""), pings
+    return (_compact_json(rest) if rest else b""), pings
 
 
 def split_push(provider: str, body: bytes, lifecycle: Collection[str], callback_field: str | None,
@@ -312,7 +320,7 @@ def split_push(provider: str, body: bytes, lifecycle: Collection[str], callback_
     if not parsed:
         return lists, [], pings
     if not all(isinstance(v, list) for v in parsed.values()):  # published whole, for the pipeline to dead-letter
-        whole = json.dumps(parsed, separators=(",", ":")).encode() if lists or pings else body
+        whole = _compact_json(parsed) if lists or pings else body
         return lists, [RawPayload(provider, whole)], pings
     return lists, _by_user(provider, parsed, user_field), pings
 
@@ -323,7 +331,7 @@ def queue_pings(provider: str, pings: Mapping[str, list[Any]], user_field: str) 
     for kind, entries in pings.items():
         for entry in entries:
             by_user.setdefault(str(entry.get(user_field) or ""), {}).setdefault(kind, []).append(entry)
-    return [RawPayload(provider, json.dumps(part, separators=(",", ":")).encode(), kind="notification",
+    return [RawPayload(provider, _compact_json(part), kind="notification",
                        user_id=user or None) for user, part in by_user.items()]
 
 
@@ -395,7 +403,7 @@ def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[Raw
         by_user.setdefault(notification_user(entry, hooks.user_field), []).append(entry)
     if len(by_user) <= 1:
         return [event(body, next(iter(by_user), None))]
-    return [event(json.dumps(entries, separators=(",", ":")).encode(), user) for user, entries in by_user.items()]
+    return [event(_compact_json(entries), user) for user, entries in by_user.items()]
 
 
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
