@@ -8,7 +8,6 @@ SQLite/PostgreSQL destinations and a webhook receiver on loopback. Every message
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from core.raw import RawMessage, RawPayload
 from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, build_from, run_batch
 from pipelines.streaming import run_streaming
+from reliability.mechanics import sqlite_rows as sql_rows
 from schemas.serde import encode_raw
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
@@ -40,18 +40,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str =
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def sql_rows(path: Path) -> dict[tuple[str, str, str], tuple[str, str]]:
-    if not path.exists():
-        return {}
-    with sqlite3.connect(path) as conn:
-        try:
-            rows = conn.execute("SELECT user_id, type, natural_key, event_id, payload FROM healthflow_records"
-                                ).fetchall()
-        except sqlite3.OperationalError:
-            return {}
-    return {(u, t, k): (e, p) for u, t, k, e, p in rows}
 
 
 def write_jsonl(path: Path, payloads: list[RawPayload]) -> None:

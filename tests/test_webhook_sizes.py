@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from core.kafka import SharedProducer, producer_config
 
 pytest.register_assert_rewrite("servers.fake_provider_api")
 from servers.fake_provider_api import read_raw_events  # noqa: E402
+from test_api_publish import HealthProbe  # noqa: E402
 
 TOKEN = "garmin-url-token"
 
@@ -99,30 +99,6 @@ def test_a_part_larger_than_the_producer_takes_is_413_and_nothing_of_the_body_is
     finally:
         producer.close()
     assert read_raw_events(broker.bootstrap, raw) == []
-
-
-class HealthProbe:
-    """``GET /healthz`` every 20 ms on a thread of its own while the block runs: each answer's latency."""
-
-    def __init__(self, base: str) -> None:
-        self.base, self.latencies = base, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            requests.get(f"{self.base}/healthz", timeout=10).raise_for_status()
-            self.latencies.append(time.perf_counter() - started)
-            time.sleep(0.02)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 def test_healthz_stays_fast_while_a_large_push_is_parsed_and_split(broker, serve):
