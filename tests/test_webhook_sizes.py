@@ -116,7 +116,8 @@ def test_healthz_stays_fast_while_a_large_push_is_parsed_and_split(broker, serve
     finally:
         publisher.close()
     assert len(probe.latencies) >= 5
-    assert max(probe.latencies) < 1.0, (f"/healthz max {max(probe.latencies):.3f}s, "
+    # main stalled 2.4 s on a 20 MiB push; what remains is ~0.8 s of single C calls holding the GIL (loose for CI)
+    assert max(probe.latencies) < 1.5, (f"/healthz max {max(probe.latencies):.3f}s, "
                                         f"p50 {statistics.median(probe.latencies):.3f}s")
 
 
