@@ -175,24 +175,7 @@ def test_a_query_password_is_redacted_in_messages_and_refused_on_remote_runners(
 
 
 def test_url_secrets_written_literally_still_work_on_the_local_runner(tmp_path, simulated_payloads):
-    from test_streaming import write_jsonl
-
-    from pipelines.webhook_receiver import WebhookReceiver
-
-    raw_file = tmp_path / "raw.jsonl"
-    write_jsonl(raw_file, simulated_payloads[:20])
-    name = fresh_database()  # trust authentication: any password is accepted, it only has to reach the worker
-    try:
-        with WebhookReceiver(LITERAL_WEBHOOK) as receiver:
-            job = url_secrets_job(FileSource(str(raw_file)), pg_host=f"127.0.0.1:5432/{name}",
-                                  webhook_url=receiver.url)
-            job.sinks = job.sinks[:2]
-            job.dead_letter_root = str(tmp_path / "dead-letters")
-            summary = run_batch(job, [])
-            assert summary.get("delivered:hook") == summary.get("delivered:pg") > 0
-            assert receiver.unique == summary.get("delivered:hook")
-    finally:
-        drop_database(name)
+    delivers_on_the_local_runner(tmp_path, simulated_payloads, url_secrets_job)
 
 
 def test_remote_runners_refuse_secrets_written_literally(caplog):
@@ -209,6 +192,12 @@ def test_remote_runners_refuse_secrets_written_literally(caplog):
 
 
 def test_secrets_written_literally_still_work_on_the_local_runner(tmp_path, simulated_payloads):
+    delivers_on_the_local_runner(tmp_path, simulated_payloads, literal_job)
+
+
+def delivers_on_the_local_runner(tmp_path, simulated_payloads, make_job) -> None:
+    """A job ``make_job`` builds with secrets written literally delivers to PostgreSQL and a signature-checking
+    webhook receiver on the local runner (the held secrets reach its workers)."""
     from test_streaming import write_jsonl
 
     from pipelines.webhook_receiver import WebhookReceiver
@@ -218,7 +207,7 @@ def test_secrets_written_literally_still_work_on_the_local_runner(tmp_path, simu
     name = fresh_database()  # trust authentication: any password is accepted, it only has to reach the worker
     try:
         with WebhookReceiver(LITERAL_WEBHOOK) as receiver:
-            job = literal_job(FileSource(str(raw_file)), pg_host=f"127.0.0.1:5432/{name}", webhook_url=receiver.url)
+            job = make_job(FileSource(str(raw_file)), pg_host=f"127.0.0.1:5432/{name}", webhook_url=receiver.url)
             job.sinks = job.sinks[:2]
             job.dead_letter_root = str(tmp_path / "dead-letters")
             summary = run_batch(job, [])
