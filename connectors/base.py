@@ -2,8 +2,9 @@
 payloads split into documents and registers one small mapper per raw kind.
 
 A mapper is a pure function ``document -> Terra record dict`` (or an iterable of them, or
-``Fragment``s). It raises ``MappingError`` for input it cannot map; the pipeline turns that into a
-dead letter that keeps the original bytes. Mappers never do I/O.
+``Fragment``s, or ``Deletion``s when the provider says a record is gone). It raises ``MappingError``
+for input it cannot map; the pipeline turns that into a dead letter that keeps the original bytes.
+Mappers never do I/O.
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ class Fragment:
 
     type: str
     data: dict[str, Any]
+    provider_user_id: str | None = None
+    version_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """The provider says a record no longer exists: delivered as a tombstone event to every destination.
+
+    ``natural_key`` is the record's upsert key within (user, ``type``), as ``natural_key()`` gives it: the
+    ``summary_id`` of an activity or sleep, the day (``YYYY-MM-DD``) of a day-scoped record. ``version_ms``
+    orders it against the record's data versions (newest wins, as for fragments).
+    """
+
+    type: str
+    natural_key: str
     provider_user_id: str | None = None
     version_ms: int | None = None
 
@@ -164,7 +180,7 @@ class Provider:
         return owner
 
     def normalize_document(self, kind: str, doc: Any, user_id: str | None = None,
-                           compacted: bool = True) -> list[Fragment]:
+                           compacted: bool = True) -> list[Fragment | Deletion]:
         """Map one document of ``owner_of(kind, doc, user_id)``; every fragment is that user's (or, with
         ``records_name_their_user``, the user it names).
 
@@ -179,10 +195,7 @@ class Provider:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
         compacting = self.compacts and compacted
-        fragments = [item if item.provider_user_id and not compacting else  # a frozen Fragment as it is
-                     Fragment(item.type, compact(item.data) if compacting else item.data,
-                              item.provider_user_id or owner, item.version_ms)
-                     for item in _as_fragments(produced, spec, owner)]
+        fragments = [_owned(item, owner, compacting) for item in _as_fragments(produced, spec, owner)]
         for fragment in fragments:
             if not self.records_name_their_user and str(fragment.provider_user_id) != owner:
                 raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
@@ -190,14 +203,24 @@ class Provider:
         return fragments
 
 
-def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment]:
-    """What a mapper produced as Fragments; a record (a dict) is ``owner``'s."""
+def _owned(item: Fragment | Deletion, owner: str, compacting: bool) -> Fragment | Deletion:
+    """``item`` with its user (``owner`` unless it names one), its data compacted when ``compacting``."""
+    if isinstance(item, Deletion):
+        return item if item.provider_user_id else Deletion(item.type, item.natural_key, owner, item.version_ms)
+    if item.provider_user_id and not compacting:
+        return item  # a frozen Fragment as it is
+    return Fragment(item.type, compact(item.data) if compacting else item.data, item.provider_user_id or owner,
+                    item.version_ms)
+
+
+def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment | Deletion]:
+    """What a mapper produced as Fragments (and Deletions); a record (a dict) is ``owner``'s."""
     if produced is None:
         return []
     items = produced if isinstance(produced, list | tuple) or hasattr(produced, "__next__") else [produced]
     out = []
     for item in items:
-        if isinstance(item, Fragment):
+        if isinstance(item, Fragment | Deletion):
             out.append(item)
         elif len(spec.models) == 1:
             out.append(Fragment(spec.models[0], item, owner))
