@@ -5,18 +5,17 @@
 ``manifest.yaml`` (``connectors.manifest.Manifest``: auth, API endpoints, pagination, rate
 limits, webhooks). Both are checked against each other when the registry loads.
 
-What the manifest cannot say goes in the folder's optional ``client.py``: ``OAUTH`` (a
-``connectors.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
-connect, deregistration at disconnect), ``POLL_HOOK`` (a ``connectors.hooks.ResponseHook``
-subclass adding request headers or the context a mapper needs to polled pages, or reading statuses a
-provider sends inside HTTP 200 answers) and ``PUSH_LIFECYCLE`` (push-body lists that are account events,
-not data: Garmin ``deregistrations``, ``userPermissionsChange``).
+What the manifest cannot say is code in the folder, named in the manifest's ``hooks`` (never found by
+convention, so a hook that is missing fails the registry at start instead of silently doing nothing):
+``oauth`` (a ``connectors.oauth.ProviderOAuth`` subclass for non-standard token answers, registration at
+connect, deregistration at disconnect) and ``poll`` (a ``connectors.hooks.ResponseHook`` subclass adding
+request headers or the context a mapper needs to polled pages, or reading statuses a provider sends inside
+HTTP 200 answers), usually in the folder's ``client.py``.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import pkgutil
 from functools import cache
 from pathlib import Path
@@ -53,6 +52,9 @@ def _checked_manifest(provider: Provider, path: Path) -> Manifest:
     unmapped = sorted(set(manifest.api.endpoints if manifest.api else {}) - set(provider.kinds))
     if unmapped:
         raise FatalError(f"{path}: endpoints for kinds without a mapper: {', '.join(unmapped)}")
+    for role, name in manifest.hooks:
+        if name is not None:
+            _resolve_hook(provider.slug, role, name, path)
     notified = {kind for kinds in (manifest.webhooks.kinds.values() if manifest.webhooks else ()) for kind in kinds}
     unfetchable = sorted(notified - set(manifest.api.endpoints if manifest.api else {}))
     if unfetchable:
@@ -68,10 +70,28 @@ def get_provider(slug: str) -> Provider:
         raise KeyError(f"unknown provider {slug!r}; known: {', '.join(sorted(providers))}") from None
 
 
+def provider_hook(slug: str, role: str) -> type | None:
+    """The class the provider's manifest names as its ``hooks.<role>`` (``oauth`` or ``poll``), or None."""
+    provider = get_provider(slug)
+    name = getattr(provider.manifest.hooks, role)
+    return None if name is None else _resolve_hook(provider.slug, role, name, PROVIDERS_DIR / slug / "manifest.yaml")
+
+
 @cache
-def provider_client(slug: str) -> ModuleType | None:
-    """``connectors/providers/<slug>/client.py`` (API client code the manifest cannot express), or None."""
-    if importlib.util.find_spec(f"{PROVIDERS}.{slug}") is None or \
-            importlib.util.find_spec(f"{PROVIDERS}.{slug}.client") is None:
-        return None
-    return importlib.import_module(f"{PROVIDERS}.{slug}.client")
+def _resolve_hook(slug: str, role: str, name: str, path: Path) -> type:
+    """Import ``module.Attribute`` of the provider's folder and check it is a hook of ``role``; FatalError otherwise."""
+    from connectors.hooks import ResponseHook
+    from connectors.oauth import ProviderOAuth
+
+    module_name, _, attribute = name.partition(".")
+    base = {"oauth": ProviderOAuth, "poll": ResponseHook}[role]
+    try:
+        module: ModuleType = importlib.import_module(f"{PROVIDERS}.{slug}.{module_name}")
+    except ModuleNotFoundError as exc:
+        raise FatalError(f"{path}: hooks.{role} names {name!r} but {PROVIDERS_DIR / slug / module_name}.py "
+                         f"cannot be imported: {exc}") from exc
+    hook = getattr(module, attribute, None)
+    if not (isinstance(hook, type) and issubclass(hook, base)):
+        raise FatalError(f"{path}: hooks.{role} names {name!r}, which is not a {base.__module__}.{base.__name__} "
+                         f"subclass in {module.__file__}")
+    return hook

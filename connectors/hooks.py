@@ -5,7 +5,7 @@ A hook sees every page the poller fetched (``Request``: provider, kind, endpoint
 (usually the page with fields added; a bare JSON array may be split or wrapped). ``status`` lets a provider that
 reports errors inside an HTTP 200 answer (Withings ``{"status": 401, ...}``) name the HTTP status they mean, so the
 poller refreshes, pauses, retries or fails exactly as for a real one. A provider's hook class is
-``POLL_HOOK`` in its ``connectors/providers/<slug>/client.py`` (one instance per poller); providers without one publish
+named in its manifest (``hooks: {poll: client.<Class>}``; one instance per poller); providers without one publish
 pages as they are.
 """
 
@@ -49,7 +49,7 @@ class ResponseHook:
 
 
 def default_hooks() -> dict[str, ResponseHook]:
-    """A new ``POLL_HOOK`` of every provider that has one."""
-    from connectors import provider_client, registry
+    """A new instance of every provider's ``hooks.poll`` (named in its manifest)."""
+    from connectors import provider_hook, registry
 
-    return {slug: hook() for slug in registry() if (hook := getattr(provider_client(slug), "POLL_HOOK", None))}
+    return {slug: hook() for slug in registry() if (hook := provider_hook(slug, "poll")) is not None}

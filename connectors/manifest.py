@@ -151,6 +151,26 @@ class Webhooks(_Strict):
                                                          "notifications, the URL fetched with the user's token (only "
                                                          "on api.base_url's origin and path) and its answer published "
                                                          "as a push body")
+    lifecycle: dict[str, Literal["deregistration", "permissions_change"]] = Field(
+        default_factory=dict, description="push mode: push-body lists that are account events, not data (Garmin "
+                                          "deregistrations, userPermissionsChange) → the action taken; never "
+                                          "published as data")
+
+
+HOOK_NAME = r"^[a-z_][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class Hooks(_Strict):
+    """Code the manifest cannot express, named ``module.Attribute`` within the provider's folder (``client.PolarHook``
+    is ``connectors/providers/polar/client.py``'s ``PolarHook``). Only named hooks are used: the registry imports each
+    when it loads and refuses to start when one is missing or of the wrong kind."""
+
+    oauth: str | None = Field(None, pattern=HOOK_NAME,
+                              description="a connectors.oauth.ProviderOAuth subclass (non-standard token answers, "
+                                          "registration at connect, deregistration at disconnect)")
+    poll: str | None = Field(None, pattern=HOOK_NAME,
+                             description="a connectors.hooks.ResponseHook subclass (request headers, the context a "
+                                         "mapper needs attached to polled pages, statuses sent inside HTTP 200)")
 
 
 class Manifest(_Strict):
@@ -161,6 +181,7 @@ class Manifest(_Strict):
     auth: OAuth2 | OAuth1 | NoAuth = Field(discriminator="type")
     api: Api | None = None
     webhooks: Webhooks | None = None
+    hooks: Hooks = Field(default_factory=Hooks)
 
 
 def load_manifest(path: Path) -> Manifest:

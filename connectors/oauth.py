@@ -126,8 +126,8 @@ class ProviderOAuth:
 
     What the manifest declares (endpoints, client auth, PKCE, ``authorize_params``, ``token_params``, ``profile``)
     is handled here. A provider whose OAuth needs code subclasses this in ``connectors/providers/<slug>/client.py``
-    (``OAUTH``) and overrides the hooks: ``token_response`` (a non-standard token answer), ``after_connect``
-    (registration at the provider) and ``disconnect`` (deregistration).
+    (named in its manifest's ``hooks.oauth``) and overrides the hooks: ``token_response`` (a non-standard token
+    answer), ``after_connect`` (registration at the provider) and ``disconnect`` (deregistration).
     """
 
     def __init__(self, manifest: Manifest, settings: ProviderSettings, profile_fetcher: ProfileFetcher | None = None,
@@ -278,7 +278,7 @@ class ProviderOAuth:
 
 
 def oauth_class(slug: str) -> type[ProviderOAuth]:
-    """``OAUTH`` of ``connectors/providers/<slug>/client.py`` when the provider has one, else ``ProviderOAuth``."""
-    from connectors import provider_client
+    """The provider's ``hooks.oauth`` (named in its manifest) when it has one, else ``ProviderOAuth``."""
+    from connectors import provider_hook
 
-    return getattr(provider_client(slug), "OAUTH", ProviderOAuth)
+    return provider_hook(slug, "oauth") or ProviderOAuth

@@ -152,3 +152,35 @@ def test_a_broken_manifest_is_refused_with_its_problems(tmp_path: Path) -> None:
         load_manifest(path)
     message = str(error.value)
     assert str(path) in message and "provider" in message and "authorize_url" in message
+
+
+@pytest.mark.parametrize(("hooks", "problem"), [
+    ("{poll: client.NoSuchHook}", "not a connectors.hooks.ResponseHook subclass"),
+    ("{poll: client.PolarOAuth}", "not a connectors.hooks.ResponseHook subclass"),
+    ("{oauth: nowhere.PolarOAuth}", "cannot be imported"),
+])
+def test_a_hook_the_manifest_names_must_exist_or_the_registry_refuses_to_start(
+        tmp_path: Path, hooks: str, problem: str) -> None:
+    """Hooks are named in the manifest, never found by convention: a missing one fails loudly at start."""
+    import connectors
+    from core.errors import FatalError
+
+    source = connectors.PROVIDERS_DIR / "polar" / "manifest.yaml"
+    path = tmp_path / "manifest.yaml"
+    path.write_text("\n".join(line for line in source.read_text().splitlines() if not line.startswith("hooks:"))
+                    + f"\nhooks: {hooks}\n")
+    with pytest.raises(FatalError, match=problem) as error:
+        connectors._checked_manifest(registry()["polar"], path)
+    assert str(path) in str(error.value)
+
+
+def test_every_hook_in_use_is_named_in_its_providers_manifest() -> None:
+    from connectors import provider_hook
+    from connectors.hooks import default_hooks
+    from connectors.oauth import oauth_class
+
+    named = {slug: provider.manifest.hooks for slug, provider in registry().items()}
+    assert {slug for slug, hooks in named.items() if hooks.poll} == set(default_hooks())
+    for slug, hooks in named.items():
+        assert (provider_hook(slug, "oauth") is not None) == (hooks.oauth is not None)
+        assert oauth_class(slug).__name__ == (hooks.oauth.partition(".")[2] if hooks.oauth else "ProviderOAuth")

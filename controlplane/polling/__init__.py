@@ -15,8 +15,8 @@
   raw event and advances the cursor only after the broker acknowledged the whole window.
 - ``cursors``: cursors in the control-plane store (``core.store``).
 - ``publisher``: one idempotent producer; per-window acknowledged batches with Kafka headers.
-- ``connectors.hooks`` (the provider framework): per-provider request headers and response context (``POLL_HOOK``
-  in ``connectors/providers/<slug>/client.py``).
+- ``connectors.hooks`` (the provider framework): per-provider request headers and response context (the manifest's
+  ``hooks.poll``, usually a class in ``connectors/providers/<slug>/client.py``).
 - ``scheduler``: every active connection × kind every 15 minutes, with jitter.
 
 Exports are loaded lazily, so importing the package is cheap.

@@ -6,7 +6,7 @@ Per the provider's manifest (``webhooks``):
   user's data stays in order on the ingestion topic) and published as is; a body that is not
   JSON is published whole, so the pipeline dead-letters it with its bytes (the provider gets 200 and
   does not retry a payload that can never succeed). Lifecycle lists a provider declares in its
-  ``client.py`` (``PUSH_LIFECYCLE``: list key → action; Garmin ``deregistrations`` and
+  manifest (``webhooks.lifecycle``: list key → action; Garmin ``deregistrations`` and
   ``userPermissionsChange``) are taken out first, applied to the control plane and never published:
   ``deregistration`` revokes every active connection of the account (``ControlPlane.revoke_account``:
   tokens deleted, ``access_revoked`` event; an account without one, e.g. already deauthenticated, is
@@ -83,7 +83,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from connectors import provider_client, registry
+from connectors import get_provider, registry
 from connectors.manifest import Replay, Signature, Webhooks
 from connectors.publish import PUBLISH_TIMEOUT_S, PayloadTooLarge
 from controlplane.limits import MAX_JSON_DEPTH, check_json_depth, read_body
@@ -97,7 +97,6 @@ log = logging.getLogger(__name__)
 # RetryableError (its retry_after) says they were not: the webhook is answered 503 with Retry-After. A notification
 # claimed by its content is published with headers=[(CLAIM_HEADER, claim id)], so the publisher must take that keyword
 Publisher = Callable[[str, Sequence[RawPayload]], Awaitable[object]]
-LIFECYCLE_ACTIONS = ("deregistration", "permissions_change")
 INLINE_PARSE_BYTES = 64 * 1024  # bodies above this are scanned and split on the threadpool, not the event loop
 PENDING_MARGIN_S = 4.0  # a publish fails within its timeout + 1 s; the rest covers the claim's own store round trips
 
@@ -254,12 +253,9 @@ def split_push_by_user(provider: str, body: bytes, user_field: str) -> list[RawP
 
 
 def lifecycle_keys(provider: str) -> dict[str, str]:
-    """``PUSH_LIFECYCLE`` of the provider's ``client.py`` (push-body list key → action), else empty."""
-    declared = dict(getattr(provider_client(provider), "PUSH_LIFECYCLE", None) or {})
-    unknown = set(declared.values()) - set(LIFECYCLE_ACTIONS)
-    if unknown:
-        raise ValueError(f"{provider} PUSH_LIFECYCLE names unknown actions {sorted(unknown)}")
-    return declared
+    """The provider manifest's ``webhooks.lifecycle`` (push-body list key → action), else empty."""
+    webhooks = get_provider(provider).manifest.webhooks
+    return dict(webhooks.lifecycle) if webhooks else {}
 
 
 def split_lifecycle(body: bytes, keys: Collection[str]) -> tuple[bytes, dict[str, list[Any]]]:

@@ -180,6 +180,3 @@ def _day(value: Any) -> date | None:
         return date.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         return None
-
-
-POLL_HOOK = FitbitHook

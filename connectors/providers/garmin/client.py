@@ -6,10 +6,10 @@ pushing that user's data, rejects the user's tokens from then on, and sends one 
 notification as if the user had withdrawn access in Garmin Connect.
 
 The manifest's endpoints are Garmin's backfill requests (``GET /backfill/<type>``): Garmin answers 202
-with no body and pushes the data later; ``POLL_HOOK`` makes sure no answer of theirs is ever published
-as data (see ``controlplane.polling.service`` for windows and 409).
+with no body and pushes the data later; the poll hook (``GarminBackfillHook``) makes sure no answer of theirs
+is ever published as data (see ``controlplane.polling.service`` for windows and 409).
 
-Push bodies may carry lifecycle lists instead of data (``PUSH_LIFECYCLE``, applied by
+Push bodies may carry lifecycle lists instead of data (the manifest's ``webhooks.lifecycle``, applied by
 ``controlplane.webhooks``): ``deregistrations`` (the user disconnected us in Garmin Connect, or we called
 the DELETE above) and ``userPermissionsChange`` (the user changed what they share; the token stays valid).
 
@@ -33,8 +33,6 @@ from core.errors import PermanentError, RetryableError
 log = logging.getLogger(__name__)
 
 REGISTRATION_PATH = "/user/registration"
-# push-body list → lifecycle action (controlplane.webhooks.LIFECYCLE_ACTIONS); these lists are never published as data
-PUSH_LIFECYCLE = {"deregistrations": "deregistration", "userPermissionsChange": "permissions_change"}
 
 
 class GarminOAuth(ProviderOAuth):
@@ -82,7 +80,3 @@ class GarminBackfillHook(ResponseHook):
 
     def payloads(self, request: Request, body: Any) -> list[Any]:
         return []
-
-
-OAUTH = GarminOAuth
-POLL_HOOK = GarminBackfillHook

@@ -115,7 +115,3 @@ class PolarHook(ResponseHook):
         attached = [dict(r, sleep=by_date[r["date"]]) if wants_night(r) and r["date"] in by_date else r
                     for r in recharges]
         return dict(body, recharges=attached) if page else attached[0]
-
-
-OAUTH = PolarOAuth
-POLL_HOOK = PolarHook

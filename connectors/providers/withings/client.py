@@ -239,7 +239,3 @@ def _overlaps(segment: dict[str, Any], begin: int, finish: int) -> bool:
 def window_days(start: datetime, end: datetime) -> tuple[str, str]:
     """The ``startdateymd``/``enddateymd`` of a window, a day either side."""
     return (start - timedelta(days=1)).date().isoformat(), (end + timedelta(days=1)).date().isoformat()
-
-
-OAUTH = WithingsOAuth
-POLL_HOOK = WithingsHook
