@@ -55,11 +55,24 @@ def _checked_manifest(provider: Provider, path: Path) -> Manifest:
     for role, name in manifest.hooks:
         if name is not None:
             _resolve_hook(provider.slug, role, name, path)
+    _check_context(provider, manifest, path)
     notified = {kind for kinds in (manifest.webhooks.kinds.values() if manifest.webhooks else ()) for kind in kinds}
     unfetchable = sorted(notified - set(manifest.api.endpoints if manifest.api else {}))
     if unfetchable:
         raise FatalError(f"{path}: webhooks.kinds names kinds without an api endpoint: {', '.join(unfetchable)}")
     return manifest
+
+
+def _check_context(provider: Provider, manifest: Manifest, path: Path) -> None:
+    """Every kind fetched from the API (polled or notified) whose mapper needs context gets it from the poll hook."""
+    fetched = set(manifest.api.endpoints if manifest.api else {})
+    hook = _resolve_hook(provider.slug, "poll", manifest.hooks.poll, path) if manifest.hooks.poll else None
+    for name, spec in provider.kinds.items():
+        missing = set(spec.context) - set((hook.attaches if hook else {}).get(name, ()))
+        if name in fetched and missing:
+            lacking = "no poll hook is named (hooks.poll)" if hook is None else f"{hook.__name__}.attaches lacks it"
+            raise FatalError(f"{path}: kind {name!r} needs {', '.join(sorted(missing))} attached to what the API "
+                             f"answers, but {lacking}")
 
 
 def get_provider(slug: str) -> Provider:

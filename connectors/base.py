@@ -92,6 +92,7 @@ class KindSpec:
     models: tuple[str, ...]
     mapper: Mapper
     doc: str
+    context: tuple[str, ...] = ()  # document fields the provider's answer lacks, attached by the poll hook
 
 
 @dataclass
@@ -123,14 +124,18 @@ class Provider:
     kinds: dict[str, KindSpec] = field(default_factory=dict)
     manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
-    def kind(self, name: str, *models: str, doc: str = "") -> Callable[[Mapper], Mapper]:
-        """Register the mapper for raw kind ``name`` producing records of ``models``."""
+    def kind(self, name: str, *models: str, doc: str = "", context: tuple[str, ...] = ()) -> Callable[[Mapper], Mapper]:
+        """Register the mapper for raw kind ``name`` producing records of ``models``.
+
+        ``context`` names the fields the mapper needs that the provider's own document lacks (a WHOOP recovery's
+        ``sleep``): a kind the provider is polled or notified for must then have a poll hook that ``attaches`` them,
+        or the registry refuses to start."""
         unknown = set(models) - set(MODEL_TYPES)
         if unknown:
             raise ValueError(f"{self.slug}.{name}: unknown model types {sorted(unknown)}")
 
         def register(fn: Mapper) -> Mapper:
-            self.kinds[name] = KindSpec(name, models, fn, doc or (fn.__doc__ or "").strip())
+            self.kinds[name] = KindSpec(name, models, fn, doc or (fn.__doc__ or "").strip(), tuple(context))
             return fn
 
         return register

@@ -11,10 +11,10 @@ pages as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,12 @@ class Request:
 
 
 class ResponseHook:
-    """The default: no extra headers, HTTP statuses taken as they are, every page published as it is."""
+    """The default: no extra headers, HTTP statuses taken as they are, every page published as it is.
+
+    ``attaches`` declares, per raw kind, the document fields the hook adds (the ``context`` a mapper declares it
+    needs); the registry checks every polled or notified kind's context is attached."""
+
+    attaches: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def headers(self, request: Request) -> dict[str, str]:
         return {}

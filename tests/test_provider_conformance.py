@@ -184,3 +184,23 @@ def test_every_hook_in_use_is_named_in_its_providers_manifest() -> None:
     for slug, hooks in named.items():
         assert (provider_hook(slug, "oauth") is not None) == (hooks.oauth is not None)
         assert oauth_class(slug).__name__ == (hooks.oauth.partition(".")[2] if hooks.oauth else "ProviderOAuth")
+
+
+def test_a_polled_kind_whose_mapper_needs_context_must_have_a_hook_attaching_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapper's declared context (fields the API's answer lacks) is attached by the poll hook, or nothing starts."""
+    import connectors
+    from connectors.base import KindSpec
+    from core.errors import FatalError
+
+    provider = registry()["polar"]
+    polled = next(iter(provider.manifest.api.endpoints))
+    spec = provider.kinds[polled]
+    monkeypatch.setitem(provider.kinds, polled, KindSpec(spec.name, spec.models, spec.mapper, spec.doc, ("_missing",)))
+    source = connectors.PROVIDERS_DIR / "polar" / "manifest.yaml"
+    with pytest.raises(FatalError, match=f"kind {polled!r} needs _missing .*PolarHook.attaches lacks it"):
+        connectors._checked_manifest(provider, source)
+    path = tmp_path / "manifest.yaml"
+    path.write_text("\n".join(line for line in source.read_text().splitlines() if not line.startswith("hooks:")))
+    with pytest.raises(FatalError, match=r"no poll hook is named \(hooks.poll\)"):
+        connectors._checked_manifest(provider, path)
