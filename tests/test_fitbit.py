@@ -254,7 +254,7 @@ def test_stages_sleep_times_durations_and_hypnogram() -> None:
         "duration_deep_sleep_state_seconds": 5280, "duration_light_sleep_state_seconds": 14160,
         "duration_REM_sleep_state_seconds": 5640, "num_REM_events": 3,
     }
-    assert durations["awake"] == {"duration_awake_state_seconds": 2880, "sleep_latency_seconds": 0,
+    assert durations["awake"] == {"duration_awake_state_seconds": 2880,  # auto-detected: latency 0 = not measured
                                   "wake_up_latency_seconds": 0, "num_wakeup_events": 6}
     assert durations["other"] == {"duration_in_bed_seconds": 27960}  # duration 27960000 ms
     assert durations["sleep_efficiency"] == 90
@@ -413,7 +413,7 @@ def test_activity_summary_day() -> None:
     assert record["distance_data"] == {"steps": 12873, "distance_meters": 9840, "floors_climbed": 14,
                                        "elevation": {"gain_actual_meters": 42.67}}
     assert record["calories_data"] == {"total_burned_calories": 2598, "BMR_calories": 1602,
-                                       "net_activity_calories": 1123}
+                                       "net_activity_calories": 996}  # caloriesOut − caloriesBMR
     assert record["active_durations_data"] == {
         "activity_seconds": 17820,  # (238 + 21 + 38) min
         "low_intensity_seconds": 14280, "moderate_intensity_seconds": 1260, "vigorous_intensity_seconds": 2280,
@@ -511,7 +511,7 @@ def test_intraday_added_to_the_summary_document_merges_in() -> None:
     (record,) = records_of(body, "activity_summary")
     assert record["distance_data"]["steps"] == 12873
     assert len(record["heart_rate_data"]["detailed"]["hr_samples"]) == 9
-    with pytest.raises(MappingError, match="poller must add '_date'"):
+    with pytest.raises(MappingError, match="add '_date'"):
         normalize(load("activity_summary.bad_no_date.json"), "activity_summary")
     with pytest.raises(MappingError, match="no 'summary' object"):
         normalize({"_date": "2024-03-11", "goals": {}}, "activity_summary")
@@ -585,7 +585,7 @@ def test_food_log_meals_and_day_totals() -> None:
 def test_food_log_date_comes_from_the_entries_or_the_poller() -> None:
     body = {k: v for k, v in load("foods.json").items() if k != "_date"}
     assert records_of(body, "foods") == records("foods.json")
-    with pytest.raises(MappingError, match="poller must add '_date'"):
+    with pytest.raises(MappingError, match="add '_date'"):
         normalize({"foods": [], "summary": {"water": 500}}, "foods")
     with pytest.raises(MappingError, match="is not the response's date 2024-03-12"):
         normalize(dict(load("foods.json"), _date="2024-03-12"), "foods")
@@ -659,3 +659,111 @@ def test_poll_hook_attaches_main_sleeps_once_and_does_without_them() -> None:
     for kind in ("spo2", "br"):
         expired.payloads(_hook_request(kind, sleeps, asked), load(f"{kind}.json")[kind] if kind == "br" else spo2)
     assert asked.count("/1.2/user/-/sleep/date/2024-03-11/2024-03-11.json") == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue 11: what Fitbit really sends, mapped without known errors
+# ----------------------------------------------------------------------------------------------------------------------
+def without_context(doc: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {key: value for key, value in doc.items() if key not in names}
+
+
+def test_net_activity_calories_are_total_minus_bmr_not_activity_calories() -> None:
+    # Fitbit's activityCalories (1123) counts the BMR burned during active minutes; net = caloriesOut − caloriesBMR
+    (record,) = records("activity_summary.json")
+    assert record["calories_data"] == {"total_burned_calories": 2598, "BMR_calories": 1602,
+                                       "net_activity_calories": 996}
+    (morning,) = records("activity_summary.morning.json")  # a partial day: BMR so far is prorated too
+    assert morning["calories_data"] == {"total_burned_calories": 801, "BMR_calories": 534,
+                                        "net_activity_calories": 267}
+
+
+def test_calorie_time_series_give_net_calories_and_activity_calories_alone_is_refused() -> None:
+    series = {"activities-calories": [{"dateTime": "2024-03-10", "value": "2441"},
+                                      {"dateTime": "2024-03-11", "value": "2598"}],
+              "activities-caloriesBMR": [{"dateTime": "2024-03-10", "value": "1602"},
+                                         {"dateTime": "2024-03-11", "value": "1602"}],
+              "activities-activityCalories": [{"dateTime": "2024-03-10", "value": "951"},
+                                              {"dateTime": "2024-03-11", "value": "1123"}]}
+    days = [f.data for f in normalize(series, "activity_timeseries")]
+    assert [(natural_key("daily", d), d["calories_data"]) for d in days] == [
+        ("2024-03-10", {"total_burned_calories": 2441, "BMR_calories": 1602, "net_activity_calories": 839}),
+        ("2024-03-11", {"total_burned_calories": 2598, "BMR_calories": 1602, "net_activity_calories": 996})]
+    with pytest.raises(MappingError, match="activityCalories includes BMR"):
+        normalize({"activities-activityCalories": series["activities-activityCalories"]}, "activity_timeseries")
+
+
+def test_activity_summary_takes_its_date_from_its_logged_activities() -> None:
+    doc = load("activity_summary.json")  # two activities with startDate 2024-03-11
+    (record,) = [f.data for f in normalize(without_context(doc, "_date"), "activity_summary")]
+    assert record == records("activity_summary.json")[0]
+    with pytest.raises(MappingError, match=r"add '_date' \(the request's YYYY-MM-DD\)"):
+        normalize(load("activity_summary.bad_no_date.json"), "activity_summary")
+
+
+def test_documents_without_poller_context_are_metric_local_times() -> None:
+    # fetched without Accept-Language (metric) and without the profile: the provider's own document maps
+    doc = without_context(load("activities.json"), "_profile", "_units")
+    run = next(f.data for f in normalize(doc, "activities") if f.data["metadata"]["summary_id"] == "61234567890")
+    assert run["metadata"]["start_time"] == "2024-03-11T07:40:00.000000+01:00"  # the log's own offset
+    weights = normalize(without_context(load("weight.json"), "_profile", "_units"), "weight")[0].data
+    assert weights["metadata"]["start_time"] == "2024-03-11T00:00:00.000000"  # local, no guessed offset
+    assert weights["metadata"]["timestamp_localization"] == 1
+    assert weights["measurements_data"]["measurements"][0]["weight_kg"] == load("weight.json")["weight"][0]["weight"]
+
+
+def test_zero_means_not_measured_where_fitbit_writes_zero_for_no_data() -> None:
+    doc = load("activity_summary.json")
+    summary = doc["summary"]
+    summary["restingHeartRate"] = 0
+    for zone in summary["heartRateZones"]:  # a day the tracker was not worn: every zone 0 minutes
+        zone["minutes"], zone["caloriesOut"] = 0, 0
+    (record,) = [f.data for f in normalize(doc, "activity_summary")]
+    assert "heart_rate_data" not in record
+    # a worn day's empty Peak zone is a real zero
+    (us,) = records("activity_summary.us_user.json")
+    assert us["heart_rate_data"]["summary"]["hr_zone_data"][3] == {"zone": 3, "name": "Peak", "duration_seconds": 0}
+
+    weights = load("weight.json")
+    weights["weight"][0].update({"bmi": 0, "fat": 0})
+    body = normalize(weights, "weight")[0].data
+    first = body["measurements_data"]["measurements"][0]
+    assert "BMI" not in first and "bodyfat_percentage" not in first
+    weights["weight"][0]["weight"] = 0
+    with pytest.raises(MappingError, match=r"weight\[0\].weight 0 is not a measurement"):
+        normalize(weights, "weight")
+
+    hrv_doc = load("hrv.json")
+    hrv_doc["hrv"][0]["value"] = {"dailyRmssd": 0, "deepRmssd": 0}
+    with pytest.raises(MappingError, match=r"hrv\[0\] has neither value.dailyRmssd nor minutes"):
+        normalize(hrv_doc, "hrv")
+
+    logs = load("activities.json")
+    logs["activities"][0]["averageHeartRate"] = 0
+    first_log = normalize(logs, "activities")[0].data
+    assert "avg_hr_bpm" not in first_log.get("heart_rate_data", {}).get("summary", {})
+
+
+def test_auto_detected_sleep_latency_zero_is_not_measured() -> None:
+    doc = load("sleep.json")
+    main = next(log for log in doc["sleep"] if log["isMainSleep"])
+    assert main["logType"] == "auto_detected" and main["minutesToFallAsleep"] == 0
+    record = next(f.data for f in normalize(doc, "sleep") if f.data["metadata"]["summary_id"] == str(main["logId"]))
+    assert "sleep_latency_seconds" not in record["sleep_durations_data"]["awake"]
+
+
+def test_empty_single_day_spo2_response_is_no_data() -> None:
+    assert normalize({"_profile": BERLIN}, "spo2") == []
+    assert normalize([], "spo2") == []
+
+
+@pytest.mark.parametrize(("kind", "doc", "message"), [
+    ("spo2", {"dateTime": "2024-03-11", "value": {"avg": 104.2, "min": 93.1, "max": 99.9}}, "not a percentage"),
+    ("activity_timeseries", {"activities-heart": [{"dateTime": "2024-03-11", "value": {"restingHeartRate": 412}}]},
+     "not a plausible heart rate"),
+    ("weight", {"weight": [{"logId": 1, "date": "2024-03-11", "time": "07:02:11", "weight": 74.2, "fat": 180}]},
+     "not a percentage"),
+])
+def test_implausible_values_are_refused(kind: str, doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(MappingError, match=message):
+        normalize(doc, kind)
