@@ -56,7 +56,7 @@ def test_exercise_maps_times_units_and_laps():
                                 "end_time": "2026-04-12T06:52:40.000000-07:00", "type": 8, "upload_type": 1,
                                 "name": "Morning run", "timestamp_localization": 1}
     assert data["active_durations_data"] == {"activity_seconds": 2730}
-    assert data["calories_data"] == {"total_burned_calories": 512.4}
+    assert data["calories_data"] == {"net_activity_calories": 512.4}  # active energy, basal excluded
     assert data["distance_data"]["summary"] == {"distance_meters": 8043.5, "steps": 7410,
                                                 "elevation": {"gain_actual_meters": 41.0}}
     assert data["heart_rate_data"]["summary"]["avg_hr_bpm"] == 151
@@ -148,3 +148,68 @@ def test_refusals_name_the_field(kind, change, message):
     change(point)
     with pytest.raises(MappingError, match=message.replace("[", r"\[").replace("]", r"\]")):
         records(kind, {"dataPoints": [point]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue 11: real documents, zero rules, plausibility
+# ----------------------------------------------------------------------------------------------------------------------
+def point(kind: str, index: int = 0) -> dict:
+    return copy.deepcopy(page(kind)["dataPoints"][index])
+
+
+def test_exercise_calories_are_active_energy_not_total():
+    # metricsSummary.caloriesKcal summarizes active-energy-burned (basal excluded): Terra's net activity calories
+    run = records("exercise")[0].data
+    assert run["calories_data"] == {"net_activity_calories": 512.4}
+
+
+def test_a_single_data_point_is_accepted_as_well_as_a_list_page():
+    for kind in ("exercise", "sleep", "steps", "heart-rate", "weight", "daily-resting-heart-rate"):
+        assert [f.data for f in records(kind, point(kind))] == [records(kind)[0].data]
+
+
+def test_zero_is_not_a_measurement_outside_the_true_zero_types():
+    run = point("exercise")
+    run["exercise"]["metricsSummary"].update(averageHeartRateBeatsPerMinute="0", runVo2Max=0,
+                                             heartRateZoneDurations={"lightTime": "0s", "moderateTime": "0s",
+                                                                     "vigorousTime": "0s", "peakTime": "0s"})
+    data = records("exercise", run)[0].data
+    assert "heart_rate_data" not in data and "oxygen_data" not in data
+    idle = point("steps")
+    idle["steps"]["count"] = "0"  # steps support true zeros: worn, not walking
+    assert records("steps", idle)[0].data["distance_data"]["detailed"]["step_samples"][0]["steps"] == 0
+    for kind, field, change in [
+        ("heart-rate", "heartRate.beatsPerMinute", lambda p: p["heartRate"].update(beatsPerMinute="0")),
+        ("daily-resting-heart-rate", "dailyRestingHeartRate.beatsPerMinute",
+         lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="0")),
+        ("weight", "weight.weightGrams", lambda p: p["weight"].update(weightGrams=0)),
+        ("height", "height.heightMillimeters", lambda p: p["height"].update(heightMillimeters=0)),
+        ("body-fat", "bodyFat.percentage", lambda p: p["bodyFat"].update(percentage=0)),
+        ("daily-oxygen-saturation", "dailyOxygenSaturation.averagePercentage",
+         lambda p: p["dailyOxygenSaturation"].update(averagePercentage=0)),
+    ]:
+        doc = point(kind)
+        change(doc)
+        with pytest.raises(MappingError, match=field.replace(".", r"\.") + " 0 is not a measurement"):
+            records(kind, doc)
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"), "not a plausible heart rate"),
+    ("daily-resting-heart-rate", lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="7"),
+     "not a plausible heart rate"),
+    ("weight", lambda p: p["weight"].update(weightGrams=950000), "not a plausible weight"),
+    ("height", lambda p: p["height"].update(heightMillimeters=17810), "not a plausible height"),
+])
+def test_implausible_values_are_refused(kind, change, message):
+    doc = point(kind)
+    change(doc)
+    with pytest.raises(MappingError, match=message):
+        records(kind, doc)
+
+
+def test_hrv_point_without_rmssd_names_what_terra_cannot_hold():
+    doc = point("daily-heart-rate-variability")
+    del doc["dailyHeartRateVariability"]["averageHeartRateVariabilityMilliseconds"]
+    with pytest.raises(MappingError, match=r"averageHeartRateVariabilityMilliseconds.*no Terra field"):
+        records("daily-heart-rate-variability", doc)
