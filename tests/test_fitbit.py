@@ -767,3 +767,78 @@ def test_empty_single_day_spo2_response_is_no_data() -> None:
 def test_implausible_values_are_refused(kind: str, doc: dict[str, Any], message: str) -> None:
     with pytest.raises(MappingError, match=message):
         normalize(doc, kind)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fidelity: exact values for units, time zones, day keys (hand-computed)
+# ----------------------------------------------------------------------------------------------------------------------
+LOS_ANGELES = {"timezone": "America/Los_Angeles", "offsetFromUTCMillis": -28800000}
+LONDON = {"timezone": "Europe/London", "offsetFromUTCMillis": 0}
+
+
+def test_uk_user_day_in_kilometres_and_metres() -> None:
+    doc = {**load("activity_summary.json"), "_units": "en_GB", "_profile": LONDON}
+    (record,) = [f.data for f in normalize(doc, "activity_summary")]
+    assert record["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+00:00"
+    assert record["distance_data"] == {"steps": 12873, "distance_meters": 9840, "floors_climbed": 14,
+                                       "elevation": {"gain_actual_meters": 42.67}}
+
+
+def test_us_user_on_the_dst_day_intraday_distance_and_heart_rate() -> None:
+    # 2024-03-10 in Los Angeles: 02:00-02:59 do not exist; Fitbit's local dataset jumps from 01:45 to 03:00
+    doc = {"_profile": LOS_ANGELES, "_units": "en_US",
+           "activities-distance": [{"dateTime": "2024-03-10", "value": "2.5"}],
+           "activities-distance-intraday": {"datasetInterval": 15, "datasetType": "minute", "dataset": [
+               {"time": "00:00:00", "value": 0}, {"time": "01:45:00", "value": 1.25},
+               {"time": "03:00:00", "value": 1.25}]},
+           "activities-heart": [{"dateTime": "2024-03-10", "value": {"restingHeartRate": 61, "heartRateZones": []}}],
+           "activities-heart-intraday": {"datasetInterval": 1, "datasetType": "minute", "dataset": [
+               {"time": "01:59:00", "value": 58}, {"time": "03:00:00", "value": 64}]}}
+    (day,) = [f.data for f in normalize(doc, "activity_timeseries")]
+    assert natural_key("daily", day) == "2024-03-10"
+    assert (day["metadata"]["start_time"], day["metadata"]["end_time"]) == (
+        "2024-03-10T00:00:00.000000-08:00", "2024-03-11T00:00:00.000000-07:00")  # a 23-hour day
+    assert day["distance_data"]["distance_meters"] == 4023  # 2.5 mi × 1609.344 m
+    assert day["distance_data"]["detailed"]["distance_samples"] == [  # running totals at each interval's end
+        {"timestamp": "2024-03-10T00:15:00.000000-08:00", "distance_meters": 0.0},
+        {"timestamp": "2024-03-10T03:00:00.000000-07:00", "distance_meters": 2011.68},  # 01:45 PST + 15 min
+        {"timestamp": "2024-03-10T03:15:00.000000-07:00", "distance_meters": 4023.36}]
+    assert day["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-10T01:59:00.000000-08:00", "bpm": 58},
+        {"timestamp": "2024-03-10T03:00:00.000000-07:00", "bpm": 64}]  # one minute later in physical time
+    assert day["heart_rate_data"]["summary"]["resting_hr_bpm"] == 61
+
+
+def test_weights_in_each_unit_system_to_the_gram() -> None:
+    log = {"logId": 1710138721000, "date": "2024-03-11", "time": "07:32:01", "bmi": 23.57, "source": "Aria"}
+    cases = {"en_US": (159.6, 72.393), "en_GB": (11.4, 72.393), None: (72.4, 72.4)}  # 159.6 lb, 11.4 st, 72.4 kg
+    for locale, (value, kg) in cases.items():
+        doc = {"weight": [{**log, "weight": value}], "_profile": BERLIN, **({"_units": locale} if locale else {})}
+        (body,) = [f.data for f in normalize(doc, "weight")]
+        assert body["measurements_data"]["measurements"] == [
+            {"measurement_time": "2024-03-11T07:32:01.000000+01:00", "weight_kg": kg, "BMI": 23.57}], locale
+
+
+def test_classic_sleep_durations_and_the_date_it_belongs_to() -> None:
+    # a classic (no HR) night in Berlin: restless counts as awake, dateOfSleep is the wake-up date
+    log = {"logId": 45098765432, "dateOfSleep": "2024-03-12", "type": "classic", "logType": "manual",
+           "isMainSleep": True, "startTime": "2024-03-11T23:30:00.000", "endTime": "2024-03-12T06:30:00.000",
+           "duration": 25200000, "efficiency": 94, "minutesAsleep": 395, "minutesAwake": 15,
+           "minutesToFallAsleep": 10, "minutesAfterWakeup": 0, "timeInBed": 420,
+           "levels": {"summary": {"asleep": {"count": 0, "minutes": 395}, "restless": {"count": 4, "minutes": 11},
+                                  "awake": {"count": 1, "minutes": 4}},
+                      "data": [{"dateTime": "2024-03-11T23:40:00.000", "level": "asleep", "seconds": 9000},
+                               {"dateTime": "2024-03-12T02:10:00.000", "level": "restless", "seconds": 660},
+                               {"dateTime": "2024-03-12T02:21:00.000", "level": "asleep", "seconds": 14700},
+                               {"dateTime": "2024-03-12T06:26:00.000", "level": "awake", "seconds": 240}]}}
+    (sleep_record,) = [f.data for f in normalize({"sleep": [log], "_profile": BERLIN}, "sleep")]
+    assert sleep_record["metadata"] == {"summary_id": "45098765432", "start_time": "2024-03-11T23:30:00.000000+01:00",
+                                        "end_time": "2024-03-12T06:30:00.000000+01:00", "upload_type": 1,
+                                        "is_nap": False, "timestamp_localization": 1}
+    durations = sleep_record["sleep_durations_data"]
+    assert durations["asleep"] == {"duration_asleep_state_seconds": 23700}
+    assert durations["awake"] == {"duration_awake_state_seconds": 900, "sleep_latency_seconds": 600,
+                                  "wake_up_latency_seconds": 0, "num_wakeup_events": 1}  # manual: latency kept
+    assert durations["other"] == {"duration_in_bed_seconds": 25200}
+    assert [(s["timestamp"][11:19], s["level"]) for s in durations["hypnogram_samples"]] == [
+        ("23:40:00", 2), ("02:10:00", 1), ("02:21:00", 2), ("06:26:00", 1)]

@@ -213,3 +213,77 @@ def test_hrv_point_without_rmssd_names_what_terra_cannot_hold():
     del doc["dailyHeartRateVariability"]["averageHeartRateVariabilityMilliseconds"]
     with pytest.raises(MappingError, match=r"averageHeartRateVariabilityMilliseconds.*no Terra field"):
         records("daily-heart-rate-variability", doc)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fidelity: exact values across a DST change (Europe/Berlin, 2026-03-29 02:00 CET → 03:00 CEST)
+# ----------------------------------------------------------------------------------------------------------------------
+def stage(kind: str, start: str, end: str, start_offset: str = "3600s", end_offset: str = "3600s") -> dict:
+    return {"type": kind, "startTime": start, "startUtcOffset": start_offset, "endTime": end,
+            "endUtcOffset": end_offset}
+
+
+def test_night_across_the_spring_dst_change():
+    night = point("sleep")
+    night["name"] = "users/5dG7yXkB2m/dataTypes/sleep/dataPoints/dst-night"
+    night["sleep"]["interval"] = {"startTime": "2026-03-28T22:30:00Z", "startUtcOffset": "3600s",
+                                  "endTime": "2026-03-29T05:30:00Z", "endUtcOffset": "7200s"}
+    night["sleep"]["stages"] = [
+        stage("AWAKE", "2026-03-28T22:30:00Z", "2026-03-28T22:42:00Z"),
+        stage("LIGHT", "2026-03-28T22:42:00Z", "2026-03-29T00:20:00Z"),
+        stage("DEEP", "2026-03-29T00:20:00Z", "2026-03-29T01:20:00Z", "3600s", "7200s"),  # 01:20 CET → 03:20 CEST
+        stage("REM", "2026-03-29T01:20:00Z", "2026-03-29T02:05:00Z", "7200s", "7200s"),
+        stage("LIGHT", "2026-03-29T02:05:00Z", "2026-03-29T05:30:00Z", "7200s", "7200s")]
+    night["sleep"]["summary"] = {
+        "minutesInSleepPeriod": "420", "minutesAsleep": "408", "minutesAwake": "12", "minutesToFallAsleep": "12",
+        "minutesAfterWakeUp": "0",
+        "stagesSummary": [{"type": "AWAKE", "minutes": "12", "count": "1"}, {"type": "LIGHT", "minutes": "303",
+                                                                               "count": "2"},
+                          {"type": "DEEP", "minutes": "60", "count": "1"}, {"type": "REM", "minutes": "45",
+                                                                             "count": "1"}]}
+    night["sleep"].pop("outOfBedSegments", None)
+    (record,) = records("sleep", night)
+    data = record.data
+    assert (data["metadata"]["start_time"], data["metadata"]["end_time"]) == (
+        "2026-03-28T23:30:00.000000+01:00", "2026-03-29T07:30:00.000000+02:00")  # 7 h in bed, 8 h on the clock
+    assert data["sleep_durations_data"]["asleep"] == {
+        "duration_asleep_state_seconds": 24480, "duration_deep_sleep_state_seconds": 3600,
+        "duration_light_sleep_state_seconds": 18180, "duration_REM_sleep_state_seconds": 2700, "num_REM_events": 1}
+    assert data["sleep_durations_data"]["awake"] == {
+        "duration_awake_state_seconds": 720, "sleep_latency_seconds": 720, "wake_up_latency_seconds": 0,
+        "num_wakeup_events": 1}
+    assert data["sleep_durations_data"]["other"] == {"duration_in_bed_seconds": 25200}
+    assert data["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2026-03-28T23:30:00.000000+01:00", "level": 1},
+        {"timestamp": "2026-03-28T23:42:00.000000+01:00", "level": 4},
+        {"timestamp": "2026-03-29T01:20:00.000000+01:00", "level": 5},
+        {"timestamp": "2026-03-29T03:20:00.000000+02:00", "level": 6},
+        {"timestamp": "2026-03-29T04:05:00.000000+02:00", "level": 4}]
+
+
+def test_heart_rate_either_side_of_the_change_keeps_its_local_day():
+    before, after = point("heart-rate"), point("heart-rate")
+    before["heartRate"]["sampleTime"] = {"physicalTime": "2026-03-29T00:59:30Z", "utcOffset": "3600s"}
+    after["heartRate"]["sampleTime"] = {"physicalTime": "2026-03-29T01:00:30Z", "utcOffset": "7200s"}
+    samples = [records("heart-rate", doc)[0].data for doc in (before, after)]
+    assert [s["heart_rate_data"]["detailed"]["hr_samples"][0]["timestamp"] for s in samples] == [
+        "2026-03-29T01:59:30.000000+01:00", "2026-03-29T03:00:30.000000+02:00"]
+    assert {s["metadata"]["start_time"][:10] for s in samples} == {"2026-03-29"}  # one Daily key
+
+
+def test_daily_types_have_no_offset_so_their_window_is_the_date_in_utc():
+    # 'date' is "in the user's timezone" and the point carries no offset: labelled UTC (localization 0), never guessed
+    doc = point("daily-oxygen-saturation")
+    doc["dailyOxygenSaturation"]["date"] = {"year": 2026, "month": 3, "day": 29}
+    data = records("daily-oxygen-saturation", doc)[0].data
+    assert data["metadata"] == {"start_time": "2026-03-29T00:00:00.000000+00:00",
+                                "end_time": "2026-03-30T00:00:00.000000+00:00", "upload_type": 1,
+                                "timestamp_localization": 0}
+
+
+def test_body_units_to_the_gram_and_millimetre():
+    weight, height = point("weight"), point("height")
+    weight["weight"]["weightGrams"] = 81646.6  # 180 lb entered in the app, stored in grams
+    height["height"]["heightMillimeters"] = "1803"
+    assert records("weight", weight)[0].data["measurements_data"]["measurements"][0]["weight_kg"] == 81.647
+    assert records("height", height)[0].data["measurements_data"]["measurements"][0]["height_cm"] == 180.3
