@@ -26,8 +26,10 @@ SpO2), and several need response-level context (the request date, the unit syste
 zone). So the whole response is one document and each mapper reads its own list from it; a payload
 may also batch several responses as ``{"pages": [response, ...]}`` (the ``envelope``; no Fitbit
 response has that key). A single entry (one sleep log, one activity log) is accepted as a document
-too. Cost: one bad entry dead-letters its whole response. List-shaped responses (SpO2 for a date
-range is a top-level JSON array) must be wrapped as ``{"spo2": [...]}``. Documents carry no user id
+too. Cost: one bad entry dead-letters its whole response. A list-shaped response (SpO2 for a date
+range is a top-level JSON array) is accepted as it comes, each element one entry (without poller context:
+local times, no ``_sleep``); the poll hook wraps it as ``{"spo2": [...]}`` to add context. An empty single-day
+SpO2 answer (``{}``) is no data, not an error. Documents carry no user id
 (``user_field=None``): the user comes with the raw event.
 
 Poller contract — fields the poller adds at the top level of each response (in each page of a
