@@ -287,3 +287,12 @@ def test_body_units_to_the_gram_and_millimetre():
     height["height"]["heightMillimeters"] = "1803"
     assert records("weight", weight)[0].data["measurements_data"]["measurements"][0]["weight_kg"] == 81.647
     assert records("height", height)[0].data["measurements_data"]["measurements"][0]["height_cm"] == 180.3
+
+
+@pytest.mark.parametrize(("exercise_type", "terra_type"), [
+    ("RUNNING", 8), ("STRENGTH_TRAINING", 80), ("CROSSFIT", 113), ("CROSS_COUNTRY_SKI", 67), ("BALLROOM_DANCE", 24),
+    ("WORKOUT", 108), ("EXERCISE_TYPE_UNSPECIFIED", 108), ("A_TYPE_ADDED_LATER", 108)])
+def test_exercise_types_of_v4_and_v4beta(exercise_type, terra_type):
+    doc = point("exercise")
+    doc["exercise"]["exerciseType"] = exercise_type
+    assert records("exercise", doc)[0].data["metadata"]["type"] == terra_type

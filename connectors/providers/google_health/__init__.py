@@ -68,7 +68,12 @@ SLEEP_LEVEL = {"SLEEP_STAGE_TYPE_UNSPECIFIED": 0, "AWAKE": 1, "ASLEEP": 2, "LIGH
                "RESTLESS": 1}  # Google SleepStage.type → Terra SleepLevel
 OTHER_ACTIVITY = 108
 ACTIVITY_TYPE = {"RUNNING": 8, "WALKING": 7, "BIKING": 1, "SWIMMING": 82, "HIKING": 35, "YOGA": 100,
-                 "PILATES": 49, "HIIT": 114, "WEIGHTLIFTING": 97, "STRENGTH_TRAINING": 80}  # → Terra ActivityType
+                 "PILATES": 49, "HIIT": 114, "WEIGHTLIFTING": 97, "STRENGTH_TRAINING": 80,  # v4 ExerciseType
+                 # v4beta adds sport types ("may receive new values"): the unambiguous ones → Terra ActivityType
+                 "AEROBIC_WORKOUT": 9, "ARCHERY": 119, "BACKPACKING": 35, "BADMINTON": 10, "BALLET": 24,
+                 "BALLROOM_DANCE": 24, "BASEBALL": 11, "BASKETBALL": 12, "BOXING": 20, "BREAKDANCING": 24,
+                 "CALISTHENICS": 21, "CANOEING": 140, "CARDIO_WORKOUT": 123, "CIRCUIT_TRAINING": 22, "CRICKET": 23,
+                 "CROSS_COUNTRY_SKI": 67, "CROSSFIT": 113, "CURLING": 106, "DANCING": 24, "DIVING": 102}
 HR_ZONES = (("lightTime", 1, "LIGHT"), ("moderateTime", 2, "MODERATE"), ("vigorousTime", 3, "VIGOROUS"),
             ("peakTime", 4, "PEAK"))
 HR_CONTEXT = {"ACTIVE": 1, "SEDENTARY": 2}  # HeartRateMetadata.motionContext → Terra HeartRateContext
