@@ -844,3 +844,17 @@ def test_classic_sleep_durations_and_the_date_it_belongs_to() -> None:
     assert durations["other"] == {"duration_in_bed_seconds": 25200}
     assert [(s["timestamp"][11:19], s["level"]) for s in durations["hypnogram_samples"]] == [
         ("23:40:00", 2), ("02:10:00", 1), ("02:21:00", 2), ("06:26:00", 1)]
+
+
+def test_heart_range_day_without_heart_rate_makes_no_daily() -> None:
+    # a 7-day heart series: Fitbit lists the zones at 0 minutes and no restingHeartRate for a day the tracker was off
+    zones = [{"name": name, "min": low, "max": high, "minutes": 0, "caloriesOut": 0}
+             for name, low, high in (("Out of Range", 30, 113), ("Fat Burn", 113, 137), ("Cardio", 137, 167),
+                                     ("Peak", 167, 220))]
+    doc = {"_profile": BERLIN, "activities-heart": [
+        {"dateTime": "2024-03-09", "value": {"customHeartRateZones": [], "heartRateZones": zones}},
+        {"dateTime": "2024-03-10", "value": {"customHeartRateZones": [], "heartRateZones": zones,
+                                             "restingHeartRate": 58}}]}
+    days = [f.data for f in normalize(doc, "activity_timeseries")]
+    assert [(natural_key("daily", d), d["heart_rate_data"]) for d in days] == [
+        ("2024-03-10", {"summary": {"resting_hr_bpm": 58}})]

@@ -515,11 +515,12 @@ def _day_value(resource: str, value: Any, units: Units, path: str) -> dict[str, 
     """One day's value of an ``activities-<resource>`` time series → the Daily fields it fills."""
     if resource == "heart":
         value = _object(value, path)
-        return {"heart_rate_data": {"summary": {
+        summary = compact({
             "resting_hr_bpm": _bpm(value.get("restingHeartRate"), f"{path}.restingHeartRate"),
             "hr_zone_data": _hr_zones(_list(value, "heartRateZones", f"{path}.heartRateZones"),
                                       f"{path}.heartRateZones"),
-        }}}
+        })
+        return {"heart_rate_data": {"summary": summary}} if summary else None  # a day without heart rate: no Daily
     number = _number(value, path)
     if number is None:
         return None
