@@ -89,11 +89,13 @@ FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json"))
 def test_every_fixture_maps_or_is_rejected_by_its_name(name: str) -> None:
     kind, _, variant = name.removesuffix(".json").partition(".")
     assert kind in FITBIT.kinds
+    payload = load(name)
+    payloads = payload if isinstance(payload, list) else [payload]  # a list: payloads in order (conformance rule)
     if variant.startswith("bad"):
         with pytest.raises(MappingError):
-            normalize(load(name), kind, "conformance-user")
+            [normalize(body, kind, "conformance-user") for body in payloads]
     else:
-        fragments = normalize(load(name), kind, "conformance-user")
+        fragments = [f for body in payloads for f in normalize(body, kind, "conformance-user")]
         assert fragments
         for fragment in fragments:
             assert fragment.type in FITBIT.kinds[kind].models
@@ -254,7 +256,7 @@ def test_stages_sleep_times_durations_and_hypnogram() -> None:
         "duration_deep_sleep_state_seconds": 5280, "duration_light_sleep_state_seconds": 14160,
         "duration_REM_sleep_state_seconds": 5640, "num_REM_events": 3,
     }
-    assert durations["awake"] == {"duration_awake_state_seconds": 2880, "sleep_latency_seconds": 0,
+    assert durations["awake"] == {"duration_awake_state_seconds": 2880,  # auto-detected: latency 0 = not measured
                                   "wake_up_latency_seconds": 0, "num_wakeup_events": 6}
     assert durations["other"] == {"duration_in_bed_seconds": 27960}  # duration 27960000 ms
     assert durations["sleep_efficiency"] == 90
@@ -413,7 +415,7 @@ def test_activity_summary_day() -> None:
     assert record["distance_data"] == {"steps": 12873, "distance_meters": 9840, "floors_climbed": 14,
                                        "elevation": {"gain_actual_meters": 42.67}}
     assert record["calories_data"] == {"total_burned_calories": 2598, "BMR_calories": 1602,
-                                       "net_activity_calories": 1123}
+                                       "net_activity_calories": 996}  # caloriesOut − caloriesBMR
     assert record["active_durations_data"] == {
         "activity_seconds": 17820,  # (238 + 21 + 38) min
         "low_intensity_seconds": 14280, "moderate_intensity_seconds": 1260, "vigorous_intensity_seconds": 2280,
@@ -511,7 +513,7 @@ def test_intraday_added_to_the_summary_document_merges_in() -> None:
     (record,) = records_of(body, "activity_summary")
     assert record["distance_data"]["steps"] == 12873
     assert len(record["heart_rate_data"]["detailed"]["hr_samples"]) == 9
-    with pytest.raises(MappingError, match="poller must add '_date'"):
+    with pytest.raises(MappingError, match="add '_date'"):
         normalize(load("activity_summary.bad_no_date.json"), "activity_summary")
     with pytest.raises(MappingError, match="no 'summary' object"):
         normalize({"_date": "2024-03-11", "goals": {}}, "activity_summary")
@@ -585,7 +587,7 @@ def test_food_log_meals_and_day_totals() -> None:
 def test_food_log_date_comes_from_the_entries_or_the_poller() -> None:
     body = {k: v for k, v in load("foods.json").items() if k != "_date"}
     assert records_of(body, "foods") == records("foods.json")
-    with pytest.raises(MappingError, match="poller must add '_date'"):
+    with pytest.raises(MappingError, match="add '_date'"):
         normalize({"foods": [], "summary": {"water": 500}}, "foods")
     with pytest.raises(MappingError, match="is not the response's date 2024-03-12"):
         normalize(dict(load("foods.json"), _date="2024-03-12"), "foods")
@@ -659,3 +661,200 @@ def test_poll_hook_attaches_main_sleeps_once_and_does_without_them() -> None:
     for kind in ("spo2", "br"):
         expired.payloads(_hook_request(kind, sleeps, asked), load(f"{kind}.json")[kind] if kind == "br" else spo2)
     assert asked.count("/1.2/user/-/sleep/date/2024-03-11/2024-03-11.json") == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue 11: what Fitbit really sends, mapped without known errors
+# ----------------------------------------------------------------------------------------------------------------------
+def without_context(doc: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {key: value for key, value in doc.items() if key not in names}
+
+
+def test_net_activity_calories_are_total_minus_bmr_not_activity_calories() -> None:
+    # Fitbit's activityCalories (1123) counts the BMR burned during active minutes; net = caloriesOut − caloriesBMR
+    (record,) = records("activity_summary.json")
+    assert record["calories_data"] == {"total_burned_calories": 2598, "BMR_calories": 1602,
+                                       "net_activity_calories": 996}
+    (morning,) = records("activity_summary.morning.json")  # a partial day: BMR so far is prorated too
+    assert morning["calories_data"] == {"total_burned_calories": 801, "BMR_calories": 534,
+                                        "net_activity_calories": 267}
+
+
+def test_calorie_time_series_give_net_calories_and_activity_calories_alone_is_refused() -> None:
+    series = {"activities-calories": [{"dateTime": "2024-03-10", "value": "2441"},
+                                      {"dateTime": "2024-03-11", "value": "2598"}],
+              "activities-caloriesBMR": [{"dateTime": "2024-03-10", "value": "1602"},
+                                         {"dateTime": "2024-03-11", "value": "1602"}],
+              "activities-activityCalories": [{"dateTime": "2024-03-10", "value": "951"},
+                                              {"dateTime": "2024-03-11", "value": "1123"}]}
+    days = [f.data for f in normalize(series, "activity_timeseries")]
+    assert [(natural_key("daily", d), d["calories_data"]) for d in days] == [
+        ("2024-03-10", {"total_burned_calories": 2441, "BMR_calories": 1602, "net_activity_calories": 839}),
+        ("2024-03-11", {"total_burned_calories": 2598, "BMR_calories": 1602, "net_activity_calories": 996})]
+    with pytest.raises(MappingError, match="activityCalories includes BMR"):
+        normalize({"activities-activityCalories": series["activities-activityCalories"]}, "activity_timeseries")
+
+
+def test_activity_summary_takes_its_date_from_its_logged_activities() -> None:
+    doc = load("activity_summary.json")  # two activities with startDate 2024-03-11
+    (record,) = [f.data for f in normalize(without_context(doc, "_date"), "activity_summary")]
+    assert record == records("activity_summary.json")[0]
+    with pytest.raises(MappingError, match=r"add '_date' \(the request's YYYY-MM-DD\)"):
+        normalize(load("activity_summary.bad_no_date.json"), "activity_summary")
+
+
+def test_documents_without_poller_context_are_metric_local_times() -> None:
+    # fetched without Accept-Language (metric) and without the profile: the provider's own document maps
+    doc = without_context(load("activities.json"), "_profile", "_units")
+    run = next(f.data for f in normalize(doc, "activities") if f.data["metadata"]["summary_id"] == "61234567890")
+    assert run["metadata"]["start_time"] == "2024-03-11T07:40:00.000000+01:00"  # the log's own offset
+    weights = normalize(without_context(load("weight.json"), "_profile", "_units"), "weight")[0].data
+    assert weights["metadata"]["start_time"] == "2024-03-11T00:00:00.000000"  # local, no guessed offset
+    assert weights["metadata"]["timestamp_localization"] == 1
+    assert weights["measurements_data"]["measurements"][0]["weight_kg"] == load("weight.json")["weight"][0]["weight"]
+
+
+def test_zero_means_not_measured_where_fitbit_writes_zero_for_no_data() -> None:
+    doc = load("activity_summary.json")
+    summary = doc["summary"]
+    summary["restingHeartRate"] = 0
+    for zone in summary["heartRateZones"]:  # a day the tracker was not worn: every zone 0 minutes
+        zone["minutes"], zone["caloriesOut"] = 0, 0
+    (record,) = [f.data for f in normalize(doc, "activity_summary")]
+    assert "heart_rate_data" not in record
+    # a worn day's empty Peak zone is a real zero
+    (us,) = records("activity_summary.us_user.json")
+    assert us["heart_rate_data"]["summary"]["hr_zone_data"][3] == {"zone": 3, "name": "Peak", "duration_seconds": 0}
+
+    weights = load("weight.json")
+    weights["weight"][0].update({"bmi": 0, "fat": 0})
+    body = normalize(weights, "weight")[0].data
+    first = body["measurements_data"]["measurements"][0]
+    assert "BMI" not in first and "bodyfat_percentage" not in first
+    weights["weight"][0]["weight"] = 0
+    with pytest.raises(MappingError, match=r"weight\[0\].weight 0 is not a measurement"):
+        normalize(weights, "weight")
+
+    hrv_doc = load("hrv.json")
+    hrv_doc["hrv"][0]["value"] = {"dailyRmssd": 0, "deepRmssd": 0}
+    with pytest.raises(MappingError, match=r"hrv\[0\] has neither value.dailyRmssd nor minutes"):
+        normalize(hrv_doc, "hrv")
+
+    logs = load("activities.json")
+    logs["activities"][0]["averageHeartRate"] = 0
+    first_log = normalize(logs, "activities")[0].data
+    assert "avg_hr_bpm" not in first_log.get("heart_rate_data", {}).get("summary", {})
+
+
+def test_auto_detected_sleep_latency_zero_is_not_measured() -> None:
+    doc = load("sleep.json")
+    main = next(log for log in doc["sleep"] if log["isMainSleep"])
+    assert main["logType"] == "auto_detected" and main["minutesToFallAsleep"] == 0
+    record = next(f.data for f in normalize(doc, "sleep") if f.data["metadata"]["summary_id"] == str(main["logId"]))
+    assert "sleep_latency_seconds" not in record["sleep_durations_data"]["awake"]
+
+
+def test_empty_single_day_spo2_response_is_no_data() -> None:
+    assert normalize({"_profile": BERLIN}, "spo2") == []
+    assert normalize([], "spo2") == []
+
+
+@pytest.mark.parametrize(("kind", "doc", "message"), [
+    ("spo2", {"dateTime": "2024-03-11", "value": {"avg": 104.2, "min": 93.1, "max": 99.9}}, "not a percentage"),
+    ("activity_timeseries", {"activities-heart": [{"dateTime": "2024-03-11", "value": {"restingHeartRate": 412}}]},
+     "not a plausible heart rate"),
+    ("weight", {"weight": [{"logId": 1, "date": "2024-03-11", "time": "07:02:11", "weight": 74.2, "fat": 180}]},
+     "not a percentage"),
+])
+def test_implausible_values_are_refused(kind: str, doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(MappingError, match=message):
+        normalize(doc, kind)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fidelity: exact values for units, time zones, day keys (hand-computed)
+# ----------------------------------------------------------------------------------------------------------------------
+LOS_ANGELES = {"timezone": "America/Los_Angeles", "offsetFromUTCMillis": -28800000}
+LONDON = {"timezone": "Europe/London", "offsetFromUTCMillis": 0}
+
+
+def test_uk_user_day_in_kilometres_and_metres() -> None:
+    doc = {**load("activity_summary.json"), "_units": "en_GB", "_profile": LONDON}
+    (record,) = [f.data for f in normalize(doc, "activity_summary")]
+    assert record["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+00:00"
+    assert record["distance_data"] == {"steps": 12873, "distance_meters": 9840, "floors_climbed": 14,
+                                       "elevation": {"gain_actual_meters": 42.67}}
+
+
+def test_us_user_on_the_dst_day_intraday_distance_and_heart_rate() -> None:
+    # 2024-03-10 in Los Angeles: 02:00-02:59 do not exist; Fitbit's local dataset jumps from 01:45 to 03:00
+    doc = {"_profile": LOS_ANGELES, "_units": "en_US",
+           "activities-distance": [{"dateTime": "2024-03-10", "value": "2.5"}],
+           "activities-distance-intraday": {"datasetInterval": 15, "datasetType": "minute", "dataset": [
+               {"time": "00:00:00", "value": 0}, {"time": "01:45:00", "value": 1.25},
+               {"time": "03:00:00", "value": 1.25}]},
+           "activities-heart": [{"dateTime": "2024-03-10", "value": {"restingHeartRate": 61, "heartRateZones": []}}],
+           "activities-heart-intraday": {"datasetInterval": 1, "datasetType": "minute", "dataset": [
+               {"time": "01:59:00", "value": 58}, {"time": "03:00:00", "value": 64}]}}
+    (day,) = [f.data for f in normalize(doc, "activity_timeseries")]
+    assert natural_key("daily", day) == "2024-03-10"
+    assert (day["metadata"]["start_time"], day["metadata"]["end_time"]) == (
+        "2024-03-10T00:00:00.000000-08:00", "2024-03-11T00:00:00.000000-07:00")  # a 23-hour day
+    assert day["distance_data"]["distance_meters"] == 4023  # 2.5 mi × 1609.344 m
+    assert day["distance_data"]["detailed"]["distance_samples"] == [  # running totals at each interval's end
+        {"timestamp": "2024-03-10T00:15:00.000000-08:00", "distance_meters": 0.0},
+        {"timestamp": "2024-03-10T03:00:00.000000-07:00", "distance_meters": 2011.68},  # 01:45 PST + 15 min
+        {"timestamp": "2024-03-10T03:15:00.000000-07:00", "distance_meters": 4023.36}]
+    assert day["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-10T01:59:00.000000-08:00", "bpm": 58},
+        {"timestamp": "2024-03-10T03:00:00.000000-07:00", "bpm": 64}]  # one minute later in physical time
+    assert day["heart_rate_data"]["summary"]["resting_hr_bpm"] == 61
+
+
+def test_weights_in_each_unit_system_to_the_gram() -> None:
+    log = {"logId": 1710138721000, "date": "2024-03-11", "time": "07:32:01", "bmi": 23.57, "source": "Aria"}
+    cases = {"en_US": (159.6, 72.393), "en_GB": (11.4, 72.393), None: (72.4, 72.4)}  # 159.6 lb, 11.4 st, 72.4 kg
+    for locale, (value, kg) in cases.items():
+        doc = {"weight": [{**log, "weight": value}], "_profile": BERLIN, **({"_units": locale} if locale else {})}
+        (body,) = [f.data for f in normalize(doc, "weight")]
+        assert body["measurements_data"]["measurements"] == [
+            {"measurement_time": "2024-03-11T07:32:01.000000+01:00", "weight_kg": kg, "BMI": 23.57}], locale
+
+
+def test_classic_sleep_durations_and_the_date_it_belongs_to() -> None:
+    # a classic (no HR) night in Berlin: restless counts as awake, dateOfSleep is the wake-up date
+    log = {"logId": 45098765432, "dateOfSleep": "2024-03-12", "type": "classic", "logType": "manual",
+           "isMainSleep": True, "startTime": "2024-03-11T23:30:00.000", "endTime": "2024-03-12T06:30:00.000",
+           "duration": 25200000, "efficiency": 94, "minutesAsleep": 395, "minutesAwake": 15,
+           "minutesToFallAsleep": 10, "minutesAfterWakeup": 0, "timeInBed": 420,
+           "levels": {"summary": {"asleep": {"count": 0, "minutes": 395}, "restless": {"count": 4, "minutes": 11},
+                                  "awake": {"count": 1, "minutes": 4}},
+                      "data": [{"dateTime": "2024-03-11T23:40:00.000", "level": "asleep", "seconds": 9000},
+                               {"dateTime": "2024-03-12T02:10:00.000", "level": "restless", "seconds": 660},
+                               {"dateTime": "2024-03-12T02:21:00.000", "level": "asleep", "seconds": 14700},
+                               {"dateTime": "2024-03-12T06:26:00.000", "level": "awake", "seconds": 240}]}}
+    (sleep_record,) = [f.data for f in normalize({"sleep": [log], "_profile": BERLIN}, "sleep")]
+    assert sleep_record["metadata"] == {"summary_id": "45098765432", "start_time": "2024-03-11T23:30:00.000000+01:00",
+                                        "end_time": "2024-03-12T06:30:00.000000+01:00", "upload_type": 1,
+                                        "is_nap": False, "timestamp_localization": 1}
+    durations = sleep_record["sleep_durations_data"]
+    assert durations["asleep"] == {"duration_asleep_state_seconds": 23700}
+    assert durations["awake"] == {"duration_awake_state_seconds": 900, "sleep_latency_seconds": 600,
+                                  "wake_up_latency_seconds": 0, "num_wakeup_events": 1}  # manual: latency kept
+    assert durations["other"] == {"duration_in_bed_seconds": 25200}
+    assert [(s["timestamp"][11:19], s["level"]) for s in durations["hypnogram_samples"]] == [
+        ("23:40:00", 2), ("02:10:00", 1), ("02:21:00", 2), ("06:26:00", 1)]
+
+
+def test_heart_range_day_without_heart_rate_makes_no_daily() -> None:
+    # a 7-day heart series: Fitbit lists the zones at 0 minutes and no restingHeartRate for a day the tracker was off
+    zones = [{"name": name, "min": low, "max": high, "minutes": 0, "caloriesOut": 0}
+             for name, low, high in (("Out of Range", 30, 113), ("Fat Burn", 113, 137), ("Cardio", 137, 167),
+                                     ("Peak", 167, 220))]
+    doc = {"_profile": BERLIN, "activities-heart": [
+        {"dateTime": "2024-03-09", "value": {"customHeartRateZones": [], "heartRateZones": zones}},
+        {"dateTime": "2024-03-10", "value": {"customHeartRateZones": [], "heartRateZones": zones,
+                                             "restingHeartRate": 58}}]}
+    days = [f.data for f in normalize(doc, "activity_timeseries")]
+    assert [(natural_key("daily", d), d["heart_rate_data"]) for d in days] == [
+        ("2024-03-10", {"summary": {"resting_hr_bpm": 58}})]

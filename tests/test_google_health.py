@@ -56,7 +56,7 @@ def test_exercise_maps_times_units_and_laps():
                                 "end_time": "2026-04-12T06:52:40.000000-07:00", "type": 8, "upload_type": 1,
                                 "name": "Morning run", "timestamp_localization": 1}
     assert data["active_durations_data"] == {"activity_seconds": 2730}
-    assert data["calories_data"] == {"total_burned_calories": 512.4}
+    assert data["calories_data"] == {"net_activity_calories": 512.4}  # active energy, basal excluded
     assert data["distance_data"]["summary"] == {"distance_meters": 8043.5, "steps": 7410,
                                                 "elevation": {"gain_actual_meters": 41.0}}
     assert data["heart_rate_data"]["summary"]["avg_hr_bpm"] == 151
@@ -148,3 +148,151 @@ def test_refusals_name_the_field(kind, change, message):
     change(point)
     with pytest.raises(MappingError, match=message.replace("[", r"\[").replace("]", r"\]")):
         records(kind, {"dataPoints": [point]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue 11: real documents, zero rules, plausibility
+# ----------------------------------------------------------------------------------------------------------------------
+def point(kind: str, index: int = 0) -> dict:
+    return copy.deepcopy(page(kind)["dataPoints"][index])
+
+
+def test_exercise_calories_are_active_energy_not_total():
+    # metricsSummary.caloriesKcal summarizes active-energy-burned (basal excluded): Terra's net activity calories
+    run = records("exercise")[0].data
+    assert run["calories_data"] == {"net_activity_calories": 512.4}
+
+
+def test_a_single_data_point_is_accepted_as_well_as_a_list_page():
+    for kind in ("exercise", "sleep", "steps", "heart-rate", "weight", "daily-resting-heart-rate"):
+        assert [f.data for f in records(kind, point(kind))] == [records(kind)[0].data]
+
+
+def test_zero_is_not_a_measurement_outside_the_true_zero_types():
+    run = point("exercise")
+    run["exercise"]["metricsSummary"].update(averageHeartRateBeatsPerMinute="0", runVo2Max=0,
+                                             heartRateZoneDurations={"lightTime": "0s", "moderateTime": "0s",
+                                                                     "vigorousTime": "0s", "peakTime": "0s"})
+    data = records("exercise", run)[0].data
+    assert "heart_rate_data" not in data and "oxygen_data" not in data
+    idle = point("steps")
+    idle["steps"]["count"] = "0"  # steps support true zeros: worn, not walking
+    assert records("steps", idle)[0].data["distance_data"]["detailed"]["step_samples"][0]["steps"] == 0
+    for kind, field, change in [
+        ("heart-rate", "heartRate.beatsPerMinute", lambda p: p["heartRate"].update(beatsPerMinute="0")),
+        ("daily-resting-heart-rate", "dailyRestingHeartRate.beatsPerMinute",
+         lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="0")),
+        ("weight", "weight.weightGrams", lambda p: p["weight"].update(weightGrams=0)),
+        ("height", "height.heightMillimeters", lambda p: p["height"].update(heightMillimeters=0)),
+        ("body-fat", "bodyFat.percentage", lambda p: p["bodyFat"].update(percentage=0)),
+        ("daily-oxygen-saturation", "dailyOxygenSaturation.averagePercentage",
+         lambda p: p["dailyOxygenSaturation"].update(averagePercentage=0)),
+    ]:
+        doc = point(kind)
+        change(doc)
+        with pytest.raises(MappingError, match=field.replace(".", r"\.") + " 0 is not a measurement"):
+            records(kind, doc)
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"), "not a plausible heart rate"),
+    ("daily-resting-heart-rate", lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="7"),
+     "not a plausible heart rate"),
+    ("weight", lambda p: p["weight"].update(weightGrams=950000), "not a plausible weight"),
+    ("height", lambda p: p["height"].update(heightMillimeters=17810), "not a plausible height"),
+])
+def test_implausible_values_are_refused(kind, change, message):
+    doc = point(kind)
+    change(doc)
+    with pytest.raises(MappingError, match=message):
+        records(kind, doc)
+
+
+def test_hrv_point_without_rmssd_names_what_terra_cannot_hold():
+    doc = point("daily-heart-rate-variability")
+    del doc["dailyHeartRateVariability"]["averageHeartRateVariabilityMilliseconds"]
+    with pytest.raises(MappingError, match=r"averageHeartRateVariabilityMilliseconds.*no Terra field"):
+        records("daily-heart-rate-variability", doc)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fidelity: exact values across a DST change (Europe/Berlin, 2026-03-29 02:00 CET → 03:00 CEST)
+# ----------------------------------------------------------------------------------------------------------------------
+def stage(kind: str, start: str, end: str, start_offset: str = "3600s", end_offset: str = "3600s") -> dict:
+    return {"type": kind, "startTime": start, "startUtcOffset": start_offset, "endTime": end,
+            "endUtcOffset": end_offset}
+
+
+def test_night_across_the_spring_dst_change():
+    night = point("sleep")
+    night["name"] = "users/5dG7yXkB2m/dataTypes/sleep/dataPoints/dst-night"
+    night["sleep"]["interval"] = {"startTime": "2026-03-28T22:30:00Z", "startUtcOffset": "3600s",
+                                  "endTime": "2026-03-29T05:30:00Z", "endUtcOffset": "7200s"}
+    night["sleep"]["stages"] = [
+        stage("AWAKE", "2026-03-28T22:30:00Z", "2026-03-28T22:42:00Z"),
+        stage("LIGHT", "2026-03-28T22:42:00Z", "2026-03-29T00:20:00Z"),
+        stage("DEEP", "2026-03-29T00:20:00Z", "2026-03-29T01:20:00Z", "3600s", "7200s"),  # 01:20 CET → 03:20 CEST
+        stage("REM", "2026-03-29T01:20:00Z", "2026-03-29T02:05:00Z", "7200s", "7200s"),
+        stage("LIGHT", "2026-03-29T02:05:00Z", "2026-03-29T05:30:00Z", "7200s", "7200s")]
+    night["sleep"]["summary"] = {
+        "minutesInSleepPeriod": "420", "minutesAsleep": "408", "minutesAwake": "12", "minutesToFallAsleep": "12",
+        "minutesAfterWakeUp": "0",
+        "stagesSummary": [{"type": "AWAKE", "minutes": "12", "count": "1"}, {"type": "LIGHT", "minutes": "303",
+                                                                               "count": "2"},
+                          {"type": "DEEP", "minutes": "60", "count": "1"}, {"type": "REM", "minutes": "45",
+                                                                             "count": "1"}]}
+    night["sleep"].pop("outOfBedSegments", None)
+    (record,) = records("sleep", night)
+    data = record.data
+    assert (data["metadata"]["start_time"], data["metadata"]["end_time"]) == (
+        "2026-03-28T23:30:00.000000+01:00", "2026-03-29T07:30:00.000000+02:00")  # 7 h in bed, 8 h on the clock
+    assert data["sleep_durations_data"]["asleep"] == {
+        "duration_asleep_state_seconds": 24480, "duration_deep_sleep_state_seconds": 3600,
+        "duration_light_sleep_state_seconds": 18180, "duration_REM_sleep_state_seconds": 2700, "num_REM_events": 1}
+    assert data["sleep_durations_data"]["awake"] == {
+        "duration_awake_state_seconds": 720, "sleep_latency_seconds": 720, "wake_up_latency_seconds": 0,
+        "num_wakeup_events": 1}
+    assert data["sleep_durations_data"]["other"] == {"duration_in_bed_seconds": 25200}
+    assert data["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2026-03-28T23:30:00.000000+01:00", "level": 1},
+        {"timestamp": "2026-03-28T23:42:00.000000+01:00", "level": 4},
+        {"timestamp": "2026-03-29T01:20:00.000000+01:00", "level": 5},
+        {"timestamp": "2026-03-29T03:20:00.000000+02:00", "level": 6},
+        {"timestamp": "2026-03-29T04:05:00.000000+02:00", "level": 4}]
+
+
+def test_heart_rate_either_side_of_the_change_keeps_its_local_day():
+    before, after = point("heart-rate"), point("heart-rate")
+    before["heartRate"]["sampleTime"] = {"physicalTime": "2026-03-29T00:59:30Z", "utcOffset": "3600s"}
+    after["heartRate"]["sampleTime"] = {"physicalTime": "2026-03-29T01:00:30Z", "utcOffset": "7200s"}
+    samples = [records("heart-rate", doc)[0].data for doc in (before, after)]
+    assert [s["heart_rate_data"]["detailed"]["hr_samples"][0]["timestamp"] for s in samples] == [
+        "2026-03-29T01:59:30.000000+01:00", "2026-03-29T03:00:30.000000+02:00"]
+    assert {s["metadata"]["start_time"][:10] for s in samples} == {"2026-03-29"}  # one Daily key
+
+
+def test_daily_types_have_no_offset_so_their_window_is_the_date_in_utc():
+    # 'date' is "in the user's timezone" and the point carries no offset: labelled UTC (localization 0), never guessed
+    doc = point("daily-oxygen-saturation")
+    doc["dailyOxygenSaturation"]["date"] = {"year": 2026, "month": 3, "day": 29}
+    data = records("daily-oxygen-saturation", doc)[0].data
+    assert data["metadata"] == {"start_time": "2026-03-29T00:00:00.000000+00:00",
+                                "end_time": "2026-03-30T00:00:00.000000+00:00", "upload_type": 1,
+                                "timestamp_localization": 0}
+
+
+def test_body_units_to_the_gram_and_millimetre():
+    weight, height = point("weight"), point("height")
+    weight["weight"]["weightGrams"] = 81646.6  # 180 lb entered in the app, stored in grams
+    height["height"]["heightMillimeters"] = "1803"
+    assert records("weight", weight)[0].data["measurements_data"]["measurements"][0]["weight_kg"] == 81.647
+    assert records("height", height)[0].data["measurements_data"]["measurements"][0]["height_cm"] == 180.3
+
+
+@pytest.mark.parametrize(("exercise_type", "terra_type"), [
+    ("RUNNING", 8), ("STRENGTH_TRAINING", 80), ("CROSSFIT", 113), ("CROSS_COUNTRY_SKI", 67), ("BALLROOM_DANCE", 24),
+    ("WORKOUT", 108), ("EXERCISE_TYPE_UNSPECIFIED", 108), ("A_TYPE_ADDED_LATER", 108)])
+def test_exercise_types_of_v4_and_v4beta(exercise_type, terra_type):
+    doc = point("exercise")
+    doc["exercise"]["exerciseType"] = exercise_type
+    assert records("exercise", doc)[0].data["metadata"]["type"] == terra_type

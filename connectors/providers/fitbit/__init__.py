@@ -26,8 +26,10 @@ SpO2), and several need response-level context (the request date, the unit syste
 zone). So the whole response is one document and each mapper reads its own list from it; a payload
 may also batch several responses as ``{"pages": [response, ...]}`` (the ``envelope``; no Fitbit
 response has that key). A single entry (one sleep log, one activity log) is accepted as a document
-too. Cost: one bad entry dead-letters its whole response. List-shaped responses (SpO2 for a date
-range is a top-level JSON array) must be wrapped as ``{"spo2": [...]}``. Documents carry no user id
+too. Cost: one bad entry dead-letters its whole response. A list-shaped response (SpO2 for a date
+range is a top-level JSON array) is accepted as it comes, each element one entry (without poller context:
+local times, no ``_sleep``); the poll hook wraps it as ``{"spo2": [...]}`` to add context. An empty single-day
+SpO2 answer (``{}``) is no data, not an error. Documents carry no user id
 (``user_field=None``): the user comes with the raw event.
 
 Poller contract — fields the poller adds at the top level of each response (in each page of a
@@ -47,14 +49,31 @@ Poller contract — fields the poller adds at the top level of each response (in
   ml). Fitbit's default without the header is assumed metric (unverified upstream). An activity
   log's own ``distanceUnit`` ("Kilometer", "Mile", "Meter") always wins for its distance, speed and
   pace; without ``_units``, a "Mile" log's elevation is taken as feet.
-- ``_date``: the request's ``{date}`` (``YYYY-MM-DD``), required by ``activity_summary`` and
-  ``water`` (their responses never state it) and by ``foods`` when the day has no food entries.
+- ``_date``: the request's ``{date}`` (``YYYY-MM-DD``). ``water`` responses never state their date, so it
+  is required there; ``activity_summary`` and ``foods`` read it from their entries (``activities[].startDate``,
+  ``foods[].logDate``) when those agree on one date, and need ``_date`` only for a day without entries.
 - ``_sleep``: for ``spo2``, ``hrv`` and ``br``: the sleep response (or list of sleep logs) of the
   same dates. These metrics are measured during the main sleep of their ``dateTime`` (the date the
   sleep ended); with the sleep attached they also complete that Sleep (summary_id = its ``logId``).
   Breathing rate has no place in Terra's Daily, so ``br`` requires it. The poll hook
   (``connectors.providers.fitbit.client``) attaches the main sleep logs of the response's dates, trimmed to the
   fields read here, and publishes nights without a main sleep apart, without ``_sleep``.
+
+Without the poller (a document fetched by other means): no ``_units`` = metric, which is what Fitbit answers a
+request without ``Accept-Language``; no ``_profile`` = local times without an offset (localization 1, allowed by
+Terra) — except activity logs, which carry their offset. Only ``water`` (no date anywhere), ``br`` (no sleep
+anywhere) and an entry-less ``activity_summary``/``foods`` are refused, with a MappingError naming the field to add.
+
+Zero means absent (Fitbit writes 0 where it measured nothing): ``restingHeartRate`` and ``averageHeartRate`` 0;
+heart-rate zones when *every* zone has 0 minutes (no heart rate that day/activity; one empty zone among others is a
+real 0); weight logs' ``bmi`` and ``fat`` 0 (a ``weight`` of 0 is refused: not a measurement); SpO2 ``avg``/minute
+values 0; HRV ``dailyRmssd``/``rmssd`` 0; breathing rate 0; ``minutesToFallAsleep`` 0 of an ``auto_detected`` sleep
+(Fitbit detects the onset, it measures no latency; *assumed*, a manual log's 0 is kept). Steps, distance, floors,
+elevation, calories and activity minutes of 0 are real zeros (Fitbit cannot tell an idle day from an unworn one).
+``net_activity_calories`` = ``caloriesOut`` − ``caloriesBMR``: Fitbit's ``activityCalories`` includes the BMR of the
+active minutes, so it is not mapped (a time series of ``activityCalories`` alone is refused).
+Plausibility: heart rates 20-300 bpm, percentages (SpO2, body fat, efficiency) 0-100, breathing 1-80/min, any
+magnitude ≥ 1e15 refused; ``caloriesOut`` below ``caloriesBMR`` is refused.
 
 Choices: sleep stages deep/light/rem/wake → SleepLevel 5/4/6/1; classic asleep → 2 (SLEEPING),
 restless and awake → 1 (AWAKE), because Fitbit counts restless minutes in ``minutesAwake``.
@@ -168,6 +187,29 @@ def _meters(value: Any, factor: float, path: str) -> int | None:
     return None if number is None else round(number * factor)
 
 
+def _measured(value: Any, path: str) -> float | int | None:
+    """A value Fitbit writes as 0 when it measured nothing (see "Zero means absent"): 0 → ``None``."""
+    number = _number(value, path)
+    return None if number == 0 else number
+
+
+def _bounded(number: float | int | None, low: float, high: float, what: str, path: str) -> float | int | None:
+    """Plausibility check: ``number`` within ``[low, high]`` (``None`` passes)."""
+    if number is not None and not low <= number <= high:
+        raise MappingError(f"{path} {number!r} is not {what} ({low:g}-{high:g})")
+    return number
+
+
+def _bpm(value: Any, path: str) -> float | int | None:
+    """A heart rate in bpm; 0 = not measured."""
+    return _bounded(_measured(value, path), 20, 300, "a plausible heart rate", path)
+
+
+def _percentage(value: Any, path: str, zero_is_absent: bool = True) -> float | int | None:
+    number = _measured(value, path) if zero_is_absent else _number(value, path)
+    return _bounded(number, 0, 100, "a percentage", path)
+
+
 def _seconds(minutes: Any, path: str) -> float | int | None:
     number = _number(minutes, path)
     return None if number is None else number * 60
@@ -214,7 +256,9 @@ def _request_date(doc: dict[str, Any], kind: str, entry_dates: list[date] | None
         return _date(doc["_date"], "_date")
     if entry_dates and len(set(entry_dates)) == 1:
         return entry_dates[0]
-    raise MappingError(f"{kind} responses do not state their date: the poller must add '_date' (the request's date)")
+    found = f" (its entries name {len(set(entry_dates))} dates)" if entry_dates else ""
+    raise MappingError(f"{kind} response does not state its date{found}: add '_date' (the request's YYYY-MM-DD) at the "
+                       "top level of the response, as the Fitbit poll hook does")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -330,9 +374,14 @@ def _day_metadata(day: date, clock: Clock) -> dict[str, Any]:
 
 
 def _hr_zones(zones: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
-    """Fitbit's heart-rate zones (Out of Range, Fat Burn, Cardio, Peak, in that order) → Terra zones 0-3."""
-    return [{"zone": index, "name": zone.get("name"), "duration_seconds": _seconds(zone["minutes"], f"{path}[{index}]")}
-            for index, zone in enumerate(zones) if zone.get("minutes") is not None]
+    """Fitbit's heart-rate zones (Out of Range, Fat Burn, Cardio, Peak, in that order) → Terra zones 0-3.
+
+    Every zone at 0 minutes = no heart rate recorded that day or activity (Fitbit still lists the zones): no zones.
+    One empty zone among others is a real 0."""
+    out = [{"zone": index, "name": zone.get("name"),
+            "duration_seconds": _seconds(zone["minutes"], f"{path}[{index}].minutes")}
+           for index, zone in enumerate(zones) if zone.get("minutes") is not None]
+    return out if any(zone["duration_seconds"] for zone in out) else []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -398,7 +447,7 @@ def _activity(log: dict[str, Any], clock: Clock, units: Units, explicit_units: b
                for name, field in ACTIVITY_LEVEL_FIELDS.items()},
         },
         "heart_rate_data": {"summary": {
-            "avg_hr_bpm": _number(log.get("averageHeartRate"), f"{path}.averageHeartRate"),
+            "avg_hr_bpm": _bpm(log.get("averageHeartRate"), f"{path}.averageHeartRate"),
             "hr_zone_data": _hr_zones(_list(log, "heartRateZones", f"{path}.heartRateZones"), f"{path}.heartRateZones"),
         }},
         "movement_data": {  # speed: distance units per hour; pace: seconds per distance unit
@@ -440,7 +489,6 @@ def _summary_daily(summary: dict[str, Any], day: date, clock: Clock, units: Unit
         "calories_data": {
             "total_burned_calories": _number(summary.get("caloriesOut"), "summary.caloriesOut"),
             "BMR_calories": _number(summary.get("caloriesBMR"), "summary.caloriesBMR"),
-            "net_activity_calories": _number(summary.get("activityCalories"), "summary.activityCalories"),
         },
         "active_durations_data": {
             "activity_seconds": sum(active) * 60 if None not in active else None,
@@ -456,7 +504,7 @@ def _summary_daily(summary: dict[str, Any], day: date, clock: Clock, units: Unit
             "num_inactive_minutes": minutes["sedentary"],
         },
         "heart_rate_data": {"summary": {
-            "resting_hr_bpm": _number(summary.get("restingHeartRate"), "summary.restingHeartRate"),
+            "resting_hr_bpm": _bpm(summary.get("restingHeartRate"), "summary.restingHeartRate"),
             "hr_zone_data": _hr_zones(_list(summary, "heartRateZones", "summary.heartRateZones"),
                                       "summary.heartRateZones"),
         }},
@@ -467,11 +515,12 @@ def _day_value(resource: str, value: Any, units: Units, path: str) -> dict[str, 
     """One day's value of an ``activities-<resource>`` time series → the Daily fields it fills."""
     if resource == "heart":
         value = _object(value, path)
-        return {"heart_rate_data": {"summary": {
-            "resting_hr_bpm": _number(value.get("restingHeartRate"), f"{path}.restingHeartRate"),
+        summary = compact({
+            "resting_hr_bpm": _bpm(value.get("restingHeartRate"), f"{path}.restingHeartRate"),
             "hr_zone_data": _hr_zones(_list(value, "heartRateZones", f"{path}.heartRateZones"),
                                       f"{path}.heartRateZones"),
-        }}}
+        })
+        return {"heart_rate_data": {"summary": summary}} if summary else None  # a day without heart rate: no Daily
     number = _number(value, path)
     if number is None:
         return None
@@ -490,8 +539,7 @@ def _day_value(resource: str, value: Any, units: Units, path: str) -> dict[str, 
             number * units.meters_per_elevation, 2)}}},
         "calories": {"calories_data": {"total_burned_calories": number}},
         "caloriesBMR": {"calories_data": {"BMR_calories": number}},
-        "activityCalories": {"calories_data": {"net_activity_calories": number}},
-    }.get(resource)
+    }.get(resource)  # activityCalories includes the BMR of active minutes: net comes from calories − caloriesBMR
 
 
 CUMULATIVE_SAMPLES = {  # intraday resource → (Terra sample list path, value name): running totals from midnight
@@ -581,6 +629,17 @@ def _timeseries(doc: dict[str, Any], clock: Clock, units: Units) -> dict[date, d
     return days
 
 
+def _with_net_calories(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """``net_activity_calories`` = total − BMR (Fitbit's ``activityCalories`` also counts the BMR of active minutes)."""
+    calories = record.get("calories_data") or {}
+    total, bmr = calories.get("total_burned_calories"), calories.get("BMR_calories")
+    if total is None or bmr is None:
+        return record
+    if total < bmr:
+        raise MappingError(f"{path}: caloriesOut {total} is below caloriesBMR {bmr}, which it includes")
+    return _merge(record, {"calories_data": {"net_activity_calories": round(total - bmr, 2)}})
+
+
 @PROVIDER.kind("activity_summary", "daily")
 def activity_summary(doc: dict[str, Any]) -> list[Fragment]:
     """The day's activity summary (``_date`` required): steps, distance, floors, calories, activity minutes,
@@ -589,10 +648,13 @@ def activity_summary(doc: dict[str, Any]) -> list[Fragment]:
     if not isinstance(summary, dict):
         raise MappingError("activity_summary response has no 'summary' object")
     clock, units = _clock(doc), _units(doc)
-    day = _request_date(doc, "activity_summary")
+    logged = [_date(log.get("startDate"), f"activities[{i}].startDate")
+              for i, log in enumerate(_list(doc, "activities")) if log.get("startDate") is not None]
+    day = _request_date(doc, "activity_summary", logged)
     days = _timeseries(doc, clock, units)
     days[day] = _merge(days.get(day) or {}, _summary_daily(summary, day, clock, units))
-    return [Fragment("daily", compact(record)) for _, record in sorted(days.items())]
+    return [Fragment("daily", compact(_with_net_calories(record, f"daily {key}")))
+            for key, record in sorted(days.items())]
 
 
 @PROVIDER.kind("activity_timeseries", "daily")
@@ -602,8 +664,10 @@ def activity_timeseries(doc: dict[str, Any]) -> list[Fragment]:
         raise MappingError("activity_timeseries response has no 'activities-<resource>' series")
     days = _timeseries(doc, _clock(doc), _units(doc))
     if not days:
-        raise MappingError(f"no mappable resource among {', '.join(k for k in doc if k.startswith('activities-'))}")
-    return [Fragment("daily", compact(record)) for _, record in sorted(days.items())]
+        raise MappingError(f"no mappable resource among {', '.join(k for k in doc if k.startswith('activities-'))} "
+                           "(activityCalories includes BMR of active minutes: request calories and caloriesBMR)")
+    return [Fragment("daily", compact(_with_net_calories(record, f"activities-calories {key}")))
+            for key, record in sorted(days.items())]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -674,6 +738,9 @@ def _sleep_record(log: dict[str, Any], clock: Clock, path: str) -> dict[str, Any
 
     duration = _number(log.get("duration"), f"{path}.duration")
     wake_level = "wake" if "wake" in summary else "awake"
+    latency = _seconds(log.get("minutesToFallAsleep"), f"{path}.minutesToFallAsleep")
+    if latency == 0 and log.get("logType") == "auto_detected":
+        latency = None  # Fitbit writes 0 for every auto-detected sleep: the onset is detected, no latency measured
     return compact({
         "metadata": metadata,
         "sleep_durations_data": {
@@ -686,13 +753,13 @@ def _sleep_record(log: dict[str, Any], clock: Clock, path: str) -> dict[str, Any
             },
             "awake": {
                 "duration_awake_state_seconds": _seconds(log.get("minutesAwake"), f"{path}.minutesAwake"),
-                "sleep_latency_seconds": _seconds(log.get("minutesToFallAsleep"), f"{path}.minutesToFallAsleep"),
+                "sleep_latency_seconds": latency,
                 "wake_up_latency_seconds": _seconds(log.get("minutesAfterWakeup"), f"{path}.minutesAfterWakeup"),
                 "num_wakeup_events": stage(wake_level, "count"),
             },
             "other": {"duration_in_bed_seconds": duration / 1000 if duration is not None
                       else (end - start).total_seconds()},
-            "sleep_efficiency": _number(log.get("efficiency"), f"{path}.efficiency"),  # 0-100, Terra's scale
+            "sleep_efficiency": _percentage(log.get("efficiency"), f"{path}.efficiency", False),  # Terra's scale
             "hypnogram_samples": _hypnogram(levels, clock, f"{path}.levels"),
         },
     })
@@ -730,6 +797,8 @@ def _main_sleep(sleeps: list[dict[str, Any]], day: date, clock: Clock, path: str
 
 def _nightly(doc: dict[str, Any], name: str) -> Iterator[tuple[str, dict[str, Any], date, Clock]]:
     clock = _clock(doc)
+    if not any(not key.startswith("_") for key in doc):
+        return  # ``{}``: Fitbit's single-day answer for a night without a reading
     for index, entry in enumerate(_entries(doc, name, "dateTime")):
         path = f"{name}[{index}]"
         yield path, entry, _date(entry.get("dateTime"), f"{path}.dateTime"), clock
@@ -740,10 +809,11 @@ def spo2(doc: dict[str, Any]) -> list[Fragment]:
     """Nightly SpO2 (% average, and per-minute values from ``/all``) → the Daily of its date (+ its main sleep)."""
     sleeps, out = _attached_sleeps(doc), []
     for path, entry, day, clock in _nightly(doc, "spo2"):
-        average = _number(_object(entry.get("value"), f"{path}.value").get("avg"), f"{path}.value.avg")
+        average = _percentage(_object(entry.get("value"), f"{path}.value").get("avg"), f"{path}.value.avg")
         samples = [{"timestamp": clock.text(clock.parse(minute.get("minute"), f"{path}.minutes[{i}].minute")),
-                    "percentage": _number(minute.get("value"), f"{path}.minutes[{i}].value"), "type": 0}
-                   for i, minute in enumerate(_list(entry, "minutes", f"{path}.minutes"))]
+                    "percentage": percentage, "type": 0}
+                   for i, minute in enumerate(_list(entry, "minutes", f"{path}.minutes"))
+                   if (percentage := _percentage(minute.get("value"), f"{path}.minutes[{i}].value")) is not None]
         if average is None and not samples:
             raise MappingError(f"{path} has neither value.avg nor minutes")
         out.append(Fragment("daily", compact({
@@ -763,11 +833,11 @@ def hrv(doc: dict[str, Any]) -> list[Fragment]:
     """Nightly HRV (RMSSD, ms; 5-minute values from ``/all``) → the Daily of its date (+ its main sleep)."""
     sleeps, out = _attached_sleeps(doc), []
     for path, entry, day, clock in _nightly(doc, "hrv"):
-        rmssd = _number(_object(entry.get("value"), f"{path}.value").get("dailyRmssd"), f"{path}.value.dailyRmssd")
+        rmssd = _measured(_object(entry.get("value"), f"{path}.value").get("dailyRmssd"), f"{path}.value.dailyRmssd")
         samples = []
         for i, minute in enumerate(_list(entry, "minutes", f"{path}.minutes")):
             where = f"{path}.minutes[{i}]"
-            value = _number(_object(minute.get("value"), f"{where}.value").get("rmssd"), f"{where}.value.rmssd")
+            value = _measured(_object(minute.get("value"), f"{where}.value").get("rmssd"), f"{where}.value.rmssd")
             if value is not None:
                 samples.append({"timestamp": clock.text(clock.parse(minute.get("minute"), f"{where}.minute")),
                                 "hrv_rmssd": value})
@@ -798,7 +868,8 @@ def br(doc: dict[str, Any]) -> list[Fragment]:
         rate = value.get("breathingRate")
         if rate is None:
             rate = _object(value.get("fullSleepSummary"), f"{path}.value.fullSleepSummary").get("breathingRate")
-        rate = _number(rate, f"{path}.value.breathingRate")
+        rate = _bounded(_measured(rate, f"{path}.value.breathingRate"), 1, 80, "a plausible breathing rate",
+                        f"{path}.value.breathingRate")
         if rate is None:
             raise MappingError(f"{path} has no breathingRate")
         metadata = _main_sleep(sleeps, day, clock, path)
@@ -828,13 +899,16 @@ def _body(doc: dict[str, Any], kind: str) -> list[Fragment]:
             at = clock.at(day, log["time"], f"{path}.time")
             sample = measurements.setdefault(day, {}).setdefault(at, {"measurement_time": clock.text(at)})
             if name == "weight":
+                kg = _scaled(log["weight"], units.kg_per_weight, f"{path}.weight")
+                if not kg or kg < 0:
+                    raise MappingError(f"{path}.weight {log['weight']!r} is not a measurement")
                 sample.update(compact({
-                    "weight_kg": _scaled(log["weight"], units.kg_per_weight, f"{path}.weight"),
-                    "BMI": _number(log.get("bmi"), f"{path}.bmi"),
-                    "bodyfat_percentage": _number(log.get("fat"), f"{path}.fat"),
+                    "weight_kg": kg,
+                    "BMI": _measured(log.get("bmi"), f"{path}.bmi"),
+                    "bodyfat_percentage": _percentage(log.get("fat"), f"{path}.fat"),
                 }))
-            else:
-                sample.setdefault("bodyfat_percentage", _number(log["fat"], f"{path}.fat"))
+            elif (body_fat := _percentage(log["fat"], f"{path}.fat")) is not None:
+                sample.setdefault("bodyfat_percentage", body_fat)
     out = []
     for day, samples in sorted(measurements.items()):
         start, end = clock.day(day)

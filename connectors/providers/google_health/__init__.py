@@ -22,6 +22,19 @@ totals: totals only exist through ``dailyRollUp``, a POST with a JSON body the p
 ``daily-resting-heart-rate``, ``daily-heart-rate-variability`` (RMSSD), ``daily-oxygen-saturation`` → Daily;
 ``weight``, ``body-fat``, ``height`` → Body measurements.
 
+Zero means absent, by Google's own rule (https://developers.google.com/health/data-presence-and-true-zeros): only
+Altitude, Distance, Floors, Steps and Total Calories have *true zeros* (worn, nothing recorded), so a ``steps``
+count of 0 is kept. Elsewhere 0 is no measurement: exercise ``averageHeartRateBeatsPerMinute`` and ``runVo2Max``
+0 are left out, heart-rate zone durations all ``"0s"`` give no zones; a data point whose only value is 0
+(``heart-rate``, ``daily-resting-heart-rate``, ``daily-heart-rate-variability``, ``daily-oxygen-saturation``,
+``weight``, ``body-fat``, ``height``) is refused ("… 0 is not a measurement"). Plausibility: heart rates 20-300 bpm,
+SpO2 50-100 %, RMSSD 1-500 ms, VO2 max 10-100, weight 0.5-650 kg, body fat 1-80 %, height 30-280 cm.
+Calories: ``exercise.metricsSummary.caloriesKcal`` summarizes *active-energy-burned* (basal excluded,
+/data-types/workouts and /data-types/calories), so it is the Activity's ``net_activity_calories``.
+Time zones: points carry their UTC offset (localization 1, real offsets). A day-scoped record of a sample takes
+the day window in the sample's own offset: on a DST day two samples of the same local date name windows with
+different offsets (the natural key, the local date, is the same; the merge keeps the newer window).
+
 Assumed or undocumented: sleep stage ``RESTLESS`` counts as awake (Terra has no restless level; as for Fitbit
 classic sleep); exercise types without a Terra equivalent (``WORKOUT``, ``OTHER``, unspecified) map to OTHER;
 heart-rate zones LIGHT/MODERATE/VIGOROUS/PEAK → Terra zones 1-4; ``recordingMethod`` MANUAL → manual upload,
@@ -55,7 +68,12 @@ SLEEP_LEVEL = {"SLEEP_STAGE_TYPE_UNSPECIFIED": 0, "AWAKE": 1, "ASLEEP": 2, "LIGH
                "RESTLESS": 1}  # Google SleepStage.type → Terra SleepLevel
 OTHER_ACTIVITY = 108
 ACTIVITY_TYPE = {"RUNNING": 8, "WALKING": 7, "BIKING": 1, "SWIMMING": 82, "HIKING": 35, "YOGA": 100,
-                 "PILATES": 49, "HIIT": 114, "WEIGHTLIFTING": 97, "STRENGTH_TRAINING": 80}  # → Terra ActivityType
+                 "PILATES": 49, "HIIT": 114, "WEIGHTLIFTING": 97, "STRENGTH_TRAINING": 80,  # v4 ExerciseType
+                 # v4beta adds sport types ("may receive new values"): the unambiguous ones → Terra ActivityType
+                 "AEROBIC_WORKOUT": 9, "ARCHERY": 119, "BACKPACKING": 35, "BADMINTON": 10, "BALLET": 24,
+                 "BALLROOM_DANCE": 24, "BASEBALL": 11, "BASKETBALL": 12, "BOXING": 20, "BREAKDANCING": 24,
+                 "CALISTHENICS": 21, "CANOEING": 140, "CARDIO_WORKOUT": 123, "CIRCUIT_TRAINING": 22, "CRICKET": 23,
+                 "CROSS_COUNTRY_SKI": 67, "CROSSFIT": 113, "CURLING": 106, "DANCING": 24, "DIVING": 102}
 HR_ZONES = (("lightTime", 1, "LIGHT"), ("moderateTime", 2, "MODERATE"), ("vigorousTime", 3, "VIGOROUS"),
             ("peakTime", 4, "PEAK"))
 HR_CONTEXT = {"ACTIVE": 1, "SEDENTARY": 2}  # HeartRateMetadata.motionContext → Terra HeartRateContext
@@ -105,6 +123,25 @@ def _required_number(value: Any, path: str) -> float | int:
     if number is None:
         raise MappingError(f"{path} is required")
     return number
+
+
+def _measured(value: Any, path: str, low: float, high: float, what: str, required: bool = False) -> float | int | None:
+    """A value of a type without true zeros (see the module docstring): 0 = not measured → ``None`` (refused when
+    ``required``); anything else must lie in ``[low, high]``."""
+    number = _number(value, path)
+    if number is None and required:
+        raise MappingError(f"{path} is required")
+    if number == 0:
+        if required:
+            raise MappingError(f"{path} 0 is not a measurement")
+        return None
+    if number is not None and not low <= number <= high:
+        raise MappingError(f"{path} {number!r} is not {what} ({low:g}-{high:g})")
+    return number
+
+
+def _bpm(value: Any, path: str, required: bool = False) -> float | int | None:
+    return _measured(value, path, 20, 300, "a plausible heart rate", required)
 
 
 def _scaled(value: Any, factor: float, path: str, digits: int = 3) -> float | None:
@@ -221,8 +258,10 @@ def _date_metadata(day: date) -> dict[str, Any]:
 # exercise → Activity
 # ----------------------------------------------------------------------------------------------------------------------
 def _hr_zones(zones: dict[str, Any], path: str) -> list[dict[str, Any]]:
-    return [{"zone": zone, "name": name, "duration_seconds": _seconds(zones[field], f"{path}.{field}")}
-            for field, zone, name in HR_ZONES if zones.get(field) is not None]
+    """Time in zones; every zone at 0 s = no heart rate during the exercise → no zones."""
+    out = [{"zone": zone, "name": name, "duration_seconds": _seconds(zones[field], f"{path}.{field}")}
+           for field, zone, name in HR_ZONES if zones.get(field) is not None]
+    return out if any(zone["duration_seconds"] for zone in out) else []
 
 
 def _lap(split: Any, path: str) -> dict[str, Any]:
@@ -235,7 +274,7 @@ def _lap(split: Any, path: str) -> dict[str, Any]:
         "end_time": format_ts(end),
         "distance_meters": _scaled(metrics.get("distanceMillimeters"), 0.001, f"{where}.distanceMillimeters"),
         "calories": _number(metrics.get("caloriesKcal"), f"{where}.caloriesKcal"),
-        "avg_hr_bpm": _number(metrics.get("averageHeartRateBeatsPerMinute"), f"{where}.averageHeartRateBeatsPerMinute"),
+        "avg_hr_bpm": _bpm(metrics.get("averageHeartRateBeatsPerMinute"), f"{where}.averageHeartRateBeatsPerMinute"),
         "avg_speed_meters_per_second": _scaled(metrics.get("averageSpeedMillimetersPerSecond"), 0.001,
                                                f"{where}.averageSpeedMillimetersPerSecond"),
     })
@@ -265,7 +304,8 @@ def exercise(doc: dict[str, Any]) -> Fragment:
             "timestamp_localization": LOCAL_TIME,
         },
         "active_durations_data": {"activity_seconds": _seconds(data.get("activeDuration"), "exercise.activeDuration")},
-        "calories_data": {"total_burned_calories": _number(metrics.get("caloriesKcal"), f"{where}.caloriesKcal")},
+        # caloriesKcal summarizes active-energy-burned, which excludes basal energy (data-types/workouts)
+        "calories_data": {"net_activity_calories": _number(metrics.get("caloriesKcal"), f"{where}.caloriesKcal")},
         "distance_data": {"summary": {
             "distance_meters": _scaled(metrics.get("distanceMillimeters"), 0.001, f"{where}.distanceMillimeters"),
             "steps": _number(metrics.get("steps"), f"{where}.steps"),
@@ -273,8 +313,8 @@ def exercise(doc: dict[str, Any]) -> Fragment:
                                                         f"{where}.elevationGainMillimeters")},
         }},
         "heart_rate_data": {"summary": {
-            "avg_hr_bpm": _number(metrics.get("averageHeartRateBeatsPerMinute"),
-                                  f"{where}.averageHeartRateBeatsPerMinute"),
+            "avg_hr_bpm": _bpm(metrics.get("averageHeartRateBeatsPerMinute"),
+                               f"{where}.averageHeartRateBeatsPerMinute"),
             "hr_zone_data": _hr_zones(_object(metrics.get("heartRateZoneDurations"),
                                               f"{where}.heartRateZoneDurations", False),
                                       f"{where}.heartRateZoneDurations"),
@@ -284,7 +324,8 @@ def exercise(doc: dict[str, Any]) -> Fragment:
                                                    f"{where}.averageSpeedMillimetersPerSecond"),
             "avg_pace_minutes_per_kilometer": round(pace * 1000 / 60, 3) if pace is not None else None,
         },
-        "oxygen_data": {"vo2max_ml_per_min_per_kg": _number(metrics.get("runVo2Max"), f"{where}.runVo2Max")},
+        "oxygen_data": {"vo2max_ml_per_min_per_kg": _measured(metrics.get("runVo2Max"), f"{where}.runVo2Max", 10, 100,
+                                                              "a plausible VO2 max")},
         "lap_data": {"laps": laps},
         "device_data": _device(doc),
     })
@@ -386,7 +427,7 @@ def heart_rate(doc: dict[str, Any]) -> Fragment:
     data = _data(doc, "heartRate")
     at = _sample_time(data, "heartRate")
     context = _object(data.get("metadata"), "heartRate.metadata", False).get("motionContext")
-    bpm = _required_number(data.get("beatsPerMinute"), "heartRate.beatsPerMinute")
+    bpm = _bpm(data.get("beatsPerMinute"), "heartRate.beatsPerMinute", required=True)
     sample = {"timestamp": format_ts(at), "bpm": bpm, "context": HR_CONTEXT.get(context, 0)}
     return Fragment("daily", {"metadata": _day_metadata(at), "heart_rate_data": {"detailed": {"hr_samples": [sample]}}})
 
@@ -398,7 +439,7 @@ def heart_rate(doc: dict[str, Any]) -> Fragment:
 def daily_resting_heart_rate(doc: dict[str, Any]) -> Fragment:
     """The day's resting heart rate (bpm) → Daily ``heart_rate_data.summary.resting_hr_bpm``."""
     data = _data(doc, "dailyRestingHeartRate")
-    bpm = _required_number(data.get("beatsPerMinute"), "dailyRestingHeartRate.beatsPerMinute")
+    bpm = _bpm(data.get("beatsPerMinute"), "dailyRestingHeartRate.beatsPerMinute", required=True)
     return Fragment("daily", {"metadata": _date_metadata(_date(data.get("date"), "dailyRestingHeartRate.date")),
                               "heart_rate_data": {"summary": {"resting_hr_bpm": bpm}}})
 
@@ -407,10 +448,12 @@ def daily_resting_heart_rate(doc: dict[str, Any]) -> Fragment:
 def daily_heart_rate_variability(doc: dict[str, Any]) -> Fragment:
     """The day's average HRV (RMSSD, ms) → Daily ``heart_rate_data.summary.avg_hrv_rmssd``."""
     data = _data(doc, "dailyHeartRateVariability")
-    rmssd = _number(data.get("averageHeartRateVariabilityMilliseconds"),
-                    "dailyHeartRateVariability.averageHeartRateVariabilityMilliseconds")
+    rmssd = _measured(data.get("averageHeartRateVariabilityMilliseconds"),
+                      "dailyHeartRateVariability.averageHeartRateVariabilityMilliseconds", 1, 500, "a plausible RMSSD")
     if rmssd is None:
-        raise MappingError("dailyHeartRateVariability has no averageHeartRateVariabilityMilliseconds")
+        others = sorted(k for k in data if k not in ("date", "averageHeartRateVariabilityMilliseconds"))
+        raise MappingError("dailyHeartRateVariability has no averageHeartRateVariabilityMilliseconds (or 0); its "
+                           f"other fields ({', '.join(others) or 'none'}) have no Terra field")
     return Fragment("daily", {"metadata": _date_metadata(_date(data.get("date"), "dailyHeartRateVariability.date")),
                               "heart_rate_data": {"summary": {"avg_hrv_rmssd": rmssd}}})
 
@@ -419,9 +462,8 @@ def daily_heart_rate_variability(doc: dict[str, Any]) -> Fragment:
 def daily_oxygen_saturation(doc: dict[str, Any]) -> Fragment:
     """The night's average SpO2 (%) → Daily ``oxygen_data.avg_saturation_percentage`` of its date."""
     data = _data(doc, "dailyOxygenSaturation")
-    average = _required_number(data.get("averagePercentage"), "dailyOxygenSaturation.averagePercentage")
-    if not 0 <= average <= 100:
-        raise MappingError(f"dailyOxygenSaturation.averagePercentage {average} is not a percentage")
+    average = _measured(data.get("averagePercentage"), "dailyOxygenSaturation.averagePercentage", 50, 100,
+                        "a plausible percentage", required=True)
     return Fragment("daily", {"metadata": _date_metadata(_date(data.get("date"), "dailyOxygenSaturation.date")),
                               "oxygen_data": {"avg_saturation_percentage": average}})
 
@@ -443,21 +485,22 @@ def _measurement(doc: dict[str, Any], field: str, values: dict[str, Any]) -> Fra
 @PROVIDER.kind("weight", "body")
 def weight(doc: dict[str, Any]) -> Fragment:
     """A weight sample (grams → kg) → a measurement of its local day's Body."""
-    grams = _required_number(_data(doc, "weight").get("weightGrams"), "weight.weightGrams")
+    grams = _measured(_data(doc, "weight").get("weightGrams"), "weight.weightGrams", 500, 650_000,
+                      "a plausible weight", required=True)
     return _measurement(doc, "weight", {"weight_kg": round(grams / 1000, 3)})
 
 
 @PROVIDER.kind("body-fat", "body")
 def body_fat(doc: dict[str, Any]) -> Fragment:
     """A body-fat sample (%) → a measurement of its local day's Body (merged with a weight at the same instant)."""
-    percentage = _required_number(_data(doc, "bodyFat").get("percentage"), "bodyFat.percentage")
-    if not 0 <= percentage <= 100:
-        raise MappingError(f"bodyFat.percentage {percentage} is not in [0, 100]")
+    percentage = _measured(_data(doc, "bodyFat").get("percentage"), "bodyFat.percentage", 1, 80,
+                           "a plausible body fat percentage", required=True)
     return _measurement(doc, "bodyFat", {"bodyfat_percentage": percentage})
 
 
 @PROVIDER.kind("height", "body")
 def height(doc: dict[str, Any]) -> Fragment:
     """A height sample (mm → cm) → a measurement of its local day's Body."""
-    millimeters = _required_number(_data(doc, "height").get("heightMillimeters"), "height.heightMillimeters")
+    millimeters = _measured(_data(doc, "height").get("heightMillimeters"), "height.heightMillimeters", 300, 2_800,
+                            "a plausible height", required=True)
     return _measurement(doc, "height", {"height_cm": round(millimeters / 10, 1)})
