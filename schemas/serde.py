@@ -60,7 +60,8 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    """Encode a normalized event (``NormalizedEvent.to_dict()`` shape, ``data`` = one record or a list).
+    """Encode a normalized event (``NormalizedEvent.to_dict()`` shape, ``data`` = one record or a list; a tombstone,
+    ``deleted`` true, goes with ``data`` empty and its key in ``deleted``).
 
     Each record is tagged with its model's union branch: left to fastavro, a Daily holding only
     fields a Sleep also has would be written as a Sleep.
@@ -68,6 +69,10 @@ def encode_event(event: dict[str, Any]) -> bytes:
     records = event["data"] if isinstance(event["data"], list) else [event["data"]]
     fields = {f["name"] for f in envelope_schema("normalized_event")["fields"]}
     tagged = {k: v for k, v in event.items() if k in fields}
+    if event.get("deleted") is True:  # a tombstone (NormalizedEvent.deleted): its data is the deleted key
+        tagged["deleted"], records = records, []
+    elif not isinstance(event.get("deleted"), list):
+        tagged["deleted"] = None
     tagged["data"] = [(model_fullname(event["type"]), r) for r in records]
     return encode("normalized_event", tagged)
 
