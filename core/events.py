@@ -23,6 +23,7 @@ class NormalizedEvent:
     ``event_id`` is derived from (user, type, natural key, content): a redelivery of the same
     record keeps its id (destinations dedupe on it), an update gets a new one. ``sequence``
     orders one user's events; ``ordering_timestamp_ms`` tells destinations which version is newer.
+    A tombstone (``deleted``, see ``tombstone``) says the provider deleted the record; its ``data`` is the record's key.
     """
 
     event_id: str

@@ -42,6 +42,11 @@ Guarantees:
   MySQL has no ``WHERE`` on ``ON DUPLICATE KEY UPDATE``: each column becomes ``IF(guard, VALUES(c), c)`` and, since
   MySQL assigns left to right and later expressions see earlier assignments, ``ordering_timestamp_ms`` is assigned
   last so every guard compares with the stored value.
+- Tombstones (``event.deleted``): ``on_delete="hard"`` (default) deletes the record's row, ``on_delete="soft"`` keeps
+  it and sets ``deleted_at`` (with the tombstone's ``event_id`` / ``ordering_timestamp_ms``; newer data clears it), in
+  both cases only when the tombstone's ordering timestamp is >= the stored one; deleting what is gone is a no-op.
+  Upserts and deletes of a batch run in the batch's order, in its one transaction. ``deleted_at`` (text in the
+  healthflow layout, TIMESTAMPTZ in Terra's) is created with the tables, or added to existing ones when missing.
 - Lock waits are bounded by ``lock_timeout_s`` (SQLite busy timeout, Postgres ``lock_timeout``, MySQL
   ``innodb_lock_wait_timeout`` / ``lock_wait_timeout`` rounded up to whole seconds).
 - Failures: connection loss, lock/busy timeouts, serialization failures, deadlocks -> ``RetryableError`` for the batch
