@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apache_beam.testing.test_stream import TestStream as BeamTestStream
 
 from connectors import get_provider
 from connectors.base import Deletion, KindSpec, terra_user_id
 from core.events import NormalizedEvent
-from pipelines.normalize import FileSource, NormalizeJob, RunSummary, run_batch
+from core.raw import RawMessage, RawPayload
+from pipelines.launch import make_pipeline
+from pipelines.normalize import FileSource, NormalizeJob, RunSummary, build_from, run_batch
 from pipelines.replay import replay_deliveries, select
 from pipelines.webhook_receiver import WebhookReceiver
+from schemas.serde import encode_raw
 from sinks.object_store import ObjectStoreSink
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
@@ -278,3 +282,30 @@ def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_de
         assert receiver.headers[_tombstone_id()]["x-healthflow-deleted"] == "true"
         assert select(dlq, destination="webhook") == []
 
+
+
+def test_the_streaming_job_delivers_the_tombstone_after_the_data(whoop_deletions: None, tmp_path: Path,
+                                                                 webhook_secret: str) -> None:
+    """The unbounded graph (keyed-state merge, in-order delivery per user) on Beam's TestStream."""
+    created = RawPayload("whoop", json.dumps(_workouts()).encode(), kind="workout", received_at_ms=CREATED_AT_MS)
+    deleted = RawPayload("whoop", json.dumps(_deletion_webhook()).encode(), kind="workout.deleted",
+                         received_at_ms=DELETED_AT_MS)
+    stream = (BeamTestStream()
+              .add_elements([RawMessage(encode_raw(created), {"path": "stream", "line": 0})])
+              .advance_processing_time(1)
+              .add_elements([RawMessage(encode_raw(deleted), {"path": "stream", "line": 1})])
+              .advance_watermark_to_infinity())
+    database = tmp_path / "out.db"
+    with WebhookReceiver(webhook_secret) as receiver:
+        job = NormalizeJob(FileSource("unused"), [SqlSink("sql", f"sqlite:///{database}"),
+                                                  WebhookSink("webhook", receiver.url, webhook_secret)],
+                           str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}")
+        pipeline = make_pipeline(streaming=True)
+        build_from(pipeline | stream, job, streaming=True)
+        pipeline.run().wait_until_finish()
+
+        order = receiver.order_for(USER_ID)
+        assert len(order) == 3 and order[-1] == _tombstone_id()
+        assert receiver.events[_tombstone_id()]["deleted"][0]["summary_id"] == DELETED_WORKOUT
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("SELECT natural_key FROM healthflow_records").fetchall() == [(KEPT_WORKOUT,)]
