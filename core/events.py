@@ -23,6 +23,7 @@ class NormalizedEvent:
     ``event_id`` is derived from (user, type, natural key, content): a redelivery of the same
     record keeps its id (destinations dedupe on it), an update gets a new one. ``sequence``
     orders one user's events; ``ordering_timestamp_ms`` tells destinations which version is newer.
+    A tombstone (``deleted``, see ``tombstone``) says the provider deleted the record; its ``data`` is the record's key.
     """
 
     event_id: str
@@ -36,6 +37,7 @@ class NormalizedEvent:
     version: str = DATA_MODEL_VERSION
     payload: dict[str, Any] | None = None  # a lifecycle event (auth, deauth, ...) is delivered as it is
     reference: str | None = None  # the historical request (backfill) it answers: Terra's terra-reference
+    deleted: bool = False  # a tombstone: the provider deleted the record; ``data`` is its key (``deleted_key``)
 
     @functools.cached_property
     def data_json(self) -> bytes:
@@ -61,9 +63,11 @@ class NormalizedEvent:
 
     def envelope(self) -> dict[str, Any]:
         """Terra's webhook body: ``{type, user, data: [record], version}`` (athlete: ``athlete``);
-        a lifecycle event's own body."""
+        a tombstone's ``{type, user, deleted: [key], version}``; a lifecycle event's own body."""
         if self.payload is not None:
             return self.payload
+        if self.deleted:
+            return {"type": self.type, "user": self.user, "deleted": [self.data], "version": self.version}
         if self.type == "athlete":
             return {"type": self.type, "user": self.user, "athlete": self.data, "version": self.version}
         return {"type": self.type, "user": self.user, "data": [self.data], "version": self.version}
@@ -73,6 +77,8 @@ class NormalizedEvent:
         assembled around ``data_json`` (keys in sorted order, as canonical JSON writes them)."""
         if self.payload is not None:
             return canonical_json(self.payload)
+        if self.deleted:
+            return canonical_json(self.envelope())
         data = b"[" + self.data_json + b"]" if self.type != "athlete" else self.data_json
         return b"".join((b'{"athlete":' if self.type == "athlete" else b'{"data":', data,
                          b',"type":', canonical_json(self.type), b',"user":', canonical_json(self.user),
@@ -97,6 +103,20 @@ class NormalizedEvent:
                    f"{at_ms:013d}", None, DATA_MODEL_VERSION, dict(event))
 
     @classmethod
+    def tombstone(cls, *, type: str, user: dict[str, Any], natural_key: str, ordering_timestamp_ms: int,
+                  sequence: str, raw_idempotency_key: str | None = None, start_time: str | None = None,
+                  reference: str | None = None) -> NormalizedEvent:
+        """The event saying the record (user, ``type``, ``natural_key``) was deleted at ``ordering_timestamp_ms``.
+
+        Its ``data`` is ``deleted_key(type, natural_key, start_time)``. Its id covers (user, type, natural key,
+        ordering timestamp), not ``start_time``: the same deletion keeps its id, a later deletion of the same record
+        (deleted, re-created, deleted again) gets a new one.
+        """
+        digest = hashlib.sha256(canonical_json(["deleted", user["user_id"], type, natural_key, ordering_timestamp_ms]))
+        return cls(f"evt_{digest.hexdigest()[:32]}", type, user, deleted_key(type, natural_key, start_time),
+                   natural_key, ordering_timestamp_ms, sequence, raw_idempotency_key, reference=reference, deleted=True)
+
+    @classmethod
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
                ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None,
                reference: str | None = None) -> NormalizedEvent:
@@ -106,3 +126,20 @@ class NormalizedEvent:
                     raw_idempotency_key, reference=reference)
         event.__dict__["data_json"] = data_json
         return event
+
+
+DAY_SCOPED_KEY = "date"  # how a tombstone names the natural key of a day-scoped record (daily, body, ...)
+
+
+def deleted_key(model_type: str, natural_key: str, start_time: str | None = None) -> dict[str, str]:
+    """A deleted record's key, in Terra's terms: ``{"natural_key", "summary_id"}`` for activity and sleep,
+    ``{"natural_key", "date"}`` (YYYY-MM-DD) for day-scoped models, plus the record's ``metadata.start_time`` when it
+    is known (what Terra's object layout names objects by)."""
+    key = {"natural_key": natural_key}
+    if model_type in ("activity", "sleep"):
+        key["summary_id"] = natural_key
+    elif model_type != "athlete":
+        key[DAY_SCOPED_KEY] = natural_key
+    if start_time:
+        key["start_time"] = start_time
+    return key

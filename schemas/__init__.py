@@ -1,7 +1,8 @@
 """Avro schemas: the single source of truth for every shape healthflow reads, emits or keeps.
 
 Layout: ``avro/models/<model>.avsc`` (Terra-compatible data models, version 2022-03-16, one
-sub-namespace each) and ``avro/envelopes/*.avsc`` (raw event, normalized event, dead letter).
+sub-namespace each) and ``avro/envelopes/*.avsc`` (raw event, normalized event, dead letter), with the earlier versions
+of an envelope that messages may still be written with in ``avro/envelopes/history/<name>.<n>.avsc``.
 """
 
 from __future__ import annotations
@@ -50,3 +51,18 @@ def envelope_schema(name: str) -> dict[str, Any]:
     """Parsed Avro schema of an envelope: ``raw_event``, ``normalized_event``, ``dead_letter``."""
     named = dict(_named_schemas())
     return fastavro.parse_schema(_read("envelopes", name), named_schemas=named)
+
+
+@cache
+def envelope_version(name: str, version: int) -> dict[str, Any]:
+    """Parsed Avro schema of an earlier version of an envelope (``avro/envelopes/history/<name>.<version>.avsc``)."""
+    named = dict(_named_schemas())
+    return fastavro.parse_schema(_read("envelopes/history", f"{name}.{version}"), named_schemas=named)
+
+
+@cache
+def envelope_versions(name: str) -> tuple[dict[str, Any], ...]:
+    """Every earlier version of an envelope kept in ``avro/envelopes/history``, oldest first."""
+    numbers = sorted(int(path.stem.rsplit(".", 1)[1]) for path in (AVRO_DIR / "envelopes" / "history").glob(
+        f"{name}.*.avsc"))
+    return tuple(envelope_version(name, number) for number in numbers)

@@ -17,9 +17,10 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from core.raw import RawPayload
-from schemas import envelope_schema, model_fullname, model_schema
+from schemas import envelope_schema, envelope_version, envelope_versions, model_fullname, model_schema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+DATA_EVENT_WRITER = 1  # the normalized_event version data events are written with (schemas/avro/envelopes/history)
 
 
 class SchemaMismatch(ValueError):
@@ -28,15 +29,28 @@ class SchemaMismatch(ValueError):
 
 @cache
 def _fingerprint(name: str) -> bytes:
-    schema = envelope_schema(name)
+    return _schema_fingerprint(envelope_schema(name))
+
+
+def _schema_fingerprint(schema: dict[str, Any]) -> bytes:
     return struct.pack("<Q", int(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"), 16))
 
 
-def encode(name: str, record: dict[str, Any]) -> bytes:
-    """Encode ``record`` with envelope schema ``name`` in Avro single-object encoding."""
+@cache
+def _writers(name: str) -> dict[bytes, dict[str, Any]]:
+    """The writer schemas a message of envelope ``name`` may carry, by single-object header: the current one and its
+    earlier versions (``schemas.envelope_versions``)."""
+    schemas = [envelope_schema(name), *envelope_versions(name)]
+    return {SINGLE_OBJECT_MAGIC + _schema_fingerprint(schema): schema for schema in schemas}
+
+
+def encode(name: str, record: dict[str, Any], writer: dict[str, Any] | None = None) -> bytes:
+    """Encode ``record`` with envelope schema ``name`` (or an earlier version of it, ``writer``) in Avro
+    single-object encoding."""
+    schema = writer or envelope_schema(name)
     buf = io.BytesIO()
-    buf.write(SINGLE_OBJECT_MAGIC + _fingerprint(name))
-    fastavro.schemaless_writer(buf, envelope_schema(name), record)
+    buf.write(SINGLE_OBJECT_MAGIC + (_fingerprint(name) if writer is None else _schema_fingerprint(schema)))
+    fastavro.schemaless_writer(buf, schema, record)
     return buf.getvalue()
 
 
@@ -46,21 +60,29 @@ def encode_raw(payload: RawPayload) -> bytes:
 
 
 def decode(name: str, data: bytes) -> dict[str, Any]:
-    """Decode a single-object-encoded message written with envelope schema ``name``.
+    """Decode a single-object-encoded message written with envelope schema ``name`` or an earlier version of it
+    (read as the current one: a field added since takes its default).
 
     Raises SchemaMismatch when the bytes are not a message of that schema.
     """
-    header = SINGLE_OBJECT_MAGIC + _fingerprint(name)
-    if not data.startswith(header):
+    header = data[:len(SINGLE_OBJECT_MAGIC) + 8]
+    writer = _writers(name).get(header)
+    if writer is None:
         raise SchemaMismatch(f"not a single-object-encoded {name} message (bad magic or schema fingerprint)")
+    reader = envelope_schema(name)
     try:
-        return fastavro.schemaless_reader(io.BytesIO(data[len(header):]), envelope_schema(name), None)
+        return fastavro.schemaless_reader(io.BytesIO(data[len(header):]), writer, None if writer is reader else reader)
     except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error, OverflowError) as exc:
         raise SchemaMismatch(f"truncated or corrupt {name} message: {exc}") from exc
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    """Encode a normalized event (``NormalizedEvent.to_dict()`` shape, ``data`` = one record or a list).
+    """Encode a normalized event (``NormalizedEvent.to_dict()`` shape, ``data`` = one record or a list; a tombstone,
+    ``deleted`` true, goes with ``data`` empty and its key in ``deleted``).
+
+    A data event is written with the envelope's version 1 (``DATA_EVENT_WRITER``: the schema before tombstones), byte
+    for byte as before, so consumers holding that schema read it; only a tombstone needs the current schema (its
+    ``deleted`` field). ``decode`` reads both.
 
     Each record is tagged with its model's union branch: left to fastavro, a Daily holding only
     fields a Sleep also has would be written as a Sleep.
@@ -68,7 +90,13 @@ def encode_event(event: dict[str, Any]) -> bytes:
     records = event["data"] if isinstance(event["data"], list) else [event["data"]]
     fields = {f["name"] for f in envelope_schema("normalized_event")["fields"]}
     tagged = {k: v for k, v in event.items() if k in fields}
+    if event.get("deleted") is True:  # a tombstone (NormalizedEvent.deleted): its data is the deleted key
+        tagged["deleted"], records = records, []
+    elif not isinstance(event.get("deleted"), list):
+        tagged["deleted"] = None
     tagged["data"] = [(model_fullname(event["type"]), r) for r in records]
+    if tagged["deleted"] is None:  # a data event: written as before tombstones, so every consumer still reads it
+        return encode("normalized_event", tagged, writer=envelope_version("normalized_event", DATA_EVENT_WRITER))
     return encode("normalized_event", tagged)
 
 

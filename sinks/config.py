@@ -126,6 +126,7 @@ class SqlDestination(_Destination):
     type: Literal["postgres", "mysql", "sqlite"]
     url: str
     table_prefix: str = Field("healthflow_", pattern=r"^[a-z_][a-z0-9_]{0,30}$")
+    on_delete: Literal["hard", "soft"] = "hard"  # a tombstone deletes the row, or sets its deleted_at
 
     @model_validator(mode="after")
     def _scheme_matches(self) -> SqlDestination:
@@ -137,7 +138,7 @@ class SqlDestination(_Destination):
     def build(self) -> Sink:
         from sinks.sql import SqlSink
 
-        return SqlSink(self.name, self.url, table_prefix=self.table_prefix)
+        return SqlSink(self.name, self.url, table_prefix=self.table_prefix, on_delete=self.on_delete)
 
 
 class SupabaseDestination(_Destination):
@@ -152,11 +153,12 @@ class SupabaseDestination(_Destination):
             raise ValueError("a supabase url starts with postgresql:// or postgres://")
         return self
     db_schema: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    on_delete: Literal["hard", "soft"] = "hard"  # a tombstone deletes the row, or sets its deleted_at
 
     def build(self) -> Sink:
         from sinks.sql import SqlSink
 
-        return SqlSink(self.name, self.url, layout="terra", schema=self.db_schema)
+        return SqlSink(self.name, self.url, layout="terra", schema=self.db_schema, on_delete=self.on_delete)
 
 
 class ObjectStoreDestination(_Destination):

@@ -14,7 +14,9 @@ Guarantees:
   re-sends them after the earlier event; the last copy in the partition is then the newest.
 - Value: ``event.body()`` (Terra JSON envelope) or, with ``value_format="avro"``, the ``normalized_event`` envelope in
   Avro single-object encoding (``schemas.serde.decode("normalized_event", value)`` reads it back).
-- Headers: ``event_id``, ``type``, ``user_id``, ``provider``, ``ordering_timestamp_ms`` (UTF-8).
+- Headers: ``event_id``, ``type``, ``user_id``, ``provider``, ``ordering_timestamp_ms`` (UTF-8), and ``deleted`` =
+  ``true`` on a tombstone (JSON value ``{type, user, deleted: [key], version}``; Avro: ``data`` empty, ``deleted``
+  holding the key).
 - Classification: retriable Kafka errors, timeouts, transport errors and an idempotent-producer fatal error (the
   producer is rebuilt on the next write) -> ``RetryableError``; message too large / invalid topic / invalid record ->
   ``PermanentError``; authentication, authorization and unknown topic (the broker did not auto-create it) ->
@@ -178,6 +180,8 @@ class KafkaSink(Sink):
                 return event.body()
             if event.type not in MODEL_TYPES:
                 raise PermanentError(f"event type {event.type!r} has no Avro model; known: {', '.join(MODEL_TYPES)}")
+            if event.deleted:
+                return encode_event(event.to_dict())
             return encode_event(dict(event.to_dict(), data=validate_record(event.type, event.data)))
         except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # SchemaMismatch is a ValueError
             raise PermanentError(f"event {event.event_id} does not fit the normalized_event schema: "
@@ -187,7 +191,8 @@ class KafkaSink(Sink):
     def headers_of(event: NormalizedEvent) -> list[tuple[str, bytes]]:
         return [("event_id", event.event_id.encode()), ("type", event.type.encode()),
                 ("user_id", event.user_id.encode()), ("provider", event.provider.encode()),
-                ("ordering_timestamp_ms", str(event.ordering_timestamp_ms).encode())]
+                ("ordering_timestamp_ms", str(event.ordering_timestamp_ms).encode()),
+                *([("deleted", b"true")] if event.deleted else [])]
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         """Produce the batch, flush, and report each event from its own delivery report."""

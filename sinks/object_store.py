@@ -12,14 +12,23 @@ Guarantees:
 - Within a batch, when several events map to one object, only the newest (highest ``ordering_timestamp_ms``, later
   wins ties) is written and the superseded ones are reported delivered with it. Across batches the store is
   last-writer-wins: a stale redelivery arriving after a newer version overwrites it.
+- A tombstone (``event.deleted``) removes the record's object: the one its ``start_time`` names (activity, sleep)
+  or every object of the user's day (``<user_id>-<date>*``: day-scoped models); a deleted activity or sleep whose
+  ``start_time`` is unknown (never seen by this deployment's record state) is found by reading the user's objects of
+  that type for its ``summary_id``. Removing what is already gone is fine (idempotent). A batch's data and tombstones
+  are applied in their order.
 - Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError``; events whose name cannot be built
   (missing ``metadata.start_time``, ``/`` or ``..`` in a name part) -> ``PermanentError``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +73,40 @@ def object_path(root: str, event: NormalizedEvent, filesystem: FileSystem | None
     return (filesystem or FileSystems).join(root, *terra_object_parts(event))
 
 
+@dataclass(frozen=True)
+class DeletedObjects:
+    """Where a tombstone's objects are: under the ``folder`` segments, the object ``name`` (``exact``) or every object
+    whose name starts with it; with ``confirm``, such an object is the record's only when its body names the record
+    (``holds_record``)."""
+
+    folder: list[str]
+    name: str
+    exact: bool
+    confirm: bool
+
+
+def deleted_objects(event: NormalizedEvent) -> DeletedObjects:
+    """The objects ``terra_object_parts`` gave the record a tombstone deletes; PermanentError for an unusable part."""
+    start_time = ATHLETE_START_TIME if event.type == "athlete" else event.data.get("start_time")
+    for part in (event.version, event.type, event.user_id, event.natural_key):
+        safe_part(part, event)
+    folder = [event.version, event.type]
+    if event.type in ("activity", "sleep", "athlete"):
+        if isinstance(start_time, str) and start_time:
+            return DeletedObjects(folder, f"{event.user_id}-{safe_part(start_time, event)}.json", True, False)
+        return DeletedObjects(folder, f"{event.user_id}-", False, True)
+    return DeletedObjects(folder, f"{event.user_id}-{event.natural_key}", False, False)  # the day's objects
+
+
+def holds_record(body: bytes, event: NormalizedEvent) -> bool:
+    """Whether an object's body (a Terra envelope) is the record ``event`` deletes (same ``summary_id``)."""
+    try:
+        records = json.loads(body).get("data") or []
+        return any(str((r.get("metadata") or {}).get("summary_id")) == event.natural_key for r in records)
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
 class ObjectStoreSink(Sink):
     """Writes each event's ``body()`` to ``object_path(root, event)``; see the module docstring."""
 
@@ -90,9 +133,24 @@ class ObjectStoreSink(Sink):
         return None if "://" in self.root else f"root {self.root} is a local folder (give s3:// or gs://)"
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        """Data and tombstones in the batch's order (each run of data events as ``_write_records``)."""
         result = SinkResult()
         if self._filesystem is None:
             self._filesystem = FileSystems.get_filesystem(self.root)
+        for deleting, run in itertools.groupby(events, key=lambda e: e.deleted):
+            if not deleting:
+                self._write_records(list(run), result)
+                continue
+            for event in run:
+                try:
+                    self._delete(event)
+                except (RetryableError, FatalError, PermanentError) as exc:
+                    result.fail_all([event], exc)
+                else:
+                    result.delivered.append(event.event_id)
+        return result
+
+    def _write_records(self, events: Sequence[NormalizedEvent], result: SinkResult) -> None:
         by_path: dict[str, list[NormalizedEvent]] = {}
         for event in events:
             try:
@@ -107,7 +165,29 @@ class ObjectStoreSink(Sink):
                 result.fail_all(same_object, exc)
             else:
                 result.delivered.extend(e.event_id for e in same_object)
-        return result
+
+    def _delete(self, event: NormalizedEvent) -> None:
+        """Remove the objects of the record ``event`` deletes (``deleted_objects``); nothing there is fine."""
+        where = deleted_objects(event)
+        folder = self._filesystem.join(self.root, *where.folder)
+        try:
+            if where.exact:
+                paths = [self._filesystem.join(folder, where.name)]
+            else:
+                found = FileSystems.match([self._filesystem.join(folder, where.name) + "*.json"])[0].metadata_list
+                paths = [m.path for m in found]
+            if where.confirm:
+                paths = [p for p in paths if holds_record(_read(p), event)]
+            for path in paths:
+                if self._local:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                elif FileSystems.exists(path):
+                    FileSystems.delete([path])
+        except PermissionError as exc:
+            raise FatalError(f"no permission to delete under {folder}: {exc}; grant delete on the root") from exc
+        except OSError as exc:  # includes Beam's BeamIOError
+            raise RetryableError(f"deleting {event.type} {event.natural_key} under {folder} failed: {exc}") from exc
 
     def _put(self, path: str, body: bytes) -> None:
         try:
@@ -121,6 +201,11 @@ class ObjectStoreSink(Sink):
             raise FatalError(f"no permission to write {path}: {exc}; grant create/overwrite on the root") from exc
         except OSError as exc:  # includes Beam's BeamIOError
             raise RetryableError(f"writing {path} failed: {exc}") from exc
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)

@@ -4,6 +4,9 @@ One file holds the events of one type from one ``write`` call. Its name is a pur
 sorted) event ids, so a retried batch rewrites the same file instead of adding a second copy. A batch that is split
 differently on retry (or an update of a record written earlier) yields rows in several files: readers keep one row
 per ``event_id`` and, per ``(user_id, type, natural_key)``, the row with the highest ``ordering_timestamp_ms``.
+Files are append-only, so a deletion is a row too: a tombstone's row has ``deleted`` true and its key (``{natural_key,
+summary_id | date, start_time?}``) as ``record``; when it is a record's newest row, the record is gone. ``deleted`` is
+null in files written before tombstones existed (read it as false).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ PARQUET_SCHEMA = pa.schema([
     pa.field("end_time", pa.string()),
     pa.field("ordering_timestamp_ms", pa.int64(), nullable=False),
     pa.field("record", pa.string(), nullable=False),
+    pa.field("deleted", pa.bool_()),
 ])
 NAME_DIGEST_CHARS = 24
 UNDATED = "unknown"
@@ -44,7 +48,11 @@ def unique_events(events: Sequence[NormalizedEvent]) -> list[NormalizedEvent]:
 
 
 def _metadata_time(event: NormalizedEvent, field: str) -> str | None:
-    value = (event.data.get("metadata") or {}).get(field) if isinstance(event.data, dict) else None
+    """The record's ``metadata.<field>`` (a tombstone: its key's ``start_time``, when known)."""
+    if event.deleted:
+        value = event.data.get(field) if field == "start_time" else None
+    else:
+        value = (event.data.get("metadata") or {}).get(field) if isinstance(event.data, dict) else None
     return value if isinstance(value, str) and value else None
 
 
@@ -75,6 +83,7 @@ def events_to_table(events: Sequence[NormalizedEvent]) -> pa.Table:
         "end_time": [_metadata_time(e, "end_time") for e in rows],
         "ordering_timestamp_ms": [e.ordering_timestamp_ms for e in rows],
         "record": [e.data_json.decode() for e in rows],
+        "deleted": [e.deleted for e in rows],
     }, schema=PARQUET_SCHEMA)
 
 

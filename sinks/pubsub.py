@@ -14,7 +14,7 @@ Guarantees:
 - Publish RPCs are made once per attempt (``retry=None``, bounded ``timeout_s``): with ordering enabled the client
   would otherwise retry transient errors forever and ``write()`` would never return. Retries belong to the pipeline.
 - Message: data = ``event.body()`` (Terra JSON envelope); attributes ``event_id``, ``type``, ``user_id``,
-  ``provider``, ``ordering_timestamp_ms``.
+  ``provider``, ``ordering_timestamp_ms``, and ``deleted`` = ``true`` on a tombstone.
 - Classification of a failed future by gRPC code: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED,
   INTERNAL -> ``RetryableError``; NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED -> ``FatalError`` (topic or
   credentials misconfigured); other codes -> ``PermanentError``; non-gRPC errors (transport, retry budget) ->
@@ -122,7 +122,8 @@ class PubSubSink(Sink):
     @staticmethod
     def attributes_of(event: NormalizedEvent) -> dict[str, str]:
         return {"event_id": event.event_id, "type": event.type, "user_id": event.user_id,
-                "provider": event.provider, "ordering_timestamp_ms": str(event.ordering_timestamp_ms)}
+                "provider": event.provider, "ordering_timestamp_ms": str(event.ordering_timestamp_ms),
+                **({"deleted": "true"} if event.deleted else {})}
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
         """Publish the batch, wait on every future, report each event (see module docstring)."""

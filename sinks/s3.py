@@ -18,6 +18,11 @@ Guarantees:
   HEAD needs ``s3:GetObject`` and ``s3:ListBucket`` (without it S3 answers 403 for missing keys); with
   ``guard_stale=False`` only ``s3:PutObject`` is needed and the store is plain last-writer-wins.
 - Within a batch, events mapping to one object: only the newest is written, the others are reported delivered with it.
+- A tombstone (``event.deleted``) removes the record's JSON object(s) (``sinks.object_store.deleted_objects``: by its
+  ``start_time``, every object of the user's day, or, for an activity or sleep never seen, the user's objects of that
+  type whose body names its ``summary_id``), unless the stored object is newer than the tombstone (``guard_stale``).
+  Deleting what is gone is fine. Parquet batches are append-only: a tombstone is a row there with ``deleted`` true
+  (readers keeping the newest row per record drop the record). A batch's data and tombstones apply in their order.
 - An event is delivered only when every configured format succeeded for it.
 - Failures: unreachable endpoint, timeouts, throttling, 5xx -> ``RetryableError`` (an unreachable endpoint stops the
   batch: the rest is reported retryable without being tried); wrong credentials, access denied, missing bucket, wrong
@@ -27,6 +32,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +40,7 @@ from typing import Any
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
-from sinks.object_store import safe_part, terra_object_parts
+from sinks.object_store import deleted_objects, holds_record, safe_part, terra_object_parts
 from sinks.parquet import parquet_bytes, parquet_key
 
 FORMATS = frozenset({"json", "parquet"})
@@ -221,9 +227,59 @@ class S3Sink(Sink):
 
     # -- JSON objects -------------------------------------------------------------------------------------------------
     def _write_json(self, events: Sequence[NormalizedEvent], fail: _Fail) -> BaseException | None:
-        """Writes one object per key; returns the error that stopped the batch (rest failed with it), if any."""
+        """Writes one object per key, removes tombstones' objects, in the batch's order; returns the error that stopped
+        the batch (rest failed with it), if any."""
+        runs = [(deleting, list(run)) for deleting, run in itertools.groupby(range(len(events)),
+                                                                               key=lambda i: events[i].deleted)]
+        for position, (deleting, indices) in enumerate(runs):
+            halted = (self._delete_json if deleting else self._put_json_run)(events, indices, fail)
+            if halted is not None:
+                for _, rest in runs[position + 1:]:
+                    fail(rest, _not_tried(halted))
+                return halted
+        return None
+
+    def _delete_json(self, events: Sequence[NormalizedEvent], indices: list[int], fail: _Fail) -> BaseException | None:
+        for position, index in enumerate(indices):
+            try:
+                self.delete_json(events[index])
+            except (FatalError, EndpointUnreachable) as exc:
+                fail(indices[position:], exc)
+                return exc
+            except (RetryableError, PermanentError) as exc:
+                fail([index], exc)
+        return None
+
+    def delete_json(self, event: NormalizedEvent) -> int:
+        """Remove the objects of the record tombstone ``event`` deletes; returns how many were removed."""
+        where = deleted_objects(event)
+        base = "/".join(p for p in [self.prefix, *where.folder] if p)
+        try:
+            if where.exact:
+                keys = [f"{base}/{where.name}"]
+            else:
+                pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                               Prefix=f"{base}/{where.name}")
+                keys = [o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".json")]
+            removed = 0
+            for key in keys:
+                stored = self._head(key) if self.guard_stale else None
+                if stored is not None and stored.ordering_timestamp_ms is not None and \
+                        stored.ordering_timestamp_ms > event.ordering_timestamp_ms:
+                    continue  # re-created after this deletion: newer data stays
+                if where.confirm and not holds_record(
+                        self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), event):
+                    continue
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+                removed += 1
+            return removed
+        except Exception as exc:
+            raise classify_aws_error(exc, f"DELETE s3://{self.bucket}/{base}/{where.name}") from exc
+
+    def _put_json_run(self, events: Sequence[NormalizedEvent], run: list[int], fail: _Fail) -> BaseException | None:
         by_key: dict[str, list[int]] = {}
-        for index, event in enumerate(events):
+        for index in run:
+            event = events[index]
             try:
                 by_key.setdefault(object_key(self.prefix, event), []).append(index)
             except PermanentError as exc:

@@ -42,6 +42,11 @@ Guarantees:
   MySQL has no ``WHERE`` on ``ON DUPLICATE KEY UPDATE``: each column becomes ``IF(guard, VALUES(c), c)`` and, since
   MySQL assigns left to right and later expressions see earlier assignments, ``ordering_timestamp_ms`` is assigned
   last so every guard compares with the stored value.
+- Tombstones (``event.deleted``): ``on_delete="hard"`` (default) deletes the record's row, ``on_delete="soft"`` keeps
+  it and sets ``deleted_at`` (with the tombstone's ``event_id`` / ``ordering_timestamp_ms``; newer data clears it), in
+  both cases only when the tombstone's ordering timestamp is >= the stored one; deleting what is gone is a no-op.
+  Upserts and deletes of a batch run in the batch's order, in its one transaction. ``deleted_at`` (text in the
+  healthflow layout, TIMESTAMPTZ in Terra's) is created with the tables, or added to existing ones when missing.
 - Lock waits are bounded by ``lock_timeout_s`` (SQLite busy timeout, Postgres ``lock_timeout``, MySQL
   ``innodb_lock_wait_timeout`` / ``lock_wait_timeout`` rounded up to whole seconds).
 - Failures: connection loss, lock/busy timeouts, serialization failures, deadlocks -> ``RetryableError`` for the batch
@@ -56,6 +61,7 @@ classes (table shapes, row mapping) and the two upsert syntaxes (``_Upsert``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import re
@@ -96,7 +102,9 @@ def terra_payload_id(user_id: str, data_type: str, natural_key: str) -> str:
     return str(uuid.uuid5(_TERRA_PAYLOAD_NAMESPACE, canonical_json([user_id, data_type, natural_key]).decode()))
 
 
-_Row = tuple[NormalizedEvent, tuple[Any, ...], tuple[Any, ...]]  # (event, users row, records row)
+_Row = tuple[NormalizedEvent, tuple[Any, ...] | None, tuple[Any, ...]]  # (event, users row, records row)
+ON_DELETE = ("hard", "soft")
+DELETED_COLUMN = "deleted_at"
 
 
 # ======================================================================================================================
@@ -180,9 +188,10 @@ class _Layout(ABC):
     user_columns: tuple[str, ...]  # user_id first
     user_updates: tuple[tuple[str, str], ...]  # (column, how: a key of _USER_UPDATES); other columns: insert only
 
-    def __init__(self, users_table: str, records_table: str) -> None:
+    def __init__(self, users_table: str, records_table: str, soft_delete: bool = False) -> None:
         self.users_table = users_table
         self.records_table = records_table
+        self.soft_delete = soft_delete
         updated = {"user_id", *(column for column, _ in self.user_updates)}
         self._user_changes = operator.itemgetter(*(i for i, c in enumerate(self.user_columns) if c in updated))
 
@@ -190,8 +199,28 @@ class _Layout(ABC):
     def create_tables(self, dialect: SqlDialect) -> list[str]:
         """CREATE TABLE IF NOT EXISTS statements, users first."""
 
-    def migrate(self, dialect: SqlDialect, connection: Any) -> None:  # noqa: B027 - optional
-        """Bring tables created by someone else up to what ``upsert_records`` needs (inside the DDL transaction)."""
+    def migrate(self, dialect: SqlDialect, connection: Any) -> None:
+        """Bring tables created by someone else (or before soft deletes) up to what ``upsert_records`` needs, inside
+        the DDL transaction: with ``soft_delete``, a ``deleted_at`` column is added when missing."""
+        if self.soft_delete and DELETED_COLUMN not in _columns(connection, self.records_table):
+            dialect.execute(connection, f"ALTER TABLE {self.records_table} ADD COLUMN {DELETED_COLUMN} "
+                                        f"{self.deleted_type(dialect)}")
+
+    def deleted_type(self, dialect: SqlDialect) -> str:
+        return dialect.text_type
+
+    def deleted_column(self, dialect: SqlDialect) -> str:
+        """The ``deleted_at`` column's DDL for CREATE TABLE (nothing without ``soft_delete``)."""
+        return f", {DELETED_COLUMN} {self.deleted_type(dialect)}" if self.soft_delete else ""
+
+    @abstractmethod
+    def delete_records(self, dialect: SqlDialect) -> str:
+        """Hard: delete the record's row; soft: set its ``deleted_at`` (and ordering timestamp); either only when the
+        tombstone's ordering timestamp is >= the stored one (idempotent: a second time finds nothing or the same)."""
+
+    @abstractmethod
+    def delete_row(self, event: NormalizedEvent) -> tuple[Any, ...]:
+        """The parameters of ``delete_records`` for a tombstone."""
 
     def upsert_users(self, dialect: SqlDialect) -> str:
         """Insert the user, or apply ``user_updates``."""
@@ -238,15 +267,34 @@ class _HealthflowLayout(_Layout):
             f"CREATE TABLE IF NOT EXISTS {self.records_table} (user_id {k('user_id')} NOT NULL, type {k('type')} "
             f"NOT NULL, natural_key {k('natural_key')} NOT NULL, provider {t}, event_id {t} NOT NULL, start_time {t}, "
             f"end_time {t}, ordering_timestamp_ms BIGINT NOT NULL, payload {dialect.json_type} NOT NULL, "
-            f"updated_at {t} NOT NULL, PRIMARY KEY (user_id, type, natural_key)){options}",
+            f"updated_at {t} NOT NULL{self.deleted_column(dialect)}, PRIMARY KEY (user_id, type, natural_key))"
+            f"{options}",
         ]
+
+    @property
+    def record_columns(self) -> tuple[str, ...]:
+        return (*RECORD_COLUMNS, DELETED_COLUMN) if self.soft_delete else RECORD_COLUMNS
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         """Insert or replace by natural key, only when the incoming ordering timestamp is >= the stored one."""
         upsert = _upsert(dialect)
-        updates = [(c, upsert.new(c)) for c in RECORD_COLUMNS if c not in RECORD_KEY]
-        return upsert.upsert(self.records_table, RECORD_COLUMNS, RECORD_KEY, updates, guard=GUARD_COLUMN,
+        updates = [(c, upsert.new(c)) for c in self.record_columns if c not in RECORD_KEY]
+        return upsert.upsert(self.records_table, self.record_columns, RECORD_KEY, updates, guard=GUARD_COLUMN,
                               json_columns=("payload",))
+
+    def delete_records(self, dialect: SqlDialect) -> str:
+        where = f"user_id = ? AND type = ? AND natural_key = ? AND {GUARD_COLUMN} <= ?"
+        if self.soft_delete:
+            return dialect.placeholders(f"UPDATE {self.records_table} SET {DELETED_COLUMN} = ?, event_id = ?, "
+                                        f"{GUARD_COLUMN} = ?, updated_at = ? WHERE {where}")
+        return dialect.placeholders(f"DELETE FROM {self.records_table} WHERE {where}")
+
+    def delete_row(self, event: NormalizedEvent) -> tuple[Any, ...]:
+        key = (event.user_id, event.type, event.natural_key, _ordering_timestamp(event))
+        if self.soft_delete:
+            now = _utc_now_iso()
+            return (now, event.event_id, event.ordering_timestamp_ms, now, *key)
+        return key
 
     def rows_for(self, event: NormalizedEvent) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         now = _utc_now_iso()
@@ -255,7 +303,7 @@ class _HealthflowLayout(_Layout):
         record = (event.user_id, event.type, event.natural_key, event.provider, event.event_id,
                   metadata.get("start_time"), metadata.get("end_time"), _ordering_timestamp(event),
                   _payload_json(event), now)
-        return user, record
+        return user, (*record, None) if self.soft_delete else record
 
 
 class _TerraLayout(_Layout):
@@ -275,8 +323,11 @@ class _TerraLayout(_Layout):
             f"CREATE TABLE IF NOT EXISTS {self.records_table} (payload_id TEXT PRIMARY KEY, user_id TEXT NOT NULL "
             f"REFERENCES {self.users_table} ON DELETE CASCADE ON UPDATE CASCADE, data_type TEXT, "
             f"created_at TIMESTAMPTZ, start_time TIMESTAMPTZ, end_time TIMESTAMPTZ, payload JSONB, "
-            f"ordering_timestamp_ms BIGINT)",
+            f"ordering_timestamp_ms BIGINT{self.deleted_column(dialect)})",
         ]
+
+    def deleted_type(self, dialect: SqlDialect) -> str:
+        return "TIMESTAMPTZ"
 
     def migrate(self, dialect: SqlDialect, connection: Any) -> None:
         """A table Terra (or an older deployment) created lacks our two extra columns: add them. Checked first so
@@ -284,15 +335,31 @@ class _TerraLayout(_Layout):
         present = {name for (name,) in connection.execute(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
             [self.records_table]).fetchall()}
-        for column, column_type in self.extra_columns:
+        extra = [*self.extra_columns, *([(DELETED_COLUMN, "TIMESTAMPTZ")] if self.soft_delete else [])]
+        for column, column_type in extra:
             if column not in present:
                 connection.execute(f"ALTER TABLE {self.records_table} ADD COLUMN IF NOT EXISTS {column} {column_type}")
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         upsert = _upsert(dialect)
-        updates = [(c, upsert.new(c)) for c in ("created_at", "start_time", "end_time", "payload", GUARD_COLUMN)]
-        return upsert.upsert(self.records_table, TERRA_PAYLOAD_COLUMNS, ("payload_id",), updates,
+        updated = ("created_at", "start_time", "end_time", "payload", GUARD_COLUMN)
+        columns = TERRA_PAYLOAD_COLUMNS
+        if self.soft_delete:
+            updated, columns = (*updated, DELETED_COLUMN), (*columns, DELETED_COLUMN)
+        updates = [(c, upsert.new(c)) for c in updated]
+        return upsert.upsert(self.records_table, columns, ("payload_id",), updates,
                               guard=GUARD_COLUMN, json_columns=("payload",))
+
+    def delete_records(self, dialect: SqlDialect) -> str:
+        where = f"payload_id = ? AND ({GUARD_COLUMN} IS NULL OR {GUARD_COLUMN} <= ?)"
+        if self.soft_delete:
+            return dialect.placeholders(f"UPDATE {self.records_table} SET {DELETED_COLUMN} = ?, {GUARD_COLUMN} = ? "
+                                        f"WHERE {where}")
+        return dialect.placeholders(f"DELETE FROM {self.records_table} WHERE {where}")
+
+    def delete_row(self, event: NormalizedEvent) -> tuple[Any, ...]:
+        key = (terra_payload_id(event.user_id, event.type, event.natural_key), _ordering_timestamp(event))
+        return (datetime.now(UTC), event.ordering_timestamp_ms, *key) if self.soft_delete else key
 
     def rows_for(self, event: NormalizedEvent) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         now = datetime.now(UTC)
@@ -305,7 +372,7 @@ class _TerraLayout(_Layout):
         record = (terra_payload_id(event.user_id, event.type, event.natural_key), event.user_id, event.type, now,
                   _timestamptz(metadata.get("start_time")), _timestamptz(metadata.get("end_time")),
                   _payload_json(event), _ordering_timestamp(event))
-        return user, record
+        return user, (*record, None) if self.soft_delete else record
 
 
 # ======================================================================================================================
@@ -326,7 +393,7 @@ class SqlSink(Sink):
     ordered = True  # and order-independent: the guard keeps the newest version whatever the arrival order
 
     def __init__(self, name: str, url: str, table_prefix: str | None = None, lock_timeout_s: float = 10.0, *,
-                 layout: str = "healthflow", schema: str | None = None) -> None:
+                 layout: str = "healthflow", schema: str | None = None, on_delete: str = "hard") -> None:
         super().__init__(name)
         known = resolve(url, f"sql sink {name!r}") if not missing(url) else url  # checks see what ${VAR} names
         scheme = url_scheme(known)
@@ -344,8 +411,11 @@ class SqlSink(Sink):
         if schema is not None and not (dialect.supports_schema and _SCHEMA_PATTERN.match(schema)):
             raise FatalError(f"sql sink {name!r}: schema must match {_SCHEMA_PATTERN.pattern} and needs a "
                              f"postgresql:// url; got {schema!r} for {scheme!r}")
+        if on_delete not in ON_DELETE:
+            raise FatalError(f"sql sink {name!r}: on_delete must be one of {ON_DELETE}, got {on_delete!r}")
         dialect.check_url(known)
         self.url = url
+        self.on_delete = on_delete
         self.layout = layout
         self.schema = schema
         self.table_prefix = table_prefix
@@ -353,9 +423,10 @@ class SqlSink(Sink):
         base = ("users", "records") if layout == "healthflow" else ("terra_users", "terra_data_payloads")
         self.users_table, self.records_table = (f"{qualifier}{table_prefix}{table}" for table in base)
         layout_class = _HealthflowLayout if layout == "healthflow" else _TerraLayout
-        self._layout: _Layout = layout_class(self.users_table, self.records_table)
+        self._layout: _Layout = layout_class(self.users_table, self.records_table, soft_delete=on_delete == "soft")
         self._dialect = dialect
-        self._upserts = (self._layout.upsert_users(dialect), self._layout.upsert_records(dialect))
+        self._upserts = (self._layout.upsert_users(dialect), self._layout.upsert_records(dialect),
+                         self._layout.delete_records(dialect))
         self._connection: Any = None
 
     def local_only(self) -> str | None:
@@ -399,7 +470,8 @@ class SqlSink(Sink):
         rows: list[_Row] = []
         for event in events:
             try:
-                rows.append((event, *self._layout.rows_for(event)))
+                rows.append((event, None, self._layout.delete_row(event)) if event.deleted
+                            else (event, *self._layout.rows_for(event)))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 result.fail_all([event], PermanentError(f"cannot map event to a row: {type(exc).__name__}: {exc}"))
         if not rows:
@@ -430,15 +502,18 @@ class SqlSink(Sink):
         return result
 
     def _write_rows(self, rows: list[_Row]) -> None:
-        """One transaction: users then records; raises a taxonomy error after rolling back
-        (``PermanentError``: the data of some row)."""
+        """One transaction: users then records (upserts and tombstones' deletes in the batch's order); raises a
+        taxonomy error after rolling back (``PermanentError``: the data of some row)."""
         connection, dialect = self._connection, self._dialect
-        upsert_users, upsert_records = self._upserts
+        upsert_users, upsert_records, delete_records = self._upserts
         try:
             dialect.begin(connection)
             cursor = connection.cursor()
-            cursor.executemany(upsert_users, self._layout.distinct_users([user for _, user, _ in rows]))
-            cursor.executemany(upsert_records, [record for _, _, record in rows])
+            users = [user for _, user, _ in rows if user is not None]
+            if users:
+                cursor.executemany(upsert_users, self._layout.distinct_users(users))
+            for deleting, run in itertools.groupby(rows, key=lambda row: row[0].deleted):
+                cursor.executemany(delete_records if deleting else upsert_records, [record for _, _, record in run])
             dialect.commit(connection)
         except Exception as exc:
             error = dialect.classify(exc, self.url)
@@ -480,6 +555,17 @@ def _payload_json(event: NormalizedEvent) -> str:
     if "NaN" in text or "Infinity" in text:
         return _PAYLOAD_ENCODER.encode(event.data)
     return text
+
+
+def _columns(connection: Any, table: str) -> set[str]:
+    """The column names of ``table`` (any DB-API connection: from an empty SELECT's description)."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        cursor.fetchall()
+        return {column[0].lower() for column in cursor.description}
+    finally:
+        cursor.close()
 
 
 def _ordering_timestamp(event: NormalizedEvent) -> int:

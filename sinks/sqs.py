@@ -1,6 +1,7 @@
 """SQS sink (boto3): one message per event on a FIFO queue, per-user order, deduplicated by event id.
 
-Message body = ``event.body()`` (Terra's webhook envelope). Attributes (String): ``event_id``, ``type``, ``user_id``,
+Message body = ``event.body()`` (Terra's webhook envelope; a tombstone's ``{type, user, deleted: [key], version}``, with
+the String attribute ``deleted`` = ``true``). Attributes (String): ``event_id``, ``type``, ``user_id``,
 ``provider``; (Number) ``ordering_timestamp_ms``. FIFO fields: ``MessageGroupId`` = user id (hashed when it is not a
 valid group id), ``MessageDeduplicationId`` = event id.
 
@@ -125,6 +126,8 @@ class SqsSink(Sink):
                   "provider": event.user.get("provider")}
         attrs = {k: {"DataType": "String", "StringValue": str(v)} for k, v in values.items() if v}
         attrs["ordering_timestamp_ms"] = {"DataType": "Number", "StringValue": str(event.ordering_timestamp_ms)}
+        if event.deleted:
+            attrs["deleted"] = {"DataType": "String", "StringValue": "true"}
         return attrs
 
     def _request(self, index: int, event: NormalizedEvent, body: str) -> _Entry:

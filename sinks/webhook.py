@@ -2,6 +2,8 @@
 
 Guarantees:
 - At least once. ``webhook-id`` = ``X-Terra-Trace-Id`` = ``event_id``, identical on every retry: receivers dedupe on it.
+- A tombstone (the provider deleted the record) is POSTed like data: its body is ``{type, user, deleted: [key],
+  version}`` and it carries ``X-Healthflow-Deleted: true`` (absent on data events).
 - The POSTed bytes are exactly ``event.body()``; both signatures cover those raw bytes. Each request carries the
   headers ``requests`` sent before: ``user-agent: healthflow-webhooks/1``, ``Accept-Encoding``, ``Accept``,
   ``Connection: keep-alive``, the delivery headers of ``headers_for``, ``Content-Length``, and (when the URL or
@@ -81,6 +83,7 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # Terra's chunk cap; larger bodies ar
 ERROR_BODY_PREFIX_BYTES = 500
 DEFAULT_LANES = 8
 MAX_LANES = 64
+DELETED_HEADER = "X-Healthflow-Deleted"  # "true" on a tombstone
 USER_AGENT = "healthflow-webhooks/1"
 _DRAIN_LIMIT_BYTES = 64 * 1024  # read up to this much of a 2xx body so the connection can be reused
 _RETRYABLE_STATUSES = frozenset({408, 429})
@@ -389,6 +392,7 @@ class WebhookSink(Sink):
             "X-Terra-Trace-Id": event.event_id,
             "X-Terra-Ordering-Timestamp": str(event.ordering_timestamp_ms),
             **({"terra-reference": event.reference} if event.reference else {}),
+            **({DELETED_HEADER: "true"} if event.deleted else {}),
         }
 
     def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:

@@ -104,3 +104,13 @@ def test_event_type_filter_delivers_only_the_chosen_types(tmp_path, simulated_pa
     assert summary.get("filtered:sleep_only") == sum(sleeps.values()) - sleep_events
     with sqlite3.connect(tmp_path / "s.db") as conn:
         assert {t for (t,) in conn.execute("SELECT DISTINCT type FROM healthflow_records")} == {"sleep"}
+
+
+def test_sql_destinations_take_on_delete_hard_or_soft(tmp_path):
+    entries = [{"name": "db", "type": "sqlite", "url": f"sqlite:///{tmp_path / 'a.db'}"},
+               {"name": "soft", "type": "sqlite", "url": f"sqlite:///{tmp_path / 'b.db'}", "on_delete": "soft"},
+               {"name": "supa", "type": "supabase", "url": "postgresql://u@127.0.0.1:5432/x", "on_delete": "soft"}]
+    sinks = [target.sink for target in parse_destinations({"destinations": entries}).targets()]
+    assert [sink.on_delete for sink in sinks] == ["hard", "soft", "soft"]
+    with pytest.raises(FatalError, match="on_delete"):
+        parse_destinations({"destinations": [{**entries[0], "on_delete": "archive"}]})

@@ -22,7 +22,7 @@ from core.dead_letters import dead_letter
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
 from pipelines.demo_data import Simulator
-from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, model_fullname, model_schema
+from schemas import AVRO_DIR, MODEL_TYPES, envelope_schema, envelope_versions, model_fullname, model_schema
 from schemas.serde import SchemaMismatch, decode, encode, encode_raw, validate_record
 from transforms.normalize import normalize_in_memory
 
@@ -82,7 +82,8 @@ def test_every_avsc_file_parses() -> None:
     files = sorted(AVRO_DIR.rglob("*.avsc"))
     assert {p.stem for p in files if p.parent.name == "models"} == set(MODEL_TYPES)
     assert {p.stem for p in files if p.parent.name == "envelopes"} == set(ENVELOPES)
-    assert len(files) == len(MODEL_TYPES) + len(ENVELOPES)
+    assert {p.stem for p in files if p.parent.name == "history"} == {"normalized_event.1"}  # earlier versions
+    assert len(files) == len(MODEL_TYPES) + len(ENVELOPES) + 1
     for path in files:
         assert isinstance(json.loads(path.read_text()), dict), path
     for model_type in MODEL_TYPES:
@@ -91,6 +92,7 @@ def test_every_avsc_file_parses() -> None:
         assert to_parsing_canonical_form(parsed)
     for name in ENVELOPES:
         assert to_parsing_canonical_form(envelope_schema(name))
+        assert all(to_parsing_canonical_form(version) for version in envelope_versions(name))
 
 
 def sdk_model_of(annotation: Any) -> type[pydantic.BaseModel] | None:
@@ -419,3 +421,57 @@ def test_envelope_fields_have_defaults_or_are_required_by_design(name: str) -> N
         event_type = next(f["type"] for f in envelope_records(name)[name]["fields"] if f["name"] == "type")
         assert event_type["default"] in event_type["symbols"]  # new event types decode as "unknown"
         assert set(MODEL_TYPES) <= set(event_type["symbols"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tombstones: normalized_event version 2 adds an optional ``deleted``; data events keep version 1's bytes
+# ----------------------------------------------------------------------------------------------------------------------
+def _body_read_with(message: bytes, writer: dict[str, Any], reader: dict[str, Any]) -> dict[str, Any]:
+    return fastavro.schemaless_reader(io.BytesIO(message[10:]), writer, reader)
+
+
+def test_a_data_event_is_written_as_before_tombstones_and_read_by_both_versions(
+        events: list[NormalizedEvent]) -> None:
+    from schemas import envelope_version
+    from schemas.serde import encode_event
+
+    version_1 = fresh("envelopes/history", "normalized_event.1", _models_named())
+    message = encode_event(events[0].to_dict())
+
+    assert message[:10] == b"\xc3\x01" + _fingerprint_of(version_1)  # an old consumer finds its schema
+    assert message == encode("normalized_event", event_record(events[0]),
+                             writer=envelope_version("normalized_event", 1))
+    old_view = _body_read_with(message, version_1, version_1)
+    assert decode("normalized_event", message) == {**old_view, "deleted": None}
+
+
+def test_a_tombstone_carries_its_key_and_old_readers_resolve_it_without_the_field() -> None:
+    from schemas.serde import encode_event
+
+    tombstone = NormalizedEvent.tombstone(type="daily", user={"user_id": "u", "provider": "OURA"},
+                                          natural_key="2026-03-10", ordering_timestamp_ms=7, sequence="3")
+    message = encode_event(tombstone.to_dict())
+
+    decoded = decode("normalized_event", message)
+    assert decoded["data"] == [] and decoded["deleted"] == [
+        {"natural_key": "2026-03-10", "summary_id": None, "date": "2026-03-10", "start_time": None}]
+    named = _models_named()
+    current, version_1 = fresh("envelopes", "normalized_event", dict(named)), fresh(
+        "envelopes/history", "normalized_event.1", dict(named))
+    old_view = _body_read_with(message, current, version_1)  # a consumer resolving with a registry
+    assert "deleted" not in old_view and old_view["event_id"] == tombstone.event_id and old_view["data"] == []
+
+
+def _models_named() -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    for model_type in MODEL_TYPES:
+        fresh("models", model_type, named)
+    return named
+
+
+def _fingerprint_of(schema: dict[str, Any]) -> bytes:
+    import struct
+
+    from fastavro.schema import fingerprint
+
+    return struct.pack("<Q", int(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"), 16))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 import uuid
@@ -111,6 +112,31 @@ def test_avro_value_decodes_as_normalized_event(broker: EmbeddedBroker, topic: s
         [data] = record["data"]
         assert data["metadata"]["summary_id"] == event.data["metadata"]["summary_id"]
         assert data["sleep_durations_data"]["asleep"]["duration_asleep_state_seconds"] == 3601
+
+
+def test_a_tombstone_follows_its_data_marked_deleted_in_json_and_avro(broker: EmbeddedBroker, topic: str,
+                                                                      make_sink_event: MakeEvent) -> None:
+    event = make_sink_event("u1", "2026-03-10")
+    tombstone = NormalizedEvent.tombstone(type="sleep", user=event.user, natural_key="u1-2026-03-10",
+                                          ordering_timestamp_ms=2_000, sequence="1")
+    for value_format in ("json", "avro"):
+        sink = KafkaSink(f"kafka-{value_format}", broker.bootstrap, topic, value_format=value_format,
+                         producer_config=FAST)
+        try:
+            assert sink.write([event, tombstone]).delivered == [event.event_id, tombstone.event_id]
+        finally:
+            sink.close()
+
+    messages = consume(broker.bootstrap, topic, expected=4)
+    assert [(headers(m)["event_id"], headers(m).get("deleted")) for m in messages] == [
+        (event.event_id, None), (tombstone.event_id, "true")] * 2
+    assert json.loads(messages[1].value()) == tombstone.envelope() == {
+        "type": "sleep", "user": {"user_id": "u1", "provider": "OURA"}, "version": "2022-03-16",
+        "deleted": [{"natural_key": "u1-2026-03-10", "summary_id": "u1-2026-03-10"}]}
+    avro = decode("normalized_event", messages[3].value())
+    assert (avro["event_id"], avro["data"], avro["deleted"]) == (tombstone.event_id, [], [
+        {"natural_key": "u1-2026-03-10", "summary_id": "u1-2026-03-10", "date": None, "start_time": None}])
+    assert decode("normalized_event", messages[2].value())["deleted"] is None
 
 
 def test_avro_rejects_records_outside_the_schema(broker: EmbeddedBroker, topic: str,

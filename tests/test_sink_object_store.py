@@ -3,12 +3,14 @@ scheme (the code path of s3:// and gs://), as ``hftest://`` (Beam's local filesy
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from apache_beam.io.filesystem import FileMetadata, MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from core.errors import FatalError, PermanentError, RetryableError
@@ -33,6 +35,21 @@ class SchemeFileSystem(LocalFileSystem):
     def create(self, path: str, *args: Any, **kwargs: Any) -> BinaryIO:
         self.created.append(path)
         return super().create(path.removeprefix("hftest://"), *args, **kwargs)
+
+    def open(self, path: str, *args: Any, **kwargs: Any) -> BinaryIO:
+        return super().open(path.removeprefix("hftest://"), *args, **kwargs)
+
+    def match(self, patterns: list[str], limits: Any = None) -> list[MatchResult]:
+        found = super().match([p.removeprefix("hftest://") for p in patterns], limits)
+        return [MatchResult(f"hftest://{r.pattern}", [FileMetadata(f"hftest://{m.path}", m.size_in_bytes)
+                                                      for m in r.metadata_list]) for r in found]
+
+    def exists(self, path: str) -> bool:
+        return super().exists(path.removeprefix("hftest://"))
+
+    def delete(self, paths: list[str]) -> None:
+        for path in paths:
+            os.remove(path.removeprefix("hftest://"))
 
 
 @pytest.fixture(params=["local", "scheme"])
@@ -164,3 +181,40 @@ def test_local_folders_are_made_when_missing(tmp_path: Path, make_sink_event: Ma
 
     assert stored_objects(root) == {"2022-03-16/sleep/u1-2026-03-10T22:00:00.000000+00:00.json": event.body()}
 
+
+
+def _tombstone(event: NormalizedEvent, *, start_time: str | None = None, ordering_timestamp_ms: int = 2_000,
+               ) -> NormalizedEvent:
+    return NormalizedEvent.tombstone(type=event.type, user=event.user, natural_key=event.natural_key,
+                                     ordering_timestamp_ms=ordering_timestamp_ms, sequence="9", start_time=start_time)
+
+
+def test_a_tombstone_removes_the_records_object_in_batch_order(tmp_path: Path, make_sink_event: MakeEvent,
+                                                               as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    day, other = make_sink_event("u1", "2026-03-10", type="daily"), make_sink_event("u1", "2026-03-11", type="daily")
+    sink.write([day, other])
+    session = make_sink_event("u1", "2026-03-12", type="activity")
+    known = _tombstone(session, start_time=session.data["metadata"]["start_time"])
+    recreated = make_sink_event("u1", "2026-03-10", type="daily", version=2, ordering_timestamp_ms=3_000)
+
+    result = sink.write([session, known, _tombstone(day), recreated, _tombstone(other), _tombstone(other)])
+
+    assert len(result.delivered) == 6 and not result.failures  # deleting what is gone is fine
+    assert sorted(stored_objects(tmp_path)) == ["2022-03-16/daily/u1-2026-03-10T22:00:00.000000+00:00.json"]
+    assert b'"duration_asleep_state_seconds":3602' in stored_objects(tmp_path)[
+        "2022-03-16/daily/u1-2026-03-10T22:00:00.000000+00:00.json"]
+
+
+def test_a_tombstone_of_a_session_never_seen_finds_its_object_by_summary_id(tmp_path: Path, make_sink_event: MakeEvent,
+                                                                            as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    gone = make_sink_event("u1", "2026-03-10", type="activity")
+    kept = make_sink_event("u1", "2026-03-11", type="activity")
+    sink.write([gone, kept])
+    unknown_start = NormalizedEvent.tombstone(type="activity", user=gone.user, natural_key="u1-2026-03-10",
+                                              ordering_timestamp_ms=2_000, sequence="9")
+
+    assert sink.write([unknown_start]).delivered == [unknown_start.event_id]
+
+    assert sorted(stored_objects(tmp_path)) == ["2022-03-16/activity/u1-2026-03-11T22:00:00.000000+00:00.json"]

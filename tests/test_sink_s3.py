@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import uuid
 from collections.abc import Callable
@@ -146,7 +147,7 @@ def test_parquet_names_are_deterministic_across_retries(moto_endpoint: str, s3: 
         expected = {e.event_id: e for e in batch if e.type == event_type}
         assert table.num_rows == len(expected) == 6
         assert table.column_names == ["event_id", "user_id", "provider", "type", "natural_key", "start_time",
-                                      "end_time", "ordering_timestamp_ms", "record"]
+                                      "end_time", "ordering_timestamp_ms", "record", "deleted"]
         for row in table.to_pylist():
             event = expected[row["event_id"]]
             assert (row["user_id"], row["provider"], row["type"]) == (event.user_id, event.provider, event.type)
@@ -203,3 +204,28 @@ def test_bad_config_is_fatal() -> None:
         S3Sink("s3", "s3://bucket")
     with pytest.raises(FatalError):
         S3Sink("s3", "bucket", formats=("csv",))
+
+
+def test_a_tombstone_removes_the_json_object_and_is_a_parquet_row(moto_endpoint: str, s3: Any, bucket: str,
+                                                                  make_sink_event: Callable[..., NormalizedEvent],
+                                                                  ) -> None:
+    sink = make_sink(moto_endpoint, bucket, formats=["json", "parquet"])
+    gone = make_sink_event("u1", "2026-03-10", type="activity")
+    newer = make_sink_event("u1", "2026-03-11", type="activity", ordering_timestamp_ms=9_000)
+    sink.write([gone, newer])
+    never_seen = NormalizedEvent.tombstone(type="activity", user=gone.user, natural_key="u1-2026-03-10",
+                                           ordering_timestamp_ms=2_000, sequence="1")  # found by its summary_id
+    stale = NormalizedEvent.tombstone(type="activity", user=newer.user, natural_key=newer.natural_key,
+                                      ordering_timestamp_ms=8_000, sequence="2",
+                                      start_time=newer.data["metadata"]["start_time"])
+
+    result = sink.write([never_seen, stale])
+    again = sink.write([never_seen])
+
+    assert result.delivered == [never_seen.event_id, stale.event_id] and again.delivered == [never_seen.event_id]
+    json_keys = [k for k in keys(s3, bucket) if k.endswith(".json")]
+    assert json_keys == ["terra/2022-03-16/activity/u1-2026-03-11T22:00:00.000000+00:00.json"]  # newer data stays
+    rows = [row for key in keys(s3, bucket) if key.endswith(".parquet")  # readers dedupe on event_id
+            for row in pq.read_table(io.BytesIO(body(s3, bucket, key))).to_pylist() if row["deleted"]]
+    assert sorted({(r["natural_key"], r["ordering_timestamp_ms"], json.loads(r["record"])["natural_key"])
+                   for r in rows}) == [("2026-03-11", 8_000, "2026-03-11"), ("u1-2026-03-10", 2_000, "u1-2026-03-10")]

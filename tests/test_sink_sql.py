@@ -748,3 +748,112 @@ def test_terra_schema_that_exists_needs_no_database_create_right(terra: TerraDat
         terra.query("DROP SCHEMA IF EXISTS {s} CASCADE")
         terra.query(f"DROP OWNED BY {role}")
         terra.query(f"DROP ROLE {role}")
+
+
+# ======================================================================================================================
+# Tombstones: a deleted record's row goes (hard, the default) or is marked deleted_at (on_delete="soft")
+# ======================================================================================================================
+def _tombstone(event: NormalizedEvent, ordering_timestamp_ms: int, sequence: str = "1") -> NormalizedEvent:
+    return NormalizedEvent.tombstone(type=event.type, user=event.user, natural_key=event.natural_key,
+                                     ordering_timestamp_ms=ordering_timestamp_ms, sequence=sequence)
+
+
+def test_a_tombstone_deletes_the_row_and_deleting_twice_is_fine(sink: SqlSink, database: Database,
+                                                                make_sink_event: MakeEvent) -> None:
+    kept, gone = make_sink_event("u1", "2026-03-10"), make_sink_event("u1", "2026-03-11")
+    sink.write([kept, gone])
+    tombstone = _tombstone(gone, 2_000)
+
+    first, second = sink.write([tombstone]), sink.write([tombstone])
+
+    assert first.delivered == second.delivered == [tombstone.event_id] and not first.failures + second.failures
+    assert set(database.records()) == {("u1", "sleep", "2026-03-10")}
+    assert database.query("SELECT COUNT(*) FROM {p}users") == [(1,)]
+
+
+def test_a_tombstone_older_than_the_row_leaves_it(sink: SqlSink, database: Database,
+                                                  make_sink_event: MakeEvent) -> None:
+    newer = make_sink_event("u1", "2026-03-10", ordering_timestamp_ms=5_000)
+    sink.write([newer])
+
+    assert sink.write([_tombstone(newer, 4_999)]).failures == []
+
+    assert database.records()[("u1", "sleep", "2026-03-10")]["event_id"] == newer.event_id
+
+
+def test_upserts_and_deletes_of_one_batch_apply_in_order(sink: SqlSink, database: Database,
+                                                         make_sink_event: MakeEvent) -> None:
+    created = make_sink_event("u1", "2026-03-10", ordering_timestamp_ms=1_000)
+    recreated = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=3_000, sequence="2")
+    other = make_sink_event("u1", "2026-03-11", ordering_timestamp_ms=1_000)
+
+    result = sink.write([created, other, _tombstone(created, 2_000), recreated, _tombstone(other, 2_000)])
+
+    assert len(result.delivered) == 5 and not result.failures
+    assert {key: row["event_id"] for key, row in database.records().items()} == {
+        ("u1", "sleep", "2026-03-10"): recreated.event_id}
+
+
+def test_soft_delete_keeps_the_row_with_deleted_at_until_newer_data(database: Database,
+                                                                    make_sink_event: MakeEvent) -> None:
+    sink = database.sink(on_delete="soft")
+    try:
+        event = make_sink_event("u1", "2026-03-10", ordering_timestamp_ms=1_000)
+        tombstone = _tombstone(event, 2_000)
+        sink.write([event])
+        assert sink.write([tombstone]).delivered == [tombstone.event_id]
+        assert sink.write([tombstone]).delivered == [tombstone.event_id]  # twice: the same row
+        [(event_id, ots, deleted_at)] = database.query("SELECT event_id, ordering_timestamp_ms, deleted_at "
+                                                       "FROM {p}records")
+        assert (event_id, ots) == (tombstone.event_id, 2_000) and deleted_at
+
+        sink.write([event])  # older data (a stale redelivery) does not bring it back
+        assert database.query("SELECT event_id FROM {p}records WHERE deleted_at IS NOT NULL") == [
+            (tombstone.event_id,)]
+
+        recreated = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=3_000)
+        sink.write([recreated])
+        assert database.query("SELECT event_id, deleted_at FROM {p}records") == [(recreated.event_id, None)]
+    finally:
+        sink.close()
+
+
+def test_soft_delete_adds_deleted_at_to_an_existing_table(sink: SqlSink, database: Database,
+                                                          make_sink_event: MakeEvent) -> None:
+    event = make_sink_event("u1", "2026-03-10")
+    sink.write([event])  # the table as hard-delete destinations (and earlier releases) made it
+    sink.close()
+    soft = database.sink(on_delete="soft")
+    try:
+        assert soft.write([_tombstone(event, 2_000)]).failures == []
+        assert database.query("SELECT natural_key FROM {p}records WHERE deleted_at IS NOT NULL") == [("2026-03-10",)]
+    finally:
+        soft.close()
+    again = database.sink(on_delete="soft")  # the column is there now: opening again changes nothing
+    again.open()
+    again.close()
+
+
+def test_sql_on_delete_must_be_hard_or_soft() -> None:
+    with pytest.raises(FatalError, match="on_delete must be one of"):
+        SqlSink("sql", "sqlite:///x.db", on_delete="archive")
+
+
+def test_terra_layout_tombstones_hard_and_soft(terra: TerraDatabase) -> None:
+    day = _day_event("u1", "2026-03-10T00:00:00.000000+01:00", ordering_timestamp_ms=1_000)
+    other = _day_event("u1", "2026-03-11T00:00:00.000000+01:00", ordering_timestamp_ms=1_000)
+    hard = terra.sink()
+    try:
+        hard.write([day, other])
+        assert hard.write([_tombstone(day, 2_000)]).failures == []
+        assert set(terra.payloads()) == {terra_payload_id("u1", "daily", "2026-03-11")}
+    finally:
+        hard.close()
+    soft = terra.sink(on_delete="soft")  # the same tables: deleted_at is added
+    try:
+        assert soft.write([_tombstone(other, 2_000)]).failures == []
+        [(payload_id, ots, deleted_at)] = terra.query("SELECT payload_id, ordering_timestamp_ms, deleted_at "
+                                                      "FROM {s}.terra_data_payloads")
+        assert (payload_id, ots) == (terra_payload_id("u1", "daily", "2026-03-11"), 2_000) and deleted_at
+    finally:
+        soft.close()

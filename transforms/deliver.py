@@ -161,6 +161,11 @@ def event_from_dead_letter(record: dict[str, Any]) -> NormalizedEvent:
     """Rebuild the event a delivery dead letter holds (its body is the exact envelope sent)."""
     envelope = json.loads(record["original"])
     source = record["source"]
+    if "deleted" in envelope and "data" not in envelope:  # a tombstone: the same event, id and all
+        return NormalizedEvent(record["event_id"], envelope["type"], envelope["user"], envelope["deleted"][0],
+                               source["natural_key"], int(source["ordering_timestamp_ms"]), source["sequence"],
+                               source.get("idempotency_key"), envelope.get("version", NormalizedEvent.version),
+                               reference=source.get("reference"), deleted=True)
     if "data" not in envelope and "athlete" not in envelope:  # a lifecycle event: its body is the event
         return NormalizedEvent.lifecycle(envelope, int(source["ordering_timestamp_ms"]))
     data = envelope["athlete"] if envelope["type"] == "athlete" else envelope["data"][0]
@@ -209,12 +214,15 @@ class _DestinationFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self.tally = Tally()
+        if not hasattr(self, "_tombstones"):  # across bundles: a held event's outcome may come in a later one
+            self._tombstones: set[str] = set()  # ids of tombstones given to this destination, until their outcome
 
     def _wanted(self, user_events: UserEvents) -> tuple[list[NormalizedEvent], Acks]:
         events = list(user_events.events)
         if self.target.event_types is not None:
             events = [e for e in events if e.type in self.target.event_types]
             self.tally.add(f"filtered:{self.target.name}", len(user_events.events) - len(events))
+        self._tombstones.update(e.event_id for e in events if e.deleted)
         return events, split_acks(user_events.acks, self.fan_out)[self.index]
 
     def _is_disabled(self) -> bool:
@@ -242,6 +250,7 @@ class _DestinationFn(beam.DoFn):
 
     def _disabled_dead_letters(self, events: Sequence[NormalizedEvent]) -> list[dict[str, Any]]:
         error = DestinationDisabled(f"destination {self.target.name} is disabled; enable it, then replay")
+        self._tombstones.difference_update(e.event_id for e in events)
         return [delivery_dead_letter(self.target, event, error, 0) for event in events]
 
     def _outcomes(self, outcomes: Sequence[Delivered | DeadLettered]) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -254,6 +263,12 @@ class _DestinationFn(beam.DoFn):
                 dead.append(outcome.record)
                 last_error = outcome.error
         self.tally.add(f"delivered:{self.target.name}", len(receipts))
+        if self._tombstones:  # of which tombstones (they are delivered events too)
+            self.tally.add(f"deleted:{self.target.name}", sum(1 for _, event_id in receipts
+                                                              if event_id in self._tombstones))
+            for outcome in outcomes:
+                self._tombstones.discard(outcome.event_id if isinstance(outcome, Delivered)
+                                         else outcome.record.get("event_id"))
         self._note_health(len(receipts), last_error)
         return receipts, dead
 

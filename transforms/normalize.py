@@ -37,7 +37,7 @@ from apache_beam.transforms import userstate
 from apache_beam.utils.windowed_value import WindowedValue
 
 from connectors import get_provider
-from connectors.base import Fragment, MappingError, Provider, natural_key, terra_user_id
+from connectors.base import Deletion, Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
 from core.events import NormalizedEvent
@@ -54,7 +54,7 @@ from transforms.bounds import (
     may_be_out_of_bounds,
 )
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
-from transforms.record_state import open_state
+from transforms.record_state import open_state, state_row, stored_deletion
 from transforms.reuse import acquire, release
 from transforms.users import UserDirectory
 
@@ -85,6 +85,7 @@ class Keyed:
     provider: str = ""  # slug, with provider_user_id: the account, for resolving its connection
     provider_user_id: str = ""
     reference: str | None = None  # the backfill request this came from (delivered as terra-reference)
+    deleted: bool = False  # the provider deleted the record (a ``Deletion``): ``data`` is empty
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -229,9 +230,21 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"payload holds {name}, which is not a JSON number")
 
 
-def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment, sequence: str, reference: str | None = None) -> Keyed:
+def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, sequence: str,
+           reference: str | None = None) -> Keyed:
     """A mapped record validated (and compacted, for a ``compacts`` provider: ``normalize_document(compacted=False)``
-    left that to this one pass) and keyed; an id a store cannot hold is OutOfBounds."""
+    left that to this one pass) and keyed, or a deletion keyed; an id a store cannot hold is OutOfBounds."""
+    if isinstance(fragment, Deletion):
+        check_text("provider user id", str(fragment.provider_user_id))
+        if fragment.type not in provider_models(provider):
+            raise MappingError(f"{provider.slug}: a deletion of {fragment.type!r}, which this provider does not map")
+        check_text(f"{fragment.type} natural key", fragment.natural_key)
+        if not fragment.natural_key:
+            raise MappingError(f"{provider.slug}: a deletion of {fragment.type} names no natural key")
+        user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
+        return Keyed(fragment.type, fragment.natural_key, {}, fragment.version_ms or raw.received_at_ms, sequence,
+                     user, raw.idempotency_key, raw.provider.lower(), str(fragment.provider_user_id), reference,
+                     deleted=True)
     data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
     check_text("provider user id", str(fragment.provider_user_id))
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
@@ -240,6 +253,11 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment, sequence: str,
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference)
+
+
+def provider_models(provider: Provider) -> set[str]:
+    """The model types ``provider``'s kinds produce."""
+    return {model for spec in provider.kinds.values() for model in spec.models}
 
 
 def _failed(stage: str, error: BaseException, message: RawMessage, raw: RawEvent | None = None,
@@ -545,6 +563,10 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     lacks. Each event carries the whole merged record (destinations overwrite by key), and an
     ordering timestamp that grows whenever the record's content does, so no destination guard ever
     takes a richer record for a stale copy. Neither the fragments nor the stored records change.
+
+    Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event);
+    data newer than it re-creates the record from nothing (never merged onto the deleted one, and ordered after
+    the deletion); data older than a stored deletion, and a deletion older than the stored record, change nothing.
     """
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
@@ -553,17 +575,30 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
+        deleted = stored_deletion(data)
+        start_time = deleted.get("start_time") if deleted is not None else _start_time(data)
+        if deleted is not None:
+            data = {}
         merge = RecordMerge()
         record = merge.record(data)
         stale = [f for f in versions if f.version_ms < version]
-        if stale:  # older than the stored record: fold them oldest → newest, then the stored record on top
+        stale_data = [f for f in stale if not f.deleted]
+        if stale_data and deleted is None:  # older than the stored record: fill gaps (older than a deletion: nothing)
             filled = merge.record({})
-            for fragment in stale:
+            for fragment in stale_data:
                 merge.fold_record(filled, fragment.data)
             merge.fold_record(filled, data)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions[len(stale):]:
+            if fragment.deleted:
+                if deleted is None:
+                    start_time = _start_time(record) or start_time
+                deleted, version = {}, max(version, fragment.version_ms)
+                continue
+            if deleted is not None:  # re-created after the deletion: a fresh record
+                deleted, merge = None, RecordMerge()
+                record = merge.record({})
             changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:
                 version = fragment.version_ms
@@ -571,12 +606,23 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
                 version += 1
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
+        sequence = max(f.sequence for f in versions)
+        if deleted is not None:
+            events.append(NormalizedEvent.tombstone(
+                type=model_type, user=newest.user, natural_key=key, ordering_timestamp_ms=version, sequence=sequence,
+                raw_idempotency_key=newest.raw_idempotency_key, start_time=start_time, reference=reference))
+            continue
         events.append(NormalizedEvent.create(
             type=model_type, user=newest.user, data=record, natural_key=key, ordering_timestamp_ms=version,
-            sequence=max(f.sequence for f in versions), raw_idempotency_key=newest.raw_idempotency_key,
+            sequence=sequence, raw_idempotency_key=newest.raw_idempotency_key,
             reference=reference))
     events.sort(key=lambda e: e.sequence)
     return events
+
+
+def _start_time(record: dict[str, Any]) -> str | None:
+    start = (record.get("metadata") or {}).get("start_time") if isinstance(record, dict) else None
+    return start if isinstance(start, str) and start else None
 
 
 def normalize_in_memory(messages: Iterable[RawMessage]) -> tuple[list[NormalizedEvent], list[Failed]]:
@@ -760,6 +806,8 @@ class MergePerUser(beam.DoFn):
             self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))
             for event in events:
                 self.tally.add(f"normalized:{event.provider.lower()}:{event.type}")
+                if event.deleted:  # of which tombstones
+                    self.tally.add(f"tombstones:{event.provider.lower()}:{event.type}")
             acks = join_acks(p.acks for p in parts)
             yield WindowedValue((user_id, UserEvents(tuple(events), acks)), timestamp, [window])
         for stage, exc, parts, window, timestamp in failed:
@@ -798,7 +846,7 @@ class MergePerUser(beam.DoFn):
         return self.state.load(keys) if keys else {}
 
     def _save(self, merged: list[list[NormalizedEvent]]) -> None:
-        self.state.save(((e.user_id, e.type, e.natural_key), e.data_json, e.ordering_timestamp_ms)
+        self.state.save(((e.user_id, e.type, e.natural_key), state_row(e), e.ordering_timestamp_ms)
                         for events in merged for e in events)
 
 

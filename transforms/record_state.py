@@ -6,6 +6,10 @@ and stress details into the day's Daily, Oura heart-rate rows and scores into th
 pipeline merges each batch's fragments into the stored record and delivers the result, so a later
 fragment never wipes what an earlier batch delivered.
 
+A deleted record is kept as a tombstone row: ``{"healthflow_deleted": <the tombstone's key>}`` at the deletion's
+version (``state_row``, ``stored_deletion``), so data older than the deletion cannot bring it back and data newer
+than it starts a fresh record.
+
 Stored in the control-plane store (SQLite embedded, PostgreSQL shared by distributed workers);
 all I/O is batched: one read and one write per group of users.
 """
@@ -15,11 +19,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from core.events import NormalizedEvent, canonical_json
 from core.store import Store
 
 Key = tuple[str, str, str]  # (user_id, type, natural_key)
 TABLE = "healthflow_record_state"
 CHUNK = 300
+TOMBSTONE_FIELD = "healthflow_deleted"  # no Terra model has it: a stored record holding it is a tombstone
+
+
+def state_row(event: NormalizedEvent) -> bytes:
+    """What the state stores for ``event``: its record's JSON, or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
+    if event.deleted:
+        return canonical_json({TOMBSTONE_FIELD: event.data})
+    return event.data_json
+
+
+def stored_deletion(stored: dict[str, Any]) -> dict[str, Any] | None:
+    """The deleted key of a tombstone row (see ``state_row``); None for a record."""
+    key = stored.get(TOMBSTONE_FIELD) if isinstance(stored, dict) else None
+    return key if isinstance(key, dict) else None
 
 
 class RecordState:

@@ -1,0 +1,311 @@
+"""Deletions as tombstone events: the merge and record state order them against data, and the real pipeline
+delivers them to every destination type, where the deleted workout disappears (SQL, object stores) or its tombstone
+arrives after its data (webhook, SQS, Kafka, Pub/Sub); a tombstone a destination missed is replayed like data.
+
+The provider side is WHOOP's ``workout.deleted`` webhook (``{"user_id", "id", "type", "trace_id"}``), mapped here by a
+test-only kind that returns a ``connectors.base.Deletion`` (the providers' own delete mappers are not this test's)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import json
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from apache_beam.testing.test_stream import TestStream as BeamTestStream
+
+from connectors import get_provider
+from connectors.base import Deletion, KindSpec, terra_user_id
+from core.events import NormalizedEvent
+from core.raw import RawMessage, RawPayload
+from pipelines.launch import make_pipeline
+from pipelines.normalize import FileSource, NormalizeJob, RunSummary, build_from, run_batch
+from pipelines.replay import replay_deliveries, select
+from pipelines.webhook_receiver import WebhookReceiver
+from schemas.serde import encode_raw
+from sinks.object_store import ObjectStoreSink
+from sinks.policy import RetryPolicy, Target
+from sinks.sql import SqlSink
+from sinks.webhook import WebhookSink
+from transforms.normalize import Keyed, merge_user_events
+from transforms.record_state import TOMBSTONE_FIELD
+
+try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...
+    from servers.pubsub_server import PubSubTestServer
+    from test_delivery_e2e import ALL_DESTINATIONS, SQL_DESTINATIONS, Deployment, Stack, expected_events
+except ImportError:  # ... and the repository root once it has one
+    from tests.servers.pubsub_server import PubSubTestServer
+    from tests.test_delivery_e2e import ALL_DESTINATIONS, SQL_DESTINATIONS, Deployment, Stack, expected_events
+
+FIXTURES = Path(__file__).parent / "fixtures" / "whoop"
+WHOOP_USER = "245199"
+USER_ID = terra_user_id("whoop", WHOOP_USER)
+DELETED_WORKOUT = "ecfc6a15-4661-442f-a9a4-f160dd7afae8"
+KEPT_WORKOUT = "5b7d9f1a-3c5e-4a7b-8d9f-1a3c5e7b9d2f"
+CREATED_AT_MS = 1_710_200_000_000  # after both workouts' updated_at
+DELETED_AT_MS = 1_710_300_000_000
+
+
+# ======================================================================================================================
+# Merge and record state: deletions fold with fragments by version
+# ======================================================================================================================
+USER = {"user_id": "u", "provider": "WHOOP"}
+
+
+def _data(version: int, sequence: str, **fields: Any) -> Keyed:
+    record = {"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}, **fields}
+    return Keyed("activity", "w1", record, version, sequence, USER, f"raw-{sequence}")
+
+
+def _deletion(version: int, sequence: str) -> Keyed:
+    return Keyed("activity", "w1", {}, version, sequence, USER, f"raw-{sequence}", deleted=True)
+
+
+def test_a_deletion_newer_than_the_data_makes_a_tombstone_naming_the_records_start() -> None:
+    [event] = merge_user_events("u", [_data(10, "1", device_data={"name": "WHOOP 4.0"}), _deletion(20, "2")])
+
+    assert event.deleted and event.type == "activity" and event.ordering_timestamp_ms == 20
+    assert event.envelope() == {"type": "activity", "user": USER, "version": "2022-03-16", "deleted": [
+        {"natural_key": "w1", "summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}]}
+    assert event.event_id == NormalizedEvent.tombstone(type="activity", user=USER, natural_key="w1",
+                                                       ordering_timestamp_ms=20, sequence="x").event_id
+
+
+def test_data_newer_than_a_deletion_recreates_the_record_fresh() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1"}, "device_data": {"name": "old"}}, 5)}
+    fragments = [_deletion(20, "2"), _data(30, "3", calories_data={"total_burned_calories": 576})]
+
+    [event] = merge_user_events("u", fragments, stored)
+
+    assert not event.deleted and event.ordering_timestamp_ms == 30
+    assert event.data == {"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"},
+                          "calories_data": {"total_burned_calories": 576}}  # nothing of the deleted record
+
+
+def test_data_of_the_deletions_own_version_is_ordered_after_the_tombstone() -> None:
+    [event] = merge_user_events("u", [_deletion(20, "1"), _data(20, "2")])
+
+    assert not event.deleted and event.ordering_timestamp_ms == 21  # above the tombstone's: destinations take it
+
+
+def test_data_older_than_a_stored_deletion_does_not_resurrect_the_record() -> None:
+    stored = {("activity", "w1"): ({TOMBSTONE_FIELD: {"natural_key": "w1", "summary_id": "w1",
+                                                      "start_time": "2024-03-11T17:30:00+01:00"}}, 20)}
+
+    [event] = merge_user_events("u", [_data(10, "5", device_data={"name": "WHOOP 4.0"})], stored)
+
+    assert event.deleted and event.ordering_timestamp_ms == 20
+    assert event.data == {"natural_key": "w1", "summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}
+
+
+def test_a_deletion_older_than_the_stored_record_changes_nothing() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1"}, "device_data": {"name": "new"}}, 30)}
+
+    [event] = merge_user_events("u", [_deletion(20, "2")], stored)
+
+    assert not event.deleted and event.data == stored[("activity", "w1")][0]
+
+
+def test_a_deletion_of_a_record_never_seen_is_still_a_tombstone() -> None:
+    [event] = merge_user_events("u", [_deletion(20, "2")])
+
+    assert event.deleted and event.data == {"natural_key": "w1", "summary_id": "w1"}
+
+
+# ======================================================================================================================
+# Through the real pipeline
+# ======================================================================================================================
+@pytest.fixture
+def whoop_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WHOOP's ``workout.deleted`` webhook body mapped to a Deletion of the workout's activity."""
+
+    def deleted(doc: dict[str, Any]) -> Deletion:
+        return Deletion("activity", str(doc["id"]))
+
+    monkeypatch.setitem(get_provider("whoop").kinds, "workout.deleted",
+                        KindSpec("workout.deleted", ("activity",), deleted, "a deleted workout"))
+
+
+def _raw_file(path: Path, kind: str, payload: dict[str, Any], received_at_ms: int) -> str:
+    path.write_text(json.dumps({"provider": "whoop", "kind": kind, "user_id": None, "received_at": received_at_ms,
+                                "payload": json.dumps(payload)}) + "\n")
+    return str(path)
+
+
+def _workouts() -> dict[str, Any]:
+    return json.loads((FIXTURES / "workout.page.json").read_text())
+
+
+def _deletion_webhook() -> dict[str, Any]:
+    return {"user_id": int(WHOOP_USER), "id": DELETED_WORKOUT, "type": "workout.deleted",
+            "trace_id": "d3c4a8f2-1b6e-4c9d-9a7f-2e5b8c1d4f60"}
+
+
+def _tombstone_id(ordering_timestamp_ms: int = DELETED_AT_MS) -> str:
+    return NormalizedEvent.tombstone(type="activity", user={"user_id": USER_ID}, natural_key=DELETED_WORKOUT,
+                                     ordering_timestamp_ms=ordering_timestamp_ms, sequence="").event_id
+
+
+@pytest.fixture
+def stack(broker, moto_endpoint: str, tmp_path: Path) -> Iterator[Stack]:
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    with contextlib.ExitStack() as exit_stack, PubSubTestServer() as pubsub:
+        yield Stack(broker, moto_endpoint, pubsub, secret, tmp_path, exit_stack)
+
+
+def test_a_deleted_workout_disappears_from_every_destination(stack: Stack, whoop_deletions: None,
+                                                             tmp_path: Path) -> None:
+    deployment: Deployment = stack.deploy("tomb")
+    created = _raw_file(tmp_path / "created.jsonl", "workout", _workouts(), CREATED_AT_MS)
+    expected = expected_events(created)
+    [data_ids] = expected.order.values()
+    kept_id = next(i for i in data_ids if expected.events[i].natural_key == KEPT_WORKOUT)
+    tombstone_id = _tombstone_id()
+
+    first = deployment.run(created)
+    second = deployment.run(_raw_file(tmp_path / "deleted.jsonl", "workout.deleted", _deletion_webhook(),
+                                      DELETED_AT_MS))
+
+    for name in ALL_DESTINATIONS:
+        assert first.get(f"delivered:{name}") == 2 and first.get(f"deleted:{name}") == 0, name
+        assert second.get(f"delivered:{name}") == 1 and second.get(f"deleted:{name}") == 1, name
+        assert second.get(f"delivery_dead_letter:{name}") == 0, name
+    assert second.get("tombstones:whoop:activity") == 1 and second.get("normalized:whoop:activity") == 1
+
+    for name in SQL_DESTINATIONS:  # the workout's row is gone, the other stays
+        assert deployment.sql_event_ids(name) == [kept_id], name
+    assert deployment.sql_count("supabase", "terra_data_payloads") == 1
+    assert [b["data"][0]["metadata"]["summary_id"] for b in deployment.object_store_bodies()] == [KEPT_WORKOUT]
+    assert deployment.s3_json_event_ids() == [kept_id]
+    assert Counter(deployment.s3_parquet_event_ids()) == Counter([*data_ids, tombstone_id])
+
+    in_order = [*data_ids, tombstone_id]  # the tombstone after the data, per user
+    tombstone_body = {"type": "activity", "user": {"user_id": USER_ID, "provider": "WHOOP"}, "version": "2022-03-16",
+                      "deleted": [{"natural_key": DELETED_WORKOUT, "summary_id": DELETED_WORKOUT,
+                                   "start_time": "2024-03-11T17:30:00.000000+01:00"}]}
+    receiver = deployment.receiver
+    assert receiver.order_for(USER_ID) == in_order and receiver.rejected_signature == 0
+    assert receiver.events[tombstone_id] == tombstone_body
+    assert receiver.headers[tombstone_id]["x-healthflow-deleted"] == "true"
+    assert "x-healthflow-deleted" not in receiver.headers[kept_id]
+
+    messages = deployment.sqs_messages()
+    assert [m["MessageAttributes"]["event_id"]["StringValue"] for m in messages] == in_order
+    assert json.loads(messages[-1]["Body"]) == tombstone_body
+    assert messages[-1]["MessageAttributes"]["deleted"]["StringValue"] == "true"
+    assert "deleted" not in messages[0]["MessageAttributes"]
+
+    by_partition = deployment.kafka_messages()
+    assert [event_id for messages in by_partition.values() for _, event_id in messages] == in_order
+
+    pubsub = deployment.pubsub_messages(expected=3)
+    assert [m.attributes["event_id"] for m in pubsub] == in_order
+    assert json.loads(pubsub[-1].data) == tombstone_body and pubsub[-1].attributes["deleted"] == "true"
+
+
+class LocalRun:
+    """Batch runs into one SQLite destination and one local object store, on one record state."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.database, self.objects = root, root / "out.db", root / "objects"
+
+    def __call__(self, name: str, kind: str, payload: dict[str, Any], received_at_ms: int) -> RunSummary:
+        sinks = [SqlSink("sql", f"sqlite:///{self.database}"), ObjectStoreSink("objects", str(self.objects))]
+        return run_batch(NormalizeJob(FileSource(_raw_file(self.root / name, kind, payload, received_at_ms)), sinks,
+                                      str(self.root / "dlq"), state_url=f"sqlite:///{self.root / 'state.db'}"))
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The SQL destination's records by natural key."""
+        with contextlib.closing(sqlite3.connect(self.database)) as connection:
+            rows = connection.execute("SELECT natural_key, payload FROM healthflow_records").fetchall()
+        return {key: json.loads(payload) for key, payload in rows}
+
+    def object_names(self) -> list[str]:
+        return sorted(path.name for path in self.objects.rglob("*.json"))
+
+
+def test_state_keeps_the_deletion_older_data_stays_deleted_and_newer_data_comes_back_fresh(
+        whoop_deletions: None, tmp_path: Path) -> None:
+    run = LocalRun(tmp_path)
+    workouts = _workouts()
+    run("created.jsonl", "workout", workouts, CREATED_AT_MS)
+    run("deleted.jsonl", "workout.deleted", _deletion_webhook(), DELETED_AT_MS)
+
+    resent = run("resent.jsonl", "workout", workouts, DELETED_AT_MS + 1_000)  # the old version, sent again
+
+    assert set(run.rows()) == {KEPT_WORKOUT}
+    assert resent.get("tombstones:whoop:activity") == 1  # the stored deletion again, not the old workout
+    assert run.object_names() == [f"{USER_ID}-2024-03-12T12:15:00.000000+01:00.json"]
+
+    edited = copy.deepcopy(workouts["records"][0])  # the workout comes back later, without its distance
+    edited["updated_at"] = "2024-03-14T08:00:00.000Z"
+    del edited["score"]["distance_meter"]
+    recreated = run("recreated.jsonl", "workout", {"records": [edited]}, DELETED_AT_MS + 2_000)
+
+    assert recreated.get("tombstones:whoop:activity") == 0
+    rows = run.rows()
+    assert set(rows) == {KEPT_WORKOUT, DELETED_WORKOUT}
+    assert rows[DELETED_WORKOUT]["distance_data"] == {"summary": {"elevation": {"gain_actual_meters": 46.2}}}  # fresh
+    assert rows[DELETED_WORKOUT]["calories_data"] == {"total_burned_calories": 576}
+    assert len(run.object_names()) == 2
+
+
+def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_deletions: None, tmp_path: Path,
+                                                                        webhook_secret: str) -> None:
+    dlq, state = str(tmp_path / "dlq"), f"sqlite:///{tmp_path / 'state.db'}"
+    fast = RetryPolicy(max_attempts=2, initial_delay_s=0.01, max_delay_s=0.02)
+    with WebhookReceiver(webhook_secret) as receiver:
+        targets = [Target(WebhookSink("webhook", receiver.url, webhook_secret), fast)]
+        run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / "c.jsonl", "workout", _workouts(), CREATED_AT_MS)),
+                               targets, dlq, state_url=state))
+        receiver.fail_next(100, 503)
+        summary = run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / "d.jsonl", "workout.deleted",
+                                                              _deletion_webhook(), DELETED_AT_MS)),
+                                         targets, dlq, state_url=state))
+        assert summary.get("delivery_dead_letter:webhook") == 1 and summary.get("deleted:webhook") == 0
+        [dead] = select(dlq, destination="webhook")
+        assert dead["event_id"] == _tombstone_id()
+
+        receiver.clear_failures()
+        replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
+
+        assert replayed.delivered == Counter({"webhook": 1}) and not replayed.failed_again
+        assert receiver.order_for(USER_ID)[-1] == _tombstone_id()
+        assert receiver.events[_tombstone_id()]["deleted"][0]["summary_id"] == DELETED_WORKOUT
+        assert receiver.headers[_tombstone_id()]["x-healthflow-deleted"] == "true"
+        assert select(dlq, destination="webhook") == []
+
+
+
+def test_the_streaming_job_delivers_the_tombstone_after_the_data(whoop_deletions: None, tmp_path: Path,
+                                                                 webhook_secret: str) -> None:
+    """The unbounded graph (keyed-state merge, in-order delivery per user) on Beam's TestStream."""
+    created = RawPayload("whoop", json.dumps(_workouts()).encode(), kind="workout", received_at_ms=CREATED_AT_MS)
+    deleted = RawPayload("whoop", json.dumps(_deletion_webhook()).encode(), kind="workout.deleted",
+                         received_at_ms=DELETED_AT_MS)
+    stream = (BeamTestStream()
+              .add_elements([RawMessage(encode_raw(created), {"path": "stream", "line": 0})])
+              .advance_processing_time(1)
+              .add_elements([RawMessage(encode_raw(deleted), {"path": "stream", "line": 1})])
+              .advance_watermark_to_infinity())
+    database = tmp_path / "out.db"
+    with WebhookReceiver(webhook_secret) as receiver:
+        job = NormalizeJob(FileSource("unused"), [SqlSink("sql", f"sqlite:///{database}"),
+                                                  WebhookSink("webhook", receiver.url, webhook_secret)],
+                           str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}")
+        pipeline = make_pipeline(streaming=True)
+        build_from(pipeline | stream, job, streaming=True)
+        pipeline.run().wait_until_finish()
+
+        order = receiver.order_for(USER_ID)
+        assert len(order) == 3 and order[-1] == _tombstone_id()
+        assert receiver.events[_tombstone_id()]["deleted"][0]["summary_id"] == DELETED_WORKOUT
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("SELECT natural_key FROM healthflow_records").fetchall() == [(KEPT_WORKOUT,)]
