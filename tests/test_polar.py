@@ -273,10 +273,22 @@ def test_single_night_with_negative_offset() -> None:
     assert record["heart_rate_data"]["detailed"]["hr_samples"][-1]["timestamp"] == "2024-03-15T06:20:00.000000-04:00"
 
 
+def test_an_unknown_stage_code_is_an_unknown_level_and_keeps_the_night() -> None:
+    """Codes beyond Polar's documented 0-5 table (here 7 and 6) are Terra UNKNOWN; the rest of the night stays."""
+    (fragment,) = normalize(load("sleep.unknown-stage.json"), "sleep")
+    record = fragment.data
+    assert record["metadata"]["summary_id"] == "2024-03-12"
+    hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
+    assert len(hypnogram) == 15
+    assert hypnogram[6:8] == [{"timestamp": "2024-03-12T03:05:00.000000+01:00", "level": 0},  # code 7
+                              {"timestamp": "2024-03-12T03:26:00.000000+01:00", "level": 4}]
+    assert hypnogram[12] == {"timestamp": "2024-03-12T05:58:00.000000+01:00", "level": 0}  # code 6
+    assert record["sleep_durations_data"]["asleep"]["duration_deep_sleep_state_seconds"] == 3540
+    assert record["scores"] == {"sleep_score": 83}
+
+
 def test_unmappable_nights() -> None:
     night = load("sleep.json")["nights"][0]
-    with pytest.raises(MappingError, match="unknown Polar stage 7"):
-        normalize(load("sleep.bad-stage.json"), "sleep")
     with pytest.raises(MappingError, match="hypnogram key '25:00'"):
         normalize(dict(night, hypnogram={"25:00": 2}), "sleep")
     with pytest.raises(MappingError, match="is not after sleep_start_time"):

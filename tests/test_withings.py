@@ -317,9 +317,16 @@ def test_unmappable_high_frequency_sleep() -> None:
         normalize(load("sleep_get.bad-no-summary.json"), "sleep_get")
     with pytest.raises(MappingError, match="no segment falls within sleep 3104712266"):
         normalize(dict(payload, summary=load("sleep_getsummary.json")["body"]["series"][1]), "sleep_get")
-    payload["body"]["series"][3]["state"] = 9
-    with pytest.raises(MappingError, match="unknown Withings sleep state 9"):
-        normalize(payload, "sleep_get")
+
+
+def test_an_unknown_sleep_state_is_an_unknown_level_and_keeps_the_night() -> None:
+    payload = load("sleep_get.json")
+    payload["body"]["series"][3]["state"] = 9  # not in Withings' documented table
+    (fragment,) = normalize(payload, "sleep_get")
+    hypnogram = fragment.data["sleep_durations_data"]["hypnogram_samples"]
+    expected = normalize(load("sleep_get.json"), "sleep_get")[0].data["sleep_durations_data"]["hypnogram_samples"]
+    assert hypnogram[3] == dict(expected[3], level=0)
+    assert hypnogram[:3] + hypnogram[4:] == expected[:3] + expected[4:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

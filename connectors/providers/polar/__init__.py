@@ -57,8 +57,9 @@ UTC_TIME, LOCAL_TIME = 0, 1  # Terra TimestampLocalization
 UPLOAD_AUTOMATIC = 1  # Terra UploadType
 SLEEP_UPLOAD_AUTOMATIC = 2  # Terra SleepUploadType (MANUAL/AUTOMATIC are swapped relative to UploadType)
 # Polar hypnogram codes (0 WAKE, 1 REM, 2 N1, 3 N2, 4 N3, 5 UNKNOWN) → Terra SleepLevel (1 awake, 6 REM, 4 light,
-# 5 deep, 0 unknown): Polar's "light sleep" total is N1 + N2.
+# 5 deep, 0 unknown): Polar's "light sleep" total is N1 + N2. Any other code (a newer device's) is UNKNOWN.
 SLEEP_LEVEL_BY_STAGE = {0: 1, 1: 6, 2: 4, 3: 4, 4: 5, 5: 0}
+SLEEP_LEVEL_UNKNOWN = 0
 ACTIVITY_LEVEL_BY_ZONE = {"SLEEP": 1, "SEDENTARY": 2, "LIGHT": 3, "MODERATE": 4, "VIGOROUS": 5}  # Terra ActivityLevel
 RECOVERY_LEVELS = range(1, 7)  # nightly_recharge_status 1 very poor … 6 very good = Terra RecoveryLevel 1 … 6
 EARLY_SAMPLES = timedelta(hours=1)  # "HH:MM" keys up to an hour before sleep_start_time stay on its date
@@ -308,6 +309,13 @@ def sleep(payload: dict[str, Any]) -> list[Fragment]:
     return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload, "nights")]
 
 
+def _sleep_level(code: Any) -> int:
+    """Terra SleepLevel of a hypnogram code; a code outside Polar's documented table is UNKNOWN, never a refusal."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        return SLEEP_LEVEL_UNKNOWN
+    return SLEEP_LEVEL_BY_STAGE.get(code, SLEEP_LEVEL_UNKNOWN)
+
+
 def _sleep_span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
     _require(doc, "date", "sleep_start_time", "sleep_end_time")
     start, end = timestamp_field(doc, "sleep_start_time"), timestamp_field(doc, "sleep_end_time")
@@ -323,9 +331,7 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
     window = _night_window(start)
     hypnogram = []
     for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram"):
-        if isinstance(code, bool) or code not in SLEEP_LEVEL_BY_STAGE:
-            raise MappingError(f"hypnogram at {at:%H:%M} has unknown Polar stage {code!r}; expected 0-5")
-        hypnogram.append({"timestamp": format_ts(at), "level": SLEEP_LEVEL_BY_STAGE[code]})
+        hypnogram.append({"timestamp": format_ts(at), "level": _sleep_level(code)})
     hr_samples = [{"timestamp": format_ts(at), "bpm": bpm}
                   for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples")
                   if bpm is not None]

@@ -49,8 +49,9 @@ LOCAL_TIME = 1  # Terra TimestampLocalization
 UPLOAD_AUTOMATIC, UPLOAD_MANUAL = 1, 2  # Terra UploadType
 SLEEP_UPLOAD_AUTOMATIC = 2  # Terra SleepUploadType (MANUAL/AUTOMATIC are swapped relative to UploadType)
 # Withings sleep state → Terra SleepLevel: 0 awake, 1 light, 2 deep, 3 REM; 4 "manual" (asleep, no stage) → 2 sleeping,
-# 5 unspecified → 0 unknown, 15 out of bed → 3.
+# 5 unspecified → 0 unknown, 15 out of bed → 3. Any other state is UNKNOWN: an unknown code never refuses a night.
 SLEEP_LEVEL_BY_STATE = {0: 1, 1: 4, 2: 5, 3: 6, 4: 2, 5: 0, 15: 3}
+SLEEP_LEVEL_UNKNOWN = 0
 REAL_MEASURES = 1  # getmeas category: 1 real measures, 2 user objectives
 AMBIGUOUS = 1  # getmeas attrib: captured by a device but may belong to another user until the user assigns it
 MANUAL_ATTRIBS = {2, 4}  # entered manually (4: at account creation)
@@ -358,12 +359,11 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
     hypnogram: list[dict[str, Any]] = []
     for index, segment in enumerate(night):
         state = segment["state"]
-        if isinstance(state, bool) or state not in SLEEP_LEVEL_BY_STATE:
-            raise MappingError(f"segment at {segment['startdate']} has unknown Withings sleep state {state!r}")
+        level = SLEEP_LEVEL_UNKNOWN if isinstance(state, bool) else SLEEP_LEVEL_BY_STATE.get(state, SLEEP_LEVEL_UNKNOWN)
         if index and segment["startdate"] > night[index - 1]["enddate"]:
             hypnogram.append({"timestamp": format_ts(_at(night[index - 1]["enddate"], zone, "enddate")), "level": 0})
         hypnogram.append({"timestamp": format_ts(_at(segment["startdate"], zone, "startdate")),
-                          "level": SLEEP_LEVEL_BY_STATE[state]})
+                          "level": level})
 
     def samples(field: str, value_name: str) -> list[dict[str, Any]]:
         return [{"timestamp": format_ts(at), value_name: value}
