@@ -347,7 +347,7 @@ def test_workouts() -> None:
         },
         "calories_data": {"net_activity_calories": 512},  # Withings' workout calories are active kcal
         "distance_data": {"summary": {"distance_meters": 8013, "steps": 7734,
-                                      "elevation": {"gain_actual_meters": 38}}},
+                                      "floors_climbed": 12}},  # data.elevation counts floors, as in getactivity
         "heart_rate_data": {"summary": {
             "avg_hr_bpm": 153, "min_hr_bpm": 97, "max_hr_bpm": 172,
             "hr_zone_data": [{"zone": 0, "duration_seconds": 255}, {"zone": 1, "duration_seconds": 560},
@@ -364,6 +364,33 @@ def test_workouts() -> None:
     assert yoga.data["metadata"]["type"] == 100
     assert yoga.data["calories_data"] == {"net_activity_calories": 140}  # manual_calories
     assert "distance_data" not in yoga.data  # Withings' zeros for what does not apply
+
+
+def test_workout_without_heart_rate_has_no_heart_rate_rather_than_zero_bpm() -> None:
+    """A Withings Move (no HR sensor) sends hr_average/min/max 0, four zero zones and spo2_average 0: not measured."""
+    (walk,) = normalize(load("getworkouts.no-heart-rate.json"), "getworkouts")
+    assert walk.data == {
+        "metadata": {
+            "summary_id": "2920388104",
+            "start_time": "2024-03-13T11:45:00.000000+01:00",
+            "end_time": "2024-03-13T12:41:00.000000+01:00",
+            "type": 7,  # category 1 "Walk"
+            "upload_type": 1,
+            "name": "Walk",
+            "timestamp_localization": 1,
+        },
+        "calories_data": {"net_activity_calories": 188},
+        "distance_data": {"summary": {"distance_meters": 4383, "steps": 5841, "floors_climbed": 3}},
+        "active_durations_data": {"activity_seconds": 3360},
+        "device_data": {"manufacturer": "Withings"},
+    }
+
+
+def test_zero_heart_rate_zones_are_kept_when_heart_rate_was_measured() -> None:
+    entry = load("getworkouts.json")["body"]["series"][1]  # the swim: zone 3 is 0 s beside measured zones
+    (swim,) = normalize(response(series=[entry]), "getworkouts")
+    zones = swim.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert zones[3] == {"zone": 3, "duration_seconds": 0}
 
 
 @pytest.mark.parametrize(("category", "terra_type", "name"), [
@@ -399,6 +426,39 @@ def test_daily_activity_prefers_the_withings_device_row() -> None:
     only_phone = [row for row in load("getactivity.json")["body"]["activities"] if row["brand"] == 18]
     (phone,) = normalize(response(activities=only_phone), "getactivity")
     assert phone.data["distance_data"] == {"steps": 14980, "distance_meters": 11102, "floors_climbed": 0}
+
+
+def test_daily_activity_without_heart_rate_or_intensity_has_them_absent() -> None:
+    """A Withings Move day: no HR sensor (zeros) → no heart rate; a phone row (brand 18) walking 14980 steps with 0 s
+    of every intensity did not classify intensity → no durations. Steps, distance and floors of 0 stay 0."""
+    rows = load("getactivity.json")["body"]["activities"]
+    move = dict(rows[0], hr_average=0, hr_min=0, hr_max=0, hr_zone_0=0, hr_zone_1=0, hr_zone_2=0, hr_zone_3=0)
+    (day,) = normalize(response(activities=[move]), "getactivity")
+    assert "heart_rate_data" not in day.data
+    (phone,) = normalize(response(activities=[rows[1]]), "getactivity")
+    assert "active_durations_data" not in phone.data
+    assert phone.data["distance_data"]["floors_climbed"] == 0
+    still = dict(rows[1], steps=0, distance=0)
+    (idle,) = normalize(response(activities=[still]), "getactivity")
+    assert idle.data["distance_data"] == {"steps": 0, "distance_meters": 0, "floors_climbed": 0}
+
+
+def test_sleep_without_heart_rate_or_breathing_sensors_has_them_absent() -> None:
+    entry = load("sleep_getsummary.json")["body"]["series"][0]
+    data = dict(entry["data"], hr_average=0, hr_min=0, hr_max=0, rr_average=0, rr_min=0, rr_max=0)
+    (night,) = normalize(response(series=[dict(entry, data=data)]), "sleep_getsummary")
+    assert "heart_rate_data" not in night.data
+    assert "breaths_data" not in night.data.get("respiration_data", {})
+
+
+def test_zero_vital_measures_are_not_measurements() -> None:
+    """A group's heart pulse 0 (a failed reading) or SpO2 0 is absent; the group's other values stay."""
+    group = {"grpid": 5123450001, "attrib": 0, "date": 1710140400, "created": 1710140431, "modified": 1710140431,
+             "category": 1, "measures": [{"value": 72450, "type": 1, "unit": -3}, {"value": 0, "type": 11, "unit": 0},
+                                         {"value": 0, "type": 54, "unit": 0}]}
+    (body,) = normalize(response(timezone="Europe/Berlin", measuregrps=[group]), "getmeas")
+    assert body.data["measurements_data"]["measurements"][0]["weight_kg"] == 72.45
+    assert "heart_data" not in body.data and "oxygen_data" not in body.data
 
 
 def test_daily_activity_on_the_dst_day() -> None:

@@ -19,6 +19,22 @@ Withings never sends, so each mapper receives the whole response, raises Mapping
 
 User: Withings responses do not name the user: the raw event carries the Withings ``userid`` (``user_field`` None).
 
+Zero means absent (Withings writes 0 where a device did not measure), per field:
+
+- heart rate (workout and daily ``hr_average/hr_min/hr_max``, sleep ``hr_*``, high-frequency ``hr`` samples, getmeas
+  heart pulse 11), breathing rate (``rr_*``, ``rr`` samples), HRV (``rmssd``, ``sdnn_1``), SpO2 (``spo2_average``,
+  getmeas 54) and body weight/height: 0 is "not measured" (no living user has it) → absent.
+- ``hr_zone_0..3``: all four 0 means no heart rate was recorded → no zones; when any zone has time, a 0 zone is a
+  real 0 s and stays.
+- workout ``distance, steps, pool_laps, strokes, pool_length, manual_*``, ``elevation``: 0 for what does not apply
+  (a yoga session's distance, a run's laps) → absent.
+- getactivity ``soft/moderate/intense/active``: all 0 on a day with steps means the source (a phone, brand 18) does
+  not classify intensity → absent; daily ``steps, distance, elevation`` 0 is a real still day and stays.
+- snoring 0 s, wake-up count 0, sleep latency 0 are real values and stay.
+
+Unknown codes never refuse a record: an unknown sleep state is SleepLevel UNKNOWN, an unknown workout category
+ActivityType OTHER, an unknown measure type is skipped.
+
 Time: unix seconds, shown in the IANA ``timezone`` of the response (getmeas) or of each entry, at the offset that
 zone has at that instant (zoneinfo: a night across a DST change starts and ends at different offsets). Day-scoped
 records run from local midnight to the next local midnight of their day (23 or 25 hours on DST days).
@@ -62,6 +78,8 @@ WEIGHT_KG, HEIGHT_M, FAT_FREE_MASS_KG, FAT_RATIO_PCT, FAT_MASS_KG = 1, 4, 5, 6, 
 DIASTOLIC_MMHG, SYSTOLIC_MMHG, HEART_PULSE_BPM, TEMPERATURE_C, SPO2_PCT = 9, 10, 11, 12, 54
 BODY_TEMPERATURE_C, SKIN_TEMPERATURE_C, MUSCLE_MASS_KG, HYDRATION_KG, BONE_MASS_KG = 71, 73, 76, 77, 88
 PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL = 91, 123, 226
+# a 0 of these is a failed reading, not a measurement
+NEVER_ZERO = frozenset({WEIGHT_KG, HEIGHT_M, HEART_PULSE_BPM, SPO2_PCT, PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,8 +152,8 @@ def _int(value: Any) -> int | None:
 
 
 def _positive(value: Any) -> Any:
-    """Withings writes 0 for workout fields that do not apply (pool laps of a run, distance of a yoga session):
-    absent, not zero."""
+    """Withings writes 0 for what was not measured or does not apply (heart rate without a sensor, pool laps of a
+    run): absent, not zero."""
     return value if value else None
 
 
@@ -148,9 +166,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _zone_durations(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """``hr_zone_0`` … ``hr_zone_3`` (seconds; light, moderate, intense, peak) → Terra zones 0-3."""
-    return [{"zone": index, "duration_seconds": data[f"hr_zone_{index}"]}
-            for index in range(4) if data.get(f"hr_zone_{index}") is not None]
+    """``hr_zone_0`` … ``hr_zone_3`` (seconds; light, moderate, intense, peak) → Terra zones 0-3; none when all are 0
+    (no heart rate was recorded)."""
+    zones = [{"zone": index, "duration_seconds": data[f"hr_zone_{index}"]}
+             for index in range(4) if data.get(f"hr_zone_{index}") is not None]
+    return zones if any(zone["duration_seconds"] for zone in zones) else []
+
+
+def _heart_rate_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """``hr_average/min/max`` and the zones, 0 bpm being "not measured"."""
+    return {"avg_hr_bpm": _positive(data.get("hr_average")), "min_hr_bpm": _positive(data.get("hr_min")),
+            "max_hr_bpm": _positive(data.get("hr_max")), "hr_zone_data": _zone_durations(data)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,7 +232,8 @@ def getmeas(payload: dict[str, Any]) -> list[Fragment]:
 
 def _body_record(at: datetime, measures: dict[int, dict[str, Any]], zone: ZoneInfo) -> dict[str, Any] | None:
     def get(kind: int, shift: int = 0) -> Any:
-        return _value(measures[kind], shift) if kind in measures else None
+        value = _value(measures[kind], shift) if kind in measures else None
+        return None if value == 0 and kind in NEVER_ZERO else value
 
     stamp = format_ts(at)
     weight, hydration = get(WEIGHT_KG), get(HYDRATION_KG)
@@ -275,7 +302,7 @@ def _summary_record(entry: dict[str, Any]) -> dict[str, Any]:
     if asleep is None:  # asleepduration: nights from external sources, without stages
         asleep = data.get("asleepduration") if None in (light, deep, rem) else light + deep + rem
     efficiency = data.get("sleep_efficiency")  # a ratio; Terra's is a percentage
-    rates = {k: data.get(f"rr_{k}") for k in ("average", "min", "max")}
+    rates = {k: _positive(data.get(f"rr_{k}")) for k in ("average", "min", "max")}
     window = {"start_time": format_ts(start), "end_time": format_ts(end)}
     return compact({
         "metadata": {
@@ -302,8 +329,9 @@ def _summary_record(entry: dict[str, Any]) -> dict[str, Any]:
             "other": {"duration_in_bed_seconds": data.get("total_timeinbed")},
             "sleep_efficiency": round(100 * efficiency, 2) if efficiency is not None else None,
         },
-        "heart_rate_data": {"summary": {"avg_hr_bpm": data.get("hr_average"), "min_hr_bpm": data.get("hr_min"),
-                                        "max_hr_bpm": data.get("hr_max")}},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": _positive(data.get("hr_average")),
+                                        "min_hr_bpm": _positive(data.get("hr_min")),
+                                        "max_hr_bpm": _positive(data.get("hr_max"))}},
         "respiration_data": {
             "breaths_data": {**window, "avg_breaths_per_min": rates["average"], "min_breaths_per_min": rates["min"],
                              "max_breaths_per_min": rates["max"]} if any(v is not None for v in rates.values())
@@ -367,7 +395,8 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
 
     def samples(field: str, value_name: str) -> list[dict[str, Any]]:
         return [{"timestamp": format_ts(at), value_name: value}
-                for at, value in _timed((s.get(field) for s in night), zone, field)]
+                for at, value in _timed((s.get(field) for s in night), zone, field)
+                if value != 0 or field == "snoring"]  # 0 bpm / breaths / ms: not measured; 0 s of snoring is real
 
     breaths, snoring = samples("rr", "breaths_per_min"), samples("snoring", "duration_seconds")
     window = {"start_time": record["metadata"]["start_time"], "end_time": record["metadata"]["end_time"]}
@@ -389,9 +418,10 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
 # ----------------------------------------------------------------------------------------------------------------------
 @PROVIDER.kind("getworkouts", "activity")
 def getworkouts(payload: dict[str, Any]) -> list[Fragment]:
-    """Workouts: category, times in their time zone, active kcal, distance, steps, climb, HR and zones, pool data.
+    """Workouts: category, times in their time zone, active kcal, distance, steps, floors, HR and zones, pool data.
 
     Withings' workout ``calories`` are active calories (Terra ``net_activity_calories``); no total is given.
+    ``data.elevation`` is floors climbed (the data API's definition, as in getactivity), not metres.
     """
     _, series = _response(payload, "series")
     return [Fragment("activity", _workout(entry), version_ms=_version_ms(entry)) for entry in series]
@@ -419,12 +449,11 @@ def _workout(entry: dict[str, Any]) -> dict[str, Any]:
         "distance_data": {"summary": {
             "distance_meters": _int(_positive(distance)),
             "steps": _int(_positive(data.get("steps"))),
-            "elevation": {"gain_actual_meters": _positive(data.get("elevation"))},
+            "floors_climbed": _int(_positive(data.get("elevation"))),  # floors, as getactivity's elevation
             "swimming": {"num_laps": _positive(data.get("pool_laps")), "num_strokes": _positive(data.get("strokes")),
                          "pool_length_meters": _positive(data.get("pool_length"))},
         }},
-        "heart_rate_data": {"summary": {"avg_hr_bpm": data.get("hr_average"), "min_hr_bpm": data.get("hr_min"),
-                                        "max_hr_bpm": data.get("hr_max"), "hr_zone_data": _zone_durations(data)}},
+        "heart_rate_data": {"summary": _heart_rate_summary(data)},
         "oxygen_data": {"avg_saturation_percentage": _positive(data.get("spo2_average"))},
         "active_durations_data": {"activity_seconds": data.get("effduration")},
         "device_data": {"manufacturer": "Withings"},
@@ -467,6 +496,8 @@ def _activity_day(row: dict[str, Any]) -> dict[str, Any]:
     active_seconds = row.get("active")
     if active_seconds is None and None not in (soft, moderate, intense):
         active_seconds = soft + moderate + intense
+    if row.get("steps") and not any((soft, moderate, intense, active_seconds)):
+        soft = moderate = intense = active_seconds = None  # steps without any active time: intensity not classified
     return compact({
         "metadata": {**_day_window(day, zone), "upload_type": UPLOAD_AUTOMATIC},
         "distance_data": {"steps": _int(row.get("steps")), "distance_meters": _int(row.get("distance")),
@@ -482,6 +513,5 @@ def _activity_day(row: dict[str, Any]) -> dict[str, Any]:
             "moderate_intensity_seconds": moderate,
             "vigorous_intensity_seconds": intense,
         },
-        "heart_rate_data": {"summary": {"avg_hr_bpm": row.get("hr_average"), "min_hr_bpm": row.get("hr_min"),
-                                        "max_hr_bpm": row.get("hr_max"), "hr_zone_data": _zone_durations(row)}},
+        "heart_rate_data": {"summary": _heart_rate_summary(row)},
     })
