@@ -176,6 +176,49 @@ def test_sport_maps_to_terra_activity_type(sport: str | None, detailed: str | No
     assert normalize(doc, "exercises")[0].data["metadata"]["type"] == terra_type
 
 
+def test_exercise_without_heart_rate_has_none_rather_than_zero_bpm() -> None:
+    """No HR recorded: Polar's average/maximum 0, zones of PT0S, 0 bpm samples, 0 kcal (calories come from HR) and 0 m
+    (an indoor session) are absent, not zero."""
+    (fragment,) = normalize(load("exercises.no-heart-rate.json"), "exercises")
+    assert fragment.data == {
+        "metadata": {"summary_id": "Rm7tK2", "start_time": "2024-03-13T18:30:00.000000+01:00",
+                     "end_time": "2024-03-13T19:22:10.000000+01:00", "type": 80, "upload_type": 1,
+                     "name": "STRENGTH_TRAINING", "timestamp_localization": 1},
+        "device_data": {"name": "Polar Pacer", "manufacturer": "Polar"},
+    }
+
+
+def test_a_zero_zone_beside_measured_zones_is_kept() -> None:
+    doc = load("exercises.json")
+    doc["heart_rate_zones"][4]["in-zone"] = "PT0S"
+    (fragment,) = normalize(doc, "exercises")
+    zones = fragment.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert zones[4]["duration_seconds"] == 0 and len(zones) == 5
+
+
+def test_zero_vitals_in_nights_recharges_heart_rate_days_and_physical_info_are_absent() -> None:
+    night = load("sleep.json")["nights"][0]
+    night["heart_rate_samples"] = {"23:15": 0, "23:20": 56, "23:25": 0}
+    (sleep,) = normalize(night, "sleep")
+    assert sleep.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-10T23:20:00.000000+01:00", "bpm": 56}]
+    recharge = dict(load("nightly-recharge.json")["recharges"][0], heart_rate_variability_avg=0,
+                    breathing_rate_avg=0, hrv_samples={"23:30": 0, "23:35": 41})
+    (daily,) = normalize(recharge, "nightly-recharge")
+    assert daily.data["heart_rate_data"] == {"detailed": {"hrv_samples_rmssd": [
+        {"timestamp": "2024-03-10T23:35:00.000000", "hrv_rmssd": 41}]}}
+    day = {"polar_user": "https://www.polaraccesslink.com/v3/users/45395466", "date": "2024-03-11",
+           "heart_rate_samples": [{"heart_rate": 0, "sample_time": "00:02:08"},
+                                  {"heart_rate": 63, "sample_time": "00:07:08"}]}
+    (hr_day,) = normalize(day, "continuous-heart-rate")
+    assert hr_day.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T00:07:08.000000", "bpm": 63}]
+    info = dict(load("physical-info.json"), weight=0, height=0, resting_heart_rate=0, maximum_heart_rate=0,
+                vo2_max=0)
+    (body,) = normalize(info, "physical-info")
+    assert set(body.data) == {"metadata"}
+
+
 def test_exercise_offset_must_be_minutes() -> None:
     doc = load("exercises.denver.json")
     with pytest.raises(MappingError, match="start_time_utc_offset"):

@@ -24,6 +24,21 @@ the raw event's user id (pages, daily activity and physical info name no user at
 must carry it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a single
 document carrying it needs no raw-event user; the mappers replace that link with the id it ends in.
 
+Zero means absent (Polar writes 0 where nothing was measured), per field:
+
+- heart rate (exercise ``heart_rate.average/maximum`` and ``"0"`` samples, sleep ``heart_rate_samples``, continuous
+  ``heart_rate``, physical-info ``resting_heart_rate/maximum_heart_rate``), HRV (``heart_rate_variability_avg``,
+  ``hrv_samples``), breathing (``breathing_rate_avg``, ``breathing_samples``), ``vo2_max``, ``weight``, ``height``:
+  0 → absent (no living user has it).
+- exercise ``heart_rate_zones``: all ``in-zone`` PT0S means no heart rate was recorded → no zones; when any zone has
+  time, a PT0S zone is a real 0 s and stays.
+- exercise ``calories`` (Polar derives them from heart rate) and ``distance`` (an indoor session) 0 → absent.
+- daily ``steps``, ``calories`` and durations, sleep stage totals and interruptions 0 are real values and stay.
+
+Unknown codes never refuse a record: an unknown hypnogram code is SleepLevel UNKNOWN, an unknown activity zone
+ActivityLevel UNKNOWN, an unknown sport ActivityType OTHER, an unknown sample-type is skipped, a
+``nightly_recharge_status`` outside 1-6 is left out.
+
 Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
 offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
 (so keys after midnight fall on the next day). Daily activity, continuous heart rate and nightly recharge carry no
@@ -120,6 +135,11 @@ def _number(value: Any) -> int | float:
 def _int(value: Any) -> int | None:
     """Terra's long fields (calories, distance) reject fractions: round to the nearest integer."""
     return None if value is None else round(value)
+
+
+def _measured(value: Any) -> Any:
+    """A vital sign or measurement Polar writes as 0 when it measured nothing: absent, not zero."""
+    return None if value == 0 else value
 
 
 def _duration(value: Any, name: str) -> int | float | None:
@@ -233,6 +253,8 @@ def _exercise_samples(doc: dict[str, Any], start: datetime) -> dict[str, list[di
                 value = float(item) * factor
             except ValueError as exc:
                 raise MappingError(f"sample-type {series.get('sample-type')} value {item!r} is not a number") from exc
+            if value == 0 and list_name == "hr_samples":
+                continue  # 0 bpm: no heart rate at that moment
             offset = index * rate
             samples.append({"timestamp": format_ts(start + timedelta(seconds=offset)),
                             value_name: _number(round(value, 4)), "timer_duration_seconds": offset})
@@ -258,6 +280,8 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
     zones = [{"zone": zone["index"], "name": f"{zone.get('lower-limit')}-{zone.get('upper-limit')} bpm",
               "duration_seconds": _duration(zone.get("in-zone"), "heart_rate_zones[].in-zone")}
              for zone in doc.get("heart_rate_zones") or []]
+    if not any(zone["duration_seconds"] for zone in zones):
+        zones = []  # every zone PT0S: no heart rate was recorded
     samples = _exercise_samples(doc, start)
     watts = [s["watts"] for s in samples.get("power_samples", [])]
     route = [{"timestamp": format_ts(start + timedelta(seconds=offset)),
@@ -276,13 +300,14 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
             "timestamp_localization": LOCAL_TIME,
         },
         "distance_data": {
-            "summary": {"distance_meters": _int(doc.get("distance"))},
+            "summary": {"distance_meters": _int(_measured(doc.get("distance")))},
             "detailed": {"distance_samples": samples.get("distance_samples"),
                          "elevation_samples": samples.get("elevation_samples")},
         },
-        "calories_data": {"total_burned_calories": _int(doc.get("calories"))},
+        "calories_data": {"total_burned_calories": _int(_measured(doc.get("calories")))},
         "heart_rate_data": {
-            "summary": {"avg_hr_bpm": heart_rate.get("average"), "max_hr_bpm": heart_rate.get("maximum"),
+            "summary": {"avg_hr_bpm": _measured(heart_rate.get("average")),
+                        "max_hr_bpm": _measured(heart_rate.get("maximum")),
                         "hr_zone_data": zones},
             "detailed": {"hr_samples": samples.get("hr_samples")},
         },
@@ -334,7 +359,7 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
         hypnogram.append({"timestamp": format_ts(at), "level": _sleep_level(code)})
     hr_samples = [{"timestamp": format_ts(at), "bpm": bpm}
                   for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples")
-                  if bpm is not None]
+                  if _measured(bpm) is not None]
     hr = _stats(s["bpm"] for s in hr_samples)
     light, deep, rem = doc.get("light_sleep"), doc.get("deep_sleep"), doc.get("rem_sleep")
     asleep = light + deep + rem if None not in (light, deep, rem) else None
@@ -408,11 +433,11 @@ def _recharge(doc: dict[str, Any]) -> list[Fragment]:
     else:
         window, zone = datetime.combine(day - timedelta(days=1), time(12)), None
     hrv = [{"timestamp": _text(at), "hrv_rmssd": ms}
-           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples") if ms is not None]
+           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples") if _measured(ms) is not None]
     breaths = [{"timestamp": _text(at), "breaths_per_min": rate}
                for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples")
-               if rate is not None]
-    heart_rate = {"summary": {"avg_hrv_rmssd": doc.get("heart_rate_variability_avg")},
+               if _measured(rate) is not None]
+    heart_rate = {"summary": {"avg_hrv_rmssd": _measured(doc.get("heart_rate_variability_avg"))},
                   "detailed": {"hrv_samples_rmssd": hrv}}
     daily = compact({"metadata": _day_metadata(day, zone), "heart_rate_data": heart_rate})
     fragments = [_fragment("daily", daily, doc)]
@@ -425,7 +450,8 @@ def _recharge(doc: dict[str, Any]) -> list[Fragment]:
             "respiration_data": {"breaths_data": {
                 "start_time": breaths[0]["timestamp"] if breaths else None,
                 "end_time": breaths[-1]["timestamp"] if breaths else None,
-                "avg_breaths_per_min": doc.get("breathing_rate_avg"),  # over ~4 h from 30 min after falling asleep
+                # over ~4 h from 30 min after falling asleep
+                "avg_breaths_per_min": _measured(doc.get("breathing_rate_avg")),
                 "min_breaths_per_min": rates.get("min"),
                 "max_breaths_per_min": rates.get("max"),
                 "samples": breaths,
@@ -517,7 +543,7 @@ def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError) as exc:
             raise MappingError(f"heart_rate_samples[].sample_time must be HH:MM:SS, got {item.get('sample_time')!r}"
                                ) from exc
-        if item.get("heart_rate") is not None:
+        if _measured(item.get("heart_rate")) is not None:
             samples.append({"timestamp": _text(datetime.combine(day, clock)), "bpm": item["heart_rate"]})
     samples.sort(key=lambda s: s["timestamp"])
     hr = _stats(s["bpm"] for s in samples)
@@ -553,8 +579,8 @@ def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
     stamp = "modified" if doc.get("modified") is not None else "created"
     _require(doc, stamp)
     at = timestamp_field(doc, stamp).astimezone(UTC)
-    weight = _field(doc, "weight") if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
-    height, vo2max = _field(doc, "height"), _field(doc, "vo2_max")
+    weight = _measured(_field(doc, "weight")) if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
+    height, vo2max = _measured(_field(doc, "height")), _measured(_field(doc, "vo2_max"))
     start = datetime.combine(at.date(), time(), tzinfo=UTC)
     record = compact({
         "metadata": {"start_time": format_ts(start), "end_time": format_ts(start + timedelta(days=1)),
@@ -562,8 +588,9 @@ def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
         "measurements_data": {"measurements": [{"measurement_time": format_ts(at), "weight_kg": weight,
                                                 "height_cm": height}] if weight is not None or height is not None
                               else []},
-        "heart_data": {"heart_rate_data": {"summary": {"resting_hr_bpm": _field(doc, "resting_heart_rate"),
-                                                       "user_max_hr_bpm": _field(doc, "maximum_heart_rate")}}},
+        "heart_data": {"heart_rate_data": {"summary": {
+            "resting_hr_bpm": _measured(_field(doc, "resting_heart_rate")),
+            "user_max_hr_bpm": _measured(_field(doc, "maximum_heart_rate"))}}},
         "oxygen_data": {"vo2max_ml_per_min_per_kg": vo2max,
                         "vo2_samples": [{"timestamp": format_ts(at), "vo2max_ml_per_min_per_kg": vo2max}]
                         if vo2max is not None else []},
