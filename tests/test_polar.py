@@ -45,8 +45,10 @@ def fixture_files(bad: bool) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", fixture_files(bad=False), ids=lambda p: p.name)
 def test_every_fixture_maps_to_valid_records(path: Path) -> None:
-    kind = path.name.split(".")[0]
-    assert normalize(json.loads(path.read_text()), kind, user_id="conformance-user")
+    """A fixture is one payload, or a JSON list of payloads (``[[...]]``: one bare-array response)."""
+    kind, content = path.name.split(".")[0], json.loads(path.read_text())
+    for payload in content if isinstance(content, list) else [content]:
+        assert normalize(payload, kind, user_id="conformance-user")
 
 
 @pytest.mark.parametrize("path", fixture_files(bad=True), ids=lambda p: p.name)
@@ -217,6 +219,43 @@ def test_zero_vitals_in_nights_recharges_heart_rate_days_and_physical_info_are_a
                 vo2_max=0)
     (body,) = normalize(info, "physical-info")
     assert set(body.data) == {"metadata"}
+
+
+def test_legacy_transaction_exercise_in_kebab_case() -> None:
+    """``GET /v3/users/{id}/exercise-transactions/{t}/exercises/{e}``: the same exercise, kebab-case keys."""
+    (fragment,) = normalize(load("exercises.transaction.json"), "exercises")
+    assert fragment.provider_user_id == TRAVELLER  # from polar-user
+    assert fragment.data == {
+        "metadata": {"summary_id": "1937529874", "start_time": "2024-01-20T09:15:02.000000-07:00",
+                     "end_time": "2024-01-20T10:19:47.000000-07:00", "type": 149, "upload_type": 1,
+                     "name": "TRAIL_RUNNING", "timestamp_localization": 1},
+        "distance_data": {"summary": {"distance_meters": 11603}},
+        "calories_data": {"total_burned_calories": 742},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": 148, "max_hr_bpm": 171}},
+        "device_data": {"name": "Polar M430", "manufacturer": "Polar"},
+    }
+
+
+def test_exercise_list_forms() -> None:
+    """``GET /v3/exercises`` answers a bare JSON array; an object listing them under ``exercises`` is read alike."""
+    (listed,) = load("exercises.list.json")
+    bare = normalize(listed, "exercises")
+    assert [f.data["metadata"]["summary_id"] for f in bare] == ["Zk3qP9", "Lq8W2c"]
+    assert [f.provider_user_id for f in bare] == [USER, TRAVELLER]
+    assert [f.data for f in normalize({"exercises": listed}, "exercises")] == [f.data for f in bare]
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("transaction links", "legacy transaction's links .* fetch each link"),
+    ("transaction created", "a Polar transaction, not data: list it at its resource-uri"),
+    ("webhook notification", r"webhook notification \(EXERCISE\), not data: fetch its url"),
+])
+def test_responses_without_data_say_what_to_fetch(case: str, message: str) -> None:
+    with pytest.raises(MappingError, match=message):
+        normalize(load("exercises.bad-not-data.json")["cases"][case], "exercises")
+    with pytest.raises(MappingError, match="legacy transaction's links"):
+        normalize({"activity-log": ["https://www.polaraccesslink.com/v3/users/12/activity-transactions/34/activities/56"]},
+                  "activities")
 
 
 def test_exercise_offset_must_be_minutes() -> None:
@@ -478,6 +517,22 @@ def test_activity_day_comes_from_start_time_without_samples() -> None:
     assert "detailed" not in record["distance_data"]
     with pytest.raises(MappingError, match="its day is unknown"):
         normalize({k: v for k, v in doc.items() if k != "start_time"}, "activities")
+
+
+def test_daily_activity_list_and_legacy_transaction_forms() -> None:
+    (listed,) = load("activities.list.json")  # GET /v3/users/activities: a bare array, one summary per day
+    days = normalize(listed, "activities")
+    assert [natural_key("daily", f.data) for f in days] == ["2024-03-11", "2024-03-12"]
+    assert days[1].data["distance_data"] == {"steps": 9814, "distance_meters": 7630}
+    assert days[1].data["calories_data"] == {"total_burned_calories": 2612, "net_activity_calories": 731,
+                                             "BMR_calories": 1881}
+    (legacy,) = normalize(load("activities.transaction.json"), "activities")
+    assert legacy.provider_user_id == TRAVELLER
+    assert legacy.data == {  # active-steps are Polar's activity units, not steps: left out
+        "metadata": {"start_time": "2024-01-20T00:00:00.000000", "end_time": "2024-01-21T00:00:00.000000",
+                     "upload_type": 1, "timestamp_localization": 1},
+        "calories_data": {"total_burned_calories": 2611, "net_activity_calories": 913, "BMR_calories": 1698},
+    }
 
 
 def test_continuous_heart_rate() -> None:

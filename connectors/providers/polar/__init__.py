@@ -1,23 +1,31 @@
 """Polar AccessLink v3 responses (the non-transactional endpoints; physical info also in its legacy form).
 
-Raw kinds, one AccessLink response body per raw payload:
+Raw kinds, one AccessLink response body per raw payload (every list form, a bare array of documents, or one
+document; documents in the current snake_case or the legacy transaction's kebab-case spelling):
 
-- ``exercises``: one exercise, ``GET /v3/exercises/{id}?samples=true&zones=true&route=true`` (the URL an EXERCISE
-  webhook names) → Activity.
+- ``exercises``: ``GET /v3/exercises`` (a bare array), ``GET /v3/exercises/{id}?samples=true&zones=true&route=true``
+  (the URL an EXERCISE webhook names), an object listing exercises under ``exercises``, or a legacy transaction's
+  exercise (``start-time``, ``heart-rate``, …) → Activity.
 - ``sleep``: ``GET /v3/users/sleep`` (``{"nights": [...]}``) or ``GET /v3/users/sleep/{date}`` (one night) → Sleep.
 - ``nightly-recharge``: ``GET /v3/users/nightly-recharge`` (``{"recharges": [...]}``) or one date → Daily (HRV), and
   Sleep (recovery status, breathing, HRV) when the night is attached under ``sleep`` (the poll hook,
   ``connectors.providers.polar.client.PolarHook``, attaches it from ``GET /v3/users/sleep``).
-- ``activities``: one day, ``GET /v3/users/activities/{date}?steps=true&activity_zones=true`` → Daily.
+- ``activities``: ``GET /v3/users/activities`` (a bare array), one day (``/v3/users/activities/{date}``,
+  ``?steps=true&activity_zones=true``), or a legacy transaction's daily summary (``date``, ``calories``,
+  ``active-calories``; its ``active-steps`` are Polar activity units, not steps, and are left out) → Daily.
 - ``continuous-heart-rate``: ``GET /v3/users/continuous-heart-rate?from=&to=`` (``{"heart_rates": [...]}``, one
   document per day) or one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
 - ``physical-info``: ``GET /v3/users/physical-info`` (or a legacy transaction's physical-information) → Body.
 
+Refused with what to fetch instead: a legacy transaction's list of links (``{"exercises": [url, …]}``,
+``{"activity-log": [...]}``, ``{"physical-informations": [...]}``), a transaction just created (``transaction-id``,
+``resource-uri``) and a webhook notification (``event``, ``url``): none holds data.
+
 Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
 (``nights``, ``recharges``, ``heart_rates``) and returns the exercise and activity lists as bare JSON arrays.
 ``envelope`` therefore names a field Polar never sends, so each mapper receives the whole response and unwraps its own
-list (one bad night dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an
-object): collectors send list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
+list (one bad night dead-letters its page). The framework splits a bare array into its documents; the poll hook
+publishes a bare array's items one by one.
 
 User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
 the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
@@ -102,14 +110,42 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
 
 
-def _documents(payload: dict[str, Any], list_key: str | None = None) -> list[dict[str, Any]]:
-    """The documents of a response: its ``list_key`` list (a page) or the response itself (one document)."""
-    if list_key is None or list_key not in payload:
-        return [payload]
-    docs = payload[list_key]
-    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
-        raise MappingError(f"{list_key!r} must be a list of objects")
-    return docs
+def _documents(payload: dict[str, Any], *list_keys: str) -> list[dict[str, Any]]:
+    """The documents of a response: its list under one of ``list_keys`` (a page) or the response itself (one
+    document, in the current snake_case or the legacy transaction's kebab-case spelling).
+
+    Responses that hold no data are refused with what to fetch instead: a legacy transaction's list of links
+    (``{"exercises": ["https://…/exercises/56"]}``), a transaction just created (``transaction-id`` +
+    ``resource-uri``), a webhook notification (``event`` + ``url``).
+    """
+    if "event" in payload and "url" in payload:
+        raise MappingError(f"a Polar webhook notification ({payload.get('event')}), not data: fetch its url "
+                           f"{payload.get('url')!r} and send that response")
+    if "transaction-id" in payload and "resource-uri" in payload:
+        raise MappingError(f"a Polar transaction, not data: list it at its resource-uri {payload['resource-uri']!r},"
+                           " then send each document it links to")
+    for list_key in list_keys:
+        if list_key not in payload:
+            continue
+        docs = payload[list_key]
+        if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+            raise MappingError(f"{list_key!r} holds a legacy transaction's links ({docs[0]!r}, …), not documents: "
+                               "fetch each link and send its document")
+        if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+            raise MappingError(f"{list_key!r} must be a list of objects")
+        return [_snake_case(doc) for doc in docs]
+    return [_snake_case(payload)]
+
+
+def _snake_case(doc: dict[str, Any]) -> dict[str, Any]:
+    """A legacy transaction document (``start-time``, ``heart-rate``, ``detailed-sport-info``) with its top-level
+    kebab-case keys also under the current snake_case names; the keys ``_owner`` and samples read stay as sent."""
+    if not any("-" in key for key in doc):
+        return doc
+    out = dict(doc)
+    for key, value in doc.items():
+        out.setdefault(key.replace("-", "_"), value)
+    return out
 
 
 def _owner(doc: dict[str, Any]) -> str | None:
@@ -268,7 +304,7 @@ def _exercise_samples(doc: dict[str, Any], start: datetime) -> dict[str, list[di
 def exercises(payload: dict[str, Any]) -> list[Fragment]:
     """An exercise: sport, local start + UTC offset (minutes), ISO duration, distance, kcal, HR, zones, samples,
     route."""
-    return [_fragment("activity", _exercise(doc), doc) for doc in _documents(payload)]
+    return [_fragment("activity", _exercise(doc), doc) for doc in _documents(payload, "exercises")]
 
 
 def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
@@ -490,17 +526,17 @@ def _step_samples(steps: dict[str, Any]) -> list[dict[str, Any]]:
 @PROVIDER.kind("activities", "daily")
 def activities(payload: dict[str, Any]) -> list[Fragment]:
     """A day's activity: steps (+ samples), distance from steps, total/active kcal, active and inactive time, zones."""
-    return [_fragment("daily", _activity_day(doc), doc) for doc in _documents(payload)]
+    return [_fragment("daily", _activity_day(doc), doc) for doc in _documents(payload, "activity-log")]
 
 
 def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
     """The day is ``samples.date``, else the date of ``start_time`` (local; Polar's "UTC" label is unconfirmed and the
     day ends at 23:59:59, so it is read as local)."""
     samples = doc.get("samples") or {}
-    day_text = samples.get("date") or doc.get("start_time")
+    day_text = samples.get("date") or doc.get("start_time") or doc.get("date")
     if day_text is None:
-        raise MappingError("activity has neither samples.date nor start_time: its day is unknown")
-    day = _date(day_text, "samples.date / start_time")
+        raise MappingError("activity has neither samples.date, start_time nor (legacy) date: its day is unknown")
+    day = _date(day_text, "samples.date / start_time / date")
     levels = [{"timestamp": _text(_wall_clock(s.get("timestamp"), "activity_zones.samples[].timestamp")),
                "level": ACTIVITY_LEVEL_BY_ZONE.get(s.get("zone"), 0)}
               for s in (samples.get("activity_zones") or {}).get("samples") or []]
@@ -559,11 +595,6 @@ def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # physical info → Body
 # ----------------------------------------------------------------------------------------------------------------------
-def _field(doc: dict[str, Any], name: str) -> Any:
-    """A field in the current snake_case spelling or the legacy transaction's kebab-case one."""
-    return doc.get(name, doc.get(name.replace("_", "-")))
-
-
 @PROVIDER.kind("physical-info", "body")
 def physical_info(payload: dict[str, Any]) -> list[Fragment]:
     """The user's physical information (weight kg, height cm, resting/max HR, VO2max) as of its last change.
@@ -572,15 +603,15 @@ def physical_info(payload: dict[str, Any]) -> list[Fragment]:
     legacy documents), timestamp_localization 0. A weight from ``SOURCE_DEFAULT`` is Polar's placeholder, not the
     user's, and is left out.
     """
-    return [_fragment("body", *_physical_info(doc)) for doc in _documents(payload)]
+    return [_fragment("body", *_physical_info(doc)) for doc in _documents(payload, "physical-informations")]
 
 
 def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
     stamp = "modified" if doc.get("modified") is not None else "created"
     _require(doc, stamp)
     at = timestamp_field(doc, stamp).astimezone(UTC)
-    weight = _measured(_field(doc, "weight")) if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
-    height, vo2max = _measured(_field(doc, "height")), _measured(_field(doc, "vo2_max"))
+    weight = _measured(doc.get("weight")) if doc.get("weight_source") != "SOURCE_DEFAULT" else None
+    height, vo2max = _measured(doc.get("height")), _measured(doc.get("vo2_max"))
     start = datetime.combine(at.date(), time(), tzinfo=UTC)
     record = compact({
         "metadata": {"start_time": format_ts(start), "end_time": format_ts(start + timedelta(days=1)),
@@ -589,8 +620,8 @@ def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
                                                 "height_cm": height}] if weight is not None or height is not None
                               else []},
         "heart_data": {"heart_rate_data": {"summary": {
-            "resting_hr_bpm": _measured(_field(doc, "resting_heart_rate")),
-            "user_max_hr_bpm": _measured(_field(doc, "maximum_heart_rate"))}}},
+            "resting_hr_bpm": _measured(doc.get("resting_heart_rate")),
+            "user_max_hr_bpm": _measured(doc.get("maximum_heart_rate"))}}},
         "oxygen_data": {"vo2max_ml_per_min_per_kg": vo2max,
                         "vo2_samples": [{"timestamp": format_ts(at), "vo2max_ml_per_min_per_kg": vo2max}]
                         if vo2max is not None else []},
