@@ -46,7 +46,10 @@ def fixture_files(bad: bool) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", fixture_files(bad=False), ids=lambda p: p.name)
 def test_every_fixture_maps_to_valid_records(path: Path) -> None:
-    assert normalize(json.loads(path.read_text()), path.name.split(".")[0], user_id="conformance-user")
+    """A fixture is one payload, or a JSON list of payloads (``[[...]]``: one bare array of entries)."""
+    kind, content = path.name.split(".")[0], json.loads(path.read_text())
+    for payload in content if isinstance(content, list) else [content]:
+        assert normalize(payload, kind, user_id="conformance-user")
 
 
 @pytest.mark.parametrize("path", fixture_files(bad=True), ids=lambda p: p.name)
@@ -67,9 +70,36 @@ def test_non_zero_status_is_a_mapping_error_naming_the_code(kind: str) -> None:
         normalize({"status": 601, "body": {}}, kind)
 
 
-def test_responses_must_be_withings_envelopes_of_their_kind() -> None:
-    with pytest.raises(MappingError, match='no "status"'):
-        normalize(load("getmeas.json")["body"], "getmeas")
+@pytest.mark.parametrize("name", ["getmeas.json", "sleep_getsummary.json", "getworkouts.json", "getactivity.json"])
+def test_a_body_without_its_envelope_maps_as_the_response(name: str) -> None:
+    """Clients that keep only ``body`` (python_withings_api, exports) send it alone."""
+    kind = name.split(".")[0]
+    assert [f.data for f in normalize(load(name)["body"], kind)] == [f.data for f in normalize(load(name), kind)]
+
+
+@pytest.mark.parametrize(("name", "key"), [("sleep_getsummary.json", "series"), ("getworkouts.json", "series"),
+                                           ("getactivity.json", "activities")])
+def test_entries_alone_and_bare_arrays_of_entries_map_as_the_page(name: str, key: str) -> None:
+    kind = name.split(".")[0]
+    entries = load(name)["body"][key]
+    if kind == "getactivity":
+        entries = [row for row in entries if row["brand"] == 1]  # one row per date: no page-wide choice to make
+    page = [f.data for f in normalize(response(**{key: entries}), kind)]
+    assert [f.data for e in entries for f in normalize(e, kind)] == page
+    assert [f.data for f in normalize(entries, kind)] == page  # the framework splits a bare array
+
+
+def test_payloads_without_data_say_what_to_send() -> None:
+    notification = {"userid": "12345678", "appli": 44, "startdate": 1710108720, "enddate": 1710136680}
+    with pytest.raises(MappingError, match=r"a Withings notification \(appli 44\), not data: poll .* 1710108720"):
+        normalize(notification, "sleep_getsummary")
+    with pytest.raises(MappingError, match="a measure group alone names no time zone"):
+        normalize(load("getmeas.json")["body"]["measuregrps"][0], "getmeas")
+    with pytest.raises(MappingError, match="not a Withings response of this kind"):
+        normalize({"measuregrps": []}, "getworkouts")
+
+
+def test_responses_must_be_withings_responses_of_their_kind() -> None:
     with pytest.raises(MappingError, match="body has no 'series'"):
         normalize(load("getmeas.json"), "getworkouts")
     with pytest.raises(MappingError, match="no user id"):

@@ -12,6 +12,13 @@ Raw kinds, named after the service and action that produced the response:
 - ``getworkouts`` (``/v2/measure?action=getworkouts``): ``body.series`` → Activity, ``id`` as summary id.
 - ``getactivity`` (``/v2/measure?action=getactivity``): ``body.activities`` → Daily, one record per ``date``.
 
+Accepted forms, every kind: the API response ``{"status": 0, "body": {...}}`` (one page; ``more``/``offset``
+paging), its ``body`` alone (clients such as python_withings_api keep only that), and for getworkouts,
+sleep_getsummary and getactivity one entry alone or a bare JSON array of entries (getactivity then cannot choose
+between a date's rows: each row is its own record, the newest ``modified`` winning when they merge). A measure group
+alone is refused (its time zone is ``body.timezone``); so is a notification callback (``userid``, ``appli``,
+``startdate``, ``enddate``: the webhook route polls the kinds its appli names) and a non-zero ``status``.
+
 Envelope: the documents sit under ``body`` (``measuregrps``, ``series``, ``activities``), not in a top-level list,
 and the ``status`` beside them decides whether there are documents at all. ``envelope`` therefore names a field
 Withings never sends, so each mapper receives the whole response, raises MappingError (with the status code) when
@@ -91,10 +98,25 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
 
 
-def _response(payload: dict[str, Any], list_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``body`` and its ``list_key`` entries; a non-zero ``status`` is an error response, not data."""
+def _response(payload: dict[str, Any], list_key: str,
+              entry_fields: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``body`` and its ``list_key`` entries, from the API response (``{"status": 0, "body": {...}}``), its ``body``
+    alone, or one entry alone (an object with every ``entry_fields``; ``body`` is then empty). A non-zero
+    ``status`` is an error response, and a notification callback names data to poll: neither is data."""
     if "status" not in payload:
-        raise MappingError('not a Withings API response: no "status" (expected {"status": 0, "body": {...}})')
+        if "appli" in payload and "userid" in payload:
+            raise MappingError(f"a Withings notification (appli {payload['appli']}), not data: poll the kinds "
+                               f"it names for startdate {payload.get('startdate')!r} to enddate "
+                               f"{payload.get('enddate')!r}")
+        if list_key in payload:
+            payload = {"status": 0, "body": payload}
+        elif entry_fields and all(name in payload for name in entry_fields):
+            return {}, [payload]
+        else:
+            raise MappingError(f'not a Withings response of this kind: expected {{"status": 0, "body": '
+                               f'{{"{list_key}": [...]}}}}, its body, or one entry with {", ".join(entry_fields)}'
+                               if entry_fields else f'not a Withings response of this kind: expected {{"status": 0, '
+                               f'"body": {{"{list_key}": [...]}}}} or its body')
     status = payload["status"]
     if status != 0:
         detail = payload.get("error") or "error response"
@@ -207,6 +229,9 @@ def getmeas(payload: dict[str, Any]) -> list[Fragment]:
     2) and ambiguous groups (attrib 1, not yet assigned to this user) are skipped. Unmapped types: fat mass (8; Terra
     has only the fat ratio), AFib/ECG results (130-139), vascular age, visceral fat, segmental and other codes.
     """
+    if "grpid" in payload and "measures" in payload:
+        raise MappingError("a measure group alone names no time zone: send the getmeas response or its body "
+                           "(timezone beside measuregrps)")
     body, groups = _response(payload, "measuregrps")
     real = [g for g in groups if g.get("category", REAL_MEASURES) == REAL_MEASURES and g.get("attrib") != AMBIGUOUS]
     if not real:
@@ -288,7 +313,7 @@ def _body_record(at: datetime, measures: dict[int, dict[str, Any]], zone: ZoneIn
 @PROVIDER.kind("sleep_getsummary", "sleep")
 def sleep_getsummary(payload: dict[str, Any]) -> list[Fragment]:
     """Sleep summaries: stage totals, latencies, wake-ups, efficiency, HR and breathing rates, snoring, sleep score."""
-    _, series = _response(payload, "series")
+    _, series = _response(payload, "series", ("id", "startdate", "enddate", "data"))
     return [Fragment("sleep", _summary_record(entry), version_ms=_version_ms(entry)) for entry in series]
 
 
@@ -423,7 +448,7 @@ def getworkouts(payload: dict[str, Any]) -> list[Fragment]:
     Withings' workout ``calories`` are active calories (Terra ``net_activity_calories``); no total is given.
     ``data.elevation`` is floors climbed (the data API's definition, as in getactivity), not metres.
     """
-    _, series = _response(payload, "series")
+    _, series = _response(payload, "series", ("id", "category", "startdate", "enddate"))
     return [Fragment("activity", _workout(entry), version_ms=_version_ms(entry)) for entry in series]
 
 
@@ -471,7 +496,7 @@ def getactivity(payload: dict[str, Any]) -> list[Fragment]:
     keys Daily by date alone and summing would count steps twice, so per date the page's row from a Withings device
     wins, then a tracker's, then the one with the most steps.
     """
-    _, rows = _response(payload, "activities")
+    _, rows = _response(payload, "activities", ("date", "timezone"))
     chosen: dict[str, dict[str, Any]] = {}
     for row in rows:
         _require(row, "date", "timezone")
