@@ -343,8 +343,12 @@ def test_sleep_state_codes(state: int, level: int) -> None:
 
 def test_unmappable_high_frequency_sleep() -> None:
     payload = load("sleep_get.json")
-    with pytest.raises(MappingError, match="needs its sleep"):
+    with pytest.raises(MappingError, match=r"needs its sleep: .* attach the /v2/sleep\?action=getsummary series entry "
+                                            r"\(id, timezone, startdate, enddate\) whose night they fall in "
+                                            r"\(segments 1710108300-\d+\) under a top-level 'summary'"):
         normalize(load("sleep_get.bad-no-summary.json"), "sleep_get")
+    with pytest.raises(MappingError, match=r"must be one getsummary series entry .* not a getsummary response"):
+        normalize(dict(payload, summary=load("sleep_getsummary.json")), "sleep_get")
     with pytest.raises(MappingError, match="no segment falls within sleep 3104712266"):
         normalize(dict(payload, summary=load("sleep_getsummary.json")["body"]["series"][1]), "sleep_get")
 

@@ -395,8 +395,15 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
     _, segments = _response(payload, "series")
     summary = payload.get("summary")
     if not isinstance(summary, dict):
+        span = (f" (segments {min(s.get('startdate') or 0 for s in segments)}-"
+                f"{max(s.get('enddate') or 0 for s in segments)})") if segments else ""
         raise MappingError("sleep_get needs its sleep: the segments name neither sleep id nor time zone; attach the "
-                           "getsummary series entry they were requested for under 'summary'")
+                           "/v2/sleep?action=getsummary series entry (id, timezone, startdate, enddate) whose night "
+                           f"they fall in{span} under a top-level 'summary', beside 'body' (the Withings poll hook "
+                           "does)")
+    if "series" in summary or "body" in summary:
+        raise MappingError("sleep_get 'summary' must be one getsummary series entry (id, timezone, startdate, "
+                           "enddate), not a getsummary response or body")
     record = _summary_record(summary)
     zone = _zone(summary["timezone"])
     begin, finish = summary["startdate"], summary["enddate"]
