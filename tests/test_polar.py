@@ -355,6 +355,45 @@ def test_single_night_with_negative_offset() -> None:
     assert record["heart_rate_data"]["detailed"]["hr_samples"][-1]["timestamp"] == "2024-03-15T06:20:00.000000-04:00"
 
 
+def test_night_across_the_spring_dst_change() -> None:
+    """Berlin, 31 March 2024: 02:00 CET → 03:00 CEST during the night. ``sleep_start_time`` is +01:00,
+    ``sleep_end_time`` +02:00; the ``"HH:MM"`` keys are the device's wall clock, so keys from 02:00 on are +02:00."""
+    (fragment,) = normalize(load("sleep.dst.json"), "sleep")
+    record = fragment.data
+    assert record["metadata"]["start_time"] == "2024-03-30T23:05:30.000000+01:00"
+    assert record["metadata"]["end_time"] == "2024-03-31T07:41:00.000000+02:00"
+    assert natural_key("sleep", record) == "2024-03-31"
+    durations = record["sleep_durations_data"]
+    assert durations["other"]["duration_in_bed_seconds"] == 27330  # 7 h 35 min 30 s, not the wall clock's 8 h 35
+    assert durations["asleep"]["duration_asleep_state_seconds"] == 27150  # 15630 + 5520 + 6000
+    assert durations["sleep_efficiency"] == 99.34
+    hypnogram = durations["hypnogram_samples"]
+    assert hypnogram[5:7] == [{"timestamp": "2024-03-31T01:50:00.000000+01:00", "level": 4},
+                              {"timestamp": "2024-03-31T03:15:00.000000+02:00", "level": 5}]  # 25 min later
+    assert hypnogram[-1] == {"timestamp": "2024-03-31T07:30:00.000000+02:00", "level": 4}
+    ends = [s["timestamp"] for s in hypnogram[1:]] + [record["metadata"]["end_time"]]
+
+    def seconds(level: int) -> float:
+        return sum((datetime.fromisoformat(end) - datetime.fromisoformat(s["timestamp"])).total_seconds()
+                   for s, end in zip(hypnogram, ends, strict=True) if s["level"] == level)
+
+    assert (seconds(5), seconds(6), seconds(1)) == (5520, 6000, 180)  # Polar's deep, REM, interruptions
+    assert seconds(4) == 15660  # light from the hypnogram's first whole minute (Polar: 15630 from 23:05:30)
+    samples = record["heart_rate_data"]["detailed"]["hr_samples"]
+    assert [s["timestamp"] for s in samples[3:5]] == ["2024-03-31T01:55:00.000000+01:00",
+                                                      "2024-03-31T03:00:00.000000+02:00"]  # 5 minutes apart
+    recharge = dict(load("nightly-recharge.json")["recharges"][0], date="2024-03-31", sleep=load("sleep.dst.json"),
+                    hrv_samples={"01:55": 40, "03:00": 42}, breathing_samples={"03:00": 13.5})
+    daily, sleep = normalize(recharge, "nightly-recharge")
+    assert sleep.data["respiration_data"]["breaths_data"]["samples"] == [
+        {"timestamp": "2024-03-31T03:00:00.000000+02:00", "breaths_per_min": 13.5}]
+    assert daily.data["metadata"]["start_time"] == "2024-03-31T00:00:00.000000+01:00"  # midnight was still CET
+    assert daily.data["metadata"]["end_time"] == "2024-04-01T00:00:00.000000+02:00"  # a 23-hour day
+    assert daily.data["heart_rate_data"]["detailed"]["hrv_samples_rmssd"] == [
+        {"timestamp": "2024-03-31T01:55:00.000000+01:00", "hrv_rmssd": 40},
+        {"timestamp": "2024-03-31T03:00:00.000000+02:00", "hrv_rmssd": 42}]
+
+
 def test_an_unknown_stage_code_is_an_unknown_level_and_keeps_the_night() -> None:
     """Codes beyond Polar's documented 0-5 table (here 7 and 6) are Terra UNKNOWN; the rest of the night stays."""
     (fragment,) = normalize(load("sleep.unknown-stage.json"), "sleep")

@@ -49,16 +49,21 @@ ActivityLevel UNKNOWN, an unknown sport ActivityType OTHER, an unknown sample-ty
 
 Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
 offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
-(so keys after midnight fall on the next day). Daily activity, continuous heart rate and nightly recharge carry no
-offset: their day windows and samples are local wall-clock time without offset (``timestamp_localization`` 1); the
-pipeline keeps a day's offset once a record that knows it (a recharge with its sleep attached) arrived.
+(so keys after midnight fall on the next day). A night whose ``sleep_end_time`` has another offset than its
+``sleep_start_time`` crossed a DST change: the keys are wall-clock times, so those from 02:00 on (where clocks change
+in Europe and North America) take the end's offset; a recharge with that night attached has a 23- or 25-hour day
+(midnight at the start's offset, the next at the end's). Daily activity, continuous heart rate and nightly
+recharge carry no offset: their day windows and samples are local wall-clock time without offset
+(``timestamp_localization`` 1: Polar gives neither a zone nor an offset, and labelling them UTC would move samples
+by the user's offset); the pipeline keeps a day's offset once a record that knows it (a recharge with its sleep
+attached) arrived. Physical info is stamped in UTC and has no local day: its Body is the UTC day (localization 0).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
@@ -85,6 +90,7 @@ SLEEP_LEVEL_BY_STAGE = {0: 1, 1: 6, 2: 4, 3: 4, 4: 5, 5: 0}
 SLEEP_LEVEL_UNKNOWN = 0
 ACTIVITY_LEVEL_BY_ZONE = {"SLEEP": 1, "SEDENTARY": 2, "LIGHT": 3, "MODERATE": 4, "VIGOROUS": 5}  # Terra ActivityLevel
 RECOVERY_LEVELS = range(1, 7)  # nightly_recharge_status 1 very poor … 6 very good = Terra RecoveryLevel 1 … 6
+DST_CHANGE = time(2)  # local wall-clock time at which DST starts or ends in Europe and North America
 EARLY_SAMPLES = timedelta(hours=1)  # "HH:MM" keys up to an hour before sleep_start_time stay on its date
 ISO_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?")
 USER_LINK = re.compile(r"/users/(\d+)/?$")
@@ -211,10 +217,12 @@ def _text(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def _day_metadata(day: date, zone: timezone | None) -> dict[str, Any]:
-    """Local midnight to midnight of ``day``, with the user's offset when known (``zone``), else without."""
+def _day_metadata(day: date, zone: tzinfo | None, end_zone: tzinfo | None = None) -> dict[str, Any]:
+    """Local midnight to midnight of ``day``, with the user's offset when known (``zone``; ``end_zone`` for the
+    closing midnight when the day changed offset: 23 or 25 hours), else without."""
     start = datetime.combine(day, time(), tzinfo=zone)
-    return {"start_time": _text(start), "end_time": _text(start + timedelta(days=1)), "upload_type": UPLOAD_AUTOMATIC,
+    end = datetime.combine(day + timedelta(days=1), time(), tzinfo=end_zone or zone)
+    return {"start_time": _text(start), "end_time": _text(end), "upload_type": UPLOAD_AUTOMATIC,
             "timestamp_localization": LOCAL_TIME}
 
 
@@ -223,11 +231,23 @@ def _night_window(sleep_start: datetime) -> datetime:
     return sleep_start.replace(second=0, microsecond=0) - EARLY_SAMPLES
 
 
-def _clock_series(samples: Any, window_start: datetime, name: str) -> list[tuple[datetime, Any]]:
+def _clock_series(samples: Any, window_start: datetime, name: str,
+                  end_zone: tzinfo | None = None) -> list[tuple[datetime, Any]]:
     """``{"HH:MM": value}`` → time-ordered ``(moment, value)``: each key at its first occurrence from ``window_start``
-    (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none."""
+    (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none.
+
+    A night whose end has another offset (``end_zone``) crossed a DST change; the keys are the device's wall clock,
+    so keys from the first 02:00 after ``window_start`` on (where clocks change in Europe and North America) carry
+    ``end_zone``'s offset.
+    """
     if samples is None:
         return []
+    changeover = None
+    if end_zone is not None and window_start.tzinfo is not None \
+            and end_zone.utcoffset(window_start) != window_start.utcoffset():
+        changeover = datetime.combine(window_start.date(), DST_CHANGE, tzinfo=window_start.tzinfo)
+        if changeover <= window_start:
+            changeover += timedelta(days=1)
     if not isinstance(samples, dict):
         raise MappingError(f"{name} must be an object keyed by \"HH:MM\", got {type(samples).__name__}")
     series = []
@@ -239,6 +259,8 @@ def _clock_series(samples: Any, window_start: datetime, name: str) -> list[tuple
         moment = datetime.combine(window_start.date(), clock, tzinfo=window_start.tzinfo)
         if moment < window_start:
             moment += timedelta(days=1)
+        if changeover is not None and moment >= changeover:
+            moment = moment.replace(tzinfo=end_zone)
         series.append((moment, value))
     return sorted(series, key=lambda item: item[0])
 
@@ -391,10 +413,11 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
     start, end = _sleep_span(doc)
     window = _night_window(start)
     hypnogram = []
-    for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram"):
+    for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram", end.tzinfo):
         hypnogram.append({"timestamp": format_ts(at), "level": _sleep_level(code)})
     hr_samples = [{"timestamp": format_ts(at), "bpm": bpm}
-                  for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples")
+                  for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples",
+                                               end.tzinfo)
                   if _measured(bpm) is not None]
     hr = _stats(s["bpm"] for s in hr_samples)
     light, deep, rem = doc.get("light_sleep"), doc.get("deep_sleep"), doc.get("rem_sleep")
@@ -465,17 +488,18 @@ def _recharge(doc: dict[str, Any]) -> list[Fragment]:
         if str(night.get("date")) != str(doc["date"]):
             raise MappingError(f"attached sleep of {night.get('date')!r} is not this recharge's night {doc['date']!r}")
         sleep_start, sleep_end = _sleep_span(night)
-        window, zone = _night_window(sleep_start), sleep_end.tzinfo
+        window, zone, end_zone = _night_window(sleep_start), sleep_start.tzinfo, sleep_end.tzinfo
     else:
-        window, zone = datetime.combine(day - timedelta(days=1), time(12)), None
+        window, zone, end_zone = datetime.combine(day - timedelta(days=1), time(12)), None, None
     hrv = [{"timestamp": _text(at), "hrv_rmssd": ms}
-           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples") if _measured(ms) is not None]
+           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples", end_zone)
+           if _measured(ms) is not None]
     breaths = [{"timestamp": _text(at), "breaths_per_min": rate}
-               for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples")
+               for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples", end_zone)
                if _measured(rate) is not None]
     heart_rate = {"summary": {"avg_hrv_rmssd": _measured(doc.get("heart_rate_variability_avg"))},
                   "detailed": {"hrv_samples_rmssd": hrv}}
-    daily = compact({"metadata": _day_metadata(day, zone), "heart_rate_data": heart_rate})
+    daily = compact({"metadata": _day_metadata(day, zone, end_zone), "heart_rate_data": heart_rate})
     fragments = [_fragment("daily", daily, doc)]
     if night is not None:
         rates = _stats(s["breaths_per_min"] for s in breaths)
