@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,48 @@ def test_high_frequency_sleep_completes_its_summary() -> None:
                                {"timestamp": "2024-03-11T02:49:00.000000+01:00", "level": 4}]
     assert [s["level"] for s in hypnogram if s["level"] != 0] == [WITHINGS_TO_TERRA_LEVEL[s["state"]]
                                                                  for s in segments]
+
+
+def test_high_frequency_stage_durations_match_the_summary_totals() -> None:
+    """Each hypnogram level lasts until the next sample (the last until end_time): light, deep, REM and awake add up
+    to the summary's lightsleepduration, deepsleepduration, remsleepduration and wakeupduration, to the second."""
+    record = normalize(load("sleep_get.json"), "sleep_get")[0].data
+    hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
+    ends = [s["timestamp"] for s in hypnogram[1:]] + [record["metadata"]["end_time"]]
+    seconds: dict[int, float] = {}
+    for sample, end in zip(hypnogram, ends, strict=True):
+        elapsed = (datetime.fromisoformat(end) - datetime.fromisoformat(sample["timestamp"])).total_seconds()
+        seconds[sample["level"]] = seconds.get(sample["level"], 0) + elapsed
+    assert seconds == {4: 15240, 5: 6420, 6: 5760, 1: 1620, 0: 120}  # 0: the 2-minute gap at 02:47
+    asleep = record["sleep_durations_data"]["asleep"]
+    assert (asleep["duration_light_sleep_state_seconds"], asleep["duration_deep_sleep_state_seconds"],
+            asleep["duration_REM_sleep_state_seconds"], asleep["duration_asleep_state_seconds"]) == (
+        15240, 6420, 5760, 27420)
+    assert record["sleep_durations_data"]["awake"]["duration_awake_state_seconds"] == 1620
+
+
+def test_high_frequency_night_across_the_dst_change() -> None:
+    """Berlin, 31 March 2024 (01:00 UTC: 02:00 CET → 03:00 CEST): each instant keeps the offset it had."""
+    start, change = 1711837800, 1711846800  # 2024-03-30T22:30:00Z, 2024-03-31T01:00:00Z
+    summary = {"id": 3105520077, "timezone": "Europe/Berlin", "model": 32, "model_id": 63, "startdate": start,
+               "enddate": start + 25200, "date": "2024-03-31", "modified": start + 26000,
+               "data": {"total_timeinbed": 25200, "lightsleepduration": 10800, "deepsleepduration": 3600,
+                        "remsleepduration": 10800}}
+    segments = [{"startdate": start, "enddate": start + 7200, "state": 1, "hr": {str(change - 300): 51}},
+                {"startdate": start + 7200, "enddate": start + 10800, "state": 2, "hr": {str(change + 300): 49}},
+                {"startdate": start + 10800, "enddate": start + 25200, "state": 3}]
+    (fragment,) = normalize({"status": 0, "body": {"series": segments}, "summary": summary}, "sleep_get")
+    record = fragment.data
+    assert record["metadata"]["start_time"] == "2024-03-30T23:30:00.000000+01:00"
+    assert record["metadata"]["end_time"] == "2024-03-31T07:30:00.000000+02:00"  # 7 h later, 8 h on the clock
+    assert natural_key("sleep", record) == "3105520077"
+    assert record["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2024-03-30T23:30:00.000000+01:00", "level": 4},
+        {"timestamp": "2024-03-31T01:30:00.000000+01:00", "level": 5},
+        {"timestamp": "2024-03-31T03:30:00.000000+02:00", "level": 6}]
+    assert record["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-31T01:55:00.000000+01:00", "bpm": 51},
+        {"timestamp": "2024-03-31T03:05:00.000000+02:00", "bpm": 49}]  # 10 minutes apart
 
 
 def test_high_frequency_samples() -> None:
