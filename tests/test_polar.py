@@ -253,6 +253,8 @@ def test_exercise_list_forms() -> None:
 def test_responses_without_data_say_what_to_fetch(case: str, message: str) -> None:
     with pytest.raises(MappingError, match=message):
         normalize(load("exercises.bad-not-data.json")["cases"][case], "exercises")
+    with pytest.raises(MappingError, match=r"lists which nights exist, not the nights: fetch /v3/users/sleep/\{date\}"):
+        normalize(load("sleep.bad-not-data.json")["cases"]["available nights"], "sleep")
     with pytest.raises(MappingError, match="legacy transaction's links"):
         normalize({"activity-log": ["https://www.polaraccesslink.com/v3/users/12/activity-transactions/34/activities/56"]},
                   "activities")

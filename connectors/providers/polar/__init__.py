@@ -19,7 +19,8 @@ document; documents in the current snake_case or the legacy transaction's kebab-
 
 Refused with what to fetch instead: a legacy transaction's list of links (``{"exercises": [url, …]}``,
 ``{"activity-log": [...]}``, ``{"physical-informations": [...]}``), a transaction just created (``transaction-id``,
-``resource-uri``) and a webhook notification (``event``, ``url``): none holds data.
+``resource-uri``), the list of available nights (``available``) and a webhook notification (``event``, ``url``):
+none holds data.
 
 Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
 (``nights``, ``recharges``, ``heart_rates``) and returns the exercise and activity lists as bare JSON arrays.
@@ -127,6 +128,9 @@ def _documents(payload: dict[str, Any], *list_keys: str) -> list[dict[str, Any]]
     if "event" in payload and "url" in payload:
         raise MappingError(f"a Polar webhook notification ({payload.get('event')}), not data: fetch its url "
                            f"{payload.get('url')!r} and send that response")
+    if isinstance(payload.get("available"), list):
+        raise MappingError("GET /v3/users/sleep/available lists which nights exist, not the nights: fetch "
+                           "/v3/users/sleep/{date} for each (or /v3/users/sleep) and send that response")
     if "transaction-id" in payload and "resource-uri" in payload:
         raise MappingError(f"a Polar transaction, not data: list it at its resource-uri {payload['resource-uri']!r},"
                            " then send each document it links to")
