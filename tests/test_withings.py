@@ -463,6 +463,15 @@ def test_workout_without_heart_rate_has_no_heart_rate_rather_than_zero_bpm() -> 
     }
 
 
+def test_active_time_is_the_workout_minus_its_pauses_without_effduration() -> None:
+    """``effduration`` is not in the API reference's workout fields: without it, active time is enddate - startdate
+    minus ``pause_duration``."""
+    swim = load("getworkouts.json")["body"]["series"][1]
+    data = {k: v for k, v in swim["data"].items() if k != "effduration"}
+    (fragment,) = normalize(response(series=[dict(swim, data=data)]), "getworkouts")
+    assert fragment.data["active_durations_data"] == {"activity_seconds": 2525}  # 2740 s - 215 s of pauses
+
+
 def test_zero_heart_rate_zones_are_kept_when_heart_rate_was_measured() -> None:
     entry = load("getworkouts.json")["body"]["series"][1]  # the swim: zone 3 is 0 s beside measured zones
     (swim,) = normalize(response(series=[entry]), "getworkouts")

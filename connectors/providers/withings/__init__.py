@@ -487,9 +487,16 @@ def _workout(entry: dict[str, Any]) -> dict[str, Any]:
         }},
         "heart_rate_data": {"summary": _heart_rate_summary(data)},
         "oxygen_data": {"avg_saturation_percentage": _positive(data.get("spo2_average"))},
-        "active_durations_data": {"activity_seconds": data.get("effduration")},
+        "active_durations_data": {"activity_seconds": _active_seconds(entry, data)},
         "device_data": {"manufacturer": "Withings"},
     })
+
+
+def _active_seconds(entry: dict[str, Any], data: dict[str, Any]) -> int | float:
+    """``effduration`` when sent, else the workout's span minus ``pause_duration`` (the pauses the user entered)."""
+    if data.get("effduration") is not None:
+        return data["effduration"]
+    return max(0, entry["enddate"] - entry["startdate"] - (data.get("pause_duration") or 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
