@@ -396,6 +396,14 @@ def test_unmappable_high_frequency_sleep() -> None:
         normalize(dict(payload, summary=load("sleep_getsummary.json")["body"]["series"][1]), "sleep_get")
 
 
+def test_sleep_get_declares_the_summary_it_needs_and_the_poll_hook_attaches_it() -> None:
+    """The registry refuses to start when a polled kind's context is not attached (connectors._check_context)."""
+    from connectors.providers.withings.client import WithingsHook
+
+    assert get_provider("withings").kinds["sleep_get"].context == ("summary",)
+    assert WithingsHook.attaches == {"sleep_get": ("summary",)}
+
+
 def test_an_unknown_sleep_state_is_an_unknown_level_and_keeps_the_night() -> None:
     payload = load("sleep_get.json")
     payload["body"]["series"][3]["state"] = 9  # not in Withings' documented table

@@ -385,7 +385,7 @@ def _timed(maps: Iterable[Any], zone: ZoneInfo, name: str) -> list[tuple[datetim
     return [(_at(second, zone, name), value) for second, value in sorted(series.items()) if value is not None]
 
 
-@PROVIDER.kind("sleep_get", "sleep")
+@PROVIDER.kind("sleep_get", "sleep", context=("summary",))
 def sleep_get(payload: dict[str, Any]) -> Fragment:
     """High-frequency sleep data of one night (see the module docstring: needs its summary under ``summary``).
 
