@@ -422,9 +422,25 @@ def test_unmappable_nights() -> None:
         normalize({"nights": night}, "sleep")
 
 
-def test_a_page_needs_the_raw_event_user_and_polar_user_must_be_a_user_link() -> None:
+def test_a_page_is_split_into_its_nights_each_naming_its_user() -> None:
+    """``{"nights": [...]}`` is split by the framework: each night is its own document, owned by its polar_user (no
+    raw-event user needed), and one unmappable night is refused alone, not with the page."""
+    provider = get_provider("polar")
+    page = load("sleep.json")
+    assert [doc["date"] for _, doc in provider.documents(page, "sleep")] == ["2024-03-11", "2024-03-12"]
+    assert [f.provider_user_id for f in normalize(page, "sleep", user_id=None)] == [USER, USER]
+    page["nights"][0]["sleep_end_time"] = page["nights"][0]["sleep_start_time"]
+    kind, bad = next(provider.documents(page, "sleep"))
+    with pytest.raises(MappingError, match="is not after sleep_start_time"):
+        provider.normalize_document(kind, bad)
+    (_, good), = list(provider.documents(page, "sleep"))[1:]
+    assert [f.data["metadata"]["summary_id"] for f in provider.normalize_document("sleep", good)] == ["2024-03-12"]
+    anonymous = {"nights": [{k: v for k, v in page["nights"][1].items() if k != "polar_user"}]}
     with pytest.raises(MappingError, match="no user id"):
-        normalize(load("sleep.json"), "sleep", user_id=None)
+        normalize(anonymous, "sleep", user_id=None)
+
+
+def test_polar_user_must_be_a_user_link() -> None:
     (fragment,) = normalize(load("sleep.new-york.json"), "sleep", user_id=None)  # the document names its user
     assert fragment.provider_user_id == TRAVELLER
     with pytest.raises(MappingError, match="polar_user"):

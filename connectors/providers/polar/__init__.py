@@ -22,11 +22,11 @@ Refused with what to fetch instead: a legacy transaction's list of links (``{"ex
 ``resource-uri``), the list of available nights (``available``) and a webhook notification (``event``, ``url``):
 none holds data.
 
-Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
-(``nights``, ``recharges``, ``heart_rates``) and returns the exercise and activity lists as bare JSON arrays.
-``envelope`` therefore names a field Polar never sends, so each mapper receives the whole response and unwraps its own
-list (one bad night dead-letters its page). The framework splits a bare array into its documents; the poll hook
-publishes a bare array's items one by one.
+Envelope: Polar names its lists per endpoint (``nights``, ``recharges``, ``heart_rates``: the provider's
+``list_fields``, which the framework splits into documents, so one bad night dead-letters only itself and each
+night names its own user) and returns the exercise and activity lists as bare JSON arrays (split alike).
+``envelope`` names a field Polar never sends; the mappers themselves read ``exercises`` / ``activity-log`` /
+``physical-informations`` objects, to refuse a legacy transaction's list of links with what to fetch.
 
 User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
 the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
@@ -77,6 +77,7 @@ PROVIDER = Provider(
     "polar",
     "POLAR",
     envelope=WHOLE_RESPONSE,
+    list_fields=("nights", "recharges", "heart_rates"),  # the framework splits these pages into their documents
     user_field="polar_user",  # a link: only lets single documents through without a raw-event user; see _owner
     records_name_their_user=True,  # a page's documents link to their user, who may not be the page's
     doc="Polar AccessLink v3 exercises, sleep, nightly recharge, daily activity, continuous HR and physical info",
@@ -393,7 +394,7 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
 @PROVIDER.kind("sleep", "sleep")
 def sleep(payload: dict[str, Any]) -> list[Fragment]:
     """A night (Sleep Plus Stages): stage totals, interruptions, hypnogram, 5-minute heart rate, sleep score."""
-    return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload, "nights")]
+    return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload)]
 
 
 def _sleep_level(code: Any) -> int:
@@ -477,7 +478,7 @@ def nightly_recharge(payload: dict[str, Any]) -> list[Fragment]:
     Terra field.
     """
     fragments = []
-    for doc in _documents(payload, "recharges"):
+    for doc in _documents(payload):
         fragments += _recharge(doc)
     return fragments
 
@@ -594,7 +595,7 @@ def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
 def continuous_heart_rate(payload: dict[str, Any]) -> list[Fragment]:
     """A day's 5-minute heart rate outside exercises (``sample_time`` is device time on ``date``); a range answer
     holds one such day per ``heart_rates`` item."""
-    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload, "heart_rates")]
+    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload)]
 
 
 def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
