@@ -29,9 +29,9 @@ night names its own user) and returns the exercise and activity lists as bare JS
 ``physical-informations`` objects, to refuse a legacy transaction's list of links with what to fetch.
 
 User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
-the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
-must carry it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a single
-document carrying it needs no raw-event user; the mappers replace that link with the id it ends in.
+the raw event's user id (daily activity and current physical info name no user, so their raw events must carry
+it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a document carrying it
+needs no raw-event user; the mappers replace that link with the id it ends in.
 
 Zero means absent (Polar writes 0 where nothing was measured), per field:
 
@@ -71,7 +71,7 @@ from connectors.base import Fragment, MappingError, Provider, compact, timestamp
 from connectors.providers.polar.activity_types import terra_activity_type
 from connectors.timeutil import format_ts, to_ms
 
-WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: every mapper gets the whole response
+WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: see list_fields
 
 PROVIDER = Provider(
     "polar",
