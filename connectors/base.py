@@ -100,7 +100,8 @@ class Provider:
     """Declarative description of one provider's raw format.
 
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
-    or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP); a payload
+    or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP), plus ``list_fields`` for a provider
+    that names its lists per endpoint (Polar's ``nights``, ``recharges``); a payload
     that is a single document, or a bare JSON array of documents, is accepted too. ``user_field``
     names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura).
 
@@ -118,6 +119,7 @@ class Provider:
     terra_name: str
     envelope: str
     user_field: str | None = None
+    list_fields: tuple[str, ...] = ()
     doc: str = ""
     records_name_their_user: bool = False
     compacts: bool = False
@@ -158,10 +160,11 @@ class Provider:
         if isinstance(payload, list):  # some APIs answer with a bare JSON array of documents
             docs = payload
         else:
-            wrapped = isinstance(payload, dict) and self.envelope in payload
-            docs = payload[self.envelope] if wrapped else [payload]
+            key = next((name for name in (self.envelope, *self.list_fields)
+                        if isinstance(payload, dict) and name in payload), None)
+            docs = [payload] if key is None else payload[key]
         if not isinstance(docs, list):
-            raise MappingError(f"{self.slug} {self.envelope!r} must be a list")
+            raise MappingError(f"{self.slug} {key!r} must be a list")
         for doc in docs:
             yield kind, doc
 

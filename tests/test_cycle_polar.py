@@ -43,7 +43,8 @@ from servers.fake_provider_api import consume_raw  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
 ATHLETE, TRAVELLER = "45395466", "61209842"  # the Polar users the fixtures belong to
 NOW = datetime(2024, 3, 13, 12, 0, tzinfo=UTC)  # the fixtures' data is of 2024-03-11 and 2024-03-12
-KINDS = ["exercises", "sleep", "nightly-recharge", "continuous-heart-rate"]  # every endpoint of the manifest
+KINDS = ["exercises", "sleep", "nightly-recharge", "continuous-heart-rate", "activities",
+         "physical-info"]  # every endpoint of the manifest
 
 
 def load(name: str) -> Any:
@@ -106,7 +107,11 @@ def test_connect_register_poll_deliver_token_rejected_deauth(tmp_path, polar, br
     api.add_user_data(ATHLETE, "sleep", load("sleep.json")["nights"])
     api.add_user_data(ATHLETE, "nightly-recharge", load("nightly-recharge.json")["recharges"])
     api.add_user_data(ATHLETE, "continuous-heart-rate", load("continuous-heart-rate.range.json")["heart_rates"])
+    api.add_user_data(ATHLETE, "activities", [load("activities.json")])
+    api.add_user_data(ATHLETE, "physical-info", [load("physical-info.json")])
     api.add_user_data(TRAVELLER, "exercises", [load("exercises.denver.json")])
+    api.add_user_data(TRAVELLER, "physical-info", [dict(load("physical-info.json"), weight=81.3, height=184.0,
+                                                        modified="2024-03-12T06:10:00Z")])
 
     publisher = KafkaPublisher(broker.bootstrap, topic)
     polling = make_polling(plane, api, state, publisher, topic)
@@ -132,10 +137,10 @@ def test_connect_register_poll_deliver_token_rejected_deauth(tmp_path, polar, br
     rows = delivered(tmp_path)
     athlete_rows = {(kind, key) for user, ref, kind, key in rows if (user, ref) == (athlete.user_id, "athlete-9")}
     assert athlete_rows == {("activity", "Zk3qP9"), ("sleep", "2024-03-11"), ("sleep", "2024-03-12"),
-                            ("daily", "2024-03-11"), ("daily", "2024-03-12")}
+                            ("daily", "2024-03-11"), ("daily", "2024-03-12"), ("body", "2024-03-09")}
     assert {(kind, key) for user, ref, kind, key in rows if (user, ref) == (traveller.user_id, "athlete-2")} == {
-        ("activity", "Lq8W2c")}
-    assert len(rows) == summary["delivered:sql"] == 6
+        ("activity", "Lq8W2c"), ("body", "2024-03-12")}
+    assert len(rows) == summary["delivered:sql"] == 8
     assert not [name for name in summary if "dead_letter" in name]
     # the night completed by its recharge (recovery level), the day's HRV at the night's offset, the day's heart rate
     night = rows[(athlete.user_id, "athlete-9", "sleep", "2024-03-11")]
@@ -145,6 +150,10 @@ def test_connect_register_poll_deliver_token_rejected_deauth(tmp_path, polar, br
     assert day["heart_rate_data"]["detailed"]["hrv_samples_rmssd"][0] == {
         "timestamp": "2024-03-10T23:45:00.000000+01:00", "hrv_rmssd": 44}
     assert len(day["heart_rate_data"]["detailed"]["hr_samples"]) == 271
+    assert day["distance_data"]["steps"] == 15697  # the daily activity summary, polled from /v3/users/activities
+    assert day["calories_data"]["total_burned_calories"] == 2921
+    body = rows[(traveller.user_id, "athlete-2", "body", "2024-03-12")]
+    assert body["measurements_data"]["measurements"][0]["weight_kg"] == 81.3
 
     # Polar's webhook says the athlete's night and heart rate of 03-12 changed: both are fetched for the connection
     notes = f"{topic}.notes"
@@ -155,13 +164,18 @@ def test_connect_register_poll_deliver_token_rejected_deauth(tmp_path, polar, br
                                                    {"event": "SLEEP", "user_id": int(ATHLETE), "date": "2024-03-12",
                                                     "timestamp": "2024-03-13T07:01:00Z"},
                                                    {"event": "CONTINUOUS_HEART_RATE", "user_id": int(ATHLETE),
-                                                    "date": "2024-03-12", "timestamp": "2024-03-13T07:02:00Z"})])
+                                                    "date": "2024-03-12", "timestamp": "2024-03-13T07:02:00Z"},
+                                                   {"event": "ACTIVITY_SUMMARY", "user_id": int(ATHLETE),
+                                                    "date": "2024-03-12", "timestamp": "2024-03-13T07:03:00Z"})])
     fetched = NotificationFetcher(polling).run_once(broker.bootstrap, notes, group="fetch")
     assert fetched.ignored == 1 and fetched.fetched.failed == []  # the PING
     assert [(r.user_id, r.kind) for r in fetched.fetched.results] == [
-        (athlete.user_id, "sleep"), (athlete.user_id, "nightly-recharge"), (athlete.user_id, "continuous-heart-rate")]
+        (athlete.user_id, "sleep"), (athlete.user_id, "nightly-recharge"), (athlete.user_id, "continuous-heart-rate"),
+        (athlete.user_id, "activities")]
     assert [(r.params["from"], r.params["to"]) for r in api.data_requests(athlete_token)
             if r.kind == "continuous-heart-rate"][-1] == ("2024-03-12", "2024-03-12")  # the day it named
+    assert [(r.params["from"], r.params["to"]) for r in api.data_requests(athlete_token)
+            if r.kind == "activities"][-1] == ("2024-03-12", "2024-03-12")
 
     # the traveller disconnects: Polar deregisters them (DELETE /v3/users/{id}) and their token dies
     plane.deauthenticate(traveller.user_id)

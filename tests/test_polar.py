@@ -45,8 +45,10 @@ def fixture_files(bad: bool) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", fixture_files(bad=False), ids=lambda p: p.name)
 def test_every_fixture_maps_to_valid_records(path: Path) -> None:
-    kind = path.name.split(".")[0]
-    assert normalize(json.loads(path.read_text()), kind, user_id="conformance-user")
+    """A fixture is one payload, or a JSON list of payloads (``[[...]]``: one bare-array response)."""
+    kind, content = path.name.split(".")[0], json.loads(path.read_text())
+    for payload in content if isinstance(content, list) else [content]:
+        assert normalize(payload, kind, user_id="conformance-user")
 
 
 @pytest.mark.parametrize("path", fixture_files(bad=True), ids=lambda p: p.name)
@@ -176,6 +178,88 @@ def test_sport_maps_to_terra_activity_type(sport: str | None, detailed: str | No
     assert normalize(doc, "exercises")[0].data["metadata"]["type"] == terra_type
 
 
+def test_exercise_without_heart_rate_has_none_rather_than_zero_bpm() -> None:
+    """No HR recorded: Polar's average/maximum 0, zones of PT0S, 0 bpm samples, 0 kcal (calories come from HR) and 0 m
+    (an indoor session) are absent, not zero."""
+    (fragment,) = normalize(load("exercises.no-heart-rate.json"), "exercises")
+    assert fragment.data == {
+        "metadata": {"summary_id": "Rm7tK2", "start_time": "2024-03-13T18:30:00.000000+01:00",
+                     "end_time": "2024-03-13T19:22:10.000000+01:00", "type": 80, "upload_type": 1,
+                     "name": "STRENGTH_TRAINING", "timestamp_localization": 1},
+        "device_data": {"name": "Polar Pacer", "manufacturer": "Polar"},
+    }
+
+
+def test_a_zero_zone_beside_measured_zones_is_kept() -> None:
+    doc = load("exercises.json")
+    doc["heart_rate_zones"][4]["in-zone"] = "PT0S"
+    (fragment,) = normalize(doc, "exercises")
+    zones = fragment.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert zones[4]["duration_seconds"] == 0 and len(zones) == 5
+
+
+def test_zero_vitals_in_nights_recharges_heart_rate_days_and_physical_info_are_absent() -> None:
+    night = load("sleep.json")["nights"][0]
+    night["heart_rate_samples"] = {"23:15": 0, "23:20": 56, "23:25": 0}
+    (sleep,) = normalize(night, "sleep")
+    assert sleep.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-10T23:20:00.000000+01:00", "bpm": 56}]
+    recharge = dict(load("nightly-recharge.json")["recharges"][0], heart_rate_variability_avg=0,
+                    breathing_rate_avg=0, hrv_samples={"23:30": 0, "23:35": 41})
+    (daily,) = normalize(recharge, "nightly-recharge")
+    assert daily.data["heart_rate_data"] == {"detailed": {"hrv_samples_rmssd": [
+        {"timestamp": "2024-03-10T23:35:00.000000", "hrv_rmssd": 41}]}}
+    day = {"polar_user": "https://www.polaraccesslink.com/v3/users/45395466", "date": "2024-03-11",
+           "heart_rate_samples": [{"heart_rate": 0, "sample_time": "00:02:08"},
+                                  {"heart_rate": 63, "sample_time": "00:07:08"}]}
+    (hr_day,) = normalize(day, "continuous-heart-rate")
+    assert hr_day.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T00:07:08.000000", "bpm": 63}]
+    info = dict(load("physical-info.json"), weight=0, height=0, resting_heart_rate=0, maximum_heart_rate=0,
+                vo2_max=0)
+    (body,) = normalize(info, "physical-info")
+    assert set(body.data) == {"metadata"}
+
+
+def test_legacy_transaction_exercise_in_kebab_case() -> None:
+    """``GET /v3/users/{id}/exercise-transactions/{t}/exercises/{e}``: the same exercise, kebab-case keys."""
+    (fragment,) = normalize(load("exercises.transaction.json"), "exercises")
+    assert fragment.provider_user_id == TRAVELLER  # from polar-user
+    assert fragment.data == {
+        "metadata": {"summary_id": "1937529874", "start_time": "2024-01-20T09:15:02.000000-07:00",
+                     "end_time": "2024-01-20T10:19:47.000000-07:00", "type": 149, "upload_type": 1,
+                     "name": "TRAIL_RUNNING", "timestamp_localization": 1},
+        "distance_data": {"summary": {"distance_meters": 11603}},
+        "calories_data": {"total_burned_calories": 742},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": 148, "max_hr_bpm": 171}},
+        "device_data": {"name": "Polar M430", "manufacturer": "Polar"},
+    }
+
+
+def test_exercise_list_forms() -> None:
+    """``GET /v3/exercises`` answers a bare JSON array; an object listing them under ``exercises`` is read alike."""
+    (listed,) = load("exercises.list.json")
+    bare = normalize(listed, "exercises")
+    assert [f.data["metadata"]["summary_id"] for f in bare] == ["Zk3qP9", "Lq8W2c"]
+    assert [f.provider_user_id for f in bare] == [USER, TRAVELLER]
+    assert [f.data for f in normalize({"exercises": listed}, "exercises")] == [f.data for f in bare]
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("transaction links", "legacy transaction's links .* fetch each link"),
+    ("transaction created", "a Polar transaction, not data: list it at its resource-uri"),
+    ("webhook notification", r"webhook notification \(EXERCISE\), not data: fetch its url"),
+])
+def test_responses_without_data_say_what_to_fetch(case: str, message: str) -> None:
+    with pytest.raises(MappingError, match=message):
+        normalize(load("exercises.bad-not-data.json")["cases"][case], "exercises")
+    with pytest.raises(MappingError, match=r"lists which nights exist, not the nights: fetch /v3/users/sleep/\{date\}"):
+        normalize(load("sleep.bad-not-data.json")["cases"]["available nights"], "sleep")
+    with pytest.raises(MappingError, match="legacy transaction's links"):
+        normalize({"activity-log": ["https://www.polaraccesslink.com/v3/users/12/activity-transactions/34/activities/56"]},
+                  "activities")
+
+
 def test_exercise_offset_must_be_minutes() -> None:
     doc = load("exercises.denver.json")
     with pytest.raises(MappingError, match="start_time_utc_offset"):
@@ -273,10 +357,61 @@ def test_single_night_with_negative_offset() -> None:
     assert record["heart_rate_data"]["detailed"]["hr_samples"][-1]["timestamp"] == "2024-03-15T06:20:00.000000-04:00"
 
 
+def test_night_across_the_spring_dst_change() -> None:
+    """Berlin, 31 March 2024: 02:00 CET → 03:00 CEST during the night. ``sleep_start_time`` is +01:00,
+    ``sleep_end_time`` +02:00; the ``"HH:MM"`` keys are the device's wall clock, so keys from 02:00 on are +02:00."""
+    (fragment,) = normalize(load("sleep.dst.json"), "sleep")
+    record = fragment.data
+    assert record["metadata"]["start_time"] == "2024-03-30T23:05:30.000000+01:00"
+    assert record["metadata"]["end_time"] == "2024-03-31T07:41:00.000000+02:00"
+    assert natural_key("sleep", record) == "2024-03-31"
+    durations = record["sleep_durations_data"]
+    assert durations["other"]["duration_in_bed_seconds"] == 27330  # 7 h 35 min 30 s, not the wall clock's 8 h 35
+    assert durations["asleep"]["duration_asleep_state_seconds"] == 27150  # 15630 + 5520 + 6000
+    assert durations["sleep_efficiency"] == 99.34
+    hypnogram = durations["hypnogram_samples"]
+    assert hypnogram[5:7] == [{"timestamp": "2024-03-31T01:50:00.000000+01:00", "level": 4},
+                              {"timestamp": "2024-03-31T03:15:00.000000+02:00", "level": 5}]  # 25 min later
+    assert hypnogram[-1] == {"timestamp": "2024-03-31T07:30:00.000000+02:00", "level": 4}
+    ends = [s["timestamp"] for s in hypnogram[1:]] + [record["metadata"]["end_time"]]
+
+    def seconds(level: int) -> float:
+        return sum((datetime.fromisoformat(end) - datetime.fromisoformat(s["timestamp"])).total_seconds()
+                   for s, end in zip(hypnogram, ends, strict=True) if s["level"] == level)
+
+    assert (seconds(5), seconds(6), seconds(1)) == (5520, 6000, 180)  # Polar's deep, REM, interruptions
+    assert seconds(4) == 15660  # light from the hypnogram's first whole minute (Polar: 15630 from 23:05:30)
+    samples = record["heart_rate_data"]["detailed"]["hr_samples"]
+    assert [s["timestamp"] for s in samples[3:5]] == ["2024-03-31T01:55:00.000000+01:00",
+                                                      "2024-03-31T03:00:00.000000+02:00"]  # 5 minutes apart
+    recharge = dict(load("nightly-recharge.json")["recharges"][0], date="2024-03-31", sleep=load("sleep.dst.json"),
+                    hrv_samples={"01:55": 40, "03:00": 42}, breathing_samples={"03:00": 13.5})
+    daily, sleep = normalize(recharge, "nightly-recharge")
+    assert sleep.data["respiration_data"]["breaths_data"]["samples"] == [
+        {"timestamp": "2024-03-31T03:00:00.000000+02:00", "breaths_per_min": 13.5}]
+    assert daily.data["metadata"]["start_time"] == "2024-03-31T00:00:00.000000+01:00"  # midnight was still CET
+    assert daily.data["metadata"]["end_time"] == "2024-04-01T00:00:00.000000+02:00"  # a 23-hour day
+    assert daily.data["heart_rate_data"]["detailed"]["hrv_samples_rmssd"] == [
+        {"timestamp": "2024-03-31T01:55:00.000000+01:00", "hrv_rmssd": 40},
+        {"timestamp": "2024-03-31T03:00:00.000000+02:00", "hrv_rmssd": 42}]
+
+
+def test_an_unknown_stage_code_is_an_unknown_level_and_keeps_the_night() -> None:
+    """Codes beyond Polar's documented 0-5 table (here 7 and 6) are Terra UNKNOWN; the rest of the night stays."""
+    (fragment,) = normalize(load("sleep.unknown-stage.json"), "sleep")
+    record = fragment.data
+    assert record["metadata"]["summary_id"] == "2024-03-12"
+    hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
+    assert len(hypnogram) == 15
+    assert hypnogram[6:8] == [{"timestamp": "2024-03-12T03:05:00.000000+01:00", "level": 0},  # code 7
+                              {"timestamp": "2024-03-12T03:26:00.000000+01:00", "level": 4}]
+    assert hypnogram[12] == {"timestamp": "2024-03-12T05:58:00.000000+01:00", "level": 0}  # code 6
+    assert record["sleep_durations_data"]["asleep"]["duration_deep_sleep_state_seconds"] == 3540
+    assert record["scores"] == {"sleep_score": 83}
+
+
 def test_unmappable_nights() -> None:
     night = load("sleep.json")["nights"][0]
-    with pytest.raises(MappingError, match="unknown Polar stage 7"):
-        normalize(load("sleep.bad-stage.json"), "sleep")
     with pytest.raises(MappingError, match="hypnogram key '25:00'"):
         normalize(dict(night, hypnogram={"25:00": 2}), "sleep")
     with pytest.raises(MappingError, match="is not after sleep_start_time"):
@@ -287,9 +422,25 @@ def test_unmappable_nights() -> None:
         normalize({"nights": night}, "sleep")
 
 
-def test_a_page_needs_the_raw_event_user_and_polar_user_must_be_a_user_link() -> None:
+def test_a_page_is_split_into_its_nights_each_naming_its_user() -> None:
+    """``{"nights": [...]}`` is split by the framework: each night is its own document, owned by its polar_user (no
+    raw-event user needed), and one unmappable night is refused alone, not with the page."""
+    provider = get_provider("polar")
+    page = load("sleep.json")
+    assert [doc["date"] for _, doc in provider.documents(page, "sleep")] == ["2024-03-11", "2024-03-12"]
+    assert [f.provider_user_id for f in normalize(page, "sleep", user_id=None)] == [USER, USER]
+    page["nights"][0]["sleep_end_time"] = page["nights"][0]["sleep_start_time"]
+    kind, bad = next(provider.documents(page, "sleep"))
+    with pytest.raises(MappingError, match="is not after sleep_start_time"):
+        provider.normalize_document(kind, bad)
+    (_, good), = list(provider.documents(page, "sleep"))[1:]
+    assert [f.data["metadata"]["summary_id"] for f in provider.normalize_document("sleep", good)] == ["2024-03-12"]
+    anonymous = {"nights": [{k: v for k, v in page["nights"][1].items() if k != "polar_user"}]}
     with pytest.raises(MappingError, match="no user id"):
-        normalize(load("sleep.json"), "sleep", user_id=None)
+        normalize(anonymous, "sleep", user_id=None)
+
+
+def test_polar_user_must_be_a_user_link() -> None:
     (fragment,) = normalize(load("sleep.new-york.json"), "sleep", user_id=None)  # the document names its user
     assert fragment.provider_user_id == TRAVELLER
     with pytest.raises(MappingError, match="polar_user"):
@@ -423,6 +574,22 @@ def test_activity_day_comes_from_start_time_without_samples() -> None:
     assert "detailed" not in record["distance_data"]
     with pytest.raises(MappingError, match="its day is unknown"):
         normalize({k: v for k, v in doc.items() if k != "start_time"}, "activities")
+
+
+def test_daily_activity_list_and_legacy_transaction_forms() -> None:
+    (listed,) = load("activities.list.json")  # GET /v3/users/activities: a bare array, one summary per day
+    days = normalize(listed, "activities")
+    assert [natural_key("daily", f.data) for f in days] == ["2024-03-11", "2024-03-12"]
+    assert days[1].data["distance_data"] == {"steps": 9814, "distance_meters": 7630}
+    assert days[1].data["calories_data"] == {"total_burned_calories": 2612, "net_activity_calories": 731,
+                                             "BMR_calories": 1881}
+    (legacy,) = normalize(load("activities.transaction.json"), "activities")
+    assert legacy.provider_user_id == TRAVELLER
+    assert legacy.data == {  # active-steps are Polar's activity units, not steps: left out
+        "metadata": {"start_time": "2024-01-20T00:00:00.000000", "end_time": "2024-01-21T00:00:00.000000",
+                     "upload_type": 1, "timestamp_localization": 1},
+        "calories_data": {"total_burned_calories": 2611, "net_activity_calories": 913, "BMR_calories": 1698},
+    }
 
 
 def test_continuous_heart_rate() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,10 @@ def fixture_files(bad: bool) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", fixture_files(bad=False), ids=lambda p: p.name)
 def test_every_fixture_maps_to_valid_records(path: Path) -> None:
-    assert normalize(json.loads(path.read_text()), path.name.split(".")[0], user_id="conformance-user")
+    """A fixture is one payload, or a JSON list of payloads (``[[...]]``: one bare array of entries)."""
+    kind, content = path.name.split(".")[0], json.loads(path.read_text())
+    for payload in content if isinstance(content, list) else [content]:
+        assert normalize(payload, kind, user_id="conformance-user")
 
 
 @pytest.mark.parametrize("path", fixture_files(bad=True), ids=lambda p: p.name)
@@ -67,9 +71,36 @@ def test_non_zero_status_is_a_mapping_error_naming_the_code(kind: str) -> None:
         normalize({"status": 601, "body": {}}, kind)
 
 
-def test_responses_must_be_withings_envelopes_of_their_kind() -> None:
-    with pytest.raises(MappingError, match='no "status"'):
-        normalize(load("getmeas.json")["body"], "getmeas")
+@pytest.mark.parametrize("name", ["getmeas.json", "sleep_getsummary.json", "getworkouts.json", "getactivity.json"])
+def test_a_body_without_its_envelope_maps_as_the_response(name: str) -> None:
+    """Clients that keep only ``body`` (python_withings_api, exports) send it alone."""
+    kind = name.split(".")[0]
+    assert [f.data for f in normalize(load(name)["body"], kind)] == [f.data for f in normalize(load(name), kind)]
+
+
+@pytest.mark.parametrize(("name", "key"), [("sleep_getsummary.json", "series"), ("getworkouts.json", "series"),
+                                           ("getactivity.json", "activities")])
+def test_entries_alone_and_bare_arrays_of_entries_map_as_the_page(name: str, key: str) -> None:
+    kind = name.split(".")[0]
+    entries = load(name)["body"][key]
+    if kind == "getactivity":
+        entries = [row for row in entries if row["brand"] == 1]  # one row per date: no page-wide choice to make
+    page = [f.data for f in normalize(response(**{key: entries}), kind)]
+    assert [f.data for e in entries for f in normalize(e, kind)] == page
+    assert [f.data for f in normalize(entries, kind)] == page  # the framework splits a bare array
+
+
+def test_payloads_without_data_say_what_to_send() -> None:
+    notification = {"userid": "12345678", "appli": 44, "startdate": 1710108720, "enddate": 1710136680}
+    with pytest.raises(MappingError, match=r"a Withings notification \(appli 44\), not data: poll .* 1710108720"):
+        normalize(notification, "sleep_getsummary")
+    with pytest.raises(MappingError, match="a measure group alone names no time zone"):
+        normalize(load("getmeas.json")["body"]["measuregrps"][0], "getmeas")
+    with pytest.raises(MappingError, match="not a Withings response of this kind"):
+        normalize({"measuregrps": []}, "getworkouts")
+
+
+def test_responses_must_be_withings_responses_of_their_kind() -> None:
     with pytest.raises(MappingError, match="body has no 'series'"):
         normalize(load("getmeas.json"), "getworkouts")
     with pytest.raises(MappingError, match="no user id"):
@@ -287,6 +318,48 @@ def test_high_frequency_sleep_completes_its_summary() -> None:
                                                                  for s in segments]
 
 
+def test_high_frequency_stage_durations_match_the_summary_totals() -> None:
+    """Each hypnogram level lasts until the next sample (the last until end_time): light, deep, REM and awake add up
+    to the summary's lightsleepduration, deepsleepduration, remsleepduration and wakeupduration, to the second."""
+    record = normalize(load("sleep_get.json"), "sleep_get")[0].data
+    hypnogram = record["sleep_durations_data"]["hypnogram_samples"]
+    ends = [s["timestamp"] for s in hypnogram[1:]] + [record["metadata"]["end_time"]]
+    seconds: dict[int, float] = {}
+    for sample, end in zip(hypnogram, ends, strict=True):
+        elapsed = (datetime.fromisoformat(end) - datetime.fromisoformat(sample["timestamp"])).total_seconds()
+        seconds[sample["level"]] = seconds.get(sample["level"], 0) + elapsed
+    assert seconds == {4: 15240, 5: 6420, 6: 5760, 1: 1620, 0: 120}  # 0: the 2-minute gap at 02:47
+    asleep = record["sleep_durations_data"]["asleep"]
+    assert (asleep["duration_light_sleep_state_seconds"], asleep["duration_deep_sleep_state_seconds"],
+            asleep["duration_REM_sleep_state_seconds"], asleep["duration_asleep_state_seconds"]) == (
+        15240, 6420, 5760, 27420)
+    assert record["sleep_durations_data"]["awake"]["duration_awake_state_seconds"] == 1620
+
+
+def test_high_frequency_night_across_the_dst_change() -> None:
+    """Berlin, 31 March 2024 (01:00 UTC: 02:00 CET → 03:00 CEST): each instant keeps the offset it had."""
+    start, change = 1711837800, 1711846800  # 2024-03-30T22:30:00Z, 2024-03-31T01:00:00Z
+    summary = {"id": 3105520077, "timezone": "Europe/Berlin", "model": 32, "model_id": 63, "startdate": start,
+               "enddate": start + 25200, "date": "2024-03-31", "modified": start + 26000,
+               "data": {"total_timeinbed": 25200, "lightsleepduration": 10800, "deepsleepduration": 3600,
+                        "remsleepduration": 10800}}
+    segments = [{"startdate": start, "enddate": start + 7200, "state": 1, "hr": {str(change - 300): 51}},
+                {"startdate": start + 7200, "enddate": start + 10800, "state": 2, "hr": {str(change + 300): 49}},
+                {"startdate": start + 10800, "enddate": start + 25200, "state": 3}]
+    (fragment,) = normalize({"status": 0, "body": {"series": segments}, "summary": summary}, "sleep_get")
+    record = fragment.data
+    assert record["metadata"]["start_time"] == "2024-03-30T23:30:00.000000+01:00"
+    assert record["metadata"]["end_time"] == "2024-03-31T07:30:00.000000+02:00"  # 7 h later, 8 h on the clock
+    assert natural_key("sleep", record) == "3105520077"
+    assert record["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2024-03-30T23:30:00.000000+01:00", "level": 4},
+        {"timestamp": "2024-03-31T01:30:00.000000+01:00", "level": 5},
+        {"timestamp": "2024-03-31T03:30:00.000000+02:00", "level": 6}]
+    assert record["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-31T01:55:00.000000+01:00", "bpm": 51},
+        {"timestamp": "2024-03-31T03:05:00.000000+02:00", "bpm": 49}]  # 10 minutes apart
+
+
 def test_high_frequency_samples() -> None:
     record = normalize(load("sleep_get.json"), "sleep_get")[0].data
     segments = load("sleep_get.json")["body"]["series"]
@@ -313,13 +386,32 @@ def test_sleep_state_codes(state: int, level: int) -> None:
 
 def test_unmappable_high_frequency_sleep() -> None:
     payload = load("sleep_get.json")
-    with pytest.raises(MappingError, match="needs its sleep"):
+    with pytest.raises(MappingError, match=r"needs its sleep: .* attach the /v2/sleep\?action=getsummary series entry "
+                                            r"\(id, timezone, startdate, enddate\) whose night they fall in "
+                                            r"\(segments 1710108300-\d+\) under a top-level 'summary'"):
         normalize(load("sleep_get.bad-no-summary.json"), "sleep_get")
+    with pytest.raises(MappingError, match=r"must be one getsummary series entry .* not a getsummary response"):
+        normalize(dict(payload, summary=load("sleep_getsummary.json")), "sleep_get")
     with pytest.raises(MappingError, match="no segment falls within sleep 3104712266"):
         normalize(dict(payload, summary=load("sleep_getsummary.json")["body"]["series"][1]), "sleep_get")
-    payload["body"]["series"][3]["state"] = 9
-    with pytest.raises(MappingError, match="unknown Withings sleep state 9"):
-        normalize(payload, "sleep_get")
+
+
+def test_sleep_get_declares_the_summary_it_needs_and_the_poll_hook_attaches_it() -> None:
+    """The registry refuses to start when a polled kind's context is not attached (connectors._check_context)."""
+    from connectors.providers.withings.client import WithingsHook
+
+    assert get_provider("withings").kinds["sleep_get"].context == ("summary",)
+    assert WithingsHook.attaches == {"sleep_get": ("summary",)}
+
+
+def test_an_unknown_sleep_state_is_an_unknown_level_and_keeps_the_night() -> None:
+    payload = load("sleep_get.json")
+    payload["body"]["series"][3]["state"] = 9  # not in Withings' documented table
+    (fragment,) = normalize(payload, "sleep_get")
+    hypnogram = fragment.data["sleep_durations_data"]["hypnogram_samples"]
+    expected = normalize(load("sleep_get.json"), "sleep_get")[0].data["sleep_durations_data"]["hypnogram_samples"]
+    assert hypnogram[3] == dict(expected[3], level=0)
+    assert hypnogram[:3] + hypnogram[4:] == expected[:3] + expected[4:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,7 +432,7 @@ def test_workouts() -> None:
         },
         "calories_data": {"net_activity_calories": 512},  # Withings' workout calories are active kcal
         "distance_data": {"summary": {"distance_meters": 8013, "steps": 7734,
-                                      "elevation": {"gain_actual_meters": 38}}},
+                                      "floors_climbed": 12}},  # data.elevation counts floors, as in getactivity
         "heart_rate_data": {"summary": {
             "avg_hr_bpm": 153, "min_hr_bpm": 97, "max_hr_bpm": 172,
             "hr_zone_data": [{"zone": 0, "duration_seconds": 255}, {"zone": 1, "duration_seconds": 560},
@@ -357,6 +449,42 @@ def test_workouts() -> None:
     assert yoga.data["metadata"]["type"] == 100
     assert yoga.data["calories_data"] == {"net_activity_calories": 140}  # manual_calories
     assert "distance_data" not in yoga.data  # Withings' zeros for what does not apply
+
+
+def test_workout_without_heart_rate_has_no_heart_rate_rather_than_zero_bpm() -> None:
+    """A Withings Move (no HR sensor) sends hr_average/min/max 0, four zero zones and spo2_average 0: not measured."""
+    (walk,) = normalize(load("getworkouts.no-heart-rate.json"), "getworkouts")
+    assert walk.data == {
+        "metadata": {
+            "summary_id": "2920388104",
+            "start_time": "2024-03-13T11:45:00.000000+01:00",
+            "end_time": "2024-03-13T12:41:00.000000+01:00",
+            "type": 7,  # category 1 "Walk"
+            "upload_type": 1,
+            "name": "Walk",
+            "timestamp_localization": 1,
+        },
+        "calories_data": {"net_activity_calories": 188},
+        "distance_data": {"summary": {"distance_meters": 4383, "steps": 5841, "floors_climbed": 3}},
+        "active_durations_data": {"activity_seconds": 3360},
+        "device_data": {"manufacturer": "Withings"},
+    }
+
+
+def test_active_time_is_the_workout_minus_its_pauses_without_effduration() -> None:
+    """``effduration`` is not in the API reference's workout fields: without it, active time is enddate - startdate
+    minus ``pause_duration``."""
+    swim = load("getworkouts.json")["body"]["series"][1]
+    data = {k: v for k, v in swim["data"].items() if k != "effduration"}
+    (fragment,) = normalize(response(series=[dict(swim, data=data)]), "getworkouts")
+    assert fragment.data["active_durations_data"] == {"activity_seconds": 2525}  # 2740 s - 215 s of pauses
+
+
+def test_zero_heart_rate_zones_are_kept_when_heart_rate_was_measured() -> None:
+    entry = load("getworkouts.json")["body"]["series"][1]  # the swim: zone 3 is 0 s beside measured zones
+    (swim,) = normalize(response(series=[entry]), "getworkouts")
+    zones = swim.data["heart_rate_data"]["summary"]["hr_zone_data"]
+    assert zones[3] == {"zone": 3, "duration_seconds": 0}
 
 
 @pytest.mark.parametrize(("category", "terra_type", "name"), [
@@ -392,6 +520,39 @@ def test_daily_activity_prefers_the_withings_device_row() -> None:
     only_phone = [row for row in load("getactivity.json")["body"]["activities"] if row["brand"] == 18]
     (phone,) = normalize(response(activities=only_phone), "getactivity")
     assert phone.data["distance_data"] == {"steps": 14980, "distance_meters": 11102, "floors_climbed": 0}
+
+
+def test_daily_activity_without_heart_rate_or_intensity_has_them_absent() -> None:
+    """A Withings Move day: no HR sensor (zeros) → no heart rate; a phone row (brand 18) walking 14980 steps with 0 s
+    of every intensity did not classify intensity → no durations. Steps, distance and floors of 0 stay 0."""
+    rows = load("getactivity.json")["body"]["activities"]
+    move = dict(rows[0], hr_average=0, hr_min=0, hr_max=0, hr_zone_0=0, hr_zone_1=0, hr_zone_2=0, hr_zone_3=0)
+    (day,) = normalize(response(activities=[move]), "getactivity")
+    assert "heart_rate_data" not in day.data
+    (phone,) = normalize(response(activities=[rows[1]]), "getactivity")
+    assert "active_durations_data" not in phone.data
+    assert phone.data["distance_data"]["floors_climbed"] == 0
+    still = dict(rows[1], steps=0, distance=0)
+    (idle,) = normalize(response(activities=[still]), "getactivity")
+    assert idle.data["distance_data"] == {"steps": 0, "distance_meters": 0, "floors_climbed": 0}
+
+
+def test_sleep_without_heart_rate_or_breathing_sensors_has_them_absent() -> None:
+    entry = load("sleep_getsummary.json")["body"]["series"][0]
+    data = dict(entry["data"], hr_average=0, hr_min=0, hr_max=0, rr_average=0, rr_min=0, rr_max=0)
+    (night,) = normalize(response(series=[dict(entry, data=data)]), "sleep_getsummary")
+    assert "heart_rate_data" not in night.data
+    assert "breaths_data" not in night.data.get("respiration_data", {})
+
+
+def test_zero_vital_measures_are_not_measurements() -> None:
+    """A group's heart pulse 0 (a failed reading) or SpO2 0 is absent; the group's other values stay."""
+    group = {"grpid": 5123450001, "attrib": 0, "date": 1710140400, "created": 1710140431, "modified": 1710140431,
+             "category": 1, "measures": [{"value": 72450, "type": 1, "unit": -3}, {"value": 0, "type": 11, "unit": 0},
+                                         {"value": 0, "type": 54, "unit": 0}]}
+    (body,) = normalize(response(timezone="Europe/Berlin", measuregrps=[group]), "getmeas")
+    assert body.data["measurements_data"]["measurements"][0]["weight_kg"] == 72.45
+    assert "heart_data" not in body.data and "oxygen_data" not in body.data
 
 
 def test_daily_activity_on_the_dst_day() -> None:

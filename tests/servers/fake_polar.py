@@ -19,7 +19,8 @@ refresh token**, the user in ``x_user_id`` (an integer).
 - Data endpoints answer 403 for a live token of a user who is not registered. A registered user gets their own
   documents (``add_user_data``) in Polar's shapes: ``/v3/exercises`` a bare array, ``/v3/users/sleep``
   ``{"nights"}``, ``/v3/users/nightly-recharge`` ``{"recharges"}``, ``/v3/users/continuous-heart-rate?from=&to=``
-  ``{"heart_rates"}`` (the days in the inclusive range).
+  ``{"heart_rates"}`` (the days in the inclusive range), ``/v3/users/activities?from=&to=`` a bare array (the days in
+  the range), ``/v3/users/physical-info`` the user's latest physical information.
 
 ``registration_requests`` / ``deregistration_requests`` record what reached the users endpoints; ``requests``
 (``Logged``) every request.
@@ -44,6 +45,7 @@ from servers.fake_provider import FakeProvider
 from servers.fake_provider_api import FakeProviderApi, Logged
 
 USERS_PATH = "/v3/users"
+SINGLE = "(one document)"  # an endpoint answering the user's one document (physical info), not a list
 USER_PATH = re.compile(r"/v3/users/(\d+)")
 TEN_YEARS_S = 315_359_999  # what Polar answers in expires_in
 
@@ -86,7 +88,8 @@ class FakePolarApi(FakeProviderApi):
         self._refusals: list[int] = []
         self._current = threading.local()
         for kind, wrap in {"exercises": None, "sleep": "nights", "nightly-recharge": "recharges",
-                           "continuous-heart-rate": "heart_rates"}.items():
+                           "continuous-heart-rate": "heart_rates", "activities": None,
+                           "physical-info": SINGLE}.items():
             self.respond(kind, self._responder(kind, wrap))
 
     # ------------------------------------------------------------------------------------------------ controls
@@ -130,7 +133,10 @@ class FakePolarApi(FakeProviderApi):
             with self._lock:
                 docs = list(self.user_data.get(self._current.account, {}).get(kind, []))
             if start is not None and end is not None:  # a date range: the days in it
-                docs = [d for d in docs if start.date() <= date.fromisoformat(d["date"]) < end.date()]
+                docs = [d for d in docs
+                        if start.date() <= date.fromisoformat((d.get("date") or d["start_time"])[:10]) < end.date()]
+            if wrap is SINGLE:
+                return docs[-1] if docs else {}
             return docs if wrap is None else {wrap: docs}
 
         return respond

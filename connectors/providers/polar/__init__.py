@@ -1,53 +1,83 @@
 """Polar AccessLink v3 responses (the non-transactional endpoints; physical info also in its legacy form).
 
-Raw kinds, one AccessLink response body per raw payload:
+Raw kinds, one AccessLink response body per raw payload (every list form, a bare array of documents, or one
+document; documents in the current snake_case or the legacy transaction's kebab-case spelling):
 
-- ``exercises``: one exercise, ``GET /v3/exercises/{id}?samples=true&zones=true&route=true`` (the URL an EXERCISE
-  webhook names) → Activity.
+- ``exercises``: ``GET /v3/exercises`` (a bare array), ``GET /v3/exercises/{id}?samples=true&zones=true&route=true``
+  (the URL an EXERCISE webhook names), an object listing exercises under ``exercises``, or a legacy transaction's
+  exercise (``start-time``, ``heart-rate``, …) → Activity.
 - ``sleep``: ``GET /v3/users/sleep`` (``{"nights": [...]}``) or ``GET /v3/users/sleep/{date}`` (one night) → Sleep.
 - ``nightly-recharge``: ``GET /v3/users/nightly-recharge`` (``{"recharges": [...]}``) or one date → Daily (HRV), and
   Sleep (recovery status, breathing, HRV) when the night is attached under ``sleep`` (the poll hook,
   ``connectors.providers.polar.client.PolarHook``, attaches it from ``GET /v3/users/sleep``).
-- ``activities``: one day, ``GET /v3/users/activities/{date}?steps=true&activity_zones=true`` → Daily.
+- ``activities``: ``GET /v3/users/activities`` (a bare array), one day (``/v3/users/activities/{date}``,
+  ``?steps=true&activity_zones=true``), or a legacy transaction's daily summary (``date``, ``calories``,
+  ``active-calories``; its ``active-steps`` are Polar activity units, not steps, and are left out) → Daily.
 - ``continuous-heart-rate``: ``GET /v3/users/continuous-heart-rate?from=&to=`` (``{"heart_rates": [...]}``, one
   document per day) or one day, ``GET /v3/users/continuous-heart-rate/{date}`` → Daily.
 - ``physical-info``: ``GET /v3/users/physical-info`` (or a legacy transaction's physical-information) → Body.
 
-Envelope: the framework takes one list field name per provider, but Polar names its lists per endpoint
-(``nights``, ``recharges``, ``heart_rates``) and returns the exercise and activity lists as bare JSON arrays.
-``envelope`` therefore names a field Polar never sends, so each mapper receives the whole response and unwraps its own
-list (one bad night dead-letters its page). A bare array cannot reach a mapper at all (the framework wants an
-object): collectors send list endpoints' items one by one, as the webhooks' ``url`` fetches return them.
+Refused with what to fetch instead: a legacy transaction's list of links (``{"exercises": [url, …]}``,
+``{"activity-log": [...]}``, ``{"physical-informations": [...]}``), a transaction just created (``transaction-id``,
+``resource-uri``), the list of available nights (``available``) and a webhook notification (``event``, ``url``):
+none holds data.
+
+Envelope: Polar names its lists per endpoint (``nights``, ``recharges``, ``heart_rates``: the provider's
+``list_fields``, which the framework splits into documents, so one bad night dead-letters only itself and each
+night names its own user) and returns the exercise and activity lists as bare JSON arrays (split alike).
+``envelope`` names a field Polar never sends; the mappers themselves read ``exercises`` / ``activity-log`` /
+``physical-informations`` objects, to refuse a legacy transaction's list of links with what to fetch.
 
 User: the id in ``polar_user`` (``https://www.polaraccesslink.com/v3/users/<id>``) when the document has it, else
-the raw event's user id (pages, daily activity and physical info name no user at the top level, so their raw events
-must carry it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a single
-document carrying it needs no raw-event user; the mappers replace that link with the id it ends in.
+the raw event's user id (daily activity and current physical info name no user, so their raw events must carry
+it). Polar user ids are the webhooks' ``user_id``. ``user_field`` is ``polar_user`` so that a document carrying it
+needs no raw-event user; the mappers replace that link with the id it ends in.
+
+Zero means absent (Polar writes 0 where nothing was measured), per field:
+
+- heart rate (exercise ``heart_rate.average/maximum`` and ``"0"`` samples, sleep ``heart_rate_samples``, continuous
+  ``heart_rate``, physical-info ``resting_heart_rate/maximum_heart_rate``), HRV (``heart_rate_variability_avg``,
+  ``hrv_samples``), breathing (``breathing_rate_avg``, ``breathing_samples``), ``vo2_max``, ``weight``, ``height``:
+  0 → absent (no living user has it).
+- exercise ``heart_rate_zones``: all ``in-zone`` PT0S means no heart rate was recorded → no zones; when any zone has
+  time, a PT0S zone is a real 0 s and stays.
+- exercise ``calories`` (Polar derives them from heart rate) and ``distance`` (an indoor session) 0 → absent.
+- daily ``steps``, ``calories`` and durations, sleep stage totals and interruptions 0 are real values and stay.
+
+Unknown codes never refuse a record: an unknown hypnogram code is SleepLevel UNKNOWN, an unknown activity zone
+ActivityLevel UNKNOWN, an unknown sport ActivityType OTHER, an unknown sample-type is skipped, a
+``nightly_recharge_status`` outside 1-6 is left out.
 
 Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
 offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
-(so keys after midnight fall on the next day). Daily activity, continuous heart rate and nightly recharge carry no
-offset: their day windows and samples are local wall-clock time without offset (``timestamp_localization`` 1); the
-pipeline keeps a day's offset once a record that knows it (a recharge with its sleep attached) arrived.
+(so keys after midnight fall on the next day). A night whose ``sleep_end_time`` has another offset than its
+``sleep_start_time`` crossed a DST change: the keys are wall-clock times, so those from 02:00 on (where clocks change
+in Europe and North America) take the end's offset; a recharge with that night attached has a 23- or 25-hour day
+(midnight at the start's offset, the next at the end's). Daily activity, continuous heart rate and nightly
+recharge carry no offset: their day windows and samples are local wall-clock time without offset
+(``timestamp_localization`` 1: Polar gives neither a zone nor an offset, and labelling them UTC would move samples
+by the user's offset); the pipeline keeps a day's offset once a record that knows it (a recharge with its sleep
+attached) arrived. Physical info is stamped in UTC and has no local day: its Body is the UTC day (localization 0).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from typing import Any
 
 from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
 from connectors.providers.polar.activity_types import terra_activity_type
 from connectors.timeutil import format_ts, to_ms
 
-WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: every mapper gets the whole response
+WHOLE_RESPONSE = "(whole response)"  # a field Polar never sends: see list_fields
 
 PROVIDER = Provider(
     "polar",
     "POLAR",
     envelope=WHOLE_RESPONSE,
+    list_fields=("nights", "recharges", "heart_rates"),  # the framework splits these pages into their documents
     user_field="polar_user",  # a link: only lets single documents through without a raw-event user; see _owner
     records_name_their_user=True,  # a page's documents link to their user, who may not be the page's
     doc="Polar AccessLink v3 exercises, sleep, nightly recharge, daily activity, continuous HR and physical info",
@@ -57,10 +87,12 @@ UTC_TIME, LOCAL_TIME = 0, 1  # Terra TimestampLocalization
 UPLOAD_AUTOMATIC = 1  # Terra UploadType
 SLEEP_UPLOAD_AUTOMATIC = 2  # Terra SleepUploadType (MANUAL/AUTOMATIC are swapped relative to UploadType)
 # Polar hypnogram codes (0 WAKE, 1 REM, 2 N1, 3 N2, 4 N3, 5 UNKNOWN) → Terra SleepLevel (1 awake, 6 REM, 4 light,
-# 5 deep, 0 unknown): Polar's "light sleep" total is N1 + N2.
+# 5 deep, 0 unknown): Polar's "light sleep" total is N1 + N2. Any other code (a newer device's) is UNKNOWN.
 SLEEP_LEVEL_BY_STAGE = {0: 1, 1: 6, 2: 4, 3: 4, 4: 5, 5: 0}
+SLEEP_LEVEL_UNKNOWN = 0
 ACTIVITY_LEVEL_BY_ZONE = {"SLEEP": 1, "SEDENTARY": 2, "LIGHT": 3, "MODERATE": 4, "VIGOROUS": 5}  # Terra ActivityLevel
 RECOVERY_LEVELS = range(1, 7)  # nightly_recharge_status 1 very poor … 6 very good = Terra RecoveryLevel 1 … 6
+DST_CHANGE = time(2)  # local wall-clock time at which DST starts or ends in Europe and North America
 EARLY_SAMPLES = timedelta(hours=1)  # "HH:MM" keys up to an hour before sleep_start_time stay on its date
 ISO_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?")
 USER_LINK = re.compile(r"/users/(\d+)/?$")
@@ -86,14 +118,45 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
 
 
-def _documents(payload: dict[str, Any], list_key: str | None = None) -> list[dict[str, Any]]:
-    """The documents of a response: its ``list_key`` list (a page) or the response itself (one document)."""
-    if list_key is None or list_key not in payload:
-        return [payload]
-    docs = payload[list_key]
-    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
-        raise MappingError(f"{list_key!r} must be a list of objects")
-    return docs
+def _documents(payload: dict[str, Any], *list_keys: str) -> list[dict[str, Any]]:
+    """The documents of a response: its list under one of ``list_keys`` (a page) or the response itself (one
+    document, in the current snake_case or the legacy transaction's kebab-case spelling).
+
+    Responses that hold no data are refused with what to fetch instead: a legacy transaction's list of links
+    (``{"exercises": ["https://…/exercises/56"]}``), a transaction just created (``transaction-id`` +
+    ``resource-uri``), a webhook notification (``event`` + ``url``).
+    """
+    if "event" in payload and "url" in payload:
+        raise MappingError(f"a Polar webhook notification ({payload.get('event')}), not data: fetch its url "
+                           f"{payload.get('url')!r} and send that response")
+    if isinstance(payload.get("available"), list):
+        raise MappingError("GET /v3/users/sleep/available lists which nights exist, not the nights: fetch "
+                           "/v3/users/sleep/{date} for each (or /v3/users/sleep) and send that response")
+    if "transaction-id" in payload and "resource-uri" in payload:
+        raise MappingError(f"a Polar transaction, not data: list it at its resource-uri {payload['resource-uri']!r},"
+                           " then send each document it links to")
+    for list_key in list_keys:
+        if list_key not in payload:
+            continue
+        docs = payload[list_key]
+        if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+            raise MappingError(f"{list_key!r} holds a legacy transaction's links ({docs[0]!r}, …), not documents: "
+                               "fetch each link and send its document")
+        if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+            raise MappingError(f"{list_key!r} must be a list of objects")
+        return [_snake_case(doc) for doc in docs]
+    return [_snake_case(payload)]
+
+
+def _snake_case(doc: dict[str, Any]) -> dict[str, Any]:
+    """A legacy transaction document (``start-time``, ``heart-rate``, ``detailed-sport-info``) with its top-level
+    kebab-case keys also under the current snake_case names; the keys ``_owner`` and samples read stay as sent."""
+    if not any("-" in key for key in doc):
+        return doc
+    out = dict(doc)
+    for key, value in doc.items():
+        out.setdefault(key.replace("-", "_"), value)
+    return out
 
 
 def _owner(doc: dict[str, Any]) -> str | None:
@@ -119,6 +182,11 @@ def _number(value: Any) -> int | float:
 def _int(value: Any) -> int | None:
     """Terra's long fields (calories, distance) reject fractions: round to the nearest integer."""
     return None if value is None else round(value)
+
+
+def _measured(value: Any) -> Any:
+    """A vital sign or measurement Polar writes as 0 when it measured nothing: absent, not zero."""
+    return None if value == 0 else value
 
 
 def _duration(value: Any, name: str) -> int | float | None:
@@ -154,10 +222,12 @@ def _text(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def _day_metadata(day: date, zone: timezone | None) -> dict[str, Any]:
-    """Local midnight to midnight of ``day``, with the user's offset when known (``zone``), else without."""
+def _day_metadata(day: date, zone: tzinfo | None, end_zone: tzinfo | None = None) -> dict[str, Any]:
+    """Local midnight to midnight of ``day``, with the user's offset when known (``zone``; ``end_zone`` for the
+    closing midnight when the day changed offset: 23 or 25 hours), else without."""
     start = datetime.combine(day, time(), tzinfo=zone)
-    return {"start_time": _text(start), "end_time": _text(start + timedelta(days=1)), "upload_type": UPLOAD_AUTOMATIC,
+    end = datetime.combine(day + timedelta(days=1), time(), tzinfo=end_zone or zone)
+    return {"start_time": _text(start), "end_time": _text(end), "upload_type": UPLOAD_AUTOMATIC,
             "timestamp_localization": LOCAL_TIME}
 
 
@@ -166,11 +236,23 @@ def _night_window(sleep_start: datetime) -> datetime:
     return sleep_start.replace(second=0, microsecond=0) - EARLY_SAMPLES
 
 
-def _clock_series(samples: Any, window_start: datetime, name: str) -> list[tuple[datetime, Any]]:
+def _clock_series(samples: Any, window_start: datetime, name: str,
+                  end_zone: tzinfo | None = None) -> list[tuple[datetime, Any]]:
     """``{"HH:MM": value}`` → time-ordered ``(moment, value)``: each key at its first occurrence from ``window_start``
-    (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none."""
+    (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none.
+
+    A night whose end has another offset (``end_zone``) crossed a DST change; the keys are the device's wall clock,
+    so keys from the first 02:00 after ``window_start`` on (where clocks change in Europe and North America) carry
+    ``end_zone``'s offset.
+    """
     if samples is None:
         return []
+    changeover = None
+    if end_zone is not None and window_start.tzinfo is not None \
+            and end_zone.utcoffset(window_start) != window_start.utcoffset():
+        changeover = datetime.combine(window_start.date(), DST_CHANGE, tzinfo=window_start.tzinfo)
+        if changeover <= window_start:
+            changeover += timedelta(days=1)
     if not isinstance(samples, dict):
         raise MappingError(f"{name} must be an object keyed by \"HH:MM\", got {type(samples).__name__}")
     series = []
@@ -182,6 +264,8 @@ def _clock_series(samples: Any, window_start: datetime, name: str) -> list[tuple
         moment = datetime.combine(window_start.date(), clock, tzinfo=window_start.tzinfo)
         if moment < window_start:
             moment += timedelta(days=1)
+        if changeover is not None and moment >= changeover:
+            moment = moment.replace(tzinfo=end_zone)
         series.append((moment, value))
     return sorted(series, key=lambda item: item[0])
 
@@ -232,6 +316,8 @@ def _exercise_samples(doc: dict[str, Any], start: datetime) -> dict[str, list[di
                 value = float(item) * factor
             except ValueError as exc:
                 raise MappingError(f"sample-type {series.get('sample-type')} value {item!r} is not a number") from exc
+            if value == 0 and list_name == "hr_samples":
+                continue  # 0 bpm: no heart rate at that moment
             offset = index * rate
             samples.append({"timestamp": format_ts(start + timedelta(seconds=offset)),
                             value_name: _number(round(value, 4)), "timer_duration_seconds": offset})
@@ -245,7 +331,7 @@ def _exercise_samples(doc: dict[str, Any], start: datetime) -> dict[str, list[di
 def exercises(payload: dict[str, Any]) -> list[Fragment]:
     """An exercise: sport, local start + UTC offset (minutes), ISO duration, distance, kcal, HR, zones, samples,
     route."""
-    return [_fragment("activity", _exercise(doc), doc) for doc in _documents(payload)]
+    return [_fragment("activity", _exercise(doc), doc) for doc in _documents(payload, "exercises")]
 
 
 def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +343,8 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
     zones = [{"zone": zone["index"], "name": f"{zone.get('lower-limit')}-{zone.get('upper-limit')} bpm",
               "duration_seconds": _duration(zone.get("in-zone"), "heart_rate_zones[].in-zone")}
              for zone in doc.get("heart_rate_zones") or []]
+    if not any(zone["duration_seconds"] for zone in zones):
+        zones = []  # every zone PT0S: no heart rate was recorded
     samples = _exercise_samples(doc, start)
     watts = [s["watts"] for s in samples.get("power_samples", [])]
     route = [{"timestamp": format_ts(start + timedelta(seconds=offset)),
@@ -275,13 +363,14 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
             "timestamp_localization": LOCAL_TIME,
         },
         "distance_data": {
-            "summary": {"distance_meters": _int(doc.get("distance"))},
+            "summary": {"distance_meters": _int(_measured(doc.get("distance")))},
             "detailed": {"distance_samples": samples.get("distance_samples"),
                          "elevation_samples": samples.get("elevation_samples")},
         },
-        "calories_data": {"total_burned_calories": _int(doc.get("calories"))},
+        "calories_data": {"total_burned_calories": _int(_measured(doc.get("calories")))},
         "heart_rate_data": {
-            "summary": {"avg_hr_bpm": heart_rate.get("average"), "max_hr_bpm": heart_rate.get("maximum"),
+            "summary": {"avg_hr_bpm": _measured(heart_rate.get("average")),
+                        "max_hr_bpm": _measured(heart_rate.get("maximum")),
                         "hr_zone_data": zones},
             "detailed": {"hr_samples": samples.get("hr_samples")},
         },
@@ -305,7 +394,14 @@ def _exercise(doc: dict[str, Any]) -> dict[str, Any]:
 @PROVIDER.kind("sleep", "sleep")
 def sleep(payload: dict[str, Any]) -> list[Fragment]:
     """A night (Sleep Plus Stages): stage totals, interruptions, hypnogram, 5-minute heart rate, sleep score."""
-    return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload, "nights")]
+    return [_fragment("sleep", _sleep_record(doc), doc) for doc in _documents(payload)]
+
+
+def _sleep_level(code: Any) -> int:
+    """Terra SleepLevel of a hypnogram code; a code outside Polar's documented table is UNKNOWN, never a refusal."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        return SLEEP_LEVEL_UNKNOWN
+    return SLEEP_LEVEL_BY_STAGE.get(code, SLEEP_LEVEL_UNKNOWN)
 
 
 def _sleep_span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
@@ -322,13 +418,12 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
     start, end = _sleep_span(doc)
     window = _night_window(start)
     hypnogram = []
-    for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram"):
-        if isinstance(code, bool) or code not in SLEEP_LEVEL_BY_STAGE:
-            raise MappingError(f"hypnogram at {at:%H:%M} has unknown Polar stage {code!r}; expected 0-5")
-        hypnogram.append({"timestamp": format_ts(at), "level": SLEEP_LEVEL_BY_STAGE[code]})
+    for at, code in _clock_series(doc.get("hypnogram"), window, "hypnogram", end.tzinfo):
+        hypnogram.append({"timestamp": format_ts(at), "level": _sleep_level(code)})
     hr_samples = [{"timestamp": format_ts(at), "bpm": bpm}
-                  for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples")
-                  if bpm is not None]
+                  for at, bpm in _clock_series(doc.get("heart_rate_samples"), window, "heart_rate_samples",
+                                               end.tzinfo)
+                  if _measured(bpm) is not None]
     hr = _stats(s["bpm"] for s in hr_samples)
     light, deep, rem = doc.get("light_sleep"), doc.get("deep_sleep"), doc.get("rem_sleep")
     asleep = light + deep + rem if None not in (light, deep, rem) else None
@@ -383,7 +478,7 @@ def nightly_recharge(payload: dict[str, Any]) -> list[Fragment]:
     Terra field.
     """
     fragments = []
-    for doc in _documents(payload, "recharges"):
+    for doc in _documents(payload):
         fragments += _recharge(doc)
     return fragments
 
@@ -398,17 +493,18 @@ def _recharge(doc: dict[str, Any]) -> list[Fragment]:
         if str(night.get("date")) != str(doc["date"]):
             raise MappingError(f"attached sleep of {night.get('date')!r} is not this recharge's night {doc['date']!r}")
         sleep_start, sleep_end = _sleep_span(night)
-        window, zone = _night_window(sleep_start), sleep_end.tzinfo
+        window, zone, end_zone = _night_window(sleep_start), sleep_start.tzinfo, sleep_end.tzinfo
     else:
-        window, zone = datetime.combine(day - timedelta(days=1), time(12)), None
+        window, zone, end_zone = datetime.combine(day - timedelta(days=1), time(12)), None, None
     hrv = [{"timestamp": _text(at), "hrv_rmssd": ms}
-           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples") if ms is not None]
+           for at, ms in _clock_series(doc.get("hrv_samples"), window, "hrv_samples", end_zone)
+           if _measured(ms) is not None]
     breaths = [{"timestamp": _text(at), "breaths_per_min": rate}
-               for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples")
-               if rate is not None]
-    heart_rate = {"summary": {"avg_hrv_rmssd": doc.get("heart_rate_variability_avg")},
+               for at, rate in _clock_series(doc.get("breathing_samples"), window, "breathing_samples", end_zone)
+               if _measured(rate) is not None]
+    heart_rate = {"summary": {"avg_hrv_rmssd": _measured(doc.get("heart_rate_variability_avg"))},
                   "detailed": {"hrv_samples_rmssd": hrv}}
-    daily = compact({"metadata": _day_metadata(day, zone), "heart_rate_data": heart_rate})
+    daily = compact({"metadata": _day_metadata(day, zone, end_zone), "heart_rate_data": heart_rate})
     fragments = [_fragment("daily", daily, doc)]
     if night is not None:
         rates = _stats(s["breaths_per_min"] for s in breaths)
@@ -419,7 +515,8 @@ def _recharge(doc: dict[str, Any]) -> list[Fragment]:
             "respiration_data": {"breaths_data": {
                 "start_time": breaths[0]["timestamp"] if breaths else None,
                 "end_time": breaths[-1]["timestamp"] if breaths else None,
-                "avg_breaths_per_min": doc.get("breathing_rate_avg"),  # over ~4 h from 30 min after falling asleep
+                # over ~4 h from 30 min after falling asleep
+                "avg_breaths_per_min": _measured(doc.get("breathing_rate_avg")),
                 "min_breaths_per_min": rates.get("min"),
                 "max_breaths_per_min": rates.get("max"),
                 "samples": breaths,
@@ -458,17 +555,17 @@ def _step_samples(steps: dict[str, Any]) -> list[dict[str, Any]]:
 @PROVIDER.kind("activities", "daily")
 def activities(payload: dict[str, Any]) -> list[Fragment]:
     """A day's activity: steps (+ samples), distance from steps, total/active kcal, active and inactive time, zones."""
-    return [_fragment("daily", _activity_day(doc), doc) for doc in _documents(payload)]
+    return [_fragment("daily", _activity_day(doc), doc) for doc in _documents(payload, "activity-log")]
 
 
 def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
     """The day is ``samples.date``, else the date of ``start_time`` (local; Polar's "UTC" label is unconfirmed and the
     day ends at 23:59:59, so it is read as local)."""
     samples = doc.get("samples") or {}
-    day_text = samples.get("date") or doc.get("start_time")
+    day_text = samples.get("date") or doc.get("start_time") or doc.get("date")
     if day_text is None:
-        raise MappingError("activity has neither samples.date nor start_time: its day is unknown")
-    day = _date(day_text, "samples.date / start_time")
+        raise MappingError("activity has neither samples.date, start_time nor (legacy) date: its day is unknown")
+    day = _date(day_text, "samples.date / start_time / date")
     levels = [{"timestamp": _text(_wall_clock(s.get("timestamp"), "activity_zones.samples[].timestamp")),
                "level": ACTIVITY_LEVEL_BY_ZONE.get(s.get("zone"), 0)}
               for s in (samples.get("activity_zones") or {}).get("samples") or []]
@@ -498,7 +595,7 @@ def _activity_day(doc: dict[str, Any]) -> dict[str, Any]:
 def continuous_heart_rate(payload: dict[str, Any]) -> list[Fragment]:
     """A day's 5-minute heart rate outside exercises (``sample_time`` is device time on ``date``); a range answer
     holds one such day per ``heart_rates`` item."""
-    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload, "heart_rates")]
+    return [_fragment("daily", _heart_rate_day(doc), doc) for doc in _documents(payload)]
 
 
 def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
@@ -511,7 +608,7 @@ def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError) as exc:
             raise MappingError(f"heart_rate_samples[].sample_time must be HH:MM:SS, got {item.get('sample_time')!r}"
                                ) from exc
-        if item.get("heart_rate") is not None:
+        if _measured(item.get("heart_rate")) is not None:
             samples.append({"timestamp": _text(datetime.combine(day, clock)), "bpm": item["heart_rate"]})
     samples.sort(key=lambda s: s["timestamp"])
     hr = _stats(s["bpm"] for s in samples)
@@ -527,11 +624,6 @@ def _heart_rate_day(doc: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # physical info → Body
 # ----------------------------------------------------------------------------------------------------------------------
-def _field(doc: dict[str, Any], name: str) -> Any:
-    """A field in the current snake_case spelling or the legacy transaction's kebab-case one."""
-    return doc.get(name, doc.get(name.replace("_", "-")))
-
-
 @PROVIDER.kind("physical-info", "body")
 def physical_info(payload: dict[str, Any]) -> list[Fragment]:
     """The user's physical information (weight kg, height cm, resting/max HR, VO2max) as of its last change.
@@ -540,15 +632,15 @@ def physical_info(payload: dict[str, Any]) -> list[Fragment]:
     legacy documents), timestamp_localization 0. A weight from ``SOURCE_DEFAULT`` is Polar's placeholder, not the
     user's, and is left out.
     """
-    return [_fragment("body", *_physical_info(doc)) for doc in _documents(payload)]
+    return [_fragment("body", *_physical_info(doc)) for doc in _documents(payload, "physical-informations")]
 
 
 def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
     stamp = "modified" if doc.get("modified") is not None else "created"
     _require(doc, stamp)
     at = timestamp_field(doc, stamp).astimezone(UTC)
-    weight = _field(doc, "weight") if _field(doc, "weight_source") != "SOURCE_DEFAULT" else None
-    height, vo2max = _field(doc, "height"), _field(doc, "vo2_max")
+    weight = _measured(doc.get("weight")) if doc.get("weight_source") != "SOURCE_DEFAULT" else None
+    height, vo2max = _measured(doc.get("height")), _measured(doc.get("vo2_max"))
     start = datetime.combine(at.date(), time(), tzinfo=UTC)
     record = compact({
         "metadata": {"start_time": format_ts(start), "end_time": format_ts(start + timedelta(days=1)),
@@ -556,8 +648,9 @@ def _physical_info(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
         "measurements_data": {"measurements": [{"measurement_time": format_ts(at), "weight_kg": weight,
                                                 "height_cm": height}] if weight is not None or height is not None
                               else []},
-        "heart_data": {"heart_rate_data": {"summary": {"resting_hr_bpm": _field(doc, "resting_heart_rate"),
-                                                       "user_max_hr_bpm": _field(doc, "maximum_heart_rate")}}},
+        "heart_data": {"heart_rate_data": {"summary": {
+            "resting_hr_bpm": _measured(doc.get("resting_heart_rate")),
+            "user_max_hr_bpm": _measured(doc.get("maximum_heart_rate"))}}},
         "oxygen_data": {"vo2max_ml_per_min_per_kg": vo2max,
                         "vo2_samples": [{"timestamp": format_ts(at), "vo2max_ml_per_min_per_kg": vo2max}]
                         if vo2max is not None else []},

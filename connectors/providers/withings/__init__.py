@@ -12,12 +12,35 @@ Raw kinds, named after the service and action that produced the response:
 - ``getworkouts`` (``/v2/measure?action=getworkouts``): ``body.series`` → Activity, ``id`` as summary id.
 - ``getactivity`` (``/v2/measure?action=getactivity``): ``body.activities`` → Daily, one record per ``date``.
 
+Accepted forms, every kind: the API response ``{"status": 0, "body": {...}}`` (one page; ``more``/``offset``
+paging), its ``body`` alone (clients such as python_withings_api keep only that), and for getworkouts,
+sleep_getsummary and getactivity one entry alone or a bare JSON array of entries (getactivity then cannot choose
+between a date's rows: each row is its own record, the newest ``modified`` winning when they merge). A measure group
+alone is refused (its time zone is ``body.timezone``); so is a notification callback (``userid``, ``appli``,
+``startdate``, ``enddate``: the webhook route polls the kinds its appli names) and a non-zero ``status``.
+
 Envelope: the documents sit under ``body`` (``measuregrps``, ``series``, ``activities``), not in a top-level list,
 and the ``status`` beside them decides whether there are documents at all. ``envelope`` therefore names a field
 Withings never sends, so each mapper receives the whole response, raises MappingError (with the status code) when
 ``status`` is not 0, and returns one Fragment per record; one unmappable entry dead-letters its page.
 
 User: Withings responses do not name the user: the raw event carries the Withings ``userid`` (``user_field`` None).
+
+Zero means absent (Withings writes 0 where a device did not measure), per field:
+
+- heart rate (workout and daily ``hr_average/hr_min/hr_max``, sleep ``hr_*``, high-frequency ``hr`` samples, getmeas
+  heart pulse 11), breathing rate (``rr_*``, ``rr`` samples), HRV (``rmssd``, ``sdnn_1``), SpO2 (``spo2_average``,
+  getmeas 54) and body weight/height: 0 is "not measured" (no living user has it) → absent.
+- ``hr_zone_0..3``: all four 0 means no heart rate was recorded → no zones; when any zone has time, a 0 zone is a
+  real 0 s and stays.
+- workout ``distance, steps, pool_laps, strokes, pool_length, manual_*``, ``elevation``: 0 for what does not apply
+  (a yoga session's distance, a run's laps) → absent.
+- getactivity ``soft/moderate/intense/active``: all 0 on a day with steps means the source (a phone, brand 18) does
+  not classify intensity → absent; daily ``steps, distance, elevation`` 0 is a real still day and stays.
+- snoring 0 s, wake-up count 0, sleep latency 0 are real values and stay.
+
+Unknown codes never refuse a record: an unknown sleep state is SleepLevel UNKNOWN, an unknown workout category
+ActivityType OTHER, an unknown measure type is skipped.
 
 Time: unix seconds, shown in the IANA ``timezone`` of the response (getmeas) or of each entry, at the offset that
 zone has at that instant (zoneinfo: a night across a DST change starts and ends at different offsets). Day-scoped
@@ -49,8 +72,9 @@ LOCAL_TIME = 1  # Terra TimestampLocalization
 UPLOAD_AUTOMATIC, UPLOAD_MANUAL = 1, 2  # Terra UploadType
 SLEEP_UPLOAD_AUTOMATIC = 2  # Terra SleepUploadType (MANUAL/AUTOMATIC are swapped relative to UploadType)
 # Withings sleep state → Terra SleepLevel: 0 awake, 1 light, 2 deep, 3 REM; 4 "manual" (asleep, no stage) → 2 sleeping,
-# 5 unspecified → 0 unknown, 15 out of bed → 3.
+# 5 unspecified → 0 unknown, 15 out of bed → 3. Any other state is UNKNOWN: an unknown code never refuses a night.
 SLEEP_LEVEL_BY_STATE = {0: 1, 1: 4, 2: 5, 3: 6, 4: 2, 5: 0, 15: 3}
+SLEEP_LEVEL_UNKNOWN = 0
 REAL_MEASURES = 1  # getmeas category: 1 real measures, 2 user objectives
 AMBIGUOUS = 1  # getmeas attrib: captured by a device but may belong to another user until the user assigns it
 MANUAL_ATTRIBS = {2, 4}  # entered manually (4: at account creation)
@@ -61,6 +85,8 @@ WEIGHT_KG, HEIGHT_M, FAT_FREE_MASS_KG, FAT_RATIO_PCT, FAT_MASS_KG = 1, 4, 5, 6, 
 DIASTOLIC_MMHG, SYSTOLIC_MMHG, HEART_PULSE_BPM, TEMPERATURE_C, SPO2_PCT = 9, 10, 11, 12, 54
 BODY_TEMPERATURE_C, SKIN_TEMPERATURE_C, MUSCLE_MASS_KG, HYDRATION_KG, BONE_MASS_KG = 71, 73, 76, 77, 88
 PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL = 91, 123, 226
+# a 0 of these is a failed reading, not a measurement
+NEVER_ZERO = frozenset({WEIGHT_KG, HEIGHT_M, HEART_PULSE_BPM, SPO2_PCT, PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,10 +98,25 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
 
 
-def _response(payload: dict[str, Any], list_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``body`` and its ``list_key`` entries; a non-zero ``status`` is an error response, not data."""
+def _response(payload: dict[str, Any], list_key: str,
+              entry_fields: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``body`` and its ``list_key`` entries, from the API response (``{"status": 0, "body": {...}}``), its ``body``
+    alone, or one entry alone (an object with every ``entry_fields``; ``body`` is then empty). A non-zero
+    ``status`` is an error response, and a notification callback names data to poll: neither is data."""
     if "status" not in payload:
-        raise MappingError('not a Withings API response: no "status" (expected {"status": 0, "body": {...}})')
+        if "appli" in payload and "userid" in payload:
+            raise MappingError(f"a Withings notification (appli {payload['appli']}), not data: poll the kinds "
+                               f"it names for startdate {payload.get('startdate')!r} to enddate "
+                               f"{payload.get('enddate')!r}")
+        if list_key in payload:
+            payload = {"status": 0, "body": payload}
+        elif entry_fields and all(name in payload for name in entry_fields):
+            return {}, [payload]
+        else:
+            raise MappingError(f'not a Withings response of this kind: expected {{"status": 0, "body": '
+                               f'{{"{list_key}": [...]}}}}, its body, or one entry with {", ".join(entry_fields)}'
+                               if entry_fields else f'not a Withings response of this kind: expected {{"status": 0, '
+                               f'"body": {{"{list_key}": [...]}}}} or its body')
     status = payload["status"]
     if status != 0:
         detail = payload.get("error") or "error response"
@@ -133,8 +174,8 @@ def _int(value: Any) -> int | None:
 
 
 def _positive(value: Any) -> Any:
-    """Withings writes 0 for workout fields that do not apply (pool laps of a run, distance of a yoga session):
-    absent, not zero."""
+    """Withings writes 0 for what was not measured or does not apply (heart rate without a sensor, pool laps of a
+    run): absent, not zero."""
     return value if value else None
 
 
@@ -147,9 +188,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _zone_durations(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """``hr_zone_0`` … ``hr_zone_3`` (seconds; light, moderate, intense, peak) → Terra zones 0-3."""
-    return [{"zone": index, "duration_seconds": data[f"hr_zone_{index}"]}
-            for index in range(4) if data.get(f"hr_zone_{index}") is not None]
+    """``hr_zone_0`` … ``hr_zone_3`` (seconds; light, moderate, intense, peak) → Terra zones 0-3; none when all are 0
+    (no heart rate was recorded)."""
+    zones = [{"zone": index, "duration_seconds": data[f"hr_zone_{index}"]}
+             for index in range(4) if data.get(f"hr_zone_{index}") is not None]
+    return zones if any(zone["duration_seconds"] for zone in zones) else []
+
+
+def _heart_rate_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """``hr_average/min/max`` and the zones, 0 bpm being "not measured"."""
+    return {"avg_hr_bpm": _positive(data.get("hr_average")), "min_hr_bpm": _positive(data.get("hr_min")),
+            "max_hr_bpm": _positive(data.get("hr_max")), "hr_zone_data": _zone_durations(data)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,6 +229,9 @@ def getmeas(payload: dict[str, Any]) -> list[Fragment]:
     2) and ambiguous groups (attrib 1, not yet assigned to this user) are skipped. Unmapped types: fat mass (8; Terra
     has only the fat ratio), AFib/ECG results (130-139), vascular age, visceral fat, segmental and other codes.
     """
+    if "grpid" in payload and "measures" in payload:
+        raise MappingError("a measure group alone names no time zone: send the getmeas response or its body "
+                           "(timezone beside measuregrps)")
     body, groups = _response(payload, "measuregrps")
     real = [g for g in groups if g.get("category", REAL_MEASURES) == REAL_MEASURES and g.get("attrib") != AMBIGUOUS]
     if not real:
@@ -205,7 +257,8 @@ def getmeas(payload: dict[str, Any]) -> list[Fragment]:
 
 def _body_record(at: datetime, measures: dict[int, dict[str, Any]], zone: ZoneInfo) -> dict[str, Any] | None:
     def get(kind: int, shift: int = 0) -> Any:
-        return _value(measures[kind], shift) if kind in measures else None
+        value = _value(measures[kind], shift) if kind in measures else None
+        return None if value == 0 and kind in NEVER_ZERO else value
 
     stamp = format_ts(at)
     weight, hydration = get(WEIGHT_KG), get(HYDRATION_KG)
@@ -260,7 +313,7 @@ def _body_record(at: datetime, measures: dict[int, dict[str, Any]], zone: ZoneIn
 @PROVIDER.kind("sleep_getsummary", "sleep")
 def sleep_getsummary(payload: dict[str, Any]) -> list[Fragment]:
     """Sleep summaries: stage totals, latencies, wake-ups, efficiency, HR and breathing rates, snoring, sleep score."""
-    _, series = _response(payload, "series")
+    _, series = _response(payload, "series", ("id", "startdate", "enddate", "data"))
     return [Fragment("sleep", _summary_record(entry), version_ms=_version_ms(entry)) for entry in series]
 
 
@@ -274,7 +327,7 @@ def _summary_record(entry: dict[str, Any]) -> dict[str, Any]:
     if asleep is None:  # asleepduration: nights from external sources, without stages
         asleep = data.get("asleepduration") if None in (light, deep, rem) else light + deep + rem
     efficiency = data.get("sleep_efficiency")  # a ratio; Terra's is a percentage
-    rates = {k: data.get(f"rr_{k}") for k in ("average", "min", "max")}
+    rates = {k: _positive(data.get(f"rr_{k}")) for k in ("average", "min", "max")}
     window = {"start_time": format_ts(start), "end_time": format_ts(end)}
     return compact({
         "metadata": {
@@ -301,8 +354,9 @@ def _summary_record(entry: dict[str, Any]) -> dict[str, Any]:
             "other": {"duration_in_bed_seconds": data.get("total_timeinbed")},
             "sleep_efficiency": round(100 * efficiency, 2) if efficiency is not None else None,
         },
-        "heart_rate_data": {"summary": {"avg_hr_bpm": data.get("hr_average"), "min_hr_bpm": data.get("hr_min"),
-                                        "max_hr_bpm": data.get("hr_max")}},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": _positive(data.get("hr_average")),
+                                        "min_hr_bpm": _positive(data.get("hr_min")),
+                                        "max_hr_bpm": _positive(data.get("hr_max"))}},
         "respiration_data": {
             "breaths_data": {**window, "avg_breaths_per_min": rates["average"], "min_breaths_per_min": rates["min"],
                              "max_breaths_per_min": rates["max"]} if any(v is not None for v in rates.values())
@@ -331,7 +385,7 @@ def _timed(maps: Iterable[Any], zone: ZoneInfo, name: str) -> list[tuple[datetim
     return [(_at(second, zone, name), value) for second, value in sorted(series.items()) if value is not None]
 
 
-@PROVIDER.kind("sleep_get", "sleep")
+@PROVIDER.kind("sleep_get", "sleep", context=("summary",))
 def sleep_get(payload: dict[str, Any]) -> Fragment:
     """High-frequency sleep data of one night (see the module docstring: needs its summary under ``summary``).
 
@@ -341,8 +395,15 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
     _, segments = _response(payload, "series")
     summary = payload.get("summary")
     if not isinstance(summary, dict):
+        span = (f" (segments {min(s.get('startdate') or 0 for s in segments)}-"
+                f"{max(s.get('enddate') or 0 for s in segments)})") if segments else ""
         raise MappingError("sleep_get needs its sleep: the segments name neither sleep id nor time zone; attach the "
-                           "getsummary series entry they were requested for under 'summary'")
+                           "/v2/sleep?action=getsummary series entry (id, timezone, startdate, enddate) whose night "
+                           f"they fall in{span} under a top-level 'summary', beside 'body' (the Withings poll hook "
+                           "does)")
+    if "series" in summary or "body" in summary:
+        raise MappingError("sleep_get 'summary' must be one getsummary series entry (id, timezone, startdate, "
+                           "enddate), not a getsummary response or body")
     record = _summary_record(summary)
     zone = _zone(summary["timezone"])
     begin, finish = summary["startdate"], summary["enddate"]
@@ -358,16 +419,16 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
     hypnogram: list[dict[str, Any]] = []
     for index, segment in enumerate(night):
         state = segment["state"]
-        if isinstance(state, bool) or state not in SLEEP_LEVEL_BY_STATE:
-            raise MappingError(f"segment at {segment['startdate']} has unknown Withings sleep state {state!r}")
+        level = SLEEP_LEVEL_UNKNOWN if isinstance(state, bool) else SLEEP_LEVEL_BY_STATE.get(state, SLEEP_LEVEL_UNKNOWN)
         if index and segment["startdate"] > night[index - 1]["enddate"]:
             hypnogram.append({"timestamp": format_ts(_at(night[index - 1]["enddate"], zone, "enddate")), "level": 0})
         hypnogram.append({"timestamp": format_ts(_at(segment["startdate"], zone, "startdate")),
-                          "level": SLEEP_LEVEL_BY_STATE[state]})
+                          "level": level})
 
     def samples(field: str, value_name: str) -> list[dict[str, Any]]:
         return [{"timestamp": format_ts(at), value_name: value}
-                for at, value in _timed((s.get(field) for s in night), zone, field)]
+                for at, value in _timed((s.get(field) for s in night), zone, field)
+                if value != 0 or field == "snoring"]  # 0 bpm / breaths / ms: not measured; 0 s of snoring is real
 
     breaths, snoring = samples("rr", "breaths_per_min"), samples("snoring", "duration_seconds")
     window = {"start_time": record["metadata"]["start_time"], "end_time": record["metadata"]["end_time"]}
@@ -389,11 +450,12 @@ def sleep_get(payload: dict[str, Any]) -> Fragment:
 # ----------------------------------------------------------------------------------------------------------------------
 @PROVIDER.kind("getworkouts", "activity")
 def getworkouts(payload: dict[str, Any]) -> list[Fragment]:
-    """Workouts: category, times in their time zone, active kcal, distance, steps, climb, HR and zones, pool data.
+    """Workouts: category, times in their time zone, active kcal, distance, steps, floors, HR and zones, pool data.
 
     Withings' workout ``calories`` are active calories (Terra ``net_activity_calories``); no total is given.
+    ``data.elevation`` is floors climbed (the data API's definition, as in getactivity), not metres.
     """
-    _, series = _response(payload, "series")
+    _, series = _response(payload, "series", ("id", "category", "startdate", "enddate"))
     return [Fragment("activity", _workout(entry), version_ms=_version_ms(entry)) for entry in series]
 
 
@@ -419,16 +481,22 @@ def _workout(entry: dict[str, Any]) -> dict[str, Any]:
         "distance_data": {"summary": {
             "distance_meters": _int(_positive(distance)),
             "steps": _int(_positive(data.get("steps"))),
-            "elevation": {"gain_actual_meters": _positive(data.get("elevation"))},
+            "floors_climbed": _int(_positive(data.get("elevation"))),  # floors, as getactivity's elevation
             "swimming": {"num_laps": _positive(data.get("pool_laps")), "num_strokes": _positive(data.get("strokes")),
                          "pool_length_meters": _positive(data.get("pool_length"))},
         }},
-        "heart_rate_data": {"summary": {"avg_hr_bpm": data.get("hr_average"), "min_hr_bpm": data.get("hr_min"),
-                                        "max_hr_bpm": data.get("hr_max"), "hr_zone_data": _zone_durations(data)}},
+        "heart_rate_data": {"summary": _heart_rate_summary(data)},
         "oxygen_data": {"avg_saturation_percentage": _positive(data.get("spo2_average"))},
-        "active_durations_data": {"activity_seconds": data.get("effduration")},
+        "active_durations_data": {"activity_seconds": _active_seconds(entry, data)},
         "device_data": {"manufacturer": "Withings"},
     })
+
+
+def _active_seconds(entry: dict[str, Any], data: dict[str, Any]) -> int | float:
+    """``effduration`` when sent, else the workout's span minus ``pause_duration`` (the pauses the user entered)."""
+    if data.get("effduration") is not None:
+        return data["effduration"]
+    return max(0, entry["enddate"] - entry["startdate"] - (data.get("pause_duration") or 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -442,7 +510,7 @@ def getactivity(payload: dict[str, Any]) -> list[Fragment]:
     keys Daily by date alone and summing would count steps twice, so per date the page's row from a Withings device
     wins, then a tracker's, then the one with the most steps.
     """
-    _, rows = _response(payload, "activities")
+    _, rows = _response(payload, "activities", ("date", "timezone"))
     chosen: dict[str, dict[str, Any]] = {}
     for row in rows:
         _require(row, "date", "timezone")
@@ -467,6 +535,8 @@ def _activity_day(row: dict[str, Any]) -> dict[str, Any]:
     active_seconds = row.get("active")
     if active_seconds is None and None not in (soft, moderate, intense):
         active_seconds = soft + moderate + intense
+    if row.get("steps") and not any((soft, moderate, intense, active_seconds)):
+        soft = moderate = intense = active_seconds = None  # steps without any active time: intensity not classified
     return compact({
         "metadata": {**_day_window(day, zone), "upload_type": UPLOAD_AUTOMATIC},
         "distance_data": {"steps": _int(row.get("steps")), "distance_meters": _int(row.get("distance")),
@@ -482,6 +552,5 @@ def _activity_day(row: dict[str, Any]) -> dict[str, Any]:
             "moderate_intensity_seconds": moderate,
             "vigorous_intensity_seconds": intense,
         },
-        "heart_rate_data": {"summary": {"avg_hr_bpm": row.get("hr_average"), "min_hr_bpm": row.get("hr_min"),
-                                        "max_hr_bpm": row.get("hr_max"), "hr_zone_data": _zone_durations(row)}},
+        "heart_rate_data": {"summary": _heart_rate_summary(row)},
     })

@@ -38,8 +38,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -170,6 +171,8 @@ def http_status(withings_status: int) -> int:
 
 class WithingsHook(ResponseHook):
     """Body statuses as HTTP statuses; ``sleep_get`` pages split per night with the night's ``summary`` attached."""
+
+    attaches: ClassVar[Mapping[str, tuple[str, ...]]] = {"sleep_get": ("summary",)}
 
     def status(self, status: int, body: Any) -> int:
         if status == 200 and isinstance(body, dict) and isinstance(body.get("status"), int) and body["status"] != OK:
