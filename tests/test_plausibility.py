@@ -141,6 +141,20 @@ def test_overnight_spo2_dated_by_the_morning_it_ends_stays_with_its_day() -> Non
     assert check_record(model_type, record) == (record, {})
 
 
+def test_a_local_day_without_offset_keeps_samples_by_their_wall_clock_time() -> None:
+    """A day written without its offset (Polar nightly recharge, Garmin user metrics) holds 00:30 at UTC+14 and 23:30
+    at UTC-12 (13.5 h before and 11.5 h after the day taken as UTC); a sample a week later still goes."""
+    record = {"metadata": {"start_time": "2024-03-11T00:00:00.000000", "end_time": "2024-03-12T00:00:00.000000",
+                           "upload_type": 1, "timestamp_localization": 1},
+              "heart_rate_data": {"detailed": {"hr_samples": [
+                  {"timestamp": "2024-03-11T00:30:00.000000+14:00", "bpm": 55},
+                  {"timestamp": "2024-03-11T23:30:00.000000-12:00", "bpm": 61},
+                  {"timestamp": "2024-03-18T23:30:00.000000-12:00", "bpm": 58}]}}}
+    checked, dropped = check_record("daily", record)
+    assert dropped == {SAMPLES_OUTSIDE_WINDOW: 1}
+    assert [s["bpm"] for s in checked["heart_rate_data"]["detailed"]["hr_samples"]] == [55, 61]
+
+
 # --- impossible values -------------------------------------------------------------------------------------------
 
 def test_heart_rates_of_0_and_over_250_bpm_are_dropped() -> None:

@@ -18,6 +18,9 @@ Policy
   in the evening), to ``DAY_LATE`` (6 h) after it, for a provider day that does not start at midnight (Oura's
   activity day runs 04:00 to 04:00).
 
+Times compare as instants; a window written without an offset (a local day: Polar nightly recharge, Garmin user
+metrics) compares in wall-clock time, so a sample's offset does not move it out of its day.
+
 **Impossible values are dropped**; in a sample list the whole sample goes, elsewhere just the field:
 
 - heart rate (``*_hr_bpm``, ``bpm``, ``hr_bpm``) outside 1–250 bpm (0 is a sensor that saw nothing);
@@ -48,10 +51,9 @@ dead-lettered here are counted as ``dead_letter:plausibility`` like every other 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from connectors.timeutil import format_ts
+import functools
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 EVENT_TOLERANCE = timedelta(hours=1)
 DAY_EARLY = timedelta(hours=12)
@@ -68,6 +70,8 @@ MAX_WINDOW = {
 }
 SLEEP_TOTALS_TOLERANCE = (timedelta(minutes=15).total_seconds(), 0.10)  # absolute seconds, fraction of the window
 UNACCOUNTED_SLACK_S = timedelta(hours=2).total_seconds()
+
+WHOLE_LIST_CHECK = 16  # sample lists this long are first checked whole (one pass in C), shorter ones sample by sample
 
 SAMPLES_OUTSIDE_WINDOW = "samples_outside_window"
 IMPOSSIBLE_SAMPLES = "impossible_samples"
@@ -125,36 +129,48 @@ def check_record(model_type: str, record: dict[str, Any]) -> tuple[dict[str, Any
     metadata = record.get("metadata")
     if model_type not in MAX_WINDOW or not isinstance(metadata, dict):
         return record, {}
-    start, end = _bound(model_type, metadata, "start_time"), _bound(model_type, metadata, "end_time")
+    start, end = metadata.get("start_time"), metadata.get("end_time")
+    if type(start) is not str or type(end) is not str:
+        raise Implausible(f"{model_type} metadata start_time {start!r}, end_time {end!r}: not timestamps")
+    window = _window(model_type, start, end)
+    checker = _Checker(window)
+    checked = checker.record(record)
+    if model_type == "sleep":
+        _check_sleep_totals(checked, window.seconds)
+    return checked, checker.counts
+
+
+class _Window(NamedTuple):
+    low: datetime  # where samples may start (the record's start, less the tolerance)
+    high: datetime
+    low_text: str  # ``low`` and ``high`` written as mappers write times (``format_ts``, in the bounds' zones)
+    high_text: str
+    seconds: float  # the record's own window (start to end)
+
+
+@functools.lru_cache(maxsize=4096)  # remembered: a user's records name the same few days
+def _window(model_type: str, start_text: str, end_text: str) -> _Window:
+    start, end = _bound(model_type, start_text, "start_time"), _bound(model_type, end_text, "end_time")
+    if start.tzinfo is None or end.tzinfo is None:  # a local day written without its offset: wall-clock times
+        start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
     if end < start:
-        raise Implausible(f"{model_type} ends before it starts: start_time {metadata['start_time']}, "
-                          f"end_time {metadata['end_time']}")
+        raise Implausible(f"{model_type} ends before it starts: start_time {start_text}, end_time {end_text}")
     if end - start > MAX_WINDOW[model_type]:
-        raise Implausible(f"{model_type} window of {_hours(end - start)} ({metadata['start_time']} to "
-                          f"{metadata['end_time']}) is longer than any {model_type} can be "
-                          f"({_hours(MAX_WINDOW[model_type])})")
+        raise Implausible(f"{model_type} window of {_hours(end - start)} ({start_text} to {end_text}) is longer "
+                          f"than any {model_type} can be ({_hours(MAX_WINDOW[model_type])})")
     if model_type in DAY_SCOPED:
         low, high = start - DAY_EARLY, max(end, start + DAY) + DAY_LATE
     else:
         low, high = start - EVENT_TOLERANCE, end + EVENT_TOLERANCE
-    checker = _Checker(low, high)
-    checked = checker.record(record)
-    if model_type == "sleep":
-        _check_sleep_totals(checked, (end - start).total_seconds())
-    return checked, checker.counts
+    return _Window(low, high, low.isoformat(timespec="microseconds"), high.isoformat(timespec="microseconds"),
+                   (end - start).total_seconds())
 
 
-def _bound(model_type: str, metadata: dict[str, Any], name: str) -> datetime:
-    text = metadata.get(name)
+def _bound(model_type: str, text: str, name: str) -> datetime:
     try:
-        return _instant(text)
-    except (TypeError, ValueError):
+        return datetime.fromisoformat(text)
+    except ValueError:
         raise Implausible(f"{model_type} metadata.{name} {text!r} is not a timestamp") from None
-
-
-def _instant(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _hours(span: timedelta) -> str:
@@ -189,14 +205,16 @@ def _check_sleep_totals(record: dict[str, Any], window_s: float) -> None:
 
 
 _DROP = object()
+_UNCHECKED = frozenset({"metadata", "device_data", "data_enrichment", "scores"})  # hold no rule's field or sample
 
 
 class _Checker:
     """One pass over a record: impossible values and samples (outside [low, high]) out, copying only what changes."""
 
-    def __init__(self, low: datetime, high: datetime) -> None:
-        self.low, self.high = low, high
-        self.low_text, self.high_text = format_ts(low), format_ts(high)  # same zone and form as the window's bounds
+    def __init__(self, window: _Window) -> None:
+        self.low, self.high, self.low_text, self.high_text = window[:4]
+        suffix = self.low_text[-6:]  # the offset: times of the bounds' length and offset compare as text
+        self.form = (len(self.low_text), suffix) if self.high_text[-6:] == suffix else (-1, "")
         self.counts: dict[str, int] = {}
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -206,6 +224,8 @@ class _Checker:
         out = data
         for key, value in data.items():
             kind = type(value)
+            if key in _UNCHECKED:
+                continue
             if kind is dict:
                 new = self.record(value)
                 if key in AGGREGATES and new is not value:
@@ -245,6 +265,8 @@ class _Checker:
             return items
         first = items[0]
         time_key = "timestamp" if "timestamp" in first else "measurement_time" if "measurement_time" in first else None
+        if time_key is not None and len(items) >= WHOLE_LIST_CHECK and self._all_plausible(items, time_key):
+            return items
         kept: list[Any] | None = None
         for index, item in enumerate(items):
             checked = self.sample(item, time_key) if type(item) is dict else item
@@ -254,13 +276,36 @@ class _Checker:
                 kept.append(checked)
         return items if kept is None else kept
 
+    def _all_plausible(self, items: list[dict[str, Any]], time_key: str) -> bool:
+        """Whether a list of flat samples certainly has nothing to drop, seen whole: times (written alike) between
+        the window's texts, and each ruled field's least and greatest values possible. No answer is False (then
+        each sample is looked at)."""
+        low_text, high_text = self.low_text, self.high_text
+        length, suffix = self.form
+        try:
+            times = [item[time_key] for item in items]
+            if ({len(t) for t in times} != {length} or {t[-6:] for t in times} != {suffix}
+                    or min(times) < low_text or max(times) > high_text):
+                return False
+            for key in set().union(*items).intersection(VALUE_RULES):
+                values = [item.get(key) for item in items]
+                low, high = VALUE_RULES[key]
+                if min(values) < low or max(values) > high:
+                    return False
+        except (KeyError, TypeError):  # a sample without a time, a value that is None, a time that is not text
+            return False
+        return not any(type(value) is dict or type(value) is list for value in items[0].values())
+
     def sample(self, item: dict[str, Any], time_key: str | None) -> Any:
         """The item; a copy without impossible values nested deeper; or _DROP (counted) when it is outside the
         window or one of its own values is impossible."""
         at = item.get(time_key) if time_key else None
-        if type(at) is str and self._outside(at):
-            self._count(SAMPLES_OUTSIDE_WINDOW)
-            return _DROP
+        if type(at) is str:
+            length, suffix = self.form
+            alike = len(at) == length and at[-6:] == suffix  # written like the bounds: text order is time order
+            if (at < self.low_text or at > self.high_text) if alike else self._outside(at):
+                self._count(SAMPLES_OUTSIDE_WINDOW)
+                return _DROP
         nested = False
         for key, value in item.items():
             kind = type(value)
@@ -276,13 +321,15 @@ class _Checker:
         return self.record(item) if nested else item
 
     def _outside(self, text: str) -> bool:
-        low, high = self.low_text, self.high_text
-        if len(text) == len(low) and text[-6:] == low[-6:] and text[-6:] == high[-6:]:
-            return text < low or text > high  # the same form and offset: text order is time order
+        """Whether a time written unlike the window's bounds (another offset, ``Z``, no fraction) is outside it."""
         try:
-            moment = _instant(text)
+            moment = datetime.fromisoformat(text)
         except ValueError:
             return True  # not a time at all: it cannot be placed in the window
+        if self.low.tzinfo is None:  # a window in local wall-clock time: so is the sample, whatever its offset
+            moment = moment.replace(tzinfo=None)
+        elif moment.tzinfo is None:  # a sample without an offset: the window's
+            moment = moment.replace(tzinfo=self.low.tzinfo)
         return moment < self.low or moment > self.high
 
 
