@@ -18,6 +18,7 @@ from connectors import registry
 from connectors.base import Fragment
 from core.dead_letters import read_dead_letters
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
+from pipelines.replay import select
 from schemas.serde import validate_record
 from sinks.sql import SqlSink
 from transforms.plausibility import (
@@ -275,6 +276,7 @@ def test_pipeline_counts_dropped_samples_and_dead_letters_an_implausible_sleep(t
     assert letter["error_message"] == (
         "sleep window of 16.0 h (2024-03-10T23:12:00.000000-05:00 to 2024-03-11T15:12:00.000000-05:00) but "
         "asleep + awake account for only 7.8 h of it")
+    assert [d["dead_letter_id"] for d in select(str(dead_letters), ingest=True)] == [letter["dead_letter_id"]]
     with sqlite3.connect(database) as conn:
         delivered = {(t, k): json.loads(p) for t, k, p in conn.execute(
             "SELECT type, natural_key, payload FROM healthflow_records")}
