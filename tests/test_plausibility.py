@@ -136,6 +136,21 @@ def test_sleep_samples_straddling_the_window_within_an_hour_stay_and_beyond_go()
                                                                        "bpm": 48.0}
 
 
+def test_a_sample_written_in_another_offset_is_placed_by_its_instant() -> None:
+    """In a long series checked whole, one time written at -12:00 reads as inside the night (05:00 < 06:58) but is
+    17:00+01:00, ten hours after it; one written at +00:00 inside the night stays."""
+    _, record = _one("oura", "sleep", _oura_sleep())
+    samples = record["heart_rate_data"]["detailed"]["hr_samples"]
+    assert len(samples) == 91
+    changed = copy.deepcopy(record)
+    changed["heart_rate_data"]["detailed"]["hr_samples"][40]["timestamp"] = "2024-03-11T05:00:00.000000-12:00"
+    changed["heart_rate_data"]["detailed"]["hr_samples"][41]["timestamp"] = "2024-03-11T01:40:00.000000+00:00"
+    checked, dropped = check_record("sleep", changed)
+    assert dropped == {SAMPLES_OUTSIDE_WINDOW: 1, AGGREGATES_DROPPED: 2}
+    kept = checked["heart_rate_data"]["detailed"]["hr_samples"]
+    assert len(kept) == 90 and kept[40]["timestamp"] == "2024-03-11T01:40:00.000000+00:00"
+
+
 def test_overnight_spo2_dated_by_the_morning_it_ends_stays_with_its_day() -> None:
     """Garmin pulse ox of a night that began at 18:00 the evening before the calendarDate: within DAY_EARLY."""
     model_type, record = _one("garmin", "pulseox", _fixture("garmin/pulseox.json"))
