@@ -244,11 +244,32 @@ def test_stage_totals_within_the_tolerance_are_accepted() -> None:
     assert check_record("sleep", record) == (record, {})
 
 
-def test_an_activity_ending_before_it_starts_is_implausible() -> None:
-    record = {"metadata": {"summary_id": "a1", "start_time": "2024-03-11T08:00:00.000000+01:00",
-                           "end_time": "2024-03-11T07:00:00.000000+01:00", "type": 8, "upload_type": 1}}
-    with pytest.raises(Implausible, match="activity ends before it starts: start_time 2024-03-11T08:00"):
+def test_a_garmin_activity_of_negative_duration_ends_before_it_starts_and_is_implausible() -> None:
+    body = copy.deepcopy(_fixture("garmin/activities.json"))
+    body["activities"] = [dict(body["activities"][0], durationInSeconds=-2790)]
+    _, record = _one("garmin", "activities", body)
+    with pytest.raises(Implausible, match=r"^activity ends before it starts: "
+                                          r"start_time 2024-03-11T06:30:00.000000\+05:30, "
+                                          r"end_time 2024-03-11T05:43:30.000000\+05:30$"):
         check_record("activity", record)
+
+
+def test_a_withings_sleep_of_three_days_is_implausible() -> None:
+    body = copy.deepcopy(_fixture("withings/sleep_getsummary.json"))
+    night = body["body"]["series"][0]
+    body["body"]["series"] = [dict(night, enddate=night["startdate"] + 3 * 86_400)]
+    _, record = _one("withings", "sleep_getsummary", body)
+    with pytest.raises(Implausible, match=r"sleep window of 72.0 h .* longer than any sleep can be \(24.0 h\)"):
+        check_record("sleep", record)
+
+
+def test_negative_withings_steps_and_distance_are_dropped() -> None:
+    body = copy.deepcopy(_fixture("withings/getactivity.json"))
+    body["body"]["activities"] = [dict(body["body"]["activities"][0], steps=-15697, distance=-12217.4)]
+    _, record = _one("withings", "getactivity", body)
+    checked, dropped = check_record("daily", record)
+    assert dropped == {IMPOSSIBLE_VALUES: 2}
+    assert checked["distance_data"] == {"floors_climbed": 11}
 
 
 def test_a_garmin_activity_lasting_years_is_implausible() -> None:
