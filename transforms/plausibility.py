@@ -179,23 +179,24 @@ def _hours(span: timedelta) -> str:
 
 def _check_sleep_totals(record: dict[str, Any], window_s: float) -> None:
     """Raise Implausible when the sleep's stage totals do not fit its window (see the module's policy)."""
-    durations = record.get("sleep_durations_data") or {}
-    asleep, awake, other = (durations.get(name) or {} for name in ("asleep", "awake", "other"))
-    allowed = window_s + max(SLEEP_TOTALS_TOLERANCE[0], SLEEP_TOTALS_TOLERANCE[1] * window_s)
-    stages = [asleep.get(name) for name in _SLEEP_STAGES]
-    totals = {
-        **{name: asleep.get(name) for name in (*_SLEEP_STAGES, "duration_asleep_state_seconds")},
-        "duration_awake_state_seconds": awake.get("duration_awake_state_seconds"),
-        "duration_in_bed_seconds": other.get("duration_in_bed_seconds"),
-        "deep + light + REM": sum(s for s in stages if s is not None) if any(s is not None for s in stages) else None,
-    }
+    durations = record.get("sleep_durations_data")
+    if not durations:
+        return
+    asleep, awake, other = durations.get("asleep") or {}, durations.get("awake") or {}, durations.get("other") or {}
     asleep_s, awake_s = asleep.get("duration_asleep_state_seconds"), awake.get("duration_awake_state_seconds")
+    stages = [value for value in map(asleep.get, _SLEEP_STAGES) if value is not None]
+    totals = [asleep_s, awake_s, other.get("duration_in_bed_seconds"), *stages, sum(stages)]
     if asleep_s is not None and awake_s is not None:
-        totals["asleep + awake"] = asleep_s + awake_s
-    for name, total in totals.items():
-        if total is not None and total > allowed:
-            raise Implausible(f"sleep {name} of {total / 3600:.1f} h does not fit its {window_s / 3600:.1f} h window "
-                              f"({record['metadata']['start_time']} to {record['metadata']['end_time']})")
+        totals.append(asleep_s + awake_s)
+    allowed = window_s + max(SLEEP_TOTALS_TOLERANCE[0], SLEEP_TOTALS_TOLERANCE[1] * window_s)
+    if max(total for total in totals if total is not None) > allowed:  # the rare case: name the total at fault
+        names = {name: asleep.get(name) for name in (*_SLEEP_STAGES, "duration_asleep_state_seconds")}
+        names.update(duration_awake_state_seconds=awake_s, duration_in_bed_seconds=other.get("duration_in_bed_seconds"))
+        names["deep + light + REM"] = sum(stages)
+        names["asleep + awake"] = (asleep_s or 0) + (awake_s or 0)
+        name, total = next((name, total) for name, total in names.items() if total is not None and total > allowed)
+        raise Implausible(f"sleep {name} of {total / 3600:.1f} h does not fit its {window_s / 3600:.1f} h window "
+                          f"({record['metadata']['start_time']} to {record['metadata']['end_time']})")
     if asleep_s is not None and awake_s is not None:
         accounted = asleep_s + awake_s + (other.get("duration_unmeasurable_sleep_seconds") or 0)
         if window_s - accounted > max(UNACCOUNTED_SLACK_S, accounted):
@@ -224,9 +225,9 @@ class _Checker:
         out = data
         for key, value in data.items():
             kind = type(value)
-            if key in _UNCHECKED:
-                continue
             if kind is dict:
+                if key in _UNCHECKED:
+                    continue
                 new = self.record(value)
                 if key in AGGREGATES and new is not value:
                     new = self._untrusted_aggregates(AGGREGATES[key], value, new)
