@@ -3,7 +3,8 @@
 One provider-independent check of every mapped Terra record (``check_record``), run once per record in the
 normalize path, right after it is validated and before it is keyed and merged. Pure: it takes a record (a dict
 following ``schemas/avro/models``) and returns it, or a copy with what is impossible taken out (only the dicts and
-lists on the way to a change are copied; a clean record is returned as it is, in one pass and no copy).
+lists on the way to a change are copied; a clean record is returned as it is, in one pass and no copy). Athlete
+profiles have no window and are not checked.
 
 Policy
 ------
