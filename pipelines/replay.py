@@ -38,7 +38,7 @@ from transforms.deliver import (
     event_from_dead_letter,
 )
 
-INGEST_STAGES = ("decode", "parse", "normalize", "validate")
+INGEST_STAGES = ("decode", "parse", "normalize", "validate", "plausibility")
 
 
 @dataclass

@@ -54,6 +54,7 @@ from transforms.bounds import (
     may_be_out_of_bounds,
 )
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
+from transforms.plausibility import Implausible, check_record
 from transforms.record_state import open_state, state_row, stored_deletion
 from transforms.reuse import acquire, release
 from transforms.users import UserDirectory
@@ -86,6 +87,7 @@ class Keyed:
     provider_user_id: str = ""
     reference: str | None = None  # the backfill request this came from (delivered as terra-reference)
     deleted: bool = False  # the provider deleted the record (a ``Deletion``): ``data`` is empty
+    dropped: tuple[tuple[str, int], ...] = ()  # what the plausibility check took out (``transforms.plausibility``)
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -216,6 +218,9 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
         except (SchemaMismatch, MappingError, RecursionError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
+        except Implausible as exc:
+            yield _failed("plausibility", exc, message, raw, kind, index)
+            continue
         yield from keyed
 
 
@@ -233,7 +238,8 @@ def _reject_constant(name: str) -> None:
 def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, sequence: str,
            reference: str | None = None) -> Keyed:
     """A mapped record validated (and compacted, for a ``compacts`` provider: ``normalize_document(compacted=False)``
-    left that to this one pass) and keyed, or a deletion keyed; an id a store cannot hold is OutOfBounds."""
+    left that to this one pass), checked for plausibility (what is impossible taken out, or Implausible) and keyed, or
+    a deletion keyed; an id a store cannot hold is OutOfBounds."""
     if isinstance(fragment, Deletion):
         check_text("provider user id", str(fragment.provider_user_id))
         if fragment.type not in provider_models(provider):
@@ -246,13 +252,14 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
                      user, raw.idempotency_key, raw.provider.lower(), str(fragment.provider_user_id), reference,
                      deleted=True)
     data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
+    data, dropped = check_record(fragment.type, data)
     check_text("provider user id", str(fragment.provider_user_id))
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     key = natural_key(fragment.type, data)
     check_text(f"{fragment.type} natural key", key)
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
-                 raw.provider.lower(), str(fragment.provider_user_id), reference)
+                 raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()))
 
 
 def provider_models(provider: Provider) -> set[str]:
@@ -743,6 +750,8 @@ class MergePerUser(beam.DoFn):
         if part.only_part:
             self.tally.add(_raw_outcome(bool(keyed), bool(failed or part.failed_before)))
         self.tally.add("fragments", len(keyed))
+        for name, count in (item for fragment in keyed for item in fragment.dropped):
+            self.tally.add(f"plausibility:{name}", count)
         return (UserFragments(keyed, message, shares[-1]) if keyed else None), outputs
 
     def finish_bundle(self) -> Iterator[Any]:

@@ -1,0 +1,353 @@
+"""Plausibility: what no body or device can produce never reaches a destination.
+
+One provider-independent check of every mapped Terra record (``check_record``), run once per record in the
+normalize path, right after it is validated and before it is keyed and merged. Pure: it takes a record (a dict
+following ``schemas/avro/models``) and returns it, or a copy with what is impossible taken out (only the dicts and
+lists on the way to a change are copied; a clean record is returned as it is, in one pass and no copy). Athlete
+profiles have no window and are not checked.
+
+Policy
+------
+**Samples outside the record's window are dropped** (any list of objects with a ``timestamp``, or Body's
+``measurement_time``: heart rate, hypnogram, SpO2, steps, stress, measurements, meals...). The window is
+``metadata.start_time`` → ``end_time``, widened by a tolerance for clock skew and samples that straddle a bound:
+
+- Activity and Sleep: their own start → end, ± ``EVENT_TOLERANCE`` (1 h).
+- Day-scoped models (Daily, Body, Nutrition, Menstruation): at least the whole day that starts at ``start_time`` (a
+  day in progress may end early and still gets its later samples), from ``DAY_EARLY`` (12 h) before it, for
+  overnight measurements dated by the morning they end (Fitbit SpO2 and HRV, Garmin pulse ox of a night that began
+  in the evening), to ``DAY_LATE`` (6 h) after it, for a provider day that does not start at midnight (Oura's
+  activity day runs 04:00 to 04:00).
+
+Times compare as instants; a window written without an offset (a local day: Polar nightly recharge, Garmin user
+metrics) compares in wall-clock time, so a sample's offset does not move it out of its day.
+
+**Impossible values are dropped**; in a sample list the whole sample goes, elsewhere just the field:
+
+- heart rate (``*_hr_bpm``, ``bpm``, ``hr_bpm``) outside 1–250 bpm (0 is a sensor that saw nothing);
+- SpO2 (``avg_saturation_percentage``, saturation sample ``percentage``) outside 1–100 %, other percentages
+  (``sleep_efficiency``, body fat, water) outside 0–100 %;
+- negative durations (every ``*_seconds`` field), steps, distances or floors.
+
+**Aggregates beside a series that lost samples go too** (``AGGREGATES``): a mapper may have computed them from the
+samples that were just dropped (Garmin's daily average heart rate is the mean of the day's samples), so the
+heart rate summary's avg/min/max, a block's average SpO2, breathing rate or stress level are not delivered from them.
+
+**Whole records that are implausible go to the dead-letter store** (stage ``plausibility``, with the original bytes
+and the reason), instead of being delivered with meaningless derived values (a sleep efficiency computed from
+stage totals that do not fit the night):
+
+- a window whose end is before its start, or longer than ``MAX_WINDOW`` (Sleep 24 h, Activity 7 days,
+  day-scoped models 2 days, Menstruation 400 days), or a bound that is not a timestamp;
+- a sleep whose stage totals exceed its window by more than ``SLEEP_TOTALS_TOLERANCE`` (15 min or 10 %,
+  whichever is larger): any one stage, deep + light + REM, asleep + awake, or time in bed;
+- a sleep whose window is mostly unaccounted for: asleep + awake (+ unmeasurable) leave more than
+  ``max(2 h, what they account for)`` of the window unexplained (a 16-hour "deep" segment stretching a 4-hour
+  night).
+
+Counters (``COUNTERS``; tallied into the run summary and Beam metrics as ``plausibility:<name>``):
+``samples_outside_window``, ``impossible_samples``, ``impossible_values``, ``aggregates_dropped``. Records
+dead-lettered here are counted as ``dead_letter:plausibility`` like every other dead letter.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+EVENT_TOLERANCE = timedelta(hours=1)
+DAY_EARLY = timedelta(hours=12)
+DAY_LATE = timedelta(hours=6)
+DAY = timedelta(days=1)
+DAY_SCOPED = frozenset({"daily", "body", "nutrition", "menstruation"})
+MAX_WINDOW = {
+    "sleep": timedelta(hours=24),
+    "activity": timedelta(days=7),
+    "daily": timedelta(days=2),
+    "body": timedelta(days=2),
+    "nutrition": timedelta(days=2),
+    "menstruation": timedelta(days=400),
+}
+SLEEP_TOTALS_TOLERANCE = (timedelta(minutes=15).total_seconds(), 0.10)  # absolute seconds, fraction of the window
+UNACCOUNTED_SLACK_S = timedelta(hours=2).total_seconds()
+
+WHOLE_LIST_CHECK = 16  # sample lists this long are first checked whole (one pass in C), shorter ones sample by sample
+
+SAMPLES_OUTSIDE_WINDOW = "samples_outside_window"
+IMPOSSIBLE_SAMPLES = "impossible_samples"
+IMPOSSIBLE_VALUES = "impossible_values"
+AGGREGATES_DROPPED = "aggregates_dropped"
+COUNTERS = (SAMPLES_OUTSIDE_WINDOW, IMPOSSIBLE_SAMPLES, IMPOSSIBLE_VALUES, AGGREGATES_DROPPED)
+
+_INF = float("inf")
+_HEART_RATE = (1, 250)
+_SPO2 = (1, 100)
+_PERCENT = (0, 100)
+_NON_NEGATIVE = (0, _INF)
+
+_DURATIONS = (
+    "activity_seconds", "inactivity_seconds", "rest_seconds", "low_intensity_seconds", "moderate_intensity_seconds",
+    "vigorous_intensity_seconds", "standing_seconds", "timer_duration_seconds", "duration_seconds",
+    "active_duration_seconds", "duration_asleep_state_seconds", "duration_deep_sleep_state_seconds",
+    "duration_light_sleep_state_seconds", "duration_REM_sleep_state_seconds", "duration_awake_state_seconds",
+    "duration_short_interruption_seconds", "duration_long_interruption_seconds", "sleep_latency_seconds",
+    "wake_up_latency_seconds", "duration_in_bed_seconds", "duration_unmeasurable_sleep_seconds",
+    "total_snoring_duration_seconds", "stress_duration_seconds", "rest_stress_duration_seconds",
+    "activity_stress_duration_seconds", "low_stress_duration_seconds", "medium_stress_duration_seconds",
+    "high_stress_duration_seconds",
+)
+VALUE_RULES: dict[str, tuple[float, float]] = {  # field name → inclusive (low, high) of what is possible
+    **dict.fromkeys(("avg_hr_bpm", "max_hr_bpm", "min_hr_bpm", "resting_hr_bpm", "user_max_hr_bpm", "bpm", "hr_bpm"),
+                    _HEART_RATE),
+    **dict.fromkeys(("avg_saturation_percentage", "percentage"), _SPO2),
+    **dict.fromkeys(("sleep_efficiency", "bodyfat_percentage", "water_percentage", "day_avg_bodyfat_percentage",
+                     "day_avg_water_percentage"), _PERCENT),
+    **dict.fromkeys((*_DURATIONS, "steps", "distance_meters", "floors_climbed"), _NON_NEGATIVE),
+}
+
+Path = tuple[str, ...]
+AGGREGATES: dict[str, tuple[Path, tuple[Path, ...]]] = {  # block → (its sample list, aggregates that may come from it)
+    "heart_rate_data": (("detailed", "hr_samples"),
+                        (("summary", "avg_hr_bpm"), ("summary", "min_hr_bpm"), ("summary", "max_hr_bpm"))),
+    "oxygen_data": (("saturation_samples",), (("avg_saturation_percentage",),)),
+    "oxygen_saturation_data": (("samples",), (("avg_saturation_percentage",),)),
+    "breaths_data": (("samples",), (("avg_breaths_per_min",), ("min_breaths_per_min",), ("max_breaths_per_min",))),
+    "stress_data": (("samples",), (("avg_stress_level",), ("max_stress_level",))),
+}
+
+_SLEEP_STAGES = ("duration_deep_sleep_state_seconds", "duration_light_sleep_state_seconds",
+                 "duration_REM_sleep_state_seconds")
+
+
+class Implausible(ValueError):
+    """The record as a whole cannot be true; the message says why (the record is dead-lettered, not delivered)."""
+
+
+def check_record(model_type: str, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """``record`` without its impossible samples and values, and how many of each went (``COUNTERS``; empty when
+    none). Raises Implausible when the record as a whole is (see the module's policy). ``record`` never changes."""
+    metadata = record.get("metadata")
+    if model_type not in MAX_WINDOW or not isinstance(metadata, dict):
+        return record, {}
+    start, end = metadata.get("start_time"), metadata.get("end_time")
+    if type(start) is not str or type(end) is not str:
+        raise Implausible(f"{model_type} metadata start_time {start!r}, end_time {end!r}: not timestamps")
+    window = _window(model_type, start, end)
+    checker = _Checker(window)
+    checked = checker.record(record)
+    if model_type == "sleep":
+        _check_sleep_totals(checked, window.seconds)
+    return checked, checker.counts
+
+
+class _Window(NamedTuple):
+    low: datetime  # where samples may start (the record's start, less the tolerance)
+    high: datetime
+    low_text: str  # ``low`` and ``high`` written as mappers write times (``format_ts``, in the bounds' zones)
+    high_text: str
+    seconds: float  # the record's own window (start to end)
+
+
+@functools.lru_cache(maxsize=4096)  # remembered: a user's records name the same few days
+def _window(model_type: str, start_text: str, end_text: str) -> _Window:
+    start, end = _bound(model_type, start_text, "start_time"), _bound(model_type, end_text, "end_time")
+    if start.tzinfo is None or end.tzinfo is None:  # a local day written without its offset: wall-clock times
+        start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    if end < start:
+        raise Implausible(f"{model_type} ends before it starts: start_time {start_text}, end_time {end_text}")
+    if end - start > MAX_WINDOW[model_type]:
+        raise Implausible(f"{model_type} window of {_hours(end - start)} ({start_text} to {end_text}) is longer "
+                          f"than any {model_type} can be ({_hours(MAX_WINDOW[model_type])})")
+    if model_type in DAY_SCOPED:
+        low, high = start - DAY_EARLY, max(end, start + DAY) + DAY_LATE
+    else:
+        low, high = start - EVENT_TOLERANCE, end + EVENT_TOLERANCE
+    return _Window(low, high, low.isoformat(timespec="microseconds"), high.isoformat(timespec="microseconds"),
+                   (end - start).total_seconds())
+
+
+def _bound(model_type: str, text: str, name: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise Implausible(f"{model_type} metadata.{name} {text!r} is not a timestamp") from None
+
+
+def _hours(span: timedelta) -> str:
+    return f"{span.total_seconds() / 3600:.1f} h"
+
+
+def _check_sleep_totals(record: dict[str, Any], window_s: float) -> None:
+    """Raise Implausible when the sleep's stage totals do not fit its window (see the module's policy)."""
+    durations = record.get("sleep_durations_data")
+    if not durations:
+        return
+    asleep, awake, other = durations.get("asleep") or {}, durations.get("awake") or {}, durations.get("other") or {}
+    asleep_s, awake_s = asleep.get("duration_asleep_state_seconds"), awake.get("duration_awake_state_seconds")
+    stages = [value for value in map(asleep.get, _SLEEP_STAGES) if value is not None]
+    totals = [asleep_s, awake_s, other.get("duration_in_bed_seconds"), *stages, sum(stages)]
+    if asleep_s is not None and awake_s is not None:
+        totals.append(asleep_s + awake_s)
+    allowed = window_s + max(SLEEP_TOTALS_TOLERANCE[0], SLEEP_TOTALS_TOLERANCE[1] * window_s)
+    if max(total for total in totals if total is not None) > allowed:  # the rare case: name the total at fault
+        names = {name: asleep.get(name) for name in (*_SLEEP_STAGES, "duration_asleep_state_seconds")}
+        names.update(duration_awake_state_seconds=awake_s, duration_in_bed_seconds=other.get("duration_in_bed_seconds"))
+        names["deep + light + REM"] = sum(stages)
+        names["asleep + awake"] = (asleep_s or 0) + (awake_s or 0)
+        name, total = next((name, total) for name, total in names.items() if total is not None and total > allowed)
+        raise Implausible(f"sleep {name} of {total / 3600:.1f} h does not fit its {window_s / 3600:.1f} h window "
+                          f"({record['metadata']['start_time']} to {record['metadata']['end_time']})")
+    if asleep_s is not None and awake_s is not None:
+        accounted = asleep_s + awake_s + (other.get("duration_unmeasurable_sleep_seconds") or 0)
+        if window_s - accounted > max(UNACCOUNTED_SLACK_S, accounted):
+            raise Implausible(f"sleep window of {window_s / 3600:.1f} h ({record['metadata']['start_time']} to "
+                              f"{record['metadata']['end_time']}) but asleep + awake account for only "
+                              f"{accounted / 3600:.1f} h of it")
+
+
+_DROP = object()
+_UNCHECKED = frozenset({"metadata", "device_data", "data_enrichment", "scores"})  # hold no rule's field or sample
+
+
+class _Checker:
+    """One pass over a record: impossible values and samples (outside [low, high]) out, copying only what changes."""
+
+    def __init__(self, window: _Window) -> None:
+        self.low, self.high, self.low_text, self.high_text = window[:4]
+        suffix = self.low_text[-6:]  # the offset: times of the bounds' length and offset compare as text
+        self.form = (len(self.low_text), suffix) if self.high_text[-6:] == suffix else (-1, "")
+        self.counts: dict[str, int] = {}
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def record(self, data: dict[str, Any]) -> dict[str, Any]:
+        out = data
+        for key, value in data.items():
+            kind = type(value)
+            if kind is dict:
+                if key in _UNCHECKED:
+                    continue
+                new = self.record(value)
+                if key in AGGREGATES and new is not value:
+                    new = self._untrusted_aggregates(AGGREGATES[key], value, new)
+            elif kind is list:
+                new = self.list(value)
+            elif (kind is int or kind is float) and key in VALUE_RULES:
+                low, high = VALUE_RULES[key]
+                new = value if low <= value <= high else _DROP
+            else:
+                continue
+            if new is value:
+                continue
+            if out is data:
+                out = dict(data)
+            if new is _DROP:
+                del out[key]
+                self._count(IMPOSSIBLE_VALUES)
+            else:
+                out[key] = new
+        return out
+
+    def _untrusted_aggregates(self, spec: tuple[Path, tuple[Path, ...]], old: dict[str, Any],
+                              new: dict[str, Any]) -> dict[str, Any]:
+        """``new`` without the aggregates of ``spec`` when its sample list lost samples on the way from ``old``."""
+        samples, aggregates = spec
+        if len(_get(new, samples) or ()) == len(_get(old, samples) or ()):
+            return new
+        for path in aggregates:
+            if _get(new, path) is not None:
+                new = _without(new, path)
+                self._count(AGGREGATES_DROPPED)
+        return new
+
+    def list(self, items: list[Any]) -> list[Any]:
+        if not items or type(items[0]) is not dict:
+            return items
+        first = items[0]
+        time_key = "timestamp" if "timestamp" in first else "measurement_time" if "measurement_time" in first else None
+        if time_key is not None and len(items) >= WHOLE_LIST_CHECK and self._all_plausible(items, time_key):
+            return items
+        kept: list[Any] | None = None
+        for index, item in enumerate(items):
+            checked = self.sample(item, time_key) if type(item) is dict else item
+            if checked is not item and kept is None:
+                kept = items[:index]
+            if kept is not None and checked is not _DROP:
+                kept.append(checked)
+        return items if kept is None else kept
+
+    def _all_plausible(self, items: list[dict[str, Any]], time_key: str) -> bool:
+        """Whether a list of flat samples certainly has nothing to drop, seen whole: times (written alike) between
+        the window's texts, and each ruled field's least and greatest values possible. No answer is False (then
+        each sample is looked at)."""
+        low_text, high_text = self.low_text, self.high_text
+        length, suffix = self.form
+        try:
+            times = [item[time_key] for item in items]
+            if set(map(len, times)) != {length} or min(times) < low_text or max(times) > high_text:
+                return False
+            joined, count = "".join(times), len(times)  # each time's offset, character by character, at once
+            if any(joined[length - 6 + n::length] != suffix[n] * count for n in range(6)):
+                return False
+            for key in set().union(*items).intersection(VALUE_RULES):
+                values = [item.get(key) for item in items]
+                low, high = VALUE_RULES[key]
+                if min(values) < low or max(values) > high:
+                    return False
+        except (KeyError, TypeError):  # a sample without a time, a value that is None, a time that is not text
+            return False
+        return not any(type(value) is dict or type(value) is list for value in items[0].values())
+
+    def sample(self, item: dict[str, Any], time_key: str | None) -> Any:
+        """The item; a copy without impossible values nested deeper; or _DROP (counted) when it is outside the
+        window or one of its own values is impossible."""
+        at = item.get(time_key) if time_key else None
+        if type(at) is str:
+            length, suffix = self.form
+            alike = len(at) == length and at[-6:] == suffix  # written like the bounds: text order is time order
+            if (at < self.low_text or at > self.high_text) if alike else self._outside(at):
+                self._count(SAMPLES_OUTSIDE_WINDOW)
+                return _DROP
+        nested = False
+        for key, value in item.items():
+            kind = type(value)
+            if kind is int or kind is float:
+                rule = VALUE_RULES.get(key)
+                if rule is not None and not rule[0] <= value <= rule[1]:
+                    if time_key is None:  # not a sample (a lap, a meal): only the value goes
+                        return self.record(item)
+                    self._count(IMPOSSIBLE_SAMPLES)
+                    return _DROP
+            elif kind is dict or kind is list:
+                nested = True
+        return self.record(item) if nested else item
+
+    def _outside(self, text: str) -> bool:
+        """Whether a time written unlike the window's bounds (another offset, ``Z``, no fraction) is outside it."""
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return True  # not a time at all: it cannot be placed in the window
+        if self.low.tzinfo is None:  # a window in local wall-clock time: so is the sample, whatever its offset
+            moment = moment.replace(tzinfo=None)
+        elif moment.tzinfo is None:  # a sample without an offset: the window's
+            moment = moment.replace(tzinfo=self.low.tzinfo)
+        return moment < self.low or moment > self.high
+
+
+def _get(data: dict[str, Any], path: Path) -> Any:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _without(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A copy of ``data`` (and of the dicts on ``path``) without the value at ``path``."""
+    out = dict(data)
+    if len(path) == 1:
+        del out[path[0]]
+    else:
+        out[path[0]] = _without(data[path[0]], path[1:])
+    return out
