@@ -142,25 +142,46 @@ def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as
     assert only({"dailies": [measured]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
 
 
-def test_epochs_become_met_and_activity_level_samples_of_the_day() -> None:
+def test_epochs_become_step_distance_calorie_met_and_activity_level_samples_of_the_day() -> None:
     sedentary, running, walking = normalize(load("epochs.json"))
     day = only({"dailies": [day_push(USER_A)]})
     for epoch in (sedentary, running, walking):
         assert epoch.type == "daily" and epoch.provider_user_id == USER_A
         assert epoch.data["metadata"] == day["metadata"]  # same day key: merges into the day's Daily
-    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start
+    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start; each sample
+    # holds the epoch's own amount over its 15 minutes (epochs of a day arrive in many pushes: no running total)
+    at = "2024-03-11T08:00:00.000000-05:00"
     assert running.data == {
         "metadata": day["metadata"],
-        "MET_data": {"MET_samples": [{"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 9.8}]},
-        "active_durations_data": {"activity_levels_samples": [
-            {"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 5}]},  # HIGHLY_ACTIVE → HIGH_INTENSITY
+        "distance_data": {"detailed": {"step_samples": [{"timestamp": at, "steps": 980}],
+                                       "distance_samples": [{"timestamp": at, "distance_meters": 1012.0}]}},
+        "calories_data": {"calorie_samples": [{"timestamp": at, "calories": 71}]},  # activeKilocalories
+        "MET_data": {"MET_samples": [{"timestamp": at, "level": 9.8}]},
+        "active_durations_data": {"activity_levels_samples": [{"timestamp": at, "level": 5}]},  # HIGHLY_ACTIVE
     }
-    assert sedentary.data["MET_data"]["MET_samples"] == [{"timestamp": "2024-03-11T08:00:00.000000-05:00",
-                                                          "level": 1.0}]
+    assert sedentary.data["MET_data"]["MET_samples"] == [{"timestamp": at, "level": 1.0}]
     assert sedentary.data["active_durations_data"]["activity_levels_samples"][0]["level"] == 2  # INACTIVE
+    assert sedentary.data["distance_data"]["detailed"]["step_samples"] == [{"timestamp": at, "steps": 120}]
     assert walking.data["active_durations_data"]["activity_levels_samples"] == [
         {"timestamp": "2024-03-11T08:15:00.000000-05:00", "level": 4}]  # ACTIVE → MEDIUM_INTENSITY
     assert walking.data["MET_data"]["MET_samples"][0]["level"] == 3.4
+    assert walking.data["distance_data"]["detailed"] == {
+        "step_samples": [{"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 1350}],
+        "distance_samples": [{"timestamp": "2024-03-11T08:15:00.000000-05:00", "distance_meters": 1020.0}]}
+
+
+def test_epochs_of_one_day_in_separate_pushes_and_an_epoch_update_keep_one_sample_per_epoch() -> None:
+    """Garmin sends an epoch at 720 s, later the same start at 900 s (more steps): the update replaces it."""
+    first, _, second = load("epochs.json")["epochs"]
+    partial = dict(first, durationInSeconds=720, activeTimeInSeconds=420, steps=96, distanceInMeters=68.5,
+                   activeKilocalories=7)
+    record = merged({"epochs": [partial]}, {"epochs": [second]}, {"epochs": [first]})[
+        (USER_A, "daily", "2024-03-11")].data
+    assert record["distance_data"]["detailed"]["step_samples"] == [
+        {"timestamp": "2024-03-11T08:00:00.000000-05:00", "steps": 120},
+        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 1350}]
+    assert [s["distance_meters"] for s in record["distance_data"]["detailed"]["distance_samples"]] == [86.0, 1020.0]
+    assert [s["calories"] for s in record["calories_data"]["calorie_samples"]] == [9, 48]
 
 
 def test_stress_details_skip_negative_codes() -> None:
@@ -190,6 +211,39 @@ def test_pulse_ox_and_user_metrics() -> None:
                                  "vo2Max": 48.0, "enhanced": True, "fitnessAge": 31}]})
     assert vo2["oxygen_data"] == {"vo2max_ml_per_min_per_kg": 48.0}
     assert natural_key("daily", vo2) == "2024-03-11"
+
+
+def test_hrv_is_the_days_average_rmssd_and_its_five_minute_samples() -> None:
+    record = only(load("hrv.json"), USER_A)
+    # the night that started 23:12 on the 10th (-05:00) belongs to calendarDate 2024-03-11
+    assert record["metadata"] == only({"dailies": [day_push(USER_A)]})["metadata"]
+    assert natural_key("daily", record) == "2024-03-11"
+    assert record["heart_rate_data"] == {
+        "summary": {"avg_hrv_rmssd": 44},  # lastNightAvg, ms; lastNight5MinHigh (72) has no Terra field
+        "detailed": {"hrv_samples_rmssd": [  # offsets from startTimeInSeconds; the 0 at "900" is no reading
+            {"timestamp": "2024-03-10T23:17:00.000000-05:00", "hrv_rmssd": 32},
+            {"timestamp": "2024-03-10T23:22:00.000000-05:00", "hrv_rmssd": 24},
+            {"timestamp": "2024-03-10T23:32:00.000000-05:00", "hrv_rmssd": 41},
+            {"timestamp": "2024-03-10T23:37:00.000000-05:00", "hrv_rmssd": 55},
+            {"timestamp": "2024-03-10T23:42:00.000000-05:00", "hrv_rmssd": 72},
+            {"timestamp": "2024-03-10T23:47:00.000000-05:00", "hrv_rmssd": 48}]},
+    }
+    bengaluru = only(load("hrv.json"), USER_B)
+    assert bengaluru["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+05:30"
+    assert bengaluru["heart_rate_data"]["detailed"]["hrv_samples_rmssd"][0] == {
+        "timestamp": "2024-03-10T22:45:00.000000+05:30", "hrv_rmssd": 36}
+    no_reading = dict(load("hrv.json")["hrv"][1], lastNightAvg=0, hrvValues={})
+    assert "heart_rate_data" not in only({"hrv": [no_reading]})
+
+
+def test_hrv_joins_the_days_daily_without_wiping_its_heart_rate() -> None:
+    day = only({"dailies": [day_push(USER_A)]})
+    daily = {"dailies": [day_push(USER_A)]}
+    for bodies in ((daily, load("hrv.json")), (load("hrv.json"), daily)):
+        heart = merged(*bodies)[(USER_A, "daily", "2024-03-11")].data["heart_rate_data"]
+        assert heart["summary"] == {**day["heart_rate_data"]["summary"], "avg_hrv_rmssd": 44}
+        assert heart["detailed"]["hr_samples"] == day["heart_rate_data"]["detailed"]["hr_samples"]
+        assert len(heart["detailed"]["hrv_samples_rmssd"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,10 +307,52 @@ def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> N
 
 
 @pytest.mark.parametrize(("validation", "upload_type"), [
-    ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0)])
+    ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0),
+    ("auto_final", 2), ("Enhanced_Final", 2), ("enhanced_tentative", 3), ("manual", 1), ("off_wrist", 4),
+    (" ENHANCED_FINAL ", 2), ("SMART_FINAL", 2), ("smart_tentative", 3), (None, 0), ("", 0)])
 def test_sleep_validation_to_upload_type(validation: str, upload_type: int) -> None:
     doc = dict(load("sleeps.final.json")["sleeps"][0], validation=validation)
     assert only({"sleeps": [doc]})["metadata"]["upload_type"] == upload_type
+
+
+def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
+    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep, then nothing after 01:13 until the
+    night's end (asleep + awake + unmeasurable reach 01:30): the gaps are UNKNOWN (0), not light or deep."""
+    doc = dict(load("sleeps.final.json")["sleeps"][0], durationInSeconds=6540, awakeDurationInSeconds=0,
+               unmeasurableSleepInSeconds=1740, deepSleepDurationInSeconds=None, lightSleepDurationInSeconds=None,
+               remSleepInSeconds=None, validation="enhanced_final",
+               sleepLevelsMap={"light": [{"startTimeInSeconds": 1710130320, "endTimeInSeconds": 1710133080}],
+                               "deep": [{"startTimeInSeconds": 1710133800, "endTimeInSeconds": 1710137580}]})
+    record = only({"sleeps": [doc]})
+    assert record["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2024-03-10T23:12:00.000000-05:00", "level": 4},
+        {"timestamp": "2024-03-10T23:58:00.000000-05:00", "level": 0},
+        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5},
+        {"timestamp": "2024-03-11T01:13:00.000000-05:00", "level": 0}]
+    assert record["metadata"]["end_time"] == "2024-03-11T01:30:00.000000-05:00"
+    assert record["metadata"]["upload_type"] == 2
+    # totals Garmin left out count only what it staged: 46 min light, 63 min deep, no REM
+    assert record["sleep_durations_data"]["asleep"] == {"duration_asleep_state_seconds": 6540,
+                                                        "duration_deep_sleep_state_seconds": 3780,
+                                                        "duration_light_sleep_state_seconds": 2760}
+
+
+def test_stage_names_are_case_insensitive_and_an_unknown_stage_is_unknown() -> None:
+    doc = dict(load("sleeps.final.json")["sleeps"][0],
+               sleepLevelsMap={"LIGHT": [{"startTimeInSeconds": 1710130320, "endTimeInSeconds": 1710133080}],
+                               "unmeasurable": [{"startTimeInSeconds": 1710133080, "endTimeInSeconds": 1710133800}],
+                               "Deep": [{"startTimeInSeconds": 1710133800, "endTimeInSeconds": 1710158280}]})
+    assert [s["level"] for s in only({"sleeps": [doc]})["sleep_durations_data"]["hypnogram_samples"]] == [4, 0, 5]
+
+
+def test_off_wrist_sleep_has_no_stage_totals_score_or_efficiency() -> None:
+    record = only(load("sleeps.off_wrist.json"))
+    assert record["metadata"]["upload_type"] == 4  # OFF_WRIST → INDETERMINATE
+    assert record["metadata"]["start_time"] == "2024-03-11T23:30:00.000000-05:00"
+    assert record["metadata"]["end_time"] == "2024-03-12T06:30:00.000000-05:00"  # + 25200 s unmeasurable
+    assert record["sleep_durations_data"] == {"other": {"duration_in_bed_seconds": 25200,
+                                                        "duration_unmeasurable_sleep_seconds": 25200}}
+    assert "scores" not in record
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,6 +517,54 @@ def test_mct_keyed_on_period_start_with_version_from_last_update() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# zero that means "not measured" (the rule per field is in the module docstring)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_daily_heart_rate_zeros_are_not_measured() -> None:
+    """A day the watch was barely worn: Garmin sends 0 for resting/min/max HR and 0 samples where nothing was read."""
+    doc = dict(day_push(USER_A), restingHeartRateInBeatsPerMinute=0, minHeartRateInBeatsPerMinute=0,
+               maxHeartRateInBeatsPerMinute=0, timeOffsetHeartRateSamples={"15": 0, "30": 61, "45": 0, "60": 63},
+               steps=0, floorsClimbed=0)
+    record = only({"dailies": [doc]})
+    assert record["heart_rate_data"] == {
+        "summary": {"avg_hr_bpm": 62},  # of the two real samples, not (0 + 61 + 0 + 63) / 4
+        "detailed": {"hr_samples": [{"timestamp": "2024-03-11T00:00:30.000000-05:00", "bpm": 61},
+                                    {"timestamp": "2024-03-11T00:01:00.000000-05:00", "bpm": 63}]}}
+    assert record["distance_data"]["steps"] == 0 and record["distance_data"]["floors_climbed"] == 0  # real zeros
+
+
+def test_activity_without_heart_rate_or_cadence_sensor() -> None:
+    """A strength session recorded without HR: Garmin's 0 averages are no reading; distance 0 is a real 0 m."""
+    doc = dict(load("activities.json")["activities"][0], activityType="STRENGTH_TRAINING", distanceInMeters=0,
+               averageHeartRateInBeatsPerMinute=0, maxHeartRateInBeatsPerMinute=0, averageRunCadenceInStepsPerMinute=0,
+               maxRunCadenceInStepsPerMinute=0.0, averagePaceInMinutesPerKilometer=0.0, maxPaceInMinutesPerKilometer=0,
+               averageSpeedInMetersPerSecond=0.0)
+    record = only({"activities": [doc]})
+    assert "heart_rate_data" not in record
+    assert record["distance_data"]["summary"]["distance_meters"] == 0
+    assert record["movement_data"] == {"avg_speed_meters_per_second": 0.0, "max_speed_meters_per_second": 3.91}
+
+
+def test_zero_spo2_respiration_vo2_body_composition_and_pulse_are_not_measured() -> None:
+    spo2 = only({"pulseox": [dict(load("pulseox.json")["pulseox"][0], timeOffsetSpo2Values={"0": 0, "60": 95})]})
+    assert [s["percentage"] for s in spo2["oxygen_data"]["saturation_samples"]] == [95]
+    sleep = dict(load("sleeps.final.json")["sleeps"][0], timeOffsetSleepRespiration={"0": 0.0, "60": 14.0},
+                 timeOffsetSleepSpo2={"0": 0, "60": 96}, overallSleepScore={"value": 0})
+    respiration = only({"sleeps": [sleep]})["respiration_data"]
+    assert [s["breaths_per_min"] for s in respiration["breaths_data"]["samples"]] == [14.0]
+    assert respiration["breaths_data"]["min_breaths_per_min"] == 14.0
+    assert respiration["oxygen_saturation_data"]["avg_saturation_percentage"] == 96
+    assert "scores" not in only({"sleeps": [sleep]})
+    vo2 = {"userId": USER_B, "summaryId": "x1b7e0d3-um", "calendarDate": "2024-03-11", "vo2Max": 0.0, "fitnessAge": 31}
+    assert "oxygen_data" not in only({"userMetrics": [vo2]})
+    scale = dict(load("bodyComps.json")["bodyComps"][0], bodyFatInPercent=0.0, bodyMassIndex=0, muscleMassInGrams=0,
+                 boneMassInGrams=0, bodyWaterInPercent=0.0)
+    assert only({"bodyComps": [scale]})["measurements_data"]["measurements"] == [
+        {"measurement_time": "2024-03-11T21:30:00.000000-05:00", "weight_kg": 72.35}]
+    reading = dict(load("bloodPressures.json")["bloodPressures"][0], pulse=0)
+    assert "heart_data" not in only({"bloodPressures": [reading]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # update semantics through the merge
 # ----------------------------------------------------------------------------------------------------------------------
 def test_daily_resent_three_times_ends_as_the_last_one() -> None:
@@ -449,10 +593,14 @@ def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
         bodies = {"dailies": {"dailies": [day_push(USER_A)]}, "epochs": load("epochs.json"),
                   "stress": load("stressDetails.json")}
         record = merged(*(bodies[name] for name in order))[(USER_A, "daily", "2024-03-11")].data
-        for key in ("metadata", "distance_data", "calories_data", "heart_rate_data"):
+        for key in ("metadata", "heart_rate_data"):
             assert record[key] == day[key], (order, key)
+        assert {k: v for k, v in record["distance_data"].items() if k != "detailed"} == day["distance_data"]
+        assert {k: v for k, v in record["calories_data"].items() if k != "calorie_samples"} == day["calories_data"]
         assert record["stress_data"] == {**day["stress_data"], **stress["stress_data"]}
         assert record["active_durations_data"]["activity_seconds"] == 5460
+        assert record["distance_data"]["steps"] == 11842  # the day's total stays the dailies' one
+        assert [s["steps"] for s in record["distance_data"]["detailed"]["step_samples"]] == [980, 1350]
         met = record["MET_data"]["MET_samples"]
         levels = record["active_durations_data"]["activity_levels_samples"]
         # one sample per 15-minute slice; of two epochs in one slice the later document wins (as delivered)
