@@ -624,6 +624,44 @@ def test_tentative_then_final_sleep_ends_final() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# input forms: push body, pull answer (bare array), single summary
+# ----------------------------------------------------------------------------------------------------------------------
+def raw_event(payload: Any, kind: str | None, index: int = 0) -> list[Keyed | Failed]:
+    """One raw event through the real normalize step, its kind named by the event (as a pull publishes it)."""
+    raw = RawPayload("garmin", json.dumps(payload).encode(), kind, None, RECEIVED_AT_MS)
+    return list(normalize_message(RawMessage(encode_raw(raw), {"partition": 0, "offset": index})))
+
+
+@pytest.mark.parametrize("kind", ["dailies", "epochs", "sleeps", "activities", "activityDetails",
+                                  "manuallyUpdatedActivities", "bodyComps", "bloodPressures", "stressDetails",
+                                  "userMetrics", "pulseox", "hrv", "mct"])
+def test_a_pull_answer_a_bare_array_maps_as_its_push_body_does(kind: str) -> None:
+    """``GET /wellness-api/rest/<type>?uploadStartTimeInSeconds=…`` (a Ping callback, or a pull) answers a bare JSON
+    array of that type: with the kind named by the raw event it maps to exactly what the push body maps to."""
+    answer = load(f"{kind}.pull.json")
+    pushed = [(k.user["user_id"], k.type, k.data) for k in pipeline({kind: answer})]
+    pulled = raw_event(answer, kind)
+    assert not [item.record["error_message"] for item in pulled if isinstance(item, Failed)]
+    assert [(k.user["user_id"], k.type, k.data) for k in pulled] == pushed
+    assert len(pushed) >= len(answer)
+
+
+def test_a_single_summary_naming_its_kind_and_what_is_refused() -> None:
+    (keyed,) = raw_event(load("sleeps.single.json"), "sleeps")
+    assert isinstance(keyed, Keyed) and keyed.data == only(load("sleeps.final.json"), USER_A)
+    assert raw_event([], "dailies") == []  # an upload window with nothing new
+    # a push body still names its own kind; another kind in it than the event's is refused
+    (failed,) = raw_event({"sleeps": [load("sleeps.single.json")]}, "dailies")
+    assert isinstance(failed, Failed)
+    assert failed.record["error_message"] == "payload holds 'sleeps' but the raw event says kind 'dailies'"
+    # a bare array whose event names no kind cannot be mapped: the error says what to attach
+    (failed,) = raw_event(load("dailies.pull.json"), None)
+    assert "keyed by summary type (or name its kind with the raw event)" in failed.record["error_message"]
+    (failed,) = raw_event(load("dailies.single.json"), "moveIQActivities")
+    assert failed.record["error_class"] == "UnknownKind"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # malformed input
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kind", "doc", "field"), [
