@@ -682,6 +682,26 @@ def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: s
         normalize({kind: [broken]})
 
 
+@pytest.mark.parametrize(("kind", "doc", "changes", "reason"), [
+    ("dailies", lambda: day_push(USER_A), {"startTimeInSeconds": 1710133200000},
+     "startTimeInSeconds must be unix seconds between 2000 and 2100, got 1710133200000 (milliseconds? Garmin sends "
+     "unix seconds)"),
+    ("sleeps", lambda: load("sleeps.final.json")["sleeps"][0], {"startTimeInSeconds": "1710130320"},
+     "startTimeInSeconds must be unix seconds between 2000 and 2100, got '1710130320'"),
+    ("bodyComps", lambda: load("bodyComps.json")["bodyComps"][0], {"measurementTimeInSeconds": 0},
+     "measurementTimeInSeconds must be unix seconds between 2000 and 2100, got 0"),
+    ("activities", lambda: load("activities.json")["activities"][0], {"durationInSeconds": -2790},
+     "durationInSeconds must be a number of seconds ≥ 0, got -2790"),
+    ("epochs", lambda: load("epochs.json")["epochs"][0], {"startTimeOffsetInSeconds": -18000000},
+     "startTimeOffsetInSeconds must be a display offset in seconds within ±24 h, got -18000000"),
+])
+def test_implausible_times_are_refused_naming_the_field(kind: str, doc: Any, changes: dict[str, Any],
+                                                        reason: str) -> None:
+    with pytest.raises(MappingError) as error:
+        normalize({kind: [dict(doc(), **changes)]})
+    assert str(error.value) == reason
+
+
 def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:
     doc = load("activityDetails.json")["activityDetails"][0]
     with pytest.raises(MappingError, match="summaryId"):

@@ -58,7 +58,7 @@ MCT_PHASE = {  # Garmin currentPhaseType → Terra MenstruationInterval
 
 def _measured(value: Any) -> Any:
     """``value`` when it is a measurement, ``None`` for Garmin's 0 / negative "not measured" (module docstring)."""
-    return value if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
+    return value if _is_number(value) and value > 0 else None
 
 
 def _sleep_upload_type(validation: Any) -> int:
@@ -70,14 +70,38 @@ def _sleep_upload_type(validation: Any) -> int:
     return 2 if name.endswith("_FINAL") else 3 if name.endswith("_TENTATIVE") else 0
 
 
+EARLIEST_S, LATEST_S = 946_684_800, 4_102_444_800  # 2000-01-01 and 2100-01-01 UTC: Garmin's plausible unix seconds
+
+
 def _require(doc: dict[str, Any], *names: str) -> None:
+    """The fields are present; a ``…TimeInSeconds`` one must be plausible unix seconds (Garmin itself refuses
+    milliseconds: a value in ms would put the record in another millennium), a ``durationInSeconds`` ≥ 0."""
     missing = [n for n in names if doc.get(n) is None]
     if missing:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
+    for name in names:
+        value = doc[name]
+        if name.endswith("TimeInSeconds") and (not _is_number(value) or not EARLIEST_S <= value < LATEST_S):
+            hint = " (milliseconds? Garmin sends unix seconds)" if _is_number(value) and value >= LATEST_S else ""
+            raise MappingError(f"{name} must be unix seconds between 2000 and 2100, got {value!r}{hint}")
+        if name == "durationInSeconds" and (not _is_number(value) or value < 0):
+            raise MappingError(f"durationInSeconds must be a number of seconds ≥ 0, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _offset(doc: dict[str, Any], name: str = "startTimeOffsetInSeconds") -> int:
-    return int(doc.get(name) or doc.get("offsetStartTimeInSeconds") or 0)
+    """The display offset (Health Snapshot spells it ``offsetStartTimeInSeconds``); within ±24 h, else MappingError."""
+    value = doc.get(name)
+    if value is None:
+        value = doc.get("offsetStartTimeInSeconds")
+    if value is None:
+        return 0
+    if not _is_number(value) or not -86_400 < value < 86_400:
+        raise MappingError(f"{name} must be a display offset in seconds within ±24 h, got {value!r}")
+    return int(value)
 
 
 def _local_day(doc: dict[str, Any], time_field: str = "startTimeInSeconds",
