@@ -246,6 +246,28 @@ def test_hrv_joins_the_days_daily_without_wiping_its_heart_rate() -> None:
         assert len(heart["detailed"]["hrv_samples_rmssd"]) == 6
 
 
+def test_health_snapshot_readings_become_samples_of_the_day() -> None:
+    record = only(load("healthSnapshot.json"))
+    def at(seconds: int) -> str:  # startTimeInSeconds is 14:02:00 local
+        return f"2024-03-11T14:{2 + seconds // 60:02d}:{seconds % 60:02d}.000000+05:30"
+
+    assert record == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+05:30", "end_time": "2024-03-12T00:00:00.000000+05:30",
+                     "upload_type": 1, "timestamp_localization": 1},  # offsetStartTimeInSeconds: the example's spelling
+        "heart_rate_data": {"detailed": {
+            "hr_samples": [{"timestamp": at(0), "bpm": 68}, {"timestamp": at(30), "bpm": 66},
+                           {"timestamp": at(60), "bpm": 71}, {"timestamp": at(90), "bpm": 74},
+                           {"timestamp": at(115), "bpm": 68}],
+            "hrv_samples_rmssd": [{"timestamp": at(0), "hrv_rmssd": 41.0}],  # avgValue only: at the start
+            "hrv_samples_sdnn": [{"timestamp": at(0), "hrv_sdnn": 57.0}]}},
+        "stress_data": {"samples": [{"timestamp": at(0), "level": 9}, {"timestamp": at(60), "level": 31}]},  # -1: none
+        "oxygen_data": {"saturation_samples": [  # 0 % is no reading
+            {"timestamp": at(0), "percentage": 97.0, "type": 0},
+            {"timestamp": at(115), "percentage": 95.0, "type": 0}]},
+    }
+    assert natural_key("daily", record) == "2024-03-11"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # sleeps
 # ----------------------------------------------------------------------------------------------------------------------
@@ -634,7 +656,7 @@ def raw_event(payload: Any, kind: str | None, index: int = 0) -> list[Keyed | Fa
 
 @pytest.mark.parametrize("kind", ["dailies", "epochs", "sleeps", "activities", "activityDetails",
                                   "manuallyUpdatedActivities", "bodyComps", "bloodPressures", "stressDetails",
-                                  "userMetrics", "pulseox", "hrv", "mct"])
+                                  "userMetrics", "pulseox", "hrv", "healthSnapshot", "mct"])
 def test_a_pull_answer_a_bare_array_maps_as_its_push_body_does(kind: str) -> None:
     """``GET /wellness-api/rest/<type>?uploadStartTimeInSeconds=…`` (a Ping callback, or a pull) answers a bare JSON
     array of that type: with the kind named by the raw event it maps to exactly what the push body maps to."""

@@ -506,6 +506,42 @@ def hrv(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SNAPSHOT_SERIES = {  # healthSnapshot summaryType → (Terra Daily sample list path, value name); respiration has no
+    # Daily field. SDRR (SD of R-R intervals over the 2 minutes) is Terra's SDNN.
+    "heart_rate": (("heart_rate_data", "detailed", "hr_samples"), "bpm"),
+    "stress": (("stress_data", "samples"), "level"),
+    "spo2": (("oxygen_data", "saturation_samples"), "percentage"),
+    "rmssd_hrv": (("heart_rate_data", "detailed", "hrv_samples_rmssd"), "hrv_rmssd"),
+    "sdrr_hrv": (("heart_rate_data", "detailed", "hrv_samples_sdnn"), "hrv_sdnn"),
+}
+
+
+@PROVIDER.kind("healthSnapshot", "daily")
+def health_snapshot(doc: dict[str, Any]) -> dict[str, Any]:
+    """A 2-minute Health Snapshot: heart rate, stress, SpO2, RMSSD and SDRR readings as samples of the day's Daily
+    (each series' ``epochSummaries`` ``{"<seconds from start>": value}``; a series without them is its
+    ``avgValue`` at the start). Respiration has no Daily field in Terra's model."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    record: dict[str, Any] = {"metadata": _day_metadata(doc)}
+    for series in doc.get("summaries") or []:
+        target = SNAPSHOT_SERIES.get(str(series.get("summaryType") or "").lower())
+        if target is None:
+            continue
+        (*parents, leaf), name = target
+        values = series.get("epochSummaries") or {"0": series.get("avgValue")}
+        # stress levels below 0 are codes, every other reading ≤ 0 is no reading (module docstring)
+        samples = _offset_samples(dict(doc, values=values), "values", name, offset,
+                                  skip_negative=name == "level", skip_zero=name != "level")
+        if name == "percentage":
+            samples = [dict(sample, type=0) for sample in samples]
+        holder = record
+        for key in parents:
+            holder = holder.setdefault(key, {})
+        holder[leaf] = samples
+    return record
+
+
 @PROVIDER.kind("userMetrics", "daily")
 def user_metrics(doc: dict[str, Any]) -> dict[str, Any]:
     """VO2 max for a calendar day."""
