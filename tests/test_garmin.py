@@ -140,6 +140,8 @@ def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as
     assert natural_key("daily", only({"dailies": [undated]})) == "2024-03-11"
     measured = dict(doc, averageStressLevel=12, maxStressLevel=-1, stressQualifier="calm_awake")
     assert only({"dailies": [measured]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
+    shouted = dict(doc, averageStressLevel=12, stressQualifier="CALM_AWAKE")
+    assert only({"dailies": [shouted]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
 
 
 def test_epochs_become_step_distance_calorie_met_and_activity_level_samples_of_the_day() -> None:
@@ -335,6 +337,24 @@ def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> N
 def test_sleep_validation_to_upload_type(validation: str, upload_type: int) -> None:
     doc = dict(load("sleeps.final.json")["sleeps"][0], validation=validation)
     assert only({"sleeps": [doc]})["metadata"]["upload_type"] == upload_type
+
+
+def test_naps_of_a_night_are_sleeps_of_their_own() -> None:
+    night, device_nap, manual_nap = normalize(load("sleeps.naps.json"))
+    assert night.data == only(load("sleeps.final.json"), USER_A)  # the night itself is unchanged
+    assert device_nap.provider_user_id == USER_A
+    assert device_nap.data == {
+        "metadata": {"summary_id": "x2f41c9a-65ee8490-nap-1710184800",  # stable: the night's id + the nap's start
+                     "start_time": "2024-03-11T14:20:00.000000-05:00", "end_time": "2024-03-11T14:50:00.000000-05:00",
+                     "upload_type": 2, "is_nap": True, "timestamp_localization": 1},  # DEVICE → AUTOMATIC
+        "sleep_durations_data": {"asleep": {"duration_asleep_state_seconds": 1800}},
+    }
+    assert manual_nap.data["metadata"]["upload_type"] == 1  # MANUAL
+    assert manual_nap.data["metadata"]["end_time"] == "2024-03-11T17:50:00.000000-05:00"
+    # re-sent with the final night, the naps keep their keys (no duplicates)
+    events = merged(load("sleeps.naps.json"), load("sleeps.naps.json"))
+    assert sorted(key for user, kind, key in events if kind == "sleep") == [
+        "x2f41c9a-65ee8490", "x2f41c9a-65ee8490-nap-1710184800", "x2f41c9a-65ee8490-nap-1710196200"]
 
 
 def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:

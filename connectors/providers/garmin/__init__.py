@@ -174,7 +174,8 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
         "stress_data": {
             "avg_stress_level": stress_avg,
             "max_stress_level": stress_max,
-            "stress_rating": STRESS_RATING.get((doc.get("stressQualifier") or "").removesuffix("_awake")),
+            "stress_rating": STRESS_RATING.get(str(doc.get("stressQualifier") or "").strip().lower().removesuffix(
+                "_awake")),
             "stress_duration_seconds": doc.get("stressDurationInSeconds"),
             "rest_stress_duration_seconds": doc.get("restStressDurationInSeconds"),
             "activity_stress_duration_seconds": doc.get("activityStressDurationInSeconds"),
@@ -253,13 +254,42 @@ def _stage_seconds(segments: list[tuple[int, int, int]], level: int) -> int | No
     return sum(spans) if spans else None
 
 
+NAP_UPLOAD = {"MANUAL": 1, "DEVICE": 2}  # Garmin napValidation → Terra SleepUploadType
+
+
 @PROVIDER.kind("sleeps", "sleep")
-def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
-    """Night sleep with stage totals, hypnogram (sleepLevelsMap), respiration and SpO2.
+def sleeps(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Night sleep with stage totals, hypnogram (sleepLevelsMap), respiration and SpO2; and each of its ``naps`` as
+    a Sleep of its own (``is_nap``).
 
     Stage totals are Garmin's fields; a total Garmin leaves out is the sum of that stage's segments (only what
-    it staged, never a gap). An OFF_WRIST sleep measured nothing: its zero totals are absent."""
+    it staged, never a gap). An OFF_WRIST sleep measured nothing: its zero totals are absent. A nap has no id of
+    its own at Garmin: its ``summary_id`` is the night's followed by ``-nap-<napStartTimeInSeconds>``, the same
+    each time the night is re-sent."""
     _require(doc, "summaryId", "startTimeInSeconds")
+    return [_night(doc), *(_nap(doc, nap) for nap in doc.get("naps") or [])]
+
+
+def _nap(night: dict[str, Any], nap: dict[str, Any]) -> dict[str, Any]:
+    _require(nap, "napStartTimeInSeconds", "napDurationInSeconds")
+    start, duration = nap["napStartTimeInSeconds"], nap["napDurationInSeconds"]
+    if not _is_number(duration) or duration < 0:
+        raise MappingError(f"naps[].napDurationInSeconds must be a number of seconds ≥ 0, got {duration!r}")
+    offset = _offset(nap, "napOffsetInSeconds") if nap.get("napOffsetInSeconds") is not None else _offset(night)
+    return {
+        "metadata": {
+            "summary_id": f"{night['summaryId']}-nap-{start}",
+            "start_time": unix_ts(start, offset),
+            "end_time": unix_ts(start + duration, offset),
+            "upload_type": NAP_UPLOAD.get(str(nap.get("napValidation") or "").strip().upper(), 0),
+            "is_nap": True,
+            "timestamp_localization": LOCAL,
+        },
+        "sleep_durations_data": {"asleep": {"duration_asleep_state_seconds": duration}},
+    }
+
+
+def _night(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc)
     start, end = doc["startTimeInSeconds"], _sleep_end(doc)
     segments = _stage_segments(doc)
