@@ -102,7 +102,8 @@ class Provider:
     ``envelope`` says how a payload holds documents: ``"keyed"`` (Garmin: ``{kind: [docs]}``),
     or the name of the list field (``"data"`` for Oura, ``"records"`` for WHOOP), plus ``list_fields`` for a provider
     that names its lists per endpoint (Polar's ``nights``, ``recharges``); a payload
-    that is a single document, or a bare JSON array of documents, is accepted too. ``user_field``
+    that is a single document, or a bare JSON array of documents, is accepted too (for ``"keyed"``, when the raw
+    event names its kind: a pull answer). ``user_field``
     names the document field holding the provider's user id (``None``: the id comes with the raw event, as for Oura).
 
     A document belongs to one user (``owner_of``): every record a mapper makes of it is that user's, and the
@@ -145,8 +146,15 @@ class Provider:
     def documents(self, payload: Any, kind: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Split a decoded payload into ``(kind, document)`` pairs."""
         if self.envelope == "keyed":
+            keyed_body = isinstance(payload, dict) and all(isinstance(docs, list) for docs in payload.values())
+            if kind and (isinstance(payload, list) or (isinstance(payload, dict) and not keyed_body)):
+                # a pull answer (a bare array of that kind) or a single document, its kind named by the raw event
+                for doc in payload if isinstance(payload, list) else [payload]:
+                    yield kind, doc
+                return
             if not isinstance(payload, dict):
-                raise MappingError(f"{self.slug} payload must be a JSON object keyed by summary type")
+                raise MappingError(f"{self.slug} payload must be a JSON object keyed by summary type (or name its "
+                                   "kind with the raw event)")
             for key, docs in payload.items():
                 if kind and key != kind:
                     raise MappingError(f"payload holds {key!r} but the raw event says kind {kind!r}")

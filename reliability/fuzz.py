@@ -60,14 +60,17 @@ class Hostile:
 
 
 def _fixtures() -> list[tuple[str, str | None, Any]]:
-    """(provider, kind, document) of every good fixture (Garmin push bodies name their kinds)."""
+    """(provider, kind, document) of every good fixture (Garmin push bodies name their kinds; its pull answers and
+    single summaries take the kind from the file name)."""
     out = []
     for path in sorted(FIXTURES.glob("*/*.json")):
         if path.name.partition(".")[2].startswith("bad"):
             continue
-        provider = path.parent.name
-        kind = None if provider == "garmin" else path.name.split(".")[0]
-        out.append((provider, kind, json.loads(path.read_text())))
+        provider, document = path.parent.name, json.loads(path.read_text())
+        push_bodies = document if isinstance(document, list) else [document]
+        keyed = provider == "garmin" and all(
+            isinstance(body, dict) and all(isinstance(docs, list) for docs in body.values()) for body in push_bodies)
+        out.append((provider, None if keyed else path.name.split(".")[0], document))
     return out
 
 

@@ -13,12 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from terra.core.serialization import convert_and_respect_annotation_metadata
-from terra.types.activity import Activity
-from terra.types.body import Body
-from terra.types.daily import Daily
-from terra.types.menstruation import Menstruation
-from terra.types.sleep import Sleep
+from terra_oracle import assert_terra_record
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
@@ -28,7 +23,6 @@ from schemas.serde import encode_raw, validate_record
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
-TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "menstruation": Menstruation, "sleep": Sleep}
 GARMIN = get_provider("garmin")
 USER_A = "c0a5d2e8f7b14e39a6d21f8b3e4c5d70"  # -05:00
 USER_B = "7e9b13f4a2c84d6b91e05f3a8c2d4b16"  # +05:30
@@ -40,9 +34,9 @@ def load(name: str) -> Any:
 
 
 def sdk_validate(model_type: str, record: dict[str, Any]) -> None:
-    """Validate with Terra's SDK model; Fern aliases (``MET_data``) are mapped first, or they would be extras."""
-    model = TERRA_MODELS[model_type]
-    model.model_validate(convert_and_respect_annotation_metadata(object_=record, annotation=model, direction="read"))
+    """Validate with Terra's SDK model (``terra_oracle.assert_terra_record``: Fern aliases such as ``MET_data`` mapped
+    first, no key the SDK does not declare)."""
+    assert_terra_record(model_type, record)
 
 
 def normalize(payload: Any) -> list[Fragment]:
@@ -101,7 +95,7 @@ def test_daily_units_offset_timestamps_and_calendar_date_key() -> None:
         "timestamp_localization": 1,  # LOCAL: the display offset is kept
     }
     assert natural_key("daily", record) == "2024-03-11"
-    assert record["distance_data"] == {"steps": 11842, "distance_meters": 9120, "floors_climbed": 14}  # 9120.4 m
+    assert record["distance_data"] == {"steps": 11842, "distance_meters": 9120.4, "floors_climbed": 14}  # as sent
     assert record["calories_data"] == {"net_activity_calories": 612, "BMR_calories": 1698,
                                        "total_burned_calories": 2310}  # dailies' active kcal exclude BMR
     assert record["active_durations_data"] == {"activity_seconds": 5460, "moderate_intensity_seconds": 1920,
@@ -132,7 +126,7 @@ def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as
     assert record["heart_rate_data"]["detailed"]["hr_samples"][0] == {
         "timestamp": "2024-03-11T01:00:00.000000+05:30", "bpm": 61}
     assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 62
-    assert record["distance_data"]["distance_meters"] == 3158  # 3157.5 m → Terra's integer metres
+    assert record["distance_data"]["distance_meters"] == 3157.5  # metres as Garmin sends them, not rounded
     # averageStressLevel and maxStressLevel are -1 ("not enough data"), qualifier "unknown": no stress at all
     assert "stress_data" not in record
     # without calendarDate the day is the local date of the start, still not the UTC one
@@ -140,27 +134,50 @@ def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as
     assert natural_key("daily", only({"dailies": [undated]})) == "2024-03-11"
     measured = dict(doc, averageStressLevel=12, maxStressLevel=-1, stressQualifier="calm_awake")
     assert only({"dailies": [measured]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
+    shouted = dict(doc, averageStressLevel=12, stressQualifier="CALM_AWAKE")
+    assert only({"dailies": [shouted]})["stress_data"] == {"avg_stress_level": 12, "stress_rating": 1}
 
 
-def test_epochs_become_met_and_activity_level_samples_of_the_day() -> None:
+def test_epochs_become_step_distance_calorie_met_and_activity_level_samples_of_the_day() -> None:
     sedentary, running, walking = normalize(load("epochs.json"))
     day = only({"dailies": [day_push(USER_A)]})
     for epoch in (sedentary, running, walking):
         assert epoch.type == "daily" and epoch.provider_user_id == USER_A
         assert epoch.data["metadata"] == day["metadata"]  # same day key: merges into the day's Daily
-    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start
+    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start; each sample
+    # holds the epoch's own amount over its 15 minutes (epochs of a day arrive in many pushes: no running total)
+    at = "2024-03-11T08:00:00.000000-05:00"
     assert running.data == {
         "metadata": day["metadata"],
-        "MET_data": {"MET_samples": [{"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 9.8}]},
-        "active_durations_data": {"activity_levels_samples": [
-            {"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 5}]},  # HIGHLY_ACTIVE → HIGH_INTENSITY
+        "distance_data": {"detailed": {"step_samples": [{"timestamp": at, "steps": 980}],
+                                       "distance_samples": [{"timestamp": at, "distance_meters": 1012.0}]}},
+        "calories_data": {"calorie_samples": [{"timestamp": at, "calories": 71}]},  # activeKilocalories
+        "MET_data": {"MET_samples": [{"timestamp": at, "level": 9.8}]},
+        "active_durations_data": {"activity_levels_samples": [{"timestamp": at, "level": 5}]},  # HIGHLY_ACTIVE
     }
-    assert sedentary.data["MET_data"]["MET_samples"] == [{"timestamp": "2024-03-11T08:00:00.000000-05:00",
-                                                          "level": 1.0}]
+    assert sedentary.data["MET_data"]["MET_samples"] == [{"timestamp": at, "level": 1.0}]
     assert sedentary.data["active_durations_data"]["activity_levels_samples"][0]["level"] == 2  # INACTIVE
+    assert sedentary.data["distance_data"]["detailed"]["step_samples"] == [{"timestamp": at, "steps": 120}]
     assert walking.data["active_durations_data"]["activity_levels_samples"] == [
         {"timestamp": "2024-03-11T08:15:00.000000-05:00", "level": 4}]  # ACTIVE → MEDIUM_INTENSITY
     assert walking.data["MET_data"]["MET_samples"][0]["level"] == 3.4
+    assert walking.data["distance_data"]["detailed"] == {
+        "step_samples": [{"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 1350}],
+        "distance_samples": [{"timestamp": "2024-03-11T08:15:00.000000-05:00", "distance_meters": 1020.0}]}
+
+
+def test_epochs_of_one_day_in_separate_pushes_and_an_epoch_update_keep_one_sample_per_epoch() -> None:
+    """Garmin sends an epoch at 720 s, later the same start at 900 s (more steps): the update replaces it."""
+    first, _, second = load("epochs.json")["epochs"]
+    partial = dict(first, durationInSeconds=720, activeTimeInSeconds=420, steps=96, distanceInMeters=68.5,
+                   activeKilocalories=7)
+    record = merged({"epochs": [partial]}, {"epochs": [second]}, {"epochs": [first]})[
+        (USER_A, "daily", "2024-03-11")].data
+    assert record["distance_data"]["detailed"]["step_samples"] == [
+        {"timestamp": "2024-03-11T08:00:00.000000-05:00", "steps": 120},
+        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 1350}]
+    assert [s["distance_meters"] for s in record["distance_data"]["detailed"]["distance_samples"]] == [86.0, 1020.0]
+    assert [s["calories"] for s in record["calories_data"]["calorie_samples"]] == [9, 48]
 
 
 def test_stress_details_skip_negative_codes() -> None:
@@ -190,6 +207,61 @@ def test_pulse_ox_and_user_metrics() -> None:
                                  "vo2Max": 48.0, "enhanced": True, "fitnessAge": 31}]})
     assert vo2["oxygen_data"] == {"vo2max_ml_per_min_per_kg": 48.0}
     assert natural_key("daily", vo2) == "2024-03-11"
+
+
+def test_hrv_is_the_days_average_rmssd_and_its_five_minute_samples() -> None:
+    record = only(load("hrv.json"), USER_A)
+    # the night that started 23:12 on the 10th (-05:00) belongs to calendarDate 2024-03-11
+    assert record["metadata"] == only({"dailies": [day_push(USER_A)]})["metadata"]
+    assert natural_key("daily", record) == "2024-03-11"
+    assert record["heart_rate_data"] == {
+        "summary": {"avg_hrv_rmssd": 44},  # lastNightAvg, ms; lastNight5MinHigh (72) has no Terra field
+        "detailed": {"hrv_samples_rmssd": [  # offsets from startTimeInSeconds; the 0 at "900" is no reading
+            {"timestamp": "2024-03-10T23:17:00.000000-05:00", "hrv_rmssd": 32},
+            {"timestamp": "2024-03-10T23:22:00.000000-05:00", "hrv_rmssd": 24},
+            {"timestamp": "2024-03-10T23:32:00.000000-05:00", "hrv_rmssd": 41},
+            {"timestamp": "2024-03-10T23:37:00.000000-05:00", "hrv_rmssd": 55},
+            {"timestamp": "2024-03-10T23:42:00.000000-05:00", "hrv_rmssd": 72},
+            {"timestamp": "2024-03-10T23:47:00.000000-05:00", "hrv_rmssd": 48}]},
+    }
+    bengaluru = only(load("hrv.json"), USER_B)
+    assert bengaluru["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+05:30"
+    assert bengaluru["heart_rate_data"]["detailed"]["hrv_samples_rmssd"][0] == {
+        "timestamp": "2024-03-10T22:45:00.000000+05:30", "hrv_rmssd": 36}
+    no_reading = dict(load("hrv.json")["hrv"][1], lastNightAvg=0, hrvValues={})
+    assert "heart_rate_data" not in only({"hrv": [no_reading]})
+
+
+def test_hrv_joins_the_days_daily_without_wiping_its_heart_rate() -> None:
+    day = only({"dailies": [day_push(USER_A)]})
+    daily = {"dailies": [day_push(USER_A)]}
+    for bodies in ((daily, load("hrv.json")), (load("hrv.json"), daily)):
+        heart = merged(*bodies)[(USER_A, "daily", "2024-03-11")].data["heart_rate_data"]
+        assert heart["summary"] == {**day["heart_rate_data"]["summary"], "avg_hrv_rmssd": 44}
+        assert heart["detailed"]["hr_samples"] == day["heart_rate_data"]["detailed"]["hr_samples"]
+        assert len(heart["detailed"]["hrv_samples_rmssd"]) == 6
+
+
+def test_health_snapshot_readings_become_samples_of_the_day() -> None:
+    record = only(load("healthSnapshot.json"))
+    def at(seconds: int) -> str:  # startTimeInSeconds is 14:02:00 local
+        return f"2024-03-11T14:{2 + seconds // 60:02d}:{seconds % 60:02d}.000000+05:30"
+
+    assert record == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+05:30", "end_time": "2024-03-12T00:00:00.000000+05:30",
+                     "upload_type": 1, "timestamp_localization": 1},  # offsetStartTimeInSeconds: the example's spelling
+        "heart_rate_data": {"detailed": {
+            "hr_samples": [{"timestamp": at(0), "bpm": 68}, {"timestamp": at(30), "bpm": 66},
+                           {"timestamp": at(60), "bpm": 71}, {"timestamp": at(90), "bpm": 74},
+                           {"timestamp": at(115), "bpm": 68}],
+            "hrv_samples_rmssd": [{"timestamp": at(0), "hrv_rmssd": 41.0}],  # avgValue only: at the start
+            "hrv_samples_sdnn": [{"timestamp": at(0), "hrv_sdnn": 57.0}]}},
+        "stress_data": {"samples": [{"timestamp": at(0), "level": 9}, {"timestamp": at(60), "level": 31}]},  # -1: none
+        "oxygen_data": {"saturation_samples": [  # 0 % is no reading
+            {"timestamp": at(0), "percentage": 97.0, "type": 0},
+            {"timestamp": at(115), "percentage": 95.0, "type": 0}]},
+    }
+    assert natural_key("daily", record) == "2024-03-11"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,10 +325,70 @@ def test_sleep_without_stage_map_ends_after_asleep_awake_and_unmeasurable() -> N
 
 
 @pytest.mark.parametrize(("validation", "upload_type"), [
-    ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0)])
+    ("MANUAL", 1), ("DEVICE", 2), ("AUTO_FINAL", 2), ("AUTO_TENTATIVE", 3), ("OFF_WRIST", 4), ("SOMETHING_NEW", 0),
+    ("auto_final", 2), ("Enhanced_Final", 2), ("enhanced_tentative", 3), ("manual", 1), ("off_wrist", 4),
+    (" ENHANCED_FINAL ", 2), ("SMART_FINAL", 2), ("smart_tentative", 3), (None, 0), ("", 0)])
 def test_sleep_validation_to_upload_type(validation: str, upload_type: int) -> None:
     doc = dict(load("sleeps.final.json")["sleeps"][0], validation=validation)
     assert only({"sleeps": [doc]})["metadata"]["upload_type"] == upload_type
+
+
+def test_naps_of_a_night_are_sleeps_of_their_own() -> None:
+    night, device_nap, manual_nap = normalize(load("sleeps.naps.json"))
+    assert night.data == only(load("sleeps.final.json"), USER_A)  # the night itself is unchanged
+    assert device_nap.provider_user_id == USER_A
+    assert device_nap.data == {
+        "metadata": {"summary_id": "x2f41c9a-65ee8490-nap-1710184800",  # stable: the night's id + the nap's start
+                     "start_time": "2024-03-11T14:20:00.000000-05:00", "end_time": "2024-03-11T14:50:00.000000-05:00",
+                     "upload_type": 2, "is_nap": True, "timestamp_localization": 1},  # DEVICE → AUTOMATIC
+        "sleep_durations_data": {"asleep": {"duration_asleep_state_seconds": 1800}},
+    }
+    assert manual_nap.data["metadata"]["upload_type"] == 1  # MANUAL
+    assert manual_nap.data["metadata"]["end_time"] == "2024-03-11T17:50:00.000000-05:00"
+    # re-sent with the final night, the naps keep their keys (no duplicates)
+    events = merged(load("sleeps.naps.json"), load("sleeps.naps.json"))
+    assert sorted(key for user, kind, key in events if kind == "sleep") == [
+        "x2f41c9a-65ee8490", "x2f41c9a-65ee8490-nap-1710184800", "x2f41c9a-65ee8490-nap-1710196200"]
+
+
+def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
+    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep, then nothing after 01:13 until the
+    night's end (asleep + awake + unmeasurable reach 01:30): the gaps are UNKNOWN (0), not light or deep."""
+    doc = dict(load("sleeps.final.json")["sleeps"][0], durationInSeconds=6540, awakeDurationInSeconds=0,
+               unmeasurableSleepInSeconds=1740, deepSleepDurationInSeconds=None, lightSleepDurationInSeconds=None,
+               remSleepInSeconds=None, validation="enhanced_final",
+               sleepLevelsMap={"light": [{"startTimeInSeconds": 1710130320, "endTimeInSeconds": 1710133080}],
+                               "deep": [{"startTimeInSeconds": 1710133800, "endTimeInSeconds": 1710137580}]})
+    record = only({"sleeps": [doc]})
+    assert record["sleep_durations_data"]["hypnogram_samples"] == [
+        {"timestamp": "2024-03-10T23:12:00.000000-05:00", "level": 4},
+        {"timestamp": "2024-03-10T23:58:00.000000-05:00", "level": 0},
+        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5},
+        {"timestamp": "2024-03-11T01:13:00.000000-05:00", "level": 0}]
+    assert record["metadata"]["end_time"] == "2024-03-11T01:30:00.000000-05:00"
+    assert record["metadata"]["upload_type"] == 2
+    # totals Garmin left out count only what it staged: 46 min light, 63 min deep, no REM
+    assert record["sleep_durations_data"]["asleep"] == {"duration_asleep_state_seconds": 6540,
+                                                        "duration_deep_sleep_state_seconds": 3780,
+                                                        "duration_light_sleep_state_seconds": 2760}
+
+
+def test_stage_names_are_case_insensitive_and_an_unknown_stage_is_unknown() -> None:
+    doc = dict(load("sleeps.final.json")["sleeps"][0],
+               sleepLevelsMap={"LIGHT": [{"startTimeInSeconds": 1710130320, "endTimeInSeconds": 1710133080}],
+                               "unmeasurable": [{"startTimeInSeconds": 1710133080, "endTimeInSeconds": 1710133800}],
+                               "Deep": [{"startTimeInSeconds": 1710133800, "endTimeInSeconds": 1710158280}]})
+    assert [s["level"] for s in only({"sleeps": [doc]})["sleep_durations_data"]["hypnogram_samples"]] == [4, 0, 5]
+
+
+def test_off_wrist_sleep_has_no_stage_totals_score_or_efficiency() -> None:
+    record = only(load("sleeps.off_wrist.json"))
+    assert record["metadata"]["upload_type"] == 4  # OFF_WRIST → INDETERMINATE
+    assert record["metadata"]["start_time"] == "2024-03-11T23:30:00.000000-05:00"
+    assert record["metadata"]["end_time"] == "2024-03-12T06:30:00.000000-05:00"  # + 25200 s unmeasurable
+    assert record["sleep_durations_data"] == {"other": {"duration_in_bed_seconds": 25200,
+                                                        "duration_unmeasurable_sleep_seconds": 25200}}
+    assert "scores" not in record
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,7 +407,7 @@ def test_activities() -> None:
             "name": "Bengaluru Running",
             "timestamp_localization": 1,
         },
-        "distance_data": {"summary": {"distance_meters": 8013, "steps": 7812,  # 8012.6 m
+        "distance_data": {"summary": {"distance_meters": 8012.6, "steps": 7812,  # as precise as the elevation
                                       "elevation": {"gain_actual_meters": 42.0, "loss_actual_meters": 39.6}}},
         "calories_data": {"total_burned_calories": 598},  # Activity API kcal include BMR
         "heart_rate_data": {"summary": {"avg_hr_bpm": 152, "max_hr_bpm": 171}},
@@ -421,6 +553,54 @@ def test_mct_keyed_on_period_start_with_version_from_last_update() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# zero that means "not measured" (the rule per field is in the module docstring)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_daily_heart_rate_zeros_are_not_measured() -> None:
+    """A day the watch was barely worn: Garmin sends 0 for resting/min/max HR and 0 samples where nothing was read."""
+    doc = dict(day_push(USER_A), restingHeartRateInBeatsPerMinute=0, minHeartRateInBeatsPerMinute=0,
+               maxHeartRateInBeatsPerMinute=0, timeOffsetHeartRateSamples={"15": 0, "30": 61, "45": 0, "60": 63},
+               steps=0, floorsClimbed=0)
+    record = only({"dailies": [doc]})
+    assert record["heart_rate_data"] == {
+        "summary": {"avg_hr_bpm": 62},  # of the two real samples, not (0 + 61 + 0 + 63) / 4
+        "detailed": {"hr_samples": [{"timestamp": "2024-03-11T00:00:30.000000-05:00", "bpm": 61},
+                                    {"timestamp": "2024-03-11T00:01:00.000000-05:00", "bpm": 63}]}}
+    assert record["distance_data"]["steps"] == 0 and record["distance_data"]["floors_climbed"] == 0  # real zeros
+
+
+def test_activity_without_heart_rate_or_cadence_sensor() -> None:
+    """A strength session recorded without HR: Garmin's 0 averages are no reading; distance 0 is a real 0 m."""
+    doc = dict(load("activities.json")["activities"][0], activityType="STRENGTH_TRAINING", distanceInMeters=0,
+               averageHeartRateInBeatsPerMinute=0, maxHeartRateInBeatsPerMinute=0, averageRunCadenceInStepsPerMinute=0,
+               maxRunCadenceInStepsPerMinute=0.0, averagePaceInMinutesPerKilometer=0.0, maxPaceInMinutesPerKilometer=0,
+               averageSpeedInMetersPerSecond=0.0)
+    record = only({"activities": [doc]})
+    assert "heart_rate_data" not in record
+    assert record["distance_data"]["summary"]["distance_meters"] == 0
+    assert record["movement_data"] == {"avg_speed_meters_per_second": 0.0, "max_speed_meters_per_second": 3.91}
+
+
+def test_zero_spo2_respiration_vo2_body_composition_and_pulse_are_not_measured() -> None:
+    spo2 = only({"pulseox": [dict(load("pulseox.json")["pulseox"][0], timeOffsetSpo2Values={"0": 0, "60": 95})]})
+    assert [s["percentage"] for s in spo2["oxygen_data"]["saturation_samples"]] == [95]
+    sleep = dict(load("sleeps.final.json")["sleeps"][0], timeOffsetSleepRespiration={"0": 0.0, "60": 14.0},
+                 timeOffsetSleepSpo2={"0": 0, "60": 96}, overallSleepScore={"value": 0})
+    respiration = only({"sleeps": [sleep]})["respiration_data"]
+    assert [s["breaths_per_min"] for s in respiration["breaths_data"]["samples"]] == [14.0]
+    assert respiration["breaths_data"]["min_breaths_per_min"] == 14.0
+    assert respiration["oxygen_saturation_data"]["avg_saturation_percentage"] == 96
+    assert "scores" not in only({"sleeps": [sleep]})
+    vo2 = {"userId": USER_B, "summaryId": "x1b7e0d3-um", "calendarDate": "2024-03-11", "vo2Max": 0.0, "fitnessAge": 31}
+    assert "oxygen_data" not in only({"userMetrics": [vo2]})
+    scale = dict(load("bodyComps.json")["bodyComps"][0], bodyFatInPercent=0.0, bodyMassIndex=0, muscleMassInGrams=0,
+                 boneMassInGrams=0, bodyWaterInPercent=0.0)
+    assert only({"bodyComps": [scale]})["measurements_data"]["measurements"] == [
+        {"measurement_time": "2024-03-11T21:30:00.000000-05:00", "weight_kg": 72.35}]
+    reading = dict(load("bloodPressures.json")["bloodPressures"][0], pulse=0)
+    assert "heart_data" not in only({"bloodPressures": [reading]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # update semantics through the merge
 # ----------------------------------------------------------------------------------------------------------------------
 def test_daily_resent_three_times_ends_as_the_last_one() -> None:
@@ -449,10 +629,14 @@ def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
         bodies = {"dailies": {"dailies": [day_push(USER_A)]}, "epochs": load("epochs.json"),
                   "stress": load("stressDetails.json")}
         record = merged(*(bodies[name] for name in order))[(USER_A, "daily", "2024-03-11")].data
-        for key in ("metadata", "distance_data", "calories_data", "heart_rate_data"):
+        for key in ("metadata", "heart_rate_data"):
             assert record[key] == day[key], (order, key)
+        assert {k: v for k, v in record["distance_data"].items() if k != "detailed"} == day["distance_data"]
+        assert {k: v for k, v in record["calories_data"].items() if k != "calorie_samples"} == day["calories_data"]
         assert record["stress_data"] == {**day["stress_data"], **stress["stress_data"]}
         assert record["active_durations_data"]["activity_seconds"] == 5460
+        assert record["distance_data"]["steps"] == 11842  # the day's total stays the dailies' one
+        assert [s["steps"] for s in record["distance_data"]["detailed"]["step_samples"]] == [980, 1350]
         met = record["MET_data"]["MET_samples"]
         levels = record["active_durations_data"]["activity_levels_samples"]
         # one sample per 15-minute slice; of two epochs in one slice the later document wins (as delivered)
@@ -476,6 +660,44 @@ def test_tentative_then_final_sleep_ends_final() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# input forms: push body, pull answer (bare array), single summary
+# ----------------------------------------------------------------------------------------------------------------------
+def raw_event(payload: Any, kind: str | None, index: int = 0) -> list[Keyed | Failed]:
+    """One raw event through the real normalize step, its kind named by the event (as a pull publishes it)."""
+    raw = RawPayload("garmin", json.dumps(payload).encode(), kind, None, RECEIVED_AT_MS)
+    return list(normalize_message(RawMessage(encode_raw(raw), {"partition": 0, "offset": index})))
+
+
+@pytest.mark.parametrize("kind", ["dailies", "epochs", "sleeps", "activities", "activityDetails",
+                                  "manuallyUpdatedActivities", "bodyComps", "bloodPressures", "stressDetails",
+                                  "userMetrics", "pulseox", "hrv", "healthSnapshot", "mct"])
+def test_a_pull_answer_a_bare_array_maps_as_its_push_body_does(kind: str) -> None:
+    """``GET /wellness-api/rest/<type>?uploadStartTimeInSeconds=…`` (a Ping callback, or a pull) answers a bare JSON
+    array of that type: with the kind named by the raw event it maps to exactly what the push body maps to."""
+    answer = load(f"{kind}.pull.json")
+    pushed = [(k.user["user_id"], k.type, k.data) for k in pipeline({kind: answer})]
+    pulled = raw_event(answer, kind)
+    assert not [item.record["error_message"] for item in pulled if isinstance(item, Failed)]
+    assert [(k.user["user_id"], k.type, k.data) for k in pulled] == pushed
+    assert len(pushed) >= len(answer)
+
+
+def test_a_single_summary_naming_its_kind_and_what_is_refused() -> None:
+    (keyed,) = raw_event(load("sleeps.single.json"), "sleeps")
+    assert isinstance(keyed, Keyed) and keyed.data == only(load("sleeps.final.json"), USER_A)
+    assert raw_event([], "dailies") == []  # an upload window with nothing new
+    # a push body still names its own kind; another kind in it than the event's is refused
+    (failed,) = raw_event({"sleeps": [load("sleeps.single.json")]}, "dailies")
+    assert isinstance(failed, Failed)
+    assert failed.record["error_message"] == "payload holds 'sleeps' but the raw event says kind 'dailies'"
+    # a bare array whose event names no kind cannot be mapped: the error says what to attach
+    (failed,) = raw_event(load("dailies.pull.json"), None)
+    assert "keyed by summary type (or name its kind with the raw event)" in failed.record["error_message"]
+    (failed,) = raw_event(load("dailies.single.json"), "moveIQActivities")
+    assert failed.record["error_class"] == "UnknownKind"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # malformed input
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kind", "doc", "field"), [
@@ -494,6 +716,26 @@ def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: s
     broken = {k: v for k, v in doc().items() if k != field}
     with pytest.raises(MappingError, match=f"missing required field\\(s\\): {field}$"):
         normalize({kind: [broken]})
+
+
+@pytest.mark.parametrize(("kind", "doc", "changes", "reason"), [
+    ("dailies", lambda: day_push(USER_A), {"startTimeInSeconds": 1710133200000},
+     "startTimeInSeconds must be unix seconds between 2000 and 2100, got 1710133200000 (milliseconds? Garmin sends "
+     "unix seconds)"),
+    ("sleeps", lambda: load("sleeps.final.json")["sleeps"][0], {"startTimeInSeconds": "1710130320"},
+     "startTimeInSeconds must be unix seconds between 2000 and 2100, got '1710130320'"),
+    ("bodyComps", lambda: load("bodyComps.json")["bodyComps"][0], {"measurementTimeInSeconds": 0},
+     "measurementTimeInSeconds must be unix seconds between 2000 and 2100, got 0"),
+    ("activities", lambda: load("activities.json")["activities"][0], {"durationInSeconds": -2790},
+     "durationInSeconds must be a number of seconds ≥ 0, got -2790"),
+    ("epochs", lambda: load("epochs.json")["epochs"][0], {"startTimeOffsetInSeconds": -18000000},
+     "startTimeOffsetInSeconds must be a display offset in seconds within ±24 h, got -18000000"),
+])
+def test_implausible_times_are_refused_naming_the_field(kind: str, doc: Any, changes: dict[str, Any],
+                                                        reason: str) -> None:
+    with pytest.raises(MappingError) as error:
+        normalize({kind: [dict(doc(), **changes)]})
+    assert str(error.value) == reason
 
 
 def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:

@@ -160,6 +160,26 @@ def test_a_ping_is_answered_at_once_then_fetched_with_the_users_token_and_delive
     assert (user, "athlete-1", "daily", DAY_3.isoformat()) in env.rows()
 
 
+def test_one_ping_for_a_multi_day_sync_answers_a_bare_array_of_every_day(env):
+    """A watch synced after three days: one ping per type, each callback answering a JSON array of every day's
+    summary. Every day is delivered, and the hrv of a day joins that day's Daily (no row of its own)."""
+    user = env.users[ACCOUNT_2]
+    dailies = [summary("dailies", ACCOUNT_2, day) for day in (DAY_1, DAY_2, DAY_3)]
+    nights = [summary("hrv", ACCOUNT_2, day) for day in (DAY_2, DAY_3)]
+    assert env.garmin.sync(ACCOUNT_2, "dailies", dailies) == 200  # dailies are configured for Ping
+    assert env.garmin.ping(ACCOUNT_2, "hrv", nights) == 200
+    report = env.fetch()
+    assert sorted((r.kind, r.published) for r in report.fetched.results) == [("dailies", 1), ("hrv", 1)]
+    answers = [json.loads(e["payload"]) for e in read_topic(env.bootstrap, env.raw)]
+    assert sorted((kind, len(docs)) for body in answers for kind, docs in body.items()) == [("dailies", 3), ("hrv", 2)]
+    assert env.normalize().get("delivered:sql") == 3
+    assert env.rows() == {(user, "athlete-2", "daily", day.isoformat()) for day in (DAY_1, DAY_2, DAY_3)}
+    with sqlite3.connect(env.out) as conn:
+        hrv = {key: json.loads(payload).get("heart_rate_data", {}).get("summary", {}).get("avg_hrv_rmssd")
+               for key, payload in conn.execute("SELECT natural_key, payload FROM healthflow_records")}
+    assert hrv == {DAY_1.isoformat(): None, DAY_2.isoformat(): 44, DAY_3.isoformat(): 44}
+
+
 def test_a_body_mixing_pushed_data_pings_files_and_lifecycle(env):
     garmin = env.garmin
     user_1, user_2 = env.users[ACCOUNT_1], env.users[ACCOUNT_2]

@@ -29,8 +29,8 @@ def test_the_in_memory_loop_gives_the_collector_back_as_it_found_it():
 
     def messages():
         seen.append(gc.get_threshold()[0])
-        yield RawMessage(encode_raw(RawPayload("garmin", b'{"epochs": [{"userId": "u", "startTimeInSeconds": 1}]}')),
-                         {"partition": 0, "offset": 0})
+        epoch = b'{"epochs": [{"userId": "u", "startTimeInSeconds": 1710162000}]}'
+        yield RawMessage(encode_raw(RawPayload("garmin", epoch)), {"partition": 0, "offset": 0})
 
     events, failures = normalize_in_memory(messages())
     assert len(events) == 1 and not failures

@@ -82,7 +82,8 @@ def hostile_lines(huge: int = 5_000_000) -> dict[str, tuple[str, str, str]]:
                                    *(("validate", f"body.timezone: string of {huge:,} characters")
                                      if huge > MAX_STRING_CHARS else ("normalize", "File name too long"))),
         "huge Garmin timestamp": (sleep("g-ts", startTimeInSeconds=10**20), "validate", "startTimeInSeconds"),
-        "Garmin timestamp past datetime": (sleep("g-ts2", startTimeInSeconds=10**15), "normalize", "out of range"),
+        "Garmin timestamp past datetime": (sleep("g-ts2", startTimeInSeconds=10**15), "normalize",
+                                           "startTimeInSeconds must be unix seconds between 2000 and 2100"),
         "received_at 1.5e300": (_line("garmin", "sleeps", sleeps, received_at=1.5e300), "decode", "received_at"),
         "lone surrogate in the user id": (sleep("bad\ud800user"), "validate", "lone surrogate"),
         "lone surrogate in a sleep id": (sleep("g-sur", summaryId="x\udc00y"), "validate", "lone surrogate"),

@@ -42,14 +42,25 @@ GOOD = [(s, k, p) for s, k, v, p in FIXTURE_CASES if not v.startswith("bad")]
 BAD = [(s, k, p) for s, k, v, p in FIXTURE_CASES if v.startswith("bad")]
 
 
+def _keyed_body(provider: Provider, payload: Any) -> bool:
+    """A push body of a keyed provider (Garmin): ``{kind: [documents]}``, naming its kinds itself."""
+    return provider.envelope == "keyed" and isinstance(payload, dict) and all(
+        isinstance(docs, list) for docs in payload.values())
+
+
 def _payloads(path: Path) -> list[Any]:
+    """The file's payloads; for a keyed provider a list of documents (not of push bodies) is one pull answer."""
     payload = json.loads(path.read_text())
-    return payload if isinstance(payload, list) else [payload]
+    provider = registry()[path.parent.name]
+    if isinstance(payload, list) and (provider.envelope != "keyed" or all(_keyed_body(provider, p) for p in payload)):
+        return payload
+    return [payload]
 
 
 def _normalize(provider: Provider, kind: str, payload: Any):
-    """Keyed providers (Garmin push bodies) name their kinds inside the payload."""
-    return list(provider.normalize(payload, None if provider.envelope == "keyed" else kind, USER))
+    """Keyed providers' push bodies name their kinds inside the payload; their other forms (a pull answer's bare
+    array, a single document) take the kind from the file name, as from the raw event."""
+    return list(provider.normalize(payload, None if _keyed_body(provider, payload) else kind, USER))
 
 
 @pytest.mark.parametrize("slug", sorted(registry()))
@@ -67,7 +78,8 @@ def test_every_mapped_kind_has_a_realistic_fixture(slug: str) -> None:
     covered = {kind for s, kind, _ in GOOD if s == slug}
     provider = registry()[slug]
     if provider.envelope == "keyed":  # push bodies hold several kinds: count what they contain
-        covered = {key for s, _, path in GOOD if s == slug for body in _payloads(path) for key in body}
+        covered = {key for s, _, path in GOOD if s == slug for body in _payloads(path)
+                   if _keyed_body(provider, body) for key in body}
     missing = sorted(set(provider.kinds) - covered)
     assert not missing, f"{slug}: kinds without a fixture under tests/fixtures/{slug}/: {missing}"
 

@@ -376,6 +376,7 @@ TEMPLATES = {
     "dailies": json.loads((FIXTURES / "dailies.through_the_day.json").read_text())[2]["dailies"][0],
     "sleeps": json.loads((FIXTURES / "sleeps.final.json").read_text())["sleeps"][0],
     "activities": json.loads((FIXTURES / "activities.json").read_text())["activities"][0],
+    "hrv": json.loads((FIXTURES / "hrv.json").read_text())["hrv"][0],
 }
 
 

@@ -1,8 +1,26 @@
-"""Garmin Connect Health, Activity and Women's Health API push bodies.
+"""Garmin Connect Health, Activity and Women's Health API summaries.
 
-A push body is ``{"<summary type>": [summaries]}``; every summary carries ``userId``. Times are
-unix seconds UTC plus ``startTimeOffsetInSeconds`` (the device's display offset), which healthflow
-keeps as the UTC offset of every emitted timestamp. Day-scoped records use ``calendarDate``.
+Accepted forms: a push body ``{"<summary type>": [summaries]}`` (the key names the kind); and, when the raw event
+names its kind (a Ping callback's or a backfill/pull answer, a replayed file), the bare JSON array of summaries Garmin
+answers, or a single summary. Every summary carries ``userId``. Times are unix seconds UTC plus
+``startTimeOffsetInSeconds`` (the device's display offset), which healthflow keeps as the UTC offset of every emitted
+timestamp (``timestamp_localization`` 1): Garmin gives no other zone, and its days (``calendarDate``) are in that
+offset. Day-scoped records use ``calendarDate``.
+
+Zero (or a negative code) that means "not measured", per field; these map to absent, never to a value:
+
+- heart rate: ``restingHeartRateInBeatsPerMinute``, ``min``/``maxHeartRateInBeatsPerMinute``,
+  ``averageHeartRateInBeatsPerMinute`` (activities) and heart-rate samples ≤ 0 (no sensor, not worn); a
+  blood-pressure ``pulse`` of 0;
+- stress: levels < 0 are Garmin's codes (-1 off wrist, -2 large motion, -3 not enough data, -4 recovering,
+  -5 unidentified); 0 is a real (restful) level. Body Battery values < 0 are codes; 0 is a real (empty) level;
+- SpO2 and respiration values ≤ 0 (a reading is never 0 %), HRV (RMSSD) values ≤ 0, ``vo2Max`` ≤ 0, ``met`` ≤ 0,
+  cadences and paces ≤ 0 (no cadence sensor; a pace of 0 min/km is no pace), body composition values ≤ 0
+  (``weightInGrams``, ``bodyFatInPercent``, ``bodyMassIndex``, ``muscleMassInGrams``, ``boneMassInGrams``,
+  ``bodyWaterInPercent``), ``overallSleepScore.value`` 0;
+- an ``OFF_WRIST`` sleep's stage durations (Garmin sends them all 0): nothing was measured;
+- kept as real zeros: steps, distance, floors, calories and durations of days and activities (a still day or a
+  yoga session), speeds, and ``skinTemp`` deviations.
 """
 
 from __future__ import annotations
@@ -28,7 +46,8 @@ SLEEP_UPLOAD = {  # Garmin sleep `validation` → Terra SleepUploadType
     "MANUAL": 1, "DEVICE": 2, "AUTO_FINAL": 2, "AUTO_MANUAL": 2, "ENHANCED_FINAL": 2,
     "AUTO_TENTATIVE": 3, "ENHANCED_TENTATIVE": 3, "OFF_WRIST": 4,
 }
-SLEEP_LEVEL = {"awake": 1, "light": 4, "deep": 5, "rem": 6}  # Terra SleepLevel
+SLEEP_LEVEL = {"awake": 1, "light": 4, "deep": 5, "rem": 6, "unmeasurable": 0}  # Terra SleepLevel
+UNKNOWN_LEVEL = 0  # Terra SleepLevel.UNKNOWN: a span Garmin staged as nothing (a gap in sleepLevelsMap)
 STRESS_RATING = {"calm": 1, "balanced": 2, "stressful": 3, "very_stressful": 4}  # Terra StressLevel
 EPOCH_INTENSITY = {"SEDENTARY": 2, "ACTIVE": 4, "HIGHLY_ACTIVE": 5}  # Terra ActivityLevel
 MCT_PHASE = {  # Garmin currentPhaseType → Terra MenstruationInterval
@@ -37,14 +56,52 @@ MCT_PHASE = {  # Garmin currentPhaseType → Terra MenstruationInterval
 }
 
 
+def _measured(value: Any) -> Any:
+    """``value`` when it is a measurement, ``None`` for Garmin's 0 / negative "not measured" (module docstring)."""
+    return value if _is_number(value) and value > 0 else None
+
+
+def _sleep_upload_type(validation: Any) -> int:
+    """Garmin sleep ``validation`` → Terra SleepUploadType, whatever its case; an unknown value maps by its
+    ``_FINAL`` / ``_TENTATIVE`` suffix, else UNKNOWN (0)."""
+    name = str(validation or "").strip().upper()
+    if name in SLEEP_UPLOAD:
+        return SLEEP_UPLOAD[name]
+    return 2 if name.endswith("_FINAL") else 3 if name.endswith("_TENTATIVE") else 0
+
+
+EARLIEST_S, LATEST_S = 946_684_800, 4_102_444_800  # 2000-01-01 and 2100-01-01 UTC: Garmin's plausible unix seconds
+
+
 def _require(doc: dict[str, Any], *names: str) -> None:
+    """The fields are present; a ``…TimeInSeconds`` one must be plausible unix seconds (Garmin itself refuses
+    milliseconds: a value in ms would put the record in another millennium), a ``durationInSeconds`` ≥ 0."""
     missing = [n for n in names if doc.get(n) is None]
     if missing:
         raise MappingError(f"missing required field(s): {', '.join(missing)}")
+    for name in names:
+        value = doc[name]
+        if name.endswith("TimeInSeconds") and (not _is_number(value) or not EARLIEST_S <= value < LATEST_S):
+            hint = " (milliseconds? Garmin sends unix seconds)" if _is_number(value) and value >= LATEST_S else ""
+            raise MappingError(f"{name} must be unix seconds between 2000 and 2100, got {value!r}{hint}")
+        if name == "durationInSeconds" and (not _is_number(value) or value < 0):
+            raise MappingError(f"durationInSeconds must be a number of seconds ≥ 0, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _offset(doc: dict[str, Any], name: str = "startTimeOffsetInSeconds") -> int:
-    return int(doc.get(name) or doc.get("offsetStartTimeInSeconds") or 0)
+    """The display offset (Health Snapshot spells it ``offsetStartTimeInSeconds``); within ±24 h, else MappingError."""
+    value = doc.get(name)
+    if value is None:
+        value = doc.get("offsetStartTimeInSeconds")
+    if value is None:
+        return 0
+    if not _is_number(value) or not -86_400 < value < 86_400:
+        raise MappingError(f"{name} must be a display offset in seconds within ±24 h, got {value!r}")
+    return int(value)
 
 
 def _local_day(doc: dict[str, Any], time_field: str = "startTimeInSeconds",
@@ -56,12 +113,13 @@ def _local_day(doc: dict[str, Any], time_field: str = "startTimeInSeconds",
 
 
 def _offset_samples(doc: dict[str, Any], field: str, value_name: str, offset: int,
-                    skip_negative: bool = False) -> list[dict[str, Any]]:
-    """Garmin ``{"<seconds from start>": value}`` maps → time-ordered Terra samples."""
+                    skip_negative: bool = False, skip_zero: bool = False) -> list[dict[str, Any]]:
+    """Garmin ``{"<seconds from start>": value}`` maps → time-ordered Terra samples; ``skip_negative`` drops values
+    < 0 (codes), ``skip_zero`` values ≤ 0 (not measured)."""
     start = doc["startTimeInSeconds"]
     samples = []
     for key, value in sorted((doc.get(field) or {}).items(), key=lambda kv: int(kv[0])):
-        if value is None or (skip_negative and value < 0):
+        if value is None or (skip_negative and value < 0) or (skip_zero and _measured(value) is None):
             continue
         samples.append({"timestamp": unix_ts(start + int(key), offset), value_name: value})
     return samples
@@ -81,7 +139,7 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     """Daily summary; re-sent through the day, each a superset of the last."""
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
-    hr_samples = _offset_samples(doc, "timeOffsetHeartRateSamples", "bpm", offset)
+    hr_samples = _offset_samples(doc, "timeOffsetHeartRateSamples", "bpm", offset, skip_zero=True)
     bpms = [s["bpm"] for s in hr_samples]
     active, bmr = doc.get("activeKilocalories"), doc.get("bmrKilocalories")
     # Stress levels are 0-100; negative values are Garmin's "not enough data" codes, not levels.
@@ -107,16 +165,17 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
             "summary": {
                 # Garmin's averageHeartRateInBeatsPerMinute is a 7-day average: use the day's samples.
                 "avg_hr_bpm": round(sum(bpms) / len(bpms), 2) if bpms else None,
-                "min_hr_bpm": doc.get("minHeartRateInBeatsPerMinute"),
-                "max_hr_bpm": doc.get("maxHeartRateInBeatsPerMinute"),
-                "resting_hr_bpm": doc.get("restingHeartRateInBeatsPerMinute"),
+                "min_hr_bpm": _measured(doc.get("minHeartRateInBeatsPerMinute")),
+                "max_hr_bpm": _measured(doc.get("maxHeartRateInBeatsPerMinute")),
+                "resting_hr_bpm": _measured(doc.get("restingHeartRateInBeatsPerMinute")),
             },
             "detailed": {"hr_samples": hr_samples},
         },
         "stress_data": {
             "avg_stress_level": stress_avg,
             "max_stress_level": stress_max,
-            "stress_rating": STRESS_RATING.get((doc.get("stressQualifier") or "").removesuffix("_awake")),
+            "stress_rating": STRESS_RATING.get(str(doc.get("stressQualifier") or "").strip().lower().removesuffix(
+                "_awake")),
             "stress_duration_seconds": doc.get("stressDurationInSeconds"),
             "rest_stress_duration_seconds": doc.get("restStressDurationInSeconds"),
             "activity_stress_duration_seconds": doc.get("activityStressDurationInSeconds"),
@@ -127,19 +186,32 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _epoch_sample(at: str, name: str, value: Any) -> list[dict[str, Any]]:
+    return [{"timestamp": at, name: value}] if value is not None else []
+
+
 @PROVIDER.kind("epochs", "daily")
 def epochs(doc: dict[str, Any]) -> dict[str, Any]:
-    """A 15-minute epoch: MET and activity-level samples that merge into the day's Daily."""
+    """A 15-minute epoch: steps, distance, active kcal, MET and activity-level samples of the day's Daily.
+
+    Every sample is at the epoch's start and holds that epoch's own amount (steps, metres, kcal over
+    ``[start, start + 15 min)``), not a running total of the day: a day's epochs arrive in many pushes, each
+    mapped on its own, so no mapper sees the day's earlier epochs. At the start (not the end) an update of the
+    epoch (``durationInSeconds`` 720 → 900, same start) replaces its samples in the merge instead of adding
+    samples beside them."""
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
     at = unix_ts(doc["startTimeInSeconds"], offset)
-    intensity = EPOCH_INTENSITY.get(doc.get("intensity") or "")
+    intensity = EPOCH_INTENSITY.get(str(doc.get("intensity") or "").upper())
     return {
         "metadata": _day_metadata(doc),
-        "MET_data": {"MET_samples": [{"timestamp": at, "level": doc.get("met")}] if doc.get("met") is not None else []},
-        "active_durations_data": {
-            "activity_levels_samples": [{"timestamp": at, "level": intensity}] if intensity is not None else [],
-        },
+        "distance_data": {"detailed": {
+            "step_samples": _epoch_sample(at, "steps", doc.get("steps")),
+            "distance_samples": _epoch_sample(at, "distance_meters", doc.get("distanceInMeters")),
+        }},
+        "calories_data": {"calorie_samples": _epoch_sample(at, "calories", doc.get("activeKilocalories"))},
+        "MET_data": {"MET_samples": _epoch_sample(at, "level", _measured(doc.get("met")))},
+        "active_durations_data": {"activity_levels_samples": _epoch_sample(at, "level", intensity)},
     }
 
 
@@ -151,21 +223,93 @@ def _sleep_end(doc: dict[str, Any]) -> int:
     return max([doc["startTimeInSeconds"] + totals, *ends])
 
 
+def _stage_segments(doc: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """``sleepLevelsMap`` as time-ordered ``(start, end, Terra SleepLevel)``; a stage name Garmin adds later is
+    UNKNOWN (0), whatever its case."""
+    segments = []
+    for level, segs in (doc.get("sleepLevelsMap") or {}).items():
+        for seg in segs or []:
+            segments.append((seg["startTimeInSeconds"], seg["endTimeInSeconds"],
+                             SLEEP_LEVEL.get(str(level).lower(), UNKNOWN_LEVEL)))
+    return sorted(segments)
+
+
+def _hypnogram(segments: list[tuple[int, int, int]], night_end: int, offset: int) -> list[dict[str, Any]]:
+    """Terra hypnogram samples (each level holds until the next sample, the last one until the night's end).
+    Where Garmin staged nothing (a gap between one segment's end and the next one's start, or after the last
+    segment before ``night_end``) an UNKNOWN sample starts at the gap, so the gap never counts as the stage
+    before it."""
+    samples: list[dict[str, Any]] = []
+    for index, (start, end, level) in enumerate(segments):
+        samples.append({"timestamp": unix_ts(start, offset), "level": level})
+        following = segments[index + 1][0] if index + 1 < len(segments) else night_end
+        if end < following:
+            samples.append({"timestamp": unix_ts(end, offset), "level": UNKNOWN_LEVEL})
+    return samples
+
+
+def _stage_seconds(segments: list[tuple[int, int, int]], level: int) -> int | None:
+    """Seconds Garmin staged as ``level`` (None when the map has no such segment)."""
+    spans = [end - start for start, end, seg_level in segments if seg_level == level]
+    return sum(spans) if spans else None
+
+
+NAP_UPLOAD = {"MANUAL": 1, "DEVICE": 2}  # Garmin napValidation → Terra SleepUploadType
+
+
 @PROVIDER.kind("sleeps", "sleep")
-def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
-    """Night sleep with stage totals, hypnogram (sleepLevelsMap), respiration and SpO2."""
+def sleeps(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Night sleep with stage totals, hypnogram (sleepLevelsMap), respiration and SpO2; and each of its ``naps`` as
+    a Sleep of its own (``is_nap``).
+
+    Stage totals are Garmin's fields; a total Garmin leaves out is the sum of that stage's segments (only what
+    it staged, never a gap). An OFF_WRIST sleep measured nothing: its zero totals are absent. A nap has no id of
+    its own at Garmin: its ``summary_id`` is the night's followed by ``-nap-<napStartTimeInSeconds>``, the same
+    each time the night is re-sent."""
     _require(doc, "summaryId", "startTimeInSeconds")
+    return [_night(doc), *(_nap(doc, nap) for nap in doc.get("naps") or [])]
+
+
+def _nap(night: dict[str, Any], nap: dict[str, Any]) -> dict[str, Any]:
+    _require(nap, "napStartTimeInSeconds", "napDurationInSeconds")
+    start, duration = nap["napStartTimeInSeconds"], nap["napDurationInSeconds"]
+    if not _is_number(duration) or duration < 0:
+        raise MappingError(f"naps[].napDurationInSeconds must be a number of seconds ≥ 0, got {duration!r}")
+    offset = _offset(nap, "napOffsetInSeconds") if nap.get("napOffsetInSeconds") is not None else _offset(night)
+    return {
+        "metadata": {
+            "summary_id": f"{night['summaryId']}-nap-{start}",
+            "start_time": unix_ts(start, offset),
+            "end_time": unix_ts(start + duration, offset),
+            "upload_type": NAP_UPLOAD.get(str(nap.get("napValidation") or "").strip().upper(), 0),
+            "is_nap": True,
+            "timestamp_localization": LOCAL,
+        },
+        "sleep_durations_data": {"asleep": {"duration_asleep_state_seconds": duration}},
+    }
+
+
+def _night(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc)
     start, end = doc["startTimeInSeconds"], _sleep_end(doc)
-    hypnogram = sorted(
-        ({"timestamp": unix_ts(seg["startTimeInSeconds"], offset), "level": SLEEP_LEVEL[level]}
-         for level, segs in (doc.get("sleepLevelsMap") or {}).items() if level in SLEEP_LEVEL for seg in segs),
-        key=lambda s: s["timestamp"],
-    )
-    deep, light, rem = (doc.get(n) for n in ("deepSleepDurationInSeconds", "lightSleepDurationInSeconds",
-                                              "remSleepInSeconds"))
-    breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset)
-    spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset)
+    segments = _stage_segments(doc)
+    hypnogram = _hypnogram(segments, end, offset)
+    upload_type = _sleep_upload_type(doc.get("validation"))
+    off_wrist = str(doc.get("validation") or "").strip().upper() == "OFF_WRIST"
+
+    def total(field: str, level: int) -> Any:
+        value = doc.get(field)
+        if value is None:
+            value = _stage_seconds(segments, level)
+        return _measured(value) if off_wrist else value
+
+    deep, light, rem = (total("deepSleepDurationInSeconds", SLEEP_LEVEL["deep"]),
+                        total("lightSleepDurationInSeconds", SLEEP_LEVEL["light"]),
+                        total("remSleepInSeconds", SLEEP_LEVEL["rem"]))
+    asleep = doc.get("durationInSeconds")
+    asleep = _measured(asleep) if off_wrist else asleep
+    breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset, skip_zero=True)
+    spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset, skip_zero=True)
     rates = [s["breaths_per_min"] for s in breaths]
     in_bed = end - start
     return {
@@ -173,26 +317,25 @@ def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
             "summary_id": str(doc["summaryId"]),
             "start_time": unix_ts(start, offset),
             "end_time": unix_ts(end, offset),
-            "upload_type": SLEEP_UPLOAD.get(doc.get("validation") or "", 0),
+            "upload_type": upload_type,
             "is_nap": False,
             "timestamp_localization": LOCAL,
         },
         "sleep_durations_data": {
             "asleep": {
-                "duration_asleep_state_seconds": doc.get("durationInSeconds"),
+                "duration_asleep_state_seconds": asleep,
                 "duration_deep_sleep_state_seconds": deep,
                 "duration_light_sleep_state_seconds": light,
                 "duration_REM_sleep_state_seconds": rem,
             },
-            "awake": {"duration_awake_state_seconds": doc.get("awakeDurationInSeconds")},
+            "awake": {"duration_awake_state_seconds": total("awakeDurationInSeconds", SLEEP_LEVEL["awake"])},
             "other": {
                 "duration_in_bed_seconds": in_bed,
                 "duration_unmeasurable_sleep_seconds": doc.get("unmeasurableSleepInSeconds",
                                                                doc.get("unmeasurableSleepDurationInSeconds")),
             },
             # Terra's sleep_efficiency is a percentage (asleep ÷ in bed × 100).
-            "sleep_efficiency": round(100 * doc["durationInSeconds"] / in_bed, 2)
-            if doc.get("durationInSeconds") and in_bed > 0 else None,
+            "sleep_efficiency": round(100 * asleep / in_bed, 2) if asleep and in_bed > 0 else None,
             "hypnogram_samples": hypnogram,
         },
         "respiration_data": {
@@ -211,7 +354,7 @@ def sleeps(doc: dict[str, Any]) -> dict[str, Any]:
                 "samples": [dict(s, type=0) for s in spo2],
             },
         },
-        "scores": {"sleep_score": (doc.get("overallSleepScore") or {}).get("value")},
+        "scores": {"sleep_score": _measured((doc.get("overallSleepScore") or {}).get("value"))},
     }
 
 
@@ -244,15 +387,17 @@ def _activity(doc: dict[str, Any], upload_type: int) -> dict[str, Any]:
         }},
         # The Activity API's activeKilocalories include BMR (unlike dailies).
         "calories_data": {"total_burned_calories": doc.get("activeKilocalories")},
-        "heart_rate_data": {"summary": {"avg_hr_bpm": doc.get("averageHeartRateInBeatsPerMinute"),
-                                        "max_hr_bpm": doc.get("maxHeartRateInBeatsPerMinute")}},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": _measured(doc.get("averageHeartRateInBeatsPerMinute")),
+                                        "max_hr_bpm": _measured(doc.get("maxHeartRateInBeatsPerMinute"))}},
         "movement_data": {
             "avg_speed_meters_per_second": doc.get("averageSpeedInMetersPerSecond"),
             "max_speed_meters_per_second": doc.get("maxSpeedInMetersPerSecond"),
-            "avg_pace_minutes_per_kilometer": doc.get("averagePaceInMinutesPerKilometer"),
-            "max_pace_minutes_per_kilometer": doc.get("maxPaceInMinutesPerKilometer"),
-            "avg_cadence_rpm": _first(doc, "averageRunCadenceInStepsPerMinute", "averageBikeCadenceInRoundsPerMinute"),
-            "max_cadence_rpm": _first(doc, "maxRunCadenceInStepsPerMinute", "maxBikeCadenceInRoundsPerMinute"),
+            "avg_pace_minutes_per_kilometer": _measured(doc.get("averagePaceInMinutesPerKilometer")),
+            "max_pace_minutes_per_kilometer": _measured(doc.get("maxPaceInMinutesPerKilometer")),
+            "avg_cadence_rpm": _measured(_first(doc, "averageRunCadenceInStepsPerMinute",
+                                                "averageBikeCadenceInRoundsPerMinute")),
+            "max_cadence_rpm": _measured(_first(doc, "maxRunCadenceInStepsPerMinute",
+                                                "maxBikeCadenceInRoundsPerMinute")),
         },
         "position_data": {"start_pos_lat_lng_deg": [lat, lng] if lat is not None and lng is not None else None},
         "device_data": {"name": device if device and device != "unknown" else None, "manufacturer": "Garmin"},
@@ -286,7 +431,8 @@ def activity_details(doc: dict[str, Any]) -> dict[str, Any]:
                  "timer_duration_seconds": s.get("timerDurationInSeconds")}
                 for s in samples if s.get(field) is not None]
 
-    record["heart_rate_data"]["detailed"] = {"hr_samples": series("heartRate", "bpm")}
+    hr_samples = [s for s in series("heartRate", "bpm") if _measured(s["bpm"])]
+    record["heart_rate_data"]["detailed"] = {"hr_samples": hr_samples}
     record["movement_data"]["speed_samples"] = series("speedMetersPerSecond", "speed_meters_per_second")
     record["movement_data"]["cadence_samples"] = series("bikeCadenceInRPM", "cadence_rpm") or series(
         "stepsPerMinute", "cadence_rpm")
@@ -315,17 +461,17 @@ def body_comps(doc: dict[str, Any]) -> dict[str, Any]:
     _require(doc, "measurementTimeInSeconds")
     offset = _offset(doc, "measurementTimeOffsetInSeconds")
     start, end = _local_day(doc, "measurementTimeInSeconds", "measurementTimeOffsetInSeconds")
-    grams = doc.get("weightInGrams")
+    grams = _measured(doc.get("weightInGrams"))
     return {
         "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
         "measurements_data": {"measurements": [{
             "measurement_time": unix_ts(doc["measurementTimeInSeconds"], offset),
             "weight_kg": grams / 1000 if grams is not None else None,
-            "bodyfat_percentage": doc.get("bodyFatInPercent"),
-            "BMI": doc.get("bodyMassIndex"),
-            "bone_mass_g": doc.get("boneMassInGrams"),
-            "muscle_mass_g": doc.get("muscleMassInGrams"),
-            "water_percentage": doc.get("bodyWaterInPercent"),
+            "bodyfat_percentage": _measured(doc.get("bodyFatInPercent")),
+            "BMI": _measured(doc.get("bodyMassIndex")),
+            "bone_mass_g": _measured(doc.get("boneMassInGrams")),
+            "muscle_mass_g": _measured(doc.get("muscleMassInGrams")),
+            "water_percentage": _measured(doc.get("bodyWaterInPercent")),
         }]},
     }
 
@@ -341,8 +487,8 @@ def blood_pressures(doc: dict[str, Any]) -> dict[str, Any]:
         "metadata": {"start_time": start, "end_time": end, "timestamp_localization": LOCAL},
         "blood_pressure_data": {"blood_pressure_samples": [
             {"timestamp": at, "systolic_bp": doc["systolic"], "diastolic_bp": doc["diastolic"]}]},
-        "heart_data": {"heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": at, "bpm": doc.get("pulse")}]
-                                                        if doc.get("pulse") is not None else []}}},
+        "heart_data": {"heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": at, "bpm": doc["pulse"]}]
+                                                        if _measured(doc.get("pulse")) else []}}},
     }
 
 
@@ -365,11 +511,65 @@ def stress_details(doc: dict[str, Any]) -> dict[str, Any]:
 def pulse_ox(doc: dict[str, Any]) -> dict[str, Any]:
     """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries)."""
     _require(doc, "startTimeInSeconds")
-    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc))]
+    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc),
+                                                        skip_zero=True)]
     return {
         "metadata": _day_metadata(doc),
         "oxygen_data": {"saturation_samples": samples},
     }
+
+
+@PROVIDER.kind("hrv", "daily")
+def hrv(doc: dict[str, Any]) -> dict[str, Any]:
+    """Overnight heart-rate variability (RMSSD, ms) of the night ending on ``calendarDate``: the day's Daily
+    ``avg_hrv_rmssd`` (``lastNightAvg``) and 5-minute ``hrv_samples_rmssd`` (``hrvValues``). Garmin's summary names
+    no sleep (its ``summaryId`` is its own), so it joins the Daily of its calendar day; ``lastNight5MinHigh`` has
+    no Terra field."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    return {
+        "metadata": _day_metadata(doc),
+        "heart_rate_data": {
+            "summary": {"avg_hrv_rmssd": _measured(doc.get("lastNightAvg"))},
+            "detailed": {"hrv_samples_rmssd": _offset_samples(doc, "hrvValues", "hrv_rmssd", offset, skip_zero=True)},
+        },
+    }
+
+
+SNAPSHOT_SERIES = {  # healthSnapshot summaryType → (Terra Daily sample list path, value name); respiration has no
+    # Daily field. SDRR (SD of R-R intervals over the 2 minutes) is Terra's SDNN.
+    "heart_rate": (("heart_rate_data", "detailed", "hr_samples"), "bpm"),
+    "stress": (("stress_data", "samples"), "level"),
+    "spo2": (("oxygen_data", "saturation_samples"), "percentage"),
+    "rmssd_hrv": (("heart_rate_data", "detailed", "hrv_samples_rmssd"), "hrv_rmssd"),
+    "sdrr_hrv": (("heart_rate_data", "detailed", "hrv_samples_sdnn"), "hrv_sdnn"),
+}
+
+
+@PROVIDER.kind("healthSnapshot", "daily")
+def health_snapshot(doc: dict[str, Any]) -> dict[str, Any]:
+    """A 2-minute Health Snapshot: heart rate, stress, SpO2, RMSSD and SDRR readings as samples of the day's Daily
+    (each series' ``epochSummaries`` ``{"<seconds from start>": value}``; a series without them is its
+    ``avgValue`` at the start). Respiration has no Daily field in Terra's model."""
+    _require(doc, "startTimeInSeconds")
+    offset = _offset(doc)
+    record: dict[str, Any] = {"metadata": _day_metadata(doc)}
+    for series in doc.get("summaries") or []:
+        target = SNAPSHOT_SERIES.get(str(series.get("summaryType") or "").lower())
+        if target is None:
+            continue
+        (*parents, leaf), name = target
+        values = series.get("epochSummaries") or {"0": series.get("avgValue")}
+        # stress levels below 0 are codes, every other reading ≤ 0 is no reading (module docstring)
+        samples = _offset_samples(dict(doc, values=values), "values", name, offset,
+                                  skip_negative=name == "level", skip_zero=name != "level")
+        if name == "percentage":
+            samples = [dict(sample, type=0) for sample in samples]
+        holder = record
+        for key in parents:
+            holder = holder.setdefault(key, {})
+        holder[leaf] = samples
+    return record
 
 
 @PROVIDER.kind("userMetrics", "daily")
@@ -380,7 +580,7 @@ def user_metrics(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "metadata": {"start_time": start[:26], "end_time": end[:26], "upload_type": UPLOAD_AUTOMATIC,
                      "timestamp_localization": LOCAL},
-        "oxygen_data": {"vo2max_ml_per_min_per_kg": doc.get("vo2Max")},
+        "oxygen_data": {"vo2max_ml_per_min_per_kg": _measured(doc.get("vo2Max"))},
     }
 
 
