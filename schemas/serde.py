@@ -103,8 +103,8 @@ def encode_event(event: dict[str, Any]) -> bytes:
 def validate_record(model_type: str, record: dict[str, Any]) -> dict[str, Any]:
     """Check a normalized record against its model schema and return it conformed.
 
-    Conforming rounds floats that land in integer fields (Terra's SDK rejects 11842.0 for
-    ``steps``): providers report some quantities with decimals that Terra's models carry
+    Conforming rounds floats that land in integer fields (Terra's SDK rejects 9120.4 for
+    ``distance_meters``): providers report some quantities with decimals that Terra's models carry
     as integers, and rounding here, in one place, keeps mappers simple. Anything else that does not
     fit — a wrong type, a missing required field, a field the schema does not define (Avro would
     silently drop it), NaN or infinity — raises SchemaMismatch naming the field path.

@@ -103,26 +103,9 @@ def extras(parsed: Any, path: str) -> Iterator[str]:
             yield from extras(item, f"{path}[{index}]")
 
 
-def sdk_drift(value: Any) -> Any:
-    """``value`` as the SDK can read it where SDK 1.1.0 and Terra's OpenAPI disagree: the OpenAPI types a summary's
-    ``distance_meters`` (Activity ``distance_data.summary``, Daily ``distance_data``) as a number, the SDK as an
-    int; healthflow keeps the provider's decimals, so the oracle rounds them (records and event envelopes)."""
-    if isinstance(value, list):
-        return [sdk_drift(item) for item in value]
-    if not isinstance(value, dict):
-        return value
-    out = {key: sdk_drift(item) for key, item in value.items()}
-    distance = out.get("distance_data")
-    if isinstance(distance, dict):
-        for holder in (distance, distance.get("summary")):
-            if isinstance(holder, dict) and isinstance(holder.get("distance_meters"), float):
-                holder["distance_meters"] = round(holder["distance_meters"])
-    return out
-
-
 def sdk_parse(model: type[pydantic.BaseModel], value: dict[str, Any]) -> pydantic.BaseModel:
-    """Validate as the SDK reads a webhook body: wire aliases mapped to field names first (``sdk_drift`` applied)."""
-    return model.model_validate(convert_and_respect_annotation_metadata(object_=sdk_drift(value), annotation=model,
+    """Validate as the SDK reads a webhook body: wire aliases mapped to field names first."""
+    return model.model_validate(convert_and_respect_annotation_metadata(object_=value, annotation=model,
                                                                         direction="read"))
 
 

