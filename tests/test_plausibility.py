@@ -177,11 +177,22 @@ def test_heart_rates_of_0_and_over_250_bpm_are_dropped() -> None:
     samples = {"15": 52, "30": 0, "45": 53, "25200": 88, "25215": 312}
     _, record = _one("garmin", "dailies", _garmin_daily(timeOffsetHeartRateSamples=samples,
                                                         maxHeartRateInBeatsPerMinute=255))
+    # Garmin's 0 bpm means "no reading": its mapper leaves that sample out; the check takes out 312 bpm
+    assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 126.25  # the mapper's mean, of 312 bpm too
     checked, dropped = check_record("daily", record)
-    assert dropped == {IMPOSSIBLE_SAMPLES: 2, IMPOSSIBLE_VALUES: 1, AGGREGATES_DROPPED: 2}
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1, IMPOSSIBLE_VALUES: 1, AGGREGATES_DROPPED: 2}
     assert [s["bpm"] for s in checked["heart_rate_data"]["detailed"]["hr_samples"]] == [52, 53, 88]
-    assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 101.0  # Garmin's mean, of 0 and 312 bpm too
     assert checked["heart_rate_data"]["summary"] == {"resting_hr_bpm": 51}
+
+    zero = {"metadata": {"start_time": "2024-03-11T00:00:00.000000-05:00",
+                         "end_time": "2024-03-12T00:00:00.000000-05:00", "upload_type": 1, "timestamp_localization": 1},
+            "heart_rate_data": {"detailed": {"hr_samples": [
+                {"timestamp": "2024-03-11T07:00:00.000000-05:00", "bpm": 0},
+                {"timestamp": "2024-03-11T07:00:15.000000-05:00", "bpm": 64}]}}}
+    checked, dropped = check_record("daily", zero)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
+    assert checked["heart_rate_data"]["detailed"]["hr_samples"] == [{"timestamp": "2024-03-11T07:00:15.000000-05:00",
+                                                                     "bpm": 64}]
 
 
 def test_spo2_over_100_percent_is_dropped() -> None:
@@ -244,10 +255,12 @@ def test_stage_totals_within_the_tolerance_are_accepted() -> None:
     assert check_record("sleep", record) == (record, {})
 
 
-def test_a_garmin_activity_of_negative_duration_ends_before_it_starts_and_is_implausible() -> None:
+def test_an_activity_that_ends_before_it_starts_is_implausible() -> None:
+    """(Garmin's mapper already refuses a negative ``durationInSeconds``; a record of any provider can end early.)"""
     body = copy.deepcopy(_fixture("garmin/activities.json"))
-    body["activities"] = [dict(body["activities"][0], durationInSeconds=-2790)]
+    body["activities"] = body["activities"][:1]
     _, record = _one("garmin", "activities", body)
+    record["metadata"]["end_time"] = "2024-03-11T05:43:30.000000+05:30"
     with pytest.raises(Implausible, match=r"^activity ends before it starts: "
                                           r"start_time 2024-03-11T06:30:00.000000\+05:30, "
                                           r"end_time 2024-03-11T05:43:30.000000\+05:30$"):
@@ -291,7 +304,7 @@ def _line(provider: str, kind: str, payload: Any, user_id: str | None = None) ->
 
 
 def test_pipeline_counts_dropped_samples_and_dead_letters_an_implausible_sleep(tmp_path: Path) -> None:
-    samples = {"15": 52, "30": 51, "45": 53, str(THREE_YEARS_S): 64, "25200": 88, "25215": 0}
+    samples = {"15": 52, "30": 51, "45": 53, str(THREE_YEARS_S): 64, "25200": 88, "25215": 312}
     implausible = _line("garmin", "sleeps", _sixteen_hour_deep_segment())
     lines = [_line("garmin", "dailies", _garmin_daily(timeOffsetHeartRateSamples=samples)), implausible,
              _line("oura", "sleep", _fixture("oura/sleep.page.json"), user_id="oura-user")]
