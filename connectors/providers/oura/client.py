@@ -59,10 +59,10 @@ class OuraPollHook(ResponseHook):
 
     Offsets are learned per user and day from the documents that carry one: sleep (``bedtime_end``), daily_activity
     (``timestamp``, 4 a.m. local) and workout (``start_datetime``). The manifest polls sleep and daily_activity
-    first, so a poll round costs no extra request; a day still unknown (a notification's single document, a
-    restarted worker) is learned with one ``daily_activity`` request for the days the page names (at most
-    ``MAX_LOOKUP_DAYS``), asked once per day. A day whose offset cannot be learned gets none: the mapper then keeps
-    the day in UTC, labelled UTC. A heartrate row takes the offset of its UTC date (else the day before or after).
+    first, so a poll round costs no extra request; for a single document fetched by id (a notification's) whose day
+    is not known (a restarted worker), the day is learned with one ``daily_activity`` request, asked once per day.
+    A day whose offset cannot be learned gets none: the mapper then keeps the day in UTC, labelled UTC. A heartrate
+    row takes the offset of its UTC date (else the day before or after).
     """
 
     def __init__(self) -> None:
@@ -84,7 +84,9 @@ class OuraPollHook(ResponseHook):
         moments = [(_utc_moment(doc) if heartrate else None) if isinstance(doc, dict) else None for doc in documents]
         days = {m.date() for m in moments if m} if heartrate else \
             {d for doc in documents if isinstance(doc, dict) and (d := _day(doc.get("day")))}
-        offsets = self._known(request, user, days)
+        # a poll window's days were just seen in this round's sleep and daily_activity pages (polled first): only a
+        # single document (a notification's, fetched by id: no window) is worth a daily_activity request
+        offsets = self._known(request, user, days, ask=request.start is None and request.end is None)
         attached = []
         for doc, moment in zip(documents, moments, strict=True):
             offset = None
@@ -95,6 +97,8 @@ class OuraPollHook(ResponseHook):
                 elif not heartrate:
                     offset = offsets.get(_day(doc.get("day")))  # type: ignore[arg-type]
             attached.append({**doc, "_offset": offset} if offset else doc)
+        if all(new is old for new, old in zip(attached, documents, strict=True)):
+            return [body]  # nothing attached: the provider's bytes as they are
         if isinstance(body, dict) and isinstance(body.get("data"), list):
             return [{**body, "data": attached}]
         return attached
@@ -121,13 +125,14 @@ class OuraPollHook(ResponseHook):
             for stale in sorted(known)[:-MAX_DAYS_PER_USER]:
                 del known[stale]
 
-    def _known(self, request: Request, user: str, days: set[date]) -> dict[date, str]:
-        """The user's offsets of ``days`` and their neighbours; unknown days asked of daily_activity once."""
+    def _known(self, request: Request, user: str, days: set[date], ask: bool) -> dict[date, str]:
+        """The user's offsets of ``days`` and their neighbours; with ``ask``, unknown days asked of daily_activity
+        once."""
         wanted = days | {d + timedelta(days=step) for d in days for step in (-1, 1)}
         with self._lock:
             known = dict(self._offsets.get(user, {}))
             asked = set(self._asked.get(user, set()))
-        missing = sorted(d for d in days if d not in known and d not in asked)
+        missing = sorted(d for d in days if d not in known and d not in asked) if ask else []
         if missing:
             first, last = missing[0], min(missing[-1], missing[0] + timedelta(days=MAX_LOOKUP_DAYS - 1))
             try:
