@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from connectors.hooks import Request, ResponseHook
-from connectors.timeutil import parse_iso
+from connectors.timeutil import parse_iso, parse_offset
 from core.errors import PermanentError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,17 @@ def _utc_moment(row: dict[str, Any]) -> datetime | None:
     return None
 
 
+def _row_offset(moment: datetime, offsets: dict[date, str]) -> str | None:
+    """The offset of a UTC heart-rate row: of the day (its UTC date, the day before or after) whose offset puts the
+    row on that very day, else the first of them known."""
+    candidates = [d for d in (moment.date(), moment.date() - timedelta(days=1), moment.date() + timedelta(days=1))
+                  if d in offsets]
+    for day in candidates:
+        if (moment + parse_offset(offsets[day]).utcoffset(None)).date() == day:
+            return offsets[day]
+    return offsets[candidates[0]] if candidates else None
+
+
 class OuraPollHook(ResponseHook):
     """Attaches ``_offset`` (the user's UTC offset, ``"-05:00"``) to daily_sleep, daily_readiness and daily_spo2
     documents and heartrate rows, which carry none (see ``connectors.providers.oura``).
@@ -62,7 +73,7 @@ class OuraPollHook(ResponseHook):
     first, so a poll round costs no extra request; for a single document fetched by id (a notification's) whose day
     is not known (a restarted worker), the day is learned with one ``daily_activity`` request, asked once per day.
     A day whose offset cannot be learned gets none: the mapper then keeps the day in UTC, labelled UTC. A heartrate
-    row takes the offset of its UTC date (else the day before or after).
+    row takes the offset of the day (its UTC date, the day before or after) that offset puts it on.
     """
 
     def __init__(self) -> None:
@@ -92,8 +103,7 @@ class OuraPollHook(ResponseHook):
             offset = None
             if isinstance(doc, dict) and "_offset" not in doc:
                 if heartrate and moment is not None:
-                    candidates = (moment.date(), moment.date() - timedelta(days=1), moment.date() + timedelta(days=1))
-                    offset = next((offsets[d] for d in candidates if d in offsets), None)
+                    offset = _row_offset(moment, offsets)
                 elif not heartrate:
                     offset = offsets.get(_day(doc.get("day")))  # type: ignore[arg-type]
             attached.append({**doc, "_offset": offset} if offset else doc)
