@@ -76,6 +76,8 @@ class OuraPollHook(ResponseHook):
     row takes the offset of the day (its UTC date, the day before or after) that offset puts it on.
     """
 
+    attaches = {kind: ("_offset",) for kind in sorted(NEEDS_OFFSET)}  # optional: without it, UTC days labelled UTC
+
     def __init__(self) -> None:
         self._offsets: dict[str, dict[date, str]] = {}  # user → day → offset
         self._asked: dict[str, set[date]] = {}  # user → days already asked of daily_activity
@@ -162,5 +164,3 @@ class OuraPollHook(ResponseHook):
                 known = dict(self._offsets.get(user, {}))
         return {d: known[d] for d in wanted if d in known}
 
-
-POLL_HOOK = OuraPollHook

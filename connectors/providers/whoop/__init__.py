@@ -7,7 +7,7 @@ Every record carries ``user_id``. Times are UTC (``...Z``) plus ``timezone_offse
 
 Accepted forms: collection pages ``{"records": [...], "next_token"}``, single records (``GET /v2/.../{id}``), v1
 records (integer ids, ``zone_duration``); a recovery needs its sleep attached under ``sleep`` (the poll hook,
-``client.py``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
+``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
 ``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` → the Activity ``id``.
 ``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep, which a tombstone
 cannot express; the manifest fetches the sleep again instead.
@@ -180,7 +180,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
     return Fragment("sleep", _sleep_record(doc), version_ms=_version_ms(doc))
 
 
-@PROVIDER.kind("recovery", "sleep")
+@PROVIDER.kind("recovery", "sleep", context=("sleep",))
 def recovery(doc: dict[str, Any]) -> Fragment:
     """A recovery → completes the Sleep it was computed from (summary_id = ``sleep_id``).
 

@@ -50,6 +50,8 @@ class WhoopPollHook(ResponseHook):
     publishes that recovery with the sleep attached (nothing when the cycle has no recovery: a nap, or deleted).
     """
 
+    attaches = {"recovery": ("sleep",)}
+
     def __init__(self, sleep_ttl_s: float = 600) -> None:
         self.sleep_ttl_s = sleep_ttl_s
         self._sleeps: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}  # user → sleep id → (at, sleep)
@@ -142,5 +144,3 @@ class WhoopPollHook(ResponseHook):
             return self._attach(request, user, [recovery])
         return [{**recovery, "sleep": sleep}]
 
-
-POLL_HOOK = WhoopPollHook
