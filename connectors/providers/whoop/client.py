@@ -72,6 +72,8 @@ class WhoopPollHook(ResponseHook):
         if records is None:
             return [body]  # not WHOOP's shape: published as is, the pipeline dead-letters it with its reason
         attached = self._attach(request, user, records)
+        if all(new is old for new, old in zip(attached, records, strict=True)):
+            return [body]  # nothing to attach (an empty page, sleeps already there): the provider's bytes as they are
         return [{**body, "records": attached} if "records" in body else attached[0]]
 
     # ------------------------------------------------------------------------------------------------ internals
