@@ -144,5 +144,15 @@ def test_poll_makes_local_days_and_webhooks_fetch_by_id_or_delete(tmp_path, fake
         (published,) = [raw for raw, _ in consume_raw(broker.bootstrap, topic)[raw_before + 1:]]
         (fragment,) = OURA.normalize(json.loads(published["payload"]), published["kind"], published["user_id"])
         assert fragment.data["metadata"] == day["metadata"] and fragment.data["scores"] == {"sleep": 79}
+
+        # through the pipeline: the deleted workout disappears; the day keeps its window and scores
+        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
+                                         [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"),
+                                         state_url=state))
+        assert summary.get("deleted:sql") == 1, summary.counters
+        with sqlite3.connect(out) as conn:
+            keys = set(conn.execute("SELECT type, natural_key FROM healthflow_records").fetchall())
+        assert ("activity", CYCLING) not in keys and ("activity", "b2d4f6a8-1c3e-4a7b-9d1f-6a8c0e2b4d7f") in keys
+        assert ("daily", "2024-03-11") in keys
         publisher.close()
     plane.close()

@@ -199,5 +199,13 @@ def test_poll_attaches_each_recovery_sleep_and_webhooks_fetch_or_delete(tmp_path
         assert fragment.data["metadata"]["summary_id"] == NEXT
         assert fragment.data["metadata"]["start_time"] == "2024-03-11T23:12:00.000000+01:00"
         assert fragment.data["readiness_data"] == {"readiness": 34}
+
+        # through the pipeline: the deleted nap and workout disappear, the new night arrives with its recovery
+        counters = deliver(broker, topic, state, out, dlq)
+        assert counters.get("deleted:sql") == 2, counters
+        records = delivered(out)
+        assert ("sleep", NAP) not in records and ("activity", "ecfc6a15-4661-442f-a9a4-f160dd7afae8") not in records
+        assert records[("sleep", NEXT)]["readiness_data"] == {"readiness": 34}
+        assert records[("sleep", MAIN)]["readiness_data"] == {"readiness": 67}
         publisher.close()
     plane.close()
