@@ -73,6 +73,9 @@ class Endpoint(_Strict):
     method: Literal["GET", "POST"] = "GET"
     window: Window | None = None
     params: dict[str, str] = Field(default_factory=dict)
+    item_path: str | None = Field(None, pattern=r"^/.*\{id\}", description="one document by the id a notification "
+                                  "names (webhooks.id_field), e.g. /v2/usercollection/sleep/{id}: fetched instead of "
+                                  "a live poll")
 
 
 class Pagination(_Strict):
@@ -118,6 +121,21 @@ class Replay(_Strict):
                                                  "it at least twice its tolerance, so a replay is refused at any time")
 
 
+class Deletions(_Strict):
+    """Notifications saying a record is gone: published on the raw topic as raw kind ``kind`` (mapped to
+    ``connectors.base.Deletion``s), never fetched: the object no longer exists at the provider."""
+
+    kind: str = Field(description="the raw kind the notification is published as")
+    when: list[dict[str, str]] = Field(min_length=1, description="a notification is a deletion when all fields of "
+                                                                 "one entry match (WHOOP {type: sleep.deleted}, Oura "
+                                                                 "{event_type: delete})")
+
+    def matches(self, note: object) -> bool:
+        return isinstance(note, dict) and any(
+            all(note.get(name) is not None and str(note[name]) == value for name, value in entry.items())
+            for entry in self.when)
+
+
 class Webhooks(_Strict):
     mode: Literal["push", "ping", "notification"] = Field(
         description="push: the data itself; ping: a callback URL to fetch; notification: ids to fetch")
@@ -131,6 +149,11 @@ class Webhooks(_Strict):
     kind_field: str | None = Field(None, description="notification field saying what changed")
     kinds: dict[str, list[str]] = Field(default_factory=dict,
                                         description="value of kind_field → raw kinds to fetch (others are ignored)")
+    id_field: str | None = Field(None, description="notification field naming the changed document (WHOOP id, Oura "
+                                                   "object_id): a kind whose endpoint has an item_path fetches that "
+                                                   "document, not the live window")
+    deletions: Deletions | None = Field(None, description="notifications saying a record is gone: published as a raw "
+                                                          "kind, not fetched")
     revoked: list[str | dict[str, str]] = Field(
         default_factory=list, description="notifications saying the user withdrew access: a kind_field value "
                                           "(Fitbit userRevokedAccess), or fields that must all match "

@@ -58,7 +58,8 @@ def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake
         report = fetcher.run_once(broker.bootstrap, notes, group="fetch")
         assert (report.unknown_accounts, report.ignored, report.unreadable) == (1, 1, 0)
         assert [r.kind for r in report.fetched.results] == ["daily_readiness"]
-        assert {r.params["start_date"] for r in api.served("daily_readiness")} == {"2024-03-13"}
+        # the notification names its document (object_id): that document is fetched, not the live window
+        assert [r.path for r in api.served("daily_readiness")] == ["/v2/usercollection/daily_readiness/readiness-3-19"]
         assert fetcher.run_once(broker.bootstrap, notes, group="fetch").fetched.results == []  # committed
         publisher.close()
 

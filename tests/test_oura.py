@@ -12,7 +12,9 @@ from terra.types.daily import Daily
 from terra.types.sleep import Sleep
 
 from connectors import get_provider
-from connectors.base import Fragment, MappingError, UnknownKind, natural_key
+from connectors.base import Deletion, Fragment, MappingError, UnknownKind, natural_key
+from connectors.hooks import Request
+from connectors.providers.oura.client import OuraPollHook
 from schemas.serde import validate_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oura"
@@ -28,6 +30,9 @@ def normalize(payload: Any, kind: str) -> list[Fragment]:
     """Map a payload and check every record against the Avro schema and Terra's SDK models."""
     fragments = list(get_provider("oura").normalize(payload, kind=kind, user_id=USER))
     for fragment in fragments:
+        assert fragment.provider_user_id == USER
+        if isinstance(fragment, Deletion):
+            continue
         validate_record(fragment.type, fragment.data)
         TERRA_MODELS[fragment.type].model_validate(fragment.data)
         assert fragment.provider_user_id == USER
@@ -121,8 +126,6 @@ def test_sleep_update_version_2_supersedes_version_1() -> None:
 
 
 @pytest.mark.parametrize(("case", "reason"), [
-    ("deleted", "deleted"),
-    ("rest", "rejected"),
     ("no_offset", "no UTC offset"),
     ("bad_phase", "unknown code 'x' at position 4"),
 ])
@@ -184,12 +187,14 @@ def test_daily_activity() -> None:
 
 
 def test_daily_scores_and_spo2_share_the_day_key() -> None:
+    """daily_sleep/daily_readiness write the day as UTC midnight (+00:00): without the user's offset the window is
+    the day in UTC, labelled UTC (main labelled that UTC window local)."""
     (sleep_day,) = normalize(load("daily_sleep.json"), "daily_sleep")
     (readiness_day,) = normalize(load("daily_readiness.json"), "daily_readiness")
     (spo2_day,) = normalize(load("daily_spo2.json"), "daily_spo2")
     assert sleep_day.data == {
-        "metadata": {"start_time": "2024-03-11T00:00:00.000000+01:00", "end_time": "2024-03-12T00:00:00.000000+01:00",
-                     "upload_type": 1, "timestamp_localization": 1},
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+00:00", "end_time": "2024-03-12T00:00:00.000000+00:00",
+                     "upload_type": 1, "timestamp_localization": 0},
         "scores": {"sleep": 79},
     }
     assert readiness_day.data["scores"] == {"recovery": 81}
@@ -264,3 +269,134 @@ def test_unknown_kind_and_bad_documents() -> None:
         normalize({"id": "x", "day": "11/03/2024"}, "daily_readiness")
     with pytest.raises(MappingError, match="no user id"):
         list(get_provider("oura").normalize(load("daily_sleep.json"), kind="daily_sleep"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# time zones: the user's offset from the user's own documents
+# ----------------------------------------------------------------------------------------------------------------------
+def test_daily_scores_with_the_users_offset_are_local_days() -> None:
+    """A -05:00 user's daily_sleep: with the offset the poll hook learned, the same window as that day's
+    daily_activity (local midnight to midnight, labelled local)."""
+    doc = dict(load("daily_sleep.json")["data"][0], _offset="-05:00")
+    (sleep_day,) = normalize(doc, "daily_sleep")
+    assert sleep_day.data["metadata"] == {"start_time": "2024-03-11T00:00:00.000000-05:00",
+                                          "end_time": "2024-03-12T00:00:00.000000-05:00",
+                                          "upload_type": 1, "timestamp_localization": 1}
+    activity = dict(load("daily_activity.json")["data"][0], timestamp="2024-03-11T04:00:00-05:00")
+    activity.pop("met"), activity.pop("class_5_min")
+    assert normalize(activity, "daily_activity")[0].data["metadata"] == sleep_day.data["metadata"]
+    (spo2_day,) = normalize(dict(load("daily_spo2.json")["data"][0], _offset="-05:00"), "daily_spo2")
+    assert spo2_day.data["metadata"] == sleep_day.data["metadata"]
+    with pytest.raises(MappingError, match="_offset"):
+        normalize(dict(doc, _offset="EST"), "daily_sleep")
+
+
+def test_heartrate_rows_land_in_their_local_day() -> None:
+    """01:45Z on 2024-03-12 is 20:45 on 2024-03-11 at -05:00: that day's Daily, in local time."""
+    row = {"bpm": 72, "source": "awake", "timestamp": "2024-03-12T01:45:00+00:00", "timestamp_unix": 1710207900000,
+           "_offset": "-05:00"}
+    (fragment,) = normalize(row, "heartrate")
+    assert natural_key("daily", fragment.data) == "2024-03-11"
+    assert fragment.data == {
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000-05:00", "end_time": "2024-03-12T00:00:00.000000-05:00",
+                     "upload_type": 1, "timestamp_localization": 1},
+        "heart_rate_data": {"detailed": {"hr_samples": [
+            {"timestamp": "2024-03-11T20:45:00.000000-05:00", "bpm": 72, "context": 0}]}},
+    }
+
+
+def hook_request(kind: str, answers: dict[str, Any], asked: list[tuple[str, Any]]) -> Request:
+    def fetch(path: str, params: Any = None, method: str = "GET") -> Any:
+        asked.append((path, params))
+        return answers.get(path, {"data": [], "next_token": None})
+
+    connection = type("Connection", (), {"user_id": "hf-1", "provider_user_id": USER, "provider": "oura"})()
+    return Request("oura", kind, None, None, None, connection, fetch)
+
+
+def test_hook_attaches_the_offset_learned_from_the_users_documents() -> None:
+    hook, asked = OuraPollHook(), []
+    activity = load("daily_activity.json")
+    activity["data"][0]["timestamp"] = "2024-03-11T04:00:00-05:00"
+    assert hook.payloads(hook_request("daily_activity", {}, asked), activity) == [activity]
+    sleep_page = load("daily_sleep.json")
+    (published,) = hook.payloads(hook_request("daily_sleep", {}, asked), sleep_page)
+    assert asked == [] and published["data"][0]["_offset"] == "-05:00"
+    assert "_offset" not in sleep_page["data"][0]  # the page as fetched is not modified
+    rows = {"data": [{"bpm": 72, "source": "awake", "timestamp": "2024-03-12T01:45:00+00:00"}], "next_token": None}
+    (hr,) = hook.payloads(hook_request("heartrate", {}, asked), rows)
+    assert hr["data"][0]["_offset"] == "-05:00"  # the day before's offset: 2024-03-12 is not known
+    (fragment,) = normalize(hr, "heartrate")
+    assert natural_key("daily", fragment.data) == "2024-03-11"
+
+
+def test_hook_asks_daily_activity_once_for_days_it_does_not_know() -> None:
+    hook, asked = OuraPollHook(), []
+    activity = load("daily_activity.json")
+    answers = {"/v2/usercollection/daily_activity": activity}  # 2024-03-11, +01:00
+    (single,) = hook.payloads(hook_request("daily_readiness", answers, asked), load("daily_readiness.json")["data"][0])
+    assert single["_offset"] == "+01:00"
+    assert asked == [("/v2/usercollection/daily_activity", {"start_date": "2024-03-11", "end_date": "2024-03-11"})]
+    unknown = dict(load("daily_readiness.json")["data"][0], day="2024-02-01")
+    (first,) = hook.payloads(hook_request("daily_readiness", {}, asked), unknown)
+    (again,) = hook.payloads(hook_request("daily_readiness", {}, asked), unknown)
+    assert "_offset" not in first and "_offset" not in again and len(asked) == 2  # asked once, then UTC
+    assert normalize(again, "daily_readiness")[0].data["metadata"]["timestamp_localization"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# deletions, zeros, accepted forms
+# ----------------------------------------------------------------------------------------------------------------------
+def test_deleted_and_rejected_sleeps_are_deletions_of_their_sleep() -> None:
+    (deleted,) = normalize(load("sleep.deleted.json"), "sleep")
+    assert deleted == Deletion("sleep", "0d7b1f2e-93c4-4a8e-b6f1-2e5d8c7a9b30", USER, 1710009611000)
+    (rest,) = normalize(load("sleep.rest.json"), "sleep")
+    assert rest == Deletion("sleep", "5e9a0c3b-1f72-4d6e-8a4b-9c0e2f7d1b58", USER, 1709992960000)
+
+
+def test_delete_webhooks_become_deletions_keyed_like_the_records() -> None:
+    (sleep_gone,) = normalize(load("deleted.sleep.json"), "deleted")
+    main = normalize(load("sleep.page.json"), "sleep")[0]
+    assert sleep_gone == Deletion("sleep", natural_key("sleep", main.data), USER, 1710137582000)
+    (workout_gone,) = normalize(load("deleted.workout.json"), "deleted")
+    cycling = normalize(load("workout.page.json"), "workout")[0]
+    assert workout_gone == Deletion("activity", natural_key("activity", cycling.data), USER, 1710014400000)
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("daily_readiness", "keyed by day"),
+    ("daily_sleep", "keyed by day"),
+    ("tag", "deleted Oura tag is not mapped"),
+    ("update", "is not a deletion"),
+    ("no_object_id", "missing required field"),
+])
+def test_delete_webhooks_without_a_record_key_are_refused(case: str, reason: str) -> None:
+    with pytest.raises(MappingError, match=reason):
+        normalize(load("deleted.bad.json")["cases"][case], "deleted")
+
+
+def test_zero_means_not_measured() -> None:
+    night = dict(load("sleep.page.json")["data"][0], average_hrv=0, lowest_heart_rate=0, average_breath=0,
+                 efficiency=0, readiness={"score": 0, "temperature_deviation": 0.0})
+    (fragment,) = normalize(night, "sleep")
+    summary = fragment.data["heart_rate_data"]["summary"]
+    assert "avg_hrv_rmssd" not in summary and "min_hr_bpm" not in summary and summary["avg_hr_bpm"] > 0
+    assert "respiration_data" not in fragment.data and "readiness_data" not in fragment.data
+    assert "sleep_efficiency" not in fragment.data["sleep_durations_data"]
+    assert fragment.data["temperature_data"] == {"delta": 0.0}  # a deviation of 0 is a measurement
+    (spo2,) = normalize(dict(load("daily_spo2.json")["data"][0], spo2_percentage={"average": 0.0}), "daily_spo2")
+    assert "oxygen_data" not in spo2.data
+    (score,) = normalize(dict(load("daily_sleep.json")["data"][0], score=0), "daily_sleep")
+    assert "scores" not in score.data
+    (indoor,) = normalize(dict(load("workout.page.json")["data"][0], distance=0.0), "workout")
+    assert "distance_data" not in indoor.data and indoor.data["calories_data"] == {"total_burned_calories": 412}
+    activity = dict(load("daily_activity.json")["data"][0], steps=0, high_activity_time=0)
+    (day,) = normalize(activity, "daily_activity")
+    assert day.data["distance_data"]["steps"] == 0
+    assert day.data["active_durations_data"]["vigorous_intensity_seconds"] == 0
+
+
+def test_single_documents_and_pages_map_alike() -> None:
+    for kind in ("sleep", "daily_activity", "daily_sleep", "daily_readiness", "daily_spo2", "workout"):
+        page = load(f"{kind}.json" if kind.startswith("daily") else f"{kind}.page.json")
+        assert normalize(page["data"][0], kind) == normalize(page, kind)[:1], kind

@@ -248,3 +248,36 @@ def test_garmin_pings_are_taken_out_of_a_push_body_entry_by_entry():
     for unchanged in (b"not json", b"[1, 2]", json.dumps({"dailies": [_garmin_daily("u1", 1)]}).encode()):
         assert split_pings(unchanged, "callbackURL") == (unchanged, {})
     assert split_pings(only, None) == (only, {})
+
+
+def _whoop_headers(body: bytes, secret: str = "whoop-secret") -> dict:
+    millis = str(int(time.time() * 1000))
+    mac = base64.b64encode(hmac.new(secret.encode(), millis.encode() + body, hashlib.sha256).digest()).decode()
+    return {"X-WHOOP-Signature": mac, "X-WHOOP-Signature-Timestamp": millis, "content-type": "application/json"}
+
+
+def test_deletion_notifications_become_deletions_without_a_fetch(server, broker):
+    """WHOOP sleep.deleted / workout.deleted and Oura event_type delete: published on the raw topic as kind "deleted"
+    (nothing is queued for the fetcher: the object is gone), and the pipeline's reader maps them to Deletions."""
+    from connectors.base import Deletion
+    from transforms.normalize import read_documents
+
+    base, raw, notes = server
+    whoop_body = json.dumps({"user_id": 10129, "id": "ecfc6a15-4661-442f-a9a4-f160dd7afae8", "type": "workout.deleted",
+                             "trace_id": "d-1"}).encode()
+    oura_body = json.dumps({"event_type": "delete", "data_type": "sleep", "object_id": "6f1c2a70-0b8e-4a4e-9d55",
+                            "event_time": "2026-11-02T06:13:02+00:00", "user_id": "oura-7"}).encode()
+    whoop = requests.post(f"{base}/whoop/webhook", data=whoop_body, headers=_whoop_headers(whoop_body), timeout=10)
+    oura = requests.post(f"{base}/oura/webhook", data=oura_body, headers=_oura_headers(oura_body), timeout=10)
+    assert whoop.json() == oura.json() == {"status": "accepted", "deletions": 1}
+    assert _read(broker, notes) == []
+    events = sorted(_read(broker, raw), key=lambda e: e["provider"])
+    assert [(e["provider"], e["kind"], e["user_id"], e["payload"]) for e in events] == [
+        ("oura", "deleted", "oura-7", oura_body), ("whoop", "deleted", "10129", whoop_body)]
+    mapped = []
+    for event in events:
+        raw_event, provider, documents = read_documents(RawMessage(event["raw"], {"partition": 0, "offset": 0}))
+        mapped += [item for kind, doc in documents
+                   for item in provider.normalize_document(kind, doc, raw_event.user_id)]
+    assert mapped == [Deletion("sleep", "6f1c2a70-0b8e-4a4e-9d55", "oura-7", 1793599982000),
+                      Deletion("activity", "ecfc6a15-4661-442f-a9a4-f160dd7afae8", "10129")]

@@ -12,7 +12,10 @@ from terra.types.daily import Daily
 from terra.types.sleep import Sleep
 
 from connectors import get_provider
-from connectors.base import Fragment, MappingError, natural_key
+from connectors.base import Deletion, Fragment, MappingError, natural_key
+from connectors.hooks import Request
+from connectors.providers.whoop.client import WhoopPollHook
+from core.errors import PermanentError
 from schemas.serde import validate_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whoop"
@@ -28,6 +31,8 @@ def normalize(payload: Any, kind: str) -> list[Fragment]:
     """Map a payload and check every record against the Avro schema and Terra's SDK models."""
     fragments = list(get_provider("whoop").normalize(payload, kind=kind))
     for fragment in fragments:
+        if isinstance(fragment, Deletion):
+            continue
         validate_record(fragment.type, fragment.data)
         TERRA_MODELS[fragment.type].model_validate(fragment.data)
     return fragments
@@ -213,3 +218,115 @@ def test_missing_fields_raise_mapping_error() -> None:
         normalize({k: v for k, v in sleep.items() if k != "end"}, "sleep")
     with pytest.raises(MappingError, match="no user id"):
         normalize({k: v for k, v in sleep.items() if k != "user_id"}, "sleep")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# deletions, zeros, accepted forms
+# ----------------------------------------------------------------------------------------------------------------------
+def test_deletion_webhooks_become_deletions_keyed_like_the_records() -> None:
+    (sleep_gone,) = normalize(load("deleted.sleep.json"), "deleted")
+    (nap,) = [f for f in normalize(load("sleep.page.json"), "sleep") if f.data["metadata"]["is_nap"]]
+    assert sleep_gone == Deletion("sleep", natural_key("sleep", nap.data), "245199")
+    (workout_gone,) = normalize(load("deleted.workout.json"), "deleted")
+    running = normalize(load("workout.page.json"), "workout")[0]
+    assert workout_gone == Deletion("activity", natural_key("activity", running.data), "245199")
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("v1_integer_id", "v1 integer id"),
+    ("recovery_deleted_is_partial", "not a deletion of a record"),
+    ("update_not_deletion", "not a deletion of a record"),
+    ("no_id", "missing required field"),
+])
+def test_deletion_webhooks_that_name_no_record_key_are_refused(case: str, reason: str) -> None:
+    with pytest.raises(MappingError, match=reason):
+        normalize(load("deleted.bad.json")["cases"][case], "deleted")
+
+
+def test_zero_rates_mean_not_measured() -> None:
+    """A WHOOP 3.0 strap sends no SpO2 and zeros where it measured nothing: zero rates are absent, zero work is not."""
+    recovery = recovery_with_sleep()
+    recovery["score"] = {**recovery["score"], "spo2_percentage": 0.0, "resting_heart_rate": 0.0, "hrv_rmssd_milli": 0}
+    (fragment,) = normalize(recovery, "recovery")
+    assert fragment.data["readiness_data"] == {"readiness": 67}
+    assert "oxygen_saturation_data" not in fragment.data["respiration_data"]
+    assert "summary" not in fragment.data.get("heart_rate_data", {})
+    workout = load("workout.page.json")["records"][0]
+    workout["score"] = {**workout["score"], "distance_meter": 0.0, "altitude_gain_meter": 0.0, "average_heart_rate": 0}
+    (indoor,) = normalize(workout, "workout")
+    assert "distance_data" not in indoor.data
+    assert "avg_hr_bpm" not in indoor.data["heart_rate_data"]["summary"]
+    assert indoor.data["strain_data"] == {"strain_level": 11.2847}
+    cycle = load("cycle.page.json")["records"][0]
+    cycle["score"] = {**cycle["score"], "strain": 0.0, "average_heart_rate": 0, "max_heart_rate": 0}
+    (rest_day,) = normalize(cycle, "cycle")
+    assert rest_day.data["strain_data"] == {"strain_level": 0.0} and "heart_rate_data" not in rest_day.data
+
+
+def test_single_records_and_pages_map_alike() -> None:
+    for kind, single, page in (("sleep", "sleep.single.json", "sleep.page.json"),
+                               ("workout", "workout.single.json", "workout.page.json"),
+                               ("cycle", "cycle.single.json", "cycle.page.json"),
+                               ("recovery", "recovery.single.json", "recovery.json")):
+        assert normalize(load(single), kind) == normalize(load(page), kind)[:1], kind
+    (v1,) = normalize(load("sleep.v1.json"), "sleep")
+    assert v1.data["metadata"]["summary_id"] == "93845123" and v1.provider_user_id == "10129"
+
+
+def test_recovery_whose_sleep_was_deleted_is_refused_with_the_reason() -> None:
+    with pytest.raises(MappingError, match="answered 404: the sleep was deleted at WHOOP"):
+        normalize(load("recovery.bad_sleep_deleted.json"), "recovery")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the poll hook attaching each recovery's sleep
+# ----------------------------------------------------------------------------------------------------------------------
+class Refused(PermanentError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def hook_request(kind: str, answers: dict[str, Any], asked: list[str]) -> Request:
+    """A poll request of the connection ``hf-1``; ``fetch`` answers from ``answers`` (404 for other paths)."""
+    def fetch(path: str, params: Any = None, method: str = "GET") -> Any:
+        asked.append(path)
+        if path not in answers:
+            raise Refused(f"whoop GET {path}: HTTP 404", 404)
+        return answers[path]
+
+    connection = type("Connection", (), {"user_id": "hf-1", "provider_user_id": "245199", "provider": "whoop"})()
+    return Request("whoop", kind, None, None, None, connection, fetch)
+
+
+def test_hook_attaches_sleeps_seen_in_sleep_pages_and_fetches_others_once() -> None:
+    hook, asked = WhoopPollHook(), []
+    sleeps = load("sleep.page.json")
+    other = dict(sleeps["records"][0], id="0b1d3f5a-7c9e-4b2d-8f0a-2c4e6a8b0d13")
+    answers = {f"/v2/activity/sleep/{other['id']}": other}
+    assert hook.payloads(hook_request("sleep", answers, asked), sleeps) == [sleeps]
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    page = {"records": [recovery, dict(recovery, sleep_id=other["id"], cycle_id=1),
+                        dict(recovery, sleep_id=other["id"], cycle_id=2),
+                        dict(recovery, sleep_id="9d7b5f3a-1e2c-4a6b-8d0f-4a6c8e0b2d24")], "next_token": "abc"}
+    (published,) = hook.payloads(hook_request("recovery", answers, asked), page)
+    assert asked == [f"/v2/activity/sleep/{other['id']}", "/v2/activity/sleep/9d7b5f3a-1e2c-4a6b-8d0f-4a6c8e0b2d24"]
+    assert published["next_token"] == "abc"
+    first, second, third, gone = published["records"]
+    assert first["sleep"] == sleeps["records"][0] and second["sleep"] == third["sleep"] == other
+    assert "sleep" not in gone and gone["_sleep_missing"].endswith("answered 404: the sleep was deleted at WHOOP")
+    assert page["records"][0] == recovery and "sleep" not in recovery  # the page is not modified
+    assert [f.data["metadata"]["summary_id"] for f in normalize({"records": [first, second]}, "recovery")] == [
+        SLEEP_ID, other["id"]]
+
+
+def test_hook_turns_a_sleep_fetched_by_id_into_its_recovery() -> None:
+    """A recovery.updated notification names the sleep's UUID: the recovery is its cycle's, with the sleep."""
+    hook, asked = WhoopPollHook(), []
+    sleep = load("sleep.single.json")
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    answers = {"/v2/cycle/1236731435/recovery": recovery}
+    (published,) = hook.payloads(hook_request("recovery", answers, asked), sleep)
+    assert asked == ["/v2/cycle/1236731435/recovery"] and published == dict(recovery, sleep=sleep)
+    # a cycle without a recovery (a nap's notification after its cycle's recovery was deleted): nothing to publish
+    assert hook.payloads(hook_request("recovery", {}, []), sleep) == []

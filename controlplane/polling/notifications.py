@@ -15,7 +15,9 @@ means (``webhooks.kind_field``):
   the user's. Without those fields (or for endpoints without a time window) it is an immediate live poll, as a
   scheduled one. Either way under the same rate limits, and the data lands on the ingestion topic like any poll. A
   401 refreshes the token and fetches once more; a refused refresh revokes the connection (as a poll does); any other
-  failure is counted in the report (``fetched.failed``) and does not hold up the queue.
+  failure is counted in the report (``fetched.failed``) and does not hold up the queue. A notification naming its
+  document (``webhooks.id_field``: WHOOP ``id``, Oura ``object_id``) fetches just that document for each kind whose
+  endpoint declares an ``item_path`` (``Poller.fetch_item``, through the provider's poll hook).
 
 Pings (``webhooks.callback_field``; Garmin queues ``{"<summaryType>": [{"userId", "callbackURL"}]}`` per account, see
 ``controlplane.webhooks``): each entry's callback URL is fetched with the account's connection token through
@@ -34,7 +36,8 @@ the same topic with ``healthflow-attempt`` / ``healthflow-due`` headers and fetc
 ``retry_base_s`` up to ``retry_max_s``), so one failing account never holds up the queue and nothing is dropped (a
 Garmin ping, for one, is sent once). A fetch the provider refuses (a 4xx) is counted in ``fetched.failed`` and not
 repeated: asked the same way it cannot succeed (a pull provider's live poll reads the data again).
-Notifications for unknown accounts, or that name nothing to fetch (deletions), are counted, never fatal.
+Notifications for unknown accounts, or that name nothing to fetch, are counted, never fatal (deletions never get
+here: the receiver publishes them as raw events, ``webhooks.deletions``).
 
 A notification the receiver claimed by its content (Fitbit, Polar: the ``healthflow-replay-claim`` header, see
 ``controlplane.webhooks``) has its claim forgotten in the control-plane store once it was handled (fetched, or
@@ -217,10 +220,11 @@ class NotificationFetcher:
                     log.warning("%s notification names an unreadable time (%s): fetching from the live cursor",
                                 provider, exc)
                     window = None
+                named = note.get(hooks.id_field) if hooks.id_field else None
                 for kind in kinds:
                     if connection.user_id in report.fetched.revoked:
                         break
-                    self.fetch(connection, kind, window, report.fetched)
+                    self.fetch(connection, kind, window, report.fetched, None if named in (None, "") else str(named))
         return report
 
     def handle_pings(self, provider: str, body: bytes, hooks: Webhooks, report: FetchReport) -> FetchReport:
@@ -286,11 +290,18 @@ class NotificationFetcher:
         log.info("%s account %s withdrew access (%s): connections %s revoked", provider, account, why, ended)
         return ended
 
-    def fetch(self, connection: Any, kind: str, window: Window | None, report: PollReport) -> None:
-        """Fetch ``kind`` for ``window`` (or a live poll without one) through ``ConnectionPolling.attempt``: a 401
-        refreshes the token once, other failures are reported, not raised."""
+    def fetch(self, connection: Any, kind: str, window: Window | None, report: PollReport,
+              document_id: str | None = None) -> None:
+        """Fetch ``kind``: the document the notification names (``document_id``, when the endpoint has an
+        ``item_path``), else ``window``, else a live poll; through ``ConnectionPolling.attempt``: a 401 refreshes the
+        token once, other failures are reported, not raised."""
         poller = self.polling.poller
-        endpoint = poller.manifest(connection.provider).api.endpoints.get(kind) if window is not None else None
+        endpoint = poller.manifest(connection.provider).api.endpoints.get(kind)
+        if document_id is not None and endpoint is not None and endpoint.item_path:
+            path = endpoint.item_path.replace("{id}", urllib.parse.quote(document_id, safe=""))
+            self.polling.attempt(connection, kind, report, lambda: poller.fetch_item(
+                connection, kind, path, lambda: self.polling.access_token(connection)))
+            return
         if window is None or endpoint is None or endpoint.window is None:
             self.polling.poll(connection, kind, report)
             return

@@ -302,6 +302,22 @@ class Poller:
         start, end = _aware(start, "start"), _aware(end, "end")
         return self._run(self._call(connection, kind, access_token, LIVE), track, start, end, headers=())
 
+    def fetch_item(self, connection: PollTarget, kind: str, path: str, access_token: AccessToken) -> PollResult:
+        """GET one document of ``kind`` (``path`` on the provider's API, e.g. the endpoint's ``item_path`` with a
+        notified id) at live priority, and publish what the provider's poll hook makes of it (``payloads`` with no
+        window), as a poll page would be. No cursor is read or moved; errors as for a poll (404 raises
+        ``ProviderRefused``)."""
+        call = self._call(connection, kind, access_token, LIVE)
+        body_bytes, body = self._http(call, "GET", path, {})
+        batch = self.publisher.batch(())
+        for payload in call.hook.payloads(self._request_info(call, None, None), body):
+            if self.skip_empty_pages and self._empty(call, payload):
+                continue
+            raw = body_bytes if payload is body else json.dumps(payload, separators=(",", ":")).encode()
+            batch.add(RawPayload(connection.provider, raw, kind, connection.provider_user_id,
+                                 int(self.clock().timestamp() * 1000)))
+        return PollResult(connection.provider, connection.user_id, kind, "item", 0, 1, batch.wait(), None)
+
     def api_url(self, provider: str, url: str) -> bool:
         """Whether ``url`` is on the provider's API (``same_api`` with the manifest's ``api.base_url``, or the
         ``HEALTHFLOW_<PROVIDER>_API_BASE`` override): the only URLs ``fetch_url`` requests."""

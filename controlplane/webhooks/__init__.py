@@ -28,6 +28,9 @@ Per the provider's manifest (``webhooks``):
   accounts (Fitbit sends arrays) is split into one raw event per account, in the list's order, and a list
   naming one account is published unchanged. ``webhooks.body: form`` notifications (Withings) are form
   fields. The answer is ``webhooks.accept_status``: 200 with a small JSON body, or 204 without one (Fitbit).
+  A notification saying a record is gone (``webhooks.deletions``: WHOOP ``workout.deleted``, Oura ``event_type:
+  delete``) names nothing to fetch: it is published unchanged on the raw topic as the manifest's deletion kind, and
+  the provider's mapper turns it into ``connectors.base.Deletion``s (tombstones).
 
 Every POST is authenticated before its body is read or parsed, and nothing is parsed before its signature checks
 out. Providers that sign (``webhooks.signature``: WHOOP, Oura, Fitbit, Polar) need their key
@@ -402,6 +405,25 @@ def split_notifications(provider: str, body: bytes, hooks: Webhooks) -> list[Raw
     return [event(_compact_json(entries), user) for user, entries in by_user.items()]
 
 
+def split_deletions(events: list[RawPayload], hooks: Webhooks) -> tuple[list[RawPayload], list[RawPayload]]:
+    """``(notifications, deletions)``: the raw events of a notification body that say a record is gone
+    (``webhooks.deletions``: WHOOP ``sleep.deleted``, Oura ``event_type: delete``) become raw events of the deletion
+    kind for the raw topic, body unchanged; the others stay notifications to fetch."""
+    if hooks.deletions is None:
+        return events, []
+    notes, deleted = [], []
+    for event in events:
+        try:
+            parsed = parse_notification(event.payload, hooks.body)
+        except ValueError:
+            parsed = None
+        if hooks.deletions.matches(parsed):
+            deleted.append(RawPayload(event.provider, event.payload, kind=hooks.deletions.kind, user_id=event.user_id))
+        else:
+            notes.append(event)
+    return notes, deleted
+
+
 def router(publish: Publisher, raw_topic: str = "healthflow.raw",
            notifications_topic: str = "healthflow.notifications", control_plane: Any = None,
            seen: SeenNotifications | None = None, max_json_depth: int = MAX_JSON_DEPTH,
@@ -561,8 +583,12 @@ def router(publish: Publisher, raw_topic: str = "healthflow.raw",
             if pings:
                 fields["pings"] = sum(len(entries) for entries in pings.values())
             return answer(hooks, fields)
-        await queue(notifications_topic, split_notifications(slug, body, hooks), claim_headers)
-        return answer(hooks, {})
+        notes, deleted = split_deletions(split_notifications(slug, body, hooks), hooks)
+        if deleted:  # nothing to fetch: the object is gone; the pipeline maps them to tombstones
+            await queue(raw_topic, deleted)
+        if notes:
+            await queue(notifications_topic, notes, claim_headers)
+        return answer(hooks, {"deletions": len(deleted)} if deleted else {})
 
     @api.get("/{provider}/webhook", response_model=None)
     def verify_subscription(provider: str, request: Request, verification_token: str = "",

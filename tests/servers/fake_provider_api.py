@@ -21,6 +21,8 @@ The list key is ``list_key``, else the provider's envelope when it is a response
 the kind (Fitbit ``activities``).
 ``respond(kind, fn)`` replaces the document logic of a kind (``fn(window_start, window_end, params) -> JSON``), and
 ``route(path, fn)`` serves any other path (``fn(params) -> JSON``), both still behind auth, rate limit and failures.
+An endpoint's ``item_path`` (``/v2/usercollection/sleep/{id}``) serves the document of that kind with that ``id``
+(404 when there is none).
 
 Every request needs ``Authorization: Bearer <token>`` with a token of ``tokens`` that has not expired (else 401).
 ``rate_limit=(n, seconds)`` answers 429 with ``Retry-After`` (whole seconds, or an HTTP-date with
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import copy
 import json
 import math
 import re
@@ -97,6 +100,8 @@ class FakeProviderApi(LoopbackService):
         self._responders: dict[str, Callable[..., Any]] = {}
         self._routes: dict[str, Callable[[dict[str, str]], Any]] = {}
         self._patterns = [(kind, ep, _path_pattern(ep.path)) for kind, ep in self._manifest.api.endpoints.items()]
+        self._items = [(kind, ep, re.compile(re.escape(ep.item_path).replace(r"\{id\}", r"(?P<id>[^/]+)")))
+                       for kind, ep in self._manifest.api.endpoints.items() if ep.item_path]
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
@@ -193,6 +198,9 @@ class FakeProviderApi(LoopbackService):
             action = endpoint.params.get("action")
             if match and endpoint.method == method and (action is None or params.get("action") == action):
                 return kind, endpoint, {k: v for k, v in match.groupdict().items() if v is not None}
+        for kind, endpoint, pattern in self._items:
+            if method == "GET" and (match := pattern.fullmatch(path)):
+                return kind, endpoint, {"id": match["id"]}
         return None, None, {}
 
     def _answer(self, path: str, params: dict[str, str], token: str | None, kind: str | None,
@@ -222,6 +230,10 @@ class FakeProviderApi(LoopbackService):
             return 200, {}, self._routes[path](params)
         if kind is None or endpoint is None:
             return 404, {}, {"error": f"no such endpoint {path}"}
+        if "id" in match:  # the endpoint's item_path: one document by id
+            with self._lock:
+                found = [d for d in self.documents.get(kind, []) if str(d.get("id")) == match["id"]]
+            return (200, {}, copy.deepcopy(found[0])) if found else (404, {}, {"error": f"no {kind} {match['id']}"})
         try:
             start, end = self._window(endpoint, params, match)
         except ValueError as exc:

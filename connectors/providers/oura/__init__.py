@@ -1,8 +1,27 @@
 """Oura API v2 usercollection documents (``{"data": [...], "next_token": ...}`` pages or single documents).
 
 Oura documents carry no user id: it comes with the raw event. Times are ISO-8601 with the user's
-local offset and are kept in that offset; heartrate rows are UTC only. Every document has ``id``
-and ``meta {updated_at, version}``; ``meta.updated_at`` becomes the fragment version.
+local offset and are kept in that offset. Every document has ``id`` and ``meta {updated_at, version}``;
+``meta.updated_at`` becomes the fragment version.
+
+Time zones are always real. sleep, workout and daily_activity carry the user's offset (``daily_activity.timestamp``
+is 4 a.m. local). daily_sleep and daily_readiness only carry ``timestamp`` ``<day>T00:00:00+00:00`` (a date written as
+UTC midnight, not the user's offset; a non-zero offset there would be the user's and is used), daily_spo2 no
+timestamp, heartrate rows UTC only. For those the user's offset
+on that day comes from the user's own documents: the poll hook (``client.py``) attaches ``_offset`` (``"-05:00"``),
+learned from the sleep, daily_activity and workout documents of the same day. With it the day window, the samples
+and the day key are local (timestamp_localization 1) and heart-rate rows land in their local day; without it the
+window is the ``day`` in UTC, labelled UTC (timestamp_localization 0), never a UTC window marked local.
+
+Zero means absent: heart rates (average, lowest), HRV, breathing rate, SpO2 averages and Oura's scores and sleep
+efficiency (1–100) of 0 are not measurements and are left out; a workout ``distance`` of 0 is an activity Oura
+measures no distance for. Durations, steps, calories and counts of 0 are real and kept.
+
+Deletions: a webhook ``{"event_type": "delete", "data_type", "object_id", "user_id", "event_time"}`` (raw kind
+``deleted``) and a sleep with ``type`` ``deleted`` (or ``rest``: Oura rejected the period as sleep) become
+``Deletion``s of the Sleep / Activity keyed by the document id. A deleted daily_* document is refused: its Daily is
+keyed by day (the notification names only the document id) and is merged from several collections, so the deletion of
+one part is not a tombstone of the day.
 """
 
 from __future__ import annotations
@@ -10,9 +29,9 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, timestamp_field
+from connectors.base import Deletion, Fragment, MappingError, Provider, timestamp_field
 from connectors.providers.oura.activity_types import terra_activity_type
-from connectors.timeutil import day_bounds, format_ts, series_ts, to_ms
+from connectors.timeutil import day_bounds, format_ts, parse_offset, series_ts, to_ms
 
 PROVIDER = Provider(
     "oura",
@@ -77,15 +96,32 @@ def _day_metadata(day: date, zone: timezone, localization: int) -> dict[str, Any
             "timestamp_localization": localization}
 
 
-def _daily_metadata(doc: dict[str, Any]) -> dict[str, Any]:
-    """Day window of a daily_* document in the offset of its ``timestamp``.
+def _known_offset(doc: dict[str, Any]) -> timezone | None:
+    """The user's offset the poll hook attached (``_offset``), else None."""
+    text = doc.get("_offset")
+    if text is None:
+        return None
+    try:
+        return parse_offset(str(text))
+    except ValueError as exc:
+        raise MappingError(f"_offset: {exc}") from exc
 
-    daily_spo2 has no timestamp at all: its window is the ``day`` in UTC (localization 0); the
-    key (the date) is unaffected.
-    """
-    if doc.get("timestamp") is None:
-        return _day_metadata(_day(doc), UTC, UTC_TIME)
-    return _day_metadata(_day(doc), _zone_of(_timestamp(doc, "timestamp")), LOCAL_TIME)
+
+def _daily_metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    """Day window of a daily_sleep/daily_readiness/daily_spo2 document: local in the user's known offset
+    (``_offset``), else the ``day`` in UTC labelled UTC (see the module docstring). Their ``timestamp`` is Oura's
+    ``T00:00:00+00:00``: a +00:00 there says nothing about the user, so only a non-zero offset in it is used."""
+    zone = _known_offset(doc)
+    if doc.get("timestamp") is not None:
+        written = _zone_of(_timestamp(doc, "timestamp"))
+        if zone is None and written.utcoffset(None):
+            zone = written
+    return _day_metadata(_day(doc), zone, LOCAL_TIME) if zone is not None else _day_metadata(_day(doc), UTC, UTC_TIME)
+
+
+def _measured(value: Any) -> Any:
+    """A rate, average or 1–100 score: 0 means Oura measured nothing (see the module docstring)."""
+    return None if value == 0 else value
 
 
 def _samples(doc: dict[str, Any], name: str) -> list[tuple[str, float]]:
@@ -121,13 +157,13 @@ def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str,
 
 
 @PROVIDER.kind("sleep", "sleep")
-def sleep(doc: dict[str, Any]) -> Fragment:
-    """A sleep period (main sleep or nap): stage totals, 5-minute hypnogram, HR/HRV samples, readiness."""
+def sleep(doc: dict[str, Any]) -> Fragment | Deletion:
+    """A sleep period (main sleep or nap): stage totals, 5-minute hypnogram, HR/HRV samples, readiness; a sleep of
+    type ``deleted`` (or ``rest``) is the Deletion of that Sleep."""
     _require(doc, "id", "type")
     sleep_type = doc["type"]
-    if sleep_type in REJECTED_SLEEP_TYPES:
-        raise MappingError(f"Oura sleep {doc['id']} has type {sleep_type!r} ({REJECTED_SLEEP_TYPES[sleep_type]}): "
-                           "not a sleep record; a stored copy should be deleted, not updated")
+    if sleep_type in REJECTED_SLEEP_TYPES:  # not (or no longer) a sleep: a stored copy is deleted
+        return Deletion("sleep", str(doc["id"]), version_ms=_version_ms(doc))
     if sleep_type not in IS_NAP_BY_SLEEP_TYPE:
         raise MappingError(f"unknown Oura sleep type {sleep_type!r}; expected one of {', '.join(IS_NAP_BY_SLEEP_TYPE)}")
     start, end = _timestamp(doc, "bedtime_start"), _timestamp(doc, "bedtime_end")
@@ -135,7 +171,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
         raise MappingError(f"bedtime_end {doc['bedtime_end']} is not after bedtime_start {doc['bedtime_start']}")
     hypnogram = _five_minute_series(doc.get("sleep_phase_5_min"), "sleep_phase_5_min", start, SLEEP_LEVEL_BY_PHASE)
     readiness = doc.get("readiness") or {}
-    breaths = doc.get("average_breath")
+    breaths = _measured(doc.get("average_breath"))
     record = {
         "metadata": {
             "summary_id": str(doc["id"]),
@@ -157,14 +193,14 @@ def sleep(doc: dict[str, Any]) -> Fragment:
                 "sleep_latency_seconds": doc.get("latency"),
             },
             "other": {"duration_in_bed_seconds": doc.get("time_in_bed")},
-            "sleep_efficiency": doc.get("efficiency"),  # Oura 1-100 = Terra's percentage scale (0-100)
+            "sleep_efficiency": _measured(doc.get("efficiency")),  # Oura 1-100 = Terra's percentage scale (0-100)
             "hypnogram_samples": [{"timestamp": at, "level": level} for at, level in hypnogram],
         },
         "heart_rate_data": {
             "summary": {
-                "avg_hr_bpm": doc.get("average_heart_rate"),
-                "min_hr_bpm": doc.get("lowest_heart_rate"),
-                "avg_hrv_rmssd": doc.get("average_hrv"),
+                "avg_hr_bpm": _measured(doc.get("average_heart_rate")),
+                "min_hr_bpm": _measured(doc.get("lowest_heart_rate")),
+                "avg_hrv_rmssd": _measured(doc.get("average_hrv")),
             },
             "detailed": {
                 "hr_samples": [{"timestamp": at, "bpm": v} for at, v in _samples(doc, "heart_rate")],
@@ -176,7 +212,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
             "end_time": format_ts(end),
             "avg_breaths_per_min": breaths,
         }} if breaths is not None else None,
-        "readiness_data": {"readiness": _int(readiness.get("score"))},
+        "readiness_data": {"readiness": _int(_measured(readiness.get("score")))},
         "temperature_data": {"delta": readiness.get("temperature_deviation")},
     }
     return Fragment("sleep", record, version_ms=_version_ms(doc))
@@ -229,7 +265,7 @@ def daily_activity(doc: dict[str, Any]) -> Fragment:
             "num_inactive_minutes": minutes(sedentary),
             "MET_samples": [{"timestamp": at, "level": v} for at, v in _samples(doc, "met")],
         },
-        "scores": {"activity": doc.get("score")},
+        "scores": {"activity": _measured(doc.get("score"))},
     }
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
@@ -242,7 +278,7 @@ def daily_sleep(doc: dict[str, Any]) -> Fragment:
     sleep id: the score belongs to the day's Daily, merged with daily_activity by date.
     """
     _require(doc, "id", "day")
-    record = {"metadata": _daily_metadata(doc), "scores": {"sleep": doc.get("score")}}
+    record = {"metadata": _daily_metadata(doc), "scores": {"sleep": _measured(doc.get("score"))}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
@@ -250,15 +286,15 @@ def daily_sleep(doc: dict[str, Any]) -> Fragment:
 def daily_readiness(doc: dict[str, Any]) -> Fragment:
     """The day's readiness score → Daily ``scores.recovery``."""
     _require(doc, "id", "day")
-    record = {"metadata": _daily_metadata(doc), "scores": {"recovery": doc.get("score")}}
+    record = {"metadata": _daily_metadata(doc), "scores": {"recovery": _measured(doc.get("score"))}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
 
 @PROVIDER.kind("daily_spo2", "daily")
 def daily_spo2(doc: dict[str, Any]) -> Fragment:
-    """The night's average SpO2 (%) → Daily ``oxygen_data``; the document has no timestamp, see _daily_metadata."""
+    """The night's average SpO2 (%) → Daily ``oxygen_data``; the day window as _daily_metadata says."""
     _require(doc, "id", "day")
-    average = (doc.get("spo2_percentage") or {}).get("average")
+    average = _measured((doc.get("spo2_percentage") or {}).get("average"))
     record = {"metadata": _daily_metadata(doc), "oxygen_data": {"avg_saturation_percentage": average}}
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
@@ -281,7 +317,7 @@ def workout(doc: dict[str, Any]) -> Fragment:
             "timestamp_localization": LOCAL_TIME,
         },
         "calories_data": {"total_burned_calories": _int(doc.get("calories"))},
-        "distance_data": {"summary": {"distance_meters": _int(doc.get("distance"))}},
+        "distance_data": {"summary": {"distance_meters": _int(_measured(doc.get("distance")))}},
     }
     return Fragment("activity", record, version_ms=_version_ms(doc))
 
@@ -290,9 +326,9 @@ def workout(doc: dict[str, Any]) -> Fragment:
 def heartrate(doc: dict[str, Any]) -> Fragment:
     """One heart-rate row ``{bpm, source, timestamp, timestamp_unix}`` → a sample in its day's Daily.
 
-    Oura heartrate rows carry a UTC timestamp and no local offset, so the sample, the day window and
-    the day key are all UTC (timestamp_localization 0): for a user far from UTC, a sample near local
-    midnight lands in the neighbouring local day's Daily.
+    Rows are UTC. With the user's offset attached (``_offset``, see the module docstring) the sample, its day window
+    and day key are local (a row at 01:45Z is 20:45 the day before at -05:00, in that day's Daily); without it all
+    three are UTC (timestamp_localization 0).
     """
     _require(doc, "bpm")
     if doc.get("timestamp") is not None:
@@ -301,9 +337,37 @@ def heartrate(doc: dict[str, Any]) -> Fragment:
         at = datetime.fromtimestamp(doc["timestamp_unix"] / 1000, tz=UTC)  # ms
     else:
         raise MappingError("heartrate row has neither timestamp nor timestamp_unix")
-    sample = {"timestamp": format_ts(at), "bpm": doc["bpm"], "context": HR_CONTEXT_BY_SOURCE.get(doc.get("source"), 0)}
+    zone = _known_offset(doc)
+    local = at.astimezone(zone) if zone is not None else at
+    sample = {"timestamp": format_ts(local), "bpm": doc["bpm"],
+              "context": HR_CONTEXT_BY_SOURCE.get(doc.get("source"), 0)}
     record = {
-        "metadata": _day_metadata(at.date(), UTC, UTC_TIME),
+        "metadata": _day_metadata(local.date(), zone or UTC, LOCAL_TIME if zone is not None else UTC_TIME),
         "heart_rate_data": {"detailed": {"hr_samples": [sample]}},
     }
     return Fragment("daily", record)
+
+
+DELETED_MODEL_BY_DATA_TYPE = {"sleep": "sleep", "workout": "activity"}
+DAY_KEYED_DATA_TYPES = ("daily_activity", "daily_sleep", "daily_readiness", "daily_spo2")
+
+
+@PROVIDER.kind("deleted", "sleep", "activity")
+def deleted(doc: dict[str, Any]) -> Deletion:
+    """A delete webhook ``{event_type: delete, data_type, object_id, user_id, event_time}`` → the Deletion of the
+    Sleep or Activity keyed by ``object_id`` (versioned by ``event_time``); day-keyed data types are refused (see the
+    module docstring)."""
+    _require(doc, "event_type", "data_type", "object_id")
+    if doc["event_type"] != "delete":
+        raise MappingError(f"Oura webhook event_type {doc['event_type']!r} is not a deletion")
+    data_type = str(doc["data_type"])
+    if data_type in DAY_KEYED_DATA_TYPES:
+        raise MappingError(f"deleted Oura {data_type} {doc['object_id']}: its Daily is keyed by day, which the "
+                           "notification does not name, and merges several collections, so one part's deletion is no "
+                           "tombstone of the day; the next poll of that day carries what remains")
+    model = DELETED_MODEL_BY_DATA_TYPE.get(data_type)
+    if model is None:
+        raise MappingError(f"deleted Oura {data_type} is not mapped; mapped deletions: "
+                           f"{', '.join(DELETED_MODEL_BY_DATA_TYPE)}")
+    version = to_ms(_timestamp(doc, "event_time")) if doc.get("event_time") is not None else None
+    return Deletion(model, str(doc["object_id"]), version_ms=version)

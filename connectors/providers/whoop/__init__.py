@@ -4,6 +4,18 @@ Every record carries ``user_id``. Times are UTC (``...Z``) plus ``timezone_offse
 ``"-hh:mm"`` or ``"Z"``); healthflow shows every timestamp in that offset. Energy is kJ
 (kcal = kJ / 4.184), durations ms. ``score`` is only meaningful when ``score_state`` is SCORED;
 ``updated_at`` becomes the fragment version.
+
+Accepted forms: collection pages ``{"records": [...], "next_token"}``, single records (``GET /v2/.../{id}``), v1
+records (integer ids, ``zone_duration``); a recovery needs its sleep attached under ``sleep`` (the poll hook,
+``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
+``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` → the Activity ``id``.
+``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep, which a tombstone
+cannot express; the manifest fetches the sleep again instead.
+
+Zero means absent: a heart rate (average, max, resting), HRV RMSSD, respiratory rate or SpO2 of 0 is no measurement
+(WHOOP 3.0 straps measure no SpO2; an UNSCORABLE-like score can carry zeros) and is left out, as is a workout
+``distance_meter`` / ``altitude_gain_meter`` of 0 (sports without GPS). Strain, kilojoules, stage durations and counts
+are kept at 0: a rest day's strain or a night without REM is a real zero.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact, timestamp_field
+from connectors.base import Deletion, Fragment, MappingError, Provider, compact, timestamp_field
 from connectors.providers.whoop.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, parse_offset, to_ms
 
@@ -87,6 +99,11 @@ def _seconds(milliseconds: float | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1000
 
 
+def _measured(value: float | None) -> float | None:
+    """A physiological rate or percentage: 0 means WHOOP measured nothing (see the module docstring)."""
+    return None if value == 0 else value
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``extra`` wins on conflicting leaves."""
     out = dict(base)
@@ -108,8 +125,8 @@ def cycle(doc: dict[str, Any]) -> Fragment:
                      "timestamp_localization": LOCAL},
         "strain_data": {"strain_level": score.get("strain")},
         "calories_data": {"total_burned_calories": _kcal(score.get("kilojoule"))},
-        "heart_rate_data": {"summary": {"avg_hr_bpm": score.get("average_heart_rate"),
-                                        "max_hr_bpm": score.get("max_heart_rate")}},
+        "heart_rate_data": {"summary": {"avg_hr_bpm": _measured(score.get("average_heart_rate")),
+                                        "max_hr_bpm": _measured(score.get("max_heart_rate"))}},
     })
     return Fragment("daily", record, version_ms=_version_ms(doc))
 
@@ -121,7 +138,7 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
     stages = score.get("stage_summary") or {}
     light, deep, rem = (stages.get(f"total_{n}_time_milli") for n in ("light_sleep", "slow_wave_sleep", "rem_sleep"))
     asleep = light + deep + rem if None not in (light, deep, rem) else None
-    respiratory_rate = score.get("respiratory_rate")
+    respiratory_rate = _measured(score.get("respiratory_rate"))
     return compact({
         "metadata": {
             "summary_id": str(doc["id"]),
@@ -163,7 +180,7 @@ def sleep(doc: dict[str, Any]) -> Fragment:
     return Fragment("sleep", _sleep_record(doc), version_ms=_version_ms(doc))
 
 
-@PROVIDER.kind("recovery", "sleep")
+@PROVIDER.kind("recovery", "sleep", context=("sleep",))
 def recovery(doc: dict[str, Any]) -> Fragment:
     """A recovery → completes the Sleep it was computed from (summary_id = ``sleep_id``).
 
@@ -175,20 +192,21 @@ def recovery(doc: dict[str, Any]) -> Fragment:
     _require(doc, "sleep_id")
     sleep_doc = doc.get("sleep")
     if not isinstance(sleep_doc, dict):
-        raise MappingError(f"recovery for sleep {doc['sleep_id']} has no 'sleep' document: a Sleep record needs the "
-                           "sleep's start/end, which a recovery lacks; attach GET /v2/activity/sleep/{sleep_id}")
+        why = f" ({doc['_sleep_missing']})" if doc.get("_sleep_missing") else ""
+        raise MappingError(f"recovery for sleep {doc['sleep_id']} has no 'sleep' document{why}: a Sleep record needs "
+                           "the sleep's start/end, which a recovery lacks; attach GET /v2/activity/sleep/{sleep_id}")
     if str(sleep_doc.get("id")) != str(doc["sleep_id"]):
         raise MappingError(f"attached sleep {sleep_doc.get('id')!r} is not this recovery's sleep {doc['sleep_id']!r}")
     if sleep_doc.get("user_id") is not None and str(sleep_doc["user_id"]) != str(doc.get("user_id")):
         raise MappingError(f"attached sleep belongs to user {sleep_doc['user_id']}, recovery to {doc.get('user_id')}")
     record = _sleep_record(sleep_doc)
     score = _score(doc)
-    spo2 = score.get("spo2_percentage")
+    spo2 = _measured(score.get("spo2_percentage"))
     owned = compact({
         "readiness_data": {"readiness": round(score["recovery_score"]) if score.get("recovery_score") is not None
                            else None},
-        "heart_rate_data": {"summary": {"resting_hr_bpm": score.get("resting_heart_rate"),
-                                        "avg_hrv_rmssd": score.get("hrv_rmssd_milli")}},  # already ms
+        "heart_rate_data": {"summary": {"resting_hr_bpm": _measured(score.get("resting_heart_rate")),
+                                        "avg_hrv_rmssd": _measured(score.get("hrv_rmssd_milli"))}},  # already ms
         "respiration_data": {"oxygen_saturation_data": {
             "start_time": record["metadata"]["start_time"],
             "end_time": record["metadata"]["end_time"],
@@ -207,7 +225,7 @@ def workout(doc: dict[str, Any]) -> Fragment:
     score = _score(doc)
     zones = score.get("zone_durations") or score.get("zone_duration") or {}  # v2 / legacy v1 spelling
     kilojoules = score.get("kilojoule")
-    distance = score.get("distance_meter")
+    distance = _measured(score.get("distance_meter"))
     record = compact({
         "metadata": {
             "summary_id": str(doc["id"]),
@@ -222,14 +240,35 @@ def workout(doc: dict[str, Any]) -> Fragment:
         "energy_data": {"energy_kilojoules": kilojoules},
         "strain_data": {"strain_level": score.get("strain")},
         "heart_rate_data": {"summary": {
-            "avg_hr_bpm": score.get("average_heart_rate"),
-            "max_hr_bpm": score.get("max_heart_rate"),
+            "avg_hr_bpm": _measured(score.get("average_heart_rate")),
+            "max_hr_bpm": _measured(score.get("max_heart_rate")),
             "hr_zone_data": [{"zone": index, "duration_seconds": _seconds(zones[name])}
                              for index, name in enumerate(HR_ZONE_FIELDS) if zones.get(name) is not None],
         }},
         "distance_data": {"summary": {
             "distance_meters": round(distance) if distance is not None else None,  # Terra: integer meters
-            "elevation": {"gain_actual_meters": score.get("altitude_gain_meter")},
+            "elevation": {"gain_actual_meters": _measured(score.get("altitude_gain_meter"))},
         }},
     })
     return Fragment("activity", record, version_ms=_version_ms(doc))
+
+
+DELETED_MODEL_BY_TYPE = {"sleep.deleted": "sleep", "workout.deleted": "activity"}
+
+
+@PROVIDER.kind("deleted", "activity", "sleep")
+def deleted(doc: dict[str, Any]) -> Deletion:
+    """A deletion webhook ``{user_id, id, type, trace_id}`` → the Deletion of the Sleep or Activity keyed by ``id``.
+
+    Only v2 webhooks (UUID ids) name the records' keys; a v1 webhook's integer id is refused (set the webhook URL's
+    model version to v2 at WHOOP). WHOOP webhooks carry no time, so the Deletion has no version.
+    """
+    _require(doc, "id", "type")
+    model = DELETED_MODEL_BY_TYPE.get(str(doc["type"]))
+    if model is None:
+        raise MappingError(f"WHOOP webhook type {doc['type']!r} is not a deletion of a record; expected one of "
+                           f"{', '.join(DELETED_MODEL_BY_TYPE)}")
+    if isinstance(doc["id"], int) or str(doc["id"]).isdigit():
+        raise MappingError(f"{doc['type']} webhook id {doc['id']!r} is a v1 integer id, but records are keyed by the "
+                           "v2 UUID: configure the webhook URL for model version v2 at WHOOP")
+    return Deletion(model, str(doc["id"]))

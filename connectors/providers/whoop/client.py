@@ -1,0 +1,148 @@
+"""WHOOP API v2 client code the manifest cannot express: the poll hook attaching each recovery's sleep."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+from typing import Any
+
+from connectors.hooks import Request, ResponseHook
+from core.errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+SLEEP_PATH = "/v2/activity/sleep/{id}"
+CYCLE_RECOVERY_PATH = "/v2/cycle/{id}/recovery"
+MAX_CACHED_PER_USER = 500  # sleeps remembered per user (about a year of nights and naps)
+
+
+def _records(body: Any) -> list[Any] | None:
+    """The records of a collection page, ``[body]`` for a single record, None for anything else."""
+    if isinstance(body, dict) and isinstance(body.get("records"), list):
+        return body["records"]
+    return [body] if isinstance(body, dict) else None
+
+
+def _is_sleep(doc: Any) -> bool:
+    """A sleep record (``GET /v2/activity/sleep/{id}``), not a recovery: it has times and no ``sleep_id``."""
+    return isinstance(doc, dict) and "sleep_id" not in doc and doc.get("id") is not None and "start" in doc
+
+
+def _path(template: str, identifier: Any) -> str:
+    return template.replace("{id}", urllib.parse.quote(str(identifier), safe=""))
+
+
+class WhoopPollHook(ResponseHook):
+    """Attaches to every recovery its sleep (``sleep``: ``GET /v2/activity/sleep/{sleep_id}``), which the recovery
+    mapper needs for the Sleep's times.
+
+    Sleeps come from the sleep pages this hook saw (the manifest polls ``sleep`` before ``recovery``, so a poll round
+    costs no extra request), remembered per user for ``sleep_ttl_s``; a sleep not seen is fetched once per page
+    through ``request.fetch`` (rate limited, retried). A sleep that cannot be fetched for good (404: deleted at WHOOP;
+    403: no ``read:sleep`` scope) leaves its recovery without ``sleep`` and with ``_sleep_missing`` saying why: the
+    mapper refuses it with that reason and the pipeline dead-letters it with its bytes. Transient failures raise, so
+    the window is polled again.
+
+    A recovery fetched by id (a ``recovery.updated`` notification names the sleep's UUID; the manifest's
+    ``item_path`` is the sleep) arrives here as that sleep: the hook asks ``GET /v2/cycle/{cycle_id}/recovery`` and
+    publishes that recovery with the sleep attached (nothing when the cycle has no recovery: a nap, or deleted).
+    """
+
+    attaches = {"recovery": ("sleep",)}
+
+    def __init__(self, sleep_ttl_s: float = 600) -> None:
+        self.sleep_ttl_s = sleep_ttl_s
+        self._sleeps: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}  # user → sleep id → (at, sleep)
+        self._lock = threading.Lock()
+
+    def payloads(self, request: Request, body: Any) -> list[Any]:
+        if body is None:
+            return []
+        user = str(request.connection.user_id)
+        if request.kind == "sleep":
+            self._remember(user, [doc for doc in _records(body) or [] if _is_sleep(doc)])
+            return [body]
+        if request.kind != "recovery":
+            return [body]
+        if _is_sleep(body):
+            return self._recovery_of(request, user, body)
+        records = _records(body)
+        if records is None:
+            return [body]  # not WHOOP's shape: published as is, the pipeline dead-letters it with its reason
+        attached = self._attach(request, user, records)
+        if all(new is old for new, old in zip(attached, records, strict=True)):
+            return [body]  # nothing to attach (an empty page, sleeps already there): the provider's bytes as they are
+        return [{**body, "records": attached} if "records" in body else attached[0]]
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _remember(self, user: str, sleeps: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            cache = self._sleeps.setdefault(user, {})
+            for sleep in sleeps:
+                cache.pop(str(sleep["id"]), None)
+                cache[str(sleep["id"])] = (now, sleep)
+            while len(cache) > MAX_CACHED_PER_USER:
+                cache.pop(next(iter(cache)))
+
+    def _cached(self, user: str, sleep_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._sleeps.get(user, {}).get(sleep_id)
+        return found[1] if found and time.monotonic() - found[0] < self.sleep_ttl_s else None
+
+    def _attach(self, request: Request, user: str, records: list[Any]) -> list[Any]:
+        """Each recovery with ``sleep`` (or ``_sleep_missing``); one request per sleep not seen, however many
+        recoveries of the page name it."""
+        fetched: dict[str, dict[str, Any] | str] = {}  # sleep id → sleep, or why it cannot be had
+        out = []
+        for record in records:
+            if not isinstance(record, dict) or record.get("sleep_id") in (None, "") or "sleep" in record:
+                out.append(record)
+                continue
+            sleep_id = str(record["sleep_id"])
+            if sleep_id not in fetched:
+                fetched[sleep_id] = self._cached(user, sleep_id) or self._fetch_sleep(request, user, sleep_id)
+            found = fetched[sleep_id]
+            out.append({**record, "sleep": found} if isinstance(found, dict) else {**record, "_sleep_missing": found})
+        return out
+
+    def _fetch_sleep(self, request: Request, user: str, sleep_id: str) -> dict[str, Any] | str:
+        path = _path(SLEEP_PATH, sleep_id)
+        try:
+            sleep = request.fetch(path)
+        except PermanentError as exc:
+            status = getattr(exc, "status", None)
+            why = "the sleep was deleted at WHOOP" if status == 404 else str(exc)
+            log.warning("whoop %s: recovery of sleep %s without its sleep: GET %s failed: %s", user, sleep_id, path,
+                        exc)
+            return f"GET {path} answered {status or 'an error'}: {why}"
+        if not _is_sleep(sleep):
+            return f"GET {path} did not answer a sleep record"
+        self._remember(user, [sleep])
+        return sleep
+
+    def _recovery_of(self, request: Request, user: str, sleep: dict[str, Any]) -> list[Any]:
+        """The recovery of a sleep fetched by id, with the sleep attached."""
+        self._remember(user, [sleep])
+        if sleep.get("cycle_id") is None:
+            log.warning("whoop %s: sleep %s names no cycle_id; its recovery cannot be asked", user, sleep.get("id"))
+            return []
+        path = _path(CYCLE_RECOVERY_PATH, sleep["cycle_id"])
+        try:
+            recovery = request.fetch(path)
+        except PermanentError as exc:
+            if getattr(exc, "status", None) == 404:
+                log.info("whoop %s: cycle %s has no recovery (nap, or deleted): nothing to publish", user,
+                         sleep["cycle_id"])
+                return []
+            raise
+        if not isinstance(recovery, dict):
+            return []
+        if str(recovery.get("sleep_id")) != str(sleep["id"]):
+            log.info("whoop %s: the recovery of cycle %s is of sleep %s, not %s (a nap's notification)", user,
+                     sleep["cycle_id"], recovery.get("sleep_id"), sleep["id"])
+            return self._attach(request, user, [recovery])
+        return [{**recovery, "sleep": sleep}]
+
