@@ -215,6 +215,45 @@ def test_sleep_efficiency_over_100_and_negative_durations_are_dropped() -> None:
     assert durations["asleep"] is record["sleep_durations_data"]["asleep"]
 
 
+def test_breathing_rates_outside_1_to_80_per_minute_are_dropped_with_their_aggregates() -> None:
+    """A Garmin night's respiration with a 96/min reading (a motion artefact): the sample and the avg/min/max Garmin's
+    mapper computed from it go; the other readings stay."""
+    body = _garmin_sleep(timeOffsetSleepRespiration={"0": 14.0, "1800": 96.0, "3600": 13.0, "7200": 12.5})
+    _, record = _one("garmin", "sleeps", body)
+    assert record["respiration_data"]["breaths_data"]["max_breaths_per_min"] == 96.0
+    checked, dropped = check_record("sleep", record)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1, IMPOSSIBLE_VALUES: 1, AGGREGATES_DROPPED: 2}  # the max is 96 itself
+    breaths = checked["respiration_data"]["breaths_data"]
+    assert [s["breaths_per_min"] for s in breaths["samples"]] == [14.0, 13.0, 12.5]
+    assert not {"avg_breaths_per_min", "min_breaths_per_min", "max_breaths_per_min"} & set(breaths)
+
+
+def test_a_height_in_metres_a_weight_in_pounds_and_an_impossible_vo2_max_are_dropped() -> None:
+    """Polar physical info typed in the wrong units: height 1.79 (metres in a cm field) costs its measurement (the
+    sample holds the weight too); VO2 max 230 goes from the summary and the sample list."""
+    body = dict(_fixture("polar/physical-info.json"), height=1.79, vo2_max=230)
+    _, record = _one("polar", "physical-info", body)
+    checked, dropped = check_record("body", record)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 2, IMPOSSIBLE_VALUES: 1}
+    assert checked["measurements_data"] == {"measurements": []}
+    assert checked["oxygen_data"] == {"vo2_samples": []}
+    assert checked["heart_data"] is record["heart_data"]
+
+    _, record = _one("polar", "physical-info", dict(body, height=179.0, weight=712.0, vo2_max=52))  # pounds as kg
+    checked, dropped = check_record("body", record)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
+    assert checked["measurements_data"] == {"measurements": []}
+    _, record = _one("polar", "physical-info", dict(body, height=179.0, weight=0.4, vo2_max=52))  # a newborn: kept
+    assert check_record("body", record) == (record, {})
+
+
+def test_a_negative_hrv_is_dropped() -> None:
+    _, record = _one("oura", "sleep", _oura_sleep(average_hrv=-58))
+    checked, dropped = check_record("sleep", record)
+    assert dropped == {IMPOSSIBLE_VALUES: 1}
+    assert "avg_hrv_rmssd" not in checked["heart_rate_data"]["summary"]
+
+
 def test_a_lap_loses_only_its_impossible_value() -> None:
     record = {"metadata": {"summary_id": "a1", "start_time": "2024-03-11T07:00:00.000000+01:00",
                            "end_time": "2024-03-11T08:00:00.000000+01:00", "type": 8, "upload_type": 1},

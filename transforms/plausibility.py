@@ -27,7 +27,11 @@ metrics) compares in wall-clock time, so a sample's offset does not move it out 
 - heart rate (``*_hr_bpm``, ``bpm``, ``hr_bpm``) outside 1–250 bpm (0 is a sensor that saw nothing);
 - SpO2 (``avg_saturation_percentage``, saturation sample ``percentage``) outside 1–100 %, other percentages
   (``sleep_efficiency``, body fat, water) outside 0–100 %;
-- negative durations (every ``*_seconds`` field), steps, distances or floors.
+- breathing rate (``*_breaths_per_min``, sample ``breaths_per_min``) outside 1–80 breaths/min;
+- weight outside 0.1–700 kg, height outside 20–300 cm (beyond the lightest newborn and the heaviest and tallest
+  people ever measured: 0 or a unit error, never a body);
+- VO2 max outside 1–100 ml/kg/min (the highest measured is about 97);
+- negative durations (every ``*_seconds`` field), steps, distances, floors or HRV (RMSSD, SDNN).
 
 **Aggregates beside a series that lost samples go too** (``AGGREGATES``): a mapper may have computed them from the
 samples that were just dropped (Garmin's daily average heart rate is the mean of the day's samples), so the
@@ -85,6 +89,10 @@ _HEART_RATE = (1, 250)
 _SPO2 = (1, 100)
 _PERCENT = (0, 100)
 _NON_NEGATIVE = (0, _INF)
+_BREATHING = (1, 80)
+_WEIGHT_KG = (0.1, 700)
+_HEIGHT_CM = (20, 300)
+_VO2MAX = (1, 100)
 
 _DURATIONS = (
     "activity_seconds", "inactivity_seconds", "rest_seconds", "low_intensity_seconds", "moderate_intensity_seconds",
@@ -103,7 +111,13 @@ VALUE_RULES: dict[str, tuple[float, float]] = {  # field name → inclusive (low
     **dict.fromkeys(("avg_saturation_percentage", "percentage"), _SPO2),
     **dict.fromkeys(("sleep_efficiency", "bodyfat_percentage", "water_percentage", "day_avg_bodyfat_percentage",
                      "day_avg_water_percentage"), _PERCENT),
-    **dict.fromkeys((*_DURATIONS, "steps", "distance_meters", "floors_climbed"), _NON_NEGATIVE),
+    **dict.fromkeys(("avg_breaths_per_min", "min_breaths_per_min", "max_breaths_per_min", "breaths_per_min"),
+                    _BREATHING),
+    "weight_kg": _WEIGHT_KG,
+    "height_cm": _HEIGHT_CM,
+    "vo2max_ml_per_min_per_kg": _VO2MAX,
+    **dict.fromkeys((*_DURATIONS, "steps", "distance_meters", "floors_climbed", "avg_hrv_rmssd", "hrv_rmssd",
+                     "avg_hrv_sdnn", "hrv_sdnn"), _NON_NEGATIVE),
 }
 
 Path = tuple[str, ...]
