@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ from connectors.base import Fragment, MappingError, UnknownKind, natural_key, te
 from connectors.providers.fitbit.activity_types import terra_activity_type
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
+from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from schemas.serde import encode_raw, validate_record
+from sinks.sql import SqlSink
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
+from transforms.plausibility import IMPOSSIBLE_SAMPLES, IMPOSSIBLE_VALUES, check_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fitbit"
 TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "nutrition": Nutrition, "sleep": Sleep}
@@ -731,9 +735,8 @@ def test_zero_means_not_measured_where_fitbit_writes_zero_for_no_data() -> None:
     body = normalize(weights, "weight")[0].data
     first = body["measurements_data"]["measurements"][0]
     assert "BMI" not in first and "bodyfat_percentage" not in first
-    weights["weight"][0]["weight"] = 0
-    with pytest.raises(MappingError, match=r"weight\[0\].weight 0 is not a measurement"):
-        normalize(weights, "weight")
+    weights["weight"][0]["weight"] = 0  # not a zero-means-absent field: an impossible value, left to plausibility
+    assert normalize(weights, "weight")[0].data["measurements_data"]["measurements"][0]["weight_kg"] == 0
 
     hrv_doc = load("hrv.json")
     hrv_doc["hrv"][0]["value"] = {"dailyRmssd": 0, "deepRmssd": 0}
@@ -759,16 +762,99 @@ def test_empty_single_day_spo2_response_is_no_data() -> None:
     assert normalize([], "spo2") == []
 
 
-@pytest.mark.parametrize(("kind", "doc", "message"), [
-    ("spo2", {"dateTime": "2024-03-11", "value": {"avg": 104.2, "min": 93.1, "max": 99.9}}, "not a percentage"),
-    ("activity_timeseries", {"activities-heart": [{"dateTime": "2024-03-11", "value": {"restingHeartRate": 412}}]},
-     "not a plausible heart rate"),
-    ("weight", {"weight": [{"logId": 1, "date": "2024-03-11", "time": "07:02:11", "weight": 74.2, "fat": 180}]},
-     "not a percentage"),
-])
-def test_implausible_values_are_refused(kind: str, doc: dict[str, Any], message: str) -> None:
-    with pytest.raises(MappingError, match=message):
-        normalize(doc, kind)
+# ----------------------------------------------------------------------------------------------------------------------
+# plausibility: an impossible value is mapped as sent; the pipeline's plausibility stage drops it, and only it
+# ----------------------------------------------------------------------------------------------------------------------
+def test_an_impossible_resting_heart_rate_and_calories_below_bmr_cost_only_those_values_of_the_day() -> None:
+    """restingHeartRate 412 bpm and caloriesOut (1480) below the caloriesBMR (1602) it includes: every other value
+    of the day is delivered."""
+    doc = load("activity_summary.json")
+    doc["summary"].update(restingHeartRate=412, caloriesOut=1480)
+    (record,) = [f.data for f in normalize(doc, "activity_summary")]
+    assert record["heart_rate_data"]["summary"]["resting_hr_bpm"] == 412  # mapped as Fitbit sent it
+    assert record["calories_data"] == {"total_burned_calories": 1480, "BMR_calories": 1602}  # no net value
+
+    checked, dropped = check_record("daily", record)
+
+    assert dropped == {IMPOSSIBLE_VALUES: 1}
+    (expected,) = records("activity_summary.json")
+    del expected["heart_rate_data"]["summary"]["resting_hr_bpm"]
+    expected["calories_data"] = {"total_burned_calories": 1480, "BMR_calories": 1602}
+    assert checked == expected
+
+
+def test_an_impossible_spo2_minute_costs_that_minute_of_the_night() -> None:
+    doc = load("spo2.intraday.json")
+    doc["minutes"][2]["value"] = 101.3  # 23:16
+    (record,) = [f.data for f in normalize(doc, "spo2")]
+    checked, dropped = check_record("daily", record)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
+    assert [(s["timestamp"][11:16], s["percentage"]) for s in checked["oxygen_data"]["saturation_samples"]] == [
+        ("23:14", 95.7), ("23:15", 96.1), ("23:17", 97.2), ("23:18", 96.5), ("23:19", 95.9), ("23:20", 96.3),
+        ("23:21", 97.0)]
+
+
+def test_a_weight_of_0_costs_that_measurement_not_the_page() -> None:
+    doc = load("weight.json")
+    doc["weight"][1]["weight"] = 0  # 2024-03-11 19:40:15, logged on the web
+    first_day, second_day = (f.data for f in normalize(doc, "weight"))
+    checked, dropped = check_record("body", first_day)
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
+    assert checked["measurements_data"]["measurements"] == [
+        {"measurement_time": "2024-03-11T07:32:01.000000+01:00", "weight_kg": 72.4, "BMI": 23.57,
+         "bodyfat_percentage": 21.3}]
+    assert check_record("body", second_day) == (second_day, {})
+
+
+def test_an_impossible_average_heart_rate_costs_that_value_of_that_activity() -> None:
+    doc = load("activities.json")
+    doc["activities"][0]["averageHeartRate"] = 312
+    mapped = [f.data for f in normalize(doc, "activities")]
+    checked = [check_record("activity", record) for record in mapped]
+    assert [dropped for _, dropped in checked] == [{IMPOSSIBLE_VALUES: 1}, {}, {}]
+    expected = records("activities.json")
+    del expected[0]["heart_rate_data"]["summary"]["avg_hr_bpm"]
+    assert [record for record, _ in checked] == expected
+    assert expected[0]["heart_rate_data"]["summary"]["hr_zone_data"]  # the zones stay
+
+
+def test_an_impossible_breathing_rate_is_dropped_from_the_night() -> None:
+    doc = load("br.json")
+    doc["br"][0]["value"] = {"breathingRate": 96}
+    (record,) = [f.data for f in normalize(doc, "br")]
+    checked, dropped = check_record("sleep", record)
+    assert dropped == {IMPOSSIBLE_VALUES: 1}
+    assert checked["respiration_data"]["breaths_data"] == {"start_time": "2024-03-10T23:12:00.000000+01:00",
+                                                           "end_time": "2024-03-11T06:58:00.000000+01:00"}
+
+
+def test_a_distance_that_overflows_its_conversion_is_refused_naming_the_field() -> None:
+    doc = load("activities.json")
+    doc["activities"][0].update(distance=1e308, distanceUnit="Mile")  # finite as sent, infinite in metres
+    with pytest.raises(MappingError, match=r"^activities\[0\]\.distance: its value converted to Terra's unit is not"):
+        normalize(doc, "activities")
+
+
+def test_the_pipeline_delivers_the_day_without_its_impossible_value(tmp_path: Path) -> None:
+    doc = load("activity_summary.json")
+    doc["summary"]["restingHeartRate"] = 412
+    event = {"provider": "fitbit", "kind": "activity_summary", "user_id": USER, "received_at": RECEIVED_AT_MS,
+             "payload": json.dumps(doc)}
+    source = tmp_path / "raw.jsonl"
+    source.write_text(json.dumps(event) + "\n")
+    database = tmp_path / "out.db"
+
+    summary = run_batch(NormalizeJob(FileSource(str(source)), [SqlSink("sql", f"sqlite:///{database}")],
+                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}"))
+
+    assert summary.with_prefix("plausibility:") == {IMPOSSIBLE_VALUES: 1}
+    assert summary.with_prefix("dead_letter:") == {}
+    with sqlite3.connect(database) as conn:
+        ((key, payload),) = conn.execute("SELECT natural_key, payload FROM healthflow_records").fetchall()
+    day = json.loads(payload)
+    assert key == "2024-03-11"
+    assert "resting_hr_bpm" not in day["heart_rate_data"]["summary"]
+    assert (day["distance_data"]["steps"], day["calories_data"]["net_activity_calories"]) == (12873, 996)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -66,14 +66,20 @@ anywhere) and an entry-less ``activity_summary``/``foods`` are refused, with a M
 
 Zero means absent (Fitbit writes 0 where it measured nothing): ``restingHeartRate`` and ``averageHeartRate`` 0;
 heart-rate zones when *every* zone has 0 minutes (no heart rate that day/activity; one empty zone among others is a
-real 0); weight logs' ``bmi`` and ``fat`` 0 (a ``weight`` of 0 is refused: not a measurement); SpO2 ``avg``/minute
-values 0; HRV ``dailyRmssd``/``rmssd`` 0; breathing rate 0; ``minutesToFallAsleep`` 0 of an ``auto_detected`` sleep
-(Fitbit detects the onset, it measures no latency; *assumed*, a manual log's 0 is kept). Steps, distance, floors,
-elevation, calories and activity minutes of 0 are real zeros (Fitbit cannot tell an idle day from an unworn one).
+real 0); weight logs' ``bmi`` and ``fat`` 0; SpO2 ``avg``/minute values 0; HRV ``dailyRmssd``/``rmssd`` 0;
+breathing rate 0; ``minutesToFallAsleep`` 0 of an ``auto_detected`` sleep (Fitbit detects the onset, it measures no
+latency; *assumed*, a manual log's 0 is kept). A ``weight`` of 0 is not absent but impossible: it is mapped and the
+plausibility stage drops that measurement. Steps, distance, floors, elevation, calories and activity minutes of 0 are
+real zeros (Fitbit cannot tell an idle day from an unworn one).
 ``net_activity_calories`` = ``caloriesOut`` − ``caloriesBMR``: Fitbit's ``activityCalories`` includes the BMR of the
 active minutes, so it is not mapped (a time series of ``activityCalories`` alone is refused).
-Plausibility: heart rates 20-300 bpm, percentages (SpO2, body fat, efficiency) 0-100, breathing 1-80/min, any
-magnitude ≥ 1e15 refused; ``caloriesOut`` below ``caloriesBMR`` is refused.
+Plausibility: values are mapped as Fitbit sends them; the pipeline's one plausibility stage
+(``transforms.plausibility``) drops what no body can produce — a heart rate outside 1-250 bpm, SpO2 over 100 %, body
+fat or efficiency outside 0-100 %, a breathing rate outside 1-80/min, a weight of 0 (that measurement goes) — and the
+rest of the response is delivered. A day whose ``caloriesOut`` is below its ``caloriesBMR`` (which it includes) gets
+no ``net_activity_calories``; its other values are delivered. Refused are only what cannot be read: a value that is not
+a number (or NaN/infinite), one that overflows its unit conversion, a missing required field, an unknown unit or
+level, no date, a time span that ends before it starts.
 
 Choices: sleep stages deep/light/rem/wake → SleepLevel 5/4/6/1; classic asleep → 2 (SLEEPING),
 restless and awake → 1 (AWAKE), because Fitbit counts restless minutes in ``minutesAwake``.
@@ -92,6 +98,7 @@ menstruation endpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
@@ -131,8 +138,6 @@ ACTIVITY_LEVEL_FIELDS = {"sedentary": "inactivity_seconds", "lightly": "low_inte
                         "fairly": "moderate_intensity_seconds", "very": "vigorous_intensity_seconds"}
 
 
-PLAUSIBLE_LIMIT = 1e15  # larger magnitudes are garbage, and would overflow unit conversions and datetimes
-
 
 @dataclass(frozen=True)
 class Units:
@@ -171,8 +176,8 @@ def _number(value: Any, path: str) -> float | int | None:
         value = int(number) if number.is_integer() and "." not in value else number
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MappingError(f"{path} must be a number, got {value!r}")
-    if not abs(value) < PLAUSIBLE_LIMIT:  # also NaN and infinities: no JSON form, no Fitbit value
-        raise MappingError(f"{path} {value!r} is not a plausible Fitbit value")
+    if not math.isfinite(value):  # NaN and infinities ("nan", "inf" as text): no JSON form, no Fitbit value
+        raise MappingError(f"{path} {value!r} is not a finite number")
     return value
 
 
@@ -184,7 +189,14 @@ def _scaled(value: Any, factor: float, path: str, digits: int = 3) -> float | No
 def _meters(value: Any, factor: float, path: str) -> int | None:
     """A distance in whole metres (Terra's distance_meters is an integer)."""
     number = _number(value, path)
-    return None if number is None else round(number * factor)
+    return None if number is None else _whole(number * factor, path)
+
+
+def _whole(number: float, path: str) -> int:
+    """``number`` rounded to an integer; a product that overflowed (a huge value converted) names its field."""
+    if not math.isfinite(number):
+        raise MappingError(f"{path}: its value converted to Terra's unit is not a finite number")
+    return round(number)
 
 
 def _measured(value: Any, path: str) -> float | int | None:
@@ -193,21 +205,14 @@ def _measured(value: Any, path: str) -> float | int | None:
     return None if number == 0 else number
 
 
-def _bounded(number: float | int | None, low: float, high: float, what: str, path: str) -> float | int | None:
-    """Plausibility check: ``number`` within ``[low, high]`` (``None`` passes)."""
-    if number is not None and not low <= number <= high:
-        raise MappingError(f"{path} {number!r} is not {what} ({low:g}-{high:g})")
-    return number
-
-
 def _bpm(value: Any, path: str) -> float | int | None:
-    """A heart rate in bpm; 0 = not measured."""
-    return _bounded(_measured(value, path), 20, 300, "a plausible heart rate", path)
+    """A heart rate in bpm; 0 = not measured (an impossible one is the plausibility stage's to drop)."""
+    return _measured(value, path)
 
 
 def _percentage(value: Any, path: str, zero_is_absent: bool = True) -> float | int | None:
-    number = _measured(value, path) if zero_is_absent else _number(value, path)
-    return _bounded(number, 0, 100, "a percentage", path)
+    """A percentage; 0 = not measured unless ``zero_is_absent`` is False (sleep efficiency)."""
+    return _measured(value, path) if zero_is_absent else _number(value, path)
 
 
 def _seconds(minutes: Any, path: str) -> float | int | None:
@@ -435,7 +440,7 @@ def _activity(log: dict[str, Any], clock: Clock, units: Units, explicit_units: b
             "timestamp_localization": LOCAL,
         },
         "distance_data": {"summary": {
-            "distance_meters": round(distance * per_unit) if distance is not None else None,  # integer metres
+            "distance_meters": _whole(distance * per_unit, f"{path}.distance") if distance is not None else None,
             "steps": _number(log.get("steps"), f"{path}.steps"),
             "elevation": {"gain_actual_meters": _scaled(log.get("elevationGain"), units.meters_per_elevation,
                                                         f"{path}.elevationGain", 2)},
@@ -533,7 +538,7 @@ def _day_value(resource: str, value: Any, units: Units, path: str) -> dict[str, 
         return {"active_durations_data": {seconds_field: number * 60}, "MET_data": {minutes_field: number}}
     return {
         "steps": {"distance_data": {"steps": number}},
-        "distance": {"distance_data": {"distance_meters": round(number * units.meters_per_distance)}},
+        "distance": {"distance_data": {"distance_meters": _whole(number * units.meters_per_distance, path)}},
         "floors": {"distance_data": {"floors_climbed": number}},
         "elevation": {"distance_data": {"elevation": {"gain_actual_meters": round(
             number * units.meters_per_elevation, 2)}}},
@@ -584,7 +589,7 @@ def _intraday(resource: str, block: Any, day: date, clock: Clock, units: Units, 
     for (at, _), value in zip(points, values, strict=True):
         total += (value or 0) * factor  # the total at the end of the interval that starts at ``at``
         samples.append({"timestamp": clock.text(clock.later(at, interval_s)),
-                        name: round(total, 2) if resource in ("distance", "calories") else round(total)})
+                        name: round(total, 2) if resource in ("distance", "calories") else _whole(total, path)})
     fields = _nest(sample_path, samples)
     if resource == "calories":  # each point also carries its activity level (0-3) and METs × 10
         levels = [{"timestamp": clock.text(at), "level": ACTIVITY_LEVEL[point["level"]]}
@@ -629,14 +634,13 @@ def _timeseries(doc: dict[str, Any], clock: Clock, units: Units) -> dict[date, d
     return days
 
 
-def _with_net_calories(record: dict[str, Any], path: str) -> dict[str, Any]:
-    """``net_activity_calories`` = total − BMR (Fitbit's ``activityCalories`` also counts the BMR of active minutes)."""
+def _with_net_calories(record: dict[str, Any]) -> dict[str, Any]:
+    """``net_activity_calories`` = total − BMR (Fitbit's ``activityCalories`` also counts the BMR of active minutes);
+    absent when either is, or when the total is below the BMR it includes (no net value can be told)."""
     calories = record.get("calories_data") or {}
     total, bmr = calories.get("total_burned_calories"), calories.get("BMR_calories")
-    if total is None or bmr is None:
+    if total is None or bmr is None or total < bmr:
         return record
-    if total < bmr:
-        raise MappingError(f"{path}: caloriesOut {total} is below caloriesBMR {bmr}, which it includes")
     return _merge(record, {"calories_data": {"net_activity_calories": round(total - bmr, 2)}})
 
 
@@ -653,8 +657,7 @@ def activity_summary(doc: dict[str, Any]) -> list[Fragment]:
     day = _request_date(doc, "activity_summary", logged)
     days = _timeseries(doc, clock, units)
     days[day] = _merge(days.get(day) or {}, _summary_daily(summary, day, clock, units))
-    return [Fragment("daily", compact(_with_net_calories(record, f"daily {key}")))
-            for key, record in sorted(days.items())]
+    return [Fragment("daily", compact(_with_net_calories(record))) for _, record in sorted(days.items())]
 
 
 @PROVIDER.kind("activity_timeseries", "daily")
@@ -666,8 +669,7 @@ def activity_timeseries(doc: dict[str, Any]) -> list[Fragment]:
     if not days:
         raise MappingError(f"no mappable resource among {', '.join(k for k in doc if k.startswith('activities-'))} "
                            "(activityCalories includes BMR of active minutes: request calories and caloriesBMR)")
-    return [Fragment("daily", compact(_with_net_calories(record, f"activities-calories {key}")))
-            for key, record in sorted(days.items())]
+    return [Fragment("daily", compact(_with_net_calories(record))) for _, record in sorted(days.items())]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -868,8 +870,7 @@ def br(doc: dict[str, Any]) -> list[Fragment]:
         rate = value.get("breathingRate")
         if rate is None:
             rate = _object(value.get("fullSleepSummary"), f"{path}.value.fullSleepSummary").get("breathingRate")
-        rate = _bounded(_measured(rate, f"{path}.value.breathingRate"), 1, 80, "a plausible breathing rate",
-                        f"{path}.value.breathingRate")
+        rate = _measured(rate, f"{path}.value.breathingRate")
         if rate is None:
             raise MappingError(f"{path} has no breathingRate")
         metadata = _main_sleep(sleeps, day, clock, path)
@@ -899,11 +900,8 @@ def _body(doc: dict[str, Any], kind: str) -> list[Fragment]:
             at = clock.at(day, log["time"], f"{path}.time")
             sample = measurements.setdefault(day, {}).setdefault(at, {"measurement_time": clock.text(at)})
             if name == "weight":
-                kg = _scaled(log["weight"], units.kg_per_weight, f"{path}.weight")
-                if not kg or kg < 0:
-                    raise MappingError(f"{path}.weight {log['weight']!r} is not a measurement")
                 sample.update(compact({
-                    "weight_kg": kg,
+                    "weight_kg": _scaled(log["weight"], units.kg_per_weight, f"{path}.weight"),
                     "BMI": _measured(log.get("bmi"), f"{path}.bmi"),
                     "bodyfat_percentage": _percentage(log.get("fat"), f"{path}.fat"),
                 }))
