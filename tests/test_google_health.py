@@ -14,6 +14,8 @@ import requests
 from connectors import registry
 from connectors.base import MappingError
 from connectors.timeutil import format_bound, parse_iso
+from schemas.serde import validate_record
+from transforms.plausibility import IMPOSSIBLE_SAMPLES, IMPOSSIBLE_VALUES, check_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "google_health"
 PROVIDER = registry()["google_health"]
@@ -194,18 +196,58 @@ def test_zero_is_not_a_measurement_outside_the_true_zero_types():
             records(kind, doc)
 
 
-@pytest.mark.parametrize(("kind", "change", "message"), [
-    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"), "not a plausible heart rate"),
-    ("daily-resting-heart-rate", lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="7"),
-     "not a plausible heart rate"),
-    ("weight", lambda p: p["weight"].update(weightGrams=950000), "not a plausible weight"),
-    ("height", lambda p: p["height"].update(heightMillimeters=17810), "not a plausible height"),
-])
-def test_implausible_values_are_refused(kind, change, message):
+# an impossible value is mapped as sent; the pipeline's plausibility stage drops it (the sample, or the field), and
+# only it: (kind, change, the block the check leaves, what it dropped)
+IMPOSSIBLE = [
+    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"),
+     ("heart_rate_data", {"detailed": {"hr_samples": []}}), {IMPOSSIBLE_SAMPLES: 1}),
+    ("daily-resting-heart-rate", lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="312"),
+     ("heart_rate_data", {"summary": {}}), {IMPOSSIBLE_VALUES: 1}),
+    ("daily-oxygen-saturation", lambda p: p["dailyOxygenSaturation"].update(averagePercentage=196.4),
+     ("oxygen_data", {}), {IMPOSSIBLE_VALUES: 1}),
+    ("weight", lambda p: p["weight"].update(weightGrams=950000),
+     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
+    ("height", lambda p: p["height"].update(heightMillimeters=17810),
+     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
+    ("body-fat", lambda p: p["bodyFat"].update(percentage=118.7),
+     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
+]
+
+
+@pytest.mark.parametrize(("kind", "change", "left", "dropped"), IMPOSSIBLE, ids=[case[0] for case in IMPOSSIBLE])
+def test_an_impossible_value_is_mapped_and_the_plausibility_stage_drops_it(kind, change, left, dropped):
     doc = point(kind)
     change(doc)
-    with pytest.raises(MappingError, match=message):
-        records(kind, doc)
+    (fragment,) = records(kind, doc)
+    record = validate_record(fragment.type, fragment.data)
+    assert record["metadata"] == validate_record(fragment.type, records(kind, point(kind))[0].data)["metadata"]
+    checked, counts = check_record(fragment.type, record)
+    assert counts == dropped
+    assert checked == {"metadata": record["metadata"], left[0]: left[1]}
+
+
+def test_an_impossible_heart_rate_point_costs_that_sample_not_the_page():
+    page_ = page("heart-rate")
+    page_["dataPoints"][0]["heartRate"]["beatsPerMinute"] = "412"
+    checked = [check_record(f.type, validate_record(f.type, f.data)) for f in records("heart-rate", page_)]
+    assert [counts for _, counts in checked] == [{IMPOSSIBLE_SAMPLES: 1}] + [{}] * (len(checked) - 1)
+    assert [record["heart_rate_data"]["detailed"]["hr_samples"] for record, _ in checked[1:]] == [
+        validate_record("daily", f.data)["heart_rate_data"]["detailed"]["hr_samples"]
+        for f in records("heart-rate")[1:]]
+
+
+def test_an_exercise_loses_only_its_impossible_heart_rate_and_vo2_max():
+    run = point("exercise")
+    run["exercise"]["metricsSummary"].update(averageHeartRateBeatsPerMinute="412", runVo2Max=150.2)
+    record = validate_record("activity", records("exercise", run)[0].data)
+    assert (record["heart_rate_data"]["summary"]["avg_hr_bpm"], record["oxygen_data"]) == (
+        412, {"vo2max_ml_per_min_per_kg": 150.2})
+    checked, counts = check_record("activity", record)
+    assert counts == {IMPOSSIBLE_VALUES: 2}
+    expected = validate_record("activity", records("exercise", point("exercise"))[0].data)
+    del expected["heart_rate_data"]["summary"]["avg_hr_bpm"]
+    expected["oxygen_data"] = {}
+    assert checked == expected
 
 
 def test_hrv_point_without_rmssd_names_what_terra_cannot_hold():

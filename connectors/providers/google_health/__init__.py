@@ -27,8 +27,13 @@ Altitude, Distance, Floors, Steps and Total Calories have *true zeros* (worn, no
 count of 0 is kept. Elsewhere 0 is no measurement: exercise ``averageHeartRateBeatsPerMinute`` and ``runVo2Max``
 0 are left out, heart-rate zone durations all ``"0s"`` give no zones; a data point whose only value is 0
 (``heart-rate``, ``daily-resting-heart-rate``, ``daily-heart-rate-variability``, ``daily-oxygen-saturation``,
-``weight``, ``body-fat``, ``height``) is refused ("… 0 is not a measurement"). Plausibility: heart rates 20-300 bpm,
-SpO2 50-100 %, RMSSD 1-500 ms, VO2 max 10-100, weight 0.5-650 kg, body fat 1-80 %, height 30-280 cm.
+``weight``, ``body-fat``, ``height``) is refused ("… 0 is not a measurement": the point holds nothing).
+Plausibility: values are mapped as the API sends them; the pipeline's one plausibility stage
+(``transforms.plausibility``) drops what no body can produce — a heart rate outside 1-250 bpm (that sample, or the
+exercise's average), SpO2 over 100 %, body fat over 100 %, a weight outside 0.1-700 kg or height outside 20-300 cm
+(that measurement), VO2 max outside 1-100, a negative RMSSD — and delivers the rest. Refused are only points that
+cannot be read: a value that is not a finite number, a missing required field or offset, an unknown stage, an
+interval that ends before it starts.
 Calories: ``exercise.metricsSummary.caloriesKcal`` summarizes *active-energy-burned* (basal excluded,
 /data-types/workouts and /data-types/calories), so it is the Activity's ``net_activity_calories``.
 Time zones: points carry their UTC offset (localization 1, real offsets). A day-scoped record of a sample takes
@@ -46,6 +51,7 @@ logs, ECG/IRN, profile (only ``age``).
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
@@ -78,7 +84,6 @@ HR_ZONES = (("lightTime", 1, "LIGHT"), ("moderateTime", 2, "MODERATE"), ("vigoro
             ("peakTime", 4, "PEAK"))
 HR_CONTEXT = {"ACTIVE": 1, "SEDENTARY": 2}  # HeartRateMetadata.motionContext → Terra HeartRateContext
 AUTOMATIC_METHODS = {"PASSIVELY_MEASURED", "ACTIVELY_MEASURED", "DERIVED"}
-PLAUSIBLE_LIMIT = 1e12
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)s$")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -113,7 +118,7 @@ def _number(value: Any, path: str) -> float | int | None:
             value = int(value) if re.fullmatch(r"-?\d+", value.strip()) else float(value)
         except ValueError as exc:
             raise MappingError(f"{path} must be a number, got {value!r}") from exc
-    if not isinstance(value, int | float) or value != value or abs(value) > PLAUSIBLE_LIMIT:
+    if not isinstance(value, int | float) or not math.isfinite(value):  # proto3 JSON writes "NaN", "Infinity"
         raise MappingError(f"{path} must be a finite number, got {value!r}")
     return value
 
@@ -125,9 +130,9 @@ def _required_number(value: Any, path: str) -> float | int:
     return number
 
 
-def _measured(value: Any, path: str, low: float, high: float, what: str, required: bool = False) -> float | int | None:
+def _measured(value: Any, path: str, required: bool = False) -> float | int | None:
     """A value of a type without true zeros (see the module docstring): 0 = not measured → ``None`` (refused when
-    ``required``); anything else must lie in ``[low, high]``."""
+    ``required``: the point holds nothing else). An impossible value is the plausibility stage's to drop."""
     number = _number(value, path)
     if number is None and required:
         raise MappingError(f"{path} is required")
@@ -135,13 +140,7 @@ def _measured(value: Any, path: str, low: float, high: float, what: str, require
         if required:
             raise MappingError(f"{path} 0 is not a measurement")
         return None
-    if number is not None and not low <= number <= high:
-        raise MappingError(f"{path} {number!r} is not {what} ({low:g}-{high:g})")
     return number
-
-
-def _bpm(value: Any, path: str, required: bool = False) -> float | int | None:
-    return _measured(value, path, 20, 300, "a plausible heart rate", required)
 
 
 def _scaled(value: Any, factor: float, path: str, digits: int = 3) -> float | None:
@@ -154,7 +153,7 @@ def _seconds(duration: Any, path: str) -> float | None:
     if duration is None:
         return None
     match = _DURATION.match(duration) if isinstance(duration, str) else None
-    if match is None or abs(float(match.group(1))) > PLAUSIBLE_LIMIT:
+    if match is None or not math.isfinite(float(match.group(1))):
         raise MappingError(f"{path} must be a duration like '3600s', got {duration!r}")
     seconds = float(match.group(1))
     return int(seconds) if seconds.is_integer() else seconds
@@ -274,7 +273,8 @@ def _lap(split: Any, path: str) -> dict[str, Any]:
         "end_time": format_ts(end),
         "distance_meters": _scaled(metrics.get("distanceMillimeters"), 0.001, f"{where}.distanceMillimeters"),
         "calories": _number(metrics.get("caloriesKcal"), f"{where}.caloriesKcal"),
-        "avg_hr_bpm": _bpm(metrics.get("averageHeartRateBeatsPerMinute"), f"{where}.averageHeartRateBeatsPerMinute"),
+        "avg_hr_bpm": _measured(metrics.get("averageHeartRateBeatsPerMinute"),
+                                f"{where}.averageHeartRateBeatsPerMinute"),
         "avg_speed_meters_per_second": _scaled(metrics.get("averageSpeedMillimetersPerSecond"), 0.001,
                                                f"{where}.averageSpeedMillimetersPerSecond"),
     })
@@ -313,8 +313,8 @@ def exercise(doc: dict[str, Any]) -> Fragment:
                                                         f"{where}.elevationGainMillimeters")},
         }},
         "heart_rate_data": {"summary": {
-            "avg_hr_bpm": _bpm(metrics.get("averageHeartRateBeatsPerMinute"),
-                               f"{where}.averageHeartRateBeatsPerMinute"),
+            "avg_hr_bpm": _measured(metrics.get("averageHeartRateBeatsPerMinute"),
+                                    f"{where}.averageHeartRateBeatsPerMinute"),
             "hr_zone_data": _hr_zones(_object(metrics.get("heartRateZoneDurations"),
                                               f"{where}.heartRateZoneDurations", False),
                                       f"{where}.heartRateZoneDurations"),
@@ -324,8 +324,7 @@ def exercise(doc: dict[str, Any]) -> Fragment:
                                                    f"{where}.averageSpeedMillimetersPerSecond"),
             "avg_pace_minutes_per_kilometer": round(pace * 1000 / 60, 3) if pace is not None else None,
         },
-        "oxygen_data": {"vo2max_ml_per_min_per_kg": _measured(metrics.get("runVo2Max"), f"{where}.runVo2Max", 10, 100,
-                                                              "a plausible VO2 max")},
+        "oxygen_data": {"vo2max_ml_per_min_per_kg": _measured(metrics.get("runVo2Max"), f"{where}.runVo2Max")},
         "lap_data": {"laps": laps},
         "device_data": _device(doc),
     })
@@ -427,7 +426,7 @@ def heart_rate(doc: dict[str, Any]) -> Fragment:
     data = _data(doc, "heartRate")
     at = _sample_time(data, "heartRate")
     context = _object(data.get("metadata"), "heartRate.metadata", False).get("motionContext")
-    bpm = _bpm(data.get("beatsPerMinute"), "heartRate.beatsPerMinute", required=True)
+    bpm = _measured(data.get("beatsPerMinute"), "heartRate.beatsPerMinute", required=True)
     sample = {"timestamp": format_ts(at), "bpm": bpm, "context": HR_CONTEXT.get(context, 0)}
     return Fragment("daily", {"metadata": _day_metadata(at), "heart_rate_data": {"detailed": {"hr_samples": [sample]}}})
 
@@ -439,7 +438,7 @@ def heart_rate(doc: dict[str, Any]) -> Fragment:
 def daily_resting_heart_rate(doc: dict[str, Any]) -> Fragment:
     """The day's resting heart rate (bpm) → Daily ``heart_rate_data.summary.resting_hr_bpm``."""
     data = _data(doc, "dailyRestingHeartRate")
-    bpm = _bpm(data.get("beatsPerMinute"), "dailyRestingHeartRate.beatsPerMinute", required=True)
+    bpm = _measured(data.get("beatsPerMinute"), "dailyRestingHeartRate.beatsPerMinute", required=True)
     return Fragment("daily", {"metadata": _date_metadata(_date(data.get("date"), "dailyRestingHeartRate.date")),
                               "heart_rate_data": {"summary": {"resting_hr_bpm": bpm}}})
 
@@ -449,7 +448,7 @@ def daily_heart_rate_variability(doc: dict[str, Any]) -> Fragment:
     """The day's average HRV (RMSSD, ms) → Daily ``heart_rate_data.summary.avg_hrv_rmssd``."""
     data = _data(doc, "dailyHeartRateVariability")
     rmssd = _measured(data.get("averageHeartRateVariabilityMilliseconds"),
-                      "dailyHeartRateVariability.averageHeartRateVariabilityMilliseconds", 1, 500, "a plausible RMSSD")
+                      "dailyHeartRateVariability.averageHeartRateVariabilityMilliseconds")
     if rmssd is None:
         others = sorted(k for k in data if k not in ("date", "averageHeartRateVariabilityMilliseconds"))
         raise MappingError("dailyHeartRateVariability has no averageHeartRateVariabilityMilliseconds (or 0); its "
@@ -462,8 +461,7 @@ def daily_heart_rate_variability(doc: dict[str, Any]) -> Fragment:
 def daily_oxygen_saturation(doc: dict[str, Any]) -> Fragment:
     """The night's average SpO2 (%) → Daily ``oxygen_data.avg_saturation_percentage`` of its date."""
     data = _data(doc, "dailyOxygenSaturation")
-    average = _measured(data.get("averagePercentage"), "dailyOxygenSaturation.averagePercentage", 50, 100,
-                        "a plausible percentage", required=True)
+    average = _measured(data.get("averagePercentage"), "dailyOxygenSaturation.averagePercentage", required=True)
     return Fragment("daily", {"metadata": _date_metadata(_date(data.get("date"), "dailyOxygenSaturation.date")),
                               "oxygen_data": {"avg_saturation_percentage": average}})
 
@@ -485,22 +483,19 @@ def _measurement(doc: dict[str, Any], field: str, values: dict[str, Any]) -> Fra
 @PROVIDER.kind("weight", "body")
 def weight(doc: dict[str, Any]) -> Fragment:
     """A weight sample (grams → kg) → a measurement of its local day's Body."""
-    grams = _measured(_data(doc, "weight").get("weightGrams"), "weight.weightGrams", 500, 650_000,
-                      "a plausible weight", required=True)
+    grams = _measured(_data(doc, "weight").get("weightGrams"), "weight.weightGrams", required=True)
     return _measurement(doc, "weight", {"weight_kg": round(grams / 1000, 3)})
 
 
 @PROVIDER.kind("body-fat", "body")
 def body_fat(doc: dict[str, Any]) -> Fragment:
     """A body-fat sample (%) → a measurement of its local day's Body (merged with a weight at the same instant)."""
-    percentage = _measured(_data(doc, "bodyFat").get("percentage"), "bodyFat.percentage", 1, 80,
-                           "a plausible body fat percentage", required=True)
+    percentage = _measured(_data(doc, "bodyFat").get("percentage"), "bodyFat.percentage", required=True)
     return _measurement(doc, "bodyFat", {"bodyfat_percentage": percentage})
 
 
 @PROVIDER.kind("height", "body")
 def height(doc: dict[str, Any]) -> Fragment:
     """A height sample (mm → cm) → a measurement of its local day's Body."""
-    millimeters = _measured(_data(doc, "height").get("heightMillimeters"), "height.heightMillimeters", 300, 2_800,
-                            "a plausible height", required=True)
+    millimeters = _measured(_data(doc, "height").get("heightMillimeters"), "height.heightMillimeters", required=True)
     return _measurement(doc, "height", {"height_cm": round(millimeters / 10, 1)})
