@@ -176,7 +176,7 @@ def _number(value: Any, path: str) -> float | int | None:
         value = int(number) if number.is_integer() and "." not in value else number
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MappingError(f"{path} must be a number, got {value!r}")
-    if not math.isfinite(value):  # NaN and infinities ("nan", "inf" as text): no JSON form, no Fitbit value
+    if isinstance(value, float) and not math.isfinite(value):  # "nan", "inf" as text: no Fitbit value
         raise MappingError(f"{path} {value!r} is not a finite number")
     return value
 

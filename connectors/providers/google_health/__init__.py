@@ -118,7 +118,7 @@ def _number(value: Any, path: str) -> float | int | None:
             value = int(value) if re.fullmatch(r"-?\d+", value.strip()) else float(value)
         except ValueError as exc:
             raise MappingError(f"{path} must be a number, got {value!r}") from exc
-    if not isinstance(value, int | float) or not math.isfinite(value):  # proto3 JSON writes "NaN", "Infinity"
+    if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):  # proto3 NaN
         raise MappingError(f"{path} must be a finite number, got {value!r}")
     return value
 
