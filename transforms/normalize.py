@@ -195,7 +195,8 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Faile
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
                   indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
-    """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be."""
+    """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be (or,
+    for implausible records, one Failed per document naming them, its other records keyed)."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
     suspect = may_be_out_of_bounds(raw.payload)
     for index in indexes:
@@ -211,16 +212,19 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
         except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
             yield _failed("normalize", exc, message, raw, kind, index)
             continue
+        reference = message.source.get("healthflow-reference")
+        keyed, implausible = [], []
         try:
-            reference = message.source.get("healthflow-reference")
-            keyed = [_keyed(raw, provider, f, f"{prefix}:{index:05d}:{n:03d}", reference)
-                     for n, f in enumerate(fragments)]
+            for n, fragment in enumerate(fragments):
+                try:
+                    keyed.append(_keyed(raw, provider, fragment, f"{prefix}:{index:05d}:{n:03d}", reference))
+                except Implausible as exc:  # this record alone: the document's other records are delivered
+                    implausible.append(str(exc))
         except (SchemaMismatch, MappingError, RecursionError) as exc:
             yield _failed("validate", exc, message, raw, kind, index)
             continue
-        except Implausible as exc:
-            yield _failed("plausibility", exc, message, raw, kind, index)
-            continue
+        if implausible:
+            yield _failed("plausibility", Implausible("; ".join(implausible)), message, raw, kind, index)
         yield from keyed
 
 
