@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -23,7 +24,7 @@ from apache_beam.testing.test_stream import TestStream as BeamTestStream
 
 from connectors import get_provider
 from connectors.base import Deletion, KindSpec, terra_user_id
-from core.events import NormalizedEvent
+from core.events import NormalizedEvent, canonical_json
 from core.raw import RawMessage, RawPayload
 from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, NormalizeJob, RunSummary, build_from, run_batch
@@ -35,7 +36,7 @@ from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
 from transforms.normalize import Keyed, merge_user_events
-from transforms.record_state import TOMBSTONE_FIELD
+from transforms.record_state import TOMBSTONE_FIELD, state_row
 
 try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...
     from servers.pubsub_server import PubSubTestServer
@@ -89,10 +90,57 @@ def test_data_newer_than_a_deletion_recreates_the_record_fresh() -> None:
                           "calories_data": {"total_burned_calories": 576}}  # nothing of the deleted record
 
 
-def test_data_of_the_deletions_own_version_is_ordered_after_the_tombstone() -> None:
-    [event] = merge_user_events("u", [_deletion(20, "1"), _data(20, "2")])
+def test_at_equal_versions_the_deletion_wins_whatever_the_arrival_order() -> None:
+    [after_data] = merge_user_events("u", [_data(20, "1"), _deletion(20, "2")])
+    [before_data] = merge_user_events("u", [_deletion(20, "1"), _data(20, "2")])
 
-    assert not event.deleted and event.ordering_timestamp_ms == 21  # above the tombstone's: destinations take it
+    assert after_data.deleted and after_data.ordering_timestamp_ms == 21  # above the data's: no sink guard undoes it
+    assert before_data.deleted and before_data.ordering_timestamp_ms == 20  # the data is not newer: stale
+
+
+def test_a_deletion_of_a_stored_record_of_its_own_version_is_ordered_after_it() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}}, 20)}
+
+    [event] = merge_user_events("u", [_deletion(20, "2")], stored)
+
+    assert event.deleted and event.ordering_timestamp_ms == 21
+
+
+def test_data_of_a_stored_deletions_own_version_stays_deleted() -> None:
+    stored = {("activity", "w1"): ({TOMBSTONE_FIELD: {"natural_key": "w1", "summary_id": "w1"}}, 20)}
+
+    [event] = merge_user_events("u", [_data(20, "5", device_data={"name": "WHOOP 4.0"})], stored)
+
+    assert event.deleted and event.ordering_timestamp_ms == 20
+
+
+def test_an_unversioned_deletion_comes_after_whatever_is_stored() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1"}}, 1_710_000_000_000)}  # provider's updated_at
+    received = Keyed("activity", "w1", {}, 1_700_000_000_000, "2", USER, "raw-2", deleted=True, unversioned=True)
+
+    [event] = merge_user_events("u", [received], stored)  # our clock is behind the provider's version
+
+    assert event.deleted and event.ordering_timestamp_ms == 1_710_000_000_001
+    again = {("activity", "w1"): ({TOMBSTONE_FIELD: event.data}, event.ordering_timestamp_ms)}
+    assert merge_user_events("u", [received], again)[0].event_id == event.event_id  # redelivered: the same
+
+
+def test_a_record_recreated_after_a_deletion_never_reuses_an_id_seen_before_it() -> None:
+    record = {"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}}
+    [before] = merge_user_events("u", [_data(10, "1")])
+    digest = hashlib.sha256(canonical_json(["u", "activity", "w1", record])).hexdigest()[:32]
+    assert before.event_id == f"evt_{digest}" and before.generation is None  # never deleted: the id as ever
+
+    [in_batch] = merge_user_events("u", [_data(10, "1"), _deletion(20, "2"), _data(30, "3")])
+    stored_deletion = {("activity", "w1"): ({TOMBSTONE_FIELD: {"natural_key": "w1", "summary_id": "w1"}}, 20)}
+    [after_stored] = merge_user_events("u", [_data(30, "3")], stored_deletion)
+
+    assert in_batch.data == after_stored.data == before.data
+    assert in_batch.generation == after_stored.generation == 20
+    assert in_batch.event_id == after_stored.event_id != before.event_id
+    stored = {("activity", "w1"): (json.loads(state_row(after_stored)), 30)}  # the generation stays with the record
+    [redelivered] = merge_user_events("u", [_data(30, "3")], stored)
+    assert redelivered.event_id == after_stored.event_id and redelivered.data == record
 
 
 def test_data_older_than_a_stored_deletion_does_not_resurrect_the_record() -> None:
