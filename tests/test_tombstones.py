@@ -332,6 +332,47 @@ def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_de
 
 
 
+def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_deletions: None, tmp_path: Path,
+                                                                         webhook_secret: str) -> None:
+    """The data dead-lettered before the deletion is not sent after the tombstone; the tombstone dead-lettered before
+    the workout came back is not sent after the re-created record."""
+    dlq, state = str(tmp_path / "dlq"), f"sqlite:///{tmp_path / 'state.db'}"
+    fast = RetryPolicy(max_attempts=1, initial_delay_s=0.01, max_delay_s=0.02)
+    workouts = _workouts()
+    with WebhookReceiver(webhook_secret) as receiver:
+        targets = [Target(WebhookSink("webhook", receiver.url, webhook_secret), fast)]
+
+        def run(name: str, kind: str, payload: dict[str, Any], at_ms: int) -> RunSummary:
+            return run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / name, kind, payload, at_ms)), targets, dlq,
+                                          state_url=state))
+
+        receiver.fail_next(2, 503)
+        assert run("c.jsonl", "workout", workouts, CREATED_AT_MS).get("delivery_dead_letter:webhook") == 2
+        receiver.clear_failures()
+        run("d.jsonl", "workout.deleted", _deletion_webhook(), DELETED_AT_MS)  # delivered
+        kept_id = next(r["event_id"] for r in select(dlq) if r["source"]["natural_key"] == KEPT_WORKOUT)
+
+        replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
+
+        assert replayed.delivered == Counter({"webhook": 1}) and replayed.superseded == Counter({"webhook": 1})
+        assert receiver.order_for(USER_ID) == [_tombstone_id(), kept_id]  # the deleted workout's data never came
+        assert select(dlq) == []
+
+        receiver.fail_next(1, 503)
+        run("d2.jsonl", "workout.deleted", dict(_deletion_webhook(), id=KEPT_WORKOUT), DELETED_AT_MS)
+        receiver.clear_failures()
+        back = copy.deepcopy(workouts["records"][1])
+        back["updated_at"] = "2024-03-14T08:00:00.000Z"
+        run("back.jsonl", "workout", {"records": [back]}, DELETED_AT_MS + 2_000)  # re-created, delivered
+        [dead_tombstone] = select(dlq)
+        assert dead_tombstone["source"]["natural_key"] == KEPT_WORKOUT
+
+        replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
+
+        assert replayed.superseded == Counter({"webhook": 1}) and not replayed.delivered
+        assert receiver.order_for(USER_ID)[-1] != dead_tombstone["event_id"] and select(dlq) == []
+
+
 def test_the_streaming_job_delivers_the_tombstone_after_the_data(whoop_deletions: None, tmp_path: Path,
                                                                  webhook_secret: str) -> None:
     """The unbounded graph (keyed-state merge, in-order delivery per user) on Beam's TestStream."""
