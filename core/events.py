@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -138,6 +139,7 @@ class NormalizedEvent:
 
 
 DAY_SCOPED_KEY = "date"  # how a tombstone names the natural key of a day-scoped record (daily, body, ...)
+DAY_KEY = re.compile(r"\d{4}-\d{2}-\d{2}")  # a day-scoped record's natural key (fullmatch): YYYY-MM-DD
 
 
 def deleted_key(model_type: str, natural_key: str, start_time: str | None = None) -> dict[str, str]:

@@ -35,7 +35,7 @@ from sinks.object_store import ObjectStoreSink
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.normalize import Keyed, merge_user_events
+from transforms.normalize import Keyed, merge_user_events, normalize_in_memory
 from transforms.record_state import TOMBSTONE_FIELD, state_row
 
 try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...
@@ -179,6 +179,20 @@ def whoop_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(get_provider("whoop").kinds, "workout.deleted",
                         KindSpec("workout.deleted", ("activity",), deleted, "a deleted workout"))
+
+
+@pytest.mark.parametrize("day", ["2024-03", "2024-03-1*", "2024-03-11T00:00:00Z"])
+def test_a_day_scoped_deletion_must_name_a_day(monkeypatch: pytest.MonkeyPatch, day: str) -> None:
+    monkeypatch.setitem(get_provider("whoop").kinds, "cycle.deleted", KindSpec(
+        "cycle.deleted", ("daily",), lambda doc: Deletion("daily", doc["day"], str(doc["user_id"])), "a deleted cycle"))
+    raw = RawPayload("whoop", json.dumps({"user_id": int(WHOOP_USER), "day": day}).encode(), kind="cycle.deleted",
+                     received_at_ms=DELETED_AT_MS)
+
+    events, [failed] = normalize_in_memory([RawMessage(encode_raw(raw), {"path": "raw", "line": 0})])
+
+    assert events == [] and failed.stage == "validate"  # where mapped records are checked
+    assert failed.record["error_class"] == "MappingError" and "must name its day (YYYY-MM-DD)" in failed.record[
+        "error_message"]
 
 
 def _raw_file(path: Path, kind: str, payload: dict[str, Any], received_at_ms: int) -> str:

@@ -40,7 +40,7 @@ from connectors import get_provider
 from connectors.base import Deletion, Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
-from core.events import NormalizedEvent
+from core.events import DAY_KEY, NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, conform_record, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
@@ -248,6 +248,9 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
         check_text(f"{fragment.type} natural key", fragment.natural_key)
         if not fragment.natural_key:
             raise MappingError(f"{provider.slug}: a deletion of {fragment.type} names no natural key")
+        if fragment.type not in ("activity", "sleep", "athlete") and not DAY_KEY.fullmatch(fragment.natural_key):
+            raise MappingError(f"{provider.slug}: a deletion of {fragment.type} must name its day (YYYY-MM-DD), "
+                               f"got {fragment.natural_key!r}")
         user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
         return Keyed(fragment.type, fragment.natural_key, {}, fragment.version_ms or raw.received_at_ms, sequence,
                      user, raw.idempotency_key, raw.provider.lower(), str(fragment.provider_user_id), reference,
