@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +22,9 @@ class NormalizedEvent:
     """A delivered event.
 
     ``event_id`` is derived from (user, type, natural key, content): a redelivery of the same
-    record keeps its id (destinations dedupe on it), an update gets a new one. ``sequence``
+    record keeps its id (destinations dedupe on it), an update gets a new one. A record re-created after a deletion
+    carries a ``generation`` (the version of the deletion it follows) in its id too, so it never reuses an id
+    destinations saw before the deletion. ``sequence``
     orders one user's events; ``ordering_timestamp_ms`` tells destinations which version is newer.
     A tombstone (``deleted``, see ``tombstone``) says the provider deleted the record; its ``data`` is the record's key.
     """
@@ -38,6 +41,7 @@ class NormalizedEvent:
     payload: dict[str, Any] | None = None  # a lifecycle event (auth, deauth, ...) is delivered as it is
     reference: str | None = None  # the historical request (backfill) it answers: Terra's terra-reference
     deleted: bool = False  # a tombstone: the provider deleted the record; ``data`` is its key (``deleted_key``)
+    generation: int | None = None  # re-created after the deletion of this version (None: never deleted)
 
     @functools.cached_property
     def data_json(self) -> bytes:
@@ -85,7 +89,10 @@ class NormalizedEvent:
                          b',"version":', canonical_json(self.version), b"}"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The event's fields, without ``generation`` (only its id and the record state need it)."""
+        value = asdict(self)
+        del value["generation"]
+        return value
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> NormalizedEvent:
@@ -119,16 +126,20 @@ class NormalizedEvent:
     @classmethod
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
                ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None,
-               reference: str | None = None) -> NormalizedEvent:
-        data_json = canonical_json(data)  # the id covers canonical_json([user_id, type, natural_key, data])
-        digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key])[:-1] + b"," + data_json + b"]")
+               reference: str | None = None, generation: int | None = None) -> NormalizedEvent:
+        """A data event. Its id covers canonical_json([user_id, type, natural_key, data]), and, for a record
+        re-created after a deletion, ``generation`` as a fifth item: ids of records never deleted stay as they were."""
+        data_json = canonical_json(data)
+        tail = b"]" if generation is None else b"," + canonical_json(generation) + b"]"
+        digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key])[:-1] + b"," + data_json + tail)
         event = cls(f"evt_{digest.hexdigest()[:32]}", type, user, data, natural_key, ordering_timestamp_ms, sequence,
-                    raw_idempotency_key, reference=reference)
+                    raw_idempotency_key, reference=reference, generation=generation)
         event.__dict__["data_json"] = data_json
         return event
 
 
 DAY_SCOPED_KEY = "date"  # how a tombstone names the natural key of a day-scoped record (daily, body, ...)
+DAY_KEY = re.compile(r"\d{4}-\d{2}-\d{2}")  # a day-scoped record's natural key (fullmatch): YYYY-MM-DD
 
 
 def deleted_key(model_type: str, natural_key: str, start_time: str | None = None) -> dict[str, str]:

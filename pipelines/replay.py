@@ -9,7 +9,10 @@
   delivers the results to the destinations. Their dead letters are removed once the run
   succeeds; whatever still fails is dead-lettered anew by that run.
 
-Destinations are idempotent and events keep their ids, so replaying twice is harmless.
+Destinations are idempotent and events keep their ids, so replaying twice is harmless. With the control-plane store
+(``status_url``, which also holds the record state), a delivery dead letter older than the record's stored version
+is settled as superseded instead of delivered: a newer version (data, or a tombstone) went out after it, and an old
+event delivered after it would bring a deleted record back or delete a re-created one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from transforms.deliver import (
     delivery_dead_letter,
     event_from_dead_letter,
 )
+from transforms.record_state import Key, open_state
 
 INGEST_STAGES = ("decode", "parse", "normalize", "validate", "plausibility")
 
@@ -45,6 +49,7 @@ INGEST_STAGES = ("decode", "parse", "normalize", "validate", "plausibility")
 class ReplayResult:
     delivered: Counter[str] = field(default_factory=Counter)
     failed_again: Counter[str] = field(default_factory=Counter)
+    superseded: Counter[str] = field(default_factory=Counter)  # settled unsent: older than the record's version
     ingest: RunSummary | None = None
 
 
@@ -72,6 +77,8 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
     ``due_only``: scheduled redelivery — only dead letters whose ``next_attempt_at`` has come, and
     never to a disabled destination (with ``status_url``); a failure moves the record to the next
     round of its destination's schedule. A manual replay of a disabled destination is refused.
+    ``status_url``: the control-plane store (destination status and record state); with it, a dead letter whose
+    ordering timestamp is below its record's stored version is removed unsent and counted in ``superseded``.
     """
     by_name = {t.name: t for t in targets}
     records = select(root, destination=destination, due_at=now_ms() if due_only else None)
@@ -84,6 +91,7 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
         raise FatalError(f"dead letters name destination(s) {', '.join(missing)} that the destinations file lacks; "
                          f"configured: {', '.join(by_name)}")
     result = ReplayResult()
+    versions = _stored_versions(status_url, records)
     for name, group in groups.items():
         if name in disabled:
             if due_only:
@@ -96,8 +104,15 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
         by_event: dict[str, list[dict[str, Any]]] = {}
         for record in group:
             by_event.setdefault(record["event_id"], []).append(record)
-        events = sorted((event_from_dead_letter(records[-1]) for records in by_event.values()),
-                        key=lambda e: (e.user_id, e.sequence))
+        events = []
+        for event in (event_from_dead_letter(records[-1]) for records in by_event.values()):
+            if event.ordering_timestamp_ms < versions.get((event.user_id, event.type, event.natural_key), -1):
+                for record in by_event[event.event_id]:  # a newer version went out after it: never send it now
+                    delete_dead_letter(root, record)
+                result.superseded[name] += 1
+            else:
+                events.append(event)
+        events.sort(key=lambda e: (e.user_id, e.sequence))
         with contextlib.suppress(Exception):  # unavailable right now: write() opens again and routes the error
             target.sink.open()
         try:
@@ -114,6 +129,21 @@ def replay_deliveries(root: str, targets: Sequence[Target], destination: str | N
         finally:
             target.sink.close()
     return result
+
+
+def _stored_versions(state_url: str | None, records: list[dict[str, Any]]) -> dict[Key, int]:
+    """The record state's version of each (user, type, natural key) the delivery dead letters hold (lifecycle events
+    have none); nothing without a state URL."""
+    if not state_url or not records:
+        return {}
+    keys = sorted({(r["user_id"], r["source"]["type"], r["source"]["natural_key"]) for r in records
+                   if r.get("user_id") and r["source"].get("natural_key") and r["source"].get("type")})
+    state = open_state(state_url)
+    state.open()
+    try:
+        return state.versions(keys)
+    finally:
+        state.close()
 
 
 def _disabled(status_url: str | None) -> dict[str, str]:

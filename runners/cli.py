@@ -251,9 +251,10 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         return 0
     result = replay_deliveries(args.dead_letters, targets, args.destination, args.to, due_only=args.due,
                                status_url=args.state)
-    for name in sorted(set(result.delivered) | set(result.failed_again)):
-        print(f"{name}: {result.delivered[name]} delivered, {result.failed_again[name]} failed again (kept)")
-    if not result.delivered and not result.failed_again:
+    for name in sorted(set(result.delivered) | set(result.failed_again) | set(result.superseded)):
+        print(f"{name}: {result.delivered[name]} delivered, {result.failed_again[name]} failed again (kept), "
+              f"{result.superseded[name]} superseded (a newer version went out after them: removed unsent)")
+    if not result.delivered and not result.failed_again and not result.superseded:
         print("nothing to replay")
     return 1 if sum(result.failed_again.values()) else 0
 

@@ -16,8 +16,12 @@ Guarantees:
   or every object of the user's day (``<user_id>-<date>*``: day-scoped models); a deleted activity or sleep whose
   ``start_time`` is unknown (never seen by this deployment's record state) is found by reading the user's objects of
   that type for its ``summary_id``. Removing what is already gone is fine (idempotent). A batch's data and tombstones
-  are applied in their order.
-- Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError``; events whose name cannot be built
+  are applied in their order; a run of tombstones is one match (every exact name, each (user, type)'s objects), one
+  read of each object to confirm, one delete call. Glob characters in names match literally; a day-scoped key must
+  be a day (``YYYY-MM-DD``), else PermanentError. The objects carry no version to compare with: a tombstone older
+  than the stored object still removes it (replay, which knows the record state, never sends such a tombstone).
+- Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError`` for writes, ``PermanentError`` for
+  a tombstone (dead-lettered, naming the missing permission; the run goes on); events whose name cannot be built
   (missing ``metadata.start_time``, ``/`` or ``..`` in a name part) -> ``PermanentError``.
 """
 
@@ -27,6 +31,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +42,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from core.errors import FatalError, PermanentError, RetryableError
-from core.events import NormalizedEvent
+from core.events import DAY_KEY, NormalizedEvent
 from sinks.base import Sink, SinkResult
 
 ATHLETE_START_TIME = "profile"
@@ -86,7 +91,8 @@ class DeletedObjects:
 
 
 def deleted_objects(event: NormalizedEvent) -> DeletedObjects:
-    """The objects ``terra_object_parts`` gave the record a tombstone deletes; PermanentError for an unusable part."""
+    """The objects ``terra_object_parts`` gave the record a tombstone deletes; PermanentError for an unusable part
+    (or a day-scoped key that is not a day, YYYY-MM-DD: a prefix such as a month would name more than the record)."""
     start_time = ATHLETE_START_TIME if event.type == "athlete" else event.data.get("start_time")
     for part in (event.version, event.type, event.user_id, event.natural_key):
         safe_part(part, event)
@@ -95,7 +101,17 @@ def deleted_objects(event: NormalizedEvent) -> DeletedObjects:
         if isinstance(start_time, str) and start_time:
             return DeletedObjects(folder, f"{event.user_id}-{safe_part(start_time, event)}.json", True, False)
         return DeletedObjects(folder, f"{event.user_id}-", False, True)
+    if not DAY_KEY.fullmatch(event.natural_key):
+        raise PermanentError(f"tombstone {event.event_id}: {event.type} key {event.natural_key!r} is not a day "
+                             "(YYYY-MM-DD)")
     return DeletedObjects(folder, f"{event.user_id}-{event.natural_key}", False, False)  # the day's objects
+
+
+def escape_glob(text: str) -> str:
+    """A ``FileSystems.match`` pattern matching ``text`` (and names differing from it only where it has ``*``, ``?``
+    or ``[``: each is the one-character wildcard ``?``, since Beam's patterns cannot quote them); callers compare the
+    names found with ``text`` literally."""
+    return re.sub(r"[*?\[]", "?", text)
 
 
 def holds_record(body: bytes, event: NormalizedEvent) -> bool:
@@ -141,13 +157,7 @@ class ObjectStoreSink(Sink):
             if not deleting:
                 self._write_records(list(run), result)
                 continue
-            for event in run:
-                try:
-                    self._delete(event)
-                except (RetryableError, FatalError, PermanentError) as exc:
-                    result.fail_all([event], exc)
-                else:
-                    result.delivered.append(event.event_id)
+            self._delete_run(list(run), result)
         return result
 
     def _write_records(self, events: Sequence[NormalizedEvent], result: SinkResult) -> None:
@@ -166,28 +176,59 @@ class ObjectStoreSink(Sink):
             else:
                 result.delivered.extend(e.event_id for e in same_object)
 
-    def _delete(self, event: NormalizedEvent) -> None:
-        """Remove the objects of the record ``event`` deletes (``deleted_objects``); nothing there is fine."""
-        where = deleted_objects(event)
-        folder = self._filesystem.join(self.root, *where.folder)
+    def _delete_run(self, events: list[NormalizedEvent], result: SinkResult) -> None:
+        """Remove the objects of a run of tombstones (``deleted_objects``) in one pass: one match of every exact name
+        and of each (user, type)'s objects, each object read at most once (an activity or sleep never seen), one
+        delete of every object found. Nothing there is fine. A delete the root does not permit fails the run's
+        tombstones alone (PermanentError, dead-lettered), other I/O errors are retryable."""
+        planned: list[tuple[NormalizedEvent, DeletedObjects, str]] = []
+        for event in events:
+            try:
+                where = deleted_objects(event)
+            except PermanentError as exc:
+                result.fail_all([event], exc)
+                continue
+            planned.append((event, where, self._filesystem.join(self.root, *where.folder)))
+        if not planned:
+            return
         try:
-            if where.exact:
-                paths = [self._filesystem.join(folder, where.name)]
-            else:
-                found = FileSystems.match([self._filesystem.join(folder, where.name) + "*.json"])[0].metadata_list
-                paths = [m.path for m in found]
-            if where.confirm:
-                paths = [p for p in paths if holds_record(_read(p), event)]
-            for path in paths:
-                if self._local:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                elif FileSystems.exists(path):
-                    FileSystems.delete([path])
+            patterns = sorted({escape_glob(self._filesystem.join(folder, where.name)) if where.exact
+                               else escape_glob(self._filesystem.join(folder, f"{event.user_id}-")) + "*.json"
+                               for event, where, folder in planned})
+            found = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list})
+            bodies: dict[str, bytes] = {}
+            doomed: list[str] = []
+            for event, where, folder in planned:
+                named = self._filesystem.join(folder, where.name)
+                for path in found:
+                    if path != named if where.exact else not path.startswith(named):
+                        continue
+                    if where.confirm and not holds_record(bodies.get(path) or bodies.setdefault(path, _read(path)),
+                                                          event):
+                        continue
+                    doomed.append(path)
+            self._remove(sorted(set(doomed)))
         except PermissionError as exc:
-            raise FatalError(f"no permission to delete under {folder}: {exc}; grant delete on the root") from exc
+            error: Exception = PermanentError(f"tombstone not applied: no permission to list, read or delete under "
+                                              f"{self.root}: {exc}; grant delete (and list/read) on the root")
         except OSError as exc:  # includes Beam's BeamIOError
-            raise RetryableError(f"deleting {event.type} {event.natural_key} under {folder} failed: {exc}") from exc
+            if any(isinstance(e, PermissionError) for e in (getattr(exc, "exception_details", None) or {}).values()):
+                error = PermanentError(f"tombstone not applied: no permission to delete under {self.root}: {exc}; "
+                                       "grant delete on the root")
+            else:
+                error = RetryableError(f"deleting {len(planned)} record(s) under {self.root} failed: {exc}")
+        else:
+            result.delivered.extend(event.event_id for event, *_ in planned)
+            return
+        result.fail_all([event for event, *_ in planned], error)
+
+    def _remove(self, paths: list[str]) -> None:
+        if self._local:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        elif paths:
+            FileSystems.delete(paths)
 
     def _put(self, path: str, body: bytes) -> None:
         try:

@@ -21,8 +21,15 @@ Guarantees:
 - A tombstone (``event.deleted``) removes the record's JSON object(s) (``sinks.object_store.deleted_objects``: by its
   ``start_time``, every object of the user's day, or, for an activity or sleep never seen, the user's objects of that
   type whose body names its ``summary_id``), unless the stored object is newer than the tombstone (``guard_stale``).
+  A run of tombstones is applied together: one listing per (user, type) where a name must be searched, one HEAD (GET
+  where the body must be read) per object, DeleteObjects in chunks of 1000, each object with the ETag read when
+  ``conditional_writes`` (an object rewritten in between is refused by S3 and checked again: no race is left).
   Deleting what is gone is fine. Parquet batches are append-only: a tombstone is a row there with ``deleted`` true
   (readers keeping the newest row per record drop the record). A batch's data and tombstones apply in their order.
+- Permissions: ``s3:PutObject``; ``s3:GetObject`` and ``s3:ListBucket`` unless ``guard_stale=False``; for tombstones
+  ``s3:DeleteObject`` (DeleteObjects checks it per object), ``s3:ListBucket`` and ``s3:GetObject`` (to find and compare
+  the objects). A tombstone the identity may not apply (access denied) is a ``PermanentError`` of that tombstone: it
+  is dead-lettered with a reason naming the permission, and the run goes on.
 - An event is delivered only when every configured format succeeded for it.
 - Failures: unreachable endpoint, timeouts, throttling, 5xx -> ``RetryableError`` (an unreachable endpoint stops the
   batch: the rest is reported retryable without being tried); wrong credentials, access denied, missing bucket, wrong
@@ -56,7 +63,8 @@ _RETRYABLE_CODES = frozenset({
 })
 _FATAL_HINTS = {
     "AccessDenied": "grant the sink's identity the needed permission (S3: s3:PutObject, plus s3:GetObject and "
-                    "s3:ListBucket unless guard_stale=False; SQS: sqs:SendMessage)",
+                    "s3:ListBucket unless guard_stale=False, and s3:DeleteObject for tombstones, which are "
+                    "dead-lettered without it; SQS: sqs:SendMessage)",
     "AccessDeniedException": "grant the sink's identity the needed permission",
     "AllAccessDisabled": "access to the bucket is disabled; use another bucket",
     "NoSuchBucket": "create the bucket or fix the bucket name",
@@ -240,41 +248,109 @@ class S3Sink(Sink):
         return None
 
     def _delete_json(self, events: Sequence[NormalizedEvent], indices: list[int], fail: _Fail) -> BaseException | None:
-        for position, index in enumerate(indices):
+        """Remove the objects of a run of tombstones (``delete_json``); returns the error that stopped the batch, if
+        any. A tombstone the identity may not apply (access denied) is a PermanentError of its own: dead-lettered
+        naming the permission, never a FatalError stopping the run."""
+        planned: dict[int, NormalizedEvent] = {}
+        for index in indices:
             try:
-                self.delete_json(events[index])
-            except (FatalError, EndpointUnreachable) as exc:
-                fail(indices[position:], exc)
-                return exc
-            except (RetryableError, PermanentError) as exc:
+                deleted_objects(events[index])
+            except PermanentError as exc:
                 fail([index], exc)
+            else:
+                planned[index] = events[index]
+        if not planned:
+            return None
+        try:
+            failed = self.delete_json(list(planned.values()))
+        except Exception as exc:
+            error = _deletion_error(exc)
+            fail(planned, error)
+            return error if isinstance(error, FatalError | EndpointUnreachable) else None
+        by_id = {event.event_id: index for index, event in planned.items()}
+        for event_id, error in failed.items():
+            fail([by_id[event_id]], error)
         return None
 
-    def delete_json(self, event: NormalizedEvent) -> int:
-        """Remove the objects of the record tombstone ``event`` deletes; returns how many were removed."""
-        where = deleted_objects(event)
-        base = "/".join(p for p in [self.prefix, *where.folder] if p)
-        try:
-            if where.exact:
-                keys = [f"{base}/{where.name}"]
-            else:
-                pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                               Prefix=f"{base}/{where.name}")
-                keys = [o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".json")]
-            removed = 0
-            for key in keys:
-                stored = self._head(key) if self.guard_stale else None
-                if stored is not None and stored.ordering_timestamp_ms is not None and \
-                        stored.ordering_timestamp_ms > event.ordering_timestamp_ms:
-                    continue  # re-created after this deletion: newer data stays
-                if where.confirm and not holds_record(
-                        self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), event):
+    def delete_json(self, tombstones: Sequence[NormalizedEvent]) -> dict[str, BaseException]:
+        """Remove the objects of the records ``tombstones`` delete (``deleted_objects``), all at once: one listing of
+        each (user, type)'s objects where a name must be searched, one HEAD of each object found (a GET where its body
+        must name the record), DeleteObjects in chunks of 1000. An object newer than every tombstone naming it stays
+        (``guard_stale``); with ``conditional_writes`` each delete carries the ETag read, so an object rewritten in
+        between is not removed but checked again. Returns the tombstones whose objects could not be removed, with why
+        (an error stopping them all is raised)."""
+        planned = [(event, where, "/".join(p for p in [self.prefix, *where.folder] if p))
+                   for event in tombstones for where in [deleted_objects(event)]]
+        listed: dict[str, list[str]] = {}
+        for event, where, base in planned:
+            prefix = f"{base}/{event.user_id}-"
+            if not where.exact and prefix not in listed:
+                pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                listed[prefix] = [o["Key"] for page in pages for o in page.get("Contents", [])
+                                  if o["Key"].endswith(".json")]
+        wanted: dict[str, list[tuple[NormalizedEvent, bool]]] = {}
+        for event, where, base in planned:
+            named = f"{base}/{where.name}"
+            for key in [named] if where.exact else [k for k in listed[f"{base}/{event.user_id}-"]
+                                                    if k.startswith(named)]:
+                wanted.setdefault(key, []).append((event, where.confirm))
+        failed: dict[str, BaseException] = {}
+        pending = sorted(wanted)
+        for _ in range(CONFLICT_RETRIES):
+            doomed = {key: etag for key in pending if (etag := self._deletable(key, wanted[key])) is not None}
+            changed = []
+            for code, key, message in self._delete_objects(doomed):
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    changed.append(key)  # rewritten since we read it: check again
                     continue
-                self._client.delete_object(Bucket=self.bucket, Key=key)
-                removed += 1
-            return removed
-        except Exception as exc:
-            raise classify_aws_error(exc, f"DELETE s3://{self.bucket}/{base}/{where.name}") from exc
+                error = _deletion_error(_ObjectError(code, message), f"DELETE s3://{self.bucket}/{key}")
+                failed.update((event.event_id, error) for event, _ in wanted[key])
+            if not changed:
+                return failed
+            pending = changed
+        error = RetryableError(f"DELETE s3://{self.bucket}: objects kept changing under concurrent writers "
+                               f"({CONFLICT_RETRIES} conditional attempts)")
+        failed.update((event.event_id, error) for key in pending for event, _ in wanted[key])
+        return failed
+
+    def _deletable(self, key: str, wanting: list[tuple[NormalizedEvent, bool]]) -> str | None:
+        """The ETag to delete ``key`` with (``""``: unconditionally) when one of the tombstones ``wanting`` it applies:
+        the object exists (when read), is not newer than the tombstone, and names its record (``confirm``); None to
+        keep it."""
+        if any(confirm for _, confirm in wanting):
+            try:
+                found = self._client.get_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:
+                if http_status(exc) == 404 or error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            body = found["Body"].read()
+            stored = _stored(found)
+        else:
+            body, stored = b"", self._head(key, denied=PermanentError) if self.guard_stale else None
+            if self.guard_stale and stored is None:
+                return None  # nothing there
+        for event, confirm in wanting:
+            if self.guard_stale and stored is not None and stored.ordering_timestamp_ms is not None and \
+                    stored.ordering_timestamp_ms > event.ordering_timestamp_ms:
+                continue  # re-created after this deletion: newer data stays
+            if confirm and not holds_record(body, event):
+                continue
+            return stored.etag if stored is not None and self.guard_stale and self.conditional_writes else ""
+        return None
+
+    def _delete_objects(self, doomed: dict[str, str]) -> list[tuple[str, str, str]]:
+        """DeleteObjects in chunks of 1000 (with each ETag given); the (code, key, message) of each object not
+        deleted."""
+        errors = []
+        keys = sorted(doomed)
+        for start in range(0, len(keys), 1000):
+            objects = [{"Key": key, **({"ETag": doomed[key]} if doomed[key] else {})}
+                       for key in keys[start:start + 1000]]
+            answer = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            errors.extend((str(e.get("Code") or ""), str(e.get("Key")), str(e.get("Message") or ""))
+                          for e in answer.get("Errors") or [])
+        return errors
 
     def _put_json_run(self, events: Sequence[NormalizedEvent], run: list[int], fail: _Fail) -> BaseException | None:
         by_key: dict[str, list[int]] = {}
@@ -328,7 +404,8 @@ class S3Sink(Sink):
         raise RetryableError(f"PUT s3://{self.bucket}/{key}: object kept changing under concurrent writers "
                              f"({CONFLICT_RETRIES} conditional attempts)")
 
-    def _head(self, key: str) -> _Stored | None:
+    def _head(self, key: str, denied: type[Exception] = FatalError) -> _Stored | None:
+        """The stored object's version (None: no object); 403 raises ``denied``."""
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -336,15 +413,10 @@ class S3Sink(Sink):
             if status == 404 or error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None  # also a missing bucket: the PUT then reports NoSuchBucket
             if status == 403:
-                raise FatalError(f"HEAD s3://{self.bucket}/{key} denied (403): grant s3:GetObject and s3:ListBucket "
-                                 "(needed to compare versions), or set guard_stale=False") from exc
+                raise denied(f"HEAD s3://{self.bucket}/{key} denied (403): grant s3:GetObject and s3:ListBucket "
+                             "(needed to compare versions), or set guard_stale=False") from exc
             raise classify_aws_error(exc, f"HEAD s3://{self.bucket}/{key}") from exc
-        metadata = head.get("Metadata") or {}
-        try:
-            ordering = int(metadata[META_ORDERING])
-        except (KeyError, ValueError):
-            ordering = None
-        return _Stored(etag=head.get("ETag", ""), event_id=metadata.get(META_EVENT_ID), ordering_timestamp_ms=ordering)
+        return _stored(head)
 
     # -- Parquet batches ----------------------------------------------------------------------------------------------
     def _write_parquet(self, events: Sequence[NormalizedEvent], fail: _Fail) -> None:
@@ -369,6 +441,43 @@ class S3Sink(Sink):
                     for _, rest in groups[position + 1:]:
                         fail(rest, _not_tried(error))
                     return
+
+
+def _stored(answer: dict[str, Any]) -> _Stored:
+    """The version a HEAD or GET answer describes (our metadata; an object without it counts as older)."""
+    metadata = answer.get("Metadata") or {}
+    try:
+        ordering = int(metadata[META_ORDERING])
+    except (KeyError, ValueError):
+        ordering = None
+    return _Stored(etag=answer.get("ETag", ""), event_id=metadata.get(META_EVENT_ID), ordering_timestamp_ms=ordering)
+
+
+class _ObjectError(Exception):
+    """One object's failure in a DeleteObjects answer, shaped as a ClientError for ``classify_aws_error``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.response = {"Error": {"Code": code, "Message": message},
+                         "ResponseMetadata": {"HTTPStatusCode": 403 if "AccessDenied" in code else 0}}
+
+
+_DELETE_PERMISSIONS = ("the sink's identity may not apply tombstones: grant s3:DeleteObject (and s3:ListBucket, "
+                       "s3:GetObject to find and compare the objects), or drop this destination's tombstones")
+
+
+def _deletion_error(exc: BaseException, what: str = "applying tombstones") -> Exception:
+    """``classify_aws_error`` for a tombstone, except that access denied is a PermanentError of the tombstone (it is
+    dead-lettered, naming the permission) rather than a FatalError stopping the run. Wrong credentials, a missing
+    bucket and the like stay fatal."""
+    if isinstance(exc, PermanentError | RetryableError | FatalError):
+        return exc
+    code = error_code(exc)
+    if code in ("AccessDenied", "AccessDeniedException") or (code in ("", "403") and http_status(exc) == 403):
+        return PermanentError(f"{what}: access denied: {_DELETE_PERMISSIONS}")
+    if isinstance(exc, _ObjectError):  # another per-object failure: retryable when S3 says so, else permanent
+        return RetryableError(f"{what}: {exc}") if code in _RETRYABLE_CODES else PermanentError(f"{what}: {exc}")
+    return classify_aws_error(exc, what)
 
 
 def _not_tried(cause: BaseException) -> BaseException:

@@ -46,7 +46,9 @@ Guarantees:
   it and sets ``deleted_at`` (with the tombstone's ``event_id`` / ``ordering_timestamp_ms``; newer data clears it), in
   both cases only when the tombstone's ordering timestamp is >= the stored one; deleting what is gone is a no-op.
   Upserts and deletes of a batch run in the batch's order, in its one transaction. ``deleted_at`` (text in the
-  healthflow layout, TIMESTAMPTZ in Terra's) is created with the tables, or added to existing ones when missing.
+  healthflow layout, TIMESTAMPTZ in Terra's) is created with the tables, or added to existing ones when missing;
+  wherever the table has it, every upsert clears it, in either mode (a destination switched back from soft to hard
+  leaves no re-created row marked deleted).
 - Lock waits are bounded by ``lock_timeout_s`` (SQLite busy timeout, Postgres ``lock_timeout``, MySQL
   ``innodb_lock_wait_timeout`` / ``lock_wait_timeout`` rounded up to whole seconds).
 - Failures: connection loss, lock/busy timeouts, serialization failures, deadlocks -> ``RetryableError`` for the batch
@@ -192,6 +194,7 @@ class _Layout(ABC):
         self.users_table = users_table
         self.records_table = records_table
         self.soft_delete = soft_delete
+        self.deleted_column_present = soft_delete  # learnt by ``migrate``: upserts then clear it, in either mode
         updated = {"user_id", *(column for column, _ in self.user_updates)}
         self._user_changes = operator.itemgetter(*(i for i, c in enumerate(self.user_columns) if c in updated))
 
@@ -201,10 +204,13 @@ class _Layout(ABC):
 
     def migrate(self, dialect: SqlDialect, connection: Any) -> None:
         """Bring tables created by someone else (or before soft deletes) up to what ``upsert_records`` needs, inside
-        the DDL transaction: with ``soft_delete``, a ``deleted_at`` column is added when missing."""
-        if self.soft_delete and DELETED_COLUMN not in _columns(connection, self.records_table):
+        the DDL transaction: with ``soft_delete``, a ``deleted_at`` column is added when missing. Notes whether the
+        table has ``deleted_at`` (``deleted_column_present``)."""
+        present = DELETED_COLUMN in _columns(connection, self.records_table)
+        if self.soft_delete and not present:
             dialect.execute(connection, f"ALTER TABLE {self.records_table} ADD COLUMN {DELETED_COLUMN} "
                                         f"{self.deleted_type(dialect)}")
+        self.deleted_column_present = self.soft_delete or present
 
     def deleted_type(self, dialect: SqlDialect) -> str:
         return dialect.text_type
@@ -273,7 +279,7 @@ class _HealthflowLayout(_Layout):
 
     @property
     def record_columns(self) -> tuple[str, ...]:
-        return (*RECORD_COLUMNS, DELETED_COLUMN) if self.soft_delete else RECORD_COLUMNS
+        return (*RECORD_COLUMNS, DELETED_COLUMN) if self.deleted_column_present else RECORD_COLUMNS
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         """Insert or replace by natural key, only when the incoming ordering timestamp is >= the stored one."""
@@ -303,7 +309,7 @@ class _HealthflowLayout(_Layout):
         record = (event.user_id, event.type, event.natural_key, event.provider, event.event_id,
                   metadata.get("start_time"), metadata.get("end_time"), _ordering_timestamp(event),
                   _payload_json(event), now)
-        return user, (*record, None) if self.soft_delete else record
+        return user, record
 
 
 class _TerraLayout(_Layout):
@@ -339,12 +345,13 @@ class _TerraLayout(_Layout):
         for column, column_type in extra:
             if column not in present:
                 connection.execute(f"ALTER TABLE {self.records_table} ADD COLUMN IF NOT EXISTS {column} {column_type}")
+        self.deleted_column_present = self.soft_delete or DELETED_COLUMN in present
 
     def upsert_records(self, dialect: SqlDialect) -> str:
         upsert = _upsert(dialect)
         updated = ("created_at", "start_time", "end_time", "payload", GUARD_COLUMN)
         columns = TERRA_PAYLOAD_COLUMNS
-        if self.soft_delete:
+        if self.deleted_column_present:
             updated, columns = (*updated, DELETED_COLUMN), (*columns, DELETED_COLUMN)
         updates = [(c, upsert.new(c)) for c in updated]
         return upsert.upsert(self.records_table, columns, ("payload_id",), updates,
@@ -372,7 +379,7 @@ class _TerraLayout(_Layout):
         record = (terra_payload_id(event.user_id, event.type, event.natural_key), event.user_id, event.type, now,
                   _timestamptz(metadata.get("start_time")), _timestamptz(metadata.get("end_time")),
                   _payload_json(event), _ordering_timestamp(event))
-        return user, (*record, None) if self.soft_delete else record
+        return user, record
 
 
 # ======================================================================================================================
@@ -425,9 +432,14 @@ class SqlSink(Sink):
         layout_class = _HealthflowLayout if layout == "healthflow" else _TerraLayout
         self._layout: _Layout = layout_class(self.users_table, self.records_table, soft_delete=on_delete == "soft")
         self._dialect = dialect
-        self._upserts = (self._layout.upsert_users(dialect), self._layout.upsert_records(dialect),
-                         self._layout.delete_records(dialect))
+        self._upserts = self._statements()
         self._connection: Any = None
+
+    def _statements(self) -> tuple[str, str, str]:
+        """(users upsert, records upsert, tombstone delete) for the tables as ``open`` found them."""
+        dialect = self._dialect
+        return (self._layout.upsert_users(dialect), self._layout.upsert_records(dialect),
+                self._layout.delete_records(dialect))
 
     def local_only(self) -> str | None:
         local = self._dialect.name == "sqlite"
@@ -453,6 +465,7 @@ class SqlSink(Sink):
                     dialect.execute(connection, statement)
                 self._layout.migrate(dialect, connection)
                 dialect.commit(connection)
+            self._upserts = self._statements()  # the records upsert clears deleted_at wherever the table has it
         except Exception as exc:
             close_quietly(connection)
             error = dialect.classify(exc, self.url)
@@ -512,8 +525,10 @@ class SqlSink(Sink):
             users = [user for _, user, _ in rows if user is not None]
             if users:
                 cursor.executemany(upsert_users, self._layout.distinct_users(users))
+            clear = (None,) if self._layout.deleted_column_present else ()  # an upsert clears deleted_at
             for deleting, run in itertools.groupby(rows, key=lambda row: row[0].deleted):
-                cursor.executemany(delete_records if deleting else upsert_records, [record for _, _, record in run])
+                cursor.executemany(delete_records if deleting else upsert_records,
+                                   [record if deleting else record + clear for _, _, record in run])
             dialect.commit(connection)
         except Exception as exc:
             error = dialect.classify(exc, self.url)

@@ -218,3 +218,68 @@ def test_a_tombstone_of_a_session_never_seen_finds_its_object_by_summary_id(tmp_
     assert sink.write([unknown_start]).delivered == [unknown_start.event_id]
 
     assert sorted(stored_objects(tmp_path)) == ["2022-03-16/activity/u1-2026-03-11T22:00:00.000000+00:00.json"]
+
+
+def test_a_day_tombstone_whose_key_is_not_a_day_removes_nothing(tmp_path: Path, make_sink_event: MakeEvent,
+                                                                 as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    sink.write([make_sink_event("u1", "2026-03-10", type="daily"), make_sink_event("u1", "2026-03-11", type="daily")])
+    month = NormalizedEvent.tombstone(type="daily", user={"user_id": "u1", "provider": "OURA"}, natural_key="2026-03",
+                                      ordering_timestamp_ms=2_000, sequence="9")
+
+    result = sink.write([month])
+
+    assert not result.delivered and isinstance(result.failures[0].error, PermanentError)
+    assert "is not a day" in str(result.failures[0].error)
+    assert len(stored_objects(tmp_path)) == 2
+
+
+def test_glob_characters_in_a_name_are_matched_literally(tmp_path: Path, make_sink_event: MakeEvent,
+                                                        as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    bracketed, plain = make_sink_event("u[1]", "2026-03-10", type="daily"), make_sink_event("u1", "2026-03-10",
+                                                                                              type="daily")
+    sink.write([bracketed, plain])
+
+    assert sink.write([_tombstone(bracketed)]).delivered == [_tombstone(bracketed).event_id]
+
+    assert sorted(stored_objects(tmp_path)) == ["2022-03-16/daily/u1-2026-03-10T22:00:00.000000+00:00.json"]
+
+
+def test_a_run_of_tombstones_is_one_match_and_one_delete(tmp_path: Path, make_sink_event: MakeEvent,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = ObjectStoreSink("store", f"hftest://{tmp_path}")
+    sessions = [make_sink_event("u1", f"2026-03-1{day}", type="activity") for day in range(4)]
+    days = [make_sink_event("u1", f"2026-03-1{day}", type="daily") for day in range(3)]
+    sink.write([*sessions, *days])
+    calls: list[tuple[str, int]] = []
+    match, delete = SchemeFileSystem.match, SchemeFileSystem.delete
+    monkeypatch.setattr(SchemeFileSystem, "match", lambda self, patterns, limits=None: (
+        calls.append(("match", len(patterns))), match(self, patterns, limits))[1])
+    monkeypatch.setattr(SchemeFileSystem, "delete", lambda self, paths: (
+        calls.append(("delete", len(paths))), delete(self, paths))[1])
+    unknown_start = [NormalizedEvent.tombstone(type="activity", user=s.user, natural_key=s.data["metadata"][
+        "summary_id"], ordering_timestamp_ms=2_000, sequence="9") for s in sessions[:3]]
+
+    result = sink.write([*unknown_start, *map(_tombstone, days[:2])])
+
+    assert len(result.delivered) == 5 and not result.failures
+    assert calls == [("match", 2), ("delete", 5)]
+    assert sorted(stored_objects(tmp_path)) == ["2022-03-16/activity/u1-2026-03-13T22:00:00.000000+00:00.json",
+                                                "2022-03-16/daily/u1-2026-03-12T22:00:00.000000+00:00.json"]
+
+
+def test_a_tombstone_the_root_does_not_permit_is_a_permanent_failure_of_its_own(
+        tmp_path: Path, make_sink_event: MakeEvent, monkeypatch: pytest.MonkeyPatch,
+        as_root: Callable[[Path], str]) -> None:
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    day = make_sink_event("u1", "2026-03-10", type="daily")
+    sink.write([day])
+
+    def denied(*args: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "remove", denied)
+    result = sink.write([_tombstone(day)])  # not FatalError: the run goes on, this tombstone is dead-lettered
+
+    assert isinstance(result.failures[0].error, PermanentError) and "grant delete" in str(result.failures[0].error)

@@ -229,3 +229,80 @@ def test_a_tombstone_removes_the_json_object_and_is_a_parquet_row(moto_endpoint:
             for row in pq.read_table(io.BytesIO(body(s3, bucket, key))).to_pylist() if row["deleted"]]
     assert sorted({(r["natural_key"], r["ordering_timestamp_ms"], json.loads(r["record"])["natural_key"])
                    for r in rows}) == [("2026-03-11", 8_000, "2026-03-11"), ("u1-2026-03-10", 2_000, "u1-2026-03-10")]
+
+
+def _unknown_start(event: NormalizedEvent, ordering_timestamp_ms: int = 2_000) -> NormalizedEvent:
+    return NormalizedEvent.tombstone(type=event.type, user=event.user, natural_key=event.data["metadata"]["summary_id"],
+                                     ordering_timestamp_ms=ordering_timestamp_ms, sequence="9")
+
+
+def test_a_run_of_tombstones_lists_and_reads_once_and_deletes_in_one_request(
+        moto_endpoint: str, s3: Any, bucket: str, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    sink = make_sink(moto_endpoint, bucket)
+    sessions = [make_sink_event("u1", f"2026-03-1{day}", type="activity") for day in range(4)]
+    days = [make_sink_event("u1", f"2026-03-1{day}", type="daily") for day in range(2)]
+    delivered_all(sink.write([*sessions, *days]), [*sessions, *days])
+    calls: list[str] = []
+    for operation in ("ListObjectsV2", "HeadObject", "GetObject", "DeleteObject", "DeleteObjects"):
+        sink._client.meta.events.register(f"before-call.s3.{operation}",
+                                          lambda operation=operation, **_: calls.append(operation))
+    tombstones = [*map(_unknown_start, sessions[:3]), *(NormalizedEvent.tombstone(
+        type="daily", user=d.user, natural_key=d.natural_key, ordering_timestamp_ms=2_000, sequence="9") for d in days)]
+
+    delivered_all(sink.write(tombstones), tombstones)
+
+    assert sorted(calls) == sorted(["ListObjectsV2", "ListObjectsV2", *["GetObject"] * 4, "HeadObject",
+                                    "HeadObject", "DeleteObjects"])  # a listing per (user, type), one read per object
+    assert keys(s3, bucket) == ["terra/2022-03-16/activity/u1-2026-03-13T22:00:00.000000+00:00.json"]
+
+
+def test_a_tombstone_the_identity_may_not_apply_is_dead_lettered_not_fatal(
+        moto_endpoint: str, s3: Any, bucket: str, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    sink = make_sink(moto_endpoint, bucket)
+    session, later = make_sink_event("u1", "2026-03-10", type="activity"), make_sink_event("u1", "2026-03-11")
+    sink.write([session])
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user, natural_key=session.natural_key,
+                                          ordering_timestamp_ms=2_000, sequence="9",
+                                          start_time=session.data["metadata"]["start_time"])
+
+    result = sink.write([tombstone, later])  # the data after it still goes
+
+    assert result.delivered == [later.event_id]
+    [failure] = result.failures
+    assert isinstance(failure.error, PermanentError) and "s3:DeleteObject" in str(failure.error)
+    assert object_key(PREFIX, session) in keys(s3, bucket)
+
+
+def test_an_object_rewritten_between_read_and_delete_is_checked_again(
+        moto_endpoint: str, s3: Any, bucket: str, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    """DeleteObjects carries each ETag read; S3 refuses (PreconditionFailed) an object rewritten since. moto ignores
+    the ETag, so the first answer is S3's, given here: the sink reads again and keeps the newer object."""
+    sink = make_sink(moto_endpoint, bucket)
+    session = make_sink_event("u1", "2026-03-10", type="activity")
+    sink.write([session])
+    key = object_key(PREFIX, session)
+    etag = s3.head_object(Bucket=bucket, Key=key)["ETag"]
+    newer = make_sink_event("u1", "2026-03-10", type="activity", version=2, ordering_timestamp_ms=3_000)
+    sent: list[Any] = []
+
+    def concurrent_rewrite(**_: Any) -> Any:
+        if len(sent) == 1:
+            assert make_sink(moto_endpoint, bucket).put_json(key, newer) == "written"
+            return (type("Http", (), {"status_code": 200, "headers": {}})(),
+                    {"Errors": [{"Key": key, "Code": "PreconditionFailed", "Message": "At least one of the "
+                                 "pre-conditions you specified did not hold"}]})
+        return None
+
+    sink._client.meta.events.register("before-parameter-build.s3.DeleteObjects",
+                                      lambda params, **_: sent.append(params["Delete"]["Objects"]))
+    sink._client.meta.events.register("before-call.s3.DeleteObjects", concurrent_rewrite)
+    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user, natural_key=session.natural_key,
+                                          ordering_timestamp_ms=2_000, sequence="9",
+                                          start_time=session.data["metadata"]["start_time"])
+
+    delivered_all(sink.write([tombstone]), [tombstone])
+
+    assert sent == [[{"Key": key, "ETag": etag}]]  # checked again: newer than the tombstone, so not deleted
+    assert body(s3, bucket, key) == newer.body()

@@ -834,6 +834,23 @@ def test_soft_delete_adds_deleted_at_to_an_existing_table(sink: SqlSink, databas
     again.close()
 
 
+def test_switching_back_to_hard_clears_deleted_at_on_recreated_rows(database: Database,
+                                                                    make_sink_event: MakeEvent) -> None:
+    event = make_sink_event("u1", "2026-03-10", ordering_timestamp_ms=1_000)
+    soft = database.sink(on_delete="soft")
+    try:
+        soft.write([event, _tombstone(event, 2_000)])
+    finally:
+        soft.close()
+    hard = database.sink()  # on_delete: hard again; the table keeps its deleted_at column
+    try:
+        recreated = make_sink_event("u1", "2026-03-10", version=2, ordering_timestamp_ms=3_000)
+        assert hard.write([recreated]).failures == []
+        assert database.query("SELECT event_id, deleted_at FROM {p}records") == [(recreated.event_id, None)]
+    finally:
+        hard.close()
+
+
 def test_sql_on_delete_must_be_hard_or_soft() -> None:
     with pytest.raises(FatalError, match="on_delete must be one of"):
         SqlSink("sql", "sqlite:///x.db", on_delete="archive")
@@ -857,3 +874,10 @@ def test_terra_layout_tombstones_hard_and_soft(terra: TerraDatabase) -> None:
         assert (payload_id, ots) == (terra_payload_id("u1", "daily", "2026-03-11"), 2_000) and deleted_at
     finally:
         soft.close()
+    hard = terra.sink()  # back to hard: a re-created record is no longer marked deleted
+    try:
+        assert hard.write([_day_event("u1", "2026-03-11T00:00:00.000000+01:00", ordering_timestamp_ms=3_000)]
+                          ).failures == []
+        assert terra.query("SELECT deleted_at FROM {s}.terra_data_payloads") == [(None,)]
+    finally:
+        hard.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -23,7 +24,7 @@ from apache_beam.testing.test_stream import TestStream as BeamTestStream
 
 from connectors import get_provider
 from connectors.base import Deletion, KindSpec, terra_user_id
-from core.events import NormalizedEvent
+from core.events import NormalizedEvent, canonical_json
 from core.raw import RawMessage, RawPayload
 from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, NormalizeJob, RunSummary, build_from, run_batch
@@ -34,8 +35,8 @@ from sinks.object_store import ObjectStoreSink
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.normalize import Keyed, merge_user_events
-from transforms.record_state import TOMBSTONE_FIELD
+from transforms.normalize import Keyed, merge_user_events, normalize_in_memory
+from transforms.record_state import TOMBSTONE_FIELD, state_row
 
 try:  # pytest puts tests/ on sys.path while tests/ has no __init__.py ...
     from servers.pubsub_server import PubSubTestServer
@@ -89,10 +90,57 @@ def test_data_newer_than_a_deletion_recreates_the_record_fresh() -> None:
                           "calories_data": {"total_burned_calories": 576}}  # nothing of the deleted record
 
 
-def test_data_of_the_deletions_own_version_is_ordered_after_the_tombstone() -> None:
-    [event] = merge_user_events("u", [_deletion(20, "1"), _data(20, "2")])
+def test_at_equal_versions_the_deletion_wins_whatever_the_arrival_order() -> None:
+    [after_data] = merge_user_events("u", [_data(20, "1"), _deletion(20, "2")])
+    [before_data] = merge_user_events("u", [_deletion(20, "1"), _data(20, "2")])
 
-    assert not event.deleted and event.ordering_timestamp_ms == 21  # above the tombstone's: destinations take it
+    assert after_data.deleted and after_data.ordering_timestamp_ms == 21  # above the data's: no sink guard undoes it
+    assert before_data.deleted and before_data.ordering_timestamp_ms == 20  # the data is not newer: stale
+
+
+def test_a_deletion_of_a_stored_record_of_its_own_version_is_ordered_after_it() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}}, 20)}
+
+    [event] = merge_user_events("u", [_deletion(20, "2")], stored)
+
+    assert event.deleted and event.ordering_timestamp_ms == 21
+
+
+def test_data_of_a_stored_deletions_own_version_stays_deleted() -> None:
+    stored = {("activity", "w1"): ({TOMBSTONE_FIELD: {"natural_key": "w1", "summary_id": "w1"}}, 20)}
+
+    [event] = merge_user_events("u", [_data(20, "5", device_data={"name": "WHOOP 4.0"})], stored)
+
+    assert event.deleted and event.ordering_timestamp_ms == 20
+
+
+def test_an_unversioned_deletion_comes_after_whatever_is_stored() -> None:
+    stored = {("activity", "w1"): ({"metadata": {"summary_id": "w1"}}, 1_710_000_000_000)}  # provider's updated_at
+    received = Keyed("activity", "w1", {}, 1_700_000_000_000, "2", USER, "raw-2", deleted=True, unversioned=True)
+
+    [event] = merge_user_events("u", [received], stored)  # our clock is behind the provider's version
+
+    assert event.deleted and event.ordering_timestamp_ms == 1_710_000_000_001
+    again = {("activity", "w1"): ({TOMBSTONE_FIELD: event.data}, event.ordering_timestamp_ms)}
+    assert merge_user_events("u", [received], again)[0].event_id == event.event_id  # redelivered: the same
+
+
+def test_a_record_recreated_after_a_deletion_never_reuses_an_id_seen_before_it() -> None:
+    record = {"metadata": {"summary_id": "w1", "start_time": "2024-03-11T17:30:00+01:00"}}
+    [before] = merge_user_events("u", [_data(10, "1")])
+    digest = hashlib.sha256(canonical_json(["u", "activity", "w1", record])).hexdigest()[:32]
+    assert before.event_id == f"evt_{digest}" and before.generation is None  # never deleted: the id as ever
+
+    [in_batch] = merge_user_events("u", [_data(10, "1"), _deletion(20, "2"), _data(30, "3")])
+    stored_deletion = {("activity", "w1"): ({TOMBSTONE_FIELD: {"natural_key": "w1", "summary_id": "w1"}}, 20)}
+    [after_stored] = merge_user_events("u", [_data(30, "3")], stored_deletion)
+
+    assert in_batch.data == after_stored.data == before.data
+    assert in_batch.generation == after_stored.generation == 20
+    assert in_batch.event_id == after_stored.event_id != before.event_id
+    stored = {("activity", "w1"): (json.loads(state_row(after_stored)), 30)}  # the generation stays with the record
+    [redelivered] = merge_user_events("u", [_data(30, "3")], stored)
+    assert redelivered.event_id == after_stored.event_id and redelivered.data == record
 
 
 def test_data_older_than_a_stored_deletion_does_not_resurrect_the_record() -> None:
@@ -131,6 +179,20 @@ def whoop_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(get_provider("whoop").kinds, "workout.deleted",
                         KindSpec("workout.deleted", ("activity",), deleted, "a deleted workout"))
+
+
+@pytest.mark.parametrize("day", ["2024-03", "2024-03-1*", "2024-03-11T00:00:00Z"])
+def test_a_day_scoped_deletion_must_name_a_day(monkeypatch: pytest.MonkeyPatch, day: str) -> None:
+    monkeypatch.setitem(get_provider("whoop").kinds, "cycle.deleted", KindSpec(
+        "cycle.deleted", ("daily",), lambda doc: Deletion("daily", doc["day"], str(doc["user_id"])), "a deleted cycle"))
+    raw = RawPayload("whoop", json.dumps({"user_id": int(WHOOP_USER), "day": day}).encode(), kind="cycle.deleted",
+                     received_at_ms=DELETED_AT_MS)
+
+    events, [failed] = normalize_in_memory([RawMessage(encode_raw(raw), {"path": "raw", "line": 0})])
+
+    assert events == [] and failed.stage == "validate"  # where mapped records are checked
+    assert failed.record["error_class"] == "MappingError" and "must name its day (YYYY-MM-DD)" in failed.record[
+        "error_message"]
 
 
 def _raw_file(path: Path, kind: str, payload: dict[str, Any], received_at_ms: int) -> str:
@@ -282,6 +344,47 @@ def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_de
         assert receiver.headers[_tombstone_id()]["x-healthflow-deleted"] == "true"
         assert select(dlq, destination="webhook") == []
 
+
+
+def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_deletions: None, tmp_path: Path,
+                                                                         webhook_secret: str) -> None:
+    """The data dead-lettered before the deletion is not sent after the tombstone; the tombstone dead-lettered before
+    the workout came back is not sent after the re-created record."""
+    dlq, state = str(tmp_path / "dlq"), f"sqlite:///{tmp_path / 'state.db'}"
+    fast = RetryPolicy(max_attempts=1, initial_delay_s=0.01, max_delay_s=0.02)
+    workouts = _workouts()
+    with WebhookReceiver(webhook_secret) as receiver:
+        targets = [Target(WebhookSink("webhook", receiver.url, webhook_secret), fast)]
+
+        def run(name: str, kind: str, payload: dict[str, Any], at_ms: int) -> RunSummary:
+            return run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / name, kind, payload, at_ms)), targets, dlq,
+                                          state_url=state))
+
+        receiver.fail_next(2, 503)
+        assert run("c.jsonl", "workout", workouts, CREATED_AT_MS).get("delivery_dead_letter:webhook") == 2
+        receiver.clear_failures()
+        run("d.jsonl", "workout.deleted", _deletion_webhook(), DELETED_AT_MS)  # delivered
+        kept_id = next(r["event_id"] for r in select(dlq) if r["source"]["natural_key"] == KEPT_WORKOUT)
+
+        replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
+
+        assert replayed.delivered == Counter({"webhook": 1}) and replayed.superseded == Counter({"webhook": 1})
+        assert receiver.order_for(USER_ID) == [_tombstone_id(), kept_id]  # the deleted workout's data never came
+        assert select(dlq) == []
+
+        receiver.fail_next(1, 503)
+        run("d2.jsonl", "workout.deleted", dict(_deletion_webhook(), id=KEPT_WORKOUT), DELETED_AT_MS)
+        receiver.clear_failures()
+        back = copy.deepcopy(workouts["records"][1])
+        back["updated_at"] = "2024-03-14T08:00:00.000Z"
+        run("back.jsonl", "workout", {"records": [back]}, DELETED_AT_MS + 2_000)  # re-created, delivered
+        [dead_tombstone] = select(dlq)
+        assert dead_tombstone["source"]["natural_key"] == KEPT_WORKOUT
+
+        replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
+
+        assert replayed.superseded == Counter({"webhook": 1}) and not replayed.delivered
+        assert receiver.order_for(USER_ID)[-1] != dead_tombstone["event_id"] and select(dlq) == []
 
 
 def test_the_streaming_job_delivers_the_tombstone_after_the_data(whoop_deletions: None, tmp_path: Path,

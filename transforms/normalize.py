@@ -40,7 +40,7 @@ from connectors import get_provider
 from connectors.base import Deletion, Fragment, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
-from core.events import NormalizedEvent
+from core.events import DAY_KEY, NormalizedEvent
 from core.raw import RawMessage
 from schemas.serde import SchemaMismatch, conform_record, decode, validate_record
 from transforms.acks import Acks, join_acks, root_acks, split_acks
@@ -55,7 +55,7 @@ from transforms.bounds import (
 )
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
-from transforms.record_state import open_state, state_row, stored_deletion
+from transforms.record_state import open_state, state_row, stored_deletion, stored_generation
 from transforms.reuse import acquire, release
 from transforms.users import UserDirectory
 
@@ -87,6 +87,7 @@ class Keyed:
     provider_user_id: str = ""
     reference: str | None = None  # the backfill request this came from (delivered as terra-reference)
     deleted: bool = False  # the provider deleted the record (a ``Deletion``): ``data`` is empty
+    unversioned: bool = False  # a deletion without the provider's version: ``version_ms`` is its arrival time
     dropped: tuple[tuple[str, int], ...] = ()  # what the plausibility check took out (``transforms.plausibility``)
 
 
@@ -251,10 +252,13 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
         check_text(f"{fragment.type} natural key", fragment.natural_key)
         if not fragment.natural_key:
             raise MappingError(f"{provider.slug}: a deletion of {fragment.type} names no natural key")
+        if fragment.type not in ("activity", "sleep", "athlete") and not DAY_KEY.fullmatch(fragment.natural_key):
+            raise MappingError(f"{provider.slug}: a deletion of {fragment.type} must name its day (YYYY-MM-DD), "
+                               f"got {fragment.natural_key!r}")
         user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
         return Keyed(fragment.type, fragment.natural_key, {}, fragment.version_ms or raw.received_at_ms, sequence,
                      user, raw.idempotency_key, raw.provider.lower(), str(fragment.provider_user_id), reference,
-                     deleted=True)
+                     deleted=True, unversioned=not fragment.version_ms)
     data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
     data, dropped = check_record(fragment.type, data)
     check_text("provider user id", str(fragment.provider_user_id))
@@ -575,9 +579,12 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     ordering timestamp that grows whenever the record's content does, so no destination guard ever
     takes a richer record for a stale copy. Neither the fragments nor the stored records change.
 
-    Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event);
-    data newer than it re-creates the record from nothing (never merged onto the deleted one, and ordered after
-    the deletion); data older than a stored deletion, and a deletion older than the stored record, change nothing.
+    Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event),
+    versioned after the live record it deletes (``max(its version, the record's + 1)``; an unversioned deletion's
+    version is its arrival time, so it too comes after whatever is stored). At equal versions the deletion wins,
+    whatever the arrival order: data not newer than a deletion is stale and the record stays deleted. Data newer than
+    it re-creates the record from nothing (never merged onto the deleted one), with the deletion's version as its
+    ``generation`` (mixed into its events' ids). A versioned deletion older than the stored record changes nothing.
     """
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
@@ -587,13 +594,14 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
         deleted = stored_deletion(data)
+        data, generation = stored_generation(data)
         start_time = deleted.get("start_time") if deleted is not None else _start_time(data)
         if deleted is not None:
             data = {}
         merge = RecordMerge()
         record = merge.record(data)
-        stale = [f for f in versions if f.version_ms < version]
-        stale_data = [f for f in stale if not f.deleted]
+        stale = {id(f) for f in versions if _stale(f, version, deleted is not None)}
+        stale_data = [f for f in versions if id(f) in stale and not f.deleted]
         if stale_data and deleted is None:  # older than the stored record: fill gaps (older than a deletion: nothing)
             filled = merge.record({})
             for fragment in stale_data:
@@ -601,14 +609,21 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
             merge.fold_record(filled, data)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
-        for fragment in versions[len(stale):]:
-            if fragment.deleted:
-                if deleted is None:
-                    start_time = _start_time(record) or start_time
-                deleted, version = {}, max(version, fragment.version_ms)
+        for fragment in versions:
+            if id(fragment) in stale:
                 continue
-            if deleted is not None:  # re-created after the deletion: a fresh record
-                deleted, merge = None, RecordMerge()
+            if fragment.deleted:
+                if deleted is None:  # a live record (or none): the tombstone comes after it
+                    start_time = _start_time(record) or start_time
+                    version = max(fragment.version_ms, version + 1)
+                elif not fragment.unversioned:
+                    version = max(version, fragment.version_ms)
+                deleted = {}
+                continue
+            if deleted is not None:
+                if fragment.version_ms <= version:  # not newer than the deletion: it stays deleted
+                    continue
+                deleted, merge, generation = None, RecordMerge(), version  # re-created: a fresh record
                 record = merge.record({})
             changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:
@@ -626,9 +641,18 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
         events.append(NormalizedEvent.create(
             type=model_type, user=newest.user, data=record, natural_key=key, ordering_timestamp_ms=version,
             sequence=sequence, raw_idempotency_key=newest.raw_idempotency_key,
-            reference=reference))
+            reference=reference, generation=generation))
     events.sort(key=lambda e: e.sequence)
     return events
+
+
+def _stale(fragment: Keyed, stored_version: int, stored_deleted: bool) -> bool:
+    """Whether ``fragment`` is older than what the state holds: data older than a stored record (it only fills
+    gaps), data not newer than a stored deletion, a versioned deletion older than the stored version. An unversioned
+    deletion never is."""
+    if fragment.deleted:
+        return not fragment.unversioned and fragment.version_ms < stored_version
+    return fragment.version_ms <= stored_version if stored_deleted else fragment.version_ms < stored_version
 
 
 def _start_time(record: dict[str, Any]) -> str | None:

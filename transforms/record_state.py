@@ -8,7 +8,8 @@ fragment never wipes what an earlier batch delivered.
 
 A deleted record is kept as a tombstone row: ``{"healthflow_deleted": <the tombstone's key>}`` at the deletion's
 version (``state_row``, ``stored_deletion``), so data older than the deletion cannot bring it back and data newer
-than it starts a fresh record.
+than it starts a fresh record. A record re-created after a deletion keeps the deletion's version with it
+(``{..., "healthflow_generation": version}``, ``stored_generation``): its events' ids include it for good.
 
 Stored in the control-plane store (SQLite embedded, PostgreSQL shared by distributed workers);
 all I/O is batched: one read and one write per group of users.
@@ -26,13 +27,26 @@ Key = tuple[str, str, str]  # (user_id, type, natural_key)
 TABLE = "healthflow_record_state"
 CHUNK = 300
 TOMBSTONE_FIELD = "healthflow_deleted"  # no Terra model has it: a stored record holding it is a tombstone
+GENERATION_FIELD = "healthflow_generation"  # no Terra model has it: the generation of a record re-created
 
 
 def state_row(event: NormalizedEvent) -> bytes:
-    """What the state stores for ``event``: its record's JSON, or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
+    """What the state stores for ``event``: its record's JSON (with ``GENERATION_FIELD`` when it has a generation),
+    or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
     if event.deleted:
         return canonical_json({TOMBSTONE_FIELD: event.data})
+    if event.generation is not None:
+        return canonical_json({**event.data, GENERATION_FIELD: event.generation})
     return event.data_json
+
+
+def stored_generation(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A stored record without ``GENERATION_FIELD``, and that generation (None: never re-created)."""
+    if not isinstance(stored, dict) or GENERATION_FIELD not in stored:
+        return stored, None
+    record = dict(stored)
+    generation = record.pop(GENERATION_FIELD)
+    return record, generation if isinstance(generation, int) else None
 
 
 def stored_deletion(stored: dict[str, Any]) -> dict[str, Any] | None:
@@ -68,6 +82,20 @@ class RecordState:
                     [part for key in chunk for part in key]).fetchall()
                 for user_id, kind, key, data, version in rows:
                     found[(user_id, kind, key)] = (self.store.load_json(data), version)
+        return found
+
+    def versions(self, keys: Sequence[Key]) -> dict[Key, int]:
+        """Stored ``version_ms`` (records and tombstones alike) for the keys that exist; one query per chunk."""
+        found: dict[Key, int] = {}
+        with self.store.transaction() as cursor:
+            for start in range(0, len(keys), CHUNK):
+                chunk = keys[start:start + CHUNK]
+                rows = cursor.execute(
+                    f"SELECT user_id, type, natural_key, version_ms FROM {TABLE} WHERE (user_id, type, "
+                    f"natural_key) IN ({', '.join('(?, ?, ?)' for _ in chunk)})",
+                    [part for key in chunk for part in key]).fetchall()
+                for user_id, kind, key, version in rows:
+                    found[(user_id, kind, key)] = version
         return found
 
     def save(self, rows: Iterable[tuple[Key, bytes, int]]) -> None:
