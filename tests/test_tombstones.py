@@ -2,8 +2,8 @@
 delivers them to every destination type, where the deleted workout disappears (SQL, object stores) or its tombstone
 arrives after its data (webhook, SQS, Kafka, Pub/Sub); a tombstone a destination missed is replayed like data.
 
-The provider side is WHOOP's ``workout.deleted`` webhook (``{"user_id", "id", "type", "trace_id"}``), mapped here by a
-test-only kind that returns a ``connectors.base.Deletion`` (the providers' own delete mappers are not this test's)."""
+The provider side is WHOOP's ``workout.deleted`` webhook (``{"user_id", "id", "type", "trace_id"}``) as the webhook
+receiver publishes it (raw kind ``deleted``), mapped by WHOOP's own mapper to a ``connectors.base.Deletion``."""
 
 from __future__ import annotations
 
@@ -170,17 +170,6 @@ def test_a_deletion_of_a_record_never_seen_is_still_a_tombstone() -> None:
 # ======================================================================================================================
 # Through the real pipeline
 # ======================================================================================================================
-@pytest.fixture
-def whoop_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """WHOOP's ``workout.deleted`` webhook body mapped to a Deletion of the workout's activity."""
-
-    def deleted(doc: dict[str, Any]) -> Deletion:
-        return Deletion("activity", str(doc["id"]))
-
-    monkeypatch.setitem(get_provider("whoop").kinds, "workout.deleted",
-                        KindSpec("workout.deleted", ("activity",), deleted, "a deleted workout"))
-
-
 @pytest.mark.parametrize("day", ["2024-03", "2024-03-1*", "2024-03-11T00:00:00Z"])
 def test_a_day_scoped_deletion_must_name_a_day(monkeypatch: pytest.MonkeyPatch, day: str) -> None:
     monkeypatch.setitem(get_provider("whoop").kinds, "cycle.deleted", KindSpec(
@@ -222,8 +211,7 @@ def stack(broker, moto_endpoint: str, tmp_path: Path) -> Iterator[Stack]:
         yield Stack(broker, moto_endpoint, pubsub, secret, tmp_path, exit_stack)
 
 
-def test_a_deleted_workout_disappears_from_every_destination(stack: Stack, whoop_deletions: None,
-                                                             tmp_path: Path) -> None:
+def test_a_deleted_workout_disappears_from_every_destination(stack: Stack, tmp_path: Path) -> None:
     deployment: Deployment = stack.deploy("tomb")
     created = _raw_file(tmp_path / "created.jsonl", "workout", _workouts(), CREATED_AT_MS)
     expected = expected_events(created)
@@ -232,7 +220,7 @@ def test_a_deleted_workout_disappears_from_every_destination(stack: Stack, whoop
     tombstone_id = _tombstone_id()
 
     first = deployment.run(created)
-    second = deployment.run(_raw_file(tmp_path / "deleted.jsonl", "workout.deleted", _deletion_webhook(),
+    second = deployment.run(_raw_file(tmp_path / "deleted.jsonl", "deleted", _deletion_webhook(),
                                       DELETED_AT_MS))
 
     for name in ALL_DESTINATIONS:
@@ -294,11 +282,11 @@ class LocalRun:
 
 
 def test_state_keeps_the_deletion_older_data_stays_deleted_and_newer_data_comes_back_fresh(
-        whoop_deletions: None, tmp_path: Path) -> None:
+        tmp_path: Path) -> None:
     run = LocalRun(tmp_path)
     workouts = _workouts()
     run("created.jsonl", "workout", workouts, CREATED_AT_MS)
-    run("deleted.jsonl", "workout.deleted", _deletion_webhook(), DELETED_AT_MS)
+    run("deleted.jsonl", "deleted", _deletion_webhook(), DELETED_AT_MS)
 
     resent = run("resent.jsonl", "workout", workouts, DELETED_AT_MS + 1_000)  # the old version, sent again
 
@@ -319,7 +307,7 @@ def test_state_keeps_the_deletion_older_data_stays_deleted_and_newer_data_comes_
     assert len(run.object_names()) == 2
 
 
-def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_deletions: None, tmp_path: Path,
+def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(tmp_path: Path,
                                                                         webhook_secret: str) -> None:
     dlq, state = str(tmp_path / "dlq"), f"sqlite:///{tmp_path / 'state.db'}"
     fast = RetryPolicy(max_attempts=2, initial_delay_s=0.01, max_delay_s=0.02)
@@ -328,7 +316,7 @@ def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_de
         run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / "c.jsonl", "workout", _workouts(), CREATED_AT_MS)),
                                targets, dlq, state_url=state))
         receiver.fail_next(100, 503)
-        summary = run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / "d.jsonl", "workout.deleted",
+        summary = run_batch(NormalizeJob(FileSource(_raw_file(tmp_path / "d.jsonl", "deleted",
                                                               _deletion_webhook(), DELETED_AT_MS)),
                                          targets, dlq, state_url=state))
         assert summary.get("delivery_dead_letter:webhook") == 1 and summary.get("deleted:webhook") == 0
@@ -346,7 +334,7 @@ def test_a_tombstone_a_destination_missed_is_dead_lettered_and_replayed(whoop_de
 
 
 
-def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_deletions: None, tmp_path: Path,
+def test_replay_settles_dead_letters_older_than_the_record_as_superseded(tmp_path: Path,
                                                                          webhook_secret: str) -> None:
     """The data dead-lettered before the deletion is not sent after the tombstone; the tombstone dead-lettered before
     the workout came back is not sent after the re-created record."""
@@ -363,7 +351,7 @@ def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_d
         receiver.fail_next(2, 503)
         assert run("c.jsonl", "workout", workouts, CREATED_AT_MS).get("delivery_dead_letter:webhook") == 2
         receiver.clear_failures()
-        run("d.jsonl", "workout.deleted", _deletion_webhook(), DELETED_AT_MS)  # delivered
+        run("d.jsonl", "deleted", _deletion_webhook(), DELETED_AT_MS)  # delivered
         kept_id = next(r["event_id"] for r in select(dlq) if r["source"]["natural_key"] == KEPT_WORKOUT)
 
         replayed = replay_deliveries(dlq, targets, destination="webhook", status_url=state)
@@ -373,7 +361,7 @@ def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_d
         assert select(dlq) == []
 
         receiver.fail_next(1, 503)
-        run("d2.jsonl", "workout.deleted", dict(_deletion_webhook(), id=KEPT_WORKOUT), DELETED_AT_MS)
+        run("d2.jsonl", "deleted", dict(_deletion_webhook(), id=KEPT_WORKOUT), DELETED_AT_MS)
         receiver.clear_failures()
         back = copy.deepcopy(workouts["records"][1])
         back["updated_at"] = "2024-03-14T08:00:00.000Z"
@@ -387,11 +375,11 @@ def test_replay_settles_dead_letters_older_than_the_record_as_superseded(whoop_d
         assert receiver.order_for(USER_ID)[-1] != dead_tombstone["event_id"] and select(dlq) == []
 
 
-def test_the_streaming_job_delivers_the_tombstone_after_the_data(whoop_deletions: None, tmp_path: Path,
+def test_the_streaming_job_delivers_the_tombstone_after_the_data(tmp_path: Path,
                                                                  webhook_secret: str) -> None:
     """The unbounded graph (keyed-state merge, in-order delivery per user) on Beam's TestStream."""
     created = RawPayload("whoop", json.dumps(_workouts()).encode(), kind="workout", received_at_ms=CREATED_AT_MS)
-    deleted = RawPayload("whoop", json.dumps(_deletion_webhook()).encode(), kind="workout.deleted",
+    deleted = RawPayload("whoop", json.dumps(_deletion_webhook()).encode(), kind="deleted",
                          received_at_ms=DELETED_AT_MS)
     stream = (BeamTestStream()
               .add_elements([RawMessage(encode_raw(created), {"path": "stream", "line": 0})])
