@@ -724,14 +724,22 @@ def test_missing_required_field_is_a_mapping_error(kind: str, doc: Any, field: s
         normalize({kind: [broken]})
 
 
+def test_a_weight_entered_by_hand_for_1995_is_accepted() -> None:
+    """Only 0 (a placeholder) and values beyond 2100 (milliseconds) are refused: a hand-entered record may be old."""
+    doc = dict(load("bodyComps.json")["bodyComps"][0], measurementTimeInSeconds=788_918_400)  # 1995-01-01T00:00Z
+    [fragment] = normalize({"bodyComps": [doc]})
+    assert fragment.data["metadata"]["start_time"].startswith("1995-01-01") or \
+        fragment.data["metadata"]["start_time"].startswith("1994-12-31")
+
+
 @pytest.mark.parametrize(("kind", "doc", "changes", "reason"), [
     ("dailies", lambda: day_push(USER_A), {"startTimeInSeconds": 1710133200000},
-     "startTimeInSeconds must be unix seconds between 2000 and 2100, got 1710133200000 (milliseconds? Garmin sends "
-     "unix seconds)"),
+     "startTimeInSeconds must be unix seconds between 1970-01-02 and 2100, got 1710133200000 (milliseconds? Garmin "
+     "sends unix seconds)"),
     ("sleeps", lambda: load("sleeps.final.json")["sleeps"][0], {"startTimeInSeconds": "1710130320"},
-     "startTimeInSeconds must be unix seconds between 2000 and 2100, got '1710130320'"),
+     "startTimeInSeconds must be unix seconds between 1970-01-02 and 2100, got '1710130320'"),
     ("bodyComps", lambda: load("bodyComps.json")["bodyComps"][0], {"measurementTimeInSeconds": 0},
-     "measurementTimeInSeconds must be unix seconds between 2000 and 2100, got 0"),
+     "measurementTimeInSeconds must be unix seconds between 1970-01-02 and 2100, got 0"),
     ("activities", lambda: load("activities.json")["activities"][0], {"durationInSeconds": -2790},
      "durationInSeconds must be a number of seconds ≥ 0, got -2790"),
     ("epochs", lambda: load("epochs.json")["epochs"][0], {"startTimeOffsetInSeconds": -18000000},

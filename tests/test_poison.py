@@ -83,7 +83,7 @@ def hostile_lines(huge: int = 5_000_000) -> dict[str, tuple[str, str, str]]:
                                      if huge > MAX_STRING_CHARS else ("normalize", "File name too long"))),
         "huge Garmin timestamp": (sleep("g-ts", startTimeInSeconds=10**20), "validate", "startTimeInSeconds"),
         "Garmin timestamp past datetime": (sleep("g-ts2", startTimeInSeconds=10**15), "normalize",
-                                           "startTimeInSeconds must be unix seconds between 2000 and 2100"),
+                                           "startTimeInSeconds must be unix seconds between 1970-01-02 and 2100"),
         "received_at 1.5e300": (_line("garmin", "sleeps", sleeps, received_at=1.5e300), "decode", "received_at"),
         "lone surrogate in the user id": (sleep("bad\ud800user"), "validate", "lone surrogate"),
         "lone surrogate in a sleep id": (sleep("g-sur", summaryId="x\udc00y"), "validate", "lone surrogate"),

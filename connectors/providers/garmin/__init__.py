@@ -70,7 +70,9 @@ def _sleep_upload_type(validation: Any) -> int:
     return 2 if name.endswith("_FINAL") else 3 if name.endswith("_TENTATIVE") else 0
 
 
-EARLIEST_S, LATEST_S = 946_684_800, 4_102_444_800  # 2000-01-01 and 2100-01-01 UTC: Garmin's plausible unix seconds
+# after 1970-01-01 (0 is a placeholder; a weight or activity entered by hand may be decades old) and before 2100:
+# Garmin's plausible unix seconds (a value in milliseconds lands far beyond 2100)
+EARLIEST_S, LATEST_S = 86_400, 4_102_444_800
 
 
 def _require(doc: dict[str, Any], *names: str) -> None:
@@ -83,7 +85,7 @@ def _require(doc: dict[str, Any], *names: str) -> None:
         value = doc[name]
         if name.endswith("TimeInSeconds") and (not _is_number(value) or not EARLIEST_S <= value < LATEST_S):
             hint = " (milliseconds? Garmin sends unix seconds)" if _is_number(value) and value >= LATEST_S else ""
-            raise MappingError(f"{name} must be unix seconds between 2000 and 2100, got {value!r}{hint}")
+            raise MappingError(f"{name} must be unix seconds between 1970-01-02 and 2100, got {value!r}{hint}")
         if name == "durationInSeconds" and (not _is_number(value) or value < 0):
             raise MappingError(f"durationInSeconds must be a number of seconds ≥ 0, got {value!r}")
 
