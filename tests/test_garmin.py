@@ -856,3 +856,48 @@ def test_deauthentication_deletes_the_registration_and_a_registration_already_go
         assert plane.connection(gone).state == "deauth" and plane.tokens(gone) is None
         plane.close()
     assert [e["type"] for e in events.events] == ["auth", "auth", "deauth", "deauth"]
+
+
+def test_garmins_published_sleep_example_ends_at_its_reported_durations_and_cuts_the_overrunning_segment() -> None:
+    """The Health API spec's own ``sleeps`` example: a deep segment runs from the start to 1452478724 (16.4 h) while
+    Garmin reports 15264 s asleep (deep 11231 + light 3541 + awake 492) and 492 s awake. The night ends at start +
+    asleep + awake (4.4 h), not at the latest segment end; the segment is cut there and the light segments after
+    the night are no stage of it."""
+    body = {"sleeps": [{
+        "userId": "sub-1", "summaryId": "EXAMPLE 567890", "calendarDate": "2016-01-10", "durationInSeconds": 15264,
+        "startTimeInSeconds": 1452419581, "startTimeOffsetInSeconds": 7200, "unmeasurableSleepDurationInSeconds": 0,
+        "deepSleepDurationInSeconds": 11231, "lightSleepDurationInSeconds": 3541, "remSleepInSeconds": 0,
+        "awakeDurationInSeconds": 492, "validation": "DEVICE",
+        "sleepLevelsMap": {"deep": [{"startTimeInSeconds": 1452419581, "endTimeInSeconds": 1452478724}],
+                           "light": [{"startTimeInSeconds": 1452478725, "endTimeInSeconds": 1452479725},
+                                     {"startTimeInSeconds": 1452481725, "endTimeInSeconds": 1452484266}]}}]}
+    record = only(body)
+    assert (record["metadata"]["start_time"], record["metadata"]["end_time"]) == (
+        "2016-01-10T11:53:01.000000+02:00", "2016-01-10T16:15:37.000000+02:00")  # + 15264 + 492 s
+    durations = record["sleep_durations_data"]
+    assert durations["other"] == {"duration_in_bed_seconds": 15756, "duration_unmeasurable_sleep_seconds": 0}
+    assert durations["sleep_efficiency"] == 96.88
+    assert durations["hypnogram_samples"] == [{"timestamp": "2016-01-10T11:53:01.000000+02:00", "level": 5}]
+
+
+def test_a_stage_segment_running_past_the_night_is_cut_at_its_end() -> None:
+    """A segment that starts in the night and runs past start + asleep + awake + unmeasurable ends with the night:
+    a light segment of 04:00-09:00 in a night reported to end at 06:58 is no UNKNOWN gap and no longer night."""
+    doc = load("sleeps.final.json")["sleeps"][0]
+    levels = doc["sleepLevelsMap"]
+    levels["light"][-1]["endTimeInSeconds"] = doc["startTimeInSeconds"] + 10 * 3600
+    levels["rem"] = levels["rem"][:1]
+    levels["awake"] = levels["awake"][:1]
+    record = only({"sleeps": [doc]})
+    assert record["metadata"]["end_time"] == "2024-03-11T06:58:00.000000-05:00"
+    assert record["sleep_durations_data"]["hypnogram_samples"][-1] == {
+        "timestamp": "2024-03-11T04:22:00.000000-05:00", "level": 4}
+
+
+def test_the_days_average_heart_rate_is_the_mean_of_its_plausible_samples() -> None:
+    """Garmin's averageHeartRateInBeatsPerMinute is a 7-day average, so the day's is the mapper's mean of its samples:
+    a 312 bpm artefact is no heart rate and is left out of it (the plausibility stage drops the sample itself)."""
+    doc = dict(day_push(USER_A), timeOffsetHeartRateSamples={"15": 52, "30": 53, "25200": 88, "25215": 312})
+    record = only({"dailies": [doc]})
+    assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 64.33
+    assert [s["bpm"] for s in record["heart_rate_data"]["detailed"]["hr_samples"]] == [52, 53, 88, 312]

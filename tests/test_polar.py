@@ -396,6 +396,73 @@ def test_night_across_the_spring_dst_change() -> None:
         {"timestamp": "2024-03-31T03:00:00.000000+02:00", "hrv_rmssd": 42}]
 
 
+def _dst_night(start: str, end: str, hypnogram: dict[str, int], heart_rate: dict[str, int]) -> dict[str, Any]:
+    """The DST fixture's night moved to another zone's change: its bounds, hypnogram and heart-rate keys as the
+    device's wall clock shows them, in the order Polar sends them (time order)."""
+    return dict(load("sleep.dst.json"), date=end[:10], sleep_start_time=start, sleep_end_time=end,
+                hypnogram=hypnogram, heart_rate_samples=heart_rate)
+
+
+def _samples(record: dict[str, Any]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    return ([(s["timestamp"][11:16] + s["timestamp"][-6:], s["level"])
+             for s in record["sleep_durations_data"]["hypnogram_samples"]],
+            [(s["timestamp"][11:16] + s["timestamp"][-6:], s["bpm"])
+             for s in record["heart_rate_data"]["detailed"]["hr_samples"]])
+
+
+def test_helsinki_spring_night_changes_offset_at_03_00_local() -> None:
+    """Helsinki, 31 March 2024: 03:00 EET → 04:00 EEST (01:00 UTC, as in all EU zones). 02:30 is still +02:00 (not
+    the 02:00 of Central Europe); 04:10 is +03:00."""
+    (fragment,) = normalize(_dst_night("2024-03-30T23:00:00+02:00", "2024-03-31T07:30:00+03:00",
+                                       {"23:00": 2, "01:50": 3, "02:30": 4, "02:55": 3, "04:10": 1, "07:20": 0},
+                                       {"01:50": 55, "02:30": 50, "02:55": 49, "04:05": 52, "04:10": 53}), "sleep")
+    hypnogram, heart_rate = _samples(fragment.data)
+    assert hypnogram == [("23:00+02:00", 4), ("01:50+02:00", 4), ("02:30+02:00", 5), ("02:55+02:00", 4),
+                         ("04:10+03:00", 6), ("07:20+03:00", 1)]
+    assert heart_rate == [("01:50+02:00", 55), ("02:30+02:00", 50), ("02:55+02:00", 49), ("04:05+03:00", 52),
+                          ("04:10+03:00", 53)]
+
+
+def test_helsinki_autumn_night_keeps_both_passes_of_the_repeated_hour_in_order() -> None:
+    """Helsinki, 27 October 2024: 04:00 EEST → 03:00 EET. Polar's keys run 03:10 and 03:50 (+03:00), then 03:20 and
+    03:40 again (+02:00): the step back marks the change. The levels stay in Polar's order, none merged."""
+    (fragment,) = normalize(_dst_night("2024-10-26T23:00:00+03:00", "2024-10-27T07:00:00+02:00",
+                                       {"23:00": 2, "03:10": 4, "03:50": 1, "03:20": 3, "06:50": 0},
+                                       {"02:30": 56, "03:10": 54, "03:50": 57, "03:05": 53, "03:40": 52, "04:30": 51}),
+                            "sleep")
+    record = fragment.data
+    hypnogram, heart_rate = _samples(record)
+    assert hypnogram == [("23:00+03:00", 4), ("03:10+03:00", 5), ("03:50+03:00", 6), ("03:20+02:00", 4),
+                         ("06:50+02:00", 1)]
+    assert heart_rate == [("02:30+03:00", 56), ("03:10+03:00", 54), ("03:50+03:00", 57), ("03:05+02:00", 53),
+                          ("03:40+02:00", 52), ("04:30+02:00", 51)]
+    instants = [datetime.fromisoformat(s["timestamp"]) for s in record["heart_rate_data"]["detailed"]["hr_samples"]]
+    assert instants == sorted(instants)
+
+
+def test_new_york_autumn_night_changes_at_02_00_daylight_time() -> None:
+    """New York, 3 November 2024: 02:00 EDT → 01:00 EST. Keys from 02:00 on are EST even without a sample in the
+    repeated hour to show the step back."""
+    (fragment,) = normalize(_dst_night("2024-11-02T23:30:00-04:00", "2024-11-03T06:30:00-05:00",
+                                       {"23:30": 2, "00:55": 3, "02:10": 4, "05:40": 0},
+                                       {"00:55": 58, "02:10": 51}), "sleep")
+    hypnogram, heart_rate = _samples(fragment.data)
+    assert hypnogram == [("23:30-04:00", 4), ("00:55-04:00", 4), ("02:10-05:00", 5), ("05:40-05:00", 1)]
+    assert heart_rate == [("00:55-04:00", 58), ("02:10-05:00", 51)]
+
+
+def test_a_zone_outside_europe_and_the_americas_changes_at_02_00_standard_time() -> None:
+    """Sydney, 7 April 2024: 03:00 AEDT → 02:00 AEST (02:00 standard time). Without a sample in the repeated hour,
+    02:40 is still +11:00 and 03:10 is +10:00; with one, the step back places the change."""
+    (fragment,) = normalize(_dst_night("2024-04-06T22:30:00+11:00", "2024-04-07T06:30:00+10:00",
+                                       {"22:30": 2, "01:30": 3, "02:40": 4, "03:10": 3, "06:20": 0},
+                                       {"02:40": 50, "02:50": 51, "02:05": 52, "02:35": 49}), "sleep")
+    hypnogram, heart_rate = _samples(fragment.data)
+    assert hypnogram == [("22:30+11:00", 4), ("01:30+11:00", 4), ("02:40+11:00", 5), ("03:10+10:00", 4),
+                         ("06:20+10:00", 1)]
+    assert heart_rate == [("02:40+11:00", 50), ("02:50+11:00", 51), ("02:05+10:00", 52), ("02:35+10:00", 49)]
+
+
 def test_an_unknown_stage_code_is_an_unknown_level_and_keeps_the_night() -> None:
     """Codes beyond Polar's documented 0-5 table (here 7 and 6) are Terra UNKNOWN; the rest of the night stays."""
     (fragment,) = normalize(load("sleep.unknown-stage.json"), "sleep")

@@ -33,21 +33,40 @@ metrics) compares in wall-clock time, so a sample's offset does not move it out 
 - VO2 max outside 1–100 ml/kg/min (the highest measured is about 97);
 - negative durations (every ``*_seconds`` field), steps, distances, floors or HRV (RMSSD, SDNN).
 
-**Aggregates beside a series that lost samples go too** (``AGGREGATES``): a mapper may have computed them from the
-samples that were just dropped (Garmin's daily average heart rate is the mean of the day's samples), so the
-heart rate summary's avg/min/max, a block's average SpO2, breathing rate or stress level are not delivered from them.
+A block or list left empty by what was dropped (``{"measurements": []}``) goes with it; one the mapper sent empty
+stays.
+
+**Aggregates are the provider's unless they cannot be** (``AGGREGATES``): a summary's min, max, resting value is
+dropped only when it is impossible itself (the rules above); an average beside a series that lost samples is
+dropped only when it lies outside the [least, greatest] of the samples kept (or none is kept): then it cannot be
+an average of them, only of what was dropped. An average inside that range stays: most are the provider's own, of
+data finer than its series (Oura's ``average_heart_rate``, Withings' ``hr_average``, Garmin's activity average).
+A mapper that computes an aggregate from samples leaves impossible ones out of it (Garmin's daily mean heart rate),
+so an artefact never makes a plausible-looking average.
 
 **Whole records that are implausible go to the dead-letter store** (stage ``plausibility``, with the original bytes
 and the reason), instead of being delivered with meaningless derived values (a sleep efficiency computed from
 stage totals that do not fit the night):
 
-- a window whose end is before its start, or longer than ``MAX_WINDOW`` (Sleep 24 h, Activity 7 days,
-  day-scoped models 2 days, Menstruation 400 days), or a bound that is not a timestamp;
+- a window whose end is before its start, or longer than ``MAX_WINDOW`` (Sleep 24 h, Activity 31 days: Garmin's
+  Expedition mode records one activity for up to about 28 days; day-scoped models 2 days, Menstruation 400 days),
+  or a bound that is not a timestamp;
 - a sleep whose stage totals exceed its window by more than ``SLEEP_TOTALS_TOLERANCE`` (15 min or 10 %,
   whichever is larger): any one stage, deep + light + REM, asleep + awake, or time in bed;
-- a sleep whose window is mostly unaccounted for: asleep + awake (+ unmeasurable) leave more than
-  ``max(2 h, what they account for)`` of the window unexplained (a 16-hour "deep" segment stretching a 4-hour
-  night).
+- a sleep whose window is mostly unaccounted for: asleep + awake + unmeasurable + the latencies
+  (``sleep_latency_seconds``, ``wake_up_latency_seconds``) leave more than ``max(2 h, what they account for)`` of
+  the window unexplained (a window stretched far past the night its totals describe). Not checked when the
+  provider's own ``duration_in_bed_seconds`` is the window (within the tolerance): the rest is time in bed it did
+  not stage. A mapper whose window could be stretched by a bad sample ends it where the provider's totals say
+  (Garmin): a suspect hypnogram sample is cut or dropped, never a reason to refuse totals that are consistent.
+
+A window whose bounds carry no offset, or the same one, is wall-clock time: across a DST change it is an hour
+shorter or longer than the night (a Fitbit log without an IANA zone, 23:00 to 07:00 on 2024-11-03 in New York, is
+9 h in bed). Both sleep rules then allow ``DST_SLACK_S`` (1 h) more. Bounds with two offsets are true instants and
+get no slack.
+
+The reason names the record (``sleep <summary_id>: ...``, or ``daily starting <start_time>: ...``): the pipeline
+dead-letters an implausible record alone, naming it, and delivers its document's other records.
 
 Counters (``COUNTERS``; tallied into the run summary and Beam metrics as ``plausibility:<name>``):
 ``samples_outside_window``, ``impossible_samples``, ``impossible_values``, ``aggregates_dropped``. Records
@@ -67,7 +86,7 @@ DAY = timedelta(days=1)
 DAY_SCOPED = frozenset({"daily", "body", "nutrition", "menstruation"})
 MAX_WINDOW = {
     "sleep": timedelta(hours=24),
-    "activity": timedelta(days=7),
+    "activity": timedelta(days=31),  # a Garmin Expedition activity lasts up to about 28 days
     "daily": timedelta(days=2),
     "body": timedelta(days=2),
     "nutrition": timedelta(days=2),
@@ -75,6 +94,7 @@ MAX_WINDOW = {
 }
 SLEEP_TOTALS_TOLERANCE = (timedelta(minutes=15).total_seconds(), 0.10)  # absolute seconds, fraction of the window
 UNACCOUNTED_SLACK_S = timedelta(hours=2).total_seconds()
+DST_SLACK_S = timedelta(hours=1).total_seconds()  # a wall-clock window across a DST change is an hour off
 
 WHOLE_LIST_CHECK = 16  # sample lists this long are first checked whole (one pass in C), shorter ones sample by sample
 
@@ -121,13 +141,13 @@ VALUE_RULES: dict[str, tuple[float, float]] = {  # field name → inclusive (low
 }
 
 Path = tuple[str, ...]
-AGGREGATES: dict[str, tuple[Path, tuple[Path, ...]]] = {  # block → (its sample list, aggregates that may come from it)
-    "heart_rate_data": (("detailed", "hr_samples"),
-                        (("summary", "avg_hr_bpm"), ("summary", "min_hr_bpm"), ("summary", "max_hr_bpm"))),
-    "oxygen_data": (("saturation_samples",), (("avg_saturation_percentage",),)),
-    "oxygen_saturation_data": (("samples",), (("avg_saturation_percentage",),)),
-    "breaths_data": (("samples",), (("avg_breaths_per_min",), ("min_breaths_per_min",), ("max_breaths_per_min",))),
-    "stress_data": (("samples",), (("avg_stress_level",), ("max_stress_level",))),
+# block → (its sample list, the samples' value, the averages beside them that a mapper may compute from them)
+AGGREGATES: dict[str, tuple[Path, str, tuple[Path, ...]]] = {
+    "heart_rate_data": (("detailed", "hr_samples"), "bpm", (("summary", "avg_hr_bpm"),)),
+    "oxygen_data": (("saturation_samples",), "percentage", (("avg_saturation_percentage",),)),
+    "oxygen_saturation_data": (("samples",), "percentage", (("avg_saturation_percentage",),)),
+    "breaths_data": (("samples",), "breaths_per_min", (("avg_breaths_per_min",),)),
+    "stress_data": (("samples",), "level", (("avg_stress_level",),)),
 }
 
 _SLEEP_STAGES = ("duration_deep_sleep_state_seconds", "duration_light_sleep_state_seconds",
@@ -145,13 +165,18 @@ def check_record(model_type: str, record: dict[str, Any]) -> tuple[dict[str, Any
     if model_type not in MAX_WINDOW or not isinstance(metadata, dict):
         return record, {}
     start, end = metadata.get("start_time"), metadata.get("end_time")
-    if type(start) is not str or type(end) is not str:
-        raise Implausible(f"{model_type} metadata start_time {start!r}, end_time {end!r}: not timestamps")
-    window = _window(model_type, start, end)
-    checker = _Checker(window)
-    checked = checker.record(record)
-    if model_type == "sleep":
-        _check_sleep_totals(checked, window.seconds)
+    try:
+        if type(start) is not str or type(end) is not str:
+            raise Implausible(f"metadata start_time {start!r}, end_time {end!r}: not timestamps")
+        window = _window(model_type, start, end)
+        checker = _Checker(window)
+        checked = checker.record(record)
+        if model_type == "sleep":
+            _check_sleep_totals(checked, window)
+    except Implausible as exc:  # named: the reason says which of a document's records was refused
+        summary_id = metadata.get("summary_id")
+        name = f"{model_type} {summary_id}" if summary_id is not None else f"{model_type} starting {start}"
+        raise Implausible(f"{name}: {exc}") from None
     return checked, checker.counts
 
 
@@ -161,6 +186,7 @@ class _Window(NamedTuple):
     low_text: str  # ``low`` and ``high`` written as mappers write times (``format_ts``, in the bounds' zones)
     high_text: str
     seconds: float  # the record's own window (start to end)
+    wall_clock: bool  # the bounds carry no offset, or the same one: the window may be an hour off across a DST change
 
 
 @functools.lru_cache(maxsize=4096)  # remembered: a user's records name the same few days
@@ -168,56 +194,66 @@ def _window(model_type: str, start_text: str, end_text: str) -> _Window:
     start, end = _bound(model_type, start_text, "start_time"), _bound(model_type, end_text, "end_time")
     if start.tzinfo is None or end.tzinfo is None:  # a local day written without its offset: wall-clock times
         start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    wall_clock = start.tzinfo is None or start.utcoffset() == end.utcoffset()
     if end < start:
-        raise Implausible(f"{model_type} ends before it starts: start_time {start_text}, end_time {end_text}")
+        raise Implausible(f"ends before it starts: start_time {start_text}, end_time {end_text}")
     if end - start > MAX_WINDOW[model_type]:
-        raise Implausible(f"{model_type} window of {_hours(end - start)} ({start_text} to {end_text}) is longer "
+        raise Implausible(f"window of {_hours(end - start)} ({start_text} to {end_text}) is longer "
                           f"than any {model_type} can be ({_hours(MAX_WINDOW[model_type])})")
     if model_type in DAY_SCOPED:
         low, high = start - DAY_EARLY, max(end, start + DAY) + DAY_LATE
     else:
         low, high = start - EVENT_TOLERANCE, end + EVENT_TOLERANCE
     return _Window(low, high, low.isoformat(timespec="microseconds"), high.isoformat(timespec="microseconds"),
-                   (end - start).total_seconds())
+                   (end - start).total_seconds(), wall_clock)
 
 
 def _bound(model_type: str, text: str, name: str) -> datetime:
     try:
         return datetime.fromisoformat(text)
     except ValueError:
-        raise Implausible(f"{model_type} metadata.{name} {text!r} is not a timestamp") from None
+        raise Implausible(f"metadata.{name} {text!r} is not a timestamp") from None
 
 
 def _hours(span: timedelta) -> str:
     return f"{span.total_seconds() / 3600:.1f} h"
 
 
-def _check_sleep_totals(record: dict[str, Any], window_s: float) -> None:
+def _check_sleep_totals(record: dict[str, Any], window: _Window) -> None:
     """Raise Implausible when the sleep's stage totals do not fit its window (see the module's policy)."""
     durations = record.get("sleep_durations_data")
     if not durations:
         return
+    window_s = window.seconds
     asleep, awake, other = durations.get("asleep") or {}, durations.get("awake") or {}, durations.get("other") or {}
     asleep_s, awake_s = asleep.get("duration_asleep_state_seconds"), awake.get("duration_awake_state_seconds")
+    in_bed_s = other.get("duration_in_bed_seconds")
     stages = [value for value in map(asleep.get, _SLEEP_STAGES) if value is not None]
-    totals = [asleep_s, awake_s, other.get("duration_in_bed_seconds"), *stages, sum(stages)]
+    totals = [asleep_s, awake_s, in_bed_s, *stages, sum(stages)]
     if asleep_s is not None and awake_s is not None:
         totals.append(asleep_s + awake_s)
-    allowed = window_s + max(SLEEP_TOTALS_TOLERANCE[0], SLEEP_TOTALS_TOLERANCE[1] * window_s)
+    tolerance = max(SLEEP_TOTALS_TOLERANCE[0], SLEEP_TOTALS_TOLERANCE[1] * window_s)
+    dst_slack = DST_SLACK_S if window.wall_clock else 0.0
+    allowed = window_s + tolerance + dst_slack
     if max(total for total in totals if total is not None) > allowed:  # the rare case: name the total at fault
         names = {name: asleep.get(name) for name in (*_SLEEP_STAGES, "duration_asleep_state_seconds")}
-        names.update(duration_awake_state_seconds=awake_s, duration_in_bed_seconds=other.get("duration_in_bed_seconds"))
+        names.update(duration_awake_state_seconds=awake_s, duration_in_bed_seconds=in_bed_s)
         names["deep + light + REM"] = sum(stages)
         names["asleep + awake"] = (asleep_s or 0) + (awake_s or 0)
         name, total = next((name, total) for name, total in names.items() if total is not None and total > allowed)
-        raise Implausible(f"sleep {name} of {total / 3600:.1f} h does not fit its {window_s / 3600:.1f} h window "
+        raise Implausible(f"{name} of {total / 3600:.1f} h does not fit its {window_s / 3600:.1f} h window "
                           f"({record['metadata']['start_time']} to {record['metadata']['end_time']})")
-    if asleep_s is not None and awake_s is not None:
-        accounted = asleep_s + awake_s + (other.get("duration_unmeasurable_sleep_seconds") or 0)
-        if window_s - accounted > max(UNACCOUNTED_SLACK_S, accounted):
-            raise Implausible(f"sleep window of {window_s / 3600:.1f} h ({record['metadata']['start_time']} to "
-                              f"{record['metadata']['end_time']}) but asleep + awake account for only "
-                              f"{accounted / 3600:.1f} h of it")
+    if asleep_s is None or awake_s is None:
+        return
+    if in_bed_s is not None and abs(in_bed_s - window_s) <= tolerance + dst_slack:
+        return  # the provider's own time in bed is the window: the rest of it is time in bed it did not stage
+    accounted = asleep_s + awake_s + sum(value or 0 for value in (
+        other.get("duration_unmeasurable_sleep_seconds"), awake.get("sleep_latency_seconds"),
+        awake.get("wake_up_latency_seconds")))
+    if window_s - dst_slack - accounted > max(UNACCOUNTED_SLACK_S, accounted):
+        raise Implausible(f"window of {window_s / 3600:.1f} h ({record['metadata']['start_time']} to "
+                          f"{record['metadata']['end_time']}) but asleep + awake + latencies account for only "
+                          f"{accounted / 3600:.1f} h of it")
 
 
 _DROP = object()
@@ -260,18 +296,27 @@ class _Checker:
             if new is _DROP:
                 del out[key]
                 self._count(IMPOSSIBLE_VALUES)
+            elif not new:  # a block or list this check emptied (it was not empty): no empty container is left
+                del out[key]
             else:
                 out[key] = new
         return out
 
-    def _untrusted_aggregates(self, spec: tuple[Path, tuple[Path, ...]], old: dict[str, Any],
+    def _untrusted_aggregates(self, spec: tuple[Path, str, tuple[Path, ...]], old: dict[str, Any],
                               new: dict[str, Any]) -> dict[str, Any]:
-        """``new`` without the aggregates of ``spec`` when its sample list lost samples on the way from ``old``."""
-        samples, aggregates = spec
-        if len(_get(new, samples) or ()) == len(_get(old, samples) or ()):
+        """``new`` without the averages of ``spec`` that only the samples dropped on the way from ``old`` can have
+        made: when the series lost samples, an average outside the [least, greatest] of the samples kept (or beside
+        none kept) goes; one inside it stays (a provider's own average, of data finer than its series)."""
+        samples, value_key, averages = spec
+        kept = _get(new, samples) or ()
+        if len(kept) == len(_get(old, samples) or ()):
             return new
-        for path in aggregates:
-            if _get(new, path) is not None:
+        values = [value for value in (sample.get(value_key) for sample in kept if type(sample) is dict)
+                  if type(value) is int or type(value) is float]
+        low, high = (min(values), max(values)) if values else (_INF, -_INF)
+        for path in averages:
+            average = _get(new, path)
+            if average is not None and not low <= average <= high:
                 new = _without(new, path)
                 self._count(AGGREGATES_DROPPED)
         return new

@@ -47,6 +47,7 @@ SLEEP_UPLOAD = {  # Garmin sleep `validation` → Terra SleepUploadType
     "AUTO_TENTATIVE": 3, "ENHANCED_TENTATIVE": 3, "OFF_WRIST": 4,
 }
 SLEEP_LEVEL = {"awake": 1, "light": 4, "deep": 5, "rem": 6, "unmeasurable": 0}  # Terra SleepLevel
+PLAUSIBLE_BPM = (1, 250)  # what a heart can beat (transforms.plausibility drops the rest from the series)
 UNKNOWN_LEVEL = 0  # Terra SleepLevel.UNKNOWN: a span Garmin staged as nothing (a gap in sleepLevelsMap)
 STRESS_RATING = {"calm": 1, "balanced": 2, "stressful": 3, "very_stressful": 4}  # Terra StressLevel
 EPOCH_INTENSITY = {"SEDENTARY": 2, "ACTIVE": 4, "HIGHLY_ACTIVE": 5}  # Terra ActivityLevel
@@ -142,7 +143,7 @@ def dailies(doc: dict[str, Any]) -> dict[str, Any]:
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
     hr_samples = _offset_samples(doc, "timeOffsetHeartRateSamples", "bpm", offset, skip_zero=True)
-    bpms = [s["bpm"] for s in hr_samples]
+    bpms = [s["bpm"] for s in hr_samples if PLAUSIBLE_BPM[0] <= s["bpm"] <= PLAUSIBLE_BPM[1]]  # the mean's inputs
     active, bmr = doc.get("activeKilocalories"), doc.get("bmrKilocalories")
     # Stress levels are 0-100; negative values are Garmin's "not enough data" codes, not levels.
     stress_avg, stress_max = (_stress_level(doc.get(n)) for n in ("averageStressLevel", "maxStressLevel"))
@@ -218,21 +219,28 @@ def epochs(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sleep_end(doc: dict[str, Any]) -> int:
-    """Latest stage end, or start + asleep + awake + unmeasurable when the stage map ends earlier."""
-    ends = [seg["endTimeInSeconds"] for segs in (doc.get("sleepLevelsMap") or {}).values() for seg in segs]
-    totals = sum(doc.get(n) or 0 for n in ("durationInSeconds", "awakeDurationInSeconds", "unmeasurableSleepInSeconds",
-                                           "unmeasurableSleepDurationInSeconds"))
-    return max([doc["startTimeInSeconds"] + totals, *ends])
+    """Start + the durations Garmin reports (asleep ``durationInSeconds`` + awake + unmeasurable); the latest stage
+    end only when they are all absent or 0 (an OFF_WRIST night). A stage segment never lengthens the night: Garmin's
+    own published example has a deep segment running 16 h past a 4.4-hour night."""
+    unmeasurable = doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
+    reported = sum(value for value in (doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds"), unmeasurable)
+                   if _is_number(value) and value > 0)
+    if reported:
+        return doc["startTimeInSeconds"] + reported
+    ends = [seg["endTimeInSeconds"] for segs in (doc.get("sleepLevelsMap") or {}).values() for seg in segs or []]
+    return max([doc["startTimeInSeconds"], *ends])
 
 
-def _stage_segments(doc: dict[str, Any]) -> list[tuple[int, int, int]]:
-    """``sleepLevelsMap`` as time-ordered ``(start, end, Terra SleepLevel)``; a stage name Garmin adds later is
+def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int, int]]:
+    """``sleepLevelsMap`` as time-ordered ``(start, end, Terra SleepLevel)``, cut at ``night_end`` (what runs past
+    the night is no stage; a segment starting at or after it is left out); a stage name Garmin adds later is
     UNKNOWN (0), whatever its case."""
     segments = []
     for level, segs in (doc.get("sleepLevelsMap") or {}).items():
         for seg in segs or []:
-            segments.append((seg["startTimeInSeconds"], seg["endTimeInSeconds"],
-                             SLEEP_LEVEL.get(str(level).lower(), UNKNOWN_LEVEL)))
+            start, end = seg["startTimeInSeconds"], min(seg["endTimeInSeconds"], night_end)
+            if start < night_end:
+                segments.append((start, end, SLEEP_LEVEL.get(str(level).lower(), UNKNOWN_LEVEL)))
     return sorted(segments)
 
 
@@ -294,7 +302,7 @@ def _nap(night: dict[str, Any], nap: dict[str, Any]) -> dict[str, Any]:
 def _night(doc: dict[str, Any]) -> dict[str, Any]:
     offset = _offset(doc)
     start, end = doc["startTimeInSeconds"], _sleep_end(doc)
-    segments = _stage_segments(doc)
+    segments = _stage_segments(doc, end)
     hypnogram = _hypnogram(segments, end, offset)
     upload_type = _sleep_upload_type(doc.get("validation"))
     off_wrist = str(doc.get("validation") or "").strip().upper() == "OFF_WRIST"

@@ -51,8 +51,13 @@ ActivityLevel UNKNOWN, an unknown sport ActivityType OTHER, an unknown sample-ty
 Time: exercises give local time without offset plus ``start_time_utc_offset`` in minutes; sleeps give ISO-8601 with
 offset and ``"HH:MM"`` sample keys, placed at the first such clock time from an hour before ``sleep_start_time``
 (so keys after midnight fall on the next day). A night whose ``sleep_end_time`` has another offset than its
-``sleep_start_time`` crossed a DST change: the keys are wall-clock times, so those from 02:00 on (where clocks change
-in Europe and North America) take the end's offset; a recharge with that night attached has a 23- or 25-hour day
+``sleep_start_time`` crossed a DST change: the keys are wall-clock times, taken in the order Polar sends them; those
+from the change on take the end's offset. The change is placed from the offset pair, Polar giving no zone: EU
+pairs (UTC+0/+1, +1/+2, +2/+3) at 01:00 UTC (03:00/04:00 local in Finland); negative offsets (the US, Canada) at
+02:00 in the offset before it; others (Australia, New Zealand) at 02:00 standard time. In autumn a step back of
+the wall clock into the repeated hour marks the change exactly, wherever the user is; in spring a zone that
+changes at another hour (Chile, Paraguay: 00:00) has the keys of the hour or two after midnight an hour off. A
+recharge with that night attached has a 23- or 25-hour day
 (midnight at the start's offset, the next at the end's). Daily activity, continuous heart rate and nightly
 recharge carry no offset: their day windows and samples are local wall-clock time without offset
 (``timestamp_localization`` 1: Polar gives neither a zone nor an offset, and labelling them UTC would move samples
@@ -92,7 +97,12 @@ SLEEP_LEVEL_BY_STAGE = {0: 1, 1: 6, 2: 4, 3: 4, 4: 5, 5: 0}
 SLEEP_LEVEL_UNKNOWN = 0
 ACTIVITY_LEVEL_BY_ZONE = {"SLEEP": 1, "SEDENTARY": 2, "LIGHT": 3, "MODERATE": 4, "VIGOROUS": 5}  # Terra ActivityLevel
 RECOVERY_LEVELS = range(1, 7)  # nightly_recharge_status 1 very poor … 6 very good = Terra RecoveryLevel 1 … 6
-DST_CHANGE = time(2)  # local wall-clock time at which DST starts or ends in Europe and North America
+# When a night's clocks changed, from its offset pair (Polar gives offsets, no zone): EU zones (UTC+0/+1, +1/+2,
+# +2/+3) change at 01:00 UTC; elsewhere at 02:00 local (the Americas: in the offset before the change, as the US and
+# Canada do; elsewhere, e.g. Australia and New Zealand, in standard time)
+EU_OFFSET_PAIRS = frozenset({frozenset({0, 1}), frozenset({1, 2}), frozenset({2, 3})})  # hours
+EU_CHANGE_UTC = time(1)
+LOCAL_CHANGE = time(2)
 EARLY_SAMPLES = timedelta(hours=1)  # "HH:MM" keys up to an hour before sleep_start_time stay on its date
 ISO_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?")
 USER_LINK = re.compile(r"/users/(\d+)/?$")
@@ -236,38 +246,61 @@ def _night_window(sleep_start: datetime) -> datetime:
     return sleep_start.replace(second=0, microsecond=0) - EARLY_SAMPLES
 
 
+def _dst_change(window_start: datetime, before: timedelta, after: timedelta) -> datetime:
+    """The first instant after ``window_start`` at which clocks change from the offset ``before`` to ``after`` (see
+    ``EU_OFFSET_PAIRS``)."""
+    if frozenset({before / timedelta(hours=1), after / timedelta(hours=1)}) in EU_OFFSET_PAIRS:
+        zone, clock = UTC, EU_CHANGE_UTC
+    elif before < timedelta(0) and after < timedelta(0):
+        zone, clock = timezone(before), LOCAL_CHANGE
+    else:
+        zone, clock = timezone(min(before, after)), LOCAL_CHANGE
+    change = datetime.combine(window_start.astimezone(zone).date(), clock, tzinfo=zone)
+    return change if change > window_start else change + timedelta(days=1)
+
+
 def _clock_series(samples: Any, window_start: datetime, name: str,
                   end_zone: tzinfo | None = None) -> list[tuple[datetime, Any]]:
     """``{"HH:MM": value}`` → time-ordered ``(moment, value)``: each key at its first occurrence from ``window_start``
     (keys after midnight roll over to the next day). Moments carry ``window_start``'s offset, or none.
 
-    A night whose end has another offset (``end_zone``) crossed a DST change; the keys are the device's wall clock,
-    so keys from the first 02:00 after ``window_start`` on (where clocks change in Europe and North America) carry
-    ``end_zone``'s offset.
+    A night whose end has another offset (``end_zone``) crossed a DST change; the keys are the device's wall clock.
+    They keep the order Polar sends them in (time order, which sorting the wall clock would scramble in the
+    repeated hour of autumn) and take ``end_zone``'s offset from the change on (``_dst_change``), on the wall
+    clock before it. In autumn a step back of at most the offsets' difference into the repeated hour marks the
+    change itself: that key and every later one take ``end_zone``'s offset.
     """
     if samples is None:
         return []
-    changeover = None
-    if end_zone is not None and window_start.tzinfo is not None \
-            and end_zone.utcoffset(window_start) != window_start.utcoffset():
-        changeover = datetime.combine(window_start.date(), DST_CHANGE, tzinfo=window_start.tzinfo)
-        if changeover <= window_start:
-            changeover += timedelta(days=1)
     if not isinstance(samples, dict):
         raise MappingError(f"{name} must be an object keyed by \"HH:MM\", got {type(samples).__name__}")
-    series = []
+    start_zone = window_start.tzinfo
+    before = window_start.utcoffset()
+    after = end_zone.utcoffset(window_start) if end_zone is not None else None
+    change_wall, shift = None, timedelta(0)
+    if start_zone is not None and before is not None and after is not None and after != before:
+        change_wall = _dst_change(window_start, before, after).astimezone(start_zone).replace(tzinfo=None)
+        shift = before - after  # > 0: clocks fall back
+    wall_start = window_start.replace(tzinfo=None)
+    series, previous, changed = [], None, False
     for key, value in samples.items():
         try:
             clock = time.fromisoformat(key)
         except ValueError as exc:
             raise MappingError(f"{name} key {key!r} is not a \"HH:MM\" time") from exc
-        moment = datetime.combine(window_start.date(), clock, tzinfo=window_start.tzinfo)
-        if moment < window_start:
+        moment = datetime.combine(wall_start.date(), clock)
+        if moment < wall_start:
             moment += timedelta(days=1)
-        if changeover is not None and moment >= changeover:
-            moment = moment.replace(tzinfo=end_zone)
-        series.append((moment, value))
-    return sorted(series, key=lambda item: item[0])
+        zone = start_zone
+        if change_wall is not None:
+            if (shift > timedelta(0) and previous is not None and previous - shift <= moment < previous
+                    and change_wall - shift <= moment < change_wall):
+                changed = True  # the wall clock stepped back into the repeated hour: the change happened here
+            previous = moment
+            if changed or moment >= change_wall:
+                zone = end_zone
+        series.append((moment.replace(tzinfo=zone), value))
+    return series if change_wall is not None else sorted(series, key=lambda item: item[0])
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
