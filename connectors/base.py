@@ -38,12 +38,18 @@ class Fragment:
     Several fragments with the same (user, type, natural key) in one batch merge into one event,
     newest ``version_ms`` winning field by field: Garmin epochs fill in the day's Daily, a WHOOP
     recovery completes its sleep.
+
+    ``part`` names the share of an interval this fragment's samples hold, in the sample lists its provider declares
+    (``Provider.interval_samples``): Garmin sends one epoch per activity type per 15-minute slice. Samples of
+    different parts at one instant are kept apart in the record (an update of one part replaces that part alone) and
+    combined when the record is delivered.
     """
 
     type: str
     data: dict[str, Any]
     provider_user_id: str | None = None
     version_ms: int | None = None
+    part: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,27 @@ Mapper = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
+class IntervalSamples:
+    """Sample lists of one model that a provider's mappers emit one interval (and one ``Fragment.part`` of it) at a
+    time, each sample at its interval's start: the record state keeps them so, and an update of an interval replaces
+    it; the delivered record has them as ``transforms.interval_samples.emitted`` makes them.
+
+    ``amounts`` (dotted paths: steps, metres, kcal over the interval) are delivered as Terra's running totals since
+    the record's start, each at its interval's end (``seconds`` after its start); the parts of one interval add up.
+    ``levels`` (MET, activity level over the interval) stay at the interval's start; of its parts, the highest.
+    """
+
+    seconds: int
+    amounts: tuple[str, ...] = ()
+    levels: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def paths(self) -> tuple[tuple[str, ...], ...]:
+        """Every declared list's path, split into its keys."""
+        return tuple(tuple(path.split(".")) for path in (*self.amounts, *self.levels))
+
+
+@dataclass(frozen=True)
 class KindSpec:
     name: str
     models: tuple[str, ...]
@@ -114,6 +141,9 @@ class Provider:
     With ``compacts``, the framework compacts every record the mappers make (``compact``: absent == null), so a
     mapper returns its record as built, ``None`` and empty parts included; without it (a mapper that adds an empty
     object Terra requires after compacting: Fitbit's meals), records are taken as the mapper returns them.
+
+    ``interval_samples`` (model → ``IntervalSamples``) declares the sample lists its mappers emit as per-interval
+    amounts and levels rather than as Terra delivers them.
     """
 
     slug: str
@@ -124,6 +154,7 @@ class Provider:
     doc: str = ""
     records_name_their_user: bool = False
     compacts: bool = False
+    interval_samples: dict[str, IntervalSamples] = field(default_factory=dict)
     kinds: dict[str, KindSpec] = field(default_factory=dict)
     manifest: Any = None  # connectors.manifest.Manifest, attached by the registry from manifest.yaml
 
@@ -226,7 +257,7 @@ def _owned(item: Fragment | Deletion, owner: str, compacting: bool) -> Fragment 
     if item.provider_user_id and not compacting:
         return item  # a frozen Fragment as it is
     return Fragment(item.type, compact(item.data) if compacting else item.data, item.provider_user_id or owner,
-                    item.version_ms)
+                    item.version_ms, item.part)
 
 
 def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment | Deletion]:

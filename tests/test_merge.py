@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from connectors.base import IntervalSamples
 from core.raw import RawMessage, RawPayload
 from schemas.serde import encode_raw
-from transforms.normalize import Failed, Keyed, deep_merge, merge_user_events, normalize_message
+from transforms.interval_samples import PART, emitted
+from transforms.normalize import Failed, Keyed, RecordMerge, deep_merge, merge_user_events, normalize_message
 
 
 def _sample(ts: str, level: int) -> dict:
@@ -283,3 +285,64 @@ def test_the_in_place_merge_gives_what_copying_every_version_gave_and_changes_no
                                                                                       expected.items()}
         assert canonical_json([[f.data for f in fragments], stored and list(stored.values())]) == canonical_json(
             [[f.data for f in before[0]], before[1] and list(before[1].values())]), "an input changed"
+
+
+def _part(ts: str, steps: int, part: str | None) -> dict:
+    return {"timestamp": ts, "steps": steps, **({PART: part} if part is not None else {})}
+
+
+def test_samples_of_different_parts_at_one_instant_stay_side_by_side_and_a_part_replaces_itself():
+    at, later = "2026-11-02T08:00:00.000000+01:00", "2026-11-02T08:15:00.000000+01:00"
+    day = {"s": [_part(at, 20, "SEDENTARY"), _part(at, 300, "WALKING"), _part(later, 500, "WALKING")]}
+    updated = deep_merge(day, {"s": [_part(later, 650, "WALKING")]})["s"]
+    assert updated == [_part(at, 20, "SEDENTARY"), _part(at, 300, "WALKING"), _part(later, 650, "WALKING")]
+    beside = deep_merge(day, {"s": [_part(later, 40, "SEDENTARY")]})["s"]  # another part of the 08:15 slice
+    assert beside == [*day["s"], _part(later, 40, "SEDENTARY")]
+    again = deep_merge(day, {"s": [_part(at, 25, "SEDENTARY")]})["s"]  # the walk of 08:00 stays
+    assert again == [_part(at, 300, "WALKING"), _part(at, 25, "SEDENTARY"), _part(later, 500, "WALKING")]
+    # a list of one part is authoritative for its span and that part alone: the 08:00 walk goes, the rest stays
+    span = deep_merge(day, {"s": [_part(at, 30, "SEDENTARY"), _part(later, 45, "SEDENTARY")]})["s"]
+    assert span == [_part(at, 300, "WALKING"), _part(at, 30, "SEDENTARY"), _part(later, 500, "WALKING"),
+                    _part(later, 45, "SEDENTARY")]
+    walks = deep_merge(day, {"s": [_part(later, 700, "WALKING")]})["s"]
+    assert walks == [_part(at, 20, "SEDENTARY"), _part(at, 300, "WALKING"), _part(later, 700, "WALKING")]
+
+
+def test_a_part_that_changes_nothing_leaves_the_record_unchanged():
+    at = "2026-11-02T08:00:00.000000+01:00"
+    merge = RecordMerge()
+    record = merge.record({"s": [_part(at, 20, "SEDENTARY"), _part(at, 300, "WALKING")]})
+    assert not merge.fold(record, {"s": [_part(at, 20, "SEDENTARY")]})
+    assert merge.fold(record, {"s": [_part(at, 21, "SEDENTARY")]})
+
+
+def test_interval_amounts_become_running_totals_at_each_intervals_end_and_levels_the_highest_part():
+    spec = IntervalSamples(900, amounts=("d.steps", "d.metres"), levels=("met",))
+    record = {"d": {"steps": [_part("2026-11-02T08:15:00+01:00", 5, "A"), _part("2026-11-02T08:00:00+01:00", 4, "A"),
+                              _part("2026-11-02T07:00:00Z", 3, "B")],  # the same instant: its first's offset
+                    "metres": [{"timestamp": "2026-11-02T08:00:00", "distance_meters": 0.1},  # no offset: UTC
+                               {"timestamp": "2026-11-02T08:00:00", "distance_meters": 0.2, PART: "B"}],
+                    "other": [{"timestamp": "2026-11-02T08:00:00", "x": 1}]},
+              "met": [{"timestamp": "2026-11-02T08:00:00+01:00", "level": 1.1, PART: "A"},
+                      {"timestamp": "2026-11-02T08:00:00+01:00", "level": 3.5, PART: "B"},
+                      {"timestamp": "2026-11-02T08:15:00+01:00", "level": 2.0, PART: "A"}]}
+    before = json.dumps(record)
+    out = emitted(record, spec)
+    assert json.dumps(record) == before  # the merged record (the state's) does not change
+    assert out["d"]["steps"] == [{"timestamp": "2026-11-02T08:15:00.000000+01:00", "steps": 7},
+                                 {"timestamp": "2026-11-02T08:30:00.000000+01:00", "steps": 12}]
+    assert out["d"]["metres"] == [{"timestamp": "2026-11-02T08:15:00.000000", "distance_meters": 0.3}]  # not 0.30…04
+    assert out["d"]["other"] is record["d"]["other"]
+    assert out["met"] == [{"timestamp": "2026-11-02T08:00:00+01:00", "level": 3.5},
+                          {"timestamp": "2026-11-02T08:15:00+01:00", "level": 2.0}]
+    assert emitted({"met": []}, spec) == {"met": []}
+
+
+def test_a_part_replaces_a_sample_of_no_part_the_whole_interval_as_stored_before_parts():
+    at = "2026-11-02T08:00:00.000000+01:00"
+    stored = {"s": [_part(at, 980, None)]}  # a record state written before samples had parts
+    assert deep_merge(stored, {"s": [_part(at, 980, "RUNNING")]})["s"] == [_part(at, 980, "RUNNING")]
+    parted = {"s": [_part(at, 20, "SEDENTARY"), _part(at, 980, None)]}
+    assert deep_merge(parted, {"s": [_part(at, 300, "WALKING")]})["s"] == [_part(at, 20, "SEDENTARY"),
+                                                                           _part(at, 300, "WALKING")]
+    assert deep_merge(parted, {"s": [_part(at, 5, None)]})["s"] == [_part(at, 5, None)]  # no part: the interval

@@ -37,7 +37,7 @@ from apache_beam.transforms import userstate
 from apache_beam.utils.windowed_value import WindowedValue
 
 from connectors import get_provider
-from connectors.base import Deletion, Fragment, MappingError, Provider, natural_key, terra_user_id
+from connectors.base import Deletion, Fragment, IntervalSamples, MappingError, Provider, natural_key, terra_user_id
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
 from core.events import DAY_KEY, NormalizedEvent
@@ -53,6 +53,7 @@ from transforms.bounds import (
     check_text,
     may_be_out_of_bounds,
 )
+from transforms.interval_samples import PART, emitted, mark_part
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
 from transforms.record_state import open_state, state_row, stored_deletion, stored_generation
@@ -261,6 +262,9 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
                      deleted=True, unversioned=not fragment.version_ms)
     data = (conform_record if provider.compacts else validate_record)(fragment.type, fragment.data)
     data, dropped = check_record(fragment.type, data)
+    spec = provider.interval_samples.get(fragment.type)
+    if fragment.part is not None and spec is not None:  # validated as Terra's; the part is the record state's
+        mark_part(data, spec, fragment.part)
     check_text("provider user id", str(fragment.provider_user_id))
     user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     key = natural_key(fragment.type, data)
@@ -429,9 +433,11 @@ class RecordMerge:
     replaced whole. A newer sample list is authoritative for the span it covers: older samples inside that span go
     (a final hypnogram replaces the tentative one), except that a sample at the same instant is merged field by
     field (a fat reading completes the weight taken at that moment); older samples outside the span stay (a new
-    epoch adds to the day). Samples compare by instant, whatever offset they are written in; a merged list is in
-    time order (ties keep their order, older samples first). A sample list of its own keeps its samples' instants,
-    so adding a fragment's samples to a day's is a bisect, not a re-parse of the whole list.
+    epoch adds to the day). A sample's identity is its instant and its part (``PART``: ``Fragment.part``, say a Garmin
+    epoch's activity type; none for most): a newer list replaces (or merges into) the samples of its own parts alone,
+    so the parts of one interval stay side by side. Samples compare by instant, whatever offset they are written in; a
+    merged list is in time order (ties keep their order, older samples first). A sample list of its own keeps its
+    samples' instants, so adding a fragment's samples to a day's is a bisect, not a re-parse of the whole list.
     """
 
     def __init__(self) -> None:
@@ -505,11 +511,14 @@ class RecordMerge:
             order = sorted(range(len(instants)), key=instants.__getitem__)
             samples[:] = [samples[n] for n in order]
             instants = [instants[n] for n in order]
+        low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
+        if PART in newer[0]:  # a part of an interval (a mapper's fragment is of one part): other parts stay
+            parts = {item.get(PART) for item in newer}
+            if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
+                return self._fold_parts(parent, key, (samples, instants, low, high), newer, span, parts) or reordered
         if len(span) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
-            low, high = bisect.bisect_left(instants, span[0]), bisect.bisect_right(instants, span[0])
             merged = [_merged_sample(samples[high - 1], newer[0]) if high > low else newer[0]]
         else:
-            low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
             older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
             merged = [_merged_sample(older_at[at], item) if at in older_at else item
                       for at, item in zip(span, newer, strict=True)]
@@ -520,6 +529,38 @@ class RecordMerge:
         changed = reordered or samples[low:high] != merged
         samples[low:high], instants[low:high] = merged, span
         self._instants[id(samples)] = (time_key, instants)
+        parent[key] = samples
+        return changed
+
+    def _fold_parts(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[datetime], int, int],
+                    newer: list[dict[str, Any]], span: list[datetime], parts: set[Any]) -> bool:
+        """``_fold_samples`` where the older samples in the span include parts (``Fragment.part``) that ``newer`` does
+        not hold: those stay; a sample at the same instant and part merges, the others in the span go (a sample of no
+        part too: the whole interval, as a record stored before it had parts). Ties in time: the samples that stay
+        first."""
+        samples, instants, low, high = place
+        if len(newer) == 1:  # one sample (a Garmin epoch): the slice's other parts, then it
+            (part,), sample = parts, newer[0]
+            kept = [item for item in samples[low:high] if PART in item and item[PART] != part]
+            same = [item for item in samples[low:high] if item.get(PART) == part]
+            merged = _merged_sample(same[-1], sample) if same else sample
+            changed = len(kept) + len(same) != high - low or len(same) != 1 or same[0] != merged
+            samples[low:high], instants[low:high] = [*kept, merged], [span[0]] * (len(kept) + 1)
+            self._instants[id(samples)] = (_time_key(sample), instants)
+            parent[key] = samples
+            return changed
+        older = list(zip(instants[low:high], samples[low:high], strict=True))
+        kept = [(at, item) for at, item in older if item.get(PART) not in parts and PART in item]
+        older_at = {(at, item.get(PART)): item for at, item in older if item.get(PART) in parts}
+        newer_keys = [(at, item.get(PART)) for at, item in zip(span, newer, strict=True)]
+        merged = [(at_part[0], _merged_sample(older_at[at_part], item) if at_part in older_at else item)
+                  for at_part, item in zip(newer_keys, newer, strict=True)]
+        changed = (len(kept) + len(older_at) != len(older) or bool(set(older_at) - set(newer_keys))
+                   or any(at_part not in older_at or older_at[at_part] != item
+                          for at_part, (_, item) in zip(newer_keys, merged, strict=True)))
+        result = sorted(kept + merged, key=operator.itemgetter(0))
+        samples[low:high], instants[low:high] = [item for _, item in result], [at for at, _ in result]
+        self._instants[id(samples)] = (_time_key(newer[0]), instants)
         parent[key] = samples
         return changed
 
@@ -571,7 +612,18 @@ Stored = dict[tuple[str, str], tuple[dict[str, Any], int]]  # (type, natural key
 
 def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored | None = None,
                       ) -> list[NormalizedEvent]:
-    """One event per (type, natural key) of a user, in the user's stream order (by sequence).
+    """The events of ``merge_user_records``."""
+    return [event for event, _ in merge_user_records(user_id, fragments, stored)]
+
+
+def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored | None = None,
+                       ) -> list[tuple[NormalizedEvent, dict[str, Any] | None]]:
+    """One event per (type, natural key) of a user, in the user's stream order (by sequence), each with the merged
+    record the record state keeps for it when that is not the event's data (``None``: it is).
+
+    A provider's ``interval_samples`` are kept in the record as mapped (one sample per interval and part) and
+    delivered as ``transforms.interval_samples.emitted`` makes them (running totals, parts combined): the event's data
+    and id are of the delivered copy, the state keeps the record the next fragments merge into.
 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
     record, if any; a fragment older than the stored version only fills fields the stored record
@@ -589,7 +641,7 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
         groups.setdefault((fragment.type, fragment.natural_key), []).append(fragment)
-    events = []
+    events: list[tuple[NormalizedEvent, dict[str, Any] | None]] = []
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
@@ -634,16 +686,28 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         sequence = max(f.sequence for f in versions)
         if deleted is not None:
-            events.append(NormalizedEvent.tombstone(
+            events.append((NormalizedEvent.tombstone(
                 type=model_type, user=newest.user, natural_key=key, ordering_timestamp_ms=version, sequence=sequence,
-                raw_idempotency_key=newest.raw_idempotency_key, start_time=start_time, reference=reference))
+                raw_idempotency_key=newest.raw_idempotency_key, start_time=start_time, reference=reference), None))
             continue
-        events.append(NormalizedEvent.create(
-            type=model_type, user=newest.user, data=record, natural_key=key, ordering_timestamp_ms=version,
+        spec = _interval_spec(newest.provider, model_type)
+        delivered = emitted(record, spec) if spec is not None else record
+        events.append((NormalizedEvent.create(
+            type=model_type, user=newest.user, data=delivered, natural_key=key, ordering_timestamp_ms=version,
             sequence=sequence, raw_idempotency_key=newest.raw_idempotency_key,
-            reference=reference, generation=generation))
-    events.sort(key=lambda e: e.sequence)
+            reference=reference, generation=generation), None if delivered is record else record))
+    events.sort(key=lambda pair: pair[0].sequence)
     return events
+
+
+def _interval_spec(slug: str, model_type: str) -> IntervalSamples | None:
+    """What provider ``slug`` declares of ``model_type``'s interval sample lists (None: nothing, or no provider)."""
+    if not slug:
+        return None
+    try:
+        return get_provider(slug).interval_samples.get(model_type)
+    except KeyError:
+        return None
 
 
 def _stale(fragment: Keyed, stored_version: int, stored_deleted: bool) -> bool:
@@ -831,7 +895,7 @@ class MergePerUser(beam.DoFn):
             if any(parts is item[1] for _, item in unloadable):
                 continue
             try:
-                events = merge_user_events(user_id, fragments, stored_by_user.get(user_id))
+                events = merge_user_records(user_id, fragments, stored_by_user.get(user_id))
             except Exception as exc:  # this user's records cannot merge: theirs alone fail
                 failed.append(("merge", exc, parts, window, timestamp))
                 continue
@@ -839,7 +903,8 @@ class MergePerUser(beam.DoFn):
         _, unsaved = self._isolating(merged, lambda batch: self._save([events for _, events, *_ in batch]))
         failed.extend(("state", exc, parts, window, timestamp) for exc, (_, _, parts, window, timestamp) in unsaved)
         merged = [item for item in merged if not any(item is bad for _, bad in unsaved)]
-        for user_id, events, parts, window, timestamp in merged:
+        for user_id, records, parts, window, timestamp in merged:
+            events = [event for event, _ in records]
             self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))
             for event in events:
                 self.tally.add(f"normalized:{event.provider.lower()}:{event.type}")
@@ -882,9 +947,9 @@ class MergePerUser(beam.DoFn):
     def _load(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], tuple[dict[str, Any], int]]:
         return self.state.load(keys) if keys else {}
 
-    def _save(self, merged: list[list[NormalizedEvent]]) -> None:
-        self.state.save(((e.user_id, e.type, e.natural_key), state_row(e), e.ordering_timestamp_ms)
-                        for events in merged for e in events)
+    def _save(self, merged: list[list[tuple[NormalizedEvent, dict[str, Any] | None]]]) -> None:
+        self.state.save(((e.user_id, e.type, e.natural_key), state_row(e, record), e.ordering_timestamp_ms)
+                        for records in merged for e, record in records)
 
 
 class MergePerUserStateful(MergePerUser):

@@ -30,14 +30,15 @@ TOMBSTONE_FIELD = "healthflow_deleted"  # no Terra model has it: a stored record
 GENERATION_FIELD = "healthflow_generation"  # no Terra model has it: the generation of a record re-created
 
 
-def state_row(event: NormalizedEvent) -> bytes:
-    """What the state stores for ``event``: its record's JSON (with ``GENERATION_FIELD`` when it has a generation),
-    or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
+def state_row(event: NormalizedEvent, record: dict[str, Any] | None = None) -> bytes:
+    """What the state stores for ``event``: its record's JSON (``record``, the merged record, when the event delivers
+    a copy made from it: ``transforms.normalize.merge_user_records``; with ``GENERATION_FIELD`` when it has a
+    generation), or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
     if event.deleted:
         return canonical_json({TOMBSTONE_FIELD: event.data})
     if event.generation is not None:
-        return canonical_json({**event.data, GENERATION_FIELD: event.generation})
-    return event.data_json
+        return canonical_json({**(event.data if record is None else record), GENERATION_FIELD: event.generation})
+    return event.data_json if record is None else canonical_json(record)
 
 
 def stored_generation(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
