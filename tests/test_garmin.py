@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
+from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from schemas.serde import encode_raw, validate_record
+from sinks.sql import SqlSink
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
@@ -150,8 +153,9 @@ def test_epochs_become_step_distance_calorie_met_and_activity_level_samples_of_t
     for epoch in (sedentary, running, walking):
         assert epoch.type == "daily" and epoch.provider_user_id == USER_A
         assert epoch.data["metadata"] == day["metadata"]  # same day key: merges into the day's Daily
-    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start; each sample
-    # holds the epoch's own amount over its 15 minutes (epochs of a day arrive in many pushes: no running total)
+    # two activity types share the 08:00 slice (SEDENTARY + RUNNING): both map, at the slice start, each a part of
+    # it; each sample holds the epoch's own amount over its 15 minutes (epochs of a day arrive in many pushes): the
+    # delivered Daily has running totals (test_epochs_of_several_activity_types_become_the_days_running_totals)
     at = "2024-03-11T08:00:00.000000-05:00"
     assert running.data == {
         "metadata": day["metadata"],
@@ -172,18 +176,100 @@ def test_epochs_become_step_distance_calorie_met_and_activity_level_samples_of_t
         "distance_samples": [{"timestamp": "2024-03-11T08:15:00.000000-05:00", "distance_meters": 1020.0}]}
 
 
-def test_epochs_of_one_day_in_separate_pushes_and_an_epoch_update_keep_one_sample_per_epoch() -> None:
-    """Garmin sends an epoch at 720 s, later the same start at 900 s (more steps): the update replaces it."""
+def test_epochs_of_one_day_in_separate_pushes_and_an_epoch_update_replaces_the_epoch() -> None:
+    """Garmin sends an epoch at 720 s, later the same start at 900 s (more steps): the update replaces it (its
+    96 steps are not counted), the RUNNING epoch of the same slice stays."""
     first, _, second = load("epochs.json")["epochs"]
     partial = dict(first, durationInSeconds=720, activeTimeInSeconds=420, steps=96, distanceInMeters=68.5,
                    activeKilocalories=7)
     record = merged({"epochs": [partial]}, {"epochs": [second]}, {"epochs": [first]})[
         (USER_A, "daily", "2024-03-11")].data
     assert record["distance_data"]["detailed"]["step_samples"] == [
-        {"timestamp": "2024-03-11T08:00:00.000000-05:00", "steps": 120},
-        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 1350}]
-    assert [s["distance_meters"] for s in record["distance_data"]["detailed"]["distance_samples"]] == [86.0, 1020.0]
-    assert [s["calories"] for s in record["calories_data"]["calorie_samples"]] == [9, 48]
+        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "steps": 120},  # 08:00 SEDENTARY (the update)
+        {"timestamp": "2024-03-11T08:30:00.000000-05:00", "steps": 1470}]  # + 08:15 WALKING 1350
+    assert [s["distance_meters"] for s in record["distance_data"]["detailed"]["distance_samples"]] == [86.0, 1106.0]
+    assert [s["calories"] for s in record["calories_data"]["calorie_samples"]] == [9, 57]
+    with_running = merged({"epochs": [partial]}, load("epochs.json"))[(USER_A, "daily", "2024-03-11")].data
+    assert [s["steps"] for s in with_running["distance_data"]["detailed"]["step_samples"]] == [1100, 2450]
+
+
+def epoch(at_local: str, activity: str, steps: int, metres: float, kcal: int, met: float, intensity: str,
+          duration: int = 900) -> dict[str, Any]:
+    """An epoch of USER_A (-05:00) on 2024-03-11 starting at ``at_local`` (HH:MM), as Garmin pushes it."""
+    hours, minutes = map(int, at_local.split(":"))
+    start = 1710133200 + hours * 3600 + minutes * 60  # 2024-03-11T00:00:00-05:00
+    return {"userId": USER_A, "summaryId": f"x2f41c9a-{start:x}-{activity.lower()[:3]}", "startTimeInSeconds": start,
+            "startTimeOffsetInSeconds": -18000, "activityType": activity, "durationInSeconds": duration,
+            "activeTimeInSeconds": duration // 2, "steps": steps, "distanceInMeters": metres,
+            "activeKilocalories": kcal, "met": met, "intensity": intensity, "meanMotionIntensity": 2.0,
+            "maxMotionIntensity": 4.0}
+
+
+EPOCH_PUSH_1 = {"epochs": [epoch("08:00", "SEDENTARY", 20, 14.5, 2, 1.1, "SEDENTARY"),
+                           epoch("08:00", "WALKING", 300, 228.25, 18, 3.2, "ACTIVE"),
+                           epoch("08:15", "WALKING", 500, 380.5, 30, 3.4, "ACTIVE", duration=720)]}
+EPOCH_PUSH_2 = {"epochs": [epoch("08:30", "RUNNING", 1500, 1650.0, 121, 9.6, "HIGHLY_ACTIVE"),
+                           epoch("08:15", "WALKING", 650, 494.75, 39, 3.5, "ACTIVE")]}  # the 08:15 update
+AT = "2024-03-11T{}:00.000000-05:00".format
+
+
+def assert_epoch_totals(day: dict[str, Any]) -> None:
+    """The Daily of EPOCH_PUSH_1 then EPOCH_PUSH_2: running totals since midnight at each slice's end, the activity
+    types of a slice added up, the updated 08:15 walk replacing its first version (hand-computed)."""
+    assert day["distance_data"]["detailed"] == {
+        "step_samples": [{"timestamp": AT("08:15"), "steps": 320},  # 20 + 300
+                         {"timestamp": AT("08:30"), "steps": 970},  # + 650 (not 500)
+                         {"timestamp": AT("08:45"), "steps": 2470}],  # + 1500
+        "distance_samples": [{"timestamp": AT("08:15"), "distance_meters": 242.75},
+                             {"timestamp": AT("08:30"), "distance_meters": 737.5},
+                             {"timestamp": AT("08:45"), "distance_meters": 2387.5}]}
+    assert day["calories_data"]["calorie_samples"] == [{"timestamp": AT("08:15"), "calories": 20},
+                                                       {"timestamp": AT("08:30"), "calories": 59},
+                                                       {"timestamp": AT("08:45"), "calories": 180}]
+    # levels stay at the slice start; of two activity types in a slice, the higher (walking over sedentary)
+    assert day["MET_data"]["MET_samples"] == [{"timestamp": AT("08:00"), "level": 3.2},
+                                              {"timestamp": AT("08:15"), "level": 3.5},
+                                              {"timestamp": AT("08:30"), "level": 9.6}]
+    assert day["active_durations_data"]["activity_levels_samples"] == [{"timestamp": AT("08:00"), "level": 4},
+                                                                       {"timestamp": AT("08:15"), "level": 4},
+                                                                       {"timestamp": AT("08:30"), "level": 5}]
+
+
+SED_0800, WALK_0800, WALK_0815, RUN_0830, WALK_0815_UPDATE = (*EPOCH_PUSH_1["epochs"], *EPOCH_PUSH_2["epochs"])
+
+
+@pytest.mark.parametrize("pushes", [
+    (EPOCH_PUSH_1, EPOCH_PUSH_2),
+    ({"epochs": [SED_0800, RUN_0830]}, {"epochs": [WALK_0815, WALK_0800]}, {"epochs": [WALK_0815_UPDATE]}),
+    ({"epochs": [WALK_0815, SED_0800, WALK_0800, WALK_0815_UPDATE, RUN_0830]},),  # one push, the update last
+], ids=["two pushes", "three pushes", "one push"])
+def test_epochs_of_several_activity_types_become_the_days_running_totals(pushes: tuple[Any, ...]) -> None:
+    event = merged(*pushes)[(USER_A, "daily", "2024-03-11")]
+    assert_epoch_totals(event.data)
+    sdk_validate("daily", event.data)
+
+
+def test_epochs_pushed_in_two_runs_reach_sql_as_the_days_running_totals(tmp_path: Path) -> None:
+    """Two runs of the real pipeline sharing the record state: the second run's epochs add to the first run's (the
+    state keeps each epoch's own amount, never a total), and a redelivered push changes nothing."""
+    database, state = tmp_path / "out.db", f"sqlite:///{tmp_path / 'state.db'}"
+
+    def run(push: dict[str, Any], index: int) -> dict[str, Any]:
+        source = tmp_path / f"raw{index}.jsonl"
+        source.write_text(json.dumps({"provider": "garmin", "received_at": RECEIVED_AT_MS + index * 60_000,
+                                      "payload": json.dumps(push)}) + "\n")
+        summary = run_batch(NormalizeJob(FileSource(str(source)), [SqlSink("sql", f"sqlite:///{database}")],
+                                         str(tmp_path / "dlq"), state_url=state))
+        assert summary.with_prefix("dead_letter:") == {}
+        with sqlite3.connect(database) as conn:
+            ((key, payload),) = conn.execute("SELECT natural_key, payload FROM healthflow_records").fetchall()
+        assert key == "2024-03-11"
+        return json.loads(payload)
+
+    first = run(EPOCH_PUSH_1, 0)
+    assert [s["steps"] for s in first["distance_data"]["detailed"]["step_samples"]] == [320, 820]
+    assert_epoch_totals(run(EPOCH_PUSH_2, 1))
+    assert_epoch_totals(run(EPOCH_PUSH_2, 2))  # the same push again, received later
 
 
 def test_stress_details_skip_negative_codes() -> None:
@@ -642,10 +728,11 @@ def test_epochs_and_stress_fill_the_daily_without_wiping_its_summary() -> None:
         assert record["stress_data"] == {**day["stress_data"], **stress["stress_data"]}
         assert record["active_durations_data"]["activity_seconds"] == 5460
         assert record["distance_data"]["steps"] == 11842  # the day's total stays the dailies' one
-        assert [s["steps"] for s in record["distance_data"]["detailed"]["step_samples"]] == [980, 1350]
+        # running totals at each slice's end: SEDENTARY 120 + RUNNING 980, then + WALKING 1350
+        assert [s["steps"] for s in record["distance_data"]["detailed"]["step_samples"]] == [1100, 2450]
         met = record["MET_data"]["MET_samples"]
         levels = record["active_durations_data"]["activity_levels_samples"]
-        # one sample per 15-minute slice; of two epochs in one slice the later document wins (as delivered)
+        # one sample per 15-minute slice; of two activity types in one slice the higher (RUNNING over SEDENTARY)
         assert met == [{"timestamp": "2024-03-11T08:00:00.000000-05:00", "level": 9.8},
                        {"timestamp": "2024-03-11T08:15:00.000000-05:00", "level": 3.4}]
         assert [s["level"] for s in levels] == [5, 4]

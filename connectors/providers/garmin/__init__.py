@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider
+from connectors.base import Fragment, IntervalSamples, MappingError, Provider
 from connectors.providers.garmin.activity_types import terra_activity_type
 from connectors.timeutil import day_bounds, format_ts, from_unix, offset_tz, unix_ts
 
@@ -38,6 +38,12 @@ PROVIDER = Provider(
     user_field="userId",
     doc="Garmin Connect push bodies (Health, Activity and Women's Health APIs)",
     compacts=True,  # mappers return records as built; the framework drops None and empty parts
+    interval_samples={"daily": IntervalSamples(  # epochs: one per activity type per 15-minute slice (``epochs``)
+        seconds=900,
+        amounts=("distance_data.detailed.step_samples", "distance_data.detailed.distance_samples",
+                 "calories_data.calorie_samples"),
+        levels=("MET_data.MET_samples", "active_durations_data.activity_levels_samples"),
+    )},
 )
 
 LOCAL = 1  # TimestampLocalization.LOCAL: timestamps carry the user's display offset
@@ -194,19 +200,26 @@ def _epoch_sample(at: str, name: str, value: Any) -> list[dict[str, Any]]:
 
 
 @PROVIDER.kind("epochs", "daily")
-def epochs(doc: dict[str, Any]) -> dict[str, Any]:
-    """A 15-minute epoch: steps, distance, active kcal, MET and activity-level samples of the day's Daily.
+def epochs(doc: dict[str, Any]) -> Fragment:
+    """A 15-minute epoch of one activity type: steps, distance, active kcal, MET and activity-level samples of the
+    day's Daily, as one part (its ``activityType``) of the slice.
 
-    Every sample is at the epoch's start and holds that epoch's own amount (steps, metres, kcal over
-    ``[start, start + 15 min)``), not a running total of the day: a day's epochs arrive in many pushes, each
-    mapped on its own, so no mapper sees the day's earlier epochs. At the start (not the end) an update of the
-    epoch (``durationInSeconds`` 720 → 900, same start) replaces its samples in the merge instead of adding
-    samples beside them."""
+    The Daily delivered has Terra's running totals since the start of the day: each step, distance and calorie
+    sample at a slice's end (the slice start + 15 min: what was done by then) holds the day's total up to it, the
+    activity types of each slice added up; MET and activity level stay at the slice start, the highest of its
+    activity types (the most intense activity of the slice, as Garmin's own daily intensity minutes count it).
+
+    The mapper itself makes each sample at the epoch's start holding the epoch's own amount: a day's epochs arrive in
+    many pushes, each mapped alone. The record state keeps them so, one per (slice start, activity type)
+    (``PROVIDER.interval_samples``, ``Fragment.part``): an update of an epoch (``durationInSeconds`` 720 → 900, same
+    start and activity type) replaces it alone, another activity type of the slice stays beside it, and the running
+    totals are made from them whenever the Daily is delivered."""
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
     at = unix_ts(doc["startTimeInSeconds"], offset)
     intensity = EPOCH_INTENSITY.get(str(doc.get("intensity") or "").upper())
-    return {
+    activity = str(doc.get("activityType") or "").strip().upper()
+    return Fragment("daily", {
         "metadata": _day_metadata(doc),
         "distance_data": {"detailed": {
             "step_samples": _epoch_sample(at, "steps", doc.get("steps")),
@@ -215,7 +228,7 @@ def epochs(doc: dict[str, Any]) -> dict[str, Any]:
         "calories_data": {"calorie_samples": _epoch_sample(at, "calories", doc.get("activeKilocalories"))},
         "MET_data": {"MET_samples": _epoch_sample(at, "level", _measured(doc.get("met")))},
         "active_durations_data": {"activity_levels_samples": _epoch_sample(at, "level", intensity)},
-    }
+    }, part=activity or None)
 
 
 def _sleep_end(doc: dict[str, Any]) -> int:
