@@ -207,7 +207,7 @@ def epochs(doc: dict[str, Any]) -> Fragment:
     The Daily delivered has Terra's running totals since the start of the day: each step, distance and calorie
     sample at a slice's end (the slice start + 15 min: what was done by then) holds the day's total up to it, the
     activity types of each slice added up; MET and activity level stay at the slice start, the highest of its
-    activity types (the most intense activity of the slice, as Garmin's own daily intensity minutes count it).
+    activity types (the slice's most intense activity; a time-weighted MET would need ``activeTimeInSeconds`` kept).
 
     The mapper itself makes each sample at the epoch's start holding the epoch's own amount: a day's epochs arrive in
     many pushes, each mapped alone. The record state keeps them so, one per (slice start, activity type)
