@@ -99,7 +99,8 @@ class IntervalSamples:
     it; the delivered record has them as ``transforms.interval_samples.emitted`` makes them.
 
     ``amounts`` (dotted paths: steps, metres, kcal over the interval) are delivered as Terra's running totals since
-    the record's start, each at its interval's end (``seconds`` after its start); the parts of one interval add up.
+    the record's start, each at its interval's end (``seconds`` after its start; 0 for intervals of varying length,
+    whose samples the mapper places at their end); the parts of one interval add up.
     ``levels`` (MET, activity level over the interval) stay at the interval's start; of its parts, the highest.
     """
 

@@ -96,7 +96,7 @@ def test_connect_poll_deliver_refresh_deauth(tmp_path, fake_provider, broker, to
         assert sorted(days) == ["2026-04-08", "2026-04-09", "2026-04-10", "2026-04-11", "2026-04-12"]
         assert days["2026-04-10"]["metadata"]["start_time"] == "2026-04-10T00:00:00.000000-07:00"
         assert days["2026-04-10"]["distance_data"]["detailed"]["step_samples"] == [
-            {"timestamp": "2026-04-10T06:05:00.000000-07:00", "steps": 102, "timer_duration_seconds": 60.0}]
+            {"timestamp": "2026-04-10T06:06:00.000000-07:00", "steps": 102}]  # the running total at the minute's end
         assert days["2026-04-10"]["heart_rate_data"]["summary"]["avg_hrv_rmssd"] == 41.5  # merged with the steps
 
         # the access token expires at Google: the next poll gets a 401, refreshes (same refresh token) and goes on

@@ -100,8 +100,8 @@ def test_steps_and_heart_rate_are_samples_of_the_local_day():
     assert early.data["metadata"] == {"start_time": "2026-04-12T00:00:00.000000-07:00",
                                       "end_time": "2026-04-13T00:00:00.000000-07:00", "upload_type": 1,
                                       "timestamp_localization": 1}
-    assert early.data["distance_data"]["detailed"]["step_samples"] == [
-        {"timestamp": "2026-04-12T06:05:00.000000-07:00", "steps": 158, "timer_duration_seconds": 60.0}]
+    assert early.data["distance_data"]["detailed"]["step_samples"] == [  # the minute 06:05-06:06, at its end
+        {"timestamp": "2026-04-12T06:06:00.000000-07:00", "steps": 158}]
     # 06:59Z on the 13th is still the 12th at -07:00
     assert next_day.data["metadata"]["start_time"] == "2026-04-12T00:00:00.000000-07:00"
     active, resting, unspecified = records("heart-rate")
@@ -197,25 +197,21 @@ def test_zero_is_not_a_measurement_outside_the_true_zero_types():
 
 
 # an impossible value is mapped as sent; the pipeline's plausibility stage drops it (the sample, or the field), and
-# only it: (kind, change, the block the check leaves, what it dropped)
+# only it, with the block it leaves empty: (kind, change, what it dropped); the day's window is what remains
 IMPOSSIBLE = [
-    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"),
-     ("heart_rate_data", {"detailed": {"hr_samples": []}}), {IMPOSSIBLE_SAMPLES: 1}),
+    ("heart-rate", lambda p: p["heartRate"].update(beatsPerMinute="412"), {IMPOSSIBLE_SAMPLES: 1}),
     ("daily-resting-heart-rate", lambda p: p["dailyRestingHeartRate"].update(beatsPerMinute="312"),
-     ("heart_rate_data", {"summary": {}}), {IMPOSSIBLE_VALUES: 1}),
+     {IMPOSSIBLE_VALUES: 1}),
     ("daily-oxygen-saturation", lambda p: p["dailyOxygenSaturation"].update(averagePercentage=196.4),
-     ("oxygen_data", {}), {IMPOSSIBLE_VALUES: 1}),
-    ("weight", lambda p: p["weight"].update(weightGrams=950000),
-     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
-    ("height", lambda p: p["height"].update(heightMillimeters=17810),
-     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
-    ("body-fat", lambda p: p["bodyFat"].update(percentage=118.7),
-     ("measurements_data", {"measurements": []}), {IMPOSSIBLE_SAMPLES: 1}),
+     {IMPOSSIBLE_VALUES: 1}),
+    ("weight", lambda p: p["weight"].update(weightGrams=950000), {IMPOSSIBLE_SAMPLES: 1}),
+    ("height", lambda p: p["height"].update(heightMillimeters=17810), {IMPOSSIBLE_SAMPLES: 1}),
+    ("body-fat", lambda p: p["bodyFat"].update(percentage=118.7), {IMPOSSIBLE_SAMPLES: 1}),
 ]
 
 
-@pytest.mark.parametrize(("kind", "change", "left", "dropped"), IMPOSSIBLE, ids=[case[0] for case in IMPOSSIBLE])
-def test_an_impossible_value_is_mapped_and_the_plausibility_stage_drops_it(kind, change, left, dropped):
+@pytest.mark.parametrize(("kind", "change", "dropped"), IMPOSSIBLE, ids=[case[0] for case in IMPOSSIBLE])
+def test_an_impossible_value_is_mapped_and_the_plausibility_stage_drops_it(kind, change, dropped):
     doc = point(kind)
     change(doc)
     (fragment,) = records(kind, doc)
@@ -223,7 +219,7 @@ def test_an_impossible_value_is_mapped_and_the_plausibility_stage_drops_it(kind,
     assert record["metadata"] == validate_record(fragment.type, records(kind, point(kind))[0].data)["metadata"]
     checked, counts = check_record(fragment.type, record)
     assert counts == dropped
-    assert checked == {"metadata": record["metadata"], left[0]: left[1]}
+    assert checked == {"metadata": record["metadata"]}
 
 
 def test_an_impossible_heart_rate_point_costs_that_sample_not_the_page():
@@ -246,7 +242,7 @@ def test_an_exercise_loses_only_its_impossible_heart_rate_and_vo2_max():
     assert counts == {IMPOSSIBLE_VALUES: 2}
     expected = validate_record("activity", records("exercise", point("exercise"))[0].data)
     del expected["heart_rate_data"]["summary"]["avg_hr_bpm"]
-    expected["oxygen_data"] = {}
+    del expected["oxygen_data"]  # emptied by the check, so gone with it
     assert checked == expected
 
 
@@ -338,3 +334,32 @@ def test_exercise_types_of_v4_and_v4beta(exercise_type, terra_type):
     doc = point("exercise")
     doc["exercise"]["exerciseType"] = exercise_type
     assert records("exercise", doc)[0].data["metadata"]["type"] == terra_type
+
+
+def test_a_days_step_counts_are_delivered_as_its_running_totals():
+    """Terra's step samples are running totals since the start of the day: each interval's count is added at its end
+    (the record state keeps the counts, so a later page adds to the day and a re-sent point replaces its interval)."""
+    from core.raw import RawMessage, RawPayload
+    from schemas.serde import encode_raw
+    from transforms.normalize import normalize_in_memory
+
+    def minute(start: str, end: str, count: str) -> dict:
+        point = copy.deepcopy(page("steps")["dataPoints"][0])
+        point["steps"]["interval"].update(startTime=start, endTime=end)
+        point["steps"]["count"] = count
+        return point
+
+    pages = [{"dataPoints": [minute("2026-04-12T13:06:00Z", "2026-04-12T13:07:00Z", "163"),
+                             minute("2026-04-12T13:00:00Z", "2026-04-12T13:05:00Z", "420")]},
+             {"dataPoints": [minute("2026-04-12T15:30:00Z", "2026-04-12T15:31:00Z", "88"),
+                             minute("2026-04-12T13:06:00Z", "2026-04-12T13:07:00Z", "170")]}]  # 13:06 re-sent
+    messages = [RawMessage(encode_raw(RawPayload("google_health", json.dumps(body).encode(), "steps", "hu-1",
+                                                 received_at_ms=1_776_000_000_000 + n)), {"partition": 0, "offset": n})
+                for n, body in enumerate(pages)]
+    events, failed = normalize_in_memory(messages)
+    assert not failed
+    [day] = [e for e in events if e.type == "daily"]
+    assert day.data["distance_data"]["detailed"]["step_samples"] == [
+        {"timestamp": "2026-04-12T06:05:00.000000-07:00", "steps": 420},
+        {"timestamp": "2026-04-12T06:07:00.000000-07:00", "steps": 590},  # 420 + 170 (the re-sent minute)
+        {"timestamp": "2026-04-12T08:31:00.000000-07:00", "steps": 678}]

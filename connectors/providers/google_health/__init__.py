@@ -18,7 +18,8 @@ Documents carry no user id (``name`` only exists for identifiable types): it com
 
 Mapped: ``exercise`` → Activity; ``sleep`` → Sleep (stages → hypnogram, stage totals, latencies);
 ``steps`` and ``heart-rate`` → samples of the local day's Daily (the list API returns raw points, so no day
-totals: totals only exist through ``dailyRollUp``, a POST with a JSON body the poller cannot send);
+summary totals: those only exist through ``dailyRollUp``, a POST with a JSON body the poller cannot send; the
+step samples are delivered as Terra's running totals of the day, each at its interval's end);
 ``daily-resting-heart-rate``, ``daily-heart-rate-variability`` (RMSSD), ``daily-oxygen-saturation`` → Daily;
 ``weight``, ``body-fat``, ``height`` → Body measurements.
 
@@ -56,7 +57,7 @@ import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from connectors.base import Fragment, MappingError, Provider, compact
+from connectors.base import Fragment, IntervalSamples, MappingError, Provider, compact
 from connectors.timeutil import day_bounds, format_ts, to_ms
 
 PROVIDER = Provider(
@@ -65,6 +66,8 @@ PROVIDER = Provider(
     envelope="dataPoints",
     user_field=None,
     doc="Google Health API v4 dataPoints (user id comes with the raw event)",
+    # one step count per interval of varying length, each sample at its interval's end: delivered as running totals
+    interval_samples={"daily": IntervalSamples(0, amounts=("distance_data.detailed.step_samples",))},
 )
 
 UTC_TIME, LOCAL_TIME = 0, 1  # Terra TimestampLocalization
@@ -411,11 +414,12 @@ def sleep(doc: dict[str, Any]) -> Fragment:
 # ----------------------------------------------------------------------------------------------------------------------
 @PROVIDER.kind("steps", "daily")
 def steps(doc: dict[str, Any]) -> Fragment:
-    """A step count over an interval → one step sample (at the interval's local start) of its local day."""
+    """A step count over an interval → the steps of its local day's Daily, at the interval's end (delivered as the
+    day's running total there: ``PROVIDER.interval_samples``; intervals vary in length, so each sample is placed at
+    its end here)."""
     data = _data(doc, "steps")
     start, end = _span(data.get("interval"), "steps.interval")
-    sample = {"timestamp": format_ts(start), "steps": _required_number(data.get("count"), "steps.count"),
-              "timer_duration_seconds": (end - start).total_seconds()}
+    sample = {"timestamp": format_ts(end), "steps": _required_number(data.get("count"), "steps.count")}
     return Fragment("daily", {"metadata": _day_metadata(start),
                               "distance_data": {"detailed": {"step_samples": [sample]}}})
 
