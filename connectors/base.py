@@ -38,12 +38,17 @@ class Fragment:
     Several fragments with the same (user, type, natural key) in one batch merge into one event,
     newest ``version_ms`` winning field by field: Garmin epochs fill in the day's Daily, a WHOOP
     recovery completes its sleep.
+
+    ``replaces``: the fragment is the whole record as the provider has it now (a WHOOP sleep fetched with its
+    recovery, or with none left): newer than the stored record, it replaces it, so fields it lacks are cleared;
+    older, it only fills gaps like any stale fragment. Without ``version_ms`` its version is its arrival time.
     """
 
     type: str
     data: dict[str, Any]
     provider_user_id: str | None = None
     version_ms: int | None = None
+    replaces: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,7 @@ def _owned(item: Fragment | Deletion, owner: str, compacting: bool) -> Fragment 
     if item.provider_user_id and not compacting:
         return item  # a frozen Fragment as it is
     return Fragment(item.type, compact(item.data) if compacting else item.data, item.provider_user_id or owner,
-                    item.version_ms)
+                    item.version_ms, item.replaces)
 
 
 def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment | Deletion]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from core.raw import RawMessage, RawPayload
@@ -315,3 +316,15 @@ def test_a_local_day_replacing_a_utc_day_keeps_only_the_stored_samples_of_that_l
     assert event.data["metadata"] == LOCAL_0311 and event.data["distance_data"] == {"steps": 100}
     assert event.data["heart_rate_data"]["detailed"]["hr_samples"] == [
         {"timestamp": "2024-03-11T12:00:00.000000+00:00", "bpm": 60}]
+
+
+def test_a_replacing_fragment_newer_than_the_stored_record_clears_what_it_lacks_an_older_one_only_fills_gaps():
+    stored = {("daily", "2026-11-02"): ({"metadata": LOCAL_0311, "scores": {"recovery": 67}, "strain_data": {
+        "strain_level": 5.0}}, 5)}
+    whole = dataclasses.replace(_keyed({"metadata": LOCAL_0311, "strain_data": {"strain_level": 6.0}}, 6, "1"),
+                                replaces=True)
+    (event,) = merge_user_events("u", [whole], stored)
+    assert event.data == {"metadata": LOCAL_0311, "strain_data": {"strain_level": 6.0}}
+    assert event.ordering_timestamp_ms == 6
+    (stale,) = merge_user_events("u", [dataclasses.replace(whole, version_ms=4)], stored)
+    assert stale.data == stored[("daily", "2026-11-02")][0]  # older: nothing it lacks is cleared, nothing newer lost

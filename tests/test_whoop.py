@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,28 @@ def test_hook_forgets_expired_sleeps_and_keeps_them_over_two_poll_intervals(monk
     connection = type("Connection", (), {"user_id": "hf-2", "provider_user_id": "9", "provider": "whoop"})()
     hook.payloads(Request("whoop", "sleep", None, None, None, connection, None), {"records": [other]})
     assert hook.cached() == 1
+
+
+def test_hook_attaches_the_cycles_recovery_to_a_sleep_fetched_by_id() -> None:
+    """sleep.updated / recovery.deleted fetch the sleep by id: it comes with its cycle's recovery (or null: none left,
+    or a nap's), and maps to the whole Sleep, replacing the stored one."""
+    sleep = load("sleep.single.json")
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    hook, asked = WhoopPollHook(), []
+    (published,) = hook.payloads(hook_request("sleep", {"/v2/cycle/1236731435/recovery": recovery}, asked), sleep)
+    assert asked == ["/v2/cycle/1236731435/recovery"] and published == dict(sleep, _recovery=recovery)
+    (whole,) = normalize(published, "sleep")
+    assert whole.replaces and whole.version_ms is None and whole.data["readiness_data"] == {"readiness": 67}
+    (gone,) = hook.payloads(hook_request("sleep", {}, []), sleep)  # 404: the recovery was deleted
+    assert gone == dict(sleep, _recovery=None)
+    (bare,) = normalize(gone, "sleep")
+    assert bare.replaces and "readiness_data" not in bare.data and bare.data["metadata"]["summary_id"] == SLEEP_ID
+    nap_of_cycle = dict(recovery, sleep_id="0b1d3f5a-7c9e-4b2d-8f0a-2c4e6a8b0d13")  # the cycle's recovery is another's
+    (nap,) = hook.payloads(hook_request("sleep", {"/v2/cycle/1236731435/recovery": nap_of_cycle}, []), sleep)
+    assert nap == dict(sleep, _recovery=None)
+    # polled pages are published as they are, and map to mergeable fragments
+    page = load("sleep.page.json")
+    assert hook.payloads(Request("whoop", "sleep", None, datetime(2024, 3, 10, tzinfo=UTC),
+                                 datetime(2024, 3, 12, tzinfo=UTC), hook_request("sleep", {}, []).connection,
+                                 None), page) == [page]
+    assert not any(f.replaces for f in normalize(page, "sleep"))

@@ -89,6 +89,7 @@ class Keyed:
     deleted: bool = False  # the provider deleted the record (a ``Deletion``): ``data`` is empty
     unversioned: bool = False  # a deletion without the provider's version: ``version_ms`` is its arrival time
     dropped: tuple[tuple[str, int], ...] = ()  # what the plausibility check took out (``transforms.plausibility``)
+    replaces: bool = False  # the whole record: replaces (not merges into) an older one (``Fragment.replaces``)
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -267,7 +268,8 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
     check_text(f"{fragment.type} natural key", key)
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
-                 raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()))
+                 raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()),
+                 replaces=fragment.replaces)
 
 
 def provider_models(provider: Provider) -> set[str]:
@@ -633,6 +635,9 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
     it re-creates the record from nothing (never merged onto the deleted one), with the deletion's version as its
     ``generation`` (mixed into its events' ids). A versioned deletion older than the stored record changes nothing.
 
+    A fragment that ``replaces`` (``connectors.base.Fragment.replaces``) and is not stale starts the record afresh:
+    the fields it lacks are cleared (fragments after it merge into it as usual).
+
     ``on_dropped(name, count)`` is told what the merge left out (``samples_outside_window``: see
     ``RecordMerge.fold_record``).
     """
@@ -676,6 +681,10 @@ def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored |
                     continue
                 dropped += merge.samples_outside_window
                 deleted, merge, generation = None, RecordMerge(), version  # re-created: a fresh record
+                record = merge.record({})
+            elif fragment.replaces and record:  # the whole record, newer: what it lacks is gone
+                dropped += merge.samples_outside_window
+                merge = RecordMerge()
                 record = merge.record({})
             changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:

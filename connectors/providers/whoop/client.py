@@ -62,6 +62,10 @@ class WhoopPollHook(ResponseHook):
     mapper refuses it with that reason and the pipeline dead-letters it with its bytes. Transient failures raise, so
     the window is polled again.
 
+    A sleep fetched by id (``sleep.updated``, ``recovery.deleted``) gets its cycle's recovery attached as
+    ``_recovery`` (``GET /v2/cycle/{cycle_id}/recovery``; None when the cycle has none of this sleep): the mapper
+    makes the whole Sleep of it, replacing the stored one, so a deleted recovery's fields are cleared.
+
     A recovery fetched by id (a ``recovery.updated`` notification names the sleep's UUID; the manifest's
     ``item_path`` is the sleep) arrives here as that sleep: the hook asks ``GET /v2/cycle/{cycle_id}/recovery`` and
     publishes that recovery with the sleep attached (nothing when the cycle has no recovery: a nap, or deleted).
@@ -86,6 +90,8 @@ class WhoopPollHook(ResponseHook):
         user = str(request.connection.user_id)
         if request.kind == "sleep":
             self._remember(user, [doc for doc in _records(body) or [] if _is_sleep(doc)])
+            if request.start is None and request.end is None and _is_sleep(body):  # by id: a notification's
+                return [self._with_recovery(request, user, body)]
             return [body]
         if request.kind != "recovery":
             return [body]
@@ -198,6 +204,24 @@ class WhoopPollHook(ResponseHook):
             return f"GET {path} did not answer a sleep record"
         self._remember(user, [sleep])
         return sleep
+
+    def _with_recovery(self, request: Request, user: str, sleep: dict[str, Any]) -> dict[str, Any]:
+        """A sleep fetched by id with ``_recovery``: its cycle's recovery, or None when the cycle has none of this
+        sleep (deleted, or a nap). A recovery that cannot be asked for good (no ``read:recovery`` scope) leaves the
+        sleep as it is (merged, not replacing); transient failures raise."""
+        if sleep.get("cycle_id") is None:
+            return sleep
+        path = _path(CYCLE_RECOVERY_PATH, sleep["cycle_id"])
+        try:
+            found = request.fetch(path)
+        except PermanentError as exc:
+            if getattr(exc, "status", None) != 404:
+                log.warning("whoop %s: GET %s failed (%s); sleep %s merged without knowing its recovery", user,
+                            path, exc, sleep.get("id"))
+                return sleep
+            found = None
+        mine = isinstance(found, dict) and str(found.get("sleep_id")) == str(sleep["id"])
+        return {**sleep, "_recovery": found if mine else None}
 
     def _recovery_of(self, request: Request, user: str, sleep: dict[str, Any]) -> list[Any]:
         """The recovery of a sleep fetched by id, with the sleep attached."""
