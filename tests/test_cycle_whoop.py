@@ -24,7 +24,7 @@ import requests
 
 from connectors import get_provider
 from connectors.base import Deletion
-from connectors.publish import RawEventPublisher
+from connectors.publish import RawEventPublisher, publish
 from controlplane.api.app import create_app
 from controlplane.api.server import BackgroundServer
 from controlplane.polling import (
@@ -38,6 +38,7 @@ from controlplane.polling import (
 )
 from controlplane.webhooks import router
 from core.dead_letters import read_dead_letters
+from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 
@@ -210,6 +211,22 @@ def test_poll_attaches_each_recovery_sleep_and_webhooks_fetch_or_delete(tmp_path
         assert ("sleep", NAP) not in records and ("activity", "ecfc6a15-4661-442f-a9a4-f160dd7afae8") not in records
         assert records[("sleep", NEXT)]["readiness_data"] == {"readiness": 34}
         assert records[("sleep", MAIN)]["readiness_data"] == {"readiness": 67}
+
+        # recovery.deleted: the sleep is fetched again with its cycle's recovery (none left) and replaces the Sleep
+        api.delete("recovery", MAIN)
+        note = {"user_id": int(ACCOUNT), "id": MAIN, "type": "recovery.deleted", "trace_id": "t-4"}
+        publish(broker.bootstrap, notes, [RawPayload("whoop", json.dumps(note).encode(), kind="notification",
+                                                     user_id=ACCOUNT)])
+        served = len(api.requests)
+        fetched = NotificationFetcher(polling).run_once(broker.bootstrap, notes, group="fetch")
+        assert [(r.kind, r.published) for r in fetched.fetched.results] == [("sleep", 1)]
+        assert [r.path for r in api.requests[served:]] == [f"/v2/activity/sleep/{MAIN}",
+                                                          "/v2/cycle/1236731435/recovery"]
+        deliver(broker, topic, state, out, dlq)
+        main = delivered(out)[("sleep", MAIN)]
+        assert "readiness_data" not in main and "heart_rate_data" not in main
+        assert main["metadata"]["start_time"] == "2024-03-10T23:12:00.000000+01:00"
+        assert main["sleep_durations_data"]["asleep"]["duration_deep_sleep_state_seconds"] == 5400.0
         publisher.close()
     plane.close()
 
