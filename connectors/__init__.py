@@ -84,8 +84,11 @@ def get_provider(slug: str) -> Provider:
 
 
 def provider_hook(slug: str, role: str) -> type | None:
-    """The class the provider's manifest names as its ``hooks.<role>`` (``oauth`` or ``poll``), or None."""
-    provider = get_provider(slug)
+    """The class the provider's manifest names as its ``hooks.<role>`` (``oauth`` or ``poll``), or None (also for a
+    slug that is no registered provider: a manifest built in code names no hooks)."""
+    provider = registry().get(slug.lower())
+    if provider is None:
+        return None
     name = getattr(provider.manifest.hooks, role)
     return None if name is None else _resolve_hook(provider.slug, role, name, PROVIDERS_DIR / slug / "manifest.yaml")
 

@@ -43,6 +43,10 @@ class Fragment:
     (``Provider.interval_samples``): Garmin sends one epoch per activity type per 15-minute slice. Samples of
     different parts at one instant are kept apart in the record (an update of one part replaces that part alone) and
     combined when the record is delivered.
+
+    ``replaces``: the fragment is the whole record as the provider has it now (a WHOOP sleep fetched with its
+    recovery, or with none left): newer than the stored record, it replaces it, so fields it lacks are cleared;
+    older, it only fills gaps like any stale fragment. Without ``version_ms`` its version is its arrival time.
     """
 
     type: str
@@ -50,6 +54,7 @@ class Fragment:
     provider_user_id: str | None = None
     version_ms: int | None = None
     part: str | None = None
+    replaces: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,7 @@ def _owned(item: Fragment | Deletion, owner: str, compacting: bool) -> Fragment 
     if item.provider_user_id and not compacting:
         return item  # a frozen Fragment as it is
     return Fragment(item.type, compact(item.data) if compacting else item.data, item.provider_user_id or owner,
-                    item.version_ms, item.part)
+                    item.version_ms, item.part, item.replaces)
 
 
 def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragment | Deletion]:

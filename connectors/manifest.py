@@ -131,9 +131,14 @@ class Deletions(_Strict):
                                                                  "{event_type: delete})")
 
     def matches(self, note: object) -> bool:
-        return isinstance(note, dict) and any(
-            all(note.get(name) is not None and str(note[name]) == value for name, value in entry.items())
-            for entry in self.when)
+        return matches_any(note, self.when)
+
+
+def matches_any(note: object, entries: list[dict[str, str]]) -> bool:
+    """Whether the notification ``note`` has every field of one of ``entries`` (compared as text)."""
+    return isinstance(note, dict) and any(
+        all(note.get(name) is not None and str(note[name]) == value for name, value in entry.items())
+        for entry in entries)
 
 
 class Webhooks(_Strict):
@@ -154,6 +159,10 @@ class Webhooks(_Strict):
                                                    "document, not the live window")
     deletions: Deletions | None = Field(None, description="notifications saying a record is gone: published as a raw "
                                                           "kind, not fetched")
+    ignored: list[dict[str, str]] = Field(
+        default_factory=list, description="notifications (not deletions) with nothing to fetch or map: those "
+                                          "matching all fields of one entry are counted as ignored by the fetcher "
+                                          "(Oura {event_type: delete} of a day-keyed collection)")
     revoked: list[str | dict[str, str]] = Field(
         default_factory=list, description="notifications saying the user withdrew access: a kind_field value "
                                           "(Fitbit userRevokedAccess), or fields that must all match "

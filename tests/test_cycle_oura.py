@@ -33,6 +33,7 @@ from controlplane.polling import (
     KafkaPublisher,
     NotificationFetcher,
     Poller,
+    PollReport,
     RedisRateLimiter,
 )
 from controlplane.webhooks import router
@@ -154,5 +155,47 @@ def test_poll_makes_local_days_and_webhooks_fetch_by_id_or_delete(tmp_path, fake
             keys = set(conn.execute("SELECT type, natural_key FROM healthflow_records").fetchall())
         assert ("activity", CYCLING) not in keys and ("activity", "b2d4f6a8-1c3e-4a7b-9d1f-6a8c0e2b4d7f") in keys
         assert ("daily", "2024-03-11") in keys
+        publisher.close()
+    plane.close()
+
+
+def test_heartrate_polled_before_daily_activity_lands_in_the_local_day(tmp_path, fake_provider, broker, topic):
+    """Each kind is polled on its own timer and the hook's offsets live in memory: heartrate can come first (after
+    connecting, after a restart). Its page then costs one daily_activity request, and every row is in its local day.
+    """
+    state, out = f"sqlite:///{tmp_path}/state.db", tmp_path / "out.db"
+    plane, _start = connect_provider(state, fake_provider, "oura", ACCOUNT, reference_id="athlete-4")
+    with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
+        load_account(api)
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                        clock=lambda: NOW, initial_lookback=timedelta(days=3), overlap=timedelta(0), backoff_s=0.05)
+        polling = ConnectionPolling(plane, poller)
+        (target,) = polling.targets()
+        report = PollReport()
+        for kind in ["heartrate", *(k for k in KINDS if k != "heartrate")]:
+            polling.poll(target, kind, report)
+        assert report.failed == []
+        paths = [(r.path, r.params.get("start_date"), r.params.get("end_date")) for r in api.requests]
+        # the heart-rate page, one daily_activity request for the days its rows can be on, then each kind once
+        assert paths[:2] == [(OURA.manifest.api.endpoints["heartrate"].path, None, None),
+                             ("/v2/usercollection/daily_activity", "2024-03-09", "2024-03-12")]
+        assert [p for p, *_ in paths[2:]] == [OURA.manifest.api.endpoints[k].path for k in KINDS if k != "heartrate"]
+
+        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
+                                         [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"),
+                                         state_url=state))
+        assert not {n: c for n, c in summary.counters.items() if c and "dead" in n}, summary.counters
+        with sqlite3.connect(out) as conn:
+            rows = conn.execute("SELECT natural_key, payload FROM healthflow_records WHERE type = 'daily'").fetchall()
+        assert [key for key, _ in rows] == ["2024-03-11"]  # no UTC day 2024-03-10
+        day = json.loads(rows[0][1])
+        assert day["metadata"]["start_time"] == "2024-03-11T00:00:00.000000+01:00"
+        assert day["metadata"]["timestamp_localization"] == 1
+        samples = [s["timestamp"] for s in day["heart_rate_data"]["detailed"]["hr_samples"]]
+        assert samples == ["2024-03-11T00:50:00.000000+01:00", "2024-03-11T00:55:00.000000+01:00",
+                           "2024-03-11T01:00:00.000000+01:00", "2024-03-11T01:05:00.000000+01:00",
+                           "2024-03-11T01:10:00.000000+01:00", "2024-03-11T18:42:10.000000+01:00"]
         publisher.close()
     plane.close()

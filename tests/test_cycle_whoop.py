@@ -24,7 +24,7 @@ import requests
 
 from connectors import get_provider
 from connectors.base import Deletion
-from connectors.publish import RawEventPublisher
+from connectors.publish import RawEventPublisher, publish
 from controlplane.api.app import create_app
 from controlplane.api.server import BackgroundServer
 from controlplane.polling import (
@@ -33,10 +33,12 @@ from controlplane.polling import (
     KafkaPublisher,
     NotificationFetcher,
     Poller,
+    PollReport,
     RedisRateLimiter,
 )
 from controlplane.webhooks import router
 from core.dead_letters import read_dead_letters
+from core.raw import RawPayload
 from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
 from sinks.sql import SqlSink
 
@@ -135,8 +137,10 @@ def test_poll_attaches_each_recovery_sleep_and_webhooks_fetch_or_delete(tmp_path
 
         first = polling.poll_once()
         assert [r.kind for r in first.results] == KINDS and first.failed == []
-        # the sleep page polled before the recoveries already had MAIN: only the sleeps not seen are asked, once
-        assert (sleep_fetches(api, MAIN), sleep_fetches(api, EARLIER), sleep_fetches(api, DELETED)) == (0, 1, 1)
+        # the sleep page polled before the recoveries already had MAIN: the sleeps not seen are listed by window
+        # (one request: EARLIER is there), and only what that misses (DELETED) is asked by id
+        assert (sleep_fetches(api, MAIN), sleep_fetches(api, EARLIER), sleep_fetches(api, DELETED)) == (0, 0, 1)
+        assert len([r for r in api.requests if r.path == "/v2/activity/sleep"]) == 2  # the poll's and the hook's
         collections = {endpoint.path for endpoint in WHOOP.manifest.api.endpoints.values()}
         assert {r.params.get("limit") for r in api.served() if r.path in collections} == {"25"}
 
@@ -207,5 +211,53 @@ def test_poll_attaches_each_recovery_sleep_and_webhooks_fetch_or_delete(tmp_path
         assert ("sleep", NAP) not in records and ("activity", "ecfc6a15-4661-442f-a9a4-f160dd7afae8") not in records
         assert records[("sleep", NEXT)]["readiness_data"] == {"readiness": 34}
         assert records[("sleep", MAIN)]["readiness_data"] == {"readiness": 67}
+
+        # recovery.deleted: the sleep is fetched again with its cycle's recovery (none left) and replaces the Sleep
+        api.delete("recovery", MAIN)
+        note = {"user_id": int(ACCOUNT), "id": MAIN, "type": "recovery.deleted", "trace_id": "t-4"}
+        publish(broker.bootstrap, notes, [RawPayload("whoop", json.dumps(note).encode(), kind="notification",
+                                                     user_id=ACCOUNT)])
+        served = len(api.requests)
+        fetched = NotificationFetcher(polling).run_once(broker.bootstrap, notes, group="fetch")
+        assert [(r.kind, r.published) for r in fetched.fetched.results] == [("sleep", 1)]
+        assert [r.path for r in api.requests[served:]] == [f"/v2/activity/sleep/{MAIN}",
+                                                          "/v2/cycle/1236731435/recovery"]
+        deliver(broker, topic, state, out, dlq)
+        main = delivered(out)[("sleep", MAIN)]
+        assert "readiness_data" not in main and "heart_rate_data" not in main
+        assert main["metadata"]["start_time"] == "2024-03-10T23:12:00.000000+01:00"
+        assert main["sleep_durations_data"]["asleep"]["duration_deep_sleep_state_seconds"] == 5400.0
+        publisher.close()
+    plane.close()
+
+
+def test_recoveries_polled_before_their_sleeps_cost_one_windowed_sleep_request(tmp_path, fake_provider, broker,
+                                                                               topic):
+    """First poll after connecting (or a restart), recovery polled before sleep: the sleeps of the recovery page are
+    listed with one windowed GET /v2/activity/sleep, not one GET per recovery; only a sleep it misses (deleted at
+    WHOOP) is asked by id. WHOOP allows 100 requests a minute, app-wide."""
+    state = f"sqlite:///{tmp_path}/state.db"
+    plane, _start = connect_provider(state, fake_provider, "whoop", ACCOUNT, reference_id="athlete-3")
+    nights = [night(f"{n:08x}-7b2d-4e8f-a1c3-9d6b2e4f7a10", 1236731435 - n, -n) for n in range(12)]
+    _, deleted_recovery = night(DELETED, 1236300002, -3)
+    with FakeWhoopApi(token_validator=fake_provider.is_live) as api:
+        api.add("sleep", [sleep for sleep, _ in nights])
+        api.add("recovery", [*(recovery for _, recovery in nights), deleted_recovery])
+        publisher = KafkaPublisher(broker.bootstrap, topic)
+        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"whoop": api.manifest},
+                        limiter=limiter(topic), clock=lambda: NOW, initial_lookback=timedelta(days=14),
+                        overlap=timedelta(0), backoff_s=0.05)
+        polling = ConnectionPolling(plane, poller)
+        (target,) = polling.targets()
+        report = PollReport()
+        polling.poll(target, "recovery", report)
+        assert report.failed == []
+        assert [(r.path, r.params.get("start"), r.params.get("end")) for r in api.requests] == [
+            ("/v2/recovery", "2024-02-27T12:00:00.000Z", "2024-03-12T12:00:00.000Z"),
+            ("/v2/activity/sleep", "2024-02-28T06:15:20.684Z", "2024-03-11T06:16:20.684Z"),
+            (f"/v2/activity/sleep/{DELETED}", None, None)]
+        (page,) = [json.loads(raw["payload"]) for raw, _ in consume_raw(broker.bootstrap, topic)]
+        assert {r["sleep_id"]: r.get("sleep", {}).get("id") for r in page["records"]} == {
+            **{sleep["id"]: sleep["id"] for sleep, _ in nights}, DELETED: None}
         publisher.close()
     plane.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from connectors.base import IntervalSamples
@@ -346,3 +347,47 @@ def test_a_part_replaces_a_sample_of_no_part_the_whole_interval_as_stored_before
     assert deep_merge(parted, {"s": [_part(at, 300, "WALKING")]})["s"] == [_part(at, 20, "SEDENTARY"),
                                                                            _part(at, 300, "WALKING")]
     assert deep_merge(parted, {"s": [_part(at, 5, None)]})["s"] == [_part(at, 5, None)]  # no part: the interval
+
+
+def _hr(*stamps: str) -> dict:
+    return {"heart_rate_data": {"detailed": {"hr_samples": [{"timestamp": s, "bpm": 60} for s in stamps]}}}
+
+
+LOCAL_0311 = {"start_time": "2024-03-11T00:00:00.000000-05:00", "end_time": "2024-03-12T00:00:00.000000-05:00",
+              "upload_type": 1, "timestamp_localization": 1}
+UTC_0311 = {"start_time": "2024-03-11T00:00:00.000000+00:00", "end_time": "2024-03-12T00:00:00.000000+00:00",
+            "upload_type": 1, "timestamp_localization": 0}
+
+
+def test_a_utc_day_merged_into_a_local_day_brings_only_the_samples_of_that_local_day():
+    # an Oura heart-rate row at 02:00Z on the 11th is 21:00 on the 10th at -05:00: not a sample of the local 11th
+    stored = {("daily", "2026-11-02"): ({"metadata": LOCAL_0311, "distance_data": {"steps": 100}}, 5)}
+    utc = {"metadata": UTC_0311, **_hr("2024-03-11T02:00:00.000000+00:00", "2024-03-11T12:00:00.000000+00:00")}
+    dropped: list[tuple[str, int]] = []
+    (event,) = merge_user_events("u", [_keyed(utc, 6, "1")], stored, on_dropped=lambda n, c: dropped.append((n, c)))
+    assert event.data["metadata"] == LOCAL_0311
+    assert event.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T12:00:00.000000+00:00", "bpm": 60}]
+    assert dropped == [("samples_outside_window", 1)]
+
+
+def test_a_local_day_replacing_a_utc_day_keeps_only_the_stored_samples_of_that_local_day():
+    stored = {("daily", "2026-11-02"): ({"metadata": UTC_0311, **_hr("2024-03-11T02:00:00.000000+00:00",
+                                                                      "2024-03-11T12:00:00.000000+00:00")}, 5)}
+    local = {"metadata": LOCAL_0311, "distance_data": {"steps": 100}}
+    (event,) = merge_user_events("u", [_keyed(local, 6, "1")], stored)
+    assert event.data["metadata"] == LOCAL_0311 and event.data["distance_data"] == {"steps": 100}
+    assert event.data["heart_rate_data"]["detailed"]["hr_samples"] == [
+        {"timestamp": "2024-03-11T12:00:00.000000+00:00", "bpm": 60}]
+
+
+def test_a_replacing_fragment_newer_than_the_stored_record_clears_what_it_lacks_an_older_one_only_fills_gaps():
+    stored = {("daily", "2026-11-02"): ({"metadata": LOCAL_0311, "scores": {"recovery": 67}, "strain_data": {
+        "strain_level": 5.0}}, 5)}
+    whole = dataclasses.replace(_keyed({"metadata": LOCAL_0311, "strain_data": {"strain_level": 6.0}}, 6, "1"),
+                                replaces=True)
+    (event,) = merge_user_events("u", [whole], stored)
+    assert event.data == {"metadata": LOCAL_0311, "strain_data": {"strain_level": 6.0}}
+    assert event.ordering_timestamp_ms == 6
+    (stale,) = merge_user_events("u", [dataclasses.replace(whole, version_ms=4)], stored)
+    assert stale.data == stored[("daily", "2026-11-02")][0]  # older: nothing it lacks is cleared, nothing newer lost

@@ -51,12 +51,14 @@ def test_a_notification_fetches_the_named_data_for_its_connection(tmp_path, fake
                         "event_time": "2024-03-20T11:00:00+00:00", "user_id": "oura-acct-5"}
         stranger = dict(notification, user_id="someone-else")
         deleted_tag = dict(notification, data_type="tag")  # not a kind the manifest maps: nothing to fetch
+        # a day-keyed collection's deletion is no tombstone (see the Oura notes): ignored, never fetched by id
+        deleted_readiness = dict(notification, event_type="delete", object_id="readiness-3-18")
         publish(broker.bootstrap, notes, [RawPayload("oura", json.dumps(n).encode(), kind="notification",
                                                      user_id=n["user_id"])
-                                          for n in (notification, stranger, deleted_tag)])
+                                          for n in (notification, stranger, deleted_tag, deleted_readiness)])
 
         report = fetcher.run_once(broker.bootstrap, notes, group="fetch")
-        assert (report.unknown_accounts, report.ignored, report.unreadable) == (1, 1, 0)
+        assert (report.unknown_accounts, report.ignored, report.unreadable) == (1, 2, 0)
         assert [r.kind for r in report.fetched.results] == ["daily_readiness"]
         # the notification names its document (object_id): that document is fetched, not the live window
         assert [r.path for r in api.served("daily_readiness")] == ["/v2/usercollection/daily_readiness/readiness-3-19"]

@@ -271,6 +271,14 @@ def test_deletion_notifications_become_deletions_without_a_fetch(server, broker)
     oura = requests.post(f"{base}/oura/webhook", data=oura_body, headers=_oura_headers(oura_body), timeout=10)
     assert whoop.json() == oura.json() == {"status": "accepted", "deletions": 1}
     assert _read(broker, notes) == []
+    # Oura deletions of what is not mapped to a record (daily_*, tag, session...) are no tombstones: they go to the
+    # fetcher, which ignores them, instead of dead-lettering in the pipeline
+    for data_type in ("daily_sleep", "tag"):
+        unmapped = json.dumps({"event_type": "delete", "data_type": data_type, "object_id": "1f2e3d4c",
+                               "event_time": "2026-11-02T06:13:02+00:00", "user_id": "oura-7"}).encode()
+        answer = requests.post(f"{base}/oura/webhook", data=unmapped, headers=_oura_headers(unmapped), timeout=10)
+        assert answer.json() == {"status": "accepted"}
+    assert len(_read(broker, notes)) == 2
     events = sorted(_read(broker, raw), key=lambda e: e["provider"])
     assert [(e["provider"], e["kind"], e["user_id"], e["payload"]) for e in events] == [
         ("oura", "deleted", "oura-7", oura_body), ("whoop", "deleted", "10129", whoop_body)]

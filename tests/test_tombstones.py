@@ -400,3 +400,25 @@ def test_the_streaming_job_delivers_the_tombstone_after_the_data(tmp_path: Path,
         assert receiver.events[_tombstone_id()]["deleted"][0]["summary_id"] == DELETED_WORKOUT
     with contextlib.closing(sqlite3.connect(database)) as connection:
         assert connection.execute("SELECT natural_key FROM healthflow_records").fetchall() == [(KEPT_WORKOUT,)]
+
+
+def test_a_deleted_recovery_leaves_its_sleep_without_the_recovery_fields_in_later_runs(tmp_path: Path) -> None:
+    """WHOOP recovery.deleted: the sleep fetched again comes with its cycle's recovery (none left, ``_recovery``
+    null) and replaces the stored Sleep, so the deleted recovery's fields are cleared, not kept by the merge."""
+    run = LocalRun(tmp_path)
+    recovery = json.loads((FIXTURES / "recovery.single.json").read_text())
+    sleep_id = recovery["sleep_id"]
+    run("recovery.jsonl", "recovery", recovery, CREATED_AT_MS)
+    stored = run.rows()[sleep_id]
+    assert stored["readiness_data"] == {"readiness": 67}
+    assert stored["heart_rate_data"]["summary"] == {"resting_hr_bpm": 51.0, "avg_hrv_rmssd": 58.403}
+
+    refetched = run("refetched.jsonl", "sleep", {**recovery["sleep"], "_recovery": None}, DELETED_AT_MS)
+
+    assert refetched.get("delivered:sql") == 1, refetched.counters
+    sleep = run.rows()[sleep_id]
+    assert "readiness_data" not in sleep and "heart_rate_data" not in sleep
+    assert "oxygen_saturation_data" not in sleep.get("respiration_data", {})
+    assert {k: sleep["metadata"][k] for k in ("start_time", "end_time")} == {
+        k: stored["metadata"][k] for k in ("start_time", "end_time")}
+    assert sleep["sleep_durations_data"] == stored["sleep_durations_data"]

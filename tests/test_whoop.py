@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -303,14 +304,15 @@ def test_hook_attaches_sleeps_seen_in_sleep_pages_and_fetches_others_once() -> N
     hook, asked = WhoopPollHook(), []
     sleeps = load("sleep.page.json")
     other = dict(sleeps["records"][0], id="0b1d3f5a-7c9e-4b2d-8f0a-2c4e6a8b0d13")
-    answers = {f"/v2/activity/sleep/{other['id']}": other}
+    # the sleeps not seen are listed by window (one request for the page); what that misses is asked by id
+    answers = {"/v2/activity/sleep": {"records": [other], "next_token": None}}
     assert hook.payloads(hook_request("sleep", answers, asked), sleeps) == [sleeps]
     recovery = load("recovery.bad_no_sleep.json")["records"][0]
     page = {"records": [recovery, dict(recovery, sleep_id=other["id"], cycle_id=1),
                         dict(recovery, sleep_id=other["id"], cycle_id=2),
                         dict(recovery, sleep_id="9d7b5f3a-1e2c-4a6b-8d0f-4a6c8e0b2d24")], "next_token": "abc"}
     (published,) = hook.payloads(hook_request("recovery", answers, asked), page)
-    assert asked == [f"/v2/activity/sleep/{other['id']}", "/v2/activity/sleep/9d7b5f3a-1e2c-4a6b-8d0f-4a6c8e0b2d24"]
+    assert asked == ["/v2/activity/sleep", "/v2/activity/sleep/9d7b5f3a-1e2c-4a6b-8d0f-4a6c8e0b2d24"]
     assert published["next_token"] == "abc"
     first, second, third, gone = published["records"]
     assert first["sleep"] == sleeps["records"][0] and second["sleep"] == third["sleep"] == other
@@ -330,3 +332,49 @@ def test_hook_turns_a_sleep_fetched_by_id_into_its_recovery() -> None:
     assert asked == ["/v2/cycle/1236731435/recovery"] and published == dict(recovery, sleep=sleep)
     # a cycle without a recovery (a nap's notification after its cycle's recovery was deleted): nothing to publish
     assert hook.payloads(hook_request("recovery", {}, []), sleep) == []
+
+
+def test_hook_forgets_expired_sleeps_and_keeps_them_over_two_poll_intervals(monkeypatch) -> None:
+    from connectors.providers.whoop import client
+
+    now = [1000.0]
+    monkeypatch.setattr(client.time, "monotonic", lambda: now[0])
+    hook, asked = WhoopPollHook(), []
+    assert hook.sleep_ttl_s >= 2 * 900 * 1.1  # the scheduler polls each kind every 900 s ± 10 %, independently
+    sleeps = load("sleep.page.json")
+    hook.payloads(hook_request("sleep", {}, asked), sleeps)
+    assert hook.cached() == len(sleeps["records"])
+    now[0] += 2 * 990  # two late poll intervals later, the recovery page still finds its sleep
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    (published,) = hook.payloads(hook_request("recovery", {}, asked), {"records": [recovery]})
+    assert asked == [] and published["records"][0]["sleep"] == sleeps["records"][0]
+    now[0] += hook.sleep_ttl_s  # expired: pruned on the next page any user's sleeps arrive with
+    other = dict(sleeps["records"][0], id="0b1d3f5a-7c9e-4b2d-8f0a-2c4e6a8b0d13")
+    connection = type("Connection", (), {"user_id": "hf-2", "provider_user_id": "9", "provider": "whoop"})()
+    hook.payloads(Request("whoop", "sleep", None, None, None, connection, None), {"records": [other]})
+    assert hook.cached() == 1
+
+
+def test_hook_attaches_the_cycles_recovery_to_a_sleep_fetched_by_id() -> None:
+    """sleep.updated / recovery.deleted fetch the sleep by id: it comes with its cycle's recovery (or null: none left,
+    or a nap's), and maps to the whole Sleep, replacing the stored one."""
+    sleep = load("sleep.single.json")
+    recovery = load("recovery.bad_no_sleep.json")["records"][0]
+    hook, asked = WhoopPollHook(), []
+    (published,) = hook.payloads(hook_request("sleep", {"/v2/cycle/1236731435/recovery": recovery}, asked), sleep)
+    assert asked == ["/v2/cycle/1236731435/recovery"] and published == dict(sleep, _recovery=recovery)
+    (whole,) = normalize(published, "sleep")
+    assert whole.replaces and whole.version_ms is None and whole.data["readiness_data"] == {"readiness": 67}
+    (gone,) = hook.payloads(hook_request("sleep", {}, []), sleep)  # 404: the recovery was deleted
+    assert gone == dict(sleep, _recovery=None)
+    (bare,) = normalize(gone, "sleep")
+    assert bare.replaces and "readiness_data" not in bare.data and bare.data["metadata"]["summary_id"] == SLEEP_ID
+    nap_of_cycle = dict(recovery, sleep_id="0b1d3f5a-7c9e-4b2d-8f0a-2c4e6a8b0d13")  # the cycle's recovery is another's
+    (nap,) = hook.payloads(hook_request("sleep", {"/v2/cycle/1236731435/recovery": nap_of_cycle}, []), sleep)
+    assert nap == dict(sleep, _recovery=None)
+    # polled pages are published as they are, and map to mergeable fragments
+    page = load("sleep.page.json")
+    assert hook.payloads(Request("whoop", "sleep", None, datetime(2024, 3, 10, tzinfo=UTC),
+                                 datetime(2024, 3, 12, tzinfo=UTC), hook_request("sleep", {}, []).connection,
+                                 None), page) == [page]
+    assert not any(f.replaces for f in normalize(page, "sleep"))

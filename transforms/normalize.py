@@ -25,7 +25,7 @@ import logging
 import operator
 import pickle
 import zlib
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -90,6 +90,7 @@ class Keyed:
     deleted: bool = False  # the provider deleted the record (a ``Deletion``): ``data`` is empty
     unversioned: bool = False  # a deletion without the provider's version: ``version_ms`` is its arrival time
     dropped: tuple[tuple[str, int], ...] = ()  # what the plausibility check took out (``transforms.plausibility``)
+    replaces: bool = False  # the whole record: replaces (not merges into) an older one (``Fragment.replaces``)
 
 
 def decode_raw(message: RawMessage) -> RawEvent:
@@ -271,7 +272,8 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
     check_text(f"{fragment.type} natural key", key)
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
-                 raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()))
+                 raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()),
+                 replaces=fragment.replaces)
 
 
 def provider_models(provider: Provider) -> set[str]:
@@ -441,6 +443,7 @@ class RecordMerge:
     """
 
     def __init__(self) -> None:
+        self.samples_outside_window = 0  # samples of a UTC day left out of a local day (``fold_record``)
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
         self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
 
@@ -474,11 +477,23 @@ class RecordMerge:
 
     def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
         """``fold``, except that a day window in the user's local time is never replaced by the same day written in
-        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics)."""
+        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics).
+
+        Where a day labelled UTC (timestamp_localization 0) meets the same day key labelled local, the record is the
+        local day and keeps only the UTC side's samples inside it (an Oura row at 02:00Z on the 11th is the 10th at
+        -05:00: not a sample of the local 11th); those outside are counted in ``samples_outside_window``."""
         old_meta, new_meta = record.get("metadata") or {}, newer.get("metadata") or {}
-        if not (old_meta.get("timestamp_localization") == 1 and _has_offset(old_meta.get("start_time")) and (
-                new_meta.get("timestamp_localization") != 1 or not _has_offset(new_meta.get("start_time")))):
+        old_local, new_local = _local_day(old_meta), _local_day(new_meta)
+        if new_local and _utc_day(old_meta):  # the local window replaces the UTC one: the stored samples must fit it
+            kept, dropped = _within(record, *_bounds(new_meta))
+            if dropped:
+                record.update(kept)
+                self.samples_outside_window += dropped
+        if not (old_local and not new_local):
             return self.fold(record, newer)
+        if _utc_day(new_meta):
+            newer, dropped = _within(newer, *_bounds(old_meta))
+            self.samples_outside_window += dropped
         kept = tuple(key for key in ("start_time", "end_time", "timestamp_localization") if key in old_meta)
         if not isinstance(newer.get("metadata"), dict):
             changed = self.fold(record, newer)
@@ -607,16 +622,51 @@ def _has_offset(text: str | None) -> bool:
     return bool(text) and len(text) > 26
 
 
+def _local_day(meta: dict[str, Any]) -> bool:
+    """A window in the user's local time with a real offset."""
+    return meta.get("timestamp_localization") == 1 and _has_offset(meta.get("start_time"))
+
+
+def _utc_day(meta: dict[str, Any]) -> bool:
+    """A window labelled UTC (timestamp_localization 0) written with its offset."""
+    return meta.get("timestamp_localization") == 0 and _has_offset(meta.get("start_time")) and _has_offset(
+        meta.get("end_time"))
+
+
+def _bounds(meta: dict[str, Any]) -> tuple[datetime, datetime]:
+    return _instant(meta["start_time"]), _instant(meta["end_time"])
+
+
+def _within(value: Any, start: datetime, end: datetime) -> tuple[Any, int]:
+    """``value`` with the samples of its sample lists outside ``[start, end)`` left out (a copy along the way to a
+    change; ``value`` itself when nothing is outside), and how many were left out."""
+    if isinstance(value, list) and _sample_list(value):
+        time_key = _time_key(value[0])
+        inside = [item for item in value if start <= _instant(item[time_key]) < end]
+        return (value, 0) if len(inside) == len(value) else (inside, len(value) - len(inside))
+    if not isinstance(value, dict):
+        return value, 0
+    changed, dropped = {}, 0
+    for key, item in value.items():
+        if key == "metadata":
+            continue
+        kept, count = _within(item, start, end)
+        if count:
+            changed[key], dropped = kept, dropped + count
+    return ({**value, **changed}, dropped) if dropped else (value, 0)
+
+
 Stored = dict[tuple[str, str], tuple[dict[str, Any], int]]  # (type, natural key) → (record, version_ms)
 
 
 def merge_user_events(user_id: str, fragments: Iterable[Keyed], stored: Stored | None = None,
-                      ) -> list[NormalizedEvent]:
+                      on_dropped: Callable[[str, int], None] | None = None) -> list[NormalizedEvent]:
     """The events of ``merge_user_records``."""
-    return [event for event, _ in merge_user_records(user_id, fragments, stored)]
+    return [event for event, _ in merge_user_records(user_id, fragments, stored, on_dropped)]
 
 
 def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored | None = None,
+                       on_dropped: Callable[[str, int], None] | None = None,
                        ) -> list[tuple[NormalizedEvent, dict[str, Any] | None]]:
     """One event per (type, natural key) of a user, in the user's stream order (by sequence), each with the merged
     record the record state keeps for it when that is not the event's data (``None``: it is).
@@ -637,7 +687,14 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     whatever the arrival order: data not newer than a deletion is stale and the record stays deleted. Data newer than
     it re-creates the record from nothing (never merged onto the deleted one), with the deletion's version as its
     ``generation`` (mixed into its events' ids). A versioned deletion older than the stored record changes nothing.
+
+    A fragment that ``replaces`` (``connectors.base.Fragment.replaces``) and is not stale starts the record afresh:
+    the fields it lacks are cleared (fragments after it merge into it as usual).
+
+    ``on_dropped(name, count)`` is told what the merge left out (``samples_outside_window``: see
+    ``RecordMerge.fold_record``).
     """
+    dropped = 0
     groups: dict[tuple[str, str], list[Keyed]] = {}
     for fragment in fragments:
         groups.setdefault((fragment.type, fragment.natural_key), []).append(fragment)
@@ -675,13 +732,19 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
             if deleted is not None:
                 if fragment.version_ms <= version:  # not newer than the deletion: it stays deleted
                     continue
+                dropped += merge.samples_outside_window
                 deleted, merge, generation = None, RecordMerge(), version  # re-created: a fresh record
+                record = merge.record({})
+            elif fragment.replaces and record:  # the whole record, newer: what it lacks is gone
+                dropped += merge.samples_outside_window
+                merge = RecordMerge()
                 record = merge.record({})
             changed = merge.fold_record(record, fragment.data)
             if fragment.version_ms > version:
                 version = fragment.version_ms
             elif changed:  # same version, new content: make sure it is not taken for a stale copy
                 version += 1
+        dropped += merge.samples_outside_window
         newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         sequence = max(f.sequence for f in versions)
@@ -697,6 +760,8 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
             sequence=sequence, raw_idempotency_key=newest.raw_idempotency_key,
             reference=reference, generation=generation), None if delivered is record else record))
     events.sort(key=lambda pair: pair[0].sequence)
+    if dropped and on_dropped is not None:
+        on_dropped("samples_outside_window", dropped)
     return events
 
 
@@ -895,7 +960,8 @@ class MergePerUser(beam.DoFn):
             if any(parts is item[1] for _, item in unloadable):
                 continue
             try:
-                events = merge_user_records(user_id, fragments, stored_by_user.get(user_id))
+                events = merge_user_records(user_id, fragments, stored_by_user.get(user_id),
+                                            lambda name, count: self.tally.add(f"plausibility:{name}", count))
             except Exception as exc:  # this user's records cannot merge: theirs alone fail
                 failed.append(("merge", exc, parts, window, timestamp))
                 continue

@@ -36,7 +36,8 @@ the same topic with ``healthflow-attempt`` / ``healthflow-due`` headers and fetc
 ``retry_base_s`` up to ``retry_max_s``), so one failing account never holds up the queue and nothing is dropped (a
 Garmin ping, for one, is sent once). A fetch the provider refuses (a 4xx) is counted in ``fetched.failed`` and not
 repeated: asked the same way it cannot succeed (a pull provider's live poll reads the data again).
-Notifications for unknown accounts, or that name nothing to fetch, are counted, never fatal (deletions never get
+Notifications for unknown accounts, or that name nothing to fetch (``webhooks.ignored``: Oura deletions of day-keyed
+collections), are counted, never fatal (mapped deletions never get
 here: the receiver publishes them as raw events, ``webhooks.deletions``).
 
 A notification the receiver claimed by its content (Fitbit, Polar: the ``healthflow-replay-claim`` header, see
@@ -57,7 +58,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from connectors import registry
-from connectors.manifest import Webhooks
+from connectors.manifest import Webhooks, matches_any
 from controlplane.polling.poller import PollResult, ProviderRefused
 from controlplane.polling.publisher import PublishFailed
 from controlplane.polling.service import ConnectionPolling, PollReport
@@ -208,6 +209,8 @@ class NotificationFetcher:
                 report.unknown_accounts += 0 if ended else 1
                 continue
             kinds = hooks.kinds.get(str(note.get(hooks.kind_field))) if hooks.kind_field else None
+            if matches_any(note, hooks.ignored):  # e.g. a deletion no record stands for: nothing to fetch
+                kinds = None
             connection = self.polling.control_plane.resolve_user(provider, str(account)) if account else None
             if not kinds:
                 report.ignored += 1

@@ -30,9 +30,11 @@ class FakeWhoopApi(FakeProviderApi):
     provider: str | Manifest = "whoop"
 
     def delete(self, kind: str, record_id: str) -> None:
-        """The user deleted the record at WHOOP (for a sleep: its recovery goes with it)."""
+        """The user deleted the record at WHOOP (for a sleep: its recovery goes with it; a recovery is named by its
+        ``sleep_id``)."""
+        field = "sleep_id" if kind == "recovery" else "id"
         with self._lock:
-            self.documents[kind] = [d for d in self.documents.get(kind, []) if str(d.get("id")) != record_id]
+            self.documents[kind] = [d for d in self.documents.get(kind, []) if str(d.get(field)) != record_id]
             if kind == "sleep":
                 self.documents["recovery"] = [d for d in self.documents.get("recovery", [])
                                               if str(d.get("sleep_id")) != record_id]

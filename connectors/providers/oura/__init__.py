@@ -19,9 +19,11 @@ measures no distance for. Durations, steps, calories and counts of 0 are real an
 
 Deletions: a webhook ``{"event_type": "delete", "data_type", "object_id", "user_id", "event_time"}`` (raw kind
 ``deleted``) and a sleep with ``type`` ``deleted`` (or ``rest``: Oura rejected the period as sleep) become
-``Deletion``s of the Sleep / Activity keyed by the document id. A deleted daily_* document is refused: its Daily is
-keyed by day (the notification names only the document id) and is merged from several collections, so the deletion of
-one part is not a tombstone of the day.
+``Deletion``s of the Sleep / Activity keyed by the document id. A deleted daily_* document is no tombstone: its Daily
+is keyed by day (the notification names only the document id) and is merged from several collections, so the deletion
+of one part is not a tombstone of the day. The manifest therefore publishes only sleep and workout deletions as raw
+kind ``deleted``; the others are counted as ignored by the notification fetcher (``webhooks.ignored``), and this
+mapper refuses them if they come anyway.
 """
 
 from __future__ import annotations

@@ -53,15 +53,25 @@ def _utc_moment(row: dict[str, Any]) -> datetime | None:
     return None
 
 
-def _row_offset(moment: datetime, offsets: dict[date, str]) -> str | None:
-    """The offset of a UTC heart-rate row: of the day (its UTC date, the day before or after) whose offset puts the
-    row on that very day, else the first of them known."""
-    candidates = [d for d in (moment.date(), moment.date() - timedelta(days=1), moment.date() + timedelta(days=1))
-                  if d in offsets]
-    for day in candidates:
-        if (moment + parse_offset(offsets[day]).utcoffset(None)).date() == day:
+def _candidate_days(moment: datetime) -> tuple[date, date, date]:
+    """The local days a UTC moment can be on: its UTC date, the day before or after."""
+    return moment.date(), moment.date() - timedelta(days=1), moment.date() + timedelta(days=1)
+
+
+def _placing_offset(moment: datetime, offsets: dict[date, str]) -> str | None:
+    """The known offset of the day (among the candidates) that this very offset puts the UTC moment on."""
+    for day in _candidate_days(moment):
+        if day in offsets and (moment + parse_offset(offsets[day]).utcoffset(None)).date() == day:
             return offsets[day]
-    return offsets[candidates[0]] if candidates else None
+    return None
+
+
+def _row_offset(moment: datetime, offsets: dict[date, str]) -> str | None:
+    """The offset of a UTC heart-rate row: the placing offset, else that of the first candidate day known."""
+    found = _placing_offset(moment, offsets)
+    if found is not None:
+        return found
+    return next((offsets[d] for d in _candidate_days(moment) if d in offsets), None)
 
 
 class OuraPollHook(ResponseHook):
@@ -69,10 +79,11 @@ class OuraPollHook(ResponseHook):
     documents and heartrate rows, which carry none (see ``connectors.providers.oura``).
 
     Offsets are learned per user and day from the documents that carry one: sleep (``bedtime_end``), daily_activity
-    (``timestamp``, 4 a.m. local) and workout (``start_datetime``). The manifest polls sleep and daily_activity
-    first, so a poll round costs no extra request; for a single document fetched by id (a notification's) whose day
-    is not known (a restarted worker), the day is learned with one ``daily_activity`` request, asked once per day.
-    A day whose offset cannot be learned gets none: the mapper then keeps the day in UTC, labelled UTC. A heartrate
+    (``timestamp``, 4 a.m. local) and workout (``start_datetime``). They live in this process and each kind is polled
+    on its own timer, so a page (or a document fetched by id) whose days are not known yet (heartrate polled before
+    daily_activity, a restarted worker) costs one ``daily_activity`` request for those days (at most 31 of them),
+    never one per row; each day is asked once. A day whose offset cannot be learned gets none: the mapper then keeps
+    the day in UTC, labelled UTC (the merge keeps only its samples inside a local day of the same key). A heartrate
     row takes the offset of the day (its UTC date, the day before or after) that offset puts it on.
     """
 
@@ -97,9 +108,9 @@ class OuraPollHook(ResponseHook):
         moments = [(_utc_moment(doc) if heartrate else None) if isinstance(doc, dict) else None for doc in documents]
         days = {m.date() for m in moments if m} if heartrate else \
             {d for doc in documents if isinstance(doc, dict) and (d := _day(doc.get("day")))}
-        # a poll window's days were just seen in this round's sleep and daily_activity pages (polled first): only a
-        # single document (a notification's, fetched by id: no window) is worth a daily_activity request
-        offsets = self._known(request, user, days, ask=request.start is None and request.end is None)
+        # days not learned yet (kinds are polled on their own timers: heartrate may come before daily_activity, and
+        # a restarted worker knows nothing) are asked of daily_activity: one request per page, each day once
+        offsets = self._known(request, user, days, [m for m in moments if m] if heartrate else None)
         attached = []
         for doc, moment in zip(documents, moments, strict=True):
             offset = None
@@ -137,14 +148,18 @@ class OuraPollHook(ResponseHook):
             for stale in sorted(known)[:-MAX_DAYS_PER_USER]:
                 del known[stale]
 
-    def _known(self, request: Request, user: str, days: set[date], ask: bool) -> dict[date, str]:
-        """The user's offsets of ``days`` and their neighbours; with ``ask``, unknown days asked of daily_activity
-        once."""
+    def _known(self, request: Request, user: str, days: set[date], rows: list[datetime] | None = None,
+               ) -> dict[date, str]:
+        """The user's offsets of ``days`` and their neighbours. Days not known (for heartrate ``rows``: the days a
+        row could be on, when no known offset places it) are asked of daily_activity in one request (at most
+        ``MAX_LOOKUP_DAYS`` from the first), each day once."""
         wanted = days | {d + timedelta(days=step) for d in days for step in (-1, 1)}
         with self._lock:
             known = dict(self._offsets.get(user, {}))
             asked = set(self._asked.get(user, set()))
-        missing = sorted(d for d in days if d not in known and d not in asked) if ask else []
+        needed = days if rows is None else {
+            d for moment in rows if _placing_offset(moment, known) is None for d in _candidate_days(moment)}
+        missing = sorted(d for d in needed if d not in known and d not in asked)
         if missing:
             first, last = missing[0], min(missing[-1], missing[0] + timedelta(days=MAX_LOOKUP_DAYS - 1))
             try:

@@ -9,8 +9,11 @@ Accepted forms: collection pages ``{"records": [...], "next_token"}``, single re
 records (integer ids, ``zone_duration``); a recovery needs its sleep attached under ``sleep`` (the poll hook,
 ``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
 ``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` → the Activity ``id``.
-``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep, which a tombstone
-cannot express; the manifest fetches the sleep again instead.
+``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep. The manifest fetches
+the sleep again; a sleep fetched by id comes with its cycle's recovery attached by the hook (``_recovery``: the
+recovery, or null when the cycle has none left) and is the whole Sleep as WHOOP has it now: a Fragment that
+``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared), versioned by
+its arrival.
 
 Zero means absent: a heart rate (average, max, resting), HRV RMSSD, respiratory rate or SpO2 of 0 is no measurement
 (WHOOP 3.0 straps measure no SpO2; an UNSCORABLE-like score can carry zeros) and is left out, as is a workout
@@ -176,8 +179,19 @@ def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
 
 @PROVIDER.kind("sleep", "sleep")
 def sleep(doc: dict[str, Any]) -> Fragment:
-    """A sleep or nap: stage totals (no hypnogram in WHOOP's public API), efficiency, respiration, performance."""
-    return Fragment("sleep", _sleep_record(doc), version_ms=_version_ms(doc))
+    """A sleep or nap: stage totals (no hypnogram in WHOOP's public API), efficiency, respiration, performance.
+
+    With ``_recovery`` (a sleep fetched by id: its recovery, or null for none) it is the whole Sleep, which replaces
+    the stored one, versioned by its arrival (see the module docstring)."""
+    if "_recovery" not in doc:
+        return Fragment("sleep", _sleep_record(doc), version_ms=_version_ms(doc))
+    sleep_doc = {key: value for key, value in doc.items() if key != "_recovery"}
+    found = doc["_recovery"]
+    if found is None:
+        return Fragment("sleep", _sleep_record(sleep_doc), replaces=True)
+    if not isinstance(found, dict):
+        raise MappingError(f"_recovery must be the sleep's recovery object or null, got {type(found).__name__}")
+    return Fragment("sleep", recovery({**found, "sleep": sleep_doc}).data, replaces=True)
 
 
 @PROVIDER.kind("recovery", "sleep", context=("sleep",))
