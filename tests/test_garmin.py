@@ -988,3 +988,15 @@ def test_the_days_average_heart_rate_is_the_mean_of_its_plausible_samples() -> N
     record = only({"dailies": [doc]})
     assert record["heart_rate_data"]["summary"]["avg_hr_bpm"] == 64.33
     assert [s["bpm"] for s in record["heart_rate_data"]["detailed"]["hr_samples"]] == [52, 53, 88, 312]
+
+
+def test_an_epoch_of_blank_activity_type_is_its_own_part_of_the_slice_never_merged_into_another() -> None:
+    """An epoch whose ``activityType`` is blank (empty or missing) adds to its slice beside the WALKING epoch: it is
+    the part UNKNOWN, not merged into the walking sample (which would take its steps for the walk's)."""
+    blank = dict(epoch("08:00", "SEDENTARY", 30, 20.0, 3, 1.0, "SEDENTARY"), activityType=" ")
+    missing = {key: value for key, value in epoch("08:15", "X", 7, 5.0, 1, 1.0, "SEDENTARY").items()
+               if key != "activityType"}
+    day = merged({"epochs": [WALK_0800]}, {"epochs": [blank, missing]})[(USER_A, "daily", "2024-03-11")].data
+    assert day["distance_data"]["detailed"]["step_samples"] == [{"timestamp": AT("08:15"), "steps": 330},  # 300 + 30
+                                                                {"timestamp": AT("08:30"), "steps": 337}]
+    assert normalize({"epochs": [blank]})[0].part == "UNKNOWN"

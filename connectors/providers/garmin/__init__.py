@@ -199,6 +199,9 @@ def _epoch_sample(at: str, name: str, value: Any) -> list[dict[str, Any]]:
     return [{"timestamp": at, name: value}] if value is not None else []
 
 
+UNKNOWN_ACTIVITY = "UNKNOWN"  # the part of an epoch whose activityType is blank
+
+
 @PROVIDER.kind("epochs", "daily")
 def epochs(doc: dict[str, Any]) -> Fragment:
     """A 15-minute epoch of one activity type: steps, distance, active kcal, MET and activity-level samples of the
@@ -213,7 +216,8 @@ def epochs(doc: dict[str, Any]) -> Fragment:
     many pushes, each mapped alone. The record state keeps them so, one per (slice start, activity type)
     (``PROVIDER.interval_samples``, ``Fragment.part``): an update of an epoch (``durationInSeconds`` 720 → 900, same
     start and activity type) replaces it alone, another activity type of the slice stays beside it, and the running
-    totals are made from them whenever the Daily is delivered."""
+    totals are made from them whenever the Daily is delivered. An epoch whose ``activityType`` is blank is the part
+    ``UNKNOWN_ACTIVITY`` (never merged into another activity type's sample of the slice)."""
     _require(doc, "startTimeInSeconds")
     offset = _offset(doc)
     at = unix_ts(doc["startTimeInSeconds"], offset)
@@ -228,7 +232,7 @@ def epochs(doc: dict[str, Any]) -> Fragment:
         "calories_data": {"calorie_samples": _epoch_sample(at, "calories", doc.get("activeKilocalories"))},
         "MET_data": {"MET_samples": _epoch_sample(at, "level", _measured(doc.get("met")))},
         "active_durations_data": {"activity_levels_samples": _epoch_sample(at, "level", intensity)},
-    }, part=activity or None)
+    }, part=activity or UNKNOWN_ACTIVITY)
 
 
 def _sleep_end(doc: dict[str, Any]) -> int:
