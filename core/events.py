@@ -42,6 +42,7 @@ class NormalizedEvent:
     reference: str | None = None  # the historical request (backfill) it answers: Terra's terra-reference
     deleted: bool = False  # a tombstone: the provider deleted the record; ``data`` is its key (``deleted_key``)
     generation: int | None = None  # re-created after the deletion of this version (None: never deleted)
+    replaced: int | None = None  # the version of the last fragment that replaced the whole record (record state only)
 
     @functools.cached_property
     def data_json(self) -> bytes:
@@ -89,9 +90,9 @@ class NormalizedEvent:
                          b',"version":', canonical_json(self.version), b"}"))
 
     def to_dict(self) -> dict[str, Any]:
-        """The event's fields, without ``generation`` (only its id and the record state need it)."""
+        """The event's fields, without ``generation`` and ``replaced`` (only its id and the record state need them)."""
         value = asdict(self)
-        del value["generation"]
+        del value["generation"], value["replaced"]
         return value
 
     @classmethod
@@ -126,14 +127,16 @@ class NormalizedEvent:
     @classmethod
     def create(cls, *, type: str, user: dict[str, Any], data: dict[str, Any], natural_key: str,
                ordering_timestamp_ms: int, sequence: str, raw_idempotency_key: str | None = None,
-               reference: str | None = None, generation: int | None = None) -> NormalizedEvent:
+               reference: str | None = None, generation: int | None = None,
+               replaced: int | None = None) -> NormalizedEvent:
         """A data event. Its id covers canonical_json([user_id, type, natural_key, data]), and, for a record
-        re-created after a deletion, ``generation`` as a fifth item: ids of records never deleted stay as they were."""
+        re-created after a deletion, ``generation`` as a fifth item: ids of records never deleted stay as they were.
+        ``replaced`` (the record state's, never in the id) is the version of the last fragment that replaced it."""
         data_json = canonical_json(data)
         tail = b"]" if generation is None else b"," + canonical_json(generation) + b"]"
         digest = hashlib.sha256(canonical_json([user["user_id"], type, natural_key])[:-1] + b"," + data_json + tail)
         event = cls(f"evt_{digest.hexdigest()[:32]}", type, user, data, natural_key, ordering_timestamp_ms, sequence,
-                    raw_idempotency_key, reference=reference, generation=generation)
+                    raw_idempotency_key, reference=reference, generation=generation, replaced=replaced)
         event.__dict__["data_json"] = data_json
         return event
 

@@ -179,21 +179,24 @@ def _reference_merge_user_events(fragments, stored=None):
         return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time"))
                                    for i in items)
 
-    def merge(older, newer):
+    def merge(older, newer, fill=False):
+        """``newer`` over ``older``; ``fill``: ``older`` only fills what ``newer`` lacks (its samples at other
+        instants stay, even inside ``newer``'s span)."""
         if isinstance(older, dict) and isinstance(newer, dict):
             merged = dict(older)
             for key, value in newer.items():
-                merged[key] = merge(older[key], value) if key in older and isinstance(value, dict | list) else value
+                merged[key] = merge(older[key], value, fill) if key in older and isinstance(value, dict | list) \
+                    else value
             return merged
         if isinstance(older, list) and isinstance(newer, list) and sample_list(older) and sample_list(newer):
-            return _reference_sample_merge_with(merge, instant, older, newer)
+            return _reference_sample_merge_with(merge, instant, older, newer, fill)
         return newer
 
     def has_offset(text):
         return bool(text) and len(text) > 26
 
-    def day_aware(older, newer):
-        merged = merge(older, newer)
+    def day_aware(older, newer, fill=False):
+        merged = merge(older, newer, fill)
         old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
         if old_meta.get("timestamp_localization") == 1 and has_offset(old_meta.get("start_time")) and (
                 new_meta.get("timestamp_localization") != 1 or not has_offset(new_meta.get("start_time"))):
@@ -214,7 +217,7 @@ def _reference_merge_user_events(fragments, stored=None):
             older = {}
             for fragment in stale:
                 older = day_aware(older, fragment.data)
-            filled = day_aware(older, data)
+            filled = day_aware(older, data, fill=True)
             if filled != data:
                 data, version = filled, version + 1
         for fragment in versions[len(stale):]:
@@ -228,13 +231,15 @@ def _reference_merge_user_events(fragments, stored=None):
     return out
 
 
-def _reference_sample_merge_with(merge, instant, older, newer):
+def _reference_sample_merge_with(merge, instant, older, newer, fill=False):
     key = "timestamp" if "timestamp" in newer[0] else "measurement_time"
     span = [instant(item[key]) for item in newer]
     first, last = min(span), max(span)
     older_at = {instant(item[key]): item for item in older}
-    merged_newer = [merge(older_at[at], item) if at in older_at else item for at, item in zip(span, newer, strict=True)]
-    kept = [item for item in older if not first <= instant(item[key]) <= last]
+    merged_newer = [merge(older_at[at], item, fill) if at in older_at else item
+                    for at, item in zip(span, newer, strict=True)]
+    kept = [item for item in older if (instant(item[key]) not in span if fill else
+                                       not first <= instant(item[key]) <= last)]
     return sorted(kept + merged_newer, key=lambda item: instant(item[key]))
 
 
@@ -391,3 +396,134 @@ def test_a_replacing_fragment_newer_than_the_stored_record_clears_what_it_lacks_
     assert event.ordering_timestamp_ms == 6
     (stale,) = merge_user_events("u", [dataclasses.replace(whole, version_ms=4)], stored)
     assert stale.data == stored[("daily", "2026-11-02")][0]  # older: nothing it lacks is cleared, nothing newer lost
+
+
+def _stored_after(records: list) -> dict:
+    """The record state a merge leaves: {(type, key): (stored row, version)}, as ``MergePerUser`` saves it."""
+    from transforms.record_state import state_row
+
+    return {(e.type, e.natural_key): (json.loads(state_row(e, r)), e.ordering_timestamp_ms) for e, r in records}
+
+
+def _daily_steps(*samples: dict) -> dict:
+    return {"metadata": {"start_time": "2024-01-01T00:00:00.000000+01:00", "end_time":
+                         "2024-01-02T00:00:00.000000+01:00", "timestamp_localization": 1},
+            "distance_data": {"detailed": {"step_samples": list(samples)}}}
+
+
+def _steps_at(hm: str, steps: int, part: str | None = None) -> dict:
+    return _part(f"2024-01-01T{hm}:00.000000+01:00", steps, part)
+
+
+def test_a_late_interval_inside_the_stored_span_fills_its_gap_and_the_stored_samples_win():
+    """Google Health steps (no parts) and Garmin epochs (parts): a stale fragment adds the interval the stored record
+    lacks, even between stored intervals; at a stored (instant, part) the stored sample stays."""
+    from transforms.normalize import merge_user_records
+
+    def keyed(data: dict, version: int, sequence: str, provider: str) -> Keyed:
+        return Keyed("daily", "2024-01-01", data, version, sequence, {"user_id": "u", "provider": "X"}, "k",
+                     provider)
+
+    for provider, part in (("google_health", None), ("garmin", "WALKING")):
+        stored = _stored_after(merge_user_records("u", [
+            keyed(_daily_steps(_steps_at("10:00", 100, part)), 30, "a", provider),
+            keyed(_daily_steps(_steps_at("10:30", 300, part)), 31, "b", provider)]))
+        late = keyed(_daily_steps(_steps_at("10:15", 200, part), _steps_at("10:30", 999, part)), 20, "c", provider)
+        [(event, record)] = merge_user_records("u", [late], stored)
+        assert (record or event.data)["distance_data"]["detailed"]["step_samples"] == [
+            _steps_at("10:00", 100, part), _steps_at("10:15", 200, part), _steps_at("10:30", 300, part)], provider
+        ends = ("10:15", "10:30", "10:45") if part else ("10:00", "10:15", "10:30")  # Google Health's: as mapped
+        assert event.data["distance_data"]["detailed"]["step_samples"] == [  # running totals at each interval's end
+            {"timestamp": f"2024-01-01T{end}:00.000000+01:00", "steps": total} for end, total in zip(
+                ends, (100, 300, 600), strict=True)]
+        assert event.ordering_timestamp_ms == 32  # richer than what destinations hold at 31
+        [(again, _)] = merge_user_records("u", [late], _stored_after([(event, record)]))
+        assert again.event_id == event.event_id and again.ordering_timestamp_ms == 32  # redelivered: nothing new
+
+
+def test_a_stale_part_of_a_stored_interval_is_a_gap_a_sample_of_no_part_covers_the_whole_interval():
+    merge = RecordMerge()
+    filled = merge.record({"s": [_steps_at("10:00", 40, "SEDENTARY"), _steps_at("10:15", 7, None)]})
+    merge.fill(filled, {"s": [_steps_at("10:00", 300, "WALKING"), _steps_at("10:15", 9, None),
+                              _steps_at("10:30", 5, "WALKING")]})
+    assert filled["s"] == [_steps_at("10:00", 40, "SEDENTARY"), _steps_at("10:00", 300, "WALKING"),
+                           _steps_at("10:15", 9, None), _steps_at("10:30", 5, "WALKING")]
+    merge = RecordMerge()
+    filled = merge.record({"s": [_steps_at("10:00", 40, "SEDENTARY")]})
+    merge.fill(filled, {"s": [_steps_at("10:00", 300, None)]})  # stored before parts: the whole interval
+    assert filled["s"] == [_steps_at("10:00", 300, None)]
+
+
+def _sleep(version: int, sequence: str, replaces: bool = False, **fields: dict) -> Keyed:
+    metadata = {"summary_id": "s1", "start_time": "2024-01-01T23:00:00.000000+00:00",
+                "end_time": "2024-01-02T07:00:00.000000+00:00"}
+    return Keyed("sleep", "s1", {"metadata": metadata, **fields}, version, sequence,
+                 {"user_id": "u", "provider": "WHOOP"}, "k", "whoop", replaces=replaces)
+
+
+def test_what_a_replacing_fragment_cleared_stays_gone_when_older_data_is_redelivered():
+    """WHOOP: recovery.deleted fetches the sleep by id (replaces, version = its arrival); the old recovery's
+    redelivery (at least once) is older than the replace and must not bring the recovery fields back."""
+    from transforms.normalize import merge_user_records
+
+    recovery = {"heart_rate_data": {"summary": {"resting_hr_bpm": 50}}}
+    stored = _stored_after(merge_user_records("u", [_sleep(100, "a", scores={"sleep_score": 80}),
+                                                    _sleep(200, "b", **recovery)]))
+    stored = _stored_after(merge_user_records("u", [_sleep(1000, "c", True, scores={"sleep_score": 80})], stored))
+    [(event, _)] = merge_user_records("u", [_sleep(200, "d", **recovery)], stored)
+    assert "heart_rate_data" not in event.data and event.ordering_timestamp_ms == 1000
+    later = _stored_after([(event, None)])
+    [(newer, _)] = merge_user_records("u", [_sleep(1100, "e", scores={"sleep_score": 81})], later)
+    [(stale, _)] = merge_user_records("u", [_sleep(200, "d", **recovery)], _stored_after([(newer, None)]))
+    assert "heart_rate_data" not in stale.data  # the replace's version stays with the record
+    [(filled, _)] = merge_user_records("u", [_sleep(1050, "f", sleep_efficiency={"v": 1})], later)
+    assert filled.data.get("sleep_efficiency") == {"v": 1}  # data newer than the replace still fills gaps
+
+
+def test_redelivering_an_identical_replacing_fragment_keeps_the_ordering_timestamp_and_id():
+    from transforms.normalize import merge_user_records
+
+    first = merge_user_records("u", [_sleep(1000, "a", True, scores={"sleep_score": 80})])
+    again = merge_user_records("u", [_sleep(1000, "a", True, scores={"sleep_score": 80})], _stored_after(first))
+    assert again[0][0].ordering_timestamp_ms == first[0][0].ordering_timestamp_ms == 1000
+    assert again[0][0].event_id == first[0][0].event_id
+    changed = merge_user_records("u", [_sleep(1000, "b", True, scores={"sleep_score": 70})], _stored_after(first))
+    assert changed[0][0].ordering_timestamp_ms == 1001  # same version, other content: after the stored one
+
+
+def test_samples_left_out_are_tallied_once_when_a_users_save_fails_and_their_messages_merge_again():
+    """A user's messages merge together; when the state refuses the save, each message is merged again alone (the one
+    at fault is dead-lettered): what the merge left out is tallied from the merge that was saved, not from both."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.normalize import MergePerUser, UserFragments
+
+    class RefusingState:
+        def load(self, keys):
+            return {}
+
+        def save(self, rows):
+            if any(key[2] == "2024-03-12" for key, _, _ in list(rows)):
+                raise ValueError("the store refuses this row")
+
+    class NoDirectory:
+        def resolve(self, *_):
+            return None
+
+    def keyed(day: str, meta: dict, samples: dict, sequence: str) -> Keyed:
+        return Keyed("daily", day, {"metadata": meta, **samples}, 1, sequence, {"user_id": "u", "provider": "OURA"},
+                     "k")
+
+    local, utc = keyed("2024-03-11", LOCAL_0311, {}, "1"), keyed("2024-03-11", UTC_0311, _hr(
+        "2024-03-11T02:00:00.000000+00:00", "2024-03-11T12:00:00.000000+00:00"), "2")  # 02:00Z is the 10th locally
+    refused = keyed("2024-03-12", LOCAL_0311, {}, "3")
+    merge = MergePerUser("unused")
+    merge.state, merge.users = RefusingState(), NoDirectory()
+    merge.start_bundle()
+    message = RawMessage(b"{}", {"path": "x", "line": 1}, encoding="json")
+    merge.pending = [("u", [UserFragments((local, utc), message), UserFragments((refused,), message)],
+                      GlobalWindow(), Timestamp(0))]
+    list(merge._flush())
+    assert merge.tally.counts["dead_letter:state"] == 1
+    assert merge.tally.counts["plausibility:samples_outside_window"] == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -165,6 +166,41 @@ def test_a_deletion_of_a_record_never_seen_is_still_a_tombstone() -> None:
     [event] = merge_user_events("u", [_deletion(20, "2")])
 
     assert event.deleted and event.data == {"natural_key": "w1", "summary_id": "w1"}
+
+
+def _saved(events: list[NormalizedEvent]) -> dict:
+    """The record state after ``events``: what ``MergePerUser`` saves (``state_row``) at each ordering timestamp."""
+    return {(e.type, e.natural_key): (json.loads(state_row(e)), e.ordering_timestamp_ms) for e in events}
+
+
+def test_data_from_before_a_deletion_never_refills_the_record_recreated_after_it() -> None:
+    """Data at 10, a deletion at 20, the record re-created at 30: the data at 10 redelivered late is older than the
+    deletion (the generation the record keeps), so it fills no gap of the new record."""
+    state = _saved(merge_user_events("u", [_data(10, "1", device_data={"name": "WHOOP 4.0"})]))
+    state = _saved(merge_user_events("u", [_deletion(20, "2")], state))
+    [recreated] = merge_user_events("u", [_data(30, "3", calories_data={"total_burned_calories": 576})], state)
+    assert recreated.generation == 20
+    [late] = merge_user_events("u", [_data(10, "1", device_data={"name": "WHOOP 4.0"})], _saved([recreated]))
+
+    assert "device_data" not in late.data and late.event_id == recreated.event_id
+    assert late.ordering_timestamp_ms == 30
+    [newer] = merge_user_events("u", [_data(25, "4", device_data={"name": "WHOOP 4.0"})], _saved([recreated]))
+    assert newer.data["device_data"] == {"name": "WHOOP 4.0"}  # after the deletion: fills the gap as any stale data
+
+
+def test_a_redelivered_unversioned_deletion_does_not_delete_the_record_recreated_after_it() -> None:
+    """An unversioned deletion (version: its arrival time) redelivered with the same arrival time after the record
+    was re-created is the deletion the record's generation names: stale."""
+    received = Keyed("activity", "w1", {}, 20, "2", USER, "raw-2", deleted=True, unversioned=True)
+    state = _saved(merge_user_events("u", [_data(10, "1")]))
+    state = _saved(merge_user_events("u", [received], state))
+    [recreated] = merge_user_events("u", [_data(30, "3")], state)
+    [again] = merge_user_events("u", [received], _saved([recreated]))
+
+    assert not again.deleted and again.event_id == recreated.event_id and again.ordering_timestamp_ms == 30
+    later = dataclasses.replace(received, version_ms=40, sequence="4")  # a new deletion: received after it
+    [deleted] = merge_user_events("u", [later], _saved([recreated]))
+    assert deleted.deleted and deleted.ordering_timestamp_ms == 40
 
 
 # ======================================================================================================================

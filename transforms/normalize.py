@@ -25,6 +25,7 @@ import logging
 import operator
 import pickle
 import zlib
+from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,7 +57,7 @@ from transforms.bounds import (
 from transforms.interval_samples import PART, emitted, mark_part
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
-from transforms.record_state import open_state, state_row, stored_deletion, stored_generation
+from transforms.record_state import open_state, state_row, stored_deletion, stored_marks
 from transforms.reuse import acquire, release
 from transforms.users import UserDirectory
 
@@ -446,6 +447,7 @@ class RecordMerge:
         self.samples_outside_window = 0  # samples of a UTC day left out of a local day (``fold_record``)
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
         self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
+        self.fill_only = False  # the record folded into is older: newer sample lists only add what it lacks (``fill``)
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
         """A record of its own to fold into, starting as ``data``."""
@@ -469,7 +471,10 @@ class RecordMerge:
                     continue
             elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
                     id(old) in self._instants or _sample_list(old)):  # ours are sample lists
-                changed = self._fold_samples(target, key, old, value) or changed
+                if self.fill_only:
+                    changed = self._union_samples(target, key, old, value) or changed
+                else:
+                    changed = self._fold_samples(target, key, old, value) or changed
                 continue
             target[key] = value
             changed = changed or old != value
@@ -503,6 +508,43 @@ class RecordMerge:
         changed = self.fold(record, newer, keep=("metadata",))
         record["metadata"] = metadata = self._own(record["metadata"])
         return self.fold(metadata, newer["metadata"], keep=kept) or changed
+
+    def fill(self, older: dict[str, Any], record: dict[str, Any]) -> bool:
+        """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
+        what ``record`` lacks: ``record``'s fields win, and of a sample list every sample of ``older`` whose (instant,
+        part) ``record`` lacks is kept (a late interval inside the span ``record`` covers is a gap, not replaced);
+        ``record``'s sample wins at the same (instant, part), filled with the fields it lacks. A sample of no part
+        covers its whole instant. Whether ``older`` changed."""
+        self.fill_only = True
+        try:
+            return self.fold_record(older, record)
+        finally:
+            self.fill_only = False
+
+    def _union_samples(self, parent: dict[str, Any], key: str, older: list[Any], newer: list[dict[str, Any]]) -> bool:
+        """``fill``'s sample lists: ``newer``'s samples (merged onto the ``older`` sample at the same instant and part),
+        with the ``older`` samples at an (instant, part) ``newer`` lacks; in time order, ties older first."""
+        time_key = _time_key(newer[0])
+        newer_at = [(_instant(item[time_key]), item.get(PART)) for item in newer]
+        covered = set(newer_at)
+        whole = {at for at, part in newer_at if part is None}  # a sample of no part: the whole interval
+        anywhere = {at for at, _ in newer_at}
+        older_at = {}
+        gaps = []
+        for item in older:
+            at, part = _instant(item[time_key]), item.get(PART)
+            if (at, part) in covered:
+                older_at[(at, part)] = item
+            elif at not in whole and (part is not None or at not in anywhere):
+                gaps.append((at, item))
+        merged = [(at_part[0], _merged_sample(older_at[at_part], item) if at_part in older_at else item)
+                  for at_part, item in zip(newer_at, newer, strict=True)]
+        result = sorted(gaps + merged, key=operator.itemgetter(0))
+        samples = [item for _, item in result]
+        self._owned[id(samples)] = samples
+        self._instants[id(samples)] = (time_key, [at for at, _ in result])
+        parent[key] = samples
+        return samples != older
 
     def _own(self, value: Any) -> Any:
         if id(value) in self._owned:
@@ -676,20 +718,25 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     and id are of the delivered copy, the state keeps the record the next fragments merge into.
 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
-    record, if any; a fragment older than the stored version only fills fields the stored record
-    lacks. Each event carries the whole merged record (destinations overwrite by key), and an
-    ordering timestamp that grows whenever the record's content does, so no destination guard ever
-    takes a richer record for a stale copy. Neither the fragments nor the stored records change.
+    record, if any; a fragment older than the stored version only fills what the stored record
+    lacks (``RecordMerge.fill``: fields, and samples at an (instant, part) it lacks, even inside the span its samples
+    cover), unless it is not newer than the deletion the record was re-created after (its ``generation``) or than the
+    fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
+    carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
+    record's content does, so no destination guard ever takes a richer record for a stale copy. Neither the fragments
+    nor the stored records change.
 
     Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event),
     versioned after the live record it deletes (``max(its version, the record's + 1)``; an unversioned deletion's
-    version is its arrival time, so it too comes after whatever is stored). At equal versions the deletion wins,
+    version is its arrival time, so it too comes after whatever is stored; one not newer than the stored record's
+    generation is that deletion redelivered, and changes nothing). At equal versions the deletion wins,
     whatever the arrival order: data not newer than a deletion is stale and the record stays deleted. Data newer than
     it re-creates the record from nothing (never merged onto the deleted one), with the deletion's version as its
     ``generation`` (mixed into its events' ids). A versioned deletion older than the stored record changes nothing.
 
     A fragment that ``replaces`` (``connectors.base.Fragment.replaces``) and is not stale starts the record afresh:
-    the fields it lacks are cleared (fragments after it merge into it as usual).
+    the fields it lacks are cleared (fragments after it merge into it as usual); the record counts as changed (its
+    ordering timestamp moves at an equal version) only if it differs from the record it replaced.
 
     ``on_dropped(name, count)`` is told what the merge left out (``samples_outside_window``: see
     ``RecordMerge.fold_record``).
@@ -703,19 +750,22 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
         deleted = stored_deletion(data)
-        data, generation = stored_generation(data)
+        data, generation, replaced = stored_marks(data)
         start_time = deleted.get("start_time") if deleted is not None else _start_time(data)
         if deleted is not None:
             data = {}
         merge = RecordMerge()
         record = merge.record(data)
-        stale = {id(f) for f in versions if _stale(f, version, deleted is not None)}
-        stale_data = [f for f in versions if id(f) in stale and not f.deleted]
-        if stale_data and deleted is None:  # older than the stored record: fill gaps (older than a deletion: nothing)
+        stale = {id(f) for f in versions if _stale(f, version, deleted is not None, generation)}
+        # older than the stored record: fill gaps; not newer than the deletion the record was re-created after, or
+        # than the fragment that replaced it (what it cleared stays gone), or older than a deletion: nothing
+        gaps_after = max(generation or 0, replaced or 0)
+        stale_data = [f for f in versions if id(f) in stale and not f.deleted and f.version_ms > gaps_after]
+        if stale_data and deleted is None:
             filled = merge.record({})
             for fragment in stale_data:
                 merge.fold_record(filled, fragment.data)
-            merge.fold_record(filled, data)
+            merge.fill(filled, data)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
@@ -735,11 +785,16 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                 dropped += merge.samples_outside_window
                 deleted, merge, generation = None, RecordMerge(), version  # re-created: a fresh record
                 record = merge.record({})
-            elif fragment.replaces and record:  # the whole record, newer: what it lacks is gone
-                dropped += merge.samples_outside_window
-                merge = RecordMerge()
-                record = merge.record({})
+            previous = None
+            if fragment.replaces:
+                replaced = max(replaced or 0, fragment.version_ms)
+                if record:  # the whole record, newer: what it lacks is gone
+                    dropped += merge.samples_outside_window
+                    merge, previous = RecordMerge(), record
+                    record = merge.record({})
             changed = merge.fold_record(record, fragment.data)
+            if previous is not None:  # rebuilt: changed only if it differs from the record it replaces
+                changed = record != previous
             if fragment.version_ms > version:
                 version = fragment.version_ms
             elif changed:  # same version, new content: make sure it is not taken for a stale copy
@@ -758,7 +813,7 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         events.append((NormalizedEvent.create(
             type=model_type, user=newest.user, data=delivered, natural_key=key, ordering_timestamp_ms=version,
             sequence=sequence, raw_idempotency_key=newest.raw_idempotency_key,
-            reference=reference, generation=generation), None if delivered is record else record))
+            reference=reference, generation=generation, replaced=replaced), None if delivered is record else record))
     events.sort(key=lambda pair: pair[0].sequence)
     if dropped and on_dropped is not None:
         on_dropped("samples_outside_window", dropped)
@@ -775,12 +830,14 @@ def _interval_spec(slug: str, model_type: str) -> IntervalSamples | None:
         return None
 
 
-def _stale(fragment: Keyed, stored_version: int, stored_deleted: bool) -> bool:
+def _stale(fragment: Keyed, stored_version: int, stored_deleted: bool, generation: int | None = None) -> bool:
     """Whether ``fragment`` is older than what the state holds: data older than a stored record (it only fills
-    gaps), data not newer than a stored deletion, a versioned deletion older than the stored version. An unversioned
-    deletion never is."""
+    gaps), data not newer than a stored deletion, a versioned deletion older than the stored version, an unversioned
+    deletion not newer than the deletion the stored record was re-created after (``generation``: its redelivery)."""
     if fragment.deleted:
-        return not fragment.unversioned and fragment.version_ms < stored_version
+        if fragment.unversioned:
+            return generation is not None and fragment.version_ms <= generation
+        return fragment.version_ms < stored_version
     return fragment.version_ms <= stored_version if stored_deleted else fragment.version_ms < stored_version
 
 
@@ -956,19 +1013,25 @@ class MergePerUser(beam.DoFn):
             for (user, model_type, key), value in found.items():
                 stored_by_user.setdefault(user, {})[(model_type, key)] = value
         merged = []
+        dropped: dict[int, Counter[str]] = {}  # what each user's merge left out: tallied once their records are saved
         for (user_id, fragments), parts, window, timestamp in users:
             if any(parts is item[1] for _, item in unloadable):
                 continue
+            left_out: Counter[str] = Counter()
             try:
                 events = merge_user_records(user_id, fragments, stored_by_user.get(user_id),
-                                            lambda name, count: self.tally.add(f"plausibility:{name}", count))
+                                            lambda name, count, left_out=left_out: left_out.update({name: count}))
             except Exception as exc:  # this user's records cannot merge: theirs alone fail
                 failed.append(("merge", exc, parts, window, timestamp))
                 continue
             merged.append((user_id, events, parts, window, timestamp))
+            dropped[id(merged[-1])] = left_out
         _, unsaved = self._isolating(merged, lambda batch: self._save([events for _, events, *_ in batch]))
         failed.extend(("state", exc, parts, window, timestamp) for exc, (_, _, parts, window, timestamp) in unsaved)
         merged = [item for item in merged if not any(item is bad for _, bad in unsaved)]
+        for item in merged:  # a user merged again (one message at a time, after a failure) is tallied then
+            for name, count in dropped[id(item)].items():
+                self.tally.add(f"plausibility:{name}", count)
         for user_id, records, parts, window, timestamp in merged:
             events = [event for event, _ in records]
             self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))

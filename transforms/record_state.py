@@ -9,7 +9,9 @@ fragment never wipes what an earlier batch delivered.
 A deleted record is kept as a tombstone row: ``{"healthflow_deleted": <the tombstone's key>}`` at the deletion's
 version (``state_row``, ``stored_deletion``), so data older than the deletion cannot bring it back and data newer
 than it starts a fresh record. A record re-created after a deletion keeps the deletion's version with it
-(``{..., "healthflow_generation": version}``, ``stored_generation``): its events' ids include it for good.
+(``{..., "healthflow_generation": version}``, ``stored_generation``): its events' ids include it for good. A record a
+fragment replaced whole (``connectors.base.Fragment.replaces``) keeps that fragment's version the same way
+(``{..., "healthflow_replaced": version}``): data not newer than it fills no gaps (what the replace cleared stays gone).
 
 Stored in the control-plane store (SQLite embedded, PostgreSQL shared by distributed workers);
 all I/O is batched: one read and one write per group of users.
@@ -28,26 +30,38 @@ TABLE = "healthflow_record_state"
 CHUNK = 300
 TOMBSTONE_FIELD = "healthflow_deleted"  # no Terra model has it: a stored record holding it is a tombstone
 GENERATION_FIELD = "healthflow_generation"  # no Terra model has it: the generation of a record re-created
+REPLACED_FIELD = "healthflow_replaced"  # no Terra model has it: the version of the last fragment replacing the record
 
 
 def state_row(event: NormalizedEvent, record: dict[str, Any] | None = None) -> bytes:
     """What the state stores for ``event``: its record's JSON (``record``, the merged record, when the event delivers
     a copy made from it: ``transforms.normalize.merge_user_records``; with ``GENERATION_FIELD`` when it has a
-    generation), or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
+    generation, ``REPLACED_FIELD`` when a fragment replaced it), or for a tombstone ``{TOMBSTONE_FIELD: key}``."""
     if event.deleted:
         return canonical_json({TOMBSTONE_FIELD: event.data})
-    if event.generation is not None:
-        return canonical_json({**(event.data if record is None else record), GENERATION_FIELD: event.generation})
+    marks = {name: value for name, value in ((GENERATION_FIELD, event.generation), (REPLACED_FIELD, event.replaced))
+             if value is not None}
+    if marks:
+        return canonical_json({**(event.data if record is None else record), **marks})
     return event.data_json if record is None else canonical_json(record)
 
 
 def stored_generation(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """A stored record without ``GENERATION_FIELD``, and that generation (None: never re-created)."""
-    if not isinstance(stored, dict) or GENERATION_FIELD not in stored:
-        return stored, None
+    """A stored record without ``GENERATION_FIELD`` (and ``REPLACED_FIELD``), and that generation (None: never
+    re-created)."""
+    record, generation, _ = stored_marks(stored)
+    return record, generation
+
+
+def stored_marks(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None, int | None]:
+    """A stored record without ``GENERATION_FIELD`` and ``REPLACED_FIELD``, its generation (None: never re-created)
+    and the version of the last fragment that replaced it (None: none did)."""
+    if not isinstance(stored, dict) or (GENERATION_FIELD not in stored and REPLACED_FIELD not in stored):
+        return stored, None, None
     record = dict(stored)
-    generation = record.pop(GENERATION_FIELD)
-    return record, generation if isinstance(generation, int) else None
+    generation, replaced = record.pop(GENERATION_FIELD, None), record.pop(REPLACED_FIELD, None)
+    return (record, generation if isinstance(generation, int) else None,
+            replaced if isinstance(replaced, int) else None)
 
 
 def stored_deletion(stored: dict[str, Any]) -> dict[str, Any] | None:
