@@ -43,9 +43,11 @@ def loopback_session() -> requests.Session:
 
 
 def poller_for(api: FakeProviderApi, tmp_path: Path, bootstrap: str, topic: str, limiter) -> Poller:
+    """A poller without Oura's hook: these tests time the scheduler's polls, not the offset lookups the hook may add
+    (tests/test_cycle_oura.py polls through it)."""
     return Poller(cursors=CursorStore(f"sqlite:///{tmp_path}/state.db"), publisher=KafkaPublisher(bootstrap, topic),
                   limiter=limiter, manifests={"oura": api.manifest}, session_factory=loopback_session,
-                  clock=lambda: NOW, backoff_s=0.05)
+                  clock=lambda: NOW, backoff_s=0.05, hooks={})
 
 
 def test_scheduler_polls_every_connection_at_its_interval_and_stops_cleanly(tmp_path, broker, topic):
