@@ -444,8 +444,8 @@ def test_naps_of_a_night_are_sleeps_of_their_own() -> None:
 
 
 def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
-    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep, then nothing after 01:13 until the
-    night's end (asleep + awake + unmeasurable reach 01:30): the gaps are UNKNOWN (0), not light or deep."""
+    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep: the gap is UNKNOWN (0), not light.
+    The night ends with the map at 01:13 (asleep + awake + unmeasurable, 01:30, only bounds it): no UNKNOWN tail."""
     doc = dict(load("sleeps.final.json")["sleeps"][0], durationInSeconds=6540, awakeDurationInSeconds=0,
                unmeasurableSleepInSeconds=1740, deepSleepDurationInSeconds=None, lightSleepDurationInSeconds=None,
                remSleepInSeconds=None, validation="enhanced_final",
@@ -455,14 +455,61 @@ def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
     assert record["sleep_durations_data"]["hypnogram_samples"] == [
         {"timestamp": "2024-03-10T23:12:00.000000-05:00", "level": 4},
         {"timestamp": "2024-03-10T23:58:00.000000-05:00", "level": 0},
-        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5},
-        {"timestamp": "2024-03-11T01:13:00.000000-05:00", "level": 0}]
-    assert record["metadata"]["end_time"] == "2024-03-11T01:30:00.000000-05:00"
+        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5}]
+    assert record["metadata"]["end_time"] == "2024-03-11T01:13:00.000000-05:00"
     assert record["metadata"]["upload_type"] == 2
     # totals Garmin left out count only what it staged: 46 min light, 63 min deep, no REM
     assert record["sleep_durations_data"]["asleep"] == {"duration_asleep_state_seconds": 6540,
                                                         "duration_deep_sleep_state_seconds": 3780,
                                                         "duration_light_sleep_state_seconds": 2760}
+
+
+def test_recorded_sleep_ends_with_its_stage_map_and_counts_unmeasurable_once() -> None:
+    """A sleep Garmin really sent (recorded in a public app): ``durationInSeconds`` 26,460 = deep + light + REM +
+    unmeasurable, the stage map ends at 08:59. Asleep is the staged sleep, the night ends with the map (adding
+    awake and unmeasurable to durationInSeconds again would end it at 10:26 with an 87-minute UNKNOWN tail)."""
+    record = only(load("sleeps.recorded.json"))
+    assert record["metadata"]["start_time"] == "2021-01-13T01:26:00.000000+08:00"
+    assert record["metadata"]["end_time"] == "2021-01-13T08:59:00.000000+08:00"
+    durations = record["sleep_durations_data"]
+    assert durations["asleep"] == {"duration_asleep_state_seconds": 21240,  # 4560 + 12720 + 3960
+                                   "duration_deep_sleep_state_seconds": 4560,
+                                   "duration_light_sleep_state_seconds": 12720,
+                                   "duration_REM_sleep_state_seconds": 3960}
+    assert durations["awake"] == {"duration_awake_state_seconds": 720}
+    assert durations["other"] == {"duration_in_bed_seconds": 27180, "duration_unmeasurable_sleep_seconds": 5220}
+    assert durations["sleep_efficiency"] == 78.15  # 21240 / 27180
+    hypnogram = durations["hypnogram_samples"]
+    assert hypnogram[-1] == {"timestamp": "2021-01-13T08:50:00.000000+08:00", "level": 4}  # light to the end
+    assert [s["level"] for s in hypnogram].count(0) == 2  # the two unmeasurable spans, no UNKNOWN tail
+
+
+def test_recorded_sleep_without_its_stage_map_ends_after_its_stage_totals() -> None:
+    doc = dict(load("sleeps.recorded.json")["sleeps"][0], sleepLevelsMap=None)
+    record = only({"sleeps": [doc]})
+    assert record["metadata"]["end_time"] == "2021-01-13T08:59:00.000000+08:00"  # 4560+12720+3960+720+5220 s
+    assert record["sleep_durations_data"]["sleep_efficiency"] == 78.15
+
+
+def test_spec_sleep_counts_awake_once_and_cuts_the_runaway_deep_segment() -> None:
+    """Garmin's spec example: durationInSeconds 15,264 already holds awake (11,231 deep + 3,541 light + 492 awake);
+    its deep segment runs 16 h: the night is cut at start + 15,264 + 492."""
+    first = normalize({"sleeps": [dict(doc, userId=USER_A) for doc in load("sleeps.spec.json")]})[0].data
+    assert first["metadata"]["end_time"] == "2016-01-10T16:15:37.000000+02:00"
+    durations = first["sleep_durations_data"]
+    assert durations["asleep"]["duration_asleep_state_seconds"] == 14772  # 11231 + 3541 + 0
+    assert durations["other"]["duration_in_bed_seconds"] == 15756
+    assert durations["sleep_efficiency"] == 93.75
+    assert durations["hypnogram_samples"] == [{"timestamp": "2016-01-10T11:53:01.000000+02:00", "level": 5}]
+
+
+def test_spec_off_wrist_sleep_invents_no_asleep_time_or_efficiency() -> None:
+    """Garmin's OFF_WRIST example (``x-EXAMPLE``): durationInSeconds 28,260 with every stage 0 measured nothing."""
+    off_wrist = normalize({"sleeps": [dict(load("sleeps.spec.json")[2], userId=USER_A)]})[0].data
+    assert off_wrist["metadata"]["upload_type"] == 4
+    assert off_wrist["metadata"]["end_time"] == "2021-01-29T06:22:00.000000+09:00"
+    assert off_wrist["sleep_durations_data"] == {"other": {"duration_in_bed_seconds": 28260,
+                                                           "duration_unmeasurable_sleep_seconds": 0}}
 
 
 def test_stage_names_are_case_insensitive_and_an_unknown_stage_is_unknown() -> None:
@@ -963,7 +1010,7 @@ def test_garmins_published_sleep_example_ends_at_its_reported_durations_and_cuts
         "2016-01-10T11:53:01.000000+02:00", "2016-01-10T16:15:37.000000+02:00")  # + 15264 + 492 s
     durations = record["sleep_durations_data"]
     assert durations["other"] == {"duration_in_bed_seconds": 15756, "duration_unmeasurable_sleep_seconds": 0}
-    assert durations["sleep_efficiency"] == 96.88
+    assert durations["sleep_efficiency"] == 93.75  # asleep 11231 + 3541 (awake counted once) / 15756
     assert durations["hypnogram_samples"] == [{"timestamp": "2016-01-10T11:53:01.000000+02:00", "level": 5}]
 
 

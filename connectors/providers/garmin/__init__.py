@@ -231,17 +231,31 @@ def epochs(doc: dict[str, Any]) -> Fragment:
     }, part=activity or None)
 
 
+def _unmeasurable(doc: dict[str, Any]) -> Any:
+    """Unmeasurable seconds, under either of Garmin's spellings."""
+    return doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
+
+
 def _sleep_end(doc: dict[str, Any]) -> int:
-    """Start + the durations Garmin reports (asleep ``durationInSeconds`` + awake + unmeasurable); the latest stage
-    end only when they are all absent or 0 (an OFF_WRIST night). A stage segment never lengthens the night: Garmin's
-    own published example has a deep segment running 16 h past a 4.4-hour night."""
-    unmeasurable = doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
-    reported = sum(value for value in (doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds"), unmeasurable)
-                   if _is_number(value) and value > 0)
-    if reported:
-        return doc["startTimeInSeconds"] + reported
+    """The night's end: where Garmin's staging ends (the last ``sleepLevelsMap`` segment's end; without a map,
+    start + the stage totals deep + light + REM + awake + unmeasurable), never past start + ``durationInSeconds`` +
+    awake + unmeasurable (Garmin's published example has a deep segment running 16 h past a 4.4-hour night: cut there).
+
+    ``durationInSeconds`` alone is no measure of the night: Garmin's spec examples count awake in it, its recorded
+    sleeps count unmeasurable instead (26,460 = deep + light + REM + unmeasurable, the map ending 12 min later); so
+    adding awake and unmeasurable to it only bounds the night. With neither map nor totals (an OFF_WRIST night) the
+    bound is the end."""
+    start = doc["startTimeInSeconds"]
+    bound = start + sum(value for value in (doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds"),
+                                            _unmeasurable(doc)) if _is_number(value) and value > 0)
     ends = [seg["endTimeInSeconds"] for segs in (doc.get("sleepLevelsMap") or {}).values() for seg in segs or []]
-    return max([doc["startTimeInSeconds"], *ends])
+    staged = sum(value for value in (doc.get("deepSleepDurationInSeconds"), doc.get("lightSleepDurationInSeconds"),
+                                     doc.get("remSleepInSeconds"), doc.get("awakeDurationInSeconds"),
+                                     _unmeasurable(doc)) if _is_number(value) and value > 0)
+    staged_end = max(ends) if ends else start + staged if staged else None
+    if staged_end is None or staged_end <= start:
+        return bound
+    return min(staged_end, bound) if bound > start else staged_end
 
 
 def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int, int]]:
@@ -259,9 +273,9 @@ def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int,
 
 def _hypnogram(segments: list[tuple[int, int, int]], night_end: int, offset: int) -> list[dict[str, Any]]:
     """Terra hypnogram samples (each level holds until the next sample, the last one until the night's end).
-    Where Garmin staged nothing (a gap between one segment's end and the next one's start, or after the last
-    segment before ``night_end``) an UNKNOWN sample starts at the gap, so the gap never counts as the stage
-    before it."""
+    Where Garmin staged nothing (a gap between one segment's end and the next one's start) an UNKNOWN sample starts
+    at the gap, so the gap never counts as the stage before it. ``_sleep_end`` never ends the night after the last
+    segment, so no UNKNOWN tail is invented."""
     samples: list[dict[str, Any]] = []
     for index, (start, end, level) in enumerate(segments):
         samples.append({"timestamp": unix_ts(start, offset), "level": level})
@@ -286,7 +300,9 @@ def sleeps(doc: dict[str, Any]) -> list[dict[str, Any]]:
     a Sleep of its own (``is_nap``).
 
     Stage totals are Garmin's fields; a total Garmin leaves out is the sum of that stage's segments (only what
-    it staged, never a gap). An OFF_WRIST sleep measured nothing: its zero totals are absent. A nap has no id of
+    it staged, never a gap). Asleep is deep + light + REM (absent when none is known), time in bed the night's
+    span (``_sleep_end``), efficiency asleep ÷ in bed. An OFF_WRIST sleep measured nothing: its zero totals, asleep
+    and efficiency are absent. A nap has no id of
     its own at Garmin: its ``summary_id`` is the night's followed by ``-nap-<napStartTimeInSeconds>``, the same
     each time the night is re-sent."""
     _require(doc, "summaryId", "startTimeInSeconds")
@@ -329,8 +345,8 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
     deep, light, rem = (total("deepSleepDurationInSeconds", SLEEP_LEVEL["deep"]),
                         total("lightSleepDurationInSeconds", SLEEP_LEVEL["light"]),
                         total("remSleepInSeconds", SLEEP_LEVEL["rem"]))
-    asleep = doc.get("durationInSeconds")
-    asleep = _measured(asleep) if off_wrist else asleep
+    staged = [value for value in (deep, light, rem) if value is not None]
+    asleep = sum(staged) if staged else None  # never durationInSeconds: Garmin counts awake or unmeasurable in it
     breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset, skip_zero=True)
     spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset, skip_zero=True)
     rates = [s["breaths_per_min"] for s in breaths]
@@ -354,8 +370,7 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
             "awake": {"duration_awake_state_seconds": total("awakeDurationInSeconds", SLEEP_LEVEL["awake"])},
             "other": {
                 "duration_in_bed_seconds": in_bed,
-                "duration_unmeasurable_sleep_seconds": doc.get("unmeasurableSleepInSeconds",
-                                                               doc.get("unmeasurableSleepDurationInSeconds")),
+                "duration_unmeasurable_sleep_seconds": _unmeasurable(doc),
             },
             # Terra's sleep_efficiency is a percentage (asleep ÷ in bed × 100).
             "sleep_efficiency": round(100 * asleep / in_bed, 2) if asleep and in_bed > 0 else None,
