@@ -272,6 +272,30 @@ def test_epochs_pushed_in_two_runs_reach_sql_as_the_days_running_totals(tmp_path
     assert_epoch_totals(run(EPOCH_PUSH_2, 2))  # the same push again, received later
 
 
+def test_skin_temp_respiration_and_move_iq_are_acknowledged_and_counted_never_dead_lettered(tmp_path: Path) -> None:
+    """Garmin pushes ``skinTemp`` and ``allDayRespiration`` (Health API spec examples) and ``moveIQActivities`` to
+    every app subscribed to them; healthflow maps none (no Terra field): one push holding all three and a daily
+    delivers the daily, dead-letters nothing and counts each ignored document."""
+    day = {"userId": USER_B, "summaryId": "x1b7e0d3-65ee", "calendarDate": "2024-03-11",
+           "startTimeInSeconds": 1710095400, "startTimeOffsetInSeconds": 19800, "durationInSeconds": 86400,
+           "steps": 4210}
+    push = {**load("skinTemp.json"), **load("allDayRespiration.json"), **load("moveIQActivities.json"),
+            "dailies": [day]}
+    only_ignored = {**load("skinTemp.json"), **load("moveIQActivities.json")}
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(json.dumps({"provider": "garmin", "received_at": RECEIVED_AT_MS + i,
+                                          "payload": json.dumps(body)}) + "\n"
+                              for i, body in enumerate((push, only_ignored))))
+    database = tmp_path / "out.db"
+    summary = run_batch(NormalizeJob(FileSource(str(source)), [SqlSink("sql", f"sqlite:///{database}")],
+                                     str(tmp_path / "dlq")))
+    assert summary.with_prefix("dead_letter:") == {}
+    assert summary.with_prefix("ignored:garmin:") == {"skinTemp": 2, "allDayRespiration": 1, "moveIQActivities": 2}
+    assert (summary.get("raw_ok"), summary.get("raw_empty")) == (1, 1)
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT natural_key FROM healthflow_records").fetchall() == [("2024-03-11",)]
+
+
 def test_stress_details_skip_negative_codes() -> None:
     record = only(load("stressDetails.json"))
     assert natural_key("daily", record) == "2024-03-11"
@@ -833,8 +857,9 @@ def test_a_single_summary_naming_its_kind_and_what_is_refused() -> None:
     # a bare array whose event names no kind cannot be mapped: the error says what to attach
     (failed,) = raw_event(load("dailies.pull.json"), None)
     assert "keyed by summary type (or name its kind with the raw event)" in failed.record["error_message"]
-    (failed,) = raw_event(load("dailies.single.json"), "moveIQActivities")
+    (failed,) = raw_event(load("dailies.single.json"), "futureSummaryType")
     assert failed.record["error_class"] == "UnknownKind"
+    assert raw_event(load("moveIQActivities.json")["moveIQActivities"][0], "moveIQActivities") == []  # ignored
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -895,8 +920,8 @@ def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:
 
 
 def test_malformed_payloads_and_documents() -> None:
-    with pytest.raises(UnknownKind, match="garmin kind 'moveIQActivities' is not mapped"):
-        normalize({"moveIQActivities": [{"userId": USER_A, "summaryId": "m1", "activityType": "WALKING"}]})
+    with pytest.raises(UnknownKind, match="garmin kind 'futureSummaryType' is not mapped"):
+        normalize({"futureSummaryType": [{"userId": USER_A, "summaryId": "m1", "activityType": "WALKING"}]})
     with pytest.raises(MappingError, match="dailies document must be a JSON object, got str"):
         normalize({"dailies": ["x2f41c9a-65ee8fd0"]})
     with pytest.raises(MappingError, match="payload must be a JSON object keyed by summary type"):
@@ -913,7 +938,7 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     good_a, good_b = day_push(USER_A), day_push(USER_B)
     no_start = {k: v for k, v in good_a.items() if k != "startTimeInSeconds"}
     body = {"dailies": [good_a, no_start, "not a summary", good_b],
-            "moveIQActivities": [{"userId": USER_A, "summaryId": "m1"}]}
+            "futureSummaryType": [{"userId": USER_A, "summaryId": "m1"}]}
     items = pipeline(body)
     keyed = [i for i in items if isinstance(i, Keyed)]
     failed = [i.record for i in items if isinstance(i, Failed)]
@@ -922,11 +947,11 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     assert [(f["stage"], f["kind"], f["source"]["document_index"], f["error_class"]) for f in failed] == [
         ("normalize", "dailies", "1", "MappingError"),
         ("normalize", "dailies", "2", "MappingError"),
-        ("normalize", "moveIQActivities", "4", "UnknownKind"),
+        ("normalize", "futureSummaryType", "4", "UnknownKind"),
     ]
     assert failed[0]["error_message"] == "missing required field(s): startTimeInSeconds"
     assert failed[1]["error_message"] == "garmin dailies document must be a JSON object, got str"
-    assert "moveIQActivities" in failed[2]["error_message"]
+    assert "futureSummaryType" in failed[2]["error_message"]
     original = encode_raw(RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS))
     for record in failed:
         assert record["original"] == original  # the whole raw message, for replay

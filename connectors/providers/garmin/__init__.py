@@ -20,7 +20,12 @@ Zero (or a negative code) that means "not measured", per field; these map to abs
   ``bodyWaterInPercent``), ``overallSleepScore.value`` 0;
 - an ``OFF_WRIST`` sleep's stage durations (Garmin sends them all 0): nothing was measured;
 - kept as real zeros: steps, distance, floors, calories and durations of days and activities (a still day or a
-  yoga session), speeds, and ``skinTemp`` deviations.
+  yoga session), and speeds.
+
+Kinds Garmin sends that healthflow knowingly does not map (Terra's model has no field for them): ``skinTemp``
+(skin-temperature deviations: Sleep.temperature_data.delta would need a sleep id Garmin does not give),
+``allDayRespiration`` (Daily has no respiration field) and ``moveIQActivities`` (auto-detected spans already counted in
+epochs and dailies). Their documents are acknowledged and counted as ``ignored:garmin:<kind>``, never dead-lettered.
 """
 
 from __future__ import annotations
@@ -647,6 +652,24 @@ def menstrual_cycle(doc: dict[str, Any]) -> Fragment:
         },
     }
     return Fragment("menstruation", record, version_ms=int(updated * 1000) if updated is not None else None)
+
+
+def _not_mapped(doc: dict[str, Any]) -> list[Fragment]:
+    """Nothing: healthflow knowingly does not map this kind (its docstring says why)."""
+    return []
+
+
+PROVIDER.kind("skinTemp", doc=(
+    "Skin-temperature deviation (°C) from the user's baseline over a sleep window: not mapped (acknowledged, counted "
+    "as ignored). Terra's Sleep.temperature_data.delta would hold it, but Garmin's summary names no sleep; Daily and "
+    "Body temperature samples are absolute temperatures, not deviations."))(_not_mapped)
+PROVIDER.kind("allDayRespiration", doc=(
+    "All-day breathing rate (breaths/min per minute offset, ``timeOffsetEpochToBreaths``): not mapped (acknowledged, "
+    "counted as ignored). Terra's Daily has no respiration field (breaths are Sleep and Activity data)."))(_not_mapped)
+PROVIDER.kind("moveIQActivities", doc=(
+    "Move IQ auto-detected activity (type, start, duration only): not mapped (acknowledged, counted as ignored). It is "
+    "no recorded activity (no distance, calories or heart rate), and its steps and calories are already in the day's "
+    "epochs and daily summary."))(_not_mapped)
 
 
 __all__ = ["PROVIDER", "format_ts"]
