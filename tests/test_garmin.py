@@ -325,6 +325,24 @@ def test_pulse_ox_and_user_metrics() -> None:
     assert natural_key("daily", vo2) == "2024-03-11"
 
 
+def test_all_day_pulse_ox_readings_each_join_the_daily_of_their_own_local_day() -> None:
+    """Garmin's spec example: an all-day summary starting 21:11 (+01:00) that runs 86,400 s; its readings after
+    midnight belong to the next day's Daily, so the plausibility stage (samples within the day) drops none."""
+    spec = [dict(doc, userId=USER_A) for doc in load("pulseox.spec.json")]
+    items = pipeline({"pulseox": spec})
+    assert not [item for item in items if isinstance(item, Failed)]
+    days = {item.natural_key: item for item in items}
+    assert sorted(days) == ["2018-08-27", "2018-08-28", "2019-10-29"]  # the on-demand reading's own day
+    assert [s["timestamp"] for s in days["2018-08-27"].data["oxygen_data"]["saturation_samples"]] == [
+        "2018-08-27T23:10:46.000000+01:00"]
+    next_day = days["2018-08-28"].data
+    assert next_day["metadata"]["start_time"] == "2018-08-28T00:00:00.000000+01:00"
+    samples = next_day["oxygen_data"]["saturation_samples"]
+    assert len(samples) == 18 and not [d for item in items for d in item.dropped]
+    assert samples[0] == {"timestamp": "2018-08-28T00:10:46.000000+01:00", "percentage": 98, "type": 0}
+    assert samples[-1] == {"timestamp": "2018-08-28T21:10:46.000000+01:00", "percentage": 96, "type": 0}
+
+
 def test_hrv_is_the_days_average_rmssd_and_its_five_minute_samples() -> None:
     record = only(load("hrv.json"), USER_A)
     # the night that started 23:12 on the 10th (-05:00) belongs to calendarDate 2024-03-11

@@ -551,15 +551,21 @@ def stress_details(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @PROVIDER.kind("pulseox", "daily")
-def pulse_ox(doc: dict[str, Any]) -> dict[str, Any]:
-    """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries)."""
+def pulse_ox(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries), each in the Daily of
+    its own local day: an all-day summary runs 24 h from whenever it starts (Garmin's example: 21:11 local), so its
+    readings span two days. A summary without readings is its own day's (empty) Daily."""
     _require(doc, "startTimeInSeconds")
-    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc),
+    offset = _offset(doc)
+    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", offset,
                                                         skip_zero=True)]
-    return {
-        "metadata": _day_metadata(doc),
-        "oxygen_data": {"saturation_samples": samples},
-    }
+    by_day: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_day.setdefault(sample["timestamp"][:10], []).append(sample)  # the local date of the reading
+    if not by_day:
+        return [{"metadata": _day_metadata(doc), "oxygen_data": {"saturation_samples": []}}]
+    return [{"metadata": _day_metadata({"calendarDate": day, "startTimeOffsetInSeconds": offset}),
+             "oxygen_data": {"saturation_samples": day_samples}} for day, day_samples in by_day.items()]
 
 
 @PROVIDER.kind("hrv", "daily")
