@@ -169,7 +169,11 @@ class Provider:
 
         ``context`` names the fields the mapper needs that the provider's own document lacks (a WHOOP recovery's
         ``sleep``): a kind the provider is polled or notified for must then have a poll hook that ``attaches`` them,
-        or the registry refuses to start."""
+        or the registry refuses to start.
+
+        No ``models``: a kind the provider sends that healthflow knowingly does not map (Terra's model has no field
+        for it). Its documents are acknowledged and counted (``ignored:<provider>:<kind>``), never dead-lettered as
+        an unknown kind; the mapper (which returns nothing) documents why."""
         unknown = set(models) - set(MODEL_TYPES)
         if unknown:
             raise ValueError(f"{self.slug}.{name}: unknown model types {sorted(unknown)}")
@@ -179,6 +183,11 @@ class Provider:
             return fn
 
         return register
+
+    def ignores(self, kind: str) -> bool:
+        """``kind`` is one healthflow knowingly does not map (registered with no models)."""
+        spec = self.kinds.get(kind)
+        return spec is not None and not spec.models
 
     def documents(self, payload: Any, kind: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Split a decoded payload into ``(kind, document)`` pairs."""

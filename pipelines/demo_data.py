@@ -271,7 +271,7 @@ class Simulator:
         yield RawPayload("garmin", b'{"dailies": [{"userId": "broken", "summaryId": ', received_at_ms=self.received)
         yield RawPayload("garmin", _j({"dailies": [{"userId": "no-start", "summaryId": "x1"}]}),
                          received_at_ms=self.received)
-        yield RawPayload("garmin", _j({"moveIQActivities": [{"userId": "u", "summaryId": "m1"}]}),
+        yield RawPayload("garmin", _j({"futureSummaryType": [{"userId": "u", "summaryId": "m1"}]}),
                          received_at_ms=self.received)
         yield RawPayload("oura", _j({"data": [{"id": "no-times", "day": "2026-11-01"}]}), kind="sleep",
                          user_id="oura-bad", received_at_ms=self.received)

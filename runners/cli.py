@@ -40,7 +40,8 @@ def cmd_providers(_: argparse.Namespace) -> int:
     for slug, provider in sorted(registry().items()):
         print(f"{slug} ({provider.terra_name}): {provider.doc}")
         for kind, spec in provider.kinds.items():
-            print(f"  {kind:<28} → {', '.join(spec.models):<14} {spec.doc.splitlines()[0] if spec.doc else ''}")
+            models = ", ".join(spec.models) or "(ignored)"
+            print(f"  {kind:<28} → {models:<14} {spec.doc.splitlines()[0] if spec.doc else ''}")
     return 0
 
 

@@ -208,7 +208,10 @@ def _report(console: Console, published: int, summary: RunSummary, again: RunSum
     for label, value in [("published", published), ("read by the pipeline", raw_in),
                          ("fully normalized", summary.get("raw_ok")),
                          ("partly dead-lettered", summary.get("raw_partial")),
-                         ("dead-lettered", summary.get("raw_dead")), ("empty (no documents)", summary.get("raw_empty")),
+                         ("dead-lettered", summary.get("raw_dead")),
+                         ("empty (no documents, or only ignored kinds)", summary.get("raw_empty")),
+                         ("documents of kinds knowingly not mapped (ignored:<provider>:<kind>)",
+                          sum(summary.with_prefix("ignored:").values())),
                          ("split among several users", summary.get("raw_split")),
                          ("read again by a second run (offsets committed)", again.get("raw_in"))]:
         ingest.add_row(label, f"{value:,}")

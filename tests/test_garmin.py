@@ -272,6 +272,30 @@ def test_epochs_pushed_in_two_runs_reach_sql_as_the_days_running_totals(tmp_path
     assert_epoch_totals(run(EPOCH_PUSH_2, 2))  # the same push again, received later
 
 
+def test_skin_temp_respiration_and_move_iq_are_acknowledged_and_counted_never_dead_lettered(tmp_path: Path) -> None:
+    """Garmin pushes ``skinTemp`` and ``allDayRespiration`` (Health API spec examples) and ``moveIQActivities`` to
+    every app subscribed to them; healthflow maps none (no Terra field): one push holding all three and a daily
+    delivers the daily, dead-letters nothing and counts each ignored document."""
+    day = {"userId": USER_B, "summaryId": "x1b7e0d3-65ee", "calendarDate": "2024-03-11",
+           "startTimeInSeconds": 1710095400, "startTimeOffsetInSeconds": 19800, "durationInSeconds": 86400,
+           "steps": 4210}
+    push = {**load("skinTemp.json"), **load("allDayRespiration.json"), **load("moveIQActivities.json"),
+            "dailies": [day]}
+    only_ignored = {**load("skinTemp.json"), **load("moveIQActivities.json")}
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(json.dumps({"provider": "garmin", "received_at": RECEIVED_AT_MS + i,
+                                          "payload": json.dumps(body)}) + "\n"
+                              for i, body in enumerate((push, only_ignored))))
+    database = tmp_path / "out.db"
+    summary = run_batch(NormalizeJob(FileSource(str(source)), [SqlSink("sql", f"sqlite:///{database}")],
+                                     str(tmp_path / "dlq")))
+    assert summary.with_prefix("dead_letter:") == {}
+    assert summary.with_prefix("ignored:garmin:") == {"skinTemp": 2, "allDayRespiration": 1, "moveIQActivities": 2}
+    assert (summary.get("raw_ok"), summary.get("raw_empty")) == (1, 1)
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT natural_key FROM healthflow_records").fetchall() == [("2024-03-11",)]
+
+
 def test_stress_details_skip_negative_codes() -> None:
     record = only(load("stressDetails.json"))
     assert natural_key("daily", record) == "2024-03-11"
@@ -299,6 +323,24 @@ def test_pulse_ox_and_user_metrics() -> None:
                                  "vo2Max": 48.0, "enhanced": True, "fitnessAge": 31}]})
     assert vo2["oxygen_data"] == {"vo2max_ml_per_min_per_kg": 48.0}
     assert natural_key("daily", vo2) == "2024-03-11"
+
+
+def test_all_day_pulse_ox_readings_each_join_the_daily_of_their_own_local_day() -> None:
+    """Garmin's spec example: an all-day summary starting 21:11 (+01:00) that runs 86,400 s; its readings after
+    midnight belong to the next day's Daily, so the plausibility stage (samples within the day) drops none."""
+    spec = [dict(doc, userId=USER_A) for doc in load("pulseox.spec.json")]
+    items = pipeline({"pulseox": spec})
+    assert not [item for item in items if isinstance(item, Failed)]
+    days = {item.natural_key: item for item in items}
+    assert sorted(days) == ["2018-08-27", "2018-08-28", "2019-10-29"]  # the on-demand reading's own day
+    assert [s["timestamp"] for s in days["2018-08-27"].data["oxygen_data"]["saturation_samples"]] == [
+        "2018-08-27T23:10:46.000000+01:00"]
+    next_day = days["2018-08-28"].data
+    assert next_day["metadata"]["start_time"] == "2018-08-28T00:00:00.000000+01:00"
+    samples = next_day["oxygen_data"]["saturation_samples"]
+    assert len(samples) == 18 and not [d for item in items for d in item.dropped]
+    assert samples[0] == {"timestamp": "2018-08-28T00:10:46.000000+01:00", "percentage": 98, "type": 0}
+    assert samples[-1] == {"timestamp": "2018-08-28T21:10:46.000000+01:00", "percentage": 96, "type": 0}
 
 
 def test_hrv_is_the_days_average_rmssd_and_its_five_minute_samples() -> None:
@@ -444,8 +486,8 @@ def test_naps_of_a_night_are_sleeps_of_their_own() -> None:
 
 
 def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
-    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep, then nothing after 01:13 until the
-    night's end (asleep + awake + unmeasurable reach 01:30): the gaps are UNKNOWN (0), not light or deep."""
+    """Garmin staged 23:12-23:58 light, nothing 23:58-00:10, 00:10-01:13 deep: the gap is UNKNOWN (0), not light.
+    The night ends with the map at 01:13 (asleep + awake + unmeasurable, 01:30, only bounds it): no UNKNOWN tail."""
     doc = dict(load("sleeps.final.json")["sleeps"][0], durationInSeconds=6540, awakeDurationInSeconds=0,
                unmeasurableSleepInSeconds=1740, deepSleepDurationInSeconds=None, lightSleepDurationInSeconds=None,
                remSleepInSeconds=None, validation="enhanced_final",
@@ -455,14 +497,61 @@ def test_a_gap_in_the_stage_map_is_unknown_not_the_stage_before_it() -> None:
     assert record["sleep_durations_data"]["hypnogram_samples"] == [
         {"timestamp": "2024-03-10T23:12:00.000000-05:00", "level": 4},
         {"timestamp": "2024-03-10T23:58:00.000000-05:00", "level": 0},
-        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5},
-        {"timestamp": "2024-03-11T01:13:00.000000-05:00", "level": 0}]
-    assert record["metadata"]["end_time"] == "2024-03-11T01:30:00.000000-05:00"
+        {"timestamp": "2024-03-11T00:10:00.000000-05:00", "level": 5}]
+    assert record["metadata"]["end_time"] == "2024-03-11T01:13:00.000000-05:00"
     assert record["metadata"]["upload_type"] == 2
     # totals Garmin left out count only what it staged: 46 min light, 63 min deep, no REM
     assert record["sleep_durations_data"]["asleep"] == {"duration_asleep_state_seconds": 6540,
                                                         "duration_deep_sleep_state_seconds": 3780,
                                                         "duration_light_sleep_state_seconds": 2760}
+
+
+def test_recorded_sleep_ends_with_its_stage_map_and_counts_unmeasurable_once() -> None:
+    """A sleep Garmin really sent (recorded in a public app): ``durationInSeconds`` 26,460 = deep + light + REM +
+    unmeasurable, the stage map ends at 08:59. Asleep is the staged sleep, the night ends with the map (adding
+    awake and unmeasurable to durationInSeconds again would end it at 10:26 with an 87-minute UNKNOWN tail)."""
+    record = only(load("sleeps.recorded.json"))
+    assert record["metadata"]["start_time"] == "2021-01-13T01:26:00.000000+08:00"
+    assert record["metadata"]["end_time"] == "2021-01-13T08:59:00.000000+08:00"
+    durations = record["sleep_durations_data"]
+    assert durations["asleep"] == {"duration_asleep_state_seconds": 21240,  # 4560 + 12720 + 3960
+                                   "duration_deep_sleep_state_seconds": 4560,
+                                   "duration_light_sleep_state_seconds": 12720,
+                                   "duration_REM_sleep_state_seconds": 3960}
+    assert durations["awake"] == {"duration_awake_state_seconds": 720}
+    assert durations["other"] == {"duration_in_bed_seconds": 27180, "duration_unmeasurable_sleep_seconds": 5220}
+    assert durations["sleep_efficiency"] == 78.15  # 21240 / 27180
+    hypnogram = durations["hypnogram_samples"]
+    assert hypnogram[-1] == {"timestamp": "2021-01-13T08:50:00.000000+08:00", "level": 4}  # light to the end
+    assert [s["level"] for s in hypnogram].count(0) == 2  # the two unmeasurable spans, no UNKNOWN tail
+
+
+def test_recorded_sleep_without_its_stage_map_ends_after_its_stage_totals() -> None:
+    doc = dict(load("sleeps.recorded.json")["sleeps"][0], sleepLevelsMap=None)
+    record = only({"sleeps": [doc]})
+    assert record["metadata"]["end_time"] == "2021-01-13T08:59:00.000000+08:00"  # 4560+12720+3960+720+5220 s
+    assert record["sleep_durations_data"]["sleep_efficiency"] == 78.15
+
+
+def test_spec_sleep_counts_awake_once_and_cuts_the_runaway_deep_segment() -> None:
+    """Garmin's spec example: durationInSeconds 15,264 already holds awake (11,231 deep + 3,541 light + 492 awake);
+    its deep segment runs 16 h: the night is cut at start + 15,264 + 492."""
+    first = normalize({"sleeps": [dict(doc, userId=USER_A) for doc in load("sleeps.spec.json")]})[0].data
+    assert first["metadata"]["end_time"] == "2016-01-10T16:15:37.000000+02:00"
+    durations = first["sleep_durations_data"]
+    assert durations["asleep"]["duration_asleep_state_seconds"] == 14772  # 11231 + 3541 + 0
+    assert durations["other"]["duration_in_bed_seconds"] == 15756
+    assert durations["sleep_efficiency"] == 93.75
+    assert durations["hypnogram_samples"] == [{"timestamp": "2016-01-10T11:53:01.000000+02:00", "level": 5}]
+
+
+def test_spec_off_wrist_sleep_invents_no_asleep_time_or_efficiency() -> None:
+    """Garmin's OFF_WRIST example (``x-EXAMPLE``): durationInSeconds 28,260 with every stage 0 measured nothing."""
+    off_wrist = normalize({"sleeps": [dict(load("sleeps.spec.json")[2], userId=USER_A)]})[0].data
+    assert off_wrist["metadata"]["upload_type"] == 4
+    assert off_wrist["metadata"]["end_time"] == "2021-01-29T06:22:00.000000+09:00"
+    assert off_wrist["sleep_durations_data"] == {"other": {"duration_in_bed_seconds": 28260,
+                                                           "duration_unmeasurable_sleep_seconds": 0}}
 
 
 def test_stage_names_are_case_insensitive_and_an_unknown_stage_is_unknown() -> None:
@@ -786,8 +875,9 @@ def test_a_single_summary_naming_its_kind_and_what_is_refused() -> None:
     # a bare array whose event names no kind cannot be mapped: the error says what to attach
     (failed,) = raw_event(load("dailies.pull.json"), None)
     assert "keyed by summary type (or name its kind with the raw event)" in failed.record["error_message"]
-    (failed,) = raw_event(load("dailies.single.json"), "moveIQActivities")
+    (failed,) = raw_event(load("dailies.single.json"), "futureSummaryType")
     assert failed.record["error_class"] == "UnknownKind"
+    assert raw_event(load("moveIQActivities.json")["moveIQActivities"][0], "moveIQActivities") == []  # ignored
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -848,8 +938,8 @@ def test_activity_details_without_any_summary_id_is_a_mapping_error() -> None:
 
 
 def test_malformed_payloads_and_documents() -> None:
-    with pytest.raises(UnknownKind, match="garmin kind 'moveIQActivities' is not mapped"):
-        normalize({"moveIQActivities": [{"userId": USER_A, "summaryId": "m1", "activityType": "WALKING"}]})
+    with pytest.raises(UnknownKind, match="garmin kind 'futureSummaryType' is not mapped"):
+        normalize({"futureSummaryType": [{"userId": USER_A, "summaryId": "m1", "activityType": "WALKING"}]})
     with pytest.raises(MappingError, match="dailies document must be a JSON object, got str"):
         normalize({"dailies": ["x2f41c9a-65ee8fd0"]})
     with pytest.raises(MappingError, match="payload must be a JSON object keyed by summary type"):
@@ -866,7 +956,7 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     good_a, good_b = day_push(USER_A), day_push(USER_B)
     no_start = {k: v for k, v in good_a.items() if k != "startTimeInSeconds"}
     body = {"dailies": [good_a, no_start, "not a summary", good_b],
-            "moveIQActivities": [{"userId": USER_A, "summaryId": "m1"}]}
+            "futureSummaryType": [{"userId": USER_A, "summaryId": "m1"}]}
     items = pipeline(body)
     keyed = [i for i in items if isinstance(i, Keyed)]
     failed = [i.record for i in items if isinstance(i, Failed)]
@@ -875,11 +965,11 @@ def test_one_bad_document_dead_letters_only_that_document() -> None:
     assert [(f["stage"], f["kind"], f["source"]["document_index"], f["error_class"]) for f in failed] == [
         ("normalize", "dailies", "1", "MappingError"),
         ("normalize", "dailies", "2", "MappingError"),
-        ("normalize", "moveIQActivities", "4", "UnknownKind"),
+        ("normalize", "futureSummaryType", "4", "UnknownKind"),
     ]
     assert failed[0]["error_message"] == "missing required field(s): startTimeInSeconds"
     assert failed[1]["error_message"] == "garmin dailies document must be a JSON object, got str"
-    assert "moveIQActivities" in failed[2]["error_message"]
+    assert "futureSummaryType" in failed[2]["error_message"]
     original = encode_raw(RawPayload("garmin", json.dumps(body).encode(), received_at_ms=RECEIVED_AT_MS))
     for record in failed:
         assert record["original"] == original  # the whole raw message, for replay
@@ -963,7 +1053,7 @@ def test_garmins_published_sleep_example_ends_at_its_reported_durations_and_cuts
         "2016-01-10T11:53:01.000000+02:00", "2016-01-10T16:15:37.000000+02:00")  # + 15264 + 492 s
     durations = record["sleep_durations_data"]
     assert durations["other"] == {"duration_in_bed_seconds": 15756, "duration_unmeasurable_sleep_seconds": 0}
-    assert durations["sleep_efficiency"] == 96.88
+    assert durations["sleep_efficiency"] == 93.75  # asleep 11231 + 3541 (awake counted once) / 15756
     assert durations["hypnogram_samples"] == [{"timestamp": "2016-01-10T11:53:01.000000+02:00", "level": 5}]
 
 

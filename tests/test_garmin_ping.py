@@ -41,6 +41,7 @@ MODEL = {"dailies": "daily", "sleeps": "sleep", "activities": "activity"}
 ACCOUNT_1, ACCOUNT_2 = "d3315b1072421d0dd7c8f6b8e1de4df8", "4aacafe82427c251df9c9592d0c06768"
 TODAY = datetime.now(UTC).date()
 DAY_1, DAY_2, DAY_3 = (TODAY - timedelta(days=n) for n in (3, 2, 1))
+FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
 
 
 
@@ -186,15 +187,17 @@ def test_a_body_mixing_pushed_data_pings_files_and_lifecycle(env):
     pushed_daily, pushed_activity = summary("dailies", ACCOUNT_1, DAY_1), summary("activities", ACCOUNT_2, DAY_2)
     pinged_daily, pinged_sleep = summary("dailies", ACCOUNT_1, DAY_2), summary("sleeps", ACCOUNT_2, DAY_3)
     later_daily = summary("dailies", ACCOUNT_1, DAY_3)
+    skin_temp = dict(json.loads((FIXTURES / "skinTemp.json").read_text())["skinTemp"][0], userId=ACCOUNT_1)
     body = {"dailies": [pushed_daily, garmin.ping_entry(ACCOUNT_1, "dailies", [pinged_daily]),
                         garmin.ping_entry(ACCOUNT_1, "dailies", [later_daily])],
             "sleeps": [garmin.ping_entry(ACCOUNT_2, "sleeps", [pinged_sleep])],
             "activities": [pushed_activity],
             "activityFiles": [garmin.ping_file(ACCOUNT_1, 14562379901, b".FIT-bytes")],
+            "skinTemp": [garmin.ping_entry(ACCOUNT_1, "skinTemp", [skin_temp])],  # a kind healthflow ignores
             "userPermissionsChange": [{"userId": ACCOUNT_2, "permissions": ["HEALTH_EXPORT", "ACTIVITY_EXPORT"]}]}
     reply = requests.post(garmin.webhook_url, json=body, timeout=10)
     assert reply.status_code == 200
-    assert reply.json() == {"status": "accepted", "raw_events": 2, "lifecycle": 1, "pings": 4}
+    assert reply.json() == {"status": "accepted", "raw_events": 2, "lifecycle": 1, "pings": 5}
     assert env.plane.connection(user_2).scopes == "HEALTH_EXPORT,ACTIVITY_EXPORT"
     assert garmin.calls == []  # nothing fetched in the request
 
@@ -202,19 +205,20 @@ def test_a_body_mixing_pushed_data_pings_files_and_lifecycle(env):
     assert set(queued) == {ACCOUNT_1, ACCOUNT_2}  # one queued event per account, keyed by it, entries in order
     assert queued[ACCOUNT_1]["key"] == f"garmin:{ACCOUNT_1}".encode()
     assert json.loads(queued[ACCOUNT_1]["payload"]) == {"dailies": body["dailies"][1:],
-                                                        "activityFiles": body["activityFiles"]}
+                                                        "activityFiles": body["activityFiles"],
+                                                        "skinTemp": body["skinTemp"]}
     assert json.loads(queued[ACCOUNT_2]["payload"]) == {"sleeps": body["sleeps"]}
     pushed = {e["user_id"]: json.loads(e["payload"]) for e in read_topic(env.bootstrap, env.raw)}
     assert pushed == {ACCOUNT_1: {"dailies": [pushed_daily]}, ACCOUNT_2: {"activities": [pushed_activity]}}
 
     report = env.fetch()
-    assert (report.pings, report.ignored, report.foreign, report.gone) == (4, 1, 0, 0)  # the file: not fetched
+    assert (report.pings, report.ignored, report.foreign, report.gone) == (5, 2, 0, 0)  # file, skinTemp: not fetched
     calls = garmin.callbacks()
     assert sorted((c.path, c.account, c.status) for c in calls) == [
         ("/dailies", ACCOUNT_1, 200), ("/dailies", ACCOUNT_1, 200), ("/sleeps", ACCOUNT_2, 200)]
     starts = [int(c.params["uploadStartTimeInSeconds"]) for c in calls if c.account == ACCOUNT_1]
     assert starts == sorted(starts)  # one account's pings in the order Garmin sent them
-    assert not garmin.callbacks("activityFiles")
+    assert not garmin.callbacks("activityFiles") and not garmin.callbacks("skinTemp")
 
     assert env.normalize().get("delivered:sql") == 5
     assert {(u, r, t) for u, r, t, _ in env.rows()} == {(user_1, "athlete-1", "daily"),

@@ -61,20 +61,20 @@ def test_ingest_replay_after_a_mapper_fix(tmp_path, simulated_payloads):
     run_batch(NormalizeJob(FileSource(_raw_file(tmp_path, simulated_payloads)), targets, dlq,
                            state_url=f"sqlite:///{tmp_path / 'state.db'}"))
     unknown_kind = [r for r in select(dlq, ingest=True) if r["error_class"] == "UnknownKind"]
-    assert len(unknown_kind) == 1 and b"moveIQActivities" in unknown_kind[0]["original"]
+    assert len(unknown_kind) == 1 and b"futureSummaryType" in unknown_kind[0]["original"]
     before = len(select(dlq, ingest=True))
 
     garmin = get_provider("garmin")
 
-    def move_iq(doc):  # the "fix": a mapper for the kind that was missing
+    def new_kind(doc):  # the "fix": a mapper for the kind that was missing
         return {"metadata": {"summary_id": doc["summaryId"], "start_time": "2026-11-01T08:00:00.000000+00:00",
                              "end_time": "2026-11-01T08:30:00.000000+00:00", "type": 7, "upload_type": 1}}
 
-    garmin.kind("moveIQActivities", "activity")(move_iq)
+    garmin.kind("futureSummaryType", "activity")(new_kind)
     try:
         result = replay_ingest(dlq, targets, f"sqlite:///{tmp_path / 'state.db'}")
     finally:
-        del garmin.kinds["moveIQActivities"]
+        del garmin.kinds["futureSummaryType"]
     assert result.ingest.get("raw_in") == before
     assert result.ingest.get("delivered:sql") == 1
     remaining = select(dlq, ingest=True)

@@ -155,9 +155,10 @@ def read_documents(message: RawMessage) -> Documents | Failed:
     return raw, provider, documents
 
 
-def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Failed], bool]:
+def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict[str, list[Any]], list[Failed], bool]:
     """A message's documents per healthflow user id, what cannot be attributed to anyone (or the whole message),
-    and whether the message was mapped here.
+    and whether the message was mapped here. A document of a kind the provider ignores (``Provider.ignores``) is
+    no user's: it is counted on ``tally`` as ``ignored:<provider>:<kind>`` and goes no further.
 
     Per user: the indexes of its documents, to be mapped where that user merges; or, for a message whose
     documents belong to several users or whose records name their own user (``Provider.records_name_their_user``),
@@ -167,11 +168,19 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Faile
     if isinstance(read, Failed):
         return {}, [read], False
     raw, provider, documents = read
+    kept = []
+    for index, (kind, _) in enumerate(documents):
+        if provider.ignores(kind):
+            if tally is not None:
+                tally.add(f"ignored:{provider.slug}:{kind}")
+        else:
+            kept.append(index)
     by_user: dict[str, list[int]] = {}
     failed = []
     if not provider.records_name_their_user:
         suspect = may_be_out_of_bounds(raw.payload)
-        for index, (kind, doc) in enumerate(documents):
+        for index in kept:
+            kind, doc = documents[index]
             try:
                 if suspect:
                     check_document(doc)
@@ -189,7 +198,7 @@ def split_by_user(message: RawMessage) -> tuple[dict[str, list[Any]], list[Faile
             return by_user, failed, False
     records: dict[str, list[Any]] = {}
     failed = []
-    for item in map_documents(message, raw, provider, documents, range(len(documents))):
+    for item in map_documents(message, raw, provider, documents, kept):
         if isinstance(item, Failed):
             failed.append(item)
         else:
@@ -372,7 +381,7 @@ class SplitByUser(beam.DoFn):
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         self.tally.add("raw_in")
         try:
-            by_user, failed, mapped = split_by_user(message)
+            by_user, failed, mapped = split_by_user(message, self.tally)
         except Exception as exc:
             by_user, failed, mapped = {}, [_failed("normalize", exc, message)], False
         acks = root_acks(message.ack)

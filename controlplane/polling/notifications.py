@@ -249,7 +249,7 @@ class NotificationFetcher:
                 if not isinstance(url, str) or not url or account in (None, ""):
                     report.unreadable += 1
                     continue
-                if kind not in found.kinds:
+                if kind not in found.kinds or found.ignores(kind):
                     log.info("%s ping for %s %s ignored: the type is not mapped (not fetched)", provider, account, kind)
                     report.ignored += 1
                     continue

@@ -20,7 +20,12 @@ Zero (or a negative code) that means "not measured", per field; these map to abs
   ``bodyWaterInPercent``), ``overallSleepScore.value`` 0;
 - an ``OFF_WRIST`` sleep's stage durations (Garmin sends them all 0): nothing was measured;
 - kept as real zeros: steps, distance, floors, calories and durations of days and activities (a still day or a
-  yoga session), speeds, and ``skinTemp`` deviations.
+  yoga session), and speeds.
+
+Kinds Garmin sends that healthflow knowingly does not map (Terra's model has no field for them): ``skinTemp``
+(skin-temperature deviations: Sleep.temperature_data.delta would need a sleep id Garmin does not give),
+``allDayRespiration`` (Daily has no respiration field) and ``moveIQActivities`` (auto-detected spans already counted in
+epochs and dailies). Their documents are acknowledged and counted as ``ignored:garmin:<kind>``, never dead-lettered.
 """
 
 from __future__ import annotations
@@ -235,17 +240,31 @@ def epochs(doc: dict[str, Any]) -> Fragment:
     }, part=activity or UNKNOWN_ACTIVITY)
 
 
+def _unmeasurable(doc: dict[str, Any]) -> Any:
+    """Unmeasurable seconds, under either of Garmin's spellings."""
+    return doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
+
+
 def _sleep_end(doc: dict[str, Any]) -> int:
-    """Start + the durations Garmin reports (asleep ``durationInSeconds`` + awake + unmeasurable); the latest stage
-    end only when they are all absent or 0 (an OFF_WRIST night). A stage segment never lengthens the night: Garmin's
-    own published example has a deep segment running 16 h past a 4.4-hour night."""
-    unmeasurable = doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
-    reported = sum(value for value in (doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds"), unmeasurable)
-                   if _is_number(value) and value > 0)
-    if reported:
-        return doc["startTimeInSeconds"] + reported
+    """The night's end: where Garmin's staging ends (the last ``sleepLevelsMap`` segment's end; without a map,
+    start + the stage totals deep + light + REM + awake + unmeasurable), never past start + ``durationInSeconds`` +
+    awake + unmeasurable (Garmin's published example has a deep segment running 16 h past a 4.4-hour night: cut there).
+
+    ``durationInSeconds`` alone is no measure of the night: Garmin's spec examples count awake in it, its recorded
+    sleeps count unmeasurable instead (26,460 = deep + light + REM + unmeasurable, the map ending 12 min later); so
+    adding awake and unmeasurable to it only bounds the night. With neither map nor totals (an OFF_WRIST night) the
+    bound is the end."""
+    start = doc["startTimeInSeconds"]
+    bound = start + sum(value for value in (doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds"),
+                                            _unmeasurable(doc)) if _is_number(value) and value > 0)
     ends = [seg["endTimeInSeconds"] for segs in (doc.get("sleepLevelsMap") or {}).values() for seg in segs or []]
-    return max([doc["startTimeInSeconds"], *ends])
+    staged = sum(value for value in (doc.get("deepSleepDurationInSeconds"), doc.get("lightSleepDurationInSeconds"),
+                                     doc.get("remSleepInSeconds"), doc.get("awakeDurationInSeconds"),
+                                     _unmeasurable(doc)) if _is_number(value) and value > 0)
+    staged_end = max(ends) if ends else start + staged if staged else None
+    if staged_end is None or staged_end <= start:
+        return bound
+    return min(staged_end, bound) if bound > start else staged_end
 
 
 def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int, int]]:
@@ -263,9 +282,9 @@ def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int,
 
 def _hypnogram(segments: list[tuple[int, int, int]], night_end: int, offset: int) -> list[dict[str, Any]]:
     """Terra hypnogram samples (each level holds until the next sample, the last one until the night's end).
-    Where Garmin staged nothing (a gap between one segment's end and the next one's start, or after the last
-    segment before ``night_end``) an UNKNOWN sample starts at the gap, so the gap never counts as the stage
-    before it."""
+    Where Garmin staged nothing (a gap between one segment's end and the next one's start) an UNKNOWN sample starts
+    at the gap, so the gap never counts as the stage before it. ``_sleep_end`` never ends the night after the last
+    segment, so no UNKNOWN tail is invented."""
     samples: list[dict[str, Any]] = []
     for index, (start, end, level) in enumerate(segments):
         samples.append({"timestamp": unix_ts(start, offset), "level": level})
@@ -290,7 +309,9 @@ def sleeps(doc: dict[str, Any]) -> list[dict[str, Any]]:
     a Sleep of its own (``is_nap``).
 
     Stage totals are Garmin's fields; a total Garmin leaves out is the sum of that stage's segments (only what
-    it staged, never a gap). An OFF_WRIST sleep measured nothing: its zero totals are absent. A nap has no id of
+    it staged, never a gap). Asleep is deep + light + REM (absent when none is known), time in bed the night's
+    span (``_sleep_end``), efficiency asleep ÷ in bed. An OFF_WRIST sleep measured nothing: its zero totals, asleep
+    and efficiency are absent. A nap has no id of
     its own at Garmin: its ``summary_id`` is the night's followed by ``-nap-<napStartTimeInSeconds>``, the same
     each time the night is re-sent."""
     _require(doc, "summaryId", "startTimeInSeconds")
@@ -333,8 +354,8 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
     deep, light, rem = (total("deepSleepDurationInSeconds", SLEEP_LEVEL["deep"]),
                         total("lightSleepDurationInSeconds", SLEEP_LEVEL["light"]),
                         total("remSleepInSeconds", SLEEP_LEVEL["rem"]))
-    asleep = doc.get("durationInSeconds")
-    asleep = _measured(asleep) if off_wrist else asleep
+    staged = [value for value in (deep, light, rem) if value is not None]
+    asleep = sum(staged) if staged else None  # never durationInSeconds: Garmin counts awake or unmeasurable in it
     breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset, skip_zero=True)
     spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset, skip_zero=True)
     rates = [s["breaths_per_min"] for s in breaths]
@@ -358,8 +379,7 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
             "awake": {"duration_awake_state_seconds": total("awakeDurationInSeconds", SLEEP_LEVEL["awake"])},
             "other": {
                 "duration_in_bed_seconds": in_bed,
-                "duration_unmeasurable_sleep_seconds": doc.get("unmeasurableSleepInSeconds",
-                                                               doc.get("unmeasurableSleepDurationInSeconds")),
+                "duration_unmeasurable_sleep_seconds": _unmeasurable(doc),
             },
             # Terra's sleep_efficiency is a percentage (asleep ÷ in bed × 100).
             "sleep_efficiency": round(100 * asleep / in_bed, 2) if asleep and in_bed > 0 else None,
@@ -535,15 +555,21 @@ def stress_details(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @PROVIDER.kind("pulseox", "daily")
-def pulse_ox(doc: dict[str, Any]) -> dict[str, Any]:
-    """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries)."""
+def pulse_ox(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Blood oxygen saturation readings (all-day and on-demand arrive as separate summaries), each in the Daily of
+    its own local day: an all-day summary runs 24 h from whenever it starts (Garmin's example: 21:11 local), so its
+    readings span two days. A summary without readings is its own day's (empty) Daily."""
     _require(doc, "startTimeInSeconds")
-    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", _offset(doc),
+    offset = _offset(doc)
+    samples = [dict(s, type=0) for s in _offset_samples(doc, "timeOffsetSpo2Values", "percentage", offset,
                                                         skip_zero=True)]
-    return {
-        "metadata": _day_metadata(doc),
-        "oxygen_data": {"saturation_samples": samples},
-    }
+    by_day: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_day.setdefault(sample["timestamp"][:10], []).append(sample)  # the local date of the reading
+    if not by_day:
+        return [{"metadata": _day_metadata(doc), "oxygen_data": {"saturation_samples": []}}]
+    return [{"metadata": _day_metadata({"calendarDate": day, "startTimeOffsetInSeconds": offset}),
+             "oxygen_data": {"saturation_samples": day_samples}} for day, day_samples in by_day.items()]
 
 
 @PROVIDER.kind("hrv", "daily")
@@ -636,6 +662,24 @@ def menstrual_cycle(doc: dict[str, Any]) -> Fragment:
         },
     }
     return Fragment("menstruation", record, version_ms=int(updated * 1000) if updated is not None else None)
+
+
+def _not_mapped(doc: dict[str, Any]) -> list[Fragment]:
+    """Nothing: healthflow knowingly does not map this kind (its docstring says why)."""
+    return []
+
+
+PROVIDER.kind("skinTemp", doc=(
+    "Skin-temperature deviation (°C) from the user's baseline over a sleep window: not mapped (acknowledged, counted "
+    "as ignored). Terra's Sleep.temperature_data.delta would hold it, but Garmin's summary names no sleep; Daily and "
+    "Body temperature samples are absolute temperatures, not deviations."))(_not_mapped)
+PROVIDER.kind("allDayRespiration", doc=(
+    "All-day breathing rate (breaths/min per minute offset, ``timeOffsetEpochToBreaths``): not mapped (acknowledged, "
+    "counted as ignored). Terra's Daily has no respiration field (breaths are Sleep and Activity data)."))(_not_mapped)
+PROVIDER.kind("moveIQActivities", doc=(
+    "Move IQ auto-detected activity (type, start, duration only): not mapped (acknowledged, counted as ignored). It is "
+    "no recorded activity (no distance, calories or heart rate), and its steps and calories are already in the day's "
+    "epochs and daily summary."))(_not_mapped)
 
 
 __all__ = ["PROVIDER", "format_ts"]
