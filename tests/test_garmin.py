@@ -7,6 +7,7 @@ Users: A (``c0a5…``) shows a display offset of -18000 s (-05:00, Bogotá), B (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sqlite3
@@ -23,6 +24,7 @@ from terra.types.sleep import Sleep
 
 from connectors import get_provider
 from connectors.base import Fragment, MappingError, UnknownKind, natural_key, terra_user_id
+from connectors.timeutil import unix_ts
 from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
@@ -1090,3 +1092,18 @@ def test_an_epoch_of_blank_activity_type_is_its_own_part_of_the_slice_never_merg
     assert day["distance_data"]["detailed"]["step_samples"] == [{"timestamp": AT("08:15"), "steps": 330},  # 300 + 30
                                                                 {"timestamp": AT("08:30"), "steps": 337}]
     assert normalize({"epochs": [blank]})[0].part == "UNKNOWN"
+
+
+def test_a_partial_stage_map_does_not_end_the_night_its_stage_totals_outlast() -> None:
+    """A sleepLevelsMap holding only the first segments (the totals say 7.5 h were staged) ends nothing: the night
+    runs to start + the totals, and the span the map does not cover is UNKNOWN, never the last stage."""
+    night = copy.deepcopy(load("sleeps.final.json")["sleeps"][0])
+    start = night["startTimeInSeconds"]
+    night["sleepLevelsMap"] = {"light": [{"startTimeInSeconds": start, "endTimeInSeconds": start + 1800}],
+                               "deep": [{"startTimeInSeconds": start + 1800, "endTimeInSeconds": start + 3600}]}
+    [sleep] = [f for f in normalize({"sleeps": [night]}) if f.type == "sleep"]
+    staged = 7020 + 13920 + 5940 + 1080  # deep + light + REM + awake (no unmeasurable)
+    assert sleep.data["metadata"]["end_time"] == unix_ts(start + staged, -18000)
+    assert sleep.data["sleep_durations_data"]["asleep"]["duration_light_sleep_state_seconds"] == 13920
+    assert sleep.data["sleep_durations_data"]["hypnogram_samples"][-1] == {"timestamp": unix_ts(start + 3600, -18000),
+                                                                           "level": 0}

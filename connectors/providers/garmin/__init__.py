@@ -246,8 +246,9 @@ def _unmeasurable(doc: dict[str, Any]) -> Any:
 
 
 def _sleep_end(doc: dict[str, Any]) -> int:
-    """The night's end: where Garmin's staging ends (the last ``sleepLevelsMap`` segment's end; without a map,
-    start + the stage totals deep + light + REM + awake + unmeasurable), never past start + ``durationInSeconds`` +
+    """The night's end: where Garmin's staging ends (the last ``sleepLevelsMap`` segment's end, or start + the stage
+    totals deep + light + REM + awake + unmeasurable when they reach further: a partial map, or none), never past
+    start + ``durationInSeconds`` +
     awake + unmeasurable (Garmin's published example has a deep segment running 16 h past a 4.4-hour night: cut there).
 
     ``durationInSeconds`` alone is no measure of the night: Garmin's spec examples count awake in it, its recorded
@@ -261,7 +262,8 @@ def _sleep_end(doc: dict[str, Any]) -> int:
     staged = sum(value for value in (doc.get("deepSleepDurationInSeconds"), doc.get("lightSleepDurationInSeconds"),
                                      doc.get("remSleepInSeconds"), doc.get("awakeDurationInSeconds"),
                                      _unmeasurable(doc)) if _is_number(value) and value > 0)
-    staged_end = max(ends) if ends else start + staged if staged else None
+    # a map that ends before its own stage totals could (a partial map) does not end the night: the totals do
+    staged_end = max(max(ends), start + staged) if ends else start + staged if staged else None
     if staged_end is None or staged_end <= start:
         return bound
     return min(staged_end, bound) if bound > start else staged_end
@@ -283,8 +285,8 @@ def _stage_segments(doc: dict[str, Any], night_end: int) -> list[tuple[int, int,
 def _hypnogram(segments: list[tuple[int, int, int]], night_end: int, offset: int) -> list[dict[str, Any]]:
     """Terra hypnogram samples (each level holds until the next sample, the last one until the night's end).
     Where Garmin staged nothing (a gap between one segment's end and the next one's start) an UNKNOWN sample starts
-    at the gap, so the gap never counts as the stage before it. ``_sleep_end`` never ends the night after the last
-    segment, so no UNKNOWN tail is invented."""
+    at the gap, so the gap never counts as the stage before it; so does the span between a partial map's last
+    segment and the night's end (which the stage totals set), never a full map's (the night ends with it)."""
     samples: list[dict[str, Any]] = []
     for index, (start, end, level) in enumerate(segments):
         samples.append({"timestamp": unix_ts(start, offset), "level": level})
