@@ -198,6 +198,22 @@ def test_legacy_workout_zone_duration_and_unknown_sport() -> None:
     assert fragment.data["calories_data"] == {"total_burned_calories": 375}
 
 
+def test_v1_workout_sport_id_maps_through_whoop_sport_list() -> None:
+    """A v1 workout (api-evangelist/whoop example, the docs' shape) names its sport only by ``sport_id``: 1 Cycling."""
+    (fragment,) = normalize(load("workout.v1-sport-id.json"), "workout")
+    metadata = fragment.data["metadata"]
+    assert (metadata["type"], metadata["name"]) == (1, "Cycling")  # Terra BIKING
+    assert metadata["summary_id"] == "1043"
+    record = load("workout.v1-sport-id.json")["records"][0]
+    for sport_id, terra_type, name in [(0, 8, "Running"), (52, 35, "Hiking/Rucking"), (35, 8, "Track & Field"),
+                                       (96, 114, "HIIT"), (-1, 108, "Activity"), (71, 108, "Other"),
+                                       (74, 108, "Operations - Tactical"), (9999, 108, None)]:
+        (mapped,) = normalize(dict(record, sport_id=sport_id), "workout")
+        assert (mapped.data["metadata"]["type"], mapped.data["metadata"].get("name")) == (terra_type, name), sport_id
+    (named,) = normalize(dict(record, sport_name="running", sport_id=1), "workout")  # v2 sport_name wins
+    assert (named.data["metadata"]["type"], named.data["metadata"]["name"]) == (8, "running")
+
+
 @pytest.mark.parametrize(("case", "reason"), [
     ("bad_offset", "timezone_offset"),
     ("unknown_score_state", "unknown score_state 'ARCHIVED'"),

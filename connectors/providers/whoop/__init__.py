@@ -6,14 +6,15 @@ Every record carries ``user_id``. Times are UTC (``...Z``) plus ``timezone_offse
 ``updated_at`` becomes the fragment version.
 
 Accepted forms: collection pages ``{"records": [...], "next_token"}``, single records (``GET /v2/.../{id}``), v1
-records (integer ids, ``zone_duration``); a recovery needs its sleep attached under ``sleep`` (the poll hook,
-``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
-``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` → the Activity ``id``.
-``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep. The manifest fetches
-the sleep again; a sleep fetched by id comes with its cycle's recovery attached by the hook (``_recovery``: the
-recovery, or null when the cycle has none left) and is the whole Sleep as WHOOP has it now: a Fragment that
-``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared), versioned by
-its arrival.
+records (integer ids, ``zone_duration``, a workout's ``sport_id`` without ``sport_name``: mapped through the "WHOOP
+Sports" table of WHOOP's workout docs, an id not in it is OTHER); a recovery needs its sleep attached under ``sleep``
+(the poll hook, ``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind
+``deleted``) become ``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` →
+the Activity ``id``. ``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep.
+The manifest fetches the sleep again; a sleep fetched by id comes with its cycle's recovery attached by the hook
+(``_recovery``: the recovery, or null when the cycle has none left) and is the whole Sleep as WHOOP has it now: a
+Fragment that ``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared),
+versioned by its arrival.
 
 Zero means absent: a heart rate (average, max, resting), HRV RMSSD, respiratory rate or SpO2 of 0 is no measurement
 (WHOOP 3.0 straps measure no SpO2; an UNSCORABLE-like score can carry zeros) and is left out, as is a workout
@@ -27,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from connectors.base import Deletion, Fragment, MappingError, Provider, compact, timestamp_field
-from connectors.providers.whoop.activity_types import terra_activity_type
+from connectors.providers.whoop.activity_types import terra_activity_type, whoop_sport_name
 from connectors.timeutil import day_bounds, format_ts, parse_offset, to_ms
 
 PROVIDER = Provider(
@@ -233,21 +234,23 @@ def recovery(doc: dict[str, Any]) -> Fragment:
 
 @PROVIDER.kind("workout", "activity")
 def workout(doc: dict[str, Any]) -> Fragment:
-    """A workout: sport, strain, energy (kJ and kcal), HR summary and zones, distance and climb."""
+    """A workout: sport (v2 ``sport_name``, else v1 ``sport_id`` through WHOOP's documented sport list), strain,
+    energy (kJ and kcal), HR summary and zones, distance and climb."""
     _require(doc, "id")
     start, end = _span(doc)
     score = _score(doc)
     zones = score.get("zone_durations") or score.get("zone_duration") or {}  # v2 / legacy v1 spelling
     kilojoules = score.get("kilojoule")
     distance = _measured(score.get("distance_meter"))
+    sport = whoop_sport_name(doc.get("sport_name"), doc.get("sport_id"))
     record = compact({
         "metadata": {
             "summary_id": str(doc["id"]),
             "start_time": format_ts(start),
             "end_time": format_ts(end),
-            "type": terra_activity_type(doc.get("sport_name")),
+            "type": terra_activity_type(sport),
             "upload_type": UPLOAD_AUTOMATIC,
-            "name": doc.get("sport_name"),
+            "name": sport,
             "timestamp_localization": LOCAL,
         },
         "calories_data": {"total_burned_calories": _kcal(kilojoules)},
