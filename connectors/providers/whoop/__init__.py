@@ -16,6 +16,13 @@ The manifest fetches the sleep again; a sleep fetched by id comes with its cycle
 Fragment that ``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared),
 versioned by its arrival.
 
+Day key of a cycle: WHOOP's physiological day (cycle) begins when the member falls asleep and ends when they next fall
+asleep (support.whoop.com "WHOOP Cycles"); Terra's Daily is one calendar day. A cycle opened by an evening sleep
+(23:30) covers the next day's waking hours, one opened after midnight (00:15) the same day's, so the cycle is the
+Daily of the local date of ``start`` + 12 h: every sleep onset from local noon to the next noon keys the same day.
+Keyed by the start's own date, those two cycles collided on one day and left the next empty. Only two main sleeps
+begun within one noon-to-noon span (shift work) still share a day; the newer ``updated_at`` then wins.
+
 Zero means absent: a heart rate (average, max, resting), HRV RMSSD, respiratory rate or SpO2 of 0 is no measurement
 (WHOOP 3.0 straps measure no SpO2; an UNSCORABLE-like score can carry zeros) and is left out, as is a workout
 ``distance_meter`` / ``altitude_gain_meter`` of 0 (sports without GPS). Strain, kilojoules, stage durations and counts
@@ -24,7 +31,7 @@ are kept at 0: a rest day's strain or a night without REM is a real zero.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from connectors.base import Deletion, Fragment, MappingError, Provider, compact, timestamp_field
@@ -116,12 +123,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CYCLE_DAY_SHIFT = timedelta(hours=12)  # a cycle's start (falling asleep) + 12 h falls in the waking day it covers
+
+
 @PROVIDER.kind("cycle", "daily")
 def cycle(doc: dict[str, Any]) -> Fragment:
-    """A physiological cycle (sleep to sleep) → the Daily of the local date its ``start`` falls on."""
+    """A physiological cycle (falling asleep to falling asleep) → the Daily of the local day it covers: the local date
+    of ``start`` + 12 h (see the module docstring); the record's window is that day, midnight to midnight."""
     _require(doc, "id", "start")
     zone = _zone(doc)
-    day = _instant(doc, "start").astimezone(zone).date()
+    day = (_instant(doc, "start").astimezone(zone) + CYCLE_DAY_SHIFT).date()
     day_start, day_end = day_bounds(day, zone)
     score = _score(doc)
     record = compact({
