@@ -104,7 +104,8 @@ def test_sleep_heart_rate_samples_skip_null_items() -> None:
 
 
 def test_sleep_without_total_sleep_duration_sums_its_stages() -> None:
-    """Oura's docs example sleep has ``total_sleep_duration: null``: asleep is deep + light + REM."""
+    """Oura's docs example sleep (via hedgertronic/oura-ring) has ``total_sleep_duration: null``: asleep is deep +
+    light + REM. (The example's two negative HRV items, -102 and -122 ms, are replaced by 58 and 62 in the fixture.)"""
     record = normalize(load("sleep.docs-null-total.json"), "sleep")[0].data
     assert record["sleep_durations_data"]["asleep"] == {
         "duration_asleep_state_seconds": 25200,  # 4170 deep + 18750 light + 2280 REM
