@@ -146,7 +146,8 @@ def test_poll_attaches_each_recovery_sleep_and_webhooks_fetch_or_delete(tmp_path
 
         counters = deliver(broker, topic, state, out, dlq)
         records = delivered(out)
-        assert set(records) == {("daily", "2024-03-10"), ("sleep", MAIN), ("sleep", NAP), ("sleep", EARLIER),
+        # the cycle opened by the 2024-03-10 23:12 (+01:00) sleep covers (and is the Daily of) 2024-03-11
+        assert set(records) == {("daily", "2024-03-11"), ("sleep", MAIN), ("sleep", NAP), ("sleep", EARLIER),
                                 ("activity", "ecfc6a15-4661-442f-a9a4-f160dd7afae8")}
         main = records[("sleep", MAIN)]
         assert main["metadata"]["start_time"] == "2024-03-10T23:12:00.000000+01:00"

@@ -103,6 +103,24 @@ def test_sleep_heart_rate_samples_skip_null_items() -> None:
     assert summary["avg_hr_bpm"] == source["average_heart_rate"]
 
 
+def test_sleep_without_total_sleep_duration_sums_its_stages() -> None:
+    """Oura's docs example sleep (via hedgertronic/oura-ring) has ``total_sleep_duration: null``: asleep is deep +
+    light + REM. (The example's two negative HRV items, -102 and -122 ms, are replaced by 58 and 62 in the fixture.)"""
+    record = normalize(load("sleep.docs-null-total.json"), "sleep")[0].data
+    assert record["sleep_durations_data"]["asleep"] == {
+        "duration_asleep_state_seconds": 25200,  # 4170 deep + 18750 light + 2280 REM
+        "duration_deep_sleep_state_seconds": 4170,
+        "duration_light_sleep_state_seconds": 18750,
+        "duration_REM_sleep_state_seconds": 2280,
+    }
+    assert record["sleep_durations_data"]["other"] == {"duration_in_bed_seconds": 30000}  # 25200 asleep + 4800 awake
+    source = load("sleep.docs-null-total.json")
+    unstaged = normalize(dict(source, rem_sleep_duration=None), "sleep")[0].data["sleep_durations_data"]["asleep"]
+    assert "duration_asleep_state_seconds" not in unstaged  # a stage missing: no total is invented
+    sent = normalize(dict(source, total_sleep_duration=25080), "sleep")[0].data["sleep_durations_data"]["asleep"]
+    assert sent["duration_asleep_state_seconds"] == 25080  # a total Oura sends wins
+
+
 def test_nap_types_map_to_is_nap() -> None:
     nap = normalize(load("sleep.page.json"), "sleep")[1].data
     assert nap["metadata"]["is_nap"] is True

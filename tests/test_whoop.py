@@ -45,23 +45,40 @@ def recovery_with_sleep() -> dict[str, Any]:
     return dict(recovery, sleep=load("sleep.page.json")["records"][0])
 
 
-def test_cycle_day_key_is_the_local_date_of_its_start() -> None:
+def test_cycle_day_key_is_the_local_day_it_covers() -> None:
+    """A cycle runs from falling asleep to falling asleep; its Daily is the local day of its start + 12 h: the waking
+    day after the sleep that opened it (an evening sleep opens tomorrow's cycle, one after midnight today's)."""
     central_europe, new_york = normalize(load("cycle.page.json"), "cycle")
     assert central_europe.type == "daily"
     assert central_europe.provider_user_id == "245199"
     assert central_europe.version_ms == 1710193766202  # updated_at 2024-03-11T21:49:26.202Z
+    # starts 2024-03-10 23:12 (+01:00): asleep on the evening of the 10th, the day it covers is the 11th
     assert central_europe.data == {
-        "metadata": {"start_time": "2024-03-10T00:00:00.000000+01:00", "end_time": "2024-03-11T00:00:00.000000+01:00",
+        "metadata": {"start_time": "2024-03-11T00:00:00.000000+01:00", "end_time": "2024-03-12T00:00:00.000000+01:00",
                      "upload_type": 1, "timestamp_localization": 1},
         "strain_data": {"strain_level": 12.8406},
         "calories_data": {"total_burned_calories": 2218},  # 9280 kJ / 4.184
         "heart_rate_data": {"summary": {"avg_hr_bpm": 71, "max_hr_bpm": 168}},
     }
-    # starts 2024-03-11T03:40Z = 2024-03-10 22:40 in New York: the key is the local date, not the UTC one
+    # starts 2024-03-11T03:40Z = 2024-03-10 22:40 in New York: local, not UTC, and the next day
     assert new_york.provider_user_id == "10129"
-    assert natural_key("daily", new_york.data) == "2024-03-10"
-    assert new_york.data["metadata"]["start_time"] == "2024-03-10T00:00:00.000000-05:00"
+    assert natural_key("daily", new_york.data) == "2024-03-11"
+    assert new_york.data["metadata"]["start_time"] == "2024-03-11T00:00:00.000000-05:00"
     assert new_york.data["calories_data"] == {"total_burned_calories": 1031}  # 4311.7 kJ, cycle still open
+
+
+def test_consecutive_cycles_never_share_a_day() -> None:
+    """WHOOP's docs shape: asleep at 00:15 on Apr 24 and again at 23:30 the same day (-05:00). Keyed by the start's
+    date both were Apr 24 (one overwrote the other) and Apr 25 had nothing; each now covers its own day."""
+    later, earlier = normalize(load("cycle.two-nights.json"), "cycle")
+    assert [natural_key("daily", f.data) for f in (earlier, later)] == ["2022-04-24", "2022-04-25"]
+    assert earlier.data["metadata"] == {"start_time": "2022-04-24T00:00:00.000000-05:00",
+                                        "end_time": "2022-04-25T00:00:00.000000-05:00",
+                                        "upload_type": 1, "timestamp_localization": 1}
+    assert earlier.data["strain_data"] == {"strain_level": 14.2}
+    assert later.data["metadata"]["start_time"] == "2022-04-25T00:00:00.000000-05:00"
+    assert later.data["strain_data"] == {"strain_level": 6.1}
+    assert later.data["calories_data"] == {"total_burned_calories": 1912}  # 8000 kJ / 4.184
 
 
 def test_scored_sleep() -> None:
@@ -196,6 +213,22 @@ def test_legacy_workout_zone_duration_and_unknown_sport() -> None:
     assert zones[2]["duration_seconds"] == 1251.83
     assert zones[4]["duration_seconds"] == 0.0
     assert fragment.data["calories_data"] == {"total_burned_calories": 375}
+
+
+def test_v1_workout_sport_id_maps_through_whoop_sport_list() -> None:
+    """A v1 workout (api-evangelist/whoop example, the docs' shape) names its sport only by ``sport_id``: 1 Cycling."""
+    (fragment,) = normalize(load("workout.v1-sport-id.json"), "workout")
+    metadata = fragment.data["metadata"]
+    assert (metadata["type"], metadata["name"]) == (1, "Cycling")  # Terra BIKING
+    assert metadata["summary_id"] == "1043"
+    record = load("workout.v1-sport-id.json")["records"][0]
+    for sport_id, terra_type, name in [(0, 8, "Running"), (52, 35, "Hiking/Rucking"), (35, 8, "Track & Field"),
+                                       (96, 114, "HIIT"), (-1, 108, "Activity"), (71, 108, "Other"),
+                                       (74, 108, "Operations - Tactical"), (9999, 108, None)]:
+        (mapped,) = normalize(dict(record, sport_id=sport_id), "workout")
+        assert (mapped.data["metadata"]["type"], mapped.data["metadata"].get("name")) == (terra_type, name), sport_id
+    (named,) = normalize(dict(record, sport_name="running", sport_id=1), "workout")  # v2 sport_name wins
+    assert (named.data["metadata"]["type"], named.data["metadata"]["name"]) == (8, "running")
 
 
 @pytest.mark.parametrize(("case", "reason"), [

@@ -564,3 +564,50 @@ def test_daily_activity_on_the_dst_day() -> None:
     with pytest.raises(MappingError, match="date must be YYYY-MM-DD"):
         normalize(response(activities=[dict(load("getactivity.los-angeles.json")["body"]["activities"][0],
                                             date="10/03/2024")]), "getactivity")
+
+
+def test_manual_weigh_ins_have_no_body_composition() -> None:
+    """A recorded getmeas (cjoshmartin/api-oauth2-python tests): manual weigh-ins (attrib 2, fm 128) carry fat ratio 0
+    and fat mass 0, i.e. nothing measured them. No record may claim 0 % body fat; the scale's real ratios stay."""
+    bodies = normalize(load("getmeas.recorded-manual.json"), "getmeas")
+    measurements = [m for body in bodies for m in body.data["measurements_data"]["measurements"]]
+    assert len(measurements) == 48
+    assert [m for m in measurements if m.get("bodyfat_percentage") == 0] == []
+    manual = next(m for m in measurements if m["measurement_time"] == "2021-11-23T12:10:30.000000+01:00")
+    assert manual == {"measurement_time": "2021-11-23T12:10:30.000000+01:00", "weight_kg": 67.0}  # grpid 3181614319
+    scale = next(m for m in measurements if m["measurement_time"] == "2022-02-27T07:30:16.000000+01:00")
+    assert scale == {"measurement_time": "2022-02-27T07:30:16.000000+01:00", "weight_kg": 110.1,
+                     "bodyfat_percentage": 15.713}  # grpid 3415696183 (fat mass 17.3 kg has no Terra field)
+
+
+# fat-free mass, fat ratio, fat mass, muscle, water, bone
+@pytest.mark.parametrize("measure_type", [5, 6, 8, 76, 77, 88])
+def test_zero_body_composition_is_not_a_measurement(measure_type: int) -> None:
+    group = {"grpid": 5123450002, "attrib": 0, "date": 1710140400, "category": 1,
+             "measures": [{"value": 72450, "type": 1, "unit": -3}, {"value": 0, "type": measure_type, "unit": -2}]}
+    (body,) = normalize(response(timezone="Europe/Berlin", measuregrps=[group]), "getmeas")
+    assert body.data["measurements_data"]["measurements"] == [
+        {"measurement_time": "2024-03-11T08:00:00.000000+01:00", "weight_kg": 72.45}]
+    assert "hydration_data" not in body.data
+
+
+def test_a_group_time_zone_wins_over_the_body_time_zone() -> None:
+    """Withings documents ``measuregrps[].timezone``: a weigh-in in Paris while the account's zone is New York."""
+    (body,) = normalize(load("getmeas.group-timezone-conflict.json"), "getmeas")
+    assert body.data["metadata"] == {"start_time": "2020-07-09T00:00:00.000000+02:00",
+                                     "end_time": "2020-07-10T00:00:00.000000+02:00", "timestamp_localization": 1}
+    assert body.data["measurements_data"]["measurements"] == [
+        {"measurement_time": "2020-07-09T00:00:00.000000+02:00", "weight_kg": 65.75}]  # 1594245600: 18:00 in New York
+    assert natural_key("body", body.data) == "2020-07-09"
+
+
+def test_a_body_without_time_zone_is_accepted_when_every_group_has_one() -> None:
+    (body,) = normalize(load("getmeas.group-timezone.json"), "getmeas")
+    assert body.data["metadata"]["start_time"] == "2020-07-09T00:00:00.000000+02:00"
+    assert body.data["measurements_data"]["measurements"][0]["measurement_time"] == "2020-07-09T00:00:00.000000+02:00"
+    group = load("getmeas.group-timezone.json")["body"]["measuregrps"][0]
+    (alone,) = normalize(group, "getmeas")  # a group naming its zone is self-contained
+    assert alone.data == body.data
+    undated = {k: v for k, v in group.items() if k != "timezone"}
+    with pytest.raises(MappingError, match=r"measure group 13 has no timezone and body\.timezone is missing"):
+        normalize(response(measuregrps=[group, dict(undated, grpid=13)]), "getmeas")

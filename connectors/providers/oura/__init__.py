@@ -15,7 +15,8 @@ window is the ``day`` in UTC, labelled UTC (timestamp_localization 0), never a U
 
 Zero means absent: heart rates (average, lowest), HRV, breathing rate, SpO2 averages and Oura's scores and sleep
 efficiency (1–100) of 0 are not measurements and are left out; a workout ``distance`` of 0 is an activity Oura
-measures no distance for. Durations, steps, calories and counts of 0 are real and kept.
+measures no distance for. Durations, steps, calories and counts of 0 are real and kept. A sleep's null
+``total_sleep_duration`` (as in Oura's docs example) is deep + light + REM when all three are sent, else absent.
 
 Deletions: a webhook ``{"event_type": "delete", "data_type", "object_id", "user_id", "event_time"}`` (raw kind
 ``deleted``) and a sleep with ``type`` ``deleted`` (or ``rest``: Oura rejected the period as sleep) become
@@ -161,7 +162,8 @@ def _five_minute_series(codes: Any, name: str, start: datetime, table: dict[str,
 @PROVIDER.kind("sleep", "sleep")
 def sleep(doc: dict[str, Any]) -> Fragment | Deletion:
     """A sleep period (main sleep or nap): stage totals, 5-minute hypnogram, HR/HRV samples, readiness; a sleep of
-    type ``deleted`` (or ``rest``) is the Deletion of that Sleep."""
+    type ``deleted`` (or ``rest``) is the Deletion of that Sleep. Time asleep is ``total_sleep_duration``, or deep +
+    light + REM when it is null and all three stages are sent."""
     _require(doc, "id", "type")
     sleep_type = doc["type"]
     if sleep_type in REJECTED_SLEEP_TYPES:  # not (or no longer) a sleep: a stored copy is deleted
@@ -174,6 +176,10 @@ def sleep(doc: dict[str, Any]) -> Fragment | Deletion:
     hypnogram = _five_minute_series(doc.get("sleep_phase_5_min"), "sleep_phase_5_min", start, SLEEP_LEVEL_BY_PHASE)
     readiness = doc.get("readiness") or {}
     breaths = _measured(doc.get("average_breath"))
+    stages = [doc.get(f"{stage}_sleep_duration") for stage in ("deep", "light", "rem")]
+    asleep = doc.get("total_sleep_duration")
+    if asleep is None and None not in stages:  # Oura's docs example sends null: asleep is the sum of the stages
+        asleep = sum(stages)
     record = {
         "metadata": {
             "summary_id": str(doc["id"]),
@@ -185,7 +191,7 @@ def sleep(doc: dict[str, Any]) -> Fragment | Deletion:
         },
         "sleep_durations_data": {
             "asleep": {
-                "duration_asleep_state_seconds": doc.get("total_sleep_duration"),
+                "duration_asleep_state_seconds": asleep,
                 "duration_deep_sleep_state_seconds": doc.get("deep_sleep_duration"),
                 "duration_light_sleep_state_seconds": doc.get("light_sleep_duration"),
                 "duration_REM_sleep_state_seconds": doc.get("rem_sleep_duration"),

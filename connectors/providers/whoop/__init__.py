@@ -6,14 +6,22 @@ Every record carries ``user_id``. Times are UTC (``...Z``) plus ``timezone_offse
 ``updated_at`` becomes the fragment version.
 
 Accepted forms: collection pages ``{"records": [...], "next_token"}``, single records (``GET /v2/.../{id}``), v1
-records (integer ids, ``zone_duration``); a recovery needs its sleep attached under ``sleep`` (the poll hook,
-``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind ``deleted``) become
-``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` → the Activity ``id``.
-``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep. The manifest fetches
-the sleep again; a sleep fetched by id comes with its cycle's recovery attached by the hook (``_recovery``: the
-recovery, or null when the cycle has none left) and is the whole Sleep as WHOOP has it now: a Fragment that
-``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared), versioned by
-its arrival.
+records (integer ids, ``zone_duration``, a workout's ``sport_id`` without ``sport_name``: mapped through the "WHOOP
+Sports" table of WHOOP's workout docs, an id not in it is OTHER); a recovery needs its sleep attached under ``sleep``
+(the poll hook, ``client.WhoopPollHook``, does it). Deletion webhooks ``{user_id, id, type, trace_id}`` (raw kind
+``deleted``) become ``Deletion``s keyed like the records: ``sleep.deleted`` → the Sleep ``id``, ``workout.deleted`` →
+the Activity ``id``. ``recovery.deleted`` is no tombstone: it removes the recovery fields of a Sleep, not the Sleep.
+The manifest fetches the sleep again; a sleep fetched by id comes with its cycle's recovery attached by the hook
+(``_recovery``: the recovery, or null when the cycle has none left) and is the whole Sleep as WHOOP has it now: a
+Fragment that ``replaces`` the stored Sleep (the deleted recovery's readiness, resting HR, HRV and SpO2 are cleared),
+versioned by its arrival.
+
+Day key of a cycle: WHOOP's physiological day (cycle) begins when the member falls asleep and ends when they next fall
+asleep (support.whoop.com "WHOOP Cycles"); Terra's Daily is one calendar day. A cycle opened by an evening sleep
+(23:30) covers the next day's waking hours, one opened after midnight (00:15) the same day's, so the cycle is the
+Daily of the local date of ``start`` + 12 h: every sleep onset from local noon to the next noon keys the same day.
+Keyed by the start's own date, those two cycles collided on one day and left the next empty. Only two main sleeps
+begun within one noon-to-noon span (shift work) still share a day; the newer ``updated_at`` then wins.
 
 Zero means absent: a heart rate (average, max, resting), HRV RMSSD, respiratory rate or SpO2 of 0 is no measurement
 (WHOOP 3.0 straps measure no SpO2; an UNSCORABLE-like score can carry zeros) and is left out, as is a workout
@@ -23,11 +31,11 @@ are kept at 0: a rest day's strain or a night without REM is a real zero.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from connectors.base import Deletion, Fragment, MappingError, Provider, compact, timestamp_field
-from connectors.providers.whoop.activity_types import terra_activity_type
+from connectors.providers.whoop.activity_types import terra_activity_type, whoop_sport_name
 from connectors.timeutil import day_bounds, format_ts, parse_offset, to_ms
 
 PROVIDER = Provider(
@@ -115,12 +123,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CYCLE_DAY_SHIFT = timedelta(hours=12)  # a cycle's start (falling asleep) + 12 h falls in the waking day it covers
+
+
 @PROVIDER.kind("cycle", "daily")
 def cycle(doc: dict[str, Any]) -> Fragment:
-    """A physiological cycle (sleep to sleep) → the Daily of the local date its ``start`` falls on."""
+    """A physiological cycle (falling asleep to falling asleep) → the Daily of the local day it covers: the local date
+    of ``start`` + 12 h (see the module docstring); the record's window is that day, midnight to midnight."""
     _require(doc, "id", "start")
     zone = _zone(doc)
-    day = _instant(doc, "start").astimezone(zone).date()
+    day = (_instant(doc, "start").astimezone(zone) + CYCLE_DAY_SHIFT).date()
     day_start, day_end = day_bounds(day, zone)
     score = _score(doc)
     record = compact({
@@ -233,21 +245,23 @@ def recovery(doc: dict[str, Any]) -> Fragment:
 
 @PROVIDER.kind("workout", "activity")
 def workout(doc: dict[str, Any]) -> Fragment:
-    """A workout: sport, strain, energy (kJ and kcal), HR summary and zones, distance and climb."""
+    """A workout: sport (v2 ``sport_name``, else v1 ``sport_id`` through WHOOP's documented sport list), strain,
+    energy (kJ and kcal), HR summary and zones, distance and climb."""
     _require(doc, "id")
     start, end = _span(doc)
     score = _score(doc)
     zones = score.get("zone_durations") or score.get("zone_duration") or {}  # v2 / legacy v1 spelling
     kilojoules = score.get("kilojoule")
     distance = _measured(score.get("distance_meter"))
+    sport = whoop_sport_name(doc.get("sport_name"), doc.get("sport_id"))
     record = compact({
         "metadata": {
             "summary_id": str(doc["id"]),
             "start_time": format_ts(start),
             "end_time": format_ts(end),
-            "type": terra_activity_type(doc.get("sport_name")),
+            "type": terra_activity_type(sport),
             "upload_type": UPLOAD_AUTOMATIC,
-            "name": doc.get("sport_name"),
+            "name": sport,
             "timestamp_localization": LOCAL,
         },
         "calories_data": {"total_burned_calories": _kcal(kilojoules)},

@@ -15,9 +15,11 @@ Raw kinds, named after the service and action that produced the response:
 Accepted forms, every kind: the API response ``{"status": 0, "body": {...}}`` (one page; ``more``/``offset``
 paging), its ``body`` alone (clients such as python_withings_api keep only that), and for getworkouts,
 sleep_getsummary and getactivity one entry alone or a bare JSON array of entries (getactivity then cannot choose
-between a date's rows: each row is its own record, the newest ``modified`` winning when they merge). A measure group
-alone is refused (its time zone is ``body.timezone``); so is a notification callback (``userid``, ``appli``,
-``startdate``, ``enddate``: the webhook route polls the kinds its appli names) and a non-zero ``status``.
+between a date's rows: each row is its own record, the newest ``modified`` winning when they merge). getmeas also
+accepts a body without ``timezone`` when every group names its own, and one measure group alone when it names its
+``timezone`` (without one it is refused: its zone would be ``body.timezone``). A notification callback (``userid``,
+``appli``, ``startdate``, ``enddate``: the webhook route polls the kinds its appli names) and a non-zero ``status``
+are refused.
 
 Envelope: the documents sit under ``body`` (``measuregrps``, ``series``, ``activities``), not in a top-level list,
 and the ``status`` beside them decides whether there are documents at all. ``envelope`` therefore names a field
@@ -31,6 +33,9 @@ Zero means absent (Withings writes 0 where a device did not measure), per field:
 - heart rate (workout and daily ``hr_average/hr_min/hr_max``, sleep ``hr_*``, high-frequency ``hr`` samples, getmeas
   heart pulse 11), breathing rate (``rr_*``, ``rr`` samples), HRV (``rmssd``, ``sdnn_1``), SpO2 (``spo2_average``,
   getmeas 54) and body weight/height: 0 is "not measured" (no living user has it) → absent.
+- getmeas body composition, fat ratio 6, fat mass 8, fat-free mass 5, muscle 76, hydration 77, bone 88: 0 is "not
+  measured" → absent. Withings writes fat ratio 0 and fat mass 0 into manual weigh-ins (attrib 2, fm 128) and into
+  readings of scales that measured weight only; nobody has 0 % body fat.
 - ``hr_zone_0..3``: all four 0 means no heart rate was recorded → no zones; when any zone has time, a 0 zone is a
   real 0 s and stays.
 - workout ``distance, steps, pool_laps, strokes, pool_length, manual_*``, ``elevation``: 0 for what does not apply
@@ -42,9 +47,11 @@ Zero means absent (Withings writes 0 where a device did not measure), per field:
 Unknown codes never refuse a record: an unknown sleep state is SleepLevel UNKNOWN, an unknown workout category
 ActivityType OTHER, an unknown measure type is skipped.
 
-Time: unix seconds, shown in the IANA ``timezone`` of the response (getmeas) or of each entry, at the offset that
-zone has at that instant (zoneinfo: a night across a DST change starts and ends at different offsets). Day-scoped
-records run from local midnight to the next local midnight of their day (23 or 25 hours on DST days).
+Time: unix seconds, shown in the IANA ``timezone`` of each entry (getmeas: the group's documented
+``measuregrps[].timezone`` when present, as a weigh-in abroad is dated where it happened, else the response's
+``body.timezone``), at the offset that zone has at that instant (zoneinfo: a night across a DST change starts and
+ends at different offsets). Day-scoped records run from local midnight to the next local midnight of their day (23 or
+25 hours on DST days).
 """
 
 from __future__ import annotations
@@ -85,8 +92,9 @@ WEIGHT_KG, HEIGHT_M, FAT_FREE_MASS_KG, FAT_RATIO_PCT, FAT_MASS_KG = 1, 4, 5, 6, 
 DIASTOLIC_MMHG, SYSTOLIC_MMHG, HEART_PULSE_BPM, TEMPERATURE_C, SPO2_PCT = 9, 10, 11, 12, 54
 BODY_TEMPERATURE_C, SKIN_TEMPERATURE_C, MUSCLE_MASS_KG, HYDRATION_KG, BONE_MASS_KG = 71, 73, 76, 77, 88
 PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL = 91, 123, 226
-# a 0 of these is a failed reading, not a measurement
-NEVER_ZERO = frozenset({WEIGHT_KG, HEIGHT_M, HEART_PULSE_BPM, SPO2_PCT, PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL})
+# a 0 of these is a failed reading or nothing measured (a manual weigh-in's fat ratio and fat mass), not a value
+NEVER_ZERO = frozenset({WEIGHT_KG, HEIGHT_M, HEART_PULSE_BPM, SPO2_PCT, PULSE_WAVE_VELOCITY_MS, VO2MAX, BMR_KCAL,
+                        FAT_FREE_MASS_KG, FAT_RATIO_PCT, FAT_MASS_KG, MUSCLE_MASS_KG, HYDRATION_KG, BONE_MASS_KG})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,34 +229,43 @@ def _value(measure: dict[str, Any], shift: int = 0) -> int | float:
 
 @PROVIDER.kind("getmeas", "body")
 def getmeas(payload: dict[str, Any]) -> list[Fragment]:
-    """Measure groups → one Body per local day of their ``date`` (in ``body.timezone``).
+    """Measure groups → one Body per local day of their ``date``, in the group's ``timezone`` when it names one,
+    else in ``body.timezone``.
 
     Terra's Body has no per-measurement id, so ``grpid`` cannot travel: a group becomes samples at its ``date``, and
     a re-sent group (same grpid, same date) replaces its samples by time when records merge. Groups measured at the
-    same instant (a scale's composition and its heart/PWV group) combine into one sample. User objectives (category
-    2) and ambiguous groups (attrib 1, not yet assigned to this user) are skipped. Unmapped types: fat mass (8; Terra
-    has only the fat ratio), AFib/ECG results (130-139), vascular age, visceral fat, segmental and other codes.
+    same instant in the same zone (a scale's composition and its heart/PWV group) combine into one sample. User
+    objectives (category 2) and ambiguous groups (attrib 1, not yet assigned to this user) are skipped. Unmapped
+    types: fat mass (8; Terra has only the fat ratio), AFib/ECG results (130-139), vascular age, visceral fat,
+    segmental and other codes.
     """
     if "grpid" in payload and "measures" in payload:
-        raise MappingError("a measure group alone names no time zone: send the getmeas response or its body "
-                           "(timezone beside measuregrps)")
+        if payload.get("timezone") is None:
+            raise MappingError("a measure group alone names no time zone: send the getmeas response or its body "
+                               "(timezone beside measuregrps), or a group with its own timezone")
+        payload = {"status": 0, "body": {"measuregrps": [payload]}}
     body, groups = _response(payload, "measuregrps")
     real = [g for g in groups if g.get("category", REAL_MEASURES) == REAL_MEASURES and g.get("attrib") != AMBIGUOUS]
-    if not real:
-        return []
-    zone = _zone(body.get("timezone"), "body.timezone")
-    by_instant: dict[int, list[dict[str, Any]]] = {}
+    by_instant: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    zones: dict[str, ZoneInfo] = {}
     for group in real:
         _require(group, "grpid", "date", "measures")
-        _at(group["date"], zone, "measuregrps[].date")
-        by_instant.setdefault(group["date"], []).append(group)
+        zone_name = group.get("timezone") or body.get("timezone")
+        if zone_name is None:
+            raise MappingError(f"measure group {group['grpid']} has no timezone and body.timezone is missing: "
+                               "send the getmeas response as Withings returns it")
+        where = "measuregrps[].timezone" if group.get("timezone") else "body.timezone"
+        zones.setdefault(zone_name, _zone(zone_name, where))
+        _at(group["date"], zones[zone_name], "measuregrps[].date")
+        by_instant.setdefault((group["date"], zone_name), []).append(group)
     fragments = []
-    for instant, same_time in sorted(by_instant.items()):
+    for (instant, zone_name), same_time in sorted(by_instant.items()):
         measures: dict[int, dict[str, Any]] = {}
         for group in sorted(same_time, key=lambda g: g.get("modified") or 0):
             if not isinstance(group["measures"], list):
                 raise MappingError(f"measure group {group['grpid']}: measures must be a list")
             measures.update({m.get("type"): m for m in group["measures"]})
+        zone = zones[zone_name]
         record = _body_record(_at(instant, zone, "date"), measures, zone)
         if record is not None:
             fragments.append(Fragment("body", record, version_ms=_version_ms(*same_time)))
