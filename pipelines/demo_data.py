@@ -204,7 +204,9 @@ class Simulator:
                 day.isoformat(), "distance": rng.randint(1000, 12000), "start_datetime": _iso(start),
                 "end_datetime": _iso(start + timedelta(minutes=rng.randint(20, 90))), "intensity": "moderate",
                 "label": None, "source": "autodetected"}], "next_token": None}, kind="workout", user=user)
-        rows = [{"bpm": rng.randint(50, 130), "source": "awake",
+        # as the poller publishes them: each UTC row with the user's offset its hook attaches (``_offset``)
+        offset = _iso(midnight)[-6:]
+        rows = [{"bpm": rng.randint(50, 130), "source": "awake", "_offset": offset,
                  "timestamp": _z(midnight + timedelta(minutes=30 * n))} for n in range(48)]
         yield from self._payload("oura", {"data": rows, "next_token": None}, kind="heartrate", user=user)
 
