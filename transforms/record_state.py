@@ -87,30 +87,23 @@ class RecordState:
 
     def load(self, keys: Sequence[Key]) -> dict[Key, tuple[dict[str, Any], int]]:
         """Stored ``(record, version_ms)`` for the keys that exist."""
-        found: dict[Key, tuple[dict[str, Any], int]] = {}
-        with self.store.transaction() as cursor:
-            for start in range(0, len(keys), CHUNK):
-                chunk = keys[start:start + CHUNK]
-                rows = cursor.execute(
-                    f"SELECT user_id, type, natural_key, data, version_ms FROM {TABLE} WHERE (user_id, type, "
-                    f"natural_key) IN ({', '.join('(?, ?, ?)' for _ in chunk)})",
-                    [part for key in chunk for part in key]).fetchall()
-                for user_id, kind, key, data, version in rows:
-                    found[(user_id, kind, key)] = (self.store.load_json(data), version)
-        return found
+        return {(user_id, kind, key): (self.store.load_json(data), version)
+                for user_id, kind, key, version, data in self._rows(keys, "version_ms, data")}
 
     def versions(self, keys: Sequence[Key]) -> dict[Key, int]:
         """Stored ``version_ms`` (records and tombstones alike) for the keys that exist; one query per chunk."""
-        found: dict[Key, int] = {}
+        return {(user_id, kind, key): version for user_id, kind, key, version in self._rows(keys, "version_ms")}
+
+    def _rows(self, keys: Sequence[Key], columns: str) -> list[tuple[Any, ...]]:
+        """``(user_id, type, natural_key, *columns)`` of the stored keys, one query per chunk of keys."""
+        found: list[tuple[Any, ...]] = []
         with self.store.transaction() as cursor:
             for start in range(0, len(keys), CHUNK):
                 chunk = keys[start:start + CHUNK]
-                rows = cursor.execute(
-                    f"SELECT user_id, type, natural_key, version_ms FROM {TABLE} WHERE (user_id, type, "
+                found.extend(cursor.execute(
+                    f"SELECT user_id, type, natural_key, {columns} FROM {TABLE} WHERE (user_id, type, "
                     f"natural_key) IN ({', '.join('(?, ?, ?)' for _ in chunk)})",
-                    [part for key in chunk for part in key]).fetchall()
-                for user_id, kind, key, version in rows:
-                    found[(user_id, kind, key)] = version
+                    [part for key in chunk for part in key]).fetchall())
         return found
 
     def save(self, rows: Iterable[tuple[Key, bytes, int]]) -> None:
