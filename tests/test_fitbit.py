@@ -799,10 +799,11 @@ def test_a_weight_of_0_costs_that_measurement_not_the_page() -> None:
     doc["weight"][1]["weight"] = 0  # 2024-03-11 19:40:15, logged on the web
     first_day, second_day = (f.data for f in normalize(doc, "weight"))
     checked, dropped = check_record("body", first_day)
-    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
+    assert dropped == {IMPOSSIBLE_VALUES: 1}  # the weight alone: what else the log holds stays
     assert checked["measurements_data"]["measurements"] == [
         {"measurement_time": "2024-03-11T07:32:01.000000+01:00", "weight_kg": 72.4, "BMI": 23.57,
-         "bodyfat_percentage": 21.3}]
+         "bodyfat_percentage": 21.3},
+        {"measurement_time": "2024-03-11T19:40:15.000000+01:00", "BMI": 23.41}]
     assert check_record("body", second_day) == (second_day, {})
 
 

@@ -204,9 +204,10 @@ IMPOSSIBLE = [
      {IMPOSSIBLE_VALUES: 1}),
     ("daily-oxygen-saturation", lambda p: p["dailyOxygenSaturation"].update(averagePercentage=196.4),
      {IMPOSSIBLE_VALUES: 1}),
-    ("weight", lambda p: p["weight"].update(weightGrams=950000), {IMPOSSIBLE_SAMPLES: 1}),
-    ("height", lambda p: p["height"].update(heightMillimeters=17810), {IMPOSSIBLE_SAMPLES: 1}),
-    ("body-fat", lambda p: p["bodyFat"].update(percentage=118.7), {IMPOSSIBLE_SAMPLES: 1}),
+    # a measurement left with nothing but its time goes with its value
+    ("weight", lambda p: p["weight"].update(weightGrams=950000), {IMPOSSIBLE_VALUES: 1}),
+    ("height", lambda p: p["height"].update(heightMillimeters=17810), {IMPOSSIBLE_VALUES: 1}),
+    ("body-fat", lambda p: p["bodyFat"].update(percentage=118.7), {IMPOSSIBLE_VALUES: 1}),
 ]
 
 

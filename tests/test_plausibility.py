@@ -233,21 +233,24 @@ def test_breathing_rates_outside_1_to_80_per_minute_are_dropped_with_their_aggre
 
 
 def test_a_height_in_metres_a_weight_in_pounds_and_an_impossible_vo2_max_are_dropped() -> None:
-    """Polar physical info typed in the wrong units: height 1.79 (metres in a cm field) costs its measurement (the
-    sample holds the weight too); VO2 max 230 goes from the summary and the sample list. The blocks left empty go
-    too (no ``{"measurements": []}``)."""
+    """Polar physical info typed in the wrong units: height 1.79 (metres in a cm field) goes from its measurement,
+    whose weight stays (a Body measurement holds several values); VO2 max 230 goes from the summary and the sample
+    list, and the blocks left empty go too."""
     body = dict(_fixture("polar/physical-info.json"), height=1.79, vo2_max=230)
     _, record = _one("polar", "physical-info", body)
     checked, dropped = check_record("body", record)
-    assert dropped == {IMPOSSIBLE_SAMPLES: 2, IMPOSSIBLE_VALUES: 1}
+    assert dropped == {IMPOSSIBLE_SAMPLES: 1, IMPOSSIBLE_VALUES: 2}
     assert record["measurements_data"]["measurements"] and record["oxygen_data"]["vo2_samples"]
-    assert set(checked) == {"metadata", "heart_data"}
+    assert set(checked) == {"metadata", "heart_data", "measurements_data"}
+    assert checked["measurements_data"]["measurements"] == [{"measurement_time": "2024-03-09T23:15:31.000000+00:00",
+                                                             "weight_kg": 72.4}]
     assert checked["heart_data"] is record["heart_data"]
 
     _, record = _one("polar", "physical-info", dict(body, height=179.0, weight=712.0, vo2_max=52))  # pounds as kg
     checked, dropped = check_record("body", record)
-    assert dropped == {IMPOSSIBLE_SAMPLES: 1}
-    assert "measurements_data" not in checked
+    assert dropped == {IMPOSSIBLE_VALUES: 1}
+    assert checked["measurements_data"]["measurements"] == [{"measurement_time": "2024-03-09T23:15:31.000000+00:00",
+                                                             "height_cm": 179.0}]
     _, record = _one("polar", "physical-info", dict(body, height=179.0, weight=0.4, vo2_max=52))  # a newborn: kept
     assert check_record("body", record) == (record, {})
 
@@ -497,3 +500,18 @@ def test_an_implausible_record_is_dead_lettered_alone_and_its_documents_other_re
     with sqlite3.connect(database) as conn:
         delivered = sorted(conn.execute("SELECT type, natural_key FROM healthflow_records"))
     assert delivered == [("activity", "61234567890"), ("activity", "61235044871")]
+
+
+def test_garmins_published_weigh_in_of_751_kg_loses_the_weight_not_its_body_fat() -> None:
+    """Garmin's Health API spec example ``EXAMPLE_678902`` weighs 751,732 g (a typo for 75,173): the weight goes,
+    the same weigh-in's body fat, BMI, water, bone and muscle mass stay."""
+    body = {"bodyComps": [{"userId": "4aacafe82427c251df9c9592d0c06768", "summaryId": "EXAMPLE_678902",
+                           "measurementTimeInSeconds": 1439784330, "measurementTimeOffsetInSeconds": 0,
+                           "muscleMassInGrams": 25482, "boneMassInGrams": 2434, "bodyWaterInPercent": 59.8,
+                           "bodyFatInPercent": 17.3, "bodyMassIndex": 23.1, "weightInGrams": 751732}]}
+    _, record = _one("garmin", "bodyComps", body)
+    checked, dropped = check_record("body", record)
+    assert dropped == {IMPOSSIBLE_VALUES: 1}
+    assert checked["measurements_data"]["measurements"] == [
+        {"measurement_time": "2015-08-17T04:05:30.000000+00:00", "bodyfat_percentage": 17.3, "BMI": 23.1,
+         "bone_mass_g": 2434, "muscle_mass_g": 25482, "water_percentage": 59.8}]

@@ -22,7 +22,9 @@ Policy
 Times compare as instants; a window written without an offset (a local day: Polar nightly recharge, Garmin user
 metrics) compares in wall-clock time, so a sample's offset does not move it out of its day.
 
-**Impossible values are dropped**; in a sample list the whole sample goes, elsewhere just the field:
+**Impossible values are dropped**; in a sample list the whole sample goes (a heart-rate sample is its one value),
+except a Body measurement, which holds several (weight, fat, BMI...): only the impossible value goes, the
+measurement only when nothing else is left in it; elsewhere just the field:
 
 - heart rate (``*_hr_bpm``, ``bpm``, ``hr_bpm``) outside 1–250 bpm (0 is a sensor that saw nothing);
 - SpO2 (``avg_saturation_percentage``, saturation sample ``percentage``) outside 1–100 %, other percentages
@@ -377,6 +379,9 @@ class _Checker:
                 if rule is not None and not rule[0] <= value <= rule[1]:
                     if time_key is None:  # not a sample (a lap, a meal): only the value goes
                         return self.record(item)
+                    if time_key == "measurement_time":  # a Body measurement holds several values: only it goes
+                        kept = self.record(item)
+                        return kept if any(key != time_key for key in kept) else _DROP
                     self._count(IMPOSSIBLE_SAMPLES)
                     return _DROP
             elif kind is dict or kind is list:
