@@ -217,7 +217,7 @@ def _reference_merge_user_events(fragments, stored=None):
             older = {}
             for fragment in stale:
                 older = day_aware(older, fragment.data)
-            filled = day_aware(older, data, fill=True)
+            filled = day_aware(older, data)  # no interval lists here: stored sample lists win for their span
             if filled != data:
                 data, version = filled, version + 1
         for fragment in versions[len(stale):]:
@@ -445,12 +445,12 @@ def test_a_stale_part_of_a_stored_interval_is_a_gap_a_sample_of_no_part_covers_t
     merge = RecordMerge()
     filled = merge.record({"s": [_steps_at("10:00", 40, "SEDENTARY"), _steps_at("10:15", 7, None)]})
     merge.fill(filled, {"s": [_steps_at("10:00", 300, "WALKING"), _steps_at("10:15", 9, None),
-                              _steps_at("10:30", 5, "WALKING")]})
+                              _steps_at("10:30", 5, "WALKING")]}, intervals={"s"})
     assert filled["s"] == [_steps_at("10:00", 40, "SEDENTARY"), _steps_at("10:00", 300, "WALKING"),
                            _steps_at("10:15", 9, None), _steps_at("10:30", 5, "WALKING")]
     merge = RecordMerge()
     filled = merge.record({"s": [_steps_at("10:00", 40, "SEDENTARY")]})
-    merge.fill(filled, {"s": [_steps_at("10:00", 300, None)]})  # stored before parts: the whole interval
+    merge.fill(filled, {"s": [_steps_at("10:00", 300, None)]}, intervals={"s"})  # stored before parts: the interval
     assert filled["s"] == [_steps_at("10:00", 300, None)]
 
 
@@ -527,3 +527,16 @@ def test_samples_left_out_are_tallied_once_when_a_users_save_fails_and_their_mes
     list(merge._flush())
     assert merge.tally.counts["dead_letter:state"] == 1
     assert merge.tally.counts["plausibility:samples_outside_window"] == 1
+
+
+def test_a_stale_redelivery_of_a_restaged_hypnogram_does_not_mix_into_the_newer_one():
+    """Only interval lists take a late sample inside the stored span as a gap: a hypnogram restaged by a newer version
+    (00:10 became 00:20) stays the newer one when the older version is redelivered."""
+    def night(*stages: tuple[str, int]) -> dict:
+        return {"sleep_durations_data": {"hypnogram_samples": [
+            {"timestamp": f"2024-01-02T{at}:00.000000+00:00", "level": level} for at, level in stages]}}
+
+    merge = RecordMerge()
+    filled = merge.record(night(("00:00", 5), ("00:10", 4), ("00:40", 6)))
+    merge.fill(filled, night(("00:00", 5), ("00:20", 4), ("00:40", 6)), intervals={"step_samples"})
+    assert filled == night(("00:00", 5), ("00:20", 4), ("00:40", 6))

@@ -26,7 +26,7 @@ import operator
 import pickle
 import zlib
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -456,7 +456,7 @@ class RecordMerge:
         self.samples_outside_window = 0  # samples of a UTC day left out of a local day (``fold_record``)
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
         self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
-        self.fill_only = False  # the record folded into is older: newer sample lists only add what it lacks (``fill``)
+        self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
         """A record of its own to fold into, starting as ``data``."""
@@ -480,7 +480,7 @@ class RecordMerge:
                     continue
             elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
                     id(old) in self._instants or _sample_list(old)):  # ours are sample lists
-                if self.fill_only:
+                if key in self.fill_only:
                     changed = self._union_samples(target, key, old, value) or changed
                 else:
                     changed = self._fold_samples(target, key, old, value) or changed
@@ -518,17 +518,19 @@ class RecordMerge:
         record["metadata"] = metadata = self._own(record["metadata"])
         return self.fold(metadata, newer["metadata"], keep=kept) or changed
 
-    def fill(self, older: dict[str, Any], record: dict[str, Any]) -> bool:
+    def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
-        what ``record`` lacks: ``record``'s fields win, and of a sample list every sample of ``older`` whose (instant,
-        part) ``record`` lacks is kept (a late interval inside the span ``record`` covers is a gap, not replaced);
-        ``record``'s sample wins at the same (instant, part), filled with the fields it lacks. A sample of no part
-        covers its whole instant. Whether ``older`` changed."""
-        self.fill_only = True
+        what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
+        lists a provider emits one interval at a time) every sample of ``older`` whose (instant, part) ``record``
+        lacks is kept (a late interval inside the span ``record`` covers is a gap, not replaced); ``record``'s sample
+        wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
+        instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
+        hypnogram is not mixed with the samples it replaced). Whether ``older`` changed."""
+        self.fill_only = frozenset(intervals)
         try:
             return self.fold_record(older, record)
         finally:
-            self.fill_only = False
+            self.fill_only = frozenset()
 
     def _union_samples(self, parent: dict[str, Any], key: str, older: list[Any], newer: list[dict[str, Any]]) -> bool:
         """``fill``'s sample lists: ``newer``'s samples (merged onto the ``older`` sample at the same instant and part),
@@ -774,7 +776,8 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
             filled = merge.record({})
             for fragment in stale_data:
                 merge.fold_record(filled, fragment.data)
-            merge.fill(filled, data)
+            spec = _interval_spec(versions[-1].provider, model_type)
+            merge.fill(filled, data, {path[-1] for path in spec.paths} if spec is not None else ())
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
