@@ -1107,3 +1107,14 @@ def test_a_partial_stage_map_does_not_end_the_night_its_stage_totals_outlast() -
     assert sleep.data["sleep_durations_data"]["asleep"]["duration_light_sleep_state_seconds"] == 13920
     assert sleep.data["sleep_durations_data"]["hypnogram_samples"][-1] == {"timestamp": unix_ts(start + 3600, -18000),
                                                                            "level": 0}
+
+
+def test_a_sleep_entered_by_hand_has_its_duration_asleep() -> None:
+    """A MANUAL sleep carries no stage totals: its ``durationInSeconds`` is the time asleep."""
+    manual = {"userId": USER_A, "summaryId": "x2f41c9a-manual", "calendarDate": "2024-03-11",
+              "startTimeInSeconds": 1710130320, "startTimeOffsetInSeconds": -18000, "durationInSeconds": 28800,
+              "validation": "MANUAL"}
+    [sleep] = [f for f in normalize({"sleeps": [manual]}) if f.type == "sleep"]
+    durations = sleep.data["sleep_durations_data"]
+    assert durations["asleep"]["duration_asleep_state_seconds"] == 28800
+    assert sleep.data["metadata"]["end_time"] == unix_ts(1710130320 + 28800, -18000)

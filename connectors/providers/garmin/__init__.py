@@ -357,7 +357,11 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
                         total("lightSleepDurationInSeconds", SLEEP_LEVEL["light"]),
                         total("remSleepInSeconds", SLEEP_LEVEL["rem"]))
     staged = [value for value in (deep, light, rem) if value is not None]
-    asleep = sum(staged) if staged else None  # never durationInSeconds: Garmin counts awake or unmeasurable in it
+    # the stages when Garmin staged any (never durationInSeconds then: Garmin counts awake or unmeasurable in it); a
+    # sleep entered by hand (validation MANUAL) has no stages, only its duration
+    duration = doc.get("durationInSeconds")
+    asleep = (sum(staged) if any(staged) else
+              duration if not off_wrist and _is_number(duration) and duration > 0 else None)
     breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset, skip_zero=True)
     spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset, skip_zero=True)
     rates = [s["breaths_per_min"] for s in breaths]
