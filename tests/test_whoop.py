@@ -411,3 +411,25 @@ def test_hook_attaches_the_cycles_recovery_to_a_sleep_fetched_by_id() -> None:
                                  datetime(2024, 3, 12, tzinfo=UTC), hook_request("sleep", {}, []).connection,
                                  None), page) == [page]
     assert not any(f.replaces for f in normalize(page, "sleep"))
+
+
+def test_two_cycles_of_one_day_never_mix_their_fields() -> None:
+    """Two sleeps starting within one noon-to-noon span make two cycles of one day: the newer cycle is the Daily
+    whole (a PENDING one keeps none of the scored one's strain), and the older one, redelivered, fills nothing in."""
+    from transforms.normalize import Keyed, merge_user_events
+    from transforms.record_state import state_row
+
+    scored = json.loads((FIXTURES / "cycle.page.json").read_text())["records"][0]
+    pending = {**scored, "id": scored["id"] + 1, "start": "2024-03-11T08:00:00.000Z", "end": None,  # 09:00 local
+               "score_state": "PENDING_SCORE", "score": None, "updated_at": "2024-03-11T22:00:00.000Z"}
+    fragments = [f for doc in (scored, pending) for f in get_provider("whoop").normalize(doc, "cycle", "u")]
+    assert fragments[0].replaces and {f.data["metadata"]["start_time"] for f in fragments} == {
+        fragments[0].data["metadata"]["start_time"]}
+    keyed = [Keyed("daily", f.data["metadata"]["start_time"][:10], f.data, f.version_ms, f"{n:03d}",
+                   {"user_id": "u", "provider": "WHOOP"}, "k", "whoop", replaces=f.replaces)
+             for n, f in enumerate(fragments)]
+    (day,) = merge_user_events("u", keyed)
+    assert "strain_data" not in day.data and "calories_data" not in day.data
+    stored = {("daily", day.natural_key): (json.loads(state_row(day)), day.ordering_timestamp_ms)}  # as the state
+    (again,) = merge_user_events("u", keyed[:1], stored)  # the scored cycle redelivered: older, fills nothing in
+    assert again.data == day.data

@@ -129,7 +129,11 @@ CYCLE_DAY_SHIFT = timedelta(hours=12)  # a cycle's start (falling asleep) + 12 h
 @PROVIDER.kind("cycle", "daily")
 def cycle(doc: dict[str, Any]) -> Fragment:
     """A physiological cycle (falling asleep to falling asleep) → the Daily of the local day it covers: the local date
-    of ``start`` + 12 h (see the module docstring); the record's window is that day, midnight to midnight."""
+    of ``start`` + 12 h (see the module docstring); the record's window is that day, midnight to midnight.
+
+    The cycle is the whole Daily (``replaces``): a newer cycle of the same day (two sleeps starting within one
+    noon-to-noon span) replaces it rather than mixing its fields with the other cycle's, and an older one fills
+    nothing in."""
     _require(doc, "id", "start")
     zone = _zone(doc)
     day = (_instant(doc, "start").astimezone(zone) + CYCLE_DAY_SHIFT).date()
@@ -143,7 +147,7 @@ def cycle(doc: dict[str, Any]) -> Fragment:
         "heart_rate_data": {"summary": {"avg_hr_bpm": _measured(score.get("average_heart_rate")),
                                         "max_hr_bpm": _measured(score.get("max_heart_rate"))}},
     })
-    return Fragment("daily", record, version_ms=_version_ms(doc))
+    return Fragment("daily", record, version_ms=_version_ms(doc), replaces=True)
 
 
 def _sleep_record(doc: dict[str, Any]) -> dict[str, Any]:
