@@ -31,6 +31,7 @@ from pipelines.normalize import FileSource, NormalizeJob, run_batch
 from schemas.serde import encode_raw, validate_record
 from sinks.sql import SqlSink
 from transforms.normalize import Failed, Keyed, merge_user_events, normalize_message
+from transforms.plausibility import check_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "garmin"
 TERRA_MODELS = {"activity": Activity, "body": Body, "daily": Daily, "menstruation": Menstruation, "sleep": Sleep}
@@ -1118,3 +1119,17 @@ def test_a_sleep_entered_by_hand_has_its_duration_asleep() -> None:
     durations = sleep.data["sleep_durations_data"]
     assert durations["asleep"]["duration_asleep_state_seconds"] == 28800
     assert sleep.data["metadata"]["end_time"] == unix_ts(1710130320 + 28800, -18000)
+    # with awake time (counted in the duration, as Garmin's examples do): the same night, 10 min less asleep
+    [sleep] = [f for f in normalize({"sleeps": [dict(manual, awakeDurationInSeconds=600)]}) if f.type == "sleep"]
+    assert sleep.data["sleep_durations_data"]["asleep"]["duration_asleep_state_seconds"] == 28200
+    assert sleep.data["metadata"]["end_time"] == unix_ts(1710130320 + 28800, -18000)
+    assert check_record("sleep", validate_record("sleep", sleep.data))[1] == {}
+    # stages reported as 0 (not missing) are what Garmin measured: no fallback to the duration
+    zeros = dict(manual, validation="AUTO_FINAL", deepSleepDurationInSeconds=0, lightSleepDurationInSeconds=0,
+                 remSleepInSeconds=0, unmeasurableSleepInSeconds=28800)
+    [sleep] = [f for f in normalize({"sleeps": [zeros]}) if f.type == "sleep"]
+    assert sleep.data["sleep_durations_data"]["asleep"]["duration_asleep_state_seconds"] == 0
+    # a sleep entered by hand with its stage fields at 0: its duration, as when they are missing
+    [sleep] = [f for f in normalize({"sleeps": [dict(zeros, validation="MANUAL", unmeasurableSleepInSeconds=0)]})
+               if f.type == "sleep"]
+    assert sleep.data["sleep_durations_data"]["asleep"]["duration_asleep_state_seconds"] == 28800

@@ -430,6 +430,7 @@ def test_two_cycles_of_one_day_never_mix_their_fields() -> None:
              for n, f in enumerate(fragments)]
     (day,) = merge_user_events("u", keyed)
     assert "strain_data" not in day.data and "calories_data" not in day.data
-    stored = {("daily", day.natural_key): (json.loads(state_row(day)), day.ordering_timestamp_ms)}  # as the state
-    (again,) = merge_user_events("u", keyed[:1], stored)  # the scored cycle redelivered: older, fills nothing in
-    assert again.data == day.data
+    for row in (json.loads(state_row(day)), day.data):  # as the state keeps it; as a row written before replaces
+        stored = {("daily", day.natural_key): (row, day.ordering_timestamp_ms)}
+        (again,) = merge_user_events("u", keyed[:1], stored)  # the scored cycle redelivered: older, fills nothing in
+        assert (again.data, again.ordering_timestamp_ms) == (day.data, day.ordering_timestamp_ms)

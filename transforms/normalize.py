@@ -771,7 +771,9 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         # older than the stored record: fill gaps; not newer than the deletion the record was re-created after, or
         # than the fragment that replaced it (what it cleared stays gone), or older than a deletion: nothing
         gaps_after = max(generation or 0, replaced or 0)
-        stale_data = [f for f in versions if id(f) in stale and not f.deleted and f.version_ms > gaps_after]
+        # a stale fragment that replaces (a whole record of its own: a WHOOP cycle) fills nothing into a newer one
+        stale_data = [f for f in versions
+                      if id(f) in stale and not f.deleted and not f.replaces and f.version_ms > gaps_after]
         if stale_data and deleted is None:
             filled = merge.record({})
             for fragment in stale_data:

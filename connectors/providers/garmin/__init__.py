@@ -245,11 +245,14 @@ def _unmeasurable(doc: dict[str, Any]) -> Any:
     return doc.get("unmeasurableSleepInSeconds", doc.get("unmeasurableSleepDurationInSeconds"))
 
 
+STAGE_TOTALS = ("deepSleepDurationInSeconds", "lightSleepDurationInSeconds", "remSleepInSeconds")
+
+
 def _sleep_end(doc: dict[str, Any]) -> int:
     """The night's end: where Garmin's staging ends (the last ``sleepLevelsMap`` segment's end, or start + the stage
     totals deep + light + REM + awake + unmeasurable when they reach further: a partial map, or none), never past
-    start + ``durationInSeconds`` +
-    awake + unmeasurable (Garmin's published example has a deep segment running 16 h past a 4.4-hour night: cut there).
+    start + ``durationInSeconds`` + awake + unmeasurable (Garmin's published example has a deep segment running 16 h
+    past a 4.4-hour night: cut there). A sleep with no stages at all (entered by hand) ends at start + its duration.
 
     ``durationInSeconds`` alone is no measure of the night: Garmin's spec examples count awake in it, its recorded
     sleeps count unmeasurable instead (26,460 = deep + light + REM + unmeasurable, the map ending 12 min later); so
@@ -264,6 +267,10 @@ def _sleep_end(doc: dict[str, Any]) -> int:
                                      _unmeasurable(doc)) if _is_number(value) and value > 0)
     # a map that ends before its own stage totals could (a partial map) does not end the night: the totals do
     staged_end = max(max(ends), start + staged) if ends else start + staged if staged else None
+    duration = doc.get("durationInSeconds")
+    if not ends and not any(_is_number(doc.get(name)) and doc[name] > 0 for name in STAGE_TOTALS) and \
+            _is_number(duration) and duration > 0 and str(doc.get("validation") or "").strip().upper() != "OFF_WRIST":
+        return start + duration  # no stages at all (a sleep entered by hand): its duration, awake counted in it
     if staged_end is None or staged_end <= start:
         return bound
     return min(staged_end, bound) if bound > start else staged_end
@@ -359,9 +366,11 @@ def _night(doc: dict[str, Any]) -> dict[str, Any]:
     staged = [value for value in (deep, light, rem) if value is not None]
     # the stages when Garmin staged any (never durationInSeconds then: Garmin counts awake or unmeasurable in it); a
     # sleep entered by hand (validation MANUAL) has no stages, only its duration
-    duration = doc.get("durationInSeconds")
-    asleep = (sum(staged) if any(staged) else
-              duration if not off_wrist and _is_number(duration) and duration > 0 else None)
+    duration, awake = doc.get("durationInSeconds"), doc.get("awakeDurationInSeconds")
+    manual = str(doc.get("validation") or "").strip().upper() == "MANUAL"
+    asleep = (sum(staged) if staged and (any(staged) or not manual) else  # stages Garmin measured, zeros included
+              duration - (awake if _is_number(awake) and 0 < awake < duration else 0)  # entered by hand: no stages
+              if not off_wrist and _is_number(duration) and duration > 0 else None)
     breaths = _offset_samples(doc, "timeOffsetSleepRespiration", "breaths_per_min", offset, skip_zero=True)
     spo2 = _offset_samples(doc, "timeOffsetSleepSpo2", "percentage", offset, skip_zero=True)
     rates = [s["breaths_per_min"] for s in breaths]
