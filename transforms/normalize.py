@@ -774,11 +774,12 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         # a stale fragment that replaces (a whole record of its own: a WHOOP cycle) fills nothing into a newer one
         stale_data = [f for f in versions
                       if id(f) in stale and not f.deleted and not f.replaces and f.version_ms > gaps_after]
+        newest = versions[-1]
+        spec = _interval_spec(newest.provider, model_type)
         if stale_data and deleted is None:
             filled = merge.record({})
             for fragment in stale_data:
                 merge.fold_record(filled, fragment.data)
-            spec = _interval_spec(versions[-1].provider, model_type)
             merge.fill(filled, data, {path[-1] for path in spec.paths} if spec is not None else ())
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
@@ -814,7 +815,6 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
             elif changed:  # same version, new content: make sure it is not taken for a stale copy
                 version += 1
         dropped += merge.samples_outside_window
-        newest = versions[-1]
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         sequence = max(f.sequence for f in versions)
         if deleted is not None:
@@ -822,7 +822,6 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                 type=model_type, user=newest.user, natural_key=key, ordering_timestamp_ms=version, sequence=sequence,
                 raw_idempotency_key=newest.raw_idempotency_key, start_time=start_time, reference=reference), None))
             continue
-        spec = _interval_spec(newest.provider, model_type)
         delivered = emitted(record, spec) if spec is not None else record
         events.append((NormalizedEvent.create(
             type=model_type, user=newest.user, data=delivered, natural_key=key, ordering_timestamp_ms=version,
@@ -1027,7 +1026,6 @@ class MergePerUser(beam.DoFn):
             for (user, model_type, key), value in found.items():
                 stored_by_user.setdefault(user, {})[(model_type, key)] = value
         merged = []
-        dropped: dict[int, Counter[str]] = {}  # what each user's merge left out: tallied once their records are saved
         for (user_id, fragments), parts, window, timestamp in users:
             if any(parts is item[1] for _, item in unloadable):
                 continue
@@ -1038,15 +1036,14 @@ class MergePerUser(beam.DoFn):
             except Exception as exc:  # this user's records cannot merge: theirs alone fail
                 failed.append(("merge", exc, parts, window, timestamp))
                 continue
-            merged.append((user_id, events, parts, window, timestamp))
-            dropped[id(merged[-1])] = left_out
+            merged.append((user_id, events, parts, window, timestamp, left_out))
         _, unsaved = self._isolating(merged, lambda batch: self._save([events for _, events, *_ in batch]))
-        failed.extend(("state", exc, parts, window, timestamp) for exc, (_, _, parts, window, timestamp) in unsaved)
+        failed.extend(("state", exc, parts, window, timestamp) for exc, (_, _, parts, window, timestamp, _) in unsaved)
         merged = [item for item in merged if not any(item is bad for _, bad in unsaved)]
-        for item in merged:  # a user merged again (one message at a time, after a failure) is tallied then
-            for name, count in dropped[id(item)].items():
+        for user_id, records, parts, window, timestamp, left_out in merged:
+            # what the merge left out, tallied once saved (a user merged again one message at a time is tallied then)
+            for name, count in left_out.items():
                 self.tally.add(f"plausibility:{name}", count)
-        for user_id, records, parts, window, timestamp in merged:
             events = [event for event, _ in records]
             self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))
             for event in events:
