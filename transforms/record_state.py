@@ -9,7 +9,7 @@ fragment never wipes what an earlier batch delivered.
 A deleted record is kept as a tombstone row: ``{"healthflow_deleted": <the tombstone's key>}`` at the deletion's
 version (``state_row``, ``stored_deletion``), so data older than the deletion cannot bring it back and data newer
 than it starts a fresh record. A record re-created after a deletion keeps the deletion's version with it
-(``{..., "healthflow_generation": version}``, ``stored_generation``): its events' ids include it for good. A record a
+(``{..., "healthflow_generation": version}``, ``stored_marks``): its events' ids include it for good. A record a
 fragment replaced whole (``connectors.base.Fragment.replaces``) keeps that fragment's version the same way
 (``{..., "healthflow_replaced": version}``): data not newer than it fills no gaps (what the replace cleared stays gone).
 
@@ -44,13 +44,6 @@ def state_row(event: NormalizedEvent, record: dict[str, Any] | None = None) -> b
     if marks:
         return canonical_json({**(event.data if record is None else record), **marks})
     return event.data_json if record is None else canonical_json(record)
-
-
-def stored_generation(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """A stored record without ``GENERATION_FIELD`` (and ``REPLACED_FIELD``), and that generation (None: never
-    re-created)."""
-    record, generation, _ = stored_marks(stored)
-    return record, generation
 
 
 def stored_marks(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None, int | None]:
