@@ -150,17 +150,17 @@ def test_sample_lists_merge_as_the_reference_rule_in_and_out_of_order():
 def test_folding_a_days_samples_parses_each_sample_time_once():
     """Merging is linear in the samples: a day's record folded from n one-sample fragments (Oura heart-rate rows)
     parses n sample times, not the whole accumulated list again for every fragment (n²/2)."""
-    from transforms.normalize import _instant
+    from transforms.interval_samples import sample_instant
 
     day = {"start_time": "2026-11-02T00:00:00.000000+00:00", "end_time": "2026-11-03T00:00:00.000000+00:00",
            "upload_type": 1, "timestamp_localization": 0}
     rows = [_keyed({"metadata": day, "heart_rate_data": {"detailed": {"hr_samples": [
         {"timestamp": f"2026-11-02T{n // 60:02d}:{n % 60:02d}:00.000000+00:00", "bpm": 60 + n % 7}]}}},
         1000 + n, f"{n:05d}") for n in range(600)]
-    _instant.cache_clear()
+    sample_instant.cache_clear()
     (event,) = merge_user_events("u", rows)
     assert len(event.data["heart_rate_data"]["detailed"]["hr_samples"]) == 600
-    parsed = _instant.cache_info()
+    parsed = sample_instant.cache_info()
     assert parsed.hits + parsed.misses <= 2 * len(rows), parsed
 
 

@@ -71,7 +71,7 @@ def _by_instant(samples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
     groups: dict[datetime, tuple[str, list[dict[str, Any]]]] = {}
     for sample in samples:
         text = sample["timestamp"]
-        instant = _instant(text)
+        instant = sample_instant(text)
         found = groups.get(instant)
         if found is None:
             groups[instant] = (text, [sample])
@@ -81,7 +81,9 @@ def _by_instant(samples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _instant(text: str) -> datetime:
+@functools.lru_cache(maxsize=1 << 16)
+def sample_instant(text: str) -> datetime:
+    """The instant a sample's time names; a time without an offset is taken as UTC (how the merge compares them)."""
     moment = datetime.fromisoformat(text)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 

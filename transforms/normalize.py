@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import functools
 import gc
 import itertools
 import json
@@ -28,7 +27,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import apache_beam as beam
@@ -54,7 +53,7 @@ from transforms.bounds import (
     check_text,
     may_be_out_of_bounds,
 )
-from transforms.interval_samples import PART, emitted, mark_part
+from transforms.interval_samples import PART, emitted, mark_part, sample_instant
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
 from transforms.record_state import open_state, state_row, stored_deletion, stored_marks
@@ -536,14 +535,14 @@ class RecordMerge:
         """``fill``'s sample lists: ``newer``'s samples (merged onto the ``older`` sample at the same instant and part),
         with the ``older`` samples at an (instant, part) ``newer`` lacks; in time order, ties older first."""
         time_key = _time_key(newer[0])
-        newer_at = [(_instant(item[time_key]), item.get(PART)) for item in newer]
+        newer_at = [(sample_instant(item[time_key]), item.get(PART)) for item in newer]
         covered = set(newer_at)
         whole = {at for at, part in newer_at if part is None}  # a sample of no part: the whole interval
         anywhere = {at for at, _ in newer_at}
         older_at = {}
         gaps = []
         for item in older:
-            at, part = _instant(item[time_key]), item.get(PART)
+            at, part = sample_instant(item[time_key]), item.get(PART)
             if (at, part) in covered:
                 older_at[(at, part)] = item
             elif at not in whole and (part is not None or at not in anywhere):
@@ -566,13 +565,13 @@ class RecordMerge:
 
     def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
         time_key = _time_key(newer[0])
-        span = [_instant(item[time_key]) for item in newer]
+        span = [sample_instant(item[time_key]) for item in newer]
         known = self._instants.get(id(old))
         reordered = False
         if known is not None and known[0] == time_key:  # in time order: it is one of ours
             samples, instants = old, known[1]
         else:
-            instants = [_instant(item[time_key]) for item in old]
+            instants = [sample_instant(item[time_key]) for item in old]
             samples = self._own(old)
             reordered = not _in_order(instants)
         if reordered:  # a list that is not in time order yet (a mapper's): in order, ties as they were
@@ -652,12 +651,6 @@ def _in_order(times: list[datetime]) -> bool:
     return all(map(operator.le, times, itertools.islice(times, 1, None)))
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _instant(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _time_key(item: dict[str, Any]) -> str:
     return "timestamp" if "timestamp" in item else "measurement_time"
 
@@ -687,7 +680,7 @@ def _utc_day(meta: dict[str, Any]) -> bool:
 
 
 def _bounds(meta: dict[str, Any]) -> tuple[datetime, datetime]:
-    return _instant(meta["start_time"]), _instant(meta["end_time"])
+    return sample_instant(meta["start_time"]), sample_instant(meta["end_time"])
 
 
 def _within(value: Any, start: datetime, end: datetime) -> tuple[Any, int]:
@@ -695,7 +688,7 @@ def _within(value: Any, start: datetime, end: datetime) -> tuple[Any, int]:
     change; ``value`` itself when nothing is outside), and how many were left out."""
     if isinstance(value, list) and _sample_list(value):
         time_key = _time_key(value[0])
-        inside = [item for item in value if start <= _instant(item[time_key]) < end]
+        inside = [item for item in value if start <= sample_instant(item[time_key]) < end]
         return (value, 0) if len(inside) == len(value) else (inside, len(value) - len(inside))
     if not isinstance(value, dict):
         return value, 0
