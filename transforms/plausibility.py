@@ -189,6 +189,8 @@ class _Window(NamedTuple):
     high_text: str
     seconds: float  # the record's own window (start to end)
     wall_clock: bool  # the bounds carry no offset, or the same one: the window may be an hour off across a DST change
+    form: tuple[int, str]  # (length, offset) of a time written like both bounds (text order is then time order), or
+    # (-1, "") when the bounds' offsets differ
 
 
 @functools.lru_cache(maxsize=4096)  # remembered: a user's records name the same few days
@@ -206,8 +208,10 @@ def _window(model_type: str, start_text: str, end_text: str) -> _Window:
         low, high = start - DAY_EARLY, max(end, start + DAY) + DAY_LATE
     else:
         low, high = start - EVENT_TOLERANCE, end + EVENT_TOLERANCE
-    return _Window(low, high, low.isoformat(timespec="microseconds"), high.isoformat(timespec="microseconds"),
-                   (end - start).total_seconds(), wall_clock)
+    low_text, high_text = low.isoformat(timespec="microseconds"), high.isoformat(timespec="microseconds")
+    suffix = low_text[-6:]  # the offset: times of the bounds' length and offset compare as text
+    form = (len(low_text), suffix) if high_text[-6:] == suffix else (-1, "")
+    return _Window(low, high, low_text, high_text, (end - start).total_seconds(), wall_clock, form)
 
 
 def _bound(model_type: str, text: str, name: str) -> datetime:
@@ -265,10 +269,11 @@ _UNCHECKED = frozenset({"metadata", "device_data", "data_enrichment", "scores"})
 class _Checker:
     """One pass over a record: impossible values and samples (outside [low, high]) out, copying only what changes."""
 
+    __slots__ = ("counts", "form", "high", "high_text", "low", "low_text")
+
     def __init__(self, window: _Window) -> None:
-        self.low, self.high, self.low_text, self.high_text = window[:4]
-        suffix = self.low_text[-6:]  # the offset: times of the bounds' length and offset compare as text
-        self.form = (len(self.low_text), suffix) if self.high_text[-6:] == suffix else (-1, "")
+        self.low, self.high, self.low_text, self.high_text = window.low, window.high, window.low_text, window.high_text
+        self.form = window.form
         self.counts: dict[str, int] = {}
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -328,6 +333,9 @@ class _Checker:
             return items
         first = items[0]
         time_key = "timestamp" if "timestamp" in first else "measurement_time" if "measurement_time" in first else None
+        if len(items) == 1:  # the usual fragment's list (one sample): what the loop below makes of it, without it
+            checked = self.sample(first, time_key)
+            return items if checked is first else [] if checked is _DROP else [checked]
         if time_key is not None and len(items) >= WHOLE_LIST_CHECK and self._all_plausible(items, time_key):
             return items
         kept: list[Any] | None = None
@@ -374,9 +382,9 @@ class _Checker:
         nested = False
         for key, value in item.items():
             kind = type(value)
-            if kind is int or kind is float:
-                rule = VALUE_RULES.get(key)
-                if rule is not None and not rule[0] <= value <= rule[1]:
+            if (kind is int or kind is float) and key in VALUE_RULES:
+                rule = VALUE_RULES[key]
+                if not rule[0] <= value <= rule[1]:
                     if time_key is None:  # not a sample (a lap, a meal): only the value goes
                         return self.record(item)
                     if time_key == "measurement_time":  # a Body measurement holds several values: only it goes
