@@ -228,6 +228,29 @@ def test_redelivery_is_deduplicated_by_webhook_id(sink: WebhookSink, receiver: W
     assert receiver.order_for("u1") == [e.event_id for e in events]
 
 
+def test_a_receiver_parsing_on_read_observes_what_one_parsing_on_receipt_does(secret: str,
+                                                                              make_sink_event: MakeEvent) -> None:
+    events = [make_sink_event("u1", "2026-03-10"), make_sink_event("u2", "2026-03-10"),
+              make_sink_event("u1", "2026-03-11")]
+    observed = []
+    for parse_on_read in (False, True):
+        with WebhookReceiver(secret, parse_on_read=parse_on_read) as receiver:
+            sink = WebhookSink("hook", receiver.url, secret, lanes=1)
+            sink.write(events)
+            sink.write(events[:1])
+            sink.close()
+            assert receiver.unique == 3  # counted before anything was parsed
+            arrivals = receiver.arrivals
+            observed.append((receiver.events, {k: v["webhook-id"] for k, v in receiver.headers.items()},
+                             receiver.order_for("u1"), receiver.order_for("u2"), sorted(arrivals),
+                             (receiver.received, receiver.unique, receiver.duplicates)))
+            assert arrivals["u1"] <= arrivals["u2"]  # the first event of u1 came first
+
+    assert observed[0] == observed[1]
+    assert observed[1][0] == {e.event_id: e.envelope() for e in events}
+    assert observed[1][2] == [events[0].event_id, events[2].event_id]
+
+
 def test_timeout_is_retryable_and_the_retry_is_a_duplicate(receiver: WebhookReceiver, secret: str,
                                                            make_sink_event: MakeEvent) -> None:
     impatient = WebhookSink("hook", receiver.url, secret, timeout_s=0.3)

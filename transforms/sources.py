@@ -139,6 +139,11 @@ class KafkaOffsets(Acknowledger):
             log.warning("offset commit to %s failed (a later one covers it): %s", self.bootstrap, exc)
 
 
+# How long the broker may hold a fetch that finds nothing new. A read to the end learns that it is there from such an
+# empty fetch, so this is what reaching the end of each partition costs (librdkafka's default is 500 ms).
+BATCH_FETCH_WAIT_MS = 10
+
+
 class ReadPartitionToEnd(beam.DoFn):
     """Read one partition from a start offset to its end (partition EOF), at most ``limit`` messages.
 
@@ -155,16 +160,18 @@ class ReadPartitionToEnd(beam.DoFn):
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         partition, start = element
-        consumer = kafka_consumer(self.bootstrap, f"{self.group}.reader", **{"enable.partition.eof": True})
+        consumer = kafka_consumer(self.bootstrap, f"{self.group}.reader", **{
+            "enable.partition.eof": True, "fetch.wait.max.ms": BATCH_FETCH_WAIT_MS})
         previous, read = start - 1, 0
 
         def next_batch() -> list[Any]:
-            """Messages (or the end of the partition); RetryableError after ``idle_polls`` polls of nothing."""
+            """Messages (or the end of the partition) as soon as one is there, with the rest already fetched;
+            RetryableError after ``idle_polls`` polls of nothing."""
             wanted = min(500, self.limit - read) if self.limit else 500
             for _ in range(self.idle_polls):
-                batch = consumer.consume(wanted, self.poll_timeout_s)
-                if batch:
-                    return batch
+                head = consumer.poll(self.poll_timeout_s)
+                if head is not None:
+                    return [head, *consumer.consume(wanted - 1, 0)] if wanted > 1 else [head]
             raise RetryableError(f"no data and no end of partition from {self.topic}[{partition}] for "
                                  f"{self.idle_polls * self.poll_timeout_s:.0f} s")
 
