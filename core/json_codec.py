@@ -54,7 +54,9 @@ def loads(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | 
     """Exactly ``json.loads(text, parse_constant=parse_constant)``: orjson reads it unless it refuses it (NaN and
     Infinity, a byte-order mark, numbers beyond float range, lone surrogates, invalid UTF-8, nesting deeper than 1024,
     malformed JSON) or the text may hold an integer of 19 digits or more (beyond 64 bits orjson reads it as a float):
-    then the standard library reads it, raising what it raises."""
+    then the standard library reads it, raising what it raises. (Only where the standard library's own result depends
+    on the caller's stack, nesting between about 1000 less the stack's depth and orjson's 1024 levels, that it would
+    refuse with RecursionError, does orjson read it.)"""
     encoded = None
     if isinstance(text, str):
         with contextlib.suppress(UnicodeEncodeError):  # lone surrogates: orjson refuses them
