@@ -26,6 +26,7 @@ setup(
         "pyarrow>=25,<26",
         "protobuf>=6,<7",
         "fastavro>=1.13,<2",
+        "orjson>=3.13,<4",  # JSON on the data path (core.json_codec), the standard library's bytes and values
         "confluent-kafka>=2.16,<3",
         "google-cloud-pubsub>=2.44,<3",
         "pydantic>=2.14,<3",

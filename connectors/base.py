@@ -258,10 +258,11 @@ class Provider:
             raise MappingError(f"{self.slug} {kind}: {type(exc).__name__}: {exc}") from exc
         compacting = self.compacts and compacted
         fragments = [_owned(item, owner, compacting) for item in _as_fragments(produced, spec, owner)]
-        for fragment in fragments:
-            if not self.records_name_their_user and str(fragment.provider_user_id) != owner:
-                raise MappingError(f"{self.slug} {kind}: the mapper made a record of user {fragment.provider_user_id!r}"
-                                   f" from a document of user {owner!r}")
+        if not self.records_name_their_user:
+            for fragment in fragments:
+                if fragment.provider_user_id is not owner and str(fragment.provider_user_id) != owner:
+                    raise MappingError(f"{self.slug} {kind}: the mapper made a record of user "
+                                       f"{fragment.provider_user_id!r} from a document of user {owner!r}")
         return fragments
 
 
@@ -279,6 +280,8 @@ def _as_fragments(produced: Any, spec: KindSpec, owner: str) -> Iterable[Fragmen
     """What a mapper produced as Fragments (and Deletions); a record (a dict) is ``owner``'s."""
     if produced is None:
         return []
+    if type(produced) is Fragment:  # what most mappers return: one fragment
+        return [produced]
     items = produced if isinstance(produced, list | tuple) or hasattr(produced, "__next__") else [produced]
     out = []
     for item in items:

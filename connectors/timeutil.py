@@ -19,7 +19,13 @@ def _zone(offset_seconds: int) -> timezone:
 
 
 def parse_offset(text: str | None) -> timezone:
-    """Parse ``+hh:mm``, ``-hh:mm``, ``+hhmm`` or ``Z`` into a fixed-offset zone (``None`` → UTC)."""
+    """Parse ``+hh:mm``, ``-hh:mm``, ``+hhmm`` or ``Z`` into a fixed-offset zone (``None`` → UTC); ValueError otherwise.
+    Remembered: a user's documents repeat the same offset."""
+    return _parse_offset(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_offset(text: str | None) -> timezone:
     if not text or text in ("Z", "z"):
         return UTC
     sign = -1 if text[0] == "-" else 1
@@ -60,6 +66,22 @@ def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> 
     return _unix_text(seconds, int(offset_seconds or 0))
 
 
+def unix_ts_many(seconds: Iterable[int | float], offset_seconds: int | float | None = None) -> list[str]:
+    """``[unix_ts(each, offset_seconds) for each in seconds]`` (a series' sample times, one call for all of them)."""
+    offset, low, high = int(offset_seconds or 0), *_FAST_RANGE
+    return [_unix_text(each, offset) if type(each) is int and low <= each <= high
+            else format_ts(from_unix(each, offset_seconds)) for each in seconds]
+
+
+def unix_date(seconds: int | float, offset_seconds: int | float | None = None) -> str:
+    """``from_unix(seconds, offset_seconds).date().isoformat()``: the local day (whole seconds: with no datetime)."""
+    if type(seconds) is not int or not _FAST_RANGE[0] <= seconds <= _FAST_RANGE[1]:
+        return from_unix(seconds, offset_seconds).date().isoformat()
+    offset = int(offset_seconds or 0)
+    _zone(offset)  # refuses an offset beyond ±24 h as from_unix does
+    return _day_text((seconds + offset) // 86_400)
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _unix_text(seconds: int, offset: int) -> str:
     days, rest = divmod(seconds + offset, 86_400)
@@ -79,7 +101,7 @@ def series_ts(start: datetime, interval: int | float, indexes: Iterable[int]) ->
                  - offset_seconds)
         ends = (first + min(indexes) * step, first + max(indexes) * step)
         if not offset.microseconds and _FAST_RANGE[0] <= min(ends) and max(ends) <= _FAST_RANGE[1]:
-            return [unix_ts(first + index * step, offset_seconds) for index in indexes]
+            return unix_ts_many([first + index * step for index in indexes], offset_seconds)
     return [format_ts(start + timedelta(seconds=index * interval)) for index in indexes]
 
 

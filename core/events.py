@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from core.json_codec import dumps_canonical
 
 DATA_MODEL_VERSION = "2022-03-16"  # the Terra data models' version (schemas/avro/models), sent with every event
 
 
 def canonical_json(value: Any) -> bytes:
-    """Deterministic compact JSON (sorted keys): equal content gives equal bytes and ids."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Deterministic compact JSON (sorted keys): equal content gives equal bytes and ids. Exactly
+    ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()`` (``core.json_codec``)."""
+    return dumps_canonical(value)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from connectors.timeutil import day_bounds, format_ts, from_unix, series_ts, unix_ts
+from connectors.timeutil import (
+    day_bounds,
+    format_ts,
+    from_unix,
+    parse_offset,
+    series_ts,
+    unix_date,
+    unix_ts,
+    unix_ts_many,
+)
 
 
 def iso(moment: datetime) -> str:
@@ -77,3 +86,42 @@ def test_day_bounds_are_remembered_and_refuse_what_is_not_a_day_as_before():
     for day in (["2026-11-01"], {"day": 1}, "2026-13-01", None):
         with pytest.raises(ValueError, match=r"Invalid isoformat string|month must be"):
             day_bounds(day, zone)
+
+
+def outcome(call, *args):
+    try:
+        return call(*args)
+    except (ValueError, OverflowError, OSError, TypeError) as exc:
+        return type(exc), str(exc)
+
+
+def local_day(seconds, offset):
+    return from_unix(seconds, offset).date().isoformat()
+
+
+def test_local_days_and_series_of_unix_seconds_are_what_a_datetime_gives():
+    rng = random.Random(8)
+    offsets = [None, 0, 3600, -18000, 19800, 0.5, 3600.9, 86_399, -86_399, 86_400, -90_000]
+    for _ in range(20_000):
+        seconds = rng.choice([rng.randrange(-10**10, 10**10), rng.randrange(1_700_000_000, 1_800_000_000),
+                              rng.uniform(-1e10, 1e10), 253402300799, -62135596800, 10**13, 1.5])
+        offset = rng.choice([*offsets, rng.randrange(-86_399, 86_400)])
+        assert outcome(unix_date, seconds, offset) == outcome(local_day, seconds, offset), (seconds, offset)
+    for _ in range(2_000):
+        offset = rng.choice(offsets[:8])
+        seconds = [rng.choice([rng.randrange(1_700_000_000, 1_800_000_000), rng.uniform(0, 2e9), True])
+                   for _ in range(rng.randrange(0, 6))]
+        assert unix_ts_many(seconds, offset) == [unix_ts(each, offset) for each in seconds]
+    with pytest.raises((ValueError, OverflowError)):
+        unix_ts_many([1_700_000_000, 10**13], 0)
+
+
+def test_offsets_are_parsed_once_and_refused_every_time():
+    assert parse_offset("+05:30") is parse_offset("+05:30")
+    assert parse_offset("+0530").utcoffset(None) == timedelta(hours=5, minutes=30)
+    assert parse_offset(None) is parse_offset("Z") is parse_offset("z") is parse_offset("") is UTC
+    assert parse_offset("-00:00") is UTC
+    for bad in ("+5:30", "05:30x", "+24:00", "abc"):
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                parse_offset(bad)

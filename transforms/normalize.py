@@ -38,6 +38,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from connectors import get_provider
 from connectors.base import Deletion, Fragment, IntervalSamples, MappingError, Provider, natural_key, terra_user_id
+from core import json_codec
 from core.dead_letters import dead_letter
 from core.errors import FatalError, RetryableError, wait_out
 from core.events import DAY_KEY, NormalizedEvent
@@ -102,7 +103,7 @@ def decode_raw(message: RawMessage) -> RawEvent:
         return RawEvent(value["idempotency_key"], value["provider"], value["kind"], value["user_id"], received_ms,
                         value["payload"])
     try:
-        value = json.loads(message.data)
+        value = json_codec.loads(message.data)
         payload = value["payload"]
         payload_bytes = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         provider, kind, user = value["provider"], value.get("kind"), value.get("user_id")
@@ -148,7 +149,7 @@ def read_documents(message: RawMessage) -> Documents | Failed:
         return _failed("decode", exc, message)
     try:
         provider = get_provider(raw.provider)
-        documents = list(provider.documents(json.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
+        documents = list(provider.documents(json_codec.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:  # unknown provider, bad JSON
         return _failed("parse", exc, message, raw)
     return raw, provider, documents

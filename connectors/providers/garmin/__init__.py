@@ -30,11 +30,12 @@ epochs and dailies). Their documents are acknowledged and counted as ``ignored:g
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 from connectors.base import Fragment, IntervalSamples, MappingError, Provider
 from connectors.providers.garmin.activity_types import terra_activity_type
-from connectors.timeutil import day_bounds, format_ts, from_unix, offset_tz, unix_ts
+from connectors.timeutil import day_bounds, format_ts, offset_tz, unix_date, unix_ts
 
 PROVIDER = Provider(
     "garmin",
@@ -122,7 +123,7 @@ def _local_day(doc: dict[str, Any], time_field: str = "startTimeInSeconds",
                offset_field: str = "startTimeOffsetInSeconds") -> tuple[str, str]:
     """Day window of a summary: its ``calendarDate`` if given, else the local date of its start."""
     offset = _offset(doc, offset_field)
-    day = doc.get("calendarDate") or from_unix(doc[time_field], offset).date().isoformat()
+    day = doc.get("calendarDate") or unix_date(doc[time_field], offset)
     return day_bounds(day, offset_tz(offset))
 
 
@@ -132,10 +133,13 @@ def _offset_samples(doc: dict[str, Any], field: str, value_name: str, offset: in
     < 0 (codes), ``skip_zero`` values ≤ 0 (not measured)."""
     start = doc["startTimeInSeconds"]
     samples = []
-    for key, value in sorted((doc.get(field) or {}).items(), key=lambda kv: int(kv[0])):
-        if value is None or (skip_negative and value < 0) or (skip_zero and _measured(value) is None):
+    by_second = sorted([(int(key), value) for key, value in (doc.get(field) or {}).items()], key=itemgetter(0))
+    for second, value in by_second:
+        if value is None or (skip_negative and value < 0):
             continue
-        samples.append({"timestamp": unix_ts(start + int(key), offset), value_name: value})
+        if skip_zero and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            continue  # _measured(value) is None, inlined: called for every sample of a day
+        samples.append({"timestamp": unix_ts(start + second, offset), value_name: value})
     return samples
 
 
