@@ -80,7 +80,6 @@ def _by_instant(samples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
     return [groups[instant] for instant in sorted(groups)]
 
 
-@functools.lru_cache(maxsize=1 << 14)
 @functools.lru_cache(maxsize=1 << 16)
 def sample_instant(text: str) -> datetime:
     """The instant a sample's time names; a time without an offset is taken as UTC (how the merge compares them)."""
