@@ -464,6 +464,7 @@ class RecordMerge:
     def fold(self, target: dict[str, Any], newer: dict[str, Any], keep: Container[str] = ()) -> bool:
         """Merge ``newer`` into ``target`` (a record of its own), except the keys in ``keep``; whether it changed."""
         changed = False
+        owned, instants = self._owned, self._instants
         for key, value in newer.items():
             if key in keep:
                 continue
@@ -471,21 +472,19 @@ class RecordMerge:
             if old is _ABSENT:
                 target[key] = value
                 changed = True
-                continue
-            if isinstance(value, dict):
-                if isinstance(old, dict):
-                    target[key] = owned = self._own(old)
-                    changed = self.fold(owned, value) or changed
-                    continue
+            elif isinstance(value, dict) and isinstance(old, dict):
+                if id(old) not in owned:
+                    target[key] = old = self._own(old)
+                changed = self.fold(old, value) or changed
             elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
-                    id(old) in self._instants or _sample_list(old)):  # ours are sample lists
+                    id(old) in instants or _sample_list(old)):  # ours are sample lists
                 if key in self.fill_only:
                     changed = self._union_samples(target, key, old, value) or changed
                 else:
                     changed = self._fold_samples(target, key, old, value) or changed
-                continue
-            target[key] = value
-            changed = changed or old != value
+            else:
+                target[key] = value
+                changed = changed or old != value
         return changed
 
     def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
@@ -578,23 +577,46 @@ class RecordMerge:
             order = sorted(range(len(instants)), key=instants.__getitem__)
             samples[:] = [samples[n] for n in order]
             instants = [instants[n] for n in order]
+        if len(newer) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
+            return self._fold_sample(parent, key, (samples, instants, time_key), newer[0], span[0]) or reordered
         low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
         if PART in newer[0]:  # a part of an interval (a mapper's fragment is of one part): other parts stay
             parts = {item.get(PART) for item in newer}
             if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
                 return self._fold_parts(parent, key, (samples, instants, low, high), newer, span, parts) or reordered
-        if len(span) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
-            merged = [_merged_sample(samples[high - 1], newer[0]) if high > low else newer[0]]
-        else:
-            older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
-            merged = [_merged_sample(older_at[at], item) if at in older_at else item
-                      for at, item in zip(span, newer, strict=True)]
-        if len(span) > 1 and not _in_order(span):
+        older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
+        merged = [_merged_sample(older_at[at], item) if at in older_at else item
+                  for at, item in zip(span, newer, strict=True)]
+        if not _in_order(span):
             order = sorted(range(len(span)), key=span.__getitem__)
             merged, span = [merged[n] for n in order], [span[n] for n in order]
         # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
         changed = reordered or samples[low:high] != merged
         samples[low:high], instants[low:high] = merged, span
+        self._instants[id(samples)] = (time_key, instants)
+        parent[key] = samples
+        return changed
+
+    def _fold_sample(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[datetime], str],
+                     sample: dict[str, Any], at: datetime) -> bool:
+        """``_fold_samples`` of a one-sample list (``sample``, at instant ``at``) into ``place`` (samples of its own
+        in time order, their instants, its time key): merged onto the last older sample at its instant (the others
+        there go; of another part, they stay), or inserted where its instant belongs. Whether the samples changed."""
+        samples, instants, time_key = place
+        low = bisect.bisect_left(instants, at)
+        high = bisect.bisect_right(instants, at, low)
+        if high == low:  # a new instant: nothing to merge onto, and nothing of another part to keep
+            samples.insert(low, sample)
+            instants.insert(low, at)
+            changed = True
+        else:
+            if PART in sample:  # a part of an interval: other parts at its instant stay
+                parts = {sample.get(PART)}
+                if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
+                    return self._fold_parts(parent, key, (samples, instants, low, high), [sample], [at], parts)
+            merged = [_merged_sample(samples[high - 1], sample)]
+            changed = samples[low:high] != merged
+            samples[low:high], instants[low:high] = merged, [at]
         self._instants[id(samples)] = (time_key, instants)
         parent[key] = samples
         return changed
@@ -639,12 +661,10 @@ def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
     """``deep_merge`` of two samples at the same instant, without its machinery for the usual flat samples."""
     if not isinstance(older, dict):
         return deep_merge(older, newer)
-    merged = dict(older)
     for key, value in newer.items():
-        if key in older and isinstance(value, dict | list):
+        if isinstance(value, dict | list) and key in older:
             return deep_merge(older, newer)
-        merged[key] = value
-    return merged
+    return {**older, **newer}
 
 
 def _in_order(times: list[datetime]) -> bool:
