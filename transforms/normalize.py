@@ -27,7 +27,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import apache_beam as beam
@@ -454,7 +453,7 @@ class RecordMerge:
     def __init__(self) -> None:
         self.samples_outside_window = 0  # samples of a UTC day left out of a local day (``fold_record``)
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
-        self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
+        self._instants: dict[int, tuple[str, list[int]]] = {}  # its sample lists: (time key, instants in order)
         self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -472,6 +471,9 @@ class RecordMerge:
             if old is _ABSENT:
                 target[key] = value
                 changed = True
+            elif type(value) in _SCALARS:  # the usual field: newer's value wins
+                target[key] = value
+                changed = changed or old != value
             elif isinstance(value, dict) and isinstance(old, dict):
                 if id(old) not in owned:
                     target[key] = old = self._own(old)
@@ -563,7 +565,7 @@ class RecordMerge:
         return copy
 
     def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
-        time_key = _time_key(newer[0])
+        time_key = "timestamp" if "timestamp" in newer[0] else "measurement_time"  # _time_key, inline
         span = [sample_instant(item[time_key]) for item in newer]
         known = self._instants.get(id(old))
         reordered = False
@@ -597,8 +599,8 @@ class RecordMerge:
         parent[key] = samples
         return changed
 
-    def _fold_sample(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[datetime], str],
-                     sample: dict[str, Any], at: datetime) -> bool:
+    def _fold_sample(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[int], str],
+                     sample: dict[str, Any], at: int) -> bool:
         """``_fold_samples`` of a one-sample list (``sample``, at instant ``at``) into ``place`` (samples of its own
         in time order, their instants, its time key): merged onto the last older sample at its instant (the others
         there go; of another part, they stay), or inserted where its instant belongs. Whether the samples changed."""
@@ -621,8 +623,8 @@ class RecordMerge:
         parent[key] = samples
         return changed
 
-    def _fold_parts(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[datetime], int, int],
-                    newer: list[dict[str, Any]], span: list[datetime], parts: set[Any]) -> bool:
+    def _fold_parts(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[int], int, int],
+                    newer: list[dict[str, Any]], span: list[int], parts: set[Any]) -> bool:
         """``_fold_samples`` where the older samples in the span include parts (``Fragment.part``) that ``newer`` does
         not hold: those stay; a sample at the same instant and part merges, the others in the span go (a sample of no
         part too: the whole interval, as a record stored before it had parts). Ties in time: the samples that stay
@@ -655,6 +657,7 @@ class RecordMerge:
 
 
 _ABSENT = object()
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # a JSON value that is neither an object nor an array
 
 
 def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
@@ -667,7 +670,7 @@ def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
     return {**older, **newer}
 
 
-def _in_order(times: list[datetime]) -> bool:
+def _in_order(times: list[int]) -> bool:
     return all(map(operator.le, times, itertools.islice(times, 1, None)))
 
 
@@ -690,7 +693,10 @@ def _has_offset(text: str | None) -> bool:
 
 def _local_day(meta: dict[str, Any]) -> bool:
     """A window in the user's local time with a real offset."""
-    return meta.get("timestamp_localization") == 1 and _has_offset(meta.get("start_time"))
+    if meta.get("timestamp_localization") != 1:
+        return False
+    start = meta.get("start_time")
+    return bool(start) and len(start) > 26  # _has_offset, inline: twice per fragment folded
 
 
 def _utc_day(meta: dict[str, Any]) -> bool:
@@ -699,11 +705,11 @@ def _utc_day(meta: dict[str, Any]) -> bool:
         meta.get("end_time"))
 
 
-def _bounds(meta: dict[str, Any]) -> tuple[datetime, datetime]:
+def _bounds(meta: dict[str, Any]) -> tuple[int, int]:
     return sample_instant(meta["start_time"]), sample_instant(meta["end_time"])
 
 
-def _within(value: Any, start: datetime, end: datetime) -> tuple[Any, int]:
+def _within(value: Any, start: int, end: int) -> tuple[Any, int]:
     """``value`` with the samples of its sample lists outside ``[start, end)`` left out (a copy along the way to a
     change; ``value`` itself when nothing is outside), and how many were left out."""
     if isinstance(value, list) and _sample_list(value):
