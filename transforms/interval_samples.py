@@ -107,7 +107,10 @@ def _at(record: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def _value_key(sample: dict[str, Any]) -> str | None:
     """The field a sample holds its value in (``steps``, ``distance_meters``, ``level``…)."""
-    return next((name for name in sample if name not in _NOT_VALUES), None)
+    for name in sample:
+        if name not in _NOT_VALUES:
+            return name
+    return None
 
 
 def _replaced(record: dict[str, Any], path: list[str], change: Any) -> dict[str, Any]:

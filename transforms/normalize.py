@@ -665,7 +665,7 @@ def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
     if not isinstance(older, dict):
         return deep_merge(older, newer)
     for key, value in newer.items():
-        if isinstance(value, dict | list) and key in older:
+        if type(value) not in _SCALARS and isinstance(value, dict | list) and key in older:
             return deep_merge(older, newer)
     return {**older, **newer}
 
