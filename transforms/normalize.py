@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -274,14 +275,28 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
     spec = provider.interval_samples.get(fragment.type)
     if fragment.part is not None and spec is not None:  # validated as Terra's; the part is the record state's
         mark_part(data, spec, fragment.part)
-    check_text("provider user id", str(fragment.provider_user_id))
-    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
+    user = {"user_id": _account_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     key = natural_key(fragment.type, data)
-    check_text(f"{fragment.type} natural key", key)
+    _check_natural_key(fragment.type, key)
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()),
                  replaces=fragment.replaces)
+
+
+@functools.lru_cache(maxsize=1 << 16, typed=True)
+def _account_user_id(provider_slug: str, provider_user_id: Any) -> str:
+    """``terra_user_id`` of an account whose provider user id is within bounds (``check_text``: OutOfBounds if not);
+    remembered, as a user's fragments name the same account (a failed check is not, and fails again)."""
+    check_text("provider user id", str(provider_user_id))
+    return terra_user_id(provider_slug, provider_user_id)
+
+
+@functools.lru_cache(maxsize=1 << 16, typed=True)
+def _check_natural_key(model_type: str, key: str) -> None:
+    """``check_text`` of a record's natural key (OutOfBounds if a store cannot hold it); a key that passed is
+    remembered, as a user's fragments name the same few days and records."""
+    check_text(f"{model_type} natural key", key)
 
 
 def provider_models(provider: Provider) -> set[str]:
