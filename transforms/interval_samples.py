@@ -19,6 +19,8 @@ from connectors.base import IntervalSamples
 PART = "_part"  # the part a sample of an interval list belongs to (the record state's, never delivered)
 _NOT_VALUES = frozenset({"timestamp", PART, "timer_duration_seconds"})
 DECIMALS = 3  # a running total of decimal amounts (metres, kcal) keeps this many: no sum of floats' noise
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def mark_part(record: dict[str, Any], spec: IntervalSamples, part: str) -> None:
@@ -68,7 +70,7 @@ def _highest_levels(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _by_instant(samples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Samples grouped by the instant of their ``timestamp`` (a time without offset taken as UTC, as the merge does), in
     time order; each group with the time of its first sample, as written (its offset kept)."""
-    groups: dict[datetime, tuple[str, list[dict[str, Any]]]] = {}
+    groups: dict[int, tuple[str, list[dict[str, Any]]]] = {}
     for sample in samples:
         text = sample["timestamp"]
         instant = sample_instant(text)
@@ -80,12 +82,13 @@ def _by_instant(samples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
     return [groups[instant] for instant in sorted(groups)]
 
 
-@functools.lru_cache(maxsize=1 << 14)
 @functools.lru_cache(maxsize=1 << 16)
-def sample_instant(text: str) -> datetime:
-    """The instant a sample's time names; a time without an offset is taken as UTC (how the merge compares them)."""
+def sample_instant(text: str) -> int:
+    """The instant a sample's time names, as microseconds since the Unix epoch; a time without an offset is taken as
+    UTC (how the merge compares them). Exact (a datetime holds microseconds), so instants order and compare as the
+    datetimes they name do; an integer compares an order of magnitude faster than a datetime in a non-UTC offset."""
     moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return ((moment if moment.tzinfo else moment.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -104,7 +107,10 @@ def _at(record: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def _value_key(sample: dict[str, Any]) -> str | None:
     """The field a sample holds its value in (``steps``, ``distance_meters``, ``level``…)."""
-    return next((name for name in sample if name not in _NOT_VALUES), None)
+    for name in sample:
+        if name not in _NOT_VALUES:
+            return name
+    return None
 
 
 def _replaced(record: dict[str, Any], path: list[str], change: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -27,7 +28,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import apache_beam as beam
@@ -276,14 +276,28 @@ def _keyed(raw: RawEvent, provider: Provider, fragment: Fragment | Deletion, seq
     spec = provider.interval_samples.get(fragment.type)
     if fragment.part is not None and spec is not None:  # validated as Terra's; the part is the record state's
         mark_part(data, spec, fragment.part)
-    check_text("provider user id", str(fragment.provider_user_id))
-    user = {"user_id": terra_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
+    user = {"user_id": _account_user_id(raw.provider, fragment.provider_user_id), "provider": provider.terra_name}
     key = natural_key(fragment.type, data)
-    check_text(f"{fragment.type} natural key", key)
+    _check_natural_key(fragment.type, key)
     return Keyed(fragment.type, key, data,
                  fragment.version_ms or raw.received_at_ms, sequence, user, raw.idempotency_key,
                  raw.provider.lower(), str(fragment.provider_user_id), reference, dropped=tuple(dropped.items()),
                  replaces=fragment.replaces)
+
+
+@functools.lru_cache(maxsize=1 << 16, typed=True)
+def _account_user_id(provider_slug: str, provider_user_id: Any) -> str:
+    """``terra_user_id`` of an account whose provider user id is within bounds (``check_text``: OutOfBounds if not);
+    remembered, as a user's fragments name the same account (a failed check is not, and fails again)."""
+    check_text("provider user id", str(provider_user_id))
+    return terra_user_id(provider_slug, provider_user_id)
+
+
+@functools.lru_cache(maxsize=1 << 16, typed=True)
+def _check_natural_key(model_type: str, key: str) -> None:
+    """``check_text`` of a record's natural key (OutOfBounds if a store cannot hold it); a key that passed is
+    remembered, as a user's fragments name the same few days and records."""
+    check_text(f"{model_type} natural key", key)
 
 
 def provider_models(provider: Provider) -> set[str]:
@@ -455,7 +469,7 @@ class RecordMerge:
     def __init__(self) -> None:
         self.samples_outside_window = 0  # samples of a UTC day left out of a local day (``fold_record``)
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
-        self._instants: dict[int, tuple[str, list[datetime]]] = {}  # its sample lists: (time key, instants in order)
+        self._instants: dict[int, tuple[str, list[int]]] = {}  # its sample lists: (time key, instants in order)
         self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -465,6 +479,7 @@ class RecordMerge:
     def fold(self, target: dict[str, Any], newer: dict[str, Any], keep: Container[str] = ()) -> bool:
         """Merge ``newer`` into ``target`` (a record of its own), except the keys in ``keep``; whether it changed."""
         changed = False
+        owned, instants = self._owned, self._instants
         for key, value in newer.items():
             if key in keep:
                 continue
@@ -472,21 +487,22 @@ class RecordMerge:
             if old is _ABSENT:
                 target[key] = value
                 changed = True
-                continue
-            if isinstance(value, dict):
-                if isinstance(old, dict):
-                    target[key] = owned = self._own(old)
-                    changed = self.fold(owned, value) or changed
-                    continue
+            elif type(value) in _SCALARS:  # the usual field: newer's value wins
+                target[key] = value
+                changed = changed or old != value
+            elif isinstance(value, dict) and isinstance(old, dict):
+                if id(old) not in owned:
+                    target[key] = old = self._own(old)
+                changed = self.fold(old, value) or changed
             elif isinstance(value, list) and isinstance(old, list) and _sample_list(value) and (
-                    id(old) in self._instants or _sample_list(old)):  # ours are sample lists
+                    id(old) in instants or _sample_list(old)):  # ours are sample lists
                 if key in self.fill_only:
                     changed = self._union_samples(target, key, old, value) or changed
                 else:
                     changed = self._fold_samples(target, key, old, value) or changed
-                continue
-            target[key] = value
-            changed = changed or old != value
+            else:
+                target[key] = value
+                changed = changed or old != value
         return changed
 
     def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
@@ -565,7 +581,7 @@ class RecordMerge:
         return copy
 
     def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
-        time_key = _time_key(newer[0])
+        time_key = "timestamp" if "timestamp" in newer[0] else "measurement_time"  # _time_key, inline
         span = [sample_instant(item[time_key]) for item in newer]
         known = self._instants.get(id(old))
         reordered = False
@@ -579,18 +595,17 @@ class RecordMerge:
             order = sorted(range(len(instants)), key=instants.__getitem__)
             samples[:] = [samples[n] for n in order]
             instants = [instants[n] for n in order]
+        if len(newer) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
+            return self._fold_sample(parent, key, (samples, instants, time_key), newer[0], span[0]) or reordered
         low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
         if PART in newer[0]:  # a part of an interval (a mapper's fragment is of one part): other parts stay
             parts = {item.get(PART) for item in newer}
             if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
                 return self._fold_parts(parent, key, (samples, instants, low, high), newer, span, parts) or reordered
-        if len(span) == 1:  # one sample (an Oura heart-rate row, a Garmin epoch): no span to sort
-            merged = [_merged_sample(samples[high - 1], newer[0]) if high > low else newer[0]]
-        else:
-            older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
-            merged = [_merged_sample(older_at[at], item) if at in older_at else item
-                      for at, item in zip(span, newer, strict=True)]
-        if len(span) > 1 and not _in_order(span):
+        older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
+        merged = [_merged_sample(older_at[at], item) if at in older_at else item
+                  for at, item in zip(span, newer, strict=True)]
+        if not _in_order(span):
             order = sorted(range(len(span)), key=span.__getitem__)
             merged, span = [merged[n] for n in order], [span[n] for n in order]
         # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
@@ -600,8 +615,32 @@ class RecordMerge:
         parent[key] = samples
         return changed
 
-    def _fold_parts(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[datetime], int, int],
-                    newer: list[dict[str, Any]], span: list[datetime], parts: set[Any]) -> bool:
+    def _fold_sample(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[int], str],
+                     sample: dict[str, Any], at: int) -> bool:
+        """``_fold_samples`` of a one-sample list (``sample``, at instant ``at``) into ``place`` (samples of its own
+        in time order, their instants, its time key): merged onto the last older sample at its instant (the others
+        there go; of another part, they stay), or inserted where its instant belongs. Whether the samples changed."""
+        samples, instants, time_key = place
+        low = bisect.bisect_left(instants, at)
+        high = bisect.bisect_right(instants, at, low)
+        if high == low:  # a new instant: nothing to merge onto, and nothing of another part to keep
+            samples.insert(low, sample)
+            instants.insert(low, at)
+            changed = True
+        else:
+            if PART in sample:  # a part of an interval: other parts at its instant stay
+                parts = {sample.get(PART)}
+                if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
+                    return self._fold_parts(parent, key, (samples, instants, low, high), [sample], [at], parts)
+            merged = [_merged_sample(samples[high - 1], sample)]
+            changed = samples[low:high] != merged
+            samples[low:high], instants[low:high] = merged, [at]
+        self._instants[id(samples)] = (time_key, instants)
+        parent[key] = samples
+        return changed
+
+    def _fold_parts(self, parent: dict[str, Any], key: str, place: tuple[list[Any], list[int], int, int],
+                    newer: list[dict[str, Any]], span: list[int], parts: set[Any]) -> bool:
         """``_fold_samples`` where the older samples in the span include parts (``Fragment.part``) that ``newer`` does
         not hold: those stay; a sample at the same instant and part merges, the others in the span go (a sample of no
         part too: the whole interval, as a record stored before it had parts). Ties in time: the samples that stay
@@ -634,21 +673,20 @@ class RecordMerge:
 
 
 _ABSENT = object()
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # a JSON value that is neither an object nor an array
 
 
 def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
     """``deep_merge`` of two samples at the same instant, without its machinery for the usual flat samples."""
     if not isinstance(older, dict):
         return deep_merge(older, newer)
-    merged = dict(older)
     for key, value in newer.items():
-        if key in older and isinstance(value, dict | list):
+        if type(value) not in _SCALARS and isinstance(value, dict | list) and key in older:
             return deep_merge(older, newer)
-        merged[key] = value
-    return merged
+    return {**older, **newer}
 
 
-def _in_order(times: list[datetime]) -> bool:
+def _in_order(times: list[int]) -> bool:
     return all(map(operator.le, times, itertools.islice(times, 1, None)))
 
 
@@ -671,7 +709,10 @@ def _has_offset(text: str | None) -> bool:
 
 def _local_day(meta: dict[str, Any]) -> bool:
     """A window in the user's local time with a real offset."""
-    return meta.get("timestamp_localization") == 1 and _has_offset(meta.get("start_time"))
+    if meta.get("timestamp_localization") != 1:
+        return False
+    start = meta.get("start_time")
+    return bool(start) and len(start) > 26  # _has_offset, inline: twice per fragment folded
 
 
 def _utc_day(meta: dict[str, Any]) -> bool:
@@ -680,11 +721,11 @@ def _utc_day(meta: dict[str, Any]) -> bool:
         meta.get("end_time"))
 
 
-def _bounds(meta: dict[str, Any]) -> tuple[datetime, datetime]:
+def _bounds(meta: dict[str, Any]) -> tuple[int, int]:
     return sample_instant(meta["start_time"]), sample_instant(meta["end_time"])
 
 
-def _within(value: Any, start: datetime, end: datetime) -> tuple[Any, int]:
+def _within(value: Any, start: int, end: int) -> tuple[Any, int]:
     """``value`` with the samples of its sample lists outside ``[start, end)`` left out (a copy along the way to a
     change; ``value`` itself when nothing is outside), and how many were left out."""
     if isinstance(value, list) and _sample_list(value):
