@@ -286,11 +286,6 @@ def plan_ranges(path: str, size: int | None) -> Iterator[FileRange]:
     yield FileRange(path, start, None, first_line)  # the rest (none when the file ends at a cut), to the end
 
 
-def match_files(pattern: str) -> Iterator[str]:
-    """The files matching ``pattern``, sorted; no match at all is a configuration error."""
-    yield from (path for path, _ in match_file_sizes(pattern))
-
-
 def match_file_sizes(pattern: str) -> Iterator[tuple[str, int | None]]:
     """``(path, size in bytes)`` of the files matching ``pattern``, sorted by path; no match at all is a
     configuration error."""
