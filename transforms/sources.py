@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from core.errors import FatalError, RetryableError, wait_out
@@ -228,24 +230,83 @@ class ReadKafkaBatch(beam.PTransform):
                                                                    self.limit)))
 
 
-def read_lines(path: str) -> Iterator[RawMessage]:
-    """One JSON raw event per line of a file (blank lines skipped)."""
+RANGES_PER_FILE = 32  # an uncompressed file is read in about this many byte ranges, in parallel ...
+RANGE_BYTES = (1 << 20, 64 << 20)  # ... each of at least 1 MiB and about 64 MiB at most
+SCAN_BLOCK = 8 << 20  # planning reads a file in blocks of this size
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """The lines of ``path`` from byte ``start`` (the first byte of a line, numbered ``first_line``) up to byte
+    ``end``, exclusive (a line's first byte; None: the end of the file as it is when read)."""
+
+    path: str
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def read_range(file_range: FileRange) -> Iterator[RawMessage]:
+    """One JSON raw event per line of a range of a file (blank lines skipped), each with its file's line number."""
+    path, end = file_range.path, file_range.end
     with FileSystems.open(path) as handle:
-        for number, line in enumerate(handle, start=1):
+        if file_range.start:
+            handle.seek(file_range.start)
+        position = file_range.start
+        for number, line in enumerate(handle, start=file_range.first_line):
+            if end is not None and position >= end:
+                break
+            position += len(line)
             if line.strip():
                 yield RawMessage(line.rstrip(b"\r\n"), {"path": path, "line": number}, encoding="json")
 
 
-def match_files(pattern: str) -> Iterator[str]:
-    """The files matching ``pattern``, sorted; no match at all is a configuration error."""
-    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    if not paths:
+def read_lines(path: str) -> Iterator[RawMessage]:
+    """One JSON raw event per line of a file (blank lines skipped)."""
+    return read_range(FileRange(path))
+
+
+def plan_ranges(path: str, size: int | None) -> Iterator[FileRange]:
+    """``path`` (of ``size`` bytes) as consecutive ranges that together hold every line once, each cut after a
+    newline and numbered from the newlines before it: the whole file as one range when it is compressed (it cannot
+    be read from the middle) or small, else ranges of about ``size / RANGES_PER_FILE`` bytes (within RANGE_BYTES).
+
+    Line numbers are counted by reading the file once here (a newline count, far cheaper than the parsing the
+    ranges then spread over workers)."""
+    low, high = RANGE_BYTES
+    range_bytes = min(max(-(-(size or 0) // RANGES_PER_FILE), low), high)
+    compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
+    if compressed or size is None or size <= range_bytes:
+        yield FileRange(path)
+        return
+    start, first_line, newlines, offset = 0, 1, 0, 0  # offset: where the block read last starts in the file
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        while block := handle.read(SCAN_BLOCK):
+            counted = 0  # the newlines of block[:counted] are in ``newlines``
+            while (cut := block.find(b"\n", max(counted, start + range_bytes - 1 - offset))) >= 0:
+                newlines += block.count(b"\n", counted, cut + 1)
+                counted = cut + 1
+                yield FileRange(path, start, offset + counted, first_line)
+                start, first_line = offset + counted, newlines + 1
+            newlines += block.count(b"\n", counted)
+            offset += len(block)
+    yield FileRange(path, start, None, first_line)  # the rest (none when the file ends at a cut), to the end
+
+
+def match_file_sizes(pattern: str) -> Iterator[tuple[str, int | None]]:
+    """``(path, size in bytes)`` of the files matching ``pattern``, sorted by path; no match at all is a
+    configuration error."""
+    found = sorted((m.path, m.size_in_bytes) for m in FileSystems.match([pattern])[0].metadata_list)
+    if not found:
         raise FatalError(f"no input files match {pattern!r}")
-    yield from paths
+    yield from found
 
 
 class ReadRawFiles(beam.PTransform):
-    """Raw events from JSON-lines files matching ``pattern`` (local, s3://, gs://), listed at run time."""
+    """Raw events from JSON-lines files matching ``pattern`` (local, s3://, gs://), listed at run time.
+
+    Each file is planned into byte ranges (``plan_ranges``) spread over workers before they are read, so even one
+    large file is read, parsed and split by user in parallel; every line keeps its file's line number."""
 
     def __init__(self, pattern: str) -> None:
         super().__init__()
@@ -254,5 +315,7 @@ class ReadRawFiles(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "Pattern" >> beam.Create([self.pattern])
-                | "Match" >> beam.FlatMap(match_files)
-                | "ReadLines" >> beam.FlatMap(read_lines))
+                | "Match" >> beam.FlatMap(match_file_sizes)
+                | "PlanRanges" >> beam.FlatMapTuple(plan_ranges)
+                | "SpreadRanges" >> beam.Reshuffle()
+                | "ReadRanges" >> beam.FlatMap(read_range))
