@@ -29,6 +29,12 @@ _DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 _BEFORE_NUMBER = frozenset(b"[,: \t\n\r-")
 
+# The standard library refuses nesting of about 1000 levels less the caller's stack depth (RecursionError), orjson
+# 1024 levels: a text that may nest this deep is read by the standard library, so that where it refuses, so do we.
+_SAFE_DEPTH = 500
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[][{}]")
+
 
 def _stdlib_dumps(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -54,16 +60,15 @@ def loads(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | 
     """Exactly ``json.loads(text, parse_constant=parse_constant)``: orjson reads it unless it refuses it (NaN and
     Infinity, a byte-order mark, numbers beyond float range, lone surrogates, invalid UTF-8, nesting deeper than 1024,
     malformed JSON) or the text may hold an integer of 19 digits or more (beyond 64 bits orjson reads it as a float):
-    then the standard library reads it, raising what it raises. (Only where the standard library's own result depends
-    on the caller's stack, nesting between about 1000 less the stack's depth and orjson's 1024 levels, that it would
-    refuse with RecursionError, does orjson read it.)"""
+    then the standard library reads it, raising what it raises. So does a text that may nest ``_SAFE_DEPTH`` levels or
+    more, where the standard library's RecursionError depends on the caller's stack."""
     encoded = None
     if isinstance(text, str):
         with contextlib.suppress(UnicodeEncodeError):  # lone surrogates: orjson refuses them
             encoded = text.encode()
     elif isinstance(text, bytes | bytearray):
         encoded = bytes(text)
-    if encoded is not None and not _may_hold_a_long_integer(encoded):
+    if encoded is not None and not _may_hold_a_long_integer(encoded) and not _may_nest_deeply(encoded):
         try:
             return orjson.loads(encoded)
         except orjson.JSONDecodeError:
@@ -80,4 +85,17 @@ def _may_hold_a_long_integer(text: bytes) -> bool:
         if at == 0 or digits[at - 1] in _BEFORE_NUMBER:
             return True
         at = digits.find(_LONG_RUN, at + len(_LONG_RUN))
+    return False
+
+
+def _may_nest_deeply(text: bytes) -> bool:
+    """Whether ``text`` may nest ``_SAFE_DEPTH`` levels or more: it has that many ``[`` and ``{``, and outside its
+    strings they reach that depth (a malformed string only makes this say yes, costing the standard library's speed)."""
+    if text.count(b"[") + text.count(b"{") < _SAFE_DEPTH:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub(b"", text)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth >= _SAFE_DEPTH:
+            return True
     return False

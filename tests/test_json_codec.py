@@ -173,3 +173,12 @@ def test_long_float_mantissas_are_rounded_as_by_the_standard_library():
 def test_loads_refuses_what_the_standard_library_refuses():
     assert outcome(loads, memoryview(b"[1]")) == outcome(json.loads, memoryview(b"[1]"))
     assert outcome(loads, 1) == outcome(json.loads, 1)
+
+
+@pytest.mark.parametrize("depth", [499, 500, 990, 1010, 1024])
+def test_deep_nesting_is_read_or_refused_as_by_the_standard_library(depth):
+    """Near the standard library's recursion limit (which depends on the caller's stack) it decides, not orjson."""
+    for text in (b"[" * depth + b"]" * depth, b'{"x":' + b"[{" * (depth // 2) + b"}]" * (depth // 2) + b"}"):
+        assert outcome(loads, text) == outcome(json.loads, text)
+    wide = json.dumps([{"a": [1, {"b": "[[[{{{"}]} for _ in range(2_000)]).encode()  # many brackets, shallow
+    assert loads(wide) == json.loads(wide)
