@@ -66,3 +66,59 @@ def test_an_empty_or_unsized_file_is_read_whole(tmp_path, size):
     path = tmp_path / "raw.jsonl"
     path.write_bytes(b"")
     assert list(plan_ranges(str(path), size)) == [FileRange(str(path))]
+
+
+def test_a_compressed_file_is_read_end_to_end(tmp_path):
+    packed = tmp_path / "raw.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"a": 1}\n\n{"b": 2}\r\n'))
+    (only,) = plan_ranges(str(packed), packed.stat().st_size)
+    assert [(m.data, m.source["line"]) for m in read_range(only)] == [(b'{"a": 1}', 1), (b'{"b": 2}', 3)]
+
+
+@pytest.mark.parametrize("rewrite", [
+    lambda data: data.replace(b'"n": 1,', b'"n": 1111,'),  # a line longer: every later cut falls inside a line
+    lambda data: data[data.index(b"\n", 200) + 1:],  # shorter: a range now ends past the file
+])
+def test_a_file_rewritten_after_planning_fails_the_run_instead_of_misreading(tmp_path, monkeypatch, rewrite):
+    path = tmp_path / "raw.jsonl"
+    data = b"".join(b'{"n": %d, "pad": "%s"}\n' % (n, b"z" * (n % 7)) for n in range(40))
+    path.write_bytes(data)
+    monkeypatch.setattr(sources, "RANGE_BYTES", (100, 100))
+    ranges = list(plan_ranges(str(path), len(data)))
+    path.write_bytes(rewrite(data))
+    with pytest.raises(sources.FileChanged, match="changed while this run read it"):
+        for file_range in ranges:
+            list(read_range(file_range))
+
+
+def test_an_appended_file_reads_what_was_planned_and_the_rest(tmp_path, monkeypatch):
+    path = tmp_path / "raw.jsonl"
+    data = b"".join(b'{"n": %d}\n' % n for n in range(40))
+    path.write_bytes(data)
+    monkeypatch.setattr(sources, "RANGE_BYTES", (50, 50))
+    ranges = list(plan_ranges(str(path), len(data)))
+    path.write_bytes(data + b'{"n": 40}\n')
+    assert [m.source["line"] for r in ranges for m in read_range(r)] == list(range(1, 42))
+
+
+def test_remote_files_are_cut_in_ranges_no_smaller_than_a_read_buffer(monkeypatch):
+    blocks = [b"x" * 99 + b"\n"] * 10_000  # 1 MB of 100-byte lines, never read from a range smaller than the floor
+
+    class Remote:
+        def __init__(self):
+            self.blocks = iter([b"".join(blocks)])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def read(self, _):
+            return next(self.blocks, b"")
+
+    monkeypatch.setattr(sources.FileSystems, "open", lambda *a, **k: Remote())
+    monkeypatch.setattr(sources, "RANGE_BYTES", (1_000, 64 << 20))  # a local file of 1 MB: 32 ranges
+    monkeypatch.setattr(sources, "REMOTE_RANGE_BYTES", 300_000)
+    ranges = list(plan_ranges("s3://bucket/raw.jsonl", 1_000_000))
+    assert len(ranges) == 4 and all(r.end is None or r.end - r.start >= 300_000 for r in ranges)

@@ -231,7 +231,8 @@ class ReadKafkaBatch(beam.PTransform):
 
 
 RANGES_PER_FILE = 32  # an uncompressed file is read in about this many byte ranges, in parallel ...
-RANGE_BYTES = (1 << 20, 64 << 20)  # ... each of at least 1 MiB and about 64 MiB at most
+RANGE_BYTES = (1 << 20, 64 << 20)  # ... each of at least 1 MiB (local files) and about 64 MiB at most
+REMOTE_RANGE_BYTES = 32 << 20  # at least this on s3://, gs://, ...: each opened range fills Beam's 16 MiB read buffer
 SCAN_BLOCK = 8 << 20  # planning reads a file in blocks of this size
 
 
@@ -247,18 +248,36 @@ class FileRange:
 
 
 def read_range(file_range: FileRange) -> Iterator[RawMessage]:
-    """One JSON raw event per line of a range of a file (blank lines skipped), each with its file's line number."""
+    """One JSON raw event per line of a range of a file (blank lines skipped), each with its file's line number.
+
+    A file rewritten since its ranges were planned (a planned cut no longer right after a newline, or the file now
+    shorter than a planned range) raises FileChanged rather than read lines cut in two or numbered wrongly."""
     path, end = file_range.path, file_range.end
     with FileSystems.open(path) as handle:
         if file_range.start:
-            handle.seek(file_range.start)
+            handle.seek(file_range.start - 1)
+            if handle.read(1) != b"\n":
+                raise FileChanged(path, file_range.start)
         position = file_range.start
-        for number, line in enumerate(handle, start=file_range.first_line):
+        lines = handle if hasattr(handle, "__iter__") else iter(handle.readline, b"")  # CompressedFile: no __iter__
+        for number, line in enumerate(lines, start=file_range.first_line):
             if end is not None and position >= end:
                 break
             position += len(line)
             if line.strip():
                 yield RawMessage(line.rstrip(b"\r\n"), {"path": path, "line": number}, encoding="json")
+        if end is not None and position != end:
+            raise FileChanged(path, end)
+
+
+class FileChanged(FatalError):
+    """An input file changed between planning its ranges and reading one: the run fails rather than read lines cut
+    in two or numbered wrongly (retrying cannot help: the plan is the run's); input files must stay as they are while
+    a run reads them (appending is fine)."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        super().__init__(f"{path} changed while this run read it: byte {offset} is no longer where a line planned "
+                         "at the start of the run begins; re-run once the file is written")
 
 
 def read_lines(path: str) -> Iterator[RawMessage]:
@@ -271,9 +290,12 @@ def plan_ranges(path: str, size: int | None) -> Iterator[FileRange]:
     newline and numbered from the newlines before it: the whole file as one range when it is compressed (it cannot
     be read from the middle) or small, else ranges of about ``size / RANGES_PER_FILE`` bytes (within RANGE_BYTES).
 
-    Line numbers are counted by reading the file once here (a newline count, far cheaper than the parsing the
-    ranges then spread over workers)."""
+    Line numbers are counted by reading the file once here (a newline count; files are planned in parallel, but one
+    file's count is one stream: on s3:// or gs:// one more download of it). Remote ranges are at least
+    ``REMOTE_RANGE_BYTES``, as each range opened fills a read buffer of 16 MiB whatever its size."""
     low, high = RANGE_BYTES
+    if "://" in path:
+        low = max(low, REMOTE_RANGE_BYTES)
     range_bytes = min(max(-(-(size or 0) // RANGES_PER_FILE), low), high)
     compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
     if compressed or size is None or size <= range_bytes:
@@ -316,6 +338,7 @@ class ReadRawFiles(beam.PTransform):
         return (pbegin
                 | "Pattern" >> beam.Create([self.pattern])
                 | "Match" >> beam.FlatMap(match_file_sizes)
+                | "SpreadFiles" >> beam.Reshuffle()  # files are planned (their newlines counted) in parallel
                 | "PlanRanges" >> beam.FlatMapTuple(plan_ranges)
                 | "SpreadRanges" >> beam.Reshuffle()
                 | "ReadRanges" >> beam.FlatMap(read_range))
