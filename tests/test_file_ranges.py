@@ -122,3 +122,35 @@ def test_remote_files_are_cut_in_ranges_no_smaller_than_a_read_buffer(monkeypatc
     monkeypatch.setattr(sources, "REMOTE_RANGE_BYTES", 300_000)
     ranges = list(plan_ranges("s3://bucket/raw.jsonl", 1_000_000))
     assert len(ranges) == 4 and all(r.end is None or r.end - r.start >= 300_000 for r in ranges)
+
+
+def test_a_handle_that_cannot_peek_is_read_through_a_buffer_not_byte_by_byte(tmp_path, monkeypatch):
+    """Google Cloud Storage's BlobReader has no ``peek``: iterating it reads one byte per call to find each newline."""
+    from google.cloud.storage.fileio import BlobReader
+
+    data = b"".join(b'{"n": %d, "pad": "%s"}\r\n' % (n, b"x" * 200) for n in range(2_000))
+    reads = []
+
+    class Blob:  # what BlobReader asks of a blob
+        size = len(data)
+
+        def reload(self, **_):
+            pass
+
+        def download_as_bytes(self, start=0, end=None, **_):
+            reads.append(start)
+            return data[start:None if end is None else end + 1]
+
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(data)
+    expected = [(m.data, m.source["line"]) for m in read_lines(str(path))]  # the same bytes, as a local file
+    monkeypatch.setattr(sources.FileSystems, "open", lambda *a, **k: BlobReader(Blob(), chunk_size=1 << 16))
+    monkeypatch.setattr(sources, "RANGE_BYTES", (100_000, 100_000))
+    ranges = list(plan_ranges("gs://bucket/raw.jsonl", len(data)))
+    assert len(ranges) > 3
+    calls = []
+    monkeypatch.setattr(BlobReader, "read", lambda self, size=-1, _read=BlobReader.read: calls.append(size) or
+                        _read(self, size))
+    got = [(m.data, m.source["line"]) for r in ranges for m in read_range(r)]
+    assert got == expected
+    assert len(calls) < 100  # byte by byte it was over 400,000

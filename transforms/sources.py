@@ -11,6 +11,7 @@ moves past a message only once everything it became was delivered or dead-letter
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ RANGES_PER_FILE = 32  # an uncompressed file is read in about this many byte ran
 RANGE_BYTES = (1 << 20, 64 << 20)  # ... each of at least 1 MiB (local files) and about 64 MiB at most
 REMOTE_RANGE_BYTES = 32 << 20  # at least this on s3://, gs://, ...: each opened range fills Beam's 16 MiB read buffer
 SCAN_BLOCK = 8 << 20  # planning reads a file in blocks of this size
+LINE_BUFFER_BYTES = 1 << 20  # lines of a handle that cannot peek are read through a buffer of this size
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ def read_range(file_range: FileRange) -> Iterator[RawMessage]:
             if handle.read(1) != b"\n":
                 raise FileChanged(path, file_range.start)
         position = file_range.start
-        lines = handle if hasattr(handle, "__iter__") else iter(handle.readline, b"")  # CompressedFile: no __iter__
+        lines = _lines_of(handle)
         for number, line in enumerate(lines, start=file_range.first_line):
             if end is not None and position >= end:
                 break
@@ -268,6 +270,17 @@ def read_range(file_range: FileRange) -> Iterator[RawMessage]:
                 yield RawMessage(line.rstrip(b"\r\n"), {"path": path, "line": number}, encoding="json")
         if end is not None and position != end:
             raise FileChanged(path, end)
+
+
+def _lines_of(handle: Any) -> Iterator[bytes]:
+    """The lines of an open file from where it stands. A handle without ``peek`` (Google Cloud Storage's BlobReader)
+    would be read one byte per call to find each newline: it is read through a buffer; Beam's CompressedFile, which
+    cannot be iterated, by its own ``readline``."""
+    if not hasattr(handle, "__iter__"):
+        return iter(handle.readline, b"")
+    if not hasattr(handle, "peek"):
+        return iter(io.BufferedReader(handle, LINE_BUFFER_BYTES))
+    return iter(handle)
 
 
 class FileChanged(FatalError):
