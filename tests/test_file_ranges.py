@@ -154,3 +154,19 @@ def test_a_handle_that_cannot_peek_is_read_through_a_buffer_not_byte_by_byte(tmp
     got = [(m.data, m.source["line"]) for r in ranges for m in read_range(r)]
     assert got == expected
     assert len(calls) < 100  # byte by byte it was over 400,000
+
+
+@pytest.mark.parametrize("cut_after_lines", [0, 1])  # at the last range's start, or a line into it
+def test_a_file_cut_short_in_its_last_range_fails_the_run(tmp_path, monkeypatch, cut_after_lines):
+    path = tmp_path / "raw.jsonl"
+    data = b"".join(b'{"n": %d}\n' % n for n in range(40))
+    path.write_bytes(data)
+    monkeypatch.setattr(sources, "RANGE_BYTES", (150, 150))
+    ranges = list(plan_ranges(str(path), len(data)))
+    cut = ranges[-1].start
+    for _ in range(cut_after_lines):
+        cut = data.index(b"\n", cut) + 1
+    path.write_bytes(data[:cut])
+    with pytest.raises(sources.FileChanged, match="changed while this run read it"):
+        for file_range in ranges:
+            list(read_range(file_range))

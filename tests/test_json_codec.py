@@ -182,3 +182,16 @@ def test_deep_nesting_is_read_or_refused_as_by_the_standard_library(depth):
         assert outcome(loads, text) == outcome(json.loads, text)
     wide = json.dumps([{"a": [1, {"b": "[[[{{{"}]} for _ in range(2_000)]).encode()  # many brackets, shallow
     assert loads(wide) == json.loads(wide)
+
+
+def test_a_cut_off_text_never_reaches_the_depth_scan(monkeypatch):
+    """A truncated payload holding escaped JSON: the depth scan's string pattern once retried at each escaped quote
+    (quadratic: hours for a megabyte). Only JSON orjson read is scanned; the standard library refuses the rest."""
+    from core import json_codec
+
+    def scan(text):
+        raise AssertionError("malformed JSON reached the depth scan")
+
+    monkeypatch.setattr(json_codec, "_may_nest_deeply", scan)
+    for text in (b"[" * 500 + b'"' + b'\\"' * 2_000, b'{"raw":"' + b'{\\"a\\":[' * 1_000):
+        assert outcome(loads, text) == outcome(json.loads, text)

@@ -241,19 +241,23 @@ LINE_BUFFER_BYTES = 1 << 20  # lines of a handle that cannot peek are read throu
 @dataclass(frozen=True)
 class FileRange:
     """The lines of ``path`` from byte ``start`` (the first byte of a line, numbered ``first_line``) up to byte
-    ``end``, exclusive (a line's first byte; None: the end of the file as it is when read)."""
+    ``end``, exclusive (a line's first byte; None: the end of the file as it is when read, which must reach
+    ``planned_size``, the size the file had when its ranges were planned: it may have grown since, not shrunk)."""
 
     path: str
     start: int = 0
     end: int | None = None
     first_line: int = 1
+    planned_size: int = 0
 
 
 def read_range(file_range: FileRange) -> Iterator[RawMessage]:
     """One JSON raw event per line of a range of a file (blank lines skipped), each with its file's line number.
 
-    A file rewritten since its ranges were planned (a planned cut no longer right after a newline, or the file now
-    shorter than a planned range) raises FileChanged rather than read lines cut in two or numbered wrongly."""
+    A file rewritten since its ranges were planned so that a planned cut no longer follows a newline, or shortened
+    below its planned size, raises FileChanged rather than read lines cut in two or lose lines. (A rewrite that keeps
+    the size and the bytes before each cut but moves other newlines is not detected: files must stay as they are
+    while a run reads them; appending is fine.)"""
     path, end = file_range.path, file_range.end
     with FileSystems.open(path) as handle:
         if file_range.start:
@@ -268,8 +272,8 @@ def read_range(file_range: FileRange) -> Iterator[RawMessage]:
             position += len(line)
             if line.strip():
                 yield RawMessage(line.rstrip(b"\r\n"), {"path": path, "line": number}, encoding="json")
-        if end is not None and position != end:
-            raise FileChanged(path, end)
+        if position != end and (end is not None or position < file_range.planned_size):
+            raise FileChanged(path, position)
 
 
 def _lines_of(handle: Any) -> Iterator[bytes]:
@@ -285,12 +289,12 @@ def _lines_of(handle: Any) -> Iterator[bytes]:
 
 class FileChanged(FatalError):
     """An input file changed between planning its ranges and reading one: the run fails rather than read lines cut
-    in two or numbered wrongly (retrying cannot help: the plan is the run's); input files must stay as they are while
-    a run reads them (appending is fine)."""
+    in two or lose lines (retrying cannot help: the plan is the run's)."""
 
     def __init__(self, path: str, offset: int) -> None:
-        super().__init__(f"{path} changed while this run read it: byte {offset} is no longer where a line planned "
-                         "at the start of the run begins; re-run once the file is written")
+        super().__init__(f"{path} changed while this run read it: at byte {offset} it no longer matches the plan made "
+                         "at the start of the run (lines cut there, or the file shorter); input files must stay as "
+                         "they are while a run reads them (appending is fine): re-run once the file is written")
 
 
 def read_lines(path: str) -> Iterator[RawMessage]:
@@ -325,7 +329,7 @@ def plan_ranges(path: str, size: int | None) -> Iterator[FileRange]:
                 start, first_line = offset + counted, newlines + 1
             newlines += block.count(b"\n", counted)
             offset += len(block)
-    yield FileRange(path, start, None, first_line)  # the rest (none when the file ends at a cut), to the end
+    yield FileRange(path, start, None, first_line, offset)  # the rest (none when the file ends at a cut), to the end
 
 
 def match_file_sizes(pattern: str) -> Iterator[tuple[str, int | None]]:
