@@ -66,13 +66,6 @@ def unix_ts(seconds: int | float, offset_seconds: int | float | None = None) -> 
     return _unix_text(seconds, int(offset_seconds or 0))
 
 
-def unix_ts_many(seconds: Iterable[int | float], offset_seconds: int | float | None = None) -> list[str]:
-    """``[unix_ts(each, offset_seconds) for each in seconds]`` (a series' sample times, one call for all of them)."""
-    offset, low, high = int(offset_seconds or 0), *_FAST_RANGE
-    return [_unix_text(each, offset) if type(each) is int and low <= each <= high
-            else format_ts(from_unix(each, offset_seconds)) for each in seconds]
-
-
 def unix_date(seconds: int | float, offset_seconds: int | float | None = None) -> str:
     """``from_unix(seconds, offset_seconds).date().isoformat()``: the local day (whole seconds: with no datetime)."""
     if type(seconds) is not int or not _FAST_RANGE[0] <= seconds <= _FAST_RANGE[1]:
@@ -101,7 +94,7 @@ def series_ts(start: datetime, interval: int | float, indexes: Iterable[int]) ->
                  - offset_seconds)
         ends = (first + min(indexes) * step, first + max(indexes) * step)
         if not offset.microseconds and _FAST_RANGE[0] <= min(ends) and max(ends) <= _FAST_RANGE[1]:
-            return unix_ts_many([first + index * step for index in indexes], offset_seconds)
+            return [_unix_text(first + index * step, offset_seconds) for index in indexes]  # ints, in range
     return [format_ts(start + timedelta(seconds=index * interval)) for index in indexes]
 
 

@@ -135,10 +135,8 @@ def _offset_samples(doc: dict[str, Any], field: str, value_name: str, offset: in
     samples = []
     by_second = sorted([(int(key), value) for key, value in (doc.get(field) or {}).items()], key=itemgetter(0))
     for second, value in by_second:
-        if value is None or (skip_negative and value < 0):
+        if value is None or (skip_negative and value < 0) or (skip_zero and _measured(value) is None):
             continue
-        if skip_zero and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
-            continue  # _measured(value) is None, inlined: called for every sample of a day
         samples.append({"timestamp": unix_ts(start + second, offset), value_name: value})
     return samples
 
