@@ -581,7 +581,7 @@ class RecordMerge:
         return copy
 
     def _fold_samples(self, parent: dict[str, Any], key: str, old: list[Any], newer: list[dict[str, Any]]) -> bool:
-        time_key = "timestamp" if "timestamp" in newer[0] else "measurement_time"  # _time_key, inline
+        time_key = _time_key(newer[0])
         span = [sample_instant(item[time_key]) for item in newer]
         known = self._instants.get(id(old))
         reordered = False
@@ -600,7 +600,7 @@ class RecordMerge:
         low, high = bisect.bisect_left(instants, min(span)), bisect.bisect_right(instants, max(span))
         if PART in newer[0]:  # a part of an interval (a mapper's fragment is of one part): other parts stay
             parts = {item.get(PART) for item in newer}
-            if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
+            if _other_parts(samples[low:high], parts):
                 return self._fold_parts(parent, key, (samples, instants, low, high), newer, span, parts) or reordered
         older_at = dict(zip(instants[low:high], samples[low:high], strict=True))
         merged = [_merged_sample(older_at[at], item) if at in older_at else item
@@ -630,7 +630,7 @@ class RecordMerge:
         else:
             if PART in sample:  # a part of an interval: other parts at its instant stay
                 parts = {sample.get(PART)}
-                if any(samples[n].get(PART) not in parts and PART in samples[n] for n in range(low, high)):
+                if _other_parts(samples[low:high], parts):
                     return self._fold_parts(parent, key, (samples, instants, low, high), [sample], [at], parts)
             merged = [_merged_sample(samples[high - 1], sample)]
             changed = samples[low:high] != merged
@@ -686,6 +686,11 @@ def _merged_sample(older: Any, newer: dict[str, Any]) -> Any:
     return {**older, **newer}
 
 
+def _other_parts(samples: list[Any], parts: set[Any]) -> bool:
+    """Whether ``samples`` hold a sample of a part (``Fragment.part``) not among ``parts``."""
+    return any(PART in item and item[PART] not in parts for item in samples)
+
+
 def _in_order(times: list[int]) -> bool:
     return all(map(operator.le, times, itertools.islice(times, 1, None)))
 
@@ -709,10 +714,7 @@ def _has_offset(text: str | None) -> bool:
 
 def _local_day(meta: dict[str, Any]) -> bool:
     """A window in the user's local time with a real offset."""
-    if meta.get("timestamp_localization") != 1:
-        return False
-    start = meta.get("start_time")
-    return bool(start) and len(start) > 26  # _has_offset, inline: twice per fragment folded
+    return meta.get("timestamp_localization") == 1 and _has_offset(meta.get("start_time"))
 
 
 def _utc_day(meta: dict[str, Any]) -> bool:
