@@ -163,24 +163,20 @@ class WebhookReceiver(LoopbackService):
                 extra = {} if injection.retry_after is None else {"Retry-After": str(injection.retry_after)}
                 return injection.status, extra, f"injected failure {injection.status}".encode()
         event_id = headers["webhook-id"]
-        if self.parse_on_read:
-            with self._lock:
-                if event_id in self._headers:
-                    self._duplicates += 1
-                else:
-                    self._headers[event_id] = headers
-                    self._unparsed.append((event_id, body, time.time()))
-            return 200, {}, b"ok"
-        try:
-            event = json.loads(body)
-        except ValueError as exc:
-            return 400, {}, f"body is not JSON: {exc}".encode()
+        if not self.parse_on_read:
+            try:
+                event = json.loads(body)
+            except ValueError as exc:
+                return 400, {}, f"body is not JSON: {exc}".encode()
         with self._lock:
             if event_id in self._headers:
                 self._duplicates += 1
             else:
                 self._headers[event_id] = headers
-                self._store(event_id, event, time.time())
+                if self.parse_on_read:
+                    self._unparsed.append((event_id, body, time.time()))
+                else:
+                    self._store(event_id, event, time.time())
         return 200, {}, b"ok"
 
     def _store(self, event_id: str, event: dict[str, Any], accepted_at: float) -> None:
