@@ -37,7 +37,7 @@ from controlplane.polling import (
     RedisRateLimiter,
 )
 from controlplane.webhooks import router
-from pipelines.normalize import KafkaSource, NormalizeJob, run_batch
+from pipelines.normalize import KafkaSource, NormalizeJob, RunSummary, run_batch
 from sinks.sql import SqlSink
 
 pytest_plugins = ("servers.fake_provider",)
@@ -64,6 +64,19 @@ def load_account(api: FakeProviderApi) -> None:
                                 f"{kind}.page.json"))
 
 
+def poller_for(api: FakeProviderApi, publisher: KafkaPublisher, state: str, topic: str) -> Poller:
+    """A poller of the fake Oura API into ``topic`` (each call: new hooks, as a restarted worker has)."""
+    return Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
+                  limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
+                  clock=lambda: NOW, initial_lookback=timedelta(days=3), overlap=timedelta(0), backoff_s=0.05)
+
+
+def normalize_into(out: Path, broker: Any, topic: str, state: str, tmp_path: Path) -> RunSummary:
+    """What is new on ``topic``, normalized by a batch run into the SQLite destination ``out``."""
+    return run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"), [SqlSink("sql", f"sqlite:///{out}")],
+                                  str(tmp_path / "dlq"), state_url=state))
+
+
 def signed(body: bytes, secret: str) -> dict[str, str]:
     """Oura's signature: upper-case hex HMAC-SHA256 of the timestamp header (seconds) followed by the body."""
     stamp = str(int(time.time()))
@@ -78,22 +91,15 @@ def test_poll_makes_local_days_and_webhooks_fetch_by_id_or_delete(tmp_path, fake
     broker.create_topic(notes, partitions=1)
     plane, _start = connect_provider(state, fake_provider, "oura", ACCOUNT, reference_id="athlete-4")
 
-    def poller_for(api: FakeProviderApi, publisher: KafkaPublisher) -> Poller:  # new hooks: a restarted worker
-        return Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
-                      limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
-                      clock=lambda: NOW, initial_lookback=timedelta(days=3), overlap=timedelta(0), backoff_s=0.05)
-
     with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
         load_account(api)
         publisher = KafkaPublisher(broker.bootstrap, topic)
-        polling = ConnectionPolling(plane, poller_for(api, publisher))
+        polling = ConnectionPolling(plane, poller_for(api, publisher, state, topic))
         first = polling.poll_once()
         assert [r.kind for r in first.results] == KINDS and first.failed == []
         assert [r.path for r in api.requests] == [OURA.manifest.api.endpoints[k].path for k in KINDS]  # no extra
 
-        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
-                                         [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"),
-                                         state_url=state))
+        summary = normalize_into(out, broker, topic, state, tmp_path)
         assert not {n: c for n, c in summary.counters.items() if c and "dead" in n}, summary.counters
         with sqlite3.connect(out) as conn:
             rows = conn.execute("SELECT type, natural_key, payload FROM healthflow_records").fetchall()
@@ -136,7 +142,7 @@ def test_poll_makes_local_days_and_webhooks_fetch_by_id_or_delete(tmp_path, fake
         # fetched by a restarted worker (its hook knows no offsets yet): the document, then one daily_activity
         # request for its day, and the score lands in the local day
         served = len(api.requests)
-        fetched = NotificationFetcher(ConnectionPolling(plane, poller_for(api, publisher))).run_once(
+        fetched = NotificationFetcher(ConnectionPolling(plane, poller_for(api, publisher, state, topic))).run_once(
             broker.bootstrap, notes, group="fetch")
         assert [(r.kind, r.published) for r in fetched.fetched.results] == [("daily_sleep", 1)]
         assert [(r.path, r.params) for r in api.requests[served:]] == [
@@ -147,9 +153,7 @@ def test_poll_makes_local_days_and_webhooks_fetch_by_id_or_delete(tmp_path, fake
         assert fragment.data["metadata"] == day["metadata"] and fragment.data["scores"] == {"sleep": 79}
 
         # through the pipeline: the deleted workout disappears; the day keeps its window and scores
-        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
-                                         [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"),
-                                         state_url=state))
+        summary = normalize_into(out, broker, topic, state, tmp_path)
         assert summary.get("deleted:sql") == 1, summary.counters
         with sqlite3.connect(out) as conn:
             keys = set(conn.execute("SELECT type, natural_key FROM healthflow_records").fetchall())
@@ -168,10 +172,7 @@ def test_heartrate_polled_before_daily_activity_lands_in_the_local_day(tmp_path,
     with FakeProviderApi("oura", token_validator=fake_provider.is_live) as api:
         load_account(api)
         publisher = KafkaPublisher(broker.bootstrap, topic)
-        poller = Poller(cursors=CursorStore(state), publisher=publisher, manifests={"oura": api.manifest},
-                        limiter=RedisRateLimiter(redis.Redis(host="127.0.0.1", port=6379), namespace=topic),
-                        clock=lambda: NOW, initial_lookback=timedelta(days=3), overlap=timedelta(0), backoff_s=0.05)
-        polling = ConnectionPolling(plane, poller)
+        polling = ConnectionPolling(plane, poller_for(api, publisher, state, topic))
         (target,) = polling.targets()
         report = PollReport()
         for kind in ["heartrate", *(k for k in KINDS if k != "heartrate")]:
@@ -183,9 +184,7 @@ def test_heartrate_polled_before_daily_activity_lands_in_the_local_day(tmp_path,
                              ("/v2/usercollection/daily_activity", "2024-03-09", "2024-03-12")]
         assert [p for p, *_ in paths[2:]] == [OURA.manifest.api.endpoints[k].path for k in KINDS if k != "heartrate"]
 
-        summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, topic, "cycle"),
-                                         [SqlSink("sql", f"sqlite:///{out}")], str(tmp_path / "dlq"),
-                                         state_url=state))
+        summary = normalize_into(out, broker, topic, state, tmp_path)
         assert not {n: c for n, c in summary.counters.items() if c and "dead" in n}, summary.counters
         with sqlite3.connect(out) as conn:
             rows = conn.execute("SELECT natural_key, payload FROM healthflow_records WHERE type = 'daily'").fetchall()
