@@ -20,14 +20,22 @@ Guarantees:
   read of each object to confirm, one delete call. Glob characters in names match literally; a day-scoped key must
   be a day (``YYYY-MM-DD``), else PermanentError. The objects carry no version to compare with: a tombstone older
   than the stored object still removes it (replay, which knows the record state, never sends such a tombstone).
-- Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError`` for writes, ``PermanentError`` for
-  a tombstone (dead-lettered, naming the missing permission; the run goes on); events whose name cannot be built
-  (missing ``metadata.start_time``, ``/`` or ``..`` in a name part) -> ``PermanentError``.
+- Concurrency: a run of data events writes its objects (one per name) up to ``concurrency`` at once (default 8;
+  ``sinks.concurrent_writes``: one at a time until one is written, no thread at all with ``concurrency=1`` or two
+  objects or fewer); a run of tombstones waits for every write before it, and the writes after it wait for it. The
+  threads are the sink's own, made on the worker and ended by ``close()``; a ``s3://`` or ``gs://`` root's Beam
+  filesystem is then called from several threads at once.
+- Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError`` for writes (of that object: the
+  other objects are still written), ``PermanentError`` for a tombstone (dead-lettered, naming the missing permission;
+  the run goes on); events whose name cannot be built (missing ``metadata.start_time``, ``/`` or ``..`` in a name
+  part) -> ``PermanentError``. Any other exception of a write stops the batch (no write starts after it) and is
+  raised by ``write``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -44,6 +52,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import DAY_KEY, NormalizedEvent
 from sinks.base import Sink, SinkResult
+from sinks.concurrent_writes import DEFAULT_CONCURRENCY, ConcurrentWrites, checked_concurrency
 
 ATHLETE_START_TIME = "profile"
 
@@ -128,8 +137,9 @@ class ObjectStoreSink(Sink):
 
     ordered = True
 
-    def __init__(self, name: str, root: str) -> None:
+    def __init__(self, name: str, root: str, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         super().__init__(name)
+        self.concurrency = checked_concurrency("object store", name, concurrency)
         if not root:
             raise FatalError(f"object store sink {name!r}: root is empty; give a directory, s3:// or gs:// URL")
         try:
@@ -139,11 +149,15 @@ class ObjectStoreSink(Sink):
         self.root = root
         self._local = type(filesystem) is LocalFileSystem  # exactly Beam's, not a subclass with a scheme
         self._filesystem: FileSystem | None = None  # root's, looked up once on the worker (with its pipeline options)
+        self._writes = ConcurrentWrites(name, self.concurrency)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_filesystem"] = None
         return state
+
+    def close(self) -> None:
+        self._writes.close()
 
     def local_only(self) -> str | None:
         return None if "://" in self.root else f"root {self.root} is a local folder (give s3:// or gs://)"
@@ -167,14 +181,19 @@ class ObjectStoreSink(Sink):
                 by_path.setdefault(object_path(self.root, event, self._filesystem), []).append(event)
             except PermanentError as exc:
                 result.fail_all([event], exc)
-        for path, same_object in by_path.items():
-            newest = max(reversed(same_object), key=lambda e: e.ordering_timestamp_ms)  # later wins ties
-            try:
-                self._put(path, newest.body())
-            except (RetryableError, FatalError) as exc:
-                result.fail_all(same_object, exc)
-            else:
+        groups = list(by_path.items())
+        newest = [max(reversed(same_object), key=lambda e: e.ordering_timestamp_ms)  # later wins ties
+                  for _, same_object in groups]
+        outcomes = self._writes.run([functools.partial(self._put_event, path, event)
+                                     for (path, _), event in zip(groups, newest, strict=True)],
+                                    stops=lambda exc: not isinstance(exc, RetryableError | FatalError))
+        for (_, same_object), outcome in zip(groups, outcomes, strict=False):
+            if outcome is None:
                 result.delivered.extend(e.event_id for e in same_object)
+            elif isinstance(outcome, RetryableError | FatalError):
+                result.fail_all(same_object, outcome)
+            else:
+                raise outcome  # unexpected: fails the batch, as when raised here
 
     def _delete_run(self, events: list[NormalizedEvent], result: SinkResult) -> None:
         """Remove the objects of a run of tombstones (``deleted_objects``) in one pass: one match of every exact name
@@ -229,6 +248,9 @@ class ObjectStoreSink(Sink):
                     os.remove(path)
         elif paths:
             FileSystems.delete(paths)
+
+    def _put_event(self, path: str, event: NormalizedEvent) -> None:
+        self._put(path, event.body())
 
     def _put(self, path: str, body: bytes) -> None:
         try:

@@ -3,9 +3,12 @@ scheme (the code path of s3:// and gs://), as ``hftest://`` (Beam's local filesy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-from collections.abc import Callable
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,7 +18,8 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
-from sinks.object_store import ObjectStoreSink
+from sinks.base import SinkResult
+from sinks.object_store import ObjectStoreSink, terra_object_parts
 
 MakeEvent = Callable[..., NormalizedEvent]
 
@@ -283,3 +287,217 @@ def test_a_tombstone_the_root_does_not_permit_is_a_permanent_failure_of_its_own(
     result = sink.write([_tombstone(day)])  # not FatalError: the run goes on, this tombstone is dead-lettered
 
     assert isinstance(result.failures[0].error, PermanentError) and "grant delete" in str(result.failures[0].error)
+
+
+# --- concurrent writes ---------------------------------------------------------------------------------------------
+def _object_file(root: Path, event: NormalizedEvent) -> Path:
+    path = root / "/".join(terra_object_parts(event))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_within(sink: ObjectStoreSink, events: list[NormalizedEvent], fifos: list[Path]) -> SinkResult:
+    """``sink.write(events)`` in a thread of its own. Writing a FIFO blocks until a reader opens it: when the write has
+    not returned in 20 s, every FIFO is opened for reading (so the blocked writes end) and the test fails."""
+    returned: list[SinkResult] = []
+    writer = threading.Thread(target=lambda: returned.append(sink.write(events)), daemon=True)
+    writer.start()
+    writer.join(20)
+    if writer.is_alive():
+        readers = [os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) for fifo in fifos]
+        writer.join(20)
+        for descriptor in readers:
+            os.close(descriptor)
+        pytest.fail("the writes waited for each other: a write at a time never reaches the FIFO the reader opened")
+    return returned[0]
+
+
+def test_a_batchs_objects_are_written_at_the_same_time(tmp_path: Path, make_sink_event: MakeEvent,
+                                                       as_root: Callable[[Path], str]) -> None:
+    """Objects 2-5 are FIFOs, read last first: opening one to write waits until the reader opens it, so writing one
+    object at a time would wait on object 2 forever while the reader waits on object 5. Four at once pass."""
+    sink = ObjectStoreSink("store", as_root(tmp_path), concurrency=4)
+    events = [make_sink_event("u1", f"2026-03-1{day}") for day in range(5)]
+    fifos = [_object_file(tmp_path, event) for event in events[1:]]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    received: dict[Path, bytes] = {}
+
+    def read_last_first() -> None:
+        for fifo in reversed(fifos):
+            with open(fifo, "rb") as reading:  # returns once this object's write has started
+                received[fifo] = reading.read()
+
+    threading.Thread(target=read_last_first, daemon=True).start()
+    result = _write_within(sink, events, fifos)
+    sink.close()
+
+    assert result.delivered == [e.event_id for e in events] and not result.failures
+    assert received == {fifo: event.body() for fifo, event in zip(fifos, events[1:], strict=True)}
+    assert stored_objects(tmp_path) == {"/".join(terra_object_parts(events[0])): events[0].body()}
+
+
+def test_a_tombstone_waits_for_the_writes_before_it_and_the_writes_after_it_wait_for_it(
+        tmp_path: Path, make_sink_event: MakeEvent, as_root: Callable[[Path], str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects 2 and 3 are FIFOs, read once both writes have started: while they are blocked the tombstone after them
+    has not removed its object, nor has the write after it begun; when it removes it, the later writes have not
+    begun either."""
+    sink = ObjectStoreSink("store", as_root(tmp_path), concurrency=8)
+    old = make_sink_event("u2", "2026-03-01", type="daily")
+    assert sink.write([old]).delivered == [old.event_id]
+    before = [make_sink_event("u1", f"2026-03-1{day}") for day in range(3)]
+    after = [make_sink_event("u3", f"2026-03-1{day}") for day in range(4)]
+    fifos = [_object_file(tmp_path, event) for event in before[1:]]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    seen_while_blocked: list[tuple[bool, bool]] = []
+    seen_when_removing: list[tuple[bool, list[bool]]] = []
+    remove = os.remove
+
+    def observed_remove(path: str) -> None:
+        seen_when_removing.append((all(not f.exists() or f.is_fifo() for f in fifos),
+                                   [_object_file(tmp_path, e).exists() for e in after]))
+        remove(path)
+
+    monkeypatch.setattr(os, "remove", observed_remove)
+
+    def read_both() -> None:
+        with open(fifos[1], "rb") as second:
+            seen_while_blocked.append((_object_file(tmp_path, old).exists(), _object_file(tmp_path, after[0]).exists()))
+            with open(fifos[0], "rb") as first:
+                first.read()
+            second.read()
+
+    threading.Thread(target=read_both, daemon=True).start()
+    result = _write_within(sink, [*before, _tombstone(old), *after], fifos)
+    sink.close()
+
+    assert len(result.delivered) == 8 and not result.failures
+    assert seen_while_blocked == [(True, False)]  # old still there, the write after the tombstone not begun
+    assert seen_when_removing == [(True, [False] * 4)]
+    assert sorted(stored_objects(tmp_path)) == sorted(["/".join(terra_object_parts(before[0])),
+                                                       *("/".join(terra_object_parts(e)) for e in after)])
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder no file can be created in, for root too (``chattr +i``, immutable)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True,
+                                                     check=False).returncode == 0
+    try:
+        with contextlib.suppress(PermissionError), open(folder / "probe", "wb"):
+            pytest.skip("cannot make a read-only folder here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_objects_that_cannot_be_written_fail_alone_and_the_others_are_written(
+        tmp_path: Path, read_only_folder: Path, make_sink_event: MakeEvent) -> None:
+    """Daily objects go to a read-only folder (permission denied: FatalError); one sleep object's name is taken by a
+    folder (RetryableError); every other object of the batch is written, as when written one at a time."""
+    results, stored = [], []
+    for concurrency in (1, 8):
+        root = tmp_path / f"root-{concurrency}"
+        (root / "2022-03-16").mkdir(parents=True)
+        (root / "2022-03-16" / "daily").symlink_to(read_only_folder)
+        sleeps = [make_sink_event(f"u{n}", "2026-03-10") for n in range(6)]
+        days = [make_sink_event(f"u{n}", "2026-03-10", type="daily") for n in range(3)]
+        _object_file(root, sleeps[3]).mkdir()
+        sink = ObjectStoreSink("store", str(root), concurrency=concurrency)
+        result = sink.write([sleeps[0], days[0], *sleeps[1:4], days[1], *sleeps[4:], days[2]])
+        sink.close()
+
+        assert result.delivered == [e.event_id for e in (sleeps[0], *sleeps[1:3], *sleeps[4:])]
+        errors = {f.event.event_id: type(f.error) for f in result.failures}
+        assert errors == {**{e.event_id: FatalError for e in days}, sleeps[3].event_id: RetryableError}
+        assert "grant create/overwrite" in str(result.failures[0].error)
+        results.append((result.delivered, [(f.event.event_id, type(f.error)) for f in result.failures]))
+        stored.append(stored_objects(root))
+    assert results[0] == results[1] and stored[0] == stored[1] and len(stored[0]) == 5
+
+
+def test_objects_written_at_once_are_those_written_one_at_a_time(tmp_path: Path, make_sink_event: MakeEvent,
+                                                                 as_root: Callable[[Path], str]) -> None:
+    first = [make_sink_event(f"u{n % 5}", f"2026-03-{10 + n // 5}", type=("sleep", "daily", "activity")[n % 3])
+             for n in range(30)]
+    gone = first[4]
+    second = [
+        *(make_sink_event(f"u{n}", "2026-03-20", version=v, ordering_timestamp_ms=t)  # newest wins within the batch
+          for n in range(4) for v, t in ((1, 2_000), (2, 3_000), (3, 1_000))),
+        NormalizedEvent.create(type="sleep", user={"user_id": "u1", "provider": "OURA"}, data={"metadata": {}},
+                               natural_key="k", ordering_timestamp_ms=1, sequence="0"),  # unnameable
+        _tombstone(gone), _tombstone(first[7]), athlete_event("u9"),
+        *(make_sink_event(f"u{n}", "2026-03-21") for n in range(12)),
+        make_sink_event(gone.user_id, gone.natural_key, type=gone.type, version=5, ordering_timestamp_ms=9_000),
+    ]
+    outcomes = []
+    for concurrency in (1, 8):
+        root = tmp_path / f"c{concurrency}"
+        sink = ObjectStoreSink("store", as_root(root), concurrency=concurrency)
+        results = [sink.write(first), sink.write(second)]
+        sink.close()
+        outcomes.append(([(r.delivered, [(f.event.event_id, type(f.error), str(f.error)) for f in r.failures])
+                          for r in results], stored_objects(root)))
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0][1]) == 30 - 2 + 4 + 1 + 12 + 1
+
+
+def _write_threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(f"writes-{name}_")]
+
+
+def test_threads_are_bounded_started_only_when_worth_it_and_ended_by_close(tmp_path: Path,
+                                                                           make_sink_event: MakeEvent) -> None:
+    one_at_a_time = ObjectStoreSink("serial", str(tmp_path / "serial"), concurrency=1)
+    assert not one_at_a_time.write([make_sink_event(f"u{n}") for n in range(20)]).failures
+    small = ObjectStoreSink("small", str(tmp_path / "small"))
+    assert not small.write([make_sink_event("u1"), make_sink_event("u2")]).failures  # two objects: written inline
+    assert _write_threads("serial") == _write_threads("small") == []
+
+    sink = ObjectStoreSink("three", str(tmp_path / "three"), concurrency=3)
+    for batch in range(3):
+        assert not sink.write([make_sink_event(f"u{n}", f"2026-03-1{batch}") for n in range(40)]).failures
+    assert 1 <= len(_write_threads("three")) <= 2  # the calling thread is the third
+    copy = pickle.loads(pickle.dumps(sink))  # no thread travels
+    sink.close()
+    assert _write_threads("three") == []
+    assert not copy.write([make_sink_event(f"u{n}", "2026-03-20") for n in range(5)]).failures  # threads made again
+    copy.close()
+    assert len(stored_objects(tmp_path / "three")) == 125
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, 65, 2.5, "8", True, None])
+def test_a_bad_concurrency_is_fatal_and_names_the_fix(tmp_path: Path, concurrency: Any) -> None:
+    with pytest.raises(FatalError, match=r"object store sink 'store': concurrency must be a whole number from 1 to 64"):
+        ObjectStoreSink("store", str(tmp_path), concurrency=concurrency)
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_an_unexpected_error_stops_the_batch_and_is_raised(tmp_path: Path, make_sink_event: MakeEvent,
+                                                           monkeypatch: pytest.MonkeyPatch, concurrency: int) -> None:
+    """Not an I/O error (e.g. a filesystem bug): no write starts after it, and ``write`` raises it, as before."""
+    events = [make_sink_event(f"u{n}") for n in range(10)]
+    broken = f"hftest://{tmp_path}/{'/'.join(terra_object_parts(events[2]))}"
+    create = SchemeFileSystem.create
+
+    def create_or_fail(self: SchemeFileSystem, path: str, *args: Any, **kwargs: Any) -> BinaryIO:
+        if path == broken:
+            raise RuntimeError("filesystem bug")
+        return create(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(SchemeFileSystem, "create", create_or_fail)
+    sink = ObjectStoreSink("store", f"hftest://{tmp_path}", concurrency=concurrency)
+    with pytest.raises(RuntimeError, match="filesystem bug"):
+        sink.write(events)
+    sink.close()
+
+    written = set(stored_objects(tmp_path))
+    assert {"/".join(terra_object_parts(e)) for e in events[:2]} <= written
+    assert len(written) <= (2 if concurrency == 1 else 9)
