@@ -89,9 +89,9 @@ class ConcurrentWrites:
                         return
                     index, started = started, started + 1
                 outcome = outcomes[index] = _outcome(writes[index])
-                if outcome is not None and stops(outcome):
-                    with lock:
-                        stopped = True
+                if outcome is not None:
+                    with lock:  # decided under the lock: no write starts once it is known
+                        stopped = stopped or stops(outcome)
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency - 1, thread_name_prefix=f"writes-{self.name}")

@@ -1,0 +1,102 @@
+"""ConcurrentWrites with real threads: how many writes run at once, in which order they start, what is reported."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from sinks.concurrent_writes import ConcurrentWrites
+
+
+class Refused(Exception):
+    """A write's failure that does not stop the batch."""
+
+
+class Stop(Exception):
+    """A write's failure that stops the batch."""
+
+
+def stops(exc: BaseException) -> bool:
+    return isinstance(exc, Stop)
+
+
+def test_one_at_a_time_until_a_write_succeeds_then_at_once() -> None:
+    threads: list[str] = []
+    lock = threading.Lock()
+    in_flight, most = 0, 0
+    released = threading.Event()
+
+    def write(index: int) -> Callable[[], None]:
+        def run() -> None:
+            nonlocal in_flight, most
+            with lock:
+                threads.append(threading.current_thread().name)
+                in_flight += 1
+                most = max(most, in_flight)
+                if in_flight == 3:
+                    released.set()
+            try:
+                if index < 3:
+                    raise Refused(index)
+                if index > 3:
+                    assert released.wait(20)  # three at once (the bound): only then does any finish
+            finally:
+                with lock:
+                    in_flight -= 1
+        return run
+
+    writes = ConcurrentWrites("unit", 3)
+    outcomes = writes.run([write(i) for i in range(12)], stops)
+    writes.close()
+
+    assert [type(o) for o in outcomes] == [Refused] * 3 + [type(None)] * 9
+    assert threads[:4] == [threading.current_thread().name] * 4  # the failing ones and the first success: inline
+    assert most == 3 and len(set(threads[4:])) == 3
+
+
+def test_nothing_starts_after_a_stop_and_only_what_one_by_one_would_see_is_reported() -> None:
+    """Writes 1-4 start together; write 2 stops the batch while 1, 3 and 4 are in flight: they finish (once the stop
+    is known) before ``run`` returns, writes 5-9 never start, and the outcomes end at write 2."""
+    started: list[int] = []
+    finished: list[int] = []
+    all_started = threading.Barrier(4, timeout=20)
+    stop_known = threading.Event()
+
+    def write(index: int) -> Callable[[], None]:
+        def run() -> None:
+            started.append(index)
+            if index in (1, 2, 3, 4):
+                all_started.wait()
+            if index == 2:
+                finished.append(index)
+                raise Stop
+            assert index == 0 or stop_known.wait(20)
+            finished.append(index)
+            if index == 3:
+                raise Refused
+        return run
+
+    def stop_noted(exc: BaseException) -> bool:
+        if stops(exc):
+            stop_known.set()
+        return stops(exc)
+
+    writes = ConcurrentWrites("unit", 4)
+    outcomes = writes.run([write(i) for i in range(10)], stop_noted)
+    writes.close()
+
+    assert [type(o) for o in outcomes] == [type(None), type(None), Stop]
+    assert sorted(started) == sorted(finished) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("concurrency", "count"), [(1, 10), (8, 2), (8, 1), (8, 0)])
+def test_no_thread_when_one_at_a_time_or_two_writes_or_fewer(concurrency: int, count: int) -> None:
+    threads: list[str] = []
+    writes = ConcurrentWrites("unit", concurrency)
+
+    outcomes = writes.run([lambda: threads.append(threading.current_thread().name)] * count, stops)
+
+    assert outcomes == [None] * count and threads == [threading.current_thread().name] * count
+    assert writes._pool is None
