@@ -18,6 +18,13 @@ Guarantees:
   HEAD needs ``s3:GetObject`` and ``s3:ListBucket`` (without it S3 answers 403 for missing keys); with
   ``guard_stale=False`` only ``s3:PutObject`` is needed and the store is plain last-writer-wins.
 - Within a batch, events mapping to one object: only the newest is written, the others are reported delivered with it.
+- Concurrency: a run of data events writes its JSON objects up to ``concurrency`` at once (default 8;
+  ``sinks.concurrent_writes``: one at a time until one is written, no thread at all with ``concurrency=1`` or two
+  objects or fewer), each object's HEAD/PUT sequence above in one thread; a run of tombstones waits for every write
+  before it, and the writes after it wait for it. A failure that stops the batch lets no further PUT start; the
+  result is what writing one object after another would have reported (an object already in flight past the one
+  that stopped the batch is reported not tried even when it was written: a redelivery finds it ``unchanged``).
+  The client keeps up to ``max(10, concurrency)`` connections.
 - A tombstone (``event.deleted``) removes the record's JSON object(s) (``sinks.object_store.deleted_objects``: by its
   ``start_time``, every object of the user's day, or, for an activity or sleep never seen, the user's objects of that
   type whose body names its ``summary_id``), unless the stored object is newer than the tombstone (``guard_stale``).
@@ -39,6 +46,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +55,7 @@ from typing import Any
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
 from sinks.base import Sink, SinkResult
+from sinks.concurrent_writes import DEFAULT_CONCURRENCY, ConcurrentWrites, checked_concurrency
 from sinks.object_store import deleted_objects, holds_record, safe_part, terra_object_parts
 from sinks.parquet import parquet_bytes, parquet_key
 
@@ -54,6 +63,7 @@ FORMATS = frozenset({"json", "parquet"})
 META_EVENT_ID = "event-id"
 META_ORDERING = "ordering-timestamp-ms"
 CONFLICT_RETRIES = 5
+DEFAULT_POOL_CONNECTIONS = 10  # botocore's default
 
 _RETRYABLE_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
@@ -133,13 +143,16 @@ def classify_aws_error(exc: BaseException, what: str) -> Exception:
 
 
 def make_client(service: str, endpoint_url: str | None, region: str | None, max_attempts: int,
-                connect_timeout_s: float, read_timeout_s: float) -> Any:
-    """A boto3 client with bounded botocore retries and timeouts (credentials from the default chain)."""
+                connect_timeout_s: float, read_timeout_s: float,
+                max_pool_connections: int = DEFAULT_POOL_CONNECTIONS) -> Any:
+    """A boto3 client with bounded botocore retries and timeouts (credentials from the default chain), keeping up to
+    ``max_pool_connections`` connections (at least one per thread using it at once)."""
     import boto3
     from botocore.config import Config
 
     config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
-                    connect_timeout=connect_timeout_s, read_timeout=read_timeout_s)
+                    connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
+                    max_pool_connections=max_pool_connections)
     return boto3.session.Session().client(service, endpoint_url=endpoint_url, region_name=region, config=config)
 
 
@@ -171,8 +184,9 @@ class S3Sink(Sink):
     def __init__(self, name: str, bucket: str, prefix: str = "", endpoint_url: str | None = None,
                  region: str | None = None, formats: Sequence[str] = ("json",), guard_stale: bool = True,
                  conditional_writes: bool = True, max_attempts: int = 3, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 30.0) -> None:
+                 read_timeout_s: float = 30.0, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         super().__init__(name)
+        self.concurrency = checked_concurrency("s3", name, concurrency)
         if not bucket or "/" in bucket:
             raise FatalError(f"s3 sink {name!r}: bucket must be a bucket name (no 's3://', no '/'), got {bucket!r}")
         unknown = set(formats) - FORMATS
@@ -192,6 +206,7 @@ class S3Sink(Sink):
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._client: Any = None
+        self._writes = ConcurrentWrites(name, self.concurrency)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -201,9 +216,11 @@ class S3Sink(Sink):
     def open(self) -> None:
         if self._client is None:
             self._client = make_client("s3", self.endpoint_url, self.region, self.max_attempts,
-                                       self.connect_timeout_s, self.read_timeout_s)
+                                       self.connect_timeout_s, self.read_timeout_s,
+                                       max_pool_connections=max(DEFAULT_POOL_CONNECTIONS, self.concurrency))
 
     def close(self) -> None:
+        self._writes.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -361,17 +378,21 @@ class S3Sink(Sink):
             except PermanentError as exc:
                 fail([index], exc)
         groups = list(by_key.items())
-        for position, (key, indices) in enumerate(groups):
-            newest = max(reversed(indices), key=lambda i: events[i].ordering_timestamp_ms)  # later wins ties
-            try:
-                self.put_json(key, events[newest])
-            except (FatalError, EndpointUnreachable) as exc:
-                fail(indices, exc)
+        newest = [max(reversed(indices), key=lambda i: events[i].ordering_timestamp_ms)  # later wins ties
+                  for _, indices in groups]
+        outcomes = self._writes.run([functools.partial(self.put_json, key, events[index])
+                                     for (key, _), index in zip(groups, newest, strict=True)], stops=_stops_batch)
+        for position, ((_, indices), outcome) in enumerate(zip(groups, outcomes, strict=False)):
+            if outcome is None:
+                continue
+            if isinstance(outcome, FatalError | EndpointUnreachable):
+                fail(indices, outcome)
                 for _, rest in groups[position + 1:]:
-                    fail(rest, _not_tried(exc))
-                return exc
-            except (RetryableError, PermanentError) as exc:
-                fail(indices, exc)
+                    fail(rest, _not_tried(outcome))
+                return outcome
+            if not isinstance(outcome, RetryableError | PermanentError):
+                raise outcome  # unexpected: fails the batch, as when raised here
+            fail(indices, outcome)
         return None
 
     def put_json(self, key: str, event: NormalizedEvent) -> str:
@@ -478,6 +499,11 @@ def _deletion_error(exc: BaseException, what: str = "applying tombstones") -> Ex
     if isinstance(exc, _ObjectError):  # another per-object failure: retryable when S3 says so, else permanent
         return RetryableError(f"{what}: {exc}") if code in _RETRYABLE_CODES else PermanentError(f"{what}: {exc}")
     return classify_aws_error(exc, what)
+
+
+def _stops_batch(exc: BaseException) -> bool:
+    """Whether a PUT's error stops the batch: fatal, endpoint unreachable, or not classified (raised by ``write``)."""
+    return isinstance(exc, FatalError | EndpointUnreachable) or not isinstance(exc, RetryableError | PermanentError)
 
 
 def _not_tried(cause: BaseException) -> BaseException:

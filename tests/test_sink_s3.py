@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import boto3
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 
 from core.errors import FatalError, PermanentError, RetryableError
 from core.events import NormalizedEvent
@@ -306,3 +308,134 @@ def test_an_object_rewritten_between_read_and_delete_is_checked_again(
 
     assert sent == [[{"Key": key, "ETag": etag}]]  # checked again: newer than the tombstone, so not deleted
     assert body(s3, bucket, key) == newer.body()
+
+
+# --- concurrent writes ---------------------------------------------------------------------------------------------
+def _record_requests(sink: S3Sink, calls: list[tuple[str, str, str]]) -> None:
+    """Note (operation, key, thread name) of each HEAD and PUT the sink's client sends, as it is built."""
+    for operation in ("HeadObject", "PutObject"):
+        sink._client.meta.events.register(
+            f"before-parameter-build.s3.{operation}",
+            lambda params, operation=operation, **_: calls.append((operation, params["Key"],
+                                                                   threading.current_thread().name)))
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+def test_puts_of_different_keys_overlap_and_each_keys_head_and_put_stay_in_order(
+        moto_endpoint: str, s3: Any, bucket: str, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    """After the first object, the next four PUTs meet at a barrier before any is sent: one PUT at a time would break
+    it (and fail those objects)."""
+    sink = make_sink(moto_endpoint, bucket, concurrency=4)
+    assert sink._client.meta.config.max_pool_connections == 10
+    events = [make_sink_event(f"u{n}") for n in range(5)]
+    calls: list[tuple[str, str, str]] = []
+    _record_requests(sink, calls)
+    barrier = threading.Barrier(4, timeout=20)
+    puts: list[str] = []
+
+    def meet(params: dict[str, Any], **_: Any) -> None:
+        puts.append(params["Key"])
+        if len(puts) > 1:
+            barrier.wait()
+
+    sink._client.meta.events.register("before-parameter-build.s3.PutObject", meet)
+    delivered_all(sink.write(events), events)
+    sink.close()
+
+    assert not barrier.broken and len({thread for *_, thread in calls}) == 4
+    for event in events:
+        key = object_key(PREFIX, event)
+        assert body(s3, bucket, key) == event.body()
+        [(head, head_thread), (put, put_thread)] = [(op, thread) for op, k, thread in calls if k == key]
+        assert (head, put) == ("HeadObject", "PutObject") and head_thread == put_thread  # one key, one thread
+    assert make_sink(moto_endpoint, bucket, concurrency=16)._client.meta.config.max_pool_connections == 16
+
+
+@pytest.mark.parametrize(("code", "status", "error", "stops"), [("AccessDenied", 403, FatalError, True),
+                                                                ("InvalidArgument", 400, PermanentError, False)])
+def test_a_failed_put_is_reported_as_when_written_one_at_a_time(
+        moto_endpoint: str, s3: Any, code: str, status: int, error: type[Exception], stops: bool,
+        make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    """The third object's PUT fails: a FatalError stops the batch (the objects after it are reported not tried, with
+    it, even if written meanwhile), a PermanentError is that object's alone; the same with 1 and 8 at once."""
+    events = [make_sink_event(f"u{n}") for n in range(8)]
+    refused = object_key(PREFIX, events[2])
+    reported = []
+    for concurrency in (1, 8):
+        name = f"hf-{uuid.uuid4().hex[:12]}"
+        s3.create_bucket(Bucket=name)
+        sink = make_sink(moto_endpoint, name, concurrency=concurrency)
+
+        def refuse(params: dict[str, Any], **_: Any) -> None:
+            if params["Key"] == refused:
+                raise _client_error(code, status)
+
+        sink._client.meta.events.register("before-parameter-build.s3.PutObject", refuse)
+        result = sink.write(events)
+        sink.close()
+        reported.append((result.delivered, [(f.event.event_id, type(f.error)) for f in result.failures]))
+        written = keys(s3, name)
+        assert refused not in written and {object_key(PREFIX, e) for e in events[:2]} <= set(written)
+    assert reported[0] == reported[1]
+    delivered, failures = reported[0]
+    if stops:
+        assert delivered == [e.event_id for e in events[:2]]
+        assert failures == [(e.event_id, error) for e in events[2:]]
+    else:
+        assert delivered == [e.event_id for i, e in enumerate(events) if i != 2]
+        assert failures == [(events[2].event_id, error)]
+
+
+def test_a_missing_bucket_sees_one_put_per_batch(moto_endpoint: str,
+                                                  make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    sink = make_sink(moto_endpoint, f"missing-{uuid.uuid4().hex[:8]}", concurrency=8)
+    calls: list[tuple[str, str, str]] = []
+    _record_requests(sink, calls)
+    events = [make_sink_event(f"u{n}") for n in range(6)]
+
+    result = sink.write(events)
+
+    assert result.delivered == [] and all(isinstance(f.error, FatalError) for f in result.failures)
+    assert [op for op, *_ in calls] == ["HeadObject", "PutObject"]  # one at a time until one is written
+
+
+def test_objects_written_at_once_are_those_written_one_at_a_time(
+        moto_endpoint: str, s3: Any, make_sink_event: Callable[..., NormalizedEvent]) -> None:
+    first = [make_sink_event(f"u{n % 5}", f"2026-03-{10 + n // 5}", type=("sleep", "daily", "activity")[n % 3])
+             for n in range(30)]
+    stale = make_sink_event("u0", "2026-03-10", type="sleep", version=7, ordering_timestamp_ms=500)
+    second = [
+        *(make_sink_event(f"u{n}", "2026-03-20", version=v, ordering_timestamp_ms=t)  # newest wins within the batch
+          for n in range(4) for v, t in ((1, 2_000), (2, 3_000), (3, 1_000))),
+        stale,  # older than the stored object: superseded, reported delivered
+        make_sink_event("../x"),  # unusable name
+        NormalizedEvent.tombstone(type="daily", user=first[1].user, natural_key=first[1].natural_key,
+                                  ordering_timestamp_ms=2_000, sequence="9"),
+        *(make_sink_event(f"u{n}", "2026-03-21") for n in range(12)),
+        make_sink_event("u1", "2026-03-10", type="daily", version=5, ordering_timestamp_ms=9_000),  # re-created
+    ]
+    outcomes = []
+    for concurrency in (1, 8):
+        name = f"hf-{uuid.uuid4().hex[:12]}"
+        s3.create_bucket(Bucket=name)
+        sink = make_sink(moto_endpoint, name, concurrency=concurrency)
+        results = [sink.write(first), sink.write(second)]
+        sink.close()
+        stored = {}
+        for key in keys(s3, name):
+            found = s3.get_object(Bucket=name, Key=key)
+            stored[key] = (found["Body"].read(), found["Metadata"], found["ContentType"])
+        outcomes.append(([(r.delivered, [(f.event.event_id, type(f.error)) for f in r.failures]) for r in results],
+                         stored))
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0][1]) == 30 + 4 + 12 and len(outcomes[0][0][1][1]) == 1
+
+
+@pytest.mark.parametrize("concurrency", [0, 65, "8", True])
+def test_a_bad_concurrency_is_fatal_and_names_the_fix(concurrency: Any) -> None:
+    with pytest.raises(FatalError, match=r"s3 sink 's3': concurrency must be a whole number from 1 to 64"):
+        S3Sink("s3", "bucket", concurrency=concurrency)
