@@ -32,12 +32,14 @@ from core.errors import FatalError
 from core.secrets import hold_literal, hold_url_password, missing, resolve
 from schemas import MODEL_TYPES
 from sinks.base import Sink
+from sinks.concurrent_writes import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
 from sinks.policy import SVIX_REDELIVERY_S, RetryPolicy, Target
 from sinks.status import DEFAULT_DISABLE_AFTER_S
 
 LIFECYCLE_TYPES = ("auth", "auth_cancelled", "deauth", "user_reauth", "access_revoked", "connection_error",
                    "permission_change")
 NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+OBJECT_WRITES = "objects of a batch written at once (different objects only; 1: one after another)"
 
 
 class RetryConfig(BaseModel):
@@ -166,11 +168,12 @@ class ObjectStoreDestination(_Destination):
 
     type: Literal["object_store"]
     root: str
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, description=OBJECT_WRITES)
 
     def build(self) -> Sink:
         from sinks.object_store import ObjectStoreSink
 
-        return ObjectStoreSink(self.name, self.root)
+        return ObjectStoreSink(self.name, self.root, concurrency=self.concurrency)
 
 
 class S3Destination(_Destination):
@@ -180,12 +183,13 @@ class S3Destination(_Destination):
     region: str | None = None
     endpoint_url: str | None = None
     formats: list[Literal["json", "parquet"]] = Field(default_factory=lambda: ["json"], min_length=1)
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, description=OBJECT_WRITES)
 
     def build(self) -> Sink:
         from sinks.s3 import S3Sink
 
         return S3Sink(self.name, self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url, region=self.region,
-                      formats=tuple(self.formats))
+                      formats=tuple(self.formats), concurrency=self.concurrency)
 
 
 class SqsDestination(_Destination):
