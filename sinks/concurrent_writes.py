@@ -14,12 +14,13 @@ Guarantees of ``ConcurrentWrites.run``:
   exception stops the batch: exactly what a sequential loop stopping there would have seen; a write that finished
   after that one is left out (its caller reports it not tried, as before, though it may have been written: callers
   are idempotent). Every write started has finished when ``run`` returns.
-- The pool is made on first need (on the worker), never pickled, and shut down by ``close()``; a later ``run`` makes
-  a new one.
+- The pool is made on first need (on the worker, and again in a forked child), never pickled, and shut down by
+  ``close()``; a later ``run`` makes a new one.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,9 +51,10 @@ class ConcurrentWrites:
         self.name = name
         self.concurrency = concurrency
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process whose threads the pool has (a forked child has none of them)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__, _pool=None)  # threads never travel with the config
+        return dict(self.__dict__, _pool=None, _pool_pid=0)  # threads never travel with the config
 
     def close(self) -> None:
         """Shut the pool down (waiting for its threads); the next concurrent ``run`` makes a new one."""
@@ -93,8 +95,9 @@ class ConcurrentWrites:
                     with lock:  # decided under the lock: no write starts once it is known
                         stopped = stopped or stops(outcome)
 
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.concurrency - 1, thread_name_prefix=f"writes-{self.name}")
+            self._pool_pid = os.getpid()
         helpers = [self._pool.submit(lane) for _ in range(min(self.concurrency, len(writes)) - 1)]
         try:
             lane()

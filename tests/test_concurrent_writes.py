@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Callable
 
@@ -100,3 +102,18 @@ def test_no_thread_when_one_at_a_time_or_two_writes_or_fewer(concurrency: int, c
 
     assert outcomes == [None] * count and threads == [threading.current_thread().name] * count
     assert writes._pool is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_makes_threads_of_its_own() -> None:
+    """A child forked after the pool was made has none of its threads: waiting for them would never end."""
+    writes = ConcurrentWrites("unit", 4)
+    all_threads = threading.Barrier(4, timeout=20)  # writes 1-4 at once: all three pool threads made, then idle
+    assert writes.run([lambda: None, *[all_threads.wait] * 4], stops) == [None] * 5
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        signal.alarm(20)
+        os._exit(0 if writes.run([lambda: None] * 6, stops) == [None] * 6 else 1)
+    _, status = os.waitpid(child, 0)
+    writes.close()
+    assert os.waitstatus_to_exitcode(status) == 0
