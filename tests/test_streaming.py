@@ -305,3 +305,22 @@ def test_a_refused_user_in_a_shared_write_holds_back_only_its_own_later_events(p
                     for i in receiver.order_for(terra_user_id("garmin", user))]
             assert days == ["2024-03-11", "2024-03-12"]  # the refused user's next day waited for its retry
         assert receiver.injected_failures == 1 and receiver.duplicates == 0
+
+
+def test_the_local_runner_inspects_each_signature_once():
+    import inspect
+
+    from apache_beam.runners.common import DoFnSignature
+    from apache_beam.transforms import core
+    from apache_beam.typehints import decorators
+
+    from pipelines.launch import _look_up_signatures_once
+    from transforms.deliver import DeliverInOrder
+
+    _look_up_signatures_once()
+    first, second = (DeliverInOrder(Target(SqlSink("sql", "sqlite:///unused.db"))) for _ in range(2))
+    assert core.get_signature is decorators.get_signature
+    for bound in (first.process, first.on_retry, second.process, write_jsonl):
+        assert decorators.get_signature(bound) == inspect.signature(bound)  # bound: without its self
+    assert decorators.get_signature(first.process) is decorators.get_signature(second.process)  # looked up once
+    assert DoFnSignature(first).is_stateful_dofn() and DoFnSignature(second).is_stateful_dofn()
