@@ -324,3 +324,29 @@ def test_the_local_runner_inspects_each_signature_once():
         assert decorators.get_signature(bound) == inspect.signature(bound)  # bound: without its self
     assert decorators.get_signature(first.process) is decorators.get_signature(second.process)  # looked up once
     assert DoFnSignature(first).is_stateful_dofn() and DoFnSignature(second).is_stateful_dofn()
+
+
+@pytest.mark.parametrize("acks_per_flush", [5000, 4])
+def test_a_bundles_acks_reach_the_tracker_together_per_stream_with_every_weight(acks_per_flush):
+    from collections import Counter
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    from core.raw import AckToken
+    from transforms.acks import ROOT_WEIGHT, _ByStream, root_acks, split_acks
+
+    tokens = [AckToken("offset", f"raw:{partition}", offset, offset - 1) for partition in (0, 1) for offset in range(3)]
+    shares = [share for token in tokens for share in split_acks(root_acks(token), 3)]  # three branches each
+    by_stream = _ByStream(acks_per_flush)
+    by_stream.start_bundle()
+    out = [*(o for acks in shares for o in by_stream.process(acks, GlobalWindow(), Timestamp(0))),
+           *by_stream.finish_bundle()]
+    if acks_per_flush > len(shares):
+        assert sorted(o.value[0] for o in out) == ["raw:0", "raw:1"]  # one element per stream, not one per branch
+    weights: Counter[tuple[str, int]] = Counter()
+    for o in out:
+        for token, weight in o.value[1]:
+            assert token.stream == o.value[0]
+            weights[(token.stream, token.position)] += weight
+    assert weights == {(t.stream, t.position): ROOT_WEIGHT for t in tokens}
