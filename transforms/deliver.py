@@ -7,8 +7,7 @@ dead-lettered with their scheduled redelivery; permanent ones are dead-lettered 
 FatalError fails the run. Bounded input is delivered in batches across users, retrying inside the
 bundle (``DeliverToSink``); unbounded input per user, in order, retrying on processing-time timers
 while that user's later events wait, the users of a delivery shard that arrive together sharing each write
-(``DeliverInOrder``). A destination's acks end only once its
-events are delivered or their dead letters stored.
+(``DeliverInOrder``). A destination's acks end only once its events are delivered or their dead letters stored.
 """
 from __future__ import annotations
 
