@@ -86,6 +86,7 @@ class NormalizeJob:
     state_url: str = DEFAULT_STATE_URL
     batch_size: int = 200
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    delivery_shards: int | None = None  # streaming: keys of in-order delivery (``transforms.deliver.DeliverAll``)
 
     def __post_init__(self) -> None:
         if not self.sinks:
@@ -177,7 +178,7 @@ def build_from(raw: beam.PCollection, job: NormalizeJob, streaming: bool = False
     acknowledge with ``acknowledger``; with ``summary_path`` (bounded input), write the run's counts there."""
     events, ingest_dead, ingest_ended, ingest_tallies = raw | "Normalize" >> Normalize(job.state_url)
     _, delivery_dead, delivery_ended, delivery_tallies = (
-        events | "Deliver" >> DeliverAll(job.targets, status_url=job.state_url))
+        events | "Deliver" >> DeliverAll(job.targets, status_url=job.state_url, shards=job.delivery_shards))
     stored = ((ingest_dead, *delivery_dead)
               | "AllDeadLetters" >> beam.Flatten()
               | "StoreDeadLetters" >> beam.ParDo(StoreDeadLetters(job.dead_letter_root)))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
@@ -18,15 +19,18 @@ from servers.pubsub_server import PubSubTestServer
 
 from connectors.base import terra_user_id
 from core.dead_letters import read_dead_letters
+from core.events import NormalizedEvent
 from core.raw import RawMessage, RawPayload
 from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, build_from, run_batch
 from pipelines.streaming import run_streaming
 from reliability.mechanics import sqlite_rows as sql_rows
 from schemas.serde import encode_raw
+from sinks.base import SinkResult
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
+from transforms.deliver import delivery_shard
 from transforms.sources import committed_offsets
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.2, max_delay_s=0.5)
@@ -240,3 +244,109 @@ def test_a_failing_destination_does_not_delay_another(pubsub, subscription, tmp_
         finally:
             job.stop()
     assert sql_after < 1.5 < 4.5 <= webhook_after  # SQL did not wait for the webhook's retries
+
+
+class RecordingSqlSink(SqlSink):
+    """A real SQLite destination that also notes the users of each write (class-wide: the job writes through its
+    own copies of the sink)."""
+
+    writes: ClassVar[list[set[str]]] = []
+
+    def write(self, events: Sequence[NormalizedEvent]) -> SinkResult:
+        RecordingSqlSink.writes.append({event.user_id for event in events})
+        return super().write(events)
+
+
+@pytest.mark.parametrize("shards", [None, 3])
+def test_users_that_arrive_together_share_each_write(tmp_path, simulated_payloads, shards):
+    expected = batch_reference(tmp_path, simulated_payloads)
+    RecordingSqlSink.writes.clear()
+    messages = [RawMessage(encode_raw(p), {"path": "stream", "line": n}) for n, p in enumerate(simulated_payloads)]
+    stream = BeamTestStream().add_elements(messages).advance_watermark_to_infinity()  # one bundle of every user
+    job = normalize_job(FileSource("unused"), tmp_path, name="ts",
+                        sinks=[RecordingSqlSink("sql", f"sqlite:///{tmp_path / 'ts.db'}")])
+    job.delivery_shards = shards
+    pipeline = make_pipeline(streaming=True)
+    build_from(pipeline | stream, job, streaming=True)
+    pipeline.run().wait_until_finish()
+    assert sql_rows(tmp_path / "ts.db") == expected
+    users = set().union(*RecordingSqlSink.writes)
+    assert len(users) > 3
+    assert len(RecordingSqlSink.writes) <= (shards or 1)  # one write per shard, not one per user
+    assert max(len(write) for write in RecordingSqlSink.writes) > 1
+
+
+def test_delivery_shards_are_stable():
+    assert [delivery_shard(user, 64) for user in ("a", "garmin-1", "")] == ["3", "26", "0"]
+    assert {delivery_shard(f"user-{n}", 1) for n in range(50)} == {"0"}
+
+
+def test_a_refused_user_in_a_shared_write_holds_back_only_its_own_later_events(pubsub, subscription, tmp_path,
+                                                                               webhook_secret):
+    from pipelines.demo_data import garmin_daily
+    from pipelines.webhook_receiver import WebhookReceiver
+
+    patient = RetryPolicy(max_attempts=4, initial_delay_s=1.5, max_delay_s=3.0, jitter=0.0)
+    publish_pubsub(pubsub.host, subscription, [garmin_daily(user, "2024-03-11") for user in ("a", "b", "c")])
+    with WebhookReceiver(webhook_secret) as receiver:
+        receiver.fail_next(1, 503)  # the write's first request is refused once, then taken on a timer
+        job = run_streaming(normalize_job(PubSubSource(subscription), tmp_path,
+                                          sinks=[Target(WebhookSink("hook", receiver.url, webhook_secret), patient)]),
+                            redeliver_every_s=None)
+        try:
+            wait_for(lambda: receiver.injected_failures == 1 and receiver.unique == 2, what="the two others")
+            publish_pubsub(pubsub.host, subscription, [garmin_daily(user, "2024-03-12") for user in ("a", "b", "c")])
+            wait_for(lambda: receiver.unique == 6, what="all six events")
+            wait_for(lambda: pubsub.outstanding(subscription) == 0, what="acknowledgements")
+        finally:
+            job.stop()
+        for user in ("a", "b", "c"):
+            days = [receiver.events[i]["data"][0]["metadata"]["start_time"][:10]
+                    for i in receiver.order_for(terra_user_id("garmin", user))]
+            assert days == ["2024-03-11", "2024-03-12"]  # the refused user's next day waited for its retry
+        assert receiver.injected_failures == 1 and receiver.duplicates == 0
+
+
+def test_the_local_runner_inspects_each_signature_once():
+    import inspect
+
+    from apache_beam.runners.common import DoFnSignature
+    from apache_beam.transforms import core
+    from apache_beam.typehints import decorators
+
+    from pipelines.launch import _look_up_signatures_once
+    from transforms.deliver import DeliverInOrder
+
+    _look_up_signatures_once()
+    first, second = (DeliverInOrder(Target(SqlSink("sql", "sqlite:///unused.db"))) for _ in range(2))
+    assert core.get_signature is decorators.get_signature
+    for bound in (first.process, first.on_retry, second.process, write_jsonl):
+        assert decorators.get_signature(bound) == inspect.signature(bound)  # bound: without its self
+    assert decorators.get_signature(first.process) is decorators.get_signature(second.process)  # looked up once
+    assert DoFnSignature(first).is_stateful_dofn() and DoFnSignature(second).is_stateful_dofn()
+
+
+@pytest.mark.parametrize("acks_per_flush", [5000, 4])
+def test_a_bundles_acks_reach_the_tracker_together_per_stream_with_every_weight(acks_per_flush):
+    from collections import Counter
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    from core.raw import AckToken
+    from transforms.acks import ROOT_WEIGHT, _ByStream, root_acks, split_acks
+
+    tokens = [AckToken("offset", f"raw:{partition}", offset, offset - 1) for partition in (0, 1) for offset in range(3)]
+    shares = [share for token in tokens for share in split_acks(root_acks(token), 3)]  # three branches each
+    by_stream = _ByStream(acks_per_flush)
+    by_stream.start_bundle()
+    out = [*(o for acks in shares for o in by_stream.process(acks, GlobalWindow(), Timestamp(0))),
+           *by_stream.finish_bundle()]
+    if acks_per_flush > len(shares):
+        assert sorted(o.value[0] for o in out) == ["raw:0", "raw:1"]  # one element per stream, not one per branch
+    weights: Counter[tuple[str, int]] = Counter()
+    for o in out:
+        for token, weight in o.value[1]:
+            assert token.stream == o.value[0]
+            weights[(token.stream, token.position)] += weight
+    assert weights == {(t.stream, t.position): ROOT_WEIGHT for t in tokens}

@@ -21,6 +21,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms import userstate
+from apache_beam.utils.windowed_value import WindowedValue
 
 from core.raw import AckToken
 from transforms.reuse import acquire, private_copy, release
@@ -140,6 +141,35 @@ class _TrackAcks(beam.DoFn):
             log.warning("acknowledging at the source failed (it will deliver again what was not): %s", exc)
 
 
+class _ByStream(beam.DoFn):
+    """Acks → (stream, acks): the acks of a bundle gathered per stream (at most ``acks_per_flush`` at a time), so
+    that ``_TrackAcks`` reads and writes a stream's progress once for them all instead of once per ended branch. The
+    weights are the same ones, only grouped: a message still ends when, and only when, all of them are back."""
+
+    def __init__(self, acks_per_flush: int = 5000) -> None:
+        self.acks_per_flush = acks_per_flush
+
+    def start_bundle(self) -> None:
+        self.pending: dict[tuple[str, Any], tuple[list[tuple[AckToken, int]], Any]] = {}
+        self.buffered = 0
+
+    def process(self, acks: Acks, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+        for token, weight in acks:
+            key = (token.stream, window)
+            group, latest = self.pending.get(key) or ([], timestamp)
+            group.append((token, weight))
+            self.pending[key] = (group, max(latest, timestamp))
+        self.buffered += len(acks)
+        if self.buffered >= self.acks_per_flush:
+            yield from self.finish_bundle()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        pending, self.pending, self.buffered = self.pending, {}, 0
+        for (stream, window), (group, timestamp) in pending.items():
+            yield WindowedValue((stream, tuple(group)), timestamp, [window])
+
+
 class Acknowledge(beam.PTransform):
     """PCollection[Acks] (ended branches) → acknowledgements at the source; outputs nothing."""
 
@@ -149,13 +179,5 @@ class Acknowledge(beam.PTransform):
 
     def expand(self, ended):
         return (ended
-                | "ByStream" >> beam.FlatMap(_by_stream).with_output_types(tuple[str, Any])
+                | "ByStream" >> beam.ParDo(_ByStream()).with_output_types(tuple[str, Any])
                 | "Track" >> beam.ParDo(_TrackAcks(self.acknowledger)).with_input_types(tuple[str, Any]))
-
-
-def _by_stream(acks: Acks) -> Iterator[tuple[str, Acks]]:
-    streams: dict[str, list[tuple[AckToken, int]]] = {}
-    for token, weight in acks:
-        streams.setdefault(token.stream, []).append((token, weight))
-    for stream, group in streams.items():
-        yield stream, tuple(group)

@@ -6,8 +6,8 @@ retryable ones are retried with capped exponential backoff (honouring ``retry_af
 dead-lettered with their scheduled redelivery; permanent ones are dead-lettered at once; a
 FatalError fails the run. Bounded input is delivered in batches across users, retrying inside the
 bundle (``DeliverToSink``); unbounded input per user, in order, retrying on processing-time timers
-while that user's later events wait (``DeliverInOrder``). A destination's acks end only once its
-events are delivered or their dead letters stored.
+while that user's later events wait, the users of a delivery shard that arrive together sharing each write
+(``DeliverInOrder``). A destination's acks end only once its events are delivered or their dead letters stored.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class Delivered:
 class DeadLettered:
     record: dict[str, Any]
     error: BaseException
+    event: NormalizedEvent | None = None  # the event it holds (the object given to ``attempt``)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Delivery:
             if verdict is Route.RETRY and attempt < self.target.retry.max_attempts:
                 retry.append(failure)
             else:
-                outcome.dead.append(DeadLettered(self._dead_letter(failure, attempt), failure.error))
+                outcome.dead.append(DeadLettered(self._dead_letter(failure, attempt), failure.error, failure.event))
         if retry:
             self.on_retry(len(retry))
             hints = [h for h in (getattr(f.error, "retry_after", None) for f in retry) if h is not None]
@@ -353,40 +355,174 @@ class _Backlog:
     due: float  # epoch seconds of the next attempt
 
 
+class _Owners:
+    """Which batch of a write an event came from: by the object given to the sink, else by its event id."""
+
+    def __init__(self, items: Iterable[_Held]) -> None:
+        self.by_object: dict[int, _Held] = {}
+        self.by_id: dict[str, _Held] = {}
+        for item in items:
+            for event in item.events:
+                self.by_object[id(event)] = item
+                self.by_id.setdefault(event.event_id, item)
+
+    def of(self, event: NormalizedEvent | None, event_id: str | None) -> _Held:
+        found = self.by_object.get(id(event)) if event is not None else None
+        if found is None:
+            found = self.by_id.get(event_id or "")
+        if found is None:
+            raise FatalError(f"a destination reported event {event_id}, which it was not given")
+        return found
+
+
+DEFAULT_DELIVERY_SHARDS = 64  # keys of in-order delivery on a distributed runner (its parallelism per destination)
+
+
+def delivery_shard(user_id: str, shards: int) -> str:
+    """The delivery key of ``user_id`` among ``shards``: the same on every worker and in every run (CRC-32)."""
+    return str(zlib.crc32(user_id.encode()) % shards)
+
+
+class ToShards(beam.DoFn):
+    """(user_id, UserEvents) → (shard, ((user_id, UserEvents), ...)): the users of a bundle that share a delivery
+    shard (``delivery_shard``), together, in the order they came; flushed every ``users_per_flush`` users and at the
+    end of the bundle. A user's elements keep their order (one list, emitted in order)."""
+
+    def __init__(self, shards: int, users_per_flush: int = 500) -> None:
+        if shards < 1:
+            raise FatalError(f"delivery shards must be at least 1, got {shards}")
+        self.shards, self.users_per_flush = shards, users_per_flush
+
+    def start_bundle(self) -> None:
+        self.pending: dict[tuple[str, Any], tuple[list[tuple[str, UserEvents]], Any]] = {}
+        self.buffered = 0
+
+    def process(self, element: tuple[str, UserEvents], window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+        key = (delivery_shard(element[0], self.shards), window)
+        users, latest = self.pending.get(key) or ([], timestamp)
+        users.append(element)
+        self.pending[key] = (users, max(latest, timestamp))
+        self.buffered += 1
+        if self.buffered >= self.users_per_flush:
+            yield from self.finish_bundle()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        pending, self.pending, self.buffered = self.pending, {}, 0
+        for (shard, window), (users, timestamp) in pending.items():
+            yield WindowedValue((shard, tuple(users)), timestamp, [window])
+
+
 class DeliverInOrder(_DestinationFn):
     """Unbounded input: deliver each user's events as they come, retrying on timers, never out of order.
 
-    Keyed by user. A retryable failure keeps the batch (and every later batch of that user) in
-    keyed state and sets a processing-time timer for the policy's backoff (``Retry-After``
-    honoured); other users and other destinations go on meanwhile. When attempts run out, the
-    events are dead-lettered with their scheduled redelivery and the user's later events proceed.
+    Keyed by delivery shard (``ToShards``): an element is the users of a shard that came together. Their events go
+    in one write (``batch_size`` events or so each), so a destination pays its fixed costs (a transaction, a round
+    trip) once for them all and spreads them over its lanes. A retryable failure keeps that user's batch (and every
+    later batch of that user) in the shard's keyed state and sets a processing-time timer for the policy's backoff
+    (``Retry-After`` honoured); other users, of this shard too, and other destinations go on meanwhile. When
+    attempts run out, the events are dead-lettered with their scheduled redelivery and the user's later events
+    proceed.
     """
 
-    BACKLOG = userstate.ReadModifyWriteStateSpec("backlog", PickleCoder())
-    RETRY = userstate.TimerSpec("retry", TimeDomain.REAL_TIME)
+    BACKLOG = userstate.ReadModifyWriteStateSpec("backlog", PickleCoder())  # user → _Backlog (users that wait)
+    RETRY = userstate.TimerSpec("retry", TimeDomain.REAL_TIME)  # the earliest due of the shard's backlogs
 
-    def process(self, element: tuple[str, UserEvents], backlog=beam.DoFn.StateParam(BACKLOG),
+    def process(self, element: tuple[str, Sequence[tuple[str, UserEvents]]], backlog=beam.DoFn.StateParam(BACKLOG),
                 retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
-        events, acks = self._wanted(element[1])
-        waiting: _Backlog | None = backlog.read()
-        if waiting is not None:
-            waiting.items.append(_Held(events, acks))
-            self.tally.add(f"held:{self.target.name}", len(events))
-            backlog.write(waiting)
-            return
-        yield from self._drain([_Held(events, acks)], backlog, retry)
+        waiting: dict[str, _Backlog] = backlog.read() or {}
+        before = len(waiting)
+        fresh: dict[str, list[_Held]] = {}  # users with nothing waiting: their batches of this element, in order
+        for user, user_events in element[1]:
+            events, acks = self._wanted(user_events)
+            if user in waiting:
+                waiting[user].items.append(_Held(events, acks))
+                self.tally.add(f"held:{self.target.name}", len(events))
+            else:
+                fresh.setdefault(user, []).append(_Held(events, acks))
+        yield from self._deliver_fresh(fresh, waiting)
+        if waiting or before:
+            self._keep(waiting, backlog, retry)
 
     @userstate.on_timer(RETRY)
     def on_retry(self, backlog=beam.DoFn.StateParam(BACKLOG), retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
-        waiting: _Backlog | None = backlog.read()
-        if waiting is None:
+        waiting: dict[str, _Backlog] | None = backlog.read()
+        if not waiting:
             return
-        if time.time() < waiting.due - 0.002:  # a runner may fire a timer early, or an old one again
-            retry.set(Timestamp.of(waiting.due))
-            return
-        yield from self._drain(waiting.items, backlog, retry)
+        for user, held in list(waiting.items()):
+            if time.time() < held.due - 0.002:  # a runner may fire a timer early, or an old one again
+                continue
+            due = yield from self._drain(held.items)
+            if due is None:
+                del waiting[user]
+            else:
+                held.due = due
+        self._keep(waiting, backlog, retry)
 
-    def _drain(self, items: list[_Held], backlog: Any, retry: Any) -> Iterator[Any]:
+    def _keep(self, waiting: dict[str, _Backlog], backlog: Any, retry: Any) -> None:
+        """Store the users that wait, and time the next attempt for the earliest of them."""
+        if not waiting:
+            backlog.clear()
+            return
+        backlog.write(waiting)
+        retry.set(Timestamp.of(min(held.due for held in waiting.values())))
+
+    def _deliver_fresh(self, fresh: dict[str, list[_Held]], waiting: dict[str, _Backlog]) -> Iterator[Any]:
+        """Each user's first batch, all users together in writes of about ``batch_size`` events; a user whose batch
+        must be retried waits in ``waiting``; a user's later batches of the element follow its first."""
+        firsts = [(user, items[0]) for user, items in fresh.items()]
+        chunk: list[tuple[str, _Held]] = []
+        size = 0
+        for number, (user, item) in enumerate(firsts, start=1):
+            chunk.append((user, item))
+            size += len(item.events)
+            if size >= self.target.batch_size or number == len(firsts):
+                yield from self._attempt_together(chunk, waiting)
+                chunk, size = [], 0
+        for user, items in fresh.items():
+            rest = items[1:]
+            if not rest:
+                continue
+            if user in waiting:
+                waiting[user].items.extend(rest)
+                self.tally.add(f"held:{self.target.name}", sum(len(item.events) for item in rest))
+                continue
+            due = yield from self._drain(rest)
+            if due is not None:
+                waiting[user] = _Backlog(rest, due)
+
+    def _attempt_together(self, chunk: list[tuple[str, _Held]], waiting: dict[str, _Backlog]) -> Iterator[Any]:
+        """One write of the first attempt of several users' batches; each batch settles, or its user waits."""
+        if self._is_disabled():
+            for _, item in chunk:
+                item.dead.extend(self._disabled_dead_letters(item.events))
+                item.events = []
+        elif any(item.events for _, item in chunk):
+            owner = _Owners(item for _, item in chunk)
+            for _, item in chunk:
+                item.attempts += 1
+            outcome = self.delivery.attempt([event for _, item in chunk for event in item.events], 1)
+            receipts, _ = self._outcomes([*outcome.delivered, *outcome.dead])
+            yield from receipts
+            for dead in outcome.dead:
+                owner.of(dead.event, dead.record.get("event_id")).dead.append(dead.record)
+            retry: dict[int, list[NormalizedEvent]] = {}
+            for event in outcome.retry:
+                retry.setdefault(id(owner.of(event, event.event_id)), []).append(event)
+            for _, item in chunk:
+                item.events = retry.get(id(item), [])
+            if retry:
+                due = time.time() + self.target.retry.delay(1, outcome.retry_after)
+                for user, item in chunk:
+                    if item.events:
+                        waiting[user] = _Backlog([item], due)
+        for _, item in chunk:
+            if not item.events:
+                yield from self._settled(item.dead, item.acks)
+
+    def _drain(self, items: list[_Held]) -> Generator[Any, None, float | None]:
+        """Deliver one user's ``items`` in order, each to its end; returns None when all are settled (``items`` is
+        then empty), or when to try again (the first of ``items`` is to be retried)."""
         while items:
             item = items[0]
             if item.events and self._is_disabled():
@@ -400,13 +536,10 @@ class DeliverInOrder(_DestinationFn):
                 item.dead.extend(dead)
                 item.events = outcome.retry
                 if item.events:
-                    due = time.time() + self.target.retry.delay(item.attempts, outcome.retry_after)
-                    backlog.write(_Backlog(items, due))
-                    retry.set(Timestamp.of(due))
-                    return
+                    return time.time() + self.target.retry.delay(item.attempts, outcome.retry_after)
             yield from self._settled(item.dead, item.acks)
             items.pop(0)
-        backlog.clear()
+        return None
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self.tally.flush()
@@ -417,18 +550,25 @@ class DeliverAll(beam.PTransform):
 
     Returns (receipts, dead letters, ended acks, tallies), each a list with one PCollection per
     destination. Bounded input is delivered in batches across users (``DeliverToSink``), unbounded
-    input per user in order with timer-driven retries (``DeliverInOrder``).
+    input per user in order with timer-driven retries (``DeliverInOrder``), keyed by ``shards`` delivery shards
+    (``ToShards``; default: one on the local runner, which runs one step at a time anyway, so that a bundle's users
+    share each write; ``DEFAULT_DELIVERY_SHARDS`` elsewhere, each shard's users delivered in parallel with the others).
     """
 
-    def __init__(self, targets: Sequence[Target], status_url: str | None = None) -> None:
+    def __init__(self, targets: Sequence[Target], status_url: str | None = None, shards: int | None = None) -> None:
         super().__init__()
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise FatalError(f"destination names must be unique, got {names}")
-        self.targets, self.status_url = list(targets), status_url
+        self.targets, self.status_url, self.shards = list(targets), status_url, shards
 
     def expand(self, user_events):
         kind = DeliverToSink if user_events.is_bounded else DeliverInOrder
+        if not user_events.is_bounded:
+            local = getattr(user_events.pipeline.runner, "executes_local_stream_reads", False)
+            shards = self.shards or (1 if local else DEFAULT_DELIVERY_SHARDS)
+            user_events = user_events | "ToShards" >> beam.ParDo(ToShards(shards)).with_input_types(
+                tuple[str, Any]).with_output_types(tuple[str, Any])
         receipts, dead, ended, tallies = [], [], [], []
         for index, target in enumerate(self.targets):
             deliver = beam.ParDo(kind(target, self.status_url, index, len(self.targets)))
