@@ -140,11 +140,15 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
 Documents = tuple[RawEvent, Provider, list[tuple[str, Any]]]
 
 
-def read_documents(message: RawMessage) -> Documents | Failed:
-    """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be."""
+def read_documents(message: RawMessage, checked: bool = False) -> Documents | Failed:
+    """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be.
+
+    ``checked``: the message was read before and its raw event's fields passed ``_check_raw`` (``split_by_user``:
+    ``UserDocuments.checked``), so they are not checked again."""
     try:
         raw = decode_raw(message)
-        _check_raw(raw)
+        if not checked:
+            _check_raw(raw)
     except (SchemaMismatch, OutOfBounds) as exc:
         return _failed("decode", exc, message)
     try:
@@ -177,6 +181,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
             kept.append(index)
     by_user: dict[str, list[int]] = {}
     failed = []
+    suspect = None
     if not provider.records_name_their_user:
         suspect = may_be_out_of_bounds(raw.payload)
         for index in kept:
@@ -198,7 +203,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
             return by_user, failed, False
     records: dict[str, list[Any]] = {}
     failed = []
-    for item in map_documents(message, raw, provider, documents, kept):
+    for item in map_documents(message, raw, provider, documents, kept, suspect):
         if isinstance(item, Failed):
             failed.append(item)
         else:
@@ -207,11 +212,15 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
 
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
-                  indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
+                  indexes: Iterable[int], suspect: bool | None = None) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be (or,
-    for implausible records, one Failed per document naming them, its other records keyed)."""
+    for implausible records, one Failed per document naming them, its other records keyed).
+
+    Each document is bounds-checked first (``check_document``) when ``suspect``: ``may_be_out_of_bounds`` of the
+    payload, scanned here when None. False only for documents already checked (``UserDocuments.checked``)."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
-    suspect = may_be_out_of_bounds(raw.payload)
+    if suspect is None:
+        suspect = may_be_out_of_bounds(raw.payload)
     for index in indexes:
         kind, doc = documents[index]
         try:
@@ -328,7 +337,9 @@ class UserDocuments:
     or that user's ``records`` when the message was mapped before the shuffle (``split_by_user``).
 
     ``failed_before`` counts the message's documents already dead-lettered; ``only_part`` says whether this is the
-    message's only part (then its outcome is tallied where it is mapped).
+    message's only part (then its outcome is tallied where it is mapped). ``checked``: the message's raw event and
+    the documents at ``documents`` passed the input bounds (``transforms.bounds``) where it was split, so where they
+    are mapped they are not checked again (False: they are).
     """
 
     message: RawMessage
@@ -337,6 +348,7 @@ class UserDocuments:
     failed_before: int = 0
     only_part: bool = True
     records: tuple[Keyed, ...] | None = None
+    checked: bool = False
 
 
 def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
@@ -344,13 +356,14 @@ def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
     about a fifth of their size). A runner holding shuffled data in memory (Beam's local runner holds all of it,
     decoded, and copies it twice) then holds little."""
     fields = [(p.message.data, p.message.source, p.message.encoding, p.message.ack, p.documents, p.acks,
-               p.failed_before, p.only_part, p.records) for p in parts]
+               p.failed_before, p.only_part, p.records, p.checked) for p in parts]
     return zlib.compress(pickle.dumps(fields, pickle.HIGHEST_PROTOCOL), 1)
 
 
 def unpack_parts(packed: bytes) -> list[UserDocuments]:
-    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part, records)
-            for data, source, encoding, ack, documents, acks, failed_before, only_part, records
+    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part, records,
+                          checked)
+            for data, source, encoding, ack, documents, acks, failed_before, only_part, records, checked
             in pickle.loads(zlib.decompress(packed))]
 
 
@@ -404,7 +417,7 @@ class SplitByUser(beam.DoFn):
         for (user, found), share in zip(by_user.items(), shares[len(failed):], strict=True):
             parts, latest = self.parts.setdefault((user, window), ([], timestamp))
             parts.append(UserDocuments(message, () if mapped else tuple(found), share, len(failed), len(by_user) == 1,
-                                       tuple(found) if mapped else None))
+                                       tuple(found) if mapped else None, checked=not mapped))
             self.parts[(user, window)] = (parts, max(latest, timestamp))
         self.buffered += 1
         if self.buffered >= self.messages_per_pack:
@@ -1001,8 +1014,9 @@ class MergePerUser(beam.DoFn):
             if part.records is not None:  # mapped before the shuffle
                 items: list[Keyed | Failed] = list(part.records)
             else:
-                read = read_documents(message)
-                items = [read] if isinstance(read, Failed) else list(map_documents(message, *read, part.documents))
+                read = read_documents(message, part.checked)
+                items = [read] if isinstance(read, Failed) else list(map_documents(
+                    message, *read, part.documents, False if part.checked else None))
         except Exception as exc:
             items = [_failed("normalize", exc, message)]
         failed = [item for item in items if isinstance(item, Failed)]
