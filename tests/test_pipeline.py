@@ -259,3 +259,25 @@ def test_documents_split_by_user_cross_the_shuffle_checked_and_unchecked_ones_ar
                     equal_to([("validate", "1", message.data)]), label="checked where mapped")
         assert_that(merged.events | beam.Map(lambda item: [e.natural_key for e in item[1].events]),
                     equal_to([["2026-11-02"]]), label="the other document delivered")
+
+
+def test_a_payload_orjson_does_not_read_is_read_where_it_is_mapped_as_where_it_was_split(tmp_path):
+    """Where a message is mapped, orjson alone reads it again only if orjson read it where it was split
+    (``UserDocuments.orjson_read``): a payload behind a UTF-8 byte-order mark (the standard library reads it, orjson
+    refuses it) is delivered as the mapper loop delivers it, from an Avro raw event and from a JSON line."""
+    body = (Path(__file__).parent / "fixtures" / "oura" / "heartrate.json").read_bytes()
+    payload = RawPayload("oura", b"\xef\xbb\xbf" + body, "heartrate", "oura-bom", 1_710_000_000_000)
+    line = json.dumps({"provider": "oura", "kind": "heartrate", "user_id": "oura-bom-line",
+                       "received_at": 1_710_000_000_001, "payload": "\ufeff" + body.decode()}).encode()
+    messages = [RawMessage(encode_raw(payload), {"partition": 0, "offset": 0}),
+                RawMessage(line, {"path": "raw.jsonl", "line": 1}, "json")]
+    expected, failed = normalize_in_memory(messages)
+    assert not failed and len({e.user_id for e in expected}) == 2
+
+    summary = run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
+                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                     retry=FAST_RETRY))
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
+    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    assert not summary.with_prefix("dead_letter:") and summary.get("raw_ok") == 2
