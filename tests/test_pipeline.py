@@ -281,3 +281,17 @@ def test_a_payload_orjson_does_not_read_is_read_where_it_is_mapped_as_where_it_w
         rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
     assert rows == sorted((e.user_id, e.event_id) for e in expected)
     assert not summary.with_prefix("dead_letter:") and summary.get("raw_ok") == 2
+
+
+def test_a_part_packed_before_the_split_carried_its_proofs_is_checked_where_it_is_mapped():
+    """A pack in the earlier layout (no ``checked``, no ``orjson_read``: in flight across an update) unpacks with both
+    False, so its documents are checked and read in full where they are mapped."""
+    import pickle
+    import zlib
+
+    message = _messages([_garmin_dailies(("one", "d0"))])[0]
+    earlier = [(message.data, message.source, message.encoding, message.ack, (0,), (), 0, True, None)]
+    [part] = unpack_parts(zlib.compress(pickle.dumps(earlier)))
+    assert part == UserDocuments(message, (0,)) and not part.checked and not part.orjson_read
+    proven = UserDocuments(message, (0,), checked=True, orjson_read=True)
+    assert unpack_parts(pack_parts([proven, UserDocuments(message, (0,))])) == [proven, UserDocuments(message, (0,))]

@@ -10,7 +10,9 @@ A message is only parsed and split by user before the shuffle; each user's docum
 where they merge. What crosses the shuffle is the raw bytes as read, packed per user and compressed
 (``pack_parts``: about a fifth of the input, where the records they become are three times it), so
 the shuffle costs little, and mapping spreads over workers by user whatever the input's shape (one
-file, one partition). A message of several users is mapped once, before the shuffle.
+file, one partition). A message of several users is mapped once, before the shuffle. What the split proved of a
+message travels with it (``UserDocuments.checked``, ``orjson_read``): where it is mapped it is read again without
+repeating the input bounds checks or the choice of JSON reader.
 """
 from __future__ import annotations
 
@@ -383,10 +385,9 @@ def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
 
 
 def unpack_parts(packed: bytes) -> list[UserDocuments]:
-    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part, records,
-                          checked, orjson_read)
-            for data, source, encoding, ack, documents, acks, failed_before, only_part, records, checked, orjson_read
-            in pickle.loads(zlib.decompress(packed))]
+    """``pack_parts``'s parts. A part packed before ``checked`` and ``orjson_read`` were (in flight across an update of
+    a streaming job) gets their defaults: it is checked and read where it is mapped as it was then."""
+    return [UserDocuments(RawMessage(*fields[:4]), *fields[4:]) for fields in pickle.loads(zlib.decompress(packed))]
 
 
 @dataclass(frozen=True)
