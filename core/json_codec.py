@@ -64,6 +64,12 @@ def loads(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | 
     malformed JSON) or the text may hold an integer of 19 digits or more (beyond 64 bits orjson reads it as a float):
     then the standard library reads it, raising what it raises. So does a text that may nest ``_SAFE_DEPTH`` levels or
     more, where the standard library's RecursionError depends on the caller's stack."""
+    return read(text, parse_constant)[0]
+
+
+def read(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | None = None) -> tuple[Any, bool]:
+    """``loads(text, parse_constant)``, and whether orjson read it: then ``orjson.loads(text)`` gives the same value
+    again (``loads_read_by_orjson``), without the checks that chose it."""
     encoded = None
     if isinstance(text, str):
         with contextlib.suppress(UnicodeEncodeError):  # lone surrogates: orjson refuses them
@@ -77,8 +83,14 @@ def loads(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | 
             pass
         else:
             if not _may_nest_deeply(encoded):  # only JSON orjson read gets here: its strings are all terminated
-                return value
-    return json.loads(text, parse_constant=parse_constant)
+                return value, True
+    return json.loads(text, parse_constant=parse_constant), False
+
+
+def loads_read_by_orjson(text: bytes | bytearray | str, parse_constant: Callable[[str], Any] | None = None) -> Any:
+    """``loads(text)`` of a text ``read`` found orjson reads (the same value; ``parse_constant`` is never called: such a
+    text holds no NaN or Infinity)."""
+    return orjson.loads(text)
 
 
 def _may_hold_a_long_integer(text: bytes) -> bool:

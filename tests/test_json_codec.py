@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from core.events import canonical_json
-from core.json_codec import dumps_canonical, loads
+from core.json_codec import dumps_canonical, loads, loads_read_by_orjson, read
 
 
 def stdlib_dumps(value: Any) -> bytes:
@@ -134,6 +134,26 @@ TRICKY_TEXTS = [
 def test_loads_gives_the_standard_library_value_or_error(text):
     assert outcome(loads, text) == outcome(json.loads, text)
     assert outcome(loads, text, parse_constant=reject) == outcome(json.loads, text, parse_constant=reject)
+
+
+@pytest.mark.parametrize("text", [*TRICKY_TEXTS, *[b"[" * d + b"]" * d for d in (499, 500)], b'{"a": [1.5, "x"]}'],
+                         ids=lambda t: repr(t)[:30])
+def test_a_text_read_by_orjson_reads_again_to_the_same_value_without_the_checks(text):
+    """``read`` gives ``loads``'s outcome and whether orjson read it; a text it read, ``loads_read_by_orjson`` reads to
+    the same value (types included: repr); one it did not (what orjson refuses or reads otherwise) is not claimed."""
+    assert outcome(lambda t: read(t)[0], text) == outcome(json.loads, text)
+    try:
+        _, by_orjson = read(text, parse_constant=reject)
+    except Exception:
+        return
+    if by_orjson:
+        assert outcome(loads_read_by_orjson, text, parse_constant=reject) == outcome(json.loads, text)
+    if text in READ_BY_THE_STANDARD_LIBRARY:
+        assert not by_orjson, text
+
+
+READ_BY_THE_STANDARD_LIBRARY = [b"\xef\xbb\xbf{}", b"1E400", b"[1234567890123456789]", b"[" * 500 + b"]" * 500,
+                                "[1, 2]".encode("utf-16"), b'"\xed\xa0\x80"']
 
 
 def test_loads_keeps_big_integers_exact_and_floats_correctly_rounded():

@@ -25,7 +25,16 @@ from sinks.object_store import ObjectStoreSink
 from sinks.policy import RetryPolicy
 from sinks.sql import SqlSink
 from sinks.webhook import WebhookSink
-from transforms.normalize import Normalize, normalize_in_memory
+from transforms.normalize import (
+    MergePerUser,
+    Normalize,
+    SplitByUser,
+    UserDocuments,
+    normalize_in_memory,
+    pack_parts,
+    unpack_parts,
+)
+from transforms.outputs import DEAD_LETTER, ENDED, TALLY
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
 
@@ -190,3 +199,99 @@ def test_messages_of_several_users_are_mapped_once_and_every_record_reaches_its_
     assert rows == sorted((e.user_id, e.event_id) for e in expected)
     assert summary.get("raw_in") == 2 and summary.get("raw_split") == 2 and summary.get("dead_letter:normalize") == 1
     assert [d["stage"] for d in read_dead_letters(str(tmp_path / "dlq"))] == ["normalize"]
+
+
+def _garmin_dailies(*docs: tuple[str, str], received_at_ms: int = 1793600000000) -> RawPayload:
+    """One Garmin dailies push of (user, summary id) documents; no user with the raw event (each names its own)."""
+    body = {"dailies": [{"userId": user, "summaryId": summary, "calendarDate": "2026-11-02",
+                         "startTimeInSeconds": 1793574000, "startTimeOffsetInSeconds": 3600,
+                         "durationInSeconds": 86400, "steps": 1000 + n} for n, (user, summary) in enumerate(docs)]}
+    return RawPayload("garmin", json.dumps(body).encode(), received_at_ms=received_at_ms)
+
+
+def test_a_value_out_of_bounds_is_dead_lettered_once_on_every_path_a_message_takes(tmp_path):
+    """A NUL (which no store holds) in one document is dead-lettered at stage validate with the original bytes and its
+    document index, and the message's other documents are delivered, on each path: one user's documents (checked
+    where the message is split, not again where they are mapped), a push of several users and a Polar page whose
+    records name their user (both mapped, and checked, before the shuffle)."""
+    polar_page = json.loads((Path(__file__).parent / "fixtures" / "polar" / "sleep.json").read_text())
+    polar_page["nights"][1]["device_id"] = "B7C1\x00D2E3"
+    payloads = [_garmin_dailies(("one", "d0"), ("one", "d1\x00")),
+                _garmin_dailies(("a", "d0"), ("b", "d1"), ("c", "d2\x00"), received_at_ms=1793600000001),
+                RawPayload("polar", json.dumps(polar_page).encode(), kind="sleep", user_id="222",
+                           received_at_ms=1793600000002)]
+    messages = _messages(payloads)
+    expected, failed = normalize_in_memory(messages)
+    assert len(failed) == 3 and len({e.user_id for e in expected}) == 4
+
+    summary = run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
+                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                     retry=FAST_RETRY))
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
+    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    dead = sorted((d["original"], d["stage"], d["source"]["document_index"])
+                  for d in read_dead_letters(str(tmp_path / "dlq")))
+    assert dead == sorted([(messages[0].data, "validate", "1"), (messages[1].data, "validate", "2"),
+                           (messages[2].data, "validate", "1")])
+    assert summary.get("dead_letter:validate") == 3
+    assert summary.get("raw_partial") == 2 and summary.get("raw_split") == 1  # the push of several users: split
+
+
+def test_documents_split_by_user_cross_the_shuffle_checked_and_unchecked_ones_are_checked_where_mapped(tmp_path):
+    """``SplitByUser`` marks one user's documents as bounds-checked (``UserDocuments.checked``) so ``MergePerUser``
+    does not check them again; a part not marked so is checked where it is mapped: its document out of bounds is
+    dead-lettered (stage validate, its index, the original bytes) and the other delivered."""
+    message = _messages([_garmin_dailies(("one", "d0"), ("one", "d1\x00"))])[0]
+    unchecked = UserDocuments(message, (0, 1))
+    assert not unchecked.checked
+    with BeamTestPipeline(runner=FnApiRunner()) as pipeline:
+        split = pipeline | "Message" >> beam.Create([message]) | beam.ParDo(SplitByUser()).with_outputs(
+            DEAD_LETTER, ENDED, TALLY, main="keyed")
+        assert_that(split.keyed | beam.FlatMap(lambda item: [(p.checked, p.documents) for p in unpack_parts(item[1])]),
+                    equal_to([(True, (0,))]), label="checked where split")  # the NUL document: dead-lettered there
+        merged = (pipeline | "Part" >> beam.Create([(terra_user_id("garmin", "one"), pack_parts([unchecked]))])
+                  | beam.GroupByKey()
+                  | beam.ParDo(MergePerUser(f"sqlite:///{tmp_path / 'state.db'}")).with_outputs(
+                      DEAD_LETTER, ENDED, TALLY, main="events"))
+        assert_that(merged[DEAD_LETTER] | beam.Map(lambda d: (d.record["stage"], d.record["source"]["document_index"],
+                                                               d.record["original"])),
+                    equal_to([("validate", "1", message.data)]), label="checked where mapped")
+        assert_that(merged.events | beam.Map(lambda item: [e.natural_key for e in item[1].events]),
+                    equal_to([["2026-11-02"]]), label="the other document delivered")
+
+
+def test_a_payload_orjson_does_not_read_is_read_where_it_is_mapped_as_where_it_was_split(tmp_path):
+    """Where a message is mapped, orjson alone reads it again only if orjson read it where it was split
+    (``UserDocuments.orjson_read``): a payload behind a UTF-8 byte-order mark (the standard library reads it, orjson
+    refuses it) is delivered as the mapper loop delivers it, from an Avro raw event and from a JSON line."""
+    body = (Path(__file__).parent / "fixtures" / "oura" / "heartrate.json").read_bytes()
+    payload = RawPayload("oura", b"\xef\xbb\xbf" + body, "heartrate", "oura-bom", 1_710_000_000_000)
+    line = json.dumps({"provider": "oura", "kind": "heartrate", "user_id": "oura-bom-line",
+                       "received_at": 1_710_000_000_001, "payload": "\ufeff" + body.decode()}).encode()
+    messages = [RawMessage(encode_raw(payload), {"partition": 0, "offset": 0}),
+                RawMessage(line, {"path": "raw.jsonl", "line": 1}, "json")]
+    expected, failed = normalize_in_memory(messages)
+    assert not failed and len({e.user_id for e in expected}) == 2
+
+    summary = run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
+                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                     retry=FAST_RETRY))
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
+    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    assert not summary.with_prefix("dead_letter:") and summary.get("raw_ok") == 2
+
+
+def test_a_part_packed_before_the_split_carried_its_proofs_is_checked_where_it_is_mapped():
+    """A pack in the earlier layout (no ``checked``, no ``orjson_read``: in flight across an update) unpacks with both
+    False, so its documents are checked and read in full where they are mapped."""
+    import pickle
+    import zlib
+
+    message = _messages([_garmin_dailies(("one", "d0"))])[0]
+    earlier = [(message.data, message.source, message.encoding, message.ack, (0,), (), 0, True, None)]
+    [part] = unpack_parts(zlib.compress(pickle.dumps(earlier)))
+    assert part == UserDocuments(message, (0,)) and not part.checked and not part.orjson_read
+    proven = UserDocuments(message, (0,), checked=True, orjson_read=True)
+    assert unpack_parts(pack_parts([proven, UserDocuments(message, (0,))])) == [proven, UserDocuments(message, (0,))]

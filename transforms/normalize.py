@@ -10,7 +10,9 @@ A message is only parsed and split by user before the shuffle; each user's docum
 where they merge. What crosses the shuffle is the raw bytes as read, packed per user and compressed
 (``pack_parts``: about a fifth of the input, where the records they become are three times it), so
 the shuffle costs little, and mapping spreads over workers by user whatever the input's shape (one
-file, one partition). A message of several users is mapped once, before the shuffle.
+file, one partition). A message of several users is mapped once, before the shuffle. What the split proved of a
+message travels with it (``UserDocuments.checked``, ``orjson_read``): where it is mapped it is read again without
+repeating the input bounds checks or the choice of JSON reader.
 """
 from __future__ import annotations
 
@@ -94,8 +96,11 @@ class Keyed:
     replaces: bool = False  # the whole record: replaces (not merges into) an older one (``Fragment.replaces``)
 
 
-def decode_raw(message: RawMessage) -> RawEvent:
-    """Decode a raw message; raises SchemaMismatch (permanent) when it is not a RawEvent."""
+JsonLoads = Callable[..., Any]  # (text, parse_constant=None) → value: ``json_codec.loads`` or one giving its values
+
+
+def decode_raw(message: RawMessage, loads: JsonLoads = json_codec.loads) -> RawEvent:
+    """Decode a raw message (``loads`` reads a JSON one); raises SchemaMismatch (permanent) if it is no RawEvent."""
     if message.encoding == "avro":
         value = decode("raw_event", message.data)
         received = value["received_at"]
@@ -103,7 +108,7 @@ def decode_raw(message: RawMessage) -> RawEvent:
         return RawEvent(value["idempotency_key"], value["provider"], value["kind"], value["user_id"], received_ms,
                         value["payload"])
     try:
-        value = json_codec.loads(message.data)
+        value = loads(message.data)
         payload = value["payload"]
         payload_bytes = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         provider, kind, user = value["provider"], value.get("kind"), value.get("user_id")
@@ -140,31 +145,52 @@ def normalize_message(message: RawMessage) -> Iterator[Keyed | Failed]:
 Documents = tuple[RawEvent, Provider, list[tuple[str, Any]]]
 
 
-def read_documents(message: RawMessage) -> Documents | Failed:
-    """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be."""
+def read_documents(message: RawMessage, checked: bool = False, loads: JsonLoads = json_codec.loads,
+                   ) -> Documents | Failed:
+    """Decode a raw message and split its payload into ``(kind, document)`` pairs; a Failed when it cannot be.
+
+    ``checked``: the message was read before and its raw event's fields passed ``_check_raw`` (``split_by_user``:
+    ``UserDocuments.checked``), so they are not checked again. ``loads`` reads its JSON (the raw event's, the
+    payload)."""
     try:
-        raw = decode_raw(message)
-        _check_raw(raw)
+        raw = decode_raw(message, loads)
+        if not checked:
+            _check_raw(raw)
     except (SchemaMismatch, OutOfBounds) as exc:
         return _failed("decode", exc, message)
     try:
         provider = get_provider(raw.provider)
-        documents = list(provider.documents(json_codec.loads(raw.payload, parse_constant=_reject_constant), raw.kind))
+        documents = list(provider.documents(loads(raw.payload, parse_constant=_reject_constant), raw.kind))
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:  # unknown provider, bad JSON
         return _failed("parse", exc, message, raw)
     return raw, provider, documents
 
 
-def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict[str, list[Any]], list[Failed], bool]:
+class OrjsonReads:
+    """``json_codec.loads`` that notes whether orjson read every text it was given (``json_codec.read``): then
+    ``json_codec.loads_read_by_orjson`` reads them again to the same values."""
+
+    def __init__(self) -> None:
+        self.all = True
+
+    def __call__(self, text: bytes | str, parse_constant: Callable[[str], Any] | None = None) -> Any:
+        value, by_orjson = json_codec.read(text, parse_constant)
+        self.all = self.all and by_orjson
+        return value
+
+
+def split_by_user(message: RawMessage, tally: Tally | None = None, loads: JsonLoads = json_codec.loads,
+                  ) -> tuple[dict[str, list[Any]], list[Failed], bool]:
     """A message's documents per healthflow user id, what cannot be attributed to anyone (or the whole message),
     and whether the message was mapped here. A document of a kind the provider ignores (``Provider.ignores``) is
     no user's: it is counted on ``tally`` as ``ignored:<provider>:<kind>`` and goes no further.
 
     Per user: the indexes of its documents, to be mapped where that user merges; or, for a message whose
     documents belong to several users or whose records name their own user (``Provider.records_name_their_user``),
-    its records, mapped here once (so a message of many users is parsed once, not once per user).
+    its records, mapped here once (so a message of many users is parsed once, not once per user). ``loads`` reads
+    the message's JSON (``OrjsonReads``: noting how).
     """
-    read = read_documents(message)
+    read = read_documents(message, loads=loads)
     if isinstance(read, Failed):
         return {}, [read], False
     raw, provider, documents = read
@@ -177,6 +203,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
             kept.append(index)
     by_user: dict[str, list[int]] = {}
     failed = []
+    suspect = None
     if not provider.records_name_their_user:
         suspect = may_be_out_of_bounds(raw.payload)
         for index in kept:
@@ -198,7 +225,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
             return by_user, failed, False
     records: dict[str, list[Any]] = {}
     failed = []
-    for item in map_documents(message, raw, provider, documents, kept):
+    for item in map_documents(message, raw, provider, documents, kept, suspect):
         if isinstance(item, Failed):
             failed.append(item)
         else:
@@ -207,11 +234,15 @@ def split_by_user(message: RawMessage, tally: Tally | None = None) -> tuple[dict
 
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
-                  indexes: Iterable[int]) -> Iterator[Keyed | Failed]:
+                  indexes: Iterable[int], suspect: bool | None = None) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be (or,
-    for implausible records, one Failed per document naming them, its other records keyed)."""
+    for implausible records, one Failed per document naming them, its other records keyed).
+
+    Each document is bounds-checked first (``check_document``) when ``suspect``: ``may_be_out_of_bounds`` of the
+    payload, scanned here when None. False only for documents already checked (``UserDocuments.checked``)."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
-    suspect = may_be_out_of_bounds(raw.payload)
+    if suspect is None:
+        suspect = may_be_out_of_bounds(raw.payload)
     for index in indexes:
         kind, doc = documents[index]
         try:
@@ -328,7 +359,10 @@ class UserDocuments:
     or that user's ``records`` when the message was mapped before the shuffle (``split_by_user``).
 
     ``failed_before`` counts the message's documents already dead-lettered; ``only_part`` says whether this is the
-    message's only part (then its outcome is tallied where it is mapped).
+    message's only part (then its outcome is tallied where it is mapped). ``checked``: the message's raw event and
+    the documents at ``documents`` passed the input bounds (``transforms.bounds``) where it was split, so where they
+    are mapped they are not checked again (False: they are). ``orjson_read``: orjson read the message's JSON where it
+    was split (``OrjsonReads``), so where it is mapped ``orjson.loads`` alone reads it again, to the same values.
     """
 
     message: RawMessage
@@ -337,6 +371,8 @@ class UserDocuments:
     failed_before: int = 0
     only_part: bool = True
     records: tuple[Keyed, ...] | None = None
+    checked: bool = False
+    orjson_read: bool = False
 
 
 def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
@@ -344,14 +380,14 @@ def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
     about a fifth of their size). A runner holding shuffled data in memory (Beam's local runner holds all of it,
     decoded, and copies it twice) then holds little."""
     fields = [(p.message.data, p.message.source, p.message.encoding, p.message.ack, p.documents, p.acks,
-               p.failed_before, p.only_part, p.records) for p in parts]
+               p.failed_before, p.only_part, p.records, p.checked, p.orjson_read) for p in parts]
     return zlib.compress(pickle.dumps(fields, pickle.HIGHEST_PROTOCOL), 1)
 
 
 def unpack_parts(packed: bytes) -> list[UserDocuments]:
-    return [UserDocuments(RawMessage(data, source, encoding, ack), documents, acks, failed_before, only_part, records)
-            for data, source, encoding, ack, documents, acks, failed_before, only_part, records
-            in pickle.loads(zlib.decompress(packed))]
+    """``pack_parts``'s parts. A part packed before ``checked`` and ``orjson_read`` were (in flight across an update of
+    a streaming job) gets their defaults: it is checked and read where it is mapped as it was then."""
+    return [UserDocuments(RawMessage(*fields[:4]), *fields[4:]) for fields in pickle.loads(zlib.decompress(packed))]
 
 
 @dataclass(frozen=True)
@@ -394,8 +430,9 @@ class SplitByUser(beam.DoFn):
     def process(self, message: RawMessage, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         self.tally.add("raw_in")
+        reads = OrjsonReads()
         try:
-            by_user, failed, mapped = split_by_user(message, self.tally)
+            by_user, failed, mapped = split_by_user(message, self.tally, reads)
         except Exception as exc:
             by_user, failed, mapped = {}, [_failed("normalize", exc, message)], False
         acks = root_acks(message.ack)
@@ -404,7 +441,8 @@ class SplitByUser(beam.DoFn):
         for (user, found), share in zip(by_user.items(), shares[len(failed):], strict=True):
             parts, latest = self.parts.setdefault((user, window), ([], timestamp))
             parts.append(UserDocuments(message, () if mapped else tuple(found), share, len(failed), len(by_user) == 1,
-                                       tuple(found) if mapped else None))
+                                       tuple(found) if mapped else None, checked=not mapped,
+                                       orjson_read=not mapped and reads.all))
             self.parts[(user, window)] = (parts, max(latest, timestamp))
         self.buffered += 1
         if self.buffered >= self.messages_per_pack:
@@ -1001,8 +1039,10 @@ class MergePerUser(beam.DoFn):
             if part.records is not None:  # mapped before the shuffle
                 items: list[Keyed | Failed] = list(part.records)
             else:
-                read = read_documents(message)
-                items = [read] if isinstance(read, Failed) else list(map_documents(message, *read, part.documents))
+                read = read_documents(message, part.checked,
+                                      json_codec.loads_read_by_orjson if part.orjson_read else json_codec.loads)
+                items = [read] if isinstance(read, Failed) else list(map_documents(
+                    message, *read, part.documents, False if part.checked else None))
         except Exception as exc:
             items = [_failed("normalize", exc, message)]
         failed = [item for item in items if isinstance(item, Failed)]
