@@ -168,7 +168,8 @@ class ObjectStoreDestination(_Destination):
 
     type: Literal["object_store"]
     root: str
-    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, description=OBJECT_WRITES)
+    concurrency: int | None = Field(None, ge=1, le=MAX_CONCURRENCY,
+                                    description=OBJECT_WRITES + "; default 8 on s3:// and gs://, 1 on a local folder")
 
     def build(self) -> Sink:
         from sinks.object_store import ObjectStoreSink

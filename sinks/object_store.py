@@ -20,11 +20,13 @@ Guarantees:
   read of each object to confirm, one delete call. Glob characters in names match literally; a day-scoped key must
   be a day (``YYYY-MM-DD``), else PermanentError. The objects carry no version to compare with: a tombstone older
   than the stored object still removes it (replay, which knows the record state, never sends such a tombstone).
-- Concurrency: a run of data events writes its objects (one per name) up to ``concurrency`` at once (default 8;
-  ``sinks.concurrent_writes``: one at a time until one is written, no thread at all with ``concurrency=1`` or two
-  objects or fewer); a run of tombstones waits for every write before it, and the writes after it wait for it. The
-  threads are the sink's own, made on the worker and ended by ``close()``; a ``s3://`` or ``gs://`` root's Beam
-  filesystem is then called from several threads at once.
+- Concurrency: a run of data events writes its objects (one per name) up to ``concurrency`` at once. The default
+  is 8 on ``s3://``, ``gs://`` and other remote roots, where each object is a round trip, and 1 on a local folder,
+  where creating a file is the kernel's CPU and measured no faster from several threads (``sinks.concurrent_writes``:
+  one at a time until one is written, no thread at all with ``concurrency=1`` or two objects or fewer). A run of
+  tombstones waits for every write before it, and the writes after it wait for it. The threads are the sink's own,
+  made on the worker and ended by ``close()``; a ``s3://`` or ``gs://`` root's Beam filesystem is then called from
+  several threads at once.
 - Failures: I/O errors -> ``RetryableError``; permission denied -> ``FatalError`` for writes (of that object: the
   other objects are still written), ``PermanentError`` for a tombstone (dead-lettered, naming the missing permission;
   the run goes on); events whose name cannot be built (missing ``metadata.start_time``, ``/`` or ``..`` in a name
@@ -55,6 +57,7 @@ from sinks.base import Sink, SinkResult
 from sinks.concurrent_writes import DEFAULT_CONCURRENCY, ConcurrentWrites, checked_concurrency
 
 ATHLETE_START_TIME = "profile"
+LOCAL_CONCURRENCY = 1  # a local folder's default: file creation is kernel CPU, no faster from several threads
 
 
 def safe_part(part: str, event: NormalizedEvent) -> str:
@@ -137,9 +140,8 @@ class ObjectStoreSink(Sink):
 
     ordered = True
 
-    def __init__(self, name: str, root: str, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    def __init__(self, name: str, root: str, concurrency: int | None = None) -> None:
         super().__init__(name)
-        self.concurrency = checked_concurrency("object store", name, concurrency)
         if not root:
             raise FatalError(f"object store sink {name!r}: root is empty; give a directory, s3:// or gs:// URL")
         try:
@@ -148,6 +150,9 @@ class ObjectStoreSink(Sink):
             raise FatalError(f"object store sink {name!r}: no Beam filesystem for {root!r}: {exc}") from None
         self.root = root
         self._local = type(filesystem) is LocalFileSystem  # exactly Beam's, not a subclass with a scheme
+        if concurrency is None:
+            concurrency = LOCAL_CONCURRENCY if self._local else DEFAULT_CONCURRENCY
+        self.concurrency = checked_concurrency("object store", name, concurrency)
         self._filesystem: FileSystem | None = None  # root's, looked up once on the worker (with its pipeline options)
         self._writes = ConcurrentWrites(name, self.concurrency)
 

@@ -74,14 +74,15 @@ def test_webhook_lanes_default_to_the_sinks_and_are_bounded(webhook_secret):
             parse_destinations({"destinations": [{**entry, "lanes": bad}]})
 
 
-@pytest.mark.parametrize("entry", [{"name": "lake", "type": "object_store", "root": "/tmp/objects"},
-                                   {"name": "lake", "type": "s3", "bucket": "bucket"}])
-def test_object_writes_at_once_default_to_the_sinks_and_are_bounded(entry):
-    from sinks.concurrent_writes import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
+@pytest.mark.parametrize(("entry", "default_concurrency"), [
+    ({"name": "lake", "type": "object_store", "root": "/tmp/objects"}, 1),  # a local folder: one at a time
+    ({"name": "lake", "type": "s3", "bucket": "bucket"}, 8)])
+def test_object_writes_at_once_default_to_the_sinks_and_are_bounded(entry, default_concurrency):
+    from sinks.concurrent_writes import MAX_CONCURRENCY
 
     (default,) = parse_destinations({"destinations": [entry]}).targets()
-    (one,) = parse_destinations({"destinations": [{**entry, "concurrency": 1}]}).targets()
-    assert (default.sink.concurrency, one.sink.concurrency) == (DEFAULT_CONCURRENCY, 1)
+    (three,) = parse_destinations({"destinations": [{**entry, "concurrency": 3}]}).targets()
+    assert (default.sink.concurrency, three.sink.concurrency) == (default_concurrency, 3)
     for bad in (0, MAX_CONCURRENCY + 1, "many"):
         with pytest.raises(FatalError, match=rf"destinations\.0\.{entry['type']}\.concurrency: Input should be"):
             parse_destinations({"destinations": [{**entry, "concurrency": bad}]})

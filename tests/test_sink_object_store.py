@@ -473,10 +473,17 @@ def test_threads_are_bounded_started_only_when_worth_it_and_ended_by_close(tmp_p
     assert len(stored_objects(tmp_path / "three")) == 125
 
 
-@pytest.mark.parametrize("concurrency", [0, -1, 65, 2.5, "8", True, None])
+@pytest.mark.parametrize("concurrency", [0, -1, 65, 2.5, "8", True])
 def test_a_bad_concurrency_is_fatal_and_names_the_fix(tmp_path: Path, concurrency: Any) -> None:
     with pytest.raises(FatalError, match=r"object store sink 'store': concurrency must be a whole number from 1 to 64"):
         ObjectStoreSink("store", str(tmp_path), concurrency=concurrency)
+
+
+def test_concurrency_defaults_to_one_on_a_local_folder_and_eight_on_a_remote_root(tmp_path: Path) -> None:
+    """A local folder's files are created by the kernel's CPU (no faster from threads); a remote root's objects are
+    round trips, written several at once."""
+    assert ObjectStoreSink("store", str(tmp_path)).concurrency == 1
+    assert ObjectStoreSink("store", f"hftest://{tmp_path}").concurrency == 8
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])
