@@ -98,8 +98,10 @@ class ConcurrentWrites:
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.concurrency - 1, thread_name_prefix=f"writes-{self.name}")
             self._pool_pid = os.getpid()
-        helpers = [self._pool.submit(lane) for _ in range(min(self.concurrency, len(writes)) - 1)]
-        try:
+        helpers = []
+        try:  # a helper that cannot be started (no thread left, shutting down): those started are waited for
+            for _ in range(min(self.concurrency, len(writes)) - 1):
+                helpers.append(self._pool.submit(lane))
             lane()
         except BaseException:
             with lock:

@@ -117,3 +117,44 @@ def test_a_forked_child_makes_threads_of_its_own() -> None:
     _, status = os.waitpid(child, 0)
     writes.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_helper_that_cannot_start_leaves_no_write_running_after_run() -> None:
+    """Threads run out (or the interpreter is shutting down) after a helper was started: ``run`` raises, and only
+    once every write started has finished; nothing is written after it returns."""
+    import time
+
+    lock = threading.Lock()
+    finished = 0
+
+    def write() -> None:
+        nonlocal finished
+        time.sleep(0.05)
+        with lock:
+            finished += 1
+
+    writes = ConcurrentWrites("unit", 4)
+    writes.run([write], stops)  # one success: the next run goes concurrent at once
+    assert writes._pool is None  # one write: inline
+    writes.run([write, write, write], stops)  # makes the pool
+    pool = writes._pool
+    assert pool is not None
+    submitted = 0
+    submit = pool.submit
+
+    def submit_once(*args: object, **kwargs: object) -> object:
+        nonlocal submitted
+        submitted += 1
+        if submitted > 1:
+            raise RuntimeError("can't start new thread")
+        return submit(*args, **kwargs)
+
+    pool.submit = submit_once  # type: ignore[method-assign]
+    finished = 0
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        writes.run([write] * 10, stops)
+    done_at_return = finished
+    time.sleep(0.3)
+    assert finished == done_at_return  # the helper that started had finished its writes before run returned
+    assert done_at_return >= 1
+    writes.close()

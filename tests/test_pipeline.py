@@ -295,3 +295,16 @@ def test_a_part_packed_before_the_split_carried_its_proofs_is_checked_where_it_i
     assert part == UserDocuments(message, (0,)) and not part.checked and not part.orjson_read
     proven = UserDocuments(message, (0,), checked=True, orjson_read=True)
     assert unpack_parts(pack_parts([proven, UserDocuments(message, (0,))])) == [proven, UserDocuments(message, (0,))]
+
+
+def test_a_part_packed_with_fields_a_later_version_added_unpacks_without_them():
+    """A pack from a later layout (in flight across a rollback) does not jam the job: the fields after the ones known
+    here are left out."""
+    import pickle
+    import zlib
+
+    message = _messages([_garmin_dailies(("one", "d0"))])[0]
+    later = [(message.data, message.source, message.encoding, message.ack, (0,), (), 0, True, None, True, True,
+              "a later hint")]
+    [part] = unpack_parts(zlib.compress(pickle.dumps(later)))
+    assert part == UserDocuments(message, (0,), checked=True, orjson_read=True)

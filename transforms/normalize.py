@@ -386,8 +386,14 @@ def pack_parts(parts: Sequence[UserDocuments]) -> bytes:
 
 def unpack_parts(packed: bytes) -> list[UserDocuments]:
     """``pack_parts``'s parts. A part packed before ``checked`` and ``orjson_read`` were (in flight across an update of
-    a streaming job) gets their defaults: it is checked and read where it is mapped as it was then."""
-    return [UserDocuments(RawMessage(*fields[:4]), *fields[4:]) for fields in pickle.loads(zlib.decompress(packed))]
+    a streaming job) gets their defaults: it is checked and read where it is mapped as it was then. Fields after the
+    eleven known here (a later version's, in flight across a rollback) are left out: such a field may only ever be a
+    hint whose absence is the safe default, as these two are."""
+    return [UserDocuments(RawMessage(*fields[:4]), *fields[4:PACKED_FIELDS])
+            for fields in pickle.loads(zlib.decompress(packed))]
+
+
+PACKED_FIELDS = 11  # a part's fields in a pack: the message's four, then UserDocuments' after ``message``
 
 
 @dataclass(frozen=True)
