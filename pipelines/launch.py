@@ -88,6 +88,8 @@ def _look_up_signatures_once() -> None:
     method of the DoFn each time (2 to 5 ms a bundle, for bundles of a few elements at the end of the graph). The
     signature of a function (and of a method bound to any instance: the function's without its first parameter) is
     the same every time, so it is taken once; callables of other kinds are inspected every time, as Beam does.
+    The remembered signatures are process-wide and kept for as long as their function lives (weakly keyed), and
+    ``get_signature`` stays replaced in Beam's modules for the rest of the process, for every pipeline it runs.
     """
     from apache_beam.transforms import core, ptransform, util
     from apache_beam.typehints import decorators
