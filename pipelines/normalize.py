@@ -34,7 +34,7 @@ from sinks.base import Sink
 from sinks.policy import RetryPolicy, Target
 from transforms import reuse
 from transforms.acks import Acknowledge, Acknowledger
-from transforms.deliver import DeliverAll
+from transforms.deliver import DeliverAll, checked_shards
 from transforms.normalize import Normalize
 from transforms.outputs import StoreDeadLetters
 from transforms.sources import KafkaOffsets, ReadKafkaBatch, ReadRawFiles, committed_offsets
@@ -92,6 +92,7 @@ class NormalizeJob:
         if not self.sinks:
             raise FatalError("no destinations configured: give at least one (webhook, SQL, object store, ...)")
         self.state_url = hold_url_password(self.state_url, "--state")  # a literal password is never pickled
+        checked_shards(self.delivery_shards)
 
     @property
     def targets(self) -> list[Target]:

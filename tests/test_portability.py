@@ -17,6 +17,7 @@ from core.errors import FatalError
 from pipelines.launch import make_pipeline
 from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, build, run_batch
 from sinks.config import parse_destinations
+from transforms.deliver import DeliverInOrder, ToShards
 
 DATAFLOW = ["--runner=DataflowRunner", "--dry_run=true", "--project=healthflow-test", "--region=us-central1",
             "--temp_location=gs://healthflow-test/tmp"]
@@ -81,6 +82,43 @@ def test_every_dofn_round_trips_the_pickler_and_carries_no_secret(name, secret_e
         assert WEBHOOK_SECRET.encode() not in raw and WEBHOOK_SECRET[6:].encode() not in raw, transform.unique_name
         dofns += 1
     assert dofns > 5
+
+
+
+def delivery_keys_of(pipeline) -> tuple[list[int | None], set[tuple[str, ...]]]:
+    """The shard counts of the graph's ToShards steps, and the state names of its in-order delivery steps."""
+    proto = pipeline.to_runner_api()
+    shards, states = [], set()
+    for transform in proto.components.transforms.values():
+        if transform.spec.urn != "beam:transform:pardo:v1":
+            continue
+        payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+        if not payload.do_fn.payload:
+            continue
+        fn = pickler.loads(payload.do_fn.payload)[0]  # (DoFn, args, kwargs, side inputs, windowing)
+        if isinstance(fn, ToShards):
+            shards.append(fn.shards)
+        elif isinstance(fn, DeliverInOrder):
+            states.add(tuple(sorted(payload.state_specs)))
+    return shards, states
+
+
+@pytest.mark.parametrize("name", ["kafka-streaming", "pubsub-streaming"])
+def test_streaming_delivery_is_keyed_by_user_on_dataflow_and_by_one_shard_locally(name, secret_env):
+    source, _ = SOURCES[name]
+    pipeline = make_pipeline(DATAFLOW, streaming=True)
+    build(pipeline, remote_job(source), streaming=True)
+    shards, states = delivery_keys_of(pipeline)
+    assert shards == [None]  # the key is the user id, as before delivery shards: no cap on parallelism
+    assert states == {("backlog", "held", "waiting")}  # "backlog": the per-user version's state, taken over
+    local = make_pipeline(streaming=True)
+    build(local, NormalizeJob(source, remote_job(source).targets, "dead-letters"), streaming=True)
+    assert delivery_keys_of(local)[0] == [1]
+    chosen = make_pipeline(DATAFLOW, streaming=True)
+    job = remote_job(source)
+    job.delivery_shards = 16
+    build(chosen, job, streaming=True)
+    assert delivery_keys_of(chosen)[0] == [16]
 
 
 LITERAL_PG = "pg-Literal-never-pickled-58"

@@ -375,23 +375,27 @@ class _Owners:
         return found
 
 
-DEFAULT_DELIVERY_SHARDS = 64  # keys of in-order delivery on a distributed runner (its parallelism per destination)
-
-
 def delivery_shard(user_id: str, shards: int) -> str:
     """The delivery key of ``user_id`` among ``shards``: the same on every worker and in every run (CRC-32)."""
     return str(zlib.crc32(user_id.encode()) % shards)
 
 
-class ToShards(beam.DoFn):
-    """(user_id, UserEvents) → (shard, ((user_id, UserEvents), ...)): the users of a bundle that share a delivery
-    shard (``delivery_shard``), together, in the order they came; flushed every ``users_per_flush`` users and at the
-    end of the bundle. A user's elements keep their order (one list, emitted in order)."""
+def checked_shards(shards: int | None) -> int | None:
+    """``shards`` if it is a usable count of delivery shards (None: the runner's default); else a FatalError."""
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+        raise FatalError(f"delivery shards must be a whole number of at least 1, got {shards!r}: give 1 or more, "
+                         "or leave it unset for the runner's default (one key per user; one shard locally)")
+    return shards
 
-    def __init__(self, shards: int, users_per_flush: int = 500) -> None:
-        if shards < 1:
-            raise FatalError(f"delivery shards must be at least 1, got {shards}")
-        self.shards, self.users_per_flush = shards, users_per_flush
+
+class ToShards(beam.DoFn):
+    """(user_id, UserEvents) → (key, ((user_id, UserEvents), ...)): the users of a bundle that share a delivery key,
+    together, in the order they came; flushed every ``users_per_flush`` users and at the end of the bundle. The key
+    is the user id itself with ``shards=None`` (one key per user), else its ``delivery_shard``. A user's elements keep
+    their order (one list, emitted in order)."""
+
+    def __init__(self, shards: int | None, users_per_flush: int = 500) -> None:
+        self.shards, self.users_per_flush = checked_shards(shards), users_per_flush
 
     def start_bundle(self) -> None:
         self.pending: dict[tuple[str, Any], tuple[list[tuple[str, UserEvents]], Any]] = {}
@@ -399,7 +403,8 @@ class ToShards(beam.DoFn):
 
     def process(self, element: tuple[str, UserEvents], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
-        key = (delivery_shard(element[0], self.shards), window)
+        shard = element[0] if self.shards is None else delivery_shard(element[0], self.shards)
+        key = (shard, window)
         users, latest = self.pending.get(key) or ([], timestamp)
         users.append(element)
         self.pending[key] = (users, max(latest, timestamp))
@@ -413,63 +418,135 @@ class ToShards(beam.DoFn):
             yield WindowedValue((shard, tuple(users)), timestamp, [window])
 
 
+@dataclass
+class _Waiting:
+    """A user of a delivery key whose batches wait: when to try again, and the sequence number its next held batch
+    gets (its batches in ``DeliverInOrder.HELD`` are delivered in that order)."""
+
+    due: float  # epoch seconds of the next attempt
+    next_seq: int = 0
+
+
+_HeldEntry = tuple[str, int, _Held]  # (user, seq, batch): one entry of DeliverInOrder.HELD
+
+
 class DeliverInOrder(_DestinationFn):
     """Unbounded input: deliver each user's events as they come, retrying on timers, never out of order.
 
-    Keyed by delivery shard (``ToShards``): an element is the users of a shard that came together. Their events go
-    in one write (``batch_size`` events or so each), so a destination pays its fixed costs (a transaction, a round
-    trip) once for them all and spreads them over its lanes. A retryable failure keeps that user's batch (and every
-    later batch of that user) in the shard's keyed state and sets a processing-time timer for the policy's backoff
-    (``Retry-After`` honoured); other users, of this shard too, and other destinations go on meanwhile. When
-    attempts run out, the events are dead-lettered with their scheduled redelivery and the user's later events
-    proceed.
+    Keyed by delivery key (``ToShards``): the user id (one key per user, as before sharing), or a delivery shard.
+    An element is the users of a key that came together. Their events go in one write (``batch_size`` events or so
+    each), so a destination pays its fixed costs (a transaction, a round trip) once for them all and spreads them
+    over its lanes. A retryable failure keeps that user's batch (and every later batch of that user) in the key's
+    state and sets a processing-time timer for the policy's backoff (``Retry-After`` honoured); other users, of this
+    key too, and other destinations go on meanwhile. When attempts run out, the events are dead-lettered with their
+    scheduled redelivery and the user's later events proceed.
+
+    State: ``INDEX`` (small: each waiting user's due time and next sequence number) is read by every element and
+    written only when it changes; ``HELD`` (a bag of ``(user, seq, batch)``) is only appended to by elements, so an
+    element's cost does not grow with what is held. The timer reads the bag, delivers the due users' batches in
+    ``seq`` order and stores what still waits. State written before (``LEGACY``, a user's ``_Backlog`` under the
+    user's key) is taken over on the key's next element or timer: its batches come before the user's others; an
+    element of that version, ``(user_id, UserEvents)``, is taken as that user's alone.
     """
 
-    BACKLOG = userstate.ReadModifyWriteStateSpec("backlog", PickleCoder())  # user → _Backlog (users that wait)
-    RETRY = userstate.TimerSpec("retry", TimeDomain.REAL_TIME)  # the earliest due of the shard's backlogs
+    INDEX = userstate.ReadModifyWriteStateSpec("waiting", PickleCoder())  # user → _Waiting (users that wait)
+    HELD = userstate.BagStateSpec("held", PickleCoder())  # _HeldEntry, appended in process, rewritten by on_retry
+    LEGACY = userstate.ReadModifyWriteStateSpec("backlog", PickleCoder())  # the key's _Backlog (per-user keys)
+    RETRY = userstate.TimerSpec("retry", TimeDomain.REAL_TIME)  # the earliest due of the key's waiting users
 
-    def process(self, element: tuple[str, Sequence[tuple[str, UserEvents]]], backlog=beam.DoFn.StateParam(BACKLOG),
+    def process(self, element: tuple[str, Sequence[tuple[str, UserEvents]] | UserEvents],
+                index=beam.DoFn.StateParam(INDEX),
+                held=beam.DoFn.StateParam(HELD), legacy=beam.DoFn.StateParam(LEGACY),
                 retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
-        waiting: dict[str, _Backlog] = backlog.read() or {}
-        before = len(waiting)
+        waiting: dict[str, _Waiting] = index.read() or {}
+        taken_over = self._take_over(element[0], legacy, waiting)
+        for entry in taken_over:
+            held.add(entry)
+        changed = bool(taken_over)
+        users = element[1]
+        if isinstance(users, UserEvents):  # (user_id, UserEvents): keyed per user before ToShards, across an update
+            users = ((element[0], users),)
         fresh: dict[str, list[_Held]] = {}  # users with nothing waiting: their batches of this element, in order
-        for user, user_events in element[1]:
+        for user, user_events in users:
             events, acks = self._wanted(user_events)
             if user in waiting:
-                waiting[user].items.append(_Held(events, acks))
+                state = waiting[user]
+                held.add((user, state.next_seq, _Held(events, acks)))
+                state.next_seq += 1
+                changed = True
                 self.tally.add(f"held:{self.target.name}", len(events))
             else:
                 fresh.setdefault(user, []).append(_Held(events, acks))
-        yield from self._deliver_fresh(fresh, waiting)
-        if waiting or before:
-            self._keep(waiting, backlog, retry)
+        started: dict[str, _Backlog] = {}  # users of ``fresh`` that wait from now on
+        yield from self._deliver_fresh(fresh, started)
+        for user, backlog in started.items():
+            for seq, item in enumerate(backlog.items):
+                held.add((user, seq, item))
+            waiting[user] = _Waiting(backlog.due, len(backlog.items))
+        if changed or started:
+            index.write(waiting)
+        if taken_over or started:
+            retry.set(Timestamp.of(min(state.due for state in waiting.values())))
 
     @userstate.on_timer(RETRY)
-    def on_retry(self, backlog=beam.DoFn.StateParam(BACKLOG), retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
-        waiting: dict[str, _Backlog] | None = backlog.read()
+    def on_retry(self, key=beam.DoFn.KeyParam, index=beam.DoFn.StateParam(INDEX), held=beam.DoFn.StateParam(HELD),
+                 legacy=beam.DoFn.StateParam(LEGACY), retry=beam.DoFn.TimerParam(RETRY)) -> Iterator[Any]:
+        waiting: dict[str, _Waiting] = index.read() or {}
+        taken_over = self._take_over(key, legacy, waiting)
         if not waiting:
             return
-        for user, held in list(waiting.items()):
-            if time.time() < held.due - 0.002:  # a runner may fire a timer early, or an old one again
-                continue
-            due = yield from self._drain(held.items)
-            if due is None:
-                del waiting[user]
-            else:
-                held.due = due
-        self._keep(waiting, backlog, retry)
+        now = time.time()
+        due = [user for user, state in waiting.items() if now >= state.due - 0.002]  # a timer may fire early
+        if not due:
+            for entry in taken_over:
+                held.add(entry)
+        else:
+            batches: dict[str, list[tuple[int, _Held]]] = {}
+            for user, seq, item in [*held.read(), *taken_over]:
+                batches.setdefault(user, []).append((seq, item))
+            for user in due:
+                items = [item for _, item in sorted(batches.pop(user, []), key=lambda entry: entry[0])]
+                next_due = yield from self._drain(items)
+                if next_due is None:
+                    del waiting[user]
+                else:
+                    waiting[user] = _Waiting(next_due, len(items))
+                    batches[user] = list(enumerate(items))
+            held.clear()
+            for user, entries in batches.items():
+                for seq, item in entries:
+                    held.add((user, seq, item))
+        if not waiting:
+            index.clear()
+            return
+        if due or taken_over:
+            index.write(waiting)
+        retry.set(Timestamp.of(min(state.due for state in waiting.values())))
 
-    def _keep(self, waiting: dict[str, _Backlog], backlog: Any, retry: Any) -> None:
-        """Store the users that wait, and time the next attempt for the earliest of them."""
-        if not waiting:
-            backlog.clear()
-            return
-        backlog.write(waiting)
-        retry.set(Timestamp.of(min(held.due for held in waiting.values())))
+    def _take_over(self, key: str, legacy: Any, waiting: dict[str, _Waiting]) -> list[_HeldEntry]:
+        """The batches of state written before (``LEGACY``: ``_Backlog`` of the key's user, or ``{user: _Backlog}``)
+        as held entries ordered before the user's others, their users noted as waiting in ``waiting``; the old state
+        is cleared. Empty if there is none."""
+        old = legacy.read()
+        if old is None:
+            return []
+        legacy.clear()
+        backlogs: dict[str, _Backlog] = old if isinstance(old, dict) else {key: old}
+        entries: list[_HeldEntry] = []
+        for user, backlog in backlogs.items():
+            if not backlog.items:
+                continue
+            first = -len(backlog.items)  # before the seq of anything held since (0 and up)
+            entries.extend((user, first + n, item) for n, item in enumerate(backlog.items))
+            state = waiting.get(user)
+            waiting[user] = _Waiting(backlog.due if state is None else min(state.due, backlog.due),
+                                     0 if state is None else state.next_seq)
+        return entries
 
     def _deliver_fresh(self, fresh: dict[str, list[_Held]], waiting: dict[str, _Backlog]) -> Iterator[Any]:
         """Each user's first batch, all users together in writes of about ``batch_size`` events; a user whose batch
-        must be retried waits in ``waiting``; a user's later batches of the element follow its first."""
+        must be retried waits in ``waiting`` (its batches from then on, and when to try again); a user's later
+        batches of the element follow its first."""
         firsts = [(user, items[0]) for user, items in fresh.items()]
         chunk: list[tuple[str, _Held]] = []
         size = 0
@@ -551,8 +628,11 @@ class DeliverAll(beam.PTransform):
     Returns (receipts, dead letters, ended acks, tallies), each a list with one PCollection per
     destination. Bounded input is delivered in batches across users (``DeliverToSink``), unbounded
     input per user in order with timer-driven retries (``DeliverInOrder``), keyed by ``shards`` delivery shards
-    (``ToShards``; default: one on the local runner, which runs one step at a time anyway, so that a bundle's users
-    share each write; ``DEFAULT_DELIVERY_SHARDS`` elsewhere, each shard's users delivered in parallel with the others).
+    (``ToShards``). Default (None): one shard on the local runner, which runs one step at a time anyway, so that a
+    bundle's users share each write; elsewhere one key per user (the user id, as before delivery shards: a runner
+    such as Dataflow gives a work item one key, so sharing would rarely happen, while fewer keys would cap
+    parallelism and let one user's slow retry hold back its whole shard). Changing the keys (``shards``) across an
+    update of a running job re-keys users: a user waiting for a retry then may not hold its new events back.
     """
 
     def __init__(self, targets: Sequence[Target], status_url: str | None = None, shards: int | None = None) -> None:
@@ -560,13 +640,13 @@ class DeliverAll(beam.PTransform):
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise FatalError(f"destination names must be unique, got {names}")
-        self.targets, self.status_url, self.shards = list(targets), status_url, shards
+        self.targets, self.status_url, self.shards = list(targets), status_url, checked_shards(shards)
 
     def expand(self, user_events):
         kind = DeliverToSink if user_events.is_bounded else DeliverInOrder
         if not user_events.is_bounded:
             local = getattr(user_events.pipeline.runner, "executes_local_stream_reads", False)
-            shards = self.shards or (1 if local else DEFAULT_DELIVERY_SHARDS)
+            shards = 1 if self.shards is None and local else self.shards
             user_events = user_events | "ToShards" >> beam.ParDo(ToShards(shards)).with_input_types(
                 tuple[str, Any]).with_output_types(tuple[str, Any])
         receipts, dead, ended, tallies = [], [], [], []
