@@ -217,7 +217,6 @@ def test_state_written_by_per_user_delivery_is_taken_over_before_new_events(rece
     fn.teardown()
 
 
-
 def test_an_element_of_the_per_user_version_in_flight_is_delivered_in_order(receiver):
     fn, key, feed, out = deliverer(receiver), Key("a"), Feed(), Outputs()
     receiver.fail_next(1, 503)
@@ -227,6 +226,7 @@ def test_an_element_of_the_per_user_version_in_flight_is_delivered_in_order(rece
     fire_when_due(fn, key, out)
     assert receiver.order_for("a") == feed.sent["a"] and out.ended == feed.acks
     fn.teardown()
+
 
 def test_a_per_user_timer_takes_over_the_old_state_and_keeps_its_attempts(receiver):
     fn = deliverer(receiver, RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=0.05, jitter=0.0))
@@ -270,3 +270,63 @@ def test_without_shards_each_user_is_its_own_key():
         assert list(to_shards.process(element, GlobalWindow(), Timestamp(0))) == []
     keyed = {out.value[0]: [user for user, _ in out.value[1]] for out in to_shards.finish_bundle()}
     assert keyed == {"a": ["a", "a"], "b": ["b"]}
+
+
+def test_a_firing_for_one_user_keeps_the_held_batches_of_users_not_due_yet(receiver):
+    """Two users of one key wait with different due times: the firing for the first delivers it and keeps the second's
+    held batches (re-added to the bag), which the next firing delivers, in order, each ack ended once."""
+    fn = deliverer(receiver, RetryPolicy(max_attempts=10**6, initial_delay_s=0.3, max_delay_s=0.3, jitter=0.0))
+    key, feed, out = Key("0"), Feed(), Outputs()
+    receiver.fail_next(1, 503)
+    out.take(fn.process((key.key, (feed.of("a"),)), **key.state()))  # a waits
+    time.sleep(0.3)  # b's retry falls due a step or more after a's
+    receiver.fail_next(1, 503)
+    out.take(fn.process((key.key, (feed.of("b"), feed.of("a"))), **key.state()))  # b waits; a's new event is held
+    fire_when_due(fn, key, out)  # a is due, b is not
+    assert receiver.order_for("a") == feed.sent["a"] and receiver.order_for("b") == []
+    assert [entry[0] for entry in (key.held.coder.decode(e) for e in key.held.entries)] == ["b"]
+    out.take(fn.process((key.key, (feed.of("b"),)), **key.state()))  # behind b's held one
+    fire_when_due(fn, key, out)
+    assert receiver.order_for("b") == feed.sent["b"]
+    assert Counter(out.ended) == Counter(feed.acks) and len(out.ended) == len(feed.acks)
+    assert key.index.encoded is None and key.held.entries == []
+    fn.teardown()
+
+
+def test_old_state_taken_over_by_an_early_firing_is_delivered_first(receiver):
+    """A timer fires before the old state's due time: its batches move into the bag (nothing is due yet), new events
+    wait behind them, and the next firing delivers all of them in order."""
+    fn, key, feed, out = deliverer(receiver), Key("a"), Feed(), Outputs()
+    old = [feed.of("a"), feed.of("a")]
+    key.legacy.write(_Backlog([_Held(list(ue.events), ue.acks, attempts=1) for _, ue in old], time.time() + 0.3))
+    out.take(fn.on_retry(key=key.key, **key.state()))  # early: nothing due
+    assert key.legacy.encoded is None and len(key.held.entries) == 2 and receiver.received == 0
+    out.take(fn.process((key.key, (feed.of("a"),)), **key.state()))
+    assert receiver.received == 0
+    fire_when_due(fn, key, out)
+    assert receiver.order_for("a") == feed.sent["a"] and out.ended == feed.acks
+    assert key.index.encoded is None and key.held.entries == []
+    fn.teardown()
+
+
+def test_held_batches_of_a_user_missing_from_the_index_are_delivered_not_kept_forever(receiver):
+    """Should the bag ever hold a user the index does not name, the next firing delivers that user's batches."""
+    fn, key, feed, out = deliverer(receiver), Key("0"), Feed(), Outputs()
+    receiver.fail_next(1, 503)
+    out.take(fn.process((key.key, (feed.of("a"),)), **key.state()))  # a waits: the index names it, the timer is set
+    _, orphan = feed.of("z")
+    key.held.add(("z", 0, _Held(list(orphan.events), orphan.acks)))
+    fire_when_due(fn, key, out)
+    assert receiver.order_for("z") == feed.sent["z"] and receiver.order_for("a") == feed.sent["a"]
+    assert Counter(out.ended) == Counter(feed.acks) and key.index.encoded is None and key.held.entries == []
+    fn.teardown()
+
+
+def test_retries_fall_due_on_steps_never_early():
+    from transforms.deliver import RETRY_STEP_S, _retry_at
+
+    for delay in (0.0, 0.01, 0.2, 1.0, 4.9):
+        before = time.time()
+        at = _retry_at(delay)
+        assert before + delay <= at <= time.time() + delay + RETRY_STEP_S
+        assert abs(at / RETRY_STEP_S - round(at / RETRY_STEP_S)) < 1e-6

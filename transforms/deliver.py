@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -375,6 +376,15 @@ class _Owners:
         return found
 
 
+RETRY_STEP_S = 0.25  # retries are due on quarter seconds: the waiting users of one key share a timer's firing
+
+
+def _retry_at(delay_s: float) -> float:
+    """When to try again after ``delay_s``: never earlier, rounded up to ``RETRY_STEP_S`` so that users of one key
+    whose retries fall due close together are retried by one firing (each reads the key's held events)."""
+    return math.ceil((time.time() + delay_s) / RETRY_STEP_S) * RETRY_STEP_S
+
+
 def delivery_shard(user_id: str, shards: int) -> str:
     """The delivery key of ``user_id`` among ``shards``: the same on every worker and in every run (CRC-32)."""
     return str(zlib.crc32(user_id.encode()) % shards)
@@ -504,6 +514,9 @@ class DeliverInOrder(_DestinationFn):
             batches: dict[str, list[tuple[int, _Held]]] = {}
             for user, seq, item in [*held.read(), *taken_over]:
                 batches.setdefault(user, []).append((seq, item))
+            for user in batches.keys() - waiting.keys():  # held with no index entry (never made so): due now, not lost
+                waiting[user] = _Waiting(now, len(batches[user]))
+                due.append(user)
             for user in due:
                 items = [item for _, item in sorted(batches.pop(user, []), key=lambda entry: entry[0])]
                 next_due = yield from self._drain(items)
@@ -589,7 +602,7 @@ class DeliverInOrder(_DestinationFn):
             for _, item in chunk:
                 item.events = retry.get(id(item), [])
             if retry:
-                due = time.time() + self.target.retry.delay(1, outcome.retry_after)
+                due = _retry_at(self.target.retry.delay(1, outcome.retry_after))
                 for user, item in chunk:
                     if item.events:
                         waiting[user] = _Backlog([item], due)
@@ -613,7 +626,7 @@ class DeliverInOrder(_DestinationFn):
                 item.dead.extend(dead)
                 item.events = outcome.retry
                 if item.events:
-                    return time.time() + self.target.retry.delay(item.attempts, outcome.retry_after)
+                    return _retry_at(self.target.retry.delay(item.attempts, outcome.retry_after))
             yield from self._settled(item.dead, item.acks)
             items.pop(0)
         return None
