@@ -17,7 +17,7 @@ from connectors.base import terra_user_id
 from core.dead_letters import read_dead_letters
 from core.errors import FatalError
 from core.raw import RawMessage, RawPayload
-from pipelines.normalize import FileSource, MessagesSource, NormalizeJob, run_batch
+from pipelines.normalize import FileSource, MessagesSource, NormalizeJob, RunSummary, run_batch
 from pipelines.webhook_receiver import WebhookReceiver
 from schemas import MODEL_TYPES
 from schemas.serde import encode_raw
@@ -224,18 +224,26 @@ def test_a_value_out_of_bounds_is_dead_lettered_once_on_every_path_a_message_tak
     expected, failed = normalize_in_memory(messages)
     assert len(failed) == 3 and len({e.user_id for e in expected}) == 4
 
-    summary = run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
-                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
-                                     retry=FAST_RETRY))
-    with sqlite3.connect(tmp_path / "out.db") as db:
-        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
-    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    summary = _run_into_sqlite(messages, tmp_path)
+    assert _rows(tmp_path) == sorted((e.user_id, e.event_id) for e in expected)
     dead = sorted((d["original"], d["stage"], d["source"]["document_index"])
                   for d in read_dead_letters(str(tmp_path / "dlq")))
     assert dead == sorted([(messages[0].data, "validate", "1"), (messages[1].data, "validate", "2"),
                            (messages[2].data, "validate", "1")])
     assert summary.get("dead_letter:validate") == 3
     assert summary.get("raw_partial") == 2 and summary.get("raw_split") == 1  # the push of several users: split
+
+
+def _run_into_sqlite(messages: list[RawMessage], tmp_path: Path) -> RunSummary:
+    """A batch run of ``messages`` into SQLite (out.db), dead letters under dlq: its summary."""
+    return run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
+                                  str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                  retry=FAST_RETRY))
+
+
+def _rows(tmp_path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        return sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
 
 
 def test_documents_split_by_user_cross_the_shuffle_checked_and_unchecked_ones_are_checked_where_mapped(tmp_path):
@@ -274,12 +282,8 @@ def test_a_payload_orjson_does_not_read_is_read_where_it_is_mapped_as_where_it_w
     expected, failed = normalize_in_memory(messages)
     assert not failed and len({e.user_id for e in expected}) == 2
 
-    summary = run_batch(NormalizeJob(MessagesSource(messages), [SqlSink("sql", f"sqlite:///{tmp_path / 'out.db'}")],
-                                     str(tmp_path / "dlq"), state_url=f"sqlite:///{tmp_path / 'state.db'}",
-                                     retry=FAST_RETRY))
-    with sqlite3.connect(tmp_path / "out.db") as db:
-        rows = sorted(db.execute("SELECT user_id, event_id FROM healthflow_records").fetchall())
-    assert rows == sorted((e.user_id, e.event_id) for e in expected)
+    summary = _run_into_sqlite(messages, tmp_path)
+    assert _rows(tmp_path) == sorted((e.user_id, e.event_id) for e in expected)
     assert not summary.with_prefix("dead_letter:") and summary.get("raw_ok") == 2
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -68,14 +70,8 @@ def test_every_dofn_round_trips_the_pickler_and_carries_no_secret(name, secret_e
     source, streaming = SOURCES[name]
     pipeline = make_pipeline(DATAFLOW, streaming=streaming)
     build(pipeline, remote_job(source), streaming=streaming)
-    proto = pipeline.to_runner_api()
     dofns = 0
-    for transform in proto.components.transforms.values():
-        if transform.spec.urn != "beam:transform:pardo:v1":
-            continue
-        payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
-        if not payload.do_fn.payload:
-            continue
+    for transform, payload in pardo_payloads(pipeline):
         fn = pickler.loads(payload.do_fn.payload)
         raw = cloudpickle.dumps(fn)
         assert PG_PASSWORD.encode() not in raw and KAFKA_PASSWORD.encode() not in raw, transform.unique_name
@@ -84,17 +80,20 @@ def test_every_dofn_round_trips_the_pickler_and_carries_no_secret(name, secret_e
     assert dofns > 5
 
 
-
-def delivery_keys_of(pipeline) -> tuple[list[int | None], set[tuple[str, ...]]]:
-    """The shard counts of the graph's ToShards steps, and the state names of its in-order delivery steps."""
-    proto = pipeline.to_runner_api()
-    shards, states = [], set()
-    for transform in proto.components.transforms.values():
+def pardo_payloads(pipeline) -> Iterator[tuple[Any, Any]]:
+    """Each ParDo of the translated graph that carries a DoFn: (its transform, its ParDoPayload)."""
+    for transform in pipeline.to_runner_api().components.transforms.values():
         if transform.spec.urn != "beam:transform:pardo:v1":
             continue
         payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
-        if not payload.do_fn.payload:
-            continue
+        if payload.do_fn.payload:
+            yield transform, payload
+
+
+def delivery_keys_of(pipeline) -> tuple[list[int | None], set[tuple[str, ...]]]:
+    """The shard counts of the graph's ToShards steps, and the state names of its in-order delivery steps."""
+    shards, states = [], set()
+    for _, payload in pardo_payloads(pipeline):
         fn = pickler.loads(payload.do_fn.payload)[0]  # (DoFn, args, kwargs, side inputs, windowing)
         if isinstance(fn, ToShards):
             shards.append(fn.shards)

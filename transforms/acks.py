@@ -24,6 +24,7 @@ from apache_beam.transforms import userstate
 from apache_beam.utils.windowed_value import WindowedValue
 
 from core.raw import AckToken
+from transforms.bundles import GroupWithinBundle
 from transforms.reuse import acquire, private_copy, release
 
 ROOT_WEIGHT = 1 << 60
@@ -141,33 +142,21 @@ class _TrackAcks(beam.DoFn):
             log.warning("acknowledging at the source failed (it will deliver again what was not): %s", exc)
 
 
-class _ByStream(beam.DoFn):
+class _ByStream(GroupWithinBundle):
     """Acks → (stream, acks): the acks of a bundle gathered per stream (at most ``acks_per_flush`` at a time), so
     that ``_TrackAcks`` reads and writes a stream's progress once for them all instead of once per ended branch. The
     weights are the same ones, only grouped: a message still ends when, and only when, all of them are back."""
 
     def __init__(self, acks_per_flush: int = 5000) -> None:
-        self.acks_per_flush = acks_per_flush
-
-    def start_bundle(self) -> None:
-        self.pending: dict[tuple[str, Any], tuple[list[tuple[AckToken, int]], Any]] = {}
-        self.buffered = 0
+        super().__init__(acks_per_flush)
 
     def process(self, acks: Acks, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+        by_stream: dict[str, list[tuple[AckToken, int]]] = {}
         for token, weight in acks:
-            key = (token.stream, window)
-            group, latest = self.pending.get(key) or ([], timestamp)
-            group.append((token, weight))
-            self.pending[key] = (group, max(latest, timestamp))
-        self.buffered += len(acks)
-        if self.buffered >= self.acks_per_flush:
-            yield from self.finish_bundle()
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        pending, self.pending, self.buffered = self.pending, {}, 0
-        for (stream, window), (group, timestamp) in pending.items():
-            yield WindowedValue((stream, tuple(group)), timestamp, [window])
+            by_stream.setdefault(token.stream, []).append((token, weight))
+        for stream, group in by_stream.items():
+            yield from self.gather(stream, group, window, timestamp)
 
 
 class Acknowledge(beam.PTransform):

@@ -38,6 +38,7 @@ from sinks.base import DeliveryFailure, Sink, SinkResult
 from sinks.policy import Target
 from sinks.status import DestinationStatus
 from transforms.acks import Acks, join_acks, split_acks
+from transforms.bundles import GroupWithinBundle
 from transforms.normalize import UserEvents
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.reuse import acquire, private_copy, release
@@ -398,34 +399,20 @@ def checked_shards(shards: int | None) -> int | None:
     return shards
 
 
-class ToShards(beam.DoFn):
+class ToShards(GroupWithinBundle):
     """(user_id, UserEvents) → (key, ((user_id, UserEvents), ...)): the users of a bundle that share a delivery key,
     together, in the order they came; flushed every ``users_per_flush`` users and at the end of the bundle. The key
     is the user id itself with ``shards=None`` (one key per user), else its ``delivery_shard``. A user's elements keep
     their order (one list, emitted in order)."""
 
     def __init__(self, shards: int | None, users_per_flush: int = 500) -> None:
-        self.shards, self.users_per_flush = checked_shards(shards), users_per_flush
-
-    def start_bundle(self) -> None:
-        self.pending: dict[tuple[str, Any], tuple[list[tuple[str, UserEvents]], Any]] = {}
-        self.buffered = 0
+        super().__init__(users_per_flush)
+        self.shards = checked_shards(shards)
 
     def process(self, element: tuple[str, UserEvents], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
-        shard = element[0] if self.shards is None else delivery_shard(element[0], self.shards)
-        key = (shard, window)
-        users, latest = self.pending.get(key) or ([], timestamp)
-        users.append(element)
-        self.pending[key] = (users, max(latest, timestamp))
-        self.buffered += 1
-        if self.buffered >= self.users_per_flush:
-            yield from self.finish_bundle()
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        pending, self.pending, self.buffered = self.pending, {}, 0
-        for (shard, window), (users, timestamp) in pending.items():
-            yield WindowedValue((shard, tuple(users)), timestamp, [window])
+        key = element[0] if self.shards is None else delivery_shard(element[0], self.shards)
+        yield from self.gather(key, (element,), window, timestamp)
 
 
 @dataclass
