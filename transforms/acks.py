@@ -152,11 +152,9 @@ class _ByStream(GroupWithinBundle):
 
     def process(self, acks: Acks, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
-        by_stream: dict[str, list[tuple[AckToken, int]]] = {}
         for token, weight in acks:
-            by_stream.setdefault(token.stream, []).append((token, weight))
-        for stream, group in by_stream.items():
-            yield from self.gather(stream, group, window, timestamp)
+            self.gather(token.stream, ((token, weight),), window, timestamp)
+        yield from self.gathered(len(acks))
 
 
 class Acknowledge(beam.PTransform):

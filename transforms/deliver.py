@@ -412,7 +412,8 @@ class ToShards(GroupWithinBundle):
     def process(self, element: tuple[str, UserEvents], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
         key = element[0] if self.shards is None else delivery_shard(element[0], self.shards)
-        yield from self.gather(key, (element,), window, timestamp)
+        self.gather(key, (element,), window, timestamp)
+        yield from self.gathered()
 
 
 @dataclass
@@ -543,10 +544,10 @@ class DeliverInOrder(_DestinationFn):
                                      0 if state is None else state.next_seq)
         return entries
 
-    def _deliver_fresh(self, fresh: dict[str, list[_Held]], waiting: dict[str, _Backlog]) -> Iterator[Any]:
+    def _deliver_fresh(self, fresh: dict[str, list[_Held]], started: dict[str, _Backlog]) -> Iterator[Any]:
         """Each user's first batch, all users together in writes of about ``batch_size`` events; a user whose batch
-        must be retried waits in ``waiting`` (its batches from then on, and when to try again); a user's later
-        batches of the element follow its first."""
+        must be retried starts waiting: noted in ``started`` (its batches from then on, and when to try again); a
+        user's later batches of the element follow its first."""
         firsts = [(user, items[0]) for user, items in fresh.items()]
         chunk: list[tuple[str, _Held]] = []
         size = 0
@@ -554,26 +555,26 @@ class DeliverInOrder(_DestinationFn):
             chunk.append((user, item))
             size += len(item.events)
             if size >= self.target.batch_size or number == len(firsts):
-                yield from self._attempt_together(chunk, waiting)
+                yield from self._attempt_together(chunk, started)
                 chunk, size = [], 0
         for user, items in fresh.items():
             rest = items[1:]
             if not rest:
                 continue
-            if user in waiting:
-                waiting[user].items.extend(rest)
+            if user in started:
+                started[user].items.extend(rest)
                 self.tally.add(f"held:{self.target.name}", sum(len(item.events) for item in rest))
                 continue
             due = yield from self._drain(rest)
             if due is not None:
-                waiting[user] = _Backlog(rest, due)
+                started[user] = _Backlog(rest, due)
 
-    def _attempt_together(self, chunk: list[tuple[str, _Held]], waiting: dict[str, _Backlog]) -> Iterator[Any]:
-        """One write of the first attempt of several users' batches; each batch settles, or its user waits."""
+    def _attempt_together(self, chunk: list[tuple[str, _Held]], started: dict[str, _Backlog]) -> Iterator[Any]:
+        """One write of the first attempt of several users' batches; each batch settles, or its user starts waiting
+        (noted in ``started``)."""
         if self._is_disabled():
             for _, item in chunk:
-                item.dead.extend(self._disabled_dead_letters(item.events))
-                item.events = []
+                self._dead_letter_disabled(item)
         elif any(item.events for _, item in chunk):
             owner = _Owners(item for _, item in chunk)
             for _, item in chunk:
@@ -592,7 +593,7 @@ class DeliverInOrder(_DestinationFn):
                 due = _retry_at(self.target.retry.delay(1, outcome.retry_after))
                 for user, item in chunk:
                     if item.events:
-                        waiting[user] = _Backlog([item], due)
+                        started[user] = _Backlog([item], due)
         for _, item in chunk:
             if not item.events:
                 yield from self._settled(item.dead, item.acks)
@@ -603,8 +604,7 @@ class DeliverInOrder(_DestinationFn):
         while items:
             item = items[0]
             if item.events and self._is_disabled():
-                item.dead.extend(self._disabled_dead_letters(item.events))
-                item.events = []
+                self._dead_letter_disabled(item)
             if item.events:
                 item.attempts += 1
                 outcome = self.delivery.attempt(item.events, item.attempts)
@@ -617,6 +617,11 @@ class DeliverInOrder(_DestinationFn):
             yield from self._settled(item.dead, item.acks)
             items.pop(0)
         return None
+
+    def _dead_letter_disabled(self, item: _Held) -> None:
+        """The destination is disabled: ``item``'s events become its dead letters, none left to deliver."""
+        item.dead.extend(self._disabled_dead_letters(item.events))
+        item.events = []
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self.tally.flush()

@@ -56,6 +56,7 @@ from transforms.bounds import (
     check_text,
     may_be_out_of_bounds,
 )
+from transforms.bundles import GroupWithinBundle
 from transforms.interval_samples import PART, emitted, mark_part, sample_instant
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
@@ -413,7 +414,7 @@ class UserEvents:
     acks: Acks = ()
 
 
-class SplitByUser(beam.DoFn):
+class SplitByUser(GroupWithinBundle):
     """RawMessage → (user key, packed UserDocuments) per user, plus ``dead_letter`` and ``ended`` outputs.
 
     Only decodes, parses and attributes documents to users; mapping happens after the shuffle
@@ -423,15 +424,14 @@ class SplitByUser(beam.DoFn):
     """
 
     def __init__(self, messages_per_pack: int = 256) -> None:
-        self.messages_per_pack = messages_per_pack
+        super().__init__(messages_per_pack)
 
     def setup(self) -> None:
         tune_gc_for_mapping()
 
     def start_bundle(self) -> None:
+        super().start_bundle()
         self.tally = Tally()
-        self.parts: dict[tuple[str, Any], tuple[list[UserDocuments], Any]] = {}
-        self.buffered = 0
 
     def process(self, message: RawMessage, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
@@ -445,14 +445,10 @@ class SplitByUser(beam.DoFn):
         shares = split_acks(acks, len(failed) + len(by_user))
         yield from _dead_letters(failed, shares, self.tally)
         for (user, found), share in zip(by_user.items(), shares[len(failed):], strict=True):
-            parts, latest = self.parts.setdefault((user, window), ([], timestamp))
-            parts.append(UserDocuments(message, () if mapped else tuple(found), share, len(failed), len(by_user) == 1,
-                                       tuple(found) if mapped else None, checked=not mapped,
-                                       orjson_read=not mapped and reads.all))
-            self.parts[(user, window)] = (parts, max(latest, timestamp))
-        self.buffered += 1
-        if self.buffered >= self.messages_per_pack:
-            yield from self._packed()
+            self.gather(user, (UserDocuments(message, () if mapped else tuple(found), share, len(failed),
+                                             len(by_user) == 1, tuple(found) if mapped else None, checked=not mapped,
+                                             orjson_read=not mapped and reads.all),), window, timestamp)
+        yield from self.gathered()  # one message
         if not by_user and not failed and acks:
             yield pvalue.TaggedOutput(ENDED, acks)
         # Every raw message ends in exactly one outcome (the summary checks they add up): here when it has no
@@ -462,13 +458,11 @@ class SplitByUser(beam.DoFn):
         elif len(by_user) > 1:
             self.tally.add("raw_split")
 
-    def _packed(self) -> Iterator[WindowedValue]:
-        pending, self.parts, self.buffered = self.parts, {}, 0
-        for (user, window), (parts, timestamp) in pending.items():
-            yield WindowedValue((user, pack_parts(parts)), timestamp, [window])
+    def grouped(self, values: list[UserDocuments]) -> bytes:
+        return pack_parts(values)
 
     def finish_bundle(self) -> Iterator[Any]:
-        yield from self._packed()
+        yield from self.flush()
         yield from self.tally.flush()
 
 
