@@ -3,7 +3,8 @@
 Locally (no ``--runner``, or ``DirectRunner``):
 - batch runs on Beam's FnApiRunner directly (Beam 2.77's DirectRunner would first try to download
   the Prism runner, which fails without internet; FnApiRunner is what it falls back to anyway);
-  ``--direct_num_workers=N --direct_running_mode=multi_processing`` runs it on N processes;
+  ``--direct_num_workers=N --direct_running_mode=multi_processing`` runs it on N processes, forked by a warm
+  parent that imported Beam and healthflow once (``pipelines.warm_workers``) rather than each started cold;
 - streaming runs on the bundle-based streaming runner, which executes keyed state and
   processing-time timers, with ``ReadStream`` executed as a polled root read
   (``transforms.streams``), since that runner cannot run unbounded splittable DoFns.
@@ -22,6 +23,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, TestOptions
 from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+from pipelines.warm_workers import WarmWorkers
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 
@@ -63,6 +68,36 @@ class LocalStreamingRunner(BundleBasedDirectRunner):
         executor._SerialEvaluationState._update_currently_evaluating = _first_in_first_out
         _look_up_signatures_once()
         return super().run_pipeline(pipeline, options)
+
+
+class WarmMultiProcessRunner(FnApiRunner):
+    """FnApiRunner for ``--direct_running_mode=multi_processing``, on worker processes that start warm
+    (``pipelines.warm_workers``). The warm parent starts with the runner, so that its imports overlap the graph's
+    construction; it ends with the run."""
+
+    def __init__(self) -> None:
+        self._environment: Any = None
+        self._warm: WarmWorkers | None = WarmWorkers()
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def _default_environment(self) -> Any:
+        return self._environment
+
+    @_default_environment.setter
+    def _default_environment(self, environment: Any) -> None:
+        # FnApiRunner.run_pipeline sets Beam's cold worker command for multi_processing: ours replaces it
+        if self._warm is not None and isinstance(environment, SubprocessSDKEnvironment):
+            environment = SubprocessSDKEnvironment.from_command_string(self._warm.command)
+        self._environment = environment
+
+    def run_pipeline(self, pipeline: beam.Pipeline, options: PipelineOptions):  # type: ignore[override]
+        self._warm = self._warm or WarmWorkers()
+        try:
+            return super().run_pipeline(pipeline, options)
+        finally:
+            self._warm.close()
+            self._warm = None
 
 
 def _first_in_first_out(steps: Any, new_work: Any, completed_work: Any) -> None:
@@ -126,6 +161,6 @@ def make_pipeline(beam_args: Sequence[str] = (), streaming: bool = False) -> bea
             raise FatalError("the local streaming runner runs in one process: drop --direct_running_mode, or "
                              "run the streaming job on Dataflow or Flink")
         return beam.Pipeline(runner=LocalStreamingRunner(), options=options)
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        return beam.Pipeline(runner=WarmMultiProcessRunner(), options=options)
     return beam.Pipeline(runner=FnApiRunner(), options=options)

@@ -1,0 +1,114 @@
+"""The multi-process local runner's workers are forked by a warm parent (``pipelines.warm_workers``), start cold
+when it cannot serve, and end with the command Beam started for them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+
+from pipelines import warm_workers
+from pipelines.launch import WarmMultiProcessRunner, make_pipeline
+from pipelines.warm_workers import WarmWorkers
+
+MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def run_and_name_parents(tmp_path: Path) -> tuple[list[int], set[str], set[int]]:
+    """Run a small graph on two worker processes: its results, each worker's parent command line and pid."""
+    out = tmp_path / "out"
+    pipeline = make_pipeline(MULTI_PROCESS)
+    assert isinstance(pipeline.runner, WarmMultiProcessRunner)
+    (pipeline
+     | beam.Create(list(range(40)))
+     | beam.Reshuffle()
+     | beam.Map(lambda n: f"{n * n}\t{os.getpid()}\t"
+                f"{Path(f'/proc/{os.getppid()}/cmdline').read_bytes().replace(bytes(1), b' ').decode()}")
+     | beam.io.WriteToText(str(out)))
+    pipeline.run().wait_until_finish()
+    rows = [line.split("\t") for path in tmp_path.glob("out*") for line in path.read_text().splitlines()]
+    return sorted(int(square) for square, _, _ in rows), {parent for _, _, parent in rows}, {int(p) for _, p, _ in rows}
+
+
+def test_workers_are_forked_by_the_warm_parent(tmp_path):
+    squares, parents, workers = run_and_name_parents(tmp_path)
+    assert squares == [n * n for n in range(40)]
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert all("pipelines.warm_workers serve" in parent for parent in parents), parents
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("healthflow-workers-*/parent.sock"))  # cleaned up
+
+
+def test_workers_start_cold_when_the_warm_parent_cannot_serve(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(warm_workers, "PRELOAD", ("healthflow_no_such_module",))
+    squares, parents, _ = run_and_name_parents(tmp_path)
+    assert squares == [n * n for n in range(40)]
+    assert not any("warm_workers" in parent for parent in parents), parents
+    assert "worker processes start cold: the warm parent cannot import healthflow_no_such_module" in capfd.readouterr().err
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_worker_ends_with_the_command_beam_started_for_it():
+    """A worker whose runner never answers (a control endpoint that accepts and stays silent) is stopped by killing
+    its command, as Beam does on failure: it must not live on, forked and alone."""
+    warm = WarmWorkers()
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        env = dict(os.environ, CONTROL_API_SERVICE_DESCRIPTOR=f'url: "127.0.0.1:{silent.getsockname()[1]}"',
+                   PIPELINE_OPTIONS="{}", WORKER_ID="worker_test")
+        command = subprocess.Popen(warm.command, shell=True, env=env, start_new_session=True)
+        parent = warm._parent.pid  # noqa: SLF001 — the warm parent, whose children are the workers
+        wait_for(lambda: children(parent))
+        (worker,) = children(parent)
+        time.sleep(0.5)
+        assert command.poll() is None and Path(f"/proc/{worker}").exists()  # waiting on the silent endpoint
+        os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+        wait_for(lambda: not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
+                 .split(")")[-1].split()[0], timeout_s=10)
+    finally:
+        silent.close()
+        warm.close()
+
+
+def test_a_command_reports_its_forked_worker_failing(capfd):
+    """A worker that cannot start (no control endpoint given) fails its command, so Beam sees the failure; the
+    worker was forked (its traceback is on the warm parent's stderr, not on the command's as a cold worker's)."""
+    warm = WarmWorkers()
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
+        result = subprocess.run(warm.command, shell=True, env=env, timeout=60, capture_output=True)
+        assert result.returncode == 1
+        assert b"CONTROL_API_SERVICE_DESCRIPTOR" not in result.stderr
+        seen: list[str] = []
+        wait_for(lambda: seen.append(capfd.readouterr().err) or "KeyError: 'CONTROL_API_SERVICE_DESCRIPTOR'"
+                 in "".join(seen), timeout_s=10)
+    finally:
+        warm.close()
+
+
+@pytest.mark.parametrize("first", ["close", "collect"])
+def test_the_warm_parent_ends_with_its_run(first):
+    warm = WarmWorkers()
+    process = warm._parent  # noqa: SLF001
+    if first == "close":
+        warm.close()
+    else:
+        del warm
+    process.wait(timeout=30)
+    assert process.returncode == 0
