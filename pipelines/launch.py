@@ -15,6 +15,7 @@ passed to Beam as given, with the portable expansion of every transform.
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
 from pipelines.warm_workers import WarmWorkers
+
+log = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 
@@ -77,7 +80,7 @@ class WarmMultiProcessRunner(FnApiRunner):
 
     def __init__(self) -> None:
         self._environment: Any = None
-        self._warm: WarmWorkers | None = WarmWorkers()
+        self._warm: WarmWorkers | None = _warm_workers()
         super().__init__()
 
     @property  # type: ignore[override]
@@ -98,6 +101,15 @@ class WarmMultiProcessRunner(FnApiRunner):
         finally:
             self._warm.close()
             self._warm = None
+
+
+def _warm_workers() -> WarmWorkers | None:
+    """A warm parent for a run, or None (Beam's cold workers) when one cannot be started here."""
+    try:
+        return WarmWorkers()
+    except OSError as exc:  # no Unix socket (a temp folder path too long for one, say), no process to spare
+        log.warning("worker processes start cold: no warm parent (%s)", exc)
+        return None
 
 
 def _first_in_first_out(steps: Any, new_work: Any, completed_work: Any) -> None:

@@ -66,6 +66,11 @@ class WarmWorkers:
         self._finalizer = weakref.finalize(self, _stop, self._parent, self._folder)
 
     @property
+    def pid(self) -> int:
+        """The warm parent's process id (its children are the workers it forked)."""
+        return self._parent.pid  # type: ignore[union-attr]
+
+    @property
     def command(self) -> str:
         return f"{shlex.quote(sys.executable)} -I -S {shlex.quote(str(ATTACH))} {shlex.quote(self._address)}"
 
