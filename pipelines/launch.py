@@ -95,11 +95,13 @@ class WarmMultiProcessRunner(FnApiRunner):
         self._environment = environment
 
     def run_pipeline(self, pipeline: beam.Pipeline, options: PipelineOptions):  # type: ignore[override]
-        self._warm = self._warm or WarmWorkers()
+        if self._warm is None or not self._warm.serving():  # a second run, or a parent that went idle
+            self._warm = _warm_workers()
         try:
             return super().run_pipeline(pipeline, options)
         finally:
-            self._warm.close()
+            if self._warm is not None:
+                self._warm.close()
             self._warm = None
 
 

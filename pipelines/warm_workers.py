@@ -1,26 +1,33 @@
 """Worker processes of the local multi-process runner that start warm.
 
 Beam's FnApiRunner with ``--direct_running_mode=multi_processing`` starts each SDK worker as a fresh
-``python -m apache_beam.runners.worker.sdk_worker_main``: about a second of CPU each importing Beam and the
-pipeline's modules before it takes its first bundle, paid again by every worker on the same cores that run them.
+``python -m apache_beam.runners.worker.sdk_worker_main``: ~1.2 s of CPU each importing Beam and the pipeline's
+modules before it takes its first bundle, paid again by every worker on the cores that run them.
 
-``warm_workers()`` instead starts one process (the warm parent) as the run begins. It imports all that once, while
-the runner is still translating the graph, and then forks a worker for each one Beam asks for: a worker is ready
-within milliseconds, and its imported modules are shared with the parent's until written.
+``WarmWorkers`` instead starts one process, the warm parent, as the runner is made. It imports all that once, while
+the runner builds and translates the graph, and then forks a worker for each one Beam asks for: a worker is ready
+in milliseconds, and shares the parent's imported modules until it writes to them.
 
-Beam still starts each worker with a command line and waits for it; that command is ``worker_attach.py``, a few
-lines of the standard library that hand its environment (what Beam gives a worker: control and logging
-endpoints, pipeline options, worker id) to the warm parent, then wait for the forked worker's exit status and exit
-with it. So Beam sees what it always sees: a process per worker that ends when the worker does. A worker whose
-command ends (Beam kills it) ends too. Whenever the warm parent cannot serve (gone, or failed to import), the
-command runs Beam's own cold worker instead, so nothing depends on it but the speed.
+Beam still starts each worker with a command line and waits for it. That command is ``worker_attach.py``, a few
+lines of the standard library: it hands its environment (what Beam gives a worker: control and logging endpoints,
+pipeline options, worker id) and folder to the warm parent, then waits for the forked worker's exit status and
+exits with it. So Beam sees what it always sees: a process per worker that ends when the worker does. Killing the
+command ends its worker. Whenever the warm parent cannot serve (it failed to import, is gone, or does not answer
+within ``STARTED_TIMEOUT_S``), the command becomes Beam's own cold worker: only the speed depends on the parent.
 
-The warm parent forks while it has one thread and no gRPC channel or server, as CPython's forkserver does; each
-worker makes its own. It ends with the run (its stdin, the runner's pipe, closes).
+A forked worker ends as a cold one would, less the teardown of its modules: other threads joined, ``atexit``
+handlers run (pooled sinks closed), streams flushed, then its status reported.
+
+The parent forks only while it runs no Python thread but its own, as CPython's forkserver does, and before any
+gRPC channel or server exists (each worker makes its own). The C libraries Beam loads that keep threads of their
+own (pyarrow's jemalloc, numpy's OpenBLAS) prepare for fork themselves. The parent ends with the run (its stdin,
+the runner's pipe, closes) or after ``IDLE_TIMEOUT_S`` with no worker asked for (a runner that never ran), and
+removes its socket as it goes.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -39,77 +46,104 @@ import weakref
 from pathlib import Path
 
 # what a worker imports before its first bundle: Beam's harness, and the modules of every healthflow graph
-PRELOAD: tuple[str, ...] = ("apache_beam.runners.worker.sdk_worker_main", "apache_beam.runners.worker.bundle_processor",
-           "pipelines.normalize", "pipelines.replay")
+PRELOAD: tuple[str, ...] = ("apache_beam.runners.worker.sdk_worker_main",
+                            "apache_beam.runners.worker.bundle_processor", "pipelines.normalize", "pipelines.replay")
 ATTACH = Path(__file__).with_name("worker_attach.py")
-STARTED = b"S"  # the warm parent's first byte to the attaching command: a worker was forked for it
+STARTED = b"S"  # the warm parent's first byte to an attaching command: a worker was forked for it
 LENGTH_BYTES = 8
 REQUEST_TIMEOUT_S = 10.0  # an attaching command that sends no request within this is dropped, not waited on
+STARTED_TIMEOUT_S = 60.0  # a command not answered within this (a stuck parent) starts a cold worker
+IDLE_TIMEOUT_S = 60.0  # a parent asked for no worker within this after its imports ends (its runner never ran)
 
 
 class WarmWorkers:
-    """A warm parent for one run: ``command`` is the worker command line for Beam's subprocess environment.
+    """A warm parent: ``command`` is the worker command line for Beam's subprocess environment.
 
-    Started on creation, so that its imports overlap whatever the runner does before its first bundle; ``close``
-    stops it (workers already forked are not stopped: each ends when Beam closes its control channel or kills its
-    command). Never closed, it ends with this process or when garbage-collected (its stdin closes)."""
+    Started on creation; ``close`` stops it (workers already forked are not stopped: each ends when Beam closes its
+    control channel or kills its command). Never closed, it ends when this process does, when garbage-collected, or
+    idle after ``IDLE_TIMEOUT_S``. OSError when it cannot be started here (then nothing is left behind)."""
 
-    def __init__(self) -> None:
-        self._folder = tempfile.mkdtemp(prefix="healthflow-workers-")
+    def __init__(self, started_timeout_s: float = STARTED_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+        self._folder = tempfile.mkdtemp(prefix="healthflow-workers-")  # mode 0700: only this user can attach
         self._address = os.path.join(self._folder, "parent.sock")
-        self._parent: subprocess.Popen[bytes] | None = None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(self._address)
-            listener.listen(64)  # bound before the parent starts: a command attaching early waits in the backlog
-            self._parent = subprocess.Popen([sys.executable, "-m", __name__, "serve", str(listener.fileno()),
-                                             ",".join(PRELOAD)], pass_fds=(listener.fileno(),), stdin=subprocess.PIPE)
+        self._started_timeout_s = started_timeout_s
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(self._address)  # OSError for a temp folder whose path is too long for a socket
+                listener.listen(64)  # bound before the parent starts: a command attaching early waits in the backlog
+                self._parent = subprocess.Popen(
+                    [sys.executable, "-m", __name__, "serve", str(listener.fileno()), self._folder,
+                     str(idle_timeout_s), ",".join(PRELOAD)], pass_fds=(listener.fileno(),), stdin=subprocess.PIPE)
+        except BaseException:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
         self._finalizer = weakref.finalize(self, _stop, self._parent, self._folder)
 
     @property
     def pid(self) -> int:
         """The warm parent's process id (its children are the workers it forked)."""
-        return self._parent.pid  # type: ignore[union-attr]
+        return self._parent.pid
 
     @property
     def command(self) -> str:
-        return f"{shlex.quote(sys.executable)} -I -S {shlex.quote(str(ATTACH))} {shlex.quote(self._address)}"
+        return " ".join(shlex.quote(part) for part in (sys.executable, "-I", "-S", str(ATTACH), self._address,
+                                                       str(self._started_timeout_s)))
+
+    def serving(self) -> bool:
+        """Whether the parent may still fork workers (not closed, not ended)."""
+        return self._finalizer.alive and self._parent.poll() is None
 
     def close(self) -> None:
         self._finalizer()
 
 
 def _stop(parent: subprocess.Popen[bytes], folder: str) -> None:
-    """End the warm parent (its stdin closes: it exits at once) and remove its socket; does not wait for it."""
+    """End the warm parent now (its forked workers are processes of their own) and remove its socket."""
     with contextlib.suppress(OSError):
         parent.stdin.close()  # type: ignore[union-attr]
+    with contextlib.suppress(OSError):
+        parent.kill()
+    parent.wait()
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def serve(listener_fd: int, preload: list[str]) -> None:
-    """The warm parent: import ``preload``, then fork a worker per attaching command until stdin closes.
+def serve(listener_fd: int, folder: str, idle_timeout_s: float, preload: list[str]) -> None:
+    """The warm parent: import ``preload``, then fork a worker per attaching command until stdin closes (or none
+    comes within ``idle_timeout_s``); remove ``folder``, which holds the socket, as it ends.
 
-    Only this user can attach (the socket is in a folder of its own, mode 0700). A parent that cannot import what
-    it should, or that has come to run a second thread (which a fork would leave behind holding its locks), says
-    so and ends: every command then starts Beam's cold worker."""
+    A parent that cannot import what it should, or that has come to run a second Python thread (which a fork would
+    leave behind holding its locks), says so and ends: every command then starts Beam's cold worker."""
     listener = socket.socket(fileno=listener_fd)
     try:
-        for name in preload:
-            importlib.import_module(name)
-    except Exception as exc:  # any import error: the workers start cold, the run goes on
-        print(f"healthflow: worker processes start cold: the warm parent cannot import {name} "
-              f"({type(exc).__name__}: {exc})", file=sys.stderr)
-        return
-    if threading.active_count() != 1:
-        print(f"healthflow: worker processes start cold: importing {', '.join(preload)} started threads "
-              f"({', '.join(t.name for t in threading.enumerate())}), which forking would leave holding their locks",
-              file=sys.stderr)
-        return
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers report over their connection: none is waited for
+        try:
+            for name in preload:
+                importlib.import_module(name)
+        except Exception as exc:  # any import error: the workers start cold, the run goes on
+            print(f"healthflow: worker processes start cold: the warm parent cannot import {name} "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            return
+        if threading.active_count() != 1:
+            print(f"healthflow: worker processes start cold: importing {', '.join(preload)} started threads "
+                  f"({', '.join(t.name for t in threading.enumerate())}), which forking would leave holding their "
+                  "locks", file=sys.stderr)
+            return
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers report over their connection: none is waited for
+        _fork_workers(listener, idle_timeout_s)
+    finally:
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fork_workers(listener: socket.socket, idle_timeout_s: float) -> None:
+    forked = False
     with selectors.DefaultSelector() as selector:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "runner")
         selector.register(listener, selectors.EVENT_READ, "attach")
         while True:
-            for key, _ in selector.select():
+            ready = selector.select(None if forked else idle_timeout_s)
+            if not ready:  # asked for no worker: its runner never ran
+                return
+            for key, _ in ready:
                 if key.data == "runner":
                     if not os.read(sys.stdin.fileno(), 4096):  # the run is over (or the runner gone)
                         return
@@ -123,9 +157,10 @@ def serve(listener_fd: int, preload: list[str]) -> None:
                     connection.close()
                     continue
                 if child == 0:
-                    listener.close()
                     selector.close()
+                    listener.close()
                     _run_worker(connection, request)  # never returns
+                forked = True
                 connection.close()
 
 
@@ -145,8 +180,9 @@ def _exactly(connection: socket.socket, size: int) -> bytes:
 
 
 def _run_worker(connection: socket.socket, request: dict) -> None:
-    """In the forked worker: become the worker Beam started, report its exit status, exit."""
+    """In the forked worker: become the worker Beam started, end as it would, report its exit status, exit."""
     code = 1
+    attached = threading.Event()  # set while the command is waited on: its ending ends this worker
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -157,36 +193,58 @@ def _run_worker(connection: socket.socket, request: dict) -> None:
         os.chdir(request["cwd"])
         connection.settimeout(None)
         connection.sendall(STARTED)
-        threading.Thread(target=_end_with_command, args=(connection,), daemon=True,
+        attached.set()
+        threading.Thread(target=_end_with_command, args=(connection, attached), daemon=True,
                          name="healthflow-attached").start()
         from apache_beam.runners.worker import sdk_worker_main
 
+        sys.argv = [sdk_worker_main.__file__]  # as a cold worker's: PipelineOptions() reads no stray arguments
         sdk_worker_main.main([])
         code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # as the interpreter exits on it
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
     except BaseException:  # as a cold worker reports it: a traceback, a failed status
         traceback.print_exc()
     finally:
-        with contextlib.suppress(OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        code = _end_as_the_interpreter_would(code)
+        attached.clear()  # the command is not to end this worker before it has its status
         with contextlib.suppress(OSError):
             connection.sendall(bytes([code & 0xFF]))
         os._exit(code & 0xFF)
 
 
-def _end_with_command(connection: socket.socket) -> None:
+def _end_as_the_interpreter_would(code: int) -> int:
+    """What a cold worker does on its way out, but tearing down modules: join its other threads (not daemons), run
+    the ``atexit`` handlers, flush its streams. The exit status (1 if an ``atexit`` handler exits with an error)."""
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    try:
+        atexit._run_exitfuncs()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return code
+
+
+def _end_with_command(connection: socket.socket, attached: threading.Event) -> None:
     """End this worker when the command Beam started for it ends (killed, say): it would otherwise outlive it."""
     with contextlib.suppress(OSError):
         while connection.recv(1):
             pass
-    os._exit(1)
+    if attached.is_set():
+        os._exit(1)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        serve(int(sys.argv[2]), [name for name in sys.argv[3].split(",") if name])
+        serve(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), [name for name in sys.argv[5].split(",") if name])
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # nothing to finalize: skip tearing down every module the workers were forked with

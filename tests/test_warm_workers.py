@@ -4,9 +4,11 @@ when it cannot serve, and end with the command Beam started for them."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,14 +22,30 @@ from pipelines.warm_workers import WarmWorkers
 MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 
+PARENT = "pipelines.warm_workers serve"  # the warm parent's command line
+
+
+@pytest.fixture
+def temp_folder(monkeypatch):
+    """A temp folder of this test's own (short enough for a socket path), for the warm parent's socket."""
+    folder = Path(tempfile.mkdtemp(prefix="hf-ww-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_and_name_parents(tmp_path: Path) -> tuple[list[int], set[str], set[int]]:
-    """Run a small graph on two worker processes: its results, each worker's parent command line and pid."""
-    out = tmp_path / "out"
+    """Run a small graph on two worker processes: its results, each worker's parent command line and pid. Each
+    worker registers an ``atexit`` handler that leaves a file named by its pid in ``tmp_path / "atexit"``."""
+    out, marks = tmp_path / "out", tmp_path / "atexit"
+    marks.mkdir()
     pipeline = make_pipeline(MULTI_PROCESS)
     assert isinstance(pipeline.runner, WarmMultiProcessRunner)
     (pipeline
      | beam.Create(list(range(40)))
      | beam.Reshuffle()
+     | beam.Map(lambda n, marks=str(marks): __import__("atexit").register(
+         lambda: Path(marks, str(os.getpid())).touch()) and n)
      | beam.Map(lambda n: f"{n * n}\t{os.getpid()}\t"
                 f"{Path(f'/proc/{os.getppid()}/cmdline').read_bytes().replace(bytes(1), b' ').decode()}")
      | beam.io.WriteToText(str(out)))
@@ -36,19 +54,21 @@ def run_and_name_parents(tmp_path: Path) -> tuple[list[int], set[str], set[int]]
     return sorted(int(square) for square, _, _ in rows), {parent for _, _, parent in rows}, {int(p) for _, p, _ in rows}
 
 
-def test_workers_are_forked_by_the_warm_parent(tmp_path):
+def test_workers_are_forked_by_the_warm_parent_and_end_as_cold_ones(tmp_path, temp_folder):
     squares, parents, workers = run_and_name_parents(tmp_path)
     assert squares == [n * n for n in range(40)]
     assert len(workers) == 2 and os.getpid() not in workers
-    assert all("pipelines.warm_workers serve" in parent for parent in parents), parents
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("healthflow-workers-*/parent.sock"))  # cleaned up
+    assert all(PARENT in parent for parent in parents), parents
+    assert {int(mark.name) for mark in (tmp_path / "atexit").iterdir()} == workers  # their atexit handlers ran
+    assert not list(temp_folder.iterdir())  # the socket's folder is gone
 
 
-def test_workers_start_cold_when_the_warm_parent_cannot_serve(tmp_path, monkeypatch, capfd):
+def test_workers_start_cold_when_the_warm_parent_cannot_serve(tmp_path, temp_folder, monkeypatch, capfd):
     monkeypatch.setattr(warm_workers, "PRELOAD", ("healthflow_no_such_module",))
-    squares, parents, _ = run_and_name_parents(tmp_path)
+    squares, parents, workers = run_and_name_parents(tmp_path)
     assert squares == [n * n for n in range(40)]
-    assert not any("warm_workers" in parent for parent in parents), parents
+    assert not any(PARENT in parent for parent in parents), parents
+    assert {int(mark.name) for mark in (tmp_path / "atexit").iterdir()} == workers
     assert ("worker processes start cold: the warm parent cannot import healthflow_no_such_module"
             in capfd.readouterr().err)
 
@@ -72,7 +92,7 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_worker_ends_with_the_command_beam_started_for_it():
+def test_a_worker_ends_with_the_command_beam_started_for_it(temp_folder):
     """A worker whose runner never answers (a control endpoint that accepts and stays silent) is stopped by killing
     its command, as Beam does on failure: it must not live on, forked and alone."""
     warm = WarmWorkers()
@@ -94,7 +114,7 @@ def test_a_worker_ends_with_the_command_beam_started_for_it():
         warm.close()
 
 
-def test_a_command_reports_its_forked_worker_failing(capfd):
+def test_a_command_reports_its_forked_worker_failing(temp_folder, capfd):
     """A worker that cannot start (no control endpoint given) fails its command, so Beam sees the failure; the
     worker was forked (its traceback is on the warm parent's stderr, not on the command's as a cold worker's)."""
     warm = WarmWorkers()
@@ -110,12 +130,29 @@ def test_a_command_reports_its_forked_worker_failing(capfd):
         warm.close()
 
 
-@pytest.mark.parametrize("first", ["close", "collect"])
-def test_the_warm_parent_ends_with_its_run(first):
-    warm = WarmWorkers()
-    pid = warm.pid
-    if first == "close":
+def test_a_stuck_warm_parent_leaves_the_command_to_start_a_cold_worker(temp_folder):
+    warm = WarmWorkers(started_timeout_s=1.0)
+    try:
+        os.kill(warm.pid, signal.SIGSTOP)
+        env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
+        result = subprocess.run(warm.command, shell=True, env=env, timeout=60, capture_output=True)
+        assert result.returncode == 1
+        assert b"CONTROL_API_SERVICE_DESCRIPTOR" in result.stderr  # the cold worker's own traceback
+    finally:
+        os.kill(warm.pid, signal.SIGCONT)
         warm.close()
-    else:
+
+
+@pytest.mark.parametrize("end", ["close", "collect", "idle"])
+def test_the_warm_parent_ends_with_its_run_or_idle(end, temp_folder):
+    warm = WarmWorkers(idle_timeout_s=0.5 if end == "idle" else 60)
+    pid = warm.pid
+    if end == "close":
+        warm.close()
+    elif end == "collect":
         del warm
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", timeout_s=30)
+    assert not list(temp_folder.iterdir())  # its socket's folder is gone
+    if end == "idle":
+        assert not warm.serving()
+        warm.close()
