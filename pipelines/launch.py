@@ -95,8 +95,10 @@ class WarmMultiProcessRunner(FnApiRunner):
         self._environment = environment
 
     def run_pipeline(self, pipeline: beam.Pipeline, options: PipelineOptions):  # type: ignore[override]
-        if self._warm is None or not self._warm.serving():  # a second run, or a parent that went idle
+        if self._warm is None or not self._warm.claim():  # a second run, or a parent that ended idle
             self._warm = _warm_workers()
+            if self._warm is not None:
+                self._warm.claim()
         try:
             return super().run_pipeline(pipeline, options)
         finally:

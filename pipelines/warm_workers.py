@@ -21,8 +21,8 @@ handlers run (pooled sinks closed), streams flushed, then its status reported.
 The parent forks only while it runs no Python thread but its own, as CPython's forkserver does, and before any
 gRPC channel or server exists (each worker makes its own). The C libraries Beam loads that keep threads of their
 own (pyarrow's jemalloc, numpy's OpenBLAS) prepare for fork themselves. The parent ends with the run (its stdin,
-the runner's pipe, closes) or after ``IDLE_TIMEOUT_S`` with no worker asked for (a runner that never ran), and
-removes its socket as it goes.
+the runner's pipe, closes; also when the runner is killed) or after ``IDLE_TIMEOUT_S`` if no run began (a runner
+that never ran), and removes its socket as it goes. It ignores Ctrl-C, which is the runner's to act on.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 
@@ -53,15 +54,16 @@ STARTED = b"S"  # the warm parent's first byte to an attaching command: a worker
 LENGTH_BYTES = 8
 REQUEST_TIMEOUT_S = 10.0  # an attaching command that sends no request within this is dropped, not waited on
 STARTED_TIMEOUT_S = 60.0  # a command not answered within this (a stuck parent) starts a cold worker
-IDLE_TIMEOUT_S = 60.0  # a parent asked for no worker within this after its imports ends (its runner never ran)
+IDLE_TIMEOUT_S = 60.0  # a parent whose run has not begun within this after its imports ends (it never will)
 
 
 class WarmWorkers:
     """A warm parent: ``command`` is the worker command line for Beam's subprocess environment.
 
     Started on creation; ``close`` stops it (workers already forked are not stopped: each ends when Beam closes its
-    control channel or kills its command). Never closed, it ends when this process does, when garbage-collected, or
-    idle after ``IDLE_TIMEOUT_S``. OSError when it cannot be started here (then nothing is left behind)."""
+    control channel or kills its command). ``claim`` as a run begins. Never closed, it ends when this process does,
+    when garbage-collected, or idle after ``IDLE_TIMEOUT_S`` unclaimed. OSError when it cannot be started here (then
+    nothing is left behind)."""
 
     def __init__(self, started_timeout_s: float = STARTED_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._folder = tempfile.mkdtemp(prefix="healthflow-workers-")  # mode 0700: only this user can attach
@@ -89,9 +91,16 @@ class WarmWorkers:
         return " ".join(shlex.quote(part) for part in (sys.executable, "-I", "-S", str(ATTACH), self._address,
                                                        str(self._started_timeout_s)))
 
-    def serving(self) -> bool:
-        """Whether the parent may still fork workers (not closed, not ended)."""
-        return self._finalizer.alive and self._parent.poll() is None
+    def claim(self) -> bool:
+        """Tell the parent a run begins (it then no longer ends idle); False when it has ended (or was closed)."""
+        if not self._finalizer.alive or self._parent.poll() is not None:
+            return False
+        try:
+            self._parent.stdin.write(b"r")  # type: ignore[union-attr]
+            self._parent.stdin.flush()  # type: ignore[union-attr]
+        except OSError:  # it ended idle just now
+            return False
+        return True
 
     def close(self) -> None:
         self._finalizer()
@@ -114,6 +123,7 @@ def serve(listener_fd: int, folder: str, idle_timeout_s: float, preload: list[st
     A parent that cannot import what it should, or that has come to run a second Python thread (which a fork would
     leave behind holding its locks), says so and ends: every command then starts Beam's cold worker."""
     listener = socket.socket(fileno=listener_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's (in whose process group this is) to act on
     try:
         try:
             for name in preload:
@@ -128,39 +138,53 @@ def serve(listener_fd: int, folder: str, idle_timeout_s: float, preload: list[st
                   "locks", file=sys.stderr)
             return
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers report over their connection: none is waited for
-        _fork_workers(listener, idle_timeout_s)
+        _fork_workers(listener, idle_timeout_s)  # returns in this process only: a worker never leaves _run_worker
     finally:
         listener.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fork_workers(listener: socket.socket, idle_timeout_s: float) -> None:
-    forked = False
+    """Fork a worker per attaching command until stdin closes; until the runner writes to stdin (its run began) or a
+    worker is forked, for at most ``idle_timeout_s``."""
+    claimed = False
     with selectors.DefaultSelector() as selector:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "runner")
         selector.register(listener, selectors.EVENT_READ, "attach")
         while True:
-            ready = selector.select(None if forked else idle_timeout_s)
-            if not ready:  # asked for no worker: its runner never ran
+            ready = selector.select(None if claimed else idle_timeout_s)
+            if not ready:  # asked for nothing: its runner never ran
                 return
             for key, _ in ready:
                 if key.data == "runner":
                     if not os.read(sys.stdin.fileno(), 4096):  # the run is over (or the runner gone)
                         return
+                    claimed = True  # a run began: no idle end
                     continue
-                connection, _ = listener.accept()
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # no descriptor to spare, say: the commands to come start cold workers
+                    return
                 try:
                     connection.settimeout(REQUEST_TIMEOUT_S)
                     request = _receive(connection)
-                    child = os.fork()
+                    for stream in (sys.stdout, sys.stderr):
+                        stream.flush()  # written once, not once more by each worker
+                    with warnings.catch_warnings():
+                        # Python 3.12+ warns of any other OS thread; those here are C libraries' that prepare for fork
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        child = os.fork()
                 except (OSError, ValueError):  # the command went, or no fork: it starts a cold worker
                     connection.close()
                     continue
                 if child == 0:
-                    selector.close()
-                    listener.close()
-                    _run_worker(connection, request)  # never returns
-                forked = True
+                    try:
+                        selector.close()
+                        listener.close()
+                        _run_worker(connection, request)  # ends the process
+                    finally:
+                        os._exit(1)  # nothing unwinds into this loop's copy in the worker
+                claimed = True
                 connection.close()
 
 
@@ -181,19 +205,23 @@ def _exactly(connection: socket.socket, size: int) -> bytes:
 
 def _run_worker(connection: socket.socket, request: dict) -> None:
     """In the forked worker: become the worker Beam started, end as it would, report its exit status, exit."""
+    try:
+        connection.settimeout(None)
+        connection.sendall(STARTED)
+    except OSError:  # the command gave up waiting (and started a cold worker): nothing to do
+        os._exit(1)
     code = 1
     attached = threading.Event()  # set while the command is waited on: its ending ends this worker
+    attached.set()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)  # the runner's pipe is the warm parent's, not a worker's
         os.close(devnull)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        connection.settimeout(None)
-        connection.sendall(STARTED)
-        attached.set()
         threading.Thread(target=_end_with_command, args=(connection, attached), daemon=True,
                          name="healthflow-attached").start()
         from apache_beam.runners.worker import sdk_worker_main
@@ -209,28 +237,22 @@ def _run_worker(connection: socket.socket, request: dict) -> None:
     except BaseException:  # as a cold worker reports it: a traceback, a failed status
         traceback.print_exc()
     finally:
-        code = _end_as_the_interpreter_would(code)
+        _end_as_the_interpreter_would()
         attached.clear()  # the command is not to end this worker before it has its status
         with contextlib.suppress(OSError):
             connection.sendall(bytes([code & 0xFF]))
         os._exit(code & 0xFF)
 
 
-def _end_as_the_interpreter_would(code: int) -> int:
-    """What a cold worker does on its way out, but tearing down modules: join its other threads (not daemons), run
-    the ``atexit`` handlers, flush its streams. The exit status (1 if an ``atexit`` handler exits with an error)."""
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    try:
-        atexit._run_exitfuncs()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+def _end_as_the_interpreter_would() -> None:
+    """What a cold worker does on its way out, but tearing down modules: the interpreter's own thread shutdown (its
+    hooks wake idle pool threads, then other threads but daemons are joined), the ``atexit`` handlers (a failing one
+    is printed; the status stays), its streams flushed."""
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    return code
 
 
 def _end_with_command(connection: socket.socket, attached: threading.Event) -> None:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,5 +155,28 @@ def test_the_warm_parent_ends_with_its_run_or_idle(end, temp_folder):
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", timeout_s=30)
     assert not list(temp_folder.iterdir())  # its socket's folder is gone
     if end == "idle":
-        assert not warm.serving()
+        assert not warm.claim()
         warm.close()
+
+
+def test_a_claimed_parent_does_not_end_idle(temp_folder):
+    warm = WarmWorkers(idle_timeout_s=0.5)
+    try:
+        assert warm.claim()
+        time.sleep(3)  # its imports (~1.3 s) and well past the idle timeout
+        assert warm.claim() and _state(warm.pid) not in ("", "Z")
+    finally:
+        warm.close()
+
+
+def test_the_warm_parent_of_a_killed_runner_ends_and_removes_its_socket(temp_folder):
+    runner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipelines.warm_workers import WarmWorkers; "
+         "w = WarmWorkers(); print(w.pid, flush=True); time.sleep(120)"],
+        env=dict(os.environ, TMPDIR=str(temp_folder)), stdout=subprocess.PIPE, text=True)
+    parent = int(runner.stdout.readline())
+    assert list(temp_folder.iterdir())  # the socket's folder
+    runner.kill()
+    runner.wait()
+    wait_for(lambda: not Path(f"/proc/{parent}").exists() or _state(parent) == "Z", timeout_s=30)
+    wait_for(lambda: not list(temp_folder.iterdir()), timeout_s=5)
