@@ -91,9 +91,14 @@ class WarmWorkers:
         return " ".join(shlex.quote(part) for part in (sys.executable, "-I", "-S", str(ATTACH), self._address,
                                                        str(self._started_timeout_s)))
 
+    def ended(self) -> bool:
+        """Whether the parent has ended (closed, idle, or failed); it is then reaped."""
+        return self._parent.poll() is not None
+
     def claim(self) -> bool:
-        """Tell the parent a run begins (it then no longer ends idle); False when it has ended (or was closed)."""
-        if not self._finalizer.alive or self._parent.poll() is not None:
+        """Tell the parent a run begins (it then no longer ends idle); False when it has ended (or was closed). A
+        parent ending idle at this very moment may still take the claim: its run's workers then start cold."""
+        if not self._finalizer.alive or self.ended():
             return False
         try:
             self._parent.stdin.write(b"r")  # type: ignore[union-attr]
