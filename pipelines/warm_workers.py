@@ -45,6 +45,7 @@ import traceback
 import warnings
 import weakref
 from pathlib import Path
+from typing import Any
 
 # what a worker imports before its first bundle: Beam's harness, and the modules of every healthflow graph
 PRELOAD: tuple[str, ...] = ("apache_beam.runners.worker.sdk_worker_main",
@@ -128,7 +129,9 @@ def serve(listener_fd: int, folder: str, idle_timeout_s: float, preload: list[st
     A parent that cannot import what it should, or that has come to run a second Python thread (which a fork would
     leave behind holding its locks), says so and ends: every command then starts Beam's cold worker."""
     listener = socket.socket(fileno=listener_fd)
+    inherited = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}  # the workers'
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's (in whose process group this is) to act on
+    signal.signal(signal.SIGTERM, _terminated)  # with its process group, say: the socket's folder still goes
     try:
         try:
             for name in preload:
@@ -143,15 +146,19 @@ def serve(listener_fd: int, folder: str, idle_timeout_s: float, preload: list[st
                   "locks", file=sys.stderr)
             return
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers report over their connection: none is waited for
-        _fork_workers(listener, idle_timeout_s)  # returns in this process only: a worker never leaves _run_worker
+        _fork_workers(listener, idle_timeout_s, inherited)  # returns here only: a worker never leaves _run_worker
     finally:
         listener.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fork_workers(listener: socket.socket, idle_timeout_s: float) -> None:
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _fork_workers(listener: socket.socket, idle_timeout_s: float, handlers: dict[int, Any]) -> None:
     """Fork a worker per attaching command until stdin closes; until the runner writes to stdin (its run began) or a
-    worker is forked, for at most ``idle_timeout_s``."""
+    worker is forked, for at most ``idle_timeout_s``. A worker gets the signal ``handlers`` the parent inherited."""
     claimed = False
     with selectors.DefaultSelector() as selector:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "runner")
@@ -186,7 +193,7 @@ def _fork_workers(listener: socket.socket, idle_timeout_s: float) -> None:
                     try:
                         selector.close()
                         listener.close()
-                        _run_worker(connection, request)  # ends the process
+                        _run_worker(connection, request, handlers)  # ends the process
                     finally:
                         os._exit(1)  # nothing unwinds into this loop's copy in the worker
                 claimed = True
@@ -208,7 +215,7 @@ def _exactly(connection: socket.socket, size: int) -> bytes:
     return data
 
 
-def _run_worker(connection: socket.socket, request: dict) -> None:
+def _run_worker(connection: socket.socket, request: dict, handlers: dict[int, Any]) -> None:
     """In the forked worker: become the worker Beam started, end as it would, report its exit status, exit."""
     try:
         connection.settimeout(None)
@@ -220,7 +227,8 @@ def _run_worker(connection: socket.socket, request: dict) -> None:
     attached.set()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number, handler in handlers.items():  # as a cold worker starts: Ctrl-C raises, unless ignored by then
+            signal.signal(number, handler)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)  # the runner's pipe is the warm parent's, not a worker's
         os.close(devnull)
@@ -253,7 +261,10 @@ def _end_as_the_interpreter_would() -> None:
     """What a cold worker does on its way out, but tearing down modules: the interpreter's own thread shutdown (its
     hooks wake idle pool threads, then other threads but daemons are joined), the ``atexit`` handlers (a failing one
     is printed; the status stays), its streams flushed."""
-    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
+    except BaseException:  # as the interpreter does: printed, and the atexit handlers still run
+        traceback.print_exc()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -144,7 +144,7 @@ def test_a_stuck_warm_parent_leaves_the_command_to_start_a_cold_worker(temp_fold
         warm.close()
 
 
-@pytest.mark.parametrize("end", ["close", "collect", "idle"])
+@pytest.mark.parametrize("end", ["close", "collect", "idle", "terminated"])
 def test_the_warm_parent_ends_with_its_run_or_idle(end, temp_folder):
     warm = WarmWorkers(idle_timeout_s=0.5 if end == "idle" else 60)
     pid = warm.pid
@@ -152,8 +152,12 @@ def test_the_warm_parent_ends_with_its_run_or_idle(end, temp_folder):
         warm.close()
     elif end == "collect":
         del warm
-    if end == "idle":  # reaped: /proc shows an exiting process as a zombie before its C threads are gone
+    elif end == "terminated":  # with its process group, say
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGTERM)
+    if end in ("idle", "terminated"):  # reaped: /proc shows an exiting process as a zombie before its C threads end
         wait_for(warm.ended, timeout_s=30)
+        assert not list(temp_folder.iterdir())  # the parent removed its socket's folder itself
         assert not warm.claim()
         warm.close()
     assert not Path(f"/proc/{pid}").exists()
