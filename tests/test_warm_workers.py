@@ -15,6 +15,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import pytest
+from test_streaming import wait_for
 
 from pipelines import warm_workers
 from pipelines.launch import WarmMultiProcessRunner, make_pipeline
@@ -86,13 +87,6 @@ def _state(pid: int) -> str:
         return ""
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_a_worker_ends_with_the_command_beam_started_for_it(temp_folder):
     """A worker whose runner never answers (a control endpoint that accepts and stays silent) is stopped by killing
     its command, as Beam does on failure: it must not live on, forked and alone."""
@@ -103,7 +97,7 @@ def test_a_worker_ends_with_the_command_beam_started_for_it(temp_folder):
                    PIPELINE_OPTIONS="{}", WORKER_ID="worker_test")
         command = subprocess.Popen(warm.command, shell=True, env=env, start_new_session=True)
         parent = warm.pid
-        wait_for(lambda: children(parent))
+        wait_for(lambda: children(parent), timeout_s=30)
         (worker,) = children(parent)
         time.sleep(0.5)
         assert command.poll() is None and Path(f"/proc/{worker}").exists()  # waiting on the silent endpoint
