@@ -11,6 +11,10 @@ On the simulated raw events (300 users × 4 days by default; ``--quick`` for few
   process;
 - every figure against its target, rates also normalized to the reference machine's json floor.
 
+The in-process pipeline rows also show their user and kernel CPU seconds and what creating a new file cost just
+before them: the local object store creates one per event, and on some file systems that cost varies tenfold between
+runs (``_costs``).
+
 Ratios are taken within this run, so machine noise largely cancels. The webhook receiver, the Pub/Sub test server,
 the Kafka broker and moto run in processes of their own. All figures are written as JSON (``--json``) with the
 commit, date and machine, and ``--compare OLD.json`` prints new/old for every figure both runs have.
@@ -23,11 +27,12 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +187,36 @@ def _vs_mapper(doc: Doc, figure: dict[str, Any]) -> None:
         figure["vs_mapper_loop"] = loop / figure["rate"]
 
 
+@contextlib.contextmanager
+def _costs(work: Path, figure: dict[str, Any]) -> Iterator[None]:
+    """Note in ``figure`` what a run in this process cost: its user and kernel CPU seconds (every thread of the bench
+    process: the runner and its worker; the servers' processes are not counted), and what creating one new file in
+    ``work`` cost just before it (``new_file_us``), which the object store pays once per new object.
+
+    Creating a file is the kernel's CPU and varies between runs on the same machine (on an ext4 file system where
+    many files were just deleted, 20 µs here became 200–700 µs for a few minutes); the kernel seconds show how much
+    of a run's time it was."""
+    figure["new_file_us"] = new_file_cost(work)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    yield
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    figure["cpu_user_s"], figure["cpu_kernel_s"] = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+NEW_FILE_PROBES = 200
+
+
+def new_file_cost(work: Path) -> float:
+    """Microseconds to create a new 2 KB file (an object's size) in a fresh folder under ``work``; the probe files
+    stay until ``work`` goes, as deleting them would slow what follows (see ``_costs``)."""
+    folder = Path(tempfile.mkdtemp(prefix="new-files-", dir=work))
+    body = b"x" * 2048
+    started = time.perf_counter()
+    for n in range(NEW_FILE_PROBES):
+        (folder / f"{n}.json").write_bytes(body)
+    return (time.perf_counter() - started) / NEW_FILE_PROBES * 1e6
+
+
 def _files_job(work: Path, name: str, raw: str = "raw.jsonl") -> NormalizeJob:
     out = work / name
     out.mkdir()
@@ -196,9 +231,11 @@ def _files(doc: Doc, console: Console, work: Path) -> None:
     label = "pipeline: files → SQLite + objects"
 
     def one() -> None:
-        summary = run_batch(_files_job(work, "files1"), ONE_WORKER)
+        job, costs = _files_job(work, "files1"), {}
+        with _costs(work, costs):
+            summary = run_batch(job, ONE_WORKER)
         _vs_mapper(doc, results.add_rate(doc, "pipeline.files", label, summary.get("raw_in"), summary.seconds,
-                                         beam_args=ONE_WORKER, delivered=_delivered(summary.counters)))
+                                         beam_args=ONE_WORKER, delivered=_delivered(summary.counters), **costs))
 
     def two() -> None:
         summary = run_batch(_files_job(work, "files2"), TWO_WORKERS)
@@ -245,10 +282,12 @@ def _topic_batch(doc: Doc, console: Console, work: Path, payloads: Sequence[RawP
             publish(broker.bootstrap, "bench", payloads)
             sinks = [WebhookSink("webhook", url, secret), SqlSink("sqlite", f"sqlite:///{work / 'k.db'}"),
                      ObjectStoreSink("object_store", str(work / "objects"))]
-            summary = run_batch(NormalizeJob(KafkaSource(broker.bootstrap, "bench"), sinks, str(work / "dlq2"),
-                                             state_url=f"sqlite:///{work / 'state2.db'}"))
+            job, costs = NormalizeJob(KafkaSource(broker.bootstrap, "bench"), sinks, str(work / "dlq2"),
+                                      state_url=f"sqlite:///{work / 'state2.db'}"), {}
+            with _costs(work, costs):
+                summary = run_batch(job)
             _vs_mapper(doc, results.add_rate(doc, "pipeline.topic_batch", label, summary.get("raw_in"),
-                                             summary.seconds, delivered=_delivered(summary.counters)))
+                                             summary.seconds, delivered=_delivered(summary.counters), **costs))
 
     _attempt(doc, console, "pipeline.topic_batch", label, run)
 
@@ -443,6 +482,9 @@ def _note(key: str, figure: dict[str, Any]) -> str:
     if key.startswith("destination."):
         return f"{figure['failed']} failed" if figure.get("failed") else ""
     note = f"{figure['vs_mapper_loop']:.2f}x" if "vs_mapper_loop" in figure else ""
+    if "cpu_user_s" in figure:
+        note += (f"; CPU {figure['cpu_user_s']:.1f} s user + {figure['cpu_kernel_s']:.1f} s kernel; a new file "
+                 f"{figure['new_file_us']:,.0f} µs")
     if key.startswith("pipeline.topic_stream"):
         note += (f"; start-up: {figure['first_ended']:,} ended by {figure['startup_s']:.1f} s; "
                  f"{figure['rate_with_startup']:,.0f}/s with it")

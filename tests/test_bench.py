@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -103,3 +104,21 @@ def test_compare_gives_new_over_old_and_relative_to_each_runs_floor():
     assert rows["destination.webhook rate"]["floor_ratio"] == pytest.approx(0.5)
     assert rows["workers speedup"]["ratio"] == pytest.approx(1.0)
     assert "memory ratio" not in rows
+
+
+def test_a_run_notes_its_user_and_kernel_cpu_and_what_a_new_file_cost_before_it(tmp_path):
+    from bench.run import NEW_FILE_PROBES, _costs, _note
+
+    figure = {}
+    with _costs(tmp_path, figure):
+        deadline = resource.getrusage(resource.RUSAGE_SELF).ru_utime + 0.05
+        while resource.getrusage(resource.RUSAGE_SELF).ru_utime < deadline:  # user CPU
+            pass
+        for n in range(300):  # kernel CPU: files made and removed
+            (tmp_path / f"{n}").write_bytes(b"x")
+            (tmp_path / f"{n}").unlink()
+    assert figure["cpu_user_s"] >= 0.04 and figure["cpu_kernel_s"] > 0
+    assert 0 < figure["new_file_us"] < 1e6
+    (probes,) = tmp_path.glob("new-files-*")  # kept: deleting them would slow the run after the probe
+    assert len(list(probes.iterdir())) == NEW_FILE_PROBES
+    assert "s kernel; a new file" in _note("pipeline.files", dict(figure, vs_mapper_loop=1.3))
