@@ -386,6 +386,27 @@ def test_a_local_day_replacing_a_utc_day_keeps_only_the_stored_samples_of_that_l
         {"timestamp": "2024-03-11T12:00:00.000000+00:00", "bpm": 60}]
 
 
+def test_a_utc_row_outside_the_local_day_leaves_the_days_samples_as_they_were():
+    # Oura sends one heart-rate row per document: a row of the UTC 11th at 02:00Z is the local 10th, and brings
+    # nothing to the local 11th (its emptied sample list must not replace the day's samples)
+    local = {"metadata": LOCAL_0311, **_hr("2024-03-11T10:00:00.000000-05:00")}
+    row = {"metadata": UTC_0311, **_hr("2024-03-11T02:00:00.000000+00:00")}
+    dropped: list[tuple[str, int]] = []
+    for stored, fragments in (({("daily", "2026-11-02"): (local, 5)}, [_keyed(row, 6, "1")]),
+                              (None, [_keyed(local, 5, "1"), _keyed(row, 5, "2")])):
+        (event,) = merge_user_events("u", fragments, stored, on_dropped=lambda n, c: dropped.append((n, c)))
+        assert event.data == local
+        assert event.ordering_timestamp_ms == fragments[-1].version_ms  # the row changed nothing at its version
+    assert dropped == [("samples_outside_window", 1)] * 2
+
+
+def test_a_local_day_replacing_a_utc_day_leaves_no_empty_list_of_the_samples_outside_it():
+    stored = {("daily", "2026-11-02"): ({"metadata": UTC_0311, **_hr("2024-03-11T02:00:00.000000+00:00")}, 5)}
+    local = {"metadata": LOCAL_0311, "distance_data": {"steps": 100}}
+    (event,) = merge_user_events("u", [_keyed(local, 6, "1")], stored)
+    assert event.data == local
+
+
 def test_a_replacing_fragment_newer_than_the_stored_record_clears_what_it_lacks_an_older_one_only_fills_gaps():
     stored = {("daily", "2026-11-02"): ({"metadata": LOCAL_0311, "scores": {"recovery": 67}, "strain_data": {
         "strain_level": 5.0}}, 5)}

@@ -555,6 +555,7 @@ class RecordMerge:
         if new_local and _utc_day(old_meta):  # the local window replaces the UTC one: the stored samples must fit it
             kept, dropped = _within(record, *_bounds(new_meta))
             if dropped:
+                record.clear()  # a record of its own: what lost every sample goes
                 record.update(kept)
                 self.samples_outside_window += dropped
         if not (old_local and not new_local):
@@ -767,7 +768,8 @@ def _bounds(meta: dict[str, Any]) -> tuple[int, int]:
 
 def _within(value: Any, start: int, end: int) -> tuple[Any, int]:
     """``value`` with the samples of its sample lists outside ``[start, end)`` left out (a copy along the way to a
-    change; ``value`` itself when nothing is outside), and how many were left out."""
+    change; ``value`` itself when nothing is outside), and how many were left out. A list (or block) that loses every
+    sample is left out with them, not kept empty: folded, it would replace the samples it meets."""
     if isinstance(value, list) and _sample_list(value):
         time_key = _time_key(value[0])
         inside = [item for item in value if start <= sample_instant(item[time_key]) < end]
@@ -781,7 +783,10 @@ def _within(value: Any, start: int, end: int) -> tuple[Any, int]:
         kept, count = _within(item, start, end)
         if count:
             changed[key], dropped = kept, dropped + count
-    return ({**value, **changed}, dropped) if dropped else (value, 0)
+    if not dropped:
+        return value, 0
+    return {key: changed.get(key, item) for key, item in value.items()
+            if key not in changed or changed[key]}, dropped
 
 
 Stored = dict[tuple[str, str], tuple[dict[str, Any], int]]  # (type, natural key) → (record, version_ms)
