@@ -27,11 +27,10 @@ from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-from pipelines.warm_workers import WarmWorkers
+from pipelines.warm_workers import LOCAL_RUNNERS, WarmWorkers, take_prestarted
 
 log = logging.getLogger(__name__)
 
-LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"}
 
 
 def pipeline_options(beam_args: Sequence[str] = (), streaming: bool = False) -> PipelineOptions:
@@ -108,7 +107,11 @@ class WarmMultiProcessRunner(FnApiRunner):
 
 
 def _warm_workers() -> WarmWorkers | None:
-    """A warm parent for a run, or None (Beam's cold workers) when one cannot be started here."""
+    """A warm parent for a run (the one ``pipelines.warm_workers.prestart`` started, if any), or None (Beam's cold
+    workers) when one cannot be started here."""
+    prestarted = take_prestarted()
+    if prestarted is not None:
+        return prestarted
     try:
         return WarmWorkers()
     except OSError as exc:  # no Unix socket (a temp folder path too long for one, say), no process to spare

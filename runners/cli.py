@@ -72,6 +72,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from pipelines.warm_workers import prestart
+
+    if args.mode != "streaming":  # a multi-process run's warm parent imports Beam while this command does; if it
+        with contextlib.suppress(OSError):  # cannot start, the runner starts one (or cold workers), as before
+            prestart(beam_args)
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from pipelines.normalize import FileSource, KafkaSource, NormalizeJob, PubSubSource, run_batch

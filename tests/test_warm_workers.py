@@ -75,6 +75,22 @@ def test_workers_start_cold_when_the_warm_parent_cannot_serve(tmp_path, temp_fol
             in capfd.readouterr().err)
 
 
+def test_a_prestarted_parent_serves_the_next_multi_process_run(tmp_path, temp_folder, monkeypatch):
+    monkeypatch.setattr(warm_workers, "_prestarted", None)
+    for other in (["--direct_num_workers=2"], [*MULTI_PROCESS, "--streaming"], [*MULTI_PROCESS, "--runner=Dataflow"]):
+        assert not warm_workers.prestart(other)  # not the local multi-process runner: nothing started
+    assert warm_workers._prestarted is None
+    assert warm_workers.prestart(["--runner", "DirectRunner", "--direct_running_mode", "multi_processing"])
+    prestarted = warm_workers._prestarted
+    command_line = Path(f"/proc/{prestarted.pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode()
+    assert PARENT in command_line
+    squares, parents, _ = run_and_name_parents(tmp_path)
+    assert squares == [n * n for n in range(40)]
+    assert parents == {command_line}  # the run's workers were forked by the prestarted parent
+    assert warm_workers._prestarted is None  # taken by the run, and ended with it
+    wait_for(prestarted.ended, 10)
+
+
 def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
