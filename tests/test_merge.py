@@ -179,24 +179,42 @@ def _reference_merge_user_events(fragments, stored=None):
         return bool(items) and all(isinstance(i, dict) and (i.get("timestamp") or i.get("measurement_time"))
                                    for i in items)
 
-    def merge(older, newer, fill=False):
-        """``newer`` over ``older``; ``fill``: ``older`` only fills what ``newer`` lacks (its samples at other
-        instants stay, even inside ``newer``'s span)."""
+    def merge(older, newer, rows=frozenset()):
+        """``newer`` over ``older``; of the sample lists named in ``rows``, ``older`` only fills what ``newer`` lacks
+        (its samples at other instants stay, even inside ``newer``'s span)."""
         if isinstance(older, dict) and isinstance(newer, dict):
             merged = dict(older)
             for key, value in newer.items():
-                merged[key] = merge(older[key], value, fill) if key in older and isinstance(value, dict | list) \
-                    else value
+                if key not in older or not isinstance(value, dict | list):
+                    merged[key] = value
+                elif isinstance(value, list) and isinstance(older[key], list) and sample_list(older[key]) \
+                        and sample_list(value):
+                    merged[key] = _reference_sample_merge_with(merge, instant, older[key], value, key in rows)
+                else:
+                    merged[key] = merge(older[key], value, rows)
             return merged
-        if isinstance(older, list) and isinstance(newer, list) and sample_list(older) and sample_list(newer):
-            return _reference_sample_merge_with(merge, instant, older, newer, fill)
         return newer
+
+    def row_lists(records):
+        """The sample lists every record holding them holds as one sample."""
+        longest = {}
+
+        def visit(value):
+            for key, item in value.items():
+                if isinstance(item, dict):
+                    visit(item)
+                elif isinstance(item, list) and sample_list(item):
+                    longest[key] = max(longest.get(key, 0), len(item))
+
+        for record in records:
+            visit(record)
+        return {key for key, length in longest.items() if length == 1}
 
     def has_offset(text):
         return bool(text) and len(text) > 26
 
-    def day_aware(older, newer, fill=False):
-        merged = merge(older, newer, fill)
+    def day_aware(older, newer, rows=frozenset()):
+        merged = merge(older, newer, rows)
         old_meta, new_meta = older.get("metadata") or {}, newer.get("metadata") or {}
         if old_meta.get("timestamp_localization") == 1 and has_offset(old_meta.get("start_time")) and (
                 new_meta.get("timestamp_localization") != 1 or not has_offset(new_meta.get("start_time"))):
@@ -217,7 +235,8 @@ def _reference_merge_user_events(fragments, stored=None):
             older = {}
             for fragment in stale:
                 older = day_aware(older, fragment.data)
-            filled = day_aware(older, data)  # no interval lists here: stored sample lists win for their span
+            # no interval lists here: stored sample lists win for their span, except over the stale fragments' rows
+            filled = day_aware(older, data, row_lists(f.data for f in stale))
             if filled != data:
                 data, version = filled, version + 1
         for fragment in versions[len(stale):]:
@@ -236,7 +255,7 @@ def _reference_sample_merge_with(merge, instant, older, newer, fill=False):
     span = [instant(item[key]) for item in newer]
     first, last = min(span), max(span)
     older_at = {instant(item[key]): item for item in older}
-    merged_newer = [merge(older_at[at], item, fill) if at in older_at else item
+    merged_newer = [merge(older_at[at], item) if at in older_at else item
                     for at, item in zip(span, newer, strict=True)]
     kept = [item for item in older if (instant(item[key]) not in span if fill else
                                        not first <= instant(item[key]) <= last)]
@@ -561,3 +580,28 @@ def test_a_stale_redelivery_of_a_restaged_hypnogram_does_not_mix_into_the_newer_
     filled = merge.record(night(("00:00", 5), ("00:10", 4), ("00:40", 6)))
     merge.fill(filled, night(("00:00", 5), ("00:20", 4), ("00:40", 6)), intervals={"step_samples"})
     assert filled == night(("00:00", 5), ("00:20", 4), ("00:40", 6))
+
+
+def test_late_rows_inside_the_stored_span_are_kept_a_late_series_there_gives_way():
+    """A one-sample fragment (an Oura heart-rate row, a Withings weigh-in) adds its sample whatever its version: older
+    than the stored record, it fills the gap it finds even between the stored samples. A stale series of several
+    samples is the older version of the stored one, which wins its span."""
+    stored = {("daily", "2026-11-02"): ({"metadata": LOCAL_0311, **_hr("2024-03-11T08:00:00.000000-05:00",
+                                                                       "2024-03-11T12:00:00.000000-05:00")}, 5)}
+    rows = [_keyed({"metadata": LOCAL_0311, **_hr(f"2024-03-11T{hour}:00:00.000000-05:00")}, 4, hour)
+            for hour in ("10", "12")]
+    (event,) = merge_user_events("u", rows, stored)
+    assert [s["timestamp"][11:13] for s in event.data["heart_rate_data"]["detailed"]["hr_samples"]] == [
+        "08", "10", "12"]
+    assert event.ordering_timestamp_ms == 6  # newer than what destinations hold
+    series = _keyed({"metadata": LOCAL_0311, **_hr("2024-03-11T09:00:00.000000-05:00",
+                                                   "2024-03-11T10:00:00.000000-05:00")}, 4, "1")
+    (event,) = merge_user_events("u", [series], stored)
+    assert event.data == stored[("daily", "2026-11-02")][0] and event.ordering_timestamp_ms == 5
+    weighed = {"metadata": LOCAL_0311, "measurements_data": {"measurements": [
+        {"measurement_time": "2024-03-11T07:00:00.000000-05:00", "weight_kg": 80.0},
+        {"measurement_time": "2024-03-11T21:00:00.000000-05:00", "weight_kg": 80.6}]}}
+    late = {"metadata": LOCAL_0311, "measurements_data": {"measurements": [
+        {"measurement_time": "2024-03-11T12:00:00.000000-05:00", "weight_kg": 80.3}]}}
+    (event,) = merge_user_events("u", [_keyed(late, 4, "1")], {("daily", "2026-11-02"): (weighed, 5)})
+    assert [m["weight_kg"] for m in event.data["measurements_data"]["measurements"]] == [80.0, 80.3, 80.6]

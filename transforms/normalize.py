@@ -576,8 +576,9 @@ class RecordMerge:
     def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
         what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
-        lists a provider emits one interval at a time) every sample of ``older`` whose (instant, part) ``record``
-        lacks is kept (a late interval inside the span ``record`` covers is a gap, not replaced); ``record``'s sample
+        lists a provider emits one interval at a time, or that came as rows, one sample at a time) every sample of
+        ``older`` whose (instant, part) ``record`` lacks is kept (a late interval or row inside the span ``record``
+        covers is a gap, not replaced); ``record``'s sample
         wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
         instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
         hypnogram is not mixed with the samples it replaced). Whether ``older`` changed."""
@@ -810,8 +811,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
     record, if any; a fragment older than the stored version only fills what the stored record
-    lacks (``RecordMerge.fill``: fields, and samples at an (instant, part) it lacks, even inside the span its samples
-    cover), unless it is not newer than the deletion the record was re-created after (its ``generation``) or than the
+    lacks (``RecordMerge.fill``: fields; samples at an (instant, part) it lacks of an interval list, or of a list the
+    stale fragments hold as rows (one sample each: an Oura heart-rate row, a Withings weigh-in), even inside the span
+    the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion the
+    record was re-created after (its ``generation``) or than the
     fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
     carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
     record's content does, so no destination guard ever takes a richer record for a stale copy. Neither the fragments
@@ -860,7 +863,8 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
             filled = merge.record({})
             for fragment in stale_data:
                 merge.fold_record(filled, fragment.data)
-            merge.fill(filled, data, {path[-1] for path in spec.paths} if spec is not None else ())
+            intervals = {path[-1] for path in spec.paths} if spec is not None else set()
+            merge.fill(filled, data, intervals | _row_lists(fragment.data for fragment in stale_data))
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
@@ -911,6 +915,23 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     if dropped and on_dropped is not None:
         on_dropped("samples_outside_window", dropped)
     return events
+
+
+def _row_lists(records: Iterable[dict[str, Any]]) -> set[str]:
+    """The names of the sample lists that ``records`` hold as rows: one sample in each record holding one (a one-sample
+    fragment never displaces the samples around it, stale or not)."""
+    longest: dict[str, int] = {}
+
+    def visit(value: dict[str, Any]) -> None:
+        for key, item in value.items():
+            if isinstance(item, dict):
+                visit(item)
+            elif isinstance(item, list) and _sample_list(item):
+                longest[key] = max(longest.get(key, 0), len(item))
+
+    for record in records:
+        visit(record)
+    return {key for key, length in longest.items() if length == 1}
 
 
 def _interval_spec(slug: str, model_type: str) -> IntervalSamples | None:
