@@ -230,6 +230,7 @@ def _reference_merge_user_events(fragments, stored=None):
     for group, versions in groups.items():
         versions = sorted(versions, key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get(group, ({}, 0))
+        held = version
         stale = [f for f in versions if f.version_ms < version]
         if stale:
             older = {}
@@ -243,7 +244,7 @@ def _reference_merge_user_events(fragments, stored=None):
             merged = day_aware(data, fragment.data)
             if fragment.version_ms > version:
                 version = fragment.version_ms
-            elif merged != data:
+            elif merged != data and version == held:  # one past what destinations hold
                 version += 1
             data = merged
         out[group] = (canonical_json(data), version)
@@ -605,3 +606,21 @@ def test_late_rows_inside_the_stored_span_are_kept_a_late_series_there_gives_way
         {"measurement_time": "2024-03-11T12:00:00.000000-05:00", "weight_kg": 80.3}]}}
     (event,) = merge_user_events("u", [_keyed(late, 4, "1")], {("daily", "2026-11-02"): (weighed, 5)})
     assert [m["weight_kg"] for m in event.data["measurements_data"]["measurements"]] == [80.0, 80.3, 80.6]
+
+
+def test_rows_sharing_a_version_move_it_once_so_the_next_message_is_newer():
+    """A message's rows share its arrival time: the record's version is that time (not one more per row), so a
+    message arriving 2 ms later is newer and its values win; new content at the version destinations hold moves it
+    one past, once."""
+    rows = [_keyed({"metadata": LOCAL_0311, **_hr(f"2024-03-11T{hour}:00:00.000000-05:00")}, 1000, hour)
+            for hour in ("08", "09", "10", "11")]
+    (event,) = merge_user_events("u", rows)
+    assert event.ordering_timestamp_ms == 1000
+    stored = {("daily", "2026-11-02"): (event.data, event.ordering_timestamp_ms)}
+    later = _keyed({"metadata": LOCAL_0311, "distance_data": {"steps": 6000}}, 1002, "a")
+    (event,) = merge_user_events("u", [later], stored)
+    assert event.data["distance_data"] == {"steps": 6000} and event.ordering_timestamp_ms == 1002
+    same = [_keyed({"metadata": LOCAL_0311, **_hr(f"2024-03-11T{hour}:00:00.000000-05:00")}, 1000, hour)
+            for hour in ("12", "13")]
+    (event,) = merge_user_events("u", same, stored)
+    assert len(event.data["heart_rate_data"]["detailed"]["hr_samples"]) == 6 and event.ordering_timestamp_ms == 1001

@@ -817,8 +817,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     record was re-created after (its ``generation``) or than the
     fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
     carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
-    record's content does, so no destination guard ever takes a richer record for a stale copy. Neither the fragments
-    nor the stored records change.
+    record's content does, so no destination guard ever takes a richer record for a stale copy: new content at the
+    version destinations hold moves it one past, once per merge and not once per fragment (a message's rows share its
+    arrival time: a record versioned one past per row would take the next message, arriving a few ms later, for
+    stale). Neither the fragments nor the stored records change.
 
     Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event),
     versioned after the live record it deletes (``max(its version, the record's + 1)``; an unversioned deletion's
@@ -843,6 +845,7 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     for (model_type, key), versions in groups.items():
         versions.sort(key=lambda f: (f.version_ms, f.sequence))
         data, version = (stored or {}).get((model_type, key), ({}, 0))
+        held = version  # the version destinations hold of this record
         deleted = stored_deletion(data)
         data, generation, replaced = stored_marks(data)
         start_time = deleted.get("start_time") if deleted is not None else _start_time(data)
@@ -896,7 +899,7 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                 changed = record != previous
             if fragment.version_ms > version:
                 version = fragment.version_ms
-            elif changed:  # same version, new content: make sure it is not taken for a stale copy
+            elif changed and version == held:  # same version, new content: past what destinations hold, once
                 version += 1
         dropped += merge.samples_outside_window
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
