@@ -101,13 +101,19 @@ def delete_dead_letter(root: str, record: dict[str, Any]) -> None:
 
 
 def read_dead_letters(root: str) -> Iterator[dict[str, Any]]:
-    """Every dead letter under ``root`` (for inspection, summaries and replay), oldest first."""
+    """Every dead letter under ``root`` (for inspection, summaries and replay), oldest first. One that goes between
+    the listing and its read (a running job redelivered it, a replay settled it) is no longer a dead letter: left
+    out."""
     root = root.rstrip("/")
     matches = FileSystems.match([f"{root}/**.json"])[0].metadata_list
     records = []
     for match in matches:
         if f"/{SCRATCH_PREFIX}" in match.path[len(root):]:  # a replay in progress
             continue
-        with FileSystems.open(match.path) as handle:
-            records.append(from_json(handle.read()))
+        try:
+            with FileSystems.open(match.path) as handle:
+                records.append(from_json(handle.read()))
+        except OSError:  # Beam's BeamIOError included
+            if FileSystems.exists(match.path):
+                raise
     yield from sorted(records, key=lambda r: (r["failed_at"], r["dead_letter_id"]))

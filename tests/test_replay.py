@@ -103,3 +103,21 @@ def test_dead_letters_holding_the_same_event_are_settled_together(tmp_path, simu
         result = replay_deliveries(dlq, targets, destination="webhook")
         assert result.delivered["webhook"] == 1 and select(dlq, destination="webhook") == []
         assert receiver.unique == 1
+
+
+def test_a_dead_letter_that_goes_while_they_are_read_is_left_out(tmp_path, monkeypatch):
+    """A running job's redelivery (or a replay) removes a dead letter between the listing and its read: the others
+    are read, not a FileNotFoundError."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from core.dead_letters import dead_letter, delete_dead_letter, write_dead_letter
+
+    root = str(tmp_path / "dlq")
+    letters = [dead_letter(stage="deliver", error=RuntimeError(f"down {n}"), original=b"{}",
+                           source={"n": n}) for n in range(3)]
+    for letter in letters:
+        write_dead_letter(root, letter)
+    listing = FileSystems.match([f"{root}/**.json"])
+    delete_dead_letter(root, letters[1])
+    monkeypatch.setattr(FileSystems, "match", lambda patterns, limits=None: listing)  # listed before it went
+    assert sorted(d["error_message"] for d in read_dead_letters(root)) == ["down 0", "down 2"]
