@@ -128,11 +128,14 @@ def prestart(beam_args: Sequence[str]) -> bool:
     run's ``WarmMultiProcessRunner`` takes the parent (``take_prestarted``) or, without one, starts its own. A parent
     no run takes ends idle (``IDLE_TIMEOUT_S``) or with this process. OSError as ``WarmWorkers``."""
     global _prestarted
-    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     reader.add_argument("--runner")
     reader.add_argument("--direct_running_mode")
     reader.add_argument("--streaming", nargs="?", const="true")
-    given, _ = reader.parse_known_args(list(beam_args))
+    try:
+        given, _ = reader.parse_known_args(list(beam_args))
+    except argparse.ArgumentError:  # ``--runner`` without a value, say: Beam says what is wrong
+        return False
     if (given.runner not in LOCAL_RUNNERS or given.direct_running_mode != "multi_processing"
             or given.streaming is not None):
         return False

@@ -195,20 +195,18 @@ def _reference_merge_user_events(fragments, stored=None):
             return merged
         return newer
 
-    def row_lists(records):
-        """The sample lists every record holding them holds as one sample."""
-        longest = {}
+    def sample_lists(value):
+        """(name, length) of every sample list in ``value``."""
+        for key, item in value.items():
+            if isinstance(item, dict):
+                yield from sample_lists(item)
+            elif isinstance(item, list) and sample_list(item):
+                yield key, len(item)
 
-        def visit(value):
-            for key, item in value.items():
-                if isinstance(item, dict):
-                    visit(item)
-                elif isinstance(item, list) and sample_list(item):
-                    longest[key] = max(longest.get(key, 0), len(item))
-
-        for record in records:
-            visit(record)
-        return {key for key, length in longest.items() if length == 1}
+    def row_names(record):
+        """A row's list names: every sample list of ``record`` holds one sample (none: not a row)."""
+        found = list(sample_lists(record))
+        return {name for name, _ in found} if found and all(length == 1 for _, length in found) else set()
 
     def has_offset(text):
         return bool(text) and len(text) > 26
@@ -232,12 +230,16 @@ def _reference_merge_user_events(fragments, stored=None):
         data, version = (stored or {}).get(group, ({}, 0))
         held = version
         stale = [f for f in versions if f.version_ms < version]
-        if stale:
-            older = {}
-            for fragment in stale:
-                older = day_aware(older, fragment.data)
-            # no interval lists here: stored sample lists win for their span, except over the stale fragments' rows
-            filled = day_aware(older, data, row_lists(f.data for f in stale))
+        if stale:  # no interval lists here: stored sample lists win for their span, except over stale rows
+            filled = data
+            rows = [f for f in stale if row_names(f.data)]
+            for batch, names in (([f for f in stale if not row_names(f.data)], set()),
+                                 (rows, set().union(*(row_names(f.data) for f in rows)))):
+                if batch:
+                    older = {}
+                    for fragment in batch:
+                        older = day_aware(older, fragment.data)
+                    filled = day_aware(older, filled, names)
             if filled != data:
                 data, version = filled, version + 1
         for fragment in versions[len(stale):]:
@@ -599,6 +601,14 @@ def test_late_rows_inside_the_stored_span_are_kept_a_late_series_there_gives_way
                                                    "2024-03-11T10:00:00.000000-05:00")}, 4, "1")
     (event,) = merge_user_events("u", [series], stored)
     assert event.data == stored[("daily", "2026-11-02")][0] and event.ordering_timestamp_ms == 5
+    (event,) = merge_user_events("u", [series, rows[0]], stored)  # each stale fragment is a row or a series
+    assert [s["timestamp"][11:13] for s in event.data["heart_rate_data"]["detailed"]["hr_samples"]] == [
+        "08", "10", "12"]
+    elsewhere = _keyed({"metadata": LOCAL_0311, "oxygen_data": {"saturation_samples": [
+        {"timestamp": f"2024-03-11T0{hour}:00:00.000000-05:00", "percentage": 97} for hour in (1, 2)]}}, 4, "2")
+    (event,) = merge_user_events("u", [elsewhere, rows[0]], stored)
+    assert [s["timestamp"][11:13] for s in event.data["heart_rate_data"]["detailed"]["hr_samples"]] == [
+        "08", "10", "12"]
     weighed = {"metadata": LOCAL_0311, "measurements_data": {"measurements": [
         {"measurement_time": "2024-03-11T07:00:00.000000-05:00", "weight_kg": 80.0},
         {"measurement_time": "2024-03-11T21:00:00.000000-05:00", "weight_kg": 80.6}]}}

@@ -77,7 +77,8 @@ def test_workers_start_cold_when_the_warm_parent_cannot_serve(tmp_path, temp_fol
 
 def test_a_prestarted_parent_serves_the_next_multi_process_run(tmp_path, temp_folder, monkeypatch):
     monkeypatch.setattr(warm_workers, "_prestarted", None)
-    for other in (["--direct_num_workers=2"], [*MULTI_PROCESS, "--streaming"], [*MULTI_PROCESS, "--runner=Dataflow"]):
+    for other in (["--direct_num_workers=2"], [*MULTI_PROCESS, "--streaming"], [*MULTI_PROCESS, "--runner=Dataflow"],
+                  [*MULTI_PROCESS, "--runner"]):  # the last is Beam's to refuse (no SystemExit here)
         assert not warm_workers.prestart(other)  # not the local multi-process runner: nothing started
     assert warm_workers._prestarted is None
     assert warm_workers.prestart(["--runner", "DirectRunner", "--direct_running_mode", "multi_processing"])

@@ -576,9 +576,9 @@ class RecordMerge:
     def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
         what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
-        lists a provider emits one interval at a time, or that came as rows, one sample at a time) every sample of
-        ``older`` whose (instant, part) ``record`` lacks is kept (a late interval or row inside the span ``record``
-        covers is a gap, not replaced); ``record``'s sample
+        lists a provider emits one interval at a time; ``merge_user_records`` adds a row's) every sample of ``older``
+        whose (instant, part) ``record`` lacks is kept (a late interval or row inside the span ``record`` covers is a
+        gap, not replaced); ``record``'s sample
         wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
         instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
         hypnogram is not mixed with the samples it replaced). Whether ``older`` changed."""
@@ -811,9 +811,9 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
     record, if any; a fragment older than the stored version only fills what the stored record
-    lacks (``RecordMerge.fill``: fields; samples at an (instant, part) it lacks of an interval list, or of a list the
-    stale fragments hold as rows (one sample each: an Oura heart-rate row, a Withings weigh-in), even inside the span
-    the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion the
+    lacks (``RecordMerge.fill``: fields; samples at an (instant, part) it lacks of an interval list, or of a row (a
+    fragment whose sample lists hold one sample each: an Oura heart-rate row, a Withings weigh-in), even inside the
+    span the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion the
     record was re-created after (its ``generation``) or than the
     fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
     carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
@@ -863,11 +863,17 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         newest = versions[-1]
         spec = _interval_spec(newest.provider, model_type)
         if stale_data and deleted is None:
-            filled = merge.record({})
-            for fragment in stale_data:
-                merge.fold_record(filled, fragment.data)
             intervals = {path[-1] for path in spec.paths} if spec is not None else set()
-            merge.fill(filled, data, intervals | _row_lists(fragment.data for fragment in stale_data))
+            rows = [fragment for fragment in stale_data if _one_sample_lists(fragment.data)]
+            filled = data
+            for group, unite in (([f for f in stale_data if not _one_sample_lists(f.data)], intervals),
+                                 (rows, intervals | {key for f in rows for key in _one_sample_lists(f.data)})):
+                if group:  # the series first, then the rows: each fills what is not there yet
+                    older = merge.record({})
+                    for fragment in group:
+                        merge.fold_record(older, fragment.data)
+                    merge.fill(older, filled, unite)
+                    filled = older
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
@@ -920,21 +926,23 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     return events
 
 
-def _row_lists(records: Iterable[dict[str, Any]]) -> set[str]:
-    """The names of the sample lists that ``records`` hold as rows: one sample in each record holding one (a one-sample
-    fragment never displaces the samples around it, stale or not)."""
-    longest: dict[str, int] = {}
+def _one_sample_lists(record: dict[str, Any]) -> set[str]:
+    """The names of ``record``'s sample lists when each holds one sample (a row: an Oura heart-rate row, a Withings
+    weigh-in, which a fold never lets displace the samples around it); empty when it holds none, or a longer one."""
+    names: set[str] = set()
 
-    def visit(value: dict[str, Any]) -> None:
+    def visit(value: dict[str, Any]) -> bool:
         for key, item in value.items():
             if isinstance(item, dict):
-                visit(item)
+                if not visit(item):
+                    return False
             elif isinstance(item, list) and _sample_list(item):
-                longest[key] = max(longest.get(key, 0), len(item))
+                if len(item) != 1:
+                    return False
+                names.add(key)
+        return True
 
-    for record in records:
-        visit(record)
-    return {key for key, length in longest.items() if length == 1}
+    return names if visit(record) else set()
 
 
 def _interval_spec(slug: str, model_type: str) -> IntervalSamples | None:
