@@ -113,7 +113,7 @@ def read_dead_letters(root: str) -> Iterator[dict[str, Any]]:
         try:
             with FileSystems.open(match.path) as handle:
                 records.append(from_json(handle.read()))
-        except OSError:  # Beam's BeamIOError included
+        except Exception:  # OSError locally and on S3 (BeamIOError included), google.api_core's NotFound on GCS
             if FileSystems.exists(match.path):
                 raise
     yield from sorted(records, key=lambda r: (r["failed_at"], r["dead_letter_id"]))

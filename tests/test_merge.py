@@ -180,8 +180,8 @@ def _reference_merge_user_events(fragments, stored=None):
                                    for i in items)
 
     def merge(older, newer, rows=frozenset()):
-        """``newer`` over ``older``; of the sample lists named in ``rows``, ``older`` only fills what ``newer`` lacks
-        (its samples at other instants stay, even inside ``newer``'s span)."""
+        """``newer`` over ``older``; the samples of ``older`` whose ids are in ``rows`` stay wherever ``newer`` has
+        no sample at their instant, even inside ``newer``'s span."""
         if isinstance(older, dict) and isinstance(newer, dict):
             merged = dict(older)
             for key, value in newer.items():
@@ -189,24 +189,24 @@ def _reference_merge_user_events(fragments, stored=None):
                     merged[key] = value
                 elif isinstance(value, list) and isinstance(older[key], list) and sample_list(older[key]) \
                         and sample_list(value):
-                    merged[key] = _reference_sample_merge_with(merge, instant, older[key], value, key in rows)
+                    merged[key] = _reference_sample_merge_with(merge, instant, older[key], value, rows)
                 else:
                     merged[key] = merge(older[key], value, rows)
             return merged
         return newer
 
     def sample_lists(value):
-        """(name, length) of every sample list in ``value``."""
-        for key, item in value.items():
+        """Every sample list in ``value``."""
+        for item in value.values():
             if isinstance(item, dict):
                 yield from sample_lists(item)
             elif isinstance(item, list) and sample_list(item):
-                yield key, len(item)
+                yield item
 
-    def row_names(record):
-        """A row's list names: every sample list of ``record`` holds one sample (none: not a row)."""
+    def row_samples(record):
+        """A row's samples: every sample list of ``record`` holds one sample (none: not a row)."""
         found = list(sample_lists(record))
-        return {name for name, _ in found} if found and all(length == 1 for _, length in found) else set()
+        return [items[0] for items in found] if found and all(len(items) == 1 for items in found) else []
 
     def has_offset(text):
         return bool(text) and len(text) > 26
@@ -230,37 +230,31 @@ def _reference_merge_user_events(fragments, stored=None):
         data, version = (stored or {}).get(group, ({}, 0))
         held = version
         stale = [f for f in versions if f.version_ms < version]
+        stored_data = data
         if stale:  # no interval lists here: stored sample lists win for their span, except over stale rows
-            filled = data
-            rows = [f for f in stale if row_names(f.data)]
-            for batch, names in (([f for f in stale if not row_names(f.data)], set()),
-                                 (rows, set().union(*(row_names(f.data) for f in rows)))):
-                if batch:
-                    older = {}
-                    for fragment in batch:
-                        older = day_aware(older, fragment.data)
-                    filled = day_aware(older, filled, names)
+            older = {}
+            for fragment in stale:
+                older = day_aware(older, fragment.data)
+            filled = day_aware(older, data, {id(sample) for f in stale for sample in row_samples(f.data)})
             if filled != data:
                 data, version = filled, version + 1
         for fragment in versions[len(stale):]:
-            merged = day_aware(data, fragment.data)
-            if fragment.version_ms > version:
-                version = fragment.version_ms
-            elif merged != data and version == held:  # one past what destinations hold
-                version += 1
-            data = merged
+            data = day_aware(data, fragment.data)
+            version = max(version, fragment.version_ms)
+        if version == held and data != stored_data:  # new content at the version held: one past it
+            version += 1
         out[group] = (canonical_json(data), version)
     return out
 
 
-def _reference_sample_merge_with(merge, instant, older, newer, fill=False):
+def _reference_sample_merge_with(merge, instant, older, newer, rows=frozenset()):
     key = "timestamp" if "timestamp" in newer[0] else "measurement_time"
     span = [instant(item[key]) for item in newer]
     first, last = min(span), max(span)
     older_at = {instant(item[key]): item for item in older}
     merged_newer = [merge(older_at[at], item) if at in older_at else item
                     for at, item in zip(span, newer, strict=True)]
-    kept = [item for item in older if (instant(item[key]) not in span if fill else
+    kept = [item for item in older if (instant(item[key]) not in span if id(item) in rows else
                                        not first <= instant(item[key]) <= last)]
     return sorted(kept + merged_newer, key=lambda item: instant(item[key]))
 
@@ -598,7 +592,7 @@ def test_late_rows_inside_the_stored_span_are_kept_a_late_series_there_gives_way
         "08", "10", "12"]
     assert event.ordering_timestamp_ms == 6  # newer than what destinations hold
     series = _keyed({"metadata": LOCAL_0311, **_hr("2024-03-11T09:00:00.000000-05:00",
-                                                   "2024-03-11T10:00:00.000000-05:00")}, 4, "1")
+                                                   "2024-03-11T09:30:00.000000-05:00")}, 4, "1")
     (event,) = merge_user_events("u", [series], stored)
     assert event.data == stored[("daily", "2026-11-02")][0] and event.ordering_timestamp_ms == 5
     (event,) = merge_user_events("u", [series, rows[0]], stored)  # each stale fragment is a row or a series

@@ -509,6 +509,7 @@ class RecordMerge:
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
         self._instants: dict[int, tuple[str, list[int]]] = {}  # its sample lists: (time key, instants in order)
         self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
+        self.rows: frozenset[int] = frozenset()  # ids of the samples ``fill`` keeps inside a newer list's span
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
         """A record of its own to fold into, starting as ``data``."""
@@ -573,7 +574,8 @@ class RecordMerge:
         record["metadata"] = metadata = self._own(record["metadata"])
         return self.fold(metadata, newer["metadata"], keep=kept) or changed
 
-    def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = ()) -> bool:
+    def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = (),
+             rows: Collection[int] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
         what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
         lists a provider emits one interval at a time; ``merge_user_records`` adds a row's) every sample of ``older``
@@ -581,12 +583,14 @@ class RecordMerge:
         gap, not replaced); ``record``'s sample
         wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
         instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
-        hypnogram is not mixed with the samples it replaced). Whether ``older`` changed."""
-        self.fill_only = frozenset(intervals)
+        hypnogram is not mixed with the samples it replaced), except for the samples of ``older`` that came from rows
+        (``rows``: their ids; a one-sample fragment displaces nothing when it arrives newer, nor is it displaced when
+        it arrives older): each stays where ``record`` has no sample at its instant. Whether ``older`` changed."""
+        self.fill_only, self.rows = frozenset(intervals), frozenset(rows)
         try:
             return self.fold_record(older, record)
         finally:
-            self.fill_only = frozenset()
+            self.fill_only, self.rows = frozenset(), frozenset()
 
     def _union_samples(self, parent: dict[str, Any], key: str, older: list[Any], newer: list[dict[str, Any]]) -> bool:
         """``fill``'s sample lists: ``newer``'s samples (merged onto the ``older`` sample at the same instant and part),
@@ -648,6 +652,13 @@ class RecordMerge:
         if not _in_order(span):
             order = sorted(range(len(span)), key=span.__getitem__)
             merged, span = [merged[n] for n in order], [span[n] for n in order]
+        if self.rows:  # ``fill``: the older rows in the span stay where ``newer`` has no sample at their instant
+            at_newer = set(span)
+            kept = [(at, item) for at, item in zip(instants[low:high], samples[low:high], strict=True)
+                    if id(item) in self.rows and at not in at_newer]
+            if kept:
+                pairs = sorted([*kept, *zip(span, merged, strict=True)], key=operator.itemgetter(0))
+                merged, span = [item for _, item in pairs], [at for at, _ in pairs]
         # a list out of order cannot equal the list in order it became (its samples' times differ somewhere)
         changed = reordered or samples[low:high] != merged
         samples[low:high], instants[low:high] = merged, span
@@ -817,10 +828,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     record was re-created after (its ``generation``) or than the
     fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
     carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
-    record's content does, so no destination guard ever takes a richer record for a stale copy: new content at the
-    version destinations hold moves it one past, once per merge and not once per fragment (a message's rows share its
-    arrival time: a record versioned one past per row would take the next message, arriving a few ms later, for
-    stale). Neither the fragments nor the stored records change.
+    record's content does, so no destination guard ever takes a richer record for a stale copy: a record left
+    different from the stored one at the version destinations hold moves one past it, once per merge and not once per
+    fragment (a message's rows share its arrival time: a record versioned one past per row would take the next
+    message, arriving a few ms later, for stale). Neither the fragments nor the stored records change.
 
     Deletions fold in the same order: a deletion makes the record a tombstone (delivered as a tombstone event),
     versioned after the live record it deletes (``max(its version, the record's + 1)``; an unversioned deletion's
@@ -831,8 +842,9 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     ``generation`` (mixed into its events' ids). A versioned deletion older than the stored record changes nothing.
 
     A fragment that ``replaces`` (``connectors.base.Fragment.replaces``) and is not stale starts the record afresh:
-    the fields it lacks are cleared (fragments after it merge into it as usual); the record counts as changed (its
-    ordering timestamp moves at an equal version) only if it differs from the record it replaced.
+    the fields it lacks are cleared (fragments after it merge into it as usual). At an equal version the ordering
+    timestamp moves only if the record the merge leaves differs from the stored one (a redelivered message, or a
+    replacement with what was there, moves nothing).
 
     ``on_dropped(name, count)`` is told what the merge left out (``samples_outside_window``: see
     ``RecordMerge.fold_record``).
@@ -863,17 +875,12 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         newest = versions[-1]
         spec = _interval_spec(newest.provider, model_type)
         if stale_data and deleted is None:
-            intervals = {path[-1] for path in spec.paths} if spec is not None else set()
-            rows = [fragment for fragment in stale_data if _one_sample_lists(fragment.data)]
-            filled = data
-            for group, unite in (([f for f in stale_data if not _one_sample_lists(f.data)], intervals),
-                                 (rows, intervals | {key for f in rows for key in _one_sample_lists(f.data)})):
-                if group:  # the series first, then the rows: each fills what is not there yet
-                    older = merge.record({})
-                    for fragment in group:
-                        merge.fold_record(older, fragment.data)
-                    merge.fill(older, filled, unite)
-                    filled = older
+            filled = merge.record({})
+            for fragment in stale_data:
+                merge.fold_record(filled, fragment.data)
+            intervals = {path[-1] for path in spec.paths} if spec is not None else ()
+            rows = {id(sample) for fragment in stale_data for sample in _row_samples(fragment.data)}
+            merge.fill(filled, data, intervals, rows)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
@@ -893,20 +900,16 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                 dropped += merge.samples_outside_window
                 deleted, merge, generation = None, RecordMerge(), version  # re-created: a fresh record
                 record = merge.record({})
-            previous = None
             if fragment.replaces:
                 replaced = max(replaced or 0, fragment.version_ms)
                 if record:  # the whole record, newer: what it lacks is gone
                     dropped += merge.samples_outside_window
-                    merge, previous = RecordMerge(), record
+                    merge = RecordMerge()
                     record = merge.record({})
-            changed = merge.fold_record(record, fragment.data)
-            if previous is not None:  # rebuilt: changed only if it differs from the record it replaces
-                changed = record != previous
-            if fragment.version_ms > version:
-                version = fragment.version_ms
-            elif changed and version == held:  # same version, new content: past what destinations hold, once
-                version += 1
+            merge.fold_record(record, fragment.data)
+            version = max(version, fragment.version_ms)
+        if deleted is None and version == held and record != data:  # new content at the version held: one past it
+            version += 1
         dropped += merge.samples_outside_window
         reference = next((f.reference for f in reversed(versions) if f.reference), None)
         sequence = max(f.sequence for f in versions)
@@ -926,23 +929,24 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     return events
 
 
-def _one_sample_lists(record: dict[str, Any]) -> set[str]:
-    """The names of ``record``'s sample lists when each holds one sample (a row: an Oura heart-rate row, a Withings
-    weigh-in, which a fold never lets displace the samples around it); empty when it holds none, or a longer one."""
-    names: set[str] = set()
+def _row_samples(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a row (a record whose every sample list holds one sample: an Oura heart-rate row, a Withings
+    weigh-in, which a fold never lets displace the samples around it); none for a record holding no sample list, or
+    a longer one."""
+    samples: list[dict[str, Any]] = []
 
     def visit(value: dict[str, Any]) -> bool:
-        for key, item in value.items():
+        for item in value.values():
             if isinstance(item, dict):
                 if not visit(item):
                     return False
             elif isinstance(item, list) and _sample_list(item):
                 if len(item) != 1:
                     return False
-                names.add(key)
+                samples.append(item[0])
         return True
 
-    return names if visit(record) else set()
+    return samples if visit(record) else []
 
 
 def _interval_spec(slug: str, model_type: str) -> IntervalSamples | None:
