@@ -12,14 +12,15 @@ Guarantees:
 - Within a batch, when several events map to one object, only the newest (highest ``ordering_timestamp_ms``, later
   wins ties) is written and the superseded ones are reported delivered with it. Across batches the store is
   last-writer-wins: a stale redelivery arriving after a newer version overwrites it.
-- A tombstone (``event.deleted``) removes the record's object: the one its ``start_time`` names (activity, sleep)
-  or every object of the user's day (``<user_id>-<date>*``: day-scoped models); a deleted activity or sleep whose
-  ``start_time`` is unknown (never seen by this deployment's record state) is found by reading the user's objects of
-  that type for its ``summary_id``. Removing what is already gone is fine (idempotent). A batch's data and tombstones
-  are applied in their order; a run of tombstones is one match (every exact name, each (user, type)'s objects), one
-  read of each object to confirm, one delete call. Glob characters in names match literally; a day-scoped key must
-  be a day (``YYYY-MM-DD``), else PermanentError. The objects carry no version to compare with: a tombstone older
-  than the stored object still removes it (replay, which knows the record state, never sends such a tombstone).
+- A tombstone (``event.deleted``) removes the record's object: the one its ``start_time`` names (activity, sleep: if it
+  holds that record, read to confirm, since two sessions starting at the same time share a name and the object then
+  holds the later one) or every object of the user's day (``<user_id>-<date>*``: day-scoped models); a deleted activity
+  or sleep whose ``start_time`` is unknown (never seen by this deployment's record state) is found by reading the user's
+  objects of that type for its ``summary_id``. Removing what is already gone is fine (idempotent). A batch's data and
+  tombstones are applied in their order; a run of tombstones is one match (every exact name, each (user, type)'s
+  objects), one read of each object to confirm, one delete call. Glob characters in names match literally; a day-scoped
+  key must be a day (``YYYY-MM-DD``), else PermanentError. The objects carry no version to compare with: a tombstone
+  older than the stored object still removes it (replay, which knows the record state, never sends such a tombstone).
 - Concurrency: a run of data events writes its objects (one per name) up to ``concurrency`` at once. The default
   is 8 on ``s3://``, ``gs://`` and other remote roots, where each object is a round trip, and 1 on a local folder,
   where creating a file is the kernel's CPU and measured no faster from several threads (``sinks.concurrent_writes``:
@@ -110,8 +111,9 @@ def deleted_objects(event: NormalizedEvent) -> DeletedObjects:
         safe_part(part, event)
     folder = [event.version, event.type]
     if event.type in ("activity", "sleep", "athlete"):
-        if isinstance(start_time, str) and start_time:
-            return DeletedObjects(folder, f"{event.user_id}-{safe_part(start_time, event)}.json", True, False)
+        if isinstance(start_time, str) and start_time:  # another session of the user may hold that name: confirmed
+            return DeletedObjects(folder, f"{event.user_id}-{safe_part(start_time, event)}.json", True,
+                                  event.type != "athlete")
         return DeletedObjects(folder, f"{event.user_id}-", False, True)
     if not DAY_KEY.fullmatch(event.natural_key):
         raise PermanentError(f"tombstone {event.event_id}: {event.type} key {event.natural_key!r} is not a day "

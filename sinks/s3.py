@@ -26,13 +26,14 @@ Guarantees:
   that stopped the batch is reported not tried even when it was written: a redelivery finds it ``unchanged``).
   The client keeps up to ``max(10, concurrency)`` connections.
 - A tombstone (``event.deleted``) removes the record's JSON object(s) (``sinks.object_store.deleted_objects``: by its
-  ``start_time``, every object of the user's day, or, for an activity or sleep never seen, the user's objects of that
-  type whose body names its ``summary_id``), unless the stored object is newer than the tombstone (``guard_stale``).
-  A run of tombstones is applied together: one listing per (user, type) where a name must be searched, one HEAD (GET
-  where the body must be read) per object, DeleteObjects in chunks of 1000, each object with the ETag read when
-  ``conditional_writes`` (an object rewritten in between is refused by S3 and checked again: no race is left).
-  Deleting what is gone is fine. Parquet batches are append-only: a tombstone is a row there with ``deleted`` true
-  (readers keeping the newest row per record drop the record). A batch's data and tombstones apply in their order.
+  ``start_time`` if the body names its ``summary_id`` (activity, sleep), every object of the user's day, or, for an
+  activity or sleep never seen, the user's objects of that type whose body names its ``summary_id``), unless the stored
+  object is newer than the tombstone (``guard_stale``). A run of tombstones is applied together: one listing per (user,
+  type) where a name must be searched, one HEAD (GET where the body must be read) per object, DeleteObjects in chunks of
+  1000, each object with the ETag read when ``conditional_writes`` (an object rewritten in between is refused by S3 and
+  checked again: no race is left). Deleting what is gone is fine. Parquet batches are append-only: a tombstone is a row
+  there with ``deleted`` true (readers keeping the newest row per record drop the record). A batch's data and tombstones
+  apply in their order.
 - Permissions: ``s3:PutObject``; ``s3:GetObject`` and ``s3:ListBucket`` unless ``guard_stale=False``; for tombstones
   ``s3:DeleteObject`` (DeleteObjects checks it per object), ``s3:ListBucket`` and ``s3:GetObject`` (to find and compare
   the objects). A tombstone the identity may not apply (access denied) is a ``PermanentError`` of that tombstone: it

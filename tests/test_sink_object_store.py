@@ -189,7 +189,9 @@ def test_local_folders_are_made_when_missing(tmp_path: Path, make_sink_event: Ma
 
 def _tombstone(event: NormalizedEvent, *, start_time: str | None = None, ordering_timestamp_ms: int = 2_000,
                ) -> NormalizedEvent:
-    return NormalizedEvent.tombstone(type=event.type, user=event.user, natural_key=event.natural_key,
+    """The tombstone of ``event``'s record: a session's key is its ``summary_id`` (as the merge keys it)."""
+    key = event.data["metadata"]["summary_id"] if event.type in ("activity", "sleep") else event.natural_key
+    return NormalizedEvent.tombstone(type=event.type, user=event.user, natural_key=key,
                                      ordering_timestamp_ms=ordering_timestamp_ms, sequence="9", start_time=start_time)
 
 
@@ -208,6 +210,25 @@ def test_a_tombstone_removes_the_records_object_in_batch_order(tmp_path: Path, m
     assert sorted(stored_objects(tmp_path)) == ["2022-03-16/daily/u1-2026-03-10T22:00:00.000000+00:00.json"]
     assert b'"duration_asleep_state_seconds":3602' in stored_objects(tmp_path)[
         "2022-03-16/daily/u1-2026-03-10T22:00:00.000000+00:00.json"]
+
+
+def test_a_tombstone_leaves_another_session_that_starts_at_the_same_time(tmp_path: Path, make_sink_event: MakeEvent,
+                                                                          as_root: Callable[[Path], str]) -> None:
+    """Two sessions of a user starting at the same time share an object name, which holds the later one: the
+    tombstone of the other (a duplicate import deleted, say) leaves it; its own tombstone removes it."""
+    sink = ObjectStoreSink("store", as_root(tmp_path))
+    first = make_sink_event("u1", "2026-03-10", type="activity")
+    data = make_sink_event("u1", "2026-03-10", type="activity", version=2).data
+    second = NormalizedEvent.create(type="activity", user=first.user, natural_key="u1-dup",
+                                    data={**data, "metadata": {**data["metadata"], "summary_id": "u1-dup"}},
+                                    ordering_timestamp_ms=2_000, sequence="1")
+    sink.write([first, second])
+    start = first.data["metadata"]["start_time"]
+
+    assert not sink.write([_tombstone(first, start_time=start, ordering_timestamp_ms=3_000)]).failures
+    assert list(stored_objects(tmp_path).values()) == [second.body()]
+    assert not sink.write([_tombstone(second, start_time=start, ordering_timestamp_ms=4_000)]).failures
+    assert not stored_objects(tmp_path)
 
 
 def test_a_tombstone_of_a_session_never_seen_finds_its_object_by_summary_id(tmp_path: Path, make_sink_event: MakeEvent,

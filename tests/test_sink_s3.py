@@ -265,7 +265,8 @@ def test_a_tombstone_the_identity_may_not_apply_is_dead_lettered_not_fatal(
     sink.write([session])
     s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
         "Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
-    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user, natural_key=session.natural_key,
+    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user,
+                                          natural_key=session.data["metadata"]["summary_id"],
                                           ordering_timestamp_ms=2_000, sequence="9",
                                           start_time=session.data["metadata"]["start_time"])
 
@@ -300,7 +301,8 @@ def test_an_object_rewritten_between_read_and_delete_is_checked_again(
     sink._client.meta.events.register("before-parameter-build.s3.DeleteObjects",
                                       lambda params, **_: sent.append(params["Delete"]["Objects"]))
     sink._client.meta.events.register("before-call.s3.DeleteObjects", concurrent_rewrite)
-    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user, natural_key=session.natural_key,
+    tombstone = NormalizedEvent.tombstone(type="activity", user=session.user,
+                                          natural_key=session.data["metadata"]["summary_id"],
                                           ordering_timestamp_ms=2_000, sequence="9",
                                           start_time=session.data["metadata"]["start_time"])
 
