@@ -83,11 +83,15 @@ def test_a_prestarted_parent_serves_the_next_multi_process_run(tmp_path, temp_fo
     assert warm_workers._prestarted is None
     assert warm_workers.prestart(["--runner", "DirectRunner", "--direct_running_mode", "multi_processing"])
     prestarted = warm_workers._prestarted
-    command_line = Path(f"/proc/{prestarted.pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode()
-    assert PARENT in command_line
+
+    def command_line() -> str:  # empty until the exec has set it up, which may be just after Popen returns
+        return Path(f"/proc/{prestarted.pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode()
+
+    wait_for(lambda: PARENT in command_line(), 10)
+    parent = command_line()
     squares, parents, _ = run_and_name_parents(tmp_path)
     assert squares == [n * n for n in range(40)]
-    assert parents == {command_line}  # the run's workers were forked by the prestarted parent
+    assert parents == {parent}  # the run's workers were forked by the prestarted parent
     assert warm_workers._prestarted is None  # taken by the run, and ended with it
     wait_for(prestarted.ended, 10)
 
