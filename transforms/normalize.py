@@ -578,9 +578,8 @@ class RecordMerge:
              rows: Collection[int] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
         what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
-        lists a provider emits one interval at a time; ``merge_user_records`` adds a row's) every sample of ``older``
-        whose (instant, part) ``record`` lacks is kept (a late interval or row inside the span ``record`` covers is a
-        gap, not replaced); ``record``'s sample
+        lists a provider emits one interval at a time) every sample of ``older`` whose (instant, part) ``record``
+        lacks is kept (a late interval inside the span ``record`` covers is a gap, not replaced); ``record``'s sample
         wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
         instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
         hypnogram is not mixed with the samples it replaced), except for the samples of ``older`` that came from rows
@@ -824,9 +823,9 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     record, if any; a fragment older than the stored version only fills what the stored record
     lacks (``RecordMerge.fill``: fields; samples at an (instant, part) it lacks of an interval list, or of a row (a
     fragment whose sample lists hold one sample each: an Oura heart-rate row, a Withings weigh-in), even inside the
-    span the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion the
-    record was re-created after (its ``generation``) or than the
-    fragment that last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event
+    span the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion
+    the record was re-created after (its ``generation``) or than the fragment that last replaced the record
+    (``replaced``, kept in the state row): then it is dropped. Each event
     carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
     record's content does, so no destination guard ever takes a richer record for a stale copy: a record left
     different from the stored one at the version destinations hold moves one past it, once per merge and not once per
