@@ -32,7 +32,6 @@ from pipelines.warm_workers import LOCAL_RUNNERS, WarmWorkers, take_prestarted
 log = logging.getLogger(__name__)
 
 
-
 def pipeline_options(beam_args: Sequence[str] = (), streaming: bool = False) -> PipelineOptions:
     options = PipelineOptions(list(beam_args))
     if streaming:
