@@ -350,3 +350,57 @@ def test_a_bundles_acks_reach_the_tracker_together_per_stream_with_every_weight(
             assert token.stream == o.value[0]
             weights[(token.stream, token.position)] += weight
     assert weights == {(t.stream, t.position): ROOT_WEIGHT for t in tokens}
+
+
+def _pulled(reader, count: int, within_s: float = 5.0) -> list:
+    """What ``reader`` polls within ``within_s``, once it has ``count`` messages."""
+    got, deadline = [], time.monotonic() + within_s
+    while len(got) < count and time.monotonic() < deadline:
+        got += reader.poll(10, 0.2)
+    return got
+
+
+def test_a_message_whose_acknowledgement_fails_is_delivered_again_not_leased_for_good(pubsub, subscription,
+                                                                                      monkeypatch):
+    """The subscription's ack deadline is 30 s: the message comes back within seconds only because the reader
+    hands it back (a zero deadline) instead of extending its lease forever."""
+    from google.api_core import exceptions
+
+    from transforms.streams import LEASES, PubSubAcks, PubSubStream
+
+    publish_pubsub(pubsub.host, subscription, [b"not acknowledged"])
+    reader, acks = PubSubStream(subscription).reader(), PubSubAcks()
+    try:
+        (message,) = _pulled(reader, 1)
+        acks.open()
+
+        def unavailable(**_: object) -> None:
+            raise exceptions.ServiceUnavailable("injected")
+
+        monkeypatch.setattr(acks.client, "acknowledge", unavailable)
+        acks.acknowledge(subscription, [message.ack.position])
+        assert LEASES.held(reader) == []
+        (again,) = _pulled(reader, 1)
+        assert again.data == message.data and again.ack.position != message.ack.position
+    finally:
+        acks.close()
+        reader.close()
+
+
+def test_a_closed_reader_hands_back_what_it_pulled_and_no_later_reader_keeps_it(pubsub, subscription):
+    """The next job in the same process gets the message at once, not after the 30 s ack deadline (nor never: its
+    reader used to extend every lease of the subscription, the stopped job's too)."""
+    from transforms.streams import PubSubStream
+
+    publish_pubsub(pubsub.host, subscription, [b"pulled by a job that stopped"])
+    first = PubSubStream(subscription).reader()
+    try:
+        (message,) = _pulled(first, 1)
+    finally:
+        first.close()  # its job stopped before acknowledging
+    second = PubSubStream(subscription).reader()
+    try:
+        (again,) = _pulled(second, 1)
+        assert again.data == message.data
+    finally:
+        second.close()

@@ -228,28 +228,42 @@ def _pubsub_message(message: Any, subscription: str, ack_id: str | None = None) 
 
 
 class _Leases:
-    """Pub/Sub messages this process has pulled and not acknowledged yet, per subscription.
+    """Pub/Sub messages this process has pulled and not acknowledged yet, per reader that pulled them.
 
-    The local reader adds what it pulls, ``PubSubAcks`` removes what it acknowledges; a keeper thread
-    extends the rest before their ack deadline, so a message held back (a user's earlier event being
-    retried, a slow destination) is not delivered again by Pub/Sub while it is still being worked on.
+    The local reader adds what it pulls, ``PubSubAcks`` removes what it acknowledges; the reader's keeper thread
+    extends the rest before their ack deadline, so a message held back (a user's earlier event being retried, a
+    slow destination) is not delivered again by Pub/Sub while it is still being worked on. A reader that closes
+    releases its own (``release``): no later reader keeps them, and Pub/Sub delivers them again.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[str, set[str]] = {}
+        self._held: dict[object, set[str]] = {}  # reader → its ack ids
+        self._reader: dict[str, object] = {}  # ack id → the reader that pulled it
 
-    def add(self, subscription: str, ack_ids: list[str]) -> None:
+    def add(self, reader: object, ack_ids: list[str]) -> None:
         with self._lock:
-            self._held.setdefault(subscription, set()).update(ack_ids)
+            self._held.setdefault(reader, set()).update(ack_ids)
+            self._reader.update(dict.fromkeys(ack_ids, reader))
 
-    def remove(self, subscription: str, ack_ids: Sequence[str]) -> None:
+    def remove(self, ack_ids: Sequence[str]) -> None:
         with self._lock:
-            self._held.get(subscription, set()).difference_update(ack_ids)
+            for ack_id in ack_ids:
+                reader = self._reader.pop(ack_id, None)
+                if reader is not None:
+                    self._held[reader].discard(ack_id)
 
-    def held(self, subscription: str) -> list[str]:
+    def held(self, reader: object) -> list[str]:
         with self._lock:
-            return list(self._held.get(subscription, ()))
+            return list(self._held.get(reader, ()))
+
+    def release(self, reader: object) -> list[str]:
+        """``reader``'s ack ids, no longer held."""
+        with self._lock:
+            ack_ids = self._held.pop(reader, set())
+            for ack_id in ack_ids:
+                self._reader.pop(ack_id, None)
+            return list(ack_ids)
 
 
 LEASES = _Leases()
@@ -272,9 +286,10 @@ class _PubSubReader(StreamReader):
         self._keeper.start()
 
     def _keep_leases(self) -> None:
-        """Extend the deadline of every message still in flight, every third of the deadline."""
+        """Extend the deadline of every message this reader pulled that is still in flight, every third of the
+        deadline."""
         while not self._closed.wait(max(self.deadline_s / 3, 0.5)):
-            held = LEASES.held(self.subscription)
+            held = LEASES.held(self)
             for start in range(0, len(held), 1000):
                 try:
                     self.client.modify_ack_deadline(subscription=self.subscription, ack_ids=held[start:start + 1000],
@@ -286,7 +301,7 @@ class _PubSubReader(StreamReader):
     def poll(self, max_messages: int, timeout_s: float) -> list[RawMessage]:
         from google.api_core import exceptions
 
-        room = MAX_IN_FLIGHT - len(LEASES.held(self.subscription))
+        room = MAX_IN_FLIGHT - len(LEASES.held(self))
         if room <= 0:  # enough in flight: let delivery catch up
             time.sleep(timeout_s)
             return []
@@ -302,13 +317,29 @@ class _PubSubReader(StreamReader):
             return []
         except exceptions.NotFound as exc:
             raise FatalError(f"Pub/Sub subscription {self.subscription} does not exist: create it first") from exc
-        LEASES.add(self.subscription, [received.ack_id for received in response.received_messages])
+        LEASES.add(self, [received.ack_id for received in response.received_messages])
         return [_pubsub_message(received.message, self.subscription, received.ack_id)
                 for received in response.received_messages]
 
     def close(self) -> None:
+        """Stop, handing back what was pulled and not acknowledged: Pub/Sub delivers it again now."""
         self._closed.set()
-        self.client.close()
+        try:
+            _give_back(self.client, self.subscription, LEASES.release(self))
+        finally:
+            self.client.close()
+
+
+def _give_back(client: Any, subscription: str, ack_ids: Sequence[str]) -> None:
+    """Ask Pub/Sub to deliver ``ack_ids`` again now (a zero ack deadline); if it cannot be told, their deadline, no
+    longer extended, runs out and it delivers them then."""
+    for start in range(0, len(ack_ids), 1000):
+        try:
+            client.modify_ack_deadline(subscription=subscription, ack_ids=list(ack_ids[start:start + 1000]),
+                                       ack_deadline_seconds=0)
+        except Exception as exc:  # expired or acknowledged meanwhile, or Pub/Sub away: the deadline runs out anyway
+            log.warning("handing back %d messages of %s failed: %s", len(ack_ids[start:start + 1000]), subscription,
+                        exc)
 
 
 class PubSubAcks(Acknowledger):
@@ -331,11 +362,16 @@ class PubSubAcks(Acknowledger):
 
         self.open()
         for start in range(0, len(ids), 1000):
+            chunk = list(ids[start:start + 1000])
             try:
-                self.client.acknowledge(subscription=stream, ack_ids=list(ids[start:start + 1000]))
-                LEASES.remove(stream, ids[start:start + 1000])
+                self.client.acknowledge(subscription=stream, ack_ids=chunk)
             except exceptions.GoogleAPIError as exc:  # not acknowledged: Pub/Sub delivers them again (a duplicate)
-                log.warning("acknowledging %d messages of %s failed: %s", len(ids[start:start + 1000]), stream, exc)
+                log.warning("acknowledging %d messages of %s failed (they will be delivered again): %s", len(chunk),
+                            stream, exc)
+                LEASES.remove(chunk)  # no longer extended: they must not stay leased for good
+                _give_back(self.client, stream, chunk)
+            else:
+                LEASES.remove(chunk)
 
 
 # --- the transform, and its execution on the local streaming runner ---------------------------------
