@@ -404,3 +404,24 @@ def test_a_closed_reader_hands_back_what_it_pulled_and_no_later_reader_keeps_it(
         assert again.data == message.data
     finally:
         second.close()
+
+
+def test_a_reader_closes_at_once_when_pub_sub_is_away(monkeypatch):
+    """Handing messages back is best effort: with Pub/Sub gone, stopping the job does not wait out the client's
+    minute of retries (their ack deadline runs out instead)."""
+    from transforms.streams import GIVE_BACK_TIMEOUT_S, PubSubStream
+
+    server = PubSubTestServer(pull_wait_s=0.2).start()
+    try:
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", server.host)
+        topic, subscription = f"{PROJECT}/topics/raw-away", f"{PROJECT}/subscriptions/normalize-away"
+        server.create_topic(topic)
+        server.create_subscription(subscription, topic, ack_deadline_seconds=600)
+        publish_pubsub(server.host, subscription, [b"in flight when Pub/Sub went"])
+        reader = PubSubStream(subscription).reader()
+        assert len(_pulled(reader, 1)) == 1
+    finally:
+        server.stop()
+    started = time.monotonic()
+    reader.close()
+    assert time.monotonic() - started < 2 * GIVE_BACK_TIMEOUT_S

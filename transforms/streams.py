@@ -291,12 +291,15 @@ class _PubSubReader(StreamReader):
         while not self._closed.wait(max(self.deadline_s / 3, 0.5)):
             held = LEASES.held(self)
             for start in range(0, len(held), 1000):
+                extended = held[start:start + 1000]
                 try:
-                    self.client.modify_ack_deadline(subscription=self.subscription, ack_ids=held[start:start + 1000],
+                    self.client.modify_ack_deadline(subscription=self.subscription, ack_ids=extended,
                                                     ack_deadline_seconds=self.deadline_s)
                 except Exception as exc:  # expired or acknowledged meanwhile, or Pub/Sub away: redelivery covers it
-                    log.warning("extending %d leases of %s failed: %s", len(held[start:start + 1000]),
-                                self.subscription, exc)
+                    log.warning("extending %d leases of %s failed: %s", len(extended), self.subscription, exc)
+                still = set(LEASES.held(self))
+                # given back while this extension was on its way (a failed acknowledgement): given back again
+                _give_back(self.client, self.subscription, [ack_id for ack_id in extended if ack_id not in still])
 
     def poll(self, max_messages: int, timeout_s: float) -> list[RawMessage]:
         from google.api_core import exceptions
@@ -324,10 +327,14 @@ class _PubSubReader(StreamReader):
     def close(self) -> None:
         """Stop, handing back what was pulled and not acknowledged: Pub/Sub delivers it again now."""
         self._closed.set()
+        self._keeper.join(GIVE_BACK_TIMEOUT_S)  # no extension after the hand-back (one stuck in a retry: its deadline)
         try:
             _give_back(self.client, self.subscription, LEASES.release(self))
         finally:
             self.client.close()
+
+
+GIVE_BACK_TIMEOUT_S = 5.0  # handing messages back is best effort: Pub/Sub away, their deadline runs out instead
 
 
 def _give_back(client: Any, subscription: str, ack_ids: Sequence[str]) -> None:
@@ -336,7 +343,7 @@ def _give_back(client: Any, subscription: str, ack_ids: Sequence[str]) -> None:
     for start in range(0, len(ack_ids), 1000):
         try:
             client.modify_ack_deadline(subscription=subscription, ack_ids=list(ack_ids[start:start + 1000]),
-                                       ack_deadline_seconds=0)
+                                       ack_deadline_seconds=0, retry=None, timeout=GIVE_BACK_TIMEOUT_S)
         except Exception as exc:  # expired or acknowledged meanwhile, or Pub/Sub away: the deadline runs out anyway
             log.warning("handing back %d messages of %s failed: %s", len(ack_ids[start:start + 1000]), subscription,
                         exc)
@@ -358,14 +365,13 @@ class PubSubAcks(Acknowledger):
             self.client = None
 
     def acknowledge(self, stream: str, ids: Sequence[Any]) -> None:
-        from google.api_core import exceptions
 
         self.open()
         for start in range(0, len(ids), 1000):
             chunk = list(ids[start:start + 1000])
             try:
                 self.client.acknowledge(subscription=stream, ack_ids=chunk)
-            except exceptions.GoogleAPIError as exc:  # not acknowledged: Pub/Sub delivers them again (a duplicate)
+            except Exception as exc:  # GoogleAPIError, a closed channel...: not acknowledged, delivered again
                 log.warning("acknowledging %d messages of %s failed (they will be delivered again): %s", len(chunk),
                             stream, exc)
                 LEASES.remove(chunk)  # no longer extended: they must not stay leased for good
