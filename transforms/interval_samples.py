@@ -33,6 +33,19 @@ def mark_part(record: dict[str, Any], spec: IntervalSamples, part: str) -> None:
                 sample[PART] = part
 
 
+def mark_parts(record: dict[str, Any], spec: IntervalSamples, parts: list[str | None]) -> bool:
+    """``mark_part`` of rows joined (``transforms.normalize._keyed_run``): the n-th sample of each of ``spec``'s lists
+    as of ``parts[n]`` (none for None). False, marking nothing, when a list does not hold a sample per part."""
+    lists = [samples for samples in (_at(record, path) for path in spec.paths) if samples]
+    if any(len(samples) != len(parts) for samples in lists):
+        return False
+    for samples in lists:
+        for sample, part in zip(samples, parts, strict=True):
+            if part is not None:
+                sample[PART] = part
+    return True
+
+
 def emitted(record: dict[str, Any], spec: IntervalSamples) -> dict[str, Any]:
     """The delivered copy of a merged ``record`` (which does not change): in each list of ``spec.amounts``, one sample
     per interval holding the running total of the record's amounts up to that interval's end (the parts of an

@@ -57,7 +57,7 @@ from transforms.bounds import (
     may_be_out_of_bounds,
 )
 from transforms.bundles import GroupWithinBundle
-from transforms.interval_samples import PART, emitted, mark_part, sample_instant
+from transforms.interval_samples import PART, emitted, mark_part, mark_parts, sample_instant
 from transforms.outputs import DEAD_LETTER, ENDED, TALLY, DeadLetterOut, Tally
 from transforms.plausibility import Implausible, check_record
 from transforms.record_state import open_state, state_row, stored_deletion, stored_marks
@@ -95,6 +95,12 @@ class Keyed:
     unversioned: bool = False  # a deletion without the provider's version: ``version_ms`` is its arrival time
     dropped: tuple[tuple[str, int], ...] = ()  # what the plausibility check took out (``transforms.plausibility``)
     replaces: bool = False  # the whole record: replaces (not merges into) an older one (``Fragment.replaces``)
+    rows: int = 0  # how many rows (documents) ``data`` joins (``map_documents``): each sample folds alone; 0: none
+
+    @property
+    def fragment_count(self) -> int:
+        """How many mapped fragments this stands for (a run of rows: each row's)."""
+        return self.rows or 1
 
 
 JsonLoads = Callable[..., Any]  # (text, parse_constant=None) → value: ``json_codec.loads`` or one giving its values
@@ -226,7 +232,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None, loads: JsonLo
             return by_user, failed, False
     records: dict[str, list[Any]] = {}
     failed = []
-    for item in map_documents(message, raw, provider, documents, kept, suspect):
+    for item in map_documents(message, raw, provider, documents, kept, suspect, join_rows=False):
         if isinstance(item, Failed):
             failed.append(item)
         else:
@@ -235,42 +241,168 @@ def split_by_user(message: RawMessage, tally: Tally | None = None, loads: JsonLo
 
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
-                  indexes: Iterable[int], suspect: bool | None = None) -> Iterator[Keyed | Failed]:
+                  indexes: Iterable[int], suspect: bool | None = None, join_rows: bool = True,
+                  ) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be (or,
     for implausible records, one Failed per document naming them, its other records keyed).
 
     Each document is bounds-checked first (``check_document``) when ``suspect``: ``may_be_out_of_bounds`` of the
-    payload, scanned here when None. False only for documents already checked (``UserDocuments.checked``)."""
+    payload, scanned here when None. False only for documents already checked (``UserDocuments.checked``).
+
+    Consecutive documents that are rows of one record (``_row_shape``: Oura heart-rate rows, Garmin epochs, a page of
+    weigh-ins) are validated together when ``join_rows``, as one Keyed whose ``rows`` each fold alone in the merge,
+    as they would one after another: the same record, counts and dead letters, in the same order, for a fraction of
+    the work. A run that does not validate whole is validated row by row, so each document's outcome is its own.
+    ``join_rows`` is False where the Keyed cross a shuffle (``split_by_user``): a worker of an earlier version, which
+    would take joined rows for one series (``unpack_parts``), may merge them."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
     if suspect is None:
         suspect = may_be_out_of_bounds(raw.payload)
+    reference = message.source.get("healthflow-reference")
+    run: list[tuple[str, int, Fragment]] = []  # the (kind, index, row) of consecutive documents of one shape
+    shape: tuple[Any, ...] | None = None
     for index in indexes:
         kind, doc = documents[index]
-        try:
-            if suspect:
-                check_document(doc)
-        except OutOfBounds as exc:
-            yield _failed("validate", exc, message, raw, kind, index)
+        fragments = _mapped_document(message, raw, provider, kind, index, doc, suspect)
+        if isinstance(fragments, Failed):  # its dead letter after those of the run before it, as one by one
+            yield from _keyed_run(message, raw, provider, run, prefix, reference)
+            run, shape = [], None
+            yield fragments
             continue
-        try:
-            fragments = provider.normalize_document(kind, doc, raw.user_id, compacted=False)  # _keyed does
-        except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
-            yield _failed("normalize", exc, message, raw, kind, index)
-            continue
-        reference = message.source.get("healthflow-reference")
-        keyed, implausible = [], []
-        try:
-            for n, fragment in enumerate(fragments):
-                try:
-                    keyed.append(_keyed(raw, provider, fragment, f"{prefix}:{index:05d}:{n:03d}", reference))
-                except Implausible as exc:  # this record alone: the document's other records are delivered
-                    implausible.append(str(exc))
-        except (SchemaMismatch, MappingError, RecursionError) as exc:
-            yield _failed("validate", exc, message, raw, kind, index)
-            continue
-        if implausible:
-            yield _failed("plausibility", Implausible("; ".join(implausible)), message, raw, kind, index)
-        yield from keyed
+        row = _row_shape(fragments[0]) if join_rows and len(fragments) == 1 else None
+        if row is None or row != shape:
+            yield from _keyed_run(message, raw, provider, run, prefix, reference)
+            run, shape = [], row
+        if row is None:
+            yield from _keyed_document(message, raw, provider, kind, index, fragments, prefix, reference)
+        else:
+            run.append((kind, index, fragments[0]))
+    yield from _keyed_run(message, raw, provider, run, prefix, reference)
+
+
+def _mapped_document(message: RawMessage, raw: RawEvent, provider: Provider, kind: str, index: int, doc: Any,
+                     suspect: bool) -> list[Fragment | Deletion] | Failed:
+    """A document's fragments as its mapper makes them (``_keyed`` compacts them), or its Failed: ``validate`` when
+    it is out of bounds (checked when ``suspect``), ``normalize`` for whatever its mapper raises."""
+    try:
+        if suspect:
+            check_document(doc)
+    except OutOfBounds as exc:
+        return _failed("validate", exc, message, raw, kind, index)
+    try:
+        return provider.normalize_document(kind, doc, raw.user_id, compacted=False)
+    except Exception as exc:  # MappingError, or whatever else a mapper raises: this document alone fails
+        return _failed("normalize", exc, message, raw, kind, index)
+
+
+def _keyed_document(message: RawMessage, raw: RawEvent, provider: Provider, kind: str, index: int,
+                    fragments: Sequence[Fragment | Deletion], prefix: str, reference: str | None,
+                    ) -> Iterator[Keyed | Failed]:
+    """One document's fragments keyed (``_keyed``); a Failed for the document when one cannot be, or naming its
+    implausible records (its others keyed)."""
+    keyed, implausible = [], []
+    try:
+        for n, fragment in enumerate(fragments):
+            try:
+                keyed.append(_keyed(raw, provider, fragment, f"{prefix}:{index:05d}:{n:03d}", reference))
+            except Implausible as exc:  # this record alone: the document's other records are delivered
+                implausible.append(str(exc))
+    except (SchemaMismatch, MappingError, RecursionError) as exc:
+        yield _failed("validate", exc, message, raw, kind, index)
+        return
+    if implausible:
+        yield _failed("plausibility", Implausible("; ".join(implausible)), message, raw, kind, index)
+    yield from keyed
+
+
+def _keyed_run(message: RawMessage, raw: RawEvent, provider: Provider, run: list[tuple[str, int, Fragment]],
+               prefix: str, reference: str | None) -> Iterator[Keyed | Failed]:
+    """A run of rows of one record (``_row_shape``) keyed as one Keyed of ``rows``, each row's samples of its own part
+    (``mark_parts``); a run of one, or one that does not validate whole with a sample per row in each interval list,
+    document by document (``_keyed_document``)."""
+    if len(run) > 1:
+        first, (_, last, _) = run[0][2], run[-1]
+        joined = Fragment(first.type, _joined_rows([row.data for _, _, row in run]), first.provider_user_id,
+                          first.version_ms)
+        try:  # sequenced as its last row: no fragment of the record falls between its rows (they are consecutive)
+            keyed = _keyed(raw, provider, joined, f"{prefix}:{last:05d}:000", reference)
+        except Exception:  # each row is validated alone below, and fails as it would have
+            keyed = None
+        parts = [row.part for _, _, row in run]
+        spec = provider.interval_samples.get(first.type)
+        if keyed is not None and (spec is None or parts.count(None) == len(parts)
+                                  or mark_parts(keyed.data, spec, parts)):
+            yield dataclasses.replace(keyed, rows=len(run))
+            return
+    for kind, index, row in run:
+        yield from _keyed_document(message, raw, provider, kind, index, [row], prefix, reference)
+
+
+def _row_shape(fragment: Fragment | Deletion) -> tuple[Any, ...] | None:
+    """What a run of rows of one record shares, for a fragment that is a row: a record holding metadata (scalars)
+    and blocks whose every list holds one flat sample (scalars, with its time), nothing else, of no ``replaces``;
+    None for any other fragment. Rows of the same shape (the same type, account, version, metadata, blocks and time
+    keys; of any part) fold, sample by sample, as the one record of their samples does."""
+    if type(fragment) is not Fragment or fragment.replaces:
+        return None
+    data = fragment.data
+    metadata = data.get("metadata") if type(data) is dict else None
+    if type(metadata) is not dict or len(data) < 2:
+        return None
+    for value in metadata.values():
+        if type(value) not in _SCALARS:
+            return None
+    blocks = []
+    for key, value in data.items():
+        if key != "metadata":
+            block = _row_block(value)
+            if block is None:
+                return None
+            blocks.append((key, block))
+    return (fragment.type, fragment.provider_user_id, fragment.version_ms,
+            tuple((key, type(value), value) for key, value in metadata.items()), tuple(blocks))
+
+
+def _row_block(value: Any) -> Any:
+    """The shape of a block of a row (its keys down to lists of one flat sample each, and each sample's time key), or
+    None when ``value`` is no such block."""
+    if type(value) is list:
+        if len(value) != 1 or type(value[0]) is not dict:
+            return None
+        sample = value[0]
+        time_key = "timestamp" if sample.get("timestamp") else "measurement_time" if sample.get(
+            "measurement_time") else None
+        if time_key is None or ("timestamp" in sample and time_key != "timestamp"):
+            return None
+        for item in sample.values():
+            if type(item) not in _SCALARS:
+                return None
+        return time_key
+    if type(value) is not dict or not value:
+        return None
+    blocks = []
+    for key, item in value.items():
+        block = _row_block(item)
+        if block is None:
+            return None
+        blocks.append((key, block))
+    return tuple(blocks)
+
+
+def _joined_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record of rows of the same shape (``_row_shape``): their metadata, and at each list the rows' samples in
+    order."""
+    joined: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        joined[key] = value if key == "metadata" else _joined_block([row[key] for row in rows])
+    return joined
+
+
+def _joined_block(blocks: list[Any]) -> Any:
+    """The rows' blocks at one key (of one shape) as one: each list the rows' samples, in order."""
+    if type(blocks[0]) is list:
+        return [block[0] for block in blocks]
+    return {key: _joined_block([block[key] for block in blocks]) for key in blocks[0]}
 
 
 def _check_raw(raw: RawEvent) -> None:
@@ -510,6 +642,7 @@ class RecordMerge:
         self._instants: dict[int, tuple[str, list[int]]] = {}  # its sample lists: (time key, instants in order)
         self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
         self.rows: frozenset[int] = frozenset()  # ids of the samples ``fill`` keeps inside a newer list's span
+        self.each_sample = False  # newer's sample lists are rows (``Keyed.rows``): each of their samples folds alone
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
         """A record of its own to fold into, starting as ``data``."""
@@ -522,9 +655,17 @@ class RecordMerge:
         for key, value in newer.items():
             if key in keep:
                 continue
+            if self.each_sample and type(value) is list and len(value) > 1:  # rows: as each row's list would fold
+                for item in value:
+                    changed = self.fold(target, {key: [item]}) or changed
+                continue
             old = target.get(key, _ABSENT)
             if old is _ABSENT:
-                target[key] = value
+                if self.each_sample and type(value) is dict:  # rows: a block they bring folds in as theirs would
+                    target[key] = old = self._own({})
+                    self.fold(old, value)
+                else:
+                    target[key] = value
                 changed = True
             elif type(value) in _SCALARS:  # the usual field: newer's value wins
                 target[key] = value
@@ -544,13 +685,20 @@ class RecordMerge:
                 changed = changed or old != value
         return changed
 
-    def fold_record(self, record: dict[str, Any], newer: dict[str, Any]) -> bool:
+    def fold_record(self, record: dict[str, Any], newer: dict[str, Any], rows: bool = False) -> bool:
         """``fold``, except that a day window in the user's local time is never replaced by the same day written in
-        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics).
+        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics). ``rows``: ``newer`` is rows of the record
+        joined (``Keyed.rows``), and folds as they would one after another: each sample of its lists alone.
 
         Where a day labelled UTC (timestamp_localization 0) meets the same day key labelled local, the record is the
         local day and keeps only the UTC side's samples inside it (an Oura row at 02:00Z on the 11th is the 10th at
         -05:00: not a sample of the local 11th); those outside are counted in ``samples_outside_window``."""
+        if rows:  # one pass for all: the rows share their metadata, so the day-window choice is the same for each
+            self.each_sample = True
+            try:
+                return self.fold_record(record, newer)
+            finally:
+                self.each_sample = False
         old_meta, new_meta = record.get("metadata") or {}, newer.get("metadata") or {}
         old_local, new_local = _local_day(old_meta), _local_day(new_meta)
         if new_local and _utc_day(old_meta):  # the local window replaces the UTC one: the stored samples must fit it
@@ -822,11 +970,11 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     Fragments fold oldest → newest by (provider version, arrival sequence) on top of the stored
     record, if any; a fragment older than the stored version only fills what the stored record
     lacks (``RecordMerge.fill``: fields; samples at an (instant, part) it lacks of an interval list, or of a row (a
-    fragment whose sample lists hold one sample each: an Oura heart-rate row, a Withings weigh-in), even inside the
-    span the stored samples cover; of a series, only outside that span), unless it is not newer than the deletion
-    the record was re-created after (its ``generation``) or than the fragment that last replaced the record
-    (``replaced``, kept in the state row): then it is dropped. Each event
-    carries the whole merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
+    fragment whose sample lists hold one sample each: an Oura heart-rate row, a Withings weigh-in; or rows joined,
+    ``Keyed.rows``), even inside the span the stored samples cover; of a series, only outside that span), unless it
+    is not newer than the deletion the record was re-created after (its ``generation``) or than the fragment that
+    last replaced the record (``replaced``, kept in the state row): then it is dropped. Each event carries the whole
+    merged record (destinations overwrite by key), and an ordering timestamp that grows whenever the
     record's content does, so no destination guard ever takes a richer record for a stale copy: a record left
     different from the stored one at the version destinations hold moves one past it, once per merge and not once per
     fragment (a message's rows share its arrival time: a record versioned one past per row would take the next
@@ -876,9 +1024,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         if stale_data and deleted is None:
             filled = merge.record({})
             for fragment in stale_data:
-                merge.fold_record(filled, fragment.data)
+                merge.fold_record(filled, fragment.data, bool(fragment.rows))
             intervals = {path[-1] for path in spec.paths} if spec is not None else ()
-            rows = {id(sample) for fragment in stale_data for sample in _row_samples(fragment.data)}
+            rows = {id(sample) for fragment in stale_data
+                    for sample in _row_samples(fragment.data, bool(fragment.rows))}
             merge.fill(filled, data, intervals, rows)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
@@ -905,7 +1054,7 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                     dropped += merge.samples_outside_window
                     merge = RecordMerge()
                     record = merge.record({})
-            merge.fold_record(record, fragment.data)
+            merge.fold_record(record, fragment.data, bool(fragment.rows))
             version = max(version, fragment.version_ms)
         if deleted is None and version == held and record != data:  # new content at the version held: one past it
             version += 1
@@ -928,10 +1077,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     return events
 
 
-def _row_samples(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _row_samples(record: dict[str, Any], rows: bool = False) -> list[dict[str, Any]]:
     """The samples of a row (a record whose every sample list holds one sample: an Oura heart-rate row, a Withings
     weigh-in, which a fold never lets displace the samples around it); none for a record holding no sample list, or
-    a longer one."""
+    a longer one, unless ``rows`` (the record is rows joined, ``Keyed.rows``: every sample is a row's)."""
     samples: list[dict[str, Any]] = []
 
     def visit(value: dict[str, Any]) -> bool:
@@ -940,9 +1089,9 @@ def _row_samples(record: dict[str, Any]) -> list[dict[str, Any]]:
                 if not visit(item):
                     return False
             elif isinstance(item, list) and _sample_list(item):
-                if len(item) != 1:
+                if len(item) != 1 and not rows:
                     return False
-                samples.append(item[0])
+                samples.extend(item)
         return True
 
     return samples if visit(record) else []
@@ -1093,7 +1242,7 @@ class MergePerUser(beam.DoFn):
             outputs.append(pvalue.TaggedOutput(ENDED, part.acks))
         if part.only_part:
             self.tally.add(_raw_outcome(bool(keyed), bool(failed or part.failed_before)))
-        self.tally.add("fragments", len(keyed))
+        self.tally.add("fragments", sum(fragment.fragment_count for fragment in keyed))
         for name, count in (item for fragment in keyed for item in fragment.dropped):
             self.tally.add(f"plausibility:{name}", count)
         return (UserFragments(keyed, message, shares[-1]) if keyed else None), outputs
@@ -1162,7 +1311,7 @@ class MergePerUser(beam.DoFn):
             for name, count in left_out.items():
                 self.tally.add(f"plausibility:{name}", count)
             events = [event for event, _ in records]
-            self.tally.add("superseded", sum(len(p.fragments) for p in parts) - len(events))
+            self.tally.add("superseded", sum(f.fragment_count for p in parts for f in p.fragments) - len(events))
             for event in events:
                 self.tally.add(f"normalized:{event.provider.lower()}:{event.type}")
                 if event.deleted:  # of which tombstones
