@@ -166,6 +166,18 @@ def _record_again(root: str, target: Target, old: dict[str, Any], outcome: DeadL
         delete_dead_letter(root, old)
 
 
+REPLAYED_SOURCE = ("topic", "partition", "offset", "path", "line", "publish_time_ms", "message_id")
+
+
+def replayed_message(record: dict[str, Any]) -> RawMessage:
+    """An ingest dead letter's message as it was read: its bytes, encoding and place in its source (``REPLAYED_SOURCE``
+    and ``healthflow-`` attributes), so its position, which orders a user's messages of one arrival time, is what it
+    was (a Pub/Sub message's publish time and id; not an acknowledgement handle, long gone)."""
+    source = {key: value for key, value in record["source"].items()
+              if key in REPLAYED_SOURCE or key.startswith("healthflow-")}
+    return RawMessage(record["original"], source, encoding=record["source"].get("encoding", "avro"))
+
+
 def replay_ingest(root: str, targets: Sequence[Target], state_url: str) -> ReplayResult:
     """Run ingest dead letters through the normalize pipeline again.
 
@@ -177,10 +189,7 @@ def replay_ingest(root: str, targets: Sequence[Target], state_url: str) -> Repla
     result = ReplayResult()
     if not records:
         return result
-    kept = ("topic", "partition", "offset", "path", "line")
-    messages = [RawMessage(r["original"], {k: v for k, v in r["source"].items()
-                                           if k in kept or k.startswith("healthflow-")},
-                           encoding=r["source"].get("encoding", "avro")) for r in records]
+    messages = [replayed_message(record) for record in records]
     scratch = f"{root.rstrip('/')}/{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}/"
     result.ingest = run_batch(NormalizeJob(MessagesSource(messages), targets, scratch, state_url=state_url))
     # Move the run's new dead letters in first, then drop the replayed records they do not replace:

@@ -6,9 +6,10 @@ import json
 import sqlite3
 
 from connectors import get_provider
-from core.dead_letters import read_dead_letters
+from core.dead_letters import dead_letter, read_dead_letters, write_dead_letter
+from core.raw import RawMessage
 from pipelines.normalize import FileSource, NormalizeJob, run_batch
-from pipelines.replay import replay_deliveries, replay_ingest, select
+from pipelines.replay import replay_deliveries, replay_ingest, replayed_message, select
 from pipelines.webhook_receiver import WebhookReceiver
 from sinks.policy import RetryPolicy, Target
 from sinks.sql import SqlSink
@@ -121,3 +122,16 @@ def test_a_dead_letter_that_goes_while_they_are_read_is_left_out(tmp_path, monke
     delete_dead_letter(root, letters[1])
     monkeypatch.setattr(FileSystems, "match", lambda patterns, limits=None: listing)  # listed before it went
     assert sorted(d["error_message"] for d in read_dead_letters(root)) == ["down 0", "down 2"]
+
+
+def test_an_ingest_dead_letter_replays_at_its_place_in_its_source(tmp_path):
+    """A user's messages of one arrival time merge in their source's order (``RawMessage.position``): a replayed
+    message keeps its place, a Pub/Sub message's publish time and id included (not its acknowledgement handle)."""
+    sources = [{"subscription": "ingest", "message_id": "17", "publish_time_ms": 1_793_550_000_123, "ack_id": "gone"},
+               {"topic": "raw", "partition": 3, "offset": 42}, {"path": "raw.jsonl", "line": 7}]
+    for source in sources:
+        write_dead_letter(str(tmp_path), dead_letter(stage="decode", error=ValueError("not JSON"), original=b"{",
+                                                     source={**source, "encoding": "json"}))
+    replayed = sorted(replayed_message(record).position for record in select(str(tmp_path), ingest=True))
+    assert replayed == sorted(RawMessage(b"{", source, encoding="json").position for source in sources)
+    assert all("ack_id" not in replayed_message(record).source for record in select(str(tmp_path), ingest=True))
