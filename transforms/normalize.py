@@ -656,8 +656,7 @@ class RecordMerge:
             if key in keep:
                 continue
             if self.each_sample and type(value) is list and len(value) > 1:  # rows: as each row's list would fold
-                for item in value:
-                    changed = self.fold(target, {key: [item]}) or changed
+                changed = self._fold_rows(target, key, value) or changed
                 continue
             old = target.get(key, _ABSENT)
             if old is _ABSENT:
@@ -683,6 +682,18 @@ class RecordMerge:
             else:
                 target[key] = value
                 changed = changed or old != value
+        return changed
+
+    def _fold_rows(self, target: dict[str, Any], key: str, rows: list[Any]) -> bool:
+        """``fold(target, {key: [row]})`` for each of ``rows`` in turn (``each_sample``); a sample folding into a sample
+        list of ours goes straight to ``_fold_samples``, as ``fold`` would send it."""
+        changed = False
+        for item in rows:
+            old = target.get(key)
+            if id(old) in self._instants and key not in self.fill_only and _sample_list((item,)):
+                changed = self._fold_samples(target, key, old, [item]) or changed
+            else:
+                changed = self.fold(target, {key: [item]}) or changed
         return changed
 
     def fold_record(self, record: dict[str, Any], newer: dict[str, Any], rows: bool = False) -> bool:
