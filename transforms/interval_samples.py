@@ -26,17 +26,15 @@ _MICROSECOND = timedelta(microseconds=1)
 def mark_part(record: dict[str, Any], spec: IntervalSamples, part: str) -> None:
     """Mark each sample of ``spec``'s lists in ``record`` as of ``part``, in place: for a record of the caller's own
     (``transforms.normalize._keyed``'s, just validated into new dicts and lists)."""
-    for path in spec.paths:
-        samples = _at(record, path)
-        if samples:
-            for sample in samples:
-                sample[PART] = part
+    for samples in _lists(record, spec):
+        for sample in samples:
+            sample[PART] = part
 
 
 def mark_parts(record: dict[str, Any], spec: IntervalSamples, parts: list[str | None]) -> bool:
     """``mark_part`` of rows joined (``transforms.normalize._keyed_run``): the n-th sample of each of ``spec``'s lists
     as of ``parts[n]`` (none for None). False, marking nothing, when a list does not hold a sample per part."""
-    lists = [samples for samples in (_at(record, path) for path in spec.paths) if samples]
+    lists = _lists(record, spec)
     if any(len(samples) != len(parts) for samples in lists):
         return False
     for samples in lists:
@@ -108,6 +106,11 @@ def sample_instant(text: str) -> int:
 def _later(text: str, seconds: int) -> str:
     """The time ``seconds`` after ``text``, written in its offset (none when it has none)."""
     return (datetime.fromisoformat(text) + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
+
+
+def _lists(record: dict[str, Any], spec: IntervalSamples) -> list[list[Any]]:
+    """``spec``'s lists that ``record`` holds, not empty."""
+    return [samples for samples in (_at(record, path) for path in spec.paths) if samples]
 
 
 def _at(record: dict[str, Any], path: tuple[str, ...]) -> Any:

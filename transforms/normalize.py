@@ -370,9 +370,8 @@ def _row_block(value: Any) -> Any:
         if len(value) != 1 or type(value[0]) is not dict:
             return None
         sample = value[0]
-        time_key = "timestamp" if sample.get("timestamp") else "measurement_time" if sample.get(
-            "measurement_time") else None
-        if time_key is None or ("timestamp" in sample and time_key != "timestamp"):
+        time_key = _time_key(sample)  # as the merge reads the sample's time
+        if not sample.get(time_key):
             return None
         for item in sample.values():
             if type(item) not in _SCALARS:
