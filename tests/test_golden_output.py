@@ -30,6 +30,7 @@ def test_the_pipeline_delivers_the_recorded_events_byte_for_byte(tmp_path):
         str(tmp_path / "dead"), state_url=f"sqlite:///{tmp_path / 'state.db'}"))
     expected = [line.split("\t") for line in recorded()]
     assert summary.get("delivered:sql") == summary.get("delivered:objects") == len(expected)
+    assert summary.get("rows_joined") == 29_664 and not summary.get("rows_one_by_one")  # epochs, heart-rate rows
 
     with sqlite3.connect(tmp_path / "out.db") as db:
         rows = db.execute("SELECT event_id, ordering_timestamp_ms FROM healthflow_records").fetchall()

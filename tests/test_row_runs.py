@@ -18,7 +18,16 @@ from core.raw import RawMessage, RawPayload
 from pipelines.demo_data import Simulator
 from schemas.serde import encode_raw
 from transforms import normalize
-from transforms.normalize import Failed, Keyed, merge_user_records, normalize_message, split_by_user
+from transforms.normalize import (
+    Failed,
+    Keyed,
+    map_documents,
+    merge_user_records,
+    normalize_message,
+    read_documents,
+    split_by_user,
+)
+from transforms.outputs import Tally
 from transforms.record_state import state_row
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -184,3 +193,13 @@ def test_records_mapped_before_the_shuffle_are_not_joined():
     assert sum(len(keyed) for keyed in records.values()) == 16
     (joined,) = (item for item in normalize_message(RawMessage(encode_raw(_epochs(1, epochs)), {})))
     assert joined.rows == 8
+
+
+def test_rows_joined_and_rows_validated_one_by_one_are_counted():
+    """A run that does not validate whole is validated row by row, and counted: a change that stops rows joining
+    shows in a run's summary, not only in its speed."""
+    tally = Tally()
+    for offset, rows in enumerate(([_hr(m) for m in range(0, 30, 5)], [_hr(0), _hr(5, "72"), _hr(10), _hr(15)])):
+        message = RawMessage(encode_raw(_oura_rows(1_793_550_000_000, rows)), {"partition": 0, "offset": offset})
+        list(map_documents(message, *read_documents(message), range(len(rows)), tally=tally))
+    assert tally.counts == {"rows_joined": 6, "rows_one_by_one": 4}

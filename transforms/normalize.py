@@ -242,7 +242,7 @@ def split_by_user(message: RawMessage, tally: Tally | None = None, loads: JsonLo
 
 def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, documents: list[tuple[str, Any]],
                   indexes: Iterable[int], suspect: bool | None = None, join_rows: bool = True,
-                  ) -> Iterator[Keyed | Failed]:
+                  tally: Tally | None = None) -> Iterator[Keyed | Failed]:
     """Map and validate the documents at ``indexes``: a Keyed per record, a Failed per document that cannot be (or,
     for implausible records, one Failed per document naming them, its other records keyed).
 
@@ -254,7 +254,8 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
     as they would one after another: the same record, counts and dead letters, in the same order, for a fraction of
     the work. A run that does not validate whole is validated row by row, so each document's outcome is its own.
     ``join_rows`` is False where the Keyed cross a shuffle (``split_by_user``): a worker of an earlier version, which
-    would take joined rows for one series (``unpack_parts``), may merge them."""
+    would take joined rows for one series (``unpack_parts``), may merge them. ``tally`` counts the rows joined
+    (``rows_joined``) and those of runs validated row by row (``rows_one_by_one``)."""
     prefix = f"{raw.received_at_ms:013d}:{message.position}"
     if suspect is None:
         suspect = may_be_out_of_bounds(raw.payload)
@@ -265,19 +266,19 @@ def map_documents(message: RawMessage, raw: RawEvent, provider: Provider, docume
         kind, doc = documents[index]
         fragments = _mapped_document(message, raw, provider, kind, index, doc, suspect)
         if isinstance(fragments, Failed):  # its dead letter after those of the run before it, as one by one
-            yield from _keyed_run(message, raw, provider, run, prefix, reference)
+            yield from _keyed_run(message, raw, provider, run, prefix, reference, tally)
             run, shape = [], None
             yield fragments
             continue
         row = _row_shape(fragments[0]) if join_rows and len(fragments) == 1 else None
         if row is None or row != shape:
-            yield from _keyed_run(message, raw, provider, run, prefix, reference)
+            yield from _keyed_run(message, raw, provider, run, prefix, reference, tally)
             run, shape = [], row
         if row is None:
             yield from _keyed_document(message, raw, provider, kind, index, fragments, prefix, reference)
         else:
             run.append((kind, index, fragments[0]))
-    yield from _keyed_run(message, raw, provider, run, prefix, reference)
+    yield from _keyed_run(message, raw, provider, run, prefix, reference, tally)
 
 
 def _mapped_document(message: RawMessage, raw: RawEvent, provider: Provider, kind: str, index: int, doc: Any,
@@ -316,10 +317,10 @@ def _keyed_document(message: RawMessage, raw: RawEvent, provider: Provider, kind
 
 
 def _keyed_run(message: RawMessage, raw: RawEvent, provider: Provider, run: list[tuple[str, int, Fragment]],
-               prefix: str, reference: str | None) -> Iterator[Keyed | Failed]:
+               prefix: str, reference: str | None, tally: Tally | None = None) -> Iterator[Keyed | Failed]:
     """A run of rows of one record (``_row_shape``) keyed as one Keyed of ``rows``, each row's samples of its own part
     (``mark_parts``); a run of one, or one that does not validate whole with a sample per row in each interval list,
-    document by document (``_keyed_document``)."""
+    document by document (``_keyed_document``). ``tally``: see ``map_documents``."""
     if len(run) > 1:
         first, (_, last, _) = run[0][2], run[-1]
         joined = Fragment(first.type, _joined_rows([row.data for _, _, row in run]), first.provider_user_id,
@@ -332,8 +333,12 @@ def _keyed_run(message: RawMessage, raw: RawEvent, provider: Provider, run: list
         spec = provider.interval_samples.get(first.type)
         if keyed is not None and (spec is None or parts.count(None) == len(parts)
                                   or mark_parts(keyed.data, spec, parts)):
+            if tally is not None:
+                tally.add("rows_joined", len(run))
             yield dataclasses.replace(keyed, rows=len(run))
             return
+        if tally is not None:
+            tally.add("rows_one_by_one", len(run))
     for kind, index, row in run:
         yield from _keyed_document(message, raw, provider, kind, index, [row], prefix, reference)
 
@@ -1241,7 +1246,7 @@ class MergePerUser(beam.DoFn):
                 read = read_documents(message, part.checked,
                                       json_codec.loads_read_by_orjson if part.orjson_read else json_codec.loads)
                 items = [read] if isinstance(read, Failed) else list(map_documents(
-                    message, *read, part.documents, False if part.checked else None))
+                    message, *read, part.documents, False if part.checked else None, tally=self.tally))
         except Exception as exc:
             items = [_failed("normalize", exc, message)]
         failed = [item for item in items if isinstance(item, Failed)]
