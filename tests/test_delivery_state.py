@@ -181,7 +181,10 @@ def test_an_elements_state_cost_does_not_grow_with_what_is_held(receiver):
     assert out.delivered == [] and out.ended == []
 
     receiver.clear_failures()
-    fire_when_due(fn, key, out)
+    for _ in range(4):  # users whose first failure fell in another quarter second are due at a later firing
+        fire_when_due(fn, key, out)
+        if key.index.encoded is None:
+            break
     assert key.index.encoded is None and key.held.entries == []
     for user in users:
         assert receiver.order_for(user) == feed.sent[user]
