@@ -289,9 +289,7 @@ class _PubSubReader(StreamReader):
         """Extend the deadline of every message this reader pulled that is still in flight, every third of the
         deadline."""
         while not self._closed.wait(max(self.deadline_s / 3, 0.5)):
-            held = LEASES.held(self)
-            for start in range(0, len(held), 1000):
-                extended = held[start:start + 1000]
+            for extended in _chunks(LEASES.held(self)):
                 try:
                     self.client.modify_ack_deadline(subscription=self.subscription, ack_ids=extended,
                                                     ack_deadline_seconds=self.deadline_s)
@@ -340,13 +338,21 @@ GIVE_BACK_TIMEOUT_S = 5.0  # handing messages back is best effort: Pub/Sub away,
 def _give_back(client: Any, subscription: str, ack_ids: Sequence[str]) -> None:
     """Ask Pub/Sub to deliver ``ack_ids`` again now (a zero ack deadline); if it cannot be told, their deadline, no
     longer extended, runs out and it delivers them then."""
-    for start in range(0, len(ack_ids), 1000):
+    for chunk in _chunks(ack_ids):
         try:
-            client.modify_ack_deadline(subscription=subscription, ack_ids=list(ack_ids[start:start + 1000]),
-                                       ack_deadline_seconds=0, retry=None, timeout=GIVE_BACK_TIMEOUT_S)
+            client.modify_ack_deadline(subscription=subscription, ack_ids=chunk, ack_deadline_seconds=0, retry=None,
+                                       timeout=GIVE_BACK_TIMEOUT_S)
         except Exception as exc:  # expired or acknowledged meanwhile, or Pub/Sub away: the deadline runs out anyway
-            log.warning("handing back %d messages of %s failed: %s", len(ack_ids[start:start + 1000]), subscription,
-                        exc)
+            log.warning("handing back %d messages of %s failed: %s", len(chunk), subscription, exc)
+
+
+ACK_IDS_PER_CALL = 1000  # the most ack ids Pub/Sub takes in one acknowledge or modify_ack_deadline call
+
+
+def _chunks(ack_ids: Sequence[str]) -> Iterator[list[str]]:
+    """``ack_ids`` in lists of at most ``ACK_IDS_PER_CALL``, in order."""
+    for start in range(0, len(ack_ids), ACK_IDS_PER_CALL):
+        yield list(ack_ids[start:start + ACK_IDS_PER_CALL])
 
 
 class PubSubAcks(Acknowledger):
@@ -365,10 +371,8 @@ class PubSubAcks(Acknowledger):
             self.client = None
 
     def acknowledge(self, stream: str, ids: Sequence[Any]) -> None:
-
         self.open()
-        for start in range(0, len(ids), 1000):
-            chunk = list(ids[start:start + 1000])
+        for chunk in _chunks(ids):
             try:
                 self.client.acknowledge(subscription=stream, ack_ids=chunk)
             except Exception as exc:  # GoogleAPIError, a closed channel...: not acknowledged, delivered again
