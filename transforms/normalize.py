@@ -331,7 +331,7 @@ def _keyed_run(message: RawMessage, raw: RawEvent, provider: Provider, run: list
             keyed = None
         parts = [row.part for _, _, row in run]
         spec = provider.interval_samples.get(first.type)
-        if keyed is not None and (spec is None or parts.count(None) == len(parts)
+        if keyed is not None and (spec is None or all(part is None for part in parts)
                                   or mark_parts(keyed.data, spec, parts)):
             if tally is not None:
                 tally.add("rows_joined", len(run))
@@ -645,7 +645,7 @@ class RecordMerge:
         self._owned: dict[int, Any] = {}  # id → a container of its own (held, so that no other object gets its id)
         self._instants: dict[int, tuple[str, list[int]]] = {}  # its sample lists: (time key, instants in order)
         self.fill_only: frozenset[str] = frozenset()  # interval lists ``fill`` unites rather than replaces by span
-        self.rows: frozenset[int] = frozenset()  # ids of the samples ``fill`` keeps inside a newer list's span
+        self.row_ids: frozenset[int] = frozenset()  # ids of the samples ``fill`` keeps inside a newer list's span
         self.each_sample = False  # newer's sample lists are rows (``Keyed.rows``): each of their samples folds alone
 
     def record(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -700,15 +700,15 @@ class RecordMerge:
                 changed = self.fold(target, {key: [item]}) or changed
         return changed
 
-    def fold_record(self, record: dict[str, Any], newer: dict[str, Any], rows: bool = False) -> bool:
+    def fold_record(self, record: dict[str, Any], newer: dict[str, Any], joined: bool = False) -> bool:
         """``fold``, except that a day window in the user's local time is never replaced by the same day written in
-        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics). ``rows``: ``newer`` is rows of the record
+        UTC or without an offset (Oura heart-rate rows, Garmin userMetrics). ``joined``: ``newer`` is rows of the record
         joined (``Keyed.rows``), and folds as they would one after another: each sample of its lists alone.
 
         Where a day labelled UTC (timestamp_localization 0) meets the same day key labelled local, the record is the
         local day and keeps only the UTC side's samples inside it (an Oura row at 02:00Z on the 11th is the 10th at
         -05:00: not a sample of the local 11th); those outside are counted in ``samples_outside_window``."""
-        if rows:  # one pass for all: the rows share their metadata, so the day-window choice is the same for each
+        if joined:  # one pass for all: the rows share their metadata, so the day-window choice is the same for each
             self.each_sample = True
             try:
                 return self.fold_record(record, newer)
@@ -738,7 +738,7 @@ class RecordMerge:
         return self.fold(metadata, newer["metadata"], keep=kept) or changed
 
     def fill(self, older: dict[str, Any], record: dict[str, Any], intervals: Collection[str] = (),
-             rows: Collection[int] = ()) -> bool:
+             row_ids: Collection[int] = ()) -> bool:
         """``fold_record(older, record)`` where ``older`` (a record of its own, folded from stale fragments) only fills
         what ``record`` lacks: ``record``'s fields win. Of an interval sample list (``intervals``: the names of the
         lists a provider emits one interval at a time) every sample of ``older`` whose (instant, part) ``record``
@@ -746,13 +746,13 @@ class RecordMerge:
         wins at the same (instant, part), filled with the fields it lacks; a sample of no part covers its whole
         instant. Any other sample list of ``record`` is newer for the span it covers, as in ``fold`` (a restaged
         hypnogram is not mixed with the samples it replaced), except for the samples of ``older`` that came from rows
-        (``rows``: their ids; a one-sample fragment displaces nothing when it arrives newer, nor is it displaced when
+        (``row_ids``: their ids; a one-sample fragment displaces nothing when it arrives newer, nor is it displaced when
         it arrives older): each stays where ``record`` has no sample at its instant. Whether ``older`` changed."""
-        self.fill_only, self.rows = frozenset(intervals), frozenset(rows)
+        self.fill_only, self.row_ids = frozenset(intervals), frozenset(row_ids)
         try:
             return self.fold_record(older, record)
         finally:
-            self.fill_only, self.rows = frozenset(), frozenset()
+            self.fill_only, self.row_ids = frozenset(), frozenset()
 
     def _union_samples(self, parent: dict[str, Any], key: str, older: list[Any], newer: list[dict[str, Any]]) -> bool:
         """``fill``'s sample lists: ``newer``'s samples (merged onto the ``older`` sample at the same instant and part),
@@ -814,10 +814,10 @@ class RecordMerge:
         if not _in_order(span):
             order = sorted(range(len(span)), key=span.__getitem__)
             merged, span = [merged[n] for n in order], [span[n] for n in order]
-        if self.rows:  # ``fill``: the older rows in the span stay where ``newer`` has no sample at their instant
+        if self.row_ids:  # ``fill``: the older rows in the span stay where ``newer`` has no sample at their instant
             at_newer = set(span)
             kept = [(at, item) for at, item in zip(instants[low:high], samples[low:high], strict=True)
-                    if id(item) in self.rows and at not in at_newer]
+                    if id(item) in self.row_ids and at not in at_newer]
             if kept:
                 pairs = sorted([*kept, *zip(span, merged, strict=True)], key=operator.itemgetter(0))
                 merged, span = [item for _, item in pairs], [at for at, _ in pairs]
@@ -1039,11 +1039,11 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
         if stale_data and deleted is None:
             filled = merge.record({})
             for fragment in stale_data:
-                merge.fold_record(filled, fragment.data, bool(fragment.rows))
+                merge.fold_record(filled, fragment.data, joined=bool(fragment.rows))
             intervals = {path[-1] for path in spec.paths} if spec is not None else ()
-            rows = {id(sample) for fragment in stale_data
-                    for sample in _row_samples(fragment.data, bool(fragment.rows))}
-            merge.fill(filled, data, intervals, rows)
+            row_ids = {id(sample) for fragment in stale_data
+                       for sample in _row_samples(fragment.data, joined=bool(fragment.rows))}
+            merge.fill(filled, data, intervals, row_ids)
             if filled != data:  # they added fields: the merged record is newer than what destinations hold
                 record, version = filled, version + 1
         for fragment in versions:
@@ -1069,7 +1069,7 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
                     dropped += merge.samples_outside_window
                     merge = RecordMerge()
                     record = merge.record({})
-            merge.fold_record(record, fragment.data, bool(fragment.rows))
+            merge.fold_record(record, fragment.data, joined=bool(fragment.rows))
             version = max(version, fragment.version_ms)
         if deleted is None and version == held and record != data:  # new content at the version held: one past it
             version += 1
@@ -1092,10 +1092,10 @@ def merge_user_records(user_id: str, fragments: Iterable[Keyed], stored: Stored 
     return events
 
 
-def _row_samples(record: dict[str, Any], rows: bool = False) -> list[dict[str, Any]]:
+def _row_samples(record: dict[str, Any], joined: bool = False) -> list[dict[str, Any]]:
     """The samples of a row (a record whose every sample list holds one sample: an Oura heart-rate row, a Withings
     weigh-in, which a fold never lets displace the samples around it); none for a record holding no sample list, or
-    a longer one, unless ``rows`` (the record is rows joined, ``Keyed.rows``: every sample is a row's)."""
+    a longer one, unless ``joined`` (the record is rows joined, ``Keyed.rows``: every sample is a row's)."""
     samples: list[dict[str, Any]] = []
 
     def visit(value: dict[str, Any]) -> bool:
@@ -1104,7 +1104,7 @@ def _row_samples(record: dict[str, Any], rows: bool = False) -> list[dict[str, A
                 if not visit(item):
                     return False
             elif isinstance(item, list) and _sample_list(item):
-                if len(item) != 1 and not rows:
+                if len(item) != 1 and not joined:
                     return False
                 samples.extend(item)
         return True
